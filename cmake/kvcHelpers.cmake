@@ -1,0 +1,32 @@
+# SPDX-License-Identifier: Apache-2.0
+# Helpers for kvc's own tests, benches and examples.
+
+# Flags for kvc's own targets (never for consumers).
+add_library(kvc_dev_flags INTERFACE)
+target_compile_options(kvc_dev_flags INTERFACE -Wall -Wextra -Wpedantic $<$<BOOL:${KVC_WERROR}>:-Werror>
+                                               $<$<BOOL:${KVC_NATIVE}>:-march=native>)
+if(KVC_SANITIZE)
+  string(REPLACE ";" "," _kvc_san "${KVC_SANITIZE}")
+  target_compile_options(kvc_dev_flags INTERFACE -fsanitize=${_kvc_san} -fno-omit-frame-pointer
+                                                 -fno-sanitize-recover=all)
+  target_link_options(kvc_dev_flags INTERFACE -fsanitize=${_kvc_san})
+endif()
+
+# kvc_add_test(name SOURCES a.cpp ... [LABELS l ...] [LIBS ...])
+# One Catch2 executable registered as one CTest test.
+function(kvc_add_test name)
+  cmake_parse_arguments(A "" "" "SOURCES;LABELS;LIBS" ${ARGN})
+  add_executable(${name} ${A_SOURCES})
+  target_link_libraries(${name} PRIVATE kvc::kvc kvc_test_support kvc_dev_flags ${A_LIBS})
+  add_test(NAME ${name} COMMAND ${name})
+  if(A_LABELS)
+    set_tests_properties(${name} PROPERTIES LABELS "${A_LABELS}")
+  endif()
+endfunction()
+
+# kvc_add_benchmark(name SOURCES a.cpp ... [LIBS ...])
+function(kvc_add_benchmark name)
+  cmake_parse_arguments(A "" "" "SOURCES;LIBS" ${ARGN})
+  add_executable(${name} ${A_SOURCES})
+  target_link_libraries(${name} PRIVATE kvc::kvc kvc_bench_support kvc_dev_flags benchmark::benchmark ${A_LIBS})
+endfunction()

@@ -1,0 +1,111 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// A small fixed-size thread pool for kvc's CPU kernels. Kernels are serial unless the caller
+/// hands them a pool: the caller chooses the threads, and OpenMP is never required.
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <kvc/error.hpp>
+
+KVC_BEGIN_NAMESPACE
+
+class thread_pool {
+ public:
+  /// \param threads  total threads that work on a parallel_for, the caller's included (>= 1)
+  explicit thread_pool(std::int32_t threads = static_cast<std::int32_t>(std::thread::hardware_concurrency())) {
+    if (threads < 1) threads = 1;
+    for (std::int32_t i = 1; i < threads; ++i) workers_.emplace_back([this] { work(); });
+  }
+  ~thread_pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  thread_pool(const thread_pool&) = delete;
+  thread_pool& operator=(const thread_pool&) = delete;
+
+  std::int32_t size() const noexcept { return static_cast<std::int32_t>(workers_.size()) + 1; }
+
+  /// Runs fn(i) for i in [0, n) on the pool and the calling thread; returns when all are done.
+  /// The first exception thrown by fn is rethrown here. Not reentrant from inside fn.
+  void parallel_for(std::int32_t n, const std::function<void(std::int32_t)>& fn) {
+    if (n <= 0) return;
+    if (workers_.empty() || n == 1) {
+      for (std::int32_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    job_ = &fn;
+    count_ = n;
+    next_.store(0);
+    pending_ = n;
+    error_ = nullptr;
+    ++generation_;
+    lock.unlock();
+    cv_.notify_all();
+    run_tasks();
+    lock.lock();
+    done_cv_.wait(lock, [this] { return pending_ == 0; });
+    job_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void run_tasks() {
+    std::int32_t finished = 0;
+    for (;;) {
+      const std::int32_t i = next_.fetch_add(1);
+      if (i >= count_) break;
+      try {
+        (*job_)(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+      ++finished;
+    }
+    if (finished) {
+      std::lock_guard<std::mutex> lock(mu_);
+      pending_ -= finished;
+      if (pending_ == 0) done_cv_.notify_all();
+    }
+  }
+
+  void work() {
+    std::uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || (generation_ != seen && job_ != nullptr); });
+        if (stop_) return;
+        seen = generation_;
+      }
+      run_tasks();
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(std::int32_t)>* job_ = nullptr;
+  std::int32_t count_ = 0;
+  std::atomic<std::int32_t> next_{0};
+  std::int32_t pending_ = 0;
+  std::uint64_t generation_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+};
+
+KVC_END_NAMESPACE

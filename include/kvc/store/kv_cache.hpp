@@ -1,0 +1,446 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `kv_cache`: the paged KV store. Every (sequence, layer, kv-head) is its own *stream* of pages
+/// with its own length and the original position of every token it keeps, so head-wise budgets
+/// free real pages: a head that keeps 10% of its tokens holds 10% of the pages.
+///
+/// Page format (one stream, one page): [K: page_size x head_dim][V: page_size x head_dim] of T.
+/// Every mutating call gives the strong guarantee: if it throws, the cache is exactly as before.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <kvc/error.hpp>
+#include <kvc/store/page_pool.hpp>
+#include <kvc/types.hpp>
+#include <kvc/view/engine.hpp>
+#include <kvc/view/heads.hpp>
+#include <kvc/view/kv_view.hpp>
+#include <kvc/view/layout_paged.hpp>
+
+KVC_BEGIN_NAMESPACE
+
+using seq_id = std::int32_t;
+
+/// Shape and capacity of a cache.
+struct cache_config {
+  std::int32_t num_layers = 1;
+  std::int32_t num_kv_heads = 1;
+  std::int32_t head_dim = 128;
+  /// Tokens per page, a power of two. 16 is vLLM's default block size; smaller pages waste
+  /// less after eviction, larger ones cost fewer table lookups.
+  std::int32_t page_size = 16;
+  /// Pool capacity in pages (each page holds page_size tokens of K and V for one head).
+  std::int32_t max_pages = 1 << 16;
+  /// Reject NaN/Inf in appended K/V (one extra read of the input).
+  bool check_finite = true;
+};
+
+/// The pages and positions of one (sequence, layer, kv-head).
+struct stream {
+  std::vector<page_id> pages;
+  std::vector<std::int32_t> positions;  ///< original position of every kept token
+  std::int32_t length() const noexcept { return static_cast<std::int32_t>(positions.size()); }
+};
+
+/// \tparam T  element type of the pages: float, kvc::half or kvc::bfloat16
+template <class T>
+class kv_cache {
+  static_assert(is_storage_float_v<T>,
+                "kvc::kv_cache<T>: T must be float, kvc::half or kvc::bfloat16; quantized pages use "
+                "the quantized caches in <kvc/quant/>");
+
+ public:
+  using value_type = T;
+  using view_type = paged_view<const T, page_order::nhd>;
+  using layer_view = stream_heads<view_type>;
+
+  explicit kv_cache(const cache_config& cfg)
+      : cfg_(validated(cfg)),
+        pool_(2 * sizeof(T) * static_cast<std::size_t>(cfg.page_size) * static_cast<std::size_t>(cfg.head_dim),
+              cfg.max_pages, cfg.num_layers) {}
+
+  const cache_config& config() const noexcept { return cfg_; }
+  const page_pool& pool() const noexcept { return pool_; }
+
+  // ---- sequences -------------------------------------------------------------------------
+
+  seq_id add_sequence() {
+    sequence s;
+    s.streams.resize(static_cast<std::size_t>(cfg_.num_layers) * cfg_.num_kv_heads);
+    s.seen.assign(static_cast<std::size_t>(cfg_.num_layers), 0);
+    const seq_id id = next_id_;
+    seqs_.emplace(id, std::move(s));
+    ++next_id_;
+    return id;
+  }
+
+  /// Frees every page the sequence holds (shared pages stay while other sequences use them).
+  void remove_sequence(seq_id s) {
+    auto it = find(s, "remove_sequence");
+    for (auto& st : it->second.streams) pool_.release(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
+    seqs_.erase(it);
+  }
+
+  bool contains(seq_id s) const noexcept { return seqs_.count(s) != 0; }
+  std::size_t num_sequences() const noexcept { return seqs_.size(); }
+
+  /// A new sequence sharing all of s's pages; the first write to a shared page copies it.
+  seq_id fork(seq_id s) {
+    const sequence& src = find(s, "fork")->second;
+    sequence copy = src;  // may throw; nothing retained yet
+    const seq_id id = next_id_;
+    seqs_.emplace(id, std::move(copy));  // may throw; nothing retained yet
+    ++next_id_;
+    for (const auto& st : src.streams) pool_.retain(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
+    return id;
+  }
+
+  // ---- writing ---------------------------------------------------------------------------
+
+  /// Appends n tokens to every kv-head of one layer (a decode step when n == 1, a prefill chunk
+  /// otherwise).
+  /// \param k,v        [n][num_kv_heads][head_dim], float or T
+  /// \param positions  [n] original positions, or null for the layer's next positions
+  template <class In>
+  void append(seq_id s, std::int32_t layer, const In* k, const In* v, std::int32_t n,
+              const std::int32_t* positions = nullptr) {
+    static_assert(std::is_same<In, float>::value || std::is_same<In, T>::value,
+                  "kvc::kv_cache::append: K/V input must be float or the cache's element type");
+    sequence& sq = find(s, "append")->second;
+    check_layer(layer, "append");
+    KVC_EXPECTS(n >= 0, "n = ", n, ", expected >= 0 tokens");
+    if (n == 0) return;
+    KVC_EXPECTS(k != nullptr && v != nullptr, "k or v is null with n = ", n);
+    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim, P = cfg_.page_size;
+    if (cfg_.check_finite) {
+      check_finite(k, static_cast<std::size_t>(n) * H * D, "k");
+      check_finite(v, static_cast<std::size_t>(n) * H * D, "v");
+    }
+    // Plan: how many pages each head needs, including copies of shared pages we would write.
+    std::int32_t need = 0;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const stream& st = at(sq, layer, h);
+      const std::int32_t L = st.length();
+      need += pages_for(L + n) - static_cast<std::int32_t>(st.pages.size());
+      if (L % P != 0 && pool_.ref_count(st.pages.back()) > 1) ++need;
+    }
+    for (std::int32_t h = 0; h < H; ++h) {  // capacity first: a bad_alloc here changes nothing
+      stream& st = at(sq, layer, h);
+      st.pages.reserve(static_cast<std::size_t>(pages_for(st.length() + n)));
+      st.positions.reserve(static_cast<std::size_t>(st.length() + n));
+    }
+    std::vector<page_id> fresh(static_cast<std::size_t>(need));
+    pool_.allocate(need, fresh.data(), layer);  // all or nothing
+    // Commit: nothing below throws.
+    std::size_t next = 0;
+    const std::int32_t first_pos = sq.seen[layer];
+    for (std::int32_t h = 0; h < H; ++h) {
+      stream& st = at(sq, layer, h);
+      std::int32_t L = st.length();
+      if (L % P != 0 && pool_.ref_count(st.pages.back()) > 1) {
+        const page_id copy = fresh[next++];
+        std::memcpy(pool_.data(copy), pool_.data(st.pages.back()), pool_.page_bytes());
+        pool_.release(st.pages.back());
+        st.pages.back() = copy;
+      }
+      for (std::int32_t i = 0; i < n; ++i, ++L) {
+        if (L % P == 0) st.pages.push_back(fresh[next++]);
+        T* page = page_data(st.pages.back());
+        const std::int32_t slot = L % P;
+        store_row(page + static_cast<std::size_t>(slot) * D, k + (static_cast<std::size_t>(i) * H + h) * D);
+        store_row(page + static_cast<std::size_t>(P + slot) * D, v + (static_cast<std::size_t>(i) * H + h) * D);
+        st.positions.push_back(positions ? positions[i] : first_pos + i);
+      }
+    }
+    sq.seen[layer] += n;
+  }
+
+  /// Keeps tokens kept[0..n) of one stream (indices into its current order, strictly increasing)
+  /// and frees the pages this empties.
+  void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
+    check_layer(layer, "keep");
+    KVC_EXPECTS(head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
+    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> one;
+    one.emplace_back(head, std::vector<std::int32_t>(kept, kept + n));
+    keep_heads(s, layer, one);
+  }
+
+  /// Keeps, for every head h of one layer, the tokens kept[h] (strictly increasing indices).
+  /// All heads change or none does.
+  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
+    check_layer(layer, "keep_layer");
+    KVC_EXPECTS(static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads, "kept.size() = ", kept.size(),
+                ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
+    all.reserve(kept.size());
+    for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
+    keep_heads(s, layer, all);
+  }
+
+  /// Overwrites the stored keys of one stream in place (used to re-rotate kept keys to new RoPE
+  /// positions). `fn(std::int32_t token, T* row)` edits one row; positions are replaced by
+  /// new_positions when it is not null. Shared pages are copied first (all or nothing).
+  template <class Fn>
+  void rewrite_keys(seq_id s, std::int32_t layer, std::int32_t head, Fn&& fn,
+                    const std::int32_t* new_positions = nullptr) {
+    sequence& sq = find(s, "rewrite_keys")->second;
+    check_layer(layer, "rewrite_keys");
+    KVC_EXPECTS(head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
+    stream& st = at(sq, layer, head);
+    make_exclusive(st, layer);
+    for (std::int32_t t = 0; t < st.length(); ++t)
+      fn(t, page_data(st.pages[static_cast<std::size_t>(t / cfg_.page_size)]) +
+                static_cast<std::size_t>(t % cfg_.page_size) * cfg_.head_dim);
+    if (new_positions) std::copy(new_positions, new_positions + st.length(), st.positions.begin());
+  }
+
+  // ---- reading ---------------------------------------------------------------------------
+
+  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return get(s, layer, head, "length").length();
+  }
+  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return get(s, layer, head, "positions").positions.data();
+  }
+  /// Tokens ever appended to this layer of the sequence (kept or not).
+  std::int32_t seen(seq_id s, std::int32_t layer) const {
+    check_layer(layer, "seen");
+    return find(s, "seen")->second.seen[static_cast<std::size_t>(layer)];
+  }
+  const std::vector<page_id>& pages(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return get(s, layer, head, "pages").pages;
+  }
+
+  /// K of one stream as a paged view (heads = 1).
+  view_type keys(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return stream_view(get(s, layer, head, "keys"), 0);
+  }
+  /// V of one stream as a paged view (heads = 1).
+  view_type values(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return stream_view(get(s, layer, head, "values"), cfg_.page_size * cfg_.head_dim);
+  }
+
+  /// All heads of one layer, for the attention kernels. The returned object points into `buf`,
+  /// which must hold 2 * num_kv_heads views and outlive it.
+  layer_view layer(seq_id s, std::int32_t layer, std::vector<view_type>& buf) const {
+    const sequence& sq = find(s, "layer")->second;
+    check_layer(layer, "layer");
+    const std::int32_t H = cfg_.num_kv_heads;
+    buf.clear();
+    buf.reserve(static_cast<std::size_t>(2 * H));
+    for (std::int32_t h = 0; h < H; ++h) buf.push_back(stream_view(at(sq, layer, h), 0));
+    for (std::int32_t h = 0; h < H; ++h) buf.push_back(stream_view(at(sq, layer, h), cfg_.page_size * cfg_.head_dim));
+    return {buf.data(), buf.data() + H, H, cfg_.head_dim};
+  }
+
+  // ---- memory accounting (from the pool) -------------------------------------------------
+
+  /// Bytes of live pages in the whole cache (each shared page counted once).
+  std::size_t bytes_in_use() const noexcept { return pool_.bytes_in_use(); }
+  /// Bytes of live pages allocated for one layer.
+  std::size_t bytes_in_use(std::int32_t layer) const {
+    check_layer(layer, "bytes_in_use");
+    return pool_.bytes_in_use(layer);
+  }
+  /// Bytes of the pages one stream references (shared pages counted in each sharer).
+  std::size_t stream_bytes(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return get(s, layer, head, "stream_bytes").pages.size() * pool_.page_bytes();
+  }
+  /// Host bytes of bookkeeping: 4 bytes of position per kept token plus 4 per page-table entry.
+  std::size_t metadata_bytes() const noexcept {
+    std::size_t b = 0;
+    for (const auto& kv : seqs_)
+      for (const auto& st : kv.second.streams) b += 4 * (st.positions.size() + st.pages.size());
+    return b;
+  }
+  /// Tokens held in all streams of all sequences (sum of the streams' own lengths).
+  std::int64_t tokens_held() const noexcept {
+    std::int64_t n = 0;
+    for (const auto& kv : seqs_)
+      for (const auto& st : kv.second.streams) n += st.length();
+    return n;
+  }
+
+ private:
+  struct sequence {
+    std::vector<stream> streams;     // [layer * num_kv_heads + head]
+    std::vector<std::int32_t> seen;  // [layer]
+  };
+
+  static cache_config validated(const cache_config& c) {
+    KVC_EXPECTS(c.num_layers > 0, "cache_config.num_layers = ", c.num_layers, ", expected > 0");
+    KVC_EXPECTS(c.num_kv_heads > 0, "cache_config.num_kv_heads = ", c.num_kv_heads, ", expected > 0");
+    KVC_EXPECTS(c.head_dim > 0, "cache_config.head_dim = ", c.head_dim, ", expected > 0");
+    KVC_EXPECTS(detail::is_pow2(c.page_size), "cache_config.page_size = ", c.page_size,
+                ", expected a power of two");
+    KVC_EXPECTS(c.max_pages > 0, "cache_config.max_pages = ", c.max_pages, ", expected > 0");
+    return c;
+  }
+
+  std::int32_t pages_for(std::int32_t tokens) const noexcept {
+    return (tokens + cfg_.page_size - 1) / cfg_.page_size;
+  }
+  T* page_data(page_id p) noexcept { return reinterpret_cast<T*>(pool_.data(p)); }
+
+  view_type stream_view(const stream& st, std::int32_t offset) const {
+    using M = typename view_type::mapping_type;
+    const std::int32_t P = cfg_.page_size, D = cfg_.head_dim;
+    const T* base = reinterpret_cast<const T*>(pool_.base());
+    static_assert(page_pool::alignment % sizeof(T) == 0, "page alignment must hold whole elements");
+    return {base, M(kv_dextents<>(st.length(), 1, D), st.pages.data(), P,
+                    static_cast<std::int32_t>(pool_.page_bytes() / sizeof(T)), offset)};
+  }
+
+  template <class In>
+  void store_row(T* dst, const In* src) const noexcept {
+    if constexpr (std::is_same<In, T>::value) {
+      std::memcpy(dst, src, sizeof(T) * static_cast<std::size_t>(cfg_.head_dim));
+    } else {
+      for (std::int32_t d = 0; d < cfg_.head_dim; ++d) dst[d] = T(src[d]);
+    }
+  }
+
+  template <class In>
+  static void check_finite(const In* p, std::size_t n, const char* name) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const float x = static_cast<float>(p[i]);
+      if (!std::isfinite(x))
+        detail::fail(detail::concat("kvc::kv_cache::append: ", name, "[", i, "] = ", x,
+                                    ", expected a finite value (the cache is unchanged)"));
+    }
+  }
+
+  void check_layer(std::int32_t layer, const char* fn) const {
+    if (layer < 0 || layer >= cfg_.num_layers)
+      detail::fail(detail::concat("kvc::kv_cache::", fn, ": layer = ", layer, ", expected 0..", cfg_.num_layers - 1));
+  }
+
+  typename std::map<seq_id, sequence>::iterator find(seq_id s, const char* fn) {
+    auto it = seqs_.find(s);
+    if (it == seqs_.end()) detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s));
+    return it;
+  }
+  typename std::map<seq_id, sequence>::const_iterator find(seq_id s, const char* fn) const {
+    auto it = seqs_.find(s);
+    if (it == seqs_.end()) detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s));
+    return it;
+  }
+  stream& at(sequence& sq, std::int32_t layer, std::int32_t h) noexcept {
+    return sq.streams[static_cast<std::size_t>(layer) * cfg_.num_kv_heads + h];
+  }
+  const stream& at(const sequence& sq, std::int32_t layer, std::int32_t h) const noexcept {
+    return sq.streams[static_cast<std::size_t>(layer) * cfg_.num_kv_heads + h];
+  }
+  const stream& get(seq_id s, std::int32_t layer, std::int32_t head, const char* fn) const {
+    const sequence& sq = find(s, fn)->second;
+    check_layer(layer, fn);
+    if (head < 0 || head >= cfg_.num_kv_heads)
+      detail::fail(detail::concat("kvc::kv_cache::", fn, ": head = ", head, ", expected 0..", cfg_.num_kv_heads - 1));
+    return at(sq, layer, head);
+  }
+
+  /// Copies every shared page of st (all allocations first, so a failure changes nothing).
+  void make_exclusive(stream& st, std::int32_t layer) {
+    std::vector<std::size_t> shared;
+    for (std::size_t i = 0; i < st.pages.size(); ++i)
+      if (pool_.ref_count(st.pages[i]) > 1) shared.push_back(i);
+    std::vector<page_id> fresh(shared.size());
+    pool_.allocate(static_cast<std::int32_t>(shared.size()), fresh.data(), layer);
+    for (std::size_t j = 0; j < shared.size(); ++j) {
+      page_id& p = st.pages[shared[j]];
+      std::memcpy(pool_.data(fresh[j]), pool_.data(p), pool_.page_bytes());
+      pool_.release(p);
+      p = fresh[j];
+    }
+  }
+
+  void keep_heads(seq_id s, std::int32_t layer,
+                  const std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>>& heads) {
+    sequence& sq = find(s, "keep")->second;
+    const std::int32_t P = cfg_.page_size, D = cfg_.head_dim;
+    // Validate everything and plan the fresh pages before touching anything.
+    std::int32_t need = 0;
+    std::vector<std::vector<std::int32_t>> new_pos(heads.size());
+    std::vector<std::vector<page_id>> old(heads.size());  // reads must see the original pages
+    for (std::size_t j = 0; j < heads.size(); ++j) {
+      const std::int32_t h = heads[j].first;
+      const auto& kept = heads[j].second;
+      const stream& st = at(sq, layer, h);
+      const std::int32_t L = st.length();
+      for (std::size_t i = 0; i < kept.size(); ++i) {
+        if (kept[i] < 0 || kept[i] >= L)
+          detail::fail(detail::concat("kvc::kv_cache::keep: head ", h, ": kept[", i, "] = ", kept[i],
+                                      ", expected 0..", L - 1, " (the stream's length is ", L, ")"));
+        if (i > 0 && kept[i] <= kept[i - 1])
+          detail::fail(detail::concat("kvc::kv_cache::keep: head ", h, ": kept[", i, "] = ", kept[i],
+                                      " after ", kept[i - 1], ", expected strictly increasing indices"));
+      }
+      const std::int32_t n = static_cast<std::int32_t>(kept.size());
+      for (std::int32_t pg = 0; pg < pages_for(n); ++pg)
+        if (page_changes(kept, pg) && pool_.ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1) ++need;
+      old[j] = st.pages;
+      new_pos[j].resize(kept.size());
+      for (std::size_t i = 0; i < kept.size(); ++i) new_pos[j][i] = st.positions[static_cast<std::size_t>(kept[i])];
+    }
+    std::vector<page_id> fresh(static_cast<std::size_t>(need));
+    pool_.allocate(need, fresh.data(), layer);
+    // Commit: forward compaction is safe in place because kept[i] >= i, so a source row is never
+    // read after its slot has been overwritten.
+    std::size_t next = 0;
+    for (std::size_t j = 0; j < heads.size(); ++j) {
+      const auto& kept = heads[j].second;
+      stream& st = at(sq, layer, heads[j].first);
+      const std::int32_t n = static_cast<std::int32_t>(kept.size());
+      for (std::int32_t pg = 0; pg < pages_for(n); ++pg) {
+        if (!page_changes(kept, pg)) continue;
+        page_id dst = st.pages[static_cast<std::size_t>(pg)];
+        if (pool_.ref_count(dst) > 1) {
+          const page_id copy = fresh[next++];
+          pool_.release(dst);  // still referenced by the sharer: contents stay readable via `old`
+          st.pages[static_cast<std::size_t>(pg)] = copy;
+          dst = copy;
+        }
+        T* out = page_data(dst);
+        const std::int32_t end = std::min(n, (pg + 1) * P);
+        for (std::int32_t i = pg * P; i < end; ++i) {
+          const std::int32_t src_t = kept[static_cast<std::size_t>(i)];
+          const T* src = page_data(old[j][static_cast<std::size_t>(src_t / P)]);
+          const std::int32_t ss = src_t % P, ds = i % P;
+          if (src == out && ss == ds) continue;
+          std::memmove(out + static_cast<std::size_t>(ds) * D, src + static_cast<std::size_t>(ss) * D, sizeof(T) * D);
+          std::memmove(out + static_cast<std::size_t>(P + ds) * D, src + static_cast<std::size_t>(P + ss) * D,
+                       sizeof(T) * D);
+        }
+      }
+      const std::size_t keep_pages = static_cast<std::size_t>(pages_for(n));
+      pool_.release(static_cast<std::int32_t>(st.pages.size() - keep_pages), st.pages.data() + keep_pages);
+      st.pages.resize(keep_pages);
+      st.positions.swap(new_pos[j]);
+    }
+  }
+
+  /// Whether destination page pg differs from the source page with the same index.
+  bool page_changes(const std::vector<std::int32_t>& kept, std::int32_t pg) const noexcept {
+    const std::int32_t n = static_cast<std::int32_t>(kept.size());
+    const std::int32_t end = std::min(n, (pg + 1) * cfg_.page_size);
+    for (std::int32_t i = pg * cfg_.page_size; i < end; ++i)
+      if (kept[static_cast<std::size_t>(i)] != i) return true;
+    return false;
+  }
+
+  cache_config cfg_;
+  page_pool pool_;
+  std::map<seq_id, sequence> seqs_;
+  seq_id next_id_ = 0;
+};
+
+KVC_END_NAMESPACE

@@ -1,0 +1,147 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `page_pool`: one arena of fixed-size pages with O(1) allocation and release, reference counts
+/// for shared prefixes, and per-tag byte counters so memory accounting is read from the pool
+/// rather than computed from ratios.
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <vector>
+
+#include <kvc/error.hpp>
+
+KVC_BEGIN_NAMESPACE
+
+using page_id = std::int32_t;
+
+/// A fixed-capacity pool of equally sized pages. All members are safe to call from several
+/// threads; page *contents* are the caller's to synchronise.
+class page_pool {
+ public:
+  /// Alignment of every page: a cache line, and enough for any SIMD load kvc issues.
+  static constexpr std::size_t alignment = 64;
+
+  /// \param page_bytes  bytes per page, > 0 (rounded up to a multiple of `alignment`)
+  /// \param capacity    pages, > 0 and < 2^31. The arena is reserved at once; the OS commits
+  ///                    memory only as pages are first written.
+  /// \param num_tags    number of accounting tags (e.g. layers); every page carries one
+  page_pool(std::size_t page_bytes, std::int32_t capacity, std::int32_t num_tags = 1)
+      : page_bytes_(round_up(page_bytes)), capacity_(capacity) {
+    KVC_EXPECTS(page_bytes > 0, "page_bytes = ", page_bytes, ", expected > 0");
+    KVC_EXPECTS(capacity > 0, "capacity = ", capacity, ", expected > 0 pages");
+    KVC_EXPECTS(num_tags > 0, "num_tags = ", num_tags, ", expected > 0");
+    const std::size_t total = page_bytes_ * static_cast<std::size_t>(capacity);
+    KVC_EXPECTS(total / page_bytes_ == static_cast<std::size_t>(capacity), "page_bytes * capacity overflows");
+    void* p = std::aligned_alloc(alignment, total);
+    if (!p) detail::fail<out_of_memory>(detail::concat("kvc::page_pool: cannot reserve ", total, " bytes"));
+    arena_.reset(static_cast<std::byte*>(p));
+    refs_.assign(static_cast<std::size_t>(capacity), 0);
+    tag_of_.assign(static_cast<std::size_t>(capacity), 0);
+    tag_pages_.assign(static_cast<std::size_t>(num_tags), 0);
+    free_.reserve(static_cast<std::size_t>(capacity));
+    for (std::int32_t i = capacity - 1; i >= 0; --i) free_.push_back(i);  // low ids first
+  }
+
+  page_pool(const page_pool&) = delete;
+  page_pool& operator=(const page_pool&) = delete;
+
+  std::size_t page_bytes() const noexcept { return page_bytes_; }
+  std::int32_t capacity() const noexcept { return capacity_; }
+  std::int32_t num_tags() const noexcept { return static_cast<std::int32_t>(tag_pages_.size()); }
+
+  std::byte* data(page_id p) noexcept { return arena_.get() + static_cast<std::size_t>(p) * page_bytes_; }
+  const std::byte* data(page_id p) const noexcept {
+    return arena_.get() + static_cast<std::size_t>(p) * page_bytes_;
+  }
+  /// Base of the arena: page p starts at base() + p * page_bytes().
+  std::byte* base() noexcept { return arena_.get(); }
+  const std::byte* base() const noexcept { return arena_.get(); }
+
+  /// Takes n pages, all or none: on exhaustion throws kvc::out_of_memory and the pool is unchanged.
+  /// New pages have reference count 1.
+  void allocate(std::int32_t n, page_id* out, std::int32_t tag = 0) {
+    KVC_EXPECTS(n >= 0, "n = ", n, ", expected >= 0");
+    KVC_EXPECTS(tag >= 0 && tag < num_tags(), "tag = ", tag, ", expected 0..", num_tags() - 1);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (static_cast<std::size_t>(n) > free_.size())
+      detail::fail<out_of_memory>(detail::concat("kvc::page_pool::allocate: ", n, " pages requested, ",
+                                                 free_.size(), " free of ", capacity_,
+                                                 "; raise the pool capacity or compress the cache"));
+    for (std::int32_t i = 0; i < n; ++i) {
+      const page_id p = free_.back();
+      free_.pop_back();
+      refs_[p] = 1;
+      tag_of_[p] = tag;
+      out[i] = p;
+    }
+    tag_pages_[tag] += n;
+  }
+
+  page_id allocate(std::int32_t tag = 0) {
+    page_id p;
+    allocate(1, &p, tag);
+    return p;
+  }
+
+  /// Adds a reference to each page (a forked sequence now shares them).
+  void retain(std::int32_t n, const page_id* pages) noexcept {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (std::int32_t i = 0; i < n; ++i) {
+      KVC_ASSERT(refs_[pages[i]] > 0);
+      ++refs_[pages[i]];
+    }
+  }
+
+  /// Drops a reference from each page; pages reaching zero return to the free list at once.
+  void release(std::int32_t n, const page_id* pages) noexcept {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (std::int32_t i = 0; i < n; ++i) {
+      const page_id p = pages[i];
+      KVC_ASSERT(refs_[p] > 0);
+      if (--refs_[p] == 0) {
+        free_.push_back(p);
+        --tag_pages_[tag_of_[p]];
+      }
+    }
+  }
+  void release(page_id p) noexcept { release(1, &p); }
+
+  std::int32_t ref_count(page_id p) const noexcept {
+    std::lock_guard<std::mutex> lock(mu_);
+    return refs_[p];
+  }
+  std::int32_t free_pages() const noexcept {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<std::int32_t>(free_.size());
+  }
+  std::int32_t pages_in_use() const noexcept { return capacity_ - free_pages(); }
+  std::size_t bytes_in_use() const noexcept { return static_cast<std::size_t>(pages_in_use()) * page_bytes_; }
+  /// Bytes of the live pages that were allocated with `tag`.
+  std::size_t bytes_in_use(std::int32_t tag) const noexcept {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<std::size_t>(tag_pages_[tag]) * page_bytes_;
+  }
+
+ private:
+  static std::size_t round_up(std::size_t b) noexcept { return (b + alignment - 1) / alignment * alignment; }
+  struct free_deleter {
+    void operator()(std::byte* p) const noexcept { std::free(p); }
+  };
+
+  std::size_t page_bytes_;
+  std::int32_t capacity_;
+  std::unique_ptr<std::byte, free_deleter> arena_;
+  mutable std::mutex mu_;
+  std::vector<page_id> free_;
+  std::vector<std::int32_t> refs_;
+  std::vector<std::int32_t> tag_of_;
+  std::vector<std::int64_t> tag_pages_;
+};
+
+KVC_END_NAMESPACE

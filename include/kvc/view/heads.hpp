@@ -1,0 +1,52 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// The kv-heads of one layer of one sequence, as the attention kernels and scorers consume them:
+/// `num_kv_heads()`, `head_dim()`, `keys(h)`, `values(h)` and `index(h)`, the head index to use
+/// inside those views. Two shapes cover every source:
+///  - `stream_heads`: one view per head (kvc's store, where heads have their own lengths);
+///  - `same_heads`: one multi-head view for all heads (an engine's dense or block cache).
+
+#include <cstdint>
+
+#include <kvc/config.hpp>
+
+KVC_BEGIN_NAMESPACE
+
+/// Head h reads keys(h)/values(h) at in-view head index 0.
+template <class KView, class VView = KView>
+struct stream_heads {
+  using key_view = KView;
+  using value_view = VView;
+  const KView* k;  ///< [num_heads]
+  const VView* v;  ///< [num_heads]
+  std::int32_t num_heads;
+  std::int32_t dim;
+  std::int32_t num_kv_heads() const noexcept { return num_heads; }
+  std::int32_t head_dim() const noexcept { return dim; }
+  const KView& keys(std::int32_t h) const noexcept { return k[h]; }
+  const VView& values(std::int32_t h) const noexcept { return v[h]; }
+  static constexpr std::int32_t index(std::int32_t) noexcept { return 0; }
+};
+
+/// Head h reads the shared K/V views at in-view head index h.
+template <class KView, class VView = KView>
+struct same_heads {
+  using key_view = KView;
+  using value_view = VView;
+  KView k;
+  VView v;
+  std::int32_t num_kv_heads() const noexcept { return static_cast<std::int32_t>(k.extent(1)); }
+  std::int32_t head_dim() const noexcept { return static_cast<std::int32_t>(k.extent(2)); }
+  const KView& keys(std::int32_t) const noexcept { return k; }
+  const VView& values(std::int32_t) const noexcept { return v; }
+  static constexpr std::int32_t index(std::int32_t h) noexcept { return h; }
+};
+
+template <class KView, class VView>
+same_heads<KView, VView> make_same_heads(const KView& k, const VView& v) {
+  return {k, v};
+}
+
+KVC_END_NAMESPACE
