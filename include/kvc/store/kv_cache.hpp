@@ -229,6 +229,22 @@ class kv_cache {
     return stream_view(get(s, layer, head, "values"), cfg_.page_size * cfg_.head_dim);
   }
 
+  /// Copies one stream's keys (and values, when v_out is not null) as float, [length][head_dim]:
+  /// what scorers and the re-encoding of other caches read.
+  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
+    const stream& st = get(s, layer, head, "gather");
+    const std::int32_t P = cfg_.page_size, D = cfg_.head_dim;
+    for (std::int32_t t = 0; t < st.length(); ++t) {
+      const T* page = reinterpret_cast<const T*>(pool_.data(st.pages[static_cast<std::size_t>(t / P)]));
+      const T* kr = page + static_cast<std::size_t>(t % P) * D;
+      const T* vr = page + static_cast<std::size_t>(P + t % P) * D;
+      for (std::int32_t d = 0; d < D; ++d) {
+        if (k_out) k_out[static_cast<std::size_t>(t) * D + d] = static_cast<float>(kr[d]);
+        if (v_out) v_out[static_cast<std::size_t>(t) * D + d] = static_cast<float>(vr[d]);
+      }
+    }
+  }
+
   /// All heads of one layer, for the attention kernels. The returned object points into `buf`,
   /// which must hold 2 * num_kv_heads views and outlive it.
   layer_view layer(seq_id s, std::int32_t layer, std::vector<view_type>& buf) const {
