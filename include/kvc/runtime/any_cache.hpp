@@ -1,0 +1,122 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `any_cache`: one run-time interface over every kvc cache (plain kv_cache<T>, the quantized
+/// caches), for harnesses that choose the storage from a spec string. It has the same member
+/// names as the caches, so policies written generically over a Cache work on it unchanged. The
+/// virtual call costs nothing next to a decode step; engines that know their types at compile
+/// time use the caches directly.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <kvc/attention/options.hpp>
+#include <kvc/cpu/decode_attention.hpp>
+#include <kvc/error.hpp>
+#include <kvc/store/kv_cache.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace runtime {
+
+class any_cache {
+ public:
+  virtual ~any_cache() = default;
+
+  virtual const cache_config& config() const = 0;
+  /// The storage as a spec ("fp16", "kivi(bits=2,group=32,residual=128)", ...).
+  virtual std::string name() const = 0;
+
+  virtual seq_id add_sequence() = 0;
+  virtual void remove_sequence(seq_id s) = 0;
+  virtual bool contains(seq_id s) const = 0;
+  /// Throws kvc::error when the storage cannot share pages between sequences.
+  virtual seq_id fork(seq_id s) = 0;
+
+  virtual void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
+                      const std::int32_t* positions = nullptr) = 0;
+  virtual void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) = 0;
+  virtual void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) = 0;
+
+  virtual std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const = 0;
+  virtual const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const = 0;
+  virtual std::int32_t seen(seq_id s, std::int32_t layer) const = 0;
+  virtual void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const = 0;
+
+  /// Decode attention for one layer: q [num_q_heads][head_dim] -> out [num_q_heads][head_dim].
+  virtual void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
+                         const decode_options& opt = {}) const = 0;
+
+  virtual std::size_t bytes_in_use() const = 0;
+  virtual std::size_t bytes_in_use(std::int32_t layer) const = 0;
+  virtual std::size_t metadata_bytes() const = 0;
+  virtual std::int64_t tokens_held() const = 0;
+};
+
+namespace detail {
+template <class C, class = void>
+struct has_fork : std::false_type {};
+template <class C>
+struct has_fork<C, std::void_t<decltype(std::declval<C&>().fork(seq_id{}))>> : std::true_type {};
+}  // namespace detail
+
+/// Wraps a concrete cache. Attention goes through `kvc::cpu::decode_attention(cache, ...)`, the
+/// overload each cache type provides.
+template <class Cache>
+class cache_adapter final : public any_cache {
+ public:
+  template <class... Args>
+  explicit cache_adapter(std::string name, Args&&... args) : name_(std::move(name)), c_(std::forward<Args>(args)...) {}
+
+  Cache& get() noexcept { return c_; }
+  const Cache& get() const noexcept { return c_; }
+
+  const cache_config& config() const override { return c_.config(); }
+  std::string name() const override { return name_; }
+  seq_id add_sequence() override { return c_.add_sequence(); }
+  void remove_sequence(seq_id s) override { c_.remove_sequence(s); }
+  bool contains(seq_id s) const override { return c_.contains(s); }
+  seq_id fork(seq_id s) override {
+    if constexpr (detail::has_fork<Cache>::value) return c_.fork(s);
+    else kvc::detail::fail(kvc::detail::concat("kvc::runtime::any_cache::fork: storage '", name_,
+                                               "' cannot share pages between sequences"));
+  }
+  void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
+              const std::int32_t* positions) override {
+    c_.append(s, layer, k, v, n, positions);
+  }
+  void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) override {
+    c_.keep(s, layer, head, kept, n);
+  }
+  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) override {
+    c_.keep_layer(s, layer, kept);
+  }
+  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override { return c_.length(s, layer, head); }
+  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const override {
+    return c_.positions(s, layer, head);
+  }
+  std::int32_t seen(seq_id s, std::int32_t layer) const override { return c_.seen(s, layer); }
+  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out) const override {
+    c_.gather(s, layer, head, k_out, v_out);
+  }
+  void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
+                 const decode_options& opt) const override {
+    kvc::cpu::decode_attention(c_, s, layer, q, num_q_heads, out, opt);
+  }
+  std::size_t bytes_in_use() const override { return c_.bytes_in_use(); }
+  std::size_t bytes_in_use(std::int32_t layer) const override { return c_.bytes_in_use(layer); }
+  std::size_t metadata_bytes() const override { return c_.metadata_bytes(); }
+  std::int64_t tokens_held() const override { return c_.tokens_held(); }
+
+ private:
+  std::string name_;
+  Cache c_;
+};
+
+}  // namespace runtime
+KVC_END_NAMESPACE
