@@ -1,0 +1,68 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// Builds a cache from a storage spec: `fp32`, `fp16`, `bf16` (full-precision pages), or a
+/// quantizer spec such as `kivi(bits=2,group=32,residual=128)` when <kvc/quant/...> is available.
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include <kvc/error.hpp>
+#include <kvc/runtime/any_cache.hpp>
+#include <kvc/runtime/spec.hpp>
+#include <kvc/store/kv_cache.hpp>
+#include <kvc/types.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace runtime {
+
+using cache_builder = std::function<std::unique_ptr<any_cache>(const spec_stage&, const cache_config&)>;
+
+/// Storage builders by name; quantized storages register themselves here (runtime/quant.hpp).
+inline std::map<std::string, cache_builder>& storage_registry() {
+  static std::map<std::string, cache_builder> r = [] {
+    std::map<std::string, cache_builder> m;
+    auto plain = [](auto tag) {
+      using T = decltype(tag);
+      return [](const spec_stage& st, const cache_config& cfg) -> std::unique_ptr<any_cache> {
+        spec_args(st).finish("(none)");
+        return std::make_unique<cache_adapter<kv_cache<T>>>(type_name<T>(), cfg);
+      };
+    };
+    m["fp32"] = plain(float{});
+    m["fp16"] = plain(half{});
+    m["bf16"] = plain(bfloat16{});
+    return m;
+  }();
+  return r;
+}
+
+inline std::string known_storages() {
+  std::string s;
+  for (const auto& kv : storage_registry()) s += (s.empty() ? "" : ", ") + kv.first;
+  return s;
+}
+
+/// Whether `name` is a storage (as opposed to an eviction policy) in a spec.
+inline bool is_storage(const std::string& name) { return storage_registry().count(name) != 0; }
+
+/// The cache a storage stage describes.
+inline std::unique_ptr<any_cache> make_cache(const spec_stage& st, const cache_config& cfg) {
+  auto it = storage_registry().find(st.name);
+  if (it == storage_registry().end())
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: unknown storage '", st.name,
+                                          "'; expected one of: ", known_storages()));
+  return it->second(st, cfg);
+}
+
+inline std::unique_ptr<any_cache> make_cache(const std::string& spec, const cache_config& cfg) {
+  const auto stages = parse_spec(spec);
+  KVC_EXPECTS(stages.size() == 1, "spec = \"", spec, "\", expected exactly one storage stage");
+  return make_cache(stages[0], cfg);
+}
+
+}  // namespace runtime
+KVC_END_NAMESPACE
