@@ -1,0 +1,209 @@
+// SPDX-License-Identifier: Apache-2.0
+// Quantized KV: decode attention per quantizer against fp16, and append (quantize) throughput.
+//
+//   BM_quant_decode/<quantizer>/<q heads>x<kv heads>x<head_dim>/ctx:<tokens>/threads:<n>
+//     speedup_vs_fp16  fp16 kv_cache<half> + cpu::decode_attention time (same shape, context and
+//                      threads, timed in this process) over this quantizer's time
+//     bytes_per_token  bytes_in_use() of the quantized cache (all its pools) / context tokens, for
+//                      all kv heads of the layer (fp16: 4 * kv_heads * head_dim)
+//   BM_quant_append/<quantizer>/<shape>   bytes_per_second = fp16 bytes of K+V input encoded per second
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#include <kvc/cpu/decode_attention.hpp>
+#include <kvc/cpu/quant_attention.hpp>
+#include <kvc/parallel/thread_pool.hpp>
+#include <kvc/quant/fp8.hpp>
+#include <kvc/quant/int8.hpp>
+#include <kvc/quant/kivi.hpp>
+#include <kvc/store/kv_cache.hpp>
+
+#include "kvc_bench.hpp"
+
+namespace {
+
+using namespace kvc::quant;
+
+struct shape {
+  std::int32_t q_heads, kv_heads, head_dim;
+};
+constexpr std::int32_t prefill_chunk = 1024;
+
+std::vector<float> random_rows(std::size_t n, std::uint64_t seed) {
+  kvc_bench::rng r(seed);
+  std::vector<float> v(n);
+  for (auto& x : v) x = 2.0f * r.uniform();
+  return v;
+}
+
+kvc::thread_pool* pool_for(int threads) {
+  static std::map<int, std::unique_ptr<kvc::thread_pool>> pools;
+  if (threads <= 1) return nullptr;
+  auto& p = pools[threads];
+  if (!p) p = std::make_unique<kvc::thread_pool>(threads);
+  return p.get();
+}
+
+/// fp16 decode seconds for (shape, ctx, threads): median of 7 timed calls, measured once.
+double fp16_seconds(shape s, std::int32_t ctx, int threads) {
+  static std::map<std::string, double> memo;
+  const std::string key = std::to_string(s.q_heads) + "/" + std::to_string(s.kv_heads) + "/" +
+                          std::to_string(s.head_dim) + "/" + std::to_string(ctx) + "/" + std::to_string(threads);
+  auto it = memo.find(key);
+  if (it != memo.end()) return it->second;
+  kvc::cache_config c;
+  c.num_layers = 1;
+  c.num_kv_heads = s.kv_heads;
+  c.head_dim = s.head_dim;
+  c.page_size = 16;
+  c.max_pages = s.kv_heads * (ctx / 16 + 2);
+  c.check_finite = false;
+  kvc::kv_cache<kvc::half> cache(c);
+  auto seq = cache.add_sequence();
+  for (std::int32_t t0 = 0; t0 < ctx; t0 += prefill_chunk) {
+    const std::int32_t n = std::min(prefill_chunk, ctx - t0);
+    auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
+    auto v = random_rows(k.size(), 2 + t0);
+    cache.append(seq, 0, k.data(), v.data(), n);
+  }
+  auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size());
+  kvc::decode_options o;
+  o.pool = pool_for(threads);
+  std::vector<double> ts;
+  for (int r = 0; r < 9; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    kvc::cpu::decode_attention(cache, seq, 0, q.data(), s.q_heads, out.data(), o);
+    benchmark::DoNotOptimize(out.data());
+    ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ts.begin(), ts.end());
+  return memo[key] = ts[ts.size() / 2];
+}
+
+/// The quantized cache of the running benchmark (kept across Google Benchmark's repeated calls).
+template <class KQ, class VQ>
+struct quant_data {
+  std::unique_ptr<kvc::quant_cache<KQ, VQ>> cache;
+  kvc::seq_id seq = 0;
+  std::string key;
+};
+
+template <class KQ, class VQ>
+kvc::quant_cache<KQ, VQ>& get_cache(shape s, std::int32_t ctx, kvc::seq_id& seq) {
+  static quant_data<KQ, VQ> d;
+  const std::string key = std::to_string(s.q_heads) + "/" + std::to_string(s.kv_heads) + "/" +
+                          std::to_string(s.head_dim) + "/" + std::to_string(ctx);
+  if (d.key != key) {
+    d.cache.reset();
+    kvc::quant_cache_config c;
+    c.num_layers = 1;
+    c.num_kv_heads = s.kv_heads;
+    c.head_dim = s.head_dim;
+    c.page_size = 64;
+    c.max_pages = s.kv_heads * (ctx / 64 + 2);
+    c.max_fp_pages = s.kv_heads + 1;
+    c.check_finite = false;
+    d.cache = std::make_unique<kvc::quant_cache<KQ, VQ>>(c);
+    d.seq = d.cache->add_sequence();
+    for (std::int32_t t0 = 0; t0 < ctx; t0 += prefill_chunk) {
+      const std::int32_t n = std::min(prefill_chunk, ctx - t0);
+      auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
+      auto v = random_rows(k.size(), 2 + t0);
+      d.cache->append(d.seq, 0, k.data(), v.data(), n);
+    }
+    d.key = key;
+  }
+  seq = d.seq;
+  return *d.cache;
+}
+
+template <class KQ, class VQ>
+void BM_quant_decode(benchmark::State& state, shape s, std::int32_t ctx, int threads) {
+  kvc::seq_id seq;
+  auto& cache = get_cache<KQ, VQ>(s, ctx, seq);
+  auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size());
+  kvc::decode_options o;
+  o.pool = pool_for(threads);
+  const double base = fp16_seconds(s, ctx, threads);
+  for (auto _ : state) {
+    kvc::cpu::decode_attention(cache, seq, 0, q.data(), s.q_heads, out.data(), o);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["fp16_ms"] = base * 1e3;
+  state.counters["speedup_vs_fp16"] =
+      benchmark::Counter(base, benchmark::Counter::kIsIterationInvariantRate);  // base * iters / time
+  state.counters["bytes_per_token"] = double(cache.bytes_in_use()) / ctx;
+}
+
+template <class KQ, class VQ>
+void BM_quant_append(benchmark::State& state, shape s) {
+  const std::int32_t n = 1024;
+  kvc::quant_cache_config c;
+  c.num_layers = 1;
+  c.num_kv_heads = s.kv_heads;
+  c.head_dim = s.head_dim;
+  c.page_size = 64;
+  c.max_pages = s.kv_heads * (n / 64 + 2);
+  c.max_fp_pages = s.kv_heads + 1;
+  c.check_finite = false;
+  kvc::quant_cache<KQ, VQ> cache(c);
+  auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 5);
+  auto v = random_rows(k.size(), 6);
+  for (auto _ : state) {
+    auto seq = cache.add_sequence();
+    cache.append(seq, 0, k.data(), v.data(), n);
+    cache.remove_sequence(seq);
+  }
+  state.SetBytesProcessed(state.iterations() * std::int64_t(n) * s.kv_heads * s.head_dim * 2 * 2);
+}
+
+template <class KQ, class VQ>
+void register_quantizer(const std::string& name) {
+  const shape shapes[] = {{32, 8, 128}, {9, 3, 64}};
+  const int all = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  for (const auto& s : shapes) {
+    const std::string sh = std::to_string(s.q_heads) + "x" + std::to_string(s.kv_heads) + "x" + std::to_string(s.head_dim);
+    for (std::int32_t ctx : {4096, 32768, 131072})
+      for (int threads : {1, all}) {
+        const std::string bn = "BM_quant_decode/" + name + "/" + sh + "/ctx:" + std::to_string(ctx) +
+                               "/threads:" + std::to_string(threads);
+        benchmark::RegisterBenchmark(bn.c_str(), [=](benchmark::State& st) { BM_quant_decode<KQ, VQ>(st, s, ctx, threads); })
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime();
+        if (all == 1) break;
+      }
+    benchmark::RegisterBenchmark(("BM_quant_append/" + name + "/" + sh).c_str(),
+                                 [=](benchmark::State& st) { BM_quant_append<KQ, VQ>(st, s); })
+        ->Unit(benchmark::kMicrosecond);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  register_quantizer<int8, int8>("int8");
+  register_quantizer<fp8<>, fp8<>>("fp8");
+  register_quantizer<int4, int4>("int4");
+  register_quantizer<int2, int2>("int2");
+  register_quantizer<kivi<8>, kivi<8>>("kivi8");
+  register_quantizer<kivi<4>, kivi<4>>("kivi4");
+  register_quantizer<kivi<2>, kivi<2>>("kivi2");
+  register_quantizer<kivi<4>, kivi<2>>("kivi_k4v2");
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,252 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// CPU decode attention over a kvc::quant_cache, with dequantization fused into the kernel: K and V
+/// are decoded a tile (64 tokens) at a time into L1-resident scratch and consumed at once, so full
+/// precision K/V never exists for more than one tile. Same semantics as kvc::cpu::decode_attention
+/// (kvc::decode_options: scale, pool + split-K with an exact merge, lse, probs, group_probs; GQA,
+/// where the query heads of a group read each K/V page once).
+///
+/// Codecs that rotate (rotated<Q>) get the query rotated once and the output rotated back; pre-RoPE
+/// keys are rotated to their positions per tile. Integer codes are unpacked with AVX2 when the
+/// compiler targets it (codec.hpp), then consumed by register-blocked FMA loops (quant_kernels.hpp).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <kvc/attention/options.hpp>
+#include <kvc/cpu/quant_kernels.hpp>
+#include <kvc/cpu/simd.hpp>
+#include <kvc/error.hpp>
+#include <kvc/parallel/thread_pool.hpp>
+#include <kvc/quant/quant_cache.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace cpu {
+namespace qdetail {
+
+/// Generic tile path: decode K and V rows of [t0, t1) and attend. q_model: scaled queries in the
+/// model domain; q_stored: rotated into the key codec's stored domain (same pointer when the codec
+/// does not rotate). The accumulator is in the value codec's stored domain.
+template <class Arch, std::int32_t G, class Cache>
+void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::int32_t t0, std::int32_t t1,
+                    const float* q_model, const float* q_stored, std::int32_t D, partial& st, float* raw,
+                    std::int32_t raw_stride, scratch& sc) {
+  using quant::role;
+  const auto& kq = c.key_quantizer();
+  const auto& vq = c.value_quantizer();
+  const std::int32_t P = c.config().page_size;
+  const rope* rp = c.pre_rope();
+  constexpr bool vrot = std::decay_t<decltype(vq)>::rotates;
+  const std::int32_t TT = static_cast<std::int32_t>(sc.s.size()) / max_group;
+  std::int32_t t = t0;
+  while (t < t1) {
+    // one tile inside one region (and one page for quantized tokens)
+    std::int32_t e;
+    bool quantized = false;
+    if (t < sv.n_sink) {
+      e = std::min(t1, sv.n_sink);
+    } else if (t < sv.n_sink + sv.n_quant) {
+      const std::int32_t i = t - sv.n_sink;
+      e = std::min({t1, sv.n_sink + sv.n_quant, sv.n_sink + (i / TT + 1) * TT, sv.n_sink + (i / P + 1) * P});
+      quantized = true;
+    } else {
+      e = t1;
+    }
+    e = std::min(e, t + TT);
+    const std::int32_t tn = e - t;
+    float* kb = sc.k.data();
+    float* vb = sc.v.data();
+    if (quantized) {
+      const std::int32_t i0 = t - sv.n_sink, slot0 = i0 % P;
+      const std::byte* page = sv.quant_base + static_cast<std::size_t>(sv.pages[i0 / P]) * sv.page_bytes;
+      quant::decode_rows<role::key>(kq, page, D, slot0, slot0 + tn, kb, sc.tmp.data());
+      quant::decode_rows<role::value>(vq, page + sv.v_offset, D, slot0, slot0 + tn, vb, sc.tmp.data());
+      if (rp)
+        for (std::int32_t i = 0; i < tn; ++i) {
+          kq.to_model(kb + static_cast<std::size_t>(i) * D, D);
+          rp->apply(kb + static_cast<std::size_t>(i) * D, sv.positions[t + i]);
+        }
+    } else {
+      const bool sink = t < sv.n_sink;
+      const auto* ksrc = sink ? sv.sink_k + static_cast<std::size_t>(t) * D
+                              : sv.res_k + static_cast<std::size_t>(t - sv.n_sink - sv.n_quant) * D;
+      const auto* vsrc = sink ? sv.sink_v + static_cast<std::size_t>(t) * D
+                              : sv.res_v + static_cast<std::size_t>(t - sv.n_sink - sv.n_quant) * D;
+      for (std::size_t j = 0; j < static_cast<std::size_t>(tn) * D; ++j) {
+        kb[j] = static_cast<float>(ksrc[j]);
+        vb[j] = static_cast<float>(vsrc[j]);
+      }
+      for (std::int32_t i = 0; i < tn; ++i) {
+        if (rp) rp->apply(kb + static_cast<std::size_t>(i) * D, sv.positions[t + i]);
+        if constexpr (vrot) vq.to_stored(vb + static_cast<std::size_t>(i) * D, D);
+      }
+    }
+    const float* qq = quantized && !rp ? q_stored : q_model;
+    float* s = sc.s.data();
+    for (std::int32_t i = 0; i < tn; ++i) dot_rows<Arch, G>(qq, kb + static_cast<std::size_t>(i) * D, D, s + i, TT);
+    softmax_update<Arch, G>(s, TT, tn, D, st, raw, raw_stride, t);
+    accumulate_rows<Arch, G>(s, TT, vb, tn, D, st.acc);
+    t = e;
+  }
+}
+
+}  // namespace qdetail
+
+/// Decode attention for one sequence and one layer of a quant_cache.
+/// \param q    [num_q_heads][head_dim] queries (RoPE applied; pre-RoPE caches rotate the keys)
+/// \param out  [num_q_heads][head_dim]
+template <class Arch = default_arch, class KQ, class VQ, class Fp>
+void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int32_t layer, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
+  using Cache = quant_cache<KQ, VQ, Fp>;
+  const std::int32_t hkv = cache.config().num_kv_heads, D = cache.config().head_dim;
+  KVC_EXPECTS(num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
+              ", expected a positive multiple of num_kv_heads = ", hkv);
+  KVC_EXPECTS(q != nullptr && out != nullptr, "q or out is null");
+  for (std::int32_t i = 0; i < num_q_heads * D; ++i)
+    KVC_EXPECTS(std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
+  const std::int32_t G = num_q_heads / hkv;
+  std::vector<typename Cache::stream_view> views;
+  views.reserve(static_cast<std::size_t>(hkv));
+  std::int32_t longest = 0;
+  std::int64_t total = 0;
+  for (std::int32_t h = 0; h < hkv; ++h) {
+    views.push_back(cache.view(seq, layer, h));
+    longest = std::max(longest, views.back().length());
+    total += views.back().length();
+  }
+  const bool want_probs = opt.probs || opt.group_probs;
+  KVC_EXPECTS(!want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
+              ", expected >= the longest stream (", longest, " tokens)");
+  const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
+
+  // Scaled queries in the model domain and in the key codec's stored domain.
+  std::vector<float> qm(static_cast<std::size_t>(num_q_heads) * D);
+  for (std::size_t i = 0; i < qm.size(); ++i) qm[i] = q[i] * scale;
+  std::vector<float> qst;
+  const float* q_stored = qm.data();
+  if constexpr (KQ::rotates) {
+    qst = qm;
+    for (std::int32_t h = 0; h < num_q_heads; ++h) cache.key_quantizer().to_stored(qst.data() + static_cast<std::size_t>(h) * D, D);
+    q_stored = qst.data();
+  }
+  std::vector<float> raw;
+  float* raw_base = nullptr;
+  std::int32_t raw_stride = 0;
+  if (want_probs) {
+    if (opt.probs) {
+      raw_base = opt.probs;
+      raw_stride = opt.probs_stride;
+    } else {
+      raw.resize(static_cast<std::size_t>(num_q_heads) * longest);
+      raw_base = raw.data();
+      raw_stride = longest;
+    }
+  }
+
+  const std::int32_t TT = std::max<std::int32_t>(qdetail::tile_tokens, cache.encoding_unit());
+  const std::int32_t threads = opt.pool ? opt.pool->size() : 1;
+  std::int32_t chunk = opt.split_tokens;
+  if (chunk <= 0)
+    chunk = threads == 1 ? std::numeric_limits<std::int32_t>::max()
+                         : static_cast<std::int32_t>(std::max<std::int64_t>(512, (total + 4 * threads - 1) / (4 * threads)));
+  if (chunk != std::numeric_limits<std::int32_t>::max()) chunk = (chunk + TT - 1) / TT * TT;
+  struct task {
+    std::int32_t h, g0, gn, t0, t1;
+  };
+  std::vector<task> tasks;
+  for (std::int32_t h = 0; h < hkv; ++h) {
+    const std::int32_t n = views[static_cast<std::size_t>(h)].length();
+    for (std::int32_t g0 = 0; g0 < G; g0 += qdetail::max_group) {
+      const std::int32_t gn = std::min(qdetail::max_group, G - g0);
+      if (n == 0) tasks.push_back({h, g0, gn, 0, 0});
+      for (std::int32_t t0 = 0; t0 < n; t0 += chunk)
+        tasks.push_back({h, g0, gn, t0, static_cast<std::int32_t>(std::min<std::int64_t>(n, std::int64_t{t0} + chunk))});
+    }
+  }
+  const std::size_t nt = tasks.size();
+  std::vector<float> accs(nt * qdetail::max_group * static_cast<std::size_t>(D), 0.0f);
+  std::vector<qdetail::partial> parts(nt);
+  auto run = [&](std::int32_t i) {
+    const task& tk = tasks[static_cast<std::size_t>(i)];
+    qdetail::partial& st = parts[static_cast<std::size_t>(i)];
+    st.acc = accs.data() + static_cast<std::size_t>(i) * qdetail::max_group * D;
+    for (std::int32_t g = 0; g < qdetail::max_group; ++g) {
+      st.m[g] = -INFINITY;
+      st.l[g] = 0.0f;
+    }
+    if (tk.t1 <= tk.t0) return;
+    qdetail::scratch sc(D, TT);
+    const std::int32_t qh0 = tk.h * G + tk.g0;
+    const float* qmh = qm.data() + static_cast<std::size_t>(qh0) * D;
+    const float* qsh = q_stored + static_cast<std::size_t>(qh0) * D;
+    float* rawh = raw_base ? raw_base + static_cast<std::size_t>(qh0) * raw_stride : nullptr;
+    const auto& sv = views[static_cast<std::size_t>(tk.h)];
+    switch (tk.gn) {
+#define KVC_CASE(N)                                                                                             \
+  case N:                                                                                                       \
+    qdetail::attend_generic<Arch, N>(cache, sv, tk.t0, tk.t1, qmh, qsh, D, st, rawh, raw_stride, sc);           \
+    break;
+      KVC_CASE(1) KVC_CASE(2) KVC_CASE(3) KVC_CASE(4) KVC_CASE(5) KVC_CASE(6) KVC_CASE(7) KVC_CASE(8)
+#undef KVC_CASE
+      default: KVC_ASSERT(false);
+    }
+  };
+  if (opt.pool && nt > 1) opt.pool->parallel_for(static_cast<std::int32_t>(nt), run);
+  else
+    for (std::size_t i = 0; i < nt; ++i) run(static_cast<std::int32_t>(i));
+
+  std::vector<float> lse(static_cast<std::size_t>(num_q_heads), -INFINITY);
+  for (std::size_t i = 0; i < nt;) {
+    std::size_t j = i;
+    while (j < nt && tasks[j].h == tasks[i].h && tasks[j].g0 == tasks[i].g0) ++j;
+    const task& tk = tasks[i];
+    for (std::int32_t g = 0; g < tk.gn; ++g) {
+      const std::int32_t qh = tk.h * G + tk.g0 + g;
+      float M = -INFINITY;
+      for (std::size_t k = i; k < j; ++k) M = std::max(M, parts[k].m[g]);
+      float* o = out + static_cast<std::size_t>(qh) * D;
+      std::fill(o, o + D, 0.0f);
+      if (M == -INFINITY) continue;
+      float L = 0.0f;
+      for (std::size_t k = i; k < j; ++k) {
+        if (parts[k].m[g] == -INFINITY) continue;
+        const float w = std::exp(parts[k].m[g] - M);
+        L += parts[k].l[g] * w;
+        const float* a = parts[k].acc + g * D;
+        for (std::int32_t d = 0; d < D; ++d) o[d] += w * a[d];
+      }
+      const float inv = 1.0f / L;
+      for (std::int32_t d = 0; d < D; ++d) o[d] *= inv;
+      if constexpr (VQ::rotates) cache.value_quantizer().to_model(o, D);
+      lse[static_cast<std::size_t>(qh)] = M + std::log(L);
+    }
+    i = j;
+  }
+  if (opt.lse) std::copy(lse.begin(), lse.end(), opt.lse);
+  if (want_probs) {
+    for (std::int32_t h = 0; h < hkv; ++h) {
+      const std::int32_t n = views[static_cast<std::size_t>(h)].length();
+      float* gp = opt.group_probs ? opt.group_probs + static_cast<std::size_t>(h) * opt.probs_stride : nullptr;
+      if (gp) std::fill(gp, gp + n, 0.0f);
+      for (std::int32_t g = 0; g < G; ++g) {
+        const std::int32_t qh = h * G + g;
+        float* r = raw_base + static_cast<std::size_t>(qh) * raw_stride;
+        const float l = lse[static_cast<std::size_t>(qh)];
+        for (std::int32_t t = 0; t < n; ++t) r[t] -= l;
+        exp_inplace<Arch>(r, n);
+        if (gp)
+          for (std::int32_t t = 0; t < n; ++t) gp[t] += r[t];
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+KVC_END_NAMESPACE

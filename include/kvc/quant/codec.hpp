@@ -1,0 +1,392 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// Shared machinery of kvc's KV quantizers.
+///
+/// A quantizer (a *codec*) encodes one **record** of a stream: `tokens_per_record(role)` tokens x
+/// head_dim values of K or of V, into `record_bytes(role, head_dim)` bytes. Pages of a
+/// kvc::quant_cache hold `page_size / tokens_per_record` records for K followed by those for V.
+/// Per-token codecs have one token per record (compaction moves records); per-channel codecs
+/// (KIVI keys) have G tokens per record (compaction re-encodes changed records).
+///
+/// Integer codes are *affine*: x^ = scale * c + zero with unsigned codes c in [0, 2^b - 1]
+/// (symmetric schemes store zero = -2^(b-1) * scale implicitly). Codes are bit-packed LSB first:
+/// element i lives in byte (i*b)/8 at bit (i*b)%8, which on a little-endian machine is the order of
+/// KIVI's int32 packing. Scales and zero points are stored as binary16, rounded *outwards* (scale
+/// up, zero down) so that every element keeps the analytic bound |x - x^| <= scale / 2.
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include <kvc/error.hpp>
+#include <kvc/numeric/half.hpp>
+
+#if defined(__AVX2__) && defined(__F16C__) && !defined(__CUDA_ARCH__)
+#include <immintrin.h>
+#endif
+
+KVC_BEGIN_NAMESPACE
+namespace quant {
+
+/// Which of K or V a codec encodes; a codec may treat them differently (KIVI).
+enum class role { key, value };
+
+/// Integer quantization scheme.
+enum class scheme {
+  symmetric,   ///< zero point 0: x^ = scale * (c - 2^(b-1)), scale = max|x| / (2^(b-1) - 1)
+  asymmetric,  ///< min/max: scale = (max - min) / (2^b - 1), zero = min
+};
+
+/// A bit-packed block of N codes of Bits bits (its size is checked at compile time, so host and
+/// device agree on it).
+template <int Bits, int N>
+struct packed_block {
+  static_assert(Bits == 1 || Bits == 2 || Bits == 4 || Bits == 8,
+                "kvc::quant::packed_block: Bits must be 1, 2, 4 or 8");
+  static_assert(N > 0 && (N * Bits) % 8 == 0, "kvc::quant::packed_block: N * Bits must fill whole bytes");
+  static constexpr int bits = Bits;
+  static constexpr int size = N;
+  std::uint8_t bytes[N * Bits / 8];
+};
+static_assert(sizeof(packed_block<2, 32>) == 8, "32 two-bit codes are 8 bytes");
+static_assert(sizeof(packed_block<4, 32>) == 16, "32 four-bit codes are 16 bytes");
+static_assert(sizeof(packed_block<8, 32>) == 32, "32 eight-bit codes are 32 bytes");
+
+namespace detail {
+
+/// Packs n codes (each < 2^Bits) LSB first. n * Bits must be a multiple of 8.
+template <int Bits>
+KVC_HOST_DEVICE void pack_codes(const std::uint8_t* codes, int n, std::uint8_t* out) noexcept {
+  if constexpr (Bits == 8) {
+    for (int i = 0; i < n; ++i) out[i] = codes[i];
+  } else {
+    constexpr int per = 8 / Bits;
+    for (int j = 0; j < n / per; ++j) {
+      unsigned b = 0;
+      for (int k = 0; k < per; ++k) b |= static_cast<unsigned>(codes[j * per + k]) << (k * Bits);
+      out[j] = static_cast<std::uint8_t>(b);
+    }
+  }
+}
+
+template <int Bits>
+KVC_HOST_DEVICE unsigned unpack_code(const std::uint8_t* in, int i) noexcept {
+  if constexpr (Bits == 8) {
+    return in[i];
+  } else {
+    constexpr int per = 8 / Bits;
+    return (static_cast<unsigned>(in[i / per]) >> ((i % per) * Bits)) & ((1u << Bits) - 1u);
+  }
+}
+
+/// Smallest binary16 >= x (x finite, >= 0).
+KVC_HOST_DEVICE half half_up(float x) noexcept {
+  half h(x);
+  if (static_cast<float>(h) < x) h.bits = static_cast<std::uint16_t>(h.bits + 1);
+  return h;
+}
+/// Largest binary16 <= x (x finite).
+KVC_HOST_DEVICE half half_down(float x) noexcept {
+  half h(x);
+  if (static_cast<float>(h) > x) {
+    if (h.bits & 0x8000u) h.bits = static_cast<std::uint16_t>(h.bits + 1);  // more negative
+    else if (h.bits == 0) h.bits = 0x8001u;                                   // -smallest subnormal
+    else h.bits = static_cast<std::uint16_t>(h.bits - 1);
+  }
+  return h;
+}
+
+KVC_HOST_DEVICE float round_half_away(float v) noexcept { return std::floor(v + 0.5f); }
+
+/// Affine parameters of n values read with a stride, rounded outwards to binary16.
+template <int Bits, scheme S>
+KVC_HOST_DEVICE void affine_fit(const float* x, int n, int stride, half& scale, half& zero) noexcept {
+  constexpr float qmax = static_cast<float>((1 << Bits) - 1);
+  if constexpr (S == scheme::symmetric) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i * stride]));
+    constexpr float half_range = static_cast<float>((1 << (Bits - 1)) - 1);
+    scale = half_up(amax / half_range);
+    zero = half(0.0f);
+  } else {
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < n; ++i) {
+      lo = std::min(lo, x[i * stride]);
+      hi = std::max(hi, x[i * stride]);
+    }
+    zero = half_down(lo);
+    scale = half_up((hi - static_cast<float>(zero)) / qmax);
+  }
+}
+
+/// Effective zero point used by decode (symmetric codes are offset by 2^(b-1)).
+template <int Bits, scheme S>
+KVC_HOST_DEVICE float affine_zero(float scale, float zero) noexcept {
+  if constexpr (S == scheme::symmetric) return -static_cast<float>(1 << (Bits - 1)) * scale;
+  else return zero;
+}
+
+template <int Bits, scheme S>
+KVC_HOST_DEVICE std::uint8_t affine_code(float x, float inv_scale, float zero_eff) noexcept {
+  constexpr float qmax = static_cast<float>((1 << Bits) - 1);
+  constexpr float qmin = S == scheme::symmetric ? 1.0f : 0.0f;
+  float c = round_half_away((x - zero_eff) * inv_scale);
+  c = std::min(std::max(c, qmin), qmax);
+  return static_cast<std::uint8_t>(c);
+}
+
+// ---- vectorised row decoders (AVX2 + F16C on the host; scalar elsewhere) ----
+
+#if defined(__AVX2__) && defined(__F16C__) && !defined(__CUDA_ARCH__)
+#define KVC_QUANT_AVX2 1
+/// 16 codes of Bits bits starting at byte `in` -> 16 bytes.
+template <int Bits>
+inline __m128i unpack16(const std::uint8_t* in) noexcept {
+  if constexpr (Bits == 8) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(in));
+  } else if constexpr (Bits == 4) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(in));
+    const __m128i m = _mm_set1_epi8(0x0f);
+    return _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  } else {
+    std::int32_t w;
+    std::memcpy(&w, in, 4);
+    const __m128i b = _mm_cvtsi32_si128(w);
+    const __m128i m = _mm_set1_epi8(0x03);
+    const __m128i p0 = _mm_and_si128(b, m), p1 = _mm_and_si128(_mm_srli_epi16(b, 2), m);
+    const __m128i p2 = _mm_and_si128(_mm_srli_epi16(b, 4), m), p3 = _mm_and_si128(_mm_srli_epi16(b, 6), m);
+    return _mm_unpacklo_epi16(_mm_unpacklo_epi8(p0, p1), _mm_unpacklo_epi8(p2, p3));
+  }
+}
+#else
+#define KVC_QUANT_AVX2 0
+#endif
+
+/// out[i] = s * code_i + z for n codes (n a multiple of 8 / Bits... any n; SIMD for multiples of 16).
+template <int Bits>
+inline void decode_affine_row(const std::uint8_t* codes, int n, float s, float z, float* out) noexcept {
+  int i = 0;
+#if KVC_QUANT_AVX2
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  for (; i + 16 <= n; i += 16) {
+    const __m128i c = unpack16<Bits>(codes + i * Bits / 8);
+    const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+    const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(f0, vs, vz));
+    _mm256_storeu_ps(out + i + 8, _mm256_fmadd_ps(f1, vs, vz));
+  }
+#endif
+  for (; i < n; ++i) out[i] = s * static_cast<float>(unpack_code<Bits>(codes, i)) + z;
+}
+
+/// out[d] = s[d] * code_d + z[d] (per-channel scales and zeros stored as binary16).
+template <int Bits>
+inline void decode_affine_row_pc(const std::uint8_t* codes, int n, const half* s, const half* z, float* out) noexcept {
+  int i = 0;
+#if KVC_QUANT_AVX2
+  for (; i + 16 <= n; i += 16) {
+    const __m128i c = unpack16<Bits>(codes + i * Bits / 8);
+    const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+    const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+    const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 8)));
+    const __m256 z0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + i)));
+    const __m256 z1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + i + 8)));
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(f0, s0, z0));
+    _mm256_storeu_ps(out + i + 8, _mm256_fmadd_ps(f1, s1, z1));
+  }
+#endif
+  for (; i < n; ++i) {
+    half sh, zh;
+    std::memcpy(&sh, s + i, 2);
+    std::memcpy(&zh, z + i, 2);
+    out[i] = static_cast<float>(sh) * static_cast<float>(unpack_code<Bits>(codes, i)) + static_cast<float>(zh);
+  }
+}
+
+// ---- per-token affine records: [codes D*b/8][scale half x ng][zero half x ng (asymmetric)] ----
+
+/// Per-token affine quantization of one head row in groups of Group channels (0: the whole row).
+template <int Bits, scheme S, int Group>
+struct token_affine {
+  static_assert(Bits == 2 || Bits == 4 || Bits == 8,
+                "kvc::quant: integer codecs support 2, 4 or 8 bits (use fp8<> for 8-bit floats)");
+  static constexpr bool has_zero = S == scheme::asymmetric;
+  static int group(int D) noexcept { return Group == 0 ? D : Group; }
+  static int groups(int D) noexcept { return D / group(D); }
+  static std::size_t code_bytes(int D) noexcept { return static_cast<std::size_t>(D) * Bits / 8; }
+  static std::size_t record_bytes(int D) noexcept {
+    return code_bytes(D) + static_cast<std::size_t>(groups(D)) * 2 * (has_zero ? 2 : 1);
+  }
+  static void check(int D, const char* who) {
+    KVC_EXPECTS(D * Bits % 8 == 0, who, ": head_dim = ", D, ", expected a multiple of ", 8 / Bits,
+                " for ", Bits, "-bit packing");
+    KVC_EXPECTS(D <= 1024 && D / (Group == 0 ? D : Group) <= 64, who, ": head_dim = ", D,
+                ", expected <= 1024 and at most 64 groups per row");
+    KVC_EXPECTS(Group == 0 || D % Group == 0, who, ": head_dim = ", D, ", expected a multiple of the group size ",
+                Group);
+  }
+  static half* scales(std::byte* rec, int D) noexcept { return reinterpret_cast<half*>(rec + code_bytes(D)); }
+  static const half* scales(const std::byte* rec, int D) noexcept {
+    return reinterpret_cast<const half*>(rec + code_bytes(D));
+  }
+  static const half* zeros(const std::byte* rec, int D) noexcept { return scales(rec, D) + groups(D); }
+
+  KVC_HOST_DEVICE static void encode(const float* x, int D, std::byte* rec) noexcept {
+    const int g = group(D), ng = groups(D);
+    std::uint8_t codes[1024];
+    std::uint8_t* out = reinterpret_cast<std::uint8_t*>(rec);
+    half sh[64], zh[64];
+    for (int j = 0; j < ng; ++j) {
+      affine_fit<Bits, S>(x + j * g, g, 1, sh[j], zh[j]);
+      const float s = static_cast<float>(sh[j]);
+      const float z = affine_zero<Bits, S>(s, static_cast<float>(zh[j]));
+      const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+      for (int i = 0; i < g; ++i) codes[j * g + i] = s > 0.0f ? affine_code<Bits, S>(x[j * g + i], inv, z)
+                                                              : static_cast<std::uint8_t>(S == scheme::symmetric ? (1 << (Bits - 1)) : 0);
+    }
+    pack_codes<Bits>(codes, D, out);
+    std::memcpy(rec + code_bytes(D), sh, static_cast<std::size_t>(ng) * 2);
+    if constexpr (has_zero) std::memcpy(rec + code_bytes(D) + static_cast<std::size_t>(ng) * 2, zh, static_cast<std::size_t>(ng) * 2);
+  }
+
+  static void decode(const std::byte* rec, int D, float* out) noexcept {
+    const int g = group(D), ng = groups(D);
+    const std::uint8_t* c = reinterpret_cast<const std::uint8_t*>(rec);
+    half sh[64], zh[64];
+    std::memcpy(sh, rec + code_bytes(D), static_cast<std::size_t>(ng) * 2);
+    if constexpr (has_zero) std::memcpy(zh, rec + code_bytes(D) + static_cast<std::size_t>(ng) * 2, static_cast<std::size_t>(ng) * 2);
+    for (int j = 0; j < ng; ++j) {
+      const float s = static_cast<float>(sh[j]);
+      const float z = affine_zero<Bits, S>(s, has_zero ? static_cast<float>(zh[j]) : 0.0f);
+      decode_affine_row<Bits>(c + static_cast<std::size_t>(j) * g * Bits / 8, g, s, z, out + static_cast<std::size_t>(j) * g);
+    }
+  }
+};
+
+// ---- per-channel affine records over G tokens: [G rows of D*b/8 codes][scale half x D][zero half x D] ----
+
+/// Per-channel asymmetric quantization of G tokens (KIVI keys): channel d of the G tokens shares
+/// one scale and zero point.
+template <int Bits, int G>
+struct channel_affine {
+  static_assert(Bits == 2 || Bits == 4 || Bits == 8, "kvc::quant: integer codecs support 2, 4 or 8 bits");
+  static_assert(G >= 2, "kvc::quant: per-channel groups need at least 2 tokens (KIVI buffers a whole group)");
+  static std::size_t row_bytes(int D) noexcept { return static_cast<std::size_t>(D) * Bits / 8; }
+  static std::size_t code_bytes(int D) noexcept { return row_bytes(D) * G; }
+  static std::size_t record_bytes(int D) noexcept { return code_bytes(D) + static_cast<std::size_t>(D) * 4; }
+  static void check(int D, const char* who) {
+    KVC_EXPECTS(D * Bits % 8 == 0, who, ": head_dim = ", D, ", expected a multiple of ", 8 / Bits,
+                " for ", Bits, "-bit packing");
+    KVC_EXPECTS(D <= 1024, who, ": head_dim = ", D, ", expected <= 1024");
+  }
+  static const half* scales(const std::byte* rec, int D) noexcept {
+    return reinterpret_cast<const half*>(rec + code_bytes(D));
+  }
+  static const half* zeros(const std::byte* rec, int D) noexcept { return scales(rec, D) + D; }
+
+  /// x: [G][D]
+  KVC_HOST_DEVICE static void encode(const float* x, int D, std::byte* rec) noexcept {
+    std::uint8_t* codes = reinterpret_cast<std::uint8_t*>(rec);
+    for (std::size_t b = 0; b < code_bytes(D); ++b) codes[b] = 0;
+    half* sh = reinterpret_cast<half*>(rec + code_bytes(D));
+    half* zh = sh + D;
+    constexpr int per = 8 / Bits;
+    for (int d = 0; d < D; ++d) {
+      half s, z;
+      affine_fit<Bits, scheme::asymmetric>(x + d, G, D, s, z);
+      std::memcpy(sh + d, &s, 2);
+      std::memcpy(zh + d, &z, 2);
+      const float sf = static_cast<float>(s), zf = static_cast<float>(z);
+      const float inv = sf > 0.0f ? 1.0f / sf : 0.0f;
+      for (int t = 0; t < G; ++t) {
+        const unsigned c = sf > 0.0f ? affine_code<Bits, scheme::asymmetric>(x[t * D + d], inv, zf) : 0u;
+        codes[row_bytes(D) * t + d / per] |= static_cast<std::uint8_t>(c << ((d % per) * Bits));
+      }
+    }
+  }
+
+  /// Token i of the record into out[D].
+  static void decode_token(const std::byte* rec, int D, int i, float* out) noexcept {
+    decode_affine_row_pc<Bits>(reinterpret_cast<const std::uint8_t*>(rec) + row_bytes(D) * i, D, scales(rec, D),
+                               zeros(rec, D), out);
+  }
+
+  static void decode(const std::byte* rec, int D, float* out) noexcept {
+    for (int t = 0; t < G; ++t) decode_token(rec, D, t, out + static_cast<std::size_t>(t) * D);
+  }
+};
+
+}  // namespace detail
+
+// ---- codec traits ------------------------------------------------------------------------
+
+namespace detail {
+template <class Q, class = void>
+struct has_codec_interface : std::false_type {};
+template <class Q>
+struct has_codec_interface<
+    Q, std::void_t<decltype(Q::tokens_per_record(role::key)),
+                   decltype(std::declval<const Q&>().record_bytes(role::key, 0)),
+                   decltype(std::declval<const Q&>().template encode<role::key>(nullptr, 0, nullptr)),
+                   decltype(std::declval<const Q&>().template decode<role::key>(nullptr, 0, nullptr)),
+                   decltype(std::declval<const Q&>().template decode_token<role::key>(nullptr, 0, 0, nullptr)),
+                   decltype(std::declval<const Q&>().check(0)), decltype(std::declval<const Q&>().residual()),
+                   decltype(Q::rotates)>> : std::true_type {};
+}  // namespace detail
+
+/// Whether Q provides the codec interface quant_cache and the attention kernels use.
+template <class Q>
+inline constexpr bool is_codec_v = detail::has_codec_interface<Q>::value;
+
+/// Decodes tokens [i0, i1) of a page part (records of Q for role R) into out[(i1-i0)][D].
+/// `tmp` must hold tokens_per_record * D floats when Q has more than one token per record.
+template <role R, class Q>
+void decode_rows(const Q& q, const std::byte* part, int D, int i0, int i1, float* out, float* tmp) {
+  const int u = Q::tokens_per_record(R);
+  const std::size_t rb = q.record_bytes(R, D);
+  if (u == 1) {
+    for (int i = i0; i < i1; ++i)
+      q.template decode<R>(part + rb * static_cast<std::size_t>(i), D, out + static_cast<std::size_t>(i - i0) * D);
+    return;
+  }
+  int i = i0;
+  while (i < i1) {
+    const int r = i / u, r0 = r * u, r1 = r0 + u;
+    const std::byte* rec = part + rb * static_cast<std::size_t>(r);
+    if (i == r0 && i1 >= r1) {
+      q.template decode<R>(rec, D, out + static_cast<std::size_t>(i - i0) * D);
+      i = r1;
+    } else {
+      const int e = std::min(i1, r1);
+      for (; i < e; ++i) q.template decode_token<R>(rec, D, i - r0, out + static_cast<std::size_t>(i - i0) * D);
+    }
+  }
+  (void)tmp;
+}
+
+}  // namespace quant
+KVC_END_NAMESPACE
+
+KVC_BEGIN_NAMESPACE
+namespace quant {
+
+/// Defaults shared by codecs: no residual window, no rotation, nothing to check.
+struct codec_base {
+  static constexpr bool rotates = false;
+  std::int32_t residual() const noexcept { return 0; }
+  void check(int) const {}
+  /// Maps a model-domain row (a query, for keys) into the stored domain; identity unless rotated.
+  void to_stored(float*, int) const noexcept {}
+  /// Maps a stored-domain row (a decoded key or value, an attention output) back to the model domain.
+  void to_model(float*, int) const noexcept {}
+};
+
+}  // namespace quant
+KVC_END_NAMESPACE

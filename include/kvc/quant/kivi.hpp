@@ -1,0 +1,68 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `kivi<Bits, Group, Residual>`: keys quantized per channel over groups of Group tokens, values
+/// per token over groups of Group channels, both asymmetric min/max (scale = (max - min)/(2^b - 1),
+/// zero = min), with the newest Residual tokens kept in full precision. Key and value bit widths
+/// are independent: quant_cache<kivi<4>, kivi<2>> is K4V2. Keys wait in the residual window until a
+/// whole group of Group tokens is there: a per-channel group is never one token.
+/// \par Reference
+/// Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", arXiv:2402.02750.
+
+#include <kvc/quant/codec.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace quant {
+
+/// \tparam Bits      2, 4 or 8 (KIVI's CUDA kernels ship 2 and 4)
+/// \tparam Group     tokens per key group and channels per value group (KIVI: 32)
+/// \tparam Residual  full-precision window in tokens, a multiple of Group (KIVI: 128); a runtime
+///                   value may replace it through the `residual_tokens` member
+template <int Bits, int Group = 32, int Residual = 128>
+struct kivi : codec_base {
+  static_assert(Bits == 2 || Bits == 4 || Bits == 8, "kvc::quant::kivi<Bits>: Bits must be 2, 4 or 8");
+  static_assert(Group >= 8 && Group % 8 == 0, "kvc::quant::kivi<Bits, Group>: Group must be a multiple of 8 (KIVI uses 32)");
+  static_assert(Residual >= 0 && Residual % Group == 0,
+                "kvc::quant::kivi<Bits, Group, Residual>: Residual must be a multiple of Group (KIVI: G=32, R=128)");
+  using key_impl = detail::channel_affine<Bits, Group>;
+  using value_impl = detail::token_affine<Bits, scheme::asymmetric, Group>;
+  static constexpr int bits = Bits;
+  static constexpr int group_size = Group;
+
+  std::int32_t residual_tokens = Residual;
+
+  kivi() = default;
+  explicit kivi(std::int32_t residual) : residual_tokens(residual) { check(Group); }
+
+  static constexpr int tokens_per_record(role r) noexcept { return r == role::key ? Group : 1; }
+  std::size_t record_bytes(role r, int D) const noexcept {
+    return r == role::key ? key_impl::record_bytes(D) : value_impl::record_bytes(D);
+  }
+  std::int32_t residual() const noexcept { return residual_tokens; }
+  void check(int D) const {
+    KVC_EXPECTS(residual_tokens >= 0 && residual_tokens % Group == 0, "kvc::quant::kivi: residual = ", residual_tokens,
+                ", expected a non-negative multiple of the group size ", Group);
+    key_impl::check(D, "kvc::quant::kivi");
+    value_impl::check(D, "kvc::quant::kivi");
+  }
+  template <role R>
+  void encode(const float* x, int D, std::byte* rec) const noexcept {
+    if constexpr (R == role::key) key_impl::encode(x, D, rec);
+    else value_impl::encode(x, D, rec);
+  }
+  template <role R>
+  void decode(const std::byte* rec, int D, float* out) const noexcept {
+    if constexpr (R == role::key) key_impl::decode(rec, D, out);
+    else value_impl::decode(rec, D, out);
+  }
+  template <role R>
+  void decode_token(const std::byte* rec, int D, int i, float* out) const noexcept {
+    if constexpr (R == role::key) key_impl::decode_token(rec, D, i, out);
+    else value_impl::decode(rec, D, out);
+  }
+  static const char* name() noexcept { return Bits == 2 ? "kivi2" : Bits == 4 ? "kivi4" : "kivi8"; }
+};
+
+}  // namespace quant
+KVC_END_NAMESPACE

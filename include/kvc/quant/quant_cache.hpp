@@ -1,0 +1,741 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `quant_cache<KQ, VQ>`: a paged KV store whose pages hold quantized K (codec KQ) and V (codec VQ),
+/// with the interface of kvc::kv_cache<T> (add_sequence, append, keep, keep_layer, gather,
+/// positions, memory accounting), so eviction policies and model harnesses can use either.
+///
+/// Each (sequence, layer, kv-head) stream is, in token order:
+///   1. up to `sink_tokens` attention-sink tokens kept in full precision (sink pool, one page);
+///   2. quantized tokens, in pages of page_size tokens: [K records][V records] (quant pool);
+///   3. the full-precision residual window (residual pool, one page of R + U - 1 tokens), where R is
+///      the codecs' residual window and U the tokens per encoding unit (KIVI keys: G).
+/// Appended tokens enter the residual; whenever it holds R + U tokens or more, its oldest whole
+/// units are encoded. So the newest min(length, R) tokens are always exact (stored as Fp, binary16
+/// by default), and per-channel key groups always span U real tokens, never one.
+///
+/// Compaction (keep): per-token records are moved as bytes (no extra error). Per-channel records
+/// whose member tokens change are decoded, compacted and re-encoded: the re-encoded tokens carry a
+/// second rounding, bounded by half the new group's scale, on top of their first. When the number
+/// of kept quantized tokens is not a multiple of U, the trailing partial unit is decoded into the
+/// residual window (and re-encoded when the window flushes).
+///
+/// Every mutating call gives the strong guarantee: if it throws (kvc::error, kvc::out_of_memory or
+/// std::bad_alloc), the cache is exactly as before.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <kvc/attention/rope.hpp>
+#include <kvc/error.hpp>
+#include <kvc/quant/codec.hpp>
+#include <kvc/store/kv_cache.hpp>
+#include <kvc/store/page_pool.hpp>
+#include <kvc/types.hpp>
+
+KVC_BEGIN_NAMESPACE
+
+/// Shape and capacity of a quantized cache (cache_config plus the quantized-store options).
+struct quant_cache_config : cache_config {
+  /// The first sink_tokens tokens of each stream stay in full precision (KVQuant keeps 5).
+  std::int32_t sink_tokens = 0;
+  /// Capacity of the residual and sink pools, in pages (each stream uses at most one of each).
+  std::int32_t max_fp_pages = 4096;
+  /// Keys are appended *before* RoPE and stored so; attention rotates each key to its position
+  /// on the fly (KVQuant's pre-RoPE key quantization). gather() returns rotated keys.
+  bool pre_rope = false;
+  rope_config rope{};
+};
+
+/// Read-only description of one stream, for the attention kernels.
+template <class Fp>
+struct quant_stream_view {
+  const std::byte* quant_base = nullptr;  ///< quant pool arena
+  std::size_t page_bytes = 0;             ///< quant pool page stride
+  std::size_t v_offset = 0;               ///< offset of the V records inside a quant page
+  const page_id* pages = nullptr;         ///< quant pages of the stream
+  const Fp* sink_k = nullptr;             ///< [n_sink][D]
+  const Fp* sink_v = nullptr;
+  const Fp* res_k = nullptr;              ///< [n_res][D]
+  const Fp* res_v = nullptr;
+  const std::int32_t* positions = nullptr;
+  std::int32_t n_sink = 0, n_quant = 0, n_res = 0;
+  std::int32_t length() const noexcept { return n_sink + n_quant + n_res; }
+};
+
+/// \tparam KQ  key codec (kvc::quant::int8, kivi<2>, fp8<>, rotated<...>, ...)
+/// \tparam VQ  value codec
+/// \tparam Fp  element type of the sink and residual tokens (kvc::half by default, or float)
+template <class KQ, class VQ = KQ, class Fp = half>
+class quant_cache {
+  static_assert(quant::is_codec_v<KQ>, "kvc::quant_cache<KQ, VQ>: KQ is not a kvc quantizer (see <kvc/quant/codec.hpp>)");
+  static_assert(quant::is_codec_v<VQ>, "kvc::quant_cache<KQ, VQ>: VQ is not a kvc quantizer (see <kvc/quant/codec.hpp>)");
+  static_assert(std::is_same<Fp, half>::value || std::is_same<Fp, float>::value || std::is_same<Fp, bfloat16>::value,
+                "kvc::quant_cache<KQ, VQ, Fp>: Fp must be kvc::half, kvc::bfloat16 or float");
+
+ public:
+  using key_codec = KQ;
+  using value_codec = VQ;
+  using residual_type = Fp;
+  using stream_view = quant_stream_view<Fp>;
+
+  explicit quant_cache(const quant_cache_config& cfg, KQ kq = KQ{}, VQ vq = VQ{})
+      : cfg_(validated(cfg, kq, vq)), kq_(kq), vq_(vq) {
+    const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
+    uk_ = KQ::tokens_per_record(quant::role::key);
+    uv_ = VQ::tokens_per_record(quant::role::value);
+    unit_ = std::lcm(uk_, uv_);
+    KVC_EXPECTS(P % unit_ == 0, "cache_config.page_size = ", P, ", expected a multiple of the codecs' encoding unit (",
+                unit_, " tokens: a page must hold whole groups)");
+    rbk_ = kq_.record_bytes(quant::role::key, D);
+    rbv_ = vq_.record_bytes(quant::role::value, D);
+    v_offset_ = rbk_ * static_cast<std::size_t>(P / uk_);
+    residual_ = std::max(kq_.residual(), vq_.residual());
+    res_cap_ = residual_ + unit_ - 1;
+    quant_pool_ = std::make_unique<page_pool>(v_offset_ + rbv_ * static_cast<std::size_t>(P / uv_), cfg_.max_pages,
+                                              cfg_.num_layers);
+    if (res_cap_ > 0)
+      res_pool_ = std::make_unique<page_pool>(2 * sizeof(Fp) * static_cast<std::size_t>(res_cap_) * D, cfg_.max_fp_pages,
+                                              cfg_.num_layers);
+    if (cfg_.sink_tokens > 0)
+      sink_pool_ = std::make_unique<page_pool>(2 * sizeof(Fp) * static_cast<std::size_t>(cfg_.sink_tokens) * D,
+                                               cfg_.max_fp_pages, cfg_.num_layers);
+    if (cfg_.pre_rope) {
+      rope_config rc = cfg_.rope;
+      rc.head_dim = D;
+      rope_.emplace(rc);
+    }
+  }
+
+  const quant_cache_config& config() const noexcept { return cfg_; }
+  const KQ& key_quantizer() const noexcept { return kq_; }
+  const VQ& value_quantizer() const noexcept { return vq_; }
+  /// Full-precision window R: the newest min(length, R) tokens of every stream are exact.
+  std::int32_t residual_window() const noexcept { return residual_; }
+  /// Tokens encoded together (lcm of the codecs' tokens per record).
+  std::int32_t encoding_unit() const noexcept { return unit_; }
+  const page_pool& quant_pool() const noexcept { return *quant_pool_; }
+  const page_pool* residual_pool() const noexcept { return res_pool_.get(); }
+  const page_pool* sink_pool() const noexcept { return sink_pool_.get(); }
+  const rope* pre_rope() const noexcept { return rope_ ? &*rope_ : nullptr; }
+
+  // ---- sequences -------------------------------------------------------------------------
+
+  seq_id add_sequence() {
+    sequence s;
+    s.streams.resize(static_cast<std::size_t>(cfg_.num_layers) * cfg_.num_kv_heads);
+    s.seen.assign(static_cast<std::size_t>(cfg_.num_layers), 0);
+    const seq_id id = next_id_;
+    seqs_.emplace(id, std::move(s));
+    ++next_id_;
+    return id;
+  }
+
+  void remove_sequence(seq_id s) {
+    auto it = find(s, "remove_sequence");
+    for (auto& st : it->second.streams) release_stream(st);
+    seqs_.erase(it);
+  }
+
+  bool contains(seq_id s) const noexcept { return seqs_.count(s) != 0; }
+  std::size_t num_sequences() const noexcept { return seqs_.size(); }
+
+  /// A new sequence sharing every page of s; the first write to a shared page copies it.
+  seq_id fork(seq_id s) {
+    const sequence& src = find(s, "fork")->second;
+    sequence copy = src;
+    const seq_id id = next_id_;
+    seqs_.emplace(id, std::move(copy));
+    ++next_id_;
+    for (const auto& st : src.streams) {
+      quant_pool_->retain(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
+      if (st.res >= 0) res_pool_->retain(1, &st.res);
+      if (st.sink >= 0) sink_pool_->retain(1, &st.sink);
+    }
+    return id;
+  }
+
+  // ---- writing ---------------------------------------------------------------------------
+
+  /// Appends n tokens to every kv-head of one layer.
+  /// \param k,v        [n][num_kv_heads][head_dim] (pre-RoPE keys when config().pre_rope)
+  /// \param positions  [n] original positions, or null for the layer's next positions
+  void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
+              const std::int32_t* positions = nullptr) {
+    sequence& sq = find(s, "append")->second;
+    check_layer(layer, "append");
+    KVC_EXPECTS(n >= 0, "n = ", n, ", expected >= 0 tokens");
+    if (n == 0) return;
+    KVC_EXPECTS(k != nullptr && v != nullptr, "k or v is null with n = ", n);
+    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim, P = cfg_.page_size;
+    if (cfg_.check_finite) {
+      check_finite(k, static_cast<std::size_t>(n) * H * D, "k");
+      check_finite(v, static_cast<std::size_t>(n) * H * D, "v");
+    }
+    struct plan {
+      std::int32_t m_sink, n2, T, E, newres;
+      bool sink_fresh, res_fresh, last_copy;
+      std::int32_t quant_new;
+    };
+    std::vector<plan> pl(static_cast<std::size_t>(H));
+    std::int32_t need_q = 0, need_r = 0, need_s = 0;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const qstream& st = at(sq, layer, h);
+      plan& p = pl[static_cast<std::size_t>(h)];
+      p.m_sink = (st.n_quant == 0 && st.n_res == 0 && st.n_sink < cfg_.sink_tokens)
+                     ? std::min(cfg_.sink_tokens - st.n_sink, n) : 0;
+      p.n2 = n - p.m_sink;
+      p.T = st.n_res + p.n2;
+      p.E = p.T >= residual_ + unit_ ? (p.T - residual_) / unit_ * unit_ : 0;
+      p.newres = p.T - p.E;
+      p.sink_fresh = p.m_sink > 0 && (st.sink < 0 || sink_pool_->ref_count(st.sink) > 1);
+      p.res_fresh = p.n2 > 0 && p.newres > 0 && (st.res < 0 || res_pool_->ref_count(st.res) > 1);
+      p.last_copy = p.E > 0 && st.n_quant % P != 0 && quant_pool_->ref_count(st.pages.back()) > 1;
+      p.quant_new = pages_for(st.n_quant + p.E) - static_cast<std::int32_t>(st.pages.size());
+      need_q += p.quant_new + (p.last_copy ? 1 : 0);
+      need_r += p.res_fresh ? 1 : 0;
+      need_s += p.sink_fresh ? 1 : 0;
+    }
+    for (std::int32_t h = 0; h < H; ++h) {  // capacity first: a bad_alloc here changes nothing
+      qstream& st = at(sq, layer, h);
+      st.pages.reserve(static_cast<std::size_t>(pages_for(st.n_quant + pl[static_cast<std::size_t>(h)].E)));
+      st.positions.reserve(static_cast<std::size_t>(st.length() + n));
+    }
+    std::vector<float> unit_buf(2 * static_cast<std::size_t>(unit_) * D);
+    const fresh_pages fresh = allocate_all(need_q, need_r, need_s, layer);
+    // Commit: nothing below throws.
+    std::size_t nq = 0, nr = 0, ns = 0;
+    const std::int32_t first_pos = sq.seen[static_cast<std::size_t>(layer)];
+    for (std::int32_t h = 0; h < H; ++h) {
+      qstream& st = at(sq, layer, h);
+      const plan& p = pl[static_cast<std::size_t>(h)];
+      auto in_k = [&](std::int32_t i) { return k + (static_cast<std::size_t>(i) * H + h) * D; };
+      auto in_v = [&](std::int32_t i) { return v + (static_cast<std::size_t>(i) * H + h) * D; };
+      // 1. sinks
+      if (p.m_sink > 0) {
+        if (p.sink_fresh) replace_fp_page(*sink_pool_, st.sink, fresh.s[ns++]);
+        Fp* sk = fp_rows(*sink_pool_, st.sink, cfg_.sink_tokens, false);
+        Fp* sv = fp_rows(*sink_pool_, st.sink, cfg_.sink_tokens, true);
+        for (std::int32_t i = 0; i < p.m_sink; ++i) {
+          store_row(sk + static_cast<std::size_t>(st.n_sink + i) * D, in_k(i));
+          store_row(sv + static_cast<std::size_t>(st.n_sink + i) * D, in_v(i));
+        }
+        st.n_sink += p.m_sink;
+      }
+      // 2. residual + encoding
+      if (p.n2 > 0) {
+        if (p.res_fresh) replace_fp_page(*res_pool_, st.res, fresh.r[nr++]);
+        Fp* rk = st.res >= 0 ? fp_rows(*res_pool_, st.res, res_cap_, false) : nullptr;
+        Fp* rv = st.res >= 0 ? fp_rows(*res_pool_, st.res, res_cap_, true) : nullptr;
+        const std::int32_t r = st.n_res;
+        // concat row c: residual slot c (c < r) or new token m_sink + (c - r)
+        auto load_concat = [&](std::int32_t c, float* ko, float* vo) {
+          if (c < r) {
+            load_row(rk + static_cast<std::size_t>(c) * D, ko);
+            load_row(rv + static_cast<std::size_t>(c) * D, vo);
+          } else {
+            round_row(in_k(p.m_sink + c - r), ko);
+            round_row(in_v(p.m_sink + c - r), vo);
+          }
+        };
+        if (p.E > 0) {
+          if (p.last_copy) {
+            const page_id cp = fresh.q[nq++];
+            std::memcpy(quant_pool_->data(cp), quant_pool_->data(st.pages.back()), quant_pool_->page_bytes());
+            quant_pool_->release(st.pages.back());
+            st.pages.back() = cp;
+          }
+          for (std::int32_t i = 0; i < p.quant_new; ++i) st.pages.push_back(fresh.q[nq++]);
+          float* kb = unit_buf.data();
+          float* vb = kb + static_cast<std::size_t>(unit_) * D;
+          for (std::int32_t u0 = 0; u0 < p.E; u0 += unit_) {
+            for (std::int32_t j = 0; j < unit_; ++j)
+              load_concat(u0 + j, kb + static_cast<std::size_t>(j) * D, vb + static_cast<std::size_t>(j) * D);
+            encode_unit(st, st.n_quant + u0, kb, vb);
+          }
+          st.n_quant += p.E;
+        }
+        for (std::int32_t j = 0; j < p.newres; ++j) {
+          const std::int32_t c = p.E + j;
+          if (c < r) {
+            std::memmove(rk + static_cast<std::size_t>(j) * D, rk + static_cast<std::size_t>(c) * D, sizeof(Fp) * D);
+            std::memmove(rv + static_cast<std::size_t>(j) * D, rv + static_cast<std::size_t>(c) * D, sizeof(Fp) * D);
+          } else {
+            store_row(rk + static_cast<std::size_t>(j) * D, in_k(p.m_sink + c - r));
+            store_row(rv + static_cast<std::size_t>(j) * D, in_v(p.m_sink + c - r));
+          }
+        }
+        st.n_res = p.newres;
+      }
+      for (std::int32_t i = 0; i < n; ++i) st.positions.push_back(positions ? positions[i] : first_pos + i);
+    }
+    sq.seen[static_cast<std::size_t>(layer)] += n;
+  }
+
+  /// Keeps tokens kept[0..n) of one stream (strictly increasing indices into its current order).
+  void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
+    check_layer(layer, "keep");
+    KVC_EXPECTS(head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
+    KVC_EXPECTS(n >= 0 && (n == 0 || kept != nullptr), "kept is null or n = ", n, " < 0");
+    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> one;
+    one.emplace_back(head, std::vector<std::int32_t>(kept, kept + n));
+    keep_heads(s, layer, one);
+  }
+
+  /// Keeps, for every head h of one layer, the tokens kept[h]. All heads change or none does.
+  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
+    check_layer(layer, "keep_layer");
+    KVC_EXPECTS(static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads, "kept.size() = ", kept.size(),
+                ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
+    all.reserve(kept.size());
+    for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
+    keep_heads(s, layer, all);
+  }
+
+  // ---- reading ---------------------------------------------------------------------------
+
+  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return get(s, layer, head, "length").length();
+  }
+  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return get(s, layer, head, "positions").positions.data();
+  }
+  std::int32_t seen(seq_id s, std::int32_t layer) const {
+    check_layer(layer, "seen");
+    return find(s, "seen")->second.seen[static_cast<std::size_t>(layer)];
+  }
+  const std::vector<page_id>& pages(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return get(s, layer, head, "pages").pages;
+  }
+
+  /// Tokens of one stream in each storage region.
+  struct region_counts {
+    std::int32_t sink, quantized, residual;
+  };
+  region_counts regions(seq_id s, std::int32_t layer, std::int32_t head) const {
+    const qstream& st = get(s, layer, head, "regions");
+    return {st.n_sink, st.n_quant, st.n_res};
+  }
+
+  /// Read-only view of one stream for the attention kernels.
+  stream_view view(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return make_view(get(s, layer, head, "view"));
+  }
+
+  /// Copies one stream's keys and values (either may be null), dequantized to float,
+  /// [length][head_dim]. Keys are returned rotated to their positions when stored pre-RoPE.
+  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
+    const qstream& st = get(s, layer, head, "gather");
+    const std::int32_t D = cfg_.head_dim;
+    const stream_view sv = make_view(st);
+    for (std::int32_t t = 0; t < st.length(); ++t) {
+      if (k_out) decode_token<quant::role::key>(sv, t, k_out + static_cast<std::size_t>(t) * D);
+      if (v_out) decode_token<quant::role::value>(sv, t, v_out + static_cast<std::size_t>(t) * D);
+    }
+  }
+
+  /// Token t of a stream, model domain (keys rotated to their position when stored pre-RoPE).
+  template <quant::role R>
+  void decode_token(const stream_view& sv, std::int32_t t, float* out) const {
+    decode_unroped<R>(sv, t, out);
+    if (R == quant::role::key && rope_) rope_->apply(out, sv.positions[t]);
+  }
+
+  /// Token t of a stream in the model domain, before RoPE for pre-RoPE keys (what re-encoding reads).
+  template <quant::role R>
+  void decode_unroped(const stream_view& sv, std::int32_t t, float* out) const {
+    const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
+    if (t < sv.n_sink) {
+      load_row((R == quant::role::key ? sv.sink_k : sv.sink_v) + static_cast<std::size_t>(t) * D, out);
+    } else if (t < sv.n_sink + sv.n_quant) {
+      const std::int32_t i = t - sv.n_sink;
+      const std::byte* page = sv.quant_base + static_cast<std::size_t>(sv.pages[i / P]) * sv.page_bytes;
+      const std::int32_t slot = i % P;
+      if constexpr (R == quant::role::key) {
+        kq_.template decode_token<R>(page + rbk_ * static_cast<std::size_t>(slot / uk_), D, slot % uk_, out);
+        kq_.to_model(out, D);
+      } else {
+        vq_.template decode_token<R>(page + v_offset_ + rbv_ * static_cast<std::size_t>(slot / uv_), D, slot % uv_, out);
+        vq_.to_model(out, D);
+      }
+    } else {
+      load_row((R == quant::role::key ? sv.res_k : sv.res_v) + static_cast<std::size_t>(t - sv.n_sink - sv.n_quant) * D,
+               out);
+    }
+  }
+
+  // ---- memory accounting (from the pools) -------------------------------------------------
+
+  /// Bytes of live pages in all pools (codes, scales, zeros, outliers, residual and sink tokens).
+  std::size_t bytes_in_use() const noexcept {
+    return quant_pool_->bytes_in_use() + (res_pool_ ? res_pool_->bytes_in_use() : 0) +
+           (sink_pool_ ? sink_pool_->bytes_in_use() : 0);
+  }
+  std::size_t bytes_in_use(std::int32_t layer) const {
+    check_layer(layer, "bytes_in_use");
+    return quant_pool_->bytes_in_use(layer) + (res_pool_ ? res_pool_->bytes_in_use(layer) : 0) +
+           (sink_pool_ ? sink_pool_->bytes_in_use(layer) : 0);
+  }
+  /// Bytes of the pages one stream references (shared pages counted in each sharer).
+  std::size_t stream_bytes(seq_id s, std::int32_t layer, std::int32_t head) const {
+    const qstream& st = get(s, layer, head, "stream_bytes");
+    return st.pages.size() * quant_pool_->page_bytes() + (st.res >= 0 ? res_pool_->page_bytes() : 0) +
+           (st.sink >= 0 ? sink_pool_->page_bytes() : 0);
+  }
+  /// Host bytes of bookkeeping: 4 per kept token position, 4 per page-table entry, 20 per stream.
+  std::size_t metadata_bytes() const noexcept {
+    std::size_t b = 0;
+    for (const auto& kv : seqs_)
+      for (const auto& st : kv.second.streams) b += 4 * (st.positions.size() + st.pages.size()) + 20;
+    return b;
+  }
+  std::int64_t tokens_held() const noexcept {
+    std::int64_t n = 0;
+    for (const auto& kv : seqs_)
+      for (const auto& st : kv.second.streams) n += st.length();
+    return n;
+  }
+
+ private:
+  struct qstream {
+    std::vector<page_id> pages;
+    std::vector<std::int32_t> positions;
+    page_id res = -1, sink = -1;
+    std::int32_t n_sink = 0, n_quant = 0, n_res = 0;
+    std::int32_t length() const noexcept { return n_sink + n_quant + n_res; }
+  };
+  struct sequence {
+    std::vector<qstream> streams;
+    std::vector<std::int32_t> seen;
+  };
+  struct fresh_pages {
+    std::vector<page_id> q, r, s;
+  };
+
+  static quant_cache_config validated(const quant_cache_config& c, const KQ& kq, const VQ& vq) {
+    KVC_EXPECTS(c.num_layers > 0, "cache_config.num_layers = ", c.num_layers, ", expected > 0");
+    KVC_EXPECTS(c.num_kv_heads > 0, "cache_config.num_kv_heads = ", c.num_kv_heads, ", expected > 0");
+    KVC_EXPECTS(c.head_dim > 0, "cache_config.head_dim = ", c.head_dim, ", expected > 0");
+    KVC_EXPECTS(c.page_size > 0 && (c.page_size & (c.page_size - 1)) == 0, "cache_config.page_size = ", c.page_size,
+                ", expected a power of two");
+    KVC_EXPECTS(c.max_pages > 0, "cache_config.max_pages = ", c.max_pages, ", expected > 0");
+    KVC_EXPECTS(c.sink_tokens >= 0, "quant_cache_config.sink_tokens = ", c.sink_tokens, ", expected >= 0");
+    KVC_EXPECTS(c.max_fp_pages > 0, "quant_cache_config.max_fp_pages = ", c.max_fp_pages, ", expected > 0");
+    kq.check(c.head_dim);
+    vq.check(c.head_dim);
+    return c;
+  }
+
+  std::int32_t pages_for(std::int32_t tokens) const noexcept { return (tokens + cfg_.page_size - 1) / cfg_.page_size; }
+
+  stream_view make_view(const qstream& st) const noexcept {
+    stream_view v;
+    v.quant_base = quant_pool_->base();
+    v.page_bytes = quant_pool_->page_bytes();
+    v.v_offset = v_offset_;
+    v.pages = st.pages.data();
+    if (st.sink >= 0) {
+      v.sink_k = fp_rows(*sink_pool_, st.sink, cfg_.sink_tokens, false);
+      v.sink_v = fp_rows(*sink_pool_, st.sink, cfg_.sink_tokens, true);
+    }
+    if (st.res >= 0) {
+      v.res_k = fp_rows(*res_pool_, st.res, res_cap_, false);
+      v.res_v = fp_rows(*res_pool_, st.res, res_cap_, true);
+    }
+    v.positions = st.positions.data();
+    v.n_sink = st.n_sink;
+    v.n_quant = st.n_quant;
+    v.n_res = st.n_res;
+    return v;
+  }
+
+  Fp* fp_rows(page_pool& pool, page_id p, std::int32_t cap, bool values) const noexcept {
+    return reinterpret_cast<Fp*>(pool.data(p)) + (values ? static_cast<std::size_t>(cap) * cfg_.head_dim : 0);
+  }
+  const Fp* fp_rows(const page_pool& pool, page_id p, std::int32_t cap, bool values) const noexcept {
+    return reinterpret_cast<const Fp*>(pool.data(p)) + (values ? static_cast<std::size_t>(cap) * cfg_.head_dim : 0);
+  }
+
+  /// Makes `fresh` the stream's page, copying the old contents (if any) and dropping the old reference.
+  static void replace_fp_page(page_pool& pool, page_id& cur, page_id fresh) noexcept {
+    if (cur >= 0) {
+      std::memcpy(pool.data(fresh), pool.data(cur), pool.page_bytes());
+      pool.release(cur);
+    }
+    cur = fresh;
+  }
+
+  void store_row(Fp* dst, const float* src) const noexcept {
+    for (std::int32_t d = 0; d < cfg_.head_dim; ++d) dst[d] = Fp(src[d]);
+  }
+  void load_row(const Fp* src, float* dst) const noexcept {
+    for (std::int32_t d = 0; d < cfg_.head_dim; ++d) dst[d] = static_cast<float>(src[d]);
+  }
+  /// Rounds through Fp, so that a token is encoded from the same values whichever way it arrived.
+  void round_row(const float* src, float* dst) const noexcept {
+    for (std::int32_t d = 0; d < cfg_.head_dim; ++d) dst[d] = static_cast<float>(Fp(src[d]));
+  }
+
+  /// Encodes one unit (unit_ tokens of K and V, model domain) at quantized index i0 (a multiple of unit_).
+  void encode_unit(qstream& st, std::int32_t i0, const float* kb, const float* vb) noexcept {
+    const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
+    std::byte* page = quant_pool_->data(st.pages[static_cast<std::size_t>(i0 / P)]);
+    const std::int32_t slot = i0 % P;
+    for (std::int32_t j = 0; j < unit_; j += uk_)
+      kq_.template encode<quant::role::key>(kb + static_cast<std::size_t>(j) * D, D,
+                                            page + rbk_ * static_cast<std::size_t>((slot + j) / uk_));
+    for (std::int32_t j = 0; j < unit_; j += uv_)
+      vq_.template encode<quant::role::value>(vb + static_cast<std::size_t>(j) * D, D,
+                                              page + v_offset_ + rbv_ * static_cast<std::size_t>((slot + j) / uv_));
+  }
+
+  /// Allocates from the three pools, all or nothing.
+  fresh_pages allocate_all(std::int32_t nq, std::int32_t nr, std::int32_t ns, std::int32_t layer) {
+    fresh_pages f;
+    f.q.resize(static_cast<std::size_t>(nq));
+    f.r.resize(static_cast<std::size_t>(nr));
+    f.s.resize(static_cast<std::size_t>(ns));
+    quant_pool_->allocate(nq, f.q.data(), layer);
+    try {
+      if (nr > 0) res_pool_->allocate(nr, f.r.data(), layer);
+      try {
+        if (ns > 0) sink_pool_->allocate(ns, f.s.data(), layer);
+      } catch (...) {
+        if (nr > 0) res_pool_->release(nr, f.r.data());
+        throw;
+      }
+    } catch (...) {
+      quant_pool_->release(nq, f.q.data());
+      throw;
+    }
+    return f;
+  }
+
+  void release_stream(qstream& st) noexcept {
+    quant_pool_->release(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
+    if (st.res >= 0) res_pool_->release(st.res);
+    if (st.sink >= 0) sink_pool_->release(st.sink);
+  }
+
+  static void check_finite(const float* p, std::size_t n, const char* name) {
+    for (std::size_t i = 0; i < n; ++i)
+      if (!std::isfinite(p[i]))
+        detail::fail(detail::concat("kvc::quant_cache::append: ", name, "[", i, "] = ", p[i],
+                                    ", expected a finite value (the cache is unchanged)"));
+  }
+  void check_layer(std::int32_t layer, const char* fn) const {
+    if (layer < 0 || layer >= cfg_.num_layers)
+      detail::fail(detail::concat("kvc::quant_cache::", fn, ": layer = ", layer, ", expected 0..", cfg_.num_layers - 1));
+  }
+  typename std::map<seq_id, sequence>::iterator find(seq_id s, const char* fn) {
+    auto it = seqs_.find(s);
+    if (it == seqs_.end()) detail::fail(detail::concat("kvc::quant_cache::", fn, ": unknown sequence id ", s));
+    return it;
+  }
+  typename std::map<seq_id, sequence>::const_iterator find(seq_id s, const char* fn) const {
+    auto it = seqs_.find(s);
+    if (it == seqs_.end()) detail::fail(detail::concat("kvc::quant_cache::", fn, ": unknown sequence id ", s));
+    return it;
+  }
+  qstream& at(sequence& sq, std::int32_t layer, std::int32_t h) noexcept {
+    return sq.streams[static_cast<std::size_t>(layer) * cfg_.num_kv_heads + h];
+  }
+  const qstream& at(const sequence& sq, std::int32_t layer, std::int32_t h) const noexcept {
+    return sq.streams[static_cast<std::size_t>(layer) * cfg_.num_kv_heads + h];
+  }
+  const qstream& get(seq_id s, std::int32_t layer, std::int32_t head, const char* fn) const {
+    const sequence& sq = find(s, fn)->second;
+    check_layer(layer, fn);
+    if (head < 0 || head >= cfg_.num_kv_heads)
+      detail::fail(detail::concat("kvc::quant_cache::", fn, ": head = ", head, ", expected 0..", cfg_.num_kv_heads - 1));
+    return at(sq, layer, head);
+  }
+
+  void keep_heads(seq_id s, std::int32_t layer,
+                  const std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>>& heads) {
+    sequence& sq = find(s, "keep")->second;
+    const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
+    struct plan {
+      std::vector<std::int32_t> ks, kq, kr;  // kept indices, local to each region
+      std::int32_t demote = 0, qmain = 0, flush = 0, res_total = 0, new_pages = 0;
+      std::vector<Fp> res_k, res_v;          // the new residual window, before flushing
+      std::vector<std::int32_t> new_pos;
+      std::vector<char> page_changed;
+      bool sink_changed = false, sink_fresh = false, res_fresh = false;
+      std::int32_t quant_fresh = 0;
+    };
+    std::vector<plan> pl(heads.size());
+    std::int32_t need_q = 0, need_r = 0, need_s = 0;
+    std::vector<float> row(static_cast<std::size_t>(D));
+    for (std::size_t j = 0; j < heads.size(); ++j) {
+      const std::int32_t h = heads[j].first;
+      const auto& kept = heads[j].second;
+      const qstream& st = at(sq, layer, h);
+      const std::int32_t L = st.length();
+      for (std::size_t i = 0; i < kept.size(); ++i) {
+        if (kept[i] < 0 || kept[i] >= L)
+          detail::fail(detail::concat("kvc::quant_cache::keep: head ", h, ": kept[", i, "] = ", kept[i], ", expected 0..",
+                                      L - 1, " (the stream's length is ", L, ")"));
+        if (i > 0 && kept[i] <= kept[i - 1])
+          detail::fail(detail::concat("kvc::quant_cache::keep: head ", h, ": kept[", i, "] = ", kept[i], " after ",
+                                      kept[i - 1], ", expected strictly increasing indices"));
+      }
+      plan& p = pl[j];
+      for (std::int32_t t : kept) {
+        if (t < st.n_sink) p.ks.push_back(t);
+        else if (t < st.n_sink + st.n_quant) p.kq.push_back(t - st.n_sink);
+        else p.kr.push_back(t - st.n_sink - st.n_quant);
+      }
+      const std::int32_t qk = static_cast<std::int32_t>(p.kq.size());
+      p.demote = qk % unit_;
+      p.qmain = qk - p.demote;
+      p.res_total = p.demote + static_cast<std::int32_t>(p.kr.size());
+      p.flush = p.res_total >= residual_ + unit_ ? (p.res_total - residual_) / unit_ * unit_ : 0;
+      p.new_pages = pages_for(p.qmain + p.flush);
+      KVC_ASSERT(p.new_pages <= static_cast<std::int32_t>(st.pages.size()));
+      // New residual window contents (model domain, Fp): demoted quantized tokens, then kept residual ones.
+      const stream_view sv = make_view(st);
+      p.res_k.resize(static_cast<std::size_t>(p.res_total) * D);
+      p.res_v.resize(static_cast<std::size_t>(p.res_total) * D);
+      for (std::int32_t i = 0; i < p.res_total; ++i) {
+        const std::int32_t t = i < p.demote ? st.n_sink + p.kq[static_cast<std::size_t>(p.qmain + i)]
+                                            : st.n_sink + st.n_quant + p.kr[static_cast<std::size_t>(i - p.demote)];
+        decode_unroped<quant::role::key>(sv, t, row.data());
+        store_row(p.res_k.data() + static_cast<std::size_t>(i) * D, row.data());
+        decode_unroped<quant::role::value>(sv, t, row.data());
+        store_row(p.res_v.data() + static_cast<std::size_t>(i) * D, row.data());
+      }
+      p.new_pos.resize(kept.size());
+      for (std::size_t i = 0; i < kept.size(); ++i) p.new_pos[i] = st.positions[static_cast<std::size_t>(kept[i])];
+      // Which quantized pages change, and which of those are shared.
+      p.page_changed.assign(static_cast<std::size_t>(p.new_pages), 0);
+      for (std::int32_t i = 0; i < p.qmain + p.flush; ++i)
+        if (i >= p.qmain || p.kq[static_cast<std::size_t>(i)] != i) p.page_changed[static_cast<std::size_t>(i / P)] = 1;
+      for (std::int32_t pg = 0; pg < p.new_pages; ++pg)
+        if (p.page_changed[static_cast<std::size_t>(pg)] && quant_pool_->ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1)
+          ++p.quant_fresh;
+      for (std::size_t i = 0; i < p.ks.size(); ++i)
+        if (p.ks[i] != static_cast<std::int32_t>(i)) p.sink_changed = true;
+      p.sink_fresh = p.sink_changed && sink_pool_->ref_count(st.sink) > 1;
+      const std::int32_t final_res = p.res_total - p.flush;
+      p.res_fresh = final_res > 0 && (st.res < 0 || res_pool_->ref_count(st.res) > 1);
+      need_q += p.quant_fresh;
+      need_r += p.res_fresh ? 1 : 0;
+      need_s += p.sink_fresh ? 1 : 0;
+    }
+    std::vector<float> kb(static_cast<std::size_t>(unit_) * D), vb(kb.size());
+    const fresh_pages fresh = allocate_all(need_q, need_r, need_s, layer);
+    // Commit: nothing below throws.
+    std::size_t nq = 0, nr = 0, ns = 0;
+    for (std::size_t j = 0; j < heads.size(); ++j) {
+      plan& p = pl[j];
+      qstream& st = at(sq, layer, heads[j].first);
+      // sinks: forward compaction in place
+      if (p.sink_changed) {
+        if (p.sink_fresh) replace_fp_page(*sink_pool_, st.sink, fresh.s[ns++]);
+        Fp* sk = fp_rows(*sink_pool_, st.sink, cfg_.sink_tokens, false);
+        Fp* sv = fp_rows(*sink_pool_, st.sink, cfg_.sink_tokens, true);
+        for (std::size_t i = 0; i < p.ks.size(); ++i) {
+          std::memmove(sk + i * D, sk + static_cast<std::size_t>(p.ks[i]) * D, sizeof(Fp) * D);
+          std::memmove(sv + i * D, sv + static_cast<std::size_t>(p.ks[i]) * D, sizeof(Fp) * D);
+        }
+      }
+      st.n_sink = static_cast<std::int32_t>(p.ks.size());
+      // quantized pages: copy the shared ones that change, then compact forward in place
+      for (std::int32_t pg = 0; pg < p.new_pages; ++pg) {
+        page_id& id = st.pages[static_cast<std::size_t>(pg)];
+        if (p.page_changed[static_cast<std::size_t>(pg)] && quant_pool_->ref_count(id) > 1) {
+          const page_id cp = fresh.q[nq++];
+          std::memcpy(quant_pool_->data(cp), quant_pool_->data(id), quant_pool_->page_bytes());
+          quant_pool_->release(id);
+          id = cp;
+        }
+      }
+      compact_part<quant::role::key>(st, p.kq, p.qmain, kb.data());
+      compact_part<quant::role::value>(st, p.kq, p.qmain, vb.data());
+      for (std::int32_t u0 = 0; u0 < p.flush; u0 += unit_) {
+        for (std::int32_t i = 0; i < unit_ * D; ++i) {
+          kb[static_cast<std::size_t>(i)] = static_cast<float>(p.res_k[static_cast<std::size_t>(u0) * D + i]);
+          vb[static_cast<std::size_t>(i)] = static_cast<float>(p.res_v[static_cast<std::size_t>(u0) * D + i]);
+        }
+        encode_unit(st, p.qmain + u0, kb.data(), vb.data());
+      }
+      const std::size_t keep_pages = static_cast<std::size_t>(p.new_pages);
+      quant_pool_->release(static_cast<std::int32_t>(st.pages.size() - keep_pages), st.pages.data() + keep_pages);
+      st.pages.resize(keep_pages);
+      st.n_quant = p.qmain + p.flush;
+      // residual window
+      const std::int32_t final_res = p.res_total - p.flush;
+      if (p.res_fresh) {
+        if (st.res >= 0) res_pool_->release(st.res);
+        st.res = fresh.r[nr++];
+      }
+      if (final_res > 0) {
+        Fp* rk = fp_rows(*res_pool_, st.res, res_cap_, false);
+        Fp* rv = fp_rows(*res_pool_, st.res, res_cap_, true);
+        std::memcpy(rk, p.res_k.data() + static_cast<std::size_t>(p.flush) * D, sizeof(Fp) * final_res * D);
+        std::memcpy(rv, p.res_v.data() + static_cast<std::size_t>(p.flush) * D, sizeof(Fp) * final_res * D);
+      }
+      st.n_res = final_res;
+      st.positions.swap(p.new_pos);
+    }
+  }
+
+  /// Compacts the K or V records of the quantized region: new token i comes from old token kq[i].
+  template <quant::role R>
+  void compact_part(qstream& st, const std::vector<std::int32_t>& kq, std::int32_t qmain, float* buf) noexcept {
+    const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
+    const std::int32_t u = R == quant::role::key ? uk_ : uv_;
+    const std::size_t rb = R == quant::role::key ? rbk_ : rbv_;
+    const std::size_t off = R == quant::role::key ? 0 : v_offset_;
+    auto rec = [&](std::int32_t i) {  // record holding quantized token i
+      return quant_pool_->data(st.pages[static_cast<std::size_t>(i / P)]) + off + rb * static_cast<std::size_t>((i % P) / u);
+    };
+    for (std::int32_t r0 = 0; r0 < qmain; r0 += u) {
+      bool same = true;
+      for (std::int32_t i = r0; i < r0 + u; ++i) same = same && kq[static_cast<std::size_t>(i)] == i;
+      if (same) continue;
+      if (u == 1) {
+        std::memmove(rec(r0), rec(kq[static_cast<std::size_t>(r0)]), rb);
+        continue;
+      }
+      for (std::int32_t i = r0; i < r0 + u; ++i) {
+        const std::int32_t src = kq[static_cast<std::size_t>(i)];
+        if constexpr (R == quant::role::key)
+          kq_.template decode_token<R>(rec(src), D, src % u, buf + static_cast<std::size_t>(i - r0) * D);
+        else
+          vq_.template decode_token<R>(rec(src), D, src % u, buf + static_cast<std::size_t>(i - r0) * D);
+      }
+      // Decoded rows are in the stored domain; encode expects the model domain.
+      for (std::int32_t i = 0; i < u; ++i) {
+        if constexpr (R == quant::role::key) kq_.to_model(buf + static_cast<std::size_t>(i) * D, D);
+        else vq_.to_model(buf + static_cast<std::size_t>(i) * D, D);
+      }
+      if constexpr (R == quant::role::key) kq_.template encode<R>(buf, D, rec(r0));
+      else vq_.template encode<R>(buf, D, rec(r0));
+    }
+  }
+
+  quant_cache_config cfg_;
+  KQ kq_;
+  VQ vq_;
+  std::int32_t uk_ = 1, uv_ = 1, unit_ = 1, residual_ = 0, res_cap_ = 0;
+  std::size_t rbk_ = 0, rbv_ = 0, v_offset_ = 0;
+  std::unique_ptr<page_pool> quant_pool_, res_pool_, sink_pool_;
+  std::optional<rope> rope_;
+  std::map<seq_id, sequence> seqs_;
+  seq_id next_id_ = 0;
+};
+
+KVC_END_NAMESPACE

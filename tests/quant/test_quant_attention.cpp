@@ -1,0 +1,123 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fused quantized decode attention == dequantize (gather) + dense double reference.
+#include <kvc/cpu/quant_attention.hpp>
+#include <kvc/quant/fp8.hpp>
+#include <kvc/quant/int8.hpp>
+#include <kvc/quant/kivi.hpp>
+#include <kvc/parallel/thread_pool.hpp>
+
+#include "kvc_catch.hpp"
+#include "quant_test_util.hpp"
+
+namespace {
+
+struct shape {
+  int hq, hkv, D;
+};
+
+template <class KQ, class VQ>
+double fused_vs_gather(const shape& sh, int page_size, int n_tokens, std::uint32_t seed, kvc::thread_pool* pool = nullptr,
+                       int sinks = 0, KQ kq = {}, VQ vq = {}, bool check_probs = false) {
+  kvc::quant_cache_config c;
+  c.num_layers = 2;
+  c.num_kv_heads = sh.hkv;
+  c.head_dim = sh.D;
+  c.page_size = page_size;
+  c.max_pages = 4096;
+  c.max_fp_pages = 64;
+  c.sink_tokens = sinks;
+  kvc::quant_cache<KQ, VQ> cache(c, kq, vq);
+  auto s = cache.add_sequence();
+  auto k = qtest::keylike(n_tokens, sh.hkv, sh.D, seed);
+  auto v = qtest::randn(std::size_t(n_tokens) * sh.hkv * sh.D, seed + 1);
+  // two appends: a prefill chunk and a few decode steps
+  const int first = n_tokens * 3 / 4;
+  cache.append(s, 1, k.data(), v.data(), first);
+  for (int t = first; t < n_tokens; ++t)
+    cache.append(s, 1, k.data() + std::size_t(t) * sh.hkv * sh.D, v.data() + std::size_t(t) * sh.hkv * sh.D, 1);
+  std::vector<std::vector<float>> K(sh.hkv), V(sh.hkv);
+  for (int h = 0; h < sh.hkv; ++h) {
+    const int L = cache.length(s, 1, h);
+    K[h].resize(std::size_t(L) * sh.D);
+    V[h].resize(K[h].size());
+    cache.gather(s, 1, h, K[h].data(), V[h].data());
+  }
+  auto q = qtest::randn(std::size_t(sh.hq) * sh.D, seed + 2, 2.0f);
+  std::vector<float> ref(q.size()), out(q.size()), lse(sh.hq), lse_ref(sh.hq);
+  qtest::reference_attention(K, V, sh.D, q.data(), sh.hq, ref.data(), 0.0f, lse_ref.data());
+  kvc::decode_options o;
+  o.pool = pool;
+  o.lse = lse.data();
+  std::vector<float> probs, gprobs;
+  if (check_probs) {
+    probs.resize(std::size_t(sh.hq) * n_tokens);
+    gprobs.resize(std::size_t(sh.hkv) * n_tokens);
+    o.probs = probs.data();
+    o.group_probs = gprobs.data();
+    o.probs_stride = n_tokens;
+  }
+  kvc::cpu::decode_attention(cache, s, 1, q.data(), sh.hq, out.data(), o);
+  for (int h = 0; h < sh.hq; ++h) REQUIRE(std::fabs(lse[h] - lse_ref[h]) < 1e-4 * (1 + std::fabs(lse_ref[h])));
+  if (check_probs) {
+    const int G = sh.hq / sh.hkv;
+    for (int h = 0; h < sh.hkv; ++h) {
+      double tot = 0;
+      for (int t = 0; t < n_tokens; ++t) {
+        double sum = 0;
+        for (int g = 0; g < G; ++g) sum += probs[std::size_t(h * G + g) * n_tokens + t];
+        REQUIRE(std::fabs(sum - gprobs[std::size_t(h) * n_tokens + t]) < 1e-5);
+        tot += gprobs[std::size_t(h) * n_tokens + t];
+      }
+      REQUIRE(std::fabs(tot - G) < 1e-3);
+    }
+  }
+  return qtest::rel_err(out.data(), ref.data(), out.size());
+}
+
+template <class KQ, class VQ>
+void sweep(int page_size) {
+  const shape shapes[] = {{4, 4, 64}, {8, 2, 64}, {9, 3, 64}, {4, 1, 128}};
+  kvc::thread_pool pool(3);
+  std::uint32_t seed = 11;
+  for (const auto& sh : shapes) {
+    for (int n : {1, 37, 200, 333}) {
+      INFO("shape " << sh.hq << "/" << sh.hkv << "/" << sh.D << " page " << page_size << " n " << n);
+      CHECK(fused_vs_gather<KQ, VQ>(sh, page_size, n, seed++) < 1e-5);
+      CHECK(fused_vs_gather<KQ, VQ>(sh, page_size, n, seed++, &pool, 0, {}, {}, true) < 1e-5);
+    }
+  }
+}
+
+}  // namespace
+
+using namespace kvc::quant;
+
+TEST_CASE("fused attention matches gather + reference: int8/int4/int2 per token", "[quant][attention]") {
+  sweep<int8, int8>(16);
+  sweep<int8_asym, int8_asym>(32);
+  sweep<int4, int4>(16);
+  sweep<int2, int2>(64);
+  sweep<int8, int2>(16);
+}
+
+TEST_CASE("fused attention matches gather + reference: kivi", "[quant][attention]") {
+  sweep<kivi<2>, kivi<2>>(32);
+  sweep<kivi<4>, kivi<4>>(64);
+  sweep<kivi<8>, kivi<8>>(32);
+  sweep<kivi<4>, kivi<2>>(64);  // K4V2
+  sweep<kivi<2, 32, 0>, kivi<2, 32, 0>>(32);
+  sweep<kivi<2, 16, 32>, int8>(16);
+}
+
+TEST_CASE("fused attention matches gather + reference: fp8", "[quant][attention]") {
+  sweep<fp8<kvc::fp8_e4m3>, fp8<kvc::fp8_e4m3>>(16);
+  sweep<fp8<kvc::fp8_e5m2>, fp8<kvc::fp8_e5m2>>(32);
+  using pt = fp8<kvc::fp8_e4m3, fp8_scaling::per_tensor>;
+  CHECK(fused_vs_gather<pt, pt>({8, 2, 64}, 16, 300, 5, nullptr, 0, pt(0.25f, 0.01f), pt(0.25f, 0.01f)) < 1e-5);
+}
+
+TEST_CASE("fused attention with attention sinks in full precision", "[quant][attention]") {
+  kvc::thread_pool pool(2);
+  CHECK(fused_vs_gather<kivi<2>, kivi<2>>({8, 2, 64}, 32, 300, 3, &pool, 5) < 1e-5);
+  CHECK(fused_vs_gather<int4, int4>({8, 2, 64}, 16, 300, 4, nullptr, 5) < 1e-5);
+}

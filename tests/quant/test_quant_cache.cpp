@@ -1,0 +1,280 @@
+// SPDX-License-Identifier: Apache-2.0
+// quant_cache: residual window, chunking invariance, keep/compaction, fork, accounting, strong guarantee.
+#include <cstring>
+#include <vector>
+
+#include <kvc/quant/fp8.hpp>
+#include <kvc/quant/int8.hpp>
+#include <kvc/quant/kivi.hpp>
+#include <kvc/quant/quant_cache.hpp>
+
+#include "kvc_catch.hpp"
+#include "quant_test_util.hpp"
+
+using namespace kvc::quant;
+
+namespace {
+
+kvc::quant_cache_config small(int H = 2, int D = 64, int P = 32, int pages = 256) {
+  kvc::quant_cache_config c;
+  c.num_layers = 2;
+  c.num_kv_heads = H;
+  c.head_dim = D;
+  c.page_size = P;
+  c.max_pages = pages;
+  c.max_fp_pages = 32;
+  return c;
+}
+
+/// fp16-representable random values
+std::vector<float> halfs(std::size_t n, std::uint32_t seed) {
+  auto v = qtest::randn(n, seed);
+  for (auto& x : v) x = float(kvc::half(x));
+  return v;
+}
+
+template <class C>
+struct snapshot {
+  std::vector<std::vector<float>> k, v;
+  std::vector<std::vector<std::int32_t>> pos;
+  std::size_t bytes;
+  std::int64_t tokens;
+  snapshot(const C& c, kvc::seq_id s, int layer) : bytes(c.bytes_in_use()), tokens(c.tokens_held()) {
+    const int H = c.config().num_kv_heads, D = c.config().head_dim;
+    for (int h = 0; h < H; ++h) {
+      const int L = c.length(s, layer, h);
+      k.emplace_back(std::size_t(L) * D);
+      v.emplace_back(std::size_t(L) * D);
+      c.gather(s, layer, h, k.back().data(), v.back().data());
+      pos.emplace_back(c.positions(s, layer, h), c.positions(s, layer, h) + L);
+    }
+  }
+  bool operator==(const snapshot& o) const {
+    return k == o.k && v == o.v && pos == o.pos && bytes == o.bytes && tokens == o.tokens;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("the newest tokens inside the residual window are stored exactly", "[quant][cache]") {
+  const int H = 2, D = 64;
+  kvc::quant_cache<kivi<2>, kivi<2>> c(small(H, D));
+  REQUIRE(c.residual_window() == 128);
+  REQUIRE(c.encoding_unit() == 32);
+  auto s = c.add_sequence();
+  const int n = 1000;
+  auto k = halfs(std::size_t(n) * H * D, 1), v = halfs(k.size(), 2);
+  int appended = 0;
+  for (int chunk : {300, 1, 1, 77, 5, 31, 32, 1, 552}) {
+    c.append(s, 0, k.data() + std::size_t(appended) * H * D, v.data() + std::size_t(appended) * H * D, chunk);
+    appended += chunk;
+    for (int h = 0; h < H; ++h) {
+      const auto r = c.regions(s, 0, h);
+      REQUIRE(r.residual >= std::min(appended, 128));
+      REQUIRE(r.residual < 128 + 32);
+      REQUIRE(r.quantized % 32 == 0);  // whole per-channel groups only
+      std::vector<float> kk(std::size_t(appended) * D), vv(kk.size());
+      c.gather(s, 0, h, kk.data(), vv.data());
+      for (int t = appended - std::min(appended, 128); t < appended; ++t)
+        for (int d = 0; d < D; ++d) {
+          REQUIRE(kk[std::size_t(t) * D + d] == k[(std::size_t(t) * H + h) * D + d]);
+          REQUIRE(vv[std::size_t(t) * D + d] == v[(std::size_t(t) * H + h) * D + d]);
+        }
+    }
+  }
+  REQUIRE(appended == n);
+  REQUIRE(c.seen(s, 0) == n);
+  REQUIRE(c.positions(s, 0, 1)[999] == 999);
+}
+
+TEST_CASE("encoding does not depend on how appends are chunked", "[quant][cache]") {
+  const int H = 2, D = 64, n = 500;
+  auto k = qtest::keylike(n, H, D, 3), v = qtest::randn(std::size_t(n) * H * D, 4);
+  kvc::quant_cache<kivi<2>, kivi<4>> a(small(H, D)), b(small(H, D));
+  auto sa = a.add_sequence(), sb = b.add_sequence();
+  a.append(sa, 1, k.data(), v.data(), n);
+  for (int t = 0; t < n; ++t) b.append(sb, 1, k.data() + std::size_t(t) * H * D, v.data() + std::size_t(t) * H * D, 1);
+  REQUIRE(snapshot<decltype(a)>(a, sa, 1) == snapshot<decltype(b)>(b, sb, 1));
+}
+
+TEST_CASE("memory accounting comes from the pools", "[quant][cache]") {
+  const int H = 2, D = 128, n = 4096;
+  auto k = qtest::randn(std::size_t(n) * H * D, 5), v = qtest::randn(k.size(), 6);
+  kvc::quant_cache<kivi<2>, kivi<2>> c(small(H, D, 64, 512));
+  auto s = c.add_sequence();
+  REQUIRE(c.bytes_in_use() == 0);
+  c.append(s, 0, k.data(), v.data(), n);
+  const auto& qp = c.quant_pool();
+  REQUIRE(c.bytes_in_use() == qp.bytes_in_use() + c.residual_pool()->bytes_in_use());
+  REQUIRE(c.bytes_in_use(0) == c.bytes_in_use());
+  REQUIRE(c.bytes_in_use(1) == 0);
+  REQUIRE(c.stream_bytes(s, 0, 0) == c.pages(s, 0, 0).size() * qp.page_bytes() + c.residual_pool()->page_bytes());
+  // 2-bit codes + per-group fp16 scale/zero: (32 + 512/32 [K params] + 32 + 16 [V]) bytes/token vs 512 in fp16
+  const double per_token = double(qp.bytes_in_use()) / (H * c.regions(s, 0, 0).quantized);
+  CHECK(per_token < 512.0 / 4.5);
+  REQUIRE(c.tokens_held() == std::int64_t(n) * H);
+  c.remove_sequence(s);
+  REQUIRE(c.bytes_in_use() == 0);
+}
+
+template <class KQ, class VQ>
+void keep_test(bool per_token) {
+  const int H = 2, D = 64, n = 700;
+  auto k = qtest::keylike(n, H, D, 7), v = qtest::randn(std::size_t(n) * H * D, 8);
+  kvc::quant_cache<KQ, VQ> c(small(H, D));
+  auto s = c.add_sequence();
+  c.append(s, 0, k.data(), v.data(), n);
+  snapshot<decltype(c)> before(c, s, 0);
+  std::vector<std::vector<std::int32_t>> kept(H);
+  for (int t = 0; t < n; ++t) {
+    if (t % 3 != 1) kept[0].push_back(t);
+    if (t < 5 || t >= 400 || t % 7 == 0) kept[1].push_back(t);
+  }
+  const auto bytes0 = c.bytes_in_use();
+  c.keep_layer(s, 0, kept);
+  REQUIRE(c.bytes_in_use() < bytes0);
+  for (int h = 0; h < H; ++h) {
+    const int L = c.length(s, 0, h);
+    REQUIRE(L == int(kept[h].size()));
+    std::vector<float> kk(std::size_t(L) * D), vv(kk.size());
+    c.gather(s, 0, h, kk.data(), vv.data());
+    const auto r = c.regions(s, 0, h);
+    REQUIRE(r.quantized % c.encoding_unit() == 0);
+    for (int i = 0; i < L; ++i) {
+      const int t = kept[h][i];
+      REQUIRE(c.positions(s, 0, h)[i] == t);
+      for (int d = 0; d < D; ++d) {
+        const float kb = before.k[h][std::size_t(t) * D + d], vb = before.v[h][std::size_t(t) * D + d];
+        if (per_token) {  // records moved as bytes: bit-identical
+          REQUIRE(kk[std::size_t(i) * D + d] == kb);
+          REQUIRE(vv[std::size_t(i) * D + d] == vb);
+        } else if (i < r.quantized) {  // re-encoded group: a second rounding, <= half the new group's step
+          const int g0 = i / 32 * 32;
+          float lo = INFINITY, hi = -INFINITY;
+          for (int j = g0; j < g0 + 32; ++j) {
+            lo = std::min(lo, before.k[h][std::size_t(kept[h][j]) * D + d]);
+            hi = std::max(hi, before.k[h][std::size_t(kept[h][j]) * D + d]);
+          }
+          const float step = (hi - lo) / ((1 << KQ::bits) - 1);
+          REQUIRE(std::fabs(kk[std::size_t(i) * D + d] - kb) <= 0.5f * step * 1.01f + 2e-3f * std::fabs(kb) + 1e-6f);
+          if (i < r.quantized - 32) REQUIRE(vv[std::size_t(i) * D + d] == vb);  // KIVI values are per token
+          else {  // may be residual tokens flushed by the keep: quantized now, within the per-token bound
+            float vlo = INFINITY, vhi = -INFINITY;
+            for (int e = d / 32 * 32; e < d / 32 * 32 + 32; ++e) {
+              vlo = std::min(vlo, before.v[h][std::size_t(t) * D + e]);
+              vhi = std::max(vhi, before.v[h][std::size_t(t) * D + e]);
+            }
+            REQUIRE(std::fabs(vv[std::size_t(i) * D + d] - vb) <= 0.5f * (vhi - vlo) / ((1 << VQ::bits) - 1) * 1.02f + 2e-3f);
+          }
+        } else {  // residual: exact, or a dequantized token rounded to fp16
+          REQUIRE(std::fabs(kk[std::size_t(i) * D + d] - kb) <= 1e-3f * std::fabs(kb));
+          REQUIRE(std::fabs(vv[std::size_t(i) * D + d] - vb) <= 1e-3f * std::fabs(vb));
+        }
+      }
+    }
+  }
+  // appending after a keep continues the stream
+  c.append(s, 0, k.data(), v.data(), 50);
+  REQUIRE(c.length(s, 0, 0) == int(kept[0].size()) + 50);
+  REQUIRE(c.positions(s, 0, 0)[c.length(s, 0, 0) - 1] == n + 49);
+}
+
+TEST_CASE("keep compacts per-token records exactly and re-encodes per-channel groups", "[quant][cache]") {
+  keep_test<int8, int4>(true);
+  keep_test<fp8<>, int2>(true);
+  keep_test<kivi<2>, kivi<2>>(false);
+  keep_test<kivi<4>, kivi<8>>(false);
+}
+
+TEST_CASE("fork shares pages and copies on write", "[quant][cache]") {
+  const int H = 2, D = 64, n = 300;
+  auto k = qtest::randn(std::size_t(n) * H * D, 9), v = qtest::randn(k.size(), 10);
+  kvc::quant_cache<kivi<2>, kivi<2>> c(small(H, D));
+  auto a = c.add_sequence();
+  c.append(a, 0, k.data(), v.data(), n);
+  snapshot<decltype(c)> before(c, a, 0);
+  const auto bytes = c.bytes_in_use();
+  auto b = c.fork(a);
+  REQUIRE(c.bytes_in_use() == bytes);
+  c.append(b, 0, k.data(), v.data(), 100);
+  std::vector<std::int32_t> kept{0, 5, 9, 200, 250};
+  c.keep(b, 0, 1, kept.data(), 5);
+  snapshot<decltype(c)> after(c, a, 0);
+  REQUIRE(after.k == before.k);
+  REQUIRE(after.v == before.v);
+  REQUIRE(after.pos == before.pos);
+  REQUIRE(c.length(b, 0, 1) == 5);
+  c.remove_sequence(a);
+  c.remove_sequence(b);
+  REQUIRE(c.bytes_in_use() == 0);
+}
+
+TEST_CASE("failing calls throw a clear error and leave the cache unchanged", "[quant][cache]") {
+  const int H = 2, D = 64;
+  auto k = qtest::randn(std::size_t(400) * H * D, 11), v = qtest::randn(k.size(), 12);
+  kvc::quant_cache<kivi<2>, kivi<2>> c(small(H, D, 32, 10));  // 10 quant pages only
+  auto s = c.add_sequence();
+  c.append(s, 0, k.data(), v.data(), 200);
+  snapshot<decltype(c)> before(c, s, 0);
+  REQUIRE_THROWS_AS(c.append(s, 0, k.data(), v.data(), 400), kvc::out_of_memory);
+  REQUIRE(snapshot<decltype(c)>(c, s, 0) == before);
+  REQUIRE(c.seen(s, 0) == 200);
+  auto bad = k;
+  bad[1000] = NAN;
+  REQUIRE_THROWS_WITH(c.append(s, 0, bad.data(), v.data(), 10), Catch::Contains("k[1000]"));
+  REQUIRE(snapshot<decltype(c)>(c, s, 0) == before);
+  std::vector<std::int32_t> kept{3, 2};
+  REQUIRE_THROWS_WITH(c.keep(s, 0, 0, kept.data(), 2), Catch::Contains("strictly increasing"));
+  kept = {0, 1, 500};
+  REQUIRE_THROWS_WITH(c.keep(s, 0, 1, kept.data(), 3), Catch::Contains("kept[2] = 500"));
+  REQUIRE_THROWS_AS(c.keep_layer(s, 0, {{1, 2}, {0, 0}}), kvc::error);  // second head invalid: first unchanged
+  REQUIRE(snapshot<decltype(c)>(c, s, 0) == before);
+  REQUIRE_THROWS_WITH(c.append(s, 2, k.data(), v.data(), 1), Catch::Contains("layer = 2"));
+  REQUIRE_THROWS_WITH(c.gather(99, 0, 0, nullptr), Catch::Contains("unknown sequence id 99"));
+  // fork + keep that needs copies of shared pages, with the pool exhausted
+  auto f = c.fork(s);
+  std::vector<std::int32_t> odd;
+  for (int t = 1; t < 200; t += 2) odd.push_back(t);
+  std::vector<kvc::page_id> hog(static_cast<std::size_t>(c.quant_pool().free_pages()));
+  const_cast<kvc::page_pool&>(c.quant_pool()).allocate(static_cast<std::int32_t>(hog.size()), hog.data());
+  snapshot<decltype(c)> fb(c, f, 0);
+  REQUIRE_THROWS_AS(c.keep(f, 0, 0, odd.data(), std::int32_t(odd.size())), kvc::out_of_memory);
+  REQUIRE(snapshot<decltype(c)>(c, f, 0) == fb);
+  const_cast<kvc::page_pool&>(c.quant_pool()).release(static_cast<std::int32_t>(hog.size()), hog.data());
+  c.keep(f, 0, 0, odd.data(), std::int32_t(odd.size()));
+  snapshot<decltype(c)> after(c, s, 0);
+  REQUIRE((after.k == before.k && after.v == before.v && after.pos == before.pos));
+}
+
+TEST_CASE("bad cache configurations fail with a clear kvc::error", "[quant][cache]") {
+  auto c = small(2, 64, 16);
+  REQUIRE_THROWS_WITH((kvc::quant_cache<kivi<2>, kivi<2>>(c)), Catch::Contains("page_size = 16") &&
+                                                                   Catch::Contains("multiple of the codecs' encoding unit"));
+  c = small(2, 64, 24);
+  REQUIRE_THROWS_WITH((kvc::quant_cache<int8, int8>(c)), Catch::Contains("power of two"));
+  c = small(2, 48, 32);
+  REQUIRE_THROWS_WITH((kvc::quant_cache<kivi<2>, kivi<2>>(c)), Catch::Contains("head_dim = 48"));
+  c = small(2, 64, 32);
+  kivi<2> k;
+  k.residual_tokens = 40;
+  REQUIRE_THROWS_WITH((kvc::quant_cache<kivi<2>, kivi<2>>(c, k)), Catch::Contains("residual = 40"));
+}
+
+TEST_CASE("attention sinks stay in full precision", "[quant][cache]") {
+  auto cfg = small(1, 64, 32);
+  cfg.sink_tokens = 5;
+  kvc::quant_cache<int2, int2> c(cfg);
+  auto s = c.add_sequence();
+  auto k = halfs(300 * 64, 13), v = halfs(300 * 64, 14);
+  c.append(s, 0, k.data(), v.data(), 3);
+  c.append(s, 0, k.data() + 3 * 64, v.data() + 3 * 64, 297);
+  REQUIRE(c.regions(s, 0, 0).sink == 5);
+  std::vector<float> kk(300 * 64), vv(kk.size());
+  c.gather(s, 0, 0, kk.data(), vv.data());
+  for (int i = 0; i < 5 * 64; ++i) REQUIRE((kk[i] == k[i] && vv[i] == v[i]));
+  std::vector<std::int32_t> kept{0, 2, 4, 10, 299};
+  c.keep(s, 0, 0, kept.data(), 5);
+  REQUIRE(c.regions(s, 0, 0).sink == 3);
+  c.gather(s, 0, 0, kk.data(), vv.data());
+  for (int d = 0; d < 64; ++d) REQUIRE((kk[64 + d] == k[2 * 64 + d] && kk[2 * 64 + d] == k[4 * 64 + d]));
+}
