@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// Registers the quantized storages with the runtime builder, so specs can name them:
+///
+///   int8 | int8(scheme=asym) | int4 | int2                 per token and head
+///   fp8(format=e4m3|e5m2)                                 per token-head scale
+///   kivi(bits=2|4|8, kbits=, vbits=, residual=128)        KIVI, group 32; K4V2/K2V4 via kbits/vbits
+///   rotated(bits=2|4)                                     Hadamard-rotated int2/int4
+///   outliers(bits=2|4, fraction=0.01)                     KVQuant dense-and-sparse int2/int4
+///   every one also takes sinks=N (first N tokens kept in fp16)
+///
+/// Each combination is one template instantiation, so the set is finite; the library itself
+/// takes any combination at compile time (kvc::quant_cache<KQ, VQ>).
+
+#include <memory>
+#include <string>
+
+#include <kvc/cpu/quant_attention.hpp>
+#include <kvc/quant/fp8.hpp>
+#include <kvc/quant/int8.hpp>
+#include <kvc/quant/kivi.hpp>
+#include <kvc/quant/outliers.hpp>
+#include <kvc/quant/quant_cache.hpp>
+#include <kvc/quant/rotated.hpp>
+#include <kvc/runtime/make_cache.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace runtime {
+namespace detail {
+
+inline quant_cache_config quant_config(const cache_config& c, int sinks) {
+  quant_cache_config q;
+  static_cast<cache_config&>(q) = c;
+  q.sink_tokens = sinks;
+  q.max_fp_pages = c.max_pages;  // at most one residual and one sink page per stream
+  return q;
+}
+
+template <class KQ, class VQ>
+std::unique_ptr<any_cache> make_quant(const std::string& name, const cache_config& c, int sinks, KQ kq = KQ{},
+                                      VQ vq = VQ{}) {
+  return std::make_unique<cache_adapter<quant_cache<KQ, VQ>>>(name, quant_config(c, sinks), kq, vq);
+}
+
+[[noreturn]] inline void unsupported(const spec_stage& st, const std::string& what, const std::string& expected) {
+  kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", st.text, "': ", what, ", expected ", expected));
+}
+
+inline bool register_quant_storages() {
+  auto& r = storage_registry();
+  r["int8"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+    spec_args a(st);
+    const std::string sch = a.word("scheme", "sym");
+    const int sinks = a.integer("sinks", 0);
+    a.finish("scheme, sinks");
+    if (sch == "sym") return make_quant<quant::int8, quant::int8>(st.text, c, sinks);
+    if (sch == "asym") return make_quant<quant::int8_asym, quant::int8_asym>(st.text, c, sinks);
+    unsupported(st, "scheme = " + sch, "sym or asym");
+  };
+  r["int4"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+    spec_args a(st);
+    const int sinks = a.integer("sinks", 0);
+    a.finish("sinks");
+    return make_quant<quant::int4, quant::int4>(st.text, c, sinks);
+  };
+  r["int2"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+    spec_args a(st);
+    const int sinks = a.integer("sinks", 0);
+    a.finish("sinks");
+    return make_quant<quant::int2, quant::int2>(st.text, c, sinks);
+  };
+  r["fp8"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+    spec_args a(st);
+    const std::string f = a.word("format", "e4m3");
+    const int sinks = a.integer("sinks", 0);
+    a.finish("format, sinks");
+    if (f == "e4m3") return make_quant<quant::fp8<fp8_e4m3>, quant::fp8<fp8_e4m3>>(st.text, c, sinks);
+    if (f == "e5m2") return make_quant<quant::fp8<fp8_e5m2>, quant::fp8<fp8_e5m2>>(st.text, c, sinks);
+    unsupported(st, "format = " + f, "e4m3 or e5m2");
+  };
+  r["kivi"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+    spec_args a(st);
+    const int bits = a.integer("bits", 2);
+    const int kb = a.integer("kbits", bits), vb = a.integer("vbits", bits);
+    const int group = a.integer("group", 32);
+    const int res = a.integer("residual", 128);
+    const int sinks = a.integer("sinks", 0);
+    a.finish("bits, kbits, vbits, group, residual, sinks");
+    if (group != 32) unsupported(st, "group = " + std::to_string(group), "32 (other groups: kvc::quant::kivi<Bits, Group> in C++)");
+    auto mk = [&](auto kq, auto vq) -> std::unique_ptr<any_cache> {
+      kq.residual_tokens = res;
+      vq.residual_tokens = res;
+      return make_quant<decltype(kq), decltype(vq)>(st.text, c, sinks, kq, vq);
+    };
+    if (kb == 2 && vb == 2) return mk(quant::kivi<2>{}, quant::kivi<2>{});
+    if (kb == 4 && vb == 4) return mk(quant::kivi<4>{}, quant::kivi<4>{});
+    if (kb == 8 && vb == 8) return mk(quant::kivi<8>{}, quant::kivi<8>{});
+    if (kb == 4 && vb == 2) return mk(quant::kivi<4>{}, quant::kivi<2>{});
+    if (kb == 2 && vb == 4) return mk(quant::kivi<2>{}, quant::kivi<4>{});
+    unsupported(st, "kbits = " + std::to_string(kb) + ", vbits = " + std::to_string(vb),
+                "2/2, 4/4, 8/8, 4/2 or 2/4 (any pair: kvc::quant_cache<kivi<K>, kivi<V>> in C++)");
+  };
+  r["rotated"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+    spec_args a(st);
+    const int bits = a.integer("bits", 2);
+    const int sinks = a.integer("sinks", 0);
+    a.finish("bits, sinks");
+    if (bits == 2) return make_quant<quant::rotated<quant::int2>, quant::rotated<quant::int2>>(st.text, c, sinks);
+    if (bits == 4) return make_quant<quant::rotated<quant::int4>, quant::rotated<quant::int4>>(st.text, c, sinks);
+    unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
+  };
+  r["outliers"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+    spec_args a(st);
+    const int bits = a.integer("bits", 2);
+    const float frac = static_cast<float>(a.number("fraction", 0.01));
+    const int sinks = a.integer("sinks", 0);
+    a.finish("bits, fraction, sinks");
+    if (bits == 2)
+      return make_quant<quant::outliers<quant::int2>, quant::outliers<quant::int2>>(
+          st.text, c, sinks, quant::outliers<quant::int2>(frac), quant::outliers<quant::int2>(frac));
+    if (bits == 4)
+      return make_quant<quant::outliers<quant::int4>, quant::outliers<quant::int4>>(
+          st.text, c, sinks, quant::outliers<quant::int4>(frac), quant::outliers<quant::int4>(frac));
+    unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
+  };
+  return true;
+}
+
+}  // namespace detail
+
+/// Including this header registers the quantized storages (once per program).
+inline const bool quant_storages_registered = detail::register_quant_storages();
+
+}  // namespace runtime
+KVC_END_NAMESPACE
