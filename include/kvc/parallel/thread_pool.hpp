@@ -68,12 +68,16 @@ class thread_pool {
     for (;;) {
       const std::int32_t i = next_.fetch_add(1);
       if (i >= count_) break;
+#if KVC_HAS_EXCEPTIONS
       try {
         (*job_)(i);
       } catch (...) {
         std::lock_guard<std::mutex> lock(mu_);
         if (!error_) error_ = std::current_exception();
       }
+#else
+      (*job_)(i);
+#endif
       ++finished;
     }
     if (finished) {

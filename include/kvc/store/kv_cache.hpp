@@ -169,6 +169,8 @@ class kv_cache {
   void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
     check_layer(layer, "keep");
     KVC_EXPECTS(head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
+    KVC_EXPECTS(n >= 0, "n = ", n, ", expected >= 0 kept tokens");
+    KVC_EXPECTS(n == 0 || kept != nullptr, "kept is null with n = ", n);
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> one;
     one.emplace_back(head, std::vector<std::int32_t>(kept, kept + n));
     keep_heads(s, layer, one);

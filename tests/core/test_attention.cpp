@@ -1,0 +1,343 @@
+// SPDX-License-Identifier: Apache-2.0
+// kvc::cpu::decode_attention against the dense double reference of support/dense_reference.hpp on
+// random data: head_dim {64, 128, 256}, page_size {1, 16, 64}, GQA groups {1, 4, 8, 12}, ragged
+// per-head lengths including 0 and 1, fp32/fp16/bf16 pages, serial and threaded (small and
+// automatic split-K), every output (out, lse, probs, group_probs); through kv_cache, through
+// same_heads over dense NHD/HND views, a paged HDN view (element path) and a sink-window view.
+//
+// Tolerance: the kernel works in float (fp16/bf16 inputs are exactly representable floats, so the
+// reference sees the very values the kernel reads). Scores are ~unit size with head_dim <= 256,
+// so float dot products err by ~1e-6 relative; the online softmax and split-K merge add a few
+// float roundings per tile. We require |out - ref| <= 2e-5 * max|V| of the head (outputs are
+// convex combinations of V rows), |lse - ref| <= 2e-5 * max(1, |ref|), and probabilities within
+// 2e-5 * p + 1e-7: about 100x float epsilon, and 100x below what a wrong token, a wrong scale or
+// a lost split would cost.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include <kvc/attention/reference.hpp>
+#include <kvc/cpu/decode_attention.hpp>
+#include <kvc/parallel/thread_pool.hpp>
+#include <kvc/store/kv_cache.hpp>
+#include <kvc/view/heads.hpp>
+#include <kvc/view/layout_dense.hpp>
+#include <kvc/view/layout_paged.hpp>
+#include <kvc/view/layout_sink_window.hpp>
+
+#include "dense_reference.hpp"
+#include "fast_require.hpp"
+#include "kvc_catch.hpp"
+#include "random.hpp"
+
+namespace {
+
+constexpr double tol = 2e-5;
+
+struct outputs {
+  std::vector<float> out, lse, probs, group_probs;
+  std::int32_t stride;
+  outputs(std::int32_t hq, std::int32_t hkv, std::int32_t D, std::int32_t stride_)
+      : out(static_cast<std::size_t>(hq) * D, std::numeric_limits<float>::quiet_NaN()),
+        lse(static_cast<std::size_t>(hq), std::numeric_limits<float>::quiet_NaN()),
+        probs(static_cast<std::size_t>(hq) * std::max(stride_, 1), -1.0f),
+        group_probs(static_cast<std::size_t>(hkv) * std::max(stride_, 1), -1.0f),
+        stride(stride_) {}
+  kvc::decode_options options(kvc::thread_pool* pool, std::int32_t split, bool probs_too) {
+    kvc::decode_options o;
+    o.pool = pool;
+    o.split_tokens = split;
+    o.lse = lse.data();
+    if (probs_too) {
+      o.probs = probs.data();
+      o.group_probs = group_probs.data();
+      o.probs_stride = stride;
+    }
+    return o;
+  }
+};
+
+/// Compares every output with the dense reference over `heads`.
+kvc_test::dense_attention_result reference(const std::vector<kvc_test::dense_head>& heads, std::int32_t D,
+                                           const std::vector<float>& q, std::int32_t hq) {
+  return kvc_test::dense_decode_attention(heads, D, q.data(), hq, 1.0 / std::sqrt(static_cast<double>(D)));
+}
+
+void require_close(const std::vector<kvc_test::dense_head>& heads, const kvc_test::dense_attention_result& ref,
+                   std::int32_t D, std::int32_t hq, const outputs& got, bool probs_too) {
+  const std::int32_t G = hq / static_cast<std::int32_t>(heads.size());
+  for (std::int32_t qh = 0; qh < hq; ++qh) {
+    const auto& H = heads[static_cast<std::size_t>(qh / G)];
+    double vmax = 0;
+    for (double x : H.v) vmax = std::max(vmax, std::fabs(x));
+    for (std::int32_t d = 0; d < D; ++d) {
+      const std::size_t i = static_cast<std::size_t>(qh) * D + d;
+      KVC_REQUIRE(std::fabs(got.out[i] - ref.out[i]) <= tol * vmax,
+                  "out qh=" << qh << " d=" << d << " got " << got.out[i] << " want " << ref.out[i] << " n=" << H.n);
+    }
+    const double rl = ref.lse[static_cast<std::size_t>(qh)];
+    const float gl = got.lse[static_cast<std::size_t>(qh)];
+    if (H.n == 0) {
+      KVC_REQUIRE((std::isinf(gl) && gl < 0), "lse of an empty head qh=" << qh << " got " << gl);
+    } else {
+      KVC_REQUIRE(std::fabs(gl - rl) <= tol * std::max(1.0, std::fabs(rl)), "lse qh=" << qh << " got " << gl << " want " << rl);
+    }
+    if (!probs_too) continue;
+    for (std::int32_t t = 0; t < H.n; ++t) {
+      const double rp = ref.probs[static_cast<std::size_t>(qh) * ref.stride + t];
+      const float gp = got.probs[static_cast<std::size_t>(qh) * got.stride + t];
+      KVC_REQUIRE(std::fabs(gp - rp) <= tol * rp + 1e-7, "probs qh=" << qh << " t=" << t << " got " << gp << " want " << rp);
+    }
+  }
+  if (!probs_too) return;
+  for (std::size_t h = 0; h < heads.size(); ++h)
+    for (std::int32_t t = 0; t < heads[h].n; ++t) {
+      const double rp = ref.group_probs[h * static_cast<std::size_t>(ref.stride) + static_cast<std::size_t>(t)];
+      const float gp = got.group_probs[h * static_cast<std::size_t>(got.stride) + static_cast<std::size_t>(t)];
+      KVC_REQUIRE(std::fabs(gp - rp) <= tol * rp + G * 1e-7, "group_probs h=" << h << " t=" << t << " got " << gp << " want " << rp);
+    }
+}
+
+/// A cache of one layer whose heads hold `lens` tokens (appended in random chunks, then kept as
+/// random subsets), and the model of what it holds.
+template <class T>
+struct cache_case {
+  kvc::kv_cache<T> cache;
+  kvc_test::dense_cache_model model;
+  kvc::seq_id s;
+  cache_case(std::int32_t D, std::int32_t P, const std::vector<std::int32_t>& lens, kvc_test::rng& r)
+      : cache(config(D, P, static_cast<std::int32_t>(lens.size()), lens)) {
+    const std::int32_t hkv = static_cast<std::int32_t>(lens.size());
+    model.layers = 1;
+    model.heads = hkv;
+    model.dim = D;
+    s = cache.add_sequence();
+    model.add_sequence(s);
+    const std::int32_t total = *std::max_element(lens.begin(), lens.end()) + r.integer(0, 40);
+    for (std::int32_t done = 0; done < total;) {
+      const std::int32_t n = std::min(total - done, r.coin(0.3) ? 1 : r.integer(1, 200));
+      std::vector<float> k(static_cast<std::size_t>(n) * hkv * D), v(k.size());
+      for (auto& x : k) x = kvc::to_float(kvc::from_float<T>(r.normal()));
+      for (auto& x : v) x = kvc::to_float(kvc::from_float<T>(r.normal()));
+      cache.append(s, 0, k.data(), v.data(), n);
+      model.append(s, 0, k, v, n);
+      done += n;
+    }
+    for (std::int32_t h = 0; h < hkv; ++h) {
+      const auto kept = r.subset(total, lens[static_cast<std::size_t>(h)]);
+      cache.keep(s, 0, h, kept.data(), static_cast<std::int32_t>(kept.size()));
+      model.keep(s, 0, h, kept);
+    }
+  }
+  static kvc::cache_config config(std::int32_t D, std::int32_t P, std::int32_t hkv, const std::vector<std::int32_t>&) {
+    kvc::cache_config c;
+    c.num_kv_heads = hkv;
+    c.head_dim = D;
+    c.page_size = P;
+    c.max_pages = 1 << 14;
+    return c;
+  }
+  std::vector<kvc_test::dense_head> heads() const {
+    std::vector<kvc_test::dense_head> hs;
+    for (std::int32_t h = 0; h < model.heads; ++h) hs.push_back(model.head(s, 0, h));
+    return hs;
+  }
+};
+
+template <class T>
+void run_cache_case(std::int32_t D, std::int32_t P, std::int32_t G, std::uint64_t seed, kvc::thread_pool& pool) {
+  kvc_test::rng r(seed);
+  const std::int32_t max_len = D == 256 ? 300 : D == 128 ? 500 : 700;
+  // Ragged lengths: an empty head, a single token, and random ones.
+  std::vector<std::int32_t> lens = {0, 1, r.integer(2, max_len), r.integer(P, max_len)};
+  std::shuffle(lens.begin(), lens.end(), r.engine());
+  if (G >= 8) lens.resize(2 + static_cast<std::size_t>(r.integer(0, 1)));  // fewer heads for big groups
+  const std::int32_t hkv = static_cast<std::int32_t>(lens.size()), hq = hkv * G;
+  cache_case<T> cc(D, P, lens, r);
+  const auto heads = cc.heads();
+  const auto q = r.normals(static_cast<std::size_t>(hq) * D, 1.5f);
+  const std::int32_t longest = *std::max_element(lens.begin(), lens.end());
+  struct variant {
+    kvc::thread_pool* pool;
+    std::int32_t split;
+    bool probs;
+  };
+  const auto ref = reference(heads, D, q, hq);
+  for (const variant& vt : {variant{nullptr, 0, true}, variant{nullptr, 37, false}, variant{&pool, 0, true},
+                            variant{&pool, 7, false}, variant{&pool, 64, true}}) {
+    INFO(kvc::type_name<T>() << " D=" << D << " P=" << P << " G=" << G << " hkv=" << hkv << " threads="
+                             << (vt.pool ? vt.pool->size() : 1) << " split=" << vt.split);
+    outputs o(hq, hkv, D, longest + (vt.probs ? r.integer(0, 3) : 0));
+    kvc::cpu::decode_attention(cc.cache, cc.s, 0, q.data(), hq, o.out.data(), o.options(vt.pool, vt.split, vt.probs));
+    require_close(heads, ref, D, hq, o, vt.probs);
+  }
+}
+
+/// Dense data for the same_heads views: n tokens of H heads.
+struct dense_kv {
+  std::int32_t n, H, D;
+  std::vector<float> k, v;  // [n][H][D]
+  dense_kv(std::int32_t n_, std::int32_t H_, std::int32_t D_, kvc_test::rng& r)
+      : n(n_), H(H_), D(D_), k(r.normals(static_cast<std::size_t>(n_) * H_ * D_)), v(r.normals(k.size())) {}
+  float at(const std::vector<float>& x, std::int32_t t, std::int32_t h, std::int32_t d) const {
+    return x[(static_cast<std::size_t>(t) * H + h) * D + d];
+  }
+  std::vector<kvc_test::dense_head> heads(const std::vector<std::int32_t>& tokens) const {
+    std::vector<kvc_test::dense_head> hs(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      auto& dh = hs[static_cast<std::size_t>(h)];
+      dh.n = static_cast<std::int32_t>(tokens.size());
+      for (std::int32_t t : tokens)
+        for (std::int32_t d = 0; d < D; ++d) dh.k.push_back(at(k, t, h, d)), dh.v.push_back(at(v, t, h, d));
+    }
+    return hs;
+  }
+  std::vector<std::int32_t> all() const {
+    std::vector<std::int32_t> t(static_cast<std::size_t>(n));
+    for (std::int32_t i = 0; i < n; ++i) t[static_cast<std::size_t>(i)] = i;
+    return t;
+  }
+};
+
+template <class Heads>
+void check_heads(const Heads& hv, const std::vector<kvc_test::dense_head>& ref, std::int32_t D, std::int32_t G,
+                 kvc::thread_pool& pool, kvc_test::rng& r) {
+  const std::int32_t hkv = static_cast<std::int32_t>(ref.size()), hq = hkv * G;
+  const auto q = r.normals(static_cast<std::size_t>(hq) * D, 1.5f);
+  const auto rf = reference(ref, D, q, hq);
+  for (kvc::thread_pool* p : {static_cast<kvc::thread_pool*>(nullptr), &pool}) {
+    INFO("threads=" << (p ? p->size() : 1));
+    outputs o(hq, hkv, D, ref[0].n);
+    kvc::cpu::decode_attention(hv, q.data(), hq, o.out.data(), o.options(p, p ? 16 : 0, true));
+    require_close(ref, rf, D, hq, o, true);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("decode attention through kv_cache equals the dense reference", "[attention]") {
+  kvc::thread_pool pool(3);
+  const std::int32_t Gs[] = {1, 4, 8, 12};
+  int i = 0;
+  for (std::int32_t D : {64, 128, 256}) {
+    for (std::int32_t P : {1, 16, 64}) {
+      const std::int32_t G = Gs[i % 4];
+      run_cache_case<float>(D, P, G, 1000 + static_cast<std::uint64_t>(i), pool);
+      run_cache_case<kvc::half>(D, P, Gs[(i + 1) % 4], 2000 + static_cast<std::uint64_t>(i), pool);
+      run_cache_case<kvc::bfloat16>(D, P, Gs[(i + 2) % 4], 3000 + static_cast<std::uint64_t>(i), pool);
+      ++i;
+    }
+  }
+}
+
+TEST_CASE("decode attention over same_heads of dense NHD and HND views", "[attention]") {
+  kvc::thread_pool pool(2);
+  kvc_test::rng r(50);
+  for (std::int32_t n : {1, 100, 300}) {
+    const std::int32_t H = 2, D = 64, G = 4;
+    const dense_kv x(n, H, D, r);
+    INFO("n=" << n);
+    using VN = kvc::kv_view<const float, kvc::kv_dextents<>, kvc::layout_nhd>;
+    const VN kn(x.k.data(), VN::mapping_type(kvc::kv_dextents<>(n, H, D)));
+    const VN vn(x.v.data(), VN::mapping_type(kvc::kv_dextents<>(n, H, D)));
+    check_heads(kvc::make_same_heads(kn, vn), x.heads(x.all()), D, G, pool, r);
+    // HND with spare capacity, static heads and head_dim.
+    const std::int32_t cap = n + 5;
+    std::vector<float> kh(static_cast<std::size_t>(H) * cap * D, std::numeric_limits<float>::quiet_NaN()), vh(kh);
+    for (std::int32_t t = 0; t < n; ++t)
+      for (std::int32_t h = 0; h < H; ++h)
+        for (std::int32_t d = 0; d < D; ++d) {
+          kh[(static_cast<std::size_t>(h) * cap + t) * D + d] = x.at(x.k, t, h, d);
+          vh[(static_cast<std::size_t>(h) * cap + t) * D + d] = x.at(x.v, t, h, d);
+        }
+    using VH = kvc::kv_view<const float, kvc::kv_extents<2, 64>, kvc::layout_hnd>;
+    const VH khv(kh.data(), VH::mapping_type(kvc::kv_extents<2, 64>(n), cap));
+    const VH vhv(vh.data(), VH::mapping_type(kvc::kv_extents<2, 64>(n), cap));
+    check_heads(kvc::make_same_heads(khv, vhv), x.heads(x.all()), D, G, pool, r);
+  }
+}
+
+TEST_CASE("decode attention over a paged HDN view (element path) and a sink-window view", "[attention]") {
+  kvc::thread_pool pool(2);
+  kvc_test::rng r(51);
+  const std::int32_t H = 2, D = 64, G = 3;
+  for (std::int32_t P : {1, 16}) {
+    const std::int32_t n = 150;
+    const dense_kv x(n, H, D, r);
+    const std::int32_t pages = (n + P - 1) / P;
+    auto table = r.permutation(pages + 2);
+    table.resize(static_cast<std::size_t>(pages));
+    const std::size_t page = static_cast<std::size_t>(P) * H * D;
+    std::vector<float> kp((static_cast<std::size_t>(pages) + 2) * page, std::numeric_limits<float>::quiet_NaN()), vp(kp);
+    for (std::int32_t t = 0; t < n; ++t)
+      for (std::int32_t h = 0; h < H; ++h)
+        for (std::int32_t d = 0; d < D; ++d) {  // [head][dim][slot] inside a page
+          const std::size_t o = static_cast<std::size_t>(table[static_cast<std::size_t>(t / P)]) * page +
+                                (static_cast<std::size_t>(h) * D + d) * P + static_cast<std::size_t>(t % P);
+          kp[o] = x.at(x.k, t, h, d);
+          vp[o] = x.at(x.v, t, h, d);
+        }
+    using V = kvc::kv_view<const float, kvc::kv_dextents<>, kvc::layout_paged<kvc::page_order::hdn>>;
+    const V kv(kp.data(), V::mapping_type(kvc::kv_dextents<>(n, H, D), table.data(), P));
+    const V vv(vp.data(), V::mapping_type(kvc::kv_dextents<>(n, H, D), table.data(), P));
+    INFO("hdn P=" << P);
+    check_heads(kvc::make_same_heads(kv, vv), x.heads(x.all()), D, G, pool, r);
+  }
+  // Sink window: 4 sinks, a ring of 64, 150 tokens seen (the ring has wrapped twice).
+  const std::int32_t sink = 4, window = 64, seen = 150;
+  const dense_kv x(seen, H, D, r);
+  std::vector<float> kr(static_cast<std::size_t>(sink + window) * H * D), vr(kr.size());
+  for (std::int32_t g = 0; g < seen; ++g) {
+    const std::int32_t slot = g < sink ? g : sink + (g - sink) % window;
+    for (std::int32_t h = 0; h < H; ++h)
+      for (std::int32_t d = 0; d < D; ++d) {
+        kr[(static_cast<std::size_t>(slot) * H + h) * D + d] = x.at(x.k, g, h, d);
+        vr[(static_cast<std::size_t>(slot) * H + h) * D + d] = x.at(x.v, g, h, d);
+      }
+  }
+  std::vector<std::int32_t> visible;
+  for (std::int32_t g = 0; g < sink; ++g) visible.push_back(g);
+  for (std::int32_t g = seen - window; g < seen; ++g) visible.push_back(g);
+  using W = kvc::kv_view<const float, kvc::kv_dextents<>, kvc::layout_sink_window>;
+  const kvc::kv_dextents<> e(sink + window, H, D);
+  const W kw(kr.data(), W::mapping_type(e, sink, window, seen));
+  const W vw(vr.data(), W::mapping_type(e, sink, window, seen));
+  INFO("sink window");
+  check_heads(kvc::make_same_heads(kw, vw), x.heads(visible), D, G, pool, r);
+}
+
+TEST_CASE("kvc::reference::decode_attention agrees with the independent dense reference", "[attention]") {
+  kvc_test::rng r(52);
+  kvc::thread_pool pool(1);
+  cache_case<float> cc(64, 16, {0, 1, 77}, r);
+  const auto q = r.normals(3 * 2 * 64);
+  outputs o(6, 3, 64, 77);
+  std::vector<kvc::kv_cache<float>::view_type> buf;
+  kvc::reference::decode_attention(cc.cache.layer(cc.s, 0, buf), q.data(), 6, o.out.data(), o.options(nullptr, 0, true));
+  require_close(cc.heads(), reference(cc.heads(), 64, q, 6), 64, 6, o, true);
+}
+
+TEST_CASE("decode attention rejects bad arguments", "[attention][errors]") {
+  kvc_test::rng r(53);
+  cache_case<float> cc(8, 4, {3, 5}, r);
+  std::vector<float> q(4 * 8, 0.5f), out(4 * 8);
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 0, q.data(), 3, out.data()),
+                      Catch::Contains("num_q_heads = 3"));
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 0, q.data(), 0, out.data()),
+                      Catch::Contains("num_q_heads = 0"));
+  q[5] = std::numeric_limits<float>::quiet_NaN();
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 0, q.data(), 4, out.data()), Catch::Contains("q[5]"));
+  q[5] = 0.5f;
+  std::vector<float> probs(4 * 5);
+  kvc::decode_options o;
+  o.probs = probs.data();
+  o.probs_stride = 4;
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 0, q.data(), 4, out.data(), o),
+                      Catch::Contains("probs_stride = 4"));
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 0, static_cast<const float*>(nullptr), 4, out.data()),
+                      Catch::Contains("null"));
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 1, q.data(), 4, out.data()), Catch::Contains("layer = 1"));
+}
