@@ -26,12 +26,23 @@ KVC_BEGIN_NAMESPACE
 namespace cpu {
 namespace detail {
 
-/// Tokens scored per online-softmax step. 64 tokens x 8 heads of scores stay in L1 and amortise
-/// the rescale of the accumulators; 32 and 128 measured within noise of it (bench_decode, fp16
-/// 32/8/128 at 32k, 2026-11).
-inline constexpr std::int32_t tile_tokens = 64;
+/// Tokens scored per online-softmax step. One tile of K rows is scored, then the same tile of V
+/// rows is accumulated. 16 tokens is one page of the store's default page size, so K then V of a
+/// tile is one contiguous 2 * 16 * D run of a page and the reads stream through memory in address
+/// order; 64-token tiles jump between the K and V halves of four pages. bench_decode fp16
+/// 32x8x128 ctx:32768 threads:1 (2026-11, 2-core AVX2 VM, A/B in one process): 16 tokens 1.3-1.8x
+/// the speed of 64, 32 tokens 1.1x; at 1k tokens (cache-resident) all within 5%.
+inline constexpr std::int32_t tile_tokens = 16;
+/// Tiles ahead whose K and V rows are prefetched while a tile is scored. bench_decode fp16
+/// 32x8x128 ctx:32768 threads:1 (2026-11): 1.1-1.2x over no prefetch at 1, 2, 4 or 8 tiles (within
+/// noise of each other); prefetching whole tiles in one burst instead was 0.8-1.0x.
+inline constexpr std::int32_t prefetch_tiles = 2;
 /// Query heads processed together; larger groups run in blocks of this size.
 inline constexpr std::int32_t max_group = 8;
+/// SIMD accumulators a register block aims for: 8 independent FMA chains cover the FMA latency
+/// of AVX2 cores (4 cycles x 2 pipes) and leave 8 of the 16 ymm registers for operands. 12 measured
+/// within noise of 8 (bench_decode fp16/fp32/bf16 32x8x128 and fp16 9x3x64, 1k and 32k, 2026-11).
+inline constexpr std::int32_t acc_regs = 8;
 
 /// Partial softmax state of G query heads over a token range.
 struct partial {
@@ -44,77 +55,159 @@ template <class View>
 inline constexpr bool rows_are_plain_v = is_plain_accessor_v<typename View::accessor_type> &&
                                          View::mapping_type::dim_contiguous;
 
-/// Calls fn(i, row) for tokens t0..t1 of head hi, row being a pointer to head_dim elements:
-/// the stored ones for plain row layouts, a float copy otherwise.
-template <class View, class Fn>
-KVC_FORCEINLINE void for_each_row(const View& v, std::int32_t hi, std::int32_t t0, std::int32_t t1,
-                                  float* scratch, Fn&& fn) {
+/// What a tile's rows are read as: the stored elements for plain row layouts, float copies
+/// otherwise.
+template <class View>
+using row_t = std::conditional_t<rows_are_plain_v<View>, const typename View::value_type, const float>;
+
+/// rows[i] = the row of token t0 + i of head hi, for i < tn: pointers into the pages for plain row
+/// layouts (one table lookup per page), float copies in scratch[tn][D] otherwise.
+template <class View>
+KVC_FORCEINLINE void tile_rows(const View& v, std::int32_t hi, std::int32_t t0, std::int32_t tn,
+                               row_t<View>** rows, float* scratch) {
   if constexpr (rows_are_plain_v<View>) {
     const auto* base = v.data_handle();
-    std::int32_t t = t0;
-    while (t < t1) {
-      const auto r = v.run(t, hi);
-      const std::int32_t len = std::min<std::int32_t>(static_cast<std::int32_t>(r.length), t1 - t);
+    std::int32_t i = 0;
+    while (i < tn) {
+      const auto r = v.run(t0 + i, hi);
+      const std::int32_t len = std::min<std::int32_t>(static_cast<std::int32_t>(r.length), tn - i);
       const auto* row = base + r.offset;
-      for (std::int32_t i = 0; i < len; ++i, row += r.token_stride) fn(t - t0 + i, row);
-      t += len;
+      for (std::int32_t j = 0; j < len; ++j, row += r.token_stride) rows[i + j] = row;
+      i += len;
     }
   } else {
     const std::int32_t D = static_cast<std::int32_t>(v.extent(2));
-    for (std::int32_t t = t0; t < t1; ++t) {
-      for (std::int32_t d = 0; d < D; ++d) scratch[d] = static_cast<float>(v(t, hi, d));
-      fn(t - t0, static_cast<const float*>(scratch));
+    for (std::int32_t i = 0; i < tn; ++i) {
+      float* dst = scratch + static_cast<std::size_t>(i) * D;
+      for (std::int32_t d = 0; d < D; ++d) dst[d] = static_cast<float>(v(t0 + i, hi, d));
+      rows[i] = dst;
     }
   }
 }
 
-/// s[g * stride] = q_g . row for the G heads of a group.
-template <class Arch, std::int32_t G, class T>
-KVC_FORCEINLINE void dot_group(const float* q, const T* row, std::int32_t D, float* s, std::int32_t stride) noexcept {
-  constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
-  fbatch<Arch> acc[G];
-  for (std::int32_t g = 0; g < G; ++g) acc[g] = fbatch<Arch>(0.0f);
+/// s[g * tile_tokens + t] = q_g . rows[t] for T tokens x G heads in one pass over D; the T*G
+/// sums are reduced together (transposed horizontal adds).
+template <class Arch, std::int32_t G, std::int32_t T, class R>
+KVC_FORCEINLINE void score_block(const float* q, R* const* rows, std::int32_t D, float* s) noexcept {
+  using B = fbatch<Arch>;
+  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
+  constexpr std::int32_t NR = (T * G + W - 1) / W * W;  // whole haddp groups
+  B acc[NR];
+  for (std::int32_t j = 0; j < NR; ++j) acc[j] = B(0.0f);
   std::int32_t d = 0;
   for (; d + W <= D; d += W) {
-    const auto k = load_as_float<Arch>(row + d);
-    for (std::int32_t g = 0; g < G; ++g) acc[g] = xsimd::fma(fbatch<Arch>::load_unaligned(q + g * D + d), k, acc[g]);
-  }
-  for (std::int32_t g = 0; g < G; ++g) {
-    float r = cpu::reduce_add<Arch>(acc[g]);
-    for (std::int32_t e = d; e < D; ++e) r += q[g * D + e] * static_cast<float>(row[e]);
-    s[g * stride] = r;
-  }
-}
-
-/// acc_g += p[g * stride] * row for the G heads of a group.
-template <class Arch, std::int32_t G, class T>
-KVC_FORCEINLINE void axpy_group(const float* p, std::int32_t stride, const T* row, std::int32_t D, float* acc) noexcept {
-  constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
-  fbatch<Arch> pb[G];
-  for (std::int32_t g = 0; g < G; ++g) pb[g] = fbatch<Arch>(p[g * stride]);
-  std::int32_t d = 0;
-  for (; d + W <= D; d += W) {
-    const auto v = load_as_float<Arch>(row + d);
+    B k[T];
+    for (std::int32_t t = 0; t < T; ++t) k[t] = load_as_float<Arch>(rows[t] + d);
     for (std::int32_t g = 0; g < G; ++g) {
-      float* a = acc + g * D + d;
-      xsimd::fma(pb[g], v, fbatch<Arch>::load_unaligned(a)).store_unaligned(a);
+      const B qg = B::load_unaligned(q + g * D + d);
+      for (std::int32_t t = 0; t < T; ++t) acc[t * G + g] = xsimd::fma(qg, k[t], acc[t * G + g]);
     }
   }
+  alignas(64) float sum[NR];
+  for (std::int32_t j = 0; j < NR; j += W) xsimd::haddp(acc + j).store_aligned(sum + j);
+  for (std::int32_t t = 0; t < T; ++t)
+    for (std::int32_t g = 0; g < G; ++g) {
+      float r = sum[t * G + g];
+      for (std::int32_t e = d; e < D; ++e) r += q[g * D + e] * static_cast<float>(rows[t][e]);
+      s[g * tile_tokens + t] = r;
+    }
+}
+
+/// Prefetches the D elements of row r.
+template <class R>
+KVC_FORCEINLINE void prefetch_row(R* r, std::int32_t D) noexcept {
+  const char* p = reinterpret_cast<const char*>(r);
+  const std::size_t bytes = sizeof(R) * static_cast<std::size_t>(D);
+  for (std::size_t b = 0; b < bytes; b += 64) prefetch_read(p + b);
+}
+
+/// Scores of the tn rows of a tile for G heads, acc_regs / G tokens at a time. Prefetches rows
+/// pk[0..pn) and pv[0..pn) of a later tile along the way, a few lines per block, so the misses
+/// overlap the arithmetic instead of arriving in one burst.
+template <class Arch, std::int32_t G, class R, class PK, class PV>
+KVC_FORCEINLINE void score_tile(const float* q, R* const* rows, std::int32_t tn, std::int32_t D, float* s,
+                                PK* const* pk, PV* const* pv, std::int32_t pn) noexcept {
+  constexpr std::int32_t TK = G >= acc_regs ? 1 : acc_regs / G;
+  std::int32_t i = 0;
+  for (; i + TK <= tn; i += TK) {
+    for (std::int32_t t = i; t < i + TK && t < pn; ++t) {
+      prefetch_row(pk[t], D);
+      prefetch_row(pv[t], D);
+    }
+    score_block<Arch, G, TK>(q, rows + i, D, s + i);
+  }
+  for (; i < tn; ++i) {
+    if (i < pn) {
+      prefetch_row(pk[i], D);
+      prefetch_row(pv[i], D);
+    }
+    score_block<Arch, G, 1>(q, rows + i, D, s + i);
+  }
+}
+
+/// acc_g[d .. d + C*W) += sum_i p[g * tile_tokens + i] * rows[i][d .. d + C*W) with the G x C
+/// accumulators in registers over all rows of the tile.
+template <class Arch, std::int32_t G, std::int32_t C, class R>
+KVC_FORCEINLINE void accumulate_chunk(const float* p, R* const* rows, std::int32_t tn, std::int32_t D, std::int32_t d,
+                                      float* acc) noexcept {
+  using B = fbatch<Arch>;
+  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
+  B a[G][C];
+  for (std::int32_t g = 0; g < G; ++g)
+    for (std::int32_t c = 0; c < C; ++c) a[g][c] = B::load_unaligned(acc + g * D + d + c * W);
+  for (std::int32_t i = 0; i < tn; ++i) {
+    B v[C];
+    for (std::int32_t c = 0; c < C; ++c) v[c] = load_as_float<Arch>(rows[i] + d + c * W);
+    for (std::int32_t g = 0; g < G; ++g) {
+      const B pg(p[g * tile_tokens + i]);
+      for (std::int32_t c = 0; c < C; ++c) a[g][c] = xsimd::fma(pg, v[c], a[g][c]);
+    }
+  }
+  for (std::int32_t g = 0; g < G; ++g)
+    for (std::int32_t c = 0; c < C; ++c) a[g][c].store_unaligned(acc + g * D + d + c * W);
+}
+
+/// acc_g += sum_i p[g * tile_tokens + i] * rows[i] for the G heads of a group: chunks of d outer,
+/// the tile's rows inner, so the accumulators stay in registers (the rows stay in L1).
+template <class Arch, std::int32_t G, class R>
+KVC_FORCEINLINE void accumulate_tile(const float* p, R* const* rows, std::int32_t tn, std::int32_t D,
+                                     float* acc) noexcept {
+  constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
+  constexpr std::int32_t C = G >= acc_regs ? 1 : acc_regs / G;
+  std::int32_t d = 0;
+  for (; d + C * W <= D; d += C * W) accumulate_chunk<Arch, G, C>(p, rows, tn, D, d, acc);
+  for (; d + W <= D; d += W) accumulate_chunk<Arch, G, 1>(p, rows, tn, D, d, acc);
   for (; d < D; ++d)
-    for (std::int32_t g = 0; g < G; ++g) acc[g * D + d] += p[g * stride] * static_cast<float>(row[d]);
+    for (std::int32_t i = 0; i < tn; ++i)
+      for (std::int32_t g = 0; g < G; ++g) acc[g * D + d] += p[g * tile_tokens + i] * static_cast<float>(rows[i][d]);
 }
 
 /// Attention of G pre-scaled query heads over tokens [t0, t1) of head hi. Updates st; when raw
-/// is non-null, writes the scaled scores to raw[g * raw_stride + t].
+/// is non-null, writes the scaled scores to raw[g * raw_stride + t]. scratch holds
+/// tile_tokens * D floats when K or V rows are not plain (null otherwise).
 template <class Arch, std::int32_t G, class KView, class VView>
 void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t t0, std::int32_t t1,
                   const float* q, std::int32_t D, partial& st, float* raw, std::int32_t raw_stride,
                   float* scratch) {
+  constexpr bool plain = rows_are_plain_v<KView> && rows_are_plain_v<VView>;
   alignas(64) float s[G * tile_tokens];
+  row_t<KView>* krows[tile_tokens];
+  row_t<VView>* vrows[tile_tokens];
+  row_t<KView>* pk[tile_tokens] = {};  // rows of the tile being prefetched
+  row_t<VView>* pv[tile_tokens] = {};
   for (std::int32_t ts = t0; ts < t1; ts += tile_tokens) {
     const std::int32_t tn = std::min(tile_tokens, t1 - ts);
-    for_each_row(K, hi, ts, ts + tn, scratch,
-                 [&](std::int32_t i, const auto* row) { dot_group<Arch, G>(q, row, D, s + i, tile_tokens); });
+    tile_rows(K, hi, ts, tn, krows, scratch);
+    std::int32_t pn = 0;
+    if constexpr (plain) {
+      const std::int32_t tp = ts + prefetch_tiles * tile_tokens;
+      if (tp < t1) {
+        pn = std::min(tile_tokens, t1 - tp);
+        tile_rows(K, hi, tp, pn, pk, scratch);
+        tile_rows(V, hi, tp, pn, pv, scratch);
+      }
+    }
+    score_tile<Arch, G>(q, krows, tn, D, s, pk, pv, pn);
     for (std::int32_t g = 0; g < G; ++g) {
       float* sg = s + g * tile_tokens;
       if (raw) std::copy(sg, sg + tn, raw + static_cast<std::size_t>(g) * raw_stride + ts);
@@ -134,8 +227,8 @@ void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t 
       for (std::int32_t i = 0; i < tn; ++i) l += sg[i];
       st.l[g] += l;
     }
-    for_each_row(V, hi, ts, ts + tn, scratch,
-                 [&](std::int32_t i, const auto* row) { axpy_group<Arch, G>(s + i, tile_tokens, row, D, st.acc); });
+    tile_rows(V, hi, ts, tn, vrows, scratch);
+    accumulate_tile<Arch, G>(s, vrows, tn, D, st.acc);
   }
 }
 
@@ -210,14 +303,23 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
 
   // Split-K plan: tasks are (kv head, group block, token range).
   const std::int32_t threads = opt.pool ? opt.pool->size() : 1;
-  std::int64_t total = 0;
-  for (std::int32_t h = 0; h < hkv; ++h) total += heads.keys(h).extent(0);
   std::int32_t chunk = opt.split_tokens;
   if (chunk <= 0) {
-    // Serial: no split. Threaded: about 4 tasks per thread, never below 512 tokens a task, so the
-    // merge and task overhead stay under 1% of the work.
-    chunk = threads == 1 ? std::numeric_limits<std::int32_t>::max()
-                         : static_cast<std::int32_t>(std::max<std::int64_t>(512, (total + 4 * threads - 1) / (4 * threads)));
+    // Serial: no split. Threaded: a few tasks per thread, their count a multiple of the threads
+    // (the pool hands tasks out dynamically, but equal streams then end together), whole tiles,
+    // never below 512 tokens a task so the merge and task overhead stay under 1% of the work.
+    // bench_decode fp16 9x3x64 ctx:32768 threads:2 (2026-11): 18 tasks of 6144 tokens 1.3x the
+    // speed of the former 9 of 12288 (one thread idle for the last third).
+    if (threads == 1) {
+      chunk = std::numeric_limits<std::int32_t>::max();
+    } else {
+      const std::int64_t units = std::int64_t{hkv} * ((G + detail::max_group - 1) / detail::max_group);
+      std::int64_t splits = (4 * threads + units - 1) / units;
+      while ((units * splits) % threads != 0) ++splits;
+      const std::int64_t per = std::max<std::int64_t>(1, (longest + splits - 1) / splits);
+      chunk = static_cast<std::int32_t>(std::max<std::int64_t>(
+          512, (per + detail::tile_tokens - 1) / detail::tile_tokens * detail::tile_tokens));
+    }
   }
   struct task {
     std::int32_t h, g0, gn, t0, t1;
@@ -243,7 +345,10 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
       st.l[g] = 0.0f;
     }
     if (tk.t1 <= tk.t0) return;
-    std::vector<float> scratch(detail::rows_are_plain_v<KView> && detail::rows_are_plain_v<VView> ? 0 : D);
+    // Float copies of a tile's rows, only for layouts or accessors without plain rows.
+    std::vector<float> scratch(detail::rows_are_plain_v<KView> && detail::rows_are_plain_v<VView>
+                                   ? 0
+                                   : static_cast<std::size_t>(detail::tile_tokens) * D);
     const std::int32_t qh0 = tk.h * G + tk.g0;
     detail::attend_range_dispatch<Arch>(tk.gn, heads.keys(tk.h), heads.values(tk.h), heads.index(tk.h), tk.t0,
                                         tk.t1, qs.data() + static_cast<std::size_t>(qh0) * D, D, st,
