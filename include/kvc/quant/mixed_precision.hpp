@@ -1,0 +1,652 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `mixed_precision_cache<HQ, LQ>`: a quantized KV store with two precisions per stream. Tokens
+/// arrive in high precision (codec HQ, e.g. int8, with the quant_cache's full-precision sinks);
+/// `demote` / `apply_precision` move chosen tokens to low precision (codec LQ, e.g. int2) instead
+/// of evicting them. Both precisions live in page pools of their own, so demotion really frees
+/// high-precision pages and takes (fewer bytes of) low-precision ones; bytes_in_use() reads both
+/// pools. `mikv_policy` picks the tokens that stay high from per-token importance scores
+/// (accumulated attention as in H2O, or any scores the caller has), the sinks and a recent window.
+///
+/// Layout: a quant_cache<HQ> holds the high tokens (its sinks, quantized region and residual
+/// window, in token order); a quant_cache<LQ> with one kv head per (layer, head) holds the demoted
+/// tokens in the order they were demoted. A per-stream table maps each logical token to its store.
+/// Demoted tokens are re-encoded from their *decoded* high-precision values (the originals are
+/// gone): |x - x^| <= err_HQ(x) + err_LQ, where err_LQ is LQ's bound on the decoded row. Tokens
+/// cannot be promoted back. Only tokens of the high store's quantized region can be demoted:
+/// sinks and the full-precision residual window always stay.
+///
+/// Every mutating call gives the strong guarantee: if it throws, the cache is as before. (The
+/// rollback of a failed demotion truncates the low store, which allocates no pages; it allocates
+/// small host vectors, so only a std::bad_alloc *during the rollback* could break this.)
+///
+/// Decode attention (kvc::cpu::decode_attention overload below) runs the fused quantized kernel
+/// over each store and merges the two partial softmaxes exactly by their log-sum-exp; no full
+/// precision copy of the context is made. probs / group_probs are returned in logical order.
+///
+/// \par Reference
+/// Yang et al., "No Token Left Behind: Reliable KV Cache Compression via Importance-Aware Mixed
+/// Precision Quantization" (MiKV), arXiv:2402.18096.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+#include <kvc/attention/options.hpp>
+#include <kvc/cpu/quant_attention.hpp>
+#include <kvc/error.hpp>
+#include <kvc/quant/int8.hpp>
+#include <kvc/quant/quant_cache.hpp>
+
+KVC_BEGIN_NAMESPACE
+
+/// \tparam HQ  high-precision codec (per-token: kvc::quant::int8, fp8<>, int4, outliers<int8>, ...)
+/// \tparam LQ  low-precision codec (per-token, no residual window: int2, int4, ...)
+/// \tparam Fp  element type of the full-precision sinks and residual window
+template <class HQ = quant::int8, class LQ = quant::int2, class Fp = half>
+class mixed_precision_cache {
+  static_assert(HQ::tokens_per_record(quant::role::key) == 1 && HQ::tokens_per_record(quant::role::value) == 1,
+                "kvc::mixed_precision_cache<HQ, LQ>: HQ must be a per-token codec (compaction moves records without "
+                "re-encoding)");
+  static_assert(LQ::tokens_per_record(quant::role::key) == 1 && LQ::tokens_per_record(quant::role::value) == 1,
+                "kvc::mixed_precision_cache<HQ, LQ>: LQ must be a per-token codec");
+
+ public:
+  using high_cache_type = quant_cache<HQ, HQ, Fp>;
+  using low_cache_type = quant_cache<LQ, LQ, Fp>;
+  using high_codec = HQ;
+  using low_codec = LQ;
+
+  /// \param cfg            shape, page size, high pool capacity (max_pages), sinks, pre-RoPE
+  /// \param low_max_pages  capacity of the low pool in pages (0: cfg.max_pages)
+  explicit mixed_precision_cache(const quant_cache_config& cfg, std::int32_t low_max_pages = 0, HQ hq = HQ{},
+                                 LQ lq = LQ{})
+      : high_(cfg, hq, hq), low_(low_config(cfg, low_max_pages, lq), lq, lq) {}
+
+  const quant_cache_config& config() const noexcept { return high_.config(); }
+  const high_cache_type& high_cache() const noexcept { return high_; }
+  const low_cache_type& low_cache() const noexcept { return low_; }
+
+  // ---- sequences -------------------------------------------------------------------------
+
+  seq_id add_sequence() {
+    const seq_id hs = high_.add_sequence();
+    seq_id ls;
+    try {
+      ls = low_.add_sequence();
+      try {
+        seqs_.emplace(hs, sequence{ls, std::vector<mstream>(nstreams())});
+      } catch (...) {
+        low_.remove_sequence(ls);
+        throw;
+      }
+    } catch (...) {
+      high_.remove_sequence(hs);
+      throw;
+    }
+    return hs;
+  }
+
+  void remove_sequence(seq_id s) {
+    auto it = find(s, "remove_sequence");
+    high_.remove_sequence(s);
+    low_.remove_sequence(it->second.low);
+    seqs_.erase(it);
+  }
+
+  bool contains(seq_id s) const noexcept { return seqs_.count(s) != 0; }
+  std::size_t num_sequences() const noexcept { return seqs_.size(); }
+
+  /// A new sequence sharing every page of s (copy on write in both stores).
+  seq_id fork(seq_id s) {
+    const sequence& src = find(s, "fork")->second;
+    sequence copy = src;
+    const seq_id hs = high_.fork(s);
+    try {
+      copy.low = low_.fork(src.low);
+      try {
+        seqs_.emplace(hs, std::move(copy));
+      } catch (...) {
+        low_.remove_sequence(copy.low);
+        throw;
+      }
+    } catch (...) {
+      high_.remove_sequence(hs);
+      throw;
+    }
+    return hs;
+  }
+
+  // ---- writing ---------------------------------------------------------------------------
+
+  /// Appends n tokens (high precision) to every kv-head of one layer; see quant_cache::append.
+  void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
+              const std::int32_t* positions = nullptr) {
+    sequence& sq = find(s, "append")->second;
+    check_layer(layer, "append");
+    KVC_EXPECTS(n >= 0, "n = ", n, ", expected >= 0 tokens");
+    const std::int32_t H = config().num_kv_heads;
+    for (std::int32_t h = 0; h < H; ++h) {
+      mstream& ms = at(sq, layer, h);
+      ms.low_idx.reserve(ms.low_idx.size() + static_cast<std::size_t>(n));
+      ms.pos.reserve(ms.pos.size() + static_cast<std::size_t>(n));
+    }
+    high_.append(s, layer, k, v, n, positions);
+    // Commit: nothing below throws (capacity reserved above).
+    for (std::int32_t h = 0; h < H; ++h) {
+      mstream& ms = at(sq, layer, h);
+      const std::int32_t L = high_.length(s, layer, h);
+      const std::int32_t* hp = high_.positions(s, layer, h);
+      for (std::int32_t i = L - n; i < L; ++i) {
+        ms.low_idx.push_back(-1);
+        ms.pos.push_back(hp[i]);
+      }
+    }
+  }
+
+  /// Moves tokens token_indices[0..n) (strictly increasing logical indices, each a high-precision
+  /// quantized token: not a sink, not in the full-precision window, not already low) to low
+  /// precision. Strong guarantee.
+  void demote(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* token_indices, std::int32_t n) {
+    sequence& sq = find(s, "demote")->second;
+    check_layer(layer, "demote");
+    check_head(head, "demote");
+    KVC_EXPECTS(n >= 0 && (n == 0 || token_indices != nullptr), "token_indices is null or n = ", n, " < 0");
+    if (n == 0) return;
+    mstream& ms = at(sq, layer, head);
+    const std::int32_t L = static_cast<std::int32_t>(ms.low_idx.size());
+    const auto rc = high_.regions(s, layer, head);
+    // logical index -> high index
+    std::vector<std::int32_t> hi(static_cast<std::size_t>(L), -1);
+    std::int32_t nh = 0, nl = 0;
+    for (std::int32_t t = 0; t < L; ++t) {
+      if (ms.low_idx[static_cast<std::size_t>(t)] < 0) hi[static_cast<std::size_t>(t)] = nh++;
+      else ++nl;
+    }
+    std::vector<char> gone(static_cast<std::size_t>(nh), 0);
+    for (std::int32_t i = 0; i < n; ++i) {
+      const std::int32_t t = token_indices[i];
+      if (t < 0 || t >= L)
+        fail("demote", head, "token_indices[", i, "] = ", t, ", expected 0..", L - 1, " (the stream's length is ", L,
+             ")");
+      if (i > 0 && t <= token_indices[i - 1])
+        fail("demote", head, "token_indices[", i, "] = ", t, " after ", token_indices[i - 1],
+             ", expected strictly increasing indices");
+      const std::int32_t h = hi[static_cast<std::size_t>(t)];
+      if (h < 0) fail("demote", head, "token ", t, " is already low precision");
+      if (h < rc.sink)
+        fail("demote", head, "token ", t, " is an attention sink (kept in full precision; sink_tokens = ",
+             config().sink_tokens, ")");
+      if (h >= rc.sink + rc.quantized)
+        fail("demote", head, "token ", t,
+             " is in the full-precision residual window (the newest tokens stay exact); only quantized tokens can be "
+             "demoted");
+      gone[static_cast<std::size_t>(h)] = 1;
+    }
+    // Rows to demote (model domain, pre-RoPE keys when the cache is pre-RoPE) and their positions.
+    const std::int32_t D = config().head_dim;
+    std::vector<float> kb(static_cast<std::size_t>(n) * D), vb(kb.size());
+    std::vector<std::int32_t> pos(static_cast<std::size_t>(n));
+    const auto sv = high_.view(s, layer, head);
+    for (std::int32_t i = 0; i < n; ++i) {
+      const std::int32_t t = token_indices[i];
+      const std::int32_t h = hi[static_cast<std::size_t>(t)];
+      high_.template decode_unroped<quant::role::key>(sv, h, kb.data() + static_cast<std::size_t>(i) * D);
+      high_.template decode_unroped<quant::role::value>(sv, h, vb.data() + static_cast<std::size_t>(i) * D);
+      pos[static_cast<std::size_t>(i)] = ms.pos[static_cast<std::size_t>(t)];
+    }
+    std::vector<std::int32_t> keep_high;
+    keep_high.reserve(static_cast<std::size_t>(nh - n));
+    for (std::int32_t h = 0; h < nh; ++h)
+      if (!gone[static_cast<std::size_t>(h)]) keep_high.push_back(h);
+    std::vector<std::int32_t> new_low = ms.low_idx;
+    for (std::int32_t i = 0; i < n; ++i) new_low[static_cast<std::size_t>(token_indices[i])] = nl + i;
+    std::vector<std::int32_t> truncate(static_cast<std::size_t>(nl));
+    std::iota(truncate.begin(), truncate.end(), 0);
+    const std::int32_t ll = low_layer(layer, head);
+    low_.append(sq.low, ll, kb.data(), vb.data(), n, pos.data());
+    try {
+      high_.keep(s, layer, head, keep_high.data(), static_cast<std::int32_t>(keep_high.size()));
+    } catch (...) {
+      low_.keep(sq.low, ll, 0, truncate.data(), nl);  // allocates no pages: a pure truncation
+      throw;
+    }
+    ms.low_idx.swap(new_low);
+  }
+
+  /// Demotes every high-precision quantized token t with high_mask[t] == 0 (high_mask has one
+  /// entry per token of the stream). Tokens already low stay low whatever their mask (there is no
+  /// promotion). A 0 on a sink or on a full-precision window token is an error. Returns the number
+  /// of tokens demoted. Strong guarantee.
+  std::int32_t apply_precision(seq_id s, std::int32_t layer, std::int32_t head, const std::uint8_t* high_mask) {
+    const sequence& sq = find(s, "apply_precision")->second;
+    check_layer(layer, "apply_precision");
+    check_head(head, "apply_precision");
+    const mstream& ms = at(sq, layer, head);
+    const std::int32_t L = static_cast<std::int32_t>(ms.low_idx.size());
+    KVC_EXPECTS(L == 0 || high_mask != nullptr, "high_mask is null for a stream of ", L, " tokens");
+    std::vector<std::int32_t> idx;
+    for (std::int32_t t = 0; t < L; ++t)
+      if (!high_mask[t] && ms.low_idx[static_cast<std::size_t>(t)] < 0) idx.push_back(t);
+    demote(s, layer, head, idx.data(), static_cast<std::int32_t>(idx.size()));
+    return static_cast<std::int32_t>(idx.size());
+  }
+
+  /// Keeps tokens kept[0..n) of one stream (strictly increasing logical indices), evicting the
+  /// rest from both precisions. Strong guarantee.
+  void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
+    check_layer(layer, "keep");
+    check_head(head, "keep");
+    KVC_EXPECTS(n >= 0 && (n == 0 || kept != nullptr), "kept is null or n = ", n, " < 0");
+    std::vector<std::vector<std::int32_t>> one(static_cast<std::size_t>(config().num_kv_heads));
+    std::vector<char> touched(one.size(), 0);
+    one[static_cast<std::size_t>(head)].assign(kept, kept + n);
+    touched[static_cast<std::size_t>(head)] = 1;
+    keep_impl(s, layer, one, touched, "keep");
+  }
+
+  /// Keeps, for every head h of one layer, the tokens kept[h]. All heads change or none does.
+  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
+    check_layer(layer, "keep_layer");
+    KVC_EXPECTS(static_cast<std::int32_t>(kept.size()) == config().num_kv_heads, "kept.size() = ", kept.size(),
+                ", expected num_kv_heads = ", config().num_kv_heads);
+    std::vector<char> touched(kept.size(), 1);
+    keep_impl(s, layer, kept, touched, "keep_layer");
+  }
+
+  // ---- reading ---------------------------------------------------------------------------
+
+  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return static_cast<std::int32_t>(get(s, layer, head, "length").low_idx.size());
+  }
+  /// Original positions of the stream's tokens, in logical order.
+  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return get(s, layer, head, "positions").pos.data();
+  }
+  std::int32_t seen(seq_id s, std::int32_t layer) const { return high_.seen(s, layer); }
+  /// Whether token t of the stream is stored in low precision.
+  bool is_low(seq_id s, std::int32_t layer, std::int32_t head, std::int32_t t) const {
+    const mstream& ms = get(s, layer, head, "is_low");
+    KVC_EXPECTS(t >= 0 && t < static_cast<std::int32_t>(ms.low_idx.size()), "t = ", t, ", expected 0..",
+                static_cast<std::int32_t>(ms.low_idx.size()) - 1);
+    return ms.low_idx[static_cast<std::size_t>(t)] >= 0;
+  }
+  /// The low store's index of every token (-1: high precision), logical order.
+  const std::vector<std::int32_t>& low_indices(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return get(s, layer, head, "low_indices").low_idx;
+  }
+  /// The low store's (sequence, layer) of a stream, for kernels reading it directly.
+  std::pair<seq_id, std::int32_t> low_stream(seq_id s, std::int32_t layer, std::int32_t head) const {
+    get(s, layer, head, "low_stream");
+    return {find(s, "low_stream")->second.low, low_layer(layer, head)};
+  }
+
+  struct region_counts {
+    std::int32_t sink, high, low, residual;  ///< full-precision sinks, high codes, low codes, full-precision window
+  };
+  region_counts regions(seq_id s, std::int32_t layer, std::int32_t head) const {
+    const mstream& ms = get(s, layer, head, "regions");
+    const auto r = high_.regions(s, layer, head);
+    const std::int32_t nl = static_cast<std::int32_t>(ms.low_idx.size()) - (r.sink + r.quantized + r.residual);
+    return {r.sink, r.quantized, nl, r.residual};
+  }
+
+  /// Dequantized keys and values of one stream, logical order, [length][head_dim] (either may be null).
+  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
+    const mstream& ms = get(s, layer, head, "gather");
+    const std::int32_t D = config().head_dim;
+    const auto hv = high_.view(s, layer, head);
+    const auto lv = low_.view(find(s, "gather")->second.low, low_layer(layer, head), 0);
+    std::int32_t h = 0;
+    for (std::size_t t = 0; t < ms.low_idx.size(); ++t) {
+      const std::int32_t li = ms.low_idx[t];
+      float* ko = k_out ? k_out + t * D : nullptr;
+      float* vo = v_out ? v_out + t * D : nullptr;
+      if (li >= 0) {
+        if (ko) low_.template decode_token<quant::role::key>(lv, li, ko);
+        if (vo) low_.template decode_token<quant::role::value>(lv, li, vo);
+      } else {
+        if (ko) high_.template decode_token<quant::role::key>(hv, h, ko);
+        if (vo) high_.template decode_token<quant::role::value>(hv, h, vo);
+        ++h;
+      }
+    }
+  }
+
+  // ---- memory accounting (from the pools) -------------------------------------------------
+
+  /// Bytes of live pages in all pools of both precisions.
+  std::size_t bytes_in_use() const noexcept { return high_.bytes_in_use() + low_.bytes_in_use(); }
+  std::size_t bytes_in_use(std::int32_t layer) const {
+    check_layer(layer, "bytes_in_use");
+    std::size_t b = high_.bytes_in_use(layer);
+    for (std::int32_t h = 0; h < config().num_kv_heads; ++h) b += low_.bytes_in_use(low_layer(layer, h));
+    return b;
+  }
+  /// Bytes of the pages one stream references (shared pages counted in each sharer).
+  std::size_t stream_bytes(seq_id s, std::int32_t layer, std::int32_t head) const {
+    get(s, layer, head, "stream_bytes");
+    return high_.stream_bytes(s, layer, head) + low_.stream_bytes(find(s, "stream_bytes")->second.low,
+                                                                  low_layer(layer, head), 0);
+  }
+  std::int64_t tokens_held() const noexcept { return high_.tokens_held() + low_.tokens_held(); }
+
+ private:
+  struct mstream {
+    std::vector<std::int32_t> low_idx;  ///< per logical token: index in the low store, or -1 (high)
+    std::vector<std::int32_t> pos;      ///< per logical token: original position
+  };
+  struct sequence {
+    seq_id low;
+    std::vector<mstream> streams;
+  };
+
+  static quant_cache_config low_config(const quant_cache_config& c, std::int32_t low_max_pages, const LQ& lq) {
+    KVC_EXPECTS(low_max_pages >= 0, "low_max_pages = ", low_max_pages, ", expected >= 0 (0: cache_config.max_pages)");
+    KVC_EXPECTS(lq.residual() == 0, "kvc::mixed_precision_cache: the low codec has a residual window of ",
+                lq.residual(), " tokens, expected 0 (demoted tokens must be stored in low precision)");
+    KVC_EXPECTS(c.num_layers > 0 && c.num_kv_heads > 0 &&
+                    static_cast<std::int64_t>(c.num_layers) * c.num_kv_heads <= std::numeric_limits<std::int32_t>::max(),
+                "cache_config.num_layers = ", c.num_layers, ", num_kv_heads = ", c.num_kv_heads, ", expected > 0");
+    quant_cache_config l = c;
+    l.num_layers = c.num_layers * c.num_kv_heads;  // one low "layer" per (layer, head)
+    l.num_kv_heads = 1;
+    l.max_pages = low_max_pages > 0 ? low_max_pages : c.max_pages;
+    l.sink_tokens = 0;
+    l.max_fp_pages = 1;
+    return l;
+  }
+
+  std::size_t nstreams() const noexcept {
+    return static_cast<std::size_t>(config().num_layers) * static_cast<std::size_t>(config().num_kv_heads);
+  }
+  std::int32_t low_layer(std::int32_t layer, std::int32_t head) const noexcept {
+    return layer * config().num_kv_heads + head;
+  }
+
+  template <class... Args>
+  [[noreturn]] static void fail(const char* fn, std::int32_t head, const Args&... args) {
+    detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": head ", head, ": ", args...,
+                                " (the cache is unchanged)"));
+  }
+  void check_layer(std::int32_t layer, const char* fn) const {
+    if (layer < 0 || layer >= config().num_layers)
+      detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": layer = ", layer, ", expected 0..",
+                                  config().num_layers - 1));
+  }
+  void check_head(std::int32_t head, const char* fn) const {
+    if (head < 0 || head >= config().num_kv_heads)
+      detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": head = ", head, ", expected 0..",
+                                  config().num_kv_heads - 1));
+  }
+  typename std::map<seq_id, sequence>::iterator find(seq_id s, const char* fn) {
+    auto it = seqs_.find(s);
+    if (it == seqs_.end()) detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": unknown sequence id ", s));
+    return it;
+  }
+  typename std::map<seq_id, sequence>::const_iterator find(seq_id s, const char* fn) const {
+    auto it = seqs_.find(s);
+    if (it == seqs_.end()) detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": unknown sequence id ", s));
+    return it;
+  }
+  mstream& at(sequence& sq, std::int32_t layer, std::int32_t h) noexcept {
+    return sq.streams[static_cast<std::size_t>(layer) * config().num_kv_heads + h];
+  }
+  const mstream& at(const sequence& sq, std::int32_t layer, std::int32_t h) const noexcept {
+    return sq.streams[static_cast<std::size_t>(layer) * config().num_kv_heads + h];
+  }
+  const mstream& get(seq_id s, std::int32_t layer, std::int32_t head, const char* fn) const {
+    const sequence& sq = find(s, fn)->second;
+    check_layer(layer, fn);
+    check_head(head, fn);
+    return at(sq, layer, head);
+  }
+
+  void keep_impl(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept,
+                 const std::vector<char>& touched, const char* fn) {
+    sequence& sq = find(s, fn)->second;
+    const std::int32_t H = config().num_kv_heads;
+    std::vector<std::vector<std::int32_t>> keep_high(static_cast<std::size_t>(H)), keep_low(keep_high.size());
+    std::vector<mstream> next(static_cast<std::size_t>(H));
+    std::int32_t shared_low_pages = 0;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const mstream& ms = at(sq, layer, h);
+      const std::int32_t L = static_cast<std::int32_t>(ms.low_idx.size());
+      auto& kh = keep_high[static_cast<std::size_t>(h)];
+      auto& kl = keep_low[static_cast<std::size_t>(h)];
+      if (!touched[static_cast<std::size_t>(h)]) {  // untouched head: keep everything of the high store
+        kh.resize(static_cast<std::size_t>(high_.length(s, layer, h)));
+        std::iota(kh.begin(), kh.end(), 0);
+        continue;
+      }
+      const auto& k = kept[static_cast<std::size_t>(h)];
+      std::vector<std::int32_t> hi(static_cast<std::size_t>(L));
+      std::int32_t nh = 0;
+      for (std::int32_t t = 0; t < L; ++t) hi[static_cast<std::size_t>(t)] = ms.low_idx[static_cast<std::size_t>(t)] < 0 ? nh++ : -1;
+      mstream& nx = next[static_cast<std::size_t>(h)];
+      for (std::size_t i = 0; i < k.size(); ++i) {
+        if (k[i] < 0 || k[i] >= L)
+          fail(fn, h, "kept[", i, "] = ", k[i], ", expected 0..", L - 1, " (the stream's length is ", L, ")");
+        if (i > 0 && k[i] <= k[i - 1])
+          fail(fn, h, "kept[", i, "] = ", k[i], " after ", k[i - 1], ", expected strictly increasing indices");
+        const std::int32_t t = k[i];
+        if (hi[static_cast<std::size_t>(t)] >= 0) kh.push_back(hi[static_cast<std::size_t>(t)]);
+        else kl.push_back(ms.low_idx[static_cast<std::size_t>(t)]);
+        nx.pos.push_back(ms.pos[static_cast<std::size_t>(t)]);
+      }
+      // new low index of a kept low token: its rank among the kept low indices
+      std::vector<std::int32_t> sorted = kl;
+      std::sort(sorted.begin(), sorted.end());
+      nx.low_idx.reserve(k.size());
+      for (std::int32_t t : k) {
+        const std::int32_t li = ms.low_idx[static_cast<std::size_t>(t)];
+        nx.low_idx.push_back(li < 0 ? -1
+                                    : static_cast<std::int32_t>(std::lower_bound(sorted.begin(), sorted.end(), li) -
+                                                                sorted.begin()));
+      }
+      kl.swap(sorted);
+      for (page_id p : low_.pages(sq.low, low_layer(layer, h), 0))
+        if (low_.quant_pool().ref_count(p) > 1) ++shared_low_pages;
+    }
+    // The low store's compaction can only need pages for shared (forked) pages it rewrites.
+    if (shared_low_pages > low_.quant_pool().free_pages())
+      detail::fail<out_of_memory>(detail::concat("kvc::mixed_precision_cache::", fn, ": the low-precision pool may need ",
+                                                 shared_low_pages, " pages for copy-on-write and has ",
+                                                 low_.quant_pool().free_pages(), " free (the cache is unchanged)"));
+    high_.keep_layer(s, layer, keep_high);
+    // Commit: the low keeps below allocate no more pages than checked above.
+    for (std::int32_t h = 0; h < H; ++h) {
+      if (!touched[static_cast<std::size_t>(h)]) continue;
+      const auto& kl = keep_low[static_cast<std::size_t>(h)];
+      low_.keep(sq.low, low_layer(layer, h), 0, kl.data(), static_cast<std::int32_t>(kl.size()));
+      mstream& ms = at(sq, layer, h);
+      ms.low_idx.swap(next[static_cast<std::size_t>(h)].low_idx);
+      ms.pos.swap(next[static_cast<std::size_t>(h)].pos);
+    }
+  }
+
+  high_cache_type high_;
+  low_cache_type low_;
+  std::map<seq_id, sequence> seqs_;
+};
+
+/// MiKV's precision policy: in each stream, the sinks, the full-precision window, the newest
+/// tokens and the highest-scoring ("heavy hitter") tokens stay in high precision, up to
+/// high_ratio of the stream's tokens; every other high-precision token is demoted.
+/// Published defaults: MiKV keeps ~20% of the tokens (the H2O "importance" cache, half heavy
+/// hitters and half recent tokens) in high precision and stores the rest in per-token asymmetric
+/// INT2-INT4 (here: int8 high, int2 low, ratio 0.2).
+/// \par Reference
+/// Yang et al., "No Token Left Behind: Reliable KV Cache Compression via Importance-Aware Mixed
+/// Precision Quantization" (MiKV), arXiv:2402.18096.
+struct mikv_policy {
+  float high_ratio = 0.2f;    ///< fraction of each stream's tokens kept high (sinks and window included)
+  float recent_ratio = 0.5f;  ///< share of that budget given to the newest tokens (H2O's split)
+
+  void check() const {
+    KVC_EXPECTS(high_ratio >= 0.0f && high_ratio <= 1.0f, "kvc::mikv_policy: high_ratio = ", high_ratio,
+                ", expected 0..1 (MiKV: 0.2)");
+    KVC_EXPECTS(recent_ratio >= 0.0f && recent_ratio <= 1.0f, "kvc::mikv_policy: recent_ratio = ", recent_ratio,
+                ", expected 0..1 (H2O: 0.5)");
+  }
+
+  /// The high mask of one stream from scores[length] (higher: more important; finite).
+  template <class Cache>
+  std::vector<std::uint8_t> high_mask(const Cache& c, seq_id s, std::int32_t layer, std::int32_t head,
+                                      const float* scores) const {
+    check();
+    const std::int32_t L = c.length(s, layer, head);
+    KVC_EXPECTS(L == 0 || scores != nullptr, "kvc::mikv_policy: scores is null for a stream of ", L, " tokens");
+    const auto r = c.regions(s, layer, head);
+    const auto& low = c.low_indices(s, layer, head);
+    std::vector<std::uint8_t> mask(static_cast<std::size_t>(L), 0);
+    const std::int32_t budget = share(high_ratio, L);
+    std::int32_t used = 0;
+    // 1. sinks and the full-precision window: always high (they are not demotable)
+    std::vector<std::int32_t> cand;  // demotable tokens (high-precision codes), logical order
+    std::int32_t h = 0;
+    for (std::int32_t t = 0; t < L; ++t) {
+      if (low[static_cast<std::size_t>(t)] >= 0) continue;
+      if (h < r.sink || h >= r.sink + r.high) {
+        mask[static_cast<std::size_t>(t)] = 1;
+        ++used;
+      } else {
+        KVC_EXPECTS(std::isfinite(scores[t]), "kvc::mikv_policy: scores[", t, "] = ", scores[t], ", expected finite");
+        cand.push_back(t);
+      }
+      ++h;
+    }
+    // 2. the newest demotable tokens
+    const std::int32_t recent = share(recent_ratio, budget);
+    std::int32_t take = std::max(0, std::min<std::int32_t>({recent, budget - used, static_cast<std::int32_t>(cand.size())}));
+    for (std::int32_t i = 0; i < take; ++i) mask[static_cast<std::size_t>(cand[cand.size() - 1 - static_cast<std::size_t>(i)])] = 1;
+    used += take;
+    cand.resize(cand.size() - static_cast<std::size_t>(take));
+    // 3. heavy hitters among the rest (ties: the earlier token)
+    take = std::max(0, std::min<std::int32_t>(budget - used, static_cast<std::int32_t>(cand.size())));
+    std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), [&](std::int32_t a, std::int32_t b) {
+      return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+    });
+    for (std::int32_t i = 0; i < take; ++i) mask[static_cast<std::size_t>(cand[static_cast<std::size_t>(i)])] = 1;
+    return mask;
+  }
+
+  /// ceil(ratio * n), forgiving the float rounding of the ratio (0.2f * 200 is 40, not 41).
+  static std::int32_t share(float ratio, std::int32_t n) noexcept {
+    return static_cast<std::int32_t>(std::ceil(static_cast<double>(ratio) * n * (1.0 - 1e-6)));
+  }
+
+  /// Applies high_mask to one stream. Returns the number of tokens demoted.
+  template <class Cache>
+  std::int32_t apply(Cache& c, seq_id s, std::int32_t layer, std::int32_t head, const float* scores) const {
+    const auto m = high_mask(c, s, layer, head, scores);
+    return c.apply_precision(s, layer, head, m.data());
+  }
+};
+
+namespace cpu {
+
+/// Decode attention over both precisions of a mixed_precision_cache: the fused quantized kernel
+/// runs over each store, and the two partial softmaxes are merged exactly by their log-sum-exp.
+/// Same options as the quant_cache overload (probs and group_probs in logical token order).
+template <class Arch = default_arch, class HQ, class LQ, class Fp>
+void decode_attention(const mixed_precision_cache<HQ, LQ, Fp>& cache, seq_id seq, std::int32_t layer, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
+  const std::int32_t hkv = cache.config().num_kv_heads, D = cache.config().head_dim;
+  KVC_EXPECTS(num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
+              ", expected a positive multiple of num_kv_heads = ", hkv);
+  KVC_EXPECTS(q != nullptr && out != nullptr, "q or out is null");
+  const std::int32_t G = num_q_heads / hkv;
+  const bool want_probs = opt.probs || opt.group_probs;
+  std::int32_t longest = 0, longest_high = 0;
+  for (std::int32_t h = 0; h < hkv; ++h) {
+    longest = std::max(longest, cache.length(seq, layer, h));
+    const auto r = cache.high_cache().regions(seq, layer, h);
+    longest_high = std::max(longest_high, r.sink + r.quantized + r.residual);
+  }
+  KVC_EXPECTS(!want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
+              ", expected >= the longest stream (", longest, " tokens)");
+  const std::size_t nq = static_cast<std::size_t>(num_q_heads);
+  const std::int32_t hs = std::max(1, longest_high);
+  std::vector<float> lse_h(nq), lse_l(nq), out_l(nq * D, 0.0f), probs_h, probs_l, plog;
+  decode_options oh = opt;
+  oh.lse = lse_h.data();
+  oh.group_probs = nullptr;
+  oh.probs = nullptr;
+  // probabilities in logical order: the caller's buffer, or a temporary one for group_probs only
+  float* pr_base = opt.probs;
+  const std::size_t pstride = static_cast<std::size_t>(opt.probs_stride);
+  if (want_probs) {
+    probs_h.resize(nq * static_cast<std::size_t>(hs));
+    oh.probs = probs_h.data();
+    oh.probs_stride = hs;
+    if (!pr_base) {
+      plog.resize(nq * pstride);
+      pr_base = plog.data();
+    }
+  }
+  decode_attention<Arch>(cache.high_cache(), seq, layer, q, num_q_heads, out, oh);
+  for (std::int32_t h = 0; h < hkv; ++h) {
+    const auto ls = cache.low_stream(seq, layer, h);
+    const std::int32_t n = cache.low_cache().length(ls.first, ls.second, 0);
+    const auto& low = cache.low_indices(seq, layer, h);
+    const std::size_t q0 = static_cast<std::size_t>(h) * G;
+    float* lse_lh = lse_l.data() + q0;
+    if (n > 0) {
+      decode_options ol = opt;
+      ol.lse = lse_lh;
+      ol.group_probs = nullptr;
+      ol.probs = nullptr;
+      if (want_probs) {
+        probs_l.assign(static_cast<std::size_t>(G) * n, 0.0f);
+        ol.probs = probs_l.data();
+        ol.probs_stride = n;
+      }
+      decode_attention<Arch>(cache.low_cache(), ls.first, ls.second, q + q0 * D, G, out_l.data() + q0 * D, ol);
+    } else {
+      std::fill(lse_lh, lse_lh + G, -INFINITY);
+    }
+    for (std::int32_t g = 0; g < G; ++g) {
+      const std::size_t qh = q0 + static_cast<std::size_t>(g);
+      const float a = lse_h[qh], b = lse_l[qh];
+      const float M = std::max(a, b);
+      float sh = 0.0f, sl = 0.0f;  // shares of the probability mass in each store
+      if (M != -INFINITY) {
+        const float wa = a == -INFINITY ? 0.0f : std::exp(a - M), wb = b == -INFINITY ? 0.0f : std::exp(b - M);
+        sh = wa / (wa + wb);
+        sl = wb / (wa + wb);
+        float* o = out + qh * D;
+        const float* p = out_l.data() + qh * D;
+        for (std::int32_t d = 0; d < D; ++d) o[d] = sh * o[d] + sl * p[d];
+        lse_h[qh] = M + std::log(wa + wb);
+      }
+      if (!want_probs) continue;
+      float* pr = pr_base + qh * pstride;
+      const float* ph = probs_h.data() + qh * static_cast<std::size_t>(hs);
+      std::int32_t hi = 0;
+      for (std::size_t t = 0; t < low.size(); ++t)
+        pr[t] = low[t] >= 0 ? probs_l[static_cast<std::size_t>(g) * n + static_cast<std::size_t>(low[t])] * sl
+                            : ph[hi++] * sh;
+    }
+    if (opt.group_probs) {
+      float* gp = opt.group_probs + static_cast<std::size_t>(h) * pstride;
+      std::fill(gp, gp + low.size(), 0.0f);
+      for (std::int32_t g = 0; g < G; ++g) {
+        const float* pr = pr_base + (q0 + static_cast<std::size_t>(g)) * pstride;
+        for (std::size_t t = 0; t < low.size(); ++t) gp[t] += pr[t];
+      }
+    }
+  }
+  if (opt.lse) std::copy(lse_h.begin(), lse_h.end(), opt.lse);
+}
+
+}  // namespace cpu
+
+KVC_END_NAMESPACE
