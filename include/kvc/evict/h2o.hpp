@@ -1,0 +1,43 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// H2O (heavy hitters): score = the attention a token has accumulated over the observed steps
+/// (attention_observer::sum), plus a protected recent window (KVCache-Factory's H2O keeps
+/// window_size = 64 recent tokens beside the heavy hitters).
+/// \par Reference
+/// Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models", arXiv:2306.14048.
+
+#include <kvc/evict/decode_scorers_common.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace evict {
+
+struct h2o_params {
+  std::int32_t recent = 64;
+  std::int32_t sinks = 0;
+};
+
+struct h2o {
+  using params_type = h2o_params;
+  using observation_type = attention_observer;
+  static constexpr unsigned reads = reads_nothing;
+  static constexpr const char* name = "h2o";
+  params_type p;
+  h2o() = default;
+  explicit h2o(const params_type& params) : p(params) {
+    KVC_EXPECTS(p.recent >= 0 && p.sinks >= 0, "recent/sinks = ", p.recent, "/", p.sinks, ", expected >= 0");
+  }
+  protection protect() const { return {p.sinks, p.recent}; }
+  void score(const layer_input& in, const observations& obs, layer_scores& out) const {
+    const attention_observer& ob = detail::need_observer(obs, name);
+    KVC_EXPECTS(ob.params().track_sum, name, ": observer track_sum = false, expected true");
+    out.resize(static_cast<std::size_t>(in.num_kv_heads));
+    for (std::int32_t h = 0; h < in.num_kv_heads; ++h)
+      detail::observed_field(ob, in, h, [](const stream_stats& s) -> const auto& { return s.sum; }, name, "sum",
+                             out[static_cast<std::size_t>(h)]);
+  }
+};
+
+}  // namespace evict
+KVC_END_NAMESPACE

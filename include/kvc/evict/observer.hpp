@@ -1,0 +1,200 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `attention_observer`: what decode-time scorers (H2O, TOVA, Scissorhands, A2SF) observe. After
+/// each decode attention step the engine hands it the step's probabilities
+/// (kvc::cpu::decode_attention's `probs` or `group_probs`); the observer keeps, per stream and
+/// aligned with the stream's tokens, the accumulated attention, a decayed accumulation, the last
+/// step's attention and a bit history of "unimportant" steps. The compressor compacts it together
+/// with the cache on every keep, so stats stay aligned with tokens.
+
+#include <cstdint>
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include <kvc/evict/core.hpp>
+#include <kvc/evict/window_attention.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace evict {
+
+/// Per-token statistics of one stream.
+struct stream_stats {
+  std::vector<float> sum;            ///< Σ over steps of the step's attention (H2O)
+  std::vector<float> decayed;        ///< a ← λ·a + p each step (A2SF)
+  std::vector<float> last;           ///< the last step's attention (TOVA)
+  std::vector<std::uint64_t> low;    ///< bit s set: attention below 1/n, s steps ago (Scissorhands)
+  std::int64_t steps = 0;
+};
+
+struct observer_params {
+  group_agg agg = group_agg::mean;  ///< how a kv-head combines its query heads' attention
+  float forgetting = 1.0f;          ///< A2SF forgetting factor λ (1: plain accumulation)
+  bool track_sum = true, track_decayed = true, track_last = true, track_low = true;
+};
+
+class attention_observer {
+ public:
+  explicit attention_observer(const observer_params& p = {}) : p_(p) {
+    KVC_EXPECTS(p.forgetting > 0.0f && p.forgetting <= 1.0f, "forgetting = ", p.forgetting,
+                ", expected a factor in (0, 1]");
+  }
+  const observer_params& params() const noexcept { return p_; }
+
+  /// One decode step of one layer from per-query-head probabilities (decode_options::probs):
+  /// probs[qh * stride + t] for the G = num_q_heads / num_kv_heads heads of each group.
+  template <class Cache>
+  void observe(const Cache& cache, std::int32_t seq, std::int32_t layer, const float* probs, std::int32_t num_q_heads,
+               std::int32_t stride) {
+    const std::int32_t H = cache.config().num_kv_heads;
+    KVC_EXPECTS(num_q_heads > 0 && num_q_heads % H == 0, "num_q_heads = ", num_q_heads,
+                ", expected a positive multiple of num_kv_heads = ", H);
+    KVC_EXPECTS(probs != nullptr, "probs = null, expected decode_options::probs of the step");
+    const std::int32_t G = num_q_heads / H;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const std::int32_t n = cache.length(seq, layer, h);
+      KVC_EXPECTS(stride >= n, "stride = ", stride, ", expected >= the stream length ", n);
+      buf_.resize(static_cast<std::size_t>(n));
+      aggregate_group(probs + static_cast<std::size_t>(h) * G * stride, G, n, static_cast<std::size_t>(stride), p_.agg,
+                      buf_.data());
+      step(stats_for(seq, layer, h, n), buf_.data(), n);
+    }
+  }
+
+  /// One decode step from group sums (decode_options::group_probs, [num_kv_heads][stride]); the
+  /// mean over the group is group_probs / group_size. Only for agg = mean.
+  template <class Cache>
+  void observe_group(const Cache& cache, std::int32_t seq, std::int32_t layer, const float* group_probs,
+                     std::int32_t stride, std::int32_t group_size) {
+    KVC_EXPECTS(p_.agg == group_agg::mean, "agg = max, expected mean: group_probs are sums over the group; "
+                                           "pass per-head probs to observe() for max");
+    KVC_EXPECTS(group_size > 0, "group_size = ", group_size, ", expected > 0");
+    KVC_EXPECTS(group_probs != nullptr, "group_probs = null");
+    const std::int32_t H = cache.config().num_kv_heads;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const std::int32_t n = cache.length(seq, layer, h);
+      KVC_EXPECTS(stride >= n, "stride = ", stride, ", expected >= the stream length ", n);
+      buf_.resize(static_cast<std::size_t>(n));
+      const float* r = group_probs + static_cast<std::size_t>(h) * stride;
+      for (std::int32_t t = 0; t < n; ++t) buf_[static_cast<std::size_t>(t)] = r[t] / static_cast<float>(group_size);
+      step(stats_for(seq, layer, h, n), buf_.data(), n);
+    }
+  }
+
+  /// Seeds the statistics at prefill with the attention of a window of queries (each query counts
+  /// as one step), so decode-time scorers can also compress right after prefill.
+  template <class Cache>
+  void observe_window(const Cache& cache, std::int32_t seq, std::int32_t layer, const query_window& w) {
+    gathered_layer g;
+    gather_layer(cache, seq, layer, w.num_q_heads, reads_keys, g);
+    check_window(w, g.in, "attention_observer::observe_window");
+    const std::int32_t H = g.in.num_kv_heads, G = g.in.group();
+    std::vector<float> probs, per_q;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const head_input& hi = g.in.heads[static_cast<std::size_t>(h)];
+      const std::int32_t n = hi.n;
+      per_q.assign(static_cast<std::size_t>(G) * w.n * n, 0.0f);
+      for (std::int32_t gq = 0; gq < G; ++gq) {
+        window_probs(hi, w, h * G + gq, g.in.seen, g.in.head_dim, probs);
+        for (std::int32_t i = 0; i < w.n; ++i)
+          std::copy(probs.begin() + static_cast<std::ptrdiff_t>(i) * n, probs.begin() + static_cast<std::ptrdiff_t>(i + 1) * n,
+                    per_q.begin() + (static_cast<std::ptrdiff_t>(i) * G + gq) * n);
+      }
+      stream_stats& st = stats_for(seq, layer, h, n);
+      buf_.resize(static_cast<std::size_t>(n));
+      for (std::int32_t i = 0; i < w.n; ++i) {
+        aggregate_group(per_q.data() + static_cast<std::size_t>(i) * G * n, G, n, static_cast<std::size_t>(n), p_.agg,
+                        buf_.data());
+        // Tokens this query cannot see are not "unimportant" for it: count only visible ones.
+        step(st, buf_.data(), n, w.position(i, g.in.seen), hi.positions);
+      }
+    }
+  }
+
+  /// The statistics of one stream, or null if it has never been observed.
+  const stream_stats* find(std::int32_t seq, std::int32_t layer, std::int32_t head) const {
+    auto it = s_.find(std::make_tuple(seq, layer, head));
+    return it == s_.end() ? nullptr : &it->second;
+  }
+
+  /// Compacts the statistics of every head of one layer exactly as kv_cache::keep_layer does.
+  void keep_layer(std::int32_t seq, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
+    for (std::size_t h = 0; h < kept.size(); ++h) {
+      auto it = s_.find(std::make_tuple(seq, layer, static_cast<std::int32_t>(h)));
+      if (it == s_.end()) continue;
+      stream_stats& st = it->second;
+      compact(st.sum, kept[h]);
+      compact(st.decayed, kept[h]);
+      compact(st.last, kept[h]);
+      compact(st.low, kept[h]);
+    }
+  }
+
+  void remove_sequence(std::int32_t seq) {
+    for (auto it = s_.begin(); it != s_.end();)
+      it = std::get<0>(it->first) == seq ? s_.erase(it) : std::next(it);
+  }
+
+  /// Host bytes held by the statistics.
+  std::size_t bytes() const noexcept {
+    std::size_t b = 0;
+    for (const auto& kv : s_)
+      b += 4 * (kv.second.sum.size() + kv.second.decayed.size() + kv.second.last.size()) + 8 * kv.second.low.size();
+    return b;
+  }
+
+ private:
+  stream_stats& stats_for(std::int32_t seq, std::int32_t layer, std::int32_t h, std::int32_t n) {
+    stream_stats& st = s_[std::make_tuple(seq, layer, h)];
+    const std::size_t have = std::max({st.sum.size(), st.decayed.size(), st.last.size(), st.low.size()});
+    KVC_EXPECTS(have <= static_cast<std::size_t>(n), "observer stats of (seq ", seq, ", layer ", layer, ", head ", h,
+                ") hold ", have, " tokens but the stream has ", n,
+                "; expected compaction through the compressor (or attention_observer::keep_layer)");
+    if (p_.track_sum) st.sum.resize(static_cast<std::size_t>(n), 0.0f);
+    if (p_.track_decayed) st.decayed.resize(static_cast<std::size_t>(n), 0.0f);
+    if (p_.track_last) st.last.resize(static_cast<std::size_t>(n), 0.0f);
+    if (p_.track_low) st.low.resize(static_cast<std::size_t>(n), 0u);
+    return st;
+  }
+
+  void step(stream_stats& st, const float* p, std::int32_t n, std::int32_t qpos = -1,
+            const std::int32_t* kpos = nullptr) {
+    std::int32_t visible = n;
+    if (kpos) {
+      visible = 0;
+      for (std::int32_t t = 0; t < n; ++t) visible += kpos[t] <= qpos;
+    }
+    if (p_.track_sum)
+      for (std::int32_t t = 0; t < n; ++t) st.sum[static_cast<std::size_t>(t)] += p[t];
+    if (p_.track_decayed) {
+      const float l = p_.forgetting;
+      for (std::int32_t t = 0; t < n; ++t) st.decayed[static_cast<std::size_t>(t)] = l * st.decayed[static_cast<std::size_t>(t)] + p[t];
+    }
+    if (p_.track_last) std::copy(p, p + n, st.last.begin());
+    if (p_.track_low) {
+      const float thr = visible > 0 ? 1.0f / static_cast<float>(visible) : 0.0f;
+      for (std::int32_t t = 0; t < n; ++t) {
+        const bool seen_by_q = !kpos || kpos[t] <= qpos;
+        auto& b = st.low[static_cast<std::size_t>(t)];
+        if (seen_by_q) b = (b << 1) | (p[t] < thr ? 1u : 0u);
+      }
+    }
+    ++st.steps;
+  }
+
+  template <class V>
+  static void compact(V& x, const std::vector<std::int32_t>& kept) {
+    if (x.empty()) return;
+    for (std::size_t i = 0; i < kept.size(); ++i) x[i] = x[static_cast<std::size_t>(kept[i])];
+    x.resize(kept.size());
+  }
+
+  observer_params p_;
+  std::map<std::tuple<std::int32_t, std::int32_t, std::int32_t>, stream_stats> s_;
+  std::vector<float> buf_;
+};
+
+}  // namespace evict
+KVC_END_NAMESPACE
