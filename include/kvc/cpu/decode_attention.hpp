@@ -287,7 +287,10 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
   std::vector<float> qs(static_cast<std::size_t>(num_q_heads) * D);
   for (std::size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * scale;
   // Raw scores for the optional probability outputs: [num_q_heads][longest].
-  std::vector<float> raw;
+  // Raw scores for group_probs alone live in a per-thread buffer that only grows: a fresh
+  // num_q_heads x longest allocation per step (4 MiB at 32k) cost more than the decode-time
+  // scorers themselves (bench_evict h2o, 2026-11).
+  thread_local std::vector<float> raw;
   float* raw_base = nullptr;
   std::int32_t raw_stride = 0;
   if (want_probs) {
@@ -295,7 +298,7 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
       raw_base = opt.probs;
       raw_stride = opt.probs_stride;
     } else {
-      raw.resize(static_cast<std::size_t>(num_q_heads) * longest);
+      if (raw.size() < static_cast<std::size_t>(num_q_heads) * longest) raw.resize(static_cast<std::size_t>(num_q_heads) * longest);
       raw_base = raw.data();
       raw_stride = longest;
     }
