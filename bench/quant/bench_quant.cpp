@@ -7,6 +7,11 @@
 //     bytes_per_token  bytes_in_use() of the quantized cache (all its pools) / context tokens, for
 //                      all kv heads of the layer (fp16: 4 * kv_heads * head_dim)
 //   BM_quant_append/<quantizer>/<shape>   bytes_per_second = fp16 bytes of K+V input encoded per second
+//   BM_quant_paired/<quantizer>/<shape>/ctx:<tokens>/threads:<n>
+//     fp16 and this quantizer called alternately (15 pairs, same data, same process), so both see
+//     the same machine load: medians of wall time (fp16_ms, quant_ms, speedup_wall) and, for one
+//     thread, of the calling thread's CPU time (fp16_cpu_ms, quant_cpu_ms, speedup_cpu). On a shared,
+//     oversubscribed machine speedup_cpu is the number to read.
 
 #include <algorithm>
 #include <chrono>
@@ -18,6 +23,7 @@
 #include <vector>
 
 #include <benchmark/benchmark.h>
+#include <time.h>
 
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/cpu/quant_attention.hpp>
@@ -147,6 +153,75 @@ void BM_quant_decode(benchmark::State& state, shape s, std::int32_t ctx, int thr
   state.counters["bytes_per_token"] = double(cache.bytes_in_use()) / ctx;
 }
 
+double thread_cpu_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+std::unique_ptr<kvc::kv_cache<kvc::half>> fp16_cache(shape s, std::int32_t ctx, kvc::seq_id& seq) {
+  kvc::cache_config c;
+  c.num_layers = 1;
+  c.num_kv_heads = s.kv_heads;
+  c.head_dim = s.head_dim;
+  c.page_size = 16;
+  c.max_pages = s.kv_heads * (ctx / 16 + 2);
+  c.check_finite = false;
+  auto cache = std::make_unique<kvc::kv_cache<kvc::half>>(c);
+  seq = cache->add_sequence();
+  for (std::int32_t t0 = 0; t0 < ctx; t0 += prefill_chunk) {
+    const std::int32_t n = std::min(prefill_chunk, ctx - t0);
+    auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
+    auto v = random_rows(k.size(), 2 + t0);
+    cache->append(seq, 0, k.data(), v.data(), n);
+  }
+  return cache;
+}
+
+template <class KQ, class VQ>
+void BM_quant_paired(benchmark::State& state, shape s, std::int32_t ctx, int threads, bool iq) {
+  kvc::cpu::quant_attention_options qo;
+  qo.int8_query = iq;
+  kvc::seq_id qseq, fseq;
+  auto& qc = get_cache<KQ, VQ>(s, ctx, qseq);
+  auto fc = fp16_cache(s, ctx, fseq);
+  auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size());
+  kvc::decode_options o;
+  o.pool = pool_for(threads);
+  std::vector<double> fw, fcpu, qw, qcpu;
+  for (auto _ : state) {
+    for (int r = 0; r < 15; ++r) {
+      auto w0 = std::chrono::steady_clock::now();
+      double c0 = thread_cpu_seconds();
+      kvc::cpu::decode_attention(*fc, fseq, 0, q.data(), s.q_heads, out.data(), o);
+      benchmark::DoNotOptimize(out.data());
+      fcpu.push_back(thread_cpu_seconds() - c0);
+      fw.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count());
+      w0 = std::chrono::steady_clock::now();
+      c0 = thread_cpu_seconds();
+      kvc::cpu::decode_attention(qc, qseq, 0, q.data(), s.q_heads, out.data(), o, qo);
+      benchmark::DoNotOptimize(out.data());
+      qcpu.push_back(thread_cpu_seconds() - c0);
+      qw.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count());
+    }
+  }
+  state.counters["fp16_ms"] = median(fw) * 1e3;
+  state.counters["quant_ms"] = median(qw) * 1e3;
+  state.counters["speedup_wall"] = median(fw) / median(qw);
+  if (threads == 1) {
+    state.counters["fp16_cpu_ms"] = median(fcpu) * 1e3;
+    state.counters["quant_cpu_ms"] = median(qcpu) * 1e3;
+    state.counters["speedup_cpu"] = median(fcpu) / median(qcpu);
+  }
+  state.counters["bytes_per_token"] = double(qc.bytes_in_use()) / ctx;
+}
+
 template <class KQ, class VQ>
 void BM_quant_append(benchmark::State& state, shape s) {
   const std::int32_t n = 1024;
@@ -182,6 +257,21 @@ void register_quantizer(const std::string& name) {
         benchmark::RegisterBenchmark(bn.c_str(), [=](benchmark::State& st) { BM_quant_decode<KQ, VQ>(st, s, ctx, threads); })
             ->Unit(benchmark::kMillisecond)
             ->UseRealTime();
+        const std::string pn = "BM_quant_paired/" + name + "/" + sh + "/ctx:" + std::to_string(ctx) +
+                               "/threads:" + std::to_string(threads);
+        benchmark::RegisterBenchmark(pn.c_str(), [=](benchmark::State& st) { BM_quant_paired<KQ, VQ>(st, s, ctx, threads, false); })
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime()
+            ->Iterations(1);
+        if (KQ::tokens_per_record(role::key) == 1 && KQ::bits <= 8 && name.rfind("int", 0) == 0) {
+          // quant_attention_options::int8_query (integer q.k for per-token integer keys)
+          const std::string in = "BM_quant_paired/" + name + "+iq/" + sh + "/ctx:" + std::to_string(ctx) +
+                                 "/threads:" + std::to_string(threads);
+          benchmark::RegisterBenchmark(in.c_str(), [=](benchmark::State& st) { BM_quant_paired<KQ, VQ>(st, s, ctx, threads, true); })
+              ->Unit(benchmark::kMillisecond)
+              ->UseRealTime()
+              ->Iterations(1);
+        }
         if (all == 1) break;
       }
     benchmark::RegisterBenchmark(("BM_quant_append/" + name + "/" + sh).c_str(),

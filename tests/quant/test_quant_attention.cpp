@@ -121,3 +121,87 @@ TEST_CASE("fused attention with attention sinks in full precision", "[quant][att
   CHECK(fused_vs_gather<kivi<2>, kivi<2>>({8, 2, 64}, 32, 300, 3, &pool, 5) < 1e-5);
   CHECK(fused_vs_gather<int4, int4>({8, 2, 64}, 16, 300, 4, nullptr, 5) < 1e-5);
 }
+
+namespace {
+
+/// int8_query against the dense double reference over the gathered (dequantized) K/V, within the
+/// analytic bound of the query's rounding: per score |dq . (s c)| <= (qs / 2) sum_d s c_d with
+/// s c_d = k^_d - z <= 2.05 max|k^| + 2 (max k^ - min k^) (symmetric and asymmetric codes), and an
+/// output moved by at most max|v| (exp(2 delta) - 1) by scores moved by at most delta.
+template <class Q>
+void check_int8_query(const shape& sh, int n, std::uint32_t seed, kvc::thread_pool* pool) {
+  kvc::quant_cache_config c;
+  c.num_layers = 1;
+  c.num_kv_heads = sh.hkv;
+  c.head_dim = sh.D;
+  c.page_size = 32;
+  c.max_pages = 4096;
+  c.max_fp_pages = 64;
+  kvc::quant_cache<Q, Q> cache(c);
+  auto s = cache.add_sequence();
+  auto k = qtest::keylike(n, sh.hkv, sh.D, seed);
+  auto v = qtest::randn(std::size_t(n) * sh.hkv * sh.D, seed + 1);
+  cache.append(s, 0, k.data(), v.data(), n);
+  std::vector<std::vector<float>> K(sh.hkv), V(sh.hkv);
+  for (int h = 0; h < sh.hkv; ++h) {
+    K[h].resize(std::size_t(cache.length(s, 0, h)) * sh.D);
+    V[h].resize(K[h].size());
+    cache.gather(s, 0, h, K[h].data(), V[h].data());
+  }
+  auto q = qtest::randn(std::size_t(sh.hq) * sh.D, seed + 2, 2.0f);
+  std::vector<float> ref(q.size()), out(q.size()), exact(q.size());
+  qtest::reference_attention(K, V, sh.D, q.data(), sh.hq, ref.data());
+  kvc::decode_options o;
+  o.pool = pool;
+  kvc::cpu::quant_attention_options qo;
+  qo.int8_query = true;
+  kvc::cpu::decode_attention(cache, s, 0, q.data(), sh.hq, out.data(), o, qo);
+  kvc::cpu::decode_attention(cache, s, 0, q.data(), sh.hq, exact.data(), o);
+  REQUIRE(qtest::rel_err(exact.data(), ref.data(), ref.size()) < 1e-5);  // the default path stays exact
+  const int G = sh.hq / sh.hkv;
+  const double sc = 1.0 / std::sqrt(double(sh.D));
+  double ref_max = 0;
+  for (float x : ref) ref_max = std::max(ref_max, std::fabs(double(x)));
+  for (int h = 0; h < sh.hkv; ++h) {
+    double sum_sc = 0, vmax = 0;
+    for (int t = 0; t < n; ++t) {
+      double mx = 0, lo = 1e30, hi = -1e30;
+      for (int d = 0; d < sh.D; ++d) {
+        const double x = K[h][std::size_t(t) * sh.D + d];
+        mx = std::max(mx, std::fabs(x));
+        lo = std::min(lo, x);
+        hi = std::max(hi, x);
+      }
+      sum_sc = std::max(sum_sc, sh.D * (2.05 * mx + 2 * (hi - lo)));
+    }
+    for (float x : V[h]) vmax = std::max(vmax, std::fabs(double(x)));
+    for (int g = 0; g < G; ++g) {
+      const int qh = h * G + g;
+      double qmax = 0;
+      for (int d = 0; d < sh.D; ++d) qmax = std::max(qmax, std::fabs(q[std::size_t(qh) * sh.D + d] * sc));
+      const double qs = qmax / (Q::bits == 8 ? 32767.0 : 127.0);
+      const double delta = qs / 2 * sum_sc;
+      const double bound = vmax * std::expm1(2 * delta) + 1e-5 * ref_max;
+      double err = 0;
+      for (int d = 0; d < sh.D; ++d)
+        err = std::max(err, std::fabs(double(out[std::size_t(qh) * sh.D + d]) - ref[std::size_t(qh) * sh.D + d]));
+      INFO("bits " << Q::bits << " head " << qh << " err " << err << " bound " << bound);
+      REQUIRE(err <= bound);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("int8_query: integer q.k within the query-rounding bound of the dense reference", "[quant][attention]") {
+  kvc::thread_pool pool(2);
+  for (int n : {1, 37, 300}) {
+    check_int8_query<int8>({8, 2, 128}, n, 40 + n, nullptr);
+    check_int8_query<int8_asym>({4, 4, 64}, n, 41 + n, &pool);
+    check_int8_query<int4>({8, 2, 128}, n, 42 + n, &pool);
+    check_int8_query<int4>({9, 3, 64}, n, 43 + n, nullptr);
+    check_int8_query<int2>({8, 2, 128}, n, 44 + n, nullptr);
+    check_int8_query<int2>({4, 1, 256}, n, 45 + n, &pool);
+    check_int8_query<intn<4, scheme::symmetric>>({8, 2, 128}, n, 46 + n, nullptr);
+  }
+}

@@ -2,9 +2,13 @@
 #pragma once
 
 /// \file
-/// CPU decode attention over a kvc::quant_cache, with dequantization fused into the kernel: K and V
-/// are decoded a tile (64 tokens) at a time into L1-resident scratch and consumed at once, so full
-/// precision K/V never exists for more than one tile. Same semantics as kvc::cpu::decode_attention
+/// CPU decode attention over a kvc::quant_cache, with dequantization fused into the kernel. With
+/// AVX2+FMA+F16C, per-token integer codecs (intn, KIVI values), KIVI keys and FP8 are read as codes
+/// (quant_kernels.hpp: scores s (q . c) + z sum(q), values sum (p s) c + sum p z, for G <= 4 query
+/// heads per kv head and head_dim a multiple of 16); other codecs, pre-RoPE keys and larger groups
+/// decode a tile (64 tokens) at a time into L1-resident scratch, so full precision K/V never exists
+/// for more than one tile. quant_attention_options::int8_query scores per-token integer keys with
+/// integer dot products (approximate, bounded in the tests). Same semantics as kvc::cpu::decode_attention
 /// (kvc::decode_options: scale, pool + split-K with an exact merge, lse, probs, group_probs; GQA,
 /// where the query heads of a group read each K/V page once).
 ///
@@ -16,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -28,6 +33,17 @@
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
+
+/// Options of the quantized kernels beyond kvc::decode_options.
+struct quant_attention_options {
+  /// Per-token integer keys (intn<2|4|8>, whole-head scale) are scored with integer dot products
+  /// against a query quantized once per call (int8 for 2/4-bit keys, int16 for 8-bit keys). Not
+  /// exact: the query's rounding (|q - q^| <= max|q| / 254 per element for int8) adds to the
+  /// score error; test_quant_attention bounds the output against the dense reference. Off: exact
+  /// float math on the codes (within float rounding of "dequantize, then reference").
+  bool int8_query = false;
+};
+
 namespace qdetail {
 
 /// Generic tile path: decode K and V rows of [t0, t1) and attend. q_model: scaled queries in the
@@ -36,7 +52,7 @@ namespace qdetail {
 template <class Arch, std::int32_t G, class Cache>
 void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::int32_t t0, std::int32_t t1,
                     const float* q_model, const float* q_stored, std::int32_t D, partial& st, float* raw,
-                    std::int32_t raw_stride, scratch& sc) {
+                    std::int32_t raw_stride, scratch& sc, bool int8_query = false) {
   using quant::role;
   const auto& kq = c.key_quantizer();
   const auto& vq = c.value_quantizer();
@@ -44,6 +60,18 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
   const rope* rp = c.pre_rope();
   constexpr bool vrot = std::decay_t<decltype(vq)>::rotates;
   const std::int32_t TT = static_cast<std::int32_t>(sc.s.size()) / max_group;
+  using KQ = std::decay_t<decltype(kq)>;
+  using VQ = std::decay_t<decltype(vq)>;
+  const bool fused_k = fused_ok<KQ, role::key, G>(D);
+  const bool fused_v = fused_ok<VQ, role::value, G>(D);
+  const bool int_k = int8_query && intdot_ok<KQ, G>(D) && !rp;
+  std::unique_ptr<int_query> iq;
+  if constexpr (fused_codec<KQ, role::key>::kind == 1) {
+    if (int_k) {
+      iq = std::make_unique<int_query>();
+      quantize_query<fused_codec<KQ, role::key>::bits>(q_stored, G, D, *iq);
+    }
+  }
   std::int32_t t = t0;
   while (t < t1) {
     // one tile inside one region (and one page for quantized tokens)
@@ -62,11 +90,30 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
     const std::int32_t tn = e - t;
     float* kb = sc.k.data();
     float* vb = sc.v.data();
+    float* s = sc.s.data();
+    bool k_done = false, v_fused = false;
+    const std::byte* vpart = nullptr;
+    std::int32_t vslot0 = 0;
     if (quantized) {
       const std::int32_t i0 = t - sv.n_sink, slot0 = i0 % P;
       const std::byte* page = sv.quant_base + static_cast<std::size_t>(sv.pages[i0 / P]) * sv.page_bytes;
-      quant::decode_rows<role::key>(kq, page, D, slot0, slot0 + tn, kb, sc.tmp.data());
-      quant::decode_rows<role::value>(vq, page + sv.v_offset, D, slot0, slot0 + tn, vb, sc.tmp.data());
+      if constexpr (fused_codec<KQ, role::key>::kind != 0) {
+        if (int_k) {
+          intdot_scores<G>(kq, page, D, slot0, tn, *iq, s, TT, sc);
+          k_done = true;
+        } else if (!rp && fused_k) {
+          fused_scores<G>(kq, page, D, slot0, tn, q_stored, s, TT, sc);
+          k_done = true;
+        }
+      }
+      if (!k_done) quant::decode_rows<role::key>(kq, page, D, slot0, slot0 + tn, kb, sc.tmp.data());
+      if (fused_v) {
+        v_fused = true;
+        vpart = page + sv.v_offset;
+        vslot0 = slot0;
+      } else {
+        quant::decode_rows<role::value>(vq, page + sv.v_offset, D, slot0, slot0 + tn, vb, sc.tmp.data());
+      }
       if (rp)
         for (std::int32_t i = 0; i < tn; ++i) {
           kq.to_model(kb + static_cast<std::size_t>(i) * D, D);
@@ -88,10 +135,16 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
       }
     }
     const float* qq = quantized && !rp ? q_stored : q_model;
-    float* s = sc.s.data();
-    for (std::int32_t i = 0; i < tn; ++i) dot_rows<Arch, G>(qq, kb + static_cast<std::size_t>(i) * D, D, s + i, TT);
+    if (!k_done)
+      for (std::int32_t i = 0; i < tn; ++i) dot_rows<Arch, G>(qq, kb + static_cast<std::size_t>(i) * D, D, s + i, TT);
     softmax_update<Arch, G>(s, TT, tn, D, st, raw, raw_stride, t);
-    accumulate_rows<Arch, G>(s, TT, vb, tn, D, st.acc);
+    if constexpr (fused_codec<VQ, role::value>::kind != 0) {
+      if (v_fused) fused_values<G>(vq, vpart, D, vslot0, tn, s, TT, st.acc, sc);
+      else accumulate_rows<Arch, G>(s, TT, vb, tn, D, st.acc);
+    } else {
+      (void)v_fused, (void)vpart, (void)vslot0;
+      accumulate_rows<Arch, G>(s, TT, vb, tn, D, st.acc);
+    }
     t = e;
   }
 }
@@ -103,7 +156,8 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
 /// \param out  [num_q_heads][head_dim]
 template <class Arch = default_arch, class KQ, class VQ, class Fp>
 void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int32_t layer, const float* q,
-                      std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {},
+                      const quant_attention_options& qopt = {}) {
   using Cache = quant_cache<KQ, VQ, Fp>;
   const std::int32_t hkv = cache.config().num_kv_heads, D = cache.config().head_dim;
   KVC_EXPECTS(num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
@@ -191,7 +245,7 @@ void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int
     switch (tk.gn) {
 #define KVC_CASE(N)                                                                                             \
   case N:                                                                                                       \
-    qdetail::attend_generic<Arch, N>(cache, sv, tk.t0, tk.t1, qmh, qsh, D, st, rawh, raw_stride, sc);           \
+    qdetail::attend_generic<Arch, N>(cache, sv, tk.t0, tk.t1, qmh, qsh, D, st, rawh, raw_stride, sc, qopt.int8_query); \
     break;
       KVC_CASE(1) KVC_CASE(2) KVC_CASE(3) KVC_CASE(4) KVC_CASE(5) KVC_CASE(6) KVC_CASE(7) KVC_CASE(8)
 #undef KVC_CASE

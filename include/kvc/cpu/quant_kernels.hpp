@@ -13,6 +13,9 @@
 #include <vector>
 
 #include <kvc/cpu/simd.hpp>
+#include <kvc/quant/fp8.hpp>
+#include <kvc/quant/int8.hpp>
+#include <kvc/quant/kivi.hpp>
 #include <kvc/quant/quant_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
@@ -95,16 +98,468 @@ KVC_FORCEINLINE void softmax_update(float* s, std::int32_t stride, std::int32_t 
 
 inline constexpr std::int32_t tile_tokens = 64;
 
-/// Per-task scratch.
+/// Per-task scratch. w/bias/qf/rows serve the fused code kernels below.
 struct scratch {
-  std::vector<float> k, v, s, tmp;
+  std::vector<float> k, v, s, tmp, w, bias, qf, ks, kz;
+  std::vector<const std::uint8_t*> rows;
   scratch(std::int32_t D, std::int32_t tile) {
     k.resize(static_cast<std::size_t>(tile) * D);
     v.resize(static_cast<std::size_t>(tile) * D);
     s.resize(static_cast<std::size_t>(max_group) * tile);
     tmp.resize(static_cast<std::size_t>(D));
+    // value weights p * scale per (channel group, head, token): at most D / 8 groups
+    w.resize(static_cast<std::size_t>(D / 8 + 1) * max_group * tile);
+    bias.resize(static_cast<std::size_t>(D / 8 + 1) * max_group);
+    qf.resize(static_cast<std::size_t>(max_group) * D + max_group);
+    rows.resize(static_cast<std::size_t>(tile));
+    ks.resize(static_cast<std::size_t>(tile));
+    kz.resize(static_cast<std::size_t>(tile));
   }
 };
+
+// ---- fused kernels on the stored codes (AVX2 + FMA + F16C) ------------------------------------
+//
+// Instead of decoding a tile to float and running float attention on it, these read the codes of
+// a tile directly:
+//   score_t = q . (s_t c_t + z_t) = s_t (q . c_t) + z_t sum(q)        (per-token keys)
+//   score_t = (q * s) . c_t + q . z                                     (per-channel KIVI keys)
+//   acc    += sum_t p_t (s_t c_t + z_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t   (per-token values)
+// Every product is the same real number as in "decode, then float attention"; only the float
+// rounding order differs (the tests hold them to 1e-5 of a dense double reference).
+
+/// What the fused kernels know about a codec for one role: kind 0 = not fused (decode path),
+/// 1 = per-token affine (codes, scale and zero per channel group), 2 = per-channel affine (KIVI
+/// keys), 3 = FP8 with a per-token or per-tensor scale.
+template <class Q, quant::role R>
+struct fused_codec {
+  static constexpr int kind = 0, bits = 8, group = 0;
+};
+template <int B, quant::scheme S, int Gp, quant::role R>
+struct fused_codec<quant::intn<B, S, Gp>, R> {
+  static constexpr int kind = 1, bits = B, group = Gp;
+  static constexpr quant::scheme sch = S;
+  using impl = quant::detail::token_affine<B, S, Gp>;
+};
+template <int B, int Gk, int Res>
+struct fused_codec<quant::kivi<B, Gk, Res>, quant::role::value> {
+  static constexpr int kind = 1, bits = B, group = Gk;
+  static constexpr quant::scheme sch = quant::scheme::asymmetric;
+  using impl = quant::detail::token_affine<B, quant::scheme::asymmetric, Gk>;
+};
+template <int B, int Gk, int Res>
+struct fused_codec<quant::kivi<B, Gk, Res>, quant::role::key> {
+  static constexpr int kind = 2, bits = B, group = Gk;
+  using impl = quant::detail::channel_affine<B, Gk>;
+};
+template <class F, quant::fp8_scaling Sc, quant::role R>
+struct fused_codec<quant::fp8<F, Sc>, R> {
+  static constexpr int kind = 3, bits = 8, group = 0;
+  using format = F;
+};
+
+#if KVC_QUANT_AVX2
+inline constexpr bool fused_available = true;
+
+/// 16 codes of a row starting at channel d, as *centred* floats c - 2^(Bits-1): the zero point
+/// moves to z + s 2^(Bits-1) (the middle of the row's range, 0 for symmetric codes), so the two
+/// terms of s (q . c) + z' sum(q) do not cancel (uncentred codes cost 1.2e-5 of the 1e-5 budget in
+/// test_quant_attention; centred they are below it).
+template <int Bits>
+struct int_loader {
+  KVC_FORCEINLINE void operator()(const std::uint8_t* row, std::int32_t d, __m256& a, __m256& b) const noexcept {
+    if constexpr (Bits == 8) {
+      const __m128i c = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)), _mm_set1_epi8(-128));
+      a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+      b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
+    } else {
+      const __m128i c = _mm_sub_epi8(quant::detail::unpack16<Bits>(row + d * Bits / 8), _mm_set1_epi8(1 << (Bits - 1)));
+      a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+      b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
+    }
+  }
+};
+template <int Bits>
+inline constexpr float code_mid = static_cast<float>(1 << (Bits - 1));
+
+/// 16 FP8 codes as floats divided by fp8_unit<F> (exact): the byte shifted into a binary16 is
+/// E5M2 itself; E4M3 gets its exponent moved down one bit (value / 256, subnormals included) and
+/// goes through F16C. The NaN codes (never produced by the saturating encoder from finite input)
+/// would read as 480.
+template <class F>
+struct fp8_loader {
+  KVC_FORCEINLINE void operator()(const std::uint8_t* row, std::int32_t d, __m256& a, __m256& b) const noexcept {
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d));
+    __m128i lo = _mm_unpacklo_epi8(_mm_setzero_si128(), c), hi = _mm_unpackhi_epi8(_mm_setzero_si128(), c);
+    if constexpr (std::is_same<F, fp8_e4m3>::value) {
+      const __m128i m = _mm_set1_epi16(static_cast<short>(0xBFFF));
+      lo = _mm_and_si128(_mm_srai_epi16(lo, 1), m);
+      hi = _mm_and_si128(_mm_srai_epi16(hi, 1), m);
+    }
+    a = _mm256_cvtph_ps(lo);
+    b = _mm256_cvtph_ps(hi);
+  }
+};
+template <class F>
+inline constexpr float fp8_unit = std::is_same<F, fp8_e4m3>::value ? 256.0f : 1.0f;
+
+KVC_FORCEINLINE float h2f(const half* p) noexcept {
+  std::uint16_t b;
+  std::memcpy(&b, p, 2);
+  return _cvtsh_ss(b);
+}
+
+/// Lane sums of 8 vectors: r[j] = sum of the lanes of v[j].
+KVC_FORCEINLINE __m256 hsum8(const __m256* v) noexcept {
+  const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 a = _mm256_hadd_ps(h01, h23), b = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/// dots[t * G + g] = q_g . codes(rows[t]) for T tokens and G heads in one pass over D
+/// (T * G <= 8 accumulators; D a multiple of 16).
+template <std::int32_t G, std::int32_t T, class L>
+KVC_FORCEINLINE void code_dots(const float* q, std::int32_t D, const std::uint8_t* const* rows, float* dots,
+                               L load) noexcept {
+  static_assert(T * G <= 8, "code_dots: at most 8 accumulators");
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (std::int32_t d = 0; d < D; d += 16) {
+    __m256 k0[T], k1[T];
+    for (std::int32_t t = 0; t < T; ++t) load(rows[t], d, k0[t], k1[t]);
+    for (std::int32_t g = 0; g < G; ++g) {
+      const __m256 q0 = _mm256_loadu_ps(q + g * D + d), q1 = _mm256_loadu_ps(q + g * D + d + 8);
+      for (std::int32_t t = 0; t < T; ++t) {
+        acc[t * G + g] = _mm256_fmadd_ps(q0, k0[t], acc[t * G + g]);
+        acc[t * G + g] = _mm256_fmadd_ps(q1, k1[t], acc[t * G + g]);
+      }
+    }
+  }
+  alignas(32) float r[8];
+  _mm256_store_ps(r, hsum8(acc));
+  for (std::int32_t j = 0; j < T * G; ++j) dots[j] = r[j];
+}
+
+/// Scores of tn tokens (rows[i], per-token scale sc[i] and zero zc[i]) for G heads:
+/// s[g * stride + i] = sc[i] * (q_g . c_i) + zc[i] * qsum[g].
+template <std::int32_t G, class L>
+KVC_FORCEINLINE void score_codes(const float* q, const float* qsum, std::int32_t D, const std::uint8_t* const* rows,
+                                 const float* sc, const float* zc, std::int32_t tn, float* s, std::int32_t stride,
+                                 L load) noexcept {
+  /// Tokens per pass: 8 / G, so that T * G = 8 ymm accumulators (the FMA latency x throughput of
+  /// AVX2 cores, as decode_attention's acc_regs), leaving 8 registers for codes and query. Chosen
+  /// by that register count, not by a sweep (no time was measured for other values).
+  constexpr std::int32_t T = 8 / G;
+  float dots[8];
+  std::int32_t i = 0;
+  for (; i + T <= tn; i += T) {
+    code_dots<G, T>(q, D, rows + i, dots, load);
+    for (std::int32_t t = 0; t < T; ++t)
+      for (std::int32_t g = 0; g < G; ++g) s[g * stride + i + t] = sc[i + t] * dots[t * G + g] + zc[i + t] * qsum[g];
+  }
+  for (; i < tn; ++i) {
+    code_dots<G, 1>(q, D, rows + i, dots, load);
+    for (std::int32_t g = 0; g < G; ++g) s[g * stride + i] = sc[i] * dots[g] + zc[i] * qsum[g];
+  }
+}
+
+/// acc[g][:] += sum_i w[(j(d) * G + g) * wstride + i] * codes(rows[i])[:] with j(d) = d / grp,
+/// 16 channels at a time with the 2G accumulators in registers over the tile's rows.
+template <std::int32_t G, class L>
+KVC_FORCEINLINE void accumulate_codes(const float* w, std::int32_t wstride, std::int32_t grp,
+                                      const std::uint8_t* const* rows, std::int32_t tn, std::int32_t D, float* acc,
+                                      L load) noexcept {
+  for (std::int32_t d = 0; d < D; d += 16) {
+    const float* w0 = w + static_cast<std::size_t>(d / grp) * G * wstride;
+    const float* w1 = w + static_cast<std::size_t>((d + 8) / grp) * G * wstride;
+    __m256 a0[G], a1[G];
+    for (std::int32_t g = 0; g < G; ++g) {
+      a0[g] = _mm256_loadu_ps(acc + g * D + d);
+      a1[g] = _mm256_loadu_ps(acc + g * D + d + 8);
+    }
+    for (std::int32_t i = 0; i < tn; ++i) {
+      __m256 v0, v1;
+      load(rows[i], d, v0, v1);
+      for (std::int32_t g = 0; g < G; ++g) {
+        a0[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(w0 + g * wstride + i), v0, a0[g]);
+        a1[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(w1 + g * wstride + i), v1, a1[g]);
+      }
+    }
+    for (std::int32_t g = 0; g < G; ++g) {
+      _mm256_storeu_ps(acc + g * D + d, a0[g]);
+      _mm256_storeu_ps(acc + g * D + d + 8, a1[g]);
+    }
+  }
+}
+
+template <class Q, quant::role R>
+KVC_FORCEINLINE auto loader_for() noexcept {
+  using F = fused_codec<Q, R>;
+  if constexpr (F::kind == 3) return fp8_loader<typename F::format>{};
+  else return int_loader<F::bits>{};
+}
+
+/// Whether the fused kernels take the keys (or values) of Q for G heads and head_dim D.
+template <class Q, quant::role R, std::int32_t G>
+constexpr bool fused_ok(std::int32_t D) noexcept {
+  using F = fused_codec<Q, R>;
+  if constexpr (F::kind == 0 || G > 4) return false;
+  else if constexpr (R == quant::role::key && F::kind == 1 && F::group != 0) return false;  // grouped per-token keys
+  else return D % 16 == 0 && (F::group == 0 || F::group % 8 == 0);
+}
+
+/// Scores s[g * stride + i] of tokens [slot0, slot0 + tn) of a page's key part, from the codes.
+template <std::int32_t G, class Q>
+void fused_scores(const Q& kq, const std::byte* part, std::int32_t D, std::int32_t slot0, std::int32_t tn,
+                  const float* q, float* s, std::int32_t stride, scratch& sc) {
+  using F = fused_codec<Q, quant::role::key>;
+  const std::size_t rb = kq.record_bytes(quant::role::key, D);
+  const auto load = loader_for<Q, quant::role::key>();
+  float qsum[G];
+  const std::uint8_t** rows = sc.rows.data();
+  if constexpr (F::kind == 2) {
+    using impl = typename F::impl;
+    constexpr std::int32_t U = F::group;
+    for (std::int32_t i = 0; i < tn;) {
+      const std::int32_t r = (slot0 + i) / U, r0 = r * U, e = std::min(tn, r0 + U - slot0);
+      const std::byte* rec = part + rb * static_cast<std::size_t>(r);
+      const half* hs = impl::scales(rec, D);
+      const half* hz = impl::zeros(rec, D);
+      float* qf = sc.qf.data();
+      for (std::int32_t g = 0; g < G; ++g) {
+        __m256 b = _mm256_setzero_ps();
+        for (std::int32_t d = 0; d < D; d += 8) {
+          const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hs + d)));
+          const __m256 zv = _mm256_fmadd_ps(sv, _mm256_set1_ps(code_mid<F::bits>),
+                                            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hz + d))));
+          const __m256 qv = _mm256_loadu_ps(q + g * D + d);
+          _mm256_storeu_ps(qf + g * D + d, _mm256_mul_ps(qv, sv));
+          b = _mm256_fmadd_ps(qv, zv, b);
+        }
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        qsum[g] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+      }
+      for (std::int32_t t = i; t < e; ++t) {
+        rows[t - i] = reinterpret_cast<const std::uint8_t*>(rec) + impl::row_bytes(D) * static_cast<std::size_t>(slot0 + t - r0);
+        sc.ks[t - i] = 1.0f;
+        sc.kz[t - i] = 1.0f;
+      }
+      score_codes<G>(qf, qsum, D, rows, sc.ks.data(), sc.kz.data(), e - i, s + i, stride, load);
+      i = e;
+    }
+  } else {
+    for (std::int32_t g = 0; g < G; ++g) {
+      float a = 0.0f;
+      for (std::int32_t d = 0; d < D; ++d) a += q[g * D + d];
+      qsum[g] = a;
+    }
+    for (std::int32_t i = 0; i < tn; ++i) {
+      const std::byte* rec = part + rb * static_cast<std::size_t>(slot0 + i);
+      rows[i] = reinterpret_cast<const std::uint8_t*>(rec);
+      if constexpr (F::kind == 3) {
+        sc.ks[i] = kq.template row_scale<quant::role::key>(rec, D) * fp8_unit<typename F::format>;
+        sc.kz[i] = 0.0f;
+      } else {
+        using impl = typename F::impl;
+        const float sv = h2f(impl::scales(rec, D));
+        sc.ks[i] = sv;
+        sc.kz[i] = quant::detail::affine_zero<F::bits, F::sch>(sv, impl::has_zero ? h2f(impl::zeros(rec, D)) : 0.0f) +
+                   sv * code_mid<F::bits>;
+      }
+    }
+    score_codes<G>(q, qsum, D, rows, sc.ks.data(), sc.kz.data(), tn, s, stride, load);
+  }
+}
+
+/// acc[g][:] += sum_i p[g * stride + i] * value_i for tokens [slot0, slot0 + tn) of a page's value
+/// part, from the codes.
+template <std::int32_t G, class Q>
+void fused_values(const Q& vq, const std::byte* part, std::int32_t D, std::int32_t slot0, std::int32_t tn,
+                  const float* p, std::int32_t stride, float* acc, scratch& sc) {
+  using F = fused_codec<Q, quant::role::value>;
+  const std::size_t rb = vq.record_bytes(quant::role::value, D);
+  const auto load = loader_for<Q, quant::role::value>();
+  const std::int32_t grp = F::group == 0 ? D : F::group, ng = D / grp;
+  const std::uint8_t** rows = sc.rows.data();
+  float* w = sc.w.data();
+  float* bias = sc.bias.data();
+  std::fill(bias, bias + G * ng, 0.0f);
+  for (std::int32_t i = 0; i < tn; ++i) {
+    const std::byte* rec = part + rb * static_cast<std::size_t>(slot0 + i);
+    rows[i] = reinterpret_cast<const std::uint8_t*>(rec);
+    if constexpr (F::kind == 3) {
+      const float sv = vq.template row_scale<quant::role::value>(rec, D) * fp8_unit<typename F::format>;
+      for (std::int32_t g = 0; g < G; ++g) w[g * stride + i] = p[g * stride + i] * sv;
+    } else {
+      using impl = typename F::impl;
+      const half* hs = impl::scales(rec, D);
+      for (std::int32_t j = 0; j < ng; ++j) {
+        const float sv = h2f(hs + j);
+        const float zv = quant::detail::affine_zero<F::bits, F::sch>(sv, impl::has_zero ? h2f(impl::zeros(rec, D) + j) : 0.0f) +
+                         sv * code_mid<F::bits>;
+        for (std::int32_t g = 0; g < G; ++g) {
+          const float pg = p[g * stride + i];
+          w[(j * G + g) * stride + i] = pg * sv;
+          bias[g * ng + j] += pg * zv;
+        }
+      }
+    }
+  }
+  accumulate_codes<G>(w, stride, grp, rows, tn, D, acc, load);
+  if constexpr (F::kind != 3)
+    for (std::int32_t g = 0; g < G; ++g)
+      for (std::int32_t j = 0; j < ng; ++j) {
+        const __m256 b = _mm256_set1_ps(bias[g * ng + j]);
+        float* a = acc + g * D + j * grp;
+        for (std::int32_t d = 0; d < grp; d += 8) _mm256_storeu_ps(a + d, _mm256_add_ps(_mm256_loadu_ps(a + d), b));
+      }
+}
+
+// ---- integer q . k (quant_attention_options::int8_query) ----------------------------------------
+//
+// Per-token integer keys (intn, one scale and zero per token and head) against a query quantized
+// once per call: q_g ~ qs_g * qi_g with qi_g int8 (2-bit and 4-bit keys, _mm256_maddubs_epi16 of
+// u8 codes x s8 query; no saturation: 2 * 15 * 127 < 2^15) or int16 (8-bit keys, _mm256_madd_epi16
+// of u8 codes x s16 query, 15-bit query: 8 * 2 * 255 * 32767 * D/128 < 2^31 for D <= 1024). The
+// integer sums are exact; score = s_t qs_g sum(c qi) + z_t sum(q). The query is stored in the
+// order the codes unpack in: for 4-bit, each 32-byte block holds 64 channels, low nibbles = even
+// channels, high nibbles = odd; for 2-bit each 32-byte block holds 128 channels, crumb k of byte j
+// = channel 4j + k.
+
+/// Whether the integer path takes keys of Q (otherwise the exact float path runs).
+template <class Q, std::int32_t G>
+constexpr bool intdot_ok(std::int32_t D) noexcept {
+  using F = fused_codec<Q, quant::role::key>;
+  if constexpr (F::kind != 1 || F::group != 0 || G > 4) return false;
+  else return F::bits == 8 ? D % 16 == 0 : F::bits == 4 ? D % 64 == 0 : D % 128 == 0;
+}
+
+/// Quantized query of G heads: qi (int8, or int16 for 8-bit keys) in unpack order, qs, qsum.
+struct int_query {
+  alignas(32) std::int8_t q8[max_group * 1024];
+  alignas(32) std::int16_t q16[max_group * 1024];
+  float qs[max_group], qsum[max_group];
+};
+
+template <int Bits>
+inline void quantize_query(const float* q, std::int32_t G, std::int32_t D, int_query& iq) noexcept {
+  for (std::int32_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    float amax = 0.0f, sum = 0.0f;
+    for (std::int32_t d = 0; d < D; ++d) {
+      amax = std::max(amax, std::fabs(qg[d]));
+      sum += qg[d];
+    }
+    const float lim = Bits == 8 ? 32767.0f : 127.0f;
+    const float qs = amax > 0.0f ? amax / lim : 1.0f, inv = 1.0f / qs;
+    iq.qs[g] = qs;
+    iq.qsum[g] = sum;
+    for (std::int32_t d = 0; d < D; ++d) {
+      const float r = std::min(lim, std::max(-lim, std::nearbyint(qg[d] * inv)));
+      std::int32_t pos = d;
+      if constexpr (Bits == 4) pos = d / 64 * 64 + (d % 2) * 32 + (d % 64) / 2;
+      if constexpr (Bits == 2) pos = d / 128 * 128 + (d % 4) * 32 + (d % 128) / 4;
+      if constexpr (Bits == 8) iq.q16[g * D + pos] = static_cast<std::int16_t>(r);
+      else iq.q8[g * D + pos] = static_cast<std::int8_t>(r);
+    }
+  }
+}
+
+/// Integer dots of T tokens x G heads as floats: dots[t * G + g] = sum_d c_td qi_gd.
+template <int Bits, std::int32_t G, std::int32_t T>
+KVC_FORCEINLINE void int_dots(const int_query& iq, std::int32_t D, const std::uint8_t* const* rows, float* dots) noexcept {
+  __m256 accf[8];
+  __m256i acc[T * G];
+  for (int j = 0; j < T * G; ++j) acc[j] = _mm256_setzero_si256();
+  if constexpr (Bits == 8) {
+    for (std::int32_t d = 0; d < D; d += 16) {
+      __m256i c[T];
+      for (std::int32_t t = 0; t < T; ++t)
+        c[t] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[t] + d)));
+      for (std::int32_t g = 0; g < G; ++g) {
+        const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(iq.q16 + g * D + d));
+        for (std::int32_t t = 0; t < T; ++t) acc[t * G + g] = _mm256_add_epi32(acc[t * G + g], _mm256_madd_epi16(c[t], qv));
+      }
+    }
+  } else {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i m = _mm256_set1_epi8(Bits == 4 ? 0x0f : 0x03);
+    constexpr std::int32_t per = Bits == 4 ? 64 : 128;  // channels per 32-byte block
+    constexpr int nv = 8 / Bits;                         // code vectors per block
+    for (std::int32_t d = 0; d < D; d += per) {
+      __m256i c[T][nv];
+      for (std::int32_t t = 0; t < T; ++t) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[t] + d * Bits / 8));
+        for (int k = 0; k < nv; ++k) c[t][k] = _mm256_and_si256(_mm256_srli_epi16(b, k * Bits), m);
+      }
+      for (std::int32_t g = 0; g < G; ++g) {
+        __m256i qv[nv];
+        for (int k = 0; k < nv; ++k) qv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(iq.q8 + g * D + d + 32 * k));
+        for (std::int32_t t = 0; t < T; ++t) {
+          __m256i s16 = _mm256_maddubs_epi16(c[t][0], qv[0]);
+          for (int k = 1; k < nv; ++k) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(c[t][k], qv[k]));
+          acc[t * G + g] = _mm256_add_epi32(acc[t * G + g], _mm256_madd_epi16(s16, ones));
+        }
+      }
+    }
+  }
+  for (int j = 0; j < 8; ++j) accf[j] = j < T * G ? _mm256_cvtepi32_ps(acc[j]) : _mm256_setzero_ps();
+  alignas(32) float r[8];
+  _mm256_store_ps(r, hsum8(accf));
+  for (std::int32_t j = 0; j < T * G; ++j) dots[j] = r[j];
+}
+
+/// Scores from the integer dots: s[g * stride + i] = s_i qs_g dot + z_i qsum_g.
+template <std::int32_t G, class Q>
+void intdot_scores(const Q& kq, const std::byte* part, std::int32_t D, std::int32_t slot0, std::int32_t tn,
+                   const int_query& iq, float* s, std::int32_t stride, scratch& sc) {
+  using F = fused_codec<Q, quant::role::key>;
+  if constexpr (F::kind == 1) {
+  using impl = typename F::impl;
+  const std::size_t rb = kq.record_bytes(quant::role::key, D);
+  const std::uint8_t** rows = sc.rows.data();
+  for (std::int32_t i = 0; i < tn; ++i) {
+    const std::byte* rec = part + rb * static_cast<std::size_t>(slot0 + i);
+    rows[i] = reinterpret_cast<const std::uint8_t*>(rec);
+    const float sv = h2f(impl::scales(rec, D));
+    sc.ks[i] = sv;
+    sc.kz[i] = quant::detail::affine_zero<F::bits, F::sch>(sv, impl::has_zero ? h2f(impl::zeros(rec, D)) : 0.0f);
+  }
+  constexpr std::int32_t T = 8 / G;
+  float dots[8];
+  std::int32_t i = 0;
+  for (; i + T <= tn; i += T) {
+    int_dots<F::bits, G, T>(iq, D, rows + i, dots);
+    for (std::int32_t t = 0; t < T; ++t)
+      for (std::int32_t g = 0; g < G; ++g)
+        s[g * stride + i + t] = sc.ks[i + t] * iq.qs[g] * dots[t * G + g] + sc.kz[i + t] * iq.qsum[g];
+  }
+  for (; i < tn; ++i) {
+    int_dots<F::bits, G, 1>(iq, D, rows + i, dots);
+    for (std::int32_t g = 0; g < G; ++g) s[g * stride + i] = sc.ks[i] * iq.qs[g] * dots[g] + sc.kz[i] * iq.qsum[g];
+  }
+  } else {
+    (void)kq, (void)part, (void)D, (void)slot0, (void)tn, (void)iq, (void)s, (void)stride, (void)sc;
+  }
+}
+#else
+inline constexpr bool fused_available = false;
+struct int_query {};
+template <class Q, std::int32_t G>
+constexpr bool intdot_ok(std::int32_t) noexcept { return false; }
+template <int Bits>
+inline void quantize_query(const float*, std::int32_t, std::int32_t, int_query&) noexcept {}
+template <std::int32_t G, class Q>
+void intdot_scores(const Q&, const std::byte*, std::int32_t, std::int32_t, std::int32_t, const int_query&, float*,
+                   std::int32_t, scratch&) {}
+template <class Q, quant::role R, std::int32_t G>
+constexpr bool fused_ok(std::int32_t) noexcept { return false; }
+template <std::int32_t G, class Q>
+void fused_scores(const Q&, const std::byte*, std::int32_t, std::int32_t, std::int32_t, const float*, float*, std::int32_t, scratch&) {}
+template <std::int32_t G, class Q>
+void fused_values(const Q&, const std::byte*, std::int32_t, std::int32_t, std::int32_t, const float*, std::int32_t, float*, scratch&) {}
+#endif
 
 }  // namespace qdetail
 
