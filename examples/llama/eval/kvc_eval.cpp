@@ -1,0 +1,499 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file kvc_eval.cpp
+/// kvc-eval: quality of a compressed KV cache against memory, on a real model.
+///
+///   kvc-eval --text FILE --policies "fp16;snapkv(ratio={b});snapkv(ratio={b})+fp32" --budgets 0.5,0.25
+///            [--protocols prefill,stream,needle] [--out PREFIX] [options]
+///
+/// Every policy spec (see stores.hpp) runs under every protocol; a spec containing `{b}` is
+/// expanded once per budget. The reference spec (default fp32) runs first and is what
+/// "Δ ppl" and "agreement" compare with.
+///   prefill  kvpress-style: prefill a context of C tokens, compress once, score the next N
+///            tokens (teacher forced); windows spread over the text; then greedy-decode a few
+///            tokens one at a time to time decode with the compressed cache.
+///   stream   decode-time: score the first L tokens of the text in chunks of S while the
+///            cache is compressed after every chunk as it grows.
+///   needle   a sentence with a random number is hidden in prose at several depths; the
+///            instruct model is asked for it through the file's chat template; exact match.
+///   prefill and needle compress once after the prompt (kvpress semantics); stream compresses
+///   after every chunk (after_chunk), or every decode step with --stream-chunk 1.
+///   Next-token agreement (argmax equal to the reference's argmax) is reported for prefill and
+///   stream. Memory is kvc's page pool (bytes_in_use), divided by the tokens seen.
+/// Outputs PREFIX.csv, PREFIX.md and PREFIX.png (the plot through eval/plot.py + matplotlib).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <map>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "chat.hpp"
+#include "model.hpp"
+#include "model_path.hpp"
+#include "sampling.hpp"
+#include "stores.hpp"
+#include "tokenizer.hpp"
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+double seconds_since(clock_type::time_point t) { return std::chrono::duration<double>(clock_type::now() - t).count(); }
+
+struct options {
+    std::string model, text, out = "kvc-eval", reference = "fp32", needle_text;
+    std::vector<std::string> policies, budgets;
+    bool do_prefill = true, do_stream = true, do_needle = true;
+    int context = 512, score = 128, windows = 4, decode_tokens = 16;   // prefill protocol
+    int stream_tokens = 1024, stream_chunk = 16;                        // stream protocol
+    int needle_context = 768, needle_seeds = 5, needle_max_new = 24;    // needle protocol
+    std::vector<double> needle_depths{0.1, 0.5, 0.9};
+    int threads = 2, page_size = 16;
+    bool plot = true, quiet = false;
+};
+
+std::vector<std::string> split(const std::string& s, char sep) {
+    std::vector<std::string> out;
+    std::string cur;
+    int depth = 0;  // do not split inside parentheses: "snapkv(ratio=0.5,window=32)"
+    for (char c : s) {
+        if (c == '(') ++depth;
+        if (c == ')') --depth;
+        if (c == sep && depth == 0) {
+            if (!cur.empty()) out.push_back(cur);
+            cur.clear();
+        } else {
+            cur += c;
+        }
+    }
+    if (!cur.empty()) out.push_back(cur);
+    return out;
+}
+
+std::string trim(std::string s) {
+    while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
+    std::size_t i = 0;
+    while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;
+    return s.substr(i);
+}
+
+/// One line of the report: a policy at one budget.
+struct row {
+    std::string spec, family, budget;
+    // prefill protocol
+    double a_nll = 0, a_agree = 0, a_bytes_per_tok = 0, prefill_tps = 0, decode_tps = 0, compress_ms = 0;
+    long a_n = 0, a_agree_n = 0;
+    // stream protocol
+    double b_nll = 0, b_agree = 0, b_bytes_per_tok = 0, stream_tps = 0;
+    long b_n = 0, b_agree_n = 0;
+    // needle
+    int needle_hits = 0, needle_n = 0;
+    std::string error;
+};
+
+/// A progress bar on stderr: "[#####.....]  45% stream snapkv(ratio=0.25)  ETA 1m20s".
+class progress {
+public:
+    progress(long total, bool quiet) : total_(std::max(1L, total)), quiet_(quiet), t0_(clock_type::now()) {}
+    void step(long n, const std::string& what) {
+        done_ += n;
+        if (quiet_) return;
+        const double f = std::min(1.0, static_cast<double>(done_) / total_);
+        const double el = seconds_since(t0_);
+        const double eta = f > 0 ? el / f - el : 0;
+        const int w = 30, k = static_cast<int>(f * w);
+        std::fprintf(stderr, "\r[%s%s] %3d%% %-44.44s ETA %dm%02ds ", std::string(static_cast<std::size_t>(k), '#').c_str(),
+                     std::string(static_cast<std::size_t>(w - k), '.').c_str(), static_cast<int>(f * 100), what.c_str(),
+                     static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+        std::fflush(stderr);
+    }
+    void finish() {
+        if (!quiet_) std::fprintf(stderr, "\n");
+    }
+
+private:
+    long total_, done_ = 0;
+    bool quiet_;
+    clock_type::time_point t0_;
+};
+
+/// -log p(target) from a row of logits, in double.
+double nll(const float* logits, int n, int target) {
+    double mx = logits[0];
+    for (int i = 1; i < n; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += std::exp(logits[i] - mx);
+    return std::log(s) + mx - logits[target];
+}
+
+struct engine {
+    llama::gguf_file& file;
+    llama::tokenizer& tok;
+    llama::model& mdl;
+    llama::store_options sopt;
+};
+
+/// Prefill protocol for one spec over all windows. `ref_argmax` is filled by the reference run
+/// and read by the others ([window][position]).
+void run_prefill(engine& e, const options& o, const std::vector<int32_t>& toks, const std::string& spec, row& r,
+                 std::vector<std::vector<int32_t>>& ref_argmax, bool is_ref, progress& bar) {
+    const int need = o.context + o.score + 1;
+    const int nv = e.mdl.hp().n_vocab;
+    const long span = static_cast<long>(toks.size()) - need;
+    if (span < 0) throw std::runtime_error("text too short for --context + --score");
+    if (is_ref) ref_argmax.assign(static_cast<std::size_t>(o.windows), {});
+    double pre_s = 0, dec_s = 0, comp_s = 0, bytes_tok = 0;
+    long pre_n = 0, dec_n = 0;
+    for (int w = 0; w < o.windows; ++w) {
+        const long start = o.windows == 1 ? 0 : span * w / (o.windows - 1);
+        const int32_t* base = toks.data() + start;
+        auto sopt = e.sopt;
+        sopt.max_tokens = need + o.decode_tokens + 1;
+        llama::store_factory f = llama::parse_store(spec, e.mdl.shape(), sopt);
+        llama::session s = e.mdl.new_session(f.create(), f.query_window);
+        auto t = clock_type::now();
+        e.mdl.forward(s, base, o.context, 1);
+        pre_s += seconds_since(t);
+        pre_n += o.context;
+        t = clock_type::now();
+        f.after_prefill(s);
+        comp_s += seconds_since(t);
+        llama::matrix lg = e.mdl.forward(s, base + o.context, o.score, o.score);
+        for (int i = 0; i < o.score; ++i) {
+            const float* row_p = lg.row(i).data();
+            r.a_nll += nll(row_p, nv, base[o.context + i + 1]);
+            ++r.a_n;
+            const int32_t am = llama::sampler::argmax(row_p, nv);
+            if (is_ref) ref_argmax[static_cast<std::size_t>(w)].push_back(am);
+            else if (!ref_argmax.empty()) {
+                r.a_agree += am == ref_argmax[static_cast<std::size_t>(w)][static_cast<std::size_t>(i)];
+                ++r.a_agree_n;
+            }
+        }
+        bytes_tok += static_cast<double>(s.kv->bytes_in_use()) / s.n_past;
+        // Decode speed with the compressed cache: greedy tokens one at a time.
+        int32_t next = llama::sampler::argmax(lg.row(o.score - 1).data(), nv);
+        t = clock_type::now();
+        for (int i = 0; i < o.decode_tokens; ++i) {  // one-shot protocol: no further compression
+            llama::matrix l1 = e.mdl.forward(s, &next, 1, 1);
+            next = llama::sampler::argmax(l1.row(0).data(), nv);
+        }
+        dec_s += seconds_since(t);
+        dec_n += o.decode_tokens;
+        bar.step(o.context + o.score + o.decode_tokens, "prefill " + spec);
+    }
+    r.a_bytes_per_tok = bytes_tok / o.windows;
+    r.prefill_tps = pre_n / std::max(pre_s, 1e-9);
+    r.decode_tps = dec_n / std::max(dec_s, 1e-9);
+    r.compress_ms = comp_s * 1000 / o.windows;
+    if (is_ref) r.a_agree = 1, r.a_agree_n = 1;
+}
+
+/// Stream protocol: score tokens [1, L) in chunks, compressing after each chunk.
+void run_stream(engine& e, const options& o, const std::vector<int32_t>& toks, const std::string& spec, row& r,
+                std::vector<int32_t>& ref_argmax, bool is_ref, progress& bar) {
+    const int L = std::min<int>(o.stream_tokens, static_cast<int>(toks.size()));
+    const int nv = e.mdl.hp().n_vocab;
+    auto sopt = e.sopt;
+    sopt.max_tokens = L + 1;
+    llama::store_factory f = llama::parse_store(spec, e.mdl.shape(), sopt);
+    llama::session s = e.mdl.new_session(f.create(), f.query_window);
+    if (is_ref) ref_argmax.clear();
+    double bytes_tok_sum = 0;
+    int samples = 0;
+    const auto t = clock_type::now();
+    for (int start = 0; start < L; start += o.stream_chunk) {
+        const int m = std::min(o.stream_chunk, L - start);
+        llama::matrix lg = e.mdl.forward(s, toks.data() + start, m, m);
+        for (int i = 0; i < m; ++i) {
+            const int target = start + i + 1;
+            if (target >= L) break;
+            const float* row_p = lg.row(i).data();
+            r.b_nll += nll(row_p, nv, toks[static_cast<std::size_t>(target)]);
+            ++r.b_n;
+            const int32_t am = llama::sampler::argmax(row_p, nv);
+            if (is_ref) ref_argmax.push_back(am);
+            else if (static_cast<std::size_t>(target - 1) < ref_argmax.size()) {
+                r.b_agree += am == ref_argmax[static_cast<std::size_t>(target - 1)];
+                ++r.b_agree_n;
+            }
+        }
+        if (o.stream_chunk == 1) f.after_decode(s);
+        else f.after_chunk(s);
+        bytes_tok_sum += static_cast<double>(s.kv->bytes_in_use()) / s.n_past;
+        ++samples;
+        bar.step(m, "stream " + spec);
+    }
+    r.stream_tps = L / std::max(seconds_since(t), 1e-9);
+    r.b_bytes_per_tok = bytes_tok_sum / std::max(1, samples);  // mean over the run
+    if (is_ref) r.b_agree = 1, r.b_agree_n = 1;
+}
+
+/// A needle trial's prompt: prose from `hay` with the needle sentence inserted at `depth`
+/// (moved to the next line break so that it does not cut a sentence), then the question.
+struct needle_case {
+    std::vector<int32_t> prompt;
+    std::string answer;
+};
+
+std::vector<needle_case> make_needles(engine& e, const options& o, const std::vector<int32_t>& hay_toks) {
+    llama::chat_template ct(e.file);
+    std::vector<needle_case> cases;
+    for (int seed = 0; seed < o.needle_seeds; ++seed) {
+        std::mt19937_64 rng(static_cast<uint64_t>(seed) * 7919 + 17);
+        const long span = static_cast<long>(hay_toks.size()) - o.needle_context;
+        if (span <= 0) throw std::runtime_error("needle text too short for --needle-context");
+        const long off = static_cast<long>(rng() % static_cast<uint64_t>(span));
+        std::string hay = e.tok.decode({hay_toks.begin() + off, hay_toks.begin() + off + o.needle_context});
+        if (std::size_t nl = hay.find('\n'); nl != std::string::npos && nl < hay.size() / 4) hay = hay.substr(nl + 1);
+        const int number = 10000 + static_cast<int>(rng() % 90000);
+        const std::string answer = std::to_string(number);
+        for (double depth : o.needle_depths) {
+            std::size_t at = static_cast<std::size_t>(depth * hay.size());
+            std::size_t nl = hay.find('\n', at);
+            at = nl == std::string::npos ? hay.size() : nl + 1;
+            std::string text = hay.substr(0, at) + "The secret number is " + answer + ". Remember it.\n" + hay.substr(at);
+            std::string user = text + "\n\nWhat is the secret number mentioned in the text above? Answer with the number only.";
+            needle_case c;
+            c.prompt = e.tok.encode(ct.render({{"user", user}}), /*parse_special=*/true);
+            c.answer = answer;
+            cases.push_back(std::move(c));
+        }
+    }
+    return cases;
+}
+
+void run_needle(engine& e, const options& o, const std::vector<needle_case>& cases, const std::string& spec, row& r,
+                progress& bar, bool show) {
+    const int nv = e.mdl.hp().n_vocab;
+    const int32_t im_end = e.tok.find("<|im_end|>");
+    for (const needle_case& c : cases) {
+        auto sopt = e.sopt;
+        sopt.max_tokens = static_cast<int>(c.prompt.size()) + 16;
+        llama::store_factory f = llama::parse_store(spec, e.mdl.shape(), sopt);
+        llama::session s = e.mdl.new_session(f.create(), f.query_window);
+        llama::matrix lg = e.mdl.forward(s, c.prompt.data(), static_cast<int>(c.prompt.size()), 1);
+        f.after_prefill(s);
+        std::string out;
+        for (int i = 0; i < o.needle_max_new; ++i) {
+            int32_t next = llama::sampler::argmax(lg.row(0).data(), nv);
+            if (next == e.tok.eos() || next == im_end) break;
+            out += e.tok.decode_token(next, true);
+            lg = e.mdl.forward(s, &next, 1, 1);
+        }
+        const bool hit = out.find(c.answer) != std::string::npos;
+        r.needle_hits += hit;
+        ++r.needle_n;
+        if (show) std::fprintf(stderr, "\n  needle %s: answer %s, model said '%s'", hit ? "HIT " : "miss", c.answer.c_str(), out.c_str());
+        bar.step(static_cast<long>(c.prompt.size()) + o.needle_max_new, "needle " + spec);
+    }
+}
+
+std::string fmt(const char* f, double x) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, f, x);
+    return buf;
+}
+
+void usage() {
+    std::fprintf(stderr,
+                 "usage: kvc-eval --text FILE --policies 'SPEC;SPEC;...' [--budgets B1,B2] [--out PREFIX]\n"
+                 "  --protocols prefill,stream,needle   which protocols to run (default all)\n"
+                 "  --reference SPEC      baseline for deltas and agreement (default fp32)\n"
+                 "  --context N --score N --windows N --decode-tokens N      prefill protocol (512, 128, 4, 16)\n"
+                 "  --stream-tokens N --stream-chunk N                        stream protocol (1024, 16)\n"
+                 "  --needle-text FILE --needle-context N --needle-seeds N --needle-depths D1,D2  (text, 768, 5, 0.1,0.5,0.9)\n"
+                 "  --model FILE --threads N --page-size N --no-plot --quiet --list\n"
+                 "SPEC: see kvc-llama --list-caches; '{b}' in a SPEC is replaced by each budget.\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    options o;
+    bool show_needles = false;
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        auto next = [&]() -> std::string {
+            if (i + 1 >= argc) {
+                std::fprintf(stderr, "kvc-eval: %s needs a value\n", a.c_str());
+                std::exit(2);
+            }
+            return argv[++i];
+        };
+        if (a == "--text") o.text = next();
+        else if (a == "--model") o.model = next();
+        else if (a == "--policies") o.policies = split(next(), ';');
+        else if (a == "--budgets") o.budgets = split(next(), ',');
+        else if (a == "--reference") o.reference = next();
+        else if (a == "--out") o.out = next();
+        else if (a == "--protocols") {
+            auto p = split(next(), ',');
+            auto has = [&](const char* n) { return std::find(p.begin(), p.end(), n) != p.end(); };
+            o.do_prefill = has("prefill");
+            o.do_stream = has("stream");
+            o.do_needle = has("needle");
+        } else if (a == "--context") o.context = std::stoi(next());
+        else if (a == "--score") o.score = std::stoi(next());
+        else if (a == "--windows") o.windows = std::stoi(next());
+        else if (a == "--decode-tokens") o.decode_tokens = std::stoi(next());
+        else if (a == "--stream-tokens") o.stream_tokens = std::stoi(next());
+        else if (a == "--stream-chunk") o.stream_chunk = std::stoi(next());
+        else if (a == "--needle-text") o.needle_text = next();
+        else if (a == "--needle-context") o.needle_context = std::stoi(next());
+        else if (a == "--needle-seeds") o.needle_seeds = std::stoi(next());
+        else if (a == "--needle-depths") {
+            o.needle_depths.clear();
+            for (auto& d : split(next(), ',')) o.needle_depths.push_back(std::stod(d));
+        } else if (a == "--threads") o.threads = std::stoi(next());
+        else if (a == "--page-size") o.page_size = std::stoi(next());
+        else if (a == "--no-plot") o.plot = false;
+        else if (a == "--quiet") o.quiet = true;
+        else if (a == "--show-needles") show_needles = true;
+        else if (a == "--list") {
+            for (const auto& s : llama::available_stores()) std::printf("%s\n", s.c_str());
+            return 0;
+        } else if (a == "-h" || a == "--help") {
+            usage();
+            return 0;
+        } else {
+            std::fprintf(stderr, "kvc-eval: unknown argument '%s'\n", a.c_str());
+            usage();
+            return 2;
+        }
+    }
+    if (o.text.empty() || o.policies.empty()) {
+        usage();
+        return 2;
+    }
+    try {
+        llama::set_threads(o.threads);
+        if (o.model.empty()) {
+            std::string why;
+            o.model = llama::find_model(why);
+            if (o.model.empty()) {
+                std::fprintf(stderr, "kvc-eval: %s\n", why.c_str());
+                return 1;
+            }
+        }
+        llama::gguf_file file(o.model);
+        llama::tokenizer tok(file);
+        llama::model mdl(file);
+        kvc::thread_pool pool(o.threads);
+        engine e{file, tok, mdl, {}};
+        e.sopt.page_size = o.page_size;
+        e.sopt.pool = o.threads > 1 ? &pool : nullptr;
+
+        auto read_file = [](const std::string& p) {
+            std::ifstream in(p, std::ios::binary);
+            if (!in) throw std::runtime_error("cannot read text file '" + p + "'");
+            return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        };
+        const std::vector<int32_t> toks = tok.encode(read_file(o.text));
+        const std::vector<int32_t> hay = o.needle_text.empty() ? toks : tok.encode(read_file(o.needle_text));
+
+        // Expand budgets; the reference goes first.
+        std::vector<row> rows;
+        auto add = [&](const std::string& spec, const std::string& family, const std::string& budget) {
+            for (const row& r : rows)
+                if (r.spec == spec) return;
+            row r;
+            r.spec = spec;
+            r.family = family;
+            r.budget = budget;
+            rows.push_back(r);
+        };
+        add(o.reference, o.reference, "");
+        for (std::string p : o.policies) {
+            p = trim(p);
+            const std::size_t at = p.find("{b}");
+            if (at == std::string::npos) {
+                add(p, p, "");
+                continue;
+            }
+            if (o.budgets.empty()) throw std::invalid_argument("policy '" + p + "' has {b} but no --budgets were given");
+            for (const std::string& b : o.budgets) add(p.substr(0, at) + b + p.substr(at + 3), p, b);
+        }
+        std::vector<needle_case> needles;
+        if (o.do_needle) needles = make_needles(e, o, hay);
+        long total = 0;
+        for (std::size_t i = 0; i < rows.size(); ++i) {
+            if (o.do_prefill) total += static_cast<long>(o.windows) * (o.context + o.score + o.decode_tokens);
+            if (o.do_stream) total += std::min<long>(o.stream_tokens, static_cast<long>(toks.size()));
+            for (const auto& c : needles) total += static_cast<long>(c.prompt.size()) + o.needle_max_new;
+        }
+        std::fprintf(stderr, "kvc-eval: %s (%zu tokens), %zu configurations, protocols:%s%s%s\n", o.text.c_str(), toks.size(),
+                     rows.size(), o.do_prefill ? " prefill" : "", o.do_stream ? " stream" : "", o.do_needle ? " needle" : "");
+        progress bar(total, o.quiet);
+        std::vector<std::vector<int32_t>> ref_a;
+        std::vector<int32_t> ref_b;
+        for (std::size_t i = 0; i < rows.size(); ++i) {
+            row& r = rows[i];
+            try {
+                llama::parse_store(r.spec, mdl.shape(), e.sopt);  // reject unknown specs before running
+                if (o.do_prefill) run_prefill(e, o, toks, r.spec, r, ref_a, i == 0, bar);
+                if (o.do_stream) run_stream(e, o, toks, r.spec, r, ref_b, i == 0, bar);
+                if (o.do_needle) run_needle(e, o, needles, r.spec, r, bar, show_needles);
+            } catch (const std::exception& ex) {
+                if (i == 0) throw;
+                r.error = ex.what();
+                std::fprintf(stderr, "\nkvc-eval: %s: %s\n", r.spec.c_str(), ex.what());
+            }
+        }
+        bar.finish();
+
+        // ---- report ----
+        const row& ref = rows.front();
+        const double ref_a_ppl = ref.a_n ? std::exp(ref.a_nll / ref.a_n) : 0;
+        const double ref_b_ppl = ref.b_n ? std::exp(ref.b_nll / ref.b_n) : 0;
+        std::ofstream csv(o.out + ".csv");
+        csv << "spec,family,budget,kv_bytes_per_token,ppl_prefill,dppl_prefill,agree_prefill,kv_bytes_per_token_stream,"
+               "ppl_stream,dppl_stream,agree_stream,needle_acc,needle_n,prefill_tok_s,decode_tok_s,stream_tok_s,compress_ms,error\n";
+        std::ostringstream md;
+        md << "| policy | KV bytes/token | ppl (prefill) | Δppl | agree | KV bytes/token (stream) | ppl (stream) | Δppl | agree | needle | prefill tok/s | decode tok/s |\n";
+        md << "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+        for (const row& r : rows) {
+            const double ap = r.a_n ? std::exp(r.a_nll / r.a_n) : NAN, bp = r.b_n ? std::exp(r.b_nll / r.b_n) : NAN;
+            const double aa = r.a_agree_n ? r.a_agree / r.a_agree_n : NAN, ba = r.b_agree_n ? r.b_agree / r.b_agree_n : NAN;
+            const double na = r.needle_n ? static_cast<double>(r.needle_hits) / r.needle_n : NAN;
+            csv << '"' << r.spec << "\",\"" << r.family << "\"," << r.budget << ',' << r.a_bytes_per_tok << ',' << ap << ','
+                << ap - ref_a_ppl << ',' << aa << ',' << r.b_bytes_per_tok << ',' << bp << ',' << bp - ref_b_ppl << ',' << ba
+                << ',' << na << ',' << r.needle_n << ',' << r.prefill_tps << ',' << r.decode_tps << ',' << r.stream_tps << ','
+                << r.compress_ms << ",\"" << r.error << "\"\n";
+            auto cell = [](bool on, const std::string& s) { return on ? s : std::string("–"); };
+            if (!r.error.empty()) {
+                md << "| `" << r.spec << "` | error: " << r.error << " |||||||||||\n";
+                continue;
+            }
+            md << "| `" << r.spec << "` | " << cell(o.do_prefill, fmt("%.0f", r.a_bytes_per_tok)) << " | "
+               << cell(o.do_prefill, fmt("%.3f", ap)) << " | " << cell(o.do_prefill, fmt("%+.3f", ap - ref_a_ppl)) << " | "
+               << cell(o.do_prefill, fmt("%.1f%%", 100 * aa)) << " | " << cell(o.do_stream, fmt("%.0f", r.b_bytes_per_tok))
+               << " | " << cell(o.do_stream, fmt("%.3f", bp)) << " | " << cell(o.do_stream, fmt("%+.3f", bp - ref_b_ppl))
+               << " | " << cell(o.do_stream, fmt("%.1f%%", 100 * ba)) << " | "
+               << cell(o.do_needle, std::to_string(r.needle_hits) + "/" + std::to_string(r.needle_n)) << " | "
+               << cell(o.do_prefill, fmt("%.0f", r.prefill_tps)) << " | " << cell(o.do_prefill, fmt("%.1f", r.decode_tps))
+               << " |\n";
+        }
+        csv.close();
+        std::ofstream(o.out + ".md") << md.str();
+        std::cout << md.str();
+        std::fprintf(stderr, "kvc-eval: wrote %s.csv and %s.md\n", o.out.c_str(), o.out.c_str());
+        if (o.plot) {
+            const std::string script = std::string(KVC_LLAMA_SOURCE_ROOT) + "/examples/llama/eval/plot.py";
+            const std::string cmd = "python3 '" + script + "' '" + o.out + ".csv' '" + o.out + ".png'";
+            if (std::system(cmd.c_str()) != 0)
+                std::fprintf(stderr, "kvc-eval: the plot %s.png was NOT written (needs python3 with matplotlib: "
+                                     "python3 -m pip install matplotlib)\n", o.out.c_str());
+        }
+    } catch (const std::exception& ex) {
+        std::fprintf(stderr, "\nkvc-eval: error: %s\n", ex.what());
+        return 1;
+    }
+    return 0;
+}

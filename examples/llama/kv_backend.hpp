@@ -1,0 +1,121 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file kv_backend.hpp
+/// The one seam between the engine and KV storage. The engine owns weights and activations
+/// and hands each layer's freshly projected, RoPE'd keys and values to a `kv_store`; the store
+/// owns them from then on and answers attention queries against whatever it kept. Two stores
+/// implement it: `dense_kv` (plain float arrays, the reference the engine was validated with)
+/// and `kvc_kv` in kvc_backend.hpp (kvc's paged, compressible cache). An engine developer who
+/// copies this example keeps this interface and swaps the implementation.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace llama {
+
+/// Shape of the KV data a model produces; everything a store needs to size itself.
+struct kv_shape {
+    int num_layers = 0;
+    int num_kv_heads = 0;
+    int num_q_heads = 0;
+    int head_dim = 0;
+};
+
+/// KV storage for one sequence.
+class kv_store {
+public:
+    virtual ~kv_store() = default;
+
+    /// Takes ownership of `n` tokens of one layer. `k` and `v` are [n][num_kv_heads][head_dim],
+    /// keys already rotated; `positions` are the tokens' absolute positions.
+    virtual void append(int layer, const float* k, const float* v, int n, const int32_t* positions) = 0;
+
+    /// Attention of one query token over everything stored for `layer`:
+    /// `q` is [num_q_heads][head_dim] (rotated), `out` receives [num_q_heads][head_dim].
+    virtual void attend(int layer, const float* q, float* out) = 0;
+
+    /// Tokens kept by one (layer, kv head) stream; compression makes these differ.
+    virtual int length(int layer, int kv_head) const = 0;
+
+    /// Bytes the store holds for this sequence's K and V (including padding the layout needs).
+    virtual std::size_t bytes_in_use() const = 0;
+
+    /// A short human-readable description ("dense f32", "kvc half page=16", ...).
+    virtual std::string describe() const = 0;
+};
+
+/// Reference store: contiguous float arrays per layer, no compression. Attention is computed
+/// in float with a max-subtracted softmax, the textbook way, so that it can serve as
+/// ground truth for kvc's kernels on a real model.
+class dense_kv final : public kv_store {
+public:
+    explicit dense_kv(const kv_shape& s) : s_(s), k_(static_cast<std::size_t>(s.num_layers)), v_(k_.size()) {
+        if (s.num_kv_heads <= 0 || s.num_q_heads % s.num_kv_heads != 0)
+            throw std::invalid_argument("dense_kv: num_q_heads must be a positive multiple of num_kv_heads");
+    }
+
+    void append(int layer, const float* k, const float* v, int n, const int32_t*) override {
+        const std::size_t row = static_cast<std::size_t>(s_.num_kv_heads) * s_.head_dim;
+        auto& K = k_.at(static_cast<std::size_t>(layer));
+        auto& V = v_.at(static_cast<std::size_t>(layer));
+        K.insert(K.end(), k, k + row * n);
+        V.insert(V.end(), v, v + row * n);
+    }
+
+    void attend(int layer, const float* q, float* out) override {
+        const auto& K = k_.at(static_cast<std::size_t>(layer));
+        const auto& V = v_.at(static_cast<std::size_t>(layer));
+        const int hd = s_.head_dim, nkv = s_.num_kv_heads, group = s_.num_q_heads / nkv;
+        const std::size_t row = static_cast<std::size_t>(nkv) * hd;
+        const std::size_t n = K.size() / row;
+        const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+        scores_.resize(n);
+        for (int h = 0; h < s_.num_q_heads; ++h) {
+            const int g = h / group;
+            const float* qh = q + static_cast<std::size_t>(h) * hd;
+            float mx = -std::numeric_limits<float>::infinity();
+            for (std::size_t t = 0; t < n; ++t) {
+                const float* kt = K.data() + t * row + static_cast<std::size_t>(g) * hd;
+                float dot = 0;
+                for (int d = 0; d < hd; ++d) dot += qh[d] * kt[d];
+                scores_[t] = dot * scale;
+                mx = std::max(mx, scores_[t]);
+            }
+            float sum = 0;
+            for (std::size_t t = 0; t < n; ++t) sum += (scores_[t] = std::exp(scores_[t] - mx));
+            float* oh = out + static_cast<std::size_t>(h) * hd;
+            std::fill(oh, oh + hd, 0.0f);
+            for (std::size_t t = 0; t < n; ++t) {
+                const float p = scores_[t] / sum;
+                const float* vt = V.data() + t * row + static_cast<std::size_t>(g) * hd;
+                for (int d = 0; d < hd; ++d) oh[d] += p * vt[d];
+            }
+        }
+    }
+
+    int length(int layer, int) const override {
+        return static_cast<int>(k_.at(static_cast<std::size_t>(layer)).size() /
+                                (static_cast<std::size_t>(s_.num_kv_heads) * s_.head_dim));
+    }
+
+    std::size_t bytes_in_use() const override {
+        std::size_t b = 0;
+        for (std::size_t l = 0; l < k_.size(); ++l) b += (k_[l].size() + v_[l].size()) * sizeof(float);
+        return b;
+    }
+
+    std::string describe() const override { return "dense f32"; }
+
+private:
+    kv_shape s_;
+    std::vector<std::vector<float>> k_, v_;
+    std::vector<float> scores_;
+};
+
+}  // namespace llama
