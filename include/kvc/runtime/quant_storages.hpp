@@ -9,16 +9,19 @@
 ///   kivi(bits=2|4|8, kbits=, vbits=, residual=128)        KIVI, group 32; K4V2/K2V4 via kbits/vbits
 ///   rotated(bits=2|4)                                     Hadamard-rotated int2/int4
 ///   outliers(bits=2|4, fraction=0.01)                     KVQuant dense-and-sparse int2/int4
+///   gear(bits=4|2, rank=4, outliers=0.02)                 GEAR, records of 32 tokens
 ///   every one also takes sinks=N (first N tokens kept in fp16)
 ///
 /// Each combination is one template instantiation, so the set is finite; the library itself
 /// takes any combination at compile time (kvc::quant_cache<KQ, VQ>).
 
 #include <memory>
+#include <numeric>
 #include <string>
 
 #include <kvc/cpu/quant_attention.hpp>
 #include <kvc/quant/fp8.hpp>
+#include <kvc/quant/gear.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/kivi.hpp>
 #include <kvc/quant/outliers.hpp>
@@ -30,9 +33,16 @@ KVC_BEGIN_NAMESPACE
 namespace runtime {
 namespace detail {
 
-inline quant_cache_config quant_config(const cache_config& c, int sinks) {
+/// The harness's page size is rounded up to a multiple of the codecs' encoding unit (KIVI keys and
+/// GEAR records hold 32 tokens), keeping the same pool bytes; config() reports what was used.
+template <class KQ, class VQ>
+quant_cache_config quant_config(const cache_config& c, int sinks) {
   quant_cache_config q;
   static_cast<cache_config&>(q) = c;
+  const int unit = std::lcm(KQ::tokens_per_record(quant::role::key), VQ::tokens_per_record(quant::role::value));
+  const std::int32_t old_page = q.page_size;
+  while (q.page_size % unit != 0) q.page_size *= 2;  // a power of two times two stays one
+  q.max_pages = static_cast<std::int32_t>(static_cast<std::int64_t>(q.max_pages) * old_page / q.page_size + 1);
   q.sink_tokens = sinks;
   q.max_fp_pages = c.max_pages;  // at most one residual and one sink page per stream
   return q;
@@ -41,7 +51,7 @@ inline quant_cache_config quant_config(const cache_config& c, int sinks) {
 template <class KQ, class VQ>
 std::unique_ptr<any_cache> make_quant(const std::string& name, const cache_config& c, int sinks, KQ kq = KQ{},
                                       VQ vq = VQ{}) {
-  return std::make_unique<cache_adapter<quant_cache<KQ, VQ>>>(name, quant_config(c, sinks), kq, vq);
+  return std::make_unique<cache_adapter<quant_cache<KQ, VQ>>>(name, quant_config<KQ, VQ>(c, sinks), kq, vq);
 }
 
 [[noreturn]] inline void unsupported(const spec_stage& st, const std::string& what, const std::string& expected) {
@@ -123,6 +133,19 @@ inline bool register_quant_storages() {
     if (bits == 4)
       return make_quant<quant::outliers<quant::int4>, quant::outliers<quant::int4>>(
           st.text, c, sinks, quant::outliers<quant::int4>(frac), quant::outliers<quant::int4>(frac));
+    unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
+  };
+  r["gear"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+    spec_args a(st);
+    const int bits = a.integer("bits", 4);
+    const int rank = a.integer("rank", 4);
+    const float frac = static_cast<float>(a.number("outliers", 0.02));
+    const int sinks = a.integer("sinks", 0);
+    a.finish("bits, rank, outliers, sinks");
+    if (bits == 4) return make_quant<quant::gear<4>, quant::gear<4>>(st.text, c, sinks, quant::gear<4>(rank, frac),
+                                                                     quant::gear<4>(rank, frac));
+    if (bits == 2) return make_quant<quant::gear<2>, quant::gear<2>>(st.text, c, sinks, quant::gear<2>(rank, frac),
+                                                                     quant::gear<2>(rank, frac));
     unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
   };
   return true;
