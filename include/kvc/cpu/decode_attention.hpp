@@ -18,6 +18,7 @@
 
 #include <kvc/attention/options.hpp>
 #include <kvc/cpu/simd.hpp>
+#include <kvc/cpu/softmax_merge.hpp>
 #include <kvc/error.hpp>
 #include <kvc/parallel/thread_pool.hpp>
 #include <kvc/view/accessor.hpp>
@@ -364,48 +365,9 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
 
   // Exact merge of the partial states of each (head, group block), in token order.
   std::vector<float> lse(static_cast<std::size_t>(num_q_heads), -INFINITY);
-  for (std::size_t i = 0; i < nt;) {
-    std::size_t j = i;
-    while (j < nt && tasks[j].h == tasks[i].h && tasks[j].g0 == tasks[i].g0) ++j;
-    const task& tk = tasks[i];
-    for (std::int32_t g = 0; g < tk.gn; ++g) {
-      const std::int32_t qh = tk.h * G + tk.g0 + g;
-      float M = -INFINITY;
-      for (std::size_t k = i; k < j; ++k) M = std::max(M, parts[k].m[g]);
-      float* o = out + static_cast<std::size_t>(qh) * D;
-      std::fill(o, o + D, 0.0f);
-      if (M == -INFINITY) continue;  // empty stream: output 0, lse -inf
-      float L = 0.0f;
-      for (std::size_t k = i; k < j; ++k) {
-        if (parts[k].m[g] == -INFINITY) continue;
-        const float w = std::exp(parts[k].m[g] - M);
-        L += parts[k].l[g] * w;
-        const float* a = parts[k].acc + g * D;
-        for (std::int32_t d = 0; d < D; ++d) o[d] += w * a[d];
-      }
-      const float inv = 1.0f / L;
-      for (std::int32_t d = 0; d < D; ++d) o[d] *= inv;
-      lse[static_cast<std::size_t>(qh)] = M + std::log(L);
-    }
-    i = j;
-  }
+  detail::merge_partials(tasks, parts, G, D, out, lse, [](float*) {});
   if (opt.lse) std::copy(lse.begin(), lse.end(), opt.lse);
-  if (want_probs) {
-    for (std::int32_t h = 0; h < hkv; ++h) {
-      const std::int32_t n = static_cast<std::int32_t>(heads.keys(h).extent(0));
-      float* gp = opt.group_probs ? opt.group_probs + static_cast<std::size_t>(h) * opt.probs_stride : nullptr;
-      if (gp) std::fill(gp, gp + n, 0.0f);
-      for (std::int32_t g = 0; g < G; ++g) {
-        const std::int32_t qh = h * G + g;
-        float* r = raw_base + static_cast<std::size_t>(qh) * raw_stride;
-        const float l = lse[static_cast<std::size_t>(qh)];
-        for (std::int32_t t = 0; t < n; ++t) r[t] -= l;
-        exp_inplace<Arch>(r, n);
-        if (gp)
-          for (std::int32_t t = 0; t < n; ++t) gp[t] += r[t];
-      }
-    }
-  }
+  if (want_probs) detail::finalize_probs<Arch>(hkv, G, [&](std::int32_t h) { return static_cast<std::int32_t>(heads.keys(h).extent(0)); }, raw_base, raw_stride, lse, opt);
 }
 
 /// Decode attention over one layer of one sequence of a kvc cache (any cache with

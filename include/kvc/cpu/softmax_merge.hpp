@@ -1,0 +1,82 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// The two steps every CPU decode-attention backend ends with: the exact merge of the partial
+/// softmax states of split-K tasks, and turning the raw scores kept for the scorers into
+/// probabilities once the final log-sum-exp is known. Shared by the full-precision and the
+/// quantized kernels.
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include <kvc/attention/options.hpp>
+#include <kvc/cpu/simd.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace cpu {
+namespace detail {
+
+/// Merges, for each run of tasks with the same (h, g0), the partial states parts[k] (members m[g],
+/// l[g], acc [g][D]) into out[qh] = sum_k e^(m_k - M) acc_k / sum_k e^(m_k - M) l_k and
+/// lse[qh] = M + log L. Empty streams give out = 0 and lse = -inf. post(o) runs on each finished
+/// output row (a rotated value codec rotates it back there).
+template <class Task, class Part, class Post>
+void merge_partials(const std::vector<Task>& tasks, const std::vector<Part>& parts, std::int32_t G, std::int32_t D,
+                    float* out, std::vector<float>& lse, Post&& post) {
+  const std::size_t nt = tasks.size();
+  for (std::size_t i = 0; i < nt;) {
+    std::size_t j = i;
+    while (j < nt && tasks[j].h == tasks[i].h && tasks[j].g0 == tasks[i].g0) ++j;
+    const Task& tk = tasks[i];
+    for (std::int32_t g = 0; g < tk.gn; ++g) {
+      const std::int32_t qh = tk.h * G + tk.g0 + g;
+      float M = -INFINITY;
+      for (std::size_t k = i; k < j; ++k) M = std::max(M, parts[k].m[g]);
+      float* o = out + static_cast<std::size_t>(qh) * D;
+      std::fill(o, o + D, 0.0f);
+      if (M == -INFINITY) continue;  // empty stream: output 0, lse -inf
+      float L = 0.0f;
+      for (std::size_t k = i; k < j; ++k) {
+        if (parts[k].m[g] == -INFINITY) continue;
+        const float w = std::exp(parts[k].m[g] - M);
+        L += parts[k].l[g] * w;
+        const float* a = parts[k].acc + g * D;
+        for (std::int32_t d = 0; d < D; ++d) o[d] += w * a[d];
+      }
+      const float inv = 1.0f / L;
+      for (std::int32_t d = 0; d < D; ++d) o[d] *= inv;
+      post(o);
+      lse[static_cast<std::size_t>(qh)] = M + std::log(L);
+    }
+    i = j;
+  }
+}
+
+/// raw[qh][t] (scaled scores) -> softmax probabilities in place, and their sum over each group
+/// into opt.group_probs when asked. length(h) is kv head h's token count.
+template <class Arch, class Length>
+void finalize_probs(std::int32_t hkv, std::int32_t G, Length&& length, float* raw_base, std::int32_t raw_stride,
+                    const std::vector<float>& lse, const decode_options& opt) {
+  for (std::int32_t h = 0; h < hkv; ++h) {
+    const std::int32_t n = length(h);
+    float* gp = opt.group_probs ? opt.group_probs + static_cast<std::size_t>(h) * opt.probs_stride : nullptr;
+    if (gp) std::fill(gp, gp + n, 0.0f);
+    for (std::int32_t g = 0; g < G; ++g) {
+      const std::int32_t qh = h * G + g;
+      float* r = raw_base + static_cast<std::size_t>(qh) * raw_stride;
+      const float l = lse[static_cast<std::size_t>(qh)];
+      for (std::int32_t t = 0; t < n; ++t) r[t] -= l;
+      exp_inplace<Arch>(r, n);
+      if (gp)
+        for (std::int32_t t = 0; t < n; ++t) gp[t] += r[t];
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace cpu
+KVC_END_NAMESPACE
