@@ -141,14 +141,16 @@ TEMPLATE_TEST_CASE("NaN or Inf in k or v changes nothing and names the element",
                           -std::numeric_limits<float>::infinity()}) {
     auto k = rows(3, fx.r), v = rows(3, fx.r);
     const std::size_t at = static_cast<std::size_t>(fx.r.integer(0, 3 * H * D - 1));
-    const std::string where = "[" + std::to_string(at) + "] = ";
+    // Built with append: GCC 12 at -O3 flags `"[" + std::string` with a false -Wrestrict.
+    std::string where("[");
+    where.append(std::to_string(at)).append("] = ");
     INFO("bad = " << bad << " at " << at);
     auto kb = k;
     kb[at] = bad;
-    KVC_REQUIRE_UNCHANGED_THROWS(fx, fx.cache.append(fx.a, 0, kb.data(), v.data(), 3), kvc::error, "k" + where);
+    KVC_REQUIRE_UNCHANGED_THROWS(fx, fx.cache.append(fx.a, 0, kb.data(), v.data(), 3), kvc::error, std::string("k") + where);
     auto vb = v;
     vb[at] = bad;
-    KVC_REQUIRE_UNCHANGED_THROWS(fx, fx.cache.append(fx.b, 1, k.data(), vb.data(), 3), kvc::error, "v" + where);
+    KVC_REQUIRE_UNCHANGED_THROWS(fx, fx.cache.append(fx.b, 1, k.data(), vb.data(), 3), kvc::error, std::string("v") + where);
     // The storage-type input path checks too.
     std::vector<TestType> ks, vs;
     for (std::size_t i = 0; i < k.size(); ++i) ks.push_back(TestType(k[i])), vs.push_back(TestType(vb[i]));
