@@ -57,7 +57,9 @@ class thread_pool {
     cv_.notify_all();
     run_tasks();
     lock.lock();
-    done_cv_.wait(lock, [this] { return pending_ == 0; });
+    // Also wait for every woken worker to leave run_tasks(): one still looping there reads count_
+    // and job_, which the next call would overwrite (ThreadSanitizer found this).
+    done_cv_.wait(lock, [this] { return pending_ == 0 && active_ == 0; });
     job_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
@@ -95,8 +97,11 @@ class thread_pool {
         cv_.wait(lock, [&] { return stop_ || (generation_ != seen && job_ != nullptr); });
         if (stop_) return;
         seen = generation_;
+        ++active_;
       }
       run_tasks();
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--active_ == 0) done_cv_.notify_all();
     }
   }
 
@@ -107,6 +112,7 @@ class thread_pool {
   std::int32_t count_ = 0;
   std::atomic<std::int32_t> next_{0};
   std::int32_t pending_ = 0;
+  std::int32_t active_ = 0;  ///< workers inside run_tasks() for the current job
   std::uint64_t generation_ = 0;
   bool stop_ = false;
   std::exception_ptr error_;
