@@ -243,8 +243,13 @@ TEST_CASE("snapkv: window-mean attention, pooled, GQA-aggregated, window kept", 
           }
         }
         double mx = *std::max_element(want.begin(), want.begin() + prefix);
-        for (int j = prefix; j < f.n; ++j) want[j] = mx + 1;
+        // window tokens above the prefix, newest highest
+        for (int j = prefix; j < f.n; ++j) want[j] = mx + 1 + double(j - prefix + 1) / (f.n - prefix + 1);
         require_close(s[h], want, 1e-4);
+        // a budget below the window keeps the newest window tokens (decode-time use)
+        std::vector<std::int32_t> kept;
+        select_top(s[h].data(), f.n, 3, protection{0, 0}, kept);
+        REQUIRE(kept == std::vector<std::int32_t>{f.n - 3, f.n - 2, f.n - 1});
       }
     }
 }
