@@ -1,0 +1,53 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `kvc::decode_attention(heads, q, num_q_heads, out, opt)`: the backend is picked at compile time
+/// from the memory space of the views' accessor. Host views run kvc::cpu::decode_attention. Device
+/// views (kvc::device_accessor) run kvc::cuda::decode_attention, which exists only in .cu files
+/// that include <kvc/cuda.cuh> (it specialises `decode_backend<device_memory>`); without it, a
+/// device view is a compile error that says so.
+
+#include <cstdint>
+#include <type_traits>
+
+#include <kvc/attention/options.hpp>
+#include <kvc/cpu/decode_attention.hpp>
+#include <kvc/view/accessor.hpp>
+
+KVC_BEGIN_NAMESPACE
+
+template <class T>
+inline constexpr bool dependent_false_v = false;
+
+/// The decode backend of a memory space. Host memory: the CPU kernel. Device memory: defined by
+/// <kvc/cuda/backend.cuh>.
+template <class MemorySpace>
+struct decode_backend {
+  template <class Heads, class Options>
+  static void run(const Heads&, const float*, std::int32_t, float*, const Options&) {
+    static_assert(dependent_false_v<Heads>,
+                  "kvc::decode_attention: these views live in device memory; include <kvc/cuda.cuh> in a .cu file "
+                  "compiled by nvcc and link kvc::cuda (CMake: -DKVC_ENABLE_CUDA=ON, target_link_libraries(... "
+                  "kvc::cuda))");
+  }
+};
+
+template <>
+struct decode_backend<host_memory> {
+  template <class Heads>
+  static void run(const Heads& heads, const float* q, std::int32_t num_q_heads, float* out, const decode_options& opt) {
+    cpu::decode_attention(heads, q, num_q_heads, out, opt);
+  }
+};
+
+/// Decode attention for one sequence and one layer on the backend of the views' memory space.
+/// Options: kvc::decode_options for host views, kvc::cuda::device_decode_options for device views.
+template <class Heads, class Options = decode_options>
+void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_heads, float* out,
+                      const Options& opt = Options{}) {
+  using space = typename std::decay_t<decltype(heads.keys(0))>::memory_space;
+  decode_backend<space>::run(heads, q, num_q_heads, out, opt);
+}
+
+KVC_END_NAMESPACE
