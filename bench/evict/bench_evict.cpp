@@ -1,44 +1,71 @@
 // SPDX-License-Identifier: Apache-2.0
 // Scoring + selection time of every scorer over the time of one decode attention step at the same
-// context (Llama-3-8B layer shape: 32 query heads, 8 kv heads, head_dim 128, fp16 pages of 16).
-// Names: BM_<scorer>/<context>. Counters:
+// context, fp16 pages of 16 tokens, one thread. Shapes: Llama-3-8B's layer (32 query heads, 8 kv
+// heads, head_dim 128) for every scorer, and a small GQA shape (9 query heads, 3 kv heads, head_dim
+// 64) for the decode-time scorers, whose cost is per step.
+// Names: BM_<scorer>/ctx:<tokens>/<Hq>x<Hkv>x<D>. Counters:
 //   overhead_ratio  amortised per-step cost / one decode step. Decode-time scorers (h2o, tova,
-//                   scissorhands, a2sf) pay every step the observer update plus the extra cost of
-//                   asking decode attention for probabilities, and score + select once every
-//                   `interval` = 64 steps (compressor_options::interval); prefill scorers run once
-//                   per prompt, so their ratio is score + select / one decode step, unamortised.
+//                   scissorhands, a2sf, rkv_h2o) pay every step the extra cost of asking decode
+//                   attention for group probabilities plus the observer update, and score + select
+//                   once every `interval` = 64 steps (compressor_options::interval); prefill
+//                   scorers run once per prompt, so their ratio is score + select / one decode
+//                   step, unamortised.
 //   raw_ratio       score + select / one decode step (no amortisation).
-// Times are minima over repetitions (robust on shared cores); decode runs serially, one thread.
+//   probs_ratio     (decode with group_probs - decode) / decode.
+//   observer_ratio  attention_observer::observe_group / decode.
+// Every run times its own decode steps, the plain and the probability-producing one interleaved,
+// so load from other processes hits both alike; each time is the calling thread's CPU time (see
+// now()), the minimum over its repetitions inside the run. Report medians over
+// --benchmark_repetitions.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
-#include <chrono>
+#include <ctime>
 #include <map>
 #include <memory>
+#include <random>
 #include <string>
+#include <tuple>
+#include <type_traits>
 
 #include <kvc/evict/evict.hpp>
 #include <kvc/kvc.hpp>
 
 namespace {
 
-constexpr int Hq = 32, Hkv = 8, D = 128, P = 16, interval = 64;
+constexpr int P = 16, interval = 64;
 using cache_t = kvc::kv_cache<kvc::half>;
 
+struct shape {
+  int hq, hkv, d;
+};
+constexpr shape llama{32, 8, 128}, small{9, 3, 64};
+
 struct setup {
+  shape sh;
   std::unique_ptr<cache_t> cache;
   kvc::seq_id seq = 0;
   int ctx = 0;
-  std::vector<float> q;        // one decode query [Hq][D]
-  std::vector<float> window;   // 64 window queries [64][Hq][D]
-  std::vector<float> probs;    // [Hkv][ctx] group sums (decode_options::group_probs)
-  double decode_s = 0, decode_probs_s = 0;
-  std::vector<float> qstat_src;
+  std::vector<float> q;       // one decode query [Hq][D]
+  std::vector<float> window;  // 64 window queries [64][Hq][D]
+  std::vector<float> prompt;  // one query per token [ctx][Hq][D], built for non-causal attention only
+  std::vector<float> probs;   // [Hkv][ctx] group sums (decode_options::group_probs)
+  std::vector<float> out;
   std::unique_ptr<kvc::evict::query_stats_accumulator> qacc;
-  kvc::rope rope{kvc::rope_config{}};
+  std::unique_ptr<kvc::rope> rope;
   kvc::evict::query_stats qstats;
   std::vector<float> filters;
 };
+
+/// CPU time of the calling thread, in seconds. Everything timed here runs on the calling thread
+/// (decode attention without a pool), so on an idle machine this equals wall time; on the shared
+/// 2-core dev VM (load 3-6) it leaves out the time the thread waits preempted, which made wall-time
+/// ratios swing by 2x between runs of the same binary (2026-11).
+double now() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
 
 /// Minimum over `reps` single runs: robust to other processes sharing the cores.
 template <class F>
@@ -46,54 +73,68 @@ double time_it(F&& f, int reps) {
   f();  // warm
   double best = 1e30;
   for (int i = 0; i < reps; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
+    const double t0 = now();
     f();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    best = std::min(best, now() - t0);
   }
   return best;
 }
 
-setup& get(int ctx) {
-  static std::map<int, std::unique_ptr<setup>> all;
-  auto& s = all[ctx];
+/// Minima of f and g over `reps` alternating runs, so a change of load affects both.
+template <class F, class G>
+std::pair<double, double> time_pair(F&& f, G&& g, int reps) {
+  f();
+  g();
+  double bf = 1e30, bg = 1e30;
+  for (int i = 0; i < reps; ++i) {
+    double t0 = now();
+    f();
+    bf = std::min(bf, now() - t0);
+    t0 = now();
+    g();
+    bg = std::min(bg, now() - t0);
+  }
+  return {bf, bg};
+}
+
+setup& get(shape sh, int ctx) {
+  static std::map<std::tuple<int, int, int, int>, std::unique_ptr<setup>> all;
+  auto& s = all[std::make_tuple(sh.hq, sh.hkv, sh.d, ctx)];
   if (s) return *s;
   s = std::make_unique<setup>();
+  s->sh = sh;
   s->ctx = ctx;
   kvc::cache_config c;
   c.num_layers = 1;
-  c.num_kv_heads = Hkv;
-  c.head_dim = D;
+  c.num_kv_heads = sh.hkv;
+  c.head_dim = sh.d;
   c.page_size = P;
-  c.max_pages = Hkv * (ctx / P + 2);
+  c.max_pages = sh.hkv * (ctx / P + 2);
   c.check_finite = false;
   s->cache = std::make_unique<cache_t>(c);
   s->seq = s->cache->add_sequence();
   std::mt19937_64 g(1);
   std::normal_distribution<float> nd;
   const int chunk = 1024;
-  std::vector<float> k(std::size_t(chunk) * Hkv * D), v(k.size());
+  std::vector<float> k(std::size_t(chunk) * sh.hkv * sh.d), v(k.size());
   for (int t0 = 0; t0 < ctx; t0 += chunk) {
     for (auto& x : k) x = nd(g);
     for (auto& x : v) x = nd(g);
     s->cache->append(s->seq, 0, k.data(), v.data(), chunk);
   }
-  s->q.resize(std::size_t(Hq) * D);
+  s->q.resize(std::size_t(sh.hq) * sh.d);
   for (auto& x : s->q) x = nd(g);
-  s->window.resize(std::size_t(64) * Hq * D);
+  s->window.resize(std::size_t(64) * sh.hq * sh.d);
   for (auto& x : s->window) x = nd(g);
-  s->probs.resize(std::size_t(Hkv) * ctx);
-  std::vector<float> out(std::size_t(Hq) * D);
-  auto& cache = *s->cache;
-  s->decode_s = time_it([&] { kvc::cpu::decode_attention(cache, s->seq, 0, s->q.data(), Hq, out.data()); }, 20);
-  kvc::decode_options o;
-  o.group_probs = s->probs.data();
-  o.probs_stride = ctx;
-  s->decode_probs_s =
-      time_it([&] { kvc::cpu::decode_attention(cache, s->seq, 0, s->q.data(), Hq, out.data(), o); }, 20);
-  s->qacc = std::make_unique<kvc::evict::query_stats_accumulator>(Hq, D);
+  s->probs.resize(std::size_t(sh.hkv) * ctx);
+  s->out.resize(std::size_t(sh.hq) * sh.d);
+  kvc::rope_config rc;
+  rc.head_dim = sh.d;
+  s->rope = std::make_unique<kvc::rope>(rc);
+  s->qacc = std::make_unique<kvc::evict::query_stats_accumulator>(sh.hq, sh.d);
   s->qacc->add(s->window.data(), 64);
-  s->qstats = s->qacc->view(&s->rope);
-  s->filters = kvc::evict::fit_qfilters(s->window.data(), 64, Hq, Hkv, D);
+  s->qstats = s->qacc->view(s->rope.get());
+  s->filters = kvc::evict::fit_qfilters(s->window.data(), 64, sh.hq, sh.hkv, sh.d);
   return *s;
 }
 
@@ -109,67 +150,116 @@ kvc::evict::observer_params tracking(const char* name) {
   return p;
 }
 
+/// Scorers built from the setup (q-filters need filters fitted for the shape).
 template <class S>
-void run(benchmark::State& state, const S& scorer, bool decode_time) {
-  const int ctx = static_cast<int>(state.range(0));
-  setup& s = get(ctx);
+S make(const setup&) {
+  return S{};
+}
+template <>
+kvc::evict::qfilters make<kvc::evict::qfilters>(const setup& s) {
+  return kvc::evict::qfilters(kvc::evict::qfilters_params{s.filters.data(), 1, {4, 0}});
+}
+
+template <class S>
+void run(benchmark::State& state, shape sh, int ctx, bool decode_time) {
+  setup& s = get(sh, ctx);
+  auto& cache = *s.cache;
+  const S scorer = make<S>(s);
+  // Each run times its own decode steps (fewer repetitions at long contexts, same wall time).
+  const int reps = ctx >= 16384 ? 15 : 40;
+  kvc::decode_options po;
+  po.group_probs = s.probs.data();
+  po.probs_stride = ctx;
+  const auto plain = [&] { kvc::cpu::decode_attention(cache, s.seq, 0, s.q.data(), sh.hq, s.out.data()); };
+  const auto with_probs = [&] { kvc::cpu::decode_attention(cache, s.seq, 0, s.q.data(), sh.hq, s.out.data(), po); };
+  double decode_s = 0, decode_probs_s = 0;
+  if (decode_time) std::tie(decode_s, decode_probs_s) = time_pair(plain, with_probs, reps);
+  else decode_s = time_it(plain, reps);
   kvc::evict::attention_observer observer(tracking(S::name));
-  const double observe_s =
-      decode_time ? time_it([&] { observer.observe_group(*s.cache, s.seq, 0, s.probs.data(), ctx, Hq / Hkv); }, 20) : 0.0;
+  double observe_s = 0;
+  if (decode_time) {
+    with_probs();  // real group probabilities
+    observe_s =
+        time_it([&] { observer.observe_group(cache, s.seq, 0, s.probs.data(), ctx, sh.hq / sh.hkv); }, reps);
+  }
   kvc::evict::compressor_options o;
   o.target = kvc::budget::ratio(0.75);
-  o.num_q_heads = Hq;
+  o.num_q_heads = sh.hq;
   o.interval = interval;
   kvc::evict::compressor<S> c(scorer, o);
-  kvc::evict::query_window w{s.window.data(), nullptr, 64, Hq, D};
+  kvc::evict::query_window w{s.window.data(), nullptr, 64, sh.hq, sh.d};
+  if (std::is_same<S, kvc::evict::noncausal_attention>::value) {  // it reads every prompt query
+    if (s.prompt.empty()) {
+      s.prompt.resize(std::size_t(ctx) * sh.hq * sh.d);
+      std::mt19937_64 g(2);
+      std::normal_distribution<float> nd;
+      for (auto& x : s.prompt) x = nd(g);
+    }
+    w = kvc::evict::query_window{s.prompt.data(), nullptr, ctx, sh.hq, sh.d};
+  }
   kvc::evict::observations obs;
   obs.window = &w;
   obs.attention = &observer;
   obs.stats = &s.qstats;
   double ss = 1e30;  // minimum over iterations, like the decode step it is compared with
   for (auto _ : state) {
-    auto t0 = std::chrono::steady_clock::now();
-    auto sel = c.plan(*s.cache, s.seq, 0, obs, o.target);
+    const double t0 = now();
+    auto sel = c.plan(cache, s.seq, 0, obs, o.target);
     benchmark::DoNotOptimize(sel.data());
-    ss = std::min(ss, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    ss = std::min(ss, now() - t0);
   }
-  state.counters["raw_ratio"] = ss / s.decode_s;
-  state.counters["decode_ms"] = s.decode_s * 1e3;
+  state.counters["raw_ratio"] = ss / decode_s;
+  state.counters["decode_ms"] = decode_s * 1e3;
   if (decode_time) {
-    const double per_step = (s.decode_probs_s - s.decode_s) + observe_s + ss / interval;
-    state.counters["overhead_ratio"] = per_step / s.decode_s;
-    state.counters["probs_ratio"] = (s.decode_probs_s - s.decode_s) / s.decode_s;
-    state.counters["observer_ratio"] = observe_s / s.decode_s;
+    const double per_step = (decode_probs_s - decode_s) + observe_s + ss / interval;
+    state.counters["overhead_ratio"] = per_step / decode_s;
+    state.counters["probs_ratio"] = (decode_probs_s - decode_s) / decode_s;
+    state.counters["observer_ratio"] = observe_s / decode_s;
   } else {
-    state.counters["overhead_ratio"] = ss / s.decode_s;
+    state.counters["overhead_ratio"] = ss / decode_s;
   }
 }
 
 namespace ev = kvc::evict;
 
-#define KVC_BENCH(NAME, EXPR, DECODE)                                                 \
-  void BM_##NAME(benchmark::State& st) { run(st, EXPR, DECODE); }                     \
-  BENCHMARK(BM_##NAME)->Arg(4096)->Arg(32768)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(0.2)
+template <class S>
+void add(const char* name, bool decode_time) {
+  for (shape sh : {llama, small}) {
+    if (!decode_time && sh.hq != llama.hq) continue;  // per-prompt scorers: the model shape only
+    for (int ctx : {4096, 32768}) {
+      const std::string full = std::string("BM_") + name + "/ctx:" + std::to_string(ctx) + "/" +
+                               std::to_string(sh.hq) + "x" + std::to_string(sh.hkv) + "x" + std::to_string(sh.d);
+      benchmark::RegisterBenchmark(full.c_str(), [sh, ctx, decode_time](benchmark::State& st) {
+        run<S>(st, sh, ctx, decode_time);
+      })->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(0.2);
+    }
+  }
+}
 
-KVC_BENCH(knorm, ev::knorm{}, false);
-KVC_BENCH(keydiff, ev::keydiff{}, false);
-KVC_BENCH(random, ev::random{}, false);
-KVC_BENCH(lagkv, ev::lagkv{}, false);
-KVC_BENCH(curdkv, ev::curdkv{}, false);
-KVC_BENCH(leverage, ev::leverage{}, false);
-KVC_BENCH(streaming_llm, ev::streaming_llm{}, false);
-KVC_BENCH(snapkv, ev::snapkv{}, false);
-KVC_BENCH(pyramidkv, ev::pyramidkv{}, false);
-KVC_BENCH(finch, ev::finch{}, false);
-KVC_BENCH(expected_attention, ev::expected_attention{}, false);
-KVC_BENCH(qfilters, (ev::qfilters(ev::qfilters_params{get(4096).filters.data(), 1, {4, 0}})), false);
-KVC_BENCH(vnorm_snapkv, ev::vnorm<ev::snapkv>{}, false);
-KVC_BENCH(chunkkv_snapkv, ev::chunkkv<ev::snapkv>{}, false);
-KVC_BENCH(rkv_h2o, ev::rkv<ev::h2o>{}, true);
-KVC_BENCH(h2o, ev::h2o{}, true);
-KVC_BENCH(tova, ev::tova{}, true);
-KVC_BENCH(scissorhands, ev::scissorhands{}, true);
-KVC_BENCH(a2sf, ev::a2sf{}, true);
+const bool registered = [] {
+  add<ev::knorm>("knorm", false);
+  add<ev::keydiff>("keydiff", false);
+  add<ev::random>("random", false);
+  add<ev::lagkv>("lagkv", false);
+  add<ev::curdkv>("curdkv", false);
+  add<ev::leverage>("leverage", false);
+  add<ev::streaming_llm>("streaming_llm", false);
+  add<ev::snapkv>("snapkv", false);
+  add<ev::pyramidkv>("pyramidkv", false);
+  add<ev::finch>("finch", false);
+  add<ev::noncausal_attention>("noncausal_attention", false);
+  add<ev::simlayerkv>("simlayerkv", false);
+  add<ev::expected_attention>("expected_attention", false);
+  add<ev::qfilters>("qfilters", false);
+  add<ev::vnorm<ev::snapkv>>("vnorm_snapkv", false);
+  add<ev::chunkkv<ev::snapkv>>("chunkkv_snapkv", false);
+  add<ev::rkv<ev::h2o>>("rkv_h2o", true);
+  add<ev::h2o>("h2o", true);
+  add<ev::tova>("tova", true);
+  add<ev::scissorhands>("scissorhands", true);
+  add<ev::a2sf>("a2sf", true);
+  return true;
+}();
 
 }  // namespace
 

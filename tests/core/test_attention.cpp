@@ -2,7 +2,8 @@
 // kvc::cpu::decode_attention against the dense double reference of support/dense_reference.hpp on
 // random data: head_dim {64, 128, 256}, page_size {1, 16, 64}, GQA groups {1, 4, 8, 12}, ragged
 // per-head lengths including 0 and 1, fp32/fp16/bf16 pages, serial and threaded (small and
-// automatic split-K), every output (out, lse, probs, group_probs); through kv_cache, through
+// automatic split-K), every output (out, lse, probs, group_probs, each probability output alone
+// and both together); through kv_cache, through
 // same_heads over dense NHD/HND views, a paged HDN view (element path) and a sink-window view.
 //
 // Tolerance: the kernel works in float (fp16/bf16 inputs are exactly representable floats, so the
@@ -46,14 +47,16 @@ struct outputs {
         probs(static_cast<std::size_t>(hq) * std::max(stride_, 1), -1.0f),
         group_probs(static_cast<std::size_t>(hkv) * std::max(stride_, 1), -1.0f),
         stride(stride_) {}
-  kvc::decode_options options(kvc::thread_pool* pool, std::int32_t split, bool probs_too) {
+  /// probs_too: both probability outputs; which = 1: probs alone, 2: group_probs alone (the
+  /// kernel then keeps its scores in its own buffers, a different path from the caller's probs).
+  kvc::decode_options options(kvc::thread_pool* pool, std::int32_t split, bool probs_too, int which = 3) {
     kvc::decode_options o;
     o.pool = pool;
     o.split_tokens = split;
     o.lse = lse.data();
     if (probs_too) {
-      o.probs = probs.data();
-      o.group_probs = group_probs.data();
+      if (which & 1) o.probs = probs.data();
+      if (which & 2) o.group_probs = group_probs.data();
       o.probs_stride = stride;
     }
     return o;
@@ -67,7 +70,7 @@ kvc_test::dense_attention_result reference(const std::vector<kvc_test::dense_hea
 }
 
 void require_close(const std::vector<kvc_test::dense_head>& heads, const kvc_test::dense_attention_result& ref,
-                   std::int32_t D, std::int32_t hq, const outputs& got, bool probs_too) {
+                   std::int32_t D, std::int32_t hq, const outputs& got, bool probs_too, int which = 3) {
   const std::int32_t G = hq / static_cast<std::int32_t>(heads.size());
   for (std::int32_t qh = 0; qh < hq; ++qh) {
     const auto& H = heads[static_cast<std::size_t>(qh / G)];
@@ -85,14 +88,14 @@ void require_close(const std::vector<kvc_test::dense_head>& heads, const kvc_tes
     } else {
       KVC_REQUIRE(std::fabs(gl - rl) <= tol * std::max(1.0, std::fabs(rl)), "lse qh=" << qh << " got " << gl << " want " << rl);
     }
-    if (!probs_too) continue;
+    if (!probs_too || !(which & 1)) continue;
     for (std::int32_t t = 0; t < H.n; ++t) {
       const double rp = ref.probs[static_cast<std::size_t>(qh) * ref.stride + t];
       const float gp = got.probs[static_cast<std::size_t>(qh) * got.stride + t];
       KVC_REQUIRE(std::fabs(gp - rp) <= tol * rp + 1e-7, "probs qh=" << qh << " t=" << t << " got " << gp << " want " << rp);
     }
   }
-  if (!probs_too) return;
+  if (!probs_too || !(which & 2)) return;
   for (std::size_t h = 0; h < heads.size(); ++h)
     for (std::int32_t t = 0; t < heads[h].n; ++t) {
       const double rp = ref.group_probs[h * static_cast<std::size_t>(ref.stride) + static_cast<std::size_t>(t)];
@@ -164,15 +167,22 @@ void run_cache_case(std::int32_t D, std::int32_t P, std::int32_t G, std::uint64_
     kvc::thread_pool* pool;
     std::int32_t split;
     bool probs;
+    int which;  // 1 probs, 2 group_probs, 3 both
   };
   const auto ref = reference(heads, D, q, hq);
-  for (const variant& vt : {variant{nullptr, 0, true}, variant{nullptr, 37, false}, variant{&pool, 0, true},
-                            variant{&pool, 7, false}, variant{&pool, 64, true}}) {
+  // Probabilities are finished either by the task that covers a whole (head, group block) (serial,
+  // unsplit) or after the merge (split tasks, groups above 8): every output combination on both.
+  for (const variant& vt :
+       {variant{nullptr, 0, true, 3}, variant{nullptr, 0, true, 1}, variant{nullptr, 0, true, 2},
+        variant{nullptr, 37, false, 3}, variant{nullptr, 37, true, 2}, variant{&pool, 0, true, 3},
+        variant{&pool, 0, true, 2}, variant{&pool, 7, false, 3}, variant{&pool, 64, true, 3},
+        variant{&pool, 64, true, 2}, variant{&pool, 64, true, 1}}) {
     INFO(kvc::type_name<T>() << " D=" << D << " P=" << P << " G=" << G << " hkv=" << hkv << " threads="
-                             << (vt.pool ? vt.pool->size() : 1) << " split=" << vt.split);
+                             << (vt.pool ? vt.pool->size() : 1) << " split=" << vt.split << " which=" << vt.which);
     outputs o(hq, hkv, D, longest + (vt.probs ? r.integer(0, 3) : 0));
-    kvc::cpu::decode_attention(cc.cache, cc.s, 0, q.data(), hq, o.out.data(), o.options(vt.pool, vt.split, vt.probs));
-    require_close(heads, ref, D, hq, o, vt.probs);
+    kvc::cpu::decode_attention(cc.cache, cc.s, 0, q.data(), hq, o.out.data(),
+                               o.options(vt.pool, vt.split, vt.probs, vt.which));
+    require_close(heads, ref, D, hq, o, vt.probs, vt.which);
   }
 }
 
@@ -208,12 +218,13 @@ void check_heads(const Heads& hv, const std::vector<kvc_test::dense_head>& ref, 
   const std::int32_t hkv = static_cast<std::int32_t>(ref.size()), hq = hkv * G;
   const auto q = r.normals(static_cast<std::size_t>(hq) * D, 1.5f);
   const auto rf = reference(ref, D, q, hq);
-  for (kvc::thread_pool* p : {static_cast<kvc::thread_pool*>(nullptr), &pool}) {
-    INFO("threads=" << (p ? p->size() : 1));
-    outputs o(hq, hkv, D, ref[0].n);
-    kvc::cpu::decode_attention(hv, q.data(), hq, o.out.data(), o.options(p, p ? 16 : 0, true));
-    require_close(ref, rf, D, hq, o, true);
-  }
+  for (kvc::thread_pool* p : {static_cast<kvc::thread_pool*>(nullptr), &pool})
+    for (int which : {3, 2}) {
+      INFO("threads=" << (p ? p->size() : 1) << " which=" << which);
+      outputs o(hq, hkv, D, ref[0].n);
+      kvc::cpu::decode_attention(hv, q.data(), hq, o.out.data(), o.options(p, p ? 16 : 0, true, which));
+      require_close(ref, rf, D, hq, o, true, which);
+    }
 }
 
 }  // namespace

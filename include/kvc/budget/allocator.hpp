@@ -118,6 +118,10 @@ struct allocator {
   /// Whether (layer, head) is a retrieval head (head_labels only; true otherwise).
   bool is_retrieval(std::int32_t layer, std::int32_t head, std::int32_t num_kv_heads) const {
     if (type != kind::head_labels) return true;
+    // Without these checks (layer 0, head num_kv_heads) would silently read layer 1's first label.
+    KVC_EXPECTS(num_kv_heads > 0 && head >= 0 && head < num_kv_heads, "head = ", head, " (layer ", layer,
+                ") is unknown: expected 0..", num_kv_heads - 1, " (num_kv_heads = ", num_kv_heads, ")");
+    KVC_EXPECTS(layer >= 0, "layer = ", layer, ", expected >= 0");
     const std::size_t i = static_cast<std::size_t>(layer) * num_kv_heads + head;
     KVC_EXPECTS(i < retrieval.size(), "head (layer ", layer, ", kv_head ", head, ") is unknown: ", retrieval.size(),
                 " head labels given");

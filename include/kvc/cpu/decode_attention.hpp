@@ -184,12 +184,15 @@ KVC_FORCEINLINE void accumulate_tile(const float* p, R* const* rows, std::int32_
 }
 
 /// Attention of G pre-scaled query heads over tokens [t0, t1) of head hi. Updates st; when raw
-/// is non-null, writes the scaled scores to raw[g * raw_stride + t]. scratch holds
+/// is non-null, writes e^(s - m_i) to raw[g * raw_stride + t - t0] for the scaled score s of token
+/// t in tile i (tiles of tile_tokens from t0) and the running maximum m_i that tile was exp'd
+/// against to tile_max[g * tile_max_stride + i]: the very values the online softmax computes, so
+/// the probabilities later cost one multiply per score (tile_probs). scratch holds
 /// tile_tokens * D floats when K or V rows are not plain (null otherwise).
 template <class Arch, std::int32_t G, class KView, class VView>
 void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t t0, std::int32_t t1,
                   const float* q, std::int32_t D, partial& st, float* raw, std::int32_t raw_stride,
-                  float* scratch) {
+                  float* tile_max, std::int32_t tile_max_stride, float* scratch) {
   constexpr bool plain = rows_are_plain_v<KView> && rows_are_plain_v<VView>;
   alignas(64) float s[G * tile_tokens];
   row_t<KView>* krows[tile_tokens];
@@ -211,7 +214,6 @@ void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t 
     score_tile<Arch, G>(q, krows, tn, D, s, pk, pv, pn);
     for (std::int32_t g = 0; g < G; ++g) {
       float* sg = s + g * tile_tokens;
-      if (raw) std::copy(sg, sg + tn, raw + static_cast<std::size_t>(g) * raw_stride + ts);
       float mt = sg[0];
       for (std::int32_t i = 1; i < tn; ++i) mt = std::max(mt, sg[i]);
       const float m_new = std::max(st.m[g], mt);
@@ -227,6 +229,16 @@ void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t 
       float l = 0.0f;
       for (std::int32_t i = 0; i < tn; ++i) l += sg[i];
       st.l[g] += l;
+      if (raw) {
+        // A whole tile is a fixed-size copy (vector moves); std::copy of a run-time length was a
+        // memmove call per tile and head.
+        float* dst = raw + static_cast<std::size_t>(g) * raw_stride + (ts - t0);
+        if (tn == tile_tokens)
+          for (std::int32_t i = 0; i < tile_tokens; ++i) dst[i] = sg[i];
+        else
+          for (std::int32_t i = 0; i < tn; ++i) dst[i] = sg[i];
+        tile_max[static_cast<std::size_t>(g) * tile_max_stride + (ts - t0) / tile_tokens] = m_new;
+      }
     }
     tile_rows(V, hi, ts, tn, vrows, scratch);
     accumulate_tile<Arch, G>(s, vrows, tn, D, st.acc);
@@ -236,13 +248,70 @@ void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t 
 template <class Arch, class KView, class VView>
 void attend_range_dispatch(std::int32_t G, const KView& K, const VView& V, std::int32_t hi, std::int32_t t0,
                            std::int32_t t1, const float* q, std::int32_t D, partial& st, float* raw,
-                           std::int32_t raw_stride, float* scratch) {
+                           std::int32_t raw_stride, float* tile_max, std::int32_t tile_max_stride, float* scratch) {
   switch (G) {
 #define KVC_CASE(N) \
-  case N: return attend_range<Arch, N>(K, V, hi, t0, t1, q, D, st, raw, raw_stride, scratch);
+  case N: return attend_range<Arch, N>(K, V, hi, t0, t1, q, D, st, raw, raw_stride, tile_max, tile_max_stride, scratch);
     KVC_CASE(1) KVC_CASE(2) KVC_CASE(3) KVC_CASE(4) KVC_CASE(5) KVC_CASE(6) KVC_CASE(7) KVC_CASE(8)
 #undef KVC_CASE
     default: KVC_ASSERT(false);
+  }
+}
+
+/// Number of tiles of tokens [t0, t1).
+inline std::int32_t tile_count(std::int32_t t0, std::int32_t t1) noexcept {
+  return t1 > t0 ? (t1 - t0 + tile_tokens - 1) / tile_tokens : 0;
+}
+
+/// Probabilities of one task from what attend_range left: raw + g * raw_stride holds e^(s - m_i)
+/// for the n tokens of the task, tm[g * tile_count(0, n) + i] the maximum m_i of tile i, lse[g] the
+/// head's final log-sum-exp. p = e^(s - lse) = raw * e^(m_i - lse): one exp per tile and head
+/// (vectorised over the tiles, in place in tm), one multiply per score, instead of keeping raw
+/// scores and exp'ing every one again once lse is known. Writes p back into raw when in_place;
+/// sums it over the gn heads into gp[0, n) when gp is set (overwriting when gp_fresh, else
+/// adding), a whole tile's sums in registers.
+template <class Arch>
+void tile_probs(float* raw, std::size_t raw_stride, std::int32_t n, float* tm, const float* lse, std::int32_t gn,
+                bool in_place, float* gp, bool gp_fresh) noexcept {
+  using B = fbatch<Arch>;
+  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
+  constexpr std::int32_t NB = tile_tokens / W;
+  static_assert(tile_tokens % W == 0, "a tile is whole SIMD batches");
+  const std::int32_t nt = tile_count(0, n);
+  for (std::int32_t g = 0; g < gn; ++g) {
+    float* c = tm + static_cast<std::size_t>(g) * nt;
+    for (std::int32_t i = 0; i < nt; ++i) c[i] -= lse[g];
+    exp_inplace<Arch>(c, nt);
+  }
+  const std::int32_t full = n / tile_tokens;
+  for (std::int32_t i = 0; i < full; ++i) {
+    const std::int32_t ts = i * tile_tokens;
+    B acc[NB];
+    for (std::int32_t j = 0; j < NB; ++j) acc[j] = B(0.0f);
+    for (std::int32_t g = 0; g < gn; ++g) {
+      const B cb(tm[static_cast<std::size_t>(g) * nt + i]);
+      float* r = raw + static_cast<std::size_t>(g) * raw_stride + ts;
+      for (std::int32_t j = 0; j < NB; ++j) {
+        const B p = cb * B::load_unaligned(r + j * W);
+        if (in_place) p.store_unaligned(r + j * W);
+        acc[j] += p;
+      }
+    }
+    if (gp)
+      for (std::int32_t j = 0; j < NB; ++j)
+        (gp_fresh ? acc[j] : acc[j] + B::load_unaligned(gp + ts + j * W)).store_unaligned(gp + ts + j * W);
+  }
+  if (full < nt) {  // the last, partial tile
+    const std::int32_t ts = full * tile_tokens;
+    for (std::int32_t g = 0; g < gn; ++g) {
+      const float cf = tm[static_cast<std::size_t>(g) * nt + full];
+      float* r = raw + static_cast<std::size_t>(g) * raw_stride + ts;
+      for (std::int32_t j = 0; j < n - ts; ++j) {
+        const float p = cf * r[j];
+        if (in_place) r[j] = p;
+        if (gp) gp[ts + j] = (gp_fresh && g == 0) ? p : gp[ts + j] + p;
+      }
+    }
   }
 }
 
@@ -287,24 +356,6 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
   // Scaled queries, so scores come out of the dot product ready for the softmax.
   std::vector<float> qs(static_cast<std::size_t>(num_q_heads) * D);
   for (std::size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * scale;
-  // Raw scores for the optional probability outputs: [num_q_heads][longest].
-  // Raw scores for group_probs alone live in a per-thread buffer that only grows: a fresh
-  // num_q_heads x longest allocation per step (4 MiB at 32k) cost more than the decode-time
-  // scorers themselves (bench_evict h2o, 2026-11).
-  thread_local std::vector<float> raw;
-  float* raw_base = nullptr;
-  std::int32_t raw_stride = 0;
-  if (want_probs) {
-    if (opt.probs) {
-      raw_base = opt.probs;
-      raw_stride = opt.probs_stride;
-    } else {
-      if (raw.size() < static_cast<std::size_t>(num_q_heads) * longest) raw.resize(static_cast<std::size_t>(num_q_heads) * longest);
-      raw_base = raw.data();
-      raw_stride = longest;
-    }
-  }
-
   // Split-K plan: tasks are (kv head, group block, token range).
   const std::int32_t threads = opt.pool ? opt.pool->size() : 1;
   std::int32_t chunk = opt.split_tokens;
@@ -338,12 +389,53 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
     }
   }
   const std::size_t nt = tasks.size();
+  // Probabilities. A task that is the whole of its (head, group block) knows its heads' lse as
+  // soon as it ends (the merge of one partial state is m + log l, bit for bit), so it finishes its
+  // probabilities at once, while its scores are still in cache; for group_probs alone its scores
+  // then need only a per-thread buffer of gn x n, reused task after task, instead of a
+  // num_q_heads x longest one that goes out to memory and back. Split tasks (and group blocks of
+  // groups above max_group, which share a group_probs row) finish after the merge, serially, from
+  // the buffer below. bench_evict probs_ratio (group_probs alone, one thread, CPU time, median of
+  // 3, 2026-11 dev VM) at ctx 4096 / 32768: raw scores exp'd again after the merge 0.18 / 0.12-0.24
+  // (32x8x128) and 0.21-0.24 / 0.24-0.29 (9x3x64); this scheme 0.04-0.05 / 0.04-0.06 and
+  // 0.06 / 0.07-0.09.
+  const bool in_place = opt.probs != nullptr;
+  std::vector<unsigned char> eager(nt, 0);
+  std::vector<std::size_t> tile_off(want_probs ? nt : 0);
+  std::size_t tiles = 0;
+  bool deferred = false;
+  if (want_probs) {
+    for (std::size_t i = 0; i < nt; ++i) {
+      const task& tk = tasks[i];
+      const std::int32_t n = static_cast<std::int32_t>(heads.keys(tk.h).extent(0));
+      eager[i] = tk.t0 == 0 && tk.t1 == n && (!opt.group_probs || tk.gn == G);
+      deferred |= !eager[i];
+      tile_off[i] = tiles;
+      tiles += static_cast<std::size_t>(tk.gn) * detail::tile_count(tk.t0, tk.t1);
+    }
+  }
+  // Per task, the running maximum each tile was exp'd against ([gn][tiles]). Per-thread buffers
+  // that only grow: a fresh num_q_heads x longest allocation per step (4 MiB at 32k) cost more
+  // than the decode-time scorers themselves (bench_evict h2o, 2026-11).
+  thread_local std::vector<float> tile_max_buf, deferred_buf;
+  if (tile_max_buf.size() < tiles) tile_max_buf.resize(tiles);
+  float* const tile_max = tile_max_buf.data();
+  // Where deferred tasks leave their scores: the caller's probs, or [num_q_heads][longest].
+  float* raw_base = opt.probs;
+  std::size_t raw_stride = static_cast<std::size_t>(opt.probs_stride);
+  if (want_probs && !in_place && deferred) {
+    const std::size_t need = static_cast<std::size_t>(num_q_heads) * longest;
+    if (deferred_buf.size() < need) deferred_buf.resize(need);
+    raw_base = deferred_buf.data();
+    raw_stride = static_cast<std::size_t>(longest);
+  }
   std::vector<float> accs(nt * detail::max_group * static_cast<std::size_t>(D), 0.0f);
   std::vector<detail::partial> parts(nt);
   auto run = [&](std::int32_t i) {
-    const task& tk = tasks[static_cast<std::size_t>(i)];
-    detail::partial& st = parts[static_cast<std::size_t>(i)];
-    st.acc = accs.data() + static_cast<std::size_t>(i) * detail::max_group * D;
+    const std::size_t k = static_cast<std::size_t>(i);
+    const task& tk = tasks[k];
+    detail::partial& st = parts[k];
+    st.acc = accs.data() + k * detail::max_group * D;
     for (std::int32_t g = 0; g < detail::max_group; ++g) {
       st.m[g] = -INFINITY;
       st.l[g] = 0.0f;
@@ -353,11 +445,30 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
     std::vector<float> scratch(detail::rows_are_plain_v<KView> && detail::rows_are_plain_v<VView>
                                    ? 0
                                    : static_cast<std::size_t>(detail::tile_tokens) * D);
-    const std::int32_t qh0 = tk.h * G + tk.g0;
+    const std::int32_t qh0 = tk.h * G + tk.g0, n = tk.t1 - tk.t0;
+    float* raw = nullptr;
+    std::size_t stride = raw_stride;
+    thread_local std::vector<float> task_buf;  // an eager task's scores for group_probs alone
+    if (want_probs) {
+      if (in_place || !eager[k]) {
+        raw = raw_base + static_cast<std::size_t>(qh0) * raw_stride + tk.t0;
+      } else {
+        stride = static_cast<std::size_t>(n);
+        if (task_buf.size() < static_cast<std::size_t>(tk.gn) * stride) task_buf.resize(static_cast<std::size_t>(tk.gn) * stride);
+        raw = task_buf.data();
+      }
+    }
+    const std::int32_t nt_k = detail::tile_count(tk.t0, tk.t1);
+    float* tm = want_probs ? tile_max + tile_off[k] : nullptr;
     detail::attend_range_dispatch<Arch>(tk.gn, heads.keys(tk.h), heads.values(tk.h), heads.index(tk.h), tk.t0,
-                                        tk.t1, qs.data() + static_cast<std::size_t>(qh0) * D, D, st,
-                                        raw_base ? raw_base + static_cast<std::size_t>(qh0) * raw_stride : nullptr,
-                                        raw_stride, scratch.data());
+                                        tk.t1, qs.data() + static_cast<std::size_t>(qh0) * D, D, st, raw,
+                                        static_cast<std::int32_t>(stride), tm, nt_k, scratch.data());
+    if (want_probs && eager[k]) {
+      float lse_k[detail::max_group];
+      for (std::int32_t g = 0; g < tk.gn; ++g) lse_k[g] = st.m[g] + std::log(st.l[g]);  // merge_partials' value
+      float* gp = opt.group_probs ? opt.group_probs + static_cast<std::size_t>(tk.h) * opt.probs_stride : nullptr;
+      detail::tile_probs<Arch>(raw, stride, n, tm, lse_k, tk.gn, in_place, gp, true);
+    }
   };
   if (opt.pool && nt > 1) opt.pool->parallel_for(static_cast<std::int32_t>(nt), run);
   else
@@ -367,7 +478,18 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
   std::vector<float> lse(static_cast<std::size_t>(num_q_heads), -INFINITY);
   detail::merge_partials(tasks, parts, G, D, out, lse, [](float*) {});
   if (opt.lse) std::copy(lse.begin(), lse.end(), opt.lse);
-  if (want_probs) detail::finalize_probs<Arch>(hkv, G, [&](std::int32_t h) { return static_cast<std::int32_t>(heads.keys(h).extent(0)); }, raw_base, raw_stride, lse, opt);
+  if (deferred) {
+    // Tasks are ordered by head, then group block, then tokens, so the first group block of a head
+    // writes its group_probs rows before later blocks add to them.
+    for (std::size_t k = 0; k < nt; ++k) {
+      const task& tk = tasks[k];
+      if (eager[k] || tk.t1 <= tk.t0) continue;
+      const std::int32_t qh0 = tk.h * G + tk.g0;
+      float* gp = opt.group_probs ? opt.group_probs + static_cast<std::size_t>(tk.h) * opt.probs_stride + tk.t0 : nullptr;
+      detail::tile_probs<Arch>(raw_base + static_cast<std::size_t>(qh0) * raw_stride + tk.t0, raw_stride, tk.t1 - tk.t0,
+                               tile_max + tile_off[k], lse.data() + qh0, tk.gn, in_place, gp, tk.g0 == 0);
+    }
+  }
 }
 
 /// Decode attention over one layer of one sequence of a kvc cache (any cache with

@@ -9,6 +9,7 @@
 /// step's attention and a bit history of "unimportant" steps. The compressor compacts it together
 /// with the cache on every keep, so stats stay aligned with tokens.
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <tuple>
@@ -76,10 +77,10 @@ class attention_observer {
     for (std::int32_t h = 0; h < H; ++h) {
       const std::int32_t n = cache.length(seq, layer, h);
       KVC_EXPECTS(stride >= n, "stride = ", stride, ", expected >= the stream length ", n);
-      buf_.resize(static_cast<std::size_t>(n));
-      const float* r = group_probs + static_cast<std::size_t>(h) * stride;
-      for (std::int32_t t = 0; t < n; ++t) buf_[static_cast<std::size_t>(t)] = r[t] / static_cast<float>(group_size);
-      step(stats_for(seq, layer, h, n), buf_.data(), n);
+      // The group mean r / group_size is taken inside step's passes: a separate pass into a buffer
+      // was a third of observe_group's time (bench_evict observer_ratio, 2026-11).
+      step(stats_for(seq, layer, h, n), group_probs + static_cast<std::size_t>(h) * stride, n, -1, nullptr,
+           static_cast<float>(group_size));
     }
   }
 
@@ -120,7 +121,21 @@ class attention_observer {
   }
 
   /// Compacts the statistics of every head of one layer exactly as kv_cache::keep_layer does.
+  /// Checks every head's indices (strictly increasing, within the statistics held) before touching
+  /// any, so a bad selection throws kvc::error and leaves the statistics unchanged.
   void keep_layer(std::int32_t seq, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
+    for (std::size_t h = 0; h < kept.size(); ++h) {
+      auto it = s_.find(std::make_tuple(seq, layer, static_cast<std::int32_t>(h)));
+      if (it == s_.end()) continue;
+      const stream_stats& st = it->second;
+      const std::size_t have = std::max({st.sum.size(), st.decayed.size(), st.last.size(), st.low.size()});
+      const auto& k = kept[h];
+      for (std::size_t i = 0; i < k.size(); ++i)
+        KVC_EXPECTS(k[i] >= 0 && static_cast<std::size_t>(k[i]) < have && (i == 0 || k[i] > k[i - 1]),
+                    "attention_observer::keep_layer: kept[", h, "][", i, "] = ", k[i],
+                    ", expected strictly increasing indices in 0..", static_cast<std::int64_t>(have) - 1,
+                    " (the tokens observed in head ", h, ")");
+    }
     for (std::size_t h = 0; h < kept.size(); ++h) {
       auto it = s_.find(std::make_tuple(seq, layer, static_cast<std::int32_t>(h)));
       if (it == s_.end()) continue;
@@ -159,26 +174,29 @@ class attention_observer {
     return st;
   }
 
+  /// One step of attention p[t] / div (div: the group size for group sums, else 1, exact).
   void step(stream_stats& st, const float* p, std::int32_t n, std::int32_t qpos = -1,
-            const std::int32_t* kpos = nullptr) {
+            const std::int32_t* kpos = nullptr, float div = 1.0f) {
     std::int32_t visible = n;
     if (kpos) {
       visible = 0;
       for (std::int32_t t = 0; t < n; ++t) visible += kpos[t] <= qpos;
     }
     if (p_.track_sum)
-      for (std::int32_t t = 0; t < n; ++t) st.sum[static_cast<std::size_t>(t)] += p[t];
+      for (std::int32_t t = 0; t < n; ++t) st.sum[static_cast<std::size_t>(t)] += p[t] / div;
     if (p_.track_decayed) {
       const float l = p_.forgetting;
-      for (std::int32_t t = 0; t < n; ++t) st.decayed[static_cast<std::size_t>(t)] = l * st.decayed[static_cast<std::size_t>(t)] + p[t];
+      for (std::int32_t t = 0; t < n; ++t)
+        st.decayed[static_cast<std::size_t>(t)] = l * st.decayed[static_cast<std::size_t>(t)] + p[t] / div;
     }
-    if (p_.track_last) std::copy(p, p + n, st.last.begin());
+    if (p_.track_last)
+      for (std::int32_t t = 0; t < n; ++t) st.last[static_cast<std::size_t>(t)] = p[t] / div;
     if (p_.track_low) {
       const float thr = visible > 0 ? 1.0f / static_cast<float>(visible) : 0.0f;
       for (std::int32_t t = 0; t < n; ++t) {
         const bool seen_by_q = !kpos || kpos[t] <= qpos;
         auto& b = st.low[static_cast<std::size_t>(t)];
-        if (seen_by_q) b = (b << 1) | (p[t] < thr ? 1u : 0u);
+        if (seen_by_q) b = (b << 1) | (p[t] / div < thr ? 1u : 0u);
       }
     }
     ++st.steps;
