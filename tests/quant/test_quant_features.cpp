@@ -95,30 +95,44 @@ TEST_CASE("pre-RoPE keys: attention equals RoPE-then-attend on the original keys
   CHECK(r.vs_exact < 5e-2);  // int8 keys alone cost ~2e-2 on these inputs
 }
 
-TEST_CASE("on key-like inputs the error is ordered int8 < int4 < int2; rotation and outliers lower int2",
+TEST_CASE("on key-like inputs the error is ordered int8 < int4 < int2; outliers lower int2, rotation lowers int4",
           "[quant][features][accuracy]") {
-  double e8 = 0, e4 = 0, e2 = 0, e2rot = 0, e2out = 0, ek2 = 0, ek2rot = 0;
+  double e8 = 0, e4 = 0, e2 = 0, e4rot = 0, e2rot = 0, e2out = 0, ek2 = 0, ek2rot = 0;
   for (std::uint32_t seed = 100; seed < 104; ++seed) {
     e8 += run<int8, int8>(8, 2, 128, 32, 512, seed, {}, {}, {}, 0.15f).vs_exact;
     e4 += run<int4, int4>(8, 2, 128, 32, 512, seed, {}, {}, {}, 0.15f).vs_exact;
     e2 += run<int2, int2>(8, 2, 128, 32, 512, seed, {}, {}, {}, 0.15f).vs_exact;
+    e4rot += run<rotated<int4>, rotated<int4>>(8, 2, 128, 32, 512, seed, {}, {}, {}, 0.15f).vs_exact;
     e2rot += run<rotated<int2>, rotated<int2>>(8, 2, 128, 32, 512, seed, {}, {}, {}, 0.15f).vs_exact;
     // 4 of the 128 channels are outliers here: keep 4% of each token sparse (KVQuant default: 1%)
     e2out += run<outliers<int2>, outliers<int2>>(8, 2, 128, 32, 512, seed, {}, outliers<int2>(0.04f), outliers<int2>(0.04f), 0.15f).vs_exact;
     ek2 += run<kivi2r0, kivi2r0>(8, 2, 128, 32, 512, seed, {}, {}, {}, 0.15f).vs_exact;
     ek2rot += run<rotated<kivi2r0>, rotated<kivi2r0>>(8, 2, 128, 32, 512, seed, {}, {}, {}, 0.15f).vs_exact;
   }
-  INFO("int8 " << e8 / 4 << " int4 " << e4 / 4 << " int2 " << e2 / 4 << " rotated int2 " << e2rot / 4
-               << " outliers int2 " << e2out / 4 << " kivi2 " << ek2 / 4 << " rotated kivi2 " << ek2rot / 4);
+  INFO("int8 " << e8 / 4 << " int4 " << e4 / 4 << " rotated int4 " << e4rot / 4 << " int2 " << e2 / 4
+               << " rotated int2 " << e2rot / 4 << " outliers int2 " << e2out / 4 << " kivi2 " << ek2 / 4
+               << " rotated kivi2 " << ek2rot / 4);
   CHECK(e8 < e4);
   CHECK(e4 < e2);
-  // KNOWN GAP: on this generator (4 one-signed outlier channels of 10-50x) the Hadamard rotation
-  // does not lower per-token int2 error (measured 0.62 vs 0.54). Reported, not asserted.
-  CHECK_NOFAIL(e2rot < e2);
+  // Outlier handling lowers the int2 error (measured 0.37 vs 0.54 relative L2), and so do
+  // per-channel keys (KIVI's observation; 0.42).
   CHECK(e2out < e2);
-  CHECK(ek2 < e2);  // per-channel keys handle outlier channels (KIVI's observation)
-  WARN("int8 " << e8 / 4 << " int4 " << e4 / 4 << " int2 " << e2 / 4 << " rotated int2 " << e2rot / 4
-               << " outliers int2 " << e2out / 4 << " kivi2 " << ek2 / 4 << " rotated kivi2 " << ek2rot / 4);
+  CHECK(ek2 < e2);
+  // Rotation lowers the error where the codes can resolve the rotated row: int4, 0.13 vs 0.18
+  // (keys alone, int8 values: 0.077 vs 0.148).
+  CHECK(e4rot < e4);
+  // ...but not at int2, for a reason worth pinning down: the generator's outliers are 4 channels
+  // with a nearly constant 10-50x value. Unrotated, a per-token int2 step (range / 3, ~17) puts
+  // the 124 ordinary channels on one code (error ~ their own N(0,1) value) and the error sits in
+  // 4 channels; rotated, the outliers become a dense +-15 pattern over all 128 channels, the range
+  // shrinks only ~1.7x, and every channel carries an error of ~step/sqrt(12) ~ 3: about 4x the
+  // error energy. Measured 0.62 vs 0.54 (0.53 vs 0.45 with 32-channel groups, 0.97 vs 0.82
+  // symmetric; rotated kivi2 0.42 = kivi2, as a per-channel offset rotates into another one).
+  // Asserted so that a change in either codec that alters this shows up.
+  CHECK(e2rot > e2);
+  WARN("int8 " << e8 / 4 << " int4 " << e4 / 4 << " rotated int4 " << e4rot / 4 << " int2 " << e2 / 4
+               << " rotated int2 " << e2rot / 4 << " outliers int2 " << e2out / 4 << " kivi2 " << ek2 / 4
+               << " rotated kivi2 " << ek2rot / 4);
 }
 
 TEST_CASE("rotation needs a power-of-two head_dim", "[quant][features]") {

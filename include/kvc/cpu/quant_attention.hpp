@@ -19,12 +19,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <new>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
 #include <kvc/attention/options.hpp>
+#include <kvc/cpu/quant_int_kernels.hpp>
 #include <kvc/cpu/quant_kernels.hpp>
 #include <kvc/cpu/simd.hpp>
 #include <kvc/cpu/softmax_merge.hpp>
@@ -43,6 +46,17 @@ struct quant_attention_options {
   /// score error; test_quant_attention bounds the output against the dense reference. Off: exact
   /// float math on the codes (within float rounding of "dequantize, then reference").
   bool int8_query = false;
+  /// Per-token integer values (intn<2|4|8>, whole-head scale; head_dim * bits a multiple of 256)
+  /// are accumulated in integers: per 64-token tile and query head, probability x value scale is
+  /// rounded to 8 bits (7 for 8-bit values) relative to the tile's largest, and multiplied with
+  /// the codes by _mm256_maddubs_epi16 (quant_int_kernels.hpp). Not exact: each output element
+  /// moves by at most sum_t (f/2) |c_t - centre| / sum_t p_t with f = the tile's largest weight / 255
+  /// (127 for 8-bit values); test_quant_attention bounds it against the dense reference. Needs
+  /// AVX2; elsewhere, and for other codecs, the exact path runs.
+  bool int8_probs = false;
+
+  /// Both approximations: the fastest quantized decode (what bench_quant's "+iq+ip" runs).
+  static quant_attention_options fast() noexcept { return {true, true}; }
 };
 
 namespace qdetail {
@@ -51,9 +65,9 @@ namespace qdetail {
 /// model domain; q_stored: rotated into the key codec's stored domain (same pointer when the codec
 /// does not rotate). The accumulator is in the value codec's stored domain.
 template <class Arch, std::int32_t G, class Cache>
-void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::int32_t t0, std::int32_t t1,
-                    const float* q_model, const float* q_stored, std::int32_t D, partial& st, float* raw,
-                    std::int32_t raw_stride, scratch& sc, bool int8_query = false) {
+void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::int32_t t0, std::int32_t t1,
+                  const float* q_model, const float* q_stored, std::int32_t D, partial& st, float* raw,
+                  std::int32_t raw_stride, scratch& sc, bool int8_query) {
   using quant::role;
   const auto& kq = c.key_quantizer();
   const auto& vq = c.value_quantizer();
@@ -148,6 +162,178 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
     }
     t = e;
   }
+}
+
+#if KVC_QUANT_AVX2
+/// Quantized tokens [a, b) with integer value accumulation (quant_attention_options::int8_probs)
+/// and keys scored by integer dots (iq non-null) or the exact fused kernel; the range gets its
+/// own softmax state, merged exactly into st at the end.
+template <class Arch, std::int32_t G, class Cache>
+void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int32_t a, std::int32_t b,
+                const float* q_stored, std::int32_t D, partial& st, float* raw, std::int32_t raw_stride, scratch& sc,
+                const int_query* iq) {
+  using quant::role;
+  const auto& kq = c.key_quantizer();
+  const auto& vq = c.value_quantizer();
+  using VQ = std::decay_t<decltype(vq)>;
+  using FV = fused_codec<VQ, role::value>;
+  using VI = typename FV::impl;
+  constexpr int VB = FV::bits;
+  const std::int32_t P = c.config().page_size;
+  const std::int32_t TT = tile_tokens;
+  const std::size_t rbv = vq.record_bytes(role::value, D), rbk = kq.record_bytes(role::key, D);
+  std::vector<float> accp(static_cast<std::size_t>(G) * D, 0.0f), vs(TT + 8, 0.0f), vz(TT + 8, 0.0f);
+  KVC_ASSERT(sc.s.size() >= static_cast<std::size_t>(max_group) * TT && sc.ks.size() >= static_cast<std::size_t>(TT));
+  std::vector<std::int32_t> perm(static_cast<std::size_t>(D));
+  std::vector<std::uint8_t> wq(static_cast<std::size_t>(G) * (TT + 8));
+  std::vector<const std::uint8_t*> vrows(static_cast<std::size_t>(TT) + 4);
+  int_value_perm<VB>(D, perm.data());
+  struct free_aligned {
+    void operator()(void* p) const noexcept { std::free(p); }
+  };
+  const std::size_t cbytes = int_value_buf_bytes(D, TT);
+  std::unique_ptr<void, free_aligned> cbuf(std::aligned_alloc(32, cbytes));
+  if (!cbuf) throw std::bad_alloc();
+  float m[G], l[G], bias[G], f[G];
+  alignas(32) float dots[max_group * (tile_tokens + 8)];
+  using KQ = std::decay_t<decltype(kq)>;
+  for (std::int32_t g = 0; g < G; ++g) m[g] = -INFINITY, l[g] = 0.0f, bias[g] = 0.0f;
+  float* s = sc.s.data();
+  const std::int32_t sst = static_cast<std::int32_t>(sc.s.size()) / max_group;
+  for (std::int32_t t = a; t < b;) {
+    const std::int32_t i0 = t - sv.n_sink, slot0 = i0 % P;
+    const std::int32_t e = std::min({b, t + TT, t + P - slot0});
+    const std::int32_t tn = e - t;
+    const std::byte* page = sv.quant_base + static_cast<std::size_t>(sv.pages[i0 / P]) * sv.page_bytes;
+    if (e < b) {
+      // Prefetch the next tile's key and value records (one line per 64 bytes) while this one is
+      // computed; without it the first read of each record's scale stalled on memory (perf, int2
+      // 32x8x128 ctx:32768: 10% of attend_int on one vcvtph2ps).
+      const std::int32_t j0 = e - sv.n_sink, js = j0 % P, jn = std::min({b - e, TT, P - js});
+      const std::byte* np = sv.quant_base + static_cast<std::size_t>(sv.pages[j0 / P]) * sv.page_bytes;
+      const std::int32_t uk = std::decay_t<decltype(kq)>::tokens_per_record(role::key);
+      const std::size_t kb0 = rbk * static_cast<std::size_t>(js / uk),
+                        kb1 = rbk * static_cast<std::size_t>((js + jn + uk - 1) / uk);
+      for (std::size_t o = kb0; o < kb1; o += 64) prefetch_read(np + o);
+      for (std::size_t o = rbv * static_cast<std::size_t>(js); o < rbv * static_cast<std::size_t>(js + jn); o += 64)
+        prefetch_read(np + sv.v_offset + o);
+    }
+    if constexpr (fused_codec<KQ, role::key>::kind == 1) {
+      if (iq) {
+        using FK = fused_codec<KQ, role::key>;
+        int_scores<FK::bits, G, FK::sch, FK::impl::has_zero>(page + rbk * static_cast<std::size_t>(slot0), rbk,
+                                                             FK::impl::code_bytes(D), tn, *iq, D, s, sst,
+                                                             sc.ks.data(), sc.kz.data(), dots);
+      }
+    }
+    if (!iq) fused_scores<G>(kq, page, D, slot0, tn, q_stored, s, sst, sc);
+    const std::byte* vpart = page + sv.v_offset + rbv * static_cast<std::size_t>(slot0);
+    for (std::int32_t i = 0; i < tn; ++i)
+      vrows[static_cast<std::size_t>(i)] = reinterpret_cast<const std::uint8_t*>(vpart + rbv * static_cast<std::size_t>(i));
+    float* vsp = vs.data();
+    float* vzp = vz.data();
+    if constexpr (VI::has_zero) gather_half_pairs(vpart, rbv, VI::code_bytes(D), tn, vsp, vzp);
+    else gather_half_pairs(vpart, rbv, VI::code_bytes(D) - 2, tn, vzp, vsp);
+    {
+      // effective zero of the centred codes: affine_zero + scale * centre (symmetric codes have no
+      // stored zero: affine_zero = -2^(b-1) scale)
+      const __m256 zc = _mm256_set1_ps(static_cast<float>(value_centre<VB>) -
+                                       (VI::has_zero ? 0.0f : static_cast<float>(1 << (VB - 1))));
+      for (std::int32_t i = 0; i < tn; i += 8) {
+        const __m256 sv8 = _mm256_loadu_ps(vsp + i);
+        const __m256 z8 = VI::has_zero ? _mm256_loadu_ps(vzp + i) : _mm256_setzero_ps();
+        _mm256_storeu_ps(vzp + i, _mm256_fmadd_ps(sv8, zc, z8));
+      }
+      for (std::int32_t i = tn; i < (tn + 7) / 8 * 8; ++i) vsp[i] = vzp[i] = 0.0f;
+    }
+    const std::int32_t tn4 = (tn + 3) / 4 * 4;
+    for (std::int32_t i = tn; i < tn4; ++i) vrows[static_cast<std::size_t>(i)] = vrows[0];
+    const std::int32_t tn8 = (tn + 7) / 8 * 8;
+    for (std::int32_t g = 0; g < G; ++g) {
+      float* sg = s + g * sst;
+      if (raw) std::copy(sg, sg + tn, raw + static_cast<std::size_t>(g) * raw_stride + t);
+      for (std::int32_t i = tn; i < tn8; ++i) sg[i] = -INFINITY;  // padding lanes: exp -> 0
+      __m256 mv = _mm256_set1_ps(-INFINITY);
+      for (std::int32_t i = 0; i < tn8; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sg + i));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, mv);
+      float mt = lanes[0];
+      for (int j = 1; j < 8; ++j) mt = std::max(mt, lanes[j]);
+      if (mt > m[g]) {
+        const float corr = std::exp(m[g] - mt);  // 0 on the first tile
+        l[g] *= corr;
+        bias[g] *= corr;
+        float* ap = accp.data() + static_cast<std::size_t>(g) * D;
+        for (std::int32_t d = 0; d < D; ++d) ap[d] *= corr;
+        m[g] = mt;
+      }
+      const __m256 mm = _mm256_set1_ps(m[g]);
+      __m256 ls = _mm256_setzero_ps(), bs = _mm256_setzero_ps();
+      for (std::int32_t i = 0; i < tn8; i += 8) {
+        const __m256 p8 = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(sg + i), mm));
+        _mm256_storeu_ps(sg + i, p8);
+        ls = _mm256_add_ps(ls, p8);
+        bs = _mm256_fmadd_ps(p8, _mm256_loadu_ps(vzp + i), bs);
+      }
+      _mm256_store_ps(lanes, ls);
+      for (float x : lanes) l[g] += x;
+      _mm256_store_ps(lanes, bs);
+      for (float x : lanes) bias[g] += x;
+    }
+    quantize_weights<VB, G>(s, sst, vs.data(), tn, wq.data(), TT + 8, f);
+    int_values<VB, G>(vrows.data(), tn4 / 4, wq.data(), TT + 8, f, D, accp.data(), static_cast<__m256i*>(cbuf.get()));
+    t = e;
+  }
+  // exact merge of the range's state into st
+  for (std::int32_t g = 0; g < G; ++g) {
+    if (m[g] == -INFINITY) continue;
+    const float M = std::max(st.m[g], m[g]);
+    const float wa = std::exp(st.m[g] - M), wb = std::exp(m[g] - M);
+    float* o = st.acc + static_cast<std::size_t>(g) * D;
+    const float* ap = accp.data() + static_cast<std::size_t>(g) * D;
+    for (std::int32_t d = 0; d < D; ++d) o[d] *= wa;
+    for (std::int32_t i = 0; i < D; ++i) o[perm[static_cast<std::size_t>(i)]] += wb * (ap[i] + bias[g]);
+    st.l[g] = st.l[g] * wa + l[g] * wb;
+    st.m[g] = M;
+  }
+}
+#endif
+
+/// Tokens [t0, t1) of one stream: the quantized part through attend_int when int8_probs asks for
+/// it and the codecs allow it, everything else through attend_tiles.
+template <class Arch, std::int32_t G, class Cache>
+void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::int32_t t0, std::int32_t t1,
+                    const float* q_model, const float* q_stored, std::int32_t D, partial& st, float* raw,
+                    std::int32_t raw_stride, scratch& sc, const quant_attention_options& qo) {
+#if KVC_QUANT_AVX2
+  using KQ = std::decay_t<decltype(c.key_quantizer())>;
+  using VQ = std::decay_t<decltype(c.value_quantizer())>;
+  constexpr bool can_int = fused_codec<KQ, quant::role::key>::kind != 0 &&
+                          fused_codec<VQ, quant::role::value>::kind == 1 && fused_codec<VQ, quant::role::value>::group == 0;
+  if constexpr (can_int) {
+  const std::int32_t qa = std::max(t0, sv.n_sink), qb = std::min(t1, sv.n_sink + sv.n_quant);
+  const bool kfast = intdot_ok<KQ, G>(D) || fused_ok<KQ, quant::role::key, G>(D);
+  if (qo.int8_probs && qa < qb && !c.pre_rope() && G <= 4 && intval_ok<VQ>(D) && kfast &&
+      static_cast<std::int32_t>(sc.s.size()) / max_group == tile_tokens) {
+    if (t0 < qa) attend_tiles<Arch, G>(c, sv, t0, qa, q_model, q_stored, D, st, raw, raw_stride, sc, false);
+    std::unique_ptr<int_query> iq;
+    if constexpr (fused_codec<KQ, quant::role::key>::kind == 1) {
+      if (qo.int8_query && intdot_ok<KQ, G>(D)) {
+        iq = std::make_unique<int_query>();
+        quantize_query<fused_codec<KQ, quant::role::key>::bits>(q_stored, G, D, *iq);
+      }
+    }
+    if (iq || fused_ok<KQ, quant::role::key, G>(D)) {
+      attend_int<Arch, G>(c, sv, qa, qb, q_stored, D, st, raw, raw_stride, sc, iq.get());
+    } else {
+      attend_tiles<Arch, G>(c, sv, qa, qb, q_model, q_stored, D, st, raw, raw_stride, sc, false);
+    }
+    if (qb < t1) attend_tiles<Arch, G>(c, sv, qb, t1, q_model, q_stored, D, st, raw, raw_stride, sc, false);
+    return;
+  }
+  }
+#endif
+  attend_tiles<Arch, G>(c, sv, t0, t1, q_model, q_stored, D, st, raw, raw_stride, sc, qo.int8_query);
 }
 
 }  // namespace qdetail
@@ -246,7 +432,7 @@ void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int
     switch (tk.gn) {
 #define KVC_CASE(N)                                                                                             \
   case N:                                                                                                       \
-    qdetail::attend_generic<Arch, N>(cache, sv, tk.t0, tk.t1, qmh, qsh, D, st, rawh, raw_stride, sc, qopt.int8_query); \
+    qdetail::attend_generic<Arch, N>(cache, sv, tk.t0, tk.t1, qmh, qsh, D, st, rawh, raw_stride, sc, qopt);    \
     break;
       KVC_CASE(1) KVC_CASE(2) KVC_CASE(3) KVC_CASE(4) KVC_CASE(5) KVC_CASE(6) KVC_CASE(7) KVC_CASE(8)
 #undef KVC_CASE

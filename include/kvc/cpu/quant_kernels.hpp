@@ -466,47 +466,46 @@ inline void quantize_query(const float* q, std::int32_t G, std::int32_t D, int_q
   }
 }
 
-/// Integer dots of T tokens x G heads as floats: dots[t * G + g] = sum_d c_td qi_gd.
+/// Integer dots of T tokens x G heads as floats: dots[t * G + g] = sum_d c_td qi_gd. Tokens
+/// outer, heads inner, so only one token's code vectors are live next to the T * G accumulators
+/// (codes of all T tokens at once spilled the accumulators to the stack: perf, int2 G=4), and the
+/// lanes are reduced in integers (one conversion instead of eight).
 template <int Bits, std::int32_t G, std::int32_t T>
 KVC_FORCEINLINE void int_dots(const int_query& iq, std::int32_t D, const std::uint8_t* const* rows, float* dots) noexcept {
-  __m256 accf[8];
-  __m256i acc[T * G];
-  for (int j = 0; j < T * G; ++j) acc[j] = _mm256_setzero_si256();
+  __m256i acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_si256();
   if constexpr (Bits == 8) {
-    for (std::int32_t d = 0; d < D; d += 16) {
-      __m256i c[T];
-      for (std::int32_t t = 0; t < T; ++t)
-        c[t] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[t] + d)));
-      for (std::int32_t g = 0; g < G; ++g) {
-        const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(iq.q16 + g * D + d));
-        for (std::int32_t t = 0; t < T; ++t) acc[t * G + g] = _mm256_add_epi32(acc[t * G + g], _mm256_madd_epi16(c[t], qv));
+    for (std::int32_t d = 0; d < D; d += 16)
+      for (std::int32_t t = 0; t < T; ++t) {
+        const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[t] + d)));
+        for (std::int32_t g = 0; g < G; ++g)
+          acc[t * G + g] = _mm256_add_epi32(
+              acc[t * G + g], _mm256_madd_epi16(c, _mm256_load_si256(reinterpret_cast<const __m256i*>(iq.q16 + g * D + d))));
       }
-    }
   } else {
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i m = _mm256_set1_epi8(Bits == 4 ? 0x0f : 0x03);
     constexpr std::int32_t per = Bits == 4 ? 64 : 128;  // channels per 32-byte block
     constexpr int nv = 8 / Bits;                         // code vectors per block
-    for (std::int32_t d = 0; d < D; d += per) {
-      __m256i c[T][nv];
+    for (std::int32_t d = 0; d < D; d += per)
       for (std::int32_t t = 0; t < T; ++t) {
         const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[t] + d * Bits / 8));
-        for (int k = 0; k < nv; ++k) c[t][k] = _mm256_and_si256(_mm256_srli_epi16(b, k * Bits), m);
-      }
-      for (std::int32_t g = 0; g < G; ++g) {
-        __m256i qv[nv];
-        for (int k = 0; k < nv; ++k) qv[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(iq.q8 + g * D + d + 32 * k));
-        for (std::int32_t t = 0; t < T; ++t) {
-          __m256i s16 = _mm256_maddubs_epi16(c[t][0], qv[0]);
-          for (int k = 1; k < nv; ++k) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(c[t][k], qv[k]));
+        __m256i c[nv];
+        for (int k = 0; k < nv; ++k) c[k] = _mm256_and_si256(k == 0 ? b : _mm256_srli_epi16(b, k * Bits), m);
+        for (std::int32_t g = 0; g < G; ++g) {
+          const __m256i* qv = reinterpret_cast<const __m256i*>(iq.q8 + g * D + d);
+          __m256i s16 = _mm256_maddubs_epi16(c[0], _mm256_load_si256(qv));
+          for (int k = 1; k < nv; ++k) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(c[k], _mm256_load_si256(qv + k)));
           acc[t * G + g] = _mm256_add_epi32(acc[t * G + g], _mm256_madd_epi16(s16, ones));
         }
       }
-    }
   }
-  for (int j = 0; j < 8; ++j) accf[j] = j < T * G ? _mm256_cvtepi32_ps(acc[j]) : _mm256_setzero_ps();
+  const __m256i h01 = _mm256_hadd_epi32(acc[0], acc[1]), h23 = _mm256_hadd_epi32(acc[2], acc[3]);
+  const __m256i h45 = _mm256_hadd_epi32(acc[4], acc[5]), h67 = _mm256_hadd_epi32(acc[6], acc[7]);
+  const __m256i a = _mm256_hadd_epi32(h01, h23), b = _mm256_hadd_epi32(h45, h67);
+  const __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
   alignas(32) float r[8];
-  _mm256_store_ps(r, hsum8(accf));
+  _mm256_store_ps(r, _mm256_cvtepi32_ps(sum));
   for (std::int32_t j = 0; j < T * G; ++j) dots[j] = r[j];
 }
 
