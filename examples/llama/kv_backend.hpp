@@ -25,6 +25,10 @@ struct kv_shape {
     int num_kv_heads = 0;
     int num_q_heads = 0;
     int head_dim = 0;
+    /// RoPE as the engine applies it (adjacent pairs (2i, 2i+1), GGUF's Llama layout): policies
+    /// that reason about positions (expected attention, leverage) need it.
+    float rope_theta = 10000.0f;
+    int rope_dims = 0;  ///< rotated channels; 0: head_dim
 };
 
 /// KV storage for one sequence.
@@ -48,6 +52,16 @@ public:
 
     /// A short human-readable description ("dense f32", "kvc half page=16", ...).
     virtual std::string describe() const = 0;
+
+    /// Whether the store wants the model's queries of each layer *before* RoPE (a policy that
+    /// estimates future attention from query statistics asks for them). The engine still owns
+    /// the activations: it hands them over, like K and V, and the store keeps only statistics.
+    virtual bool wants_queries() const { return false; }
+    /// Whether the store keeps keys before RoPE (KVQuant's pre-RoPE key quantization): the
+    /// engine then appends un-rotated keys with their positions and the store rotates them.
+    virtual bool wants_pre_rope_keys() const { return false; }
+    /// `q` is [n][num_q_heads][head_dim], before RoPE, for tokens just appended to `layer`.
+    virtual void observe_queries(int /*layer*/, const float* /*q*/, int /*n*/) {}
 };
 
 /// Reference store: contiguous float arrays per layer, no compression. Attention is computed

@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file kvc_backend.hpp
 /// The engine's KV store on kvc. Everything an engine writes to adopt kvc is in this file:
-///  - storage: a kvc cache built from a storage spec ("fp16", "bf16", "fp32", or a quantized
-///    storage once registered with kvc::runtime), appended with the rotated K/V the engine just
+///  - storage: a kvc cache built from a storage spec ("fp16", "bf16", "fp32", or any quantized
+///    storage kvc::runtime registers: "int8", "kivi(bits=2)", "fp8", ...), appended with the rotated K/V the engine just
 ///    projected, memory read from kvc's page pool;
 ///  - attention: kvc's CPU decode attention over what the cache kept;
 ///  - compression: a kvc::evict::compressor run between forward calls, fed with what its
-///    scorer observes (the engine's recent queries, or each step's attention probabilities).
+///    scorer observes (the engine's recent queries, each step's attention probabilities, or
+///    statistics of the queries before RoPE, which the engine hands over through observe_queries).
 #pragma once
 
 #include <algorithm>
@@ -18,11 +19,9 @@
 
 #include <kvc/evict/evict.hpp>
 #include <kvc/kvc.hpp>
-#include <kvc/cpu/quant_attention.hpp>
-#include <kvc/quant/int8.hpp>
-#include <kvc/quant/kivi.hpp>
-#include <kvc/quant/quant_cache.hpp>
+#include <kvc/runtime/evictor_registry.hpp>
 #include <kvc/runtime/make_cache.hpp>
+#include <kvc/runtime/quant_storages.hpp>  // registers kvc's quantized storages (int8, kivi, fp8, ...)
 
 #include "kv_backend.hpp"
 
@@ -45,50 +44,6 @@ struct any_cache_view {
     std::size_t bytes_in_use(int32_t l) const { return c->bytes_in_use(l); }
 };
 
-/// Registers kvc's quantized caches as runtime storages under the names "kivi(bits=2|4)",
-/// "int8" and "int4" — unless kvc::runtime already registers those names itself, in which case
-/// kvc's own builders win. (kvc/runtime/make_cache.hpp announces a runtime/quant.hpp that will
-/// do this; until it lands the engine does it, in these few lines.)
-inline void register_quantized_storages() {
-    static const bool once = [] {
-        auto& r = kvc::runtime::storage_registry();
-        using kvc::runtime::any_cache;
-        using kvc::runtime::spec_args;
-        using kvc::runtime::spec_stage;
-        auto config = [](const kvc::cache_config& c, int unit) {
-            kvc::quant_cache_config q;
-            static_cast<kvc::cache_config&>(q) = c;
-            q.page_size = std::max(c.page_size, unit);  // a page must hold whole groups
-            return q;
-        };
-        auto make = [](auto tag, const std::string& name, const kvc::quant_cache_config& q) -> std::unique_ptr<any_cache> {
-            using C = typename decltype(tag)::type;
-            return std::make_unique<kvc::runtime::cache_adapter<C>>(name, q);
-        };
-        if (!r.count("kivi"))
-            r["kivi"] = [=](const spec_stage& st, const kvc::cache_config& c) -> std::unique_ptr<any_cache> {
-                spec_args a(st);
-                const int bits = a.integer("bits", 2);
-                a.finish("bits (2 or 4; group 32 and residual 128 as in the paper)");
-                if (bits == 2) return make(std::common_type<kvc::quant_cache<kvc::quant::kivi<2>>>{}, st.text, config(c, 32));
-                if (bits == 4) return make(std::common_type<kvc::quant_cache<kvc::quant::kivi<4>>>{}, st.text, config(c, 32));
-                throw std::invalid_argument("kivi: bits = " + std::to_string(bits) + ", expected 2 or 4");
-            };
-        if (!r.count("int8"))
-            r["int8"] = [=](const spec_stage& st, const kvc::cache_config& c) -> std::unique_ptr<any_cache> {
-                spec_args(st).finish("(none)");
-                return make(std::common_type<kvc::quant_cache<kvc::quant::int8>>{}, st.text, config(c, 1));
-            };
-        if (!r.count("int4"))
-            r["int4"] = [=](const spec_stage& st, const kvc::cache_config& c) -> std::unique_ptr<any_cache> {
-                spec_args(st).finish("(none)");
-                return make(std::common_type<kvc::quant_cache<kvc::quant::int4>>{}, st.text, config(c, 1));
-            };
-        return true;
-    }();
-    (void)once;
-}
-
 class kvc_store final : public kv_store {
 public:
     /// \param storage     kvc storage spec: "fp16", "bf16", "fp32", ...
@@ -102,15 +57,46 @@ public:
         c.head_dim = s.head_dim;
         c.page_size = page_size;
         c.max_pages = static_cast<int32_t>(int64_t{s.num_layers} * s.num_kv_heads * ((max_tokens + page_size - 1) / page_size + 2));
-        cache_ = kvc::runtime::make_cache(storage, c);
+        kvc::rope_config rc;  // the engine's RoPE, for storages that keep keys before it (pre_rope=1)
+        rc.head_dim = s.head_dim;
+        rc.rotary_dim = s.rope_dims;
+        rc.theta = s.rope_theta;
+        rc.style = kvc::rope_style::interleaved;
+        kvc::runtime::storage_options so;
+        so.rope = &rc;
+        cache_ = kvc::runtime::make_cache(storage, c, so);
         seq_ = cache_->add_sequence();
     }
 
     /// Attaches eviction: the compressor and, for decode-time scorers, the attention observer
     /// that every attention step then feeds.
-    void set_compressor(kvc::evict::compressor<kvc::evict::any_scorer> c) {
+    /// \param observer  how the attention observer accumulates (A2SF's forgetting factor)
+    void set_compressor(kvc::evict::compressor<kvc::evict::any_scorer> c, const kvc::evict::observer_params& observer = {}) {
         comp_.emplace(std::move(c));
-        if (comp_->scorer().what() == kvc::evict::observes::attention) observer_.emplace();
+        if (comp_->scorer().what() == kvc::evict::observes::attention) observer_.emplace(observer);
+        if (comp_->scorer().what() == kvc::evict::observes::query_stats) {
+            // Expected attention: mean and covariance of the pre-RoPE queries the engine hands
+            // over (observe_queries), and the engine's RoPE to carry them to future positions.
+            kvc::rope_config rc;
+            rc.head_dim = shape_.head_dim;
+            rc.rotary_dim = shape_.rope_dims;
+            rc.theta = shape_.rope_theta;
+            rc.style = kvc::rope_style::interleaved;  // the engine rotates pairs (2i, 2i+1)
+            rope_.emplace(rc);
+            for (int l = 0; l < shape_.num_layers; ++l) qstats_.emplace_back(shape_.num_q_heads, shape_.head_dim);
+        }
+    }
+    /// CAKE: layer budgets from the layers' attention spread, computed over every layer before
+    /// each compression (kvc::runtime::cake_allocator).
+    void set_cake(kvc::runtime::evictor ev) { cake_.emplace(std::move(ev)); }
+
+    /// Keeps alive what the compressor's scorers point at (the model's kvc::rope).
+    void keep_alive(std::shared_ptr<const void> p) { alive_.push_back(std::move(p)); }
+
+    bool wants_queries() const override { return !qstats_.empty(); }
+    bool wants_pre_rope_keys() const override { return cache_->pre_rope_keys(); }
+    void observe_queries(int layer, const float* q, int n) override {
+        qstats_.at(static_cast<std::size_t>(layer)).add(q, n);
     }
     bool compresses() const { return comp_.has_value(); }
 
@@ -143,12 +129,22 @@ public:
         if (!comp_) return 0;
         int64_t dropped = 0;
         any_cache_view view{cache_.get()};
+        if (cake_) {  // the layer budgets depend on every layer's window: a fresh compressor per call
+            kvc::runtime::evictor ev = *cake_;
+            ev.options.alloc = kvc::runtime::cake_allocator(ev, view, seq_, window);
+            comp_.emplace(ev.compressor());
+        }
         for (int l = 0; l < shape_.num_layers; ++l) {
             kvc::evict::observations obs;
             kvc::evict::query_window w;
+            kvc::evict::query_stats qs;
             if (comp_->scorer().what() == kvc::evict::observes::query_window) {
                 w = window(l);
                 obs.window = &w;
+            }
+            if (!qstats_.empty()) {
+                qs = qstats_[static_cast<std::size_t>(l)].view(&*rope_);
+                obs.stats = &qs;
             }
             if (observer_) obs.attention = &*observer_;
             kvc::evict::compress_report r = ph == phase::prefill ? comp_->after_prefill(view, seq_, l, obs)
@@ -177,6 +173,10 @@ private:
     std::optional<kvc::evict::compressor<kvc::evict::any_scorer>> comp_;
     std::optional<kvc::evict::attention_observer> observer_;
     std::vector<float> group_probs_;
+    std::optional<kvc::rope> rope_;                                   // expected attention
+    std::vector<kvc::evict::query_stats_accumulator> qstats_;         // [layer], pre-RoPE queries
+    std::optional<kvc::runtime::evictor> cake_;
+    std::vector<std::shared_ptr<const void>> alive_;
 };
 
 }  // namespace llama

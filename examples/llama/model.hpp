@@ -68,7 +68,9 @@ public:
     explicit model(const gguf_file& f) { load(f); }
 
     const hparams& hp() const { return hp_; }
-    kv_shape shape() const { return {hp_.n_layer, hp_.n_head_kv, hp_.n_head, hp_.head_dim}; }
+    kv_shape shape() const {
+        return {hp_.n_layer, hp_.n_head_kv, hp_.n_head, hp_.head_dim, hp_.rope_theta, hp_.rope_dims};
+    }
     timings& stats() { return stats_; }
 
     /// A fresh session whose KV lives in `kv`.
@@ -148,9 +150,11 @@ private:
             q.noalias() = h * w.wq.transpose();
             k.noalias() = h * w.wk.transpose();
             v.noalias() = h * w.wv.transpose();
+            if (s.kv->wants_queries()) s.kv->observe_queries(l, q.data(), n);  // pre-RoPE query statistics
+            const bool pre_rope_keys = s.kv->wants_pre_rope_keys();
             for (int t = 0; t < n; ++t) {
                 rope(q.row(t).data(), hp_.n_head, pos[static_cast<std::size_t>(t)]);
-                rope(k.row(t).data(), hp_.n_head_kv, pos[static_cast<std::size_t>(t)]);
+                if (!pre_rope_keys) rope(k.row(t).data(), hp_.n_head_kv, pos[static_cast<std::size_t>(t)]);
             }
             // Causal attention through the store: token t sees the past and tokens ≤ t of
             // this chunk because it is appended just before it attends.

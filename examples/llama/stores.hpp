@@ -7,7 +7,8 @@
 ///   EVICTOR(ratio=R | tokens=N, ...) [+ STORAGE]
 ///       e.g. "snapkv(ratio=0.75)", "streaming_llm(tokens=256)+fp32", "h2o(ratio=0.5,recent=32)"
 /// ratio is kvpress's compression ratio (the fraction evicted); tokens is a per-stream count.
-/// Storage defaults to fp16. Adding an evictor is one line in `evictor_registry()`.
+/// Storage defaults to fp16. Evictors and their parameters come from kvc's registry
+/// (kvc/runtime/evictor_registry.hpp); storages from kvc/runtime/quant_storages.hpp.
 #pragma once
 
 #include <functional>
@@ -41,38 +42,26 @@ struct store_factory {
     std::function<void(session&)> after_decode = [](session&) {};   ///< after each decode step
 };
 
-using evictor_builder = std::function<kvc::evict::any_scorer(kvc::runtime::spec_args&)>;
-
-/// Evictors by spec name. Each line reads the policy's own arguments (budget arguments are
-/// read by parse_store). Scorers needing observations the engine does not produce yet
-/// (expected_attention's query statistics) are not listed.
-inline const std::map<std::string, evictor_builder>& evictor_registry() {
-    namespace ev = kvc::evict;
-    static const std::map<std::string, evictor_builder> r = {
-        {"streaming_llm", [](auto& a) { ev::streaming_llm_params p; p.sinks = a.integer("sinks", p.sinks); return ev::any_scorer(ev::streaming_llm(p)); }},
-        {"snapkv", [](auto& a) { ev::snapkv_params p; p.window = a.integer("window", p.window); p.kernel = a.integer("kernel", p.kernel); p.sinks = a.integer("sinks", p.sinks); return ev::any_scorer(ev::snapkv(p)); }},
-        {"pyramidkv", [](auto& a) { ev::pyramidkv_params p; p.window = a.integer("window", p.window); p.kernel = a.integer("kernel", p.kernel); p.beta = a.integer("beta", p.beta); p.sinks = a.integer("sinks", p.sinks); return ev::any_scorer(ev::pyramidkv(p)); }},
-        {"knorm", [](auto& a) { ev::knorm_params p; p.protect.sinks = a.integer("sinks", p.protect.sinks); return ev::any_scorer(ev::knorm(p)); }},
-        {"keydiff", [](auto& a) { ev::keydiff_params p; p.protect.sinks = a.integer("sinks", p.protect.sinks); return ev::any_scorer(ev::keydiff(p)); }},
-        {"random", [](auto& a) { ev::random_params p; p.seed = static_cast<uint64_t>(a.integer("seed", 0)); return ev::any_scorer(ev::random(p)); }},
-        {"h2o", [](auto& a) { ev::h2o_params p; p.recent = a.integer("recent", p.recent); p.sinks = a.integer("sinks", p.sinks); return ev::any_scorer(ev::h2o(p)); }},
-        {"tova", [](auto& a) { ev::tova_params p; p.sinks = a.integer("sinks", p.sinks); return ev::any_scorer(ev::tova(p)); }},
-        {"scissorhands", [](auto& a) { ev::scissorhands_params p; p.history = a.integer("history", p.history); p.recent = a.integer("recent", p.recent); p.sinks = a.integer("sinks", p.sinks); return ev::any_scorer(ev::scissorhands(p)); }},
-        {"lagkv", [](auto& a) { ev::lagkv_params p; p.sinks = a.integer("sinks", p.sinks); p.lag = a.integer("lag", p.lag); return ev::any_scorer(ev::lagkv(p)); }},
-    };
-    return r;
+/// The model facts kvc's evictor builders read (kvc::runtime::evictor_context), with the
+/// engine's RoPE as a kvc::rope: adjacent pairs, the file's theta and rotated channels.
+inline std::shared_ptr<const kvc::rope> model_rope(const kv_shape& shape) {
+    kvc::rope_config rc;
+    rc.head_dim = shape.head_dim;
+    rc.rotary_dim = shape.rope_dims;
+    rc.theta = shape.rope_theta;
+    rc.style = kvc::rope_style::interleaved;
+    return std::make_shared<const kvc::rope>(rc);
 }
 
 inline std::vector<std::string> available_stores() {
-    register_quantized_storages();
     std::vector<std::string> v{"dense", "full (= fp16)"};
     for (const auto& kv : kvc::runtime::storage_registry()) v.push_back(kv.first + "    (storage)");
-    for (const auto& kv : evictor_registry()) v.push_back(kv.first + "(ratio=R|tokens=N,...)[+STORAGE]    (evictor)");
+    for (const auto& kv : kvc::runtime::evictor_registry())
+        v.push_back(kv.first + "(ratio=R|tokens=N,...)[+STORAGE]    (evictor; parameters: kvc/runtime/evictor_registry.hpp)");
     return v;
 }
 
 inline store_factory parse_store(const std::string& spec, const kv_shape& shape, const store_options& opt = {}) {
-    register_quantized_storages();
     store_factory f;
     f.spec = spec;
     if (spec == "dense") {
@@ -80,7 +69,8 @@ inline store_factory parse_store(const std::string& spec, const kv_shape& shape,
         return f;
     }
     std::string storage = "fp16";
-    std::optional<kvc::evict::compressor<kvc::evict::any_scorer>> comp;
+    std::optional<kvc::runtime::evictor> ev;
+    std::shared_ptr<const kvc::rope> rope = model_rope(shape);
     int window = 0;
     if (spec != "full" && spec != "kvc") {
         bool have_storage = false;
@@ -91,30 +81,28 @@ inline store_factory parse_store(const std::string& spec, const kv_shape& shape,
                 have_storage = true;
                 continue;
             }
-            auto it = evictor_registry().find(st.name);
-            if (it == evictor_registry().end()) {
-                std::string known;
-                for (const auto& kv : evictor_registry()) known += ", " + kv.first;
+            if (!kvc::runtime::is_evictor(st.name))
                 throw std::invalid_argument("cache spec '" + spec + "': '" + st.name + "' is neither a kvc storage (" +
-                                            kvc::runtime::known_storages() + ") nor an evictor this engine runs (" +
-                                            known.substr(2) + ")");
-            }
-            if (comp) throw std::invalid_argument("cache spec '" + spec + "': more than one evictor");
-            kvc::runtime::spec_args a(st);
-            kvc::evict::compressor_options co;
-            if (a.has("tokens")) co.target = kvc::budget::tokens(a.integer("tokens"));
-            else co.target = kvc::budget::ratio(a.number("ratio"));
-            co.num_q_heads = shape.num_q_heads;
-            kvc::evict::any_scorer sc = it->second(a);
-            a.finish("ratio, tokens and the policy's own parameters");
-            if (sc.what() == kvc::evict::observes::query_window) window = st.find("window") ? static_cast<int>(st.find("window")->value.number) : 64;
-            comp.emplace(sc, co);
+                                            kvc::runtime::known_storages() + ") nor a kvc eviction policy (" +
+                                            kvc::runtime::known_evictors() + ")");
+            if (ev) throw std::invalid_argument("cache spec '" + spec + "': more than one evictor");
+            kvc::runtime::evictor_context ctx;
+            ctx.num_layers = shape.num_layers;
+            ctx.num_q_heads = shape.num_q_heads;
+            ctx.rotary = rope.get();
+            ev.emplace(kvc::runtime::make_evictor(st, ctx));
+            // Queries the engine remembers per layer: the policy's window, or the whole prompt.
+            window = ev->window < 0 ? opt.max_tokens : ev->window;
         }
     }
+    std::optional<kvc::evict::compressor<kvc::evict::any_scorer>> comp;
+    if (ev) comp.emplace(ev->compressor());
     f.query_window = window;
-    f.create = [shape, opt, storage, comp]() -> std::unique_ptr<kv_store> {
+    f.create = [shape, opt, storage, comp, ev, rope]() -> std::unique_ptr<kv_store> {
         auto s = std::make_unique<kvc_store>(shape, storage, opt.page_size, opt.max_tokens, opt.pool);
-        if (comp) s->set_compressor(*comp);  // a fresh copy per sequence: decode counters start at 0
+        if (comp) s->set_compressor(*comp, ev->observer);  // a fresh copy per sequence: decode counters start at 0
+        if (ev && ev->cake) s->set_cake(*ev);
+        s->keep_alive(rope);  // scorers point at it (leverage un-rotates keys)
         return s;
     };
     if (comp) {

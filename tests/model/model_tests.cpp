@@ -232,6 +232,37 @@ int main() {
         }
         expect_error([&] { llama::parse_store("nosuch(ratio=0.5)", mdl.shape()); }, "'nosuch' is neither a kvc storage",
                      "an unknown policy in a cache spec is named");
+        // ---- every evictor of kvc's registry runs in the engine, fed what it observes ----
+        for (const auto& kv : kvc::runtime::evictor_registry()) {
+            const std::string& name = kv.first;
+            const std::string spec = name == "vnorm"        ? "vnorm(tova,ratio=0.5)"
+                                     : name == "simlayerkv" ? "simlayerkv(ratio=0.5,lazy_threshold=0.5,n_recent=16)"
+                                                            : name + "(ratio=0.5)";
+            try {
+                llama::store_factory f = llama::parse_store(spec, mdl.shape());
+                llama::session s = mdl.new_session(f.create(), f.query_window);
+                mdl.forward(s, gp.data(), 48, 1);
+                f.after_prefill(s);
+                bool ok = true;
+                for (int l = 0; l < hp.n_layer; ++l)
+                    for (int h = 0; h < hp.n_head_kv; ++h) {
+                        const int n = s.kv->length(l, h);
+                        // layer schedules (pyramidkv, cake) and lazy layers move the budget around
+                        ok = ok && (name == "pyramidkv" || name == "cake" || name == "simlayerkv" ? n <= 48 : n == 24);
+                    }
+                llama::matrix lg = mdl.forward(s, &gp[48], 1);
+                check(ok && lg.allFinite(), spec + " compresses the engine's cache after prefill and decoding continues");
+            } catch (const std::exception& e) {
+                check(false, spec + " in the engine: " + e.what());
+            }
+        }
+        // ---- pre-RoPE keys: the engine appends un-rotated keys, kvc rotates them ----
+        {
+            const std::vector<int32_t> few(gp.begin(), gp.begin() + 96);
+            const double p16 = perplexity(mdl, "fp16", few, 96), pre = perplexity(mdl, "int8(pre_rope=1)", few, 96);
+            check(std::abs(pre - p16) < 0.05 * p16, "int8(pre_rope=1) perplexity " + std::to_string(pre) +
+                                                        " is within 5% of fp16's " + std::to_string(p16));
+        }
     } catch (const std::exception& e) {
         check(false, std::string("unexpected exception: ") + e.what());
     }

@@ -94,7 +94,8 @@ struct row {
     long b_n = 0, b_agree_n = 0;
     // needle
     int needle_hits = 0, needle_n = 0;
-    std::string error;
+    std::string error;         ///< the row failed (bad spec, or the prefill protocol)
+    std::string stream_error;  ///< only the stream protocol failed (prefill-only policies)
 };
 
 /// A progress bar on stderr: "[#####.....]  45% stream snapkv(ratio=0.25)  ETA 1m20s".
@@ -438,7 +439,18 @@ int main(int argc, char** argv) {
             try {
                 llama::parse_store(r.spec, mdl.shape(), e.sopt);  // reject unknown specs before running
                 if (o.do_prefill) run_prefill(e, o, toks, r.spec, r, ref_a, i == 0, bar);
-                if (o.do_stream) run_stream(e, o, toks, r.spec, r, ref_b, i == 0, bar);
+                if (o.do_stream) {
+                    // A policy may be defined for one-shot use only (noncausal_attention needs a
+                    // query per stored token): its stream cells say so and the row keeps the rest.
+                    try {
+                        run_stream(e, o, toks, r.spec, r, ref_b, i == 0, bar);
+                    } catch (const std::exception& ex) {
+                        if (i == 0) throw;
+                        r.stream_error = ex.what();
+                        r.b_n = 0;
+                        std::fprintf(stderr, "\nkvc-eval: %s (stream): %s\n", r.spec.c_str(), ex.what());
+                    }
+                }
                 if (o.do_needle) run_needle(e, o, needles, r.spec, r, bar, show_needles);
             } catch (const std::exception& ex) {
                 if (i == 0) throw;
@@ -465,21 +477,34 @@ int main(int argc, char** argv) {
             csv << '"' << r.spec << "\",\"" << r.family << "\"," << r.budget << ',' << r.a_bytes_per_tok << ',' << ap << ','
                 << ap - ref_a_ppl << ',' << aa << ',' << r.b_bytes_per_tok << ',' << bp << ',' << bp - ref_b_ppl << ',' << ba
                 << ',' << na << ',' << r.needle_n << ',' << r.prefill_tps << ',' << r.decode_tps << ',' << r.stream_tps << ','
-                << r.compress_ms << ",\"" << r.error << "\"\n";
+                << r.compress_ms << ",\"" << (r.error.empty() && !r.stream_error.empty() ? "stream: " + r.stream_error : r.error)
+                << "\"\n";
             auto cell = [](bool on, const std::string& s) { return on ? s : std::string("–"); };
+            const bool stream_ok = o.do_stream && r.stream_error.empty();
             if (!r.error.empty()) {
                 md << "| `" << r.spec << "` | error: " << r.error << " |||||||||||\n";
                 continue;
             }
             md << "| `" << r.spec << "` | " << cell(o.do_prefill, fmt("%.0f", r.a_bytes_per_tok)) << " | "
                << cell(o.do_prefill, fmt("%.3f", ap)) << " | " << cell(o.do_prefill, fmt("%+.3f", ap - ref_a_ppl)) << " | "
-               << cell(o.do_prefill, fmt("%.1f%%", 100 * aa)) << " | " << cell(o.do_stream, fmt("%.0f", r.b_bytes_per_tok))
-               << " | " << cell(o.do_stream, fmt("%.3f", bp)) << " | " << cell(o.do_stream, fmt("%+.3f", bp - ref_b_ppl))
-               << " | " << cell(o.do_stream, fmt("%.1f%%", 100 * ba)) << " | "
+               << cell(o.do_prefill, fmt("%.1f%%", 100 * aa)) << " | "
+               << (o.do_stream && !stream_ok ? std::string("n/a¹ | n/a¹ | n/a¹ | n/a¹")
+                                             : cell(o.do_stream, fmt("%.0f", r.b_bytes_per_tok)) + " | " +
+                                                   cell(o.do_stream, fmt("%.3f", bp)) + " | " +
+                                                   cell(o.do_stream, fmt("%+.3f", bp - ref_b_ppl)) + " | " +
+                                                   cell(o.do_stream, fmt("%.1f%%", 100 * ba)))
+               << " | "
                << cell(o.do_needle, std::to_string(r.needle_hits) + "/" + std::to_string(r.needle_n)) << " | "
                << cell(o.do_prefill, fmt("%.0f", r.prefill_tps)) << " | " << cell(o.do_prefill, fmt("%.1f", r.decode_tps))
                << " |\n";
         }
+        bool notes = false;
+        for (const row& r : rows)
+            if (r.error.empty() && !r.stream_error.empty()) {
+                if (!notes) md << "\n¹ the stream protocol does not apply:\n";
+                notes = true;
+                md << "- `" << r.spec << "`: " << r.stream_error << "\n";
+            }
         csv.close();
         std::ofstream(o.out + ".md") << md.str();
         std::cout << md.str();

@@ -56,6 +56,9 @@ class any_cache {
   virtual std::size_t bytes_in_use(std::int32_t layer) const = 0;
   virtual std::size_t metadata_bytes() const = 0;
   virtual std::int64_t tokens_held() const = 0;
+  /// Whether keys are appended before RoPE (KVQuant's pre-RoPE keys): the caller then appends
+  /// un-rotated keys with their positions, and the cache rotates them when it reads them.
+  virtual bool pre_rope_keys() const { return false; }
 };
 
 namespace detail {
@@ -63,11 +66,27 @@ template <class C, class = void>
 struct has_fork : std::false_type {};
 template <class C>
 struct has_fork<C, std::void_t<decltype(std::declval<C&>().fork(seq_id{}))>> : std::true_type {};
+template <class C, class = void>
+struct has_pre_rope : std::false_type {};
+template <class C>
+struct has_pre_rope<C, std::void_t<decltype(std::declval<const C&>().config().pre_rope)>> : std::true_type {};
 }  // namespace detail
 
-/// Wraps a concrete cache. Attention goes through `kvc::cpu::decode_attention(cache, ...)`, the
-/// overload each cache type provides.
-template <class Cache>
+/// Calls `kvc::cpu::decode_attention(cache, ...)`. A qualified call in a template binds to the
+/// overloads declared *before* the template's definition, so a cache whose overload lives in a
+/// later header (quant_cache's in <kvc/cpu/quant_attention.hpp>) passes its own functor, defined
+/// after that header (see runtime/quant_storages.hpp); include order then does not matter.
+struct cpu_attention {
+  template <class Cache>
+  void operator()(const Cache& c, seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
+                  const decode_options& opt) const {
+    kvc::cpu::decode_attention(c, s, layer, q, num_q_heads, out, opt);
+  }
+};
+
+/// Wraps a concrete cache. Attention goes through `Attend` (by default
+/// `kvc::cpu::decode_attention(cache, ...)`, the overload each cache type provides).
+template <class Cache, class Attend = cpu_attention>
 class cache_adapter final : public any_cache {
  public:
   template <class... Args>
@@ -106,12 +125,16 @@ class cache_adapter final : public any_cache {
   }
   void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
                  const decode_options& opt) const override {
-    kvc::cpu::decode_attention(c_, s, layer, q, num_q_heads, out, opt);
+    Attend{}(c_, s, layer, q, num_q_heads, out, opt);
   }
   std::size_t bytes_in_use() const override { return c_.bytes_in_use(); }
   std::size_t bytes_in_use(std::int32_t layer) const override { return c_.bytes_in_use(layer); }
   std::size_t metadata_bytes() const override { return c_.metadata_bytes(); }
   std::int64_t tokens_held() const override { return c_.tokens_held(); }
+  bool pre_rope_keys() const override {
+    if constexpr (detail::has_pre_rope<Cache>::value) return c_.config().pre_rope;
+    else return false;
+  }
 
  private:
   std::string name_;

@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 
+#include <kvc/attention/rope.hpp>
 #include <kvc/error.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/spec.hpp>
@@ -19,7 +20,15 @@
 KVC_BEGIN_NAMESPACE
 namespace runtime {
 
-using cache_builder = std::function<std::unique_ptr<any_cache>(const spec_stage&, const cache_config&)>;
+/// What a storage may need from the model beyond the cache's shape.
+struct storage_options {
+  /// The model's RoPE. Storages that keep keys before RoPE (`pre_rope=1`, KVQuant) need it to
+  /// rotate keys on the fly; the caller then appends un-rotated keys (any_cache::pre_rope_keys()).
+  const rope_config* rope = nullptr;
+};
+
+using cache_builder =
+    std::function<std::unique_ptr<any_cache>(const spec_stage&, const cache_config&, const storage_options&)>;
 
 /// Storage builders by name; quantized storages register themselves here (runtime/quant.hpp).
 inline std::map<std::string, cache_builder>& storage_registry() {
@@ -27,7 +36,7 @@ inline std::map<std::string, cache_builder>& storage_registry() {
     std::map<std::string, cache_builder> m;
     auto plain = [](auto tag) {
       using T = decltype(tag);
-      return [](const spec_stage& st, const cache_config& cfg) -> std::unique_ptr<any_cache> {
+      return [](const spec_stage& st, const cache_config& cfg, const storage_options&) -> std::unique_ptr<any_cache> {
         spec_args(st).finish("(none)");
         return std::make_unique<cache_adapter<kv_cache<T>>>(type_name<T>(), cfg);
       };
@@ -50,18 +59,20 @@ inline std::string known_storages() {
 inline bool is_storage(const std::string& name) { return storage_registry().count(name) != 0; }
 
 /// The cache a storage stage describes.
-inline std::unique_ptr<any_cache> make_cache(const spec_stage& st, const cache_config& cfg) {
+inline std::unique_ptr<any_cache> make_cache(const spec_stage& st, const cache_config& cfg,
+                                             const storage_options& opt = {}) {
   auto it = storage_registry().find(st.name);
   if (it == storage_registry().end())
     kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: unknown storage '", st.name,
                                           "'; expected one of: ", known_storages()));
-  return it->second(st, cfg);
+  return it->second(st, cfg, opt);
 }
 
-inline std::unique_ptr<any_cache> make_cache(const std::string& spec, const cache_config& cfg) {
+inline std::unique_ptr<any_cache> make_cache(const std::string& spec, const cache_config& cfg,
+                                             const storage_options& opt = {}) {
   const auto stages = parse_spec(spec);
   KVC_EXPECTS(stages.size() == 1, "spec = \"", spec, "\", expected exactly one storage stage");
-  return make_cache(stages[0], cfg);
+  return make_cache(stages[0], cfg, opt);
 }
 
 }  // namespace runtime

@@ -10,7 +10,8 @@
 ///   rotated(bits=2|4)                                     Hadamard-rotated int2/int4
 ///   outliers(bits=2|4, fraction=0.01)                     KVQuant dense-and-sparse int2/int4
 ///   gear(bits=4|2, rank=4, outliers=0.02)                 GEAR, records of 32 tokens
-///   every one also takes sinks=N (first N tokens kept in fp16)
+///   every one also takes sinks=N (first N tokens kept in fp16) and pre_rope=1 (KVQuant's
+///   pre-RoPE keys; needs storage_options::rope, and the caller appends un-rotated keys)
 ///
 /// Each combination is one template instantiation, so the set is finite; the library itself
 /// takes any combination at compile time (kvc::quant_cache<KQ, VQ>).
@@ -35,23 +36,58 @@ namespace detail {
 
 /// The harness's page size is rounded up to a multiple of the codecs' encoding unit (KIVI keys and
 /// GEAR records hold 32 tokens), keeping the same pool bytes; config() reports what was used.
+/// The arguments every quantized storage takes: sinks=N (first N tokens kept in fp16) and
+/// pre_rope=0|1 (keys stored before RoPE, rotated on the fly with the caller's RoPE).
+struct quant_extras {
+  int sinks = 0;
+  bool pre_rope = false;
+  rope_config rope{};
+};
+
+inline quant_extras read_extras(spec_args& a, const storage_options& o) {
+  quant_extras x;
+  x.sinks = a.integer("sinks", 0);
+  if (x.sinks < 0)
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", a.stage().text, "': sinks = ", x.sinks, ", expected >= 0"));
+  const int pr = a.integer("pre_rope", 0);
+  if (pr != 0 && pr != 1)
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", a.stage().text, "': pre_rope = ", pr, ", expected 0 or 1"));
+  if (pr == 1 && !o.rope)
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", a.stage().text,
+                                          "': pre_rope = 1, expected the model's RoPE in storage_options::rope"));
+  x.pre_rope = pr == 1;
+  if (x.pre_rope) x.rope = *o.rope;
+  return x;
+}
+
 template <class KQ, class VQ>
-quant_cache_config quant_config(const cache_config& c, int sinks) {
+quant_cache_config quant_config(const cache_config& c, const quant_extras& x) {
   quant_cache_config q;
   static_cast<cache_config&>(q) = c;
   const int unit = std::lcm(KQ::tokens_per_record(quant::role::key), VQ::tokens_per_record(quant::role::value));
   const std::int32_t old_page = q.page_size;
   while (q.page_size % unit != 0) q.page_size *= 2;  // a power of two times two stays one
   q.max_pages = static_cast<std::int32_t>(static_cast<std::int64_t>(q.max_pages) * old_page / q.page_size + 1);
-  q.sink_tokens = sinks;
+  q.sink_tokens = x.sinks;
+  q.pre_rope = x.pre_rope;
+  q.rope = x.rope;
   q.max_fp_pages = c.max_pages;  // at most one residual and one sink page per stream
   return q;
 }
 
+/// Binds to the quant_cache overload of decode_attention, declared above (see cpu_attention).
+struct quant_attention {
+  template <class Cache>
+  void operator()(const Cache& c, seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
+                  const decode_options& opt) const {
+    kvc::cpu::decode_attention(c, s, layer, q, num_q_heads, out, opt);
+  }
+};
+
 template <class KQ, class VQ>
-std::unique_ptr<any_cache> make_quant(const std::string& name, const cache_config& c, int sinks, KQ kq = KQ{},
-                                      VQ vq = VQ{}) {
-  return std::make_unique<cache_adapter<quant_cache<KQ, VQ>>>(name, quant_config<KQ, VQ>(c, sinks), kq, vq);
+std::unique_ptr<any_cache> make_quant(const std::string& name, const cache_config& c, const quant_extras& x,
+                                      KQ kq = KQ{}, VQ vq = VQ{}) {
+  return std::make_unique<cache_adapter<quant_cache<KQ, VQ>, quant_attention>>(name, quant_config<KQ, VQ>(c, x), kq, vq);
 }
 
 [[noreturn]] inline void unsupported(const spec_stage& st, const std::string& what, const std::string& expected) {
@@ -60,49 +96,49 @@ std::unique_ptr<any_cache> make_quant(const std::string& name, const cache_confi
 
 inline bool register_quant_storages() {
   auto& r = storage_registry();
-  r["int8"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+  r["int8"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
     const std::string sch = a.word("scheme", "sym");
-    const int sinks = a.integer("sinks", 0);
-    a.finish("scheme, sinks");
-    if (sch == "sym") return make_quant<quant::int8, quant::int8>(st.text, c, sinks);
-    if (sch == "asym") return make_quant<quant::int8_asym, quant::int8_asym>(st.text, c, sinks);
+    const quant_extras x = read_extras(a, o);
+    a.finish("scheme, sinks, pre_rope");
+    if (sch == "sym") return make_quant<quant::int8, quant::int8>(st.text, c, x);
+    if (sch == "asym") return make_quant<quant::int8_asym, quant::int8_asym>(st.text, c, x);
     unsupported(st, "scheme = " + sch, "sym or asym");
   };
-  r["int4"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+  r["int4"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
-    const int sinks = a.integer("sinks", 0);
-    a.finish("sinks");
-    return make_quant<quant::int4, quant::int4>(st.text, c, sinks);
+    const quant_extras x = read_extras(a, o);
+    a.finish("sinks, pre_rope");
+    return make_quant<quant::int4, quant::int4>(st.text, c, x);
   };
-  r["int2"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+  r["int2"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
-    const int sinks = a.integer("sinks", 0);
-    a.finish("sinks");
-    return make_quant<quant::int2, quant::int2>(st.text, c, sinks);
+    const quant_extras x = read_extras(a, o);
+    a.finish("sinks, pre_rope");
+    return make_quant<quant::int2, quant::int2>(st.text, c, x);
   };
-  r["fp8"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+  r["fp8"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
     const std::string f = a.word("format", "e4m3");
-    const int sinks = a.integer("sinks", 0);
-    a.finish("format, sinks");
-    if (f == "e4m3") return make_quant<quant::fp8<fp8_e4m3>, quant::fp8<fp8_e4m3>>(st.text, c, sinks);
-    if (f == "e5m2") return make_quant<quant::fp8<fp8_e5m2>, quant::fp8<fp8_e5m2>>(st.text, c, sinks);
+    const quant_extras x = read_extras(a, o);
+    a.finish("format, sinks, pre_rope");
+    if (f == "e4m3") return make_quant<quant::fp8<fp8_e4m3>, quant::fp8<fp8_e4m3>>(st.text, c, x);
+    if (f == "e5m2") return make_quant<quant::fp8<fp8_e5m2>, quant::fp8<fp8_e5m2>>(st.text, c, x);
     unsupported(st, "format = " + f, "e4m3 or e5m2");
   };
-  r["kivi"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+  r["kivi"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
     const int bits = a.integer("bits", 2);
     const int kb = a.integer("kbits", bits), vb = a.integer("vbits", bits);
     const int group = a.integer("group", 32);
     const int res = a.integer("residual", 128);
-    const int sinks = a.integer("sinks", 0);
-    a.finish("bits, kbits, vbits, group, residual, sinks");
+    const quant_extras x = read_extras(a, o);
+    a.finish("bits, kbits, vbits, group, residual, sinks, pre_rope");
     if (group != 32) unsupported(st, "group = " + std::to_string(group), "32 (other groups: kvc::quant::kivi<Bits, Group> in C++)");
     auto mk = [&](auto kq, auto vq) -> std::unique_ptr<any_cache> {
       kq.residual_tokens = res;
       vq.residual_tokens = res;
-      return make_quant<decltype(kq), decltype(vq)>(st.text, c, sinks, kq, vq);
+      return make_quant<decltype(kq), decltype(vq)>(st.text, c, x, kq, vq);
     };
     if (kb == 2 && vb == 2) return mk(quant::kivi<2>{}, quant::kivi<2>{});
     if (kb == 4 && vb == 4) return mk(quant::kivi<4>{}, quant::kivi<4>{});
@@ -112,39 +148,39 @@ inline bool register_quant_storages() {
     unsupported(st, "kbits = " + std::to_string(kb) + ", vbits = " + std::to_string(vb),
                 "2/2, 4/4, 8/8, 4/2 or 2/4 (any pair: kvc::quant_cache<kivi<K>, kivi<V>> in C++)");
   };
-  r["rotated"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+  r["rotated"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
     const int bits = a.integer("bits", 2);
-    const int sinks = a.integer("sinks", 0);
-    a.finish("bits, sinks");
-    if (bits == 2) return make_quant<quant::rotated<quant::int2>, quant::rotated<quant::int2>>(st.text, c, sinks);
-    if (bits == 4) return make_quant<quant::rotated<quant::int4>, quant::rotated<quant::int4>>(st.text, c, sinks);
+    const quant_extras x = read_extras(a, o);
+    a.finish("bits, sinks, pre_rope");
+    if (bits == 2) return make_quant<quant::rotated<quant::int2>, quant::rotated<quant::int2>>(st.text, c, x);
+    if (bits == 4) return make_quant<quant::rotated<quant::int4>, quant::rotated<quant::int4>>(st.text, c, x);
     unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
   };
-  r["outliers"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+  r["outliers"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
     const int bits = a.integer("bits", 2);
     const float frac = static_cast<float>(a.number("fraction", 0.01));
-    const int sinks = a.integer("sinks", 0);
-    a.finish("bits, fraction, sinks");
+    const quant_extras x = read_extras(a, o);
+    a.finish("bits, fraction, sinks, pre_rope");
     if (bits == 2)
       return make_quant<quant::outliers<quant::int2>, quant::outliers<quant::int2>>(
-          st.text, c, sinks, quant::outliers<quant::int2>(frac), quant::outliers<quant::int2>(frac));
+          st.text, c, x, quant::outliers<quant::int2>(frac), quant::outliers<quant::int2>(frac));
     if (bits == 4)
       return make_quant<quant::outliers<quant::int4>, quant::outliers<quant::int4>>(
-          st.text, c, sinks, quant::outliers<quant::int4>(frac), quant::outliers<quant::int4>(frac));
+          st.text, c, x, quant::outliers<quant::int4>(frac), quant::outliers<quant::int4>(frac));
     unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
   };
-  r["gear"] = [](const spec_stage& st, const cache_config& c) -> std::unique_ptr<any_cache> {
+  r["gear"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
     const int bits = a.integer("bits", 4);
     const int rank = a.integer("rank", 4);
     const float frac = static_cast<float>(a.number("outliers", 0.02));
-    const int sinks = a.integer("sinks", 0);
-    a.finish("bits, rank, outliers, sinks");
-    if (bits == 4) return make_quant<quant::gear<4>, quant::gear<4>>(st.text, c, sinks, quant::gear<4>(rank, frac),
+    const quant_extras x = read_extras(a, o);
+    a.finish("bits, rank, outliers, sinks, pre_rope");
+    if (bits == 4) return make_quant<quant::gear<4>, quant::gear<4>>(st.text, c, x, quant::gear<4>(rank, frac),
                                                                      quant::gear<4>(rank, frac));
-    if (bits == 2) return make_quant<quant::gear<2>, quant::gear<2>>(st.text, c, sinks, quant::gear<2>(rank, frac),
+    if (bits == 2) return make_quant<quant::gear<2>, quant::gear<2>>(st.text, c, x, quant::gear<2>(rank, frac),
                                                                      quant::gear<2>(rank, frac));
     unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
   };

@@ -227,9 +227,18 @@ class spec_args {
                                     "'; expected one of: ", known));
   }
   const spec_stage& stage() const noexcept { return st_; }
+  /// The keys read so far, comma-separated: what a builder accepts, for finish()'s message.
+  std::string asked() const {
+    std::string s;
+    for (const auto& k : asked_) s.append(s.empty() ? "" : ", ").append(k);
+    return s;
+  }
 
  private:
   const spec_arg* take(const std::string& key) {
+    bool seen = false;
+    for (const auto& k : asked_) seen = seen || k == key;
+    if (!seen) asked_.push_back(key);
     for (std::size_t i = 0; i < st_.args.size(); ++i)
       if (st_.args[i].key == key) {
         used_[i] = true;
@@ -260,6 +269,7 @@ class spec_args {
 
   const spec_stage& st_;
   std::vector<bool> used_;
+  std::vector<std::string> asked_;
 };
 
 }  // namespace runtime
