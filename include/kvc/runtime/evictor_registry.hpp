@@ -7,14 +7,14 @@
 /// defaults; each argument below overrides one field of the scorer's params:
 ///
 ///   streaming_llm(sinks=4)
-///   snapkv(window=64, kernel=5, pool=avg|max, agg=mean|max, sinks=0)
-///   pyramidkv(window=64, kernel=5, beta=20, pool=avg|max, agg=mean|max, sinks=0)
-///   cake(window=64, kernel=5, tau1=1, tau2=1, sinks=0)        SnapKV scores, CAKE layer budgets
-///   finch(window=64, agg=mean|max, sinks=0)                    the last `window` queries are the span
+///   snapkv(window=64, kernel=5, pool=avg|max, agg=mean|max, sinks=4)
+///   pyramidkv(window=64, kernel=5, beta=20, pool=avg|max, agg=mean|max, sinks=4)
+///   cake(window=64, kernel=5, tau1=1, tau2=1, sinks=4)        SnapKV scores, CAKE layer budgets
+///   finch(window=64, agg=mean|max, sinks=4)                    the last `window` queries are the span
 ///   noncausal_attention(chunk=256, pool_kernel=3, agg=mean|max, sinks=4, recent=0)   prefill only
 ///   simlayerkv(n_last=1, n_recent=1024, n_initial=4, lazy_threshold=1.0)     budget does not apply
-///   h2o(recent=64, sinks=0)   tova(share_heads=1, sinks=0)   scissorhands(history=64, recent=64, sinks=0)
-///   a2sf(recent=64, sinks=0, forgetting=0.9)
+///   h2o(recent=64, sinks=4)   tova(share_heads=1, sinks=4)   scissorhands(history=64, recent=64, sinks=4)
+///   a2sf(recent=64, sinks=4, forgetting=0.9)
 ///   knorm(sinks=4, recent=0)   keydiff(sinks=4, recent=0)   random(seed=0, sinks=0, recent=0)
 ///   lagkv(lag=128, sinks=4, cross_scoring=0)   curdkv(window=16, sinks=4)
 ///   leverage(sketch_dimension=48, jitter=1e-6, seed=0, unrotate=1, sinks=4, recent=0)
