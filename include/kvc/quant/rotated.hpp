@@ -16,6 +16,7 @@
 #include <memory>
 #include <new>
 #include <type_traits>
+#include <vector>
 
 #include <kvc/quant/codec.hpp>
 
@@ -89,14 +90,13 @@ struct rotated : codec_base {
   template <role R>
   void encode(const float* x, int D, std::byte* rec) const noexcept {
     const int u = Q::tokens_per_record(R);
-    float buf[8192];
-    float* tmp = static_cast<std::size_t>(u) * D <= 8192 ? buf : nullptr;
-    std::unique_ptr<float[]> heap;
-    if (!tmp) {
-      heap.reset(new (std::nothrow) float[static_cast<std::size_t>(u) * D]);
-      tmp = heap.get();
-      if (!tmp) std::abort();  // out of memory inside a noexcept commit: nothing sane remains
-    }
+    // A per-thread buffer that only grows: a stack array here tripped GCC 12's
+    // -Wmaybe-uninitialized at -O3 once the AVX2 encoders were inlined. Growing can throw only
+    // bad_alloc inside this noexcept commit, which terminates (nothing sane remains then).
+    thread_local std::vector<float> buf;
+    const std::size_t need = static_cast<std::size_t>(u) * static_cast<std::size_t>(D);
+    if (buf.size() < need) buf.resize(need);
+    float* tmp = buf.data();
     for (int i = 0; i < u * D; ++i) tmp[i] = x[i];
     for (int t = 0; t < u; ++t) to_stored(tmp + static_cast<std::size_t>(t) * D, D);
     q.template encode<R>(tmp, D, rec);
