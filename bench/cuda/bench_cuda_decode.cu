@@ -95,6 +95,22 @@ void finish(benchmark::State& st, double bytes, double median_time, int ctx, int
   else if (m.count({ctx, batch})) st.counters["x_fp16"] = m[{ctx, batch}] / median_time;
 }
 
+/// Times `call` once per iteration with CUDA events (after one warm-up call that allocates the
+/// workspace), then reports the counters over the median time.
+template <class F>
+void time_and_finish(benchmark::State& st, F&& call, double bytes, int ctx, int batch, bool is_fp16) {
+  events e;
+  std::vector<double> times;
+  call();
+  for (auto _ : st) {
+    const double t = e.seconds(call);
+    times.push_back(t);
+    st.SetIterationTime(t);
+  }
+  std::sort(times.begin(), times.end());
+  finish(st, bytes, times[times.size() / 2], ctx, batch, is_fp16);
+}
+
 void BM_fp16(benchmark::State& st) {
   const int ctx = static_cast<int>(st.range(0)), batch = static_cast<int>(st.range(1));
   const std::int32_t S = batch * HKV, pages_per = (ctx + P - 1) / P;
@@ -128,19 +144,10 @@ void BM_fp16(benchmark::State& st) {
   kvc::cuda::workspace ws;
   kvc::cuda::device_decode_options o;
   o.ws = &ws;
-  events e;
-  std::vector<double> times;
   auto call = [&] {
     kvc::cuda::decode_attention_streams(pool.data(), 2 * P * D, P, tables, lengths, HQ / HKV, D, q.data(), out.data(), o);
   };
-  call();  // warm-up (workspace allocation)
-  for (auto _ : st) {
-    const double t = e.seconds(call);
-    times.push_back(t);
-    st.SetIterationTime(t);
-  }
-  std::sort(times.begin(), times.end());
-  finish(st, bytes, times[times.size() / 2], ctx, batch, true);
+  time_and_finish(st, call, bytes, ctx, batch, true);
 }
 
 /// Quantized pages [K records x P][V records x P] with per-token codec Q for both K and V,
@@ -204,17 +211,8 @@ void BM_quant(benchmark::State& st) {
   kvc::cuda::workspace ws;
   kvc::cuda::device_decode_options o;
   o.ws = &ws;
-  events e;
-  std::vector<double> times;
   auto call = [&] { kvc::cuda::decode_attention_quant(L, qd.data(), HQ, out.data(), o); };
-  call();
-  for (auto _ : st) {
-    const double t = e.seconds(call);
-    times.push_back(t);
-    st.SetIterationTime(t);
-  }
-  std::sort(times.begin(), times.end());
-  finish(st, static_cast<double>(npages) * page_bytes, times[times.size() / 2], ctx, batch, false);
+  time_and_finish(st, call, static_cast<double>(npages) * page_bytes, ctx, batch, false);
 }
 
 void shapes(benchmark::internal::Benchmark* b) {

@@ -124,33 +124,51 @@ TEST_CASE("fused attention with attention sinks in full precision", "[quant][att
 
 namespace {
 
+/// The common setup of the fast-path checks: a one-layer cache holding n key-like tokens, the K/V
+/// it dequantizes to (gathered per head), a query, and the dense double reference over that K/V.
+template <class KQ, class VQ>
+struct fast_path_case {
+  kvc::quant_cache<KQ, VQ> cache;
+  decltype(cache.add_sequence()) s;
+  std::vector<std::vector<float>> K, V;
+  std::vector<float> q, ref;
+
+  fast_path_case(const shape& sh, int page, int n, std::uint32_t seed)
+      : cache(config(sh, page)), s(cache.add_sequence()), K(sh.hkv), V(sh.hkv) {
+    auto k = qtest::keylike(n, sh.hkv, sh.D, seed);
+    auto v = qtest::randn(std::size_t(n) * sh.hkv * sh.D, seed + 1);
+    cache.append(s, 0, k.data(), v.data(), n);
+    for (int h = 0; h < sh.hkv; ++h) {
+      K[h].resize(std::size_t(cache.length(s, 0, h)) * sh.D);
+      V[h].resize(K[h].size());
+      cache.gather(s, 0, h, K[h].data(), V[h].data());
+    }
+    q = qtest::randn(std::size_t(sh.hq) * sh.D, seed + 2, 2.0f);
+    ref.resize(q.size());
+    qtest::reference_attention(K, V, sh.D, q.data(), sh.hq, ref.data());
+  }
+
+  static kvc::quant_cache_config config(const shape& sh, int page) {
+    kvc::quant_cache_config c;
+    c.num_layers = 1;
+    c.num_kv_heads = sh.hkv;
+    c.head_dim = sh.D;
+    c.page_size = page;
+    c.max_pages = 4096;
+    c.max_fp_pages = 64;
+    return c;
+  }
+};
+
 /// int8_query against the dense double reference over the gathered (dequantized) K/V, within the
 /// analytic bound of the query's rounding: per score |dq . (s c)| <= (qs / 2) sum_d s c_d with
 /// s c_d = k^_d - z <= 2.05 max|k^| + 2 (max k^ - min k^) (symmetric and asymmetric codes), and an
 /// output moved by at most max|v| (exp(2 delta) - 1) by scores moved by at most delta.
 template <class Q>
 void check_int8_query(const shape& sh, int n, std::uint32_t seed, kvc::thread_pool* pool) {
-  kvc::quant_cache_config c;
-  c.num_layers = 1;
-  c.num_kv_heads = sh.hkv;
-  c.head_dim = sh.D;
-  c.page_size = 32;
-  c.max_pages = 4096;
-  c.max_fp_pages = 64;
-  kvc::quant_cache<Q, Q> cache(c);
-  auto s = cache.add_sequence();
-  auto k = qtest::keylike(n, sh.hkv, sh.D, seed);
-  auto v = qtest::randn(std::size_t(n) * sh.hkv * sh.D, seed + 1);
-  cache.append(s, 0, k.data(), v.data(), n);
-  std::vector<std::vector<float>> K(sh.hkv), V(sh.hkv);
-  for (int h = 0; h < sh.hkv; ++h) {
-    K[h].resize(std::size_t(cache.length(s, 0, h)) * sh.D);
-    V[h].resize(K[h].size());
-    cache.gather(s, 0, h, K[h].data(), V[h].data());
-  }
-  auto q = qtest::randn(std::size_t(sh.hq) * sh.D, seed + 2, 2.0f);
-  std::vector<float> ref(q.size()), out(q.size()), exact(q.size());
-  qtest::reference_attention(K, V, sh.D, q.data(), sh.hq, ref.data());
+  fast_path_case<Q, Q> fc(sh, 32, n, seed);
+  auto& [cache, s, K, V, q, ref] = fc;
+  std::vector<float> out(q.size()), exact(q.size());
   kvc::decode_options o;
   o.pool = pool;
   kvc::cpu::quant_attention_options qo;
@@ -217,27 +235,9 @@ namespace {
 /// probabilities by at most e^(2 delta) and moves the exact output by max|v| (e^(2 delta) - 1).
 template <class Q, class KQ = Q>
 void check_int8_probs(const shape& sh, int page, int n, std::uint32_t seed, kvc::thread_pool* pool, bool with_iq) {
-  kvc::quant_cache_config c;
-  c.num_layers = 1;
-  c.num_kv_heads = sh.hkv;
-  c.head_dim = sh.D;
-  c.page_size = page;
-  c.max_pages = 4096;
-  c.max_fp_pages = 64;
-  kvc::quant_cache<KQ, Q> cache(c);
-  auto s = cache.add_sequence();
-  auto k = qtest::keylike(n, sh.hkv, sh.D, seed);
-  auto v = qtest::randn(std::size_t(n) * sh.hkv * sh.D, seed + 1);
-  cache.append(s, 0, k.data(), v.data(), n);
-  std::vector<std::vector<float>> K(sh.hkv), V(sh.hkv);
-  for (int h = 0; h < sh.hkv; ++h) {
-    K[h].resize(std::size_t(cache.length(s, 0, h)) * sh.D);
-    V[h].resize(K[h].size());
-    cache.gather(s, 0, h, K[h].data(), V[h].data());
-  }
-  auto q = qtest::randn(std::size_t(sh.hq) * sh.D, seed + 2, 2.0f);
-  std::vector<float> ref(q.size()), out(q.size()), exact(q.size());
-  qtest::reference_attention(K, V, sh.D, q.data(), sh.hq, ref.data());
+  fast_path_case<KQ, Q> fc(sh, page, n, seed);
+  auto& [cache, s, K, V, q, ref] = fc;
+  std::vector<float> out(q.size()), exact(q.size());
   kvc::decode_options o;
   o.pool = pool;
   kvc::cpu::quant_attention_options qo;

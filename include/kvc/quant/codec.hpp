@@ -225,12 +225,12 @@ struct token_affine {
     return code_bytes(D) + static_cast<std::size_t>(groups(D)) * 2 * (has_zero ? 2 : 1);
   }
   static void check(int D, const char* who) {
+    KVC_EXPECTS(D > 0, who, ": head_dim = ", D, ", expected > 0");
     KVC_EXPECTS(D * Bits % 8 == 0, who, ": head_dim = ", D, ", expected a multiple of ", 8 / Bits,
                 " for ", Bits, "-bit packing");
     KVC_EXPECTS(D <= 1024 && D / (Group == 0 ? D : Group) <= 64, who, ": head_dim = ", D,
                 ", expected <= 1024 and at most 64 groups per row");
-    KVC_EXPECTS(Group == 0 || D % Group == 0, who, ": head_dim = ", D, ", expected a multiple of the group size ",
-                Group);
+    KVC_EXPECTS(D % group(D) == 0, who, ": head_dim = ", D, ", expected a multiple of the group size ", Group);
   }
   KVC_HOST_DEVICE static half* scales(std::byte* rec, int D) noexcept { return reinterpret_cast<half*>(rec + code_bytes(D)); }
   KVC_HOST_DEVICE static const half* scales(const std::byte* rec, int D) noexcept {
@@ -344,6 +344,7 @@ struct channel_affine {
   KVC_HOST_DEVICE static std::size_t code_bytes(int D) noexcept { return row_bytes(D) * G; }
   KVC_HOST_DEVICE static std::size_t record_bytes(int D) noexcept { return code_bytes(D) + static_cast<std::size_t>(D) * 4; }
   static void check(int D, const char* who) {
+    KVC_EXPECTS(D > 0, who, ": head_dim = ", D, ", expected > 0");
     KVC_EXPECTS(D * Bits % 8 == 0, who, ": head_dim = ", D, ", expected a multiple of ", 8 / Bits,
                 " for ", Bits, "-bit packing");
     KVC_EXPECTS(D <= 1024, who, ": head_dim = ", D, ", expected <= 1024");
