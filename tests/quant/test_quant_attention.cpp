@@ -15,18 +15,22 @@ struct shape {
   int hq, hkv, D;
 };
 
-template <class KQ, class VQ>
-double fused_vs_gather(const shape& sh, int page_size, int n_tokens, std::uint32_t seed, kvc::thread_pool* pool = nullptr,
-                       int sinks = 0, KQ kq = {}, VQ vq = {}, bool check_probs = false) {
+kvc::quant_cache_config cache_config(const shape& sh, int page_size, int layers, int sinks = 0) {
   kvc::quant_cache_config c;
-  c.num_layers = 2;
+  c.num_layers = layers;
   c.num_kv_heads = sh.hkv;
   c.head_dim = sh.D;
   c.page_size = page_size;
   c.max_pages = 4096;
   c.max_fp_pages = 64;
   c.sink_tokens = sinks;
-  kvc::quant_cache<KQ, VQ> cache(c, kq, vq);
+  return c;
+}
+
+template <class KQ, class VQ>
+double fused_vs_gather(const shape& sh, int page_size, int n_tokens, std::uint32_t seed, kvc::thread_pool* pool = nullptr,
+                       int sinks = 0, KQ kq = {}, VQ vq = {}, bool check_probs = false) {
+  kvc::quant_cache<KQ, VQ> cache(cache_config(sh, page_size, 2, sinks), kq, vq);
   auto s = cache.add_sequence();
   auto k = qtest::keylike(n_tokens, sh.hkv, sh.D, seed);
   auto v = qtest::randn(std::size_t(n_tokens) * sh.hkv * sh.D, seed + 1);
@@ -134,7 +138,7 @@ struct fast_path_case {
   std::vector<float> q, ref;
 
   fast_path_case(const shape& sh, int page, int n, std::uint32_t seed)
-      : cache(config(sh, page)), s(cache.add_sequence()), K(sh.hkv), V(sh.hkv) {
+      : cache(cache_config(sh, page, 1)), s(cache.add_sequence()), K(sh.hkv), V(sh.hkv) {
     auto k = qtest::keylike(n, sh.hkv, sh.D, seed);
     auto v = qtest::randn(std::size_t(n) * sh.hkv * sh.D, seed + 1);
     cache.append(s, 0, k.data(), v.data(), n);
@@ -146,17 +150,6 @@ struct fast_path_case {
     q = qtest::randn(std::size_t(sh.hq) * sh.D, seed + 2, 2.0f);
     ref.resize(q.size());
     qtest::reference_attention(K, V, sh.D, q.data(), sh.hq, ref.data());
-  }
-
-  static kvc::quant_cache_config config(const shape& sh, int page) {
-    kvc::quant_cache_config c;
-    c.num_layers = 1;
-    c.num_kv_heads = sh.hkv;
-    c.head_dim = sh.D;
-    c.page_size = page;
-    c.max_pages = 4096;
-    c.max_fp_pages = 64;
-    return c;
   }
 };
 
