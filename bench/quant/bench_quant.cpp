@@ -7,6 +7,7 @@
 //     bytes_per_token  bytes_in_use() of the quantized cache (all its pools) / context tokens, for
 //                      all kv heads of the layer (fp16: 4 * kv_heads * head_dim)
 //   BM_quant_append/<quantizer>/<shape>   bytes_per_second = fp16 bytes of K+V input encoded per second
+//                                         (also fp8e5m2, fp8t and fp8e5m2t: FP8 E5M2 and per-tensor scales)
 //   BM_quant_paired/<quantizer>/<shape>/ctx:<tokens>/threads:<n>
 //     fp16 and this quantizer called alternately (15 pairs, same data, same process), so both see
 //     the same machine load: medians of wall time (fp16_ms, quant_ms, speedup_wall) and, for one
@@ -248,6 +249,18 @@ void BM_quant_append(benchmark::State& state, shape s) {
   state.SetBytesProcessed(state.iterations() * std::int64_t(n) * s.kv_heads * s.head_dim * 2 * 2);
 }
 
+/// Append only: the FP8 variants whose decode runs the same kernel as "fp8" (E5M2, per-tensor
+/// scales) but whose encoders differ.
+template <class KQ, class VQ>
+void register_append(const std::string& name) {
+  for (const shape s : {shape{32, 8, 128}, shape{9, 3, 64}}) {
+    const std::string sh = std::to_string(s.q_heads) + "x" + std::to_string(s.kv_heads) + "x" + std::to_string(s.head_dim);
+    benchmark::RegisterBenchmark(("BM_quant_append/" + name + "/" + sh).c_str(),
+                                 [=](benchmark::State& st) { BM_quant_append<KQ, VQ>(st, s); })
+        ->Unit(benchmark::kMicrosecond);
+  }
+}
+
 template <class KQ, class VQ>
 void register_quantizer(const std::string& name) {
   const shape shapes[] = {{32, 8, 128}, {9, 3, 64}};
@@ -304,6 +317,9 @@ int main(int argc, char** argv) {
   register_quantizer<kivi<4>, kivi<4>>("kivi4");
   register_quantizer<kivi<2>, kivi<2>>("kivi2");
   register_quantizer<kivi<4>, kivi<2>>("kivi_k4v2");
+  register_append<fp8<kvc::fp8_e5m2>, fp8<kvc::fp8_e5m2>>("fp8e5m2");
+  register_append<fp8_e4m3_per_tensor, fp8_e4m3_per_tensor>("fp8t");
+  register_append<fp8_e5m2_per_tensor, fp8_e5m2_per_tensor>("fp8e5m2t");
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -71,10 +71,13 @@ KVC_HOST_DEVICE float minifloat_to_float(std::uint8_t c) noexcept {
 struct fp8_e4m3 {
   std::uint8_t bits;
   static constexpr float max_finite = 448.0f;
+  /// The encoding's parameters, for vectorised encoders that must match this one bit for bit.
+  static constexpr int exponent_bits = 4, mantissa_bits = 3;
+  static constexpr std::uint8_t max_code = 0x7e, nan_code = 0x7f;
 
   fp8_e4m3() = default;
   KVC_HOST_DEVICE explicit fp8_e4m3(float f) noexcept
-      : bits(detail::float_to_minifloat<4, 3, 0x7e, 0x7f>(f)) {}
+      : bits(detail::float_to_minifloat<exponent_bits, mantissa_bits, max_code, nan_code>(f)) {}
   KVC_HOST_DEVICE operator float() const noexcept { return detail::minifloat_to_float<4, 3, false>(bits); }
   KVC_HOST_DEVICE static fp8_e4m3 from_bits(std::uint8_t b) noexcept {
     fp8_e4m3 r;
@@ -87,10 +90,13 @@ struct fp8_e4m3 {
 struct fp8_e5m2 {
   std::uint8_t bits;
   static constexpr float max_finite = 57344.0f;
+  /// The encoding's parameters, for vectorised encoders that must match this one bit for bit.
+  static constexpr int exponent_bits = 5, mantissa_bits = 2;
+  static constexpr std::uint8_t max_code = 0x7b, nan_code = 0x7e;
 
   fp8_e5m2() = default;
   KVC_HOST_DEVICE explicit fp8_e5m2(float f) noexcept
-      : bits(detail::float_to_minifloat<5, 2, 0x7b, 0x7e>(f)) {}
+      : bits(detail::float_to_minifloat<exponent_bits, mantissa_bits, max_code, nan_code>(f)) {}
   KVC_HOST_DEVICE operator float() const noexcept { return detail::minifloat_to_float<5, 2, true>(bits); }
   KVC_HOST_DEVICE static fp8_e5m2 from_bits(std::uint8_t b) noexcept {
     fp8_e5m2 r;

@@ -5,13 +5,20 @@
 /// Registers the quantized storages with the runtime builder, so specs can name them:
 ///
 ///   int8 | int8(scheme=asym) | int4 | int2                 per token and head
+///   int8(fast=1) | int4(fast=1) | int2(fast=1)            + the approximate integer decode path,
+///                                                         cpu::quant_attention_options::fast()
+///                                                         (head_dim a multiple of 256 / bits)
 ///   fp8(format=e4m3|e5m2)                                 per token-head scale
 ///   kivi(bits=2|4|8, kbits=, vbits=, residual=128)        KIVI, group 32; K4V2/K2V4 via kbits/vbits
 ///   rotated(bits=2|4)                                     Hadamard-rotated int2/int4
 ///   outliers(bits=2|4, fraction=0.01)                     KVQuant dense-and-sparse int2/int4
 ///   gear(bits=4|2, rank=4, outliers=0.02)                 GEAR, records of 32 tokens
 ///   every one also takes sinks=N (first N tokens kept in fp16) and pre_rope=1 (KVQuant's
-///   pre-RoPE keys; needs storage_options::rope, and the caller appends un-rotated keys)
+///   pre-RoPE keys; needs storage_options::rope, and the caller appends un-rotated keys), and
+///   fast=0 (the default: exact attention); fast=1 is refused where fast() would not apply: other
+///   codecs, pre_rope=1, or a head_dim the integer kernels do not take
+///   mikv(hbits=8|4, lbits=4|2, high_ratio=0.2, recent_ratio=0.5, sinks=, pre_rope=)   MiKV mixed
+///   precision, registered by runtime/mikv_storage.hpp (high_ratio: the fraction kept high; no fast=)
 ///
 /// Each combination is one template instantiation, so the set is finite; the library itself
 /// takes any combination at compile time (kvc::quant_cache<KQ, VQ>).
@@ -36,15 +43,24 @@ namespace detail {
 
 /// The harness's page size is rounded up to a multiple of the codecs' encoding unit (KIVI keys and
 /// GEAR records hold 32 tokens), keeping the same pool bytes; config() reports what was used.
-/// The arguments every quantized storage takes: sinks=N (first N tokens kept in fp16) and
-/// pre_rope=0|1 (keys stored before RoPE, rotated on the fly with the caller's RoPE).
+/// The arguments every quantized storage takes: sinks=N (first N tokens kept in fp16),
+/// pre_rope=0|1 (keys stored before RoPE, rotated on the fly with the caller's RoPE) and fast=0|1
+/// (attention through cpu::quant_attention_options::fast()).
 struct quant_extras {
   int sinks = 0;
   bool pre_rope = false;
+  bool fast = false;
   rope_config rope{};
 };
 
-inline quant_extras read_extras(spec_args& a, const storage_options& o) {
+/// `fast_bits`: the bit width of a per-token integer codec with one scale per token and head (the
+/// codecs fast() reads as integers), 0 for the others. fast=1 is refused wherever fast() would
+/// silently run the exact path instead (attend_generic's and intdot_ok's conditions), so a spec
+/// that asks for the fast path gets it: pre-RoPE keys are rotated per tile and take the exact
+/// path, and the integer kernels take rows of whole 32-byte blocks (head_dim * bits a multiple of
+/// 256). Groups of more than 4 query heads per kv head still run exact; the group is only known
+/// at the call.
+inline quant_extras read_extras(spec_args& a, const storage_options& o, int fast_bits = 0) {
   quant_extras x;
   x.sinks = a.integer("sinks", 0);
   if (x.sinks < 0)
@@ -57,7 +73,29 @@ inline quant_extras read_extras(spec_args& a, const storage_options& o) {
                                           "': pre_rope = 1, expected the model's RoPE in storage_options::rope"));
   x.pre_rope = pr == 1;
   if (x.pre_rope) x.rope = *o.rope;
+  const int fast = a.integer("fast", 0);
+  const auto bad_fast = [&](const char* expected) {
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", a.stage().text, "': fast = ", fast, ", expected ", expected));
+  };
+  if (fast_bits == 0 && fast != 0)
+    bad_fast("0: the integer decode path (cpu::quant_attention_options::fast()) reads only int8, int4 and int2");
+  if (fast != 0 && fast != 1) bad_fast("0 (exact attention) or 1 (cpu::quant_attention_options::fast())");
+  x.fast = fast == 1;
   return x;
+}
+
+/// The checks of fast=1 that need the cache's shape (see read_extras).
+inline void check_fast(const spec_stage& st, const quant_extras& x, int fast_bits, const cache_config& c) {
+  if (!x.fast) return;
+  if (x.pre_rope)
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", st.text,
+                                          "': fast = 1 with pre_rope = 1, expected fast = 0: pre-RoPE keys are "
+                                          "rotated per tile and take the exact path"));
+  const int block = 256 / fast_bits;
+  if (c.head_dim % block != 0)
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", st.text, "': fast = 1 with head_dim = ", c.head_dim,
+                                          ", expected head_dim a multiple of ", block, " for ", fast_bits,
+                                          "-bit codes (the integer kernels read rows of whole 32-byte blocks)"));
 }
 
 template <class KQ, class VQ>
@@ -76,18 +114,30 @@ quant_cache_config quant_config(const cache_config& c, const quant_extras& x) {
 }
 
 /// Binds to the quant_cache overload of decode_attention, declared above (see cpu_attention).
-struct quant_attention {
+/// cache_adapter constructs its Attend per call, so the options are part of the type.
+template <bool Fast>
+struct quant_attention_with {
   template <class Cache>
   void operator()(const Cache& c, seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
                   const decode_options& opt) const {
-    kvc::cpu::decode_attention(c, s, layer, q, num_q_heads, out, opt);
+    kvc::cpu::decode_attention(c, s, layer, q, num_q_heads, out, opt,
+                               Fast ? kvc::cpu::quant_attention_options::fast() : kvc::cpu::quant_attention_options{});
   }
 };
+using quant_attention = quant_attention_with<false>;
 
-template <class KQ, class VQ>
+template <class KQ, class VQ, class Attend = quant_attention>
 std::unique_ptr<any_cache> make_quant(const std::string& name, const cache_config& c, const quant_extras& x,
                                       KQ kq = KQ{}, VQ vq = VQ{}) {
-  return std::make_unique<cache_adapter<quant_cache<KQ, VQ>, quant_attention>>(name, quant_config<KQ, VQ>(c, x), kq, vq);
+  return std::make_unique<cache_adapter<quant_cache<KQ, VQ>, Attend>>(name, quant_config<KQ, VQ>(c, x), kq, vq);
+}
+
+/// A per-token integer storage, with the fast attention when fast=1 asked for it.
+template <class Q>
+std::unique_ptr<any_cache> make_int_quant(const spec_stage& st, const cache_config& c, const quant_extras& x) {
+  check_fast(st, x, Q::bits, c);
+  if (x.fast) return make_quant<Q, Q, quant_attention_with<true>>(st.text, c, x);
+  return make_quant<Q, Q>(st.text, c, x);
 }
 
 [[noreturn]] inline void unsupported(const spec_stage& st, const std::string& what, const std::string& expected) {
@@ -99,29 +149,29 @@ inline bool register_quant_storages() {
   r["int8"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
     const std::string sch = a.word("scheme", "sym");
-    const quant_extras x = read_extras(a, o);
-    a.finish("scheme, sinks, pre_rope");
-    if (sch == "sym") return make_quant<quant::int8, quant::int8>(st.text, c, x);
-    if (sch == "asym") return make_quant<quant::int8_asym, quant::int8_asym>(st.text, c, x);
+    const quant_extras x = read_extras(a, o, 8);
+    a.finish("scheme, sinks, pre_rope, fast");
+    if (sch == "sym") return make_int_quant<quant::int8>(st, c, x);
+    if (sch == "asym") return make_int_quant<quant::int8_asym>(st, c, x);
     unsupported(st, "scheme = " + sch, "sym or asym");
   };
   r["int4"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
-    const quant_extras x = read_extras(a, o);
-    a.finish("sinks, pre_rope");
-    return make_quant<quant::int4, quant::int4>(st.text, c, x);
+    const quant_extras x = read_extras(a, o, 4);
+    a.finish("sinks, pre_rope, fast");
+    return make_int_quant<quant::int4>(st, c, x);
   };
   r["int2"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
-    const quant_extras x = read_extras(a, o);
-    a.finish("sinks, pre_rope");
-    return make_quant<quant::int2, quant::int2>(st.text, c, x);
+    const quant_extras x = read_extras(a, o, 2);
+    a.finish("sinks, pre_rope, fast");
+    return make_int_quant<quant::int2>(st, c, x);
   };
   r["fp8"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st);
     const std::string f = a.word("format", "e4m3");
     const quant_extras x = read_extras(a, o);
-    a.finish("format, sinks, pre_rope");
+    a.finish("format, sinks, pre_rope, fast");
     if (f == "e4m3") return make_quant<quant::fp8<fp8_e4m3>, quant::fp8<fp8_e4m3>>(st.text, c, x);
     if (f == "e5m2") return make_quant<quant::fp8<fp8_e5m2>, quant::fp8<fp8_e5m2>>(st.text, c, x);
     unsupported(st, "format = " + f, "e4m3 or e5m2");
@@ -133,7 +183,7 @@ inline bool register_quant_storages() {
     const int group = a.integer("group", 32);
     const int res = a.integer("residual", 128);
     const quant_extras x = read_extras(a, o);
-    a.finish("bits, kbits, vbits, group, residual, sinks, pre_rope");
+    a.finish("bits, kbits, vbits, group, residual, sinks, pre_rope, fast");
     if (group != 32) unsupported(st, "group = " + std::to_string(group), "32 (other groups: kvc::quant::kivi<Bits, Group> in C++)");
     auto mk = [&](auto kq, auto vq) -> std::unique_ptr<any_cache> {
       kq.residual_tokens = res;
@@ -152,7 +202,7 @@ inline bool register_quant_storages() {
     spec_args a(st);
     const int bits = a.integer("bits", 2);
     const quant_extras x = read_extras(a, o);
-    a.finish("bits, sinks, pre_rope");
+    a.finish("bits, sinks, pre_rope, fast");
     if (bits == 2) return make_quant<quant::rotated<quant::int2>, quant::rotated<quant::int2>>(st.text, c, x);
     if (bits == 4) return make_quant<quant::rotated<quant::int4>, quant::rotated<quant::int4>>(st.text, c, x);
     unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
@@ -162,7 +212,7 @@ inline bool register_quant_storages() {
     const int bits = a.integer("bits", 2);
     const float frac = static_cast<float>(a.number("fraction", 0.01));
     const quant_extras x = read_extras(a, o);
-    a.finish("bits, fraction, sinks, pre_rope");
+    a.finish("bits, fraction, sinks, pre_rope, fast");
     if (bits == 2)
       return make_quant<quant::outliers<quant::int2>, quant::outliers<quant::int2>>(
           st.text, c, x, quant::outliers<quant::int2>(frac), quant::outliers<quant::int2>(frac));
@@ -177,7 +227,7 @@ inline bool register_quant_storages() {
     const int rank = a.integer("rank", 4);
     const float frac = static_cast<float>(a.number("outliers", 0.02));
     const quant_extras x = read_extras(a, o);
-    a.finish("bits, rank, outliers, sinks, pre_rope");
+    a.finish("bits, rank, outliers, sinks, pre_rope, fast");
     if (bits == 4) return make_quant<quant::gear<4>, quant::gear<4>>(st.text, c, x, quant::gear<4>(rank, frac),
                                                                      quant::gear<4>(rank, frac));
     if (bits == 2) return make_quant<quant::gear<2>, quant::gear<2>>(st.text, c, x, quant::gear<2>(rank, frac),
