@@ -22,6 +22,7 @@
 #include <kvc/runtime/evictor_registry.hpp>
 #include <kvc/runtime/make_cache.hpp>
 #include <kvc/runtime/quant_storages.hpp>  // registers kvc's quantized storages (int8, kivi, fp8, ...)
+#include <kvc/runtime/mikv_storage.hpp>    // registers mikv (mixed precision; scores its own attention)
 
 #include "kv_backend.hpp"
 

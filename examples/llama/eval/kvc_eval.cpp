@@ -241,7 +241,27 @@ void run_stream(engine& e, const options& o, const std::vector<int32_t>& toks, c
 struct needle_case {
     std::vector<int32_t> prompt;
     std::string answer;
+    int32_t answer_at = -1, answer_len = 0;  ///< prompt positions of the number's tokens (--show-needles)
 };
+
+/// Where the number's tokens sit in the prompt (digits are single tokens in SmolLM2's
+/// pre-tokenizer), so --show-needles can say whether compression kept them.
+void locate_answer(const llama::tokenizer& tok, needle_case& c) {
+    for (std::size_t i = 0; i < c.prompt.size() && c.answer_at < 0; ++i) {
+        std::string got;
+        for (std::size_t j = i; j < c.prompt.size(); ++j) {
+            std::string t = tok.decode_token(c.prompt[j], true);
+            t.erase(std::remove(t.begin(), t.end(), ' '), t.end());
+            got += t;
+            if (got.empty() || c.answer.compare(0, got.size(), got) != 0) break;
+            if (got == c.answer) {
+                c.answer_at = static_cast<int32_t>(i);
+                c.answer_len = static_cast<int32_t>(j - i + 1);
+                break;
+            }
+        }
+    }
+}
 
 std::vector<needle_case> make_needles(engine& e, const options& o, const std::vector<int32_t>& hay_toks) {
     llama::chat_template ct(e.file);
@@ -264,11 +284,14 @@ std::vector<needle_case> make_needles(engine& e, const options& o, const std::ve
             needle_case c;
             c.prompt = e.tok.encode(ct.render({{"user", user}}), /*parse_special=*/true);
             c.answer = answer;
+            locate_answer(e.tok, c);
             cases.push_back(std::move(c));
         }
     }
     return cases;
 }
+
+std::string fmt(const char* f, double x);
 
 void run_needle(engine& e, const options& o, const std::vector<needle_case>& cases, const std::string& spec, row& r,
                 progress& bar, bool show) {
@@ -281,6 +304,27 @@ void run_needle(engine& e, const options& o, const std::vector<needle_case>& cas
         llama::session s = e.mdl.new_session(f.create(), f.query_window);
         llama::matrix lg = e.mdl.forward(s, c.prompt.data(), static_cast<int>(c.prompt.size()), 1);
         f.after_prefill(s);
+        std::string kept_note;
+        if (show && c.answer_at >= 0)
+            if (auto* k = dynamic_cast<llama::kvc_store*>(s.kv.get())) {
+                // A policy that keeps the number's start but drops later digits answers with a
+                // prefix; this says so directly (docs/results.md, "Needle: why ...").
+                const auto& kc = k->cache();
+                int all = 0, streams = 0;
+                double share = 0;
+                for (int l = 0; l < kc.config().num_layers; ++l)
+                    for (int h = 0; h < kc.config().num_kv_heads; ++h) {
+                        const int32_t* p = kc.positions(k->seq(), l, h);
+                        const int32_t n = kc.length(k->seq(), l, h);
+                        int in = 0;
+                        for (int32_t i = 0; i < n; ++i) in += p[i] >= c.answer_at && p[i] < c.answer_at + c.answer_len;
+                        all += in == c.answer_len;
+                        share += static_cast<double>(in) / c.answer_len;
+                        ++streams;
+                    }
+                kept_note = ", digits kept: all in " + std::to_string(all) + "/" + std::to_string(streams) +
+                            " streams, mean " + fmt("%.0f%%", 100.0 * share / streams);
+            }
         std::string out;
         for (int i = 0; i < o.needle_max_new; ++i) {
             int32_t next = llama::sampler::argmax(lg.row(0).data(), nv);
@@ -291,7 +335,9 @@ void run_needle(engine& e, const options& o, const std::vector<needle_case>& cas
         const bool hit = out.find(c.answer) != std::string::npos;
         r.needle_hits += hit;
         ++r.needle_n;
-        if (show) std::fprintf(stderr, "\n  needle %s: answer %s, model said '%s'", hit ? "HIT " : "miss", c.answer.c_str(), out.c_str());
+        if (show)
+            std::fprintf(stderr, "\n  needle %s: answer %s at token %d of %zu%s, model said '%s'", hit ? "HIT " : "miss",
+                         c.answer.c_str(), c.answer_at, c.prompt.size(), kept_note.c_str(), out.c_str());
         bar.step(static_cast<long>(c.prompt.size()) + o.needle_max_new, "needle " + spec);
     }
 }
@@ -310,6 +356,7 @@ void usage() {
                  "  --context N --score N --windows N --decode-tokens N      prefill protocol (512, 128, 4, 16)\n"
                  "  --stream-tokens N --stream-chunk N                        stream protocol (1024, 16)\n"
                  "  --needle-text FILE --needle-context N --needle-seeds N --needle-depths D1,D2  (text, 768, 5, 0.1,0.5,0.9)\n"
+                 "  --show-needles        print every needle answer and how many streams kept the number's digits\n"
                  "  --model FILE --threads N --page-size N --no-plot --quiet --list\n"
                  "SPEC: see kvc-llama --list-caches; '{b}' in a SPEC is replaced by each budget.\n");
 }
