@@ -231,6 +231,12 @@ TEST_CASE("simlayerkv compresses lazy layers only; cake preferences scale layer 
   o.alloc = kvc::allocator::cake(pref);
   compressor<knorm> c(knorm{}, o);
   for (int l = 0; l < 2; ++l) c.after_prefill(g.cache, g.seq, l);
-  const double share0 = pref[0] * 2 / (pref[0] + pref[1]);
-  REQUIRE(g.cache.length(g.seq, 0, 0) == std::min(100, int(std::floor(50 * share0))));
+  // Two layers of 100 tokens at ratio 0.5: 100 tokens in all, split by preference (a share above
+  // 100 is capped and the rest goes to the other layer), every head of a layer alike.
+  const double x0 = std::min(100.0, 100.0 * pref[0] / (pref[0] + pref[1]));
+  const int k0 = g.cache.length(g.seq, 0, 0), k1 = g.cache.length(g.seq, 1, 0);
+  REQUIRE(k0 + k1 == 100);
+  REQUIRE(std::abs(k0 - x0) < 1.0);
+  REQUIRE(g.cache.length(g.seq, 0, 1) == k0);
+  REQUIRE(g.cache.length(g.seq, 1, 1) == k1);
 }

@@ -530,6 +530,101 @@ TEST_CASE("q-filters: principal query direction, oriented, score <k, f>", "[evic
   }
 }
 
+TEST_CASE("rkv redundancy against the pairwise double reference on many shapes", "[evict][wrappers][rkv]") {
+  // Head dims that are and are not whole SIMD batches, streams from 1 token up to several of rkv's
+  // float blocks, and keys sharing a large common direction (mean cosine near 0.9, as real keys
+  // are) where the sum of normalised keys is long and cancellation in k̂·Σk̂ - 1 shows.
+  struct shape {
+    int hkv, hq, d, page, n;
+    float common;
+  };
+  const shape shapes[] = {{1, 1, 8, 4, 1, 0.0f},   {2, 4, 16, 8, 2, 0.0f},   {2, 6, 20, 8, 37, 0.0f},
+                          {1, 3, 64, 16, 130, 3.0f}, {3, 9, 64, 16, 300, 0.0f}, {2, 2, 12, 8, 257, 3.0f}};
+  for (const shape& sh : shapes) {
+    kt::model m;
+    m.layers = 1;
+    m.hkv = sh.hkv;
+    m.hq = sh.hq;
+    m.d = sh.d;
+    m.page = sh.page;
+    kt::filled f(m, sh.n, 100 + sh.d + sh.n);
+    if (sh.common != 0.0f) {  // rebuild the cache with a shared offset in every key
+      const auto dir = kt::randn(std::size_t(m.d), 7);
+      for (int t = 0; t < f.n; ++t)
+        for (int h = 0; h < m.hkv; ++h)
+          for (int dd = 0; dd < m.d; ++dd) f.k[0][(std::size_t(t) * m.hkv + h) * m.d + dd] += sh.common * dir[dd];
+      f.cache.remove_sequence(f.seq);
+      f.seq = f.cache.add_sequence();
+      f.cache.append(f.seq, 0, f.k[0].data(), f.v[0].data(), f.n);
+    }
+    INFO("hkv " << sh.hkv << " hq " << sh.hq << " d " << sh.d << " n " << sh.n << " common " << sh.common);
+    const float lambda = 0.3f;
+    auto base = f.run(knorm{}, 0);
+    auto sr = f.run(rkv<knorm>(rkv_params{lambda}), 0);
+    for (int h = 0; h < m.hkv; ++h) {
+      std::vector<double> imp(base[h].begin(), base[h].end());
+      imp = softmax(imp);
+      std::vector<double> red(f.n, 0.0);
+      for (int i = 0; i < f.n; ++i)
+        for (int j = 0; j < f.n; ++j) {
+          if (i == j) continue;
+          double dot = 0, ni = 0, nj = 0;
+          for (int d = 0; d < m.d; ++d)
+            dot += f.K(0, i, h, d) * f.K(0, j, h, d), ni += f.K(0, i, h, d) * f.K(0, i, h, d), nj += f.K(0, j, h, d) * f.K(0, j, h, d);
+          red[i] += dot / std::sqrt(ni * nj) / (f.n - 1);
+        }
+      red = softmax(red);
+      std::vector<double> want;
+      for (int t = 0; t < f.n; ++t) want.push_back(lambda * imp[t] - (1.0 - lambda) * red[t]);
+      // Scores are O(1/n); compare relative to that scale so large streams are held as tightly.
+      const double scale = 1.0 / f.n;
+      REQUIRE(sr[h].size() == want.size());
+      for (int t = 0; t < f.n; ++t) {
+        INFO("head " << h << " token " << t << ": got " << sr[h][t] << ", want " << want[t]);
+        REQUIRE(std::abs(sr[h][t] - want[t]) <= 1e-4 * scale);
+      }
+    }
+  }
+}
+
+TEST_CASE("kv_cache<half>::gather returns every kept row, converted, in stream order", "[evict][gather]") {
+  for (int d : {8, 20, 64})
+    for (int page : {8, 16})
+      for (int n : {1, 15, 16, 17, 100}) {
+        INFO("d " << d << " page " << page << " n " << n);
+        kvc::cache_config c;
+        c.num_layers = 1;
+        c.num_kv_heads = 2;
+        c.head_dim = d;
+        c.page_size = page;
+        c.max_pages = 64;
+        kvc::kv_cache<kvc::half> cache(c);
+        const auto s = cache.add_sequence();
+        const auto k = kt::randn(std::size_t(n) * 2 * d, 11 + n), v = kt::randn(std::size_t(n) * 2 * d, 13 + n);
+        cache.append(s, 0, k.data(), v.data(), n);
+        // Keep every third token of head 1, so its rows no longer sit at their original slots.
+        std::vector<std::int32_t> kept;
+        for (int t = 0; t < n; t += 3) kept.push_back(t);
+        cache.keep(s, 0, 1, kept.data(), static_cast<std::int32_t>(kept.size()));
+        for (int h = 0; h < 2; ++h) {
+          const int len = cache.length(s, 0, h);
+          std::vector<float> gk(std::size_t(len) * d, -1.0f), gv(gk.size(), -1.0f);
+          cache.gather(s, 0, h, gk.data(), gv.data());
+          for (int i = 0; i < len; ++i) {
+            const int t = h == 0 ? i : kept[std::size_t(i)];
+            for (int dd = 0; dd < d; ++dd) {
+              const std::size_t src = (std::size_t(t) * 2 + h) * d + dd, dst = std::size_t(i) * d + dd;
+              REQUIRE(gk[dst] == static_cast<float>(kvc::half(k[src])));
+              REQUIRE(gv[dst] == static_cast<float>(kvc::half(v[src])));
+            }
+          }
+          std::vector<float> only_v(gk.size(), -1.0f);
+          cache.gather(s, 0, h, nullptr, only_v.data());  // one output alone
+          REQUIRE(only_v == gv);
+        }
+      }
+}
+
 TEST_CASE("wrappers: vnorm (L1 and W_o), rkv redundancy, chunkkv shared chunks", "[evict][wrappers]") {
   kt::filled f({}, 40, 16);
   auto base = f.run(knorm{}, 0);

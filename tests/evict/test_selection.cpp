@@ -2,6 +2,8 @@
 // Selection invariants, allocators, memory accounting, attention over the compressed cache, and
 // errors that leave the cache unchanged.
 #include <algorithm>
+#include <numeric>
+#include <random>
 #include <set>
 
 #include "evict_test_util.hpp"
@@ -180,6 +182,98 @@ TEST_CASE("pyramid, per-layer and head-label allocators", "[evict][alloc]") {
   REQUIRE(p[3] == 3);
   REQUIRE(p[4] == 52);
   REQUIRE(hl.cache.length(hl.seq, 3, 1) == 12);
+}
+
+namespace {
+/// The real-valued CAKE split above the floor, by bisection on the level λ of
+/// x_l = min(cap, λ·P_l) with Σ x_l = rest (written apart from allocator::cake_keep's rounds of
+/// water-filling). Layers without preference share equally what the others cannot hold.
+std::vector<double> cake_reference(const std::vector<double>& P, double rest, double cap) {
+  const std::size_t L = P.size();
+  auto fill = [&](double lam, const std::vector<double>& w) {
+    std::vector<double> x(L);
+    for (std::size_t l = 0; l < L; ++l) x[l] = std::min(cap, lam * w[l]);
+    return x;
+  };
+  auto sum = [](const std::vector<double>& x) { return std::accumulate(x.begin(), x.end(), 0.0); };
+  std::vector<double> x(L, 0.0);
+  if (rest <= 0) return x;
+  // First the layers with preference; what they cannot hold goes equally to the others.
+  std::vector<double> w(P);
+  if (sum(fill(1e300, w)) < rest) {
+    std::vector<double> full = fill(1e300, w), eq(L);
+    for (std::size_t l = 0; l < L; ++l) eq[l] = P[l] > 0 ? 0.0 : 1.0;
+    const double left = rest - sum(full);
+    double lo = 0, hi = 1e12;
+    for (int it = 0; it < 200; ++it) {
+      const double mid = 0.5 * (lo + hi);
+      (sum(fill(mid, eq)) < left ? lo : hi) = mid;
+    }
+    auto y = fill(hi, eq);
+    for (std::size_t l = 0; l < L; ++l) x[l] = full[l] + y[l];
+    return x;
+  }
+  double lo = 0, hi = 1;
+  while (sum(fill(hi, w)) < rest) hi *= 2;
+  for (int it = 0; it < 200; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    (sum(fill(mid, w)) < rest ? lo : hi) = mid;
+  }
+  return fill(hi, w);
+}
+}  // namespace
+
+TEST_CASE("cake: every layer keeps the floor, the total is exact, shares follow the preferences", "[evict][alloc][cake]") {
+  std::mt19937_64 g(7);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int L = 1 + int(g() % 30);
+    std::vector<double> P(static_cast<std::size_t>(L));
+    for (auto& p : P) {
+      const int kind = int(g() % 6);
+      p = kind == 0 ? 0.0 : kind == 1 ? 100.0 * u(g) : u(g) * u(g);  // zeros, dominant layers, spread
+    }
+    const int length = 1 + int(g() % 800);
+    const int base = int(g() % (length + 1));
+    const int min_keep = int(g() % 100);
+    INFO("trial " << trial << " L " << L << " length " << length << " base " << base << " min_keep " << min_keep);
+    const auto a = kvc::allocator::cake(P, min_keep);
+    const auto keep = a.cake_keep(base, length);
+    REQUIRE(keep.size() == P.size());
+    const double total_p = std::accumulate(P.begin(), P.end(), 0.0);
+    std::int64_t total = 0;
+    for (int k : keep) total += k;
+    REQUIRE(total == std::int64_t(L) * base);  // exact
+    const int f = std::min(min_keep, base);
+    if (total_p <= 0) {
+      for (int k : keep) REQUIRE(k == base);  // no preference: uniform
+      continue;
+    }
+    const auto x = cake_reference(P, double(L) * (base - f), double(length - f));
+    for (int l = 0; l < L; ++l) {
+      INFO("layer " << l << " P " << P[l] << " keep " << keep[l] << " want about " << f + x[l]);
+      REQUIRE(keep[l] >= f);       // the floor
+      REQUIRE(keep[l] <= length);  // never more than the layer holds
+      REQUIRE(std::abs(keep[l] - (f + x[l])) < 1.0 + 1e-6);
+    }
+    // Through keep_for: layers that earlier compressions left at different lengths use the split
+    // of the tokens seen, capped at what they hold.
+    const auto b = kvc::budget::tokens(base);
+    for (int l = 0; l < L; ++l) {
+      const int held = 1 + int(g() % length);
+      REQUIRE(a.keep_for(b, held, l, L, length) == std::min(held, keep[l]));
+    }
+  }
+  // The floor applies to a ratio budget too, and a floor above the uniform budget is the budget.
+  const auto a = kvc::allocator::cake({1.0, 0.0, 0.0, 0.0}, 40);
+  // base 200, floor 40: layer 0 would take all 640 above the floors but holds 400; the 280 it
+  // cannot take go equally to layers 1..3 (93 each, the one left over to the lowest layer).
+  REQUIRE(a.keep_for(kvc::budget::ratio(0.5), 400, 0, 4) == 400);
+  REQUIRE(a.keep_for(kvc::budget::ratio(0.5), 400, 1, 4) == 40 + 94);
+  REQUIRE(a.keep_for(kvc::budget::ratio(0.5), 400, 2, 4) == 40 + 93);
+  REQUIRE(a.keep_for(kvc::budget::ratio(0.5), 400, 3, 4) == 40 + 93);
+  REQUIRE(a.keep_for(kvc::budget::ratio(0.95), 400, 1, 4) == 20);  // base 20 < floor 40: uniform
+  REQUIRE_THROWS_WITH(kvc::allocator::cake({1.0}, -1), Catch::Contains("min_keep = -1") && Catch::Contains(">= 0"));
 }
 
 TEST_CASE("attention over the compressed cache equals the dense reference over the kept tokens", "[evict][attention]") {

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <kvc/budget/budget.hpp>
@@ -40,8 +41,11 @@ struct allocator {
   std::int32_t window = 64;  ///< the SnapKV window counted in every layer's budget
   // per_layer: one budget per layer
   std::vector<budget> layers;
-  // cake: one preference per layer (see evict::cake_preference); budgets scale by L * P_l / sum(P)
+  // cake: one preference per layer (see evict::cake_preference); see cake_keep()
   std::vector<double> preference;
+  /// cake: tokens every layer keeps before the preferences split the rest (the scorer's sinks,
+  /// recent window and observation window: kvc::runtime::cake_allocator sets it).
+  std::int32_t min_keep = 0;
   // head_labels: [num_layers][num_kv_heads], 1 = retrieval (keep all), 0 = streaming
   std::vector<std::uint8_t> retrieval;
   std::int32_t streaming_sinks = 128;   ///< kvpress DuoAttentionPress on-the-fly defaults
@@ -70,10 +74,11 @@ struct allocator {
     a.validate();
     return a;
   }
-  static allocator cake(std::vector<double> preference) {
+  static allocator cake(std::vector<double> preference, std::int32_t min_keep = 0) {
     allocator a;
     a.type = kind::cake;
     a.preference = std::move(preference);
+    a.min_keep = min_keep;
     a.validate();
     return a;
   }
@@ -97,6 +102,7 @@ struct allocator {
     for (std::size_t i = 0; i < preference.size(); ++i)
       KVC_EXPECTS(std::isfinite(preference[i]) && preference[i] >= 0.0, "preference[", i, "] = ", preference[i],
                   ", expected finite >= 0");
+    KVC_EXPECTS(min_keep >= 0, "min_keep = ", min_keep, ", expected >= 0 tokens");
     KVC_EXPECTS(streaming_sinks >= 0 && streaming_recent >= 0, "streaming sinks/recent = ", streaming_sinks, "/",
                 streaming_recent, ", expected >= 0");
   }
@@ -130,8 +136,11 @@ struct allocator {
 
   /// Tokens kept by one stream of `length` tokens in `layer` under the per-stream budget `b`
   /// (not for ada, which needs the scores of the whole layer). A token budget above the length
-  /// keeps everything.
-  std::int32_t keep_for(const budget& b, std::int32_t length, std::int32_t layer, std::int32_t num_layers) const {
+  /// keeps everything. `seen`: the tokens the layer has seen (the same for every layer of a
+  /// sequence; a value below `length` counts as `length`), from which cake splits its layer budgets so that every layer
+  /// computes the same split even when earlier compressions left the layers different lengths.
+  std::int32_t keep_for(const budget& b, std::int32_t length, std::int32_t layer, std::int32_t num_layers,
+                        std::int32_t seen = 0) const {
     switch (type) {
       case kind::uniform:
       case kind::ada:
@@ -143,16 +152,70 @@ struct allocator {
       case kind::cake: {
         KVC_EXPECTS(layer >= 0 && layer < static_cast<std::int32_t>(preference.size()), "layer = ", layer,
                     ", expected 0..", static_cast<std::int32_t>(preference.size()) - 1, " (cake preferences given)");
-        double total = 0;
-        for (double p : preference) total += p;
-        const std::int32_t base = b.keep_count_clamped(length);
-        if (!(total > 0)) return base;
-        const double share = preference[static_cast<std::size_t>(layer)] * static_cast<double>(preference.size()) / total;
-        return static_cast<std::int32_t>(std::min<double>(length, std::floor(base * share)));
+        const std::int32_t all = std::max(seen, length);
+        return std::min(length, cake_keep(b.keep_count_clamped(all), all)[static_cast<std::size_t>(layer)]);
       }
       case kind::pyramid: return pyramid_keep(b.keep_count_clamped(length), length, layer, num_layers);
     }
     return length;
+  }
+
+  /// CAKE's layer budgets when every layer has seen `length` tokens and the uniform budget is
+  /// `base` per layer: each layer first keeps f = min(min_keep, base), then the remaining L·(base − f)
+  /// tokens are split in proportion to the preferences, B_l = f + (L·(base − f))·P_l / ΣP (CAKE's
+  /// B_l = P_l / ΣP · B_total, Qin et al. 2025, Sec. 3, over the budget above the floor), capped
+  /// at `length` with the excess passed on to the uncapped layers by preference (equally among
+  /// those without any), rounded by largest remainder (ties to the lower layer). The total is
+  /// exactly L·base, and no layer keeps fewer than f tokens.
+  /// Why the floor: CAKE's shares without one gave SmolLM2's least-preferred layers fewer tokens
+  /// than sinks + observation window under decode-time streaming; those layers then dropped
+  /// tokens the window scores as most important (GPL-3 stream protocol, ratio 0.5: Δppl +37.0,
+  /// against +2.1 for snapkv with the same scores; see docs/results.md).
+  std::vector<std::int32_t> cake_keep(std::int32_t base, std::int32_t length) const {
+    const std::size_t L = preference.size();
+    std::vector<std::int32_t> keep(L, base);
+    double total = 0;
+    for (double p : preference) total += p;
+    if (L == 0 || !(total > 0)) return keep;
+    const std::int32_t f = std::min(min_keep, base);
+    const std::int32_t cap = length - f;  // >= base - f >= 0 since base <= length
+    std::int64_t rest = static_cast<std::int64_t>(L) * (base - f);
+    std::vector<double> x(L, 0.0);
+    std::vector<char> capped(L, 0);
+    for (bool again = true; again;) {  // water-filling: at most L rounds
+      again = false;
+      double s = 0;
+      std::size_t active = 0;
+      for (std::size_t l = 0; l < L; ++l)
+        if (!capped[l]) s += preference[l], ++active;
+      if (active == 0) break;
+      for (std::size_t l = 0; l < L; ++l)
+        if (!capped[l]) x[l] = static_cast<double>(rest) * (s > 0 ? preference[l] / s : 1.0 / static_cast<double>(active));
+      for (std::size_t l = 0; l < L; ++l)
+        if (!capped[l] && x[l] >= cap) {
+          capped[l] = 1;
+          x[l] = cap;
+          rest -= cap;
+          again = true;
+        }
+    }
+    std::int64_t given = 0;
+    std::vector<std::pair<double, std::size_t>> frac;
+    for (std::size_t l = 0; l < L; ++l) {
+      const double fl = std::floor(x[l]);
+      keep[l] = f + static_cast<std::int32_t>(fl);
+      given += static_cast<std::int64_t>(fl);
+      if (!capped[l]) frac.push_back({x[l] - fl, l});
+    }
+    // Largest remainders first; the rounding never lifts a layer past its cap (x < cap there).
+    std::stable_sort(frac.begin(), frac.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    const std::int64_t want = static_cast<std::int64_t>(L) * (base - f);
+    for (std::size_t i = 0; given < want && i < frac.size(); ++i, ++given) ++keep[frac[i].second];
+    // Rounding error in the shares can leave Σ floor one above the total: take it back from the
+    // smallest remainders.
+    for (std::size_t i = frac.size(); given > want && i-- > 0;)
+      if (keep[frac[i].second] > f) --keep[frac[i].second], --given;
+    return keep;
   }
 
   /// KVCache-Factory's PyramidKVCluster schedule: capacity C (window included) per layer on

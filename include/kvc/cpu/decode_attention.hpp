@@ -230,11 +230,15 @@ void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t 
       for (std::int32_t i = 0; i < tn; ++i) l += sg[i];
       st.l[g] += l;
       if (raw) {
-        // A whole tile is a fixed-size copy (vector moves); std::copy of a run-time length was a
-        // memmove call per tile and head.
+        // A whole tile is a fixed-size copy in explicit SIMD moves. std::copy of a run-time length
+        // was a memmove call per tile and head; a plain fixed-length loop was compiled by GCC 12
+        // into 16 scalar loads and inserts per head and tile, which was half the cost of the
+        // probabilities: group_probs over plain decode at 9x3x64 (one thread, CPU time, 2026-11)
+        // 0.071 -> 0.033 at 32k tokens and 0.063 -> 0.022 at 4k.
         float* dst = raw + static_cast<std::size_t>(g) * raw_stride + (ts - t0);
         if (tn == tile_tokens)
-          for (std::int32_t i = 0; i < tile_tokens; ++i) dst[i] = sg[i];
+          for (std::int32_t i = 0; i < tile_tokens; i += static_cast<std::int32_t>(fbatch<Arch>::size))
+            fbatch<Arch>::load_aligned(sg + i).store_unaligned(dst + i);
         else
           for (std::int32_t i = 0; i < tn; ++i) dst[i] = sg[i];
         tile_max[static_cast<std::size_t>(g) * tile_max_stride + (ts - t0) / tile_tokens] = m_new;

@@ -49,7 +49,7 @@ struct chunkkv {
       KVC_EXPECTS(in.heads[static_cast<std::size_t>(h)].n == n, name, ": head ", h, " holds ",
                   in.heads[static_cast<std::size_t>(h)].n, " tokens, head 0 holds ", n,
                   "; expected equal streams (chunks are shared by all heads)");
-    const std::int32_t keep = a.type == allocator::kind::ada ? b.keep_count_clamped(n) : a.keep_for(b, n, in.layer, in.num_layers);
+    const std::int32_t keep = a.type == allocator::kind::ada ? b.keep_count_clamped(n) : a.keep_for(b, n, in.layer, in.num_layers, in.seen);
     std::vector<float> summed(static_cast<std::size_t>(n), 0.0f);
     for (const auto& v : s)
       for (std::int32_t t = 0; t < n; ++t) summed[static_cast<std::size_t>(t)] += v[static_cast<std::size_t>(t)];

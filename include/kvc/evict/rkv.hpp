@@ -10,13 +10,37 @@
 /// \par Reference
 /// Cai et al., "R-KV: Redundancy-aware KV Cache Compression for Reasoning Models", arXiv:2505.24133.
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include <kvc/cpu/simd.hpp>
 #include <kvc/evict/core.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace evict {
+namespace detail {
+
+/// Tokens whose normalised keys are summed in float before the sum goes to double.
+inline constexpr std::int32_t rkv_block = 64;
+
+/// Σ_d a[d]·b[d] in float SIMD lanes (summed in a tree, not in index order).
+inline float dot_f(const float* a, const float* b, std::int32_t D) noexcept {
+  using B = cpu::fbatch<cpu::default_arch>;
+  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
+  B a0(0.0f), a1(0.0f);
+  std::int32_t d = 0;
+  for (; d + 2 * W <= D; d += 2 * W) {
+    a0 = xsimd::fma(B::load_unaligned(a + d), B::load_unaligned(b + d), a0);
+    a1 = xsimd::fma(B::load_unaligned(a + d + W), B::load_unaligned(b + d + W), a1);
+  }
+  for (; d + W <= D; d += W) a0 = xsimd::fma(B::load_unaligned(a + d), B::load_unaligned(b + d), a0);
+  float s = xsimd::hadd(a0 + a1);
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+}  // namespace detail
 
 struct rkv_params {
   float lambda = 0.1f;
@@ -39,27 +63,38 @@ struct rkv {
     inner.score(in, obs, out);
     check_scores(in, out, Inner::name);
     const std::int32_t D = in.head_dim;
+    std::vector<float> red, inv, ksum_f(static_cast<std::size_t>(D)), block(static_cast<std::size_t>(D));
     std::vector<double> ksum(static_cast<std::size_t>(D));
-    std::vector<float> red;
     for (std::int32_t h = 0; h < in.num_kv_heads; ++h) {
       const head_input& hi = in.heads[static_cast<std::size_t>(h)];
       const std::int32_t n = hi.n;
       if (n == 0) continue;
       auto& o = out[static_cast<std::size_t>(h)];
       detail::softmax_inplace(o.data(), n);
+      // Pass 1: inverse norms and Σ_t k̂_t. The products are summed in float over blocks of
+      // rkv_block tokens, the blocks in double: float SIMD throughout, yet the sum of 32k unit
+      // vectors keeps a relative error near float's epsilon.
       std::fill(ksum.begin(), ksum.end(), 0.0);
-      std::vector<float> inv(static_cast<std::size_t>(n));
-      for (std::int32_t t = 0; t < n; ++t) {
-        const float* k = hi.k + static_cast<std::size_t>(t) * D;
-        inv[static_cast<std::size_t>(t)] = 1.0f / std::max(detail::l2(k, D), 1e-8f);
-        for (std::int32_t d = 0; d < D; ++d) ksum[static_cast<std::size_t>(d)] += k[d] * inv[static_cast<std::size_t>(t)];
+      inv.resize(static_cast<std::size_t>(n));
+      for (std::int32_t t0 = 0; t0 < n; t0 += detail::rkv_block) {
+        const std::int32_t t1 = std::min(n, t0 + detail::rkv_block);
+        std::fill(block.begin(), block.end(), 0.0f);
+        for (std::int32_t t = t0; t < t1; ++t) {
+          const float* k = hi.k + static_cast<std::size_t>(t) * D;
+          const float it = 1.0f / std::max(std::sqrt(detail::dot_f(k, k, D)), 1e-8f);
+          inv[static_cast<std::size_t>(t)] = it;
+          for (std::int32_t d = 0; d < D; ++d) block[static_cast<std::size_t>(d)] += k[d] * it;
+        }
+        for (std::int32_t d = 0; d < D; ++d) ksum[static_cast<std::size_t>(d)] += block[static_cast<std::size_t>(d)];
       }
-      red.assign(static_cast<std::size_t>(n), 0.0f);
+      for (std::int32_t d = 0; d < D; ++d) ksum_f[static_cast<std::size_t>(d)] = static_cast<float>(ksum[static_cast<std::size_t>(d)]);
+      // Pass 2: the mean similarity of k̂_t to the others, (k̂_t · Σ k̂ - 1) / (n - 1).
+      red.resize(static_cast<std::size_t>(n));
+      const double inv_n1 = n > 1 ? 1.0 / (n - 1) : 0.0;
       for (std::int32_t t = 0; t < n; ++t) {
         const float* k = hi.k + static_cast<std::size_t>(t) * D;
-        double dot = 0;
-        for (std::int32_t d = 0; d < D; ++d) dot += k[d] * inv[static_cast<std::size_t>(t)] * ksum[static_cast<std::size_t>(d)];
-        red[static_cast<std::size_t>(t)] = n > 1 ? static_cast<float>((dot - 1.0) / (n - 1)) : 0.0f;  // self-similarity removed
+        const double dot = static_cast<double>(detail::dot_f(k, ksum_f.data(), D)) * inv[static_cast<std::size_t>(t)];
+        red[static_cast<std::size_t>(t)] = static_cast<float>((dot - 1.0) * inv_n1);  // self-similarity removed
       }
       detail::softmax_inplace(red.data(), n);
       for (std::int32_t t = 0; t < n; ++t)

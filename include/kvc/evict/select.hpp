@@ -79,7 +79,7 @@ inline void select_layer(const layer_input& in, const layer_scores& s, const bud
       continue;
     }
     const std::int32_t keep =
-        a.type == allocator::kind::head_labels ? n : a.keep_for(b, n, in.layer, in.num_layers);
+        a.type == allocator::kind::head_labels ? n : a.keep_for(b, n, in.layer, in.num_layers, in.seen);
     select_top(s[static_cast<std::size_t>(h)].data(), n, keep, p, out[static_cast<std::size_t>(h)]);
   }
 }

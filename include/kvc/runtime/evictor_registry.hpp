@@ -538,13 +538,18 @@ allocator cake_allocator(const evictor& ev, const Cache& cache, std::int32_t seq
   const std::int32_t L = cache.config().num_layers;
   const std::int32_t nq = ev.options.num_q_heads ? ev.options.num_q_heads : cache.config().num_kv_heads;
   std::vector<double> pref(static_cast<std::size_t>(L));
+  std::int32_t window_tokens = 0;
   for (std::int32_t l = 0; l < L; ++l) {
     evict::gathered_layer g;
     evict::gather_layer(cache, seq, l, nq, evict::reads_keys, g);
     const evict::query_window w = window(l);
     pref[static_cast<std::size_t>(l)] = evict::cake_preference(g.in, w, *ev.cake);
+    window_tokens = std::max(window_tokens, w.n);
   }
-  return allocator::cake(std::move(pref));
+  // Every layer keeps what the scorer protects anyway (sinks, recent window) plus the
+  // observation window, whose tokens SnapKV's scores rank first; see allocator::cake_keep.
+  const evict::protection p = ev.options.protect ? *ev.options.protect : ev.scorer.protect();
+  return allocator::cake(std::move(pref), p.sinks + p.recent + window_tokens);
 }
 
 }  // namespace runtime

