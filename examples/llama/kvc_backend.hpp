@@ -164,6 +164,7 @@ public:
     }
 
     kvc::runtime::any_cache& cache() { return *cache_; }
+    const kvc::runtime::any_cache& cache() const { return *cache_; }
     kvc::seq_id seq() const { return seq_; }
 
 private:

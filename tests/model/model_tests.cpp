@@ -233,8 +233,7 @@ int main() {
         expect_error([&] { llama::parse_store("nosuch(ratio=0.5)", mdl.shape()); }, "'nosuch' is neither a kvc storage",
                      "an unknown policy in a cache spec is named");
         // ---- every evictor of kvc's registry runs in the engine, fed what it observes ----
-        for (const auto& kv : kvc::runtime::evictor_registry()) {
-            const std::string& name = kv.first;
+        for (const std::string& name : llama::evictor_names()) {
             const std::string spec = name == "vnorm"        ? "vnorm(tova,ratio=0.5)"
                                      : name == "simlayerkv" ? "simlayerkv(ratio=0.5,lazy_threshold=0.5,n_recent=16)"
                                                             : name + "(ratio=0.5)";

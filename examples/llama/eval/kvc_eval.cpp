@@ -306,18 +306,15 @@ void run_needle(engine& e, const options& o, const std::vector<needle_case>& cas
         f.after_prefill(s);
         std::string kept_note;
         if (show && c.answer_at >= 0)
-            if (auto* k = dynamic_cast<llama::kvc_store*>(s.kv.get())) {
+            if (llama::kept_in_range(*s.kv, 0, 0, 0, 1) >= 0) {
                 // A policy that keeps the number's start but drops later digits answers with a
                 // prefix; this says so directly (docs/results.md, "Needle: why ...").
-                const auto& kc = k->cache();
+                const llama::kv_shape sh = e.mdl.shape();
                 int all = 0, streams = 0;
                 double share = 0;
-                for (int l = 0; l < kc.config().num_layers; ++l)
-                    for (int h = 0; h < kc.config().num_kv_heads; ++h) {
-                        const int32_t* p = kc.positions(k->seq(), l, h);
-                        const int32_t n = kc.length(k->seq(), l, h);
-                        int in = 0;
-                        for (int32_t i = 0; i < n; ++i) in += p[i] >= c.answer_at && p[i] < c.answer_at + c.answer_len;
+                for (int l = 0; l < sh.num_layers; ++l)
+                    for (int h = 0; h < sh.num_kv_heads; ++h) {
+                        const int in = llama::kept_in_range(*s.kv, l, h, c.answer_at, c.answer_at + c.answer_len);
                         all += in == c.answer_len;
                         share += static_cast<double>(in) / c.answer_len;
                         ++streams;

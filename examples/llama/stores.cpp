@@ -1,0 +1,114 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file stores.cpp
+/// The engine's one translation unit that includes kvc's runtime (storages and evictors by spec).
+#include "stores.hpp"
+
+#include <map>
+#include <optional>
+#include <stdexcept>
+
+#include "kvc_backend.hpp"
+
+namespace llama {
+
+/// The model facts kvc's evictor builders read (kvc::runtime::evictor_context), with the
+/// engine's RoPE as a kvc::rope: adjacent pairs, the file's theta and rotated channels.
+static std::shared_ptr<const kvc::rope> model_rope(const kv_shape& shape) {
+    kvc::rope_config rc;
+    rc.head_dim = shape.head_dim;
+    rc.rotary_dim = shape.rope_dims;
+    rc.theta = shape.rope_theta;
+    rc.style = kvc::rope_style::interleaved;
+    return std::make_shared<const kvc::rope>(rc);
+}
+
+std::vector<std::string> available_stores() {
+    std::vector<std::string> v{"dense", "full (= fp16)"};
+    for (const auto& kv : kvc::runtime::storage_registry()) v.push_back(kv.first + "    (storage)");
+    for (const auto& kv : kvc::runtime::evictor_registry())
+        v.push_back(kv.first + "(ratio=R|tokens=N,...)[+STORAGE]    (evictor; parameters: kvc/runtime/evictor_registry.hpp)");
+    return v;
+}
+
+store_factory parse_store(const std::string& spec, const kv_shape& shape, const store_options& opt) {
+    store_factory f;
+    f.spec = spec;
+    if (spec == "dense") {
+        f.create = [shape] { return std::make_unique<dense_kv>(shape); };
+        return f;
+    }
+    std::string storage = "fp16";
+    std::optional<kvc::runtime::evictor> ev;
+    std::shared_ptr<const kvc::rope> rope = model_rope(shape);
+    int window = 0;
+    if (spec != "full" && spec != "kvc") {
+        bool have_storage = false;
+        for (const kvc::runtime::spec_stage& st : kvc::runtime::parse_spec(spec)) {
+            if (kvc::runtime::is_storage(st.name)) {
+                if (have_storage) throw std::invalid_argument("cache spec '" + spec + "': more than one storage stage");
+                storage = st.text;
+                have_storage = true;
+                continue;
+            }
+            if (!kvc::runtime::is_evictor(st.name))
+                throw std::invalid_argument("cache spec '" + spec + "': '" + st.name + "' is neither a kvc storage (" +
+                                            kvc::runtime::known_storages() + ") nor a kvc eviction policy (" +
+                                            kvc::runtime::known_evictors() + ")");
+            if (ev) throw std::invalid_argument("cache spec '" + spec + "': more than one evictor");
+            kvc::runtime::evictor_context ctx;
+            ctx.num_layers = shape.num_layers;
+            ctx.num_q_heads = shape.num_q_heads;
+            ctx.rotary = rope.get();
+            ev.emplace(kvc::runtime::make_evictor(st, ctx));
+            // Queries the engine remembers per layer: the policy's window, or the whole prompt.
+            window = ev->window < 0 ? opt.max_tokens : ev->window;
+        }
+    }
+    std::optional<kvc::evict::compressor<kvc::evict::any_scorer>> comp;
+    if (ev) comp.emplace(ev->compressor());
+    f.query_window = window;
+    f.create = [shape, opt, storage, comp, ev, rope]() -> std::unique_ptr<kv_store> {
+        auto s = std::make_unique<kvc_store>(shape, storage, opt.page_size, opt.max_tokens, opt.pool);
+        if (comp) s->set_compressor(*comp, ev->observer);  // a fresh copy per sequence: decode counters start at 0
+        if (ev && ev->cake) s->set_cake(*ev);
+        s->keep_alive(rope);  // scorers point at it (leverage un-rotates keys)
+        return s;
+    };
+    if (comp) {
+        auto run = [](session& s, kvc_store::phase ph) {
+            auto* k = static_cast<kvc_store*>(s.kv.get());
+            k->compress(ph, [&](int layer) {
+                kvc::evict::query_window w;
+                const matrix& q = s.recent_q.at(static_cast<std::size_t>(layer));
+                w.q = q.data();
+                w.n = static_cast<int32_t>(q.rows());
+                w.num_q_heads = static_cast<int32_t>(q.cols()) / k->cache().config().head_dim;
+                w.head_dim = k->cache().config().head_dim;
+                return w;
+            });
+        };
+        f.after_prefill = [run](session& s) { run(s, kvc_store::phase::prefill); };
+        f.after_chunk = [run](session& s) { run(s, kvc_store::phase::chunk); };
+        f.after_decode = [run](session& s) { run(s, kvc_store::phase::decode); };
+    }
+    return f;
+}
+
+std::vector<std::string> evictor_names() {
+    std::vector<std::string> v;
+    for (const auto& kv : kvc::runtime::evictor_registry()) v.push_back(kv.first);
+    return v;
+}
+
+int kept_in_range(const kv_store& store, int layer, int head, std::int32_t lo, std::int32_t hi) {
+    const auto* k = dynamic_cast<const kvc_store*>(&store);
+    if (!k) return -1;
+    const auto& kc = k->cache();
+    const std::int32_t* p = kc.positions(k->seq(), layer, head);
+    const std::int32_t n = kc.length(k->seq(), layer, head);
+    int in = 0;
+    for (std::int32_t i = 0; i < n; ++i) in += p[i] >= lo && p[i] < hi;
+    return in;
+}
+
+}  // namespace llama
