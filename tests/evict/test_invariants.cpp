@@ -525,3 +525,60 @@ TEST_CASE("bad budgets, unknown heads and bad selections: clear errors, cache an
   REQUIRE_THROWS_WITH(select_top(probs.data(), 30, 3, protection{-1, 0}, sel), Catch::Contains("sinks -1"));
   unchanged();
 }
+
+TEST_CASE("a forked sequence inherits the observer's statistics; the two then evolve independently",
+          "[evict][decode][fork]") {
+  // Reference: a second observer that sees the same steps on one sequence only. The fork must
+  // start where the parent stood and must not move it afterwards.
+  kt::filled f({}, 40, 71);
+  observer_params op;
+  op.forgetting = 0.9f;
+  attention_observer ob(op), ref_parent(op), ref_child(op);
+  std::vector<float> probs;
+  auto observe = [&](attention_observer& o, kvc::seq_id s, std::uint64_t seed) {
+    std::mt19937_64 gg(seed);
+    for (int l = 0; l < f.m.layers; ++l) {
+      random_probs(gg, f.m.hq, f.n, f.n, probs);
+      o.observe(f.cache, s, l, probs.data(), f.m.hq, f.n);
+    }
+  };
+  auto same = [&](const attention_observer& a, kvc::seq_id sa, const attention_observer& b, kvc::seq_id sb) {
+    for (int l = 0; l < f.m.layers; ++l)
+      for (int h = 0; h < f.m.hkv; ++h) {
+        const stream_stats *x = a.find(sa, l, h), *y = b.find(sb, l, h);
+        REQUIRE(x != nullptr);
+        REQUIRE(y != nullptr);
+        REQUIRE(x->sum == y->sum);
+        REQUIRE(x->decayed == y->decayed);
+        REQUIRE(x->last == y->last);
+        REQUIRE(x->low == y->low);
+        REQUIRE(x->steps == y->steps);
+      }
+  };
+  for (std::uint64_t step = 0; step < 5; ++step) {
+    observe(ob, f.seq, 100 + step);
+    observe(ref_parent, f.seq, 100 + step);
+    observe(ref_child, f.seq, 100 + step);
+  }
+  const kvc::seq_id child = f.cache.fork(f.seq);
+  ob.fork(f.seq, child);
+  same(ob, child, ref_child, f.seq);
+  same(ob, f.seq, ref_parent, f.seq);
+  for (std::uint64_t step = 0; step < 3; ++step) {
+    observe(ob, child, 200 + step);
+    observe(ref_child, f.seq, 200 + step);
+    observe(ob, f.seq, 300 + step);
+    observe(ref_parent, f.seq, 300 + step);
+  }
+  same(ob, child, ref_child, f.seq);
+  same(ob, f.seq, ref_parent, f.seq);
+  // bad forks: clear errors, statistics unchanged
+  const std::size_t bytes = ob.bytes();
+  REQUIRE_THROWS_WITH(ob.fork(f.seq, f.seq), Catch::Contains("from = to = ") && Catch::Contains("two different"));
+  REQUIRE_THROWS_WITH(ob.fork(f.seq, child), Catch::Contains("to = ") && Catch::Contains("no statistics yet"));
+  REQUIRE(ob.bytes() == bytes);
+  same(ob, child, ref_child, f.seq);
+  ob.remove_sequence(child);
+  REQUIRE(ob.find(child, 0, 0) == nullptr);
+  same(ob, f.seq, ref_parent, f.seq);
+}

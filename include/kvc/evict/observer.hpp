@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <tuple>
 #include <vector>
@@ -145,6 +146,23 @@ class attention_observer {
       compact(st.last, kept[h]);
       compact(st.low, kept[h]);
     }
+  }
+
+  /// Gives sequence `to` a copy of `from`'s statistics, as kv_cache::fork gives it `from`'s
+  /// tokens: without it a forked beam would start its history at zero and its first decode-time
+  /// eviction would rank the shared prefix as never attended. `to` must hold no statistics yet.
+  void fork(std::int32_t from, std::int32_t to) {
+    KVC_EXPECTS(from != to, "attention_observer::fork: from = to = ", from, ", expected two different sequences");
+    auto first = s_.lower_bound(std::make_tuple(to, std::numeric_limits<std::int32_t>::min(),
+                                                std::numeric_limits<std::int32_t>::min()));
+    KVC_EXPECTS(first == s_.end() || std::get<0>(first->first) != to, "attention_observer::fork: to = ", to,
+                ", expected a sequence with no statistics yet (call remove_sequence first)");
+    decltype(s_) copies;
+    for (auto it = s_.lower_bound(std::make_tuple(from, std::numeric_limits<std::int32_t>::min(),
+                                                  std::numeric_limits<std::int32_t>::min()));
+         it != s_.end() && std::get<0>(it->first) == from; ++it)
+      copies.emplace(std::make_tuple(to, std::get<1>(it->first), std::get<2>(it->first)), it->second);
+    s_.merge(copies);  // splices the nodes, allocates nothing: a bad_alloc above leaves s_ as it was
   }
 
   void remove_sequence(std::int32_t seq) {
