@@ -61,7 +61,8 @@ struct compress_report {
   bool compressed = false;
   std::int64_t tokens_before = 0;  ///< Σ over the layer's streams
   std::int64_t tokens_after = 0;
-  std::size_t bytes_released = 0;  ///< pool bytes freed (the emptied pages)
+  std::size_t bytes_allocated = 0;  ///< pool bytes allocated (pages copied because a fork shares them)
+  std::size_t bytes_released = 0;   ///< pool bytes freed (the emptied pages, and shared pages replaced by copies)
 };
 
 namespace detail {
@@ -218,7 +219,9 @@ class compressor {
     if (!changes) return r;
     apply_options ao;
     ao.rerotate = o_.rerotate;
-    r.bytes_released = apply_layer(cache, seq, layer, sel, ao);
+    const apply_result ar = apply_layer(cache, seq, layer, sel, ao);
+    r.bytes_allocated = ar.bytes_allocated;
+    r.bytes_released = ar.bytes_released;
     if (obs.attention) obs.attention->keep_layer(seq, layer, sel);
     r.compressed = true;
     r.tokens_after = 0;

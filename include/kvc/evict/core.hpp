@@ -38,6 +38,7 @@
 
 #include <kvc/attention/rope.hpp>
 #include <kvc/error.hpp>
+#include <kvc/store/page_pool.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace evict {
@@ -299,14 +300,19 @@ struct is_scorer<S, void_t<typename S::params_type, typename S::observation_type
 
 struct rewrite_probe {
   template <class T>
-  void operator()(std::int32_t, T*) const noexcept {}
+  void operator()(std::int32_t, std::int32_t, T*) const noexcept {}
 };
 template <class C, class = void>
 struct has_rewrite_keys : std::false_type {};
 template <class C>
-struct has_rewrite_keys<C, void_t<decltype(std::declval<C&>().rewrite_keys(
-                               0, 0, 0, rewrite_probe{}, static_cast<const std::int32_t*>(nullptr)))>>
+struct has_rewrite_keys<C, void_t<decltype(std::declval<C&>().keep_layer_rewrite_keys(
+                               0, 0, std::declval<const std::vector<std::vector<std::int32_t>>&>(), rewrite_probe{},
+                               static_cast<const std::vector<std::vector<std::int32_t>>*>(nullptr)))>>
     : std::true_type {};
+template <class C, class = void>
+struct has_traffic : std::false_type {};
+template <class C>
+struct has_traffic<C, void_t<decltype(std::declval<const C&>().traffic())>> : std::true_type {};
 }  // namespace detail
 
 /// Whether S has the scorer shape (params_type, observation_type, reads, protect(), score()).
@@ -366,49 +372,70 @@ struct apply_options {
   const rope* rerotate = nullptr;
 };
 
-/// Keeps kept[h] of every head of one layer (kv_cache::keep_layer: all heads or none, emptied
-/// pages released at once), then re-rotates if asked. Returns the pool bytes released.
+/// What one mutation did to the pools, in bytes. Both directions, never their difference: a keep
+/// after fork can copy shared pages it writes while it frees emptied ones.
+/// bytes_in_use() after = before + bytes_allocated - bytes_released.
+struct apply_result {
+  std::size_t bytes_allocated = 0;
+  std::size_t bytes_released = 0;
+};
+
+/// Pool traffic of a cache: its own counters when it has them (every kvc cache), else the net
+/// change of bytes_in_use split by sign.
 template <class Cache>
-std::size_t apply_layer(Cache& cache, std::int32_t seq, std::int32_t layer,
-                        const std::vector<std::vector<std::int32_t>>& kept, const apply_options& opt = {}) {
+memory_traffic traffic_of(const Cache& cache) {
+  if constexpr (detail::has_traffic<Cache>::value) return cache.traffic();
+  else return {cache.bytes_in_use(), 0};
+}
+
+/// Keeps kept[h] of every head of one layer (keep_layer: all heads or none, emptied pages released
+/// at once) and, if asked, re-rotates the kept keys, all in one all-or-nothing step
+/// (keep_layer_rewrite_keys): if anything throws, the layer, its positions and the pools are as
+/// before. Returns the pool bytes the step allocated and released.
+template <class Cache>
+apply_result apply_layer(Cache& cache, std::int32_t seq, std::int32_t layer,
+                         const std::vector<std::vector<std::int32_t>>& kept, const apply_options& opt = {}) {
   const std::int32_t H = cache.config().num_kv_heads;
-  std::vector<std::vector<std::int32_t>> old_pos;
+  const memory_traffic before = traffic_of(cache);
   if (opt.rerotate) {
     if constexpr (!detail::has_rewrite_keys<Cache>::value) {
       ::kvc::detail::fail(
           "kvc::evict::apply_layer: rerotate = set, but this cache type has no rewrite_keys (quantized keys "
           "cannot be re-rotated in place); expected rerotate = null");
-    }
-    KVC_EXPECTS(opt.rerotate->config().head_dim == cache.config().head_dim, "rerotate head_dim = ",
-                opt.rerotate->config().head_dim, ", expected the cache's head_dim = ", cache.config().head_dim);
-    old_pos.resize(static_cast<std::size_t>(H));
-    for (std::int32_t h = 0; h < H && static_cast<std::size_t>(h) < kept.size(); ++h) {
-      const std::int32_t* p = cache.positions(seq, layer, h);
-      const std::int32_t L = cache.length(seq, layer, h);
-      for (std::int32_t i : kept[static_cast<std::size_t>(h)])
-        old_pos[static_cast<std::size_t>(h)].push_back(i >= 0 && i < L ? p[i] : 0);
-    }
-  }
-  const std::size_t before = cache.bytes_in_use();
-  cache.keep_layer(seq, layer, kept);
-  const std::size_t after = cache.bytes_in_use();
-  if constexpr (detail::has_rewrite_keys<Cache>::value) {
-    if (opt.rerotate) {
-      for (std::int32_t h = 0; h < H; ++h) {
-        const auto& op = old_pos[static_cast<std::size_t>(h)];
-        std::vector<std::int32_t> np(op.size());
-        std::iota(np.begin(), np.end(), 0);
-        const rope* r = opt.rerotate;
-        cache.rewrite_keys(
-            seq, layer, h,
-            [&](std::int32_t t, auto* row) {
-              r->rerotate(row, static_cast<double>(t) - op[static_cast<std::size_t>(t)]);
-            },
-            np.data());
+    } else {
+      KVC_EXPECTS(opt.rerotate->config().head_dim == cache.config().head_dim, "rerotate head_dim = ",
+                  opt.rerotate->config().head_dim, ", expected the cache's head_dim = ", cache.config().head_dim);
+      // Plan: old positions of the kept tokens (indices are validated by the cache) and the new ones.
+      std::vector<std::vector<std::int32_t>> old_pos(static_cast<std::size_t>(H)), new_pos(static_cast<std::size_t>(H));
+      for (std::int32_t h = 0; h < H && static_cast<std::size_t>(h) < kept.size(); ++h) {
+        const std::int32_t* p = cache.positions(seq, layer, h);
+        const std::int32_t L = cache.length(seq, layer, h);
+        auto& op = old_pos[static_cast<std::size_t>(h)];
+        for (std::int32_t i : kept[static_cast<std::size_t>(h)]) op.push_back(i >= 0 && i < L ? p[i] : 0);
+        new_pos[static_cast<std::size_t>(h)].resize(op.size());
+        std::iota(new_pos[static_cast<std::size_t>(h)].begin(), new_pos[static_cast<std::size_t>(h)].end(), 0);
       }
+      const rope* r = opt.rerotate;
+      cache.keep_layer_rewrite_keys(
+          seq, layer, kept,
+          [&](std::int32_t h, std::int32_t i, auto* row) {
+            r->rerotate(row, static_cast<double>(i) - old_pos[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)]);
+          },
+          kept.size() == static_cast<std::size_t>(H) ? &new_pos : nullptr);
     }
+  } else {
+    cache.keep_layer(seq, layer, kept);
   }
-  return before - after;
+  const memory_traffic after = traffic_of(cache);
+  apply_result res;
+  if constexpr (detail::has_traffic<Cache>::value) {
+    res.bytes_allocated = static_cast<std::size_t>(after.bytes_allocated - before.bytes_allocated);
+    res.bytes_released = static_cast<std::size_t>(after.bytes_released - before.bytes_released);
+  } else {
+    const std::size_t b = before.bytes_allocated, a = after.bytes_allocated;
+    (a >= b ? res.bytes_allocated : res.bytes_released) = a >= b ? a - b : b - a;
+  }
+  return res;
 }
 
 }  // namespace evict

@@ -368,8 +368,11 @@ void gear_decode_attention(const quant_cache<quant::gear<BK, GK>, quant::gear<BV
     for (std::int32_t i0 = 0; i0 < sv.n_quant; i0 += G) {
       const std::byte* page = sv.quant_base + static_cast<std::size_t>(sv.pages[i0 / P]) * sv.page_bytes;
       const std::size_t r = static_cast<std::size_t>((i0 % P) / G);
+      // A trailing partial group (after keep) holds fewer real tokens; the rest weigh nothing.
+      const std::int32_t gn = std::min<std::int32_t>(G, sv.n_quant - i0);
       kq.scores(page + rbk * r, D, qs.data(), s);
-      block(s, G, sv.n_sink + i0);
+      block(s, gn, sv.n_sink + i0);
+      for (std::int32_t i = gn; i < G; ++i) p[i] = 0.0f;
       vq.accumulate(page + sv.v_offset + rbv * r, D, p, acc.data());
     }
     dense_rows(sv.res_k, sv.res_v, sv.n_res, sv.n_sink + sv.n_quant);

@@ -324,6 +324,12 @@ class mixed_precision_cache {
 
   /// Bytes of live pages in all pools of both precisions.
   std::size_t bytes_in_use() const noexcept { return high_.bytes_in_use() + low_.bytes_in_use(); }
+  /// Bytes allocated and released by both stores since construction (see memory_traffic).
+  memory_traffic traffic() const noexcept {
+    memory_traffic t = high_.traffic();
+    t += low_.traffic();
+    return t;
+  }
   std::size_t bytes_in_use(std::int32_t layer) const {
     check_layer(layer, "bytes_in_use");
     std::size_t b = high_.bytes_in_use(layer);

@@ -11,15 +11,21 @@
 ///   2. quantized tokens, in pages of page_size tokens: [K records][V records] (quant pool);
 ///   3. the full-precision residual window (residual pool, one page of R + U - 1 tokens), where R is
 ///      the codecs' residual window and U the tokens per encoding unit (KIVI keys: G).
-/// Appended tokens enter the residual; whenever it holds R + U tokens or more, its oldest whole
-/// units are encoded. So the newest min(length, R) tokens are always exact (stored as Fp, binary16
-/// by default), and per-channel key groups always span U real tokens, never one.
+/// Appended tokens enter the residual; whenever the tokens after the last whole unit (a trailing
+/// partial unit, see below, plus the residual) number R + U or more, the oldest whole units are
+/// encoded. So the newest min(length, R) tokens are always exact (stored as Fp, binary16 by
+/// default), and an encoded per-channel key group spans at least one real token and at most U.
 ///
 /// Compaction (keep): per-token records are moved as bytes (no extra error). Per-channel records
 /// whose member tokens change are decoded, compacted and re-encoded: the re-encoded tokens carry a
 /// second rounding, bounded by half the new group's scale, on top of their first. When the number
-/// of kept quantized tokens is not a multiple of U, the trailing partial unit is decoded into the
-/// residual window (and re-encoded when the window flushes).
+/// of kept quantized tokens is not a multiple of U, the trailing partial unit stays quantized: its
+/// m < U kept tokens are re-encoded as one record padded with copies of its last token (copies
+/// leave a per-channel range unchanged), and the next append that encodes completes it (decoded,
+/// joined with the oldest residual tokens, re-encoded). keep never moves tokens into the full-
+/// precision window, so it never needs a page that the stream did not have: with no page shared,
+/// pool bytes after keep <= before (decoding a KIVI-2 partial group into a fresh residual page
+/// used to triple a 64-token stream, 6144 -> 18944 bytes, when 63 were kept).
 ///
 /// Every mutating call gives the strong guarantee: if it throws (kvc::error, kvc::out_of_memory or
 /// std::bad_alloc), the cache is exactly as before.
@@ -184,6 +190,8 @@ class quant_cache {
     }
     struct plan {
       std::int32_t m_sink, n2, T, E, newres;
+      std::int32_t m;      // tokens of the trailing partial unit (quantized; re-encoded when E > 0)
+      std::int32_t shift;  // concat rows (old residual, then new tokens) that E encodes
       bool sink_fresh, res_fresh, last_copy;
       std::int32_t quant_new;
     };
@@ -196,19 +204,26 @@ class quant_cache {
                      ? std::min(cfg_.sink_tokens - st.n_sink, n) : 0;
       p.n2 = n - p.m_sink;
       p.T = st.n_res + p.n2;
-      p.E = p.T >= residual_ + unit_ ? (p.T - residual_) / unit_ * unit_ : 0;
-      p.newres = p.T - p.E;
+      p.m = st.n_quant % unit_;
+      // E counts from the partial unit's start: its m tokens are encoded again with the first
+      // U - m rows of the concat, so every encoded unit starts on a unit boundary.
+      const std::int32_t avail = p.m + p.T;
+      p.E = avail >= residual_ + unit_ ? (avail - residual_) / unit_ * unit_ : 0;
+      p.shift = p.E > 0 ? p.E - p.m : 0;
+      p.newres = p.T - p.shift;
       p.sink_fresh = p.m_sink > 0 && (st.sink < 0 || sink_pool_->ref_count(st.sink) > 1);
       p.res_fresh = p.n2 > 0 && p.newres > 0 && (st.res < 0 || res_pool_->ref_count(st.res) > 1);
       p.last_copy = p.E > 0 && st.n_quant % P != 0 && quant_pool_->ref_count(st.pages.back()) > 1;
-      p.quant_new = pages_for(st.n_quant + p.E) - static_cast<std::int32_t>(st.pages.size());
+      p.quant_new = pages_for(st.n_quant - p.m + p.E) - static_cast<std::int32_t>(st.pages.size());
+      if (p.E == 0) p.quant_new = 0;
       need_q += p.quant_new + (p.last_copy ? 1 : 0);
       need_r += p.res_fresh ? 1 : 0;
       need_s += p.sink_fresh ? 1 : 0;
     }
     for (std::int32_t h = 0; h < H; ++h) {  // capacity first: a bad_alloc here changes nothing
       qstream& st = at(sq, layer, h);
-      st.pages.reserve(static_cast<std::size_t>(pages_for(st.n_quant + pl[static_cast<std::size_t>(h)].E)));
+      const plan& p = pl[static_cast<std::size_t>(h)];
+      st.pages.reserve(static_cast<std::size_t>(std::max(pages_for(st.n_quant - p.m + p.E), pages_for(st.n_quant))));
       st.positions.reserve(static_cast<std::size_t>(st.length() + n));
     }
     std::vector<float> unit_buf(2 * static_cast<std::size_t>(unit_) * D);
@@ -258,15 +273,26 @@ class quant_cache {
           for (std::int32_t i = 0; i < p.quant_new; ++i) st.pages.push_back(fresh.q[nq++]);
           float* kb = unit_buf.data();
           float* vb = kb + static_cast<std::size_t>(unit_) * D;
+          const std::int32_t base = st.n_quant - p.m;
+          const stream_view sv = make_view(st);  // after the page changes above
           for (std::int32_t u0 = 0; u0 < p.E; u0 += unit_) {
-            for (std::int32_t j = 0; j < unit_; ++j)
-              load_concat(u0 + j, kb + static_cast<std::size_t>(j) * D, vb + static_cast<std::size_t>(j) * D);
-            encode_unit(st, st.n_quant + u0, kb, vb);
+            for (std::int32_t j = 0; j < unit_; ++j) {
+              const std::int32_t x = u0 + j;
+              float* kr = kb + static_cast<std::size_t>(j) * D;
+              float* vr = vb + static_cast<std::size_t>(j) * D;
+              if (x < p.m) {  // a token of the partial unit, read before its record is rewritten
+                decode_unroped<quant::role::key>(sv, st.n_sink + base + x, kr);
+                decode_unroped<quant::role::value>(sv, st.n_sink + base + x, vr);
+              } else {
+                load_concat(x - p.m, kr, vr);
+              }
+            }
+            encode_unit(st, base + u0, kb, vb);
           }
-          st.n_quant += p.E;
+          st.n_quant = base + p.E;
         }
         for (std::int32_t j = 0; j < p.newres; ++j) {
-          const std::int32_t c = p.E + j;
+          const std::int32_t c = p.shift + j;
           if (c < r) {
             std::memmove(rk + static_cast<std::size_t>(j) * D, rk + static_cast<std::size_t>(c) * D, sizeof(Fp) * D);
             std::memmove(rv + static_cast<std::size_t>(j) * D, rv + static_cast<std::size_t>(c) * D, sizeof(Fp) * D);
@@ -386,6 +412,13 @@ class quant_cache {
     check_layer(layer, "bytes_in_use");
     return quant_pool_->bytes_in_use(layer) + (res_pool_ ? res_pool_->bytes_in_use(layer) : 0) +
            (sink_pool_ ? sink_pool_->bytes_in_use(layer) : 0);
+  }
+  /// Bytes allocated and released in all pools since construction (see memory_traffic).
+  memory_traffic traffic() const noexcept {
+    memory_traffic t = quant_pool_->traffic();
+    if (res_pool_) t += res_pool_->traffic();
+    if (sink_pool_) t += sink_pool_->traffic();
+    return t;
   }
   /// Bytes of the pages one stream references (shared pages counted in each sharer).
   std::size_t stream_bytes(seq_id s, std::int32_t layer, std::int32_t head) const {
@@ -591,8 +624,8 @@ class quant_cache {
     const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
     struct plan {
       std::vector<std::int32_t> ks, kq, kr;  // kept indices, local to each region
-      std::int32_t demote = 0, qmain = 0, flush = 0, res_total = 0, new_pages = 0;
-      std::vector<Fp> res_k, res_v;          // the new residual window, before flushing
+      std::int32_t qmain = 0, res_total = 0, new_pages = 0;
+      std::vector<Fp> res_k, res_v;          // the new residual window
       std::vector<std::int32_t> new_pos;
       std::vector<char> page_changed;
       bool sink_changed = false, sink_fresh = false, res_fresh = false;
@@ -620,20 +653,20 @@ class quant_cache {
         else if (t < st.n_sink + st.n_quant) p.kq.push_back(t - st.n_sink);
         else p.kr.push_back(t - st.n_sink - st.n_quant);
       }
-      const std::int32_t qk = static_cast<std::int32_t>(p.kq.size());
-      p.demote = qk % unit_;
-      p.qmain = qk - p.demote;
-      p.res_total = p.demote + static_cast<std::int32_t>(p.kr.size());
-      p.flush = p.res_total >= residual_ + unit_ ? (p.res_total - residual_) / unit_ * unit_ : 0;
-      p.new_pages = pages_for(p.qmain + p.flush);
+      // Every kept quantized token stays quantized (a trailing partial unit included), and the
+      // window keeps only its own kept tokens, which fit it: no page is needed that the stream
+      // did not have, unless it is shared and must be copied before it is written.
+      p.qmain = static_cast<std::int32_t>(p.kq.size());
+      p.res_total = static_cast<std::int32_t>(p.kr.size());
+      p.new_pages = pages_for(p.qmain);
       KVC_ASSERT(p.new_pages <= static_cast<std::int32_t>(st.pages.size()));
-      // New residual window contents (model domain, Fp): demoted quantized tokens, then kept residual ones.
+      KVC_ASSERT(p.res_total <= st.n_res);
+      // New residual window contents (Fp): the kept residual tokens.
       const stream_view sv = make_view(st);
       p.res_k.resize(static_cast<std::size_t>(p.res_total) * D);
       p.res_v.resize(static_cast<std::size_t>(p.res_total) * D);
       for (std::int32_t i = 0; i < p.res_total; ++i) {
-        const std::int32_t t = i < p.demote ? st.n_sink + p.kq[static_cast<std::size_t>(p.qmain + i)]
-                                            : st.n_sink + st.n_quant + p.kr[static_cast<std::size_t>(i - p.demote)];
+        const std::int32_t t = st.n_sink + st.n_quant + p.kr[static_cast<std::size_t>(i)];
         decode_unroped<quant::role::key>(sv, t, row.data());
         store_row(p.res_k.data() + static_cast<std::size_t>(i) * D, row.data());
         decode_unroped<quant::role::value>(sv, t, row.data());
@@ -643,16 +676,15 @@ class quant_cache {
       for (std::size_t i = 0; i < kept.size(); ++i) p.new_pos[i] = st.positions[static_cast<std::size_t>(kept[i])];
       // Which quantized pages change, and which of those are shared.
       p.page_changed.assign(static_cast<std::size_t>(p.new_pages), 0);
-      for (std::int32_t i = 0; i < p.qmain + p.flush; ++i)
-        if (i >= p.qmain || p.kq[static_cast<std::size_t>(i)] != i) p.page_changed[static_cast<std::size_t>(i / P)] = 1;
+      for (std::int32_t i = 0; i < p.qmain; ++i)
+        if (p.kq[static_cast<std::size_t>(i)] != i) p.page_changed[static_cast<std::size_t>(i / P)] = 1;
       for (std::int32_t pg = 0; pg < p.new_pages; ++pg)
         if (p.page_changed[static_cast<std::size_t>(pg)] && quant_pool_->ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1)
           ++p.quant_fresh;
       for (std::size_t i = 0; i < p.ks.size(); ++i)
         if (p.ks[i] != static_cast<std::int32_t>(i)) p.sink_changed = true;
       p.sink_fresh = p.sink_changed && sink_pool_->ref_count(st.sink) > 1;
-      const std::int32_t final_res = p.res_total - p.flush;
-      p.res_fresh = final_res > 0 && (st.res < 0 || res_pool_->ref_count(st.res) > 1);
+      p.res_fresh = p.res_total > 0 && res_pool_->ref_count(st.res) > 1;
       need_q += p.quant_fresh;
       need_r += p.res_fresh ? 1 : 0;
       need_s += p.sink_fresh ? 1 : 0;
@@ -687,28 +719,21 @@ class quant_cache {
       }
       compact_part<quant::role::key>(st, p.kq, p.qmain, kb.data());
       compact_part<quant::role::value>(st, p.kq, p.qmain, vb.data());
-      for (std::int32_t u0 = 0; u0 < p.flush; u0 += unit_) {
-        for (std::int32_t i = 0; i < unit_ * D; ++i) {
-          kb[static_cast<std::size_t>(i)] = static_cast<float>(p.res_k[static_cast<std::size_t>(u0) * D + i]);
-          vb[static_cast<std::size_t>(i)] = static_cast<float>(p.res_v[static_cast<std::size_t>(u0) * D + i]);
-        }
-        encode_unit(st, p.qmain + u0, kb.data(), vb.data());
-      }
       const std::size_t keep_pages = static_cast<std::size_t>(p.new_pages);
       quant_pool_->release(static_cast<std::int32_t>(st.pages.size() - keep_pages), st.pages.data() + keep_pages);
       st.pages.resize(keep_pages);
-      st.n_quant = p.qmain + p.flush;
+      st.n_quant = p.qmain;
       // residual window
-      const std::int32_t final_res = p.res_total - p.flush;
+      const std::int32_t final_res = p.res_total;
       if (p.res_fresh) {
-        if (st.res >= 0) res_pool_->release(st.res);
+        res_pool_->release(st.res);
         st.res = fresh.r[nr++];
       }
       if (final_res > 0) {
         Fp* rk = fp_rows(*res_pool_, st.res, res_cap_, false);
         Fp* rv = fp_rows(*res_pool_, st.res, res_cap_, true);
-        std::memcpy(rk, p.res_k.data() + static_cast<std::size_t>(p.flush) * D, sizeof(Fp) * final_res * D);
-        std::memcpy(rv, p.res_v.data() + static_cast<std::size_t>(p.flush) * D, sizeof(Fp) * final_res * D);
+        std::memcpy(rk, p.res_k.data(), sizeof(Fp) * final_res * D);
+        std::memcpy(rv, p.res_v.data(), sizeof(Fp) * final_res * D);
       }
       st.n_res = final_res;
       st.positions.swap(p.new_pos);
@@ -716,6 +741,7 @@ class quant_cache {
   }
 
   /// Compacts the K or V records of the quantized region: new token i comes from old token kq[i].
+  /// A trailing partial record (qmain % u tokens) is re-encoded padded with its last token.
   template <quant::role R>
   void compact_part(qstream& st, const std::vector<std::int32_t>& kq, std::int32_t qmain, float* buf) noexcept {
     const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
@@ -726,20 +752,23 @@ class quant_cache {
       return quant_pool_->data(st.pages[static_cast<std::size_t>(i / P)]) + off + rb * static_cast<std::size_t>((i % P) / u);
     };
     for (std::int32_t r0 = 0; r0 < qmain; r0 += u) {
+      const std::int32_t rn = std::min(u, qmain - r0);  // real tokens of this record
       bool same = true;
-      for (std::int32_t i = r0; i < r0 + u; ++i) same = same && kq[static_cast<std::size_t>(i)] == i;
-      if (same) continue;
+      for (std::int32_t i = r0; i < r0 + rn; ++i) same = same && kq[static_cast<std::size_t>(i)] == i;
+      if (same) continue;  // a partial record keeps its dropped tail's codes: never read
       if (u == 1) {
         std::memmove(rec(r0), rec(kq[static_cast<std::size_t>(r0)]), rb);
         continue;
       }
-      for (std::int32_t i = r0; i < r0 + u; ++i) {
+      for (std::int32_t i = r0; i < r0 + rn; ++i) {
         const std::int32_t src = kq[static_cast<std::size_t>(i)];
         if constexpr (R == quant::role::key)
           kq_.template decode_token<R>(rec(src), D, src % u, buf + static_cast<std::size_t>(i - r0) * D);
         else
           vq_.template decode_token<R>(rec(src), D, src % u, buf + static_cast<std::size_t>(i - r0) * D);
       }
+      for (std::int32_t i = rn; i < u; ++i)
+        std::memcpy(buf + static_cast<std::size_t>(i) * D, buf + static_cast<std::size_t>(rn - 1) * D, sizeof(float) * D);
       // Decoded rows are in the stored domain; encode expects the model domain.
       for (std::int32_t i = 0; i < u; ++i) {
         if constexpr (R == quant::role::key) kq_.to_model(buf + static_cast<std::size_t>(i) * D, D);

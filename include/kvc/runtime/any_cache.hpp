@@ -54,6 +54,8 @@ class any_cache {
 
   virtual std::size_t bytes_in_use() const = 0;
   virtual std::size_t bytes_in_use(std::int32_t layer) const = 0;
+  /// Pool bytes allocated and released since construction (kvc::memory_traffic).
+  virtual memory_traffic traffic() const = 0;
   virtual std::size_t metadata_bytes() const = 0;
   virtual std::int64_t tokens_held() const = 0;
   /// Whether keys are appended before RoPE (KVQuant's pre-RoPE keys): the caller then appends
@@ -129,6 +131,7 @@ class cache_adapter final : public any_cache {
   }
   std::size_t bytes_in_use() const override { return c_.bytes_in_use(); }
   std::size_t bytes_in_use(std::int32_t layer) const override { return c_.bytes_in_use(layer); }
+  memory_traffic traffic() const override { return c_.traffic(); }
   std::size_t metadata_bytes() const override { return c_.metadata_bytes(); }
   std::int64_t tokens_held() const override { return c_.tokens_held(); }
   bool pre_rope_keys() const override {

@@ -197,6 +197,7 @@ class mikv_cache final : public any_cache {
   }
 
   std::size_t bytes_in_use() const override { return c_.bytes_in_use(); }
+  memory_traffic traffic() const override { return c_.traffic(); }
   std::size_t bytes_in_use(std::int32_t layer) const override { return c_.bytes_in_use(layer); }
   /// Both stores' bookkeeping, the precision map (8 bytes a token) and the scores (4 a token).
   std::size_t metadata_bytes() const override {

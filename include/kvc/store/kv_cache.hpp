@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -204,21 +205,43 @@ class kv_cache {
     keep_heads(s, layer, all);
   }
 
-  /// Overwrites the stored keys of one stream in place (used to re-rotate kept keys to new RoPE
-  /// positions). `fn(std::int32_t token, T* row)` edits one row; positions are replaced by
-  /// new_positions when it is not null. Shared pages are copied first (all or nothing).
+  /// Overwrites the stored keys of one stream (used to re-rotate kept keys to new RoPE
+  /// positions). `fn(std::int32_t token, T* row)` edits a copy of one row; positions are replaced
+  /// by new_positions when it is not null. All or nothing: shared pages are allocated first, fn
+  /// runs on copies, and the pages change only once every row is done, so a throwing fn or a
+  /// failed allocation leaves the stream as it was.
   template <class Fn>
   void rewrite_keys(seq_id s, std::int32_t layer, std::int32_t head, Fn&& fn,
                     const std::int32_t* new_positions = nullptr) {
-    sequence& sq = find(s, "rewrite_keys")->second;
-    check_layer(layer, "rewrite_keys");
-    KVC_EXPECTS(head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
-    stream& st = at(sq, layer, head);
-    make_exclusive(st, layer);
-    for (std::int32_t t = 0; t < st.length(); ++t)
-      fn(t, page_data(st.pages[static_cast<std::size_t>(t / cfg_.page_size)]) +
-                static_cast<std::size_t>(t % cfg_.page_size) * cfg_.head_dim);
-    if (new_positions) std::copy(new_positions, new_positions + st.length(), st.positions.begin());
+    const stream& st = get(s, layer, head, "rewrite_keys");
+    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> one;
+    one.emplace_back(head, std::vector<std::int32_t>(static_cast<std::size_t>(st.length())));
+    std::iota(one[0].second.begin(), one[0].second.end(), 0);
+    std::vector<std::vector<std::int32_t>> pos;
+    if (new_positions) pos.emplace_back(new_positions, new_positions + st.length());
+    auto per_head = [&fn](std::int32_t, std::int32_t t, T* row) { fn(t, row); };
+    keep_heads(s, layer, one, &per_head, new_positions ? &pos : nullptr);
+  }
+
+  /// keep_layer, then every kept key rewritten, as one all-or-nothing step (StreamingLLM's
+  /// re-rotation after eviction): `fn(std::int32_t head, std::int32_t i, T* row)` edits a copy of
+  /// kept token i of head h (its row as stored before the call); new_positions[h], when given,
+  /// replaces the positions of head h (kept[h].size() entries each).
+  template <class Fn>
+  void keep_layer_rewrite_keys(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept,
+                               Fn&& fn, const std::vector<std::vector<std::int32_t>>* new_positions = nullptr) {
+    check_layer(layer, "keep_layer_rewrite_keys");
+    KVC_EXPECTS(static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads, "kept.size() = ", kept.size(),
+                ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    KVC_EXPECTS(!new_positions || new_positions->size() == kept.size(), "new_positions->size() = ",
+                new_positions ? new_positions->size() : 0, ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    for (std::size_t h = 0; new_positions && h < kept.size(); ++h)
+      KVC_EXPECTS((*new_positions)[h].size() == kept[h].size(), "new_positions[", h, "].size() = ",
+                  (*new_positions)[h].size(), ", expected kept[", h, "].size() = ", kept[h].size());
+    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
+    all.reserve(kept.size());
+    for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
+    keep_heads(s, layer, all, &fn, new_positions);
   }
 
   // ---- reading ---------------------------------------------------------------------------
@@ -290,6 +313,8 @@ class kv_cache {
   std::size_t stream_bytes(seq_id s, std::int32_t layer, std::int32_t head) const {
     return get(s, layer, head, "stream_bytes").pages.size() * pool_.page_bytes();
   }
+  /// Pool bytes allocated and released since construction (see memory_traffic).
+  memory_traffic traffic() const noexcept { return pool_.traffic(); }
   /// Host bytes of bookkeeping: 4 bytes of position per kept token plus 4 per page-table entry.
   std::size_t metadata_bytes() const noexcept {
     std::size_t b = 0;
@@ -383,29 +408,27 @@ class kv_cache {
     return at(sq, layer, head);
   }
 
-  /// Copies every shared page of st (all allocations first, so a failure changes nothing).
-  void make_exclusive(stream& st, std::int32_t layer) {
-    std::vector<std::size_t> shared;
-    for (std::size_t i = 0; i < st.pages.size(); ++i)
-      if (pool_.ref_count(st.pages[i]) > 1) shared.push_back(i);
-    std::vector<page_id> fresh(shared.size());
-    pool_.allocate(static_cast<std::int32_t>(shared.size()), fresh.data(), layer);
-    for (std::size_t j = 0; j < shared.size(); ++j) {
-      page_id& p = st.pages[shared[j]];
-      std::memcpy(pool_.data(fresh[j]), pool_.data(p), pool_.page_bytes());
-      pool_.release(p);
-      p = fresh[j];
-    }
-  }
+  /// No key rewrite: keep only.
+  struct no_rewrite {
+    void operator()(std::int32_t, std::int32_t, T*) const noexcept {}
+  };
 
+  /// The one compaction routine (keep, keep_layer, rewrite_keys, keep_layer_rewrite_keys);
+  /// rewrite_pos, when given, has one position vector per element of `heads`:
+  /// plan (validate, count the pages to copy, take every buffer) -> allocate (all pages at once)
+  /// -> rewrite keys into copies (the caller's fn may throw: the fresh pages go back and nothing
+  /// else has changed) -> commit (nothing throws).
+  template <class Fn = const no_rewrite>
   void keep_heads(seq_id s, std::int32_t layer,
-                  const std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>>& heads) {
+                  const std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>>& heads, Fn* rewrite = nullptr,
+                  const std::vector<std::vector<std::int32_t>>* rewrite_pos = nullptr) {
     sequence& sq = find(s, "keep")->second;
     const std::int32_t P = cfg_.page_size, D = cfg_.head_dim;
     // Validate everything and plan the fresh pages before touching anything.
     std::int32_t need = 0;
     std::vector<std::vector<std::int32_t>> new_pos(heads.size());
     std::vector<std::vector<page_id>> old(heads.size());  // reads must see the original pages
+    std::vector<std::vector<T>> keys(rewrite ? heads.size() : 0);  // rewritten kept keys [n][D]
     for (std::size_t j = 0; j < heads.size(); ++j) {
       const std::int32_t h = heads[j].first;
       const auto& kept = heads[j].second;
@@ -421,13 +444,37 @@ class kv_cache {
       }
       const std::int32_t n = static_cast<std::int32_t>(kept.size());
       for (std::int32_t pg = 0; pg < pages_for(n); ++pg)
-        if (page_changes(kept, pg) && pool_.ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1) ++need;
+        if ((rewrite || page_changes(kept, pg)) && pool_.ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1) ++need;
       old[j] = st.pages;
-      new_pos[j].resize(kept.size());
-      for (std::size_t i = 0; i < kept.size(); ++i) new_pos[j][i] = st.positions[static_cast<std::size_t>(kept[i])];
+      if (rewrite_pos) {
+        const auto& np = (*rewrite_pos)[j];  // one entry per element of `heads`
+        KVC_ASSERT(np.size() == kept.size());  // checked by the public calls
+        new_pos[j] = np;
+      } else {
+        new_pos[j].resize(kept.size());
+        for (std::size_t i = 0; i < kept.size(); ++i) new_pos[j][i] = st.positions[static_cast<std::size_t>(kept[i])];
+      }
+      if (rewrite) keys[j].resize(kept.size() * static_cast<std::size_t>(D));
     }
     std::vector<page_id> fresh(static_cast<std::size_t>(need));
     pool_.allocate(need, fresh.data(), layer);
+    if (rewrite) {
+      try {
+        for (std::size_t j = 0; j < heads.size(); ++j) {
+          const auto& kept = heads[j].second;
+          for (std::size_t i = 0; i < kept.size(); ++i) {
+            T* row = keys[j].data() + i * static_cast<std::size_t>(D);
+            const std::int32_t t = kept[i];
+            std::memcpy(row, page_data(old[j][static_cast<std::size_t>(t / P)]) + static_cast<std::size_t>(t % P) * D,
+                        sizeof(T) * D);
+            (*rewrite)(heads[j].first, static_cast<std::int32_t>(i), row);
+          }
+        }
+      } catch (...) {
+        pool_.release(need, fresh.data());
+        throw;
+      }
+    }
     // Commit: forward compaction is safe in place because kept[i] >= i, so a source row is never
     // read after its slot has been overwritten.
     std::size_t next = 0;
@@ -436,7 +483,7 @@ class kv_cache {
       stream& st = at(sq, layer, heads[j].first);
       const std::int32_t n = static_cast<std::int32_t>(kept.size());
       for (std::int32_t pg = 0; pg < pages_for(n); ++pg) {
-        if (!page_changes(kept, pg)) continue;
+        if (!rewrite && !page_changes(kept, pg)) continue;
         page_id dst = st.pages[static_cast<std::size_t>(pg)];
         if (pool_.ref_count(dst) > 1) {
           const page_id copy = fresh[next++];
@@ -456,6 +503,10 @@ class kv_cache {
                        sizeof(T) * D);
         }
       }
+      if (rewrite)
+        for (std::int32_t i = 0; i < n; ++i)
+          std::memcpy(page_data(st.pages[static_cast<std::size_t>(i / P)]) + static_cast<std::size_t>(i % P) * D,
+                      keys[j].data() + static_cast<std::size_t>(i) * D, sizeof(T) * D);
       const std::size_t keep_pages = static_cast<std::size_t>(pages_for(n));
       pool_.release(static_cast<std::int32_t>(st.pages.size() - keep_pages), st.pages.data() + keep_pages);
       st.pages.resize(keep_pages);

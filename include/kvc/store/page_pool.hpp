@@ -24,6 +24,53 @@ KVC_BEGIN_NAMESPACE
 
 using page_id = std::int32_t;
 
+/// Pool traffic since construction, in bytes: what one call allocated and released is the
+/// difference of two readings (bytes_in_use after = before + allocated - released). Both are
+/// needed: a keep can copy shared pages (after fork) while it frees emptied ones, and their net
+/// difference alone cannot say either.
+struct memory_traffic {
+  std::uint64_t bytes_allocated = 0;
+  std::uint64_t bytes_released = 0;
+  memory_traffic& operator+=(const memory_traffic& o) noexcept {
+    bytes_allocated += o.bytes_allocated;
+    bytes_released += o.bytes_released;
+    return *this;
+  }
+};
+
+namespace testing {
+
+/// Test-only fault injection for the strong-guarantee tests. While one is installed on a thread
+/// (scoped_allocation_fault), the allocate call with n > 0 number `fail_at` (0-based, counted on
+/// that thread over every page_pool) throws kvc::out_of_memory as exhaustion would, pool
+/// unchanged. Uninstalled it costs one thread-local pointer test per allocate call, which already
+/// takes a mutex.
+struct allocation_fault {
+  std::int64_t fail_at = -1;  ///< which allocate call fails; -1: none (count only)
+  std::int64_t calls = 0;     ///< allocate calls with n > 0 seen while installed
+};
+
+inline allocation_fault*& current_allocation_fault() noexcept {
+  static thread_local allocation_fault* f = nullptr;
+  return f;
+}
+
+/// Installs `f` on this thread for the scope (restoring the previous one after).
+class scoped_allocation_fault {
+ public:
+  explicit scoped_allocation_fault(allocation_fault& f) noexcept : prev_(current_allocation_fault()) {
+    current_allocation_fault() = &f;
+  }
+  ~scoped_allocation_fault() { current_allocation_fault() = prev_; }
+  scoped_allocation_fault(const scoped_allocation_fault&) = delete;
+  scoped_allocation_fault& operator=(const scoped_allocation_fault&) = delete;
+
+ private:
+  allocation_fault* prev_;
+};
+
+}  // namespace testing
+
 /// A fixed-capacity pool of equally sized pages. All members are safe to call from several
 /// threads; page *contents* are the caller's to synchronise.
 class page_pool {
@@ -82,6 +129,10 @@ class page_pool {
   void allocate(std::int32_t n, page_id* out, std::int32_t tag = 0) {
     KVC_EXPECTS(n >= 0, "n = ", n, ", expected >= 0");
     KVC_EXPECTS(tag >= 0 && tag < num_tags(), "tag = ", tag, ", expected 0..", num_tags() - 1);
+    if (testing::allocation_fault* f = testing::current_allocation_fault(); f != nullptr && n > 0)
+      if (f->calls++ == f->fail_at)
+        detail::fail<out_of_memory>(detail::concat("kvc::page_pool::allocate: ", n,
+                                                   " pages requested; injected failure (testing::allocation_fault)"));
     std::lock_guard<std::mutex> lock(mu_);
     if (static_cast<std::size_t>(n) > free_.size())
       detail::fail<out_of_memory>(detail::concat("kvc::page_pool::allocate: ", n, " pages requested, ",
@@ -95,6 +146,7 @@ class page_pool {
       out[i] = p;
     }
     tag_pages_[tag] += n;
+    allocated_ += static_cast<std::uint64_t>(n);
   }
 
   page_id allocate(std::int32_t tag = 0) {
@@ -121,6 +173,7 @@ class page_pool {
       if (--refs_[p] == 0) {
         free_.push_back(p);
         --tag_pages_[tag_of_[p]];
+        ++released_;
       }
     }
   }
@@ -136,6 +189,12 @@ class page_pool {
   }
   std::int32_t pages_in_use() const noexcept { return capacity_ - free_pages(); }
   std::size_t bytes_in_use() const noexcept { return static_cast<std::size_t>(pages_in_use()) * page_bytes_; }
+  /// Bytes of pages handed out and returned to the free list since construction (shared pages
+  /// count when allocated and when their last reference goes).
+  memory_traffic traffic() const noexcept {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {allocated_ * page_bytes_, released_ * page_bytes_};
+  }
   /// Bytes of the live pages that were allocated with `tag`.
   std::size_t bytes_in_use(std::int32_t tag) const noexcept {
     std::lock_guard<std::mutex> lock(mu_);
@@ -156,6 +215,7 @@ class page_pool {
   std::vector<std::int32_t> refs_;
   std::vector<std::int32_t> tag_of_;
   std::vector<std::int64_t> tag_pages_;
+  std::uint64_t allocated_ = 0, released_ = 0;  // pages, since construction
 };
 
 KVC_END_NAMESPACE

@@ -12,10 +12,15 @@
 
 KVC_BEGIN_NAMESPACE
 
+/// Element offsets into a KV buffer. 64-bit whatever the extents' index type: a paged offset is
+/// page id x page stride, which leaves int32 at vLLM block 40000 of 16 x 32 x 128 elements and
+/// at page 2^19 of kvc's own 16-token, head_dim 128 pages.
+using offset_type = std::int64_t;
+
 /// Tokens [t, t + length) of one head: token t + i's row starts at offset + i * token_stride.
 template <class IndexType>
 struct row_run {
-  IndexType offset;
+  offset_type offset;
   IndexType length;
   IndexType token_stride;
 };

@@ -22,6 +22,7 @@ struct layout_nhd {
     using size_type = typename Extents::size_type;
     using rank_type = typename Extents::rank_type;
     using layout_type = layout_nhd;
+    using offset_type = ::kvc::offset_type;
     /// Kernels may read a head's dim axis as one contiguous row.
     static constexpr bool dim_contiguous = true;
 
@@ -29,11 +30,11 @@ struct layout_nhd {
     KVC_HOST_DEVICE constexpr explicit mapping(const Extents& e) noexcept : ext_(e) {}
 
     KVC_HOST_DEVICE constexpr const extents_type& extents() const noexcept { return ext_; }
-    KVC_HOST_DEVICE constexpr index_type operator()(index_type t, index_type h, index_type d) const noexcept {
-      return (t * ext_.extent(1) + h) * ext_.extent(2) + d;
+    KVC_HOST_DEVICE constexpr offset_type operator()(index_type t, index_type h, index_type d) const noexcept {
+      return (offset_type{t} * ext_.extent(1) + h) * ext_.extent(2) + d;
     }
-    KVC_HOST_DEVICE constexpr index_type required_span_size() const noexcept {
-      return ext_.extent(0) * ext_.extent(1) * ext_.extent(2);
+    KVC_HOST_DEVICE constexpr offset_type required_span_size() const noexcept {
+      return offset_type{ext_.extent(0)} * ext_.extent(1) * ext_.extent(2);
     }
     KVC_HOST_DEVICE constexpr index_type stride(rank_type r) const noexcept {
       return r == 2 ? 1 : r == 1 ? ext_.extent(2) : ext_.extent(1) * ext_.extent(2);
@@ -68,6 +69,7 @@ struct layout_hnd {
     using size_type = typename Extents::size_type;
     using rank_type = typename Extents::rank_type;
     using layout_type = layout_hnd;
+    using offset_type = ::kvc::offset_type;
     static constexpr bool dim_contiguous = true;
 
     mapping() = default;
@@ -78,11 +80,11 @@ struct layout_hnd {
 
     KVC_HOST_DEVICE constexpr const extents_type& extents() const noexcept { return ext_; }
     KVC_HOST_DEVICE constexpr index_type capacity() const noexcept { return capacity_; }
-    KVC_HOST_DEVICE constexpr index_type operator()(index_type t, index_type h, index_type d) const noexcept {
-      return (h * capacity_ + t) * ext_.extent(2) + d;
+    KVC_HOST_DEVICE constexpr offset_type operator()(index_type t, index_type h, index_type d) const noexcept {
+      return (offset_type{h} * capacity_ + t) * ext_.extent(2) + d;
     }
-    KVC_HOST_DEVICE constexpr index_type required_span_size() const noexcept {
-      return ext_.extent(1) * capacity_ * ext_.extent(2);
+    KVC_HOST_DEVICE constexpr offset_type required_span_size() const noexcept {
+      return offset_type{ext_.extent(1)} * capacity_ * ext_.extent(2);
     }
     KVC_HOST_DEVICE constexpr index_type stride(rank_type r) const noexcept {
       return r == 2 ? 1 : r == 0 ? ext_.extent(2) : capacity_ * ext_.extent(2);

@@ -32,6 +32,7 @@ struct layout_paged {
     using size_type = typename Extents::size_type;
     using rank_type = typename Extents::rank_type;
     using layout_type = layout_paged;
+    using offset_type = ::kvc::offset_type;
     static constexpr bool dim_contiguous = Order != page_order::hdn;
     static constexpr page_order order = Order;
 
@@ -44,13 +45,13 @@ struct layout_paged {
     /// \param page_offset  elements from the start of a page to this tensor (e.g. V after K)
     /// \pre page_size is a power of two; checked by the factory functions, asserted here
     KVC_HOST_DEVICE mapping(const Extents& e, const std::int32_t* page_table, index_type page_size,
-                            index_type page_stride, index_type page_offset = 0) noexcept
+                            offset_type page_stride, offset_type page_offset = 0) noexcept
         : ext_(e), table_(page_table), stride_(page_stride), offset_(page_offset),
           shift_(static_cast<index_type>(detail::log2_exact(page_size))) {}
 
     /// Dense page stride: page_size * heads * dim.
     KVC_HOST_DEVICE mapping(const Extents& e, const std::int32_t* page_table, index_type page_size) noexcept
-        : mapping(e, page_table, page_size, page_size * e.extent(1) * e.extent(2), 0) {}
+        : mapping(e, page_table, page_size, offset_type{page_size} * e.extent(1) * e.extent(2), 0) {}
 
     KVC_HOST_DEVICE constexpr const extents_type& extents() const noexcept { return ext_; }
     KVC_HOST_DEVICE constexpr index_type page_size() const noexcept {
@@ -58,22 +59,24 @@ struct layout_paged {
       else return index_type{1} << shift_;
     }
     KVC_HOST_DEVICE constexpr const std::int32_t* page_table() const noexcept { return table_; }
-    KVC_HOST_DEVICE constexpr index_type page_stride() const noexcept { return stride_; }
-    KVC_HOST_DEVICE constexpr index_type page_offset() const noexcept { return offset_; }
+    KVC_HOST_DEVICE constexpr offset_type page_stride() const noexcept { return stride_; }
+    KVC_HOST_DEVICE constexpr offset_type page_offset() const noexcept { return offset_; }
     KVC_HOST_DEVICE constexpr index_type num_pages() const noexcept {
       return (ext_.extent(0) + page_size() - 1) / page_size();
     }
 
     /// Offset of (slot, head, dim) inside one page, in elements.
-    KVC_HOST_DEVICE constexpr index_type in_page(index_type s, index_type h, index_type d) const noexcept {
-      const index_type H = ext_.extent(1), D = ext_.extent(2);
+    KVC_HOST_DEVICE constexpr offset_type in_page(index_type s, index_type h, index_type d) const noexcept {
+      const offset_type H = ext_.extent(1), D = ext_.extent(2), P = page_size();
       if constexpr (Order == page_order::nhd) return (s * H + h) * D + d;
-      else if constexpr (Order == page_order::hnd) return (h * page_size() + s) * D + d;
-      else return (h * D + d) * page_size() + s;
+      else if constexpr (Order == page_order::hnd) return (h * P + s) * D + d;
+      else return (h * D + d) * P + s;
     }
 
-    KVC_HOST_DEVICE constexpr index_type operator()(index_type t, index_type h, index_type d) const noexcept {
-      const index_type page = static_cast<index_type>(table_[t >> shift()]);
+    /// 64-bit, unlike mdspan's index_type result: the page id times the stride is a pool offset,
+    /// not an index into this sequence, and exceeds int32 in pools of a few GB.
+    KVC_HOST_DEVICE constexpr offset_type operator()(index_type t, index_type h, index_type d) const noexcept {
+      const offset_type page = table_[t >> shift()];
       return page * stride_ + offset_ + in_page(t & (page_size() - 1), h, d);
     }
 
@@ -90,10 +93,10 @@ struct layout_paged {
     /// The largest offset + 1 this mapping can produce is unknown without the table; the pool
     /// size is the caller's. Reported as the span of the pages the table can name if they are
     /// the first num_pages() of the pool, which is what mdspan needs only for debug checks.
-    KVC_HOST_DEVICE constexpr index_type required_span_size() const noexcept {
-      index_type m = 0;
+    KVC_HOST_DEVICE constexpr offset_type required_span_size() const noexcept {
+      offset_type m = 0;
       for (index_type i = 0; i < num_pages(); ++i)
-        if (table_[i] + 1 > m) m = table_[i] + 1;
+        if (offset_type{table_[i]} + 1 > m) m = offset_type{table_[i]} + 1;
       return m * stride_;
     }
 
@@ -116,8 +119,8 @@ struct layout_paged {
 
     Extents ext_{};
     const std::int32_t* table_ = nullptr;
-    index_type stride_ = 0;
-    index_type offset_ = 0;
+    offset_type stride_ = 0;
+    offset_type offset_ = 0;
     index_type shift_ = 0;
   };
 };

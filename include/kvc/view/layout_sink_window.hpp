@@ -25,6 +25,7 @@ struct layout_sink_window {
     using index_type = typename Extents::index_type;
     using size_type = typename Extents::size_type;
     using rank_type = typename Extents::rank_type;
+    using offset_type = ::kvc::offset_type;
     using layout_type = layout_sink_window;
     static constexpr bool dim_contiguous = true;
 
@@ -49,18 +50,18 @@ struct layout_sink_window {
       if (t < sink_) return t;
       return sink_ + (arrival(t) - sink_) % window_;
     }
-    KVC_HOST_DEVICE constexpr index_type operator()(index_type t, index_type h, index_type d) const noexcept {
-      return (slot(t) * ext_.extent(1) + h) * ext_.extent(2) + d;
+    KVC_HOST_DEVICE constexpr offset_type operator()(index_type t, index_type h, index_type d) const noexcept {
+      return (offset_type{slot(t)} * ext_.extent(1) + h) * ext_.extent(2) + d;
     }
     /// Runs stop at the end of the sinks and where the ring wraps.
     KVC_HOST_DEVICE constexpr row_run<index_type> run(index_type t, index_type h) const noexcept {
       const index_type s = slot(t);
       index_type len = t < sink_ ? sink_ - t : sink_ + window_ - s;
       if (len > ext_.extent(0) - t) len = ext_.extent(0) - t;
-      return {(s * ext_.extent(1) + h) * ext_.extent(2), len, ext_.extent(1) * ext_.extent(2)};
+      return {(offset_type{s} * ext_.extent(1) + h) * ext_.extent(2), len, ext_.extent(1) * ext_.extent(2)};
     }
-    KVC_HOST_DEVICE constexpr index_type required_span_size() const noexcept {
-      return (sink_ + window_) * ext_.extent(1) * ext_.extent(2);
+    KVC_HOST_DEVICE constexpr offset_type required_span_size() const noexcept {
+      return (offset_type{sink_} + window_) * ext_.extent(1) * ext_.extent(2);
     }
     static constexpr bool is_always_unique() noexcept { return true; }
     static constexpr bool is_always_exhaustive() noexcept { return false; }

@@ -1,0 +1,271 @@
+// SPDX-License-Identifier: Apache-2.0
+// The strong guarantee under injected faults. kvc::testing::allocation_fault makes the N-th page
+// allocation on this thread fail (kvc::out_of_memory) for N = 0, 1, 2, ... until the call under
+// test succeeds; after every failure the cache must equal the snapshot taken before: gathered K/V,
+// positions, page tables, reference counts, free pages and bytes per layer
+// (support/cache_checks.hpp). Calls:
+//  - evict::apply_layer with StreamingLLM re-rotation (keep + rewrite of every kept key) on a
+//    forked sequence, where pages stay shared after the keep (before the fix the keep committed
+//    and the per-head rewrite_keys then failed half way);
+//  - kv_cache::rewrite_keys with a function that throws at its k-th row, for every k (before the
+//    fix rows 0..k-1 were already rewritten in the pages);
+//  - quant_cache append / keep_layer after fork (KIVI-2, whose partial groups are re-encoded).
+// A successful re-rotation is checked against RoPE written here in double: kept token i of head h,
+// at original position p, becomes R(i - p) k (rotate_half pairs (j, j + D/2), angle
+// (i - p) theta^(-2j/D)); float pages: |err| <= 2e-5 (|k|_inf + 1).
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include <kvc/attention/rope.hpp>
+#include <kvc/evict/core.hpp>
+#include <kvc/quant/kivi.hpp>
+#include <kvc/quant/quant_cache.hpp>
+#include <kvc/store/kv_cache.hpp>
+
+#include "cache_checks.hpp"
+#include "fast_require.hpp"
+#include "kvc_catch.hpp"
+#include "random.hpp"
+
+namespace {
+
+struct injected_row_error : std::runtime_error {
+  injected_row_error() : std::runtime_error("injected") {}
+};
+
+template <class T>
+struct fixture {
+  kvc::kv_cache<T> cache;
+  kvc::seq_id a, b;
+  std::vector<kvc::seq_id> seqs;
+  fixture(std::int32_t H, std::int32_t D, kvc_test::rng& r) : cache(config(H, D)) {
+    a = cache.add_sequence();
+    for (std::int32_t l = 0; l < 2; ++l) append(a, l, r.integer(20, 90), r);
+    b = cache.fork(a);
+    if (r.coin()) append(b, 0, r.integer(1, 20), r);
+    seqs = {a, b};
+  }
+  static kvc::cache_config config(std::int32_t H, std::int32_t D) {
+    kvc::cache_config c;
+    c.num_layers = 2;
+    c.num_kv_heads = H;
+    c.head_dim = D;
+    c.page_size = 8;
+    c.max_pages = 1024;
+    return c;
+  }
+  void append(kvc::seq_id s, std::int32_t l, std::int32_t n, kvc_test::rng& r) {
+    const auto k = r.normals(static_cast<std::size_t>(n) * cache.config().num_kv_heads * cache.config().head_dim);
+    const auto v = r.normals(k.size());
+    cache.append(s, l, k.data(), v.data(), n);
+  }
+};
+
+/// A keep set that leaves the first pages of each head unchanged (so they stay shared after the
+/// keep and only a rewrite must copy them), and drops random later tokens.
+std::vector<std::vector<std::int32_t>> keep_with_prefix(std::int32_t H, const std::vector<std::int32_t>& lens,
+                                                        kvc_test::rng& r) {
+  std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(H));
+  for (std::int32_t h = 0; h < H; ++h) {
+    const std::int32_t L = lens[static_cast<std::size_t>(h)], pre = std::min(L, r.integer(0, 24));
+    for (std::int32_t t = 0; t < L; ++t)
+      if (t < pre || r.coin(0.6)) kept[static_cast<std::size_t>(h)].push_back(t);
+  }
+  return kept;
+}
+
+/// Runs `op` with the N-th allocation failing, N = 0, 1, ...: every failure must leave `snap()`
+/// unchanged; returns how many failures it took to succeed.
+template <class Op, class Snap>
+int run_until_success(Op op, Snap snap) {
+  for (int n = 0; n < 1000; ++n) {
+    const auto before = snap();
+    kvc::testing::allocation_fault f;
+    f.fail_at = n;
+    bool ok = false;
+    {
+      kvc::testing::scoped_allocation_fault guard(f);
+      try {
+        op();
+        ok = true;
+      } catch (const kvc::out_of_memory& e) {
+        INFO("failure at allocation " << n << ": " << e.what());
+        REQUIRE(snap() == before);
+      }
+    }
+    if (ok) {
+      REQUIRE(f.calls <= n);  // it succeeded because no call reached the failing one
+      return n;
+    }
+  }
+  FAIL("never succeeded");
+  return -1;
+}
+
+double rope_angle(double delta, std::int32_t j, std::int32_t D, double theta) {
+  return delta * std::pow(theta, -2.0 * j / D);
+}
+
+}  // namespace
+
+TEST_CASE("apply_layer with re-rotation is all or nothing under every allocation failure", "[store][strong]") {
+  for (int trial = 0; trial < 12; ++trial) {
+    kvc_test::rng r(3001 + trial);
+    const std::int32_t H = r.integer(1, 3), D = 2 * r.integer(2, 16);
+    fixture<float> fx(H, D, r);
+    const kvc::seq_id s = r.coin() ? fx.b : fx.a;
+    const std::int32_t layer = r.integer(0, 1);
+    std::vector<std::int32_t> lens;
+    std::vector<std::vector<float>> k0(static_cast<std::size_t>(H));
+    std::vector<std::vector<std::int32_t>> p0(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      const std::int32_t L = fx.cache.length(s, layer, h);
+      lens.push_back(L);
+      k0[static_cast<std::size_t>(h)].resize(static_cast<std::size_t>(L) * D);
+      fx.cache.gather(s, layer, h, k0[static_cast<std::size_t>(h)].data());
+      p0[static_cast<std::size_t>(h)].assign(fx.cache.positions(s, layer, h), fx.cache.positions(s, layer, h) + L);
+    }
+    const auto kept = keep_with_prefix(H, lens, r);
+    kvc::rope_config rc;
+    rc.head_dim = D;
+    const kvc::rope rope(rc);
+    kvc::evict::apply_options o;
+    o.rerotate = &rope;
+    INFO("trial " << trial << " H=" << H << " D=" << D << " seq " << s << " layer " << layer);
+    const int failures = run_until_success([&] { (void)kvc::evict::apply_layer(fx.cache, s, layer, kept, o); },
+                                           [&] { return kvc_test::snapshot(fx.cache, fx.seqs); });
+    REQUIRE(failures >= 0);
+    // The result: kept keys rotated by (i - p) in double, positions 0..n-1, values untouched.
+    for (std::int32_t h = 0; h < H; ++h) {
+      const auto& kh = kept[static_cast<std::size_t>(h)];
+      const std::int32_t n = static_cast<std::int32_t>(kh.size());
+      REQUIRE(fx.cache.length(s, layer, h) == n);
+      std::vector<float> k(static_cast<std::size_t>(n) * D);
+      fx.cache.gather(s, layer, h, k.data());
+      for (std::int32_t i = 0; i < n; ++i) {
+        REQUIRE(fx.cache.positions(s, layer, h)[i] == i);
+        const float* x = k0[static_cast<std::size_t>(h)].data() + static_cast<std::size_t>(kh[static_cast<std::size_t>(i)]) * D;
+        const double delta = i - p0[static_cast<std::size_t>(h)][static_cast<std::size_t>(kh[static_cast<std::size_t>(i)])];
+        double amax = 1;
+        for (std::int32_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(double{x[d]}));
+        for (std::int32_t j = 0; j < D / 2; ++j) {
+          const double a = rope_angle(delta, j, D, rc.theta);
+          const double x0 = x[j], x1 = x[j + D / 2];
+          const double y0 = x0 * std::cos(a) - x1 * std::sin(a), y1 = x0 * std::sin(a) + x1 * std::cos(a);
+          KVC_REQUIRE(std::fabs(k[static_cast<std::size_t>(i) * D + j] - y0) <= 2e-5 * amax, "h=" << h << " i=" << i << " j=" << j);
+          KVC_REQUIRE(std::fabs(k[static_cast<std::size_t>(i) * D + j + D / 2] - y1) <= 2e-5 * amax, "h=" << h << " i=" << i);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("rewrite_keys is all or nothing when the function throws at any row", "[store][strong]") {
+  kvc_test::rng r(3101);
+  for (int trial = 0; trial < 4; ++trial) {
+    fixture<kvc::half> fx(2, 16, r);
+    const kvc::seq_id s = trial % 2 ? fx.b : fx.a;  // a forked sequence: rewrites need copies
+    const std::int32_t L = fx.cache.length(s, 1, 1);
+    for (std::int32_t bad = 0; bad < L; bad += std::max(1, L / 9)) {
+      const auto before = kvc_test::snapshot(fx.cache, fx.seqs);
+      std::vector<std::int32_t> np(static_cast<std::size_t>(L), 7);
+      std::int32_t calls = 0;
+      REQUIRE_THROWS_AS(fx.cache.rewrite_keys(
+                            s, 1, 1,
+                            [&](std::int32_t t, kvc::half* row) {
+                              ++calls;
+                              if (t == bad) throw injected_row_error();
+                              row[0] = kvc::half(99.0f);
+                            },
+                            np.data()),
+                        injected_row_error);
+      REQUIRE(calls == bad + 1);
+      REQUIRE(kvc_test::snapshot(fx.cache, fx.seqs) == before);
+    }
+    // And under every allocation failure, then success.
+    run_until_success(
+        [&] {
+          fx.cache.rewrite_keys(s, 1, 1, [](std::int32_t, kvc::half* row) { row[1] = kvc::half(-3.0f); });
+        },
+        [&] { return kvc_test::snapshot(fx.cache, fx.seqs); });
+    std::vector<float> k(static_cast<std::size_t>(L) * 16);
+    fx.cache.gather(s, 1, 1, k.data());
+    for (std::int32_t t = 0; t < L; ++t) REQUIRE(k[static_cast<std::size_t>(t) * 16 + 1] == -3.0f);
+  }
+}
+
+namespace {
+
+/// What a quant_cache holds for a set of sequences, for before/after comparisons.
+template <class C>
+struct qsnap {
+  std::vector<std::vector<float>> k, v;
+  std::vector<std::vector<std::int32_t>> pos;
+  std::vector<std::int32_t> seen;
+  std::vector<std::size_t> layer_bytes;
+  std::size_t bytes = 0;
+  qsnap(const C& c, const std::vector<kvc::seq_id>& seqs) {
+    const auto& cfg = c.config();
+    for (kvc::seq_id s : seqs)
+      for (std::int32_t l = 0; l < cfg.num_layers; ++l) {
+        seen.push_back(c.seen(s, l));
+        for (std::int32_t h = 0; h < cfg.num_kv_heads; ++h) {
+          const std::int32_t L = c.length(s, l, h);
+          k.emplace_back(static_cast<std::size_t>(L) * cfg.head_dim);
+          v.emplace_back(k.back().size());
+          c.gather(s, l, h, k.back().data(), v.back().data());
+          pos.emplace_back(c.positions(s, l, h), c.positions(s, l, h) + L);
+        }
+      }
+    for (std::int32_t l = 0; l < cfg.num_layers; ++l) layer_bytes.push_back(c.bytes_in_use(l));
+    bytes = c.bytes_in_use();
+  }
+  bool operator==(const qsnap& o) const {
+    return k == o.k && v == o.v && pos == o.pos && seen == o.seen && layer_bytes == o.layer_bytes && bytes == o.bytes;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("quant_cache append and keep_layer after fork are all or nothing under every allocation failure",
+          "[quant][strong]") {
+  using C = kvc::quant_cache<kvc::quant::kivi<2>, kvc::quant::kivi<2>>;
+  for (int trial = 0; trial < 6; ++trial) {
+    kvc_test::rng r(3201 + trial);
+    kvc::quant_cache_config cfg;
+    cfg.num_layers = 2;
+    cfg.num_kv_heads = 2;
+    cfg.head_dim = 32;
+    cfg.page_size = 32;
+    cfg.max_pages = 512;
+    cfg.max_fp_pages = 64;
+    cfg.sink_tokens = trial % 3;
+    kvc::quant::kivi<2> q;
+    q.residual_tokens = trial % 2 ? 0 : 32;
+    C c(cfg, q, q);
+    const auto a = c.add_sequence();
+    auto add = [&](kvc::seq_id s, std::int32_t n) {
+      for (std::int32_t l = 0; l < 2; ++l) {
+        const auto k = r.normals(static_cast<std::size_t>(n) * 2 * 32), v = r.normals(k.size());
+        c.append(s, l, k.data(), v.data(), n);
+      }
+    };
+    add(a, r.integer(40, 160));
+    const auto b = c.fork(a);
+    const std::vector<kvc::seq_id> seqs = {a, b};
+    auto snap = [&] { return qsnap<C>(c, seqs); };
+    INFO("trial " << trial);
+    // keep on one side leaves partial groups; the append that follows completes them.
+    std::vector<std::vector<std::int32_t>> kept(2);
+    for (std::int32_t h = 0; h < 2; ++h) kept[static_cast<std::size_t>(h)] = r.subset(c.length(b, 0, h), r.integer(1, c.length(b, 0, h)));
+    run_until_success([&] { c.keep_layer(b, 0, kept); }, snap);
+    const std::int32_t n = r.integer(1, 70);
+    const auto k = r.normals(static_cast<std::size_t>(n) * 2 * 32), v = r.normals(k.size());
+    run_until_success([&] { c.append(b, 0, k.data(), v.data(), n); }, snap);
+    run_until_success([&] { c.append(a, 0, k.data(), v.data(), n); }, snap);
+    REQUIRE(c.length(b, 0, 0) == static_cast<std::int32_t>(kept[0].size()) + n);
+  }
+}
