@@ -647,7 +647,7 @@ class quant_cache {
         if (i >= p.qmain || p.kq[static_cast<std::size_t>(i)] != i) p.page_changed[static_cast<std::size_t>(i / P)] = 1;
       for (std::int32_t pg = 0; pg < p.new_pages; ++pg)
         if (p.page_changed[static_cast<std::size_t>(pg)] && quant_pool_->ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1)
-          ++p.quant_fresh;
+          p.page_changed[static_cast<std::size_t>(pg)] = 2, ++p.quant_fresh;  // 2: shared, copy (decided once; docs/threading.md)
       for (std::size_t i = 0; i < p.ks.size(); ++i)
         if (p.ks[i] != static_cast<std::int32_t>(i)) p.sink_changed = true;
       p.sink_fresh = p.sink_changed && sink_pool_->ref_count(st.sink) > 1;
@@ -678,7 +678,7 @@ class quant_cache {
       // quantized pages: copy the shared ones that change, then compact forward in place
       for (std::int32_t pg = 0; pg < p.new_pages; ++pg) {
         page_id& id = st.pages[static_cast<std::size_t>(pg)];
-        if (p.page_changed[static_cast<std::size_t>(pg)] && quant_pool_->ref_count(id) > 1) {
+        if (p.page_changed[static_cast<std::size_t>(pg)] == 2) {
           const page_id cp = fresh.q[nq++];
           std::memcpy(quant_pool_->data(cp), quant_pool_->data(id), quant_pool_->page_bytes());
           quant_pool_->release(id);

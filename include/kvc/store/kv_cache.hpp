@@ -142,12 +142,16 @@ class kv_cache {
       check_finite(v, static_cast<std::size_t>(n) * H * D, "v");
     }
     // Plan: how many pages each head needs, including copies of shared pages we would write.
+    // The copy decisions are made here once and replayed below: a forked sibling on another
+    // thread may drop its share in between, and re-asking ref_count would then leave a fresh
+    // page unused and leaked (docs/threading.md).
     std::int32_t need = 0;
+    std::vector<unsigned char> copy_last(static_cast<std::size_t>(H), 0);
     for (std::int32_t h = 0; h < H; ++h) {
       const stream& st = at(sq, layer, h);
       const std::int32_t L = st.length();
       need += pages_for(L + n) - static_cast<std::int32_t>(st.pages.size());
-      if (L % P != 0 && pool_.ref_count(st.pages.back()) > 1) ++need;
+      if (L % P != 0 && pool_.ref_count(st.pages.back()) > 1) copy_last[static_cast<std::size_t>(h)] = 1, ++need;
     }
     for (std::int32_t h = 0; h < H; ++h) {  // capacity first: a bad_alloc here changes nothing
       stream& st = at(sq, layer, h);
@@ -162,7 +166,7 @@ class kv_cache {
     for (std::int32_t h = 0; h < H; ++h) {
       stream& st = at(sq, layer, h);
       std::int32_t L = st.length();
-      if (L % P != 0 && pool_.ref_count(st.pages.back()) > 1) {
+      if (copy_last[static_cast<std::size_t>(h)]) {
         const page_id copy = fresh[next++];
         std::memcpy(pool_.data(copy), pool_.data(st.pages.back()), pool_.page_bytes());
         pool_.release(st.pages.back());
@@ -406,6 +410,7 @@ class kv_cache {
     std::int32_t need = 0;
     std::vector<std::vector<std::int32_t>> new_pos(heads.size());
     std::vector<std::vector<page_id>> old(heads.size());  // reads must see the original pages
+    std::vector<std::vector<unsigned char>> copy(heads.size());  // [head][page]: copy before writing
     for (std::size_t j = 0; j < heads.size(); ++j) {
       const std::int32_t h = heads[j].first;
       const auto& kept = heads[j].second;
@@ -420,16 +425,23 @@ class kv_cache {
                                       " after ", kept[i - 1], ", expected strictly increasing indices"));
       }
       const std::int32_t n = static_cast<std::int32_t>(kept.size());
+      copy[j].assign(static_cast<std::size_t>(pages_for(n)), 0);
       for (std::int32_t pg = 0; pg < pages_for(n); ++pg)
-        if (page_changes(kept, pg) && pool_.ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1) ++need;
+        if (page_changes(kept, pg) && pool_.ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1)
+          copy[j][static_cast<std::size_t>(pg)] = 1, ++need;
       old[j] = st.pages;
       new_pos[j].resize(kept.size());
       for (std::size_t i = 0; i < kept.size(); ++i) new_pos[j][i] = st.positions[static_cast<std::size_t>(kept[i])];
     }
+    std::vector<page_id> unshared;  // before allocate: a bad_alloc must leave nothing taken
+    unshared.reserve(static_cast<std::size_t>(need));
     std::vector<page_id> fresh(static_cast<std::size_t>(need));
     pool_.allocate(need, fresh.data(), layer);
     // Commit: forward compaction is safe in place because kept[i] >= i, so a source row is never
     // read after its slot has been overwritten.
+    // Shared pages replaced by copies are released only after every row has been read from
+    // them: a forked sibling on another thread may drop its share meanwhile, and a page released
+    // early could be reallocated and overwritten while still read here.
     std::size_t next = 0;
     for (std::size_t j = 0; j < heads.size(); ++j) {
       const auto& kept = heads[j].second;
@@ -438,11 +450,11 @@ class kv_cache {
       for (std::int32_t pg = 0; pg < pages_for(n); ++pg) {
         if (!page_changes(kept, pg)) continue;
         page_id dst = st.pages[static_cast<std::size_t>(pg)];
-        if (pool_.ref_count(dst) > 1) {
-          const page_id copy = fresh[next++];
-          pool_.release(dst);  // still referenced by the sharer: contents stay readable via `old`
-          st.pages[static_cast<std::size_t>(pg)] = copy;
-          dst = copy;
+        if (copy[j][static_cast<std::size_t>(pg)]) {
+          const page_id fresh_page = fresh[next++];
+          unshared.push_back(dst);  // released below; contents stay readable via `old`
+          st.pages[static_cast<std::size_t>(pg)] = fresh_page;
+          dst = fresh_page;
         }
         T* out = page_data(dst);
         const std::int32_t end = std::min(n, (pg + 1) * P);
@@ -461,6 +473,7 @@ class kv_cache {
       st.pages.resize(keep_pages);
       st.positions.swap(new_pos[j]);
     }
+    pool_.release(static_cast<std::int32_t>(unshared.size()), unshared.data());
   }
 
   /// Whether destination page pg differs from the source page with the same index.
