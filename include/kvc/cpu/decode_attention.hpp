@@ -25,6 +25,7 @@
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 namespace detail {
 
 /// Tokens scored per online-softmax step. One tile of K rows is scored, then the same tile of V
@@ -506,5 +507,6 @@ void decode_attention(const Cache& cache, Seq seq, std::int32_t layer, const flo
   decode_attention<Arch>(cache.layer(seq, layer, buf), q, num_q_heads, out, opt);
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 KVC_END_NAMESPACE

@@ -292,6 +292,7 @@ KVC_END_NAMESPACE
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 
 /// Decode attention over a quant_cache whose K and V codecs are both gear<Bits, Group>, with the
 /// low-rank term factored per record: scores = q.Q(X) + (q.B) A^T + q.S and
@@ -394,5 +395,6 @@ void gear_decode_attention(const quant_cache<quant::gear<BK, GK>, quant::gear<BV
     }
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 KVC_END_NAMESPACE

@@ -552,6 +552,7 @@ struct mikv_policy {
 };
 
 namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 
 /// Decode attention over both precisions of a mixed_precision_cache: the fused quantized kernel
 /// runs over each store, and the two partial softmaxes are merged exactly by their log-sum-exp.
@@ -647,6 +648,7 @@ void decode_attention(const mixed_precision_cache<HQ, LQ, Fp>& cache, seq_id seq
   if (opt.lse) std::copy(lse_h.begin(), lse_h.end(), opt.lse);
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 
 KVC_END_NAMESPACE

@@ -479,35 +479,31 @@ class quant_cache {
   // The row conversions use F16C 8 at a time for binary16 (the same round-to-nearest-even as
   // half(float), bit for bit): one scalar conversion per element was 60% of append's time
   // (perf, BM_quant_append int2 32x8x128).
+  // (The F16C choice is made at run time, so these bodies are the same in every TU: docs/isa.md.)
   void store_row(Fp* dst, const float* src) const noexcept {
-    std::int32_t d = 0;
-#if KVC_QUANT_AVX2
-    if constexpr (std::is_same<Fp, half>::value)
-      for (; d + 8 <= cfg_.head_dim; d += 8)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-    for (; d < cfg_.head_dim; ++d) dst[d] = Fp(src[d]);
+    const std::size_t D = static_cast<std::size_t>(cfg_.head_dim);
+    if constexpr (std::is_same<Fp, half>::value) {
+      kvc::detail::float_to_half_n(src, D, dst);
+    } else {
+      for (std::size_t d = 0; d < D; ++d) dst[d] = Fp(src[d]);
+    }
   }
   void load_row(const Fp* src, float* dst) const noexcept {
-    std::int32_t d = 0;
-#if KVC_QUANT_AVX2
-    if constexpr (std::is_same<Fp, half>::value)
-      for (; d + 8 <= cfg_.head_dim; d += 8)
-        _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
-#endif
-    for (; d < cfg_.head_dim; ++d) dst[d] = static_cast<float>(src[d]);
+    const std::size_t D = static_cast<std::size_t>(cfg_.head_dim);
+    if constexpr (std::is_same<Fp, half>::value) {
+      kvc::detail::half_to_float_n(src, D, dst);
+    } else {
+      for (std::size_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);
+    }
   }
   /// Rounds through Fp, so that a token is encoded from the same values whichever way it arrived.
   void round_row(const float* src, float* dst) const noexcept {
-    std::int32_t d = 0;
-#if KVC_QUANT_AVX2
-    if constexpr (std::is_same<Fp, half>::value)
-      for (; d + 8 <= cfg_.head_dim; d += 8)
-        _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(src + d),
-                                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-#endif
-    for (; d < cfg_.head_dim; ++d) dst[d] = static_cast<float>(Fp(src[d]));
+    const std::size_t D = static_cast<std::size_t>(cfg_.head_dim);
+    if constexpr (std::is_same<Fp, half>::value) {
+      kvc::detail::round_through_half_n(src, D, dst);
+    } else {
+      for (std::size_t d = 0; d < D; ++d) dst[d] = static_cast<float>(Fp(src[d]));
+    }
   }
 
   /// Encodes one unit (unit_ tokens of K and V, model domain) at quantized index i0 (a multiple of unit_).

@@ -30,16 +30,15 @@ KVC_BEGIN_NAMESPACE
 
 namespace detail {
 
-/// out[i] = float(x[i]) for i < n; eight halves per F16C instruction when the target has it.
+/// out[i] = float(x[i]) for i < n; eight halves per F16C instruction when the CPU has it (chosen
+/// at run time: this body is the same in every TU, docs/isa.md).
 template <class T>
 inline void to_float_n(const T* x, std::size_t n, float* out) noexcept {
-  std::size_t i = 0;
-#if KVC_HAS_F16C
-  if constexpr (std::is_same<T, half>::value)
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
-#endif
-  for (; i < n; ++i) out[i] = static_cast<float>(x[i]);
+  if constexpr (std::is_same<T, half>::value) {
+    half_to_float_n(x, n, out);
+  } else {
+    for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
+  }
 }
 
 }  // namespace detail
