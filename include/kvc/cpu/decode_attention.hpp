@@ -7,6 +7,8 @@
 /// split-K over token ranges with an exact merge of the partial softmax states, threads from a
 /// caller-supplied pool. Reads plain rows with xsimd when the layout keeps a head's dim axis
 /// contiguous; any other layout or accessor goes through element access.
+/// Threads: read-only on the cache, per-thread scratch: any number of threads may attend at once,
+/// sharing one pool (docs/threading.md). Compiled per ISA (docs/isa.md).
 
 #include <algorithm>
 #include <cmath>

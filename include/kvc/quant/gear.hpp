@@ -58,6 +58,7 @@ namespace quant {
 
 /// \tparam Bits   2, 4 or 8 bits per code of the dense part
 /// \tparam Group  tokens per record (2..64); quant_cache pages must hold whole groups
+/// Threads: a stateless codec: any use from any thread; its caches follow quant_cache (docs/threading.md).
 template <int Bits = 4, int Group = 32>
 struct gear : codec_base {
   static_assert(Bits == 2 || Bits == 4 || Bits == 8, "kvc::quant::gear<Bits>: Bits must be 2, 4 or 8");

@@ -76,6 +76,7 @@ struct quant_stream_view {
 /// \tparam KQ  key codec (kvc::quant::int8, kivi<2>, fp8<>, rotated<...>, ...)
 /// \tparam VQ  value codec
 /// \tparam Fp  element type of the sink and residual tokens (kvc::half by default, or float)
+/// Threads: sequences are written and read concurrently, one thread per sequence; add/remove/fork are exclusive (docs/threading.md).
 template <class KQ, class VQ = KQ, class Fp = half>
 class quant_cache {
   static_assert(quant::is_codec_v<KQ>, "kvc::quant_cache<KQ, VQ>: KQ is not a kvc quantizer (see <kvc/quant/codec.hpp>)");

@@ -67,6 +67,7 @@ struct stream {
 };
 
 /// \tparam T  element type of the pages: float, kvc::half or kvc::bfloat16
+/// Threads: sequences are written and read concurrently, one thread per sequence; add/remove/fork are exclusive (docs/threading.md).
 template <class T>
 class kv_cache {
   static_assert(is_storage_float_v<T>,
