@@ -12,7 +12,7 @@ function(defined_symbols obj out)
   string(REPLACE "\n" ";" lines "${txt}")
   set(names "")
   foreach(l IN LISTS lines)
-    if(l MATCHES "^[0-9a-fA-F]* *[TtWwVv] (.*)$")
+    if(l MATCHES "^[0-9a-fA-F]* *[TWV] (.*)$")  # global definitions: only those can clash
       list(APPEND names "${CMAKE_MATCH_1}")
     endif()
   endforeach()

@@ -343,6 +343,8 @@ class kv_cache {
   void store_row(T* dst, const In* src) const noexcept {
     if constexpr (std::is_same<In, T>::value) {
       std::memcpy(dst, src, sizeof(T) * static_cast<std::size_t>(cfg_.head_dim));
+    } else if constexpr (std::is_same<T, half>::value) {
+      detail::float_to_half_n(src, static_cast<std::size_t>(cfg_.head_dim), dst);  // F16C when the CPU has it
     } else {
       for (std::int32_t d = 0; d < cfg_.head_dim; ++d) dst[d] = T(src[d]);
     }
