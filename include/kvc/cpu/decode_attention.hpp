@@ -7,6 +7,8 @@
 /// split-K over token ranges with an exact merge of the partial softmax states, threads from a
 /// caller-supplied pool. Reads plain rows with xsimd when the layout keeps a head's dim axis
 /// contiguous; any other layout or accessor goes through element access.
+/// Threads: read-only on the cache, per-thread scratch: any number of threads may attend at once,
+/// sharing one pool (docs/threading.md). Compiled per ISA (docs/isa.md).
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +27,7 @@
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 namespace detail {
 
 /// Tokens scored per online-softmax step. One tile of K rows is scored, then the same tile of V
@@ -506,5 +509,6 @@ void decode_attention(const Cache& cache, Seq seq, std::int32_t layer, const flo
   decode_attention<Arch>(cache.layer(seq, layer, buf), q, num_q_heads, out, opt);
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 KVC_END_NAMESPACE

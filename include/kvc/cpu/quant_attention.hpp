@@ -37,6 +37,7 @@
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 
 /// Options of the quantized kernels beyond kvc::decode_options.
 struct quant_attention_options {
@@ -452,5 +453,6 @@ void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int
   if (want_probs) detail::finalize_probs<Arch>(hkv, G, [&](std::int32_t h) { return views[static_cast<std::size_t>(h)].length(); }, raw_base, raw_stride, lse, opt);
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 KVC_END_NAMESPACE

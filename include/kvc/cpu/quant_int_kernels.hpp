@@ -30,6 +30,7 @@
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 namespace qdetail {
 
 #if KVC_QUANT_AVX2
@@ -274,5 +275,6 @@ constexpr bool intval_ok(std::int32_t) noexcept { return false; }
 #endif
 
 }  // namespace qdetail
+KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 KVC_END_NAMESPACE

@@ -20,6 +20,7 @@
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 namespace qdetail {
 
 inline constexpr std::int32_t max_group = 8;
@@ -562,5 +563,6 @@ void fused_values(const Q&, const std::byte*, std::int32_t, std::int32_t, std::i
 
 }  // namespace qdetail
 
+KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 KVC_END_NAMESPACE

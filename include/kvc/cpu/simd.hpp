@@ -4,7 +4,8 @@
 /// \file
 /// xsimd helpers for the CPU kernels: load any storage type as a batch of float. xsimd 8.1 has no
 /// half or bfloat16 batches, so the conversions use the F16C/AVX2/AVX-512 instructions when the
-/// compiler targets them and a scalar path otherwise. Never names xsimd's base arch tag (it is
+/// compiler targets them and a scalar path otherwise. Everything here is compiled per ISA, in
+/// the ISA namespace of kvc/isa.hpp, so TUs built with different -m flags never share a body. Never names xsimd's base arch tag (it is
 /// `generic` in xsimd 8 and `common` later).
 
 #include <cstdint>
@@ -12,6 +13,7 @@
 
 #include <xsimd/xsimd.hpp>
 
+#include <kvc/isa.hpp>
 #include <kvc/types.hpp>
 
 #if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
@@ -20,6 +22,11 @@
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
+
+/// The ISA this TU's kernels were compiled for, e.g. "isa_avx2_fma_f16c" or "isa_sse2": the
+/// name of the inline namespace they live in (docs/isa.md). Each TU gets its own answer.
+inline const char* isa_name() noexcept { return KVC_ISA_STR(KVC_ISA_NAMESPACE); }
 
 /// The arch kernels use unless told otherwise: the best the compiler targets (-march is the
 /// user's choice).
@@ -97,5 +104,6 @@ inline void exp_inplace(float* x, std::int32_t n) noexcept {
   for (; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 KVC_END_NAMESPACE

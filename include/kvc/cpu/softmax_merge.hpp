@@ -18,6 +18,7 @@
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 namespace detail {
 
 /// Merges, for each run of tasks with the same (h, g0), the partial states parts[k] (members m[g],
@@ -78,5 +79,6 @@ void finalize_probs(std::int32_t hkv, std::int32_t G, Length&& length, float* ra
 }
 
 }  // namespace detail
+KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 KVC_END_NAMESPACE

@@ -95,6 +95,7 @@ inline gathered_layer& plan_scratch() {
 }
 }  // namespace detail
 
+/// Threads: one instance is not synchronised: one per thread, or a lock; distinct instances may work on different sequences of one cache (docs/threading.md).
 template <class Scorer>
 class compressor {
   static_assert(is_scorer_v<Scorer>,

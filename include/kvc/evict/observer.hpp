@@ -37,6 +37,7 @@ struct observer_params {
   bool track_sum = true, track_decayed = true, track_last = true, track_low = true;
 };
 
+/// Threads: not synchronised: non-const calls on one instance need exclusive access (docs/threading.md).
 class attention_observer {
  public:
   explicit attention_observer(const observer_params& p = {}) : p_(p) {

@@ -4,11 +4,15 @@
 /// \file
 /// IEEE 754 binary16 storage type with round-to-nearest-even conversion from float.
 
+#include <cstddef>
 #include <cstdint>
 
 #include <kvc/config.hpp>
+#include <kvc/isa.hpp>
 #include <kvc/numeric/bits.hpp>
 
+/// Whether this TU is compiled for F16C. Only ISA-namespaced code may test it (kvc/isa.hpp):
+/// half's own conversions are the same in every TU.
 #if defined(__F16C__) && !defined(__CUDA_ARCH__)
 #include <immintrin.h>
 #define KVC_HAS_F16C 1
@@ -65,21 +69,13 @@ KVC_HOST_DEVICE float half_bits_to_float_portable(std::uint16_t h) noexcept {
   return bits_float(sign | ((e + 112u) << 23) | (m << 13));
 }
 
-KVC_HOST_DEVICE std::uint16_t float_to_half_bits(float f) noexcept {
-#if KVC_HAS_F16C
-  return static_cast<std::uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#else
-  return float_to_half_bits_portable(f);
-#endif
-}
+/// The scalar conversions are the portable ones in every TU, whatever its -m flags: `half` is one
+/// type across TUs, and an F16C body under one name in some TUs and a portable one in others is
+/// an ODR violation whose linker-chosen copy can be the F16C one on a CPU without F16C
+/// (docs/isa.md). Bulk conversions (below) use F16C, chosen at run time.
+KVC_HOST_DEVICE std::uint16_t float_to_half_bits(float f) noexcept { return float_to_half_bits_portable(f); }
 
-KVC_HOST_DEVICE float half_bits_to_float(std::uint16_t h) noexcept {
-#if KVC_HAS_F16C
-  return _cvtsh_ss(h);
-#else
-  return half_bits_to_float_portable(h);
-#endif
-}
+KVC_HOST_DEVICE float half_bits_to_float(std::uint16_t h) noexcept { return half_bits_to_float_portable(h); }
 
 }  // namespace detail
 
@@ -98,5 +94,59 @@ struct half {
 };
 
 static_assert(sizeof(half) == 2, "kvc::half must be two bytes");
+
+namespace detail {
+
+#if KVC_X86_DISPATCH
+/// Bulk F16C conversions, 8 lanes at a time (n rounded down to a multiple of 8; returns how many
+/// were done). Same rounding as the scalar path (round to nearest even), bit for bit.
+KVC_TARGET_AVX2 inline std::size_t half_to_float_n_f16c(const half* x, std::size_t n, float* out) noexcept {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  return i;
+}
+KVC_TARGET_AVX2 inline std::size_t float_to_half_n_f16c(const float* x, std::size_t n, half* out) noexcept {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return i;
+}
+KVC_TARGET_AVX2 inline std::size_t round_through_half_n_f16c(const float* x, std::size_t n, float* out) noexcept {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + i),
+                                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+  return i;
+}
+#endif
+
+/// out[i] = float(x[i]) for i < n: F16C where the CPU has it (run-time choice, docs/isa.md).
+inline void half_to_float_n(const half* x, std::size_t n, float* out) noexcept {
+  std::size_t i = 0;
+#if KVC_X86_DISPATCH
+  if (cpu_has_avx2_fma_f16c()) i = half_to_float_n_f16c(x, n, out);
+#endif
+  for (; i < n; ++i) out[i] = static_cast<float>(x[i]);
+}
+/// out[i] = half(x[i]) for i < n.
+inline void float_to_half_n(const float* x, std::size_t n, half* out) noexcept {
+  std::size_t i = 0;
+#if KVC_X86_DISPATCH
+  if (cpu_has_avx2_fma_f16c()) i = float_to_half_n_f16c(x, n, out);
+#endif
+  for (; i < n; ++i) out[i] = half(x[i]);
+}
+/// out[i] = float(half(x[i])) for i < n.
+inline void round_through_half_n(const float* x, std::size_t n, float* out) noexcept {
+  std::size_t i = 0;
+#if KVC_X86_DISPATCH
+  if (cpu_has_avx2_fma_f16c()) i = round_through_half_n_f16c(x, n, out);
+#endif
+  for (; i < n; ++i) out[i] = static_cast<float>(half(x[i]));
+}
+
+}  // namespace detail
 
 KVC_END_NAMESPACE

@@ -25,9 +25,10 @@
 #include <vector>
 
 #include <kvc/error.hpp>
+#include <kvc/isa.hpp>
 #include <kvc/numeric/half.hpp>
 
-#if defined(__AVX2__) && defined(__F16C__) && !defined(__CUDA_ARCH__)
+#if (defined(__AVX2__) && defined(__F16C__) && !defined(__CUDA_ARCH__)) || KVC_X86_DISPATCH
 #include <immintrin.h>
 #endif
 
@@ -142,12 +143,22 @@ KVC_HOST_DEVICE std::uint8_t affine_code(float x, float inv_scale, float zero_ef
 }
 
 // ---- vectorised row decoders (AVX2 + F16C on the host; scalar elsewhere) ----
+//
+// The codecs below are types shared by every TU (quant_cache's template arguments), so their
+// members must have one body whatever the TU's -m flags (docs/isa.md): their AVX2 paths are
+// KVC_TARGET_AVX2 functions chosen at run time. KVC_QUANT_AVX2 says whether *this TU* targets
+// AVX2 + F16C; only ISA-namespaced code (the kernels of <kvc/cpu/>) may test it.
 
 #if defined(__AVX2__) && defined(__F16C__) && !defined(__CUDA_ARCH__)
 #define KVC_QUANT_AVX2 1
+#else
+#define KVC_QUANT_AVX2 0
+#endif
+
+#if KVC_X86_DISPATCH
 /// 16 codes of Bits bits starting at byte `in` -> 16 bytes.
 template <int Bits>
-inline __m128i unpack16(const std::uint8_t* in) noexcept {
+KVC_TARGET_AVX2 inline __m128i unpack16(const std::uint8_t* in) noexcept {
   if constexpr (Bits == 8) {
     return _mm_loadu_si128(reinterpret_cast<const __m128i*>(in));
   } else if constexpr (Bits == 4) {
@@ -164,15 +175,11 @@ inline __m128i unpack16(const std::uint8_t* in) noexcept {
     return _mm_unpacklo_epi16(_mm_unpacklo_epi8(p0, p1), _mm_unpacklo_epi8(p2, p3));
   }
 }
-#else
-#define KVC_QUANT_AVX2 0
-#endif
 
-/// out[i] = s * code_i + z for n codes (n a multiple of 8 / Bits... any n; SIMD for multiples of 16).
+/// decode_affine_row's first n - n % 16 values; returns how many it did.
 template <int Bits>
-inline void decode_affine_row(const std::uint8_t* codes, int n, float s, float z, float* out) noexcept {
+KVC_TARGET_AVX2 inline int decode_affine_row_avx2(const std::uint8_t* codes, int n, float s, float z, float* out) noexcept {
   int i = 0;
-#if KVC_QUANT_AVX2
   const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
   for (; i + 16 <= n; i += 16) {
     const __m128i c = unpack16<Bits>(codes + i * Bits / 8);
@@ -181,15 +188,14 @@ inline void decode_affine_row(const std::uint8_t* codes, int n, float s, float z
     _mm256_storeu_ps(out + i, _mm256_fmadd_ps(f0, vs, vz));
     _mm256_storeu_ps(out + i + 8, _mm256_fmadd_ps(f1, vs, vz));
   }
-#endif
-  for (; i < n; ++i) out[i] = s * static_cast<float>(unpack_code<Bits>(codes, i)) + z;
+  return i;
 }
 
-/// out[d] = s[d] * code_d + z[d] (per-channel scales and zeros stored as binary16).
+/// decode_affine_row_pc's first n - n % 16 values; returns how many it did.
 template <int Bits>
-inline void decode_affine_row_pc(const std::uint8_t* codes, int n, const half* s, const half* z, float* out) noexcept {
+KVC_TARGET_AVX2 inline int decode_affine_row_pc_avx2(const std::uint8_t* codes, int n, const half* s, const half* z,
+                                                     float* out) noexcept {
   int i = 0;
-#if KVC_QUANT_AVX2
   for (; i + 16 <= n; i += 16) {
     const __m128i c = unpack16<Bits>(codes + i * Bits / 8);
     const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
@@ -201,6 +207,26 @@ inline void decode_affine_row_pc(const std::uint8_t* codes, int n, const half* s
     _mm256_storeu_ps(out + i, _mm256_fmadd_ps(f0, s0, z0));
     _mm256_storeu_ps(out + i + 8, _mm256_fmadd_ps(f1, s1, z1));
   }
+  return i;
+}
+#endif  // KVC_X86_DISPATCH
+
+/// out[i] = s * code_i + z for n codes (n a multiple of 8 / Bits... any n; SIMD for multiples of 16).
+template <int Bits>
+inline void decode_affine_row(const std::uint8_t* codes, int n, float s, float z, float* out) noexcept {
+  int i = 0;
+#if KVC_X86_DISPATCH
+  if (kvc::detail::cpu_has_avx2_fma_f16c()) i = decode_affine_row_avx2<Bits>(codes, n, s, z, out);
+#endif
+  for (; i < n; ++i) out[i] = s * static_cast<float>(unpack_code<Bits>(codes, i)) + z;
+}
+
+/// out[d] = s[d] * code_d + z[d] (per-channel scales and zeros stored as binary16).
+template <int Bits>
+inline void decode_affine_row_pc(const std::uint8_t* codes, int n, const half* s, const half* z, float* out) noexcept {
+  int i = 0;
+#if KVC_X86_DISPATCH
+  if (kvc::detail::cpu_has_avx2_fma_f16c()) i = decode_affine_row_pc_avx2<Bits>(codes, n, s, z, out);
 #endif
   for (; i < n; ++i) {
     half sh, zh;
@@ -239,8 +265,8 @@ struct token_affine {
   KVC_HOST_DEVICE static const half* zeros(const std::byte* rec, int D) noexcept { return scales(rec, D) + groups(D); }
 
   KVC_HOST_DEVICE static void encode(const float* x, int D, std::byte* rec) noexcept {
-#if KVC_QUANT_AVX2
-    if (group(D) % 8 == 0) return encode_avx2(x, D, rec);
+#if KVC_X86_DISPATCH
+    if (group(D) % 8 == 0 && kvc::detail::cpu_has_avx2_fma_f16c()) return encode_avx2(x, D, rec);
 #endif
     const int g = group(D), ng = groups(D);
     std::uint8_t codes[1024];
@@ -259,12 +285,12 @@ struct token_affine {
     if constexpr (has_zero) std::memcpy(rec + code_bytes(D) + static_cast<std::size_t>(ng) * 2, zh, static_cast<std::size_t>(ng) * 2);
   }
 
-#if KVC_QUANT_AVX2
+#if KVC_X86_DISPATCH
   /// encode() 8 channels at a time on the host (same fit, same codes up to the compiler's
   /// contraction of the scalar (x - z) * inv + 0.5 into an FMA, which can move an exact tie by
   /// one code; both satisfy |x - x^| <= scale / 2). Same layout. The scalar encoder ran append at
   /// 0.28 GB/s of fp16 input (BM_quant_append int2 32x8x128).
-  static void encode_avx2(const float* x, int D, std::byte* rec) noexcept {
+  KVC_TARGET_AVX2 static void encode_avx2(const float* x, int D, std::byte* rec) noexcept {
     const int g = group(D), ng = groups(D);
     alignas(32) std::uint8_t codes[1024];
     half sh[64], zh[64];
@@ -356,8 +382,8 @@ struct channel_affine {
 
   /// x: [G][D]
   KVC_HOST_DEVICE static void encode(const float* x, int D, std::byte* rec) noexcept {
-#if KVC_QUANT_AVX2
-    if (D % 8 == 0) return encode_avx2(x, D, rec);
+#if KVC_X86_DISPATCH
+    if (D % 8 == 0 && kvc::detail::cpu_has_avx2_fma_f16c()) return encode_avx2(x, D, rec);
 #endif
     std::uint8_t* codes = reinterpret_cast<std::uint8_t*>(rec);
     for (std::size_t b = 0; b < code_bytes(D); ++b) codes[b] = 0;
@@ -378,12 +404,12 @@ struct channel_affine {
     }
   }
 
-#if KVC_QUANT_AVX2
+#if KVC_X86_DISPATCH
   /// encode() 8 channels at a time on the host: the min/max over the G tokens and the codes are
   /// vector ops across channels; the binary16 rounding of each channel's scale and zero stays the
   /// scalar half_up/half_down. Same layout, same codes (up to FMA contraction of the scalar
   /// expression at exact ties, as token_affine::encode_avx2).
-  static void encode_avx2(const float* x, int D, std::byte* rec) noexcept {
+  KVC_TARGET_AVX2 static void encode_avx2(const float* x, int D, std::byte* rec) noexcept {
     alignas(32) std::uint8_t codes[G][1024];
     half* sh = reinterpret_cast<half*>(rec + code_bytes(D));
     half* zh = sh + D;

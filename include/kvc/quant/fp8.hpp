@@ -21,7 +21,7 @@ KVC_BEGIN_NAMESPACE
 namespace quant {
 
 namespace detail {
-#if KVC_QUANT_AVX2
+#if KVC_X86_DISPATCH
 /// Format(f).bits for 8 floats (kvc::detail::float_to_minifloat, the same integer steps per lane):
 /// 8 codes in the low 8 bytes. Round to nearest even on the bit pattern, x + (half - 1) + lsb,
 /// whose carry moves into the exponent as the scalar ++code does; minifloat subnormals shift the
@@ -29,7 +29,7 @@ namespace detail {
 /// which is the scalar "shift >= 25: zero"); finite values beyond the largest code and infinities
 /// saturate to max_code; NaN gives nan_code; the sign is or-ed back.
 template <class Format>
-inline __m128i to_fp8_avx2(__m256 f) noexcept {
+KVC_TARGET_AVX2 inline __m128i to_fp8_avx2(__m256 f) noexcept {
   constexpr int E = Format::exponent_bits, M = Format::mantissa_bits;
   constexpr int bias = (1 << (E - 1)) - 1;
   constexpr int min_normal = (127 + 1 - bias) << 23;
@@ -91,8 +91,10 @@ struct fp8 : codec_base {
 
   template <role R>
   KVC_HOST_DEVICE void encode(const float* x, int D, std::byte* rec) const noexcept {
-#if KVC_QUANT_AVX2
-    return encode_avx2<R>(x, D, rec);
+    // The AVX2 encoder is chosen at run time, not by this TU's flags: fp8<> is one type in
+    // every TU, so encode() must be one body (docs/isa.md).
+#if KVC_X86_DISPATCH
+    if (kvc::detail::cpu_has_avx2_fma_f16c()) return encode_avx2<R>(x, D, rec);
 #endif
     encode_scalar<R>(x, D, rec);
   }
@@ -112,13 +114,13 @@ struct fp8 : codec_base {
     std::uint8_t* c = reinterpret_cast<std::uint8_t*>(rec);
     for (int d = 0; d < D; ++d) c[d] = Format(x[d] * inv).bits;
   }
-#if KVC_QUANT_AVX2
+#if KVC_X86_DISPATCH
   /// encode_scalar() 8 channels at a time on the host, bit for bit (tests/quant/test_fp8_encode
   /// checks it): the same float product x * inv, then Format's rounding in integer lanes
   /// (detail::to_fp8_avx2), so the result does not depend on MXCSR's rounding mode. The scalar
   /// conversion ran append at 0.15 GB/s of fp16 input (BM_quant_append fp8 32x8x128).
   template <role R>
-  void encode_avx2(const float* x, int D, std::byte* rec) const noexcept {
+  KVC_TARGET_AVX2 void encode_avx2(const float* x, int D, std::byte* rec) const noexcept {
     float s;
     if constexpr (per_tensor) {
       s = R == role::key ? k_scale : v_scale;

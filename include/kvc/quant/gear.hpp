@@ -58,6 +58,7 @@ namespace quant {
 
 /// \tparam Bits   2, 4 or 8 bits per code of the dense part
 /// \tparam Group  tokens per record (2..64); quant_cache pages must hold whole groups
+/// Threads: a stateless codec: any use from any thread; its caches follow quant_cache (docs/threading.md).
 template <int Bits = 4, int Group = 32>
 struct gear : codec_base {
   static_assert(Bits == 2 || Bits == 4 || Bits == 8, "kvc::quant::gear<Bits>: Bits must be 2, 4 or 8");
@@ -292,6 +293,7 @@ KVC_END_NAMESPACE
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 
 /// Decode attention over a quant_cache whose K and V codecs are both gear<Bits, Group>, with the
 /// low-rank term factored per record: scores = q.Q(X) + (q.B) A^T + q.S and
@@ -397,5 +399,6 @@ void gear_decode_attention(const quant_cache<quant::gear<BK, GK>, quant::gear<BV
     }
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 KVC_END_NAMESPACE

@@ -50,6 +50,7 @@ KVC_BEGIN_NAMESPACE
 /// \tparam HQ  high-precision codec (per-token: kvc::quant::int8, fp8<>, int4, outliers<int8>, ...)
 /// \tparam LQ  low-precision codec (per-token, no residual window: int2, int4, ...)
 /// \tparam Fp  element type of the full-precision sinks and residual window
+/// Threads: as kv_cache, with one strong-guarantee gap for keep under concurrent appends (docs/threading.md).
 template <class HQ = quant::int8, class LQ = quant::int2, class Fp = half>
 class mixed_precision_cache {
   static_assert(HQ::tokens_per_record(quant::role::key) == 1 && HQ::tokens_per_record(quant::role::value) == 1,
@@ -558,6 +559,7 @@ struct mikv_policy {
 };
 
 namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 
 /// Decode attention over both precisions of a mixed_precision_cache: the fused quantized kernel
 /// runs over each store, and the two partial softmaxes are merged exactly by their log-sum-exp.
@@ -653,6 +655,7 @@ void decode_attention(const mixed_precision_cache<HQ, LQ, Fp>& cache, seq_id seq
   if (opt.lse) std::copy(lse_h.begin(), lse_h.end(), opt.lse);
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 
 KVC_END_NAMESPACE

@@ -82,6 +82,7 @@ struct quant_stream_view {
 /// \tparam KQ  key codec (kvc::quant::int8, kivi<2>, fp8<>, rotated<...>, ...)
 /// \tparam VQ  value codec
 /// \tparam Fp  element type of the sink and residual tokens (kvc::half by default, or float)
+/// Threads: sequences are written and read concurrently, one thread per sequence; add/remove/fork are exclusive (docs/threading.md).
 template <class KQ, class VQ = KQ, class Fp = half>
 class quant_cache {
   static_assert(quant::is_codec_v<KQ>, "kvc::quant_cache<KQ, VQ>: KQ is not a kvc quantizer (see <kvc/quant/codec.hpp>)");
@@ -512,35 +513,31 @@ class quant_cache {
   // The row conversions use F16C 8 at a time for binary16 (the same round-to-nearest-even as
   // half(float), bit for bit): one scalar conversion per element was 60% of append's time
   // (perf, BM_quant_append int2 32x8x128).
+  // (The F16C choice is made at run time, so these bodies are the same in every TU: docs/isa.md.)
   void store_row(Fp* dst, const float* src) const noexcept {
-    std::int32_t d = 0;
-#if KVC_QUANT_AVX2
-    if constexpr (std::is_same<Fp, half>::value)
-      for (; d + 8 <= cfg_.head_dim; d += 8)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-    for (; d < cfg_.head_dim; ++d) dst[d] = Fp(src[d]);
+    const std::size_t D = static_cast<std::size_t>(cfg_.head_dim);
+    if constexpr (std::is_same<Fp, half>::value) {
+      kvc::detail::float_to_half_n(src, D, dst);
+    } else {
+      for (std::size_t d = 0; d < D; ++d) dst[d] = Fp(src[d]);
+    }
   }
   void load_row(const Fp* src, float* dst) const noexcept {
-    std::int32_t d = 0;
-#if KVC_QUANT_AVX2
-    if constexpr (std::is_same<Fp, half>::value)
-      for (; d + 8 <= cfg_.head_dim; d += 8)
-        _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
-#endif
-    for (; d < cfg_.head_dim; ++d) dst[d] = static_cast<float>(src[d]);
+    const std::size_t D = static_cast<std::size_t>(cfg_.head_dim);
+    if constexpr (std::is_same<Fp, half>::value) {
+      kvc::detail::half_to_float_n(src, D, dst);
+    } else {
+      for (std::size_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);
+    }
   }
   /// Rounds through Fp, so that a token is encoded from the same values whichever way it arrived.
   void round_row(const float* src, float* dst) const noexcept {
-    std::int32_t d = 0;
-#if KVC_QUANT_AVX2
-    if constexpr (std::is_same<Fp, half>::value)
-      for (; d + 8 <= cfg_.head_dim; d += 8)
-        _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(src + d),
-                                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-#endif
-    for (; d < cfg_.head_dim; ++d) dst[d] = static_cast<float>(Fp(src[d]));
+    const std::size_t D = static_cast<std::size_t>(cfg_.head_dim);
+    if constexpr (std::is_same<Fp, half>::value) {
+      kvc::detail::round_through_half_n(src, D, dst);
+    } else {
+      for (std::size_t d = 0; d < D; ++d) dst[d] = static_cast<float>(Fp(src[d]));
+    }
   }
 
   /// Encodes one unit (unit_ tokens of K and V, model domain) at quantized index i0 (a multiple of unit_).
@@ -680,7 +677,7 @@ class quant_cache {
         if (p.kq[static_cast<std::size_t>(i)] != i) p.page_changed[static_cast<std::size_t>(i / P)] = 1;
       for (std::int32_t pg = 0; pg < p.new_pages; ++pg)
         if (p.page_changed[static_cast<std::size_t>(pg)] && quant_pool_->ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1)
-          ++p.quant_fresh;
+          p.page_changed[static_cast<std::size_t>(pg)] = 2, ++p.quant_fresh;  // 2: shared, copy (decided once; docs/threading.md)
       for (std::size_t i = 0; i < p.ks.size(); ++i)
         if (p.ks[i] != static_cast<std::int32_t>(i)) p.sink_changed = true;
       p.sink_fresh = p.sink_changed && sink_pool_->ref_count(st.sink) > 1;
@@ -710,7 +707,7 @@ class quant_cache {
       // quantized pages: copy the shared ones that change, then compact forward in place
       for (std::int32_t pg = 0; pg < p.new_pages; ++pg) {
         page_id& id = st.pages[static_cast<std::size_t>(pg)];
-        if (p.page_changed[static_cast<std::size_t>(pg)] && quant_pool_->ref_count(id) > 1) {
+        if (p.page_changed[static_cast<std::size_t>(pg)] == 2) {
           const page_id cp = fresh.q[nq++];
           std::memcpy(quant_pool_->data(cp), quant_pool_->data(id), quant_pool_->page_bytes());
           quant_pool_->release(id);

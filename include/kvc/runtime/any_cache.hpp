@@ -24,6 +24,7 @@
 KVC_BEGIN_NAMESPACE
 namespace runtime {
 
+/// Threads: every implementation follows the caches' contract; mikv's attention() writes its sequence (docs/threading.md).
 class any_cache {
  public:
   virtual ~any_cache() = default;
@@ -88,6 +89,7 @@ struct cpu_attention {
 
 /// Wraps a concrete cache. Attention goes through `Attend` (by default
 /// `kvc::cpu::decode_attention(cache, ...)`, the overload each cache type provides).
+/// Threads: the wrapped cache's contract (docs/threading.md).
 template <class Cache, class Attend = cpu_attention>
 class cache_adapter final : public any_cache {
  public:

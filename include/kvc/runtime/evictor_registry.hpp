@@ -236,6 +236,7 @@ using scorer_builder = std::function<evict::any_scorer(spec_args&, const evictor
 inline evict::any_scorer make_scorer(const spec_stage& st, const evictor_context& ctx, evictor& ev);
 
 /// Scorers by name. Adding one: a line reading its params from spec_args.
+/// Threads: lookups are concurrent; registering is a write, done before other threads use it (docs/threading.md).
 inline std::map<std::string, scorer_builder>& evictor_registry() {
   namespace ev = kvc::evict;
   using detail::nonneg;

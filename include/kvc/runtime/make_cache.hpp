@@ -31,6 +31,7 @@ using cache_builder =
     std::function<std::unique_ptr<any_cache>(const spec_stage&, const cache_config&, const storage_options&)>;
 
 /// Storage builders by name; quantized storages register themselves here (runtime/quant.hpp).
+/// Threads: lookups are concurrent; registering is a write, done before other threads use it (docs/threading.md).
 inline std::map<std::string, cache_builder>& storage_registry() {
   static std::map<std::string, cache_builder> r = [] {
     std::map<std::string, cache_builder> m;

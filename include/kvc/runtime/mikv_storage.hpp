@@ -50,7 +50,7 @@ namespace runtime {
 ///
 /// `attention()` is const (any_cache's contract) but accumulates importance: the scores are
 /// mutable, so two threads must not attend the same sequence at once (the engine attends its
-/// layers in turn; different sequences are independent).
+/// layers in turn; different sequences are independent). See docs/threading.md.
 template <class HQ, class LQ>
 class mikv_cache final : public any_cache {
  public:
@@ -179,6 +179,9 @@ class mikv_cache final : public any_cache {
     for (std::int32_t h = 0; h < H; ++h) longest = std::max(longest, c_.length(s, layer, h));
     decode_options o = opt;
     const bool want = opt.probs || opt.group_probs;
+    // Per-thread scratch, not a member: attention() on different sequences may run on different
+    // threads at once (docs/threading.md), and a shared buffer would be written by both.
+    thread_local std::vector<float> gp_;
     if (!opt.group_probs) {
       const std::int32_t stride = want ? opt.probs_stride : longest;
       gp_.assign(static_cast<std::size_t>(H) * static_cast<std::size_t>(std::max(stride, 0)), 0.0f);
@@ -247,7 +250,6 @@ class mikv_cache final : public any_cache {
   mikv_policy policy_;
   /// [seq][layer * H + head][token]; mutable because attention() (const) accumulates into it
   mutable std::map<seq_id, std::vector<std::vector<float>>> scores_;
-  mutable std::vector<float> gp_;  ///< group probabilities, when the caller asks for none
 };
 
 namespace detail {

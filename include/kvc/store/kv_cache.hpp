@@ -31,16 +31,15 @@ KVC_BEGIN_NAMESPACE
 
 namespace detail {
 
-/// out[i] = float(x[i]) for i < n; eight halves per F16C instruction when the target has it.
+/// out[i] = float(x[i]) for i < n; eight halves per F16C instruction when the CPU has it (chosen
+/// at run time: this body is the same in every TU, docs/isa.md).
 template <class T>
 inline void to_float_n(const T* x, std::size_t n, float* out) noexcept {
-  std::size_t i = 0;
-#if KVC_HAS_F16C
-  if constexpr (std::is_same<T, half>::value)
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
-#endif
-  for (; i < n; ++i) out[i] = static_cast<float>(x[i]);
+  if constexpr (std::is_same<T, half>::value) {
+    half_to_float_n(x, n, out);
+  } else {
+    for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
+  }
 }
 
 }  // namespace detail
@@ -69,6 +68,7 @@ struct stream {
 };
 
 /// \tparam T  element type of the pages: float, kvc::half or kvc::bfloat16
+/// Threads: sequences are written and read concurrently, one thread per sequence; add/remove/fork are exclusive (docs/threading.md).
 template <class T>
 class kv_cache {
   static_assert(is_storage_float_v<T>,
@@ -143,12 +143,16 @@ class kv_cache {
       check_finite(v, static_cast<std::size_t>(n) * H * D, "v");
     }
     // Plan: how many pages each head needs, including copies of shared pages we would write.
+    // The copy decisions are made here once and replayed below: a forked sibling on another
+    // thread may drop its share in between, and re-asking ref_count would then leave a fresh
+    // page unused and leaked (docs/threading.md).
     std::int32_t need = 0;
+    std::vector<unsigned char> copy_last(static_cast<std::size_t>(H), 0);
     for (std::int32_t h = 0; h < H; ++h) {
       const stream& st = at(sq, layer, h);
       const std::int32_t L = st.length();
       need += pages_for(L + n) - static_cast<std::int32_t>(st.pages.size());
-      if (L % P != 0 && pool_.ref_count(st.pages.back()) > 1) ++need;
+      if (L % P != 0 && pool_.ref_count(st.pages.back()) > 1) copy_last[static_cast<std::size_t>(h)] = 1, ++need;
     }
     for (std::int32_t h = 0; h < H; ++h) {  // capacity first: a bad_alloc here changes nothing
       stream& st = at(sq, layer, h);
@@ -163,7 +167,7 @@ class kv_cache {
     for (std::int32_t h = 0; h < H; ++h) {
       stream& st = at(sq, layer, h);
       std::int32_t L = st.length();
-      if (L % P != 0 && pool_.ref_count(st.pages.back()) > 1) {
+      if (copy_last[static_cast<std::size_t>(h)]) {
         const page_id copy = fresh[next++];
         std::memcpy(pool_.data(copy), pool_.data(st.pages.back()), pool_.page_bytes());
         pool_.release(st.pages.back());
@@ -364,6 +368,8 @@ class kv_cache {
   void store_row(T* dst, const In* src) const noexcept {
     if constexpr (std::is_same<In, T>::value) {
       std::memcpy(dst, src, sizeof(T) * static_cast<std::size_t>(cfg_.head_dim));
+    } else if constexpr (std::is_same<T, half>::value) {
+      detail::float_to_half_n(src, static_cast<std::size_t>(cfg_.head_dim), dst);  // F16C when the CPU has it
     } else {
       for (std::int32_t d = 0; d < cfg_.head_dim; ++d) dst[d] = T(src[d]);
     }
@@ -429,6 +435,7 @@ class kv_cache {
     std::vector<std::vector<std::int32_t>> new_pos(heads.size());
     std::vector<std::vector<page_id>> old(heads.size());  // reads must see the original pages
     std::vector<std::vector<T>> keys(rewrite ? heads.size() : 0);  // rewritten kept keys [n][D]
+    std::vector<std::vector<unsigned char>> copy(heads.size());  // [head][page]: copy before writing
     for (std::size_t j = 0; j < heads.size(); ++j) {
       const std::int32_t h = heads[j].first;
       const auto& kept = heads[j].second;
@@ -443,8 +450,10 @@ class kv_cache {
                                       " after ", kept[i - 1], ", expected strictly increasing indices"));
       }
       const std::int32_t n = static_cast<std::int32_t>(kept.size());
+      copy[j].assign(static_cast<std::size_t>(pages_for(n)), 0);
       for (std::int32_t pg = 0; pg < pages_for(n); ++pg)
-        if ((rewrite || page_changes(kept, pg)) && pool_.ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1) ++need;
+        if ((rewrite || page_changes(kept, pg)) && pool_.ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1)
+          copy[j][static_cast<std::size_t>(pg)] = 1, ++need;
       old[j] = st.pages;
       if (rewrite_pos) {
         const auto& np = (*rewrite_pos)[j];  // one entry per element of `heads`
@@ -456,6 +465,8 @@ class kv_cache {
       }
       if (rewrite) keys[j].resize(kept.size() * static_cast<std::size_t>(D));
     }
+    std::vector<page_id> unshared;  // before allocate: a bad_alloc must leave nothing taken
+    unshared.reserve(static_cast<std::size_t>(need));
     std::vector<page_id> fresh(static_cast<std::size_t>(need));
     pool_.allocate(need, fresh.data(), layer);
     if (rewrite) {
@@ -477,6 +488,9 @@ class kv_cache {
     }
     // Commit: forward compaction is safe in place because kept[i] >= i, so a source row is never
     // read after its slot has been overwritten.
+    // Shared pages replaced by copies are released only after every row has been read from
+    // them: a forked sibling on another thread may drop its share meanwhile, and a page released
+    // early could be reallocated and overwritten while still read here.
     std::size_t next = 0;
     for (std::size_t j = 0; j < heads.size(); ++j) {
       const auto& kept = heads[j].second;
@@ -485,11 +499,11 @@ class kv_cache {
       for (std::int32_t pg = 0; pg < pages_for(n); ++pg) {
         if (!rewrite && !page_changes(kept, pg)) continue;
         page_id dst = st.pages[static_cast<std::size_t>(pg)];
-        if (pool_.ref_count(dst) > 1) {
-          const page_id copy = fresh[next++];
-          pool_.release(dst);  // still referenced by the sharer: contents stay readable via `old`
-          st.pages[static_cast<std::size_t>(pg)] = copy;
-          dst = copy;
+        if (copy[j][static_cast<std::size_t>(pg)]) {
+          const page_id fresh_page = fresh[next++];
+          unshared.push_back(dst);  // released below; contents stay readable via `old`
+          st.pages[static_cast<std::size_t>(pg)] = fresh_page;
+          dst = fresh_page;
         }
         T* out = page_data(dst);
         const std::int32_t end = std::min(n, (pg + 1) * P);
@@ -512,6 +526,7 @@ class kv_cache {
       st.pages.resize(keep_pages);
       st.positions.swap(new_pos[j]);
     }
+    pool_.release(static_cast<std::int32_t>(unshared.size()), unshared.data());
   }
 
   /// Whether destination page pg differs from the source page with the same index.

@@ -73,6 +73,7 @@ class scoped_allocation_fault {
 
 /// A fixed-capacity pool of equally sized pages. All members are safe to call from several
 /// threads; page *contents* are the caller's to synchronise.
+/// Threads: every member may be called concurrently (docs/threading.md).
 class page_pool {
  public:
   /// Alignment of every page: a cache line, and enough for any SIMD load kvc issues.
