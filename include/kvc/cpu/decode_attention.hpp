@@ -44,7 +44,8 @@ struct has_num_layers<C, std::void_t<decltype(std::declval<const C&>().config().
 template <class Cache, class Seq>
 void check_seq_layer(const Cache& cache, Seq seq, std::int32_t layer, const char* who) {
   if constexpr (has_contains<Cache, Seq>::value)
-    KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
+    KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq,
+                   " is not a live sequence of this cache, expected one of its ",
                    cache.num_sequences(), " live sequence ids (from add_sequence/fork, not removed)");
   if constexpr (has_num_layers<Cache>::value)
     KVC_EXPECTS_IN(who, layer >= 0 && layer < cache.config().num_layers, "layer = ", layer, ", expected 0..",
@@ -363,17 +364,18 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
   const std::int32_t hkv = heads.num_kv_heads(), D = heads.head_dim();
   KVC_EXPECTS_IN(detail::api_name, hkv > 0, "num_kv_heads = ", hkv, ", expected > 0");
   KVC_EXPECTS_IN(detail::api_name, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
-              ", expected a positive multiple of num_kv_heads = ", hkv);
+                 ", expected a positive multiple of num_kv_heads = ", hkv);
   KVC_EXPECTS_IN(detail::api_name, q != nullptr && out != nullptr, "q or out is null");
   for (std::int32_t i = 0; i < num_q_heads * D; ++i)
     KVC_EXPECTS_IN(detail::api_name, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
   const std::int32_t G = num_q_heads / hkv;
   std::int32_t longest = 0;
   for (std::int32_t h = 0; h < hkv; ++h) {
-    KVC_EXPECTS_IN(detail::api_name, heads.keys(h).extent(0) == heads.values(h).extent(0), "head ", h, ": ", heads.keys(h).extent(0),
-                " keys but ", heads.values(h).extent(0), " values");
+    KVC_EXPECTS_IN(detail::api_name, heads.keys(h).extent(0) == heads.values(h).extent(0), "head ", h, ": ",
+                   heads.keys(h).extent(0),
+                   " keys but ", heads.values(h).extent(0), " values");
     KVC_EXPECTS_IN(detail::api_name, heads.keys(h).extent(2) == D && heads.values(h).extent(2) == D, "head ", h,
-                ": view head_dim differs from head_dim = ", D);
+                   ": view head_dim differs from head_dim = ", D);
     longest = std::max<std::int32_t>(longest, static_cast<std::int32_t>(heads.keys(h).extent(0)));
   }
   // Zeros with lse = -inf for an empty head is the softmax over no tokens (a head whose tokens were
@@ -385,7 +387,7 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
                  "before attending)");
   const bool want_probs = opt.probs || opt.group_probs;
   KVC_EXPECTS_IN(detail::api_name, !want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
-              ", expected >= the longest stream (", longest, " tokens)");
+                 ", expected >= the longest stream (", longest, " tokens)");
   const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
 
   // Scaled queries, so scores come out of the dot product ready for the softmax.

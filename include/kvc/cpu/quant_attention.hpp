@@ -354,7 +354,7 @@ void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int
   KVC_EXPECTS_IN(who, layer >= 0 && layer < cache.config().num_layers, "layer = ", layer, ", expected 0..",
                  cache.config().num_layers - 1);
   KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
-              ", expected a positive multiple of num_kv_heads = ", hkv);
+                 ", expected a positive multiple of num_kv_heads = ", hkv);
   KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, "q or out is null");
   for (std::int32_t i = 0; i < num_q_heads * D; ++i)
     KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
@@ -375,7 +375,7 @@ void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int
                  "step's K/V to the layer before attending)");
   const bool want_probs = opt.probs || opt.group_probs;
   KVC_EXPECTS_IN(who, !want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
-              ", expected >= the longest stream (", longest, " tokens)");
+                 ", expected >= the longest stream (", longest, " tokens)");
   const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
 
   // Scaled queries in the model domain and in the key codec's stored domain.

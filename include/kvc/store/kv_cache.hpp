@@ -184,7 +184,8 @@ class kv_cache {
   /// and frees the pages this empties.
   void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
     check_layer(layer, "keep");
-    KVC_EXPECTS_IN("kvc::kv_cache::keep", head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
+    KVC_EXPECTS_IN("kvc::kv_cache::keep", head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..",
+                   cfg_.num_kv_heads - 1);
     KVC_EXPECTS_IN("kvc::kv_cache::keep", n >= 0, "n = ", n, ", expected >= 0 kept tokens");
     KVC_EXPECTS_IN("kvc::kv_cache::keep", n == 0 || kept != nullptr, "kept is null with n = ", n);
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> one;
@@ -196,8 +197,9 @@ class kv_cache {
   /// All heads change or none does.
   void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
     check_layer(layer, "keep_layer");
-    KVC_EXPECTS_IN("kvc::kv_cache::keep_layer", static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads, "kept.size() = ", kept.size(),
-                ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    KVC_EXPECTS_IN("kvc::kv_cache::keep_layer", static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads,
+                   "kept.size() = ", kept.size(),
+                   ", expected num_kv_heads = ", cfg_.num_kv_heads);
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
     all.reserve(kept.size());
     for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
@@ -212,7 +214,8 @@ class kv_cache {
                     const std::int32_t* new_positions = nullptr) {
     sequence& sq = find(s, "rewrite_keys")->second;
     check_layer(layer, "rewrite_keys");
-    KVC_EXPECTS_IN("kvc::kv_cache::rewrite_keys", head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
+    KVC_EXPECTS_IN("kvc::kv_cache::rewrite_keys", head >= 0 && head < cfg_.num_kv_heads, "head = ", head,
+                   ", expected 0..", cfg_.num_kv_heads - 1);
     stream& st = at(sq, layer, head);
     make_exclusive(st, layer);
     for (std::int32_t t = 0; t < st.length(); ++t)
@@ -312,12 +315,15 @@ class kv_cache {
   };
 
   static cache_config validated(const cache_config& c) {
-    KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", c.num_layers > 0, "cache_config.num_layers = ", c.num_layers, ", expected > 0");
-    KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", c.num_kv_heads > 0, "cache_config.num_kv_heads = ", c.num_kv_heads, ", expected > 0");
+    KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", c.num_layers > 0, "cache_config.num_layers = ", c.num_layers,
+                   ", expected > 0");
+    KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", c.num_kv_heads > 0, "cache_config.num_kv_heads = ", c.num_kv_heads,
+                   ", expected > 0");
     KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", c.head_dim > 0, "cache_config.head_dim = ", c.head_dim, ", expected > 0");
     KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", detail::is_pow2(c.page_size), "cache_config.page_size = ", c.page_size,
-                ", expected a power of two");
-    KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", c.max_pages > 0, "cache_config.max_pages = ", c.max_pages, ", expected > 0");
+                   ", expected a power of two");
+    KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", c.max_pages > 0, "cache_config.max_pages = ", c.max_pages,
+                   ", expected > 0");
     return c;
   }
 
@@ -361,14 +367,16 @@ class kv_cache {
 
   typename std::map<seq_id, sequence>::iterator find(seq_id s, const char* fn) {
     auto it = seqs_.find(s);
-    if (it == seqs_.end()) detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s,
-                                                    " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
+    if (it == seqs_.end())
+      detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s,
+                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
     return it;
   }
   typename std::map<seq_id, sequence>::const_iterator find(seq_id s, const char* fn) const {
     auto it = seqs_.find(s);
-    if (it == seqs_.end()) detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s,
-                                                    " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
+    if (it == seqs_.end())
+      detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s,
+                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
     return it;
   }
   stream& at(sequence& sq, std::int32_t layer, std::int32_t h) noexcept {
