@@ -72,6 +72,25 @@ template <class E = error>
 #endif
 }
 
+/// "{0, 1, 5}" for the keys of a map (the first `most`, then ", ... (N in all)"), or "none": what
+/// an error about an unknown id says was expected.
+template <class Map>
+std::string key_list(const Map& m, std::size_t most = 8) {
+  if (m.empty()) return "none";
+  std::ostringstream os;
+  os << '{';
+  std::size_t i = 0;
+  for (const auto& kv : m) {
+    if (i == most) {
+      os << ", ... (" << m.size() << " in all)";
+      break;
+    }
+    os << (i++ ? ", " : "") << kv.first;
+  }
+  os << '}';
+  return os.str();
+}
+
 }  // namespace detail
 
 KVC_END_NAMESPACE
@@ -82,6 +101,16 @@ KVC_END_NAMESPACE
 #define KVC_EXPECTS(cond, ...)                                                         \
   do {                                                                                 \
     if (!(cond)) ::kvc::detail::fail(::kvc::detail::concat("kvc::", __func__, ": ", __VA_ARGS__)); \
+  } while (0)
+
+/// Host precondition of a public call named explicitly: throws kvc::error with "<who>: <message>".
+/// For checks whose __func__ is not the call the user made: member functions (__func__ lacks the
+/// class), helpers such as a constructor's config validation, and checks a public overload makes
+/// on behalf of the cache it is given. `who` is the qualified public name, e.g.
+/// "kvc::cpu::decode_attention".
+#define KVC_EXPECTS_IN(who, cond, ...)                                                 \
+  do {                                                                                 \
+    if (!(cond)) ::kvc::detail::fail(::kvc::detail::concat(who, ": ", __VA_ARGS__));   \
   } while (0)
 
 /// Internal invariant. Compiled out under NDEBUG; override by defining KVC_ASSERT first.

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include <kvc/attention/reference.hpp>
@@ -31,6 +32,7 @@
 
 #include "dense_reference.hpp"
 #include "fast_require.hpp"
+#include "isa_check.hpp"
 #include "kvc_catch.hpp"
 #include "random.hpp"
 
@@ -329,6 +331,124 @@ TEST_CASE("kvc::reference::decode_attention agrees with the independent dense re
   std::vector<kvc::kv_cache<float>::view_type> buf;
   kvc::reference::decode_attention(cc.cache.layer(cc.s, 0, buf), q.data(), 6, o.out.data(), o.options(nullptr, 0, true));
   require_close(cc.heads(), reference(cc.heads(), 64, q, 6), 64, 6, o, true);
+}
+
+TEST_CASE("the SIMD path under test", "[attention][isa]") {
+  // The _avx2 build's static_asserts (isa_check.hpp) already fail to compile on the wrong path;
+  // this names the path in the log and checks the run-time name xsimd gives the arch.
+  const std::string path = kvc_test::simd_path();
+  WARN("decode attention kernels: " << path);
+  CHECK(!path.empty());
+  if (kvc_test::expect_avx2()) REQUIRE(path.find("avx2") != std::string::npos);
+}
+
+namespace {
+
+/// What a failed call must leave as it was: the caller's buffers (filled with a sentinel) and the
+/// cache (its sequences, every stream's length and the pool's bytes).
+struct untouched {
+  std::vector<float> out, lse, probs;
+  kvc::decode_options opt;
+  untouched(std::int32_t hq, std::int32_t D, std::int32_t stride)
+      : out(static_cast<std::size_t>(hq) * D, 123.0f), lse(static_cast<std::size_t>(hq), 123.0f),
+        probs(static_cast<std::size_t>(hq) * std::max(stride, 1), 123.0f) {
+    opt.lse = lse.data();
+    opt.probs = probs.data();
+    opt.probs_stride = stride;
+  }
+  bool same() const {
+    auto all = [](const std::vector<float>& x) {
+      return std::all_of(x.begin(), x.end(), [](float y) { return y == 123.0f; });
+    };
+    return all(out) && all(lse) && all(probs);
+  }
+};
+
+template <class Cache>
+std::vector<std::int64_t> cache_state(const Cache& c, const std::vector<kvc::seq_id>& seqs) {
+  std::vector<std::int64_t> st{static_cast<std::int64_t>(c.num_sequences()), static_cast<std::int64_t>(c.bytes_in_use())};
+  for (kvc::seq_id s : seqs)
+    for (std::int32_t l = 0; l < c.config().num_layers; ++l)
+      for (std::int32_t h = 0; h < c.config().num_kv_heads; ++h) st.push_back(c.length(s, l, h));
+  return st;
+}
+
+}  // namespace
+
+TEST_CASE("decode attention errors name the call, the argument, the value and the expectation", "[attention][errors]") {
+  kvc_test::rng r(54);
+  cache_case<float> cc(8, 4, {3, 5}, r);  // one layer, 2 kv heads, D = 8
+  const kvc::seq_id empty = cc.cache.add_sequence();
+  const std::vector<kvc::seq_id> live{cc.s, empty};
+  const auto before = cache_state(cc.cache, live);
+  std::vector<float> q(4 * 8, 0.5f);
+  untouched u(4, 8, 5);
+  using Catch::Contains;
+  // An unknown sequence: named as decode_attention's argument, not as kv_cache::layer's.
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, 77, 0, q.data(), 4, u.out.data(), u.opt),
+                      Contains("kvc::cpu::decode_attention: seq = 77 is not a live sequence") &&
+                          Contains("expected one of its 2 live sequence ids"));
+  // A layer out of range.
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 1, q.data(), 4, u.out.data(), u.opt),
+                      Contains("kvc::cpu::decode_attention: layer = 1, expected 0..0"));
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, -1, q.data(), 4, u.out.data(), u.opt),
+                      Contains("kvc::cpu::decode_attention: layer = -1, expected 0..0"));
+  // A sequence with no token: an error, not zeros.
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, empty, 0, q.data(), 4, u.out.data(), u.opt),
+                      Contains("kvc::cpu::decode_attention: seq = " + std::to_string(empty) +
+                               ", layer = 0 holds 0 tokens in all its kv heads, expected at least one token"));
+  // Arguments of the attention itself.
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 0, q.data(), 3, u.out.data(), u.opt),
+                      Contains("kvc::cpu::decode_attention: num_q_heads = 3, expected a positive multiple of "
+                               "num_kv_heads = 2"));
+  q[5] = std::numeric_limits<float>::infinity();
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 0, q.data(), 4, u.out.data(), u.opt),
+                      Contains("kvc::cpu::decode_attention: q[5] = inf, expected a finite query"));
+  q[5] = 0.5f;
+  u.opt.probs_stride = 4;
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 0, q.data(), 4, u.out.data(), u.opt),
+                      Contains("kvc::cpu::decode_attention: probs_stride = 4, expected >= the longest stream (5 tokens)"));
+  u.opt.probs_stride = 5;
+  CHECK(u.same());
+  CHECK(cache_state(cc.cache, live) == before);
+  // Every head evicted to nothing is the empty case too; one empty head among others is not
+  // (its output is zeros and its lse -inf, checked against the reference above).
+  for (std::int32_t h = 0; h < 2; ++h) cc.cache.keep(cc.s, 0, h, nullptr, 0);
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 0, q.data(), 4, u.out.data(), u.opt),
+                      Contains("holds 0 tokens in all its kv heads"));
+  CHECK(u.same());
+  // The same_heads overload over views of 0 tokens.
+  using VN = kvc::kv_view<const float, kvc::kv_dextents<>, kvc::layout_nhd>;
+  const float dummy = 0.0f;
+  const VN k0(&dummy, VN::mapping_type(kvc::kv_dextents<>(0, 2, 8)));
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(kvc::make_same_heads(k0, k0), q.data(), 4, u.out.data(), u.opt),
+                      Contains("kvc::cpu::decode_attention: every one of the 2 kv heads holds 0 tokens"));
+  CHECK(u.same());
+}
+
+TEST_CASE("kv_cache errors name the public call and list what was expected", "[attention][errors]") {
+  kvc_test::rng r(55);
+  cache_case<float> cc(8, 4, {3, 5}, r);
+  std::vector<kvc::kv_cache<float>::view_type> buf;
+  using Catch::Contains;
+  REQUIRE_THROWS_WITH(cc.cache.layer(77, 0, buf), Contains("kvc::kv_cache::layer: unknown sequence id 77 (argument seq), "
+                                                           "expected a live sequence id: {" + std::to_string(cc.s) + "}"));
+  cc.cache.remove_sequence(cc.s);
+  REQUIRE_THROWS_WITH(cc.cache.length(cc.s, 0, 0), Contains("kvc::kv_cache::length: unknown sequence id " +
+                                                            std::to_string(cc.s) + " (argument seq), expected a live "
+                                                                                   "sequence id: none"));
+  kvc::cache_config c;
+  c.num_layers = 0;
+  REQUIRE_THROWS_WITH(kvc::kv_cache<float>(c), Contains("kvc::kv_cache::kv_cache: cache_config.num_layers = 0, expected > 0"));
+  c.num_layers = 1;
+  c.page_size = 12;
+  REQUIRE_THROWS_WITH(kvc::kv_cache<float>(c), Contains("kvc::kv_cache::kv_cache: cache_config.page_size = 12"));
+  kvc::kv_cache<float> ok(cache_case<float>::config(8, 4, 1, {}));
+  const auto s = ok.add_sequence();
+  std::vector<float> k(8 * 2, 1.0f);
+  REQUIRE_THROWS_WITH(ok.append(s, 0, k.data(), k.data(), -1), Contains("kvc::kv_cache::append: n = -1, expected >= 0"));
+  REQUIRE_THROWS_WITH(ok.keep(s, 0, 3, nullptr, 0), Contains("kvc::kv_cache::keep: head = 3, expected 0..0"));
+  CHECK(ok.length(s, 0, 0) == 0);
 }
 
 TEST_CASE("decode attention rejects bad arguments", "[attention][errors]") {

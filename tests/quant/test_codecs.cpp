@@ -1,13 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0
 // Codec-level tests: analytic round-trip bounds, bit packing, FP8 conversions.
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include <kvc/quant/fp8.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/kivi.hpp>
 
+#include "float_formats.hpp"
+#include "isa_check.hpp"
 #include "kvc_catch.hpp"
 #include "quant_test_util.hpp"
 
@@ -40,7 +45,69 @@ void check_packing() {
   for (int i = 0; i < 128; ++i) REQUIRE(detail::unpack_code<Bits>(packed.data(), i) == codes[i]);
 }
 
-/// Per-token codecs: every element within scale/2 of its group (scale read back from the record).
+// ---- the affine parameters, from the documented definition (codec.hpp) ----
+// symmetric:  scale = max|x| / (2^(b-1) - 1), rounded up to binary16, no zero point stored
+// asymmetric: zero = min rounded down to binary16, scale = (max - zero) / (2^b - 1) rounded up
+// The binary16 values come from the independent model of float_formats.hpp, not kvc::half. The
+// round-trip bound |x - x^| <= scale / 2 alone cannot catch an oversized scale (it only gets
+// looser), so the scale and the zero are pinned to the tightest binary16 on the right side.
+
+std::uint16_t bits_at(const half* p, int i) {
+  std::uint16_t b;
+  std::memcpy(&b, p + i, 2);
+  return b;
+}
+double h16(std::uint16_t b) { return kvc_test::binary16.decode(b); }
+/// The binary16 value just below / just above code b (signed zeros step to the smallest
+/// subnormal of the other sign).
+double h16_below(std::uint16_t b) {
+  if ((b & 0x7fffu) == 0) return -h16(0x0001);
+  return (b & 0x8000u) ? h16(static_cast<std::uint16_t>(b + 1)) : h16(static_cast<std::uint16_t>(b - 1));
+}
+double h16_above(std::uint16_t b) {
+  if ((b & 0x7fffu) == 0) return h16(0x0001);
+  return (b & 0x8000u) ? h16(static_cast<std::uint16_t>(b - 1)) : h16(static_cast<std::uint16_t>(b + 1));
+}
+/// The codec divides in float: one float rounding (2^-24 relative) may land its quotient on either
+/// side of the exact one, so "the smallest binary16 >= want" is checked with that much slack.
+constexpr double div_slack = 1.0 / (1 << 23);
+
+/// Scale code b is the smallest binary16 >= want (want >= 0, exact).
+void require_scale_up(std::uint16_t b, double want, const std::string& what) {
+  INFO(what << ": stored scale " << h16(b) << " (bits " << b << "), independent value " << want
+            << ", next binary16 below " << h16_below(b));
+  REQUIRE(h16(b) >= want * (1 - div_slack));
+  REQUIRE(h16_below(b) < want * (1 + div_slack));
+}
+/// Zero code b is the largest binary16 <= lo.
+void require_zero_down(std::uint16_t b, double lo, const std::string& what) {
+  INFO(what << ": stored zero " << h16(b) << " (bits " << b << "), min " << lo << ", next binary16 above " << h16_above(b));
+  REQUIRE(h16(b) <= lo);
+  REQUIRE(h16_above(b) > lo);
+}
+
+/// The affine parameters of values x[0], x[stride], ... x[(n-1)*stride], checked against the
+/// stored scale (and zero) codes; returns the scale's value.
+template <int Bits, scheme S>
+double require_affine_params(const float* x, int n, int stride, std::uint16_t scale_bits, const half* zero,
+                             const std::string& what) {
+  double lo = x[0], hi = x[0], amax = 0;
+  for (int i = 0; i < n; ++i) {
+    const double v = x[i * stride];
+    lo = std::min(lo, v), hi = std::max(hi, v), amax = std::max(amax, std::fabs(v));
+  }
+  if constexpr (S == scheme::symmetric) {
+    require_scale_up(scale_bits, amax / ((1 << (Bits - 1)) - 1), what);
+  } else {
+    const std::uint16_t zb = bits_at(zero, 0);
+    require_zero_down(zb, lo, what);
+    require_scale_up(scale_bits, (hi - h16(zb)) / ((1 << Bits) - 1), what);
+  }
+  return h16(scale_bits);
+}
+
+/// Per-token codecs: scale (and zero) of every group from the definition, then every element
+/// within scale/2 of its group.
 template <int Bits, scheme S, int Group>
 void check_token_bound(int D) {
   using impl = detail::token_affine<Bits, S, Group>;
@@ -49,16 +116,24 @@ void check_token_bound(int D) {
     auto x = qtest::randn(D, seed, seed % 2 ? 1.0f : 40.0f);
     if (seed % 5 == 0) x[seed % D] = 300.0f;  // an outlier
     if (seed == 3) std::fill(x.begin(), x.end(), 1.25f);  // a constant row
+    if (seed == 7) std::fill(x.begin(), x.end(), -3.0e-3f);  // a constant negative row (zero below min)
     std::vector<std::byte> rec(impl::record_bytes(D));
     impl::encode(x.data(), D, rec.data());
     std::vector<float> y(D);
     impl::decode(rec.data(), D, y.data());
     const half* sc = impl::scales(rec.data(), D);
+    std::vector<double> scale(static_cast<std::size_t>(D / g));
+    for (int j = 0; j < D / g; ++j) {
+      const half* z = nullptr;
+      if constexpr (S == scheme::asymmetric) z = impl::zeros(rec.data(), D) + j;
+      scale[static_cast<std::size_t>(j)] = require_affine_params<Bits, S>(
+          x.data() + j * g, g, 1, bits_at(sc, j), z,
+          "bits " + std::to_string(Bits) + " seed " + std::to_string(seed) + " group " + std::to_string(j));
+    }
     for (int d = 0; d < D; ++d) {
-      half s;
-      std::memcpy(&s, sc + d / g, 2);
-      INFO("bits " << Bits << " d " << d << " x " << x[d] << " y " << y[d] << " scale " << float(s));
-      REQUIRE(std::fabs(x[d] - y[d]) <= float(s) * 0.5f * (1 + 1e-5f) + 1e-6f * std::fabs(x[d]));
+      const double s = scale[static_cast<std::size_t>(d / g)];
+      INFO("bits " << Bits << " d " << d << " x " << x[d] << " y " << y[d] << " scale " << s);
+      REQUIRE(std::fabs(x[d] - y[d]) <= s * 0.5 * (1 + 1e-5) + 1e-6 * std::fabs(x[d]));
     }
   }
 }
@@ -68,18 +143,23 @@ void check_channel_bound(int D) {
   using impl = detail::channel_affine<Bits, 32>;
   for (std::uint32_t seed = 0; seed < 20; ++seed) {
     auto x = qtest::keylike(32, 1, D, seed);
+    if (seed == 4)
+      for (int t = 0; t < 32; ++t) x[static_cast<std::size_t>(t) * D + 5] = 0.75f;  // a constant channel
     std::vector<std::byte> rec(impl::record_bytes(D));
     impl::encode(x.data(), D, rec.data());
     std::vector<float> y(32 * D);
     impl::decode(rec.data(), D, y.data());
     const half* sc = impl::scales(rec.data(), D);
-    for (int t = 0; t < 32; ++t)
-      for (int d = 0; d < D; ++d) {
-        half s;
-        std::memcpy(&s, sc + d, 2);
-        const float e = std::fabs(x[t * D + d] - y[t * D + d]);
-        REQUIRE(e <= float(s) * 0.5f * (1 + 1e-5f) + 1e-6f * std::fabs(x[t * D + d]));
+    const half* zr = impl::zeros(rec.data(), D);
+    for (int d = 0; d < D; ++d) {
+      const double s = require_affine_params<Bits, scheme::asymmetric>(
+          x.data() + d, 32, D, bits_at(sc, d), zr + d,
+          "kivi keys bits " + std::to_string(Bits) + " seed " + std::to_string(seed) + " channel " + std::to_string(d));
+      for (int t = 0; t < 32; ++t) {
+        const double e = std::fabs(x[t * D + d] - y[t * D + d]);
+        REQUIRE(e <= s * 0.5 * (1 + 1e-5) + 1e-6 * std::fabs(x[t * D + d]));
       }
+    }
   }
 }
 
@@ -129,6 +209,11 @@ void check_fp8(int E, int M, bool has_inf) {
 
 }  // namespace
 
+TEST_CASE("the SIMD path under test", "[quant][codec][isa]") {
+  WARN("codecs: " << kvc_test::simd_path());
+  if (kvc_test::expect_avx2()) REQUIRE(KVC_QUANT_AVX2 == 1);  // the encode_avx2 encoders are the ones checked
+}
+
 TEST_CASE("bit packing matches a plainly written packer", "[quant][codec]") {
   check_packing<2>();
   check_packing<4>();
@@ -136,7 +221,7 @@ TEST_CASE("bit packing matches a plainly written packer", "[quant][codec]") {
   static_assert(sizeof(packed_block<2, 128>) == 32, "block sizes are checked at compile time");
 }
 
-TEST_CASE("integer codecs round trip within scale/2", "[quant][codec]") {
+TEST_CASE("integer codecs: scale and zero from the definition, round trip within scale/2", "[quant][codec]") {
   check_token_bound<8, scheme::symmetric, 0>(128);
   check_token_bound<8, scheme::asymmetric, 0>(64);
   check_token_bound<4, scheme::asymmetric, 0>(128);
@@ -173,6 +258,15 @@ TEST_CASE("FP8 codecs: per-token scale and vLLM per-tensor scale", "[quant][code
   pt.decode<role::key>(rec.data(), D, y.data());
   float amax = 0;
   for (float v : x) amax = std::max(amax, std::fabs(v));
+  // The stored float scale is max|x| / max_finite (448 for E4M3, from the independent format
+  // model), up to the one rounding of the float division.
+  {
+    const double want = double(amax) / kvc_test::fp8_e4m3.decode(kvc_test::fp8_e4m3.max_finite_code());
+    float stored;
+    std::memcpy(&stored, rec.data() + D, sizeof stored);
+    INFO("fp8 per-token scale " << stored << " want " << want);
+    REQUIRE(std::fabs(stored - want) <= want * 0x1p-24);
+  }
   for (int d = 0; d < D; ++d) REQUIRE(std::fabs(x[d] - y[d]) <= std::fabs(x[d]) / 16 + amax / 448 / 512);
   // per tensor: code = fp8(x / k_scale), value = code * k_scale (vLLM)
   fp8<kvc::fp8_e4m3, fp8_scaling::per_tensor> tensor(0.5f, 2.0f);

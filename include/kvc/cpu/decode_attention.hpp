@@ -30,6 +30,31 @@ namespace cpu {
 KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 namespace detail {
 
+/// The public call the preconditions name (KVC_EXPECTS's __func__ would say kvc::decode_attention).
+inline constexpr const char* api_name = "kvc::cpu::decode_attention";
+
+template <class C, class S, class = void>
+struct has_contains : std::false_type {};
+template <class C, class S>
+struct has_contains<C, S, std::void_t<decltype(std::declval<const C&>().contains(std::declval<S>()))>> : std::true_type {};
+template <class C, class = void>
+struct has_num_layers : std::false_type {};
+template <class C>
+struct has_num_layers<C, std::void_t<decltype(std::declval<const C&>().config().num_layers)>> : std::true_type {};
+
+/// The sequence and layer arguments of a cache overload, checked before the cache is asked for
+/// the layer, so the message names the attention call (not kv_cache::layer) and the argument.
+template <class Cache, class Seq>
+void check_seq_layer(const Cache& cache, Seq seq, std::int32_t layer, const char* who) {
+  if constexpr (has_contains<Cache, Seq>::value)
+    KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq,
+                   " is not a live sequence of this cache, expected one of its ",
+                   cache.num_sequences(), " live sequence ids (from add_sequence/fork, not removed)");
+  if constexpr (has_num_layers<Cache>::value)
+    KVC_EXPECTS_IN(who, layer >= 0 && layer < cache.config().num_layers, "layer = ", layer, ", expected 0..",
+                   cache.config().num_layers - 1);
+}
+
 /// Tokens scored per online-softmax step. One tile of K rows is scored, then the same tile of V
 /// rows is accumulated. 16 tokens is one page of the store's default page size, so K then V of a
 /// tile is one contiguous 2 * 16 * D run of a page and the reads stream through memory in address
@@ -340,24 +365,32 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
                 "kvc::cpu::decode_attention: these views live in device memory; include <kvc/cuda.cuh> "
                 "in a .cu file, link kvc::cuda and call kvc::cuda::decode_attention");
   const std::int32_t hkv = heads.num_kv_heads(), D = heads.head_dim();
-  KVC_EXPECTS(hkv > 0, "num_kv_heads = ", hkv, ", expected > 0");
-  KVC_EXPECTS(num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
-              ", expected a positive multiple of num_kv_heads = ", hkv);
-  KVC_EXPECTS(q != nullptr && out != nullptr, "q or out is null");
+  KVC_EXPECTS_IN(detail::api_name, hkv > 0, "num_kv_heads = ", hkv, ", expected > 0");
+  KVC_EXPECTS_IN(detail::api_name, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
+                 ", expected a positive multiple of num_kv_heads = ", hkv);
+  KVC_EXPECTS_IN(detail::api_name, q != nullptr && out != nullptr, "q or out is null");
   for (std::int32_t i = 0; i < num_q_heads * D; ++i)
-    KVC_EXPECTS(std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
+    KVC_EXPECTS_IN(detail::api_name, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
   const std::int32_t G = num_q_heads / hkv;
   std::int32_t longest = 0;
   for (std::int32_t h = 0; h < hkv; ++h) {
-    KVC_EXPECTS(heads.keys(h).extent(0) == heads.values(h).extent(0), "head ", h, ": ", heads.keys(h).extent(0),
-                " keys but ", heads.values(h).extent(0), " values");
-    KVC_EXPECTS(heads.keys(h).extent(2) == D && heads.values(h).extent(2) == D, "head ", h,
-                ": view head_dim differs from head_dim = ", D);
+    KVC_EXPECTS_IN(detail::api_name, heads.keys(h).extent(0) == heads.values(h).extent(0), "head ", h, ": ",
+                   heads.keys(h).extent(0),
+                   " keys but ", heads.values(h).extent(0), " values");
+    KVC_EXPECTS_IN(detail::api_name, heads.keys(h).extent(2) == D && heads.values(h).extent(2) == D, "head ", h,
+                   ": view head_dim differs from head_dim = ", D);
     longest = std::max<std::int32_t>(longest, static_cast<std::int32_t>(heads.keys(h).extent(0)));
   }
+  // Zeros with lse = -inf for an empty head is the softmax over no tokens (a head whose tokens were
+  // all evicted), but when no head holds a token the call attends to nothing: the caller forgot
+  // to append this step's K/V, or passed the wrong layer or sequence. Silence would hand the
+  // model zeros as if they were attention.
+  KVC_EXPECTS_IN(detail::api_name, longest > 0, "every one of the ", hkv,
+                 " kv heads holds 0 tokens, expected at least one token to attend to (append this step's K/V "
+                 "before attending)");
   const bool want_probs = opt.probs || opt.group_probs;
-  KVC_EXPECTS(!want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
-              ", expected >= the longest stream (", longest, " tokens)");
+  KVC_EXPECTS_IN(detail::api_name, !want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
+                 ", expected >= the longest stream (", longest, " tokens)");
   const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
 
   // Scaled queries, so scores come out of the dot product ready for the softmax.
@@ -505,8 +538,15 @@ template <class Arch = default_arch, class Cache, class Seq,
           class = decltype(std::declval<const Cache&>().layer(Seq{}, 0, std::declval<std::vector<typename Cache::view_type>&>()))>
 void decode_attention(const Cache& cache, Seq seq, std::int32_t layer, const float* q, std::int32_t num_q_heads,
                       float* out, const decode_options& opt = {}) {
+  detail::check_seq_layer(cache, seq, layer, detail::api_name);
   std::vector<typename Cache::view_type> buf;
-  decode_attention<Arch>(cache.layer(seq, layer, buf), q, num_q_heads, out, opt);
+  const auto heads = cache.layer(seq, layer, buf);
+  std::int64_t held = 0;
+  for (std::int32_t h = 0; h < heads.num_kv_heads(); ++h) held += heads.keys(h).extent(0);
+  KVC_EXPECTS_IN(detail::api_name, held > 0, "seq = ", seq, ", layer = ", layer,
+                 " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
+                 "step's K/V to the layer before attending)");
+  decode_attention<Arch>(heads, q, num_q_heads, out, opt);
 }
 
 KVC_END_ISA_NAMESPACE

@@ -348,11 +348,17 @@ void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int
                       const quant_attention_options& qopt = {}) {
   using Cache = quant_cache<KQ, VQ, Fp>;
   const std::int32_t hkv = cache.config().num_kv_heads, D = cache.config().head_dim;
-  KVC_EXPECTS(num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
-              ", expected a positive multiple of num_kv_heads = ", hkv);
-  KVC_EXPECTS(q != nullptr && out != nullptr, "q or out is null");
+  // Checked here, not by cache.view(), so that the message names this call and its argument.
+  constexpr const char* who = "kvc::cpu::decode_attention";
+  KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
+                 cache.num_sequences(), " live sequence ids (from add_sequence/fork, not removed)");
+  KVC_EXPECTS_IN(who, layer >= 0 && layer < cache.config().num_layers, "layer = ", layer, ", expected 0..",
+                 cache.config().num_layers - 1);
+  KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
+                 ", expected a positive multiple of num_kv_heads = ", hkv);
+  KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, "q or out is null");
   for (std::int32_t i = 0; i < num_q_heads * D; ++i)
-    KVC_EXPECTS(std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
+    KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
   const std::int32_t G = num_q_heads / hkv;
   std::vector<typename Cache::stream_view> views;
   views.reserve(static_cast<std::size_t>(hkv));
@@ -363,9 +369,14 @@ void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int
     longest = std::max(longest, views.back().length());
     total += views.back().length();
   }
+  // An empty head (all its tokens evicted) attends to nothing and gives zeros; a layer with no
+  // token in any head means this step's K/V were never appended: an error, not zeros.
+  KVC_EXPECTS_IN(who, total > 0, "seq = ", seq, ", layer = ", layer,
+                 " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
+                 "step's K/V to the layer before attending)");
   const bool want_probs = opt.probs || opt.group_probs;
-  KVC_EXPECTS(!want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
-              ", expected >= the longest stream (", longest, " tokens)");
+  KVC_EXPECTS_IN(who, !want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
+                 ", expected >= the longest stream (", longest, " tokens)");
   const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
 
   // Scaled queries in the model domain and in the key codec's stored domain.

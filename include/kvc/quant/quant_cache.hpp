@@ -102,8 +102,9 @@ class quant_cache {
     uk_ = KQ::tokens_per_record(quant::role::key);
     uv_ = VQ::tokens_per_record(quant::role::value);
     unit_ = std::lcm(uk_, uv_);
-    KVC_EXPECTS(P % unit_ == 0, "cache_config.page_size = ", P, ", expected a multiple of the codecs' encoding unit (",
-                unit_, " tokens: a page must hold whole groups)");
+    KVC_EXPECTS_IN("kvc::quant_cache::quant_cache", P % unit_ == 0, "cache_config.page_size = ", P,
+                   ", expected a multiple of the codecs' encoding unit (",
+                   unit_, " tokens: a page must hold whole groups)");
     rbk_ = kq_.record_bytes(quant::role::key, D);
     rbv_ = vq_.record_bytes(quant::role::value, D);
     v_offset_ = rbk_ * static_cast<std::size_t>(P / uk_);
@@ -181,9 +182,9 @@ class quant_cache {
               const std::int32_t* positions = nullptr) {
     sequence& sq = find(s, "append")->second;
     check_layer(layer, "append");
-    KVC_EXPECTS(n >= 0, "n = ", n, ", expected >= 0 tokens");
+    KVC_EXPECTS_IN("kvc::quant_cache::append", n >= 0, "n = ", n, ", expected >= 0 tokens");
     if (n == 0) return;
-    KVC_EXPECTS(k != nullptr && v != nullptr, "k or v is null with n = ", n);
+    KVC_EXPECTS_IN("kvc::quant_cache::append", k != nullptr && v != nullptr, "k or v is null with n = ", n);
     const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim, P = cfg_.page_size;
     if (cfg_.check_finite) {
       check_finite(k, static_cast<std::size_t>(n) * H * D, "k");
@@ -312,8 +313,10 @@ class quant_cache {
   /// Keeps tokens kept[0..n) of one stream (strictly increasing indices into its current order).
   void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
     check_layer(layer, "keep");
-    KVC_EXPECTS(head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
-    KVC_EXPECTS(n >= 0 && (n == 0 || kept != nullptr), "kept is null or n = ", n, " < 0");
+    KVC_EXPECTS_IN("kvc::quant_cache::keep", head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..",
+                   cfg_.num_kv_heads - 1);
+    KVC_EXPECTS_IN("kvc::quant_cache::keep", n >= 0, "n = ", n, ", expected >= 0 kept tokens");
+    KVC_EXPECTS_IN("kvc::quant_cache::keep", n == 0 || kept != nullptr, "kept is null with n = ", n);
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> one;
     one.emplace_back(head, std::vector<std::int32_t>(kept, kept + n));
     keep_heads(s, layer, one);
@@ -322,8 +325,9 @@ class quant_cache {
   /// Keeps, for every head h of one layer, the tokens kept[h]. All heads change or none does.
   void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
     check_layer(layer, "keep_layer");
-    KVC_EXPECTS(static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads, "kept.size() = ", kept.size(),
-                ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    KVC_EXPECTS_IN("kvc::quant_cache::keep_layer", static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads,
+                   "kept.size() = ", kept.size(),
+                   ", expected num_kv_heads = ", cfg_.num_kv_heads);
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
     all.reserve(kept.size());
     for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
@@ -458,14 +462,21 @@ class quant_cache {
   };
 
   static quant_cache_config validated(const quant_cache_config& c, const KQ& kq, const VQ& vq) {
-    KVC_EXPECTS(c.num_layers > 0, "cache_config.num_layers = ", c.num_layers, ", expected > 0");
-    KVC_EXPECTS(c.num_kv_heads > 0, "cache_config.num_kv_heads = ", c.num_kv_heads, ", expected > 0");
-    KVC_EXPECTS(c.head_dim > 0, "cache_config.head_dim = ", c.head_dim, ", expected > 0");
-    KVC_EXPECTS(c.page_size > 0 && (c.page_size & (c.page_size - 1)) == 0, "cache_config.page_size = ", c.page_size,
-                ", expected a power of two");
-    KVC_EXPECTS(c.max_pages > 0, "cache_config.max_pages = ", c.max_pages, ", expected > 0");
-    KVC_EXPECTS(c.sink_tokens >= 0, "quant_cache_config.sink_tokens = ", c.sink_tokens, ", expected >= 0");
-    KVC_EXPECTS(c.max_fp_pages > 0, "quant_cache_config.max_fp_pages = ", c.max_fp_pages, ", expected > 0");
+    KVC_EXPECTS_IN("kvc::quant_cache::quant_cache", c.num_layers > 0, "cache_config.num_layers = ", c.num_layers,
+                   ", expected > 0");
+    KVC_EXPECTS_IN("kvc::quant_cache::quant_cache", c.num_kv_heads > 0, "cache_config.num_kv_heads = ", c.num_kv_heads,
+                   ", expected > 0");
+    KVC_EXPECTS_IN("kvc::quant_cache::quant_cache", c.head_dim > 0, "cache_config.head_dim = ", c.head_dim,
+                   ", expected > 0");
+    KVC_EXPECTS_IN("kvc::quant_cache::quant_cache", c.page_size > 0 && (c.page_size & (c.page_size - 1)) == 0,
+                   "cache_config.page_size = ", c.page_size,
+                   ", expected a power of two");
+    KVC_EXPECTS_IN("kvc::quant_cache::quant_cache", c.max_pages > 0, "cache_config.max_pages = ", c.max_pages,
+                   ", expected > 0");
+    KVC_EXPECTS_IN("kvc::quant_cache::quant_cache", c.sink_tokens >= 0, "quant_cache_config.sink_tokens = ",
+                   c.sink_tokens, ", expected >= 0");
+    KVC_EXPECTS_IN("kvc::quant_cache::quant_cache", c.max_fp_pages > 0, "quant_cache_config.max_fp_pages = ",
+                   c.max_fp_pages, ", expected > 0");
     kq.check(c.head_dim);
     vq.check(c.head_dim);
     return c;
@@ -593,12 +604,16 @@ class quant_cache {
   }
   typename std::map<seq_id, sequence>::iterator find(seq_id s, const char* fn) {
     auto it = seqs_.find(s);
-    if (it == seqs_.end()) detail::fail(detail::concat("kvc::quant_cache::", fn, ": unknown sequence id ", s));
+    if (it == seqs_.end())
+      detail::fail(detail::concat("kvc::quant_cache::", fn, ": unknown sequence id ", s,
+                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
     return it;
   }
   typename std::map<seq_id, sequence>::const_iterator find(seq_id s, const char* fn) const {
     auto it = seqs_.find(s);
-    if (it == seqs_.end()) detail::fail(detail::concat("kvc::quant_cache::", fn, ": unknown sequence id ", s));
+    if (it == seqs_.end())
+      detail::fail(detail::concat("kvc::quant_cache::", fn, ": unknown sequence id ", s,
+                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
     return it;
   }
   qstream& at(sequence& sq, std::int32_t layer, std::int32_t h) noexcept {

@@ -134,9 +134,9 @@ class kv_cache {
                   "kvc::kv_cache::append: K/V input must be float or the cache's element type");
     sequence& sq = find(s, "append")->second;
     check_layer(layer, "append");
-    KVC_EXPECTS(n >= 0, "n = ", n, ", expected >= 0 tokens");
+    KVC_EXPECTS_IN("kvc::kv_cache::append", n >= 0, "n = ", n, ", expected >= 0 tokens");
     if (n == 0) return;
-    KVC_EXPECTS(k != nullptr && v != nullptr, "k or v is null with n = ", n);
+    KVC_EXPECTS_IN("kvc::kv_cache::append", k != nullptr && v != nullptr, "k or v is null with n = ", n);
     const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim, P = cfg_.page_size;
     if (cfg_.check_finite) {
       check_finite(k, static_cast<std::size_t>(n) * H * D, "k");
@@ -189,9 +189,10 @@ class kv_cache {
   /// and frees the pages this empties.
   void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
     check_layer(layer, "keep");
-    KVC_EXPECTS(head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
-    KVC_EXPECTS(n >= 0, "n = ", n, ", expected >= 0 kept tokens");
-    KVC_EXPECTS(n == 0 || kept != nullptr, "kept is null with n = ", n);
+    KVC_EXPECTS_IN("kvc::kv_cache::keep", head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..",
+                   cfg_.num_kv_heads - 1);
+    KVC_EXPECTS_IN("kvc::kv_cache::keep", n >= 0, "n = ", n, ", expected >= 0 kept tokens");
+    KVC_EXPECTS_IN("kvc::kv_cache::keep", n == 0 || kept != nullptr, "kept is null with n = ", n);
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> one;
     one.emplace_back(head, std::vector<std::int32_t>(kept, kept + n));
     keep_heads(s, layer, one);
@@ -201,8 +202,9 @@ class kv_cache {
   /// All heads change or none does.
   void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
     check_layer(layer, "keep_layer");
-    KVC_EXPECTS(static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads, "kept.size() = ", kept.size(),
-                ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    KVC_EXPECTS_IN("kvc::kv_cache::keep_layer", static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads,
+                   "kept.size() = ", kept.size(),
+                   ", expected num_kv_heads = ", cfg_.num_kv_heads);
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
     all.reserve(kept.size());
     for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
@@ -341,12 +343,15 @@ class kv_cache {
   };
 
   static cache_config validated(const cache_config& c) {
-    KVC_EXPECTS(c.num_layers > 0, "cache_config.num_layers = ", c.num_layers, ", expected > 0");
-    KVC_EXPECTS(c.num_kv_heads > 0, "cache_config.num_kv_heads = ", c.num_kv_heads, ", expected > 0");
-    KVC_EXPECTS(c.head_dim > 0, "cache_config.head_dim = ", c.head_dim, ", expected > 0");
-    KVC_EXPECTS(detail::is_pow2(c.page_size), "cache_config.page_size = ", c.page_size,
-                ", expected a power of two");
-    KVC_EXPECTS(c.max_pages > 0, "cache_config.max_pages = ", c.max_pages, ", expected > 0");
+    KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", c.num_layers > 0, "cache_config.num_layers = ", c.num_layers,
+                   ", expected > 0");
+    KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", c.num_kv_heads > 0, "cache_config.num_kv_heads = ", c.num_kv_heads,
+                   ", expected > 0");
+    KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", c.head_dim > 0, "cache_config.head_dim = ", c.head_dim, ", expected > 0");
+    KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", detail::is_pow2(c.page_size), "cache_config.page_size = ", c.page_size,
+                   ", expected a power of two");
+    KVC_EXPECTS_IN("kvc::kv_cache::kv_cache", c.max_pages > 0, "cache_config.max_pages = ", c.max_pages,
+                   ", expected > 0");
     return c;
   }
 
@@ -392,12 +397,16 @@ class kv_cache {
 
   typename std::map<seq_id, sequence>::iterator find(seq_id s, const char* fn) {
     auto it = seqs_.find(s);
-    if (it == seqs_.end()) detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s));
+    if (it == seqs_.end())
+      detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s,
+                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
     return it;
   }
   typename std::map<seq_id, sequence>::const_iterator find(seq_id s, const char* fn) const {
     auto it = seqs_.find(s);
-    if (it == seqs_.end()) detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s));
+    if (it == seqs_.end())
+      detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s,
+                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
     return it;
   }
   stream& at(sequence& sq, std::int32_t layer, std::int32_t h) noexcept {
