@@ -93,9 +93,12 @@ def byte_symbols():
     return out
 
 
-def tiny_llama(n_layer=1, d=32, ff=64, vocab_extra=("<|im_start|>", "<|im_end|>")):
-    """A complete (tiny) Llama: hyper-parameters, a byte-level vocabulary, every tensor in F32/Q8_0."""
-    toks = byte_symbols() + ["Ġt", "he", "Ġthe"] + list(vocab_extra)
+def tiny_llama(n_layer=1, d=32, ff=32, vocab_extra=("<|im_start|>", "<|im_end|>"), all_bytes=False):
+    """A complete (tiny) Llama: hyper-parameters, a byte-level vocabulary, every tensor in F32/Q8_0.
+    Without all_bytes the vocabulary has a handful of byte symbols only: seeds stay a few KB, which
+    keeps the fuzzer's mutations (and its exec/s) fast; the vocabulary seed below has all 256."""
+    syms = byte_symbols() if all_bytes else list("Ġthe")
+    toks = syms + ["Ġt", "he", "Ġthe"] + list(vocab_extra)
     kinds = [1] * (len(toks) - len(vocab_extra)) + [3] * len(vocab_extra)
     merges = ["Ġ t", "h e", "Ġt he"]
     names = [("token_embd.weight", [d, len(toks)], 8), ("output_norm.weight", [d], 0)]
@@ -129,6 +132,12 @@ def tiny_llama(n_layer=1, d=32, ff=64, vocab_extra=("<|im_start|>", "<|im_end|>"
 
 w, total = tiny_llama()
 write("gguf", "seed-tiny-llama", bytes(w.data(total).b))
+# The vocabulary alone (every byte symbol), for the tokenizer built from the file.
+w = W(0, 6).kv_str("general.architecture", "llama").kv_str("tokenizer.ggml.model", "gpt2")
+toks = byte_symbols() + ["Ġt", "he", "Ġthe", "<|im_start|>"]
+w.kv_arr("tokenizer.ggml.tokens", 8, toks).kv_arr("tokenizer.ggml.token_type", 5, [1] * (len(toks) - 1) + [3], "i")
+w.kv_arr("tokenizer.ggml.merges", 8, ["Ġ t", "h e", "Ġt he"]).kv("tokenizer.ggml.bos_token_id", 4, "I", 0)
+write("gguf", "seed-vocab", bytes(w.b))
 # One tensor of each quantised type the reader knows (a single block each).
 blocks = {0: (1, 4), 1: (1, 2), 30: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
           9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292)}
