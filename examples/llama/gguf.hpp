@@ -5,11 +5,18 @@
 /// decoded on demand by quants.hpp. Every malformed input throws gguf_error naming the field,
 /// its byte offset and what was expected, because a truncated download is the most common
 /// failure an engine developer will meet.
+///
+/// The file is hostile input: every count and length it holds is checked against the bytes that
+/// remain before anything is allocated or indexed (an array header claiming 2^60 elements must not
+/// reserve them), sizes are computed with overflow checks, and integers reach callers range-checked
+/// (get_int_in) rather than truncated. A file can also be parsed from memory (the fuzz target and
+/// tests do), where a read past the buffer is an AddressSanitizer report rather than page slack.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -96,12 +103,18 @@ struct gguf_tensor {
     const uint8_t* data = nullptr;
     std::size_t bytes = 0;
 
+    /// Element count; throws when the product of the dimensions does not fit 64 bits (the reader
+    /// refuses such tensors, but a gguf_tensor can be built by hand).
     uint64_t elements() const {
         uint64_t n = 1;
-        for (uint64_t d : dims) n *= d;
+        for (uint64_t d : dims) {
+            if (d != 0 && n > std::numeric_limits<uint64_t>::max() / d)
+                throw gguf_error("gguf: tensor '" + name + "' of shape " + shape() + " has more than 2^64 elements");
+            n *= d;
+        }
         return n;
     }
-    uint64_t rows() const { return elements() / (dims.empty() ? 1 : dims[0]); }
+    uint64_t rows() const { return dims.empty() || dims[0] == 0 ? 0 : elements() / dims[0]; }
     uint64_t row_length() const { return dims.empty() ? 1 : dims[0]; }
     std::string shape() const {
         std::string s = "[";
@@ -137,10 +150,18 @@ public:
             throw;
         }
     }
+    /// Parses a GGUF image held in memory (copied); `name` stands for the path in messages.
+    explicit gguf_file(std::vector<uint8_t> bytes, std::string name = "<memory>")
+        : path_(std::move(name)), owned_(std::move(bytes)) {
+        size_ = owned_.size();
+        if (size_ == 0) throw gguf_error("gguf: '" + path_ + "' is empty");
+        base_ = owned_.data();
+        parse();
+    }
     gguf_file(const gguf_file&) = delete;
     gguf_file& operator=(const gguf_file&) = delete;
     ~gguf_file() {
-        if (base_) ::munmap(const_cast<uint8_t*>(base_), size_);
+        if (base_ && owned_.empty()) ::munmap(const_cast<uint8_t*>(base_), size_);
     }
 
     const std::string& path() const { return path_; }
@@ -160,11 +181,28 @@ public:
     /// Integer metadata of any signedness/width.
     int64_t get_int(const std::string& key) const {
         const gguf_value& v = get(key);
-        if (auto* u = std::get_if<uint64_t>(&v.v)) return static_cast<int64_t>(*u);
+        if (auto* u = std::get_if<uint64_t>(&v.v)) {
+            if (*u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+                throw gguf_error("gguf: metadata key '" + key + "' = " + std::to_string(*u) +
+                                 ", expected an integer below 2^63 in " + path_);
+            return static_cast<int64_t>(*u);
+        }
         if (auto* i = std::get_if<int64_t>(&v.v)) return *i;
         throw gguf_error("gguf: metadata key '" + key + "' is not an integer (type " + std::to_string(v.type) + ")");
     }
     int64_t get_int(const std::string& key, int64_t fallback) const { return has(key) ? get_int(key) : fallback; }
+    /// Integer metadata that must lie in [lo, hi] (a count the caller stores in an int, an id):
+    /// throws naming the key, the value and the range instead of truncating.
+    int64_t get_int_in(const std::string& key, int64_t lo, int64_t hi) const {
+        const int64_t x = get_int(key);
+        if (x < lo || x > hi)
+            throw gguf_error("gguf: metadata key '" + key + "' = " + std::to_string(x) + ", expected a value in [" +
+                             std::to_string(lo) + ", " + std::to_string(hi) + "] in " + path_);
+        return x;
+    }
+    int64_t get_int_in(const std::string& key, int64_t lo, int64_t hi, int64_t fallback) const {
+        return has(key) ? get_int_in(key, lo, hi) : fallback;
+    }
     double get_float(const std::string& key) const {
         const gguf_value& v = get(key);
         if (auto* d = std::get_if<double>(&v.v)) return *d;
@@ -225,7 +263,7 @@ private:
     std::string read_string(const char* what) {
         uint64_t n = read<uint64_t>(what);
         if (n > (1ull << 30)) throw gguf_error("gguf: implausible string length " + std::to_string(n) + " for " + what + " at byte " + std::to_string(pos_));
-        need(static_cast<std::size_t>(n), what);
+        need(static_cast<std::size_t>(n), what);  // also bounds n by the bytes that remain
         std::string s(reinterpret_cast<const char*>(base_ + pos_), static_cast<std::size_t>(n));
         pos_ += static_cast<std::size_t>(n);
         return s;
@@ -254,7 +292,14 @@ private:
             gguf_array a;
             a.elem_type = read<uint32_t>(w);
             uint64_t n = read<uint64_t>(w);
-            if (n > size_) throw gguf_error("gguf: array length " + std::to_string(n) + " for '" + key + "' exceeds the file size");
+            // Every element takes at least min_bytes of the file, so n is bounded by what remains
+            // before reserve(n) allocates anything.
+            const std::size_t left = size_ - pos_, min_bytes = min_value_bytes(a.elem_type);
+            if (n > left / min_bytes)
+                throw gguf_error("gguf: array '" + key + "' claims " + std::to_string(n) + " elements of type " +
+                                 std::to_string(a.elem_type) + " at byte " + std::to_string(pos_) +
+                                 ", expected at most " + std::to_string(left / min_bytes) + " (the " +
+                                 std::to_string(left) + " bytes left in the file): " + path_);
             a.items.reserve(static_cast<std::size_t>(n));
             for (uint64_t i = 0; i < n; ++i) a.items.push_back(read_value(a.elem_type, key, depth + 1));
             out.v = std::move(a);
@@ -270,6 +315,19 @@ private:
         return out;
     }
 
+    /// The fewest bytes one value of `type` occupies in the file (unknown types: 1, and the read
+    /// of the first element reports them).
+    static std::size_t min_value_bytes(uint32_t type) {
+        switch (type) {
+        case 0: case 1: case 7: return 1;
+        case 2: case 3: return 2;
+        case 4: case 5: case 6: return 4;
+        case 8: case 10: case 11: case 12: return 8;  // a string: its 8-byte length
+        case 9: return 12;                            // an array: element type and count
+        default: return 1;
+        }
+    }
+
     void parse() {
         need(4, "magic");
         if (std::memcmp(base_, "GGUF", 4) != 0) throw gguf_error("gguf: '" + path_ + "' is not a GGUF file (bad magic)");
@@ -279,27 +337,46 @@ private:
             throw gguf_error("gguf: unsupported version " + std::to_string(version_) + " (this reader handles 2 and 3)");
         uint64_t n_tensors = read<uint64_t>("tensor count");
         uint64_t n_kv = read<uint64_t>("metadata count");
-        if (n_tensors > size_ || n_kv > size_) throw gguf_error("gguf: implausible tensor/metadata counts in header");
+        // A metadata entry takes at least 13 bytes (key length, type, one byte of value), a tensor
+        // entry 28 (name length, rank, one dimension, type, offset).
+        const std::size_t left = size_ - pos_;
+        if (n_kv > left / 13 || n_tensors > left / 28)
+            throw gguf_error("gguf: header claims " + std::to_string(n_kv) + " metadata entries and " +
+                             std::to_string(n_tensors) + " tensors, expected at most " + std::to_string(left / 13) +
+                             " and " + std::to_string(left / 28) + " in the " + std::to_string(left) +
+                             " bytes that follow the header: " + path_);
         for (uint64_t i = 0; i < n_kv; ++i) {
             std::string key = read_string("metadata key");
             uint32_t type = read<uint32_t>("metadata value type");
-            kv_[key] = read_value(type, key, 0);
+            gguf_value v = read_value(type, key, 0);
+            if (!kv_.emplace(key, std::move(v)).second)
+                throw gguf_error("gguf: metadata key '" + key + "' appears twice, expected each key once: " + path_);
         }
-        alignment_ = static_cast<std::size_t>(get_int("general.alignment", 32));
-        if (alignment_ == 0 || (alignment_ & (alignment_ - 1)) != 0)
-            throw gguf_error("gguf: general.alignment " + std::to_string(alignment_) + " is not a power of two");
+        // The alignment must be a power of two small enough that padding cannot run off the file.
+        const int64_t align = get_int_in("general.alignment", 1, int64_t{1} << 30, 32);
+        if ((align & (align - 1)) != 0)
+            throw gguf_error("gguf: general.alignment = " + std::to_string(align) + ", expected a power of two: " + path_);
+        alignment_ = static_cast<std::size_t>(align);
         tensors_.reserve(static_cast<std::size_t>(n_tensors));
         for (uint64_t i = 0; i < n_tensors; ++i) {
             gguf_tensor t;
             t.name = read_string("tensor name");
             uint32_t nd = read<uint32_t>("tensor rank");
             if (nd == 0 || nd > 4) throw gguf_error("gguf: tensor '" + t.name + "' has rank " + std::to_string(nd));
-            for (uint32_t d = 0; d < nd; ++d) t.dims.push_back(read<uint64_t>("tensor dimension"));
+            for (uint32_t d = 0; d < nd; ++d) {
+                t.dims.push_back(read<uint64_t>("tensor dimension"));
+                if (t.dims.back() == 0)
+                    throw gguf_error("gguf: tensor '" + t.name + "' dimension " + std::to_string(d) +
+                                     " is 0, expected every dimension >= 1: " + path_);
+            }
             t.type = static_cast<ggml_type>(read<uint32_t>("tensor type"));
             t.offset = read<uint64_t>("tensor offset");
             tensors_.push_back(std::move(t));
         }
-        std::size_t data_start = (pos_ + alignment_ - 1) / alignment_ * alignment_;
+        const std::size_t data_start = (pos_ + alignment_ - 1) / alignment_ * alignment_;
+        if (!tensors_.empty() && data_start > size_)
+            throw gguf_error("gguf: the tensor data would start at byte " + std::to_string(data_start) +
+                             ", past the end of the file (" + std::to_string(size_) + " bytes): " + path_);
         for (std::size_t i = 0; i < tensors_.size(); ++i) {
             gguf_tensor& t = tensors_[i];
             const type_traits* tr = traits_of(t.type);
@@ -308,10 +385,22 @@ private:
             if (t.row_length() % tr->block_elems != 0)
                 throw gguf_error("gguf: tensor '" + t.name + "' row length " + std::to_string(t.row_length()) +
                                  " is not a multiple of the " + tr->name + " block size");
-            t.bytes = static_cast<std::size_t>(t.elements() / tr->block_elems * tr->block_bytes);
+            uint64_t elems = 1;
+            for (uint64_t d : t.dims) {
+                if (elems > std::numeric_limits<uint64_t>::max() / d)
+                    throw gguf_error("gguf: tensor '" + t.name + "' of shape " + t.shape() +
+                                     " has more than 2^64 elements, expected a tensor that fits the file: " + path_);
+                elems *= d;
+            }
+            const uint64_t blocks = elems / tr->block_elems;
+            if (blocks > (size_ - data_start) / tr->block_bytes)
+                throw gguf_error("gguf: tensor '" + t.name + "' of shape " + t.shape() + " and type " + tr->name +
+                                 " needs more bytes than the file's " + std::to_string(size_ - data_start) +
+                                 " bytes of data; the download is probably truncated: " + path_);
+            t.bytes = static_cast<std::size_t>(blocks * tr->block_bytes);
             if (t.offset % alignment_ != 0)
                 throw gguf_error("gguf: tensor '" + t.name + "' offset " + std::to_string(t.offset) + " is not aligned to " + std::to_string(alignment_));
-            if (data_start + t.offset > size_ || t.bytes > size_ - data_start - t.offset)
+            if (t.offset > size_ - data_start || t.bytes > size_ - data_start - t.offset)
                 throw gguf_error("gguf: tensor '" + t.name + "' (" + std::to_string(t.bytes) + " bytes at data offset " +
                                  std::to_string(t.offset) + ") lies past the end of the file; the download is probably truncated");
             t.data = base_ + data_start + t.offset;
@@ -328,6 +417,7 @@ private:
     std::map<std::string, gguf_value> kv_;
     std::vector<gguf_tensor> tensors_;
     std::map<std::string, std::size_t> by_name_;
+    std::vector<uint8_t> owned_;  ///< the bytes, when parsed from memory (else the file is mapped)
 };
 
 }  // namespace llama

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <memory>
 #include <stdexcept>
@@ -62,6 +63,64 @@ struct timings {
 
 /// Threads Eigen may use for the matrix products (needs OpenMP; otherwise a no-op).
 inline void set_threads(int n) { Eigen::setNbThreads(n > 0 ? n : 1); }
+
+/// Reads and checks the hyper-parameters (metadata and the embedding's shape) without loading any
+/// weight. Every count is range-checked before it becomes an int: a file saying block_count =
+/// 2^32 + 1 must be refused, not read as 1 layer.
+inline hparams read_hparams(const gguf_file& f) {
+    hparams hp;
+    hp.arch = f.get_string("general.architecture");
+    if (hp.arch != "llama")
+        throw gguf_error("model: architecture '" + hp.arch + "' is not supported (this example runs 'llama')");
+    const std::string a = hp.arch + ".";
+    constexpr int64_t int_max = std::numeric_limits<int>::max();
+    hp.n_embd = static_cast<int>(f.get_int_in(a + "embedding_length", 1, int_max));
+    hp.n_ff = static_cast<int>(f.get_int_in(a + "feed_forward_length", 1, int_max));
+    hp.n_layer = static_cast<int>(f.get_int_in(a + "block_count", 1, int_max));
+    hp.n_head = static_cast<int>(f.get_int_in(a + "attention.head_count", 1, int_max));
+    hp.n_head_kv = static_cast<int>(f.get_int_in(a + "attention.head_count_kv", 1, int_max, hp.n_head));
+    hp.n_ctx_train = static_cast<int>(f.get_int_in(a + "context_length", 0, int_max, 0));
+    // double -> float is undefined outside float's range; NaN would poison every activation.
+    const auto positive_float = [&](const std::string& key, double fallback) {
+        const double x = f.get_float(key, fallback);
+        if (!(x > 0 && x <= static_cast<double>(std::numeric_limits<float>::max())))
+            throw gguf_error("model: metadata key '" + key + "' = " + std::to_string(x) +
+                             ", expected a finite float > 0 in " + f.path());
+        return static_cast<float>(x);
+    };
+    hp.rope_theta = positive_float(a + "rope.freq_base", 10000.0);
+    hp.rms_eps = positive_float(a + "attention.layer_norm_rms_epsilon", 1e-5);
+    if (hp.n_embd % hp.n_head != 0)
+        throw gguf_error("model: embedding_length " + std::to_string(hp.n_embd) + " is not divisible by head_count " + std::to_string(hp.n_head));
+    if (hp.n_head % hp.n_head_kv != 0)
+        throw gguf_error("model: head_count " + std::to_string(hp.n_head) + " is not a multiple of head_count_kv " + std::to_string(hp.n_head_kv));
+    hp.head_dim = hp.n_embd / hp.n_head;
+    hp.rope_dims = static_cast<int>(f.get_int_in(a + "rope.dimension_count", 0, hp.head_dim, hp.head_dim));
+    if (hp.rope_dims % 2)
+        throw gguf_error("model: rope.dimension_count " + std::to_string(hp.rope_dims) + " is invalid for head_dim " + std::to_string(hp.head_dim) + ", expected an even count");
+    if (f.has("llama.rope.scaling.type") && f.get_string("llama.rope.scaling.type") != "none")
+        throw gguf_error("model: RoPE scaling '" + f.get_string("llama.rope.scaling.type") + "' is not implemented");
+
+    std::map<std::string, int> type_count;
+    for (const gguf_tensor& t : f.tensors()) type_count[type_name(t.type)]++;
+    for (auto& [name, c] : type_count) hp.weight_types += (hp.weight_types.empty() ? "" : ", ") + name + " x" + std::to_string(c);
+
+    const gguf_tensor* emb = f.find_tensor("token_embd.weight");
+    if (!emb) throw gguf_error("model: tensor 'token_embd.weight' is missing in " + f.path());
+    if (emb->dims.size() != 2 || emb->dims[0] != static_cast<uint64_t>(hp.n_embd) ||
+        emb->dims[1] > static_cast<uint64_t>(int_max))
+        throw gguf_error("model: token_embd.weight has shape " + emb->shape() + ", expected [" + std::to_string(hp.n_embd) +
+                         ", n_vocab] with n_vocab <= " + std::to_string(int_max));
+    hp.n_vocab = static_cast<int>(emb->dims[1]);
+    // Each layer has nine tensors; refusing here keeps a hostile block_count from sizing
+    // layers_ before the first missing tensor is noticed.
+    if (static_cast<uint64_t>(hp.n_layer) > f.tensors().size() / 9)
+        throw gguf_error("model: " + a + "block_count = " + std::to_string(hp.n_layer) + ", expected at most " +
+                         std::to_string(f.tensors().size() / 9) + " (nine tensors per layer; the file holds " +
+                         std::to_string(f.tensors().size()) + ") in " + f.path());
+    hp.tied_output = f.find_tensor("output.weight") == nullptr;
+    return hp;
+}
 
 class model {
 public:
@@ -206,43 +265,11 @@ private:
     }
 
     void load(const gguf_file& f) {
-        hp_.arch = f.get_string("general.architecture");
-        if (hp_.arch != "llama")
-            throw gguf_error("model: architecture '" + hp_.arch + "' is not supported (this example runs 'llama')");
-        const std::string a = hp_.arch + ".";
-        hp_.n_embd = static_cast<int>(f.get_int(a + "embedding_length"));
-        hp_.n_ff = static_cast<int>(f.get_int(a + "feed_forward_length"));
-        hp_.n_layer = static_cast<int>(f.get_int(a + "block_count"));
-        hp_.n_head = static_cast<int>(f.get_int(a + "attention.head_count"));
-        hp_.n_head_kv = static_cast<int>(f.get_int(a + "attention.head_count_kv", hp_.n_head));
-        hp_.n_ctx_train = static_cast<int>(f.get_int(a + "context_length", 0));
-        hp_.rope_theta = static_cast<float>(f.get_float(a + "rope.freq_base", 10000.0));
-        hp_.rms_eps = static_cast<float>(f.get_float(a + "attention.layer_norm_rms_epsilon", 1e-5));
-        if (hp_.n_head <= 0 || hp_.n_embd % hp_.n_head != 0)
-            throw gguf_error("model: embedding_length " + std::to_string(hp_.n_embd) + " is not divisible by head_count " + std::to_string(hp_.n_head));
-        if (hp_.n_head_kv <= 0 || hp_.n_head % hp_.n_head_kv != 0)
-            throw gguf_error("model: head_count " + std::to_string(hp_.n_head) + " is not a multiple of head_count_kv " + std::to_string(hp_.n_head_kv));
-        hp_.head_dim = hp_.n_embd / hp_.n_head;
-        hp_.rope_dims = static_cast<int>(f.get_int(a + "rope.dimension_count", hp_.head_dim));
-        if (hp_.rope_dims > hp_.head_dim || hp_.rope_dims % 2)
-            throw gguf_error("model: rope.dimension_count " + std::to_string(hp_.rope_dims) + " is invalid for head_dim " + std::to_string(hp_.head_dim));
-        if (f.has("llama.rope.scaling.type") && f.get_string("llama.rope.scaling.type") != "none")
-            throw gguf_error("model: RoPE scaling '" + f.get_string("llama.rope.scaling.type") + "' is not implemented");
-
-        std::map<std::string, int> type_count;
-        for (const gguf_tensor& t : f.tensors()) type_count[type_name(t.type)]++;
-        for (auto& [name, c] : type_count) hp_.weight_types += (hp_.weight_types.empty() ? "" : ", ") + name + " x" + std::to_string(c);
-
-        const gguf_tensor* emb = f.find_tensor("token_embd.weight");
-        if (!emb) throw gguf_error("model: tensor 'token_embd.weight' is missing in " + f.path());
-        if (emb->dims.size() != 2 || emb->dims[0] != static_cast<uint64_t>(hp_.n_embd))
-            throw gguf_error("model: token_embd.weight has shape " + emb->shape() + ", expected [" + std::to_string(hp_.n_embd) + ", n_vocab]");
-        hp_.n_vocab = static_cast<int>(emb->dims[1]);
+        hp_ = read_hparams(f);
         const uint64_t d = static_cast<uint64_t>(hp_.n_embd), ff = static_cast<uint64_t>(hp_.n_ff);
         const uint64_t dkv = static_cast<uint64_t>(hp_.n_head_kv) * static_cast<uint64_t>(hp_.head_dim);
         tok_embd_ = load_matrix(f, "token_embd.weight", d, static_cast<uint64_t>(hp_.n_vocab));
         out_norm_ = load_vector(f, "output_norm.weight", d);
-        hp_.tied_output = f.find_tensor("output.weight") == nullptr;
         if (!hp_.tied_output) output_ = load_matrix(f, "output.weight", d, static_cast<uint64_t>(hp_.n_vocab));
         layers_.resize(static_cast<std::size_t>(hp_.n_layer));
         for (int l = 0; l < hp_.n_layer; ++l) {

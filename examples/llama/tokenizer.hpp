@@ -11,6 +11,7 @@
 #include <array>
 #include <stdexcept>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -209,6 +210,9 @@ public:
             throw gguf_error("tokenizer: pre-tokenizer '" + pre_ + "' is not implemented by this example");
 
         const gguf_array& toks = f.get_array("tokenizer.ggml.tokens");
+        if (toks.items.size() > static_cast<std::size_t>(std::numeric_limits<token_id>::max()))
+            throw gguf_error("tokenizer: tokenizer.ggml.tokens has " + std::to_string(toks.items.size()) +
+                             " entries, expected at most 2^31 - 1 (token ids are 32-bit)");
         vocab_.reserve(toks.items.size());
         for (const gguf_value& v : toks.items) {
             auto* s = std::get_if<std::string>(&v.v);
@@ -223,13 +227,18 @@ public:
                                  std::to_string(vocab_.size()) + " tokens");
             for (std::size_t i = 0; i < tt.items.size(); ++i) {
                 const auto& v = tt.items[i].v;
-                if (auto* x = std::get_if<int64_t>(&v)) kinds_[i] = static_cast<int32_t>(*x);
-                else if (auto* u = std::get_if<uint64_t>(&v)) kinds_[i] = static_cast<int32_t>(*u);
+                // Kinds outside 1..6 are kept as "normal" rather than wrapped into a valid kind.
+                int64_t k = normal;
+                if (auto* x = std::get_if<int64_t>(&v)) k = *x;
+                else if (auto* u = std::get_if<uint64_t>(&v)) k = *u <= byte ? static_cast<int64_t>(*u) : int64_t{normal};
+                kinds_[i] = k >= normal && k <= byte ? static_cast<int32_t>(k) : int32_t{normal};
             }
         }
         for (std::size_t i = 0; i < vocab_.size(); ++i) {
             id_of_.emplace(vocab_[i], static_cast<token_id>(i));
-            if (kinds_[i] == control || kinds_[i] == user_defined) specials_.push_back(static_cast<token_id>(i));
+            // An empty special would match everywhere and never advance encode(): not matchable.
+            if ((kinds_[i] == control || kinds_[i] == user_defined) && !vocab_[i].empty())
+                specials_.push_back(static_cast<token_id>(i));
         }
         // Longest special first so that a prefix never shadows a longer special token.
         std::sort(specials_.begin(), specials_.end(), [&](token_id a, token_id b) { return vocab_[a].size() > vocab_[b].size(); });
@@ -242,10 +251,12 @@ public:
                 throw gguf_error("tokenizer: merge #" + std::to_string(r) + " is not of the form 'left right'");
             ranks_.emplace(*s, static_cast<int>(r));
         }
-        bos_ = static_cast<token_id>(f.get_int("tokenizer.ggml.bos_token_id", -1));
-        eos_ = static_cast<token_id>(f.get_int("tokenizer.ggml.eos_token_id", -1));
+        // Ids index the vocabulary: range-checked, never truncated to 32 bits (-1: none).
+        const int64_t last = static_cast<int64_t>(vocab_.size()) - 1;
+        bos_ = static_cast<token_id>(f.get_int_in("tokenizer.ggml.bos_token_id", -1, last, -1));
+        eos_ = static_cast<token_id>(f.get_int_in("tokenizer.ggml.eos_token_id", -1, last, -1));
         add_bos_ = f.get_bool("tokenizer.ggml.add_bos_token", false);
-        unk_ = static_cast<token_id>(f.get_int("tokenizer.ggml.unknown_token_id", -1));
+        unk_ = static_cast<token_id>(f.get_int_in("tokenizer.ggml.unknown_token_id", -1, last, -1));
         // Vocabularies trained on UTF-8 text may lack tokens for bytes that never occur in it
         // (SmolLM2 lacks 21: a few C0 controls and bytes that are never valid in UTF-8).
         // Such a byte encodes as the unknown token; every other byte round-trips.

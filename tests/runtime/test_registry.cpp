@@ -269,6 +269,14 @@ TEST_CASE("malformed evictor specs name the argument, the value and what was exp
       {"cake(ratio=0.5,alloc=ada)", {"alloc = ada", "cake allocates"}},
       {"cake(ratio=0.5,tau1=0)", {"tau1 = 0", "> 0"}},
       {"snapkv(ratio=0.5)+kivi", {"expected exactly one eviction stage"}},
+      // A misspelt budget is an unknown key with the valid keys, not "needs a budget" (issue 16).
+      {"snapkv(rato=0.5)", {"kvc::runtime::make_evictor: 'snapkv' has no argument 'rato'", "did you mean 'ratio'?",
+                            "ratio or tokens", "window, kernel, pool, agg, sinks"}},
+      {"snapkvv(ratio=0.5)", {"unknown eviction policy 'snapkvv'", "did you mean 'snapkv'?"}},
+      {"snapkv(ratio=0.5,sinks=1e10)", {"sinks = 1e10", "expected an integer in [-2147483648, 2147483647]"}},
+      {"snapkv(tokens=3e9)", {"tokens = 3e9", "expected an integer in"}},
+      {"snapkv(ratio=0.5,window=nan)", {"window = nan", "expected a number"}},
+      {"vnorm(tova,knorm,ratio=0.5)", {"'vnorm' takes no nested policy, found 'knorm'"}},
   };
   for (const bad& b : cases) {
     INFO(b.spec);
@@ -358,6 +366,8 @@ TEST_CASE("every quantized storage a spec can name builds, attends over what it 
       {"gear(bits=8)", "bits = 8", "2 or 4"},
       {"int4(bits=4)", "no argument 'bits'", "sinks"},
       {"int3", "unknown storage 'int3'", "expected one of"},
+      {"kivi(bitz=2)", "kvc::runtime::make_cache: 'kivi' has no argument 'bitz'", "did you mean 'bits'?"},
+      {"kivi(bits=1e10)", "bits = 1e10", "expected an integer in [-2147483648, 2147483647]"},
   };
   for (const bad& b : cases) {
     INFO(b.spec);

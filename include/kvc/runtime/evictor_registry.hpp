@@ -178,7 +178,7 @@ struct window_qfilters {
 
 [[noreturn]] inline void bad_arg(const spec_stage& st, const std::string& key, const std::string& value,
                                  const std::string& expected) {
-  kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", st.text, "': ", key, " = ", value, ", expected ", expected));
+  kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_evictor: '", st.text, "': ", key, " = ", value, ", expected ", expected));
 }
 
 inline std::string num_text(double v) { return kvc::detail::concat(v); }
@@ -415,7 +415,7 @@ inline std::map<std::string, scorer_builder>& evictor_registry() {
     auto inner_of = [](spec_args& a, const evictor_context& c, evictor& e, const char* def) {
       const spec_stage* in = a.nested();
       if (!in && !def)
-        kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", a.stage().text,
+        kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_evictor: '", a.stage().text,
                                               "' needs a nested policy, e.g. ", a.stage().name, "(tova)"));
       if (!in) {
         spec_stage d;
@@ -458,6 +458,17 @@ inline std::string known_evictors() {
   return s;
 }
 
+namespace detail {
+[[noreturn]] inline void unknown_evictor(const spec_stage& st) {
+  std::vector<std::string> names;
+  for (const auto& kv : evictor_registry()) names.push_back(kv.first);
+  const std::string hint = closest(st.name, names);
+  kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_evictor: unknown eviction policy '", st.name, "' in '",
+                                        st.text, "'", hint.empty() ? "" : "; did you mean '", hint,
+                                        hint.empty() ? "" : "'?", "; expected one of: ", known_evictors()));
+}
+}  // namespace detail
+
 /// Whether `name` is an eviction policy in a spec.
 inline bool is_evictor(const std::string& name) { return evictor_registry().count(name) != 0; }
 
@@ -465,9 +476,8 @@ inline bool is_evictor(const std::string& name) { return evictor_registry().coun
 inline evict::any_scorer make_scorer(const spec_stage& st, const evictor_context& ctx, evictor& ev) {
   auto it = evictor_registry().find(st.name);
   if (it == evictor_registry().end())
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime: unknown eviction policy '", st.name, "' in '", st.text,
-                                          "'; expected one of: ", known_evictors()));
-  spec_args a(st);
+    detail::unknown_evictor(st);
+  spec_args a(st, "kvc::runtime::make_evictor");
   evict::any_scorer s = it->second(a, ctx, ev);
   a.finish(a.asked().empty() ? std::string("(none)") : a.asked());
   return s;
@@ -479,15 +489,17 @@ inline evict::any_scorer make_scorer(const spec_stage& st, const evictor_context
 inline evictor make_evictor(const spec_stage& st, const evictor_context& ctx) {
   auto it = evictor_registry().find(st.name);
   if (it == evictor_registry().end())
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime: unknown eviction policy '", st.name, "' in '", st.text,
-                                          "'; expected one of: ", known_evictors()));
+    detail::unknown_evictor(st);
   evictor ev;
   ev.spec = st.text;
-  spec_args a(st);
+  spec_args a(st, "kvc::runtime::make_evictor");
   evict::compressor_options& o = ev.options;
   if (a.has("ratio") && a.has("tokens"))
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", st.text,
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_evictor: '", st.text,
                                           "': ratio and tokens both given, expected one budget"));
+  // A missing budget is reported only after every other argument was read: "snapkv(rato=0.5)"
+  // is a misspelt key, and saying so (with the valid keys) is what lets the user fix it.
+  bool has_budget = true;
   if (a.has("tokens")) {
     const int n = a.integer("tokens");
     if (n < 0) detail::bad_arg(st, "tokens", std::to_string(n), "a per-stream token count >= 0");
@@ -497,8 +509,7 @@ inline evictor make_evictor(const spec_stage& st, const evictor_context& ctx) {
     if (!(r >= 0.0 && r < 1.0)) detail::bad_arg(st, "ratio", detail::num_text(r), "the fraction evicted, in [0, 1)");
     o.target = budget::ratio(r);
   } else {
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", st.text,
-                                          "' needs a budget: ratio=<fraction evicted in [0, 1)> or tokens=<per stream>"));
+    has_budget = false;
   }
   const std::string alloc = a.word("alloc", "");
   const double alpha = a.number("alpha_safeguard", 0.2);
@@ -519,6 +530,9 @@ inline evictor make_evictor(const spec_stage& st, const evictor_context& ctx) {
   o.num_q_heads = ctx.num_q_heads;
   ev.scorer = it->second(a, ctx, ev);
   a.finish("ratio or tokens, " + a.asked());
+  if (!has_budget)
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_evictor: '", st.text,
+                                          "' needs a budget: ratio=<fraction evicted in [0, 1)> or tokens=<per stream>"));
   if (ev.cake && alloc.size()) detail::bad_arg(st, "alloc", alloc, "none: cake allocates layer budgets itself");
   // Preferred allocator (pyramidkv) unless alloc= was given, as the compressor does.
   if (!o.alloc) o.alloc = ev.scorer.preferred_allocator();

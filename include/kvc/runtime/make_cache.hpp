@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <kvc/attention/rope.hpp>
 #include <kvc/error.hpp>
@@ -38,7 +39,7 @@ inline std::map<std::string, cache_builder>& storage_registry() {
     auto plain = [](auto tag) {
       using T = decltype(tag);
       return [](const spec_stage& st, const cache_config& cfg, const storage_options&) -> std::unique_ptr<any_cache> {
-        spec_args(st).finish("(none)");
+        spec_args(st, "kvc::runtime::make_cache").finish("(none): fp32, fp16 and bf16 take no arguments");
         return std::make_unique<cache_adapter<kv_cache<T>>>(type_name<T>(), cfg);
       };
     };
@@ -56,6 +57,34 @@ inline std::string known_storages() {
   return s;
 }
 
+namespace detail {
+
+/// The storages that live in optional headers, and the header that registers each: a TU that
+/// names one without including its header gets a message saying what to include, not "unknown".
+inline const char* storage_header(const std::string& name) {
+  static const char* const quant[] = {"int8", "int4", "int2", "fp8", "kivi", "rotated", "outliers", "gear"};
+  for (const char* q : quant)
+    if (name == q) return "<kvc/runtime/quant_storages.hpp>";
+  if (name == "mikv") return "<kvc/runtime/mikv_storage.hpp>";
+  return nullptr;
+}
+
+[[noreturn]] inline void unknown_storage(const spec_stage& st) {
+  if (const char* header = storage_header(st.name))
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: storage '", st.name, "' (in \"", st.text,
+                                          "\") is not registered in this program; expected #include ", header,
+                                          " in a translation unit of the program (it registers the storage); "
+                                          "registered now: ", known_storages()));
+  std::vector<std::string> names;
+  for (const auto& kv : storage_registry()) names.push_back(kv.first);
+  const std::string hint = closest(st.name, names);
+  kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: unknown storage '", st.name, "' in \"", st.text,
+                                        "\"", hint.empty() ? "" : "; did you mean '", hint, hint.empty() ? "" : "'?",
+                                        "; expected one of: ", known_storages()));
+}
+
+}  // namespace detail
+
 /// Whether `name` is a storage (as opposed to an eviction policy) in a spec.
 inline bool is_storage(const std::string& name) { return storage_registry().count(name) != 0; }
 
@@ -63,9 +92,7 @@ inline bool is_storage(const std::string& name) { return storage_registry().coun
 inline std::unique_ptr<any_cache> make_cache(const spec_stage& st, const cache_config& cfg,
                                              const storage_options& opt = {}) {
   auto it = storage_registry().find(st.name);
-  if (it == storage_registry().end())
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: unknown storage '", st.name,
-                                          "'; expected one of: ", known_storages()));
+  if (it == storage_registry().end()) detail::unknown_storage(st);
   return it->second(st, cfg, opt);
 }
 

@@ -64,18 +64,18 @@ inline quant_extras read_extras(spec_args& a, const storage_options& o, int fast
   quant_extras x;
   x.sinks = a.integer("sinks", 0);
   if (x.sinks < 0)
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", a.stage().text, "': sinks = ", x.sinks, ", expected >= 0"));
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", a.stage().text, "': sinks = ", x.sinks, ", expected >= 0"));
   const int pr = a.integer("pre_rope", 0);
   if (pr != 0 && pr != 1)
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", a.stage().text, "': pre_rope = ", pr, ", expected 0 or 1"));
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", a.stage().text, "': pre_rope = ", pr, ", expected 0 or 1"));
   if (pr == 1 && !o.rope)
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", a.stage().text,
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", a.stage().text,
                                           "': pre_rope = 1, expected the model's RoPE in storage_options::rope"));
   x.pre_rope = pr == 1;
   if (x.pre_rope) x.rope = *o.rope;
   const int fast = a.integer("fast", 0);
   const auto bad_fast = [&](const char* expected) {
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", a.stage().text, "': fast = ", fast, ", expected ", expected));
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", a.stage().text, "': fast = ", fast, ", expected ", expected));
   };
   if (fast_bits == 0 && fast != 0)
     bad_fast("0: the integer decode path (cpu::quant_attention_options::fast()) reads only int8, int4 and int2");
@@ -88,12 +88,12 @@ inline quant_extras read_extras(spec_args& a, const storage_options& o, int fast
 inline void check_fast(const spec_stage& st, const quant_extras& x, int fast_bits, const cache_config& c) {
   if (!x.fast) return;
   if (x.pre_rope)
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", st.text,
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", st.text,
                                           "': fast = 1 with pre_rope = 1, expected fast = 0: pre-RoPE keys are "
                                           "rotated per tile and take the exact path"));
   const int block = 256 / fast_bits;
   if (c.head_dim % block != 0)
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", st.text, "': fast = 1 with head_dim = ", c.head_dim,
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", st.text, "': fast = 1 with head_dim = ", c.head_dim,
                                           ", expected head_dim a multiple of ", block, " for ", fast_bits,
                                           "-bit codes (the integer kernels read rows of whole 32-byte blocks)"));
 }
@@ -141,13 +141,13 @@ std::unique_ptr<any_cache> make_int_quant(const spec_stage& st, const cache_conf
 }
 
 [[noreturn]] inline void unsupported(const spec_stage& st, const std::string& what, const std::string& expected) {
-  kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", st.text, "': ", what, ", expected ", expected));
+  kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", st.text, "': ", what, ", expected ", expected));
 }
 
 inline bool register_quant_storages() {
   auto& r = storage_registry();
   r["int8"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
-    spec_args a(st);
+    spec_args a(st, "kvc::runtime::make_cache");
     const std::string sch = a.word("scheme", "sym");
     const quant_extras x = read_extras(a, o, 8);
     a.finish("scheme, sinks, pre_rope, fast");
@@ -156,19 +156,19 @@ inline bool register_quant_storages() {
     unsupported(st, "scheme = " + sch, "sym or asym");
   };
   r["int4"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
-    spec_args a(st);
+    spec_args a(st, "kvc::runtime::make_cache");
     const quant_extras x = read_extras(a, o, 4);
     a.finish("sinks, pre_rope, fast");
     return make_int_quant<quant::int4>(st, c, x);
   };
   r["int2"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
-    spec_args a(st);
+    spec_args a(st, "kvc::runtime::make_cache");
     const quant_extras x = read_extras(a, o, 2);
     a.finish("sinks, pre_rope, fast");
     return make_int_quant<quant::int2>(st, c, x);
   };
   r["fp8"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
-    spec_args a(st);
+    spec_args a(st, "kvc::runtime::make_cache");
     const std::string f = a.word("format", "e4m3");
     const quant_extras x = read_extras(a, o);
     a.finish("format, sinks, pre_rope, fast");
@@ -177,7 +177,7 @@ inline bool register_quant_storages() {
     unsupported(st, "format = " + f, "e4m3 or e5m2");
   };
   r["kivi"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
-    spec_args a(st);
+    spec_args a(st, "kvc::runtime::make_cache");
     const int bits = a.integer("bits", 2);
     const int kb = a.integer("kbits", bits), vb = a.integer("vbits", bits);
     const int group = a.integer("group", 32);
@@ -199,7 +199,7 @@ inline bool register_quant_storages() {
                 "2/2, 4/4, 8/8, 4/2 or 2/4 (any pair: kvc::quant_cache<kivi<K>, kivi<V>> in C++)");
   };
   r["rotated"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
-    spec_args a(st);
+    spec_args a(st, "kvc::runtime::make_cache");
     const int bits = a.integer("bits", 2);
     const quant_extras x = read_extras(a, o);
     a.finish("bits, sinks, pre_rope, fast");
@@ -208,7 +208,7 @@ inline bool register_quant_storages() {
     unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
   };
   r["outliers"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
-    spec_args a(st);
+    spec_args a(st, "kvc::runtime::make_cache");
     const int bits = a.integer("bits", 2);
     const float frac = static_cast<float>(a.number("fraction", 0.01));
     const quant_extras x = read_extras(a, o);
@@ -222,7 +222,7 @@ inline bool register_quant_storages() {
     unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
   };
   r["gear"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
-    spec_args a(st);
+    spec_args a(st, "kvc::runtime::make_cache");
     const int bits = a.integer("bits", 4);
     const int rank = a.integer("rank", 4);
     const float frac = static_cast<float>(a.number("outliers", 0.02));
