@@ -15,8 +15,13 @@
 //     sequence referenced in that layer: bytes_allocated <= that layer's bytes in an unshared twin
 //     (the same appends, no fork), and once the other sequence is removed the kept sequence holds
 //     exactly the bytes the twin holds after the same keep: sharing never costs more in the end.
+// After every keep, decode attention (any_cache::attention, each storage's CPU kernel, which now
+// meets trailing partial groups) equals the dense double reference over the gathered rows:
+// |out - ref| <= 1e-4 max|V|, |lse - ref| <= 1e-4 (1 + |lse|) (float kernels on dequantized values;
+// a padded or dropped token counted in the softmax would move the output by ~1/n).
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -30,6 +35,8 @@
 #include <kvc/runtime/quant_storages.hpp>
 #include <kvc/store/kv_cache.hpp>
 
+#include "dense_reference.hpp"
+#include "fast_require.hpp"
 #include "kvc_catch.hpp"
 #include "random.hpp"
 
@@ -82,6 +89,38 @@ std::vector<std::vector<std::int32_t>> random_keep(const any_cache& c, kvc::seq_
   return kept;
 }
 
+void require_attention(const any_cache& c, kvc::seq_id s, std::int32_t layer, kvc_test::rng& r) {
+  const std::int32_t H = c.config().num_kv_heads, D = c.config().head_dim, hq = 2 * H;
+  std::vector<kvc_test::dense_head> heads(static_cast<std::size_t>(H));
+  for (std::int32_t h = 0; h < H; ++h) {
+    auto& dh = heads[static_cast<std::size_t>(h)];
+    dh.n = c.length(s, layer, h);
+    std::vector<float> k(static_cast<std::size_t>(dh.n) * D), v(k.size());
+    c.gather(s, layer, h, k.data(), v.data());
+    dh.k.assign(k.begin(), k.end());
+    dh.v.assign(v.begin(), v.end());
+  }
+  const auto q = r.normals(static_cast<std::size_t>(hq) * D);
+  const auto ref = kvc_test::dense_decode_attention(heads, D, q.data(), hq, 1.0 / std::sqrt(double(D)));
+  std::vector<float> out(q.size()), lse(static_cast<std::size_t>(hq));
+  kvc::decode_options o;
+  o.lse = lse.data();
+  c.attention(s, layer, q.data(), hq, out.data(), o);
+  for (std::int32_t qh = 0; qh < hq; ++qh) {
+    const auto& dh = heads[static_cast<std::size_t>(qh / 2)];
+    if (dh.n == 0) continue;
+    double vmax = 0;
+    for (double x : dh.v) vmax = std::max(vmax, std::fabs(x));
+    for (std::int32_t d = 0; d < D; ++d) {
+      const std::size_t i = static_cast<std::size_t>(qh) * D + d;
+      KVC_REQUIRE(std::fabs(out[i] - ref.out[i]) <= 1e-4 * vmax,
+                  "attention layer " << layer << " qh " << qh << " d " << d << " got " << out[i] << " want " << ref.out[i]);
+    }
+    const double rl = ref.lse[static_cast<std::size_t>(qh)];
+    KVC_REQUIRE(std::fabs(lse[static_cast<std::size_t>(qh)] - rl) <= 1e-4 * (1 + std::fabs(rl)), "lse qh " << qh);
+  }
+}
+
 void require_identity(const any_cache& c, std::size_t before, const kvc::evict::apply_result& res) {
   INFO("before " << before << " allocated " << res.bytes_allocated << " released " << res.bytes_released << " after "
                  << c.bytes_in_use());
@@ -111,6 +150,7 @@ TEST_CASE("keeping 63 of 64 KIVI-2 tokens does not grow the stream (was 6144 -> 
   // The stream goes on: appends complete the partial group.
   for (int i = 0; i < 40; ++i) cache->append(s, 0, k.data() + i * 128, v.data() + i * 128, 1);
   REQUIRE(cache->length(s, 0, 0) == 103);
+  require_attention(*cache, s, 0, r);
 }
 
 TEST_CASE("apply_layer reports bytes allocated and released; keep never grows unshared memory, for every storage",
@@ -136,6 +176,7 @@ TEST_CASE("apply_layer reports bytes allocated and released; keep never grows un
         require_identity(*cache, before, res);
         REQUIRE(res.bytes_allocated == 0);
         REQUIRE(cache->bytes_in_use() <= before);
+        require_attention(*cache, a, layer, r);
         (void)kvc::evict::apply_layer(*twin, ta, layer, kept);
         REQUIRE(twin->bytes_in_use() == cache->bytes_in_use());
         if (r.coin()) fill(*cache, a, twin.get(), ta, r.integer(1, 60), r);
@@ -159,6 +200,8 @@ TEST_CASE("apply_layer reports bytes allocated and released; keep never grows un
       const auto res = kvc::evict::apply_layer(*cache, ks, layer, kept);
       require_identity(*cache, before, res);
       REQUIRE(res.bytes_allocated <= twin_layer);
+      require_attention(*cache, ks, layer, r);
+      require_attention(*cache, other, layer, r);
       (void)kvc::evict::apply_layer(*twin, ta, layer, kept);
       cache->remove_sequence(other);
       REQUIRE(cache->bytes_in_use() == twin->bytes_in_use());
