@@ -198,12 +198,30 @@ int main() {
         std::vector<int32_t> gp = tok.encode(gpl.substr(0, 1400));
         gp.resize(std::min<std::size_t>(gp.size(), 256));
         const double ppl = perplexity(mdl, "full", gp, 128);
-        check(ppl > 5 && ppl < 40, "perplexity of the first " + std::to_string(gp.size()) + " GPL-3 tokens is plausible: " +
-                                       std::to_string(ppl));
         const auto kj = tok.encode(kjv_excerpt);
         const double ppl_k = perplexity(mdl, "full", kj, 128);
-        check(ppl_k > 1.5 && ppl_k < 40, "perplexity of Genesis 1:1-5 (" + std::to_string(kj.size()) + " tokens) is plausible: " +
-                                             std::to_string(ppl_k));
+        std::printf("      perplexity: GPL-3 %.9f (%zu tokens), Genesis %.9f (%zu tokens)\n", ppl, gp.size(), ppl_k, kj.size());
+        // Pinned to the values measured 2026-12-03 (Release, no -march: the CI build; one thread,
+        // so the run is deterministic for a given build). What can move them without a bug is the
+        // summation order of float arithmetic (compiler flags, FMA contraction, SIMD width of
+        // Eigen's GEMM and of kvc's kernels). This test measures such a spread itself: incremental
+        // decode vs one re-prefill (different chunking, so different GEMM shapes and orders) and
+        // kvc's f32 cache vs the dense store differ by at most delta = 1.3e-4 in any logit
+        // (2026-12-03: 1.30e-4, 0.98e-4, 0.87e-4). Moving every logit by <= delta moves each
+        // token's NLL = logsumexp(logits) - logit[target] by <= 2 delta, so the perplexity
+        // exp(mean NLL) by a factor <= exp(2 delta) = 1 + 2.6e-4. The tolerance is 2e-3 relative,
+        // about 8x that bound; a regression of the size of the f16 cache's rounding (logits
+        // moved by 1.8e-2, bound 3.6%) or anything coarser is not hidden by it. (A Release
+        // build with -march=native on the AVX-512 dev VM was meant to measure the flag spread
+        // directly, but kvc's AVX-512 decode path is wrong there: ppl 2506 and 1939, kvc f32 vs
+        // dense 42.8 logits; see the issue-16 report.)
+        constexpr double ppl_gpl = 21.662176687, ppl_kjv = 4.452657649, ppl_tol = 2e-3;
+        check(std::fabs(ppl - ppl_gpl) <= ppl_tol * ppl_gpl,
+              "perplexity of the first " + std::to_string(gp.size()) + " GPL-3 tokens " + std::to_string(ppl) +
+                  " is the pinned " + std::to_string(ppl_gpl) + " within " + std::to_string(ppl_tol * 100) + "%");
+        check(std::fabs(ppl_k - ppl_kjv) <= ppl_tol * ppl_kjv,
+              "perplexity of Genesis 1:1-5 (" + std::to_string(kj.size()) + " tokens) " + std::to_string(ppl_k) +
+                  " is the pinned " + std::to_string(ppl_kjv) + " within " + std::to_string(ppl_tol * 100) + "%");
 
         // ---- memory from kvc's pool ----
         {
@@ -242,15 +260,47 @@ int main() {
                 llama::session s = mdl.new_session(f.create(), f.query_window);
                 mdl.forward(s, gp.data(), 48, 1);
                 f.after_prefill(s);
+                // Per layer: the length every head of the layer keeps (-1 when the heads differ).
+                std::vector<int> len(static_cast<std::size_t>(hp.n_layer));
+                std::string lens;
+                long total = 0;
+                for (int l = 0; l < hp.n_layer; ++l) {
+                    int n = s.kv->length(l, 0);
+                    for (int h = 1; h < hp.n_head_kv; ++h)
+                        if (s.kv->length(l, h) != n) n = -1;
+                    len[static_cast<std::size_t>(l)] = n;
+                    total += n;
+                    lens += (l ? " " : "") + std::to_string(n);
+                }
+                std::printf("      %s keeps per layer: %s\n", spec.c_str(), lens.c_str());
+                const int L = hp.n_layer;
                 bool ok = true;
-                for (int l = 0; l < hp.n_layer; ++l)
-                    for (int h = 0; h < hp.n_head_kv; ++h) {
-                        const int n = s.kv->length(l, h);
-                        // layer schedules (pyramidkv, cake) and lazy layers move the budget around
-                        ok = ok && (name == "pyramidkv" || name == "cake" || name == "simlayerkv" ? n <= 48 : n == 24);
+                std::string why;
+                if (name == "pyramidkv" || name == "cake") {
+                    // Layer schedules may move the budget between layers but not change its total
+                    // (24 of 48 tokens per head, over every layer), and every head of a layer keeps
+                    // the layer's budget. At 48 tokens both keep 24 everywhere (2026-12-03):
+                    // pyramidkv's window (64) exceeds the prompt, and cake's preferences came out
+                    // uniform here.
+                    ok = *std::min_element(len.begin(), len.end()) > 0 &&
+                         *std::max_element(len.begin(), len.end()) <= 48 && total == 24L * L;
+                    why = "every layer's heads equal, each layer in 1..48, 24 x layers in all";
+                } else if (name == "simlayerkv") {
+                    // A lazy layer keeps the 4 initial and 16 recent tokens, any other layer all 48.
+                    int lazy = 0;
+                    for (int n : len) {
+                        ok = ok && (n == 20 || n == 48);
+                        lazy += n == 20;
                     }
+                    ok = ok && lazy > 0;
+                    why = "each layer 20 (lazy) or 48, at least one lazy";
+                } else {
+                    for (int n : len) ok = ok && n == 24;
+                    why = "24 in every head";
+                }
                 llama::matrix lg = mdl.forward(s, &gp[48], 1);
-                check(ok && lg.allFinite(), spec + " compresses the engine's cache after prefill and decoding continues");
+                check(ok && lg.allFinite(),
+                      spec + " compresses the engine's cache after prefill (" + why + ") and decoding continues");
             } catch (const std::exception& e) {
                 check(false, spec + " in the engine: " + e.what());
             }
