@@ -92,6 +92,9 @@ inline std::string closest(const std::string& word, const std::vector<std::strin
   std::string best;
   std::size_t best_d = 3;
   for (const auto& c : candidates) {
+    // The distance is at least the difference in length: skip the O(|word| |c|) table for words
+    // that cannot be near (a hostile key of thousands of characters must not cost a matrix each).
+    if ((word.size() > c.size() ? word.size() - c.size() : c.size() - word.size()) >= best_d) continue;
     const std::size_t d = edit_distance(word, c);
     if (d < best_d && d < word.size()) {
       best_d = d;
