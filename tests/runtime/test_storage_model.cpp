@@ -29,7 +29,7 @@ TEST_CASE("storage model: random operation sequences on every storage family", "
   storagefuzz::throw_on_failure() = false;
 }
 
-// Found by the fuzzer (issue 16; fixed in mikv_storage.hpp): mikv planned its demotions, and refuses for lack of low-precision
+// Found by the fuzzer (issue 16; fixed in mikv_storage.hpp): mikv planned its demotions, and refused for lack of low-precision
 // pages, before the cache below checked the input, so a NaN in K was reported as out_of_memory
 // ("demoting ... needs 4 low-precision pages"). Every other storage reports invalid input first;
 // a caller that evicts and retries on out_of_memory would evict for nothing. The cache is left
