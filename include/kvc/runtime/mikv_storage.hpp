@@ -24,6 +24,7 @@
 /// decode step the budget holds. Bytes come from the page pools of both precisions.
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -112,6 +113,17 @@ class mikv_cache final : public any_cache {
     if (layer < 0 || layer >= c_.config().num_layers || n < 0) {
       c_.append(s, layer, k, v, n, positions);  // throws the cache's own message
       return;
+    }
+    // Input first, as every other storage does: a NaN must not be reported as out_of_memory by
+    // the demotion planning below (found by tests/fuzz/fuzz_storage.cpp).
+    if (c_.config().check_finite && n > 0 && k != nullptr && v != nullptr) {
+      const std::size_t m = static_cast<std::size_t>(n) * static_cast<std::size_t>(H) *
+                            static_cast<std::size_t>(c_.config().head_dim);
+      for (std::size_t i = 0; i < m; ++i)
+        if (!std::isfinite(k[i]) || !std::isfinite(v[i]))
+          kvc::detail::fail(kvc::detail::concat("kvc::runtime::mikv_cache::append: ", std::isfinite(k[i]) ? "v[" : "k[", i,
+                                                "] = ", std::isfinite(k[i]) ? v[i] : k[i],
+                                                ", expected a finite value (the cache is unchanged)"));
     }
     const std::int32_t P = c_.low_cache().config().page_size, sink_tokens = c_.config().sink_tokens;
     std::vector<std::int32_t> planned(static_cast<std::size_t>(H), 0);
