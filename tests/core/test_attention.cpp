@@ -340,6 +340,35 @@ TEST_CASE("the SIMD path under test", "[attention][isa]") {
   WARN("decode attention kernels: " << path);
   CHECK(!path.empty());
   if (kvc_test::expect_avx2()) REQUIRE(path.find("avx2") != std::string::npos);
+  if (kvc_test::expect_avx512()) REQUIRE(path.find("avx512") != std::string::npos);
+}
+
+TEST_CASE("kvc::cpu::haddp puts the sum of row i in lane i", "[attention][isa]") {
+  /// score_block reduces T x G dot products with one transposed horizontal add per W of them; a
+  /// lane order that is off (xsimd 8.1's avx512 haddp returns 0 1 4 5 2 3 6 7 ...) scores every
+  /// token with another token's key. Every row here has a different sum (a distinct large lane
+  /// at a different position per row, small integers elsewhere: exact in float), so any
+  /// permutation of the result fails.
+  using arch = kvc::cpu::default_arch;
+  using B = kvc::cpu::fbatch<arch>;
+  constexpr std::size_t W = B::size;
+  B rows[W];
+  double want[W];
+  for (std::size_t i = 0; i < W; ++i) {
+    alignas(64) float buf[W];
+    want[i] = 0.0;
+    for (std::size_t j = 0; j < W; ++j) {
+      buf[j] = static_cast<float>((i + 1) * (j + 3) % 37) + (j == (i * 5) % W ? 1000.0f * static_cast<float>(i + 1) : 0.0f);
+      want[i] += buf[j];
+    }
+    rows[i] = B::load_aligned(buf);
+  }
+  alignas(64) float got[W];
+  kvc::cpu::haddp<arch>(rows).store_aligned(got);
+  for (std::size_t i = 0; i < W; ++i) {
+    INFO("lane " << i << " of " << W << " (" << arch::name() << ")");
+    CHECK(static_cast<double>(got[i]) == want[i]);
+  }
 }
 
 namespace {

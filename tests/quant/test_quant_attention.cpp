@@ -519,6 +519,10 @@ TEST_CASE("the SIMD path under test", "[quant][attention][isa]") {
   WARN("quantized decode attention: " << kvc_test::simd_path()
                                       << (kvc::cpu::qdetail::fused_available ? ", fused AVX2 kernels" : ", decode-then-attend"));
   if (kvc_test::expect_avx2()) REQUIRE(kvc::cpu::qdetail::fused_available);  // the fused and integer kernels run
+  if (kvc_test::expect_avx512()) {  // 16-wide float kernels around the same AVX2 fused and integer kernels
+    REQUIRE(kvc::cpu::qdetail::fused_available);
+    REQUIRE(kvc_test::simd_path().find("avx512") != std::string::npos);
+  }
 }
 
 TEST_CASE("quantized decode attention errors name the call, the argument, the value and the expectation",

@@ -133,7 +133,7 @@ KVC_FORCEINLINE void score_block(const float* q, R* const* rows, std::int32_t D,
     }
   }
   alignas(64) float sum[NR];
-  for (std::int32_t j = 0; j < NR; j += W) xsimd::haddp(acc + j).store_aligned(sum + j);
+  for (std::int32_t j = 0; j < NR; j += W) haddp<Arch>(acc + j).store_aligned(sum + j);  // not xsimd::haddp: simd.hpp
   for (std::int32_t t = 0; t < T; ++t)
     for (std::int32_t g = 0; g < G; ++g) {
       float r = sum[t * G + g];

@@ -84,6 +84,41 @@ KVC_FORCEINLINE float reduce_add(const fbatch<Arch>& x) noexcept {
 #endif
 }
 
+/// Transposed horizontal add: lane i of the result is the sum of the lanes of rows[i], for the
+/// fbatch<Arch>::size batches at rows. xsimd's haddp everywhere except AVX-512: xsimd 8.1's
+/// avx512f haddp for float returns the sums in the lane order 0 1 4 5 2 3 6 7 8 9 12 13 10 11 14 15
+/// (its _mm512_shuffle_ps step interleaves the row pairs), which put each token's score on another
+/// token in decode attention built with -march=native on AVX-512 CPUs. The AVX-512 body here is
+/// kvc's own, so it does not depend on which xsimd is installed; test_attention (each ISA
+/// variant, test_attention_avx512 for this body) checks it against sums in double.
+template <class Arch>
+KVC_FORCEINLINE fbatch<Arch> haddp(const fbatch<Arch>* rows) noexcept {
+#if defined(__AVX512F__)
+  if constexpr (fbatch<Arch>::size == 16) {
+    // Pairs of rows: per 128-bit block k, [a0+a2, b0+b2, a1+a3, b1+b3] of that block's 4 lanes.
+    __m512 x[8];
+    for (int i = 0; i < 8; ++i) {
+      const __m512 a = rows[2 * i], b = rows[2 * i + 1];
+      x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    // Quads of rows: per 128-bit block k, [a, b, c, d] summed over that block's lanes.
+    __m512 z[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512d a = _mm512_castps_pd(x[2 * j]), b = _mm512_castps_pd(x[2 * j + 1]);
+      z[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    // Sum the 4 blocks of z[j] into block j of the result (a 4x4 transpose of 128-bit blocks).
+    const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return fbatch<Arch>(_mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1))));
+  }
+#endif
+  return xsimd::haddp(rows);
+}
+
 /// Hints that the cache line holding p will be read soon (no-op where the compiler has no hint).
 /// Locality 2 (prefetcht1 on x86): within noise of 3 and 0 in bench_decode fp16 32x8x128
 /// ctx:32768 (2026-11), and it leaves L1 to the tile being computed.
