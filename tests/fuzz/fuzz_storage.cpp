@@ -333,6 +333,7 @@ class model {
       // and encoded again with the oldest residual tokens, then the new non-sink tokens. Their
       // bounds so far widen the interval the new encoding sees, so the second rounding adds up.
       const int base = st.n_sink + st.n_quant - p.m;
+      if (p.E > 0 && p.m > 0) count(d_.spec.substr(0, d_.spec.find('(')) + " append: partial unit completed");
       for (int u0 = 0; u0 < p.E; u0 += d_.unit) encode_unit(st, base + u0);
       if (p.E > 0) st.n_quant += p.E - p.m;
       st.n_res = p.newres;
