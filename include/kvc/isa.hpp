@@ -84,6 +84,7 @@
 /// kvc::detail::cpu_has_avx2_fma_f16c() is true.
 #define KVC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #include <immintrin.h>
+#include <cpuid.h>
 #else
 #define KVC_X86_DISPATCH 0
 #define KVC_TARGET_AVX2
@@ -97,7 +98,11 @@ inline bool cpu_has_avx2_fma_f16c() noexcept {
 #if KVC_X86_DISPATCH
   static const bool yes = [] {
     __builtin_cpu_init();  // needed when first called from a static initialiser
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    // F16C from CPUID leaf 1 (ECX bit 29): clang before 16 rejects "f16c" in
+    // __builtin_cpu_supports, and F16C needs only the AVX state that "avx2" already checks.
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
   }();
   return yes;
 #else

@@ -20,10 +20,9 @@
 ///     are predicted exactly.
 /// After every call: the outcome (success or which exception) must be the predicted one; on
 /// success positions, seen(), lengths and tokens_held() match exactly and gather() is within the
-/// bounds; on failure the cache must be bit-for-bit as before (strong guarantee).
-///
-/// Known bugs fixed elsewhere are skipped unless KVC_FUZZ_CHECK_KNOWN_BUGS is set in the
-/// environment (see known_bug_keep_grows below).
+/// bounds; on failure the cache must be bit-for-bit as before (strong guarantee). A keep on
+/// unshared pages must never grow bytes_in_use() (quant_cache.hpp: keep never needs a page the
+/// stream did not have).
 
 #include <algorithm>
 #include <cmath>
@@ -95,16 +94,6 @@ struct check_failed : std::runtime_error {
   do {                                                               \
     if (!(cond)) ::storagefuzz::fail_check(::storagefuzz::cat(__VA_ARGS__)); \
   } while (0)
-
-/// Known bug (issue 16, fixed on another branch): keep() on a quantized stream can *grow* its
-/// bytes (keeping 63 of 64 KIVI-2 tokens decodes the partial unit into a residual page larger
-/// than the quantized page it frees). The exact byte model below replays the documented layout,
-/// so it passes either way; the property "a keep on unshared pages never grows bytes" is checked
-/// only with KVC_FUZZ_CHECK_KNOWN_BUGS set.
-inline bool check_known_bugs() {
-  static const bool on = std::getenv("KVC_FUZZ_CHECK_KNOWN_BUGS") != nullptr;
-  return on;
-}
 
 /// With KVC_FUZZ_STATS set, counts of what the runs exercised are printed at exit: a fuzzer
 /// whose operations all fail early, or never reach quantized pages, checks little.
@@ -296,8 +285,9 @@ class model {
       const quant_plan p = plan_append(st, n);
       if (p.m_sink > 0 && (!st.sink || shared(st.sink))) ++need[2];
       if (p.n2 > 0 && p.newres > 0 && (!st.res || shared(st.res))) ++need[1];
+      // The page holding the partial unit is rewritten when it is completed (P is whole units).
       if (p.E > 0 && st.n_quant % P() != 0 && shared(st.pages.back())) ++need[0];
-      need[0] += pages_for(st.n_quant + p.E) - static_cast<int>(st.pages.size());
+      if (p.E > 0) need[0] += pages_for(st.n_quant - p.m + p.E) - static_cast<int>(st.pages.size());
     }
   }
 
@@ -334,14 +324,18 @@ class model {
       if (p.n2 > 0 && p.newres > 0 && (!st.res || shared(st.res))) st.res = std::make_shared<page_obj>(&counts_, res_pool, layer);
       if (p.E > 0 && st.n_quant % P() != 0 && shared(st.pages.back()))
         st.pages.back() = std::make_shared<page_obj>(&counts_, main_pool, layer);
-      while (static_cast<int>(st.pages.size()) < pages_for(st.n_quant + p.E))
+      while (p.E > 0 && static_cast<int>(st.pages.size()) < pages_for(st.n_quant - p.m + p.E))
         st.pages.push_back(std::make_shared<page_obj>(&counts_, main_pool, layer));
       // Sinks fill only while the stream holds nothing else, so appending keeps token order.
       for (auto& t : fresh) st.t.push_back(std::move(t));
       st.n_sink += p.m_sink;
-      const int base = st.n_sink + st.n_quant;  // the old residual, then the new non-sink tokens
+      // Encoding starts at the partial unit (left quantized by a keep): its m tokens are decoded
+      // and encoded again with the oldest residual tokens, then the new non-sink tokens. Their
+      // bounds so far widen the interval the new encoding sees, so the second rounding adds up.
+      const int base = st.n_sink + st.n_quant - p.m;
+      if (p.E > 0 && p.m > 0) count(d_.spec.substr(0, d_.spec.find('(')) + " append: partial unit completed");
       for (int u0 = 0; u0 < p.E; u0 += d_.unit) encode_unit(st, base + u0);
-      st.n_quant += p.E;
+      if (p.E > 0) st.n_quant += p.E - p.m;
       st.n_res = p.newres;
     }
     s.seen[static_cast<std::size_t>(layer)] += n;
@@ -359,7 +353,7 @@ class model {
         if (p.page_changed[static_cast<std::size_t>(pg)] && shared(st.pages[static_cast<std::size_t>(pg)])) ++need[0];
       if (!d_.plain) {
         if (p.sink_changed && shared(st.sink)) ++need[2];
-        if (p.final_res > 0 && (!st.res || shared(st.res))) ++need[1];
+        if (p.final_res > 0 && shared(st.res)) ++need[1];
       }
     }
   }
@@ -380,37 +374,33 @@ class model {
         continue;
       }
       if (p.sink_changed && shared(st.sink)) st.sink = std::make_shared<page_obj>(&counts_, sink_pool, layer);
-      if (p.final_res > 0 && (!st.res || shared(st.res))) st.res = std::make_shared<page_obj>(&counts_, res_pool, layer);
-      // New order: kept sinks, the kept quantized tokens of whole units, then the residual list
-      // (the demoted partial unit, then the kept residual tokens), whose first `flush` are encoded.
+      // A window that keeps tokens is rewritten in place; with none kept its page stays held.
+      if (p.final_res > 0 && shared(st.res)) st.res = std::make_shared<page_obj>(&counts_, res_pool, layer);
+      // New order: kept sinks, every kept quantized token (a trailing partial unit stays
+      // quantized), then the kept residual tokens (keep never encodes the window).
       for (std::int32_t i : p.ks) st.t.push_back(old[static_cast<std::size_t>(i)]);
       for (int i = 0; i < p.qmain; ++i) st.t.push_back(old[static_cast<std::size_t>(st.n_sink + p.kq[static_cast<std::size_t>(i)])]);
       const int nsink = static_cast<int>(p.ks.size());
-      // Quantized records whose members changed are decoded and re-encoded (records of one token
-      // are moved as bytes: no new error).
+      // Quantized records whose kept members changed are decoded and re-encoded, a trailing
+      // partial one padded with copies of its last token (records of one token are moved as
+      // bytes: no new error; a partial record whose tokens did not move keeps its codes).
       for (int r = 0; r < 2; ++r) {
         const int u = (r == 0 ? d_.k : d_.v).tokens;
         if (u == 1) continue;
         for (int r0 = 0; r0 < p.qmain; r0 += u) {
+          const int rn = std::min(u, p.qmain - r0);
           bool same = true;
-          for (int i = r0; i < r0 + u; ++i) same = same && p.kq[static_cast<std::size_t>(i)] == i;
-          if (!same) encode_record(st, nsink + r0, r);
+          for (int i = r0; i < r0 + rn; ++i) same = same && p.kq[static_cast<std::size_t>(i)] == i;
+          if (!same) {
+            encode_record(st, nsink + r0, r, rn);
+            if (rn < u) count(d_.spec.substr(0, d_.spec.find('(')) + " keep: partial record re-encoded padded");
+          }
         }
       }
-      for (int i = p.qmain; i < static_cast<int>(p.kq.size()); ++i) {
-        ref_token t = old[static_cast<std::size_t>(st.n_sink + p.kq[static_cast<std::size_t>(i)])];
-        // decoded, then stored in binary16 in the residual window
-        for (int r = 0; r < 2; ++r)
-          for (int d = 0; d < D(); ++d) {
-            float& e = t.e[r][static_cast<std::size_t>(d)];
-            e += half_err(std::fabs(t.x[r][static_cast<std::size_t>(d)]) + e + t.l2[r]);
-          }
-        st.t.push_back(std::move(t));
-      }
       for (std::int32_t i : p.kr) st.t.push_back(old[static_cast<std::size_t>(st.n_sink + st.n_quant + i)]);
-      for (int u0 = 0; u0 < p.flush; u0 += d_.unit) encode_unit(st, nsink + p.qmain + u0);
+      if (p.qmain % d_.unit != 0) count(d_.spec.substr(0, d_.spec.find('(')) + " keep: partial unit left quantized");
       st.n_sink = nsink;
-      st.n_quant = p.qmain + p.flush;
+      st.n_quant = p.qmain;
       st.n_res = p.final_res;
     }
   }
@@ -431,7 +421,7 @@ class model {
 
  private:
   struct quant_plan {
-    int m_sink, n2, T, E, newres;
+    int m_sink, n2, T, m, E, shift, newres;
   };
   /// quant_cache.hpp: sinks fill while the stream holds nothing else; appended tokens enter the
   /// residual window; whenever it holds R + U tokens or more, its oldest whole units are encoded.
@@ -444,19 +434,25 @@ class model {
     p.m_sink = (st.n_quant == 0 && st.n_res == 0 && st.n_sink < sinks) ? std::min(sinks - st.n_sink, n) : 0;
     p.n2 = n - p.m_sink;
     p.T = st.n_res + p.n2;
-    p.E = p.T >= d_.residual + d_.unit ? (p.T - d_.residual) / d_.unit * d_.unit : 0;
-    p.newres = p.T - p.E;
+    // quant_cache.hpp: whenever the trailing partial unit (m tokens, quantized) plus the window
+    // number R + U or more, whole units are encoded counting from the partial unit's start.
+    p.m = st.n_quant % d_.unit;
+    const int avail = p.m + p.T;
+    p.E = avail >= d_.residual + d_.unit ? (avail - d_.residual) / d_.unit * d_.unit : 0;
+    p.shift = p.E > 0 ? p.E - p.m : 0;  // window / new tokens that the encoded units take
+    p.newres = p.T - p.shift;
     return p;
   }
 
   struct keep_plan {
     std::vector<std::int32_t> ks, kq, kr;
-    int qmain = 0, flush = 0, final_res = 0;
+    int qmain = 0, final_res = 0;
     std::vector<char> page_changed;  ///< main pages kept, and whether each is written
     bool sink_changed = false;
   };
-  /// quant_cache.hpp: kept quantized tokens of whole units stay quantized; "the trailing partial
-  /// unit is decoded into the residual window (and re-encoded when the window flushes)".
+  /// quant_cache.hpp: every kept quantized token stays quantized, "the trailing partial unit
+  /// stays quantized"; the window keeps only its own kept tokens ("keep never moves tokens into
+  /// the full-precision window"), so no page is needed that is not shared.
   keep_plan plan_keep(const ref_stream& st, const std::vector<std::int32_t>& kept) const {
     keep_plan p;
     if (d_.plain) {
@@ -471,15 +467,11 @@ class model {
       else if (t < st.n_sink + st.n_quant) p.kq.push_back(t - st.n_sink);
       else p.kr.push_back(t - st.n_sink - st.n_quant);
     }
-    const int qk = static_cast<int>(p.kq.size());
-    const int demote = qk % d_.unit;
-    p.qmain = qk - demote;
-    const int res_total = demote + static_cast<int>(p.kr.size());
-    p.flush = res_total >= d_.residual + d_.unit ? (res_total - d_.residual) / d_.unit * d_.unit : 0;
-    p.final_res = res_total - p.flush;
-    p.page_changed.assign(static_cast<std::size_t>(pages_for(p.qmain + p.flush)), 0);
-    for (int i = 0; i < p.qmain + p.flush; ++i)
-      if (i >= p.qmain || p.kq[static_cast<std::size_t>(i)] != i) p.page_changed[static_cast<std::size_t>(i / P())] = 1;
+    p.qmain = static_cast<int>(p.kq.size());
+    p.final_res = static_cast<int>(p.kr.size());
+    p.page_changed.assign(static_cast<std::size_t>(pages_for(p.qmain)), 0);
+    for (int i = 0; i < p.qmain; ++i)
+      if (p.kq[static_cast<std::size_t>(i)] != i) p.page_changed[static_cast<std::size_t>(i / P())] = 1;
     for (std::size_t i = 0; i < p.ks.size(); ++i)
       if (p.ks[i] != static_cast<std::int32_t>(i)) p.sink_changed = true;
     return p;
@@ -492,20 +484,24 @@ class model {
     }
   }
 
-  /// Adds to tokens [first, first + tokens) of role r the error of one more encoding, from the
-  /// interval each input element may lie in (original +- the bound so far).
-  void encode_record(ref_stream& st, int first, int r) {
+  /// Adds to tokens [first, first + real) of role r the error of one more encoding, from the
+  /// interval each input element may lie in (original +- the bound so far). A record of fewer
+  /// real tokens than the codec's (keep's trailing partial record) is padded with copies of its
+  /// last real token: they are read as that token, and get no bound of their own.
+  void encode_record(ref_stream& st, int first, int r, int real = 0) {
     const role_codec& c = r == 0 ? d_.k : d_.v;
     const int D = this->D(), u = c.tokens;
+    const int rn = real > 0 ? std::min(real, u) : u;
+    auto src = [&](int j) -> ref_token& { return st.t[static_cast<std::size_t>(first + std::min(j, rn - 1))]; };
     auto lo_of = [&](int j, int d) {
-      const ref_token& t = st.t[static_cast<std::size_t>(first + j)];
+      const ref_token& t = src(j);
       return t.x[r][static_cast<std::size_t>(d)] - t.e[r][static_cast<std::size_t>(d)] - t.l2[r];
     };
     auto hi_of = [&](int j, int d) {
-      const ref_token& t = st.t[static_cast<std::size_t>(first + j)];
+      const ref_token& t = src(j);
       return t.x[r][static_cast<std::size_t>(d)] + t.e[r][static_cast<std::size_t>(d)] + t.l2[r];
     };
-    auto tok = [&](int j) -> ref_token& { return st.t[static_cast<std::size_t>(first + j)]; };
+    auto tok = [&](int j) -> ref_token& { return src(j); };
     switch (c.kind) {
       case codec_kind::exact:
       case codec_kind::fp16:
@@ -515,7 +511,7 @@ class model {
       case codec_kind::tok_asym:
       case codec_kind::fp8:
       case codec_kind::mikv:
-        for (int j = 0; j < u; ++j) {
+        for (int j = 0; j < rn; ++j) {
           std::vector<float> add(static_cast<std::size_t>(D));
           per_token_add(c, [&](int d) { return lo_of(j, d); }, [&](int d) { return hi_of(j, d); }, add.data());
           for (int d = 0; d < D; ++d) tok(j).e[r][static_cast<std::size_t>(d)] += add[static_cast<std::size_t>(d)];
@@ -527,7 +523,7 @@ class model {
           float lo = lo_of(0, d), hi = hi_of(0, d);
           for (int j = 1; j < u; ++j) lo = std::min(lo, lo_of(j, d)), hi = std::max(hi, hi_of(j, d));
           const float a = asym_add(lo, hi, qmax);
-          for (int j = 0; j < u; ++j) tok(j).e[r][static_cast<std::size_t>(d)] += a;
+          for (int j = 0; j < rn; ++j) tok(j).e[r][static_cast<std::size_t>(d)] += a;
         }
         return;
       }
@@ -536,7 +532,7 @@ class model {
         // rotated row's range is at most 2 ||x||_1 / sqrt(D); the per-element error (scale / 2)
         // over D elements has L2 norm <= ||x||_1 / qmax, and the rotation back keeps L2 norms.
         const float qmax = static_cast<float>((1 << c.bits) - 1);
-        for (int j = 0; j < u; ++j) {
+        for (int j = 0; j < rn; ++j) {
           double l1 = 0;
           for (int d = 0; d < D; ++d) l1 += std::max(std::fabs(lo_of(j, d)), std::fabs(hi_of(j, d)));
           const float lim = static_cast<float>(l1 / std::sqrt(static_cast<double>(D)));
@@ -562,7 +558,7 @@ class model {
           rf2 += static_cast<double>(rt[static_cast<std::size_t>(j)]) * rt[static_cast<std::size_t>(j)];
         }
         const float rf = static_cast<float>(std::sqrt(rf2));
-        for (int j = 0; j < u; ++j)
+        for (int j = 0; j < rn; ++j)
           tok(j).l2[r] += rt[static_cast<std::size_t>(j)] + rf * 0x1p-5f +
                           std::sqrt(static_cast<float>(D)) * (4.0f * big[static_cast<std::size_t>(j)] * 0x1p-11f + 0x1p-20f);
         return;
@@ -1255,9 +1251,13 @@ class runner {
     });
     if (got == outcome::ok) {
       m_.keep_commit(m_.seqs().at(s), layer, heads);
-      if (check_known_bugs() && !was_shared)
+      // quant_cache.hpp: keep "never needs a page that the stream did not have" unless it is
+      // shared (issue 16: keeping 63 of 64 KIVI-2 tokens once tripled the stream's bytes).
+      if (!was_shared) {
+        count(family() + " keep: unshared, bytes must not grow");
         SF_CHECK(c_->bytes_in_use() <= before, "keep on unshared pages grew bytes_in_use() from ", before, " to ",
-                 c_->bytes_in_use(), " (known bug: keep never growing memory)");
+                 c_->bytes_in_use());
+      }
     }
     snap_ = verify();
   }
@@ -1306,7 +1306,13 @@ class runner {
     std::vector<float> q(static_cast<std::size_t>(nq) * D()), out(q.size(), 0.0f);
     rng g{in.u16() * 31ull + 1};
     for (auto& x : q) x = g.uniform();
-    const outcome got = expect(known(s) ? outcome::ok : outcome::error, false,
+    // decode_attention.hpp: a head with no token gives zeros (the softmax over nothing), but a
+    // layer whose kv heads all hold 0 tokens is an error (this step's K/V were never appended).
+    bool any_token = false;
+    if (known(s))
+      for (int h = 0; h < H(); ++h) any_token = any_token || m_.at(m_.seqs().at(s), layer, h).length() > 0;
+    if (known(s) && !any_token) count(family() + " attention: empty layer");
+    const outcome got = expect(known(s) && any_token ? outcome::ok : outcome::error, false,
                                [&] { c_->attention(s, layer, q.data(), nq, out.data(), {}); });
     if (got == outcome::ok) {
       const float scale = 1.0f / std::sqrt(static_cast<float>(D()));
@@ -1314,7 +1320,13 @@ class runner {
         const int h = qh / group;
         const auto& o = snap_.seqs.at(s)[static_cast<std::size_t>(layer * H() + h)];
         const int n = static_cast<int>(o.pos.size());
-        if (n == 0) continue;
+        if (n == 0) {
+          count(family() + " attention: empty head");
+          for (int dd = 0; dd < D(); ++dd)
+            SF_CHECK(out[static_cast<std::size_t>(qh * D() + dd)] == 0.0f, "attention out[", qh, "][", dd, "] = ",
+                     out[static_cast<std::size_t>(qh * D() + dd)], ", expected 0 (kv head ", h, " holds no token)");
+          continue;
+        }
         std::vector<double> sc(static_cast<std::size_t>(n));
         double mx = -1e300;
         for (int t = 0; t < n; ++t) {

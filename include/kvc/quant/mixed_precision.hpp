@@ -579,6 +579,12 @@ void decode_attention(const mixed_precision_cache<HQ, LQ, Fp>& cache, seq_id seq
     const auto r = cache.high_cache().regions(seq, layer, h);
     longest_high = std::max(longest_high, r.sink + r.quantized + r.residual);
   }
+  // As the single-store kernels: a layer with no token in any head is an error, but its tokens may
+  // all be low precision (high_ratio = 0, or the high ones evicted): then the high store gives
+  // zeros with lse = -inf instead of being asked to attend over nothing (which throws).
+  KVC_EXPECTS(longest > 0, "seq = ", seq, ", layer = ", layer,
+              " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
+              "step's K/V to the layer before attending)");
   KVC_EXPECTS(!want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
               ", expected >= the longest stream (", longest, " tokens)");
   const std::size_t nq = static_cast<std::size_t>(num_q_heads);
@@ -600,7 +606,13 @@ void decode_attention(const mixed_precision_cache<HQ, LQ, Fp>& cache, seq_id seq
       pr_base = plog.data();
     }
   }
-  decode_attention<Arch>(cache.high_cache(), seq, layer, q, num_q_heads, out, oh);
+  if (longest_high > 0) {
+    decode_attention<Arch>(cache.high_cache(), seq, layer, q, num_q_heads, out, oh);
+  } else {
+    std::fill(out, out + nq * static_cast<std::size_t>(D), 0.0f);
+    std::fill(lse_h.begin(), lse_h.end(), -INFINITY);
+    std::fill(probs_h.begin(), probs_h.end(), 0.0f);
+  }
   for (std::int32_t h = 0; h < hkv; ++h) {
     const auto ls = cache.low_stream(seq, layer, h);
     const std::int32_t n = cache.low_cache().length(ls.first, ls.second, 0);
