@@ -30,6 +30,7 @@
 #include <kvc/view/layout_paged.hpp>
 #include <kvc/view/layout_sink_window.hpp>
 
+#include "cache_builders.hpp"
 #include "dense_reference.hpp"
 #include "fast_require.hpp"
 #include "isa_check.hpp"
@@ -122,15 +123,7 @@ struct cache_case {
     s = cache.add_sequence();
     model.add_sequence(s);
     const std::int32_t total = *std::max_element(lens.begin(), lens.end()) + r.integer(0, 40);
-    for (std::int32_t done = 0; done < total;) {
-      const std::int32_t n = std::min(total - done, r.coin(0.3) ? 1 : r.integer(1, 200));
-      std::vector<float> k(static_cast<std::size_t>(n) * hkv * D), v(k.size());
-      for (auto& x : k) x = kvc::to_float(kvc::from_float<T>(r.normal()));
-      for (auto& x : v) x = kvc::to_float(kvc::from_float<T>(r.normal()));
-      cache.append(s, 0, k.data(), v.data(), n);
-      model.append(s, 0, k, v, n);
-      done += n;
-    }
+    kvc_test::append_random_chunks<T>(cache, model, s, 0, total, 200, 0.3, r);
     for (std::int32_t h = 0; h < hkv; ++h) {
       const auto kept = r.subset(total, lens[static_cast<std::size_t>(h)]);
       cache.keep(s, 0, h, kept.data(), static_cast<std::int32_t>(kept.size()));

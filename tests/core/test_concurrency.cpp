@@ -23,6 +23,7 @@
 #include <kvc/runtime/quant_storages.hpp>
 #include <kvc/store/kv_cache.hpp>
 
+#include "cache_builders.hpp"
 #include "kvc_catch.hpp"
 #include "random.hpp"
 
@@ -32,13 +33,7 @@ constexpr std::int32_t kLayers = 2, kHeads = 2, kDim = 32, kQHeads = 4;
 constexpr std::int32_t kSeqs = 6, kThreads = 3, kSteps = 24, kPrefix = 40;
 
 kvc::cache_config config() {
-  kvc::cache_config c;
-  c.num_layers = kLayers;
-  c.num_kv_heads = kHeads;
-  c.head_dim = kDim;
-  c.page_size = 8;
-  c.max_pages = 4096;
-  return c;
+  return kvc_test::cache_shape(kLayers, kHeads, kDim, 8, 4096);
 }
 
 /// Deterministic K/V/Q rows for (sequence slot, step, layer): each slot has its own stream.

@@ -21,6 +21,7 @@
 #include <kvc/view/engine.hpp>
 #include <kvc/view/layout_paged.hpp>
 
+#include "cache_builders.hpp"
 #include "dense_reference.hpp"
 #include "fast_require.hpp"
 #include "kvc_catch.hpp"
@@ -134,15 +135,7 @@ void run_high_page_attention(std::uint64_t seed) {
   const kvc::seq_id s = cache.add_sequence();
   model.add_sequence(s);
   const std::int32_t total = r.integer(3 * P, 20 * P);
-  for (std::int32_t done = 0; done < total;) {
-    const std::int32_t n = std::min(total - done, r.integer(1, 50));
-    std::vector<float> k(static_cast<std::size_t>(n) * hkv * D), v(k.size());
-    for (auto& x : k) x = kvc::to_float(kvc::from_float<T>(r.normal()));
-    for (auto& x : v) x = kvc::to_float(kvc::from_float<T>(r.normal()));
-    cache.append(s, 0, k.data(), v.data(), n);
-    model.append(s, 0, k, v, n);
-    done += n;
-  }
+  kvc_test::append_random_chunks<T>(cache, model, s, 0, total, 50, 0.0, r);
   for (std::int32_t h = 0; h < hkv; ++h) {
     const auto kept = r.subset(total, r.integer(1, total));
     cache.keep(s, 0, h, kept.data(), static_cast<std::int32_t>(kept.size()));

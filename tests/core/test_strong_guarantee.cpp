@@ -25,6 +25,7 @@
 #include <kvc/quant/quant_cache.hpp>
 #include <kvc/store/kv_cache.hpp>
 
+#include "cache_builders.hpp"
 #include "cache_checks.hpp"
 #include "fast_require.hpp"
 #include "kvc_catch.hpp"
@@ -49,13 +50,7 @@ struct fixture {
     seqs = {a, b};
   }
   static kvc::cache_config config(std::int32_t H, std::int32_t D) {
-    kvc::cache_config c;
-    c.num_layers = 2;
-    c.num_kv_heads = H;
-    c.head_dim = D;
-    c.page_size = 8;
-    c.max_pages = 1024;
-    return c;
+    return kvc_test::cache_shape(2, H, D, 8, 1024);
   }
   void append(kvc::seq_id s, std::int32_t l, std::int32_t n, kvc_test::rng& r) {
     const auto k = r.normals(static_cast<std::size_t>(n) * cache.config().num_kv_heads * cache.config().head_dim);
@@ -235,12 +230,7 @@ TEST_CASE("quant_cache append and keep_layer after fork are all or nothing under
   using C = kvc::quant_cache<kvc::quant::kivi<2>, kvc::quant::kivi<2>>;
   for (int trial = 0; trial < 6; ++trial) {
     kvc_test::rng r(3201 + trial);
-    kvc::quant_cache_config cfg;
-    cfg.num_layers = 2;
-    cfg.num_kv_heads = 2;
-    cfg.head_dim = 32;
-    cfg.page_size = 32;
-    cfg.max_pages = 512;
+    auto cfg = kvc_test::shape_as<kvc::quant_cache_config>(kvc_test::cache_shape(2, 2, 32, 32, 512));
     cfg.max_fp_pages = 64;
     cfg.sink_tokens = trial % 3;
     kvc::quant::kivi<2> q;

@@ -29,6 +29,7 @@
 #include <kvc/quant/kivi.hpp>
 #include <kvc/quant/quant_cache.hpp>
 
+#include "cache_builders.hpp"
 #include "kvc_catch.hpp"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -62,12 +63,7 @@ template <class Scorer>
 void long_decode(const Scorer& scorer, std::uint64_t seed) {
   using C = kvc::quant_cache<kvc::quant::kivi<2>, kvc::quant::kivi<2>>;
   constexpr int L = 2, H = 2, Hq = 4, D = 32, budget = 96, slack = 16, steps = KVC_LONG_DECODE_STEPS;
-  kvc::quant_cache_config cfg;
-  cfg.num_layers = L;
-  cfg.num_kv_heads = H;
-  cfg.head_dim = D;
-  cfg.page_size = 32;
-  cfg.max_pages = 256;
+  auto cfg = kvc_test::shape_as<kvc::quant_cache_config>(kvc_test::cache_shape(L, H, D, 32, 256));
   cfg.max_fp_pages = 16;
   kvc::quant::kivi<2> q;
   q.residual_tokens = 32;

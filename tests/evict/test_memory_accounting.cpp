@@ -35,6 +35,7 @@
 #include <kvc/runtime/quant_storages.hpp>
 #include <kvc/store/kv_cache.hpp>
 
+#include "cache_builders.hpp"
 #include "dense_reference.hpp"
 #include "fast_require.hpp"
 #include "kvc_catch.hpp"
@@ -54,13 +55,7 @@ const std::vector<std::string>& storages() {
 }
 
 kvc::cache_config shape(std::int32_t H, std::int32_t D) {
-  kvc::cache_config c;
-  c.num_layers = 2;
-  c.num_kv_heads = H;
-  c.head_dim = D;
-  c.page_size = 16;
-  c.max_pages = 4096;
-  return c;
+  return kvc_test::cache_shape(2, H, D, 16, 4096);
 }
 
 /// Appends the same random tokens to `seq` of both caches (n per layer, in chunks).
@@ -210,13 +205,7 @@ TEST_CASE("apply_layer reports bytes allocated and released; keep never grows un
 }
 
 TEST_CASE("a keep after fork reports the pages it copied instead of an underflowed release", "[evict][accounting]") {
-  kvc::cache_config c;
-  c.num_layers = 1;
-  c.num_kv_heads = 2;
-  c.head_dim = 32;
-  c.page_size = 16;
-  c.max_pages = 256;
-  kvc::kv_cache<float> cache(c);
+  kvc::kv_cache<float> cache(kvc_test::cache_shape(1, 2, 32, 16, 256));
   kvc_test::rng r(1801);
   const auto a = cache.add_sequence();
   const auto k = r.normals(64 * 2 * 32), v = r.normals(k.size());

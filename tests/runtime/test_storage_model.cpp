@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "cache_builders.hpp"
 #include "kvc_catch.hpp"
 
 // The model and the runner; its LLVMFuzzerTestOneInput is an unused symbol here.
@@ -36,13 +37,7 @@ TEST_CASE("storage model: random operation sequences on every storage family", "
 // unchanged either way (the fuzzer checks that).
 TEST_CASE("mikv: a non-finite append is refused as invalid input, not as out_of_memory",
           "[runtime][storage_model]") {
-  kvc::cache_config c;
-  c.num_layers = 1;
-  c.num_kv_heads = 1;
-  c.head_dim = 8;
-  c.page_size = 1;
-  c.max_pages = 2;
-  auto cache = kvc::runtime::make_cache("mikv(hbits=8,lbits=2,high_ratio=0)", c);
+  auto cache = kvc::runtime::make_cache("mikv(hbits=8,lbits=2,high_ratio=0)", kvc_test::cache_shape(1, 1, 8, 1, 2));
   const kvc::seq_id s = cache->add_sequence();
   std::vector<float> k(4 * 8, 1.0f), v(4 * 8, 1.0f);
   k[3] = std::nanf("");
