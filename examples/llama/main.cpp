@@ -2,7 +2,10 @@
 /// \file main.cpp
 /// kvc-llama: generate text from a GGUF Llama model with the KV cache held by kvc.
 ///   kvc-llama [--model F] [--prompt TEXT | --chat TEXT] [-n N] [--cache SPEC] [--temp T]
-///             [--top-k K] [--top-p P] [--seed S] [--threads N] [--chunk N]
+///             [--top-k K] [--top-p P] [--seed S] [--threads N] [--chunk N] [--dump-kept FILE]
+/// --dump-kept writes, after generating, the original positions every (layer, kv head) stream
+/// still holds as one JSON object (stores.hpp, kept_positions_json); `-n 0` dumps them right
+/// after the prompt's compression.
 /// SPEC selects the KV store: "dense" (plain float arrays), or a kvc cache with an optional
 /// compression policy (see stores.hpp; `--list-caches` prints what this build offers).
 #include <chrono>
@@ -27,7 +30,7 @@ void usage() {
                  "usage: kvc-llama [--model FILE] [--prompt TEXT | --chat TEXT] [-n N] [--cache SPEC]\n"
                  "                 [--temp T] [--top-k K] [--top-p P] [--seed S] [--threads N] [--chunk N]\n"
                  "                 [--list-caches] [--info] [--tokenize FILE] [--prompt-ids FILE]\n"
-                 "                 [--logits-out FILE]\n");
+                 "                 [--logits-out FILE] [--dump-kept FILE]\n");
 }
 
 }  // namespace
@@ -35,7 +38,7 @@ void usage() {
 int main(int argc, char** argv) {
     std::string model_path, prompt = "The capital of France is", chat, cache_spec = "kvc";
     int n_predict = 64, chunk = 256, threads = 1;
-    std::string tokenize_file, logits_out, prompt_ids;
+    std::string tokenize_file, logits_out, prompt_ids, dump_kept;
     bool info = false, is_chat = false;
     llama::sampler_params sp;
     llama::store_options sopt;
@@ -64,6 +67,7 @@ int main(int argc, char** argv) {
         else if (a == "--tokenize") tokenize_file = next();
         else if (a == "--logits-out") logits_out = next();
         else if (a == "--prompt-ids") prompt_ids = next();
+        else if (a == "--dump-kept") dump_kept = next();
         else if (a == "--list-caches") {
             for (const auto& s : llama::available_stores()) std::printf("%s\n", s.c_str());
             return 0;
@@ -147,6 +151,14 @@ int main(int argc, char** argv) {
             make.after_decode(s);
         }
         std::cout << "\n";
+        if (!dump_kept.empty()) {
+            std::ofstream out(dump_kept);
+            out << llama::kept_positions_json(*s.kv, cache_spec, mdl.shape(),
+                                              "\"prompt_tokens\": " + std::to_string(ids.size()) + ", ")
+                << "\n";
+            if (!out) throw std::runtime_error("--dump-kept: cannot write " + dump_kept);
+            std::fprintf(stderr, "kept positions written to %s\n", dump_kept.c_str());
+        }
         const auto& st = mdl.stats();
         std::fprintf(stderr, "prefill: %ld tokens in %.2f s (%.1f tok/s) | decode: %ld tokens in %.2f s (%.1f tok/s) | KV bytes: %zu (%.0f per token)\n",
                      st.prefill_tokens, st.prefill_s, st.prefill_tokens / std::max(st.prefill_s, 1e-9), st.decode_tokens,

@@ -100,6 +100,40 @@ std::vector<std::string> evictor_names() {
     return v;
 }
 
+std::optional<std::vector<std::int32_t>> kept_positions(const kv_store& store, int layer, int head) {
+    const auto* k = dynamic_cast<const kvc_store*>(&store);
+    if (!k) return std::nullopt;
+    const auto& kc = k->cache();
+    const std::int32_t* p = kc.positions(k->seq(), layer, head);
+    return std::vector<std::int32_t>(p, p + kc.length(k->seq(), layer, head));
+}
+
+std::string kept_positions_json(const kv_store& store, const std::string& spec, const kv_shape& shape,
+                                const std::string& extra) {
+    std::string out = "{\"spec\": \"";
+    for (char ch : spec) {
+        if (ch == '"' || ch == '\\') out += '\\';
+        if (static_cast<unsigned char>(ch) >= 0x20) out += ch;
+    }
+    out += "\", " + extra + "\"layers\": " + std::to_string(shape.num_layers) +
+           ", \"kv_heads\": " + std::to_string(shape.num_kv_heads) + ", \"positions\": [";
+    for (int l = 0; l < shape.num_layers; ++l) {
+        out += l ? ", [" : "[";
+        for (int h = 0; h < shape.num_kv_heads; ++h) {
+            const auto p = kept_positions(store, l, h);
+            if (!p)
+                throw std::invalid_argument("--dump-kept: cache '" + spec +
+                                            "' is not a kvc cache, expected a kvc storage (the dense "
+                                            "reference keeps every position)");
+            out += h ? ", [" : "[";
+            for (std::size_t i = 0; i < p->size(); ++i) out += (i ? ", " : "") + std::to_string((*p)[i]);
+            out += "]";
+        }
+        out += "]";
+    }
+    return out + "]}";
+}
+
 int kept_in_range(const kv_store& store, int layer, int head, std::int32_t lo, std::int32_t hi) {
     const auto* k = dynamic_cast<const kvc_store*>(&store);
     if (!k) return -1;

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -56,5 +57,17 @@ std::vector<std::string> evictor_names();
 
 /// How many of positions [lo, hi) stream (layer, head) still holds; -1 when the store is not kvc's.
 int kept_in_range(const kv_store& store, int layer, int head, std::int32_t lo, std::int32_t hi);
+
+/// The original positions stream (layer, head) still holds, in stream order (ascending unless a
+/// policy re-rotated keys); nullopt when the store is not kvc's. One call per stream, linear in
+/// its length (kept_in_range per position was quadratic).
+std::optional<std::vector<std::int32_t>> kept_positions(const kv_store& store, int layer, int head);
+
+/// Every stream's kept positions as one line of JSON:
+///   {"spec": SPEC, EXTRA "layers": L, "kv_heads": H, "positions": [[[p, ...], ...head], ...layer]}
+/// `extra` is inserted verbatim (e.g. `"window": 0, `); throws std::invalid_argument when the
+/// store is not kvc's (the dense reference keeps every token and tracks no positions).
+std::string kept_positions_json(const kv_store& store, const std::string& spec, const kv_shape& shape,
+                                const std::string& extra = "");
 
 }  // namespace llama

@@ -346,7 +346,8 @@ TEST_CASE("noncausal attention: chunk column sums x ||v||, pooled, z-normalised"
   }
 }
 
-TEST_CASE("decode scorers read the observer: h2o sum, a2sf decay, tova last, scissorhands counts", "[evict][decode]") {
+TEST_CASE("decode scorers read the observer: h2o sum (and sum / count), a2sf decay, tova last, scissorhands counts",
+          "[evict][decode]") {
   kt::model m;
   kt::filled f(m, 12, 11);
   observer_params op;
@@ -380,18 +381,26 @@ TEST_CASE("decode scorers read the observer: h2o sum, a2sf decay, tova last, sci
   const int n = f.cache.length(f.seq, L, 0);
   auto sh = f.run(h2o{}, L, obs), sa = f.run(a2sf{}, L, obs), st = f.run(tova(tova_params{false, 0}), L, obs),
        ss = f.run(scissorhands{}, L, obs), stv = f.run(tova{}, L, obs);
+  h2o_params hn;
+  hn.normalize = true;
+  auto shn = f.run(h2o(hn), L, obs);
   for (int h = 0; h < m.hkv; ++h) {
-    std::vector<double> sum(n, 0.0), dec(n, 0.0), last(n, 0.0), cnt(n, 0.0);
+    std::vector<double> sum(n, 0.0), dec(n, 0.0), last(n, 0.0), cnt(n, 0.0), saw(n, 0.0);
     for (int s = 0; s < steps; ++s) {
       const auto& p = hist[h][s];
       for (std::size_t t = 0; t < p.size(); ++t) {
         sum[t] += p[t];
+        saw[t] += 1;  // a token appended at step s was seen by steps s..end only
         dec[t] = 0.5 * dec[t] + p[t];
         cnt[t] -= p[t] < 1.0 / p.size();
       }
     }
     for (std::size_t t = 0; t < hist[h].back().size(); ++t) last[t] = hist[h].back()[t];
     require_close(sh[h], sum, 1e-5);
+    std::vector<double> mean(n);
+    for (int t = 0; t < n; ++t) mean[t] = sum[t] / saw[t];
+    require_close(shn[h], mean, 1e-5);
+    REQUIRE(saw.front() != saw.back());  // the counts differ, so normalising is checked
     require_close(sa[h], dec, 1e-5);
     require_close(st[h], last, 1e-5);
     require_close(ss[h], cnt, 1e-6);
@@ -410,73 +419,91 @@ TEST_CASE("expected attention: averaged-RoPE mean/cov quadratic form, softmax, x
   kvc::rope r(rc);
   const int nq = 40;
   auto qpre = kt::randn(std::size_t(nq) * m.hq * m.d, 13, 0.8f);
-  query_stats_accumulator acc(m.hq, m.d);
-  acc.add(qpre.data(), nq);
-  auto qs = acc.view(&r);
-  observations obs;
-  obs.stats = &qs;
-  expected_attention_params p;
-  p.n_future_positions = 7;
-  p.epsilon = 0.01f;
-  auto s = f.run(expected_attention(p), 1, obs);
-  const int p0 = f.cache.seen(f.seq, 1);
-  for (int h = 0; h < m.hkv; ++h) {
-    std::vector<double> want(f.n, 0.0);
-    for (int g = 0; g < m.G(); ++g) {
-      const int qh = h * m.G() + g;
-      // mean and covariance in double
-      std::vector<double> mu(m.d, 0.0);
-      std::vector<std::vector<double>> cov(m.d, std::vector<double>(m.d, 0.0));
-      for (int i = 0; i < nq; ++i)
-        for (int d = 0; d < m.d; ++d) mu[d] += qpre[(std::size_t(i) * m.hq + qh) * m.d + d] / nq;
-      for (int i = 0; i < nq; ++i)
+  // kvc's defaults, then kvpress's choices: sinks out of the softmax, the first queries skipped
+  // (added in two calls, so the skip spans them).
+  struct variant {
+    bool sinks_in_softmax;
+    int n_sink, skip;
+  };
+  for (const variant var : {variant{true, 4, 0}, variant{false, 4, 4}, variant{false, 3, 0}, variant{true, 0, 7}}) {
+    INFO("sinks_in_softmax " << var.sinks_in_softmax << " n_sink " << var.n_sink << " skip " << var.skip);
+    query_stats_accumulator acc(m.hq, m.d, true, var.skip);
+    acc.add(qpre.data(), 5);
+    acc.add(qpre.data() + std::size_t(5) * m.hq * m.d, nq - 5);
+    REQUIRE(acc.count() == nq - var.skip);
+    REQUIRE(acc.seen() == nq);
+    auto qs = acc.view(&r);
+    observations obs;
+    obs.stats = &qs;
+    expected_attention_params p;
+    p.n_future_positions = 7;
+    p.epsilon = 0.01f;
+    p.n_sink = var.n_sink;
+    p.sinks_in_softmax = var.sinks_in_softmax;
+    auto s = f.run(expected_attention(p), 1, obs);
+    const int p0 = f.cache.seen(f.seq, 1);
+    const int q0 = var.skip, used = nq - var.skip, s0 = var.sinks_in_softmax ? 0 : var.n_sink;
+    for (int h = 0; h < m.hkv; ++h) {
+      std::vector<double> want(f.n, 0.0);
+      for (int g = 0; g < m.G(); ++g) {
+        const int qh = h * m.G() + g;
+        // mean and covariance in double
+        std::vector<double> mu(m.d, 0.0);
+        std::vector<std::vector<double>> cov(m.d, std::vector<double>(m.d, 0.0));
+        for (int i = q0; i < nq; ++i)
+          for (int d = 0; d < m.d; ++d) mu[d] += qpre[(std::size_t(i) * m.hq + qh) * m.d + d] / used;
+        for (int i = q0; i < nq; ++i)
+          for (int a = 0; a < m.d; ++a)
+            for (int b = 0; b < m.d; ++b)
+              cov[a][b] += (qpre[(std::size_t(i) * m.hq + qh) * m.d + a] - mu[a]) *
+                           (qpre[(std::size_t(i) * m.hq + qh) * m.d + b] - mu[b]) / used;
+        // R̄ built column by column by rotating basis vectors with rope::apply, averaged over positions
+        std::vector<std::vector<double>> R(m.d, std::vector<double>(m.d, 0.0));
+        for (int c = 0; c < m.d; ++c)
+          for (int pp = p0; pp < p0 + 7; ++pp) {
+            std::vector<double> e(m.d, 0.0);
+            e[c] = 1;
+            std::vector<float> ef(e.begin(), e.end());
+            // rope::apply rounds to float; rotate in double by hand instead (rotate-half pairs)
+            for (int i = 0; i < m.d / 2; ++i) {
+              const double ang = pp * std::pow(10000.0, -2.0 * i / m.d);
+              const double x0 = e[i], x1 = e[i + m.d / 2];
+              R[i][c] += (x0 * std::cos(ang) - x1 * std::sin(ang)) / 7;
+              R[i + m.d / 2][c] += (x0 * std::sin(ang) + x1 * std::cos(ang)) / 7;
+            }
+          }
+        std::vector<double> mr(m.d, 0.0);
+        for (int a = 0; a < m.d; ++a)
+          for (int b = 0; b < m.d; ++b) mr[a] += R[a][b] * mu[b];
+        std::vector<std::vector<double>> RS(m.d, std::vector<double>(m.d, 0.0)), SR(m.d, std::vector<double>(m.d, 0.0));
         for (int a = 0; a < m.d; ++a)
           for (int b = 0; b < m.d; ++b)
-            cov[a][b] += (qpre[(std::size_t(i) * m.hq + qh) * m.d + a] - mu[a]) *
-                         (qpre[(std::size_t(i) * m.hq + qh) * m.d + b] - mu[b]) / nq;
-      // R̄ built column by column by rotating basis vectors with rope::apply, averaged over positions
-      std::vector<std::vector<double>> R(m.d, std::vector<double>(m.d, 0.0));
-      for (int c = 0; c < m.d; ++c)
-        for (int pp = p0; pp < p0 + 7; ++pp) {
-          std::vector<double> e(m.d, 0.0);
-          e[c] = 1;
-          std::vector<float> ef(e.begin(), e.end());
-          // rope::apply rounds to float; rotate in double by hand instead (rotate-half pairs)
-          for (int i = 0; i < m.d / 2; ++i) {
-            const double ang = pp * std::pow(10000.0, -2.0 * i / m.d);
-            const double x0 = e[i], x1 = e[i + m.d / 2];
-            R[i][c] += (x0 * std::cos(ang) - x1 * std::sin(ang)) / 7;
-            R[i + m.d / 2][c] += (x0 * std::sin(ang) + x1 * std::cos(ang)) / 7;
+            for (int c = 0; c < m.d; ++c) RS[a][b] += R[a][c] * cov[c][b];
+        for (int a = 0; a < m.d; ++a)
+          for (int b = 0; b < m.d; ++b)
+            for (int c = 0; c < m.d; ++c) SR[a][b] += RS[a][c] * R[b][c];
+        std::vector<double> lg(f.n);
+        for (int t = 0; t < f.n; ++t) {
+          double lin = 0, quad = 0;
+          for (int a = 0; a < m.d; ++a) {
+            lin += f.K(1, t, h, a) * mr[a];
+            for (int b = 0; b < m.d; ++b) quad += f.K(1, t, h, a) * SR[a][b] * f.K(1, t, h, b);
           }
+          lg[t] = lin / std::sqrt(double(m.d)) + quad / (2.0 * m.d);
         }
-      std::vector<double> mr(m.d, 0.0);
-      for (int a = 0; a < m.d; ++a)
-        for (int b = 0; b < m.d; ++b) mr[a] += R[a][b] * mu[b];
-      std::vector<std::vector<double>> RS(m.d, std::vector<double>(m.d, 0.0)), SR(m.d, std::vector<double>(m.d, 0.0));
-      for (int a = 0; a < m.d; ++a)
-        for (int b = 0; b < m.d; ++b)
-          for (int c = 0; c < m.d; ++c) RS[a][b] += R[a][c] * cov[c][b];
-      for (int a = 0; a < m.d; ++a)
-        for (int b = 0; b < m.d; ++b)
-          for (int c = 0; c < m.d; ++c) SR[a][b] += RS[a][c] * R[b][c];
-      std::vector<double> lg(f.n);
-      for (int t = 0; t < f.n; ++t) {
-        double lin = 0, quad = 0;
-        for (int a = 0; a < m.d; ++a) {
-          lin += f.K(1, t, h, a) * mr[a];
-          for (int b = 0; b < m.d; ++b) quad += f.K(1, t, h, a) * SR[a][b] * f.K(1, t, h, b);
-        }
-        lg[t] = lin / std::sqrt(double(m.d)) + quad / (2.0 * m.d);
+        auto sm = softmax(std::vector<double>(lg.begin() + s0, lg.end()));
+        for (int t = s0; t < f.n; ++t) want[t] += sm[std::size_t(t - s0)] / m.G();
       }
-      auto sm = softmax(lg);
-      for (int t = 0; t < f.n; ++t) want[t] += sm[t] / m.G();
+      double top = 0;
+      for (int t = s0; t < f.n; ++t) {
+        double vn = 0;
+        for (int d = 0; d < m.d; ++d) vn += f.V(1, t, h, d) * f.V(1, t, h, d);
+        want[t] = (want[t] + 0.01) * std::sqrt(vn);
+        top = std::max(top, want[t]);
+      }
+      for (int t = 0; t < s0; ++t) want[t] = top + 1;  // left out of the softmax: above every scored token
+      require_close(s[h], want, 2e-3);
     }
-    for (int t = 0; t < f.n; ++t) {
-      double vn = 0;
-      for (int d = 0; d < m.d; ++d) vn += f.V(1, t, h, d) * f.V(1, t, h, d);
-      want[t] = (want[t] + 0.01) * std::sqrt(vn);
-    }
-    require_close(s[h], want, 2e-3);
   }
 }
 

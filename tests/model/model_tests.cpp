@@ -245,6 +245,32 @@ int main() {
             check(halved && s.kv->bytes_in_use() * 2 == before,
                   "snapkv(ratio=0.5) keeps 64 of 128 tokens per stream and frees half the pages (" +
                       std::to_string(before) + " -> " + std::to_string(s.kv->bytes_in_use()) + " bytes)");
+            // kept_positions: every stream's positions, ascending, each one held by the probe
+            bool positions_ok = true;
+            std::size_t listed = 0;
+            for (int l = 0; l < hp.n_layer; ++l)
+                for (int h = 0; h < hp.n_head_kv; ++h) {
+                    const auto p = llama::kept_positions(*s.kv, l, h);
+                    positions_ok = positions_ok && p && p->size() == 64;
+                    if (!p) continue;
+                    listed += p->size();
+                    std::int32_t prev = -1;
+                    for (std::int32_t x : *p) {
+                        positions_ok = positions_ok && x > prev && x < 128 && llama::kept_in_range(*s.kv, l, h, x, x + 1) == 1;
+                        prev = x;
+                    }
+                }
+            const std::string json = llama::kept_positions_json(*s.kv, "snapkv(ratio=0.5)", mdl.shape());
+            const auto brackets = std::count(json.begin(), json.end(), '[');
+            const auto commas = std::count(json.begin(), json.end(), ',');
+            // 1 + layers + streams lists; per stream 63 commas between 64 positions, plus the separators
+            const std::size_t streams = static_cast<std::size_t>(hp.n_layer) * hp.n_head_kv;
+            check(positions_ok && listed == streams * 64 &&
+                      json.rfind("{\"spec\": \"snapkv(ratio=0.5)\", \"layers\": 30, \"kv_heads\": 3,", 0) == 0 &&
+                      static_cast<std::size_t>(brackets) == 1 + hp.n_layer + streams &&
+                      static_cast<std::size_t>(commas) == 3 + streams * 63 + (streams - hp.n_layer) + (hp.n_layer - 1),
+                  "kept_positions lists each stream's 64 kept positions, ascending, as the probe does; the JSON "
+                  "dump holds all " + std::to_string(listed));
             llama::matrix lg = mdl.forward(s, &gp[128], 1);
             check(lg.allFinite() && s.n_past == 129, "decoding continues after eviction (positions keep counting)");
         }

@@ -188,6 +188,23 @@ TEST_CASE("spec parameters reach the scorer: scores equal the directly built sco
   ev::query_window all{fx.q.data(), nullptr, N, HQ, D};
   o.window = &all;
   same("noncausal_attention(ratio=0.5,chunk=16,pool_kernel=5)", ev::noncausal_attention(np));
+  // kvpress's choices, switched on by name: h2o's normalised sum, expected attention without sinks
+  ev::attention_observer ob;
+  ob.observe_window(c, s, 1, w);
+  o.attention = &ob;
+  ev::h2o_params hp;
+  hp.recent = 2;
+  hp.sinks = 1;
+  hp.normalize = true;
+  same("h2o(ratio=0.5,recent=2,sinks=1,normalize=1)", ev::h2o(hp));
+  ev::query_stats_accumulator acc(HQ, D, true, 4);
+  acc.add(fx.q.data(), N);
+  const ev::query_stats qs = acc.view(&fx.rotary);
+  o.stats = &qs;
+  ev::expected_attention_params ep;
+  ep.n_sink = 3;
+  ep.sinks_in_softmax = false;
+  same("expected_attention(ratio=0.5,n_sink=3,sinks_in_softmax=0)", ev::expected_attention(ep));
   // vnorm(knorm): knorm's score times ‖v‖₁, against evict::vnorm<knorm> built directly
   same("vnorm(knorm(sinks=2),ratio=0.5,epsilon=0.5)",
        ev::vnorm<ev::knorm>(ev::vnorm_params{0.5f, nullptr, 0}, ev::knorm(ev::knorm_params{{2, 0}})));

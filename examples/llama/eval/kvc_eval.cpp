@@ -20,6 +20,10 @@
 ///   Next-token agreement (argmax equal to the reference's argmax) is reported for prefill and
 ///   stream. Memory is kvc's page pool (bytes_in_use), divided by the tokens seen.
 /// Outputs PREFIX.csv, PREFIX.md and PREFIX.png (the plot through eval/plot.py + matplotlib).
+/// --dump-kept FILE writes, for every kvc spec and prefill window, the original positions each
+/// (layer, kv head) stream keeps after the one-shot compression: one JSON object per line
+/// (stores.hpp, kept_positions_json, with "protocol", "window" and "start", the window's first
+/// token in the text).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -47,7 +51,7 @@ using clock_type = std::chrono::steady_clock;
 double seconds_since(clock_type::time_point t) { return std::chrono::duration<double>(clock_type::now() - t).count(); }
 
 struct options {
-    std::string model, text, out = "kvc-eval", reference = "fp32", needle_text;
+    std::string model, text, out = "kvc-eval", reference = "fp32", needle_text, dump_kept;
     std::vector<std::string> policies, budgets;
     bool do_prefill = true, do_stream = true, do_needle = true;
     int context = 512, score = 128, windows = 4, decode_tokens = 16;   // prefill protocol
@@ -165,6 +169,14 @@ void run_prefill(engine& e, const options& o, const std::vector<int32_t>& toks, 
         t = clock_type::now();
         f.after_prefill(s);
         comp_s += seconds_since(t);
+        if (!o.dump_kept.empty() && llama::kept_positions(*s.kv, 0, 0)) {
+            std::ofstream dump(o.dump_kept, std::ios::app);
+            dump << llama::kept_positions_json(*s.kv, spec, e.mdl.shape(),
+                                               "\"protocol\": \"prefill\", \"window\": " + std::to_string(w) +
+                                                   ", \"start\": " + std::to_string(start) + ", ")
+                 << "\n";
+            if (!dump) throw std::runtime_error("--dump-kept: cannot write " + o.dump_kept);
+        }
         llama::matrix lg = e.mdl.forward(s, base + o.context, o.score, o.score);
         for (int i = 0; i < o.score; ++i) {
             const float* row_p = lg.row(i).data();
@@ -354,6 +366,7 @@ void usage() {
                  "  --stream-tokens N --stream-chunk N                        stream protocol (1024, 16)\n"
                  "  --needle-text FILE --needle-context N --needle-seeds N --needle-depths D1,D2  (text, 768, 5, 0.1,0.5,0.9)\n"
                  "  --show-needles        print every needle answer and how many streams kept the number's digits\n"
+                 "  --dump-kept FILE      kept positions after each prefill compression, JSON lines\n"
                  "  --model FILE --threads N --page-size N --no-plot --quiet --list\n"
                  "SPEC: see kvc-llama --list-caches; '{b}' in a SPEC is replaced by each budget.\n");
 }
@@ -399,6 +412,7 @@ int main(int argc, char** argv) {
         } else if (a == "--threads") o.threads = std::stoi(next());
         else if (a == "--page-size") o.page_size = std::stoi(next());
         else if (a == "--no-plot") o.plot = false;
+        else if (a == "--dump-kept") o.dump_kept = next();
         else if (a == "--quiet") o.quiet = true;
         else if (a == "--show-needles") show_needles = true;
         else if (a == "--list") {
@@ -418,6 +432,10 @@ int main(int argc, char** argv) {
         return 2;
     }
     try {
+        if (!o.dump_kept.empty()) {  // one run's lines only: start the file afresh
+            std::ofstream dump(o.dump_kept, std::ios::trunc);
+            if (!dump) throw std::runtime_error("--dump-kept: cannot write " + o.dump_kept);
+        }
         llama::set_threads(o.threads);
         if (o.model.empty()) {
             std::string why;

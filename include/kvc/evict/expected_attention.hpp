@@ -8,9 +8,19 @@
 /// softmax_j(k_j·μ/√d + k_jᵀΣk_j/(2d)); GQA-aggregated and multiplied by ‖v_j‖₂ (`use_vnorm`,
 /// as (s + epsilon)·‖v‖). Sinks are kept. kvpress `ExpectedAttentionPress` defaults.
 /// `query_stats_accumulator` builds the statistics from pre-RoPE queries (prefill and decode).
+///
+/// Two choices about the first tokens, both options (kvpress makes the other choice in each):
+///  - `sinks_in_softmax` (default true): the n_sink protected tokens take part in each query
+///    head's softmax. kvpress drops them first, so the other tokens' probabilities share the whole
+///    mass. Within one query head the ranking is the same either way; the GQA mean over the group
+///    weights the heads differently, so kept sets can differ. kvpress parity: false.
+///  - `query_stats_accumulator(..., skip_first)` (default 0): the first queries added are left
+///    out of the mean and covariance. kvpress leaves out the first n_sink = 4 prompt positions as
+///    outliers. kvpress parity: skip_first = n_sink.
 /// \par Reference
 /// Devoto et al., "Expected Attention: KV Cache Compression by Estimating Attention from Future Queries Distribution", arXiv:2510.00636.
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -25,18 +35,24 @@ namespace evict {
 /// Running mean and covariance (population, 1/n) of pre-RoPE queries per query head.
 class query_stats_accumulator {
  public:
-  query_stats_accumulator(std::int32_t num_q_heads, std::int32_t head_dim, bool covariance = true)
-      : H_(num_q_heads), D_(head_dim), cov_on_(covariance) {
-    KVC_EXPECTS(num_q_heads > 0 && head_dim > 0, "num_q_heads/head_dim = ", num_q_heads, "/", head_dim,
-                ", expected > 0");
+  /// skip_first: how many of the first queries added to leave out (kvpress leaves out the first
+  /// n_sink = 4 prompt positions, whose queries are outliers); they still count as seen().
+  query_stats_accumulator(std::int32_t num_q_heads, std::int32_t head_dim, bool covariance = true,
+                          std::int64_t skip_first = 0)
+      : H_(num_q_heads), D_(head_dim), cov_on_(covariance), skip_(skip_first) {
+    KVC_EXPECTS(num_q_heads > 0 && head_dim > 0, "kvc::evict::query_stats_accumulator: num_q_heads/head_dim = ",
+                num_q_heads, "/", head_dim, ", expected > 0");
+    KVC_EXPECTS(skip_first >= 0, "kvc::evict::query_stats_accumulator: skip_first = ", skip_first, ", expected >= 0");
     sum_.assign(static_cast<std::size_t>(H_) * D_, 0.0);
     if (cov_on_) outer_.assign(static_cast<std::size_t>(H_) * D_ * D_, 0.0);
   }
   /// Adds n queries [n][num_q_heads][head_dim], before RoPE.
   void add(const float* q, std::int32_t n) {
-    KVC_EXPECTS(n >= 0 && (q != nullptr || n == 0), "q/n = ", static_cast<const void*>(q), "/", n,
-                ", expected n >= 0 queries");
-    for (std::int32_t i = 0; i < n; ++i)
+    KVC_EXPECTS(n >= 0 && (q != nullptr || n == 0), "kvc::evict::query_stats_accumulator::add: q/n = ",
+                static_cast<const void*>(q), "/", n, ", expected n >= 0 queries");
+    const std::int64_t skip = std::min<std::int64_t>(n, std::max<std::int64_t>(0, skip_ - seen_));
+    seen_ += n;
+    for (std::int32_t i = static_cast<std::int32_t>(skip); i < n; ++i)
       for (std::int32_t h = 0; h < H_; ++h) {
         const float* x = q + (static_cast<std::size_t>(i) * H_ + h) * D_;
         double* s = sum_.data() + static_cast<std::size_t>(h) * D_;
@@ -47,12 +63,16 @@ class query_stats_accumulator {
             for (std::int32_t b = 0; b < D_; ++b) o[static_cast<std::size_t>(a) * D_ + b] += double(x[a]) * x[b];
         }
       }
-    count_ += n;
+    count_ += n - skip;
   }
+  /// Queries in the statistics (added minus skipped).
   std::int64_t count() const noexcept { return count_; }
+  /// Queries added, the skipped ones included.
+  std::int64_t seen() const noexcept { return seen_; }
   /// Statistics for scoring; the returned view points into this accumulator.
   query_stats view(const rope* rotary, std::int32_t next_position = -1) {
-    KVC_EXPECTS(count_ > 0, "count = 0, expected at least one query added before view()");
+    KVC_EXPECTS(count_ > 0, "kvc::evict::query_stats_accumulator::view: count = 0 (", seen_,
+                " added, skip_first = ", skip_, "), expected at least one query in the statistics");
     mean_.resize(sum_.size());
     for (std::size_t i = 0; i < sum_.size(); ++i) mean_[i] = static_cast<float>(sum_[i] / count_);
     if (cov_on_) {
@@ -71,7 +91,7 @@ class query_stats_accumulator {
  private:
   std::int32_t H_, D_;
   bool cov_on_;
-  std::int64_t count_ = 0;
+  std::int64_t skip_, count_ = 0, seen_ = 0;
   std::vector<double> sum_, outer_;
   std::vector<float> mean_, cov_;
 };
@@ -83,6 +103,9 @@ struct expected_attention_params {
   bool use_vnorm = true;
   float epsilon = 0.0f;
   group_agg agg = group_agg::mean;
+  /// The n_sink protected tokens join each query head's softmax (see the file comment); with false
+  /// they are left out of it and score above every other token, as kvpress's do.
+  bool sinks_in_softmax = true;
 };
 
 struct expected_attention {
@@ -146,6 +169,7 @@ struct expected_attention {
       if (n == 0) continue;
       Eigen::Map<const RowMatF> K(hi.k, n, D);
       perq.assign(static_cast<std::size_t>(G) * n, 0.0f);
+      const std::int32_t s0 = p.sinks_in_softmax ? 0 : std::min(p.n_sink, n);  // tokens left out of the softmax
       for (std::int32_t g = 0; g < G; ++g) {
         const std::int32_t qh = h * G + g;
         Eigen::VectorXd mu = Eigen::Map<const Eigen::VectorXf>(qs.mean + static_cast<std::size_t>(qh) * D, D).cast<double>();
@@ -160,8 +184,8 @@ struct expected_attention {
           logit += (KS.cwiseProduct(K).rowwise().sum()) / (2.0f * static_cast<float>(D));
         }
         float* dst = perq.data() + static_cast<std::size_t>(g) * n;
-        for (std::int32_t t = 0; t < n; ++t) dst[t] = logit[t];
-        detail::softmax_inplace(dst, n);
+        for (std::int32_t t = s0; t < n; ++t) dst[t] = logit[t];
+        detail::softmax_inplace(dst + s0, n - s0);
       }
       auto& o = out[static_cast<std::size_t>(h)];
       aggregate_group(perq.data(), G, n, static_cast<std::size_t>(n), p.agg, o.data());
@@ -169,6 +193,11 @@ struct expected_attention {
         for (std::int32_t t = 0; t < n; ++t)
           o[static_cast<std::size_t>(t)] = (o[static_cast<std::size_t>(t)] + p.epsilon) *
                                            detail::l2(hi.v + static_cast<std::size_t>(t) * D, D);
+      if (s0 > 0) {  // left out of the softmax: above every scored token (they are protected anyway)
+        float top = 0.0f;
+        for (std::int32_t t = s0; t < n; ++t) top = std::max(top, o[static_cast<std::size_t>(t)]);
+        for (std::int32_t t = 0; t < s0; ++t) o[static_cast<std::size_t>(t)] = top + 1.0f;
+      }
     }
   }
 };

@@ -28,13 +28,17 @@ struct stream_stats {
   std::vector<float> decayed;        ///< a ← λ·a + p each step (A2SF)
   std::vector<float> last;           ///< the last step's attention (TOVA)
   std::vector<std::uint64_t> low;    ///< bit s set: attention below 1/n, s steps ago (Scissorhands)
+  /// How many observed queries saw the token (a causal prefill window's early queries do not see
+  /// its late tokens; a token appended after some steps missed them): sum / count is kvpress's
+  /// observed attention, the mean attention a token got from the queries that saw it.
+  std::vector<float> count;
   std::int64_t steps = 0;
 };
 
 struct observer_params {
   group_agg agg = group_agg::mean;  ///< how a kv-head combines its query heads' attention
   float forgetting = 1.0f;          ///< A2SF forgetting factor λ (1: plain accumulation)
-  bool track_sum = true, track_decayed = true, track_last = true, track_low = true;
+  bool track_sum = true, track_decayed = true, track_last = true, track_low = true, track_count = true;
 };
 
 /// Threads: not synchronised: non-const calls on one instance need exclusive access (docs/threading.md).
@@ -130,7 +134,7 @@ class attention_observer {
       auto it = s_.find(std::make_tuple(seq, layer, static_cast<std::int32_t>(h)));
       if (it == s_.end()) continue;
       const stream_stats& st = it->second;
-      const std::size_t have = std::max({st.sum.size(), st.decayed.size(), st.last.size(), st.low.size()});
+      const std::size_t have = held(st);
       const auto& k = kept[h];
       for (std::size_t i = 0; i < k.size(); ++i)
         KVC_EXPECTS(k[i] >= 0 && static_cast<std::size_t>(k[i]) < have && (i == 0 || k[i] > k[i - 1]),
@@ -146,6 +150,7 @@ class attention_observer {
       compact(st.decayed, kept[h]);
       compact(st.last, kept[h]);
       compact(st.low, kept[h]);
+      compact(st.count, kept[h]);
     }
   }
 
@@ -175,14 +180,15 @@ class attention_observer {
   std::size_t bytes() const noexcept {
     std::size_t b = 0;
     for (const auto& kv : s_)
-      b += 4 * (kv.second.sum.size() + kv.second.decayed.size() + kv.second.last.size()) + 8 * kv.second.low.size();
+      b += 4 * (kv.second.sum.size() + kv.second.decayed.size() + kv.second.last.size() + kv.second.count.size()) +
+           8 * kv.second.low.size();
     return b;
   }
 
  private:
   stream_stats& stats_for(std::int32_t seq, std::int32_t layer, std::int32_t h, std::int32_t n) {
     stream_stats& st = s_[std::make_tuple(seq, layer, h)];
-    const std::size_t have = std::max({st.sum.size(), st.decayed.size(), st.last.size(), st.low.size()});
+    const std::size_t have = held(st);
     KVC_EXPECTS(have <= static_cast<std::size_t>(n), "observer stats of (seq ", seq, ", layer ", layer, ", head ", h,
                 ") hold ", have, " tokens but the stream has ", n,
                 "; expected compaction through the compressor (or attention_observer::keep_layer)");
@@ -190,7 +196,13 @@ class attention_observer {
     if (p_.track_decayed) st.decayed.resize(static_cast<std::size_t>(n), 0.0f);
     if (p_.track_last) st.last.resize(static_cast<std::size_t>(n), 0.0f);
     if (p_.track_low) st.low.resize(static_cast<std::size_t>(n), 0u);
+    if (p_.track_count) st.count.resize(static_cast<std::size_t>(n), 0.0f);
     return st;
+  }
+
+  /// The tokens a stream's statistics cover (the longest tracked field).
+  static std::size_t held(const stream_stats& st) {
+    return std::max({st.sum.size(), st.decayed.size(), st.last.size(), st.low.size(), st.count.size()});
   }
 
   /// One step of attention p[t] / div (div: the group size for group sums, else 1, exact).
@@ -218,6 +230,8 @@ class attention_observer {
         if (seen_by_q) b = (b << 1) | (p[t] / div < thr ? 1u : 0u);
       }
     }
+    if (p_.track_count)
+      for (std::int32_t t = 0; t < n; ++t) st.count[static_cast<std::size_t>(t)] += !kpos || kpos[t] <= qpos ? 1.0f : 0.0f;
     ++st.steps;
   }
 

@@ -13,12 +13,13 @@
 ///   finch(window=64, agg=mean|max, sinks=4)                    the last `window` queries are the span
 ///   noncausal_attention(chunk=256, pool_kernel=3, agg=mean|max, sinks=4, recent=0)   prefill only
 ///   simlayerkv(n_last=1, n_recent=1024, n_initial=4, lazy_threshold=1.0)     budget does not apply
-///   h2o(recent=64, sinks=4)   tova(share_heads=1, sinks=4)   scissorhands(history=64, recent=64, sinks=4)
+///   h2o(recent=64, sinks=4, normalize=0)   tova(share_heads=1, sinks=4)   scissorhands(history=64, recent=64, sinks=4)
 ///   a2sf(recent=64, sinks=4, forgetting=0.9)
 ///   knorm(sinks=4, recent=0)   keydiff(sinks=4, recent=0)   random(seed=0, sinks=0, recent=0)
 ///   lagkv(lag=128, sinks=4, cross_scoring=0)   curdkv(window=16, sinks=4)
 ///   leverage(sketch_dimension=48, jitter=1e-6, seed=0, unrotate=1, sinks=4, recent=0)
-///   expected_attention(n_future_positions=512, n_sink=4, use_covariance=1, use_vnorm=1, epsilon=0, agg=mean|max)
+///   expected_attention(n_future_positions=512, n_sink=4, use_covariance=1, use_vnorm=1, epsilon=0, agg=mean|max,
+///                      sinks_in_softmax=1)
 ///   qfilters(calibration=0, sinks=4, recent=0)
 ///   chunkkv(INNER, chunk_length=20)   rkv(INNER, lambda=0.1)   vnorm(INNER, epsilon=0)
 ///       wrappers; INNER is any policy above (default snapkv for chunkkv and rkv), e.g.
@@ -311,6 +312,7 @@ inline std::map<std::string, scorer_builder>& evictor_registry() {
       ev::h2o_params p;
       p.recent = nonneg(a, "recent", p.recent);
       p.sinks = nonneg(a, "sinks", p.sinks);
+      p.normalize = detail::flag_arg(a, "normalize", p.normalize);
       return ev::any_scorer(ev::h2o(p));
     };
     m["tova"] = [](spec_args& a, const evictor_context&, evictor&) {
@@ -388,6 +390,7 @@ inline std::map<std::string, scorer_builder>& evictor_registry() {
       p.epsilon = static_cast<float>(a.number("epsilon", p.epsilon));
       if (!(p.epsilon >= 0)) detail::bad_arg(a.stage(), "epsilon", detail::num_text(p.epsilon), ">= 0");
       p.agg = detail::agg_arg(a, p.agg);
+      p.sinks_in_softmax = detail::flag_arg(a, "sinks_in_softmax", p.sinks_in_softmax);
       return ev::any_scorer(ev::expected_attention(p));
     };
     m["qfilters"] = [](spec_args& a, const evictor_context& c, evictor& e) {
