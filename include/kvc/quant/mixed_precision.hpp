@@ -50,7 +50,9 @@ KVC_BEGIN_NAMESPACE
 /// \tparam HQ  high-precision codec (per-token: kvc::quant::int8, fp8<>, int4, outliers<int8>, ...)
 /// \tparam LQ  low-precision codec (per-token, no residual window: int2, int4, ...)
 /// \tparam Fp  element type of the full-precision sinks and residual window
-/// Threads: as kv_cache, with one strong-guarantee gap for keep under concurrent appends (docs/threading.md).
+/// Threads: as kv_cache (docs/threading.md). keep/keep_layer reserve the low-precision pages their
+/// copy-on-write may need before committing anything, so concurrent appends to other sequences
+/// cannot make them fail half way.
 template <class HQ = quant::int8, class LQ = quant::int2, class Fp = half>
 class mixed_precision_cache {
   static_assert(HQ::tokens_per_record(quant::role::key) == 1 && HQ::tokens_per_record(quant::role::value) == 1,
@@ -156,9 +158,28 @@ class mixed_precision_cache {
   /// quantized token: not a sink, not in the full-precision window, not already low) to low
   /// precision. Strong guarantee.
   void demote(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* token_indices, std::int32_t n) {
-    sequence& sq = find(s, "demote")->second;
-    check_layer(layer, "demote");
-    check_head(head, "demote");
+    demote_impl(s, layer, head, token_indices, n, nullptr, "demote");
+  }
+  /// As demote, taking the low-precision pages it needs from `low_pages` (a reservation of the low
+  /// pool, reserve_low_pages) instead of the pool's free pages: a caller that reserved them before
+  /// committing something else (runtime::mikv_cache::append) cannot then run out of low pages.
+  void demote(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* token_indices, std::int32_t n,
+              page_pool::reservation& low_pages) {
+    check_low_reservation(low_pages, "demote");
+    demote_impl(s, layer, head, token_indices, n, &low_pages, "demote");
+  }
+
+  /// Sets n free pages of the low-precision pool aside (page_pool::reserve) for the demote /
+  /// apply_precision overloads that take a reservation; unused ones go back when it is destroyed.
+  /// n > the low pool's free pages throws kvc::out_of_memory.
+  page_pool::reservation reserve_low_pages(std::int32_t n) { return low_.reserve_quant_pages(n); }
+
+ private:
+  void demote_impl(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* token_indices, std::int32_t n,
+                   page_pool::reservation* low_pages, const char* fn) {
+    sequence& sq = find(s, fn)->second;
+    check_layer(layer, fn);
+    check_head(head, fn);
     KVC_EXPECTS(n >= 0 && (n == 0 || token_indices != nullptr), "token_indices is null or n = ", n, " < 0");
     if (n == 0) return;
     mstream& ms = at(sq, layer, head);
@@ -175,18 +196,18 @@ class mixed_precision_cache {
     for (std::int32_t i = 0; i < n; ++i) {
       const std::int32_t t = token_indices[i];
       if (t < 0 || t >= L)
-        fail("demote", head, "token_indices[", i, "] = ", t, ", expected 0..", L - 1, " (the stream's length is ", L,
+        fail(fn, head, "token_indices[", i, "] = ", t, ", expected 0..", L - 1, " (the stream's length is ", L,
              ")");
       if (i > 0 && t <= token_indices[i - 1])
-        fail("demote", head, "token_indices[", i, "] = ", t, " after ", token_indices[i - 1],
+        fail(fn, head, "token_indices[", i, "] = ", t, " after ", token_indices[i - 1],
              ", expected strictly increasing indices");
       const std::int32_t h = hi[static_cast<std::size_t>(t)];
-      if (h < 0) fail("demote", head, "token ", t, " is already low precision");
+      if (h < 0) fail(fn, head, "token ", t, " is already low precision");
       if (h < rc.sink)
-        fail("demote", head, "token ", t, " is an attention sink (kept in full precision; sink_tokens = ",
+        fail(fn, head, "token ", t, " is an attention sink (kept in full precision; sink_tokens = ",
              config().sink_tokens, ")");
       if (h >= rc.sink + rc.quantized)
-        fail("demote", head, "token ", t,
+        fail(fn, head, "token ", t,
              " is in the full-precision residual window (the newest tokens stay exact); only quantized tokens can be "
              "demoted");
       gone[static_cast<std::size_t>(h)] = 1;
@@ -212,7 +233,8 @@ class mixed_precision_cache {
     std::vector<std::int32_t> truncate(static_cast<std::size_t>(nl));
     std::iota(truncate.begin(), truncate.end(), 0);
     const std::int32_t ll = low_layer(layer, head);
-    low_.append(sq.low, ll, kb.data(), vb.data(), n, pos.data());
+    if (low_pages) low_.append(sq.low, ll, kb.data(), vb.data(), n, pos.data(), *low_pages);
+    else low_.append(sq.low, ll, kb.data(), vb.data(), n, pos.data());
     try {
       high_.keep(s, layer, head, keep_high.data(), static_cast<std::int32_t>(keep_high.size()));
     } catch (...) {
@@ -222,11 +244,24 @@ class mixed_precision_cache {
     ms.low_idx.swap(new_low);
   }
 
+ public:
   /// Demotes every high-precision quantized token t with high_mask[t] == 0 (high_mask has one
   /// entry per token of the stream). Tokens already low stay low whatever their mask (there is no
   /// promotion). A 0 on a sink or on a full-precision window token is an error. Returns the number
   /// of tokens demoted. Strong guarantee.
   std::int32_t apply_precision(seq_id s, std::int32_t layer, std::int32_t head, const std::uint8_t* high_mask) {
+    return apply_precision_impl(s, layer, head, high_mask, nullptr);
+  }
+  /// As apply_precision, taking the low-precision pages from `low_pages` (see the demote overload).
+  std::int32_t apply_precision(seq_id s, std::int32_t layer, std::int32_t head, const std::uint8_t* high_mask,
+                               page_pool::reservation& low_pages) {
+    check_low_reservation(low_pages, "apply_precision");
+    return apply_precision_impl(s, layer, head, high_mask, &low_pages);
+  }
+
+ private:
+  std::int32_t apply_precision_impl(seq_id s, std::int32_t layer, std::int32_t head, const std::uint8_t* high_mask,
+                                    page_pool::reservation* low_pages) {
     const sequence& sq = find(s, "apply_precision")->second;
     check_layer(layer, "apply_precision");
     check_head(head, "apply_precision");
@@ -236,9 +271,11 @@ class mixed_precision_cache {
     std::vector<std::int32_t> idx;
     for (std::int32_t t = 0; t < L; ++t)
       if (!high_mask[t] && ms.low_idx[static_cast<std::size_t>(t)] < 0) idx.push_back(t);
-    demote(s, layer, head, idx.data(), static_cast<std::int32_t>(idx.size()));
+    demote_impl(s, layer, head, idx.data(), static_cast<std::int32_t>(idx.size()), low_pages, "apply_precision");
     return static_cast<std::int32_t>(idx.size());
   }
+
+ public:
 
   /// Keeps tokens kept[0..n) of one stream (strictly increasing logical indices), evicting the
   /// rest from both precisions. Strong guarantee.
@@ -378,6 +415,13 @@ class mixed_precision_cache {
     return layer * config().num_kv_heads + head;
   }
 
+  void check_low_reservation(const page_pool::reservation& r, const char* fn) const {
+    if (r.pool() != &low_.quant_pool())
+      detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": low_pages = a reservation of ",
+                                  r.pool() ? "another pool" : "no pool (empty or moved from)",
+                                  ", expected one of the low-precision pool (reserve_low_pages)"));
+  }
+
   template <class... Args>
   [[noreturn]] static void fail(const char* fn, std::int32_t head, const Args&... args) {
     detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": head ", head, ": ", args...,
@@ -462,17 +506,24 @@ class mixed_precision_cache {
       for (page_id p : low_.pages(sq.low, low_layer(layer, h), 0))
         if (low_.quant_pool().ref_count(p) > 1) ++shared_low_pages;
     }
-    // The low store's compaction can only need pages for shared (forked) pages it rewrites.
-    if (shared_low_pages > low_.quant_pool().free_pages())
+    // The low store's compaction can only need pages for shared (forked) pages it rewrites: set
+    // that many aside before anything changes, so that no allocation of another thread (an
+    // append to another sequence) can take them between this check and the commit below.
+    page_pool::reservation low_pages;
+    try {
+      low_pages = low_.reserve_quant_pages(shared_low_pages);
+    } catch (const out_of_memory& e) {
       detail::fail<out_of_memory>(detail::concat("kvc::mixed_precision_cache::", fn, ": the low-precision pool may need ",
-                                                 shared_low_pages, " pages for copy-on-write and has ",
-                                                 low_.quant_pool().free_pages(), " free (the cache is unchanged)"));
+                                                 shared_low_pages, " pages for copy-on-write and cannot set them "
+                                                 "aside (the cache is unchanged): ", e.what()));
+    }
     high_.keep_layer(s, layer, keep_high);
-    // Commit: the low keeps below allocate no more pages than checked above.
+    // Commit: the low keeps take their copy-on-write pages from the reservation (at most one per
+    // shared page counted above), so they cannot run out of pages.
     for (std::int32_t h = 0; h < H; ++h) {
       if (!touched[static_cast<std::size_t>(h)]) continue;
       const auto& kl = keep_low[static_cast<std::size_t>(h)];
-      low_.keep(sq.low, low_layer(layer, h), 0, kl.data(), static_cast<std::int32_t>(kl.size()));
+      low_.keep(sq.low, low_layer(layer, h), 0, kl.data(), static_cast<std::int32_t>(kl.size()), low_pages);
       mstream& ms = at(sq, layer, h);
       ms.low_idx.swap(next[static_cast<std::size_t>(h)].low_idx);
       ms.pos.swap(next[static_cast<std::size_t>(h)].pos);
