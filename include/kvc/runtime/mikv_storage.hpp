@@ -60,9 +60,9 @@ class mikv_cache final : public any_cache {
 
   mikv_cache(std::string name, const quant_cache_config& cfg, const mikv_policy& policy)
       : name_(std::move(name)), c_(cfg), policy_(policy) {
-    policy_.check();
-    KVC_EXPECTS(HQ{}.residual() == 0, "kvc::runtime::mikv_cache: the high codec keeps a residual window of ",
-                HQ{}.residual(), " tokens, expected 0 (append plans its demotions from the region counts)");
+    policy_.check("kvc::runtime::mikv_cache::mikv_cache");
+    KVC_EXPECTS_IN("kvc::runtime::mikv_cache::mikv_cache", HQ{}.residual() == 0, "the high codec keeps a residual window of ",
+                   HQ{}.residual(), " tokens, expected 0 (append plans its demotions from the region counts)");
   }
 
   const cache_type& get() const noexcept { return c_; }
@@ -245,7 +245,9 @@ class mikv_cache final : public any_cache {
   std::vector<std::vector<float>>& seqs(seq_id s, const char* fn) const {
     auto it = scores_.find(s);
     if (it == scores_.end())
-      kvc::detail::fail(kvc::detail::concat("kvc::runtime::mikv_cache::", fn, ": unknown sequence id ", s));
+      kvc::detail::fail(kvc::detail::concat("kvc::runtime::mikv_cache::", fn, ": unknown sequence id ", s,
+                                            " (argument seq), expected a live sequence id: ",
+                                            kvc::detail::key_list(scores_)));
     return it->second;
   }
   const std::vector<float>& stream(seq_id s, std::int32_t layer, std::int32_t head) const {
