@@ -9,11 +9,14 @@
 //    and the per-head rewrite_keys then failed half way);
 //  - kv_cache::rewrite_keys with a function that throws at its k-th row, for every k (before the
 //    fix rows 0..k-1 were already rewritten in the pages);
-//  - quant_cache append / keep_layer after fork (KIVI-2, whose partial groups are re-encoded).
+//  - quant_cache append / keep_layer after fork (KIVI-2, whose partial groups are re-encoded);
+//  - mixed_precision_cache keep_layer / keep after fork (before page_pool::reserve the low store's
+//    copy-on-write allocated after the high store had committed).
 // A successful re-rotation is checked against RoPE written here in double: kept token i of head h,
 // at original position p, becomes R(i - p) k (rotate_half pairs (j, j + D/2), angle
 // (i - p) theta^(-2j/D)); float pages: |err| <= 2e-5 (|k|_inf + 1).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -22,6 +25,7 @@
 #include <kvc/attention/rope.hpp>
 #include <kvc/evict/core.hpp>
 #include <kvc/quant/kivi.hpp>
+#include <kvc/quant/mixed_precision.hpp>
 #include <kvc/quant/quant_cache.hpp>
 #include <kvc/store/kv_cache.hpp>
 
@@ -257,5 +261,84 @@ TEST_CASE("quant_cache append and keep_layer after fork are all or nothing under
     run_until_success([&] { c.append(b, 0, k.data(), v.data(), n); }, snap);
     run_until_success([&] { c.append(a, 0, k.data(), v.data(), n); }, snap);
     REQUIRE(c.length(b, 0, 0) == static_cast<std::int32_t>(kept[0].size()) + n);
+  }
+}
+
+namespace {
+
+/// qsnap of a mixed_precision_cache plus its precision map and both pools' free and reserved pages.
+template <class C>
+struct msnap {
+  qsnap<C> q;
+  std::vector<std::vector<std::int32_t>> low;
+  std::int32_t high_free, low_free, low_reserved;
+  msnap(const C& c, const std::vector<kvc::seq_id>& seqs)
+      : q(c, seqs),
+        high_free(c.high_cache().quant_pool().free_pages()),
+        low_free(c.low_cache().quant_pool().free_pages()),
+        low_reserved(c.low_cache().quant_pool().reserved_pages()) {
+    for (kvc::seq_id s : seqs)
+      for (std::int32_t l = 0; l < c.config().num_layers; ++l)
+        for (std::int32_t h = 0; h < c.config().num_kv_heads; ++h) low.push_back(c.low_indices(s, l, h));
+  }
+  bool operator==(const msnap& o) const {
+    return q == o.q && low == o.low && high_free == o.high_free && low_free == o.low_free &&
+           low_reserved == o.low_reserved;
+  }
+};
+
+}  // namespace
+
+// The gap docs/threading.md used to describe: keep_layer committed the high store, then the low
+// store's copy-on-write allocated (after only a free-pages check). An allocation failing there
+// (another thread taking the pages; here the injected fault) left the high store compacted and
+// the low one not. Now the low pages are reserved before anything changes.
+TEST_CASE("mixed_precision_cache keep_layer and keep after fork are all or nothing under every allocation failure",
+          "[quant][mikv][strong]") {
+  using C = kvc::mixed_precision_cache<kvc::quant::int8, kvc::quant::int2>;
+  for (int trial = 0; trial < 6; ++trial) {
+    kvc_test::rng r(4401 + trial);
+    kvc::quant_cache_config cfg;
+    cfg.num_layers = 2;
+    cfg.num_kv_heads = 2;
+    cfg.head_dim = 32;
+    cfg.page_size = 8;
+    cfg.max_pages = 256;
+    cfg.max_fp_pages = 64;
+    cfg.sink_tokens = trial % 2;
+    C c(cfg, 128);
+    const auto a = c.add_sequence();
+    for (std::int32_t l = 0; l < 2; ++l) {
+      const std::int32_t n = r.integer(30, 70);
+      const auto k = r.normals(static_cast<std::size_t>(n) * 2 * 32), v = r.normals(k.size());
+      c.append(a, l, k.data(), v.data(), n);
+      for (std::int32_t h = 0; h < 2; ++h) {  // demote about half of the demotable tokens
+        std::vector<std::int32_t> d;
+        for (std::int32_t t = cfg.sink_tokens; t < c.length(a, l, h); ++t)
+          if (r.coin()) d.push_back(t);
+        c.demote(a, l, h, d.data(), static_cast<std::int32_t>(d.size()));
+      }
+    }
+    const auto b = c.fork(a);  // every page of both stores is now shared
+    const std::vector<kvc::seq_id> seqs = {a, b};
+    auto snap = [&] { return msnap<C>(c, seqs); };
+    INFO("trial " << trial);
+    std::vector<std::vector<std::int32_t>> kept(2);
+    for (std::int32_t h = 0; h < 2; ++h) {
+      const std::int32_t L = c.length(b, 0, h);
+      kept[static_cast<std::size_t>(h)] = r.subset(L, r.integer(1, L - 1));
+      std::sort(kept[static_cast<std::size_t>(h)].begin(), kept[static_cast<std::size_t>(h)].end());
+    }
+    const int failures = run_until_success([&] { c.keep_layer(b, 0, kept); }, snap);
+    REQUIRE(failures >= 1);
+    for (std::int32_t h = 0; h < 2; ++h) REQUIRE(c.length(b, 0, h) == static_cast<std::int32_t>(kept[static_cast<std::size_t>(h)].size()));
+    std::vector<std::int32_t> one = r.subset(c.length(a, 1, 1), r.integer(1, c.length(a, 1, 1) - 1));
+    std::sort(one.begin(), one.end());
+    run_until_success([&] { c.keep(a, 1, 1, one.data(), static_cast<std::int32_t>(one.size())); }, snap);
+    REQUIRE(c.length(a, 1, 1) == static_cast<std::int32_t>(one.size()));
+    REQUIRE(c.low_cache().quant_pool().reserved_pages() == 0);
+    c.remove_sequence(a);
+    c.remove_sequence(b);
+    REQUIRE(c.bytes_in_use() == 0);
   }
 }

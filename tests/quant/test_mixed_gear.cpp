@@ -342,6 +342,105 @@ TEST_CASE("mikv: failures leave the cache unchanged with clear messages", "[quan
   same();
 }
 
+// The project rule: a bad-input error names the public call (class included), the argument, the
+// value and what was expected, and the call changes nothing (both layers, both pools).
+TEST_CASE("mixed_precision_cache: errors name the public call, the argument and the value; nothing changes",
+          "[quant][mikv][errors]") {
+  const int H = 2, D = 64, n = 40;
+  auto cfg = mcfg(H, D, 16, 64, 4);
+  cfg.num_layers = 4;
+  mixed c(cfg, /*low_max_pages=*/8);
+  auto s = c.add_sequence();
+  auto k = halfs(std::size_t(n) * H * D, 21), v = halfs(k.size(), 22);
+  for (int l = 0; l < 4; ++l) c.append(s, l, k.data(), v.data(), n);
+  std::vector<std::int32_t> d = {10, 11, 12};
+  c.demote(s, 1, 0, d.data(), 3);
+  auto snap = [&] {
+    std::vector<msnap> all;
+    for (int l = 0; l < 4; ++l) all.emplace_back(c, s, l);
+    return all;
+  };
+  const auto before = snap();
+  auto same = [&] { REQUIRE(snap() == before); };
+  const std::vector<std::int32_t> kept = {0, 1, 2};
+  // layer / head / sequence, through every public writer
+  REQUIRE_THROWS_WITH(c.keep(s, 7, 0, kept.data(), 3),
+                      Catch::Contains("kvc::mixed_precision_cache::keep: layer = 7, expected 0..3"));
+  REQUIRE_THROWS_WITH(c.keep(s, 1, -1, kept.data(), 3),
+                      Catch::Contains("kvc::mixed_precision_cache::keep: head = -1, expected 0..1"));
+  REQUIRE_THROWS_WITH(c.keep_layer(s, 4, {kept, kept}),
+                      Catch::Contains("kvc::mixed_precision_cache::keep_layer: layer = 4, expected 0..3"));
+  REQUIRE_THROWS_WITH(c.keep_layer(42, 1, {kept, kept}),
+                      Catch::Contains("kvc::mixed_precision_cache::keep_layer: unknown sequence id 42 (argument seq), "
+                                      "expected a live sequence id: {0}"));
+  REQUIRE_THROWS_WITH(c.append(s, 9, k.data(), v.data(), 1),
+                      Catch::Contains("kvc::mixed_precision_cache::append: layer = 9, expected 0..3"));
+  REQUIRE_THROWS_WITH(c.demote(s, 1, 5, d.data(), 1),
+                      Catch::Contains("kvc::mixed_precision_cache::demote: head = 5, expected 0..1"));
+  std::vector<std::uint8_t> mask(n, 1);
+  REQUIRE_THROWS_WITH(c.apply_precision(s, -2, 0, mask.data()),
+                      Catch::Contains("kvc::mixed_precision_cache::apply_precision: layer = -2, expected 0..3"));
+  same();
+  // counts and pointers
+  REQUIRE_THROWS_WITH(c.keep(s, 1, 0, kept.data(), -3), Catch::Contains("kvc::mixed_precision_cache::keep: n = -3, expected >= 0"));
+  REQUIRE_THROWS_WITH(c.keep(s, 1, 0, nullptr, 2), Catch::Contains("kvc::mixed_precision_cache::keep: kept is null with n = 2"));
+  REQUIRE_THROWS_WITH(c.keep_layer(s, 1, {kept}),
+                      Catch::Contains("kvc::mixed_precision_cache::keep_layer: kept.size() = 1, expected num_kv_heads = 2"));
+  REQUIRE_THROWS_WITH(c.append(s, 1, k.data(), v.data(), -1),
+                      Catch::Contains("kvc::mixed_precision_cache::append: n = -1, expected >= 0"));
+  REQUIRE_THROWS_WITH(c.append(s, 1, nullptr, v.data(), 2),
+                      Catch::Contains("kvc::mixed_precision_cache::append: k or v is null with n = 2"));
+  REQUIRE_THROWS_WITH(c.demote(s, 1, 0, nullptr, 2), Catch::Contains("kvc::mixed_precision_cache::demote: token_indices is null with n = 2"));
+  REQUIRE_THROWS_WITH(c.demote(s, 1, 0, d.data(), -1), Catch::Contains("kvc::mixed_precision_cache::demote: n = -1, expected >= 0"));
+  REQUIRE_THROWS_WITH(c.apply_precision(s, 1, 0, nullptr),
+                      Catch::Contains("kvc::mixed_precision_cache::apply_precision: high_mask is null for a stream of 40 tokens"));
+  REQUIRE_THROWS_WITH(c.is_low(s, 1, 0, 40), Catch::Contains("kvc::mixed_precision_cache::is_low: t = 40, expected 0..39"));
+  same();
+  // indices: the head, the argument, the value and the expectation, under the call actually made
+  const std::vector<std::int32_t> late = {0, 45};
+  REQUIRE_THROWS_WITH(c.keep(s, 1, 1, late.data(), 2),
+                      Catch::Contains("kvc::mixed_precision_cache::keep: head 1: kept[1] = 45, expected 0..39"));
+  REQUIRE_THROWS_WITH(c.keep_layer(s, 1, {kept, late}),
+                      Catch::Contains("kvc::mixed_precision_cache::keep_layer: head 1: kept[1] = 45, expected 0..39"));
+  mask[11] = 0;  // already low: skipped; a sink is not
+  mask[0] = 0;
+  REQUIRE_THROWS_WITH(c.apply_precision(s, 1, 0, mask.data()),
+                      Catch::Contains("kvc::mixed_precision_cache::apply_precision: head 0: token 0 is an attention sink"));
+  same();
+  // non-finite input is reported by this call, not by the high store inside it
+  auto bad = k;
+  bad[5] = std::nanf("");
+  REQUIRE_THROWS_WITH(c.append(s, 2, bad.data(), v.data(), 1),
+                      Catch::Contains("kvc::mixed_precision_cache::append: k[5] = nan, expected a finite value"));
+  same();
+  // constructor arguments, including those the two stores check
+  auto zero = cfg;
+  zero.num_kv_heads = 0;
+  REQUIRE_THROWS_WITH(mixed(zero), Catch::Contains("kvc::mixed_precision_cache::mixed_precision_cache: cache_config.num_kv_heads = 0, expected > 0"));
+  REQUIRE_THROWS_WITH(mixed(cfg, -1), Catch::Contains("kvc::mixed_precision_cache::mixed_precision_cache: low_max_pages = -1, expected >= 0"));
+  auto odd = cfg;
+  odd.page_size = 12;
+  REQUIRE_THROWS_WITH(mixed(odd), Catch::Contains("kvc::mixed_precision_cache::mixed_precision_cache: cache_config.page_size = 12, expected a power of two"));
+  // the policy and the attention overload
+  kvc::mikv_policy pol;
+  pol.recent_ratio = -0.5f;
+  std::vector<float> scores(n, 1.0f);
+  REQUIRE_THROWS_WITH(pol.high_mask(c, s, 1, 0, scores.data()),
+                      Catch::Contains("kvc::mikv_policy::high_mask: mikv_policy.recent_ratio = -0.5, expected 0..1"));
+  pol.recent_ratio = 0.5f;
+  REQUIRE_THROWS_WITH(pol.high_mask(c, s, 1, 0, nullptr),
+                      Catch::Contains("kvc::mikv_policy::high_mask: scores is null for a stream of 40 tokens"));
+  scores[20] = INFINITY;
+  REQUIRE_THROWS_WITH(pol.high_mask(c, s, 1, 0, scores.data()),
+                      Catch::Contains("kvc::mikv_policy::high_mask: scores[20] = inf, expected finite"));
+  REQUIRE_THROWS_WITH(pol.apply(c, s, 1, 0, scores.data()), Catch::Contains("kvc::mikv_policy::high_mask: scores[20] = inf"));
+  std::vector<float> q(std::size_t(3) * D, 0.1f), out(q.size());
+  REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(c, s, 1, q.data(), 3, out.data()),
+                      Catch::Contains("kvc::cpu::decode_attention: num_q_heads = 3, expected a positive multiple of "
+                                      "num_kv_heads = 2"));
+  same();
+}
+
 TEST_CASE("mikv: a failed demotion rolls the low store back (copy-on-write out of high pages)", "[quant][mikv]") {
   const int H = 1, D = 64, P = 16, n = 64;
   mixed c(mcfg(H, D, P, /*pages=*/n / P, 0));  // the high pool is exactly full

@@ -343,8 +343,11 @@ TEST_CASE("mikv spec: a failing append leaves the cache unchanged", "[runtime][m
       c->append(s, 0, k.data(), v.data(), 8);
     } catch (const kvc::out_of_memory& e) {
       failed = true;
-      CHECK_THAT(e.what(), Catch::Matchers::Contains("low-precision pages") &&
-                               Catch::Matchers::Contains("(the cache is unchanged)"));
+      CHECK_THAT(e.what(), Catch::Matchers::Contains("kvc::runtime::mikv_cache::append: layer 0: ") &&
+                               Catch::Matchers::Contains("low-precision pages") &&
+                               Catch::Matchers::Contains("(the cache is unchanged)") &&
+                               Catch::Matchers::Contains("kvc::page_pool::reserve: "));
+      CHECK(m.get().low_cache().quant_pool().reserved_pages() == 0);
       REQUIRE(c->length(s, 0, 0) == L0);
       std::vector<float> k1(k0.size()), v1(k0.size());
       c->gather(s, 0, 0, k1.data(), v1.data());
@@ -360,6 +363,22 @@ TEST_CASE("mikv spec: a failing append leaves the cache unchanged", "[runtime][m
   }
   CHECK(failed);
   CHECK_THROWS_WITH(c->fork(s), Catch::Matchers::Contains("cannot share pages"));
+  // Errors name the public call, the argument and the value, and change nothing.
+  const std::size_t b1 = c->bytes_in_use();
+  const int L1 = c->length(s, 0, 0);
+  const std::vector<std::vector<std::int32_t>> kept = {{0}};
+  CHECK_THROWS_WITH(c->keep_layer(s + 7, 0, kept),
+                    Catch::Matchers::Contains("kvc::runtime::mikv_cache::keep_layer: unknown sequence id " +
+                                              std::to_string(s + 7) + " (argument seq), expected a live sequence id: {" +
+                                              std::to_string(s) + "}"));
+  CHECK_THROWS_WITH(c->keep_layer(s, 3, kept),
+                    Catch::Matchers::Contains("kvc::mixed_precision_cache::keep_layer: layer = 3, expected 0..0"));
+  const std::int32_t bad[] = {L1 + 4};
+  CHECK_THROWS_WITH(c->keep(s, 0, 0, bad, 1),
+                    Catch::Matchers::Contains("kvc::mixed_precision_cache::keep: head 0: kept[0] = " +
+                                              std::to_string(L1 + 4) + ", expected 0.." + std::to_string(L1 - 1)));
+  CHECK(c->length(s, 0, 0) == L1);
+  CHECK(c->bytes_in_use() == b1);
 }
 
 TEST_CASE("mikv spec: bad parameters name the parameter, the value and the expectation", "[runtime][mikv]") {

@@ -108,9 +108,9 @@ class compressor {
 
   explicit compressor(const Scorer& s = Scorer{}, const compressor_options& o = {}) : s_(s), o_(o) {
     o_.target.validate("target");
-    KVC_EXPECTS(o_.interval >= 1, "interval = ", o_.interval, ", expected >= 1 decode step");
-    KVC_EXPECTS(o_.slack >= 0, "slack = ", o_.slack, ", expected >= 0 tokens");
-    KVC_EXPECTS(o_.num_q_heads >= 0, "num_q_heads = ", o_.num_q_heads, ", expected >= 0");
+    KVC_EXPECTS_IN("kvc::evict::compressor::compressor", o_.interval >= 1, "compressor_options.interval = ", o_.interval, ", expected >= 1 decode step");
+    KVC_EXPECTS_IN("kvc::evict::compressor::compressor", o_.slack >= 0, "compressor_options.slack = ", o_.slack, ", expected >= 0 tokens");
+    KVC_EXPECTS_IN("kvc::evict::compressor::compressor", o_.num_q_heads >= 0, "compressor_options.num_q_heads = ", o_.num_q_heads, ", expected >= 0");
     if (!o_.alloc) {
       if constexpr (detail::has_preferred_allocator<Scorer>::value) o_.alloc = s_.preferred_allocator();
       else o_.alloc = allocator::uniform();

@@ -208,8 +208,8 @@ inline bool is_protected(protection p, std::int32_t t, std::int32_t n) noexcept 
 /// 0.30, 9x3x64 1.45 -> 0.63; h2o 32x8x128 0.60 -> 0.35, 9x3x64 0.8-1.1 -> 0.66.
 inline void select_top(const float* scores, std::int32_t n, std::int32_t keep, protection p,
                        std::vector<std::int32_t>& out) {
-  KVC_EXPECTS(keep >= 0 && keep <= n, "keep = ", keep, ", expected 0..", n, " (the stream's length)");
-  KVC_EXPECTS(p.sinks >= 0 && p.recent >= 0, "protection = {sinks ", p.sinks, ", recent ", p.recent,
+  KVC_EXPECTS_IN("kvc::evict::select_top", keep >= 0 && keep <= n, "keep = ", keep, ", expected 0..", n, " (the stream's length)");
+  KVC_EXPECTS_IN("kvc::evict::select_top", p.sinks >= 0 && p.recent >= 0, "protection = {sinks ", p.sinks, ", recent ", p.recent,
               "}, expected both >= 0");
   out.clear();
   out.reserve(static_cast<std::size_t>(keep));
@@ -268,10 +268,10 @@ inline void aggregate_group(const float* per_q, std::int32_t G, std::int32_t n, 
 
 /// Checks a scorer filled one finite-or-NaN score per token of every head.
 inline void check_scores(const layer_input& in, const layer_scores& s, const char* scorer) {
-  KVC_EXPECTS(static_cast<std::int32_t>(s.size()) == in.num_kv_heads, scorer, " produced ", s.size(),
+  KVC_EXPECTS_IN(::kvc::detail::concat("kvc::evict::", scorer, "::score"), static_cast<std::int32_t>(s.size()) == in.num_kv_heads, scorer, " produced ", s.size(),
               " heads of scores, expected ", in.num_kv_heads);
   for (std::int32_t h = 0; h < in.num_kv_heads; ++h)
-    KVC_EXPECTS(static_cast<std::int32_t>(s[static_cast<std::size_t>(h)].size()) == in.heads[static_cast<std::size_t>(h)].n,
+    KVC_EXPECTS_IN(::kvc::detail::concat("kvc::evict::", scorer, "::score"), static_cast<std::int32_t>(s[static_cast<std::size_t>(h)].size()) == in.heads[static_cast<std::size_t>(h)].n,
                 scorer, " produced ", s[static_cast<std::size_t>(h)].size(), " scores for head ", h, ", expected ",
                 in.heads[static_cast<std::size_t>(h)].n);
 }
@@ -334,7 +334,7 @@ void gather_layer(const Cache& cache, std::int32_t seq, std::int32_t layer, std:
                   gathered_layer& g) {
   const auto& cfg = cache.config();
   const std::int32_t H = cfg.num_kv_heads, D = cfg.head_dim;
-  KVC_EXPECTS(num_q_heads > 0 && num_q_heads % H == 0, "num_q_heads = ", num_q_heads,
+  KVC_EXPECTS_IN("kvc::evict::gather_layer", num_q_heads > 0 && num_q_heads % H == 0, "num_q_heads = ", num_q_heads,
               ", expected a positive multiple of num_kv_heads = ", H);
   layer_input& in = g.in;
   in.seq = seq;
@@ -403,7 +403,7 @@ apply_result apply_layer(Cache& cache, std::int32_t seq, std::int32_t layer,
           "kvc::evict::apply_layer: rerotate = set, but this cache type has no rewrite_keys (quantized keys "
           "cannot be re-rotated in place); expected rerotate = null");
     } else {
-      KVC_EXPECTS(opt.rerotate->config().head_dim == cache.config().head_dim, "rerotate head_dim = ",
+      KVC_EXPECTS_IN("kvc::evict::apply_layer", opt.rerotate->config().head_dim == cache.config().head_dim, "apply_options.rerotate head_dim = ",
                   opt.rerotate->config().head_dim, ", expected the cache's head_dim = ", cache.config().head_dim);
       // Plan: old positions of the kept tokens (indices are validated by the cache) and the new ones.
       std::vector<std::vector<std::int32_t>> old_pos(static_cast<std::size_t>(H)), new_pos(static_cast<std::size_t>(H));

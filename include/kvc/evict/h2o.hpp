@@ -41,8 +41,8 @@ struct h2o {
   void score(const layer_input& in, const observations& obs, layer_scores& out) const {
     const attention_observer& ob = detail::need_observer(obs, name);
     KVC_EXPECTS(ob.params().track_sum, name, ": observer track_sum = false, expected true");
-    KVC_EXPECTS(!p.normalize || ob.params().track_count, name,
-                ": normalize = true but the observer's track_count = false, expected true");
+    KVC_EXPECTS_IN("kvc::evict::h2o::score", !p.normalize || ob.params().track_count,
+                   "normalize = true but the observer's track_count = false, expected true");
     out.resize(static_cast<std::size_t>(in.num_kv_heads));
     std::vector<float> count;
     for (std::int32_t h = 0; h < in.num_kv_heads; ++h) {

@@ -45,7 +45,7 @@ struct observer_params {
 class attention_observer {
  public:
   explicit attention_observer(const observer_params& p = {}) : p_(p) {
-    KVC_EXPECTS(p.forgetting > 0.0f && p.forgetting <= 1.0f, "forgetting = ", p.forgetting,
+    KVC_EXPECTS_IN("kvc::evict::attention_observer::attention_observer", p.forgetting > 0.0f && p.forgetting <= 1.0f, "forgetting = ", p.forgetting,
                 ", expected a factor in (0, 1]");
   }
   const observer_params& params() const noexcept { return p_; }
@@ -56,13 +56,13 @@ class attention_observer {
   void observe(const Cache& cache, std::int32_t seq, std::int32_t layer, const float* probs, std::int32_t num_q_heads,
                std::int32_t stride) {
     const std::int32_t H = cache.config().num_kv_heads;
-    KVC_EXPECTS(num_q_heads > 0 && num_q_heads % H == 0, "num_q_heads = ", num_q_heads,
+    KVC_EXPECTS_IN("kvc::evict::attention_observer::observe", num_q_heads > 0 && num_q_heads % H == 0, "num_q_heads = ", num_q_heads,
                 ", expected a positive multiple of num_kv_heads = ", H);
-    KVC_EXPECTS(probs != nullptr, "probs = null, expected decode_options::probs of the step");
+    KVC_EXPECTS_IN("kvc::evict::attention_observer::observe", probs != nullptr, "probs = null, expected decode_options::probs of the step");
     const std::int32_t G = num_q_heads / H;
     for (std::int32_t h = 0; h < H; ++h) {
       const std::int32_t n = cache.length(seq, layer, h);
-      KVC_EXPECTS(stride >= n, "stride = ", stride, ", expected >= the stream length ", n);
+      KVC_EXPECTS_IN("kvc::evict::attention_observer::observe", stride >= n, "stride = ", stride, ", expected >= the stream length ", n);
       buf_.resize(static_cast<std::size_t>(n));
       aggregate_group(probs + static_cast<std::size_t>(h) * G * stride, G, n, static_cast<std::size_t>(stride), p_.agg,
                       buf_.data());
@@ -75,14 +75,14 @@ class attention_observer {
   template <class Cache>
   void observe_group(const Cache& cache, std::int32_t seq, std::int32_t layer, const float* group_probs,
                      std::int32_t stride, std::int32_t group_size) {
-    KVC_EXPECTS(p_.agg == group_agg::mean, "agg = max, expected mean: group_probs are sums over the group; "
+    KVC_EXPECTS_IN("kvc::evict::attention_observer::observe_group", p_.agg == group_agg::mean, "agg = max, expected mean: group_probs are sums over the group; "
                                            "pass per-head probs to observe() for max");
-    KVC_EXPECTS(group_size > 0, "group_size = ", group_size, ", expected > 0");
-    KVC_EXPECTS(group_probs != nullptr, "group_probs = null");
+    KVC_EXPECTS_IN("kvc::evict::attention_observer::observe_group", group_size > 0, "group_size = ", group_size, ", expected > 0");
+    KVC_EXPECTS_IN("kvc::evict::attention_observer::observe_group", group_probs != nullptr, "group_probs = null");
     const std::int32_t H = cache.config().num_kv_heads;
     for (std::int32_t h = 0; h < H; ++h) {
       const std::int32_t n = cache.length(seq, layer, h);
-      KVC_EXPECTS(stride >= n, "stride = ", stride, ", expected >= the stream length ", n);
+      KVC_EXPECTS_IN("kvc::evict::attention_observer::observe_group", stride >= n, "stride = ", stride, ", expected >= the stream length ", n);
       // The group mean r / group_size is taken inside step's passes: a separate pass into a buffer
       // was a third of observe_group's time (bench_evict observer_ratio, 2026-11).
       step(stats_for(seq, layer, h, n), group_probs + static_cast<std::size_t>(h) * stride, n, -1, nullptr,
@@ -137,7 +137,7 @@ class attention_observer {
       const std::size_t have = held(st);
       const auto& k = kept[h];
       for (std::size_t i = 0; i < k.size(); ++i)
-        KVC_EXPECTS(k[i] >= 0 && static_cast<std::size_t>(k[i]) < have && (i == 0 || k[i] > k[i - 1]),
+        KVC_EXPECTS_IN("kvc::evict::attention_observer::keep_layer", k[i] >= 0 && static_cast<std::size_t>(k[i]) < have && (i == 0 || k[i] > k[i - 1]),
                     "attention_observer::keep_layer: kept[", h, "][", i, "] = ", k[i],
                     ", expected strictly increasing indices in 0..", static_cast<std::int64_t>(have) - 1,
                     " (the tokens observed in head ", h, ")");
@@ -158,10 +158,10 @@ class attention_observer {
   /// tokens: without it a forked beam would start its history at zero and its first decode-time
   /// eviction would rank the shared prefix as never attended. `to` must hold no statistics yet.
   void fork(std::int32_t from, std::int32_t to) {
-    KVC_EXPECTS(from != to, "attention_observer::fork: from = to = ", from, ", expected two different sequences");
+    KVC_EXPECTS_IN("kvc::evict::attention_observer::fork", from != to, "from = to = ", from, ", expected two different sequences");
     auto first = s_.lower_bound(std::make_tuple(to, std::numeric_limits<std::int32_t>::min(),
                                                 std::numeric_limits<std::int32_t>::min()));
-    KVC_EXPECTS(first == s_.end() || std::get<0>(first->first) != to, "attention_observer::fork: to = ", to,
+    KVC_EXPECTS_IN("kvc::evict::attention_observer::fork", first == s_.end() || std::get<0>(first->first) != to, "to = ", to,
                 ", expected a sequence with no statistics yet (call remove_sequence first)");
     decltype(s_) copies;
     for (auto it = s_.lower_bound(std::make_tuple(from, std::numeric_limits<std::int32_t>::min(),
@@ -189,9 +189,10 @@ class attention_observer {
   stream_stats& stats_for(std::int32_t seq, std::int32_t layer, std::int32_t h, std::int32_t n) {
     stream_stats& st = s_[std::make_tuple(seq, layer, h)];
     const std::size_t have = held(st);
-    KVC_EXPECTS(have <= static_cast<std::size_t>(n), "observer stats of (seq ", seq, ", layer ", layer, ", head ", h,
-                ") hold ", have, " tokens but the stream has ", n,
-                "; expected compaction through the compressor (or attention_observer::keep_layer)");
+    KVC_EXPECTS_IN("kvc::evict::attention_observer::observe", have <= static_cast<std::size_t>(n),
+                   "observer stats of (seq ", seq, ", layer ", layer, ", head ", h, ") hold ", have,
+                   " tokens but the stream has ", n,
+                   "; expected compaction through the compressor (or attention_observer::keep_layer)");
     if (p_.track_sum) st.sum.resize(static_cast<std::size_t>(n), 0.0f);
     if (p_.track_decayed) st.decayed.resize(static_cast<std::size_t>(n), 0.0f);
     if (p_.track_last) st.last.resize(static_cast<std::size_t>(n), 0.0f);

@@ -36,6 +36,7 @@
 #include <limits>
 #include <map>
 #include <numeric>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -50,7 +51,9 @@ KVC_BEGIN_NAMESPACE
 /// \tparam HQ  high-precision codec (per-token: kvc::quant::int8, fp8<>, int4, outliers<int8>, ...)
 /// \tparam LQ  low-precision codec (per-token, no residual window: int2, int4, ...)
 /// \tparam Fp  element type of the full-precision sinks and residual window
-/// Threads: as kv_cache, with one strong-guarantee gap for keep under concurrent appends (docs/threading.md).
+/// Threads: as kv_cache (docs/threading.md). keep/keep_layer reserve the low-precision pages their
+/// copy-on-write may need before committing anything, so concurrent appends to other sequences
+/// cannot make them fail half way.
 template <class HQ = quant::int8, class LQ = quant::int2, class Fp = half>
 class mixed_precision_cache {
   static_assert(HQ::tokens_per_record(quant::role::key) == 1 && HQ::tokens_per_record(quant::role::value) == 1,
@@ -67,9 +70,18 @@ class mixed_precision_cache {
 
   /// \param cfg            shape, page size, high pool capacity (max_pages), sinks, pre-RoPE
   /// \param low_max_pages  capacity of the low pool in pages (0: cfg.max_pages)
+  /// Bad arguments throw kvc::error naming kvc::mixed_precision_cache::mixed_precision_cache (the
+  /// two stores' own checks included).
   explicit mixed_precision_cache(const quant_cache_config& cfg, std::int32_t low_max_pages = 0, HQ hq = HQ{},
-                                 LQ lq = LQ{})
-      : high_(cfg, hq, hq), low_(low_config(cfg, low_max_pages, lq), lq, lq) {}
+                                 LQ lq = LQ{}) try
+      : high_(cfg, hq, hq), low_(low_config(cfg, low_max_pages, lq), lq, lq) {
+  } catch (const out_of_memory&) {
+    throw;
+  } catch (const error& e) {
+    const std::string m = e.what(), inner = "kvc::quant_cache::quant_cache: ";
+    if (m.rfind(kCtor, 0) == 0) throw;  // already ours
+    detail::fail(detail::concat(kCtor, ": ", m.rfind(inner, 0) == 0 ? m.substr(inner.size()) : m));
+  }
 
   const quant_cache_config& config() const noexcept { return high_.config(); }
   const high_cache_type& high_cache() const noexcept { return high_; }
@@ -132,7 +144,18 @@ class mixed_precision_cache {
               const std::int32_t* positions = nullptr) {
     sequence& sq = find(s, "append")->second;
     check_layer(layer, "append");
-    KVC_EXPECTS(n >= 0, "n = ", n, ", expected >= 0 tokens");
+    KVC_EXPECTS_IN("kvc::mixed_precision_cache::append", n >= 0, "n = ", n, ", expected >= 0 tokens");
+    KVC_EXPECTS_IN("kvc::mixed_precision_cache::append", n == 0 || (k != nullptr && v != nullptr),
+                   "k or v is null with n = ", n, ", expected [n][num_kv_heads][head_dim] rows");
+    if (config().check_finite && n > 0) {  // here, so that the message names this call (not the high store's)
+      const std::size_t m = static_cast<std::size_t>(n) * static_cast<std::size_t>(config().num_kv_heads) *
+                            static_cast<std::size_t>(config().head_dim);
+      for (std::size_t i = 0; i < m; ++i)
+        if (!std::isfinite(k[i]) || !std::isfinite(v[i]))
+          detail::fail(detail::concat("kvc::mixed_precision_cache::append: ", std::isfinite(k[i]) ? "v[" : "k[", i,
+                                      "] = ", std::isfinite(k[i]) ? v[i] : k[i],
+                                      ", expected a finite value (the cache is unchanged)"));
+    }
     const std::int32_t H = config().num_kv_heads;
     for (std::int32_t h = 0; h < H; ++h) {
       mstream& ms = at(sq, layer, h);
@@ -156,10 +179,31 @@ class mixed_precision_cache {
   /// quantized token: not a sink, not in the full-precision window, not already low) to low
   /// precision. Strong guarantee.
   void demote(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* token_indices, std::int32_t n) {
-    sequence& sq = find(s, "demote")->second;
-    check_layer(layer, "demote");
-    check_head(head, "demote");
-    KVC_EXPECTS(n >= 0 && (n == 0 || token_indices != nullptr), "token_indices is null or n = ", n, " < 0");
+    demote_impl(s, layer, head, token_indices, n, nullptr, "demote");
+  }
+  /// As demote, taking the low-precision pages it needs from `low_pages` (a reservation of the low
+  /// pool, reserve_low_pages) instead of the pool's free pages: a caller that reserved them before
+  /// committing something else (runtime::mikv_cache::append) cannot then run out of low pages.
+  void demote(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* token_indices, std::int32_t n,
+              page_pool::reservation& low_pages) {
+    check_low_reservation(low_pages, "demote");
+    demote_impl(s, layer, head, token_indices, n, &low_pages, "demote");
+  }
+
+  /// Sets n free pages of the low-precision pool aside (page_pool::reserve) for the demote /
+  /// apply_precision overloads that take a reservation; unused ones go back when it is destroyed.
+  /// n > the low pool's free pages throws kvc::out_of_memory.
+  page_pool::reservation reserve_low_pages(std::int32_t n) { return low_.reserve_quant_pages(n); }
+
+ private:
+  void demote_impl(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* token_indices, std::int32_t n,
+                   page_pool::reservation* low_pages, const char* fn) {
+    sequence& sq = find(s, fn)->second;
+    check_layer(layer, fn);
+    check_head(head, fn);
+    KVC_EXPECTS_IN(detail::concat("kvc::mixed_precision_cache::", fn), n >= 0, "n = ", n, ", expected >= 0 tokens");
+    KVC_EXPECTS_IN(detail::concat("kvc::mixed_precision_cache::", fn), n == 0 || token_indices != nullptr,
+                   "token_indices is null with n = ", n);
     if (n == 0) return;
     mstream& ms = at(sq, layer, head);
     const std::int32_t L = static_cast<std::int32_t>(ms.low_idx.size());
@@ -175,18 +219,18 @@ class mixed_precision_cache {
     for (std::int32_t i = 0; i < n; ++i) {
       const std::int32_t t = token_indices[i];
       if (t < 0 || t >= L)
-        fail("demote", head, "token_indices[", i, "] = ", t, ", expected 0..", L - 1, " (the stream's length is ", L,
+        fail(fn, head, "token_indices[", i, "] = ", t, ", expected 0..", L - 1, " (the stream's length is ", L,
              ")");
       if (i > 0 && t <= token_indices[i - 1])
-        fail("demote", head, "token_indices[", i, "] = ", t, " after ", token_indices[i - 1],
+        fail(fn, head, "token_indices[", i, "] = ", t, " after ", token_indices[i - 1],
              ", expected strictly increasing indices");
       const std::int32_t h = hi[static_cast<std::size_t>(t)];
-      if (h < 0) fail("demote", head, "token ", t, " is already low precision");
+      if (h < 0) fail(fn, head, "token ", t, " is already low precision");
       if (h < rc.sink)
-        fail("demote", head, "token ", t, " is an attention sink (kept in full precision; sink_tokens = ",
+        fail(fn, head, "token ", t, " is an attention sink (kept in full precision; sink_tokens = ",
              config().sink_tokens, ")");
       if (h >= rc.sink + rc.quantized)
-        fail("demote", head, "token ", t,
+        fail(fn, head, "token ", t,
              " is in the full-precision residual window (the newest tokens stay exact); only quantized tokens can be "
              "demoted");
       gone[static_cast<std::size_t>(h)] = 1;
@@ -212,7 +256,8 @@ class mixed_precision_cache {
     std::vector<std::int32_t> truncate(static_cast<std::size_t>(nl));
     std::iota(truncate.begin(), truncate.end(), 0);
     const std::int32_t ll = low_layer(layer, head);
-    low_.append(sq.low, ll, kb.data(), vb.data(), n, pos.data());
+    if (low_pages) low_.append(sq.low, ll, kb.data(), vb.data(), n, pos.data(), *low_pages);
+    else low_.append(sq.low, ll, kb.data(), vb.data(), n, pos.data());
     try {
       high_.keep(s, layer, head, keep_high.data(), static_cast<std::int32_t>(keep_high.size()));
     } catch (...) {
@@ -222,30 +267,47 @@ class mixed_precision_cache {
     ms.low_idx.swap(new_low);
   }
 
+ public:
   /// Demotes every high-precision quantized token t with high_mask[t] == 0 (high_mask has one
   /// entry per token of the stream). Tokens already low stay low whatever their mask (there is no
   /// promotion). A 0 on a sink or on a full-precision window token is an error. Returns the number
   /// of tokens demoted. Strong guarantee.
   std::int32_t apply_precision(seq_id s, std::int32_t layer, std::int32_t head, const std::uint8_t* high_mask) {
+    return apply_precision_impl(s, layer, head, high_mask, nullptr);
+  }
+  /// As apply_precision, taking the low-precision pages from `low_pages` (see the demote overload).
+  std::int32_t apply_precision(seq_id s, std::int32_t layer, std::int32_t head, const std::uint8_t* high_mask,
+                               page_pool::reservation& low_pages) {
+    check_low_reservation(low_pages, "apply_precision");
+    return apply_precision_impl(s, layer, head, high_mask, &low_pages);
+  }
+
+ private:
+  std::int32_t apply_precision_impl(seq_id s, std::int32_t layer, std::int32_t head, const std::uint8_t* high_mask,
+                                    page_pool::reservation* low_pages) {
     const sequence& sq = find(s, "apply_precision")->second;
     check_layer(layer, "apply_precision");
     check_head(head, "apply_precision");
     const mstream& ms = at(sq, layer, head);
     const std::int32_t L = static_cast<std::int32_t>(ms.low_idx.size());
-    KVC_EXPECTS(L == 0 || high_mask != nullptr, "high_mask is null for a stream of ", L, " tokens");
+    KVC_EXPECTS_IN("kvc::mixed_precision_cache::apply_precision", L == 0 || high_mask != nullptr,
+                   "high_mask is null for a stream of ", L, " tokens, expected one entry per token");
     std::vector<std::int32_t> idx;
     for (std::int32_t t = 0; t < L; ++t)
       if (!high_mask[t] && ms.low_idx[static_cast<std::size_t>(t)] < 0) idx.push_back(t);
-    demote(s, layer, head, idx.data(), static_cast<std::int32_t>(idx.size()));
+    demote_impl(s, layer, head, idx.data(), static_cast<std::int32_t>(idx.size()), low_pages, "apply_precision");
     return static_cast<std::int32_t>(idx.size());
   }
+
+ public:
 
   /// Keeps tokens kept[0..n) of one stream (strictly increasing logical indices), evicting the
   /// rest from both precisions. Strong guarantee.
   void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
     check_layer(layer, "keep");
     check_head(head, "keep");
-    KVC_EXPECTS(n >= 0 && (n == 0 || kept != nullptr), "kept is null or n = ", n, " < 0");
+    KVC_EXPECTS_IN("kvc::mixed_precision_cache::keep", n >= 0, "n = ", n, ", expected >= 0 kept tokens");
+    KVC_EXPECTS_IN("kvc::mixed_precision_cache::keep", n == 0 || kept != nullptr, "kept is null with n = ", n);
     std::vector<std::vector<std::int32_t>> one(static_cast<std::size_t>(config().num_kv_heads));
     std::vector<char> touched(one.size(), 0);
     one[static_cast<std::size_t>(head)].assign(kept, kept + n);
@@ -256,7 +318,8 @@ class mixed_precision_cache {
   /// Keeps, for every head h of one layer, the tokens kept[h]. All heads change or none does.
   void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
     check_layer(layer, "keep_layer");
-    KVC_EXPECTS(static_cast<std::int32_t>(kept.size()) == config().num_kv_heads, "kept.size() = ", kept.size(),
+    KVC_EXPECTS_IN("kvc::mixed_precision_cache::keep_layer", static_cast<std::int32_t>(kept.size()) == config().num_kv_heads,
+                   "kept.size() = ", kept.size(),
                 ", expected num_kv_heads = ", config().num_kv_heads);
     std::vector<char> touched(kept.size(), 1);
     keep_impl(s, layer, kept, touched, "keep_layer");
@@ -275,7 +338,8 @@ class mixed_precision_cache {
   /// Whether token t of the stream is stored in low precision.
   bool is_low(seq_id s, std::int32_t layer, std::int32_t head, std::int32_t t) const {
     const mstream& ms = get(s, layer, head, "is_low");
-    KVC_EXPECTS(t >= 0 && t < static_cast<std::int32_t>(ms.low_idx.size()), "t = ", t, ", expected 0..",
+    KVC_EXPECTS_IN("kvc::mixed_precision_cache::is_low", t >= 0 && t < static_cast<std::int32_t>(ms.low_idx.size()),
+                   "t = ", t, ", expected 0..",
                 static_cast<std::int32_t>(ms.low_idx.size()) - 1);
     return ms.low_idx[static_cast<std::size_t>(t)] >= 0;
   }
@@ -355,11 +419,14 @@ class mixed_precision_cache {
     std::vector<mstream> streams;
   };
 
+  static constexpr const char* kCtor = "kvc::mixed_precision_cache::mixed_precision_cache";
+
   static quant_cache_config low_config(const quant_cache_config& c, std::int32_t low_max_pages, const LQ& lq) {
-    KVC_EXPECTS(low_max_pages >= 0, "low_max_pages = ", low_max_pages, ", expected >= 0 (0: cache_config.max_pages)");
-    KVC_EXPECTS(lq.residual() == 0, "kvc::mixed_precision_cache: the low codec has a residual window of ",
-                lq.residual(), " tokens, expected 0 (demoted tokens must be stored in low precision)");
-    KVC_EXPECTS(c.num_layers > 0 && c.num_kv_heads > 0 &&
+    KVC_EXPECTS_IN(kCtor, low_max_pages >= 0, "low_max_pages = ", low_max_pages,
+                   ", expected >= 0 (0: cache_config.max_pages)");
+    KVC_EXPECTS_IN(kCtor, lq.residual() == 0, "the low codec has a residual window of ", lq.residual(),
+                   " tokens, expected 0 (demoted tokens must be stored in low precision)");
+    KVC_EXPECTS_IN(kCtor, c.num_layers > 0 && c.num_kv_heads > 0 &&
                     static_cast<std::int64_t>(c.num_layers) * c.num_kv_heads <= std::numeric_limits<std::int32_t>::max(),
                 "cache_config.num_layers = ", c.num_layers, ", num_kv_heads = ", c.num_kv_heads, ", expected > 0");
     quant_cache_config l = c;
@@ -376,6 +443,13 @@ class mixed_precision_cache {
   }
   std::int32_t low_layer(std::int32_t layer, std::int32_t head) const noexcept {
     return layer * config().num_kv_heads + head;
+  }
+
+  void check_low_reservation(const page_pool::reservation& r, const char* fn) const {
+    if (r.pool() != &low_.quant_pool())
+      detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": low_pages = a reservation of ",
+                                  r.pool() ? "another pool" : "no pool (empty or moved from)",
+                                  ", expected one of the low-precision pool (reserve_low_pages)"));
   }
 
   template <class... Args>
@@ -395,12 +469,16 @@ class mixed_precision_cache {
   }
   typename std::map<seq_id, sequence>::iterator find(seq_id s, const char* fn) {
     auto it = seqs_.find(s);
-    if (it == seqs_.end()) detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": unknown sequence id ", s));
+    if (it == seqs_.end())
+      detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": unknown sequence id ", s,
+                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
     return it;
   }
   typename std::map<seq_id, sequence>::const_iterator find(seq_id s, const char* fn) const {
     auto it = seqs_.find(s);
-    if (it == seqs_.end()) detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": unknown sequence id ", s));
+    if (it == seqs_.end())
+      detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": unknown sequence id ", s,
+                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
     return it;
   }
   mstream& at(sequence& sq, std::int32_t layer, std::int32_t h) noexcept {
@@ -462,17 +540,24 @@ class mixed_precision_cache {
       for (page_id p : low_.pages(sq.low, low_layer(layer, h), 0))
         if (low_.quant_pool().ref_count(p) > 1) ++shared_low_pages;
     }
-    // The low store's compaction can only need pages for shared (forked) pages it rewrites.
-    if (shared_low_pages > low_.quant_pool().free_pages())
+    // The low store's compaction can only need pages for shared (forked) pages it rewrites: set
+    // that many aside before anything changes, so that no allocation of another thread (an
+    // append to another sequence) can take them between this check and the commit below.
+    page_pool::reservation low_pages;
+    try {
+      low_pages = low_.reserve_quant_pages(shared_low_pages);
+    } catch (const out_of_memory& e) {
       detail::fail<out_of_memory>(detail::concat("kvc::mixed_precision_cache::", fn, ": the low-precision pool may need ",
-                                                 shared_low_pages, " pages for copy-on-write and has ",
-                                                 low_.quant_pool().free_pages(), " free (the cache is unchanged)"));
+                                                 shared_low_pages, " pages for copy-on-write and cannot set them "
+                                                 "aside (the cache is unchanged): ", e.what()));
+    }
     high_.keep_layer(s, layer, keep_high);
-    // Commit: the low keeps below allocate no more pages than checked above.
+    // Commit: the low keeps take their copy-on-write pages from the reservation (at most one per
+    // shared page counted above), so they cannot run out of pages.
     for (std::int32_t h = 0; h < H; ++h) {
       if (!touched[static_cast<std::size_t>(h)]) continue;
       const auto& kl = keep_low[static_cast<std::size_t>(h)];
-      low_.keep(sq.low, low_layer(layer, h), 0, kl.data(), static_cast<std::int32_t>(kl.size()));
+      low_.keep(sq.low, low_layer(layer, h), 0, kl.data(), static_cast<std::int32_t>(kl.size()), low_pages);
       mstream& ms = at(sq, layer, h);
       ms.low_idx.swap(next[static_cast<std::size_t>(h)].low_idx);
       ms.pos.swap(next[static_cast<std::size_t>(h)].pos);
@@ -497,20 +582,22 @@ struct mikv_policy {
   float high_ratio = 0.2f;    ///< fraction of each stream's tokens kept high (sinks and window included)
   float recent_ratio = 0.5f;  ///< share of that budget given to the newest tokens (H2O's split)
 
-  void check() const {
-    KVC_EXPECTS(high_ratio >= 0.0f && high_ratio <= 1.0f, "kvc::mikv_policy: high_ratio = ", high_ratio,
-                ", expected 0..1 (MiKV: 0.2)");
-    KVC_EXPECTS(recent_ratio >= 0.0f && recent_ratio <= 1.0f, "kvc::mikv_policy: recent_ratio = ", recent_ratio,
-                ", expected 0..1 (H2O: 0.5)");
+  /// Throws kvc::error naming `who` (the public call checking the policy) on a bad ratio.
+  void check(const char* who = "kvc::mikv_policy::check") const {
+    KVC_EXPECTS_IN(who, high_ratio >= 0.0f && high_ratio <= 1.0f, "mikv_policy.high_ratio = ", high_ratio,
+                   ", expected 0..1 (MiKV: 0.2)");
+    KVC_EXPECTS_IN(who, recent_ratio >= 0.0f && recent_ratio <= 1.0f, "mikv_policy.recent_ratio = ", recent_ratio,
+                   ", expected 0..1 (H2O: 0.5)");
   }
 
   /// The high mask of one stream from scores[length] (higher: more important; finite).
   template <class Cache>
   std::vector<std::uint8_t> high_mask(const Cache& c, seq_id s, std::int32_t layer, std::int32_t head,
                                       const float* scores) const {
-    check();
+    check("kvc::mikv_policy::high_mask");
     const std::int32_t L = c.length(s, layer, head);
-    KVC_EXPECTS(L == 0 || scores != nullptr, "kvc::mikv_policy: scores is null for a stream of ", L, " tokens");
+    KVC_EXPECTS_IN("kvc::mikv_policy::high_mask", L == 0 || scores != nullptr, "scores is null for a stream of ", L,
+                   " tokens, expected one score per token");
     const auto r = c.regions(s, layer, head);
     const auto& low = c.low_indices(s, layer, head);
     std::vector<std::uint8_t> mask(static_cast<std::size_t>(L), 0);
@@ -525,7 +612,8 @@ struct mikv_policy {
         mask[static_cast<std::size_t>(t)] = 1;
         ++used;
       } else {
-        KVC_EXPECTS(std::isfinite(scores[t]), "kvc::mikv_policy: scores[", t, "] = ", scores[t], ", expected finite");
+        KVC_EXPECTS_IN("kvc::mikv_policy::high_mask", std::isfinite(scores[t]), "scores[", t, "] = ", scores[t],
+                       ", expected finite");
         cand.push_back(t);
       }
       ++h;
@@ -568,9 +656,9 @@ template <class Arch = default_arch, class HQ, class LQ, class Fp>
 void decode_attention(const mixed_precision_cache<HQ, LQ, Fp>& cache, seq_id seq, std::int32_t layer, const float* q,
                       std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
   const std::int32_t hkv = cache.config().num_kv_heads, D = cache.config().head_dim;
-  KVC_EXPECTS(num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
+  KVC_EXPECTS_IN("kvc::cpu::decode_attention", num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
               ", expected a positive multiple of num_kv_heads = ", hkv);
-  KVC_EXPECTS(q != nullptr && out != nullptr, "q or out is null");
+  KVC_EXPECTS_IN("kvc::cpu::decode_attention", q != nullptr && out != nullptr, "q or out is null");
   const std::int32_t G = num_q_heads / hkv;
   const bool want_probs = opt.probs || opt.group_probs;
   std::int32_t longest = 0, longest_high = 0;
@@ -582,10 +670,10 @@ void decode_attention(const mixed_precision_cache<HQ, LQ, Fp>& cache, seq_id seq
   // As the single-store kernels: a layer with no token in any head is an error, but its tokens may
   // all be low precision (high_ratio = 0, or the high ones evicted): then the high store gives
   // zeros with lse = -inf instead of being asked to attend over nothing (which throws).
-  KVC_EXPECTS(longest > 0, "seq = ", seq, ", layer = ", layer,
+  KVC_EXPECTS_IN("kvc::cpu::decode_attention", longest > 0, "seq = ", seq, ", layer = ", layer,
               " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
               "step's K/V to the layer before attending)");
-  KVC_EXPECTS(!want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
+  KVC_EXPECTS_IN("kvc::cpu::decode_attention", !want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
               ", expected >= the longest stream (", longest, " tokens)");
   const std::size_t nq = static_cast<std::size_t>(num_q_heads);
   const std::int32_t hs = std::max(1, longest_high);

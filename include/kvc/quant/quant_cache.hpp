@@ -180,6 +180,26 @@ class quant_cache {
   /// \param positions  [n] original positions, or null for the layer's next positions
   void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
               const std::int32_t* positions = nullptr) {
+    append_impl(s, layer, k, v, n, positions, nullptr);
+  }
+  /// As append, taking the pages of the quantized pool it needs from `quant_pages` (a reservation
+  /// of quant_pool(), reserve_quant_pages) instead of the pool's free pages: with enough reserved,
+  /// no other thread's allocations can make it run out there. The residual and sink pools are
+  /// allocated from as usual. Too few reserved pages throw kvc::out_of_memory, cache unchanged.
+  void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
+              const std::int32_t* positions, page_pool::reservation& quant_pages) {
+    check_reservation(quant_pages, "append");
+    append_impl(s, layer, k, v, n, positions, &quant_pages);
+  }
+
+  /// Sets n free pages of the quantized-token pool aside (page_pool::reserve) for the append /
+  /// keep / keep_layer overloads that take a reservation; unused pages go back when it is destroyed.
+  /// n > quant_pool().free_pages() throws kvc::out_of_memory.
+  page_pool::reservation reserve_quant_pages(std::int32_t n) { return quant_pool_->reserve(n); }
+
+ private:
+  void append_impl(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
+                   const std::int32_t* positions, page_pool::reservation* qres) {
     sequence& sq = find(s, "append")->second;
     check_layer(layer, "append");
     KVC_EXPECTS_IN("kvc::quant_cache::append", n >= 0, "n = ", n, ", expected >= 0 tokens");
@@ -229,7 +249,7 @@ class quant_cache {
       st.positions.reserve(static_cast<std::size_t>(st.length() + n));
     }
     std::vector<float> unit_buf(2 * static_cast<std::size_t>(unit_) * D);
-    const fresh_pages fresh = allocate_all(need_q, need_r, need_s, layer);
+    const fresh_pages fresh = allocate_all(need_q, need_r, need_s, layer, qres, "append");
     // Commit: nothing below throws.
     std::size_t nq = 0, nr = 0, ns = 0;
     const std::int32_t first_pos = sq.seen[static_cast<std::size_t>(layer)];
@@ -310,8 +330,34 @@ class quant_cache {
     sq.seen[static_cast<std::size_t>(layer)] += n;
   }
 
+ public:
   /// Keeps tokens kept[0..n) of one stream (strictly increasing indices into its current order).
   void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
+    keep_one(s, layer, head, kept, n, nullptr);
+  }
+  /// As keep, taking the quantized pages its copy-on-write needs from `quant_pages` (see the
+  /// append overload): at most one per shared quantized page of the stream.
+  void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n,
+            page_pool::reservation& quant_pages) {
+    check_reservation(quant_pages, "keep");
+    keep_one(s, layer, head, kept, n, &quant_pages);
+  }
+
+  /// Keeps, for every head h of one layer, the tokens kept[h]. All heads change or none does.
+  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
+    keep_all(s, layer, kept, nullptr);
+  }
+  /// As keep_layer, taking the quantized pages its copy-on-write needs from `quant_pages` (see the
+  /// append overload): at most one per shared quantized page of the layer's streams.
+  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept,
+                  page_pool::reservation& quant_pages) {
+    check_reservation(quant_pages, "keep_layer");
+    keep_all(s, layer, kept, &quant_pages);
+  }
+
+ private:
+  void keep_one(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n,
+                page_pool::reservation* qres) {
     check_layer(layer, "keep");
     KVC_EXPECTS_IN("kvc::quant_cache::keep", head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..",
                    cfg_.num_kv_heads - 1);
@@ -319,11 +365,10 @@ class quant_cache {
     KVC_EXPECTS_IN("kvc::quant_cache::keep", n == 0 || kept != nullptr, "kept is null with n = ", n);
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> one;
     one.emplace_back(head, std::vector<std::int32_t>(kept, kept + n));
-    keep_heads(s, layer, one);
+    keep_heads(s, layer, one, qres, "keep");
   }
-
-  /// Keeps, for every head h of one layer, the tokens kept[h]. All heads change or none does.
-  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
+  void keep_all(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept,
+                page_pool::reservation* qres) {
     check_layer(layer, "keep_layer");
     KVC_EXPECTS_IN("kvc::quant_cache::keep_layer", static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads,
                    "kept.size() = ", kept.size(),
@@ -331,8 +376,10 @@ class quant_cache {
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
     all.reserve(kept.size());
     for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
-    keep_heads(s, layer, all);
+    keep_heads(s, layer, all, qres, "keep_layer");
   }
+
+ public:
 
   // ---- reading ---------------------------------------------------------------------------
 
@@ -564,13 +611,19 @@ class quant_cache {
                                               page + v_offset_ + rbv_ * static_cast<std::size_t>((slot + j) / uv_));
   }
 
-  /// Allocates from the three pools, all or nothing.
-  fresh_pages allocate_all(std::int32_t nq, std::int32_t nr, std::int32_t ns, std::int32_t layer) {
+  /// Allocates from the three pools, all or nothing; the quantized pages from `qres` when given.
+  fresh_pages allocate_all(std::int32_t nq, std::int32_t nr, std::int32_t ns, std::int32_t layer,
+                           page_pool::reservation* qres, const char* fn) {
     fresh_pages f;
     f.q.resize(static_cast<std::size_t>(nq));
     f.r.resize(static_cast<std::size_t>(nr));
     f.s.resize(static_cast<std::size_t>(ns));
-    quant_pool_->allocate(nq, f.q.data(), layer);
+    if (qres && nq > qres->size())
+      detail::fail<out_of_memory>(detail::concat("kvc::quant_cache::", fn, ": needs ", nq,
+                                                 " quantized pages and quant_pages has ", qres->size(),
+                                                 " reserved, expected enough (the cache is unchanged)"));
+    if (qres) qres->allocate(nq, f.q.data(), layer);
+    else quant_pool_->allocate(nq, f.q.data(), layer);
     try {
       if (nr > 0) res_pool_->allocate(nr, f.r.data(), layer);
       try {
@@ -580,10 +633,17 @@ class quant_cache {
         throw;
       }
     } catch (...) {
-      quant_pool_->release(nq, f.q.data());
+      quant_pool_->release(nq, f.q.data());  // a reservation's pages go back to the pool: it is spent
       throw;
     }
     return f;
+  }
+
+  void check_reservation(const page_pool::reservation& r, const char* fn) const {
+    if (r.pool() != quant_pool_.get())
+      detail::fail(detail::concat("kvc::quant_cache::", fn, ": quant_pages = a reservation of ",
+                                  r.pool() ? "another pool" : "no pool (empty or moved from)",
+                                  ", expected one of this cache's quant_pool() (reserve_quant_pages)"));
   }
 
   void release_stream(qstream& st) noexcept {
@@ -631,8 +691,9 @@ class quant_cache {
   }
 
   void keep_heads(seq_id s, std::int32_t layer,
-                  const std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>>& heads) {
-    sequence& sq = find(s, "keep")->second;
+                  const std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>>& heads,
+                  page_pool::reservation* qres, const char* fn) {
+    sequence& sq = find(s, fn)->second;
     const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
     struct plan {
       std::vector<std::int32_t> ks, kq, kr;  // kept indices, local to each region
@@ -653,10 +714,10 @@ class quant_cache {
       const std::int32_t L = st.length();
       for (std::size_t i = 0; i < kept.size(); ++i) {
         if (kept[i] < 0 || kept[i] >= L)
-          detail::fail(detail::concat("kvc::quant_cache::keep: head ", h, ": kept[", i, "] = ", kept[i], ", expected 0..",
+          detail::fail(detail::concat("kvc::quant_cache::", fn, ": head ", h, ": kept[", i, "] = ", kept[i], ", expected 0..",
                                       L - 1, " (the stream's length is ", L, ")"));
         if (i > 0 && kept[i] <= kept[i - 1])
-          detail::fail(detail::concat("kvc::quant_cache::keep: head ", h, ": kept[", i, "] = ", kept[i], " after ",
+          detail::fail(detail::concat("kvc::quant_cache::", fn, ": head ", h, ": kept[", i, "] = ", kept[i], " after ",
                                       kept[i - 1], ", expected strictly increasing indices"));
       }
       plan& p = pl[j];
@@ -702,7 +763,7 @@ class quant_cache {
       need_s += p.sink_fresh ? 1 : 0;
     }
     std::vector<float> kb(static_cast<std::size_t>(unit_) * D), vb(kb.size());
-    const fresh_pages fresh = allocate_all(need_q, need_r, need_s, layer);
+    const fresh_pages fresh = allocate_all(need_q, need_r, need_s, layer, qres, fn);
     // Commit: nothing below throws.
     std::size_t nq = 0, nr = 0, ns = 0;
     for (std::size_t j = 0; j < heads.size(); ++j) {

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -59,9 +60,9 @@ class mikv_cache final : public any_cache {
 
   mikv_cache(std::string name, const quant_cache_config& cfg, const mikv_policy& policy)
       : name_(std::move(name)), c_(cfg), policy_(policy) {
-    policy_.check();
-    KVC_EXPECTS(HQ{}.residual() == 0, "kvc::runtime::mikv_cache: the high codec keeps a residual window of ",
-                HQ{}.residual(), " tokens, expected 0 (append plans its demotions from the region counts)");
+    policy_.check("kvc::runtime::mikv_cache::mikv_cache");
+    KVC_EXPECTS_IN("kvc::runtime::mikv_cache::mikv_cache", HQ{}.residual() == 0, "the high codec keeps a residual window of ",
+                   HQ{}.residual(), " tokens, expected 0 (append plans its demotions from the region counts)");
   }
 
   const cache_type& get() const noexcept { return c_; }
@@ -103,9 +104,10 @@ class mikv_cache final : public any_cache {
 
   /// Appends, then demotes every stream of the layer back to its high-precision budget. Strong
   /// guarantee: how many tokens each stream will demote depends only on its region counts (not
-  /// on the scores), so the low pool's room for them is checked before anything changes; the
-  /// append then checks the high pool, and the demotions can no longer run out of pages (no
-  /// page is shared: fork is refused).
+  /// on the scores), so the low pages they need are reserved (page_pool::reserve) before
+  /// anything changes; the append then checks the high pool, and the demotions take their pages
+  /// from the reservation and can no longer run out of pages, whatever other threads allocate
+  /// (no page is shared: fork is refused).
   void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
               const std::int32_t* positions) override {
     auto& sc = seqs(s, "append");
@@ -142,19 +144,27 @@ class mikv_cache final : public any_cache {
       pages_needed += (r.low + d + P - 1) / P - (r.low + P - 1) / P;
       sc[index(layer, h)].reserve(static_cast<std::size_t>(L));
     }
-    const auto free_pages = c_.low_cache().quant_pool().free_pages();
-    if (pages_needed > static_cast<std::int64_t>(free_pages))
+    // Set the low pages aside before anything changes: another thread appending to another
+    // sequence of this cache demotes into the same low pool, and must not take them between this
+    // check and the demotions below (docs/threading.md).
+    page_pool::reservation low_pages;
+    try {
+      // (more than 2^31 - 1 pages is more than any pool holds: reserving that many throws)
+      low_pages = c_.reserve_low_pages(
+          static_cast<std::int32_t>(std::min<std::int64_t>(pages_needed, std::numeric_limits<std::int32_t>::max())));
+    } catch (const out_of_memory& e) {
       kvc::detail::fail<out_of_memory>(kvc::detail::concat(
           "kvc::runtime::mikv_cache::append: layer ", layer, ": demoting to the high-precision budget (high_ratio = ",
-          policy_.high_ratio, ") needs ", pages_needed, " low-precision pages and the pool has ", free_pages,
-          " free (the cache is unchanged)"));
+          policy_.high_ratio, ") needs ", pages_needed, " low-precision pages and the pool cannot set them aside "
+          "(the cache is unchanged): ", e.what()));
+    }
     c_.append(s, layer, k, v, n, positions);
     for (std::int32_t h = 0; h < H; ++h) {
       if (planned[static_cast<std::size_t>(h)] == 0) continue;
       std::vector<float>& sv = sc[index(layer, h)];
       pad(sv, c_.length(s, layer, h));
       const auto mask = policy_.high_mask(c_, s, layer, h, sv.data());
-      const std::int32_t d = c_.apply_precision(s, layer, h, mask.data());
+      const std::int32_t d = c_.apply_precision(s, layer, h, mask.data(), low_pages);
       KVC_ASSERT(d == planned[static_cast<std::size_t>(h)]);
       (void)d;
     }
@@ -235,7 +245,9 @@ class mikv_cache final : public any_cache {
   std::vector<std::vector<float>>& seqs(seq_id s, const char* fn) const {
     auto it = scores_.find(s);
     if (it == scores_.end())
-      kvc::detail::fail(kvc::detail::concat("kvc::runtime::mikv_cache::", fn, ": unknown sequence id ", s));
+      kvc::detail::fail(kvc::detail::concat("kvc::runtime::mikv_cache::", fn, ": unknown sequence id ", s,
+                                            " (argument seq), expected a live sequence id: ",
+                                            kvc::detail::key_list(scores_)));
     return it->second;
   }
   const std::vector<float>& stream(seq_id s, std::int32_t layer, std::int32_t head) const {
