@@ -3,16 +3,19 @@
 
 /// \file
 /// `kvc::decode_attention(heads, q, num_q_heads, out, opt)`: the backend is picked at compile time
-/// from the memory space of the views' accessor. Host views run kvc::cpu::decode_attention. Device
-/// views (kvc::device_accessor) run kvc::cuda::decode_attention, which exists only in .cu files
-/// that include <kvc/cuda.cuh> (it specialises `decode_backend<device_memory>`); without it, a
-/// device view is a compile error that says so.
+/// from the memory space of the views' accessor. Host views run kvc::cpu::decode_attention, the
+/// kernel of the TU's ISA: kvc::decode_attention lives in the ISA namespace (docs/isa.md), so
+/// callers write kvc::decode_attention and each TU gets its own. Device views
+/// (kvc::device_accessor) run kvc::cuda::decode_attention, which exists only in .cu files that
+/// include <kvc/cuda.cuh> (it specialises `decode_backend<device_memory>`); without it, a device
+/// view is a compile error that says so.
 
 #include <cstdint>
 #include <type_traits>
 
 #include <kvc/attention/options.hpp>
 #include <kvc/cpu/decode_attention.hpp>
+#include <kvc/isa.hpp>
 #include <kvc/view/accessor.hpp>
 
 KVC_BEGIN_NAMESPACE
@@ -20,8 +23,8 @@ KVC_BEGIN_NAMESPACE
 template <class T>
 inline constexpr bool dependent_false_v = false;
 
-/// The decode backend of a memory space. Host memory: the CPU kernel. Device memory: defined by
-/// <kvc/cuda/backend.cuh>.
+/// The decode backend of a memory space other than host memory (host views go to the CPU kernel
+/// of the caller's ISA, in decode_attention below). Device memory: defined by <kvc/cuda/backend.cuh>.
 template <class MemorySpace>
 struct decode_backend {
   template <class Heads, class Options>
@@ -33,13 +36,8 @@ struct decode_backend {
   }
 };
 
-template <>
-struct decode_backend<host_memory> {
-  template <class Heads>
-  static void run(const Heads& heads, const float* q, std::int32_t num_q_heads, float* out, const decode_options& opt) {
-    cpu::decode_attention(heads, q, num_q_heads, out, opt);
-  }
-};
+// ---- per ISA (docs/isa.md): the host branch runs this TU's CPU kernel ----
+KVC_BEGIN_ISA_NAMESPACE
 
 /// Decode attention for one sequence and one layer on the backend of the views' memory space.
 /// Options: kvc::decode_options for host views, kvc::cuda::device_decode_options for device views.
@@ -47,7 +45,10 @@ template <class Heads, class Options = decode_options>
 void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_heads, float* out,
                       const Options& opt = Options{}) {
   using space = typename std::decay_t<decltype(heads.keys(0))>::memory_space;
-  decode_backend<space>::run(heads, q, num_q_heads, out, opt);
+  if constexpr (std::is_same<space, host_memory>::value) cpu::decode_attention(heads, q, num_q_heads, out, opt);
+  else decode_backend<space>::run(heads, q, num_q_heads, out, opt);
 }
+
+KVC_END_ISA_NAMESPACE
 
 KVC_END_NAMESPACE

@@ -12,10 +12,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
-#include <kvc/cpu/simd.hpp>
 #include <kvc/evict/core.hpp>
+#include <kvc/isa.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace evict {
@@ -24,20 +25,43 @@ namespace detail {
 /// Tokens whose normalised keys are summed in float before the sum goes to double.
 inline constexpr std::int32_t rkv_block = 64;
 
-/// Σ_d a[d]·b[d] in float SIMD lanes (summed in a tree, not in index order).
-inline float dot_f(const float* a, const float* b, std::int32_t D) noexcept {
-  using B = cpu::fbatch<cpu::default_arch>;
-  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
-  B a0(0.0f), a1(0.0f);
+/// Σ_d a[d]·b[d] in eight float lanes (summed in a tree, not in index order). ISA-neutral
+/// (docs/isa.md): the AVX2 + FMA path is compiled for that target and chosen at run time by the
+/// CPU, never by the TU's -m flags, so every TU runs the same body.
+inline float dot_f_portable(const float* a, const float* b, std::int32_t D) noexcept {
+  float acc[8] = {};
   std::int32_t d = 0;
-  for (; d + 2 * W <= D; d += 2 * W) {
-    a0 = xsimd::fma(B::load_unaligned(a + d), B::load_unaligned(b + d), a0);
-    a1 = xsimd::fma(B::load_unaligned(a + d + W), B::load_unaligned(b + d + W), a1);
-  }
-  for (; d + W <= D; d += W) a0 = xsimd::fma(B::load_unaligned(a + d), B::load_unaligned(b + d), a0);
-  float s = xsimd::hadd(a0 + a1);
+  for (; d + 8 <= D; d += 8)
+    for (std::int32_t j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
+  float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
   for (; d < D; ++d) s += a[d] * b[d];
   return s;
+}
+
+#if KVC_X86_DISPATCH
+KVC_TARGET_AVX2 inline float dot_f_avx2(const float* a, const float* b, std::int32_t D) noexcept {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  std::int32_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), a1);
+  }
+  for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), a0);
+  const __m256 s8 = _mm256_add_ps(a0, a1);
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+  float s = _mm_cvtss_f32(s4);
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+#endif
+
+inline float dot_f(const float* a, const float* b, std::int32_t D) noexcept {
+#if KVC_X86_DISPATCH
+  if (kvc::detail::cpu_has_avx2_fma_f16c()) return dot_f_avx2(a, b, D);
+#endif
+  return dot_f_portable(a, b, D);
 }
 
 }  // namespace detail

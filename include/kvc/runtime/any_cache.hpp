@@ -7,6 +7,12 @@
 /// names as the caches, so policies written generically over a Cache work on it unchanged. The
 /// virtual call costs nothing next to a decode step; engines that know their types at compile
 /// time use the caches directly.
+///
+/// `any_cache` is ISA-neutral: one type in every TU. Its implementations (cache_adapter, and
+/// mikv_cache in runtime/mikv_storage.hpp) run the CPU kernels, so they live in the ISA namespace
+/// (docs/isa.md): a cache built in a TU compiled with -mavx2 is a
+/// `kvc::runtime::isa_avx2_fma_f16c::cache_adapter<...>` and runs that TU's kernels wherever it is
+/// called from. Callers still write `kvc::runtime::cache_adapter`.
 
 #include <cstddef>
 #include <cstdint>
@@ -19,6 +25,7 @@
 #include <kvc/attention/options.hpp>
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/error.hpp>
+#include <kvc/isa.hpp>
 #include <kvc/store/kv_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
@@ -74,6 +81,9 @@ struct has_pre_rope : std::false_type {};
 template <class C>
 struct has_pre_rope<C, std::void_t<decltype(std::declval<const C&>().config().pre_rope)>> : std::true_type {};
 }  // namespace detail
+
+// ---- per ISA from here (docs/isa.md): the implementations call the CPU kernels ----
+KVC_BEGIN_ISA_NAMESPACE
 
 /// Calls `kvc::cpu::decode_attention(cache, ...)`. A qualified call in a template binds to the
 /// overloads declared *before* the template's definition, so a cache whose overload lives in a
@@ -146,5 +156,6 @@ class cache_adapter final : public any_cache {
   Cache c_;
 };
 
+KVC_END_ISA_NAMESPACE
 }  // namespace runtime
 KVC_END_NAMESPACE

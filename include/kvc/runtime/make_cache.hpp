@@ -4,6 +4,12 @@
 /// \file
 /// Builds a cache from a storage spec: `fp32`, `fp16`, `bf16` (full-precision pages), or a
 /// quantizer spec such as `kivi(bits=2,group=32,residual=128)` when <kvc/quant/...> is available.
+///
+/// The storage registry and make_cache live in the ISA namespace (docs/isa.md): the builders make
+/// caches that run the CPU kernels of the TU's instruction set. A program whose TUs are built with
+/// different -m flags has one registry per ISA configuration; a storage registered (by including
+/// runtime/quant_storages.hpp, or with storage_registry()[name] = ...) is visible to make_cache
+/// calls from TUs of the same configuration, and make_cache builds the caller's ISA's caches.
 
 #include <functional>
 #include <map>
@@ -13,6 +19,7 @@
 
 #include <kvc/attention/rope.hpp>
 #include <kvc/error.hpp>
+#include <kvc/isa.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/spec.hpp>
 #include <kvc/store/kv_cache.hpp>
@@ -31,7 +38,11 @@ struct storage_options {
 using cache_builder =
     std::function<std::unique_ptr<any_cache>(const spec_stage&, const cache_config&, const storage_options&)>;
 
-/// Storage builders by name; quantized storages register themselves here (runtime/quant.hpp).
+// ---- per ISA (docs/isa.md): the builders make caches that run this TU's kernels ----
+KVC_BEGIN_ISA_NAMESPACE
+
+/// Storage builders by name; quantized storages register themselves here (runtime/quant_storages.hpp).
+/// One registry per ISA configuration of the program (the TUs built with the same -m flags share it).
 /// Threads: lookups are concurrent; registering is a write, done before other threads use it (docs/threading.md).
 inline std::map<std::string, cache_builder>& storage_registry() {
   static std::map<std::string, cache_builder> r = [] {
@@ -57,6 +68,8 @@ inline std::string known_storages() {
   return s;
 }
 
+KVC_END_ISA_NAMESPACE
+
 namespace detail {
 
 /// The storages that live in optional headers, and the header that registers each: a TU that
@@ -68,6 +81,8 @@ inline const char* storage_header(const std::string& name) {
   if (name == "mikv") return "<kvc/runtime/mikv_storage.hpp>";
   return nullptr;
 }
+
+KVC_BEGIN_ISA_NAMESPACE  // it reads this ISA's registry
 
 [[noreturn]] inline void unknown_storage(const spec_stage& st) {
   if (const char* header = storage_header(st.name))
@@ -83,7 +98,10 @@ inline const char* storage_header(const std::string& name) {
                                         "; expected one of: ", known_storages()));
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace detail
+
+KVC_BEGIN_ISA_NAMESPACE
 
 /// Whether `name` is a storage (as opposed to an eviction policy) in a spec.
 inline bool is_storage(const std::string& name) { return storage_registry().count(name) != 0; }
@@ -103,5 +121,6 @@ inline std::unique_ptr<any_cache> make_cache(const std::string& spec, const cach
   return make_cache(stages[0], cfg, opt);
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace runtime
 KVC_END_NAMESPACE

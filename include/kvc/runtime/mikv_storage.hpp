@@ -47,6 +47,9 @@
 KVC_BEGIN_NAMESPACE
 namespace runtime {
 
+// ---- per ISA (docs/isa.md): mikv_cache::attention runs the CPU kernels ----
+KVC_BEGIN_ISA_NAMESPACE
+
 /// any_cache over a mixed_precision_cache<HQ, LQ> that scores its tokens by the attention it
 /// computes and demotes by `mikv_policy` after every append.
 ///
@@ -276,11 +279,15 @@ class mikv_cache final : public any_cache {
   mutable std::map<seq_id, std::vector<std::vector<float>>> scores_;
 };
 
+KVC_END_ISA_NAMESPACE
+
 namespace detail {
 
 [[noreturn]] inline void mikv_bad(const spec_stage& st, const std::string& what) {
   kvc::detail::fail(kvc::detail::concat("kvc::runtime: '", st.text, "': ", what));
 }
+
+KVC_BEGIN_ISA_NAMESPACE  // builds this ISA's mikv_cache, registers in this ISA's registry
 
 inline std::unique_ptr<any_cache> make_mikv(const spec_stage& st, const cache_config& c, const storage_options& o) {
   spec_args a(st);
@@ -323,10 +330,13 @@ inline bool register_mikv_storage() {
   return true;
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
-/// Including this header registers `mikv` (once per program).
+KVC_BEGIN_ISA_NAMESPACE
+/// Including this header registers `mikv` (once per program and ISA configuration).
 inline const bool mikv_storage_registered = detail::register_mikv_storage();
+KVC_END_ISA_NAMESPACE
 
 }  // namespace runtime
 KVC_END_NAMESPACE

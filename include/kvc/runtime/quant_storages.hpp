@@ -22,6 +22,9 @@
 ///
 /// Each combination is one template instantiation, so the set is finite; the library itself
 /// takes any combination at compile time (kvc::quant_cache<KQ, VQ>).
+///
+/// The builders and the registration are per ISA (docs/isa.md): including this header registers
+/// the storages in the registry of the TU's ISA configuration (runtime/make_cache.hpp).
 
 #include <memory>
 #include <numeric>
@@ -98,6 +101,10 @@ inline void check_fast(const spec_stage& st, const quant_extras& x, int fast_bit
                                           "-bit codes (the integer kernels read rows of whole 32-byte blocks)"));
 }
 
+[[noreturn]] inline void unsupported(const spec_stage& st, const std::string& what, const std::string& expected) {
+  kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", st.text, "': ", what, ", expected ", expected));
+}
+
 template <class KQ, class VQ>
 quant_cache_config quant_config(const cache_config& c, const quant_extras& x) {
   quant_cache_config q;
@@ -112,6 +119,9 @@ quant_cache_config quant_config(const cache_config& c, const quant_extras& x) {
   q.max_fp_pages = c.max_pages;  // at most one residual and one sink page per stream
   return q;
 }
+
+// ---- per ISA (docs/isa.md): the attention functors call the kernels, the builders make adapters ----
+KVC_BEGIN_ISA_NAMESPACE
 
 /// Binds to the quant_cache overload of decode_attention, declared above (see cpu_attention).
 /// cache_adapter constructs its Attend per call, so the options are part of the type.
@@ -138,10 +148,6 @@ std::unique_ptr<any_cache> make_int_quant(const spec_stage& st, const cache_conf
   check_fast(st, x, Q::bits, c);
   if (x.fast) return make_quant<Q, Q, quant_attention_with<true>>(st.text, c, x);
   return make_quant<Q, Q>(st.text, c, x);
-}
-
-[[noreturn]] inline void unsupported(const spec_stage& st, const std::string& what, const std::string& expected) {
-  kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", st.text, "': ", what, ", expected ", expected));
 }
 
 inline bool register_quant_storages() {
@@ -237,10 +243,13 @@ inline bool register_quant_storages() {
   return true;
 }
 
+KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
-/// Including this header registers the quantized storages (once per program).
+KVC_BEGIN_ISA_NAMESPACE
+/// Including this header registers the quantized storages (once per program and ISA configuration).
 inline const bool quant_storages_registered = detail::register_quant_storages();
+KVC_END_ISA_NAMESPACE
 
 }  // namespace runtime
 KVC_END_NAMESPACE
