@@ -19,6 +19,7 @@
 #include <kvc/quant/quant_cache.hpp>
 #include <kvc/store/page_pool.hpp>
 
+#include "cache_builders.hpp"
 #include "kvc_catch.hpp"
 #include "random.hpp"
 
@@ -277,13 +278,7 @@ TEST_CASE("page_pool::reserve: allocation_fault counts reserve calls, not alloca
 
 TEST_CASE("quant_cache: append / keep / keep_layer taking pages from a reservation", "[quant][reserve]") {
   using C = kvc::quant_cache<kvc::quant::int8>;
-  kvc::quant_cache_config cfg;
-  cfg.num_layers = 1;
-  cfg.num_kv_heads = 2;
-  cfg.head_dim = 16;
-  cfg.page_size = 8;
-  cfg.max_pages = 16;
-  C c(cfg);
+  C c(kvc_test::shape_as<kvc::quant_cache_config>(kvc_test::cache_shape(1, 2, 16, 8, 16)));
   kvc_test::rng r(77);
   const auto s = c.add_sequence();
   auto k = r.normals(20 * 2 * 16), v = r.normals(k.size());

@@ -298,12 +298,7 @@ TEST_CASE("mixed_precision_cache keep_layer and keep after fork are all or nothi
   using C = kvc::mixed_precision_cache<kvc::quant::int8, kvc::quant::int2>;
   for (int trial = 0; trial < 6; ++trial) {
     kvc_test::rng r(4401 + trial);
-    kvc::quant_cache_config cfg;
-    cfg.num_layers = 2;
-    cfg.num_kv_heads = 2;
-    cfg.head_dim = 32;
-    cfg.page_size = 8;
-    cfg.max_pages = 256;
+    auto cfg = kvc_test::shape_as<kvc::quant_cache_config>(kvc_test::cache_shape(2, 2, 32, 8, 256));
     cfg.max_fp_pages = 64;
     cfg.sink_tokens = trial % 2;
     C c(cfg, 128);

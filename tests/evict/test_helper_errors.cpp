@@ -13,6 +13,7 @@
 #include <kvc/evict/observer.hpp>
 #include <kvc/store/kv_cache.hpp>
 
+#include "cache_builders.hpp"
 #include "cache_checks.hpp"
 #include "kvc_catch.hpp"
 #include "random.hpp"
@@ -30,15 +31,7 @@ struct fixture {
       cache.append(s, l, k.data(), v.data(), 20);
     }
   }
-  static kvc::cache_config config() {
-    kvc::cache_config c;
-    c.num_layers = 2;
-    c.num_kv_heads = 2;
-    c.head_dim = 32;
-    c.page_size = 8;
-    c.max_pages = 64;
-    return c;
-  }
+  static kvc::cache_config config() { return kvc_test::cache_shape(2, 2, 32, 8, 64); }
   kvc_test::cache_snapshot snap() const { return kvc_test::snapshot(cache, {s}); }
 };
 
