@@ -3,6 +3,7 @@
 // the runtime scorer, lazy layers and CAKE preferences.
 #include <algorithm>
 
+#include "cache_builders.hpp"
 #include "evict_test_util.hpp"
 #include "kvc_catch.hpp"
 
@@ -10,13 +11,7 @@ using namespace kvc::evict;
 
 namespace {
 kvc::cache_config small_cfg(int layers, int hkv, int d, int page, int max_pages) {
-  kvc::cache_config c;
-  c.num_layers = layers;
-  c.num_kv_heads = hkv;
-  c.head_dim = d;
-  c.page_size = page;
-  c.max_pages = max_pages;
-  return c;
+  return kvc_test::cache_shape(layers, hkv, d, page, max_pages);
 }
 }  // namespace
 

@@ -12,6 +12,7 @@
 #include <kvc/runtime/mikv_storage.hpp>
 #include <kvc/runtime/quant_storages.hpp>  // int8, the storage mikv(high_ratio=1) must equal
 
+#include "cache_builders.hpp"
 #include "kvc_catch.hpp"
 #include "random.hpp"
 
@@ -19,15 +20,7 @@ namespace {
 
 using kvc::runtime::any_cache;
 
-kvc::cache_config cfg(int layers, int H, int D, int P, int pages) {
-  kvc::cache_config c;
-  c.num_layers = layers;
-  c.num_kv_heads = H;
-  c.head_dim = D;
-  c.page_size = P;
-  c.max_pages = pages;
-  return c;
-}
+kvc::cache_config cfg(int layers, int H, int D, int P, int pages) { return kvc_test::cache_shape(layers, H, D, P, pages); }
 
 /// Softmax attention of G query heads over one stream's dequantized K/V, in double.
 struct ref_head {
