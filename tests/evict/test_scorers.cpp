@@ -352,6 +352,7 @@ TEST_CASE("decode scorers read the observer: h2o sum (and sum / count), a2sf dec
   kt::filled f(m, 12, 11);
   observer_params op;
   op.forgetting = 0.5f;
+  op.track_count = true;  // h2o(normalize) reads it
   attention_observer ob(op);
   const int L = 0, steps = 5;
   std::vector<std::vector<std::vector<double>>> hist(m.hkv);  // [h][step][t] group-mean probs

@@ -189,7 +189,7 @@ TEST_CASE("spec parameters reach the scorer: scores equal the directly built sco
   o.window = &all;
   same("noncausal_attention(ratio=0.5,chunk=16,pool_kernel=5)", ev::noncausal_attention(np));
   // kvpress's choices, switched on by name: h2o's normalised sum, expected attention without sinks
-  ev::attention_observer ob;
+  ev::attention_observer ob(make_evictor("h2o(ratio=0.5,normalize=1)", fx.ctx()).observer);
   ob.observe_window(c, s, 1, w);
   o.attention = &ob;
   ev::h2o_params hp;
@@ -241,6 +241,10 @@ TEST_CASE("evictors report what the caller must feed, wrappers that of their inn
   CHECK(make_evictor("qfilters(ratio=0.5,calibration=12)", fx.ctx()).window == 12);
   CHECK(make_evictor("knorm(ratio=0.5)", fx.ctx()).window == 0);
   CHECK(make_evictor("a2sf(ratio=0.5,forgetting=0.5)", fx.ctx()).observer.forgetting == 0.5f);
+  // the per-token count costs a pass per step: only h2o's normalised sum turns it on
+  CHECK(make_evictor("h2o(ratio=0.5,normalize=1)", fx.ctx()).observer.track_count);
+  CHECK_FALSE(make_evictor("h2o(ratio=0.5)", fx.ctx()).observer.track_count);
+  CHECK_FALSE(make_evictor("tova(ratio=0.5)", fx.ctx()).observer.track_count);
   CHECK(make_evictor("cake(ratio=0.5)", fx.ctx()).cake.has_value());
   CHECK(make_evictor("pyramidkv(ratio=0.5)", fx.ctx()).options.alloc->type == kvc::allocator::kind::pyramid);
   CHECK(make_evictor("knorm(ratio=0.5,alloc=ada,alpha_safeguard=0.3)", fx.ctx()).options.alloc->alpha_safeguard == 0.3);

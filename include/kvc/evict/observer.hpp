@@ -38,7 +38,10 @@ struct stream_stats {
 struct observer_params {
   group_agg agg = group_agg::mean;  ///< how a kv-head combines its query heads' attention
   float forgetting = 1.0f;          ///< A2SF forgetting factor λ (1: plain accumulation)
-  bool track_sum = true, track_decayed = true, track_last = true, track_low = true, track_count = true;
+  bool track_sum = true, track_decayed = true, track_last = true, track_low = true;
+  /// Off by default: it costs one more pass over the stream per observed step and 4 bytes per
+  /// token, and only h2o(normalize=1) reads it (the registry turns it on for that spec).
+  bool track_count = false;
 };
 
 /// Threads: not synchronised: non-const calls on one instance need exclusive access (docs/threading.md).

@@ -308,11 +308,12 @@ inline std::map<std::string, scorer_builder>& evictor_registry() {
       detail::want_window(e, p.n_last);
       return ev::any_scorer(ev::simlayerkv(p));
     };
-    m["h2o"] = [](spec_args& a, const evictor_context&, evictor&) {
+    m["h2o"] = [](spec_args& a, const evictor_context&, evictor& e) {
       ev::h2o_params p;
       p.recent = nonneg(a, "recent", p.recent);
       p.sinks = nonneg(a, "sinks", p.sinks);
       p.normalize = detail::flag_arg(a, "normalize", p.normalize);
+      if (p.normalize) e.observer.track_count = true;  // the normalised sum divides by it
       return ev::any_scorer(ev::h2o(p));
     };
     m["tova"] = [](spec_args& a, const evictor_context&, evictor&) {
