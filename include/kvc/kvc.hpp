@@ -5,6 +5,7 @@
 /// kvc's host umbrella: everything except CUDA. Library headers include exactly what they use;
 /// this one is for users.
 
+#include <kvc/attention.hpp>
 #include <kvc/attention/options.hpp>
 #include <kvc/attention/reference.hpp>
 #include <kvc/attention/rope.hpp>

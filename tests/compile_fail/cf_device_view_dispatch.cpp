@@ -2,7 +2,7 @@
 // kvc::decode_attention picks the backend from the views' memory space: a device view in a TU
 // without <kvc/cuda.cuh> (here: a plain C++ TU) must not compile, and the error must say to
 // include the CUDA header and link kvc::cuda.
-#include <kvc/attention/decode.hpp>
+#include <kvc/attention.hpp>
 #include <kvc/view/heads.hpp>
 #include <kvc/view/kv_view.hpp>
 #include <kvc/view/layout_paged.hpp>

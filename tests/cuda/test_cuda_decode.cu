@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <vector>
 
-#include <kvc/attention/decode.hpp>
+#include <kvc/attention.hpp>
 #include <kvc/attention/reference.hpp>
 #include <kvc/cuda.cuh>
 #include <kvc/store/kv_cache.hpp>

@@ -10,7 +10,7 @@
 #include <typeinfo>
 #include <vector>
 
-#include <kvc/attention/decode.hpp>
+#include <kvc/attention.hpp>
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/cpu/quant_attention.hpp>
 #include <kvc/evict/compressor.hpp>
@@ -50,7 +50,7 @@ probe_result KVC_PROBE_NAME(const isa_inputs& in) {
   kvc::cpu::decode_attention(*in.fp16, in.seq, 0, in.q.data(), in.num_q_heads, r.attn_fp16.data());
   r.attn_int4.resize(r.attn_fp16.size());
   kvc::cpu::decode_attention(*in.int4, in.qseq, 0, in.q.data(), in.num_q_heads, r.attn_int4.data());
-  // The view-based front end (attention/decode.hpp), host memory: the CPU kernel of this TU.
+  // The view-based front end (kvc/attention.hpp), host memory: the CPU kernel of this TU.
   {
     std::vector<kvc::kv_cache<kvc::half>::view_type> buf;
     r.attn_view.resize(r.attn_fp16.size());

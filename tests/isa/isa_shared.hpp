@@ -42,7 +42,7 @@ struct probe_result {
   std::string isa;            // kvc::cpu::isa_name() as this TU sees it
   bool runtime_avx2 = false;  // the run-time choice of the ISA-neutral code
   std::vector<float> attn_fp16, attn_int4, codec_roundtrip;
-  std::vector<float> attn_view;  // kvc::decode_attention (attention/decode.hpp) on fp16's views
+  std::vector<float> attn_view;  // kvc::decode_attention (kvc/attention.hpp) on fp16's views
   std::vector<std::byte> codec_record;
   std::vector<std::uint16_t> half_bits, half_bits_scalar;
   std::vector<runtime_run> runtime;  // make_cache specs, then an evictor's compressed cache

@@ -7,7 +7,7 @@
 // are built with -fno-inline, so every call goes through the symbol the linker kept: without
 // the ISA namespaces one TU would run the other's body (and report the other's ISA).
 // The second half does the same through kvc::runtime (make_cache, any_cache::attention,
-// make_evictor), kvc::decode_attention on views (attention/decode.hpp) and R-KV's scorer: the
+// make_evictor), kvc::decode_attention on views (kvc/attention.hpp) and R-KV's scorer: the
 // runtime's adapters and registries live in the ISA namespace too, so a cache built in a TU is of
 // a type named after that TU's ISA, and runs that TU's kernels wherever it is called from.
 

@@ -6,6 +6,7 @@
 #include <numeric>
 #include <vector>
 
+#include <kvc/cpu/mixed_precision_attention.hpp>
 #include <kvc/cpu/quant_attention.hpp>
 #include <kvc/parallel/thread_pool.hpp>
 #include <kvc/quant/int8.hpp>

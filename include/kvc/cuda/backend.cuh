@@ -4,7 +4,7 @@
 /// \file
 /// Registers the CUDA backend of kvc::decode_attention for views in device memory.
 
-#include <kvc/attention/decode.hpp>
+#include <kvc/attention.hpp>
 #include <kvc/cuda/common.cuh>
 #include <kvc/cuda/decode_attention.cuh>
 

@@ -37,6 +37,7 @@
 
 #include <kvc/attention/options.hpp>
 #include <kvc/attention/rope.hpp>
+#include <kvc/cpu/mixed_precision_attention.hpp>
 #include <kvc/error.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/mixed_precision.hpp>

@@ -9,6 +9,10 @@
 /// (kvc::device_accessor) run kvc::cuda::decode_attention, which exists only in .cu files that
 /// include <kvc/cuda.cuh> (it specialises `decode_backend<device_memory>`); without it, a device
 /// view is a compile error that says so.
+///
+/// A top-level header, not attention/: attention/ holds what every backend builds on (options,
+/// RoPE, the split plan, the double reference), so it sits below cpu/ and cuda/, while this front
+/// door sits above the CPU kernels it calls (tests/headers/check_include_layers.cmake).
 
 #include <cstdint>
 #include <type_traits>
