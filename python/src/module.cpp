@@ -16,6 +16,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -141,21 +142,27 @@ kvc::evict::compress_report run_phase(session_cache& c, phase ph, const char* wh
 NB_MODULE(_kvc, m) {
   m.doc() = "kvc: KV-cache compression for decoder LLMs (header-only C++17 library), from Python";
 
-  static nb::object error_type = nb::borrow(PyErr_NewExceptionWithDoc(
-      "kvc.Error", "A kvc precondition failed; the message names the argument, the value and what was expected. "
-                   "The call that raised it left the cache as it was.", PyExc_ValueError, nullptr));
-  static nb::object oom_type = nb::borrow(PyErr_NewExceptionWithDoc(
-      "kvc.OutOfMemory", "The cache's page pool is exhausted (max_pages); the cache is as it was.",
-      error_type.ptr(), nullptr));
-  m.attr("Error") = error_type;
-  m.attr("OutOfMemory") = oom_type;
+  // Named after the module as imported (kvc._kvc, or _kvc under stubgen) so that stubgen lists
+  // them; kvc/__init__.py presents them as kvc.Error and kvc.OutOfMemory.
+  const std::string module_name = nb::cast<std::string>(m.attr("__name__"));
+  static PyObject* error_type = PyErr_NewExceptionWithDoc(
+      (module_name + ".Error").c_str(), "A kvc precondition failed; the message names the argument, the value and what was expected. "
+                   "The call that raised it left the cache as it was.", PyExc_ValueError, nullptr);
+  static PyObject* oom_type = PyErr_NewExceptionWithDoc(
+      (module_name + ".OutOfMemory").c_str(), "The cache's page pool is exhausted (max_pages); the cache is as it was.",
+      error_type, nullptr);
+  // Plain PyObject*: kept for the process (a static nb::object would be released after the
+  // interpreter is gone).
+  if (!error_type || !oom_type) throw nb::python_error();
+  m.attr("Error") = nb::handle(error_type);
+  m.attr("OutOfMemory") = nb::handle(oom_type);
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
     } catch (const kvc::out_of_memory& e) {
-      PyErr_SetString(oom_type.ptr(), e.what());
+      PyErr_SetString(oom_type, e.what());
     } catch (const kvc::error& e) {
-      PyErr_SetString(error_type.ptr(), e.what());
+      PyErr_SetString(error_type, e.what());
     }
   });
 

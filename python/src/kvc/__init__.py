@@ -6,4 +6,7 @@ python/README.md for the API and ``kvc.storages()`` / ``kvc.policies()`` for the
 """
 from ._kvc import Cache, CompressReport, Error, OutOfMemory, isa, policies, storages
 
+# Raised from the extension; shown under the package's name in tracebacks.
+Error.__module__ = OutOfMemory.__module__ = __name__
+
 __all__ = ["Cache", "CompressReport", "Error", "OutOfMemory", "isa", "policies", "storages"]
