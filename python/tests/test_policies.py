@@ -146,3 +146,51 @@ def test_bytes_follow_the_pages(rng):
     assert before - c.bytes_in_use() == r.bytes_released - r.bytes_allocated > 0
     assert c.tokens_held == heads * kept + heads * 64
     assert c.metadata_bytes > 0
+
+
+def snapkv_reference_scores(k, queries, kernel=5):
+    """SnapKV's scores of one kv-head in float64, from the paper's recipe: the window queries
+    (the last n positions) attend causally to every key, their softmax is averaged over the
+    window, avg-pooled along the tokens (kernel, zero padding, count_include_pad) and averaged
+    over the query heads of the group. k: [n, D]; queries: [w, G, D]. Returns the prefix scores."""
+    n, d = k.shape
+    w, g, _ = queries.shape
+    prefix = n - w
+    per_head = np.zeros((g, prefix))
+    for qh in range(g):
+        acc = np.zeros(prefix)
+        for i in range(w):
+            pos = prefix + i
+            s = k[:pos + 1] @ queries[i, qh] / np.sqrt(d)
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            acc += p[:prefix]
+        acc /= w
+        padded = np.concatenate([np.zeros(kernel // 2), acc, np.zeros(kernel // 2)])
+        per_head[qh] = np.convolve(padded, np.ones(kernel) / kernel, mode="valid")[:prefix]
+    return per_head.mean(axis=0)
+
+
+def test_snapkv_keeps_the_reference_top_scores(rng):
+    """The kept prompt tokens are those of highest SnapKV score by the numpy reference: every kept
+    (unprotected) token scores at least as much as every evicted one."""
+    n, w, sinks, heads, q_heads, dim = 120, 8, 4, 2, 4, 16
+    c = kvc.Cache(f"snapkv(ratio=0.6,window={w},sinks={sinks})", num_layers=1, num_kv_heads=heads, head_dim=dim,
+                  num_q_heads=q_heads)
+    s = c.add_sequence()
+    k, v = random_kv(rng, n, heads, dim)
+    c.append(s, 0, k, v)
+    queries = rng.standard_normal((w, q_heads, dim)).astype(np.float32)
+    c.after_prefill(s, 0, queries)
+    group = q_heads // heads
+    for h in range(heads):
+        kept = set(c.positions(s, 0, h).tolist())
+        assert len(kept) == keep_count(n, 0.6)
+        assert set(range(sinks)) <= kept and set(range(n - w, n)) <= kept
+        score = snapkv_reference_scores(k[:, h].astype(np.float64),
+                                        queries[:, h * group:(h + 1) * group].astype(np.float64))
+        candidates = range(sinks, n - w)
+        kept_scores = [score[j] for j in candidates if j in kept]
+        evicted_scores = [score[j] for j in candidates if j not in kept]
+        assert kept_scores and evicted_scores
+        assert min(kept_scores) >= max(evicted_scores) - 1e-6
