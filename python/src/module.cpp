@@ -43,6 +43,7 @@ std::string dtype_name(nb::dlpack::dtype t) {
     case nb::dlpack::dtype_code::Bfloat: kind = "bfloat"; break;
     case nb::dlpack::dtype_code::Complex: kind = "complex"; break;
     case nb::dlpack::dtype_code::Bool: return "bool";
+    default: return kvc::detail::concat("dlpack type code ", static_cast<int>(t.code), " of ", static_cast<int>(t.bits), " bits");
   }
   return kvc::detail::concat(kind, static_cast<int>(t.bits));
 }
