@@ -38,9 +38,9 @@ def test_sequences_are_independent(rng):
     assert a != b and c.contains(a) and c.contains(b)
     ka, va = random_kv(rng, 7, 2, 8)
     kb, vb = random_kv(rng, 30, 2, 8)
-    c.append(s := a, 0, ka, va)
+    c.append(a, 0, ka, va)
     c.append(b, 0, kb, vb)
-    assert c.length(s, 0, 0) == 7 and c.length(b, 0, 1) == 30
+    assert c.length(a, 0, 0) == 7 and c.length(b, 0, 1) == 30
     np.testing.assert_array_equal(c.gather(a, 0, 1)[0], ka[:, 1].astype(np.float16).astype(np.float32))
     before = c.bytes_in_use()
     c.remove_sequence(b)
