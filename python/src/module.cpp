@@ -198,8 +198,22 @@ NB_MODULE(_kvc, m) {
                             "A spec without a storage keeps fp32.")
       .def("__init__",
            [](session_cache* self, const std::string& spec, std::int32_t num_layers, std::int32_t num_kv_heads,
-              std::int32_t head_dim, std::int32_t num_q_heads, std::int32_t page_size, std::int32_t max_pages) {
+              std::int32_t head_dim, std::int32_t num_q_heads, std::int32_t page_size, std::int32_t max_pages,
+              std::optional<float> rope_theta, const std::string& rope_style, std::int32_t rotary_dim) {
              kvc_python::shape s;
+             if (rope_theta) {
+               kvc::rope_config rc;
+               rc.head_dim = head_dim;
+               rc.rotary_dim = rotary_dim;
+               rc.theta = *rope_theta;
+               if (rope_style == "rotate_half") rc.style = kvc::rope_style::rotate_half;
+               else if (rope_style == "interleaved") rc.style = kvc::rope_style::interleaved;
+               else
+                 kvc::detail::fail(kvc::detail::concat("kvc.Cache: rope_style = '", rope_style,
+                                                       "', expected 'rotate_half' (Llama) or 'interleaved' (GPT-J)"));
+               KVC_EXPECTS_IN("kvc.Cache", rc.theta > 0, "rope_theta = ", rc.theta, ", expected > 0");
+               s.rope = rc;
+             }
              s.num_layers = num_layers;
              s.num_kv_heads = num_kv_heads;
              s.head_dim = head_dim;
@@ -209,14 +223,18 @@ NB_MODULE(_kvc, m) {
              new (self) session_cache(spec, s);
            },
            "spec"_a, "num_layers"_a, "num_kv_heads"_a, "head_dim"_a, "num_q_heads"_a = 0, "page_size"_a = 16,
-           "max_pages"_a = 1 << 16,
-           "num_q_heads: the model's query heads (0: num_kv_heads); max_pages: the page pool's capacity.")
+           "max_pages"_a = 1 << 16, "rope_theta"_a = nb::none(), "rope_style"_a = "rotate_half", "rotary_dim"_a = 0,
+           "num_q_heads: the model's query heads (0: num_kv_heads); max_pages: the page pool's capacity. "
+           "rope_theta, rope_style ('rotate_half' or 'interleaved'), rotary_dim (0: head_dim): the model's RoPE, "
+           "needed by expected_attention and pre_rope=1 storages, and used by leverage to un-rotate keys.")
       .def_prop_ro("spec", &session_cache::spec)
       .def_prop_ro("storage", &session_cache::storage, "the storage as a spec")
       .def_prop_ro("policy", &session_cache::policy, "the eviction policy's spec, or None")
       .def_prop_ro("observes", &session_cache::observes,
                    "what the policy reads: 'nothing', 'query_window' (pass queries to the phases) or 'attention' "
                    "(fed by attention())")
+      .def_prop_ro("pre_rope_keys", &session_cache::pre_rope_keys,
+                   "whether the storage keeps keys before RoPE: append un-rotated keys (pre_rope=1 storages)")
       .def_prop_ro("window", &session_cache::window, "queries the policy wants in its window (-1: the whole prompt)")
       .def_prop_ro("num_layers", [](const session_cache& c) { return c.config().num_layers; })
       .def_prop_ro("num_kv_heads", [](const session_cache& c) { return c.config().num_kv_heads; })
@@ -269,6 +287,16 @@ NB_MODULE(_kvc, m) {
            "float32 [num_q_heads, head_dim]. scale 0 means 1/sqrt(head_dim). Feeds the policy's attention "
            "observer (h2o, tova, ...).")
 
+      .def("observe_queries",
+           [](session_cache& c, std::int32_t layer, const in_array& q) {
+             check("kvc.Cache.observe_queries", "q", q, nb::dtype<float>(), "float32",
+                   {{"n", -1}, {"num_q_heads", c.num_q_heads()}, {"head_dim", c.config().head_dim}});
+             nb::gil_scoped_release unlocked;
+             c.observe_queries(layer, floats(q), static_cast<std::int32_t>(q.shape(0)));
+           },
+           "layer"_a, "q"_a,
+           "Expected Attention: adds the layer's queries before RoPE, float32 [n, num_q_heads, head_dim], to the "
+           "statistics its phases read.")
       .def("after_prefill",
            [](session_cache& c, kvc::seq_id seq, std::int32_t layer, const std::optional<in_array>& queries,
               const std::optional<in_array>& query_positions) {

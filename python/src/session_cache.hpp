@@ -36,6 +36,9 @@ struct shape {
   std::int32_t num_q_heads = 0;  ///< 0: num_kv_heads (no GQA)
   std::int32_t page_size = 16;
   std::int32_t max_pages = 1 << 16;
+  /// The model's RoPE, when the caller gives it: Expected Attention carries query statistics to
+  /// future positions with it, leverage un-rotates keys, pre_rope=1 storages rotate keys on read.
+  std::optional<kvc::rope_config> rope;
 };
 
 /// Forwards the members kvc's compressor and observer read to a runtime::any_cache (the
@@ -59,11 +62,12 @@ enum class phase { prefill, chunk, decode, compress };
 
 class session_cache {
  public:
-  session_cache(const std::string& spec, const shape& s) : spec_(spec) {
+  session_cache(const std::string& spec, const shape& s) : spec_(spec), rope_cfg_(s.rope) {
     const std::int32_t q_heads = s.num_q_heads ? s.num_q_heads : s.num_kv_heads;
     KVC_EXPECTS_IN("kvc.Cache", s.num_kv_heads > 0 && q_heads > 0 && q_heads % s.num_kv_heads == 0,
                    "num_q_heads = ", s.num_q_heads, ", expected a positive multiple of num_kv_heads = ",
                    s.num_kv_heads, " (or 0 for no GQA)");
+    if (rope_cfg_) rope_.emplace(*rope_cfg_);
     std::string storage = "fp32";
     bool have_storage = false;
     for (const kvc::runtime::spec_stage& st : kvc::runtime::parse_spec(spec)) {
@@ -85,16 +89,16 @@ class session_cache {
       kvc::runtime::evictor_context ctx;
       ctx.num_layers = s.num_layers;
       ctx.num_q_heads = q_heads;
+      ctx.rotary = rope_ ? &*rope_ : nullptr;
       ev_.emplace(kvc::runtime::make_evictor(st, ctx));
       if (ev_->cake)
         kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": policy '", st.name,
                                               "' (CAKE's layer budgets) is not exposed in Python yet, expected "
                                               "another policy"));
-      if (ev_->what() == kvc::evict::observes::query_stats)
-        kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": policy '", st.name,
-                                              "' observes pre-RoPE query statistics, which Python cannot feed "
-                                              "yet; expected a policy observing a query window, the decode "
-                                              "attention or nothing"));
+      if (ev_->what() == kvc::evict::observes::query_stats && !rope_)
+        kvc::detail::fail(kvc::detail::concat("kvc.Cache: rope_theta = None, expected the model's RoPE: policy '",
+                                              st.name, "' (in \"", spec,
+                                              "\") carries pre-RoPE query statistics to future positions"));
     }
     kvc::cache_config c;
     c.num_layers = s.num_layers;
@@ -102,11 +106,15 @@ class session_cache {
     c.head_dim = s.head_dim;
     c.page_size = s.page_size;
     c.max_pages = s.max_pages;
-    cache_ = kvc::runtime::make_cache(storage, c);
+    kvc::runtime::storage_options so;
+    so.rope = rope_cfg_ ? &*rope_cfg_ : nullptr;
+    cache_ = kvc::runtime::make_cache(storage, c, so);
     num_q_heads_ = q_heads;
     if (ev_) {
       comp_.emplace(ev_->compressor());
       if (ev_->what() == kvc::evict::observes::attention) observer_.emplace(ev_->observer);
+      if (ev_->what() == kvc::evict::observes::query_stats)
+        for (std::int32_t l = 0; l < s.num_layers; ++l) qstats_.emplace_back(q_heads, s.head_dim);
     }
   }
 
@@ -126,6 +134,8 @@ class session_cache {
     }
     return "nothing";
   }
+  /// Whether the storage keeps keys before RoPE (the caller then appends un-rotated keys).
+  bool pre_rope_keys() const { return cache_->pre_rope_keys(); }
   /// The queries the policy wants in its window: 0 none, -1 every query of the prompt.
   std::int32_t window() const noexcept { return ev_ ? ev_->window : 0; }
 
@@ -186,6 +196,17 @@ class session_cache {
     observer_->observe(any_cache_view{cache_.get()}, s, layer, probs_.data(), num_q_heads_, opt.probs_stride);
   }
 
+  /// Expected Attention: adds n pre-RoPE queries [n][num_q_heads][head_dim] of `layer` to its statistics.
+  void observe_queries(std::int32_t layer, const float* q, std::int32_t n) {
+    std::lock_guard<std::mutex> g(m_);
+    if (qstats_.empty())
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache.observe_queries: spec = \"", spec_,
+                                            "\" has no policy observing query statistics, expected one such as "
+                                            "expected_attention"));
+    need_layer(layer, "observe_queries");
+    qstats_[static_cast<std::size_t>(layer)].add(q, n);
+  }
+
   /// One compressor phase on one layer. `window` is the policy's query window when it observes one.
   kvc::evict::compress_report compress(phase ph, kvc::seq_id s, std::int32_t layer, const kvc::evict::query_window* window) {
     std::lock_guard<std::mutex> g(m_);
@@ -204,6 +225,12 @@ class session_cache {
       obs.window = window;
     }
     if (observer_) obs.attention = &*observer_;
+    kvc::evict::query_stats qs;
+    if (!qstats_.empty()) {
+      need_layer(layer, "compress");
+      qs = qstats_[static_cast<std::size_t>(layer)].view(&*rope_);
+      obs.stats = &qs;
+    }
     any_cache_view view{cache_.get()};
     switch (ph) {
       case phase::prefill: return comp_->after_prefill(view, s, layer, obs);
@@ -271,13 +298,22 @@ class session_cache {
                                             ", expected a sequence of this cache (from add_sequence or fork)"));
   }
 
+  void need_layer(std::int32_t layer, const char* call) const {
+    if (layer < 0 || layer >= cache_->config().num_layers)
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache.", call, ": layer = ", layer, ", expected 0..",
+                                            cache_->config().num_layers - 1));
+  }
+
   std::string spec_;
+  std::optional<kvc::rope_config> rope_cfg_;
+  std::optional<kvc::rope> rope_;  ///< what the evictor and the statistics point at
   std::optional<kvc::runtime::evictor> ev_;
   std::unique_ptr<kvc::runtime::any_cache> cache_;
   std::int32_t num_q_heads_ = 0;
   std::optional<kvc::evict::compressor<kvc::evict::any_scorer>> comp_;
   std::optional<kvc::evict::attention_observer> observer_;
   std::vector<float> probs_;
+  std::vector<kvc::evict::query_stats_accumulator> qstats_;  ///< [layer], pre-RoPE queries
   mutable std::mutex m_;
 };
 

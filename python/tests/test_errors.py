@@ -171,7 +171,7 @@ SPECS = [
     ("snapkv", "needs a budget"),
     ("kivi(bits=3)", "bits"),
     ("cake(ratio=0.5)", "cake"),
-    ("expected_attention(ratio=0.5)", "expected_attention"),
+    ("expected_attention(ratio=0.5)", "rope_theta = None"),
 ]
 
 
