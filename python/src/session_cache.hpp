@@ -1,0 +1,320 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `kvc_python::session_cache`: a cache built from a full spec ("[policy+]storage"), with the
+/// compressor and attention observer its policy needs, behind one lock. It is what
+/// examples/llama/kvc_backend.hpp does for the engine, for callers that hold no types at compile
+/// time (the Python module). It knows nothing of Python: module.cpp converts arrays and releases
+/// the GIL around the calls that take time, so this lock is what keeps two Python threads from
+/// running one cache's non-thread-safe members at once.
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <kvc/error.hpp>
+#include <kvc/evict/evict.hpp>
+#include <kvc/kvc.hpp>
+#include <kvc/runtime/evictor_registry.hpp>
+#include <kvc/runtime/make_cache.hpp>
+#include <kvc/runtime/mikv_storage.hpp>    // registers mikv
+#include <kvc/runtime/quant_storages.hpp>  // registers int8, int4, kivi, fp8, ...
+
+namespace kvc_python {
+
+/// The shape of the model whose K/V a cache holds.
+struct shape {
+  std::int32_t num_layers = 1;
+  std::int32_t num_kv_heads = 1;
+  std::int32_t head_dim = 64;
+  std::int32_t num_q_heads = 0;  ///< 0: num_kv_heads (no GQA)
+  std::int32_t page_size = 16;
+  std::int32_t max_pages = 1 << 16;
+  /// The model's RoPE, when the caller gives it: Expected Attention carries query statistics to
+  /// future positions with it, leverage un-rotates keys, pre_rope=1 storages rotate keys on read.
+  std::optional<kvc::rope_config> rope;
+};
+
+/// Forwards the members kvc's compressor and observer read to a runtime::any_cache (the
+/// compressor probes members any_cache does not have, as examples/llama/kvc_backend.hpp notes).
+struct any_cache_view {
+  using value_type = float;
+  kvc::runtime::any_cache* c;
+  const kvc::cache_config& config() const { return c->config(); }
+  std::int32_t length(kvc::seq_id s, std::int32_t l, std::int32_t h) const { return c->length(s, l, h); }
+  const std::int32_t* positions(kvc::seq_id s, std::int32_t l, std::int32_t h) const { return c->positions(s, l, h); }
+  std::int32_t seen(kvc::seq_id s, std::int32_t l) const { return c->seen(s, l); }
+  void gather(kvc::seq_id s, std::int32_t l, std::int32_t h, float* k, float* v = nullptr) const { c->gather(s, l, h, k, v); }
+  void keep_layer(kvc::seq_id s, std::int32_t l, const std::vector<std::vector<std::int32_t>>& kept) {
+    c->keep_layer(s, l, kept);
+  }
+  std::size_t bytes_in_use() const { return c->bytes_in_use(); }
+  std::size_t bytes_in_use(std::int32_t l) const { return c->bytes_in_use(l); }
+};
+
+enum class phase { prefill, chunk, decode, compress };
+
+class session_cache {
+ public:
+  session_cache(const std::string& spec, const shape& s) : spec_(spec), rope_cfg_(s.rope) {
+    const std::int32_t q_heads = s.num_q_heads ? s.num_q_heads : s.num_kv_heads;
+    KVC_EXPECTS_IN("kvc.Cache", s.num_kv_heads > 0 && q_heads > 0 && q_heads % s.num_kv_heads == 0,
+                   "num_q_heads = ", s.num_q_heads, ", expected a positive multiple of num_kv_heads = ",
+                   s.num_kv_heads, " (or 0 for no GQA)");
+    if (rope_cfg_) rope_.emplace(*rope_cfg_);
+    std::string storage = "fp32";
+    bool have_storage = false;
+    for (const kvc::runtime::spec_stage& st : kvc::runtime::parse_spec(spec)) {
+      if (kvc::runtime::is_storage(st.name)) {
+        if (have_storage)
+          kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\" has two storages ('", storage,
+                                                "' and '", st.text, "'), expected at most one"));
+        storage = st.text;
+        have_storage = true;
+        continue;
+      }
+      if (!kvc::runtime::is_evictor(st.name))
+        kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": '", st.name,
+                                              "' is neither a storage (", kvc::runtime::known_storages(),
+                                              ") nor an eviction policy (", kvc::runtime::known_evictors(), ")"));
+      if (ev_)
+        kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\" has two eviction policies ('",
+                                              ev_->spec, "' and '", st.text, "'), expected at most one"));
+      kvc::runtime::evictor_context ctx;
+      ctx.num_layers = s.num_layers;
+      ctx.num_q_heads = q_heads;
+      ctx.rotary = rope_ ? &*rope_ : nullptr;
+      ev_.emplace(kvc::runtime::make_evictor(st, ctx));
+      if (ev_->cake)
+        kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": policy '", st.name,
+                                              "' (CAKE's layer budgets) is not exposed in Python yet, expected "
+                                              "another policy"));
+      if (ev_->what() == kvc::evict::observes::query_stats && !rope_)
+        kvc::detail::fail(kvc::detail::concat("kvc.Cache: rope_theta = None, expected the model's RoPE: policy '",
+                                              st.name, "' (in \"", spec,
+                                              "\") carries pre-RoPE query statistics to future positions"));
+    }
+    kvc::cache_config c;
+    c.num_layers = s.num_layers;
+    c.num_kv_heads = s.num_kv_heads;
+    c.head_dim = s.head_dim;
+    c.page_size = s.page_size;
+    c.max_pages = s.max_pages;
+    kvc::runtime::storage_options so;
+    so.rope = rope_cfg_ ? &*rope_cfg_ : nullptr;
+    cache_ = kvc::runtime::make_cache(storage, c, so);
+    num_q_heads_ = q_heads;
+    if (ev_) {
+      comp_.emplace(ev_->compressor());
+      if (ev_->what() == kvc::evict::observes::attention) observer_.emplace(ev_->observer);
+      if (ev_->what() == kvc::evict::observes::query_stats)
+        for (std::int32_t l = 0; l < s.num_layers; ++l) qstats_.emplace_back(q_heads, s.head_dim);
+    }
+  }
+
+  const std::string& spec() const noexcept { return spec_; }
+  std::string storage() const { return cache_->name(); }
+  std::optional<std::string> policy() const { return ev_ ? std::optional<std::string>(ev_->spec) : std::nullopt; }
+  const kvc::cache_config& config() const { return cache_->config(); }
+  std::int32_t num_q_heads() const noexcept { return num_q_heads_; }
+  /// What the policy observes: "nothing", "query_window" or "attention" ("nothing" without a policy).
+  std::string observes() const {
+    if (!ev_) return "nothing";
+    switch (ev_->what()) {
+      case kvc::evict::observes::query_window: return "query_window";
+      case kvc::evict::observes::attention: return "attention";
+      case kvc::evict::observes::query_stats: return "query_stats";
+      case kvc::evict::observes::nothing: break;
+    }
+    return "nothing";
+  }
+  /// Whether the storage keeps keys before RoPE (the caller then appends un-rotated keys).
+  bool pre_rope_keys() const { return cache_->pre_rope_keys(); }
+  /// The queries the policy wants in its window: 0 none, -1 every query of the prompt.
+  std::int32_t window() const noexcept { return ev_ ? ev_->window : 0; }
+
+  kvc::seq_id add_sequence() {
+    std::lock_guard<std::mutex> g(m_);
+    return cache_->add_sequence();
+  }
+  void remove_sequence(kvc::seq_id s) {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "remove_sequence");
+    cache_->remove_sequence(s);
+    if (comp_) comp_->remove_sequence(s);
+    if (observer_) observer_->remove_sequence(s);
+  }
+  bool contains(kvc::seq_id s) const {
+    std::lock_guard<std::mutex> g(m_);
+    return cache_->contains(s);
+  }
+  kvc::seq_id fork(kvc::seq_id s) {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "fork");
+    const kvc::seq_id t = cache_->fork(s);
+    if (observer_) {
+      try {
+        observer_->fork(s, t);
+      } catch (...) {
+        cache_->remove_sequence(t);  // all or nothing: no half-forked sequence stays behind
+        throw;
+      }
+    }
+    return t;
+  }
+
+  /// k, v: [n][num_kv_heads][head_dim]; positions: [n] or null.
+  void append(kvc::seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
+              const std::int32_t* positions) {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "append");
+    cache_->append(s, layer, k, v, n, positions);
+  }
+
+  /// q: [num_q_heads][head_dim] -> out: the same shape. Feeds the policy's attention observer.
+  void attention(kvc::seq_id s, std::int32_t layer, const float* q, float* out, float scale) {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "attention");
+    kvc::decode_options opt;
+    opt.scale = scale;
+    if (!observer_) {
+      cache_->attention(s, layer, q, num_q_heads_, out, opt);
+      return;
+    }
+    std::int32_t longest = 0;
+    for (std::int32_t h = 0; h < cache_->config().num_kv_heads; ++h) longest = std::max(longest, cache_->length(s, layer, h));
+    probs_.assign(static_cast<std::size_t>(num_q_heads_) * static_cast<std::size_t>(std::max(longest, 1)), 0.0f);
+    opt.probs = probs_.data();
+    opt.probs_stride = std::max(longest, 1);
+    cache_->attention(s, layer, q, num_q_heads_, out, opt);
+    observer_->observe(any_cache_view{cache_.get()}, s, layer, probs_.data(), num_q_heads_, opt.probs_stride);
+  }
+
+  /// Expected Attention: adds n pre-RoPE queries [n][num_q_heads][head_dim] of `layer` to its statistics.
+  void observe_queries(std::int32_t layer, const float* q, std::int32_t n) {
+    std::lock_guard<std::mutex> g(m_);
+    if (qstats_.empty())
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache.observe_queries: spec = \"", spec_,
+                                            "\" has no policy observing query statistics, expected one such as "
+                                            "expected_attention"));
+    need_layer(layer, "observe_queries");
+    qstats_[static_cast<std::size_t>(layer)].add(q, n);
+  }
+
+  /// One compressor phase on one layer. `window` is the policy's query window when it observes one.
+  kvc::evict::compress_report compress(phase ph, kvc::seq_id s, std::int32_t layer, const kvc::evict::query_window* window) {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "compress");
+    if (!comp_)
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec_,
+                                            "\" has no eviction policy, expected one (e.g. \"snapkv(ratio=0.5)+",
+                                            cache_->name(), "\") to compress"));
+    kvc::evict::observations obs;
+    if (ev_->what() == kvc::evict::observes::query_window) {
+      if (!window)
+        kvc::detail::fail(kvc::detail::concat("kvc.Cache: queries = None, expected the last ",
+                                              ev_->window < 0 ? std::string("(every) prompt") : std::to_string(ev_->window),
+                                              " rotated queries [n, num_q_heads, head_dim]: policy '", ev_->spec,
+                                              "' observes a query window"));
+      obs.window = window;
+    }
+    if (observer_) obs.attention = &*observer_;
+    kvc::evict::query_stats qs;
+    if (!qstats_.empty()) {
+      need_layer(layer, "compress");
+      qs = qstats_[static_cast<std::size_t>(layer)].view(&*rope_);
+      obs.stats = &qs;
+    }
+    any_cache_view view{cache_.get()};
+    switch (ph) {
+      case phase::prefill: return comp_->after_prefill(view, s, layer, obs);
+      case phase::chunk: return comp_->after_chunk(view, s, layer, obs);
+      case phase::decode: return comp_->after_decode_step(view, s, layer, obs);
+      case phase::compress: break;
+    }
+    return comp_->compress(view, s, layer, obs);
+  }
+
+  std::int32_t length(kvc::seq_id s, std::int32_t layer, std::int32_t head) const {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "length");
+    return cache_->length(s, layer, head);
+  }
+  std::vector<std::int32_t> positions(kvc::seq_id s, std::int32_t layer, std::int32_t head) const {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "positions");
+    const std::int32_t n = cache_->length(s, layer, head);
+    const std::int32_t* p = cache_->positions(s, layer, head);
+    return std::vector<std::int32_t>(p, p + n);
+  }
+  std::int32_t seen(kvc::seq_id s, std::int32_t layer) const {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "seen");
+    return cache_->seen(s, layer);
+  }
+  /// The kept K and V of one stream as float, each [length][head_dim].
+  void gather(kvc::seq_id s, std::int32_t layer, std::int32_t head, std::vector<float>& k, std::vector<float>& v) const {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "gather");
+    const std::size_t n = static_cast<std::size_t>(cache_->length(s, layer, head));
+    k.resize(n * static_cast<std::size_t>(cache_->config().head_dim));
+    v.resize(k.size());
+    cache_->gather(s, layer, head, k.data(), v.data());
+  }
+
+  std::size_t bytes_in_use() const {
+    std::lock_guard<std::mutex> g(m_);
+    return cache_->bytes_in_use();
+  }
+  std::size_t bytes_in_use(std::int32_t layer) const {
+    std::lock_guard<std::mutex> g(m_);
+    return cache_->bytes_in_use(layer);
+  }
+  kvc::memory_traffic traffic() const {
+    std::lock_guard<std::mutex> g(m_);
+    return cache_->traffic();
+  }
+  std::size_t metadata_bytes() const {
+    std::lock_guard<std::mutex> g(m_);
+    return cache_->metadata_bytes();
+  }
+  std::int64_t tokens_held() const {
+    std::lock_guard<std::mutex> g(m_);
+    return cache_->tokens_held();
+  }
+
+ private:
+  /// The sequence check every call makes first, so an unknown id is reported the same way
+  /// whatever the storage (and before the compressor or observer see it).
+  void need_seq(kvc::seq_id s, const char* call) const {
+    if (!cache_->contains(s))
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache.", call, ": seq = ", s,
+                                            ", expected a sequence of this cache (from add_sequence or fork)"));
+  }
+
+  void need_layer(std::int32_t layer, const char* call) const {
+    if (layer < 0 || layer >= cache_->config().num_layers)
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache.", call, ": layer = ", layer, ", expected 0..",
+                                            cache_->config().num_layers - 1));
+  }
+
+  std::string spec_;
+  std::optional<kvc::rope_config> rope_cfg_;
+  std::optional<kvc::rope> rope_;  ///< what the evictor and the statistics point at
+  std::optional<kvc::runtime::evictor> ev_;
+  std::unique_ptr<kvc::runtime::any_cache> cache_;
+  std::int32_t num_q_heads_ = 0;
+  std::optional<kvc::evict::compressor<kvc::evict::any_scorer>> comp_;
+  std::optional<kvc::evict::attention_observer> observer_;
+  std::vector<float> probs_;
+  std::vector<kvc::evict::query_stats_accumulator> qstats_;  ///< [layer], pre-RoPE queries
+  mutable std::mutex m_;
+};
+
+}  // namespace kvc_python

@@ -1,0 +1,57 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared helpers: a float64 numpy reference of decode attention, and a snapshot of a cache's
+whole state for the tests that check a rejected call changed nothing."""
+import numpy as np
+import pytest
+
+import kvc
+
+
+def attention_reference(q, k, v, scale=None):
+    """Decode attention in float64 with GQA: q [Hq, D], k/v [n, H, D]; query head h reads kv head
+    h // (Hq // H)."""
+    q = np.asarray(q, np.float64)
+    k = np.asarray(k, np.float64)
+    v = np.asarray(v, np.float64)
+    hq, d = q.shape
+    h = k.shape[1]
+    group = hq // h
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    out = np.empty((hq, d))
+    for qh in range(hq):
+        kh = qh // group
+        s = k[:, kh, :] @ q[qh] * scale
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        out[qh] = p @ v[:, kh, :]
+    return out
+
+
+def snapshot(cache, seqs):
+    """Everything a call could change: pool figures and, per stream, positions, K and V."""
+    state = {
+        "bytes": cache.bytes_in_use(),
+        "allocated": cache.bytes_allocated,
+        "released": cache.bytes_released,
+        "tokens": cache.tokens_held,
+        "seqs": {s: cache.contains(s) for s in seqs},
+    }
+    for s in seqs:
+        if not cache.contains(s):
+            continue
+        for layer in range(cache.num_layers):
+            state[(s, layer)] = cache.seen(s, layer)
+            for head in range(cache.num_kv_heads):
+                k, v = cache.gather(s, layer, head)
+                state[(s, layer, head)] = (cache.positions(s, layer, head).tolist(), k.tobytes(), v.tobytes())
+    return state
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def random_kv(rng, n, heads, dim):
+    return (rng.standard_normal((n, heads, dim)).astype(np.float32),
+            rng.standard_normal((n, heads, dim)).astype(np.float32))
