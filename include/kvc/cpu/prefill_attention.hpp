@@ -49,9 +49,10 @@ inline constexpr const char* api_name = "kvc::cpu::prefill_attention";
 inline constexpr std::int32_t row_block = 8;
 static_assert(row_block <= detail::max_group, "a row block is one of decode's register blocks");
 /// Row blocks per task: the K/V tile a task reads is reused from L1 by this many blocks, and
-/// their accumulators (blocks x 8 x head_dim floats, 32 KiB at head_dim 64) stay in L2. Smaller
-/// tasks balance the causal triangle across threads better. kvc-llama SmolLM2-135M 4,096-token
-/// prefill, 2 threads (2026-12, 2-core AVX2 VM): see docs/results.md, "Prefill".
+/// their accumulators (blocks x 8 x head_dim floats, 32 KiB at head_dim 64) stay in L2; smaller
+/// tasks balance the causal triangle across threads better. Chosen from that budget, not timed
+/// against other values: with it, attention is ~18% of kvc-llama's 1,024-token prefill (perf,
+/// SmolLM2-135M, -march=native, 2026-12) and the weight GEMMs most of the rest.
 inline constexpr std::int32_t task_blocks = 16;
 
 /// Rows of tokens [t0, t0 + tn) of a contiguous float buffer [n][D] (a gathered stream).
