@@ -195,6 +195,7 @@ TEST_CASE("prefill attention over fp32 and fp16 kv_cache equals the dense causal
   check_prefill(c, s, 0, read_back(c, s, 0), q, qpos, 9, nullptr);
   WARN("prefill attention kernels: " << kvc_test::simd_path());
   if (kvc_test::expect_avx2()) REQUIRE(kvc_test::simd_path().find("avx2") != std::string::npos);
+  if (kvc_test::expect_avx512()) REQUIRE(kvc_test::simd_path().find("avx512") != std::string::npos);
 }
 
 TEST_CASE("prefill attention over an int8 quant_cache equals the reference over its dequantized values",
