@@ -44,6 +44,16 @@ public:
     /// `q` is [num_q_heads][head_dim] (rotated), `out` receives [num_q_heads][head_dim].
     virtual void attend(int layer, const float* q, float* out) = 0;
 
+    /// Whether a prefill chunk may be attended in one call (attend_chunk) instead of token by token:
+    /// the engine then appends the chunk's K/V at once and attends all its queries together.
+    virtual bool attends_chunks() const { return false; }
+    /// Causal attention of the `n` query tokens just appended to `layer`: `q` is
+    /// [n][num_q_heads][head_dim] (rotated), `out` receives the same shape; query i attends to the
+    /// stored tokens whose position is <= positions[i]. Only called where attends_chunks() is true.
+    virtual void attend_chunk(int /*layer*/, const float* /*q*/, int /*n*/, const int32_t* /*positions*/, float* /*out*/) {
+        throw std::logic_error("kv_store::attend_chunk: this store attends token by token (attends_chunks() is false)");
+    }
+
     /// Tokens kept by one (layer, kv head) stream; compression makes these differ.
     virtual int length(int layer, int kv_head) const = 0;
 

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <optional>
 #include <string>
@@ -67,6 +68,9 @@ public:
         so.rope = &rc;
         cache_ = kvc::runtime::make_cache(storage, c, so);
         seq_ = cache_->add_sequence();
+        // The former prefill (every prompt token attended alone), for A/B timing and checks.
+        const char* tp = std::getenv("KVC_LLAMA_TOKEN_PREFILL");
+        token_prefill_ = tp && *tp && std::string(tp) != "0";
     }
 
     /// Attaches eviction: the compressor and, for decode-time scorers, the attention observer
@@ -121,6 +125,18 @@ public:
         cache_->attention(seq_, layer, q, shape_.num_q_heads, out, opt);
     }
 
+    /// Decode-time observers (H2O, TOVA, Scissorhands) see every prompt token's attention, one
+    /// step at a time, and mikv records what its attention() reads: those keep the token-by-token
+    /// prefill, so they accumulate what they did before.
+    bool attends_chunks() const override {
+        return !token_prefill_ && !observer_ && cache_->has_prefill_attention();
+    }
+    void attend_chunk(int layer, const float* q, int n, const int32_t* positions, float* out) override {
+        kvc::decode_options opt;
+        opt.pool = pool_;
+        cache_->prefill_attention(seq_, layer, q, n, positions, shape_.num_q_heads, out, opt);
+    }
+
     enum class phase { prefill, chunk, decode };
 
     /// Runs the compressor over every layer. `window(layer)` gives the engine's recent rotated
@@ -170,6 +186,7 @@ public:
 private:
     kv_shape shape_;
     kvc::thread_pool* pool_ = nullptr;
+    bool token_prefill_ = false;  // KVC_LLAMA_TOKEN_PREFILL: attend the prompt token by token
     std::unique_ptr<kvc::runtime::any_cache> cache_;
     kvc::seq_id seq_ = 0;
     std::optional<kvc::evict::compressor<kvc::evict::any_scorer>> comp_;

@@ -150,7 +150,7 @@ int main(int argc, char** argv) {
             logits = mdl.forward(s, &next, 1, 1);
             make.after_decode(s);
         }
-        std::cout << "\n";
+        std::cout << std::endl;  // flushed: the timing line below goes to unbuffered stderr
         if (!dump_kept.empty()) {
             std::ofstream out(dump_kept);
             out << llama::kept_positions_json(*s.kv, cache_spec, mdl.shape(),

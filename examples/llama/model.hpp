@@ -215,11 +215,17 @@ private:
                 rope(q.row(t).data(), hp_.n_head, pos[static_cast<std::size_t>(t)]);
                 if (!pre_rope_keys) rope(k.row(t).data(), hp_.n_head_kv, pos[static_cast<std::size_t>(t)]);
             }
-            // Causal attention through the store: token t sees the past and tokens ≤ t of
-            // this chunk because it is appended just before it attends.
-            for (int t = 0; t < n; ++t) {
-                s.kv->append(l, k.row(t).data(), v.row(t).data(), 1, &pos[static_cast<std::size_t>(t)]);
-                s.kv->attend(l, q.row(t).data(), att.row(t).data());
+            if (n > 1 && s.kv->attends_chunks()) {
+                // The whole chunk at once: the store masks by position (kvc::prefill_attention).
+                s.kv->append(l, k.data(), v.data(), n, pos.data());
+                s.kv->attend_chunk(l, q.data(), n, pos.data(), att.data());
+            } else {
+                // Causal attention through the store: token t sees the past and tokens ≤ t of
+                // this chunk because it is appended just before it attends.
+                for (int t = 0; t < n; ++t) {
+                    s.kv->append(l, k.row(t).data(), v.row(t).data(), 1, &pos[static_cast<std::size_t>(t)]);
+                    s.kv->attend(l, q.row(t).data(), att.row(t).data());
+                }
             }
             if (s.query_window > 0) remember_queries(s, l, q);
             x.noalias() += att * w.wo.transpose();

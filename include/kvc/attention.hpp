@@ -9,6 +9,9 @@
 /// (kvc::device_accessor) run kvc::cuda::decode_attention, which exists only in .cu files that
 /// include <kvc/cuda.cuh> (it specialises `decode_backend<device_memory>`); without it, a device
 /// view is a compile error that says so.
+/// `kvc::prefill_attention(cache, seq, layer, q, num_queries, q_positions, num_q_heads, out, opt)`:
+/// causal attention of a chunk of queries against one layer of a host cache, per ISA likewise.
+/// There is no device backend for it.
 ///
 /// A top-level header, not attention/: attention/ holds what every backend builds on (options,
 /// RoPE, the split plan, the double reference), so it sits below cpu/ and cuda/, while this front
@@ -19,6 +22,7 @@
 
 #include <kvc/attention/options.hpp>
 #include <kvc/cpu/decode_attention.hpp>
+#include <kvc/cpu/prefill_attention.hpp>
 #include <kvc/isa.hpp>
 #include <kvc/view/accessor.hpp>
 
@@ -51,6 +55,15 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
   using space = typename std::decay_t<decltype(heads.keys(0))>::memory_space;
   if constexpr (std::is_same<space, host_memory>::value) cpu::decode_attention(heads, q, num_q_heads, out, opt);
   else decode_backend<space>::run(heads, q, num_q_heads, out, opt);
+}
+
+/// Causal prefill attention for one sequence and one layer (kvc::cpu::prefill_attention: shapes,
+/// options and errors).
+template <class Cache, class Seq>
+void prefill_attention(const Cache& cache, Seq seq, std::int32_t layer, const float* q, std::int32_t num_queries,
+                       const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
+                       const decode_options& opt = {}) {
+  cpu::prefill_attention(cache, seq, layer, q, num_queries, q_positions, num_q_heads, out, opt);
 }
 
 KVC_END_ISA_NAMESPACE

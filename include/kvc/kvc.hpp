@@ -11,6 +11,7 @@
 #include <kvc/attention/rope.hpp>
 #include <kvc/config.hpp>
 #include <kvc/cpu/decode_attention.hpp>
+#include <kvc/cpu/prefill_attention.hpp>
 #include <kvc/cpu/simd.hpp>
 #include <kvc/error.hpp>
 #include <kvc/parallel/thread_pool.hpp>

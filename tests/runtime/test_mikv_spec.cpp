@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -399,4 +400,67 @@ TEST_CASE("mikv spec: bad parameters name the parameter, the value and the expec
   o.rope = &rc;
   CHECK(kvc::runtime::make_cache("mikv(pre_rope=1)", c, o)->pre_rope_keys());
   CHECK_FALSE(kvc::runtime::make_cache("mikv", c)->pre_rope_keys());
+}
+
+TEST_CASE("any_cache::prefill_attention: every cache_adapter storage against a double causal reference; mikv refuses",
+          "[runtime][prefill]") {
+  const std::int32_t H = 2, D = 32, G = 2, n = 70;
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd;
+  std::vector<float> k(static_cast<std::size_t>(n) * H * D), v(k.size());
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  // Queries at the last position (it sees every token: decode attention's answer), an early one
+  // and one in the middle.
+  const std::vector<std::int32_t> qpos{n - 1, 4, 40};
+  const std::int32_t nq = static_cast<std::int32_t>(qpos.size()), hq = H * G;
+  std::vector<float> q(static_cast<std::size_t>(nq) * hq * D);
+  for (auto& x : q) x = nd(rng);
+  for (const char* spec : {"fp32", "fp16", "int8", "kivi(bits=2,group=32,residual=32)", "int4(pre_rope=1)"}) {
+    INFO(spec);
+    kvc::runtime::storage_options so;
+    kvc::rope_config rc;
+    rc.head_dim = D;
+    so.rope = &rc;
+    auto c = kvc::runtime::make_cache(spec, kvc_test::cache_shape(1, H, D, 16, 256), so);
+    REQUIRE(c->has_prefill_attention());
+    const auto s = c->add_sequence();
+    c->append(s, 0, k.data(), v.data(), n);
+    std::vector<float> out(q.size()), dec(static_cast<std::size_t>(hq) * D);
+    c->prefill_attention(s, 0, q.data(), nq, qpos.data(), hq, out.data());
+    c->attention(s, 0, q.data(), hq, dec.data());
+    for (std::size_t i = 0; i < dec.size(); ++i) CHECK(std::fabs(out[i] - dec[i]) <= 1e-5f * (1 + std::fabs(dec[i])));
+    for (std::int32_t h = 0; h < H; ++h) {
+      std::vector<float> kd(static_cast<std::size_t>(n) * D), vd(kd.size());
+      c->gather(s, 0, h, kd.data(), vd.data());
+      for (std::int32_t i = 0; i < nq; ++i)
+        for (std::int32_t g = 0; g < G; ++g) {
+          const float* qv = q.data() + (static_cast<std::size_t>(i) * hq + h * G + g) * D;
+          const std::int32_t m = qpos[static_cast<std::size_t>(i)] + 1;  // tokens 0..pos (positions = indices)
+          std::vector<double> sc(static_cast<std::size_t>(m));
+          double mx = -1e300, sum = 0;
+          for (std::int32_t t = 0; t < m; ++t) {
+            double a = 0;
+            for (std::int32_t d = 0; d < D; ++d) a += double(qv[d]) * kd[static_cast<std::size_t>(t) * D + d];
+            sc[static_cast<std::size_t>(t)] = a / std::sqrt(double(D));
+            mx = std::max(mx, sc[static_cast<std::size_t>(t)]);
+          }
+          for (double x : sc) sum += std::exp(x - mx);
+          for (std::int32_t d = 0; d < D; ++d) {
+            double a = 0;
+            for (std::int32_t t = 0; t < m; ++t)
+              a += std::exp(sc[static_cast<std::size_t>(t)] - mx) / sum * vd[static_cast<std::size_t>(t) * D + d];
+            CHECK(std::fabs(out[(static_cast<std::size_t>(i) * hq + h * G + g) * D + d] - a) <= 2e-5 * (1 + std::fabs(a)));
+          }
+        }
+    }
+  }
+  auto m = kvc::runtime::make_cache("mikv", kvc_test::cache_shape(1, H, D, 16, 256));
+  CHECK_FALSE(m->has_prefill_attention());
+  const auto s = m->add_sequence();
+  m->append(s, 0, k.data(), v.data(), n);
+  std::vector<float> out(q.size());
+  REQUIRE_THROWS_WITH(m->prefill_attention(s, 0, q.data(), nq, qpos.data(), hq, out.data()),
+                      Catch::Contains("kvc::runtime::any_cache::prefill_attention: storage 'mikv") &&
+                          Catch::Contains("has no prefill attention"));
 }

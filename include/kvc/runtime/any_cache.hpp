@@ -24,6 +24,7 @@
 
 #include <kvc/attention/options.hpp>
 #include <kvc/cpu/decode_attention.hpp>
+#include <kvc/cpu/prefill_attention.hpp>
 #include <kvc/error.hpp>
 #include <kvc/isa.hpp>
 #include <kvc/store/kv_cache.hpp>
@@ -59,6 +60,20 @@ class any_cache {
   /// Decode attention for one layer: q [num_q_heads][head_dim] -> out [num_q_heads][head_dim].
   virtual void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
                          const decode_options& opt = {}) const = 0;
+
+  /// Whether prefill_attention() is available: false for storages whose attention() records what
+  /// it attends (mikv's importance), whose prompt must then be attended token by token.
+  virtual bool has_prefill_attention() const { return false; }
+  /// Causal prefill attention for one layer (kvc::cpu::prefill_attention): q and out
+  /// [num_queries][num_q_heads][head_dim], query i at q_positions[i]; opt.lse is
+  /// [num_queries][num_q_heads]. Throws kvc::error where has_prefill_attention() is false.
+  virtual void prefill_attention(seq_id /*s*/, std::int32_t /*layer*/, const float* /*q*/, std::int32_t /*num_queries*/,
+                                 const std::int32_t* /*q_positions*/, std::int32_t /*num_q_heads*/, float* /*out*/,
+                                 const decode_options& /*opt*/ = {}) const {
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::any_cache::prefill_attention: storage '", name(),
+                                          "' has no prefill attention (has_prefill_attention() is false), expected "
+                                          "attention() token by token"));
+  }
 
   virtual std::size_t bytes_in_use() const = 0;
   virtual std::size_t bytes_in_use(std::int32_t layer) const = 0;
@@ -140,6 +155,12 @@ class cache_adapter final : public any_cache {
   void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
                  const decode_options& opt) const override {
     Attend{}(c_, s, layer, q, num_q_heads, out, opt);
+  }
+  bool has_prefill_attention() const override { return true; }
+  void prefill_attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_queries,
+                         const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
+                         const decode_options& opt) const override {
+    kvc::cpu::prefill_attention(c_, s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
   }
   std::size_t bytes_in_use() const override { return c_.bytes_in_use(); }
   std::size_t bytes_in_use(std::int32_t layer) const override { return c_.bytes_in_use(layer); }
