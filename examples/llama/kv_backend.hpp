@@ -47,6 +47,10 @@ public:
     /// Whether a prefill chunk may be attended in one call (attend_chunk) instead of token by token:
     /// the engine then appends the chunk's K/V at once and attends all its queries together.
     virtual bool attends_chunks() const { return false; }
+    /// How many of the next `limit` tokens of `layer` may be appended and attended as one chunk
+    /// with what token-by-token prefill would give (kvc's chunk_tokens: a KIVI or GEAR residual
+    /// window re-encodes every group of tokens, so its runs end there). At least 1.
+    virtual int chunk_run(int /*layer*/, int limit) const { return limit < 1 ? limit : 1; }
     /// Causal attention of the `n` query tokens just appended to `layer`: `q` is
     /// [n][num_q_heads][head_dim] (rotated), `out` receives the same shape; query i attends to the
     /// stored tokens whose position is <= positions[i]. Only called where attends_chunks() is true.

@@ -131,6 +131,7 @@ public:
     bool attends_chunks() const override {
         return !token_prefill_ && !observer_ && cache_->has_prefill_attention();
     }
+    int chunk_run(int layer, int limit) const override { return cache_->chunk_tokens(seq_, layer, limit); }
     void attend_chunk(int layer, const float* q, int n, const int32_t* positions, float* out) override {
         kvc::decode_options opt;
         opt.pool = pool_;

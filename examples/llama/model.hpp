@@ -216,9 +216,14 @@ private:
                 if (!pre_rope_keys) rope(k.row(t).data(), hp_.n_head_kv, pos[static_cast<std::size_t>(t)]);
             }
             if (n > 1 && s.kv->attends_chunks()) {
-                // The whole chunk at once: the store masks by position (kvc::prefill_attention).
-                s.kv->append(l, k.data(), v.data(), n, pos.data());
-                s.kv->attend_chunk(l, q.data(), n, pos.data(), att.data());
+                // Runs of the chunk at once (the store masks by position, kvc::prefill_attention),
+                // each as long as the store shows it what token by token would (chunk_run).
+                for (int t0 = 0; t0 < n;) {
+                    const int r = s.kv->chunk_run(l, n - t0);
+                    s.kv->append(l, k.row(t0).data(), v.row(t0).data(), r, &pos[static_cast<std::size_t>(t0)]);
+                    s.kv->attend_chunk(l, q.row(t0).data(), r, &pos[static_cast<std::size_t>(t0)], att.row(t0).data());
+                    t0 += r;
+                }
             } else {
                 // Causal attention through the store: token t sees the past and tokens ≤ t of
                 // this chunk because it is appended just before it attends.

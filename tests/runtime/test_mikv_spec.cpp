@@ -464,3 +464,88 @@ TEST_CASE("any_cache::prefill_attention: every cache_adapter storage against a d
                       Catch::Contains("kvc::runtime::any_cache::prefill_attention: storage 'mikv") &&
                           Catch::Contains("has no prefill attention"));
 }
+
+TEST_CASE("any_cache::chunk_tokens: runs of a chunk appended and attended together equal token-by-token decode",
+          "[runtime][prefill]") {
+  // The engine prefills in runs of chunk_tokens(); each query must see what appending and
+  // attending token by token shows it. KIVI and GEAR re-encode a group when their residual window
+  // overflows, so a whole chunk appended at once shows recent tokens quantized: the control below
+  // checks that this test notices that.
+  const std::int32_t H = 2, D = 32, G = 2, hq = H * G, n = 150;
+  std::mt19937 rng(29);
+  std::normal_distribution<float> nd;
+  std::vector<float> k(static_cast<std::size_t>(n) * H * D), v(k.size()), q(static_cast<std::size_t>(n) * hq * D);
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  for (auto& x : q) x = nd(rng);
+  std::vector<std::int32_t> pos(static_cast<std::size_t>(n));
+  for (std::int32_t i = 0; i < n; ++i) pos[static_cast<std::size_t>(i)] = i;
+  const std::size_t row = static_cast<std::size_t>(hq) * D, kv_row = static_cast<std::size_t>(H) * D;
+  const std::int32_t cut = 77;  // both caches drop every fifth token of each head here
+  auto drop = [&](kvc::runtime::any_cache& c, kvc::seq_id s) {
+    std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h)
+      for (std::int32_t i = 0; i < c.length(s, 0, h); ++i)
+        if ((i + h) % 5 != 0) kept[static_cast<std::size_t>(h)].push_back(i);
+    c.keep_layer(s, 0, kept);
+  };
+  struct cs {
+    const char* spec;
+    bool reencodes;  // whether a whole chunk appended at once must differ (the control)
+  };
+  for (const cs& x : {cs{"fp16", false}, cs{"int8", false}, cs{"kivi(bits=2,residual=32)", true},
+                      cs{"kivi(bits=4,residual=32,sinks=3)", true}, cs{"gear(bits=4)", true}}) {
+    INFO(x.spec);
+    const auto shape = kvc_test::cache_shape(1, H, D, 16, 512);
+    auto a = kvc::runtime::make_cache(x.spec, shape), b = kvc::runtime::make_cache(x.spec, shape);
+    const auto sa = a->add_sequence(), sb = b->add_sequence();
+    std::vector<float> out_a(static_cast<std::size_t>(n) * row), out_b(out_a.size());
+    for (std::int32_t t = 0; t < n; ++t) {  // reference: token by token, decode attention
+      if (t == cut) drop(*a, sa);
+      a->append(sa, 0, k.data() + t * kv_row, v.data() + t * kv_row, 1, &pos[static_cast<std::size_t>(t)]);
+      a->attention(sa, 0, q.data() + t * row, hq, out_a.data() + t * row);
+    }
+    std::int32_t longest_run = 0;
+    for (std::int32_t t0 = 0; t0 < n;) {  // engine chunks of random length, split into runs
+      if (t0 == cut) drop(*b, sb);
+      const std::int32_t chunk_end = std::min({n, t0 + std::uniform_int_distribution<std::int32_t>(1, 60)(rng),
+                                               t0 < cut ? cut : n});
+      while (t0 < chunk_end) {
+        const std::int32_t r = b->chunk_tokens(sb, 0, chunk_end - t0);
+        REQUIRE(r >= 1);
+        REQUIRE(r <= chunk_end - t0);
+        longest_run = std::max(longest_run, r);
+        b->append(sb, 0, k.data() + t0 * kv_row, v.data() + t0 * kv_row, r, &pos[static_cast<std::size_t>(t0)]);
+        b->prefill_attention(sb, 0, q.data() + t0 * row, r, &pos[static_cast<std::size_t>(t0)], hq,
+                             out_b.data() + t0 * row);
+        t0 += r;
+      }
+    }
+    CHECK(longest_run >= 8);  // runs are longer than one token: the chunked path is used
+    for (std::size_t i = 0; i < out_a.size(); ++i)
+      REQUIRE(std::fabs(out_a[i] - out_b[i]) <= 2e-5f * (1 + std::fabs(out_a[i])));
+    for (std::int32_t h = 0; h < H; ++h) {  // the same stored state, bit for bit
+      const std::int32_t len = a->length(sa, 0, h);
+      REQUIRE(b->length(sb, 0, h) == len);
+      std::vector<float> ka(static_cast<std::size_t>(len) * D), va(ka.size()), kb(ka.size()), vb(ka.size());
+      a->gather(sa, 0, h, ka.data(), va.data());
+      b->gather(sb, 0, h, kb.data(), vb.data());
+      CHECK(ka == kb);
+      CHECK(va == vb);
+    }
+    // Control: the first 76 tokens (before the cut) appended as one call, then attended together.
+    auto c = kvc::runtime::make_cache(x.spec, shape);
+    const auto sc = c->add_sequence();
+    const std::int32_t m = 76;
+    c->append(sc, 0, k.data(), v.data(), m, pos.data());
+    std::vector<float> out_c(static_cast<std::size_t>(m) * row);
+    c->prefill_attention(sc, 0, q.data(), m, pos.data(), hq, out_c.data());
+    float worst = 0;
+    for (std::size_t i = 0; i < out_c.size(); ++i) worst = std::max(worst, std::fabs(out_c[i] - out_a[i]));
+    if (x.reencodes) CHECK(worst > 1e-3f);
+    else CHECK(worst <= 1e-4f);
+    CHECK(c->chunk_tokens(sc, 0, 0) == 0);
+  }
+  auto m = kvc::runtime::make_cache("mikv", kvc_test::cache_shape(1, H, D, 16, 256));
+  CHECK(m->chunk_tokens(m->add_sequence(), 0, 40) == 1);  // the default: token by token
+}

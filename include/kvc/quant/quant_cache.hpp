@@ -397,6 +397,47 @@ class quant_cache {
     return get(s, layer, head, "pages").pages;
   }
 
+  /// How many of the next `limit` tokens of layer `layer` may be appended in one call and then
+  /// attended together (kvc::cpu::prefill_attention) with exactly the stored forms that appending
+  /// and attending them one at a time would show each of them: the longest run in which no append
+  /// re-encodes a token that was already there, except at the run's first token. Why: an encoding
+  /// with a residual window (KIVI, GEAR) quantizes the oldest residual unit when the window
+  /// overflows, so a token attended token by token saw its recent neighbours in full precision; a
+  /// whole 256-token chunk appended at once would show them quantized (kivi(bits=2) in the demo:
+  /// +4.4 ppl instead of the token-by-token figure). Per-token codecs with no residual window never
+  /// re-encode an earlier token: `limit`. At least 1 when limit >= 1.
+  std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const {
+    const sequence& sq = find(s, "chunk_tokens")->second;
+    check_layer(layer, "chunk_tokens");
+    KVC_EXPECTS_IN("kvc::quant_cache::chunk_tokens", limit >= 0, "limit = ", limit, ", expected >= 0 tokens");
+    std::int32_t run = limit;
+    for (std::int32_t h = 0; h < cfg_.num_kv_heads && run > 1; ++h) {
+      // Replays append_impl's plan one token at a time (same sink, unit and residual rules).
+      const qstream& st = at(sq, layer, h);
+      std::int32_t n_sink = st.n_sink, n_quant = st.n_quant, n_res = st.n_res;
+      for (std::int32_t j = 1; j <= run; ++j) {
+        if (n_quant == 0 && n_res == 0 && n_sink < cfg_.sink_tokens) {
+          ++n_sink;
+          continue;
+        }
+        const std::int32_t T = n_res + 1, m = n_quant % unit_;
+        const std::int32_t E = m + T >= residual_ + unit_ ? (m + T - residual_) / unit_ * unit_ : 0;
+        const bool reencodes = E > 0 && (m > 0 || n_res > 0);
+        if (reencodes && j > 1) {
+          run = j - 1;
+          break;
+        }
+        if (E > 0) {
+          n_quant += E - m;
+          n_res = T - (E - m);
+        } else {
+          n_res = T;
+        }
+      }
+    }
+    return run;
+  }
+
   /// Tokens of one stream in each storage region.
   struct region_counts {
     std::int32_t sink, quantized, residual;

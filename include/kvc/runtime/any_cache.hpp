@@ -14,6 +14,7 @@
 /// `kvc::runtime::isa_avx2_fma_f16c::cache_adapter<...>` and runs that TU's kernels wherever it is
 /// called from. Callers still write `kvc::runtime::cache_adapter`.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -73,6 +74,14 @@ class any_cache {
     kvc::detail::fail(kvc::detail::concat("kvc::runtime::any_cache::prefill_attention: storage '", name(),
                                           "' has no prefill attention (has_prefill_attention() is false), expected "
                                           "attention() token by token"));
+  }
+
+  /// How many of the next `limit` tokens may be appended in one call and then attended together by
+  /// prefill_attention() with the stored forms a token-by-token append and attention would show
+  /// (kv_cache: all; quant_cache: up to the next re-encoding of its residual window). 1 by
+  /// default: token by token is always right. At least 1 when limit >= 1.
+  virtual std::int32_t chunk_tokens(seq_id /*s*/, std::int32_t /*layer*/, std::int32_t limit) const {
+    return std::min<std::int32_t>(limit, 1);
   }
 
   virtual std::size_t bytes_in_use() const = 0;
@@ -157,6 +166,9 @@ class cache_adapter final : public any_cache {
     Attend{}(c_, s, layer, q, num_q_heads, out, opt);
   }
   bool has_prefill_attention() const override { return true; }
+  std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const override {
+    return c_.chunk_tokens(s, layer, limit);
+  }
   void prefill_attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_queries,
                          const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
                          const decode_options& opt) const override {

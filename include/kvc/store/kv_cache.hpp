@@ -263,6 +263,15 @@ class kv_cache {
     check_layer(layer, "seen");
     return find(s, "seen")->second.seen[static_cast<std::size_t>(layer)];
   }
+  /// How many of the next `limit` tokens may be appended in one call and attended together
+  /// (kvc::cpu::prefill_attention) as appending and attending them one at a time would: all of
+  /// them, since a stored token never changes form (quant_cache's residual windows do).
+  std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const {
+    check_layer(layer, "chunk_tokens");
+    (void)find(s, "chunk_tokens");
+    KVC_EXPECTS_IN("kvc::kv_cache::chunk_tokens", limit >= 0, "limit = ", limit, ", expected >= 0 tokens");
+    return limit;
+  }
   const std::vector<page_id>& pages(seq_id s, std::int32_t layer, std::int32_t head) const {
     return get(s, layer, head, "pages").pages;
   }
