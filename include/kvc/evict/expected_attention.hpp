@@ -24,7 +24,7 @@
 #include <cmath>
 #include <vector>
 
-#include <Eigen/Dense>
+#include <Eigen/Core>
 
 #include <kvc/attention/rope.hpp>
 #include <kvc/evict/core.hpp>

@@ -15,7 +15,8 @@
 #include <random>
 #include <vector>
 
-#include <Eigen/Dense>
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
 
 #include <kvc/evict/core.hpp>
 

@@ -12,7 +12,7 @@
 #include <limits>
 #include <vector>
 
-#include <Eigen/Dense>
+#include <Eigen/Core>
 
 #include <kvc/evict/core.hpp>
 

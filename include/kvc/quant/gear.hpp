@@ -45,7 +45,8 @@
 
 #include <vector>
 
-#include <Eigen/Dense>
+#include <Eigen/Core>
+#include <Eigen/Eigenvalues>
 
 #include <kvc/attention/options.hpp>
 #include <kvc/numeric/half.hpp>
