@@ -165,6 +165,11 @@ def test_errors_name_the_argument(model):
     with pytest.raises(ValueError, match="model_or_config is a str"):
         kvc.hf.Cache("fp32", "SmolLM2")
     cache = kvc.hf.Cache("fp32", model.config)
+    # A layer keeping more than layer 0 would not fit the one mask transformers builds.
+    cache.kvc.append(cache.seq, 1, np.zeros((1, 3, 64), np.float32), np.zeros((1, 3, 64), np.float32))
+    cache.update(torch.zeros(1, 3, 4, 64), torch.zeros(1, 3, 4, 64), 0)
+    with pytest.raises(ValueError, match="layer 1 keeps 1 tokens but layer 0 kept 0; expected every layer"):
+        cache.update(torch.zeros(1, 3, 4, 64), torch.zeros(1, 3, 4, 64), 1)
     with pytest.raises(ValueError, match=r"key_states has shape \(2, 3, 4, 64\), expected \(1, 3, n, 64\)"):
         cache.update(torch.zeros(2, 3, 4, 64), torch.zeros(2, 3, 4, 64), 0)
 
