@@ -31,10 +31,15 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
-import torch
-import transformers
-from transformers.cache_utils import Cache as _HFCache
-from transformers.cache_utils import CacheLayerMixin as _HFLayer
+
+try:
+    import torch
+    import transformers
+    from transformers.cache_utils import Cache as _HFCache
+    from transformers.cache_utils import CacheLayerMixin as _HFLayer
+except ModuleNotFoundError as e:  # say what kvc.hf needs, not only what failed
+    raise ImportError(f"kvc.hf needs torch and transformers (written against transformers 5.25), but "
+                      f"{e.name} is not installed: pip install torch transformers") from e
 
 from . import _kvc
 
