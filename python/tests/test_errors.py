@@ -213,3 +213,15 @@ def test_out_of_pages(rng):
     with pytest.raises(kvc.OutOfMemory):
         c.append(s, 0, *random_kv(rng, 1, 1, 8))
     assert snapshot(c, [s]) == before
+
+
+def test_kvc_hf_without_torch_says_what_it_needs():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"  # as if torch were not installed
+            "import kvc\n"
+            "try:\n    kvc.hf\nexcept ImportError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "kvc.hf needs torch and transformers" in r.stdout and "torch is not installed" in r.stdout

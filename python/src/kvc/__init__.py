@@ -10,3 +10,12 @@ from ._kvc import Cache, CompressReport, Error, OutOfMemory, isa, policies, stor
 Error.__module__ = OutOfMemory.__module__ = __name__
 
 __all__ = ["Cache", "CompressReport", "Error", "OutOfMemory", "isa", "policies", "storages"]
+
+
+def __getattr__(name):
+    # kvc.hf (the transformers cache) imports torch and transformers: only when asked for.
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
