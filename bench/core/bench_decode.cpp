@@ -164,10 +164,11 @@ D& data_for(const std::string& key, Args&&... args) {
 ///   bytes = 2 * ctx * kv_heads * D * sizeof(T)   (K and V, every token read once)
 ///   bound = max(bytes / read_bw, FMAs / fma_rate);  roof_ratio = bound / measured time.
 /// At 32k tokens, 32/8/128, fp16: G = 4, FMAs = 2 * 4 * 128 * 32768 * 8 = 268,435,456 and
-/// bytes = 2 * 32768 * 8 * 128 * 2 = 134,217,728 (128 MiB, 4x the L3). On a core issuing 16 lane
-/// FMAs per cycle (two 8-wide FMA pipes, or one 16-wide) at 2.6 GHz, the FMA bound is
-/// 2.68e8 / 4.16e10 = 6.5 ms (64 cycles per token and kv head); at 6.5 GB/s the bandwidth bound is
-/// 1.34e8 / 6.5e9 = 20.7 ms. The softmax (one exp per score, G per token and kv head) and the
+/// bytes = 2 * 32768 * 8 * 128 * 2 = 134,217,728 (128 MiB, 4x the L3). On the Zen 4 VM of
+/// bench/results/decode.md (16 lane FMAs per cycle, two 8-wide pipes or one 16-wide, ~3.6 GHz:
+/// 57.5 GFMA/s measured; one-thread reads 28 GB/s), the FMA bound is 2.68e8 / 5.75e10 = 4.7 ms
+/// (64 cycles per token and kv head) and the bandwidth bound 1.34e8 / 2.8e10 = 4.8 ms: about equal,
+/// so roof_ratio >= 0.8 needs the kernel within ~6 ms. The softmax (one exp per score, G per token and kv head) and the
 /// fp16 -> fp32 conversions are not in the bound: they are what the kernel spends above it.
 ///
 /// The roof is measured twice: once at process start (7 passes each, into the JSON context, and the
