@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <ctime>
 #include <memory>
 #include <new>
 #include <vector>
@@ -43,6 +44,20 @@ class rng {
   std::uint64_t s_;
 };
 
+/// CPU seconds of the calling thread (CLOCK_THREAD_CPUTIME_ID): time the thread ran, not time
+/// other jobs held the core. Meaningful for one-thread measurements only.
+inline double thread_cpu_seconds() noexcept {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+/// Median of v (reorders v).
+inline double median(std::vector<double>& v) {
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+  return v[v.size() / 2];
+}
+
 struct free_deleter {
   void operator()(void* p) const noexcept { std::free(p); }
 };
@@ -66,14 +81,9 @@ inline float simd_sum(const float* p, std::size_t n) noexcept {
   return kvc::cpu::reduce_add<kvc::cpu::default_arch>(((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)));
 }
 
-/// Read bandwidth in bytes/s of `threads` threads (the pool's, or the caller alone when pool is
-/// null) summing disjoint slices of a buffer of `bytes` (choose it much larger than the LLC):
-/// the median of `reps` timed passes after one untimed pass.
-inline double read_bandwidth(std::size_t bytes, kvc::thread_pool* pool, int reps = 7) {
-  const std::int32_t threads = pool ? pool->size() : 1;
-  const std::size_t n = bytes / sizeof(float) / (64 * static_cast<std::size_t>(threads)) * 64 * threads;
-  // Allocated the way kvc::page_pool allocates its arena (2 MiB aligned, huge pages advised), so
-  // the baseline and the cache pay the same TLB costs.
+/// n floats allocated the way kvc::page_pool allocates its arena (2 MiB aligned, huge pages
+/// advised), so a read baseline and the cache pay the same TLB costs; filled with small values.
+inline std::unique_ptr<float, free_deleter> arena_like_buffer(std::size_t n) {
   const std::size_t huge = kvc::page_pool::huge_page;
   const std::size_t reserved = (n * sizeof(float) + huge - 1) / huge * huge;
   std::unique_ptr<float, free_deleter> buf(static_cast<float*>(std::aligned_alloc(huge, reserved)));
@@ -82,25 +92,122 @@ inline double read_bandwidth(std::size_t bytes, kvc::thread_pool* pool, int reps
   (void)::madvise(buf.get(), reserved, MADV_HUGEPAGE);
 #endif
   for (std::size_t i = 0; i < n; ++i) buf.get()[i] = static_cast<float>(i & 1023) * 0.001f;
-  const std::size_t slice = n / static_cast<std::size_t>(threads);
+  return buf;
+}
+
+/// A buffer of about `bytes` (choose it much larger than the LLC) and the read bandwidth of
+/// summing it: `threads` threads (the pool's, or the caller alone when pool is null) sum disjoint
+/// slices. Kept alive so that a benchmark can re-measure next to its own timing.
+class read_probe {
+ public:
+  explicit read_probe(std::size_t bytes) : n_(bytes / sizeof(float) / 1024 * 1024), buf_(arena_like_buffer(n_)) {}
+  const float* data() const noexcept { return buf_.get(); }
+  std::size_t size() const noexcept { return n_; }
+  /// One pass: sums the buffer, returns the floats summed (n rounded down to whole slices).
+  std::size_t pass(kvc::thread_pool* pool) {
+    const std::int32_t threads = pool ? pool->size() : 1;
+    const std::size_t slice = n_ / static_cast<std::size_t>(threads) / 64 * 64;
+    std::vector<float> sink(static_cast<std::size_t>(threads));
+    auto one = [&](std::int32_t t) { sink[static_cast<std::size_t>(t)] += simd_sum(buf_.get() + t * slice, slice); };
+    if (pool && threads > 1) pool->parallel_for(threads, one);
+    else one(0);
+    keep_ += sink[0];
+    return slice * static_cast<std::size_t>(threads);
+  }
+  /// Bytes/s of wall-clock time: the median of `reps` timed passes (after one untimed pass when
+  /// warm). With cpu_rate, also the median bytes per CPU second of the calling thread.
+  double bandwidth(kvc::thread_pool* pool, int reps = 7, bool warm = true, double* cpu_rate = nullptr) {
+    if (warm) pass(pool);
+    std::vector<double> bw, bw_cpu;
+    for (int r = 0; r < reps; ++r) {
+      const double c0 = thread_cpu_seconds();
+      const auto t0 = std::chrono::steady_clock::now();
+      const std::size_t n = pass(pool);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double c = thread_cpu_seconds() - c0;
+      bw.push_back(static_cast<double>(n * sizeof(float)) / s);
+      bw_cpu.push_back(static_cast<double>(n * sizeof(float)) / c);
+    }
+    if (cpu_rate) *cpu_rate = median(bw_cpu);
+    return median(bw);
+  }
+
+ private:
+  std::size_t n_;
+  std::unique_ptr<float, free_deleter> buf_;
+  volatile float keep_ = 0;
+};
+
+/// Read bandwidth in bytes/s of `threads` threads (the pool's, or the caller alone when pool is
+/// null) summing disjoint slices of a buffer of `bytes` (choose it much larger than the LLC):
+/// the median of `reps` timed passes after one untimed pass.
+inline double read_bandwidth(std::size_t bytes, kvc::thread_pool* pool, int reps = 7) {
+  read_probe p(bytes);
+  return p.bandwidth(pool, reps);
+}
+
+/// `iters` rounds of 12 independent vector FMAs (a = a * x + y) on register-resident
+/// accumulators of kvc::cpu::default_arch's float batch, the widest the decode kernels use. Twelve
+/// chains cover the FMA latency times the issue rate of current x86 cores (8 in flight: 4 cycles x
+/// 2 FMAs per cycle on Haswell-to-Skylake and on Zen 4 with 256-bit vectors; Zen 4 issues one
+/// 512-bit FMA per cycle). x < 1 and y small keep the values near y / (1 - x): no
+/// overflow, no denormals. Returns a sum so the work is live.
+inline float fma_loop(std::int64_t iters, float x, float y) noexcept {
+  using B = kvc::cpu::fbatch<kvc::cpu::default_arch>;
+  const B bx(x), by(y);
+  B a0(0.0f), a1(0.1f), a2(0.2f), a3(0.3f), a4(0.4f), a5(0.5f), a6(0.6f), a7(0.7f), a8(0.8f), a9(0.9f),
+      a10(1.0f), a11(1.1f);
+  for (std::int64_t i = 0; i < iters; ++i) {
+    a0 = xsimd::fma(a0, bx, by);
+    a1 = xsimd::fma(a1, bx, by);
+    a2 = xsimd::fma(a2, bx, by);
+    a3 = xsimd::fma(a3, bx, by);
+    a4 = xsimd::fma(a4, bx, by);
+    a5 = xsimd::fma(a5, bx, by);
+    a6 = xsimd::fma(a6, bx, by);
+    a7 = xsimd::fma(a7, bx, by);
+    a8 = xsimd::fma(a8, bx, by);
+    a9 = xsimd::fma(a9, bx, by);
+    a10 = xsimd::fma(a10, bx, by);
+    a11 = xsimd::fma(a11, bx, by);
+  }
+  return kvc::cpu::reduce_add<kvc::cpu::default_arch>(((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) +
+                                                      ((a8 + a9) + (a10 + a11)));
+}
+
+/// Peak FMA rate in scalar (lane) FMAs per second of `threads` threads (the pool's, or the caller
+/// alone when pool is null), each running fma_loop: the median of `reps` timed passes after one
+/// untimed pass. One FMA of the decode arithmetic (q.k or p.v, one channel of one head) is one
+/// lane FMA here, so FMAs / this rate is the time the arithmetic alone needs.
+/// With cpu_rate, also the median lane FMAs per CPU second of the calling thread.
+inline double fma_rate(kvc::thread_pool* pool, int reps = 7, std::int64_t iters = std::int64_t{1} << 23,
+                       double* cpu_rate = nullptr) {
+  const std::int32_t threads = pool ? pool->size() : 1;
+  constexpr double lanes = static_cast<double>(kvc::cpu::fbatch<kvc::cpu::default_arch>::size);
+  // x and y through volatiles: the compiler cannot fold the loop to its closed form.
+  volatile float vx = 0.999999f, vy = 1e-6f;
+  const float x = vx, y = vy;
   std::vector<float> sink(static_cast<std::size_t>(threads));
   auto pass = [&] {
-    auto one = [&](std::int32_t t) { sink[static_cast<std::size_t>(t)] += simd_sum(buf.get() + t * slice, slice); };
+    auto one = [&](std::int32_t t) { sink[static_cast<std::size_t>(t)] += fma_loop(iters, x, y); };
     if (pool && threads > 1) pool->parallel_for(threads, one);
     else one(0);
   };
   pass();
-  std::vector<double> bw;
+  std::vector<double> rate, rate_cpu;
   for (int r = 0; r < reps; ++r) {
+    const double c0 = thread_cpu_seconds();
     const auto t0 = std::chrono::steady_clock::now();
     pass();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    bw.push_back(static_cast<double>(n * sizeof(float)) / s);
+    const double c = thread_cpu_seconds() - c0;
+    rate.push_back(static_cast<double>(iters) * 12.0 * lanes * threads / s);
+    rate_cpu.push_back(static_cast<double>(iters) * 12.0 * lanes * threads / c);
   }
   volatile float keep = sink[0];
   (void)keep;
-  std::nth_element(bw.begin(), bw.begin() + static_cast<std::ptrdiff_t>(bw.size() / 2), bw.end());
-  return bw[bw.size() / 2];
+  if (cpu_rate) *cpu_rate = median(rate_cpu);
+  return median(rate);
 }
 
 }  // namespace kvc_bench
