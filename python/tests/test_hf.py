@@ -186,6 +186,21 @@ def test_snapkv_int4_holds_a_tenth_of_dynamic_cache_bytes(model):
     assert 0 < pool <= dyn_bytes / 10
 
 
+def test_query_window_holds_only_the_window(model, tokens):
+    """After a prompt the hooks keep the last `window` queries of each layer in arrays of their own,
+    not views of the whole prompt's queries (which would hold them all); press drops them."""
+    ids = tokens[:, :128]
+    cache = kvc.hf.Cache("snapkv(ratio=0.5,window=16)", model)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    cache.close()
+    assert all(q.shape[0] == 16 and q.base is None for q in cache._queries)
+    with kvc.hf.press(model, "snapkv(ratio=0.5,window=16)") as pressed:
+        with torch.no_grad():
+            model(ids, cache=pressed)
+    assert all(q is None for q in pressed._queries)
+
+
 def test_errors_name_the_argument(model):
     with pytest.raises(ValueError, match="model_or_config must be the model"):
         kvc.hf.Cache("snapkv(ratio=0.5)", model.config)
