@@ -157,6 +157,50 @@ def test_press_question_logits_equal_masked_reference(model, tokens):
     assert len(cache.reports) == 30
 
 
+def test_snapkv_int4_holds_a_tenth_of_dynamic_cache_bytes(model):
+    """Issue 14's memory target at 512 tokens (python/bench/bench_hf_memory.py measures 2,048): a
+    generate() with snapkv(ratio=0.75)+int4 holds <= 1/10 of the KV bytes of an fp32 DynamicCache.
+    DynamicCache's bytes are its tensors' nbytes (checked against L * 2 * H * n * D * 4); kvc's are
+    its page pool's bytes_in_use."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(MODEL.parent), gguf_file=MODEL.name)
+    prompt, new = 480, 33  # the last generated token is not fed back: the caches see 480 + 32 = 512
+    ids = tok((ROOT / "README.md").read_text(), return_tensors="pt").input_ids[:, :prompt]
+    assert ids.shape[1] == prompt
+    cfg = model.config
+    run = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    dyn = transformers.DynamicCache(config=cfg)
+    with torch.no_grad():
+        model.generate(ids, cache=dyn, **run)
+    dyn_bytes = sum(t.nbytes for layer in dyn.layers for t in (layer.keys, layer.values))
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert dyn.layers[0].keys.dtype == torch.float32
+    assert dyn_bytes == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 512 * head_dim * 4
+    cache = kvc.hf.Cache("snapkv(ratio=0.75)+int4", model)
+    with torch.no_grad():
+        model.generate(ids, cache=cache, **run)
+    cache.close()
+    assert cache.get_seq_length() == 512 and cache._kept(0) < 512 // 2
+    pool = cache.bytes_in_use()
+    print(f"512 tokens: kvc pool {pool} B (+ {cache.kvc.metadata_bytes} B metadata), DynamicCache fp32 "
+          f"{dyn_bytes} B: ratio {pool / dyn_bytes:.4f}, {cache._kept(0)} tokens kept per layer")
+    assert 0 < pool <= dyn_bytes / 10
+
+
+def test_query_window_holds_only_the_window(model, tokens):
+    """After a prompt the hooks keep the last `window` queries of each layer in arrays of their own,
+    not views of the whole prompt's queries (which would hold them all); press drops them."""
+    ids = tokens[:, :128]
+    cache = kvc.hf.Cache("snapkv(ratio=0.5,window=16)", model)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    cache.close()
+    assert all(q.shape[0] == 16 and q.base is None for q in cache._queries)
+    with kvc.hf.press(model, "snapkv(ratio=0.5,window=16)") as pressed:
+        with torch.no_grad():
+            model(ids, cache=pressed)
+    assert all(q is None for q in pressed._queries)
+
+
 def test_errors_name_the_argument(model):
     with pytest.raises(ValueError, match="model_or_config must be the model"):
         kvc.hf.Cache("snapkv(ratio=0.5)", model.config)
