@@ -198,6 +198,31 @@ class quant_cache {
   page_pool::reservation reserve_quant_pages(std::int32_t n) { return quant_pool_->reserve(n); }
 
  private:
+  /// How appending n tokens to a stream holding (n_sink, n_quant, n_res) tokens splits them: the
+  /// one encoding plan that append_impl commits and chunk_tokens replays token by token.
+  struct split {
+    std::int32_t m_sink;  // new tokens that go to the sink page (only while nothing follows it)
+    std::int32_t n2, T;   // the other new tokens; the residual window plus them (the concat)
+    std::int32_t m;       // tokens of the trailing partial unit (quantized; re-encoded when E > 0)
+    std::int32_t E;       // tokens encoded, from the partial unit's start, in whole units
+    std::int32_t shift;   // concat rows (old residual, then new tokens) that E encodes
+    std::int32_t newres;  // the window's length afterwards
+  };
+  split split_append(std::int32_t n_sink, std::int32_t n_quant, std::int32_t n_res, std::int32_t n) const noexcept {
+    split p;
+    p.m_sink = (n_quant == 0 && n_res == 0 && n_sink < cfg_.sink_tokens) ? std::min(cfg_.sink_tokens - n_sink, n) : 0;
+    p.n2 = n - p.m_sink;
+    p.T = n_res + p.n2;
+    p.m = n_quant % unit_;
+    // E counts from the partial unit's start: its m tokens are encoded again with the first
+    // U - m rows of the concat, so every encoded unit starts on a unit boundary.
+    const std::int32_t avail = p.m + p.T;
+    p.E = avail >= residual_ + unit_ ? (avail - residual_) / unit_ * unit_ : 0;
+    p.shift = p.E > 0 ? p.E - p.m : 0;
+    p.newres = p.T - p.shift;
+    return p;
+  }
+
   void append_impl(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
                    const std::int32_t* positions, page_pool::reservation* qres) {
     sequence& sq = find(s, "append")->second;
@@ -210,10 +235,7 @@ class quant_cache {
       check_finite(k, static_cast<std::size_t>(n) * H * D, "k");
       check_finite(v, static_cast<std::size_t>(n) * H * D, "v");
     }
-    struct plan {
-      std::int32_t m_sink, n2, T, E, newres;
-      std::int32_t m;      // tokens of the trailing partial unit (quantized; re-encoded when E > 0)
-      std::int32_t shift;  // concat rows (old residual, then new tokens) that E encodes
+    struct plan : split {
       bool sink_fresh, res_fresh, last_copy;
       std::int32_t quant_new;
     };
@@ -222,17 +244,7 @@ class quant_cache {
     for (std::int32_t h = 0; h < H; ++h) {
       const qstream& st = at(sq, layer, h);
       plan& p = pl[static_cast<std::size_t>(h)];
-      p.m_sink = (st.n_quant == 0 && st.n_res == 0 && st.n_sink < cfg_.sink_tokens)
-                     ? std::min(cfg_.sink_tokens - st.n_sink, n) : 0;
-      p.n2 = n - p.m_sink;
-      p.T = st.n_res + p.n2;
-      p.m = st.n_quant % unit_;
-      // E counts from the partial unit's start: its m tokens are encoded again with the first
-      // U - m rows of the concat, so every encoded unit starts on a unit boundary.
-      const std::int32_t avail = p.m + p.T;
-      p.E = avail >= residual_ + unit_ ? (avail - residual_) / unit_ * unit_ : 0;
-      p.shift = p.E > 0 ? p.E - p.m : 0;
-      p.newres = p.T - p.shift;
+      static_cast<split&>(p) = split_append(st.n_sink, st.n_quant, st.n_res, n);
       p.sink_fresh = p.m_sink > 0 && (st.sink < 0 || sink_pool_->ref_count(st.sink) > 1);
       p.res_fresh = p.n2 > 0 && p.newres > 0 && (st.res < 0 || res_pool_->ref_count(st.res) > 1);
       p.last_copy = p.E > 0 && st.n_quant % P != 0 && quant_pool_->ref_count(st.pages.back()) > 1;
@@ -412,27 +424,19 @@ class quant_cache {
     KVC_EXPECTS_IN("kvc::quant_cache::chunk_tokens", limit >= 0, "limit = ", limit, ", expected >= 0 tokens");
     std::int32_t run = limit;
     for (std::int32_t h = 0; h < cfg_.num_kv_heads && run > 1; ++h) {
-      // Replays append_impl's plan one token at a time (same sink, unit and residual rules).
+      // Replays append_impl's plan (split_append) one token at a time.
       const qstream& st = at(sq, layer, h);
       std::int32_t n_sink = st.n_sink, n_quant = st.n_quant, n_res = st.n_res;
       for (std::int32_t j = 1; j <= run; ++j) {
-        if (n_quant == 0 && n_res == 0 && n_sink < cfg_.sink_tokens) {
-          ++n_sink;
-          continue;
-        }
-        const std::int32_t T = n_res + 1, m = n_quant % unit_;
-        const std::int32_t E = m + T >= residual_ + unit_ ? (m + T - residual_) / unit_ * unit_ : 0;
-        const bool reencodes = E > 0 && (m > 0 || n_res > 0);
+        const split p = split_append(n_sink, n_quant, n_res, 1);
+        const bool reencodes = p.E > 0 && (p.m > 0 || n_res > 0);
         if (reencodes && j > 1) {
           run = j - 1;
           break;
         }
-        if (E > 0) {
-          n_quant += E - m;
-          n_res = T - (E - m);
-        } else {
-          n_res = T;
-        }
+        n_sink += p.m_sink;
+        n_quant += p.shift;
+        n_res = p.newres;
       }
     }
     return run;
