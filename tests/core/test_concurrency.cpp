@@ -19,8 +19,6 @@
 #include <kvc/evict/knorm.hpp>
 #include <kvc/parallel/thread_pool.hpp>
 #include <kvc/runtime/make_cache.hpp>
-#include <kvc/runtime/mikv_storage.hpp>
-#include <kvc/runtime/quant_storages.hpp>
 #include <kvc/store/kv_cache.hpp>
 
 #include "cache_builders.hpp"

@@ -31,8 +31,6 @@
 #include <kvc/evict/core.hpp>
 #include <kvc/evict/knorm.hpp>
 #include <kvc/runtime/make_cache.hpp>
-#include <kvc/runtime/mikv_storage.hpp>
-#include <kvc/runtime/quant_storages.hpp>
 #include <kvc/store/kv_cache.hpp>
 
 #include "cache_builders.hpp"

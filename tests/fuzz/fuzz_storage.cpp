@@ -43,8 +43,6 @@
 #include <kvc/error.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/make_cache.hpp>
-#include <kvc/runtime/mikv_storage.hpp>
-#include <kvc/runtime/quant_storages.hpp>
 
 namespace storagefuzz {
 

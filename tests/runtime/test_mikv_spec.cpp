@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <kvc/runtime/make_cache.hpp>  // int8 (registered by kvc_test_storages), what mikv(high_ratio=1) must equal
 #include <kvc/runtime/mikv_storage.hpp>
-#include <kvc/runtime/quant_storages.hpp>  // int8, the storage mikv(high_ratio=1) must equal
 
 #include "cache_builders.hpp"
 #include "kvc_catch.hpp"

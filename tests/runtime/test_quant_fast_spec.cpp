@@ -12,8 +12,8 @@
 #include <vector>
 
 #include <kvc/parallel/thread_pool.hpp>
+#include <kvc/quant/codec.hpp>  // KVC_QUANT_AVX2: whether this TU's storages have the integer path
 #include <kvc/runtime/make_cache.hpp>
-#include <kvc/runtime/quant_storages.hpp>
 
 #include "kvc_catch.hpp"
 
@@ -167,7 +167,9 @@ void check_fast_spec(const std::string& base, const std::string& args, int bits,
       REQUIRE(err_f <= bound);
     }
   }
-#if KVC_QUANT_AVX2
+#ifndef KVC_QUANT_AVX2
+#error "KVC_QUANT_AVX2 is defined by <kvc/quant/codec.hpp>; without it the check below would be skipped"
+#elif KVC_QUANT_AVX2
   // the integer path ran (it rounds the query and the weights, so the output moves)
   if (G <= 4) CHECK(moved > 0);
 #else

@@ -11,7 +11,6 @@
 
 #include <kvc/runtime/evictor_registry.hpp>
 #include <kvc/runtime/make_cache.hpp>
-#include <kvc/runtime/quant_storages.hpp>
 #include <kvc/store/kv_cache.hpp>
 
 #include "kvc_catch.hpp"
