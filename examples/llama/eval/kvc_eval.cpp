@@ -59,6 +59,7 @@ struct options {
     int needle_context = 768, needle_seeds = 5, needle_max_new = 24;    // needle protocol
     std::vector<double> needle_depths{0.1, 0.5, 0.9};
     int threads = 2, page_size = 16;
+    int se_block = 16;  ///< tokens per batch mean in dppl_se (see there; the choice: docs/results.md)
     bool plot = true, quiet = false;
 };
 
@@ -93,14 +94,34 @@ struct row {
     // prefill protocol
     double a_nll = 0, a_agree = 0, a_bytes_per_tok = 0, prefill_tps = 0, decode_tps = 0, compress_ms = 0;
     long a_n = 0, a_agree_n = 0;
+    std::vector<double> a_tok;  ///< each scored token's NLL, in order (paired with the reference's)
     // stream protocol
     double b_nll = 0, b_agree = 0, b_bytes_per_tok = 0, stream_tps = 0;
     long b_n = 0, b_agree_n = 0;
+    std::vector<double> b_tok;
     // needle
     int needle_hits = 0, needle_n = 0;
     std::string error;         ///< the row failed (bad spec, or the prefill protocol)
     std::string stream_error;  ///< only the stream protocol failed (prefill-only policies)
 };
+
+/// The standard error of Δppl = ppl − ppl_ref, from the per-token NLL differences d paired
+/// against the reference's (same tokens, same order): ppl = ppl_ref · exp(mean d), so by the delta
+/// method SE(Δppl) ≈ ppl · SE(mean d). Neighbouring tokens' differences are correlated (one
+/// compressed cache serves a whole window), so SE(mean d) comes from batch means: the spread of the
+/// means of `block` consecutive tokens, over √(number of blocks). NaN when the pairing does not
+/// hold or fewer than 2 blocks exist. For the reference row itself it is 0.
+double dppl_se(const std::vector<double>& x, const std::vector<double>& ref, double ppl, int block) {
+    if (x.size() != ref.size() || block < 1) return NAN;
+    const std::size_t b = static_cast<std::size_t>(block), k = x.size() / b;
+    if (k < 2) return NAN;
+    std::vector<double> means(k, 0.0);
+    for (std::size_t j = 0; j < k * b; ++j) means[j / b] += (x[j] - ref[j]) / static_cast<double>(b);
+    double mu = 0, var = 0;
+    for (double m : means) mu += m / static_cast<double>(k);
+    for (double m : means) var += (m - mu) * (m - mu) / static_cast<double>(k - 1);
+    return ppl * std::sqrt(var / static_cast<double>(k));
+}
 
 /// A progress bar on stderr: "[#####.....]  45% stream snapkv(ratio=0.25)  ETA 1m20s".
 class progress {
@@ -180,7 +201,8 @@ void run_prefill(engine& e, const options& o, const std::vector<int32_t>& toks, 
         llama::matrix lg = e.mdl.forward(s, base + o.context, o.score, o.score);
         for (int i = 0; i < o.score; ++i) {
             const float* row_p = lg.row(i).data();
-            r.a_nll += nll(row_p, nv, base[o.context + i + 1]);
+            r.a_tok.push_back(nll(row_p, nv, base[o.context + i + 1]));
+            r.a_nll += r.a_tok.back();
             ++r.a_n;
             const int32_t am = llama::sampler::argmax(row_p, nv);
             if (is_ref) ref_argmax[static_cast<std::size_t>(w)].push_back(am);
@@ -228,7 +250,8 @@ void run_stream(engine& e, const options& o, const std::vector<int32_t>& toks, c
             const int target = start + i + 1;
             if (target >= L) break;
             const float* row_p = lg.row(i).data();
-            r.b_nll += nll(row_p, nv, toks[static_cast<std::size_t>(target)]);
+            r.b_tok.push_back(nll(row_p, nv, toks[static_cast<std::size_t>(target)]));
+            r.b_nll += r.b_tok.back();
             ++r.b_n;
             const int32_t am = llama::sampler::argmax(row_p, nv);
             if (is_ref) ref_argmax.push_back(am);
@@ -364,6 +387,7 @@ void usage() {
                  "  --reference SPEC      baseline for deltas and agreement (default fp32)\n"
                  "  --context N --score N --windows N --decode-tokens N      prefill protocol (512, 128, 4, 16)\n"
                  "  --stream-tokens N --stream-chunk N                        stream protocol (1024, 16)\n"
+                 "  --se-block N        tokens per batch mean of Δppl's standard error (16)\n"
                  "  --needle-text FILE --needle-context N --needle-seeds N --needle-depths D1,D2  (text, 768, 5, 0.1,0.5,0.9)\n"
                  "  --show-needles        print every needle answer and how many streams kept the number's digits\n"
                  "  --dump-kept FILE      kept positions after each prefill compression, JSON lines\n"
@@ -403,6 +427,7 @@ int main(int argc, char** argv) {
         else if (a == "--decode-tokens") o.decode_tokens = std::stoi(next());
         else if (a == "--stream-tokens") o.stream_tokens = std::stoi(next());
         else if (a == "--stream-chunk") o.stream_chunk = std::stoi(next());
+        else if (a == "--se-block") o.se_block = std::stoi(next());
         else if (a == "--needle-text") o.needle_text = next();
         else if (a == "--needle-context") o.needle_context = std::stoi(next());
         else if (a == "--needle-seeds") o.needle_seeds = std::stoi(next());
@@ -429,6 +454,10 @@ int main(int argc, char** argv) {
     }
     if (o.text.empty() || o.policies.empty()) {
         usage();
+        return 2;
+    }
+    if (o.se_block < 1) {
+        std::fprintf(stderr, "kvc-eval: --se-block %d, expected >= 1 token per batch mean\n", o.se_block);
         return 2;
     }
     try {
@@ -527,8 +556,9 @@ int main(int argc, char** argv) {
         const double ref_a_ppl = ref.a_n ? std::exp(ref.a_nll / ref.a_n) : 0;
         const double ref_b_ppl = ref.b_n ? std::exp(ref.b_nll / ref.b_n) : 0;
         std::ofstream csv(o.out + ".csv");
-        csv << "spec,family,budget,kv_bytes_per_token,ppl_prefill,dppl_prefill,agree_prefill,kv_bytes_per_token_stream,"
-               "ppl_stream,dppl_stream,agree_stream,needle_acc,needle_n,prefill_tok_s,decode_tok_s,stream_tok_s,compress_ms,error\n";
+        csv << "spec,family,budget,kv_bytes_per_token,ppl_prefill,dppl_prefill,dppl_prefill_se,agree_prefill,"
+               "kv_bytes_per_token_stream,ppl_stream,dppl_stream,dppl_stream_se,agree_stream,needle_acc,needle_n,"
+               "prefill_tok_s,decode_tok_s,stream_tok_s,compress_ms,error\n";
         std::ostringstream md;
         md << "| policy | KV bytes/token | ppl (prefill) | Δppl | agree | KV bytes/token (stream) | ppl (stream) | Δppl | agree | needle | prefill tok/s | decode tok/s |\n";
         md << "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
@@ -536,24 +566,27 @@ int main(int argc, char** argv) {
             const double ap = r.a_n ? std::exp(r.a_nll / r.a_n) : NAN, bp = r.b_n ? std::exp(r.b_nll / r.b_n) : NAN;
             const double aa = r.a_agree_n ? r.a_agree / r.a_agree_n : NAN, ba = r.b_agree_n ? r.b_agree / r.b_agree_n : NAN;
             const double na = r.needle_n ? static_cast<double>(r.needle_hits) / r.needle_n : NAN;
+            const double ase = dppl_se(r.a_tok, ref.a_tok, ap, o.se_block), bse = dppl_se(r.b_tok, ref.b_tok, bp, o.se_block);
             csv << '"' << r.spec << "\",\"" << r.family << "\"," << r.budget << ',' << r.a_bytes_per_tok << ',' << ap << ','
-                << ap - ref_a_ppl << ',' << aa << ',' << r.b_bytes_per_tok << ',' << bp << ',' << bp - ref_b_ppl << ',' << ba
+                << ap - ref_a_ppl << ',' << ase << ',' << aa << ',' << r.b_bytes_per_tok << ',' << bp << ',' << bp - ref_b_ppl
+                << ',' << bse << ',' << ba
                 << ',' << na << ',' << r.needle_n << ',' << r.prefill_tps << ',' << r.decode_tps << ',' << r.stream_tps << ','
                 << r.compress_ms << ",\"" << (r.error.empty() && !r.stream_error.empty() ? "stream: " + r.stream_error : r.error)
                 << "\"\n";
             auto cell = [](bool on, const std::string& s) { return on ? s : std::string("–"); };
+            auto pm = [](double d, double se) { return fmt("%+.3f", d) + (std::isfinite(se) ? fmt(" ± %.3f", se) : ""); };
             const bool stream_ok = o.do_stream && r.stream_error.empty();
             if (!r.error.empty()) {
                 md << "| `" << r.spec << "` | error: " << r.error << " |||||||||||\n";
                 continue;
             }
             md << "| `" << r.spec << "` | " << cell(o.do_prefill, fmt("%.0f", r.a_bytes_per_tok)) << " | "
-               << cell(o.do_prefill, fmt("%.3f", ap)) << " | " << cell(o.do_prefill, fmt("%+.3f", ap - ref_a_ppl)) << " | "
+               << cell(o.do_prefill, fmt("%.3f", ap)) << " | " << cell(o.do_prefill, pm(ap - ref_a_ppl, ase)) << " | "
                << cell(o.do_prefill, fmt("%.1f%%", 100 * aa)) << " | "
                << (o.do_stream && !stream_ok ? std::string("n/a¹ | n/a¹ | n/a¹ | n/a¹")
                                              : cell(o.do_stream, fmt("%.0f", r.b_bytes_per_tok)) + " | " +
                                                    cell(o.do_stream, fmt("%.3f", bp)) + " | " +
-                                                   cell(o.do_stream, fmt("%+.3f", bp - ref_b_ppl)) + " | " +
+                                                   cell(o.do_stream, pm(bp - ref_b_ppl, bse)) + " | " +
                                                    cell(o.do_stream, fmt("%.1f%%", 100 * ba)))
                << " | "
                << cell(o.do_needle, std::to_string(r.needle_hits) + "/" + std::to_string(r.needle_n)) << " | "
