@@ -77,6 +77,9 @@ struct case_params {
   bool center;
   bool ragged;  // evict tokens from head 1 so the heads differ in length
   kvc::thread_pool* pool;
+  bool split = true;  // with a pool: split_tokens = 64 (the fallback kernel), else heads over the pool
+  bool empty_head = false;  // evict every token of head 1
+  std::int32_t page = 16;   // tokens per page (the kernel's tiles never cross one)
 };
 
 /// Builds a projected cache (bases fitted on a separate 256-token calibration block), appends n
@@ -85,7 +88,7 @@ template <class T>
 void check_against_reference(const case_params& p) {
   const std::int32_t H = 2, D = p.D, r = p.r, n = p.n, G = p.G, Hq = H * G;
   INFO("T = " << (std::is_same<T, float>::value ? "float" : "half") << ", D = " << D << ", r = " << r << ", n = " << n
-              << ", G = " << G << ", center = " << p.center << ", ragged = " << p.ragged << ", pool = " << (p.pool != nullptr)
+              << ", G = " << G << ", center = " << p.center << ", ragged = " << p.ragged << ", pool = " << (p.pool != nullptr) << ", page = " << p.page
               << ", simd " << kvc_test::simd_path());
   const std::uint32_t seed = static_cast<std::uint32_t>(D * 7919 + r * 104729 + n * 31 + G);
   const auto calib_k = rows(256, H, D, seed), calib_v = rows(256, H, D, seed + 1);
@@ -95,6 +98,7 @@ void check_against_reference(const case_params& p) {
   cfg.head_dim = D;
   cfg.rank = r;
   cfg.max_pages = 4096;
+  cfg.page_size = p.page;
   projected_cache<T> cache(cfg);
   const std::int32_t layer = 1;
   for (std::int32_t h = 0; h < H; ++h)
@@ -108,6 +112,7 @@ void check_against_reference(const case_params& p) {
     for (std::int32_t t = 0; t < n; t += 3) kept.push_back(t);
     cache.keep(seq, layer, 1, kept.data(), static_cast<std::int32_t>(kept.size()));
   }
+  if (p.empty_head) cache.keep(seq, layer, 1, nullptr, 0);
   std::mt19937 g(seed + 4);
   std::normal_distribution<float> nd;
   std::vector<float> q(static_cast<std::size_t>(Hq) * D), out(q.size()), lse(static_cast<std::size_t>(Hq));
@@ -115,7 +120,7 @@ void check_against_reference(const case_params& p) {
   kvc::decode_options opt;
   opt.lse = lse.data();
   opt.pool = p.pool;
-  if (p.pool) opt.split_tokens = 64;
+  if (p.pool && p.split) opt.split_tokens = 64;
   kvc::cpu::projected_decode_attention(cache, seq, layer, q.data(), Hq, out.data(), opt);
 
   const double scale = 1.0 / std::sqrt(double(D));
@@ -143,6 +148,12 @@ void check_against_reference(const case_params& p) {
       const std::int32_t qh = h * G + gq;
       std::vector<double> ref(static_cast<std::size_t>(D));
       double ref_lse = 0;
+      if (len == 0) {  // a head whose tokens were all evicted: the softmax over nothing
+        for (std::int32_t d = 0; d < D; ++d) CHECK(out[static_cast<std::size_t>(qh) * D + d] == 0.0f);
+        CHECK(std::isinf(lse[qh]));
+        CHECK(lse[qh] < 0);
+        continue;
+      }
       dense_attention(q.data() + static_cast<std::size_t>(qh) * D, K, V, len, D, scale, ref.data(), &ref_lse);
       double err = 0;
       for (std::int32_t d = 0; d < D; ++d) err = std::max(err, std::abs(double(out[static_cast<std::size_t>(qh) * D + d]) - ref[d]));
@@ -254,6 +265,14 @@ TEST_CASE("lowrank: projected decode attention equals dense double attention ove
   check_against_reference<kvc::half>({128, 32, 1000, 4, true, true, &pool});
   check_against_reference<kvc::half>({64, 13, 33, 4, true, false, &pool});
   check_against_reference<float>({64, 13, 1000, 1, false, true, nullptr});
+  // The r-space kernel with kv heads spread over the pool; G > 8 (the fallback); an emptied head.
+  check_against_reference<kvc::half>({128, 32, 1000, 4, true, true, &pool, false});
+  check_against_reference<kvc::half>({64, 16, 33, 12, false, false, nullptr});
+  check_against_reference<kvc::half>({128, 32, 100, 4, true, false, nullptr, true, true});
+  check_against_reference<kvc::half>({128, 32, 100, 4, false, false, &pool, true, true});
+  // Pages smaller and larger than the 16-token tile.
+  check_against_reference<kvc::half>({64, 16, 1000, 4, true, true, nullptr, true, false, 4});
+  check_against_reference<float>({128, 32, 1000, 1, false, false, nullptr, true, false, 64});
 }
 
 TEST_CASE("lowrank: full rank reproduces exact attention on the original K/V", "[lowrank]") {

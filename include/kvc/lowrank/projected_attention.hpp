@@ -167,7 +167,7 @@ void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, 
     for (std::int32_t j = 0; j < r; ++j) acc[g * r + j] = 0.0f;
   }
   for (std::int32_t t0 = 0; t0 < n; t0 += TT) {
-    const std::int32_t tn = std::min(TT, n - t0);
+    const std::int32_t tn = std::max(1, std::min(TT, n - t0));  // >= 1 always; max: for GCC 12 -Warray-bounds
     const T* page = reinterpret_cast<const T*>(pool.data(pages[t0 / P]));
     const std::int32_t slot = t0 % P;
     const T* K = page + static_cast<std::size_t>(slot) * r;
@@ -199,7 +199,7 @@ void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, 
       }
       for (std::int32_t g = 0; g < G; ++g) part[g][t] = a[g];
     }
-    const std::int32_t tw = (tn + W - 1) / W * W;  // whole batches of scores
+    const std::int32_t tw = std::min(tile, (tn + W - 1) / W * W);  // whole batches of scores (min: for GCC's bounds check)
     for (std::int32_t g = 0; g < G; ++g) {
       for (std::int32_t t = tn; t < tw; ++t) part[g][t] = B(0.0f);
       for (std::int32_t j = 0; j < tw; j += W) haddp<Arch>(&part[g][j]).store_aligned(&s[g][j]);
@@ -318,6 +318,11 @@ void projected_decode_attention(const lowrank::projected_cache<T>& cache, seq_id
     decode_attention<Arch>(coef, seq, layer, qp.data(), num_q_heads, acc.data(), inner);
   }
   lowrank_detail::back_project_all<Arch>(cache, layer, acc.data(), num_q_heads, out);
+  // A kv head whose tokens were all evicted attends to nothing: zeros, as cpu::decode_attention
+  // gives, not the value mean a centered basis would add.
+  for (std::int32_t h = 0; h < hkv; ++h)
+    if (coef.length(seq, layer, h) == 0)
+      std::fill(out + static_cast<std::size_t>(h) * G * D, out + static_cast<std::size_t>(h + 1) * G * D, 0.0f);
   if (opt.lse) {
     for (std::int32_t h = 0; h < num_q_heads; ++h) {
       const lowrank::basis& b = cache.key_basis(layer, h / G);
