@@ -367,6 +367,9 @@ TEST_CASE("lowrank: bad inputs throw and name the argument", "[lowrank]") {
   REQUIRE_THROWS_WITH(cache.set_basis(0, 0, b16, b8), Contains("key basis rank = 16") && Contains("rank = 8"));
   REQUIRE_THROWS_WITH(cache.set_basis(0, 0, b8, d32), Contains("value basis dim = 32") && Contains("head_dim = 64"));
   REQUIRE_THROWS_WITH(cache.set_basis(0, 2, b8, b8), Contains("head = 2"));
+  REQUIRE_THROWS_WITH(cache.key_basis(0, 0), Contains("kvc::lowrank::projected_cache::key_basis") && Contains("has no basis"));
+  REQUIRE_THROWS_WITH(cache.value_basis(3, 0), Contains("kvc::lowrank::projected_cache::value_basis: layer = 3"));
+  REQUIRE_FALSE(cache.has_basis(-1, 0));
   const auto seq = cache.add_sequence();
   std::vector<float> kv(static_cast<std::size_t>(2) * D, 0.5f);
   cache.set_basis(0, 0, b8, b8);

@@ -91,7 +91,10 @@ class projected_cache {
     e.v = std::move(v);
     e.set = true;
   }
-  bool has_basis(std::int32_t layer, std::int32_t head) const { return bases_.at(index(layer, head)).set; }
+  /// Whether (layer, head) has bases; false for a layer or head out of range.
+  bool has_basis(std::int32_t layer, std::int32_t head) const noexcept {
+    return layer >= 0 && layer < cfg_.num_layers && head >= 0 && head < cfg_.num_kv_heads && bases_[index(layer, head)].set;
+  }
   const basis& key_basis(std::int32_t layer, std::int32_t head) const { return get(layer, head, "key_basis").k; }
   const basis& value_basis(std::int32_t layer, std::int32_t head) const { return get(layer, head, "value_basis").v; }
 
@@ -167,12 +170,17 @@ class projected_cache {
   std::size_t index(std::int32_t layer, std::int32_t head) const noexcept {
     return static_cast<std::size_t>(layer) * cfg_.num_kv_heads + head;
   }
+  /// The entry of (layer, head), checked; the message names the public member `fn`. The name is
+  /// built only on failure: the kernel asks for every query head's bases each step.
   const entry& get(std::int32_t layer, std::int32_t head, const char* fn) const {
-    const std::string who = std::string("kvc::lowrank::projected_cache::") + fn;
-    KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
-    KVC_EXPECTS_IN(who, head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
+    constexpr const char* cls = "kvc::lowrank::projected_cache::";
+    if (!(layer >= 0 && layer < cfg_.num_layers))
+      detail::fail(detail::concat(cls, fn, ": layer = ", layer, ", expected 0..", cfg_.num_layers - 1));
+    if (!(head >= 0 && head < cfg_.num_kv_heads))
+      detail::fail(detail::concat(cls, fn, ": head = ", head, ", expected 0..", cfg_.num_kv_heads - 1));
     const entry& e = bases_[index(layer, head)];
-    KVC_EXPECTS_IN(who, e.set, "layer ", layer, " head ", head, " has no basis, expected set_basis first");
+    if (!e.set)
+      detail::fail(detail::concat(cls, fn, ": layer ", layer, " head ", head, " has no basis, expected set_basis first"));
     return e;
   }
   /// c[j] = u_j · (x − μ), in float (the kernel's precision; a double reference checks it).
