@@ -316,6 +316,54 @@ TEST_CASE("lowrank: full rank reproduces exact attention on the original K/V", "
       }
 }
 
+TEST_CASE("lowrank: keys and values of rank r are reproduced exactly at the rank the energy rule picks", "[lowrank]") {
+  // Rows x_t = Σ_i a_ti b_i with r random directions b_i in D dimensions: rank exactly r, so
+  // energy(1 - 1e-6) must keep r directions and attention must match the original K/V.
+  const std::int32_t D = 64, n = 300, H = 1, G = 4;
+  for (std::int32_t r : {8, 16}) {
+    std::mt19937 g(static_cast<std::uint32_t>(r));
+    std::normal_distribution<float> nd;
+    auto low_rank = [&] {
+      std::vector<float> b(static_cast<std::size_t>(r) * D), x(static_cast<std::size_t>(n) * D, 0.0f);
+      for (float& e : b) e = nd(g);
+      for (std::int32_t t = 0; t < n; ++t)
+        for (std::int32_t i = 0; i < r; ++i) {
+          const float a = nd(g);
+          for (std::int32_t d = 0; d < D; ++d) x[static_cast<std::size_t>(t) * D + d] += a * b[static_cast<std::size_t>(i) * D + d];
+        }
+      return x;
+    };
+    const auto k = low_rank(), v = low_rank();
+    const basis bk = fit_basis(k.data(), n, D, D, rank_spec::of_energy(1 - 1e-6));
+    const basis bv = fit_basis(v.data(), n, D, D, rank_spec::of_energy(1 - 1e-6));
+    INFO("r = " << r);
+    REQUIRE(bk.rank == r);
+    REQUIRE(bv.rank == r);
+    projected_config cfg;
+    cfg.head_dim = D;
+    cfg.rank = r;
+    projected_cache<float> cache(cfg);
+    cache.set_basis(0, 0, bk, bv);
+    const auto seq = cache.add_sequence();
+    cache.append(seq, 0, k.data(), v.data(), n);
+    std::vector<float> q(static_cast<std::size_t>(G) * D), out(q.size());
+    for (float& e : q) e = nd(g) * 0.2f;
+    kvc::cpu::projected_decode_attention(cache, seq, 0, q.data(), H * G, out.data());
+    std::vector<double> K(k.begin(), k.end()), V(v.begin(), v.end());
+    for (std::int32_t gq = 0; gq < G; ++gq) {
+      std::vector<double> ref(static_cast<std::size_t>(D));
+      double lse = 0;
+      dense_attention(q.data() + static_cast<std::size_t>(gq) * D, K, V, n, D, 1 / std::sqrt(double(D)), ref.data(), &lse);
+      double err = 0, mag = 0;
+      for (std::int32_t d = 0; d < D; ++d) {
+        err = std::max(err, std::abs(double(out[static_cast<std::size_t>(gq) * D + d]) - ref[d]));
+        mag = std::max(mag, std::abs(ref[d]));
+      }
+      CHECK(err < 1e-4 * (1 + mag));
+    }
+  }
+}
+
 TEST_CASE("lowrank: bytes are pool bytes, 2 r sizeof(T) per token and kv head", "[lowrank]") {
   projected_config cfg;
   cfg.num_kv_heads = 8;
