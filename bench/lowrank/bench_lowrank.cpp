@@ -1,0 +1,166 @@
+// SPDX-License-Identifier: Apache-2.0
+// Projected (PCA) low-rank KV: decode attention in the r-dimensional space of the bases against
+// fp16 decode, same shape and context, timed alternately in this process.
+//
+//   BM_lowrank_paired/<coef type>/r:<rank>/<q heads>x<kv heads>x<head_dim>/ctx:<tokens>/threads:1
+//     fp16 kv_cache<half> + cpu::decode_attention and lowrank::projected_cache +
+//     cpu::projected_decode_attention called alternately (15 pairs, same queries), plus the step's
+//     projections alone (q' = U_kᵀq for every query head, out = U_v a back) right after each
+//     projected step. Medians of the calling thread's CPU time (robust on a shared machine):
+//       fp16_cpu_ms, lowrank_cpu_ms, speedup_vs_fp16 = fp16 / lowrank,
+//       proj_cpu_ms and proj_fraction = proj / lowrank (the projection overhead of a step),
+//       bytes_per_token = pool bytes of the projected cache / tokens (all kv heads of the layer;
+//       fp16 pages: 4 * kv_heads * head_dim), fp16_bytes_per_token the same for the fp16 cache.
+// Data: uniform random K/V (full rank: only speed is measured here, not quality); the bases are
+// fitted on the first 4096 tokens of each head.
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#include <kvc/cpu/decode_attention.hpp>
+#include <kvc/lowrank/pca.hpp>
+#include <kvc/lowrank/projected_attention.hpp>
+#include <kvc/lowrank/projected_cache.hpp>
+#include <kvc/store/kv_cache.hpp>
+
+#include "kvc_bench.hpp"
+
+namespace {
+
+struct shape {
+  std::int32_t q_heads, kv_heads, head_dim;
+};
+constexpr std::int32_t chunk = 1024;
+
+std::vector<float> random_rows(std::size_t n, std::uint64_t seed) {
+  kvc_bench::rng r(seed);
+  std::vector<float> v(n);
+  for (auto& x : v) x = 2.0f * r.uniform();
+  return v;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+/// The fp16 cache of (shape, ctx), built once: the same K/V rows the projected caches project.
+kvc::kv_cache<kvc::half>& fp16_cache(shape s, std::int32_t ctx, kvc::seq_id& seq) {
+  static std::map<std::string, std::unique_ptr<kvc::kv_cache<kvc::half>>> caches;
+  const std::string key = std::to_string(s.kv_heads) + "x" + std::to_string(s.head_dim) + "/" + std::to_string(ctx);
+  auto& c = caches[key];
+  if (!c) {
+    kvc::cache_config cfg;
+    cfg.num_kv_heads = s.kv_heads;
+    cfg.head_dim = s.head_dim;
+    cfg.max_pages = s.kv_heads * (ctx / 16 + 2);
+    cfg.check_finite = false;
+    c = std::make_unique<kvc::kv_cache<kvc::half>>(cfg);
+    const auto sq = c->add_sequence();
+    for (std::int32_t t0 = 0; t0 < ctx; t0 += chunk) {
+      const std::int32_t n = std::min(chunk, ctx - t0);
+      auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
+      auto v = random_rows(k.size(), 2 + t0);
+      c->append(sq, 0, k.data(), v.data(), n);
+    }
+  }
+  seq = 0;  // the one sequence of a fresh kv_cache has id 0
+  return *c;
+}
+
+template <class T>
+std::unique_ptr<kvc::lowrank::projected_cache<T>> projected(shape s, std::int32_t ctx, std::int32_t r, kvc::seq_id& seq) {
+  kvc::lowrank::projected_config cfg;
+  cfg.num_kv_heads = s.kv_heads;
+  cfg.head_dim = s.head_dim;
+  cfg.rank = r;
+  cfg.max_pages = s.kv_heads * (ctx / 16 + 2);
+  auto c = std::make_unique<kvc::lowrank::projected_cache<T>>(cfg);
+  const std::int32_t fit = std::min(ctx, 4096), H = s.kv_heads, D = s.head_dim;
+  std::vector<float> fk, fv;
+  for (std::int32_t t0 = 0; t0 < fit; t0 += chunk) {
+    auto k = random_rows(std::size_t(chunk) * H * D, 1 + t0), v = random_rows(k.size(), 2 + t0);
+    fk.insert(fk.end(), k.begin(), k.end());
+    fv.insert(fv.end(), v.begin(), v.end());
+  }
+  for (std::int32_t h = 0; h < H; ++h)
+    c->set_basis(0, h, kvc::lowrank::fit_basis(fk.data() + h * D, fit, D, H * D, kvc::lowrank::rank_spec::of_count(r)),
+                 kvc::lowrank::fit_basis(fv.data() + h * D, fit, D, H * D, kvc::lowrank::rank_spec::of_count(r)));
+  seq = c->add_sequence();
+  for (std::int32_t t0 = 0; t0 < ctx; t0 += chunk) {
+    const std::int32_t n = std::min(chunk, ctx - t0);
+    auto k = random_rows(std::size_t(n) * H * D, 1 + t0);
+    auto v = random_rows(k.size(), 2 + t0);
+    c->append(seq, 0, k.data(), v.data(), n);
+  }
+  return c;
+}
+
+template <class T>
+void BM_lowrank_paired(benchmark::State& state, shape s, std::int32_t ctx, std::int32_t r) {
+  kvc::seq_id fseq, pseq;
+  auto& fc = fp16_cache(s, ctx, fseq);
+  auto pc = projected<T>(s, ctx, r, pseq);
+  const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size()), qp(std::size_t(s.q_heads) * r), acc(qp.size());
+  std::vector<double> fcpu, pcpu, proj;
+  using kvc_bench::thread_cpu_seconds;
+  for (auto _ : state) {
+    for (int i = 0; i < 15; ++i) {
+      double c0 = thread_cpu_seconds();
+      kvc::cpu::decode_attention(fc, fseq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      fcpu.push_back(thread_cpu_seconds() - c0);
+      c0 = thread_cpu_seconds();
+      kvc::cpu::projected_decode_attention(*pc, pseq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      pcpu.push_back(thread_cpu_seconds() - c0);
+      // The step's projections alone, on the same bases (L2-resident as in the step).
+      c0 = thread_cpu_seconds();
+      kvc::cpu::lowrank_detail::project_queries<kvc::cpu::default_arch>(*pc, 0, q.data(), s.q_heads, qp.data());
+      benchmark::DoNotOptimize(qp.data());
+      kvc::cpu::lowrank_detail::back_project_all<kvc::cpu::default_arch>(*pc, 0, acc.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      proj.push_back(thread_cpu_seconds() - c0);
+    }
+  }
+  state.counters["fp16_cpu_ms"] = median(fcpu) * 1e3;
+  state.counters["lowrank_cpu_ms"] = median(pcpu) * 1e3;
+  state.counters["speedup_vs_fp16"] = median(fcpu) / median(pcpu);
+  state.counters["proj_cpu_ms"] = median(proj) * 1e3;
+  state.counters["proj_fraction"] = median(proj) / median(pcpu);
+  state.counters["bytes_per_token"] = double(pc->bytes_in_use()) / ctx;
+  state.counters["fp16_bytes_per_token"] = double(fc.bytes_in_use()) / ctx;
+}
+
+template <class T>
+void register_all(const char* type) {
+  const shape s{32, 8, 128};
+  const std::int32_t ctx = 32768;
+  for (std::int32_t r : {16, 32, 64}) {
+    if (!std::is_same<T, kvc::half>::value && r != 32) continue;  // fp32 coefficients: r = D/4 only, for the choice
+    const std::string name = std::string("BM_lowrank_paired/") + type + "/r:" + std::to_string(r) + "/32x8x128/ctx:" +
+                             std::to_string(ctx) + "/threads:1";
+    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& st) { BM_lowrank_paired<T>(st, s, ctx, r); })
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(1);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  register_all<kvc::half>("f16coef");
+  register_all<float>("f32coef");
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,207 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `lowrank::projected_cache<T>`: a KV cache that stores, per (sequence, layer, kv head), the r
+/// coefficients c = Uᵀ(x − μ) of every key and value instead of its D channels (kvc/lowrank/pca.hpp
+/// fits U and μ). The coefficients live in a `kv_cache<T>` whose head_dim is r, so every byte is a
+/// page-pool byte (page = [K: page_size x r][V: page_size x r] of T, one stream per head), a
+/// head's coefficients are contiguous rows the decode kernel streams, and keep/fork/eviction work
+/// on them unchanged. Decode attention over it: kvc/lowrank/projected_attention.hpp.
+///
+/// Bytes per token and kv head: 2 · r · sizeof(T) (K and V), against 2 · D · 2 for fp16 pages:
+/// r = D/4 in fp16 is 4x fewer bytes (128 against 512 at D = 128), in fp32 2x.
+///
+/// One rank for the whole cache (pages are one size per pool). A basis fitted with an energy
+/// threshold has its own count per head: fit with rank_spec::of_count(max over heads), or refit.
+/// Bases belong to the cache, not to a sequence: fitted once (e.g. from the first prompt) and
+/// used for every sequence, as Loki's and Eigen Attention's calibration bases are.
+/// Keys are projected as given: with RoPE applied (post-RoPE). Pre-RoPE storage with rotation in
+/// the kernel is not implemented (docs/design.md, "Low-rank: projected streams").
+/// Threads: as kv_cache (docs/threading.md); set_basis is exclusive like add_sequence.
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <kvc/error.hpp>
+#include <kvc/lowrank/pca.hpp>
+#include <kvc/store/kv_cache.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace lowrank {
+
+/// Shape of a projected cache.
+struct projected_config {
+  std::int32_t num_layers = 1;
+  std::int32_t num_kv_heads = 1;
+  std::int32_t head_dim = 128;  ///< D of the keys and values before projection
+  std::int32_t rank = 32;       ///< r: coefficients stored per token, for keys and for values
+  std::int32_t page_size = 16;  ///< tokens per page, a power of two
+  std::int32_t max_pages = 1 << 16;
+};
+
+/// \tparam T  element type of the coefficients: float or kvc::half
+template <class T = half>
+class projected_cache {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, half>::value,
+                "kvc::lowrank::projected_cache<T>: T must be float or kvc::half");
+
+ public:
+  using value_type = T;
+  using coefficient_cache = kv_cache<T>;
+
+  explicit projected_cache(const projected_config& c)
+      : cfg_(validated(c)), coef_(inner_config(cfg_)), bases_(static_cast<std::size_t>(c.num_layers) * c.num_kv_heads) {}
+
+  const projected_config& config() const noexcept { return cfg_; }
+  /// The coefficient store: a kv_cache with head_dim = rank (its views are what the kernel reads).
+  const coefficient_cache& coefficients() const noexcept { return coef_; }
+
+  seq_id add_sequence() { return coef_.add_sequence(); }
+  void remove_sequence(seq_id s) { coef_.remove_sequence(s); }
+  seq_id fork(seq_id s) { return coef_.fork(s); }
+  bool contains(seq_id s) const noexcept { return coef_.contains(s); }
+  std::size_t num_sequences() const noexcept { return coef_.num_sequences(); }
+
+  /// Sets the key and value bases of one (layer, kv head). Both must have dim = head_dim and
+  /// rank = config().rank. Replacing a basis does not re-project tokens already stored: set bases
+  /// before the first append of that layer (checked).
+  void set_basis(std::int32_t layer, std::int32_t head, basis k, basis v) {
+    constexpr const char* who = "kvc::lowrank::projected_cache::set_basis";
+    KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
+    KVC_EXPECTS_IN(who, head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
+    for (const basis* b : {&k, &v}) {
+      const char* which = b == &k ? "key" : "value";
+      KVC_EXPECTS_IN(who, b->dim == cfg_.head_dim, which, " basis dim = ", b->dim, ", expected head_dim = ", cfg_.head_dim);
+      KVC_EXPECTS_IN(who, b->rank == cfg_.rank, which, " basis rank = ", b->rank, ", expected the cache's rank = ",
+                     cfg_.rank, " (fit with rank_spec::of_count(", cfg_.rank, "))");
+      KVC_EXPECTS_IN(who, b->u.size() == static_cast<std::size_t>(b->rank) * b->dim, which, " basis holds ",
+                     b->u.size(), " floats, expected rank x dim = ", static_cast<std::size_t>(b->rank) * b->dim);
+      KVC_EXPECTS_IN(who, b->mean.empty() || b->mean.size() == static_cast<std::size_t>(b->dim), which,
+                     " basis mean holds ", b->mean.size(), " floats, expected 0 or dim = ", b->dim);
+    }
+    KVC_EXPECTS_IN(who, coef_.bytes_in_use(layer) == 0, "layer ", layer, " already holds ", coef_.bytes_in_use(layer),
+                   " bytes of coefficients on the old basis, expected set_basis before the layer's first append");
+    entry& e = bases_[index(layer, head)];
+    e.k = std::move(k);
+    e.v = std::move(v);
+    e.set = true;
+  }
+  /// Whether (layer, head) has bases; false for a layer or head out of range.
+  bool has_basis(std::int32_t layer, std::int32_t head) const noexcept {
+    return layer >= 0 && layer < cfg_.num_layers && head >= 0 && head < cfg_.num_kv_heads && bases_[index(layer, head)].set;
+  }
+  const basis& key_basis(std::int32_t layer, std::int32_t head) const { return get(layer, head, "key_basis").k; }
+  const basis& value_basis(std::int32_t layer, std::int32_t head) const { return get(layer, head, "value_basis").v; }
+
+  /// Projects n tokens of every kv head of one layer and appends their coefficients.
+  /// \param k,v  [n][num_kv_heads][head_dim] floats (keys as given: post-RoPE)
+  /// \pre every head of the layer has a basis; values finite (checked before anything changes)
+  void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
+              const std::int32_t* positions = nullptr) {
+    constexpr const char* who = "kvc::lowrank::projected_cache::append";
+    KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
+    KVC_EXPECTS_IN(who, n >= 0, "n = ", n, ", expected >= 0 tokens");
+    if (n == 0) return;
+    KVC_EXPECTS_IN(who, k != nullptr && v != nullptr, "k or v is null with n = ", n);
+    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim, r = cfg_.rank;
+    for (std::int32_t h = 0; h < H; ++h)
+      KVC_EXPECTS_IN(who, bases_[index(layer, h)].set, "layer ", layer, " head ", h,
+                     " has no basis, expected set_basis(layer, head, ...) before appending");
+    const std::size_t total = static_cast<std::size_t>(n) * H * D;
+    for (std::size_t i = 0; i < total; ++i) {
+      KVC_EXPECTS_IN(who, std::isfinite(k[i]), "k[", i, "] = ", k[i], ", expected a finite value (the cache is unchanged)");
+      KVC_EXPECTS_IN(who, std::isfinite(v[i]), "v[", i, "] = ", v[i], ", expected a finite value (the cache is unchanged)");
+    }
+    std::vector<float> ck(static_cast<std::size_t>(n) * H * r), cv(ck.size());
+    for (std::int32_t h = 0; h < H; ++h) {
+      const entry& e = bases_[index(layer, h)];
+      for (std::int32_t t = 0; t < n; ++t) {
+        const std::size_t in = (static_cast<std::size_t>(t) * H + h) * D, out = (static_cast<std::size_t>(t) * H + h) * r;
+        project(e.k, k + in, ck.data() + out);
+        project(e.v, v + in, cv.data() + out);
+      }
+    }
+    coef_.append(s, layer, ck.data(), cv.data(), n, positions);
+  }
+
+  /// Keeps tokens kept[0..n) of one stream (eviction), freeing the pages this empties.
+  void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
+    coef_.keep(s, layer, head, kept, n);
+  }
+  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const { return coef_.length(s, layer, head); }
+  /// Pool bytes of the coefficient pages (the bases are metadata_bytes()).
+  std::size_t bytes_in_use() const noexcept { return coef_.bytes_in_use(); }
+  std::size_t bytes_in_use(std::int32_t layer) const { return coef_.bytes_in_use(layer); }
+  /// Host bytes of the bases (U_k, U_v and means, float) plus the coefficient cache's bookkeeping.
+  std::size_t metadata_bytes() const noexcept {
+    std::size_t b = coef_.metadata_bytes();
+    for (const entry& e : bases_) b += 4 * (e.k.u.size() + e.v.u.size() + e.k.mean.size() + e.v.mean.size());
+    return b;
+  }
+
+ private:
+  struct entry {
+    basis k, v;
+    bool set = false;
+  };
+
+  static projected_config validated(const projected_config& c) {
+    constexpr const char* who = "kvc::lowrank::projected_cache::projected_cache";
+    KVC_EXPECTS_IN(who, c.head_dim > 0, "projected_config.head_dim = ", c.head_dim, ", expected > 0");
+    KVC_EXPECTS_IN(who, c.rank >= 1 && c.rank <= c.head_dim, "projected_config.rank = ", c.rank, ", expected 1..",
+                   c.head_dim, " (head_dim)");
+    return c;  // the rest is checked by kv_cache, whose messages name cache_config's fields
+  }
+  static cache_config inner_config(const projected_config& c) {
+    cache_config k;
+    k.num_layers = c.num_layers;
+    k.num_kv_heads = c.num_kv_heads;
+    k.head_dim = c.rank;
+    k.page_size = c.page_size;
+    k.max_pages = c.max_pages;
+    k.check_finite = false;  // append checked the inputs; coefficients of finite rows are finite
+    return k;
+  }
+  std::size_t index(std::int32_t layer, std::int32_t head) const noexcept {
+    return static_cast<std::size_t>(layer) * cfg_.num_kv_heads + head;
+  }
+  /// The entry of (layer, head), checked; the message names the public member `fn`. The name is
+  /// built only on failure: the kernel asks for every query head's bases each step.
+  const entry& get(std::int32_t layer, std::int32_t head, const char* fn) const {
+    constexpr const char* cls = "kvc::lowrank::projected_cache::";
+    if (!(layer >= 0 && layer < cfg_.num_layers))
+      detail::fail(detail::concat(cls, fn, ": layer = ", layer, ", expected 0..", cfg_.num_layers - 1));
+    if (!(head >= 0 && head < cfg_.num_kv_heads))
+      detail::fail(detail::concat(cls, fn, ": head = ", head, ", expected 0..", cfg_.num_kv_heads - 1));
+    const entry& e = bases_[index(layer, head)];
+    if (!e.set)
+      detail::fail(detail::concat(cls, fn, ": layer ", layer, " head ", head, " has no basis, expected set_basis first"));
+    return e;
+  }
+  /// c[j] = u_j · (x − μ), in float (the kernel's precision; a double reference checks it).
+  static void project(const basis& b, const float* x, float* c) noexcept {
+    const std::int32_t D = b.dim;
+    const float* mu = b.mean.empty() ? nullptr : b.mean.data();
+    for (std::int32_t j = 0; j < b.rank; ++j) {
+      const float* u = b.direction(j);
+      float s = 0;
+      if (mu)
+        for (std::int32_t d = 0; d < D; ++d) s += u[d] * (x[d] - mu[d]);
+      else
+        for (std::int32_t d = 0; d < D; ++d) s += u[d] * x[d];
+      c[j] = s;
+    }
+  }
+
+  projected_config cfg_;
+  coefficient_cache coef_;
+  std::vector<entry> bases_;  // [layer * num_kv_heads + head]
+};
+
+}  // namespace lowrank
+KVC_END_NAMESPACE
