@@ -34,22 +34,12 @@
 
 namespace {
 
-struct shape {
-  std::int32_t q_heads, kv_heads, head_dim;
-};
+using kvc_bench::median;
+using kvc_bench::random_rows;
+using kvc_bench::shape;
 constexpr std::int32_t chunk = 1024;
 
-std::vector<float> random_rows(std::size_t n, std::uint64_t seed) {
-  kvc_bench::rng r(seed);
-  std::vector<float> v(n);
-  for (auto& x : v) x = 2.0f * r.uniform();
-  return v;
-}
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 /// The fp16 cache of (shape, ctx), built once: the same K/V rows the projected caches project.
 kvc::kv_cache<kvc::half>& fp16_cache(shape s, std::int32_t ctx, kvc::seq_id& seq) {

@@ -42,17 +42,11 @@ namespace {
 
 using namespace kvc::quant;
 
-struct shape {
-  std::int32_t q_heads, kv_heads, head_dim;
-};
+using kvc_bench::median;
+using kvc_bench::random_rows;
+using kvc_bench::shape;
 constexpr std::int32_t prefill_chunk = 1024;
 
-std::vector<float> random_rows(std::size_t n, std::uint64_t seed) {
-  kvc_bench::rng r(seed);
-  std::vector<float> v(n);
-  for (auto& x : v) x = 2.0f * r.uniform();
-  return v;
-}
 
 kvc::thread_pool* pool_for(int threads) {
   static std::map<int, std::unique_ptr<kvc::thread_pool>> pools;
@@ -156,16 +150,8 @@ void BM_quant_decode(benchmark::State& state, shape s, std::int32_t ctx, int thr
   state.counters["bytes_per_token"] = double(cache.bytes_in_use()) / ctx;
 }
 
-double thread_cpu_seconds() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-}
+using kvc_bench::thread_cpu_seconds;
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 std::unique_ptr<kvc::kv_cache<kvc::half>> fp16_cache(shape s, std::int32_t ctx, kvc::seq_id& seq) {
   kvc::cache_config c;

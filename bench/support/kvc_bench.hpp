@@ -52,10 +52,23 @@ inline double thread_cpu_seconds() noexcept {
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
-/// Median of v (reorders v).
-inline double median(std::vector<double>& v) {
+/// Median of v (the upper one of an even count).
+inline double median(std::vector<double> v) {
   std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
   return v[v.size() / 2];
+}
+
+/// A decode benchmark's attention shape.
+struct shape {
+  std::int32_t q_heads, kv_heads, head_dim;
+};
+
+/// n floats uniform in [-2, 2): the K, V and query rows of the decode benchmarks.
+inline std::vector<float> random_rows(std::size_t n, std::uint64_t seed) {
+  rng r(seed);
+  std::vector<float> v(n);
+  for (auto& x : v) x = 2.0f * r.uniform();
+  return v;
 }
 
 struct free_deleter {
