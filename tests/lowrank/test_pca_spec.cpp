@@ -128,7 +128,7 @@ TEST_CASE("pca specs: attention equals a dense reference on the gathered keys an
     CHECK(c->name() == spec);
     CHECK(c->config().head_dim == D);
     CHECK_FALSE(c->pre_rope_keys());
-    CHECK_FALSE(c->has_prefill_attention());
+    CHECK(c->has_prefill_attention());
     const seq_id s = c->add_sequence();
     CHECK(c->chunk_tokens(s, 0, 500) == 500);
     fill(*c, s, 100, 3, 7);
@@ -314,4 +314,42 @@ TEST_CASE("pca: a rejected append leaves the cache unchanged", "[lowrank][pca_sp
   CHECK(c->bytes_in_use() == bytes);
   CHECK(c->metadata_bytes() == meta);
   CHECK(attend(*c, s, 0, q) == before);
+}
+
+TEST_CASE("pca: prefill attention is causal attention over the gathered keys and values", "[lowrank][pca_spec]") {
+  for (const char* spec : {"pca(rank=16)", "pca(rank=24,center=1,coef=fp32)"}) {
+    CAPTURE(spec);
+    auto c = make_cache(spec, shape());
+    const seq_id s = c->add_sequence();
+    const std::int32_t n = 50;
+    const auto k = rows(n, 71), v = rows(n, 72);
+    c->append(s, 1, k.data(), v.data(), n);
+    std::vector<std::vector<float>> K, V;
+    gathered(*c, s, 1, K, V);
+    const std::int32_t pos[] = {0, 10, 25, 49, 49};
+    const std::int32_t nq = 5;
+    const auto q = rows(nq * G, 73);  // [nq][H*G][D]
+    std::vector<float> out(q.size()), lse(static_cast<std::size_t>(nq) * H * G);
+    kvc::decode_options opt;
+    opt.lse = lse.data();
+    c->prefill_attention(s, 1, q.data(), nq, pos, H * G, out.data(), opt);
+    for (std::int32_t i = 0; i < nq; ++i) {
+      std::vector<std::vector<float>> Ki(H), Vi(H);
+      const std::size_t visible = static_cast<std::size_t>(pos[i] + 1) * D;  // positions are 0..n-1
+      for (std::int32_t h = 0; h < H; ++h) {
+        Ki[h].assign(K[h].begin(), K[h].begin() + static_cast<std::ptrdiff_t>(visible));
+        Vi[h].assign(V[h].begin(), V[h].begin() + static_cast<std::ptrdiff_t>(visible));
+      }
+      const std::size_t row = static_cast<std::size_t>(H) * G * D;
+      const std::vector<float> qi(q.begin() + static_cast<std::ptrdiff_t>(i * row), q.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
+      const std::vector<float> oi(out.begin() + static_cast<std::ptrdiff_t>(i * row), out.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
+      CAPTURE(i);
+      CHECK(max_diff(oi, reference(qi, Ki, Vi)) < 1e-3);
+    }
+    // The last query sees every token: decode attention over the same cache agrees with it.
+    const std::size_t row = static_cast<std::size_t>(H) * G * D;
+    const std::vector<float> qlast(q.end() - static_cast<std::ptrdiff_t>(row), q.end());
+    const auto dec = attend(*c, s, 1, qlast);
+    for (std::size_t j = 0; j < row; ++j) CHECK(std::abs(dec[j] - out[4 * row + j]) < 1e-4f);
+  }
 }

@@ -18,10 +18,11 @@
 /// the cache's, shared by every sequence and never refitted (projected_cache: a new basis would
 /// not re-project stored tokens). Keys are stored post-RoPE (pre_rope_keys() is false).
 ///
-/// There is no prefill_attention (has_prefill_attention() is false): kvc::cpu::prefill_attention
-/// reads D-dimensional pages. A caller that prefills token by token therefore fits the bases on
-/// one token and gets the refusal above; it must append the prompt (at least r tokens) in one call
-/// first (chunk_tokens() allows any chunk: a stored token never changes form).
+/// Prefill attention is kvc::cpu::prefill_attention over the cache as an any_cache: it reads the
+/// reconstructed keys and values through gather() (O(tokens · D · r) per call, against the
+/// O(queries · tokens · D) of the attention), the same K/V decode attention attends to in r
+/// dimensions. chunk_tokens() allows any chunk (a stored token never changes form), so a caller
+/// prefills in chunks and the first chunk fits the bases; a prompt shorter than r is refused.
 ///
 /// The builders and the registration are per ISA (docs/isa.md), as runtime/quant_storages.hpp.
 
@@ -34,6 +35,7 @@
 #include <vector>
 
 #include <kvc/error.hpp>
+#include <kvc/cpu/prefill_attention.hpp>
 #include <kvc/lowrank/pca.hpp>
 #include <kvc/lowrank/projected_attention.hpp>
 #include <kvc/lowrank/projected_cache.hpp>
@@ -167,6 +169,15 @@ class pca_cache final : public any_cache {
                  const decode_options& opt) const override {
     kvc::cpu::projected_decode_attention(c_, s, layer, q, num_q_heads, out, opt);
   }
+  bool has_prefill_attention() const override { return true; }
+  /// cpu::prefill_attention over `rows_view`: its generic path reads rows through gather() (U c + μ).
+  void prefill_attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_queries,
+                         const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
+                         const decode_options& opt) const override {
+    KVC_EXPECTS_IN("kvc::runtime::pca_cache::prefill_attention", c_.contains(s), "seq = ", s,
+                   " is not a live sequence of this cache, expected one of its ", c_.num_sequences(), " live sequence ids");
+    kvc::cpu::prefill_attention(rows_view{this}, s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
+  }
   /// Any chunk: a stored token's coefficients never change (no re-encoding window).
   std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const override {
     return c_.coefficients().chunk_tokens(s, layer, limit);
@@ -180,6 +191,21 @@ class pca_cache final : public any_cache {
   std::int64_t tokens_held() const override { return c_.coefficients().tokens_held(); }
 
  private:
+  /// What cpu::prefill_attention reads of a cache, and no more. Not the any_cache itself: the
+  /// kernel's sequence check asks a cache with contains() for num_sequences(), which any_cache
+  /// lacks (checked here before the call instead).
+  struct rows_view {
+    const pca_cache* c;
+    const cache_config& config() const { return c->config(); }
+    std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const { return c->length(s, layer, head); }
+    const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const {
+      return c->positions(s, layer, head);
+    }
+    void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
+      c->gather(s, layer, head, k_out, v_out);
+    }
+  };
+
   static lowrank::projected_config projected(const cache_config& c, std::int32_t rank) {
     lowrank::projected_config p;
     p.num_layers = c.num_layers;
