@@ -24,6 +24,7 @@
 #include <kvc/runtime/make_cache.hpp>
 #include <kvc/runtime/quant_storages.hpp>  // registers kvc's quantized storages (int8, kivi, fp8, ...)
 #include <kvc/runtime/mikv_storage.hpp>    // registers mikv (mixed precision; scores its own attention)
+#include <kvc/runtime/lowrank_storages.hpp>  // registers pca (projected low-rank; bases from the first chunk)
 
 #include "kv_backend.hpp"
 
