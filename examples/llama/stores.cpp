@@ -9,6 +9,10 @@
 
 #include "kvc_backend.hpp"
 
+// pca (projected low-rank; bases from the first chunk) is registered in the engine only: the
+// Python package, which shares kvc_backend.hpp, does not offer it yet.
+#include <kvc/runtime/lowrank_storages.hpp>
+
 namespace llama {
 
 /// The model facts kvc's evictor builders read (kvc::runtime::evictor_context), with the

@@ -133,6 +133,11 @@ class projected_cache {
   void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
     coef_.keep(s, layer, head, kept, n);
   }
+  /// Keeps, for every kv head h of one layer, the tokens kept[h]: all heads change or none does
+  /// (kv_cache::keep_layer on the coefficient pages).
+  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
+    coef_.keep_layer(s, layer, kept);
+  }
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const { return coef_.length(s, layer, head); }
   /// Pool bytes of the coefficient pages (the bases are metadata_bytes()).
   std::size_t bytes_in_use() const noexcept { return coef_.bytes_in_use(); }

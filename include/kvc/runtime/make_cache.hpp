@@ -79,6 +79,7 @@ inline const char* storage_header(const std::string& name) {
   for (const char* q : quant)
     if (name == q) return "<kvc/runtime/quant_storages.hpp>";
   if (name == "mikv") return "<kvc/runtime/mikv_storage.hpp>";
+  if (name == "pca") return "<kvc/runtime/lowrank_storages.hpp>";
   return nullptr;
 }
 

@@ -1,0 +1,262 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// Registers the projected (PCA, low-rank) storage with the runtime builder, so specs can name it:
+///
+///   pca(rank=N, center=0|1, coef=fp16|fp32)
+///     rank    a count 1..head_dim, or a fraction in (0, 1) of head_dim (r = ceil(f · D))
+///     center  1: subtract the fitted mean before projecting (pca.hpp); default 0, as Loki and
+///             Eigen Attention
+///     coef    element type of the stored coefficients; default fp16
+///
+/// The cache (`pca_cache<T>`, below) wraps lowrank::projected_cache<T>. Its bases are fitted, per
+/// (layer, kv head), from the keys and values of the first append of each layer, whichever
+/// sequence makes it: the prompt's first chunk. That append must hold at least r tokens (refused
+/// otherwise, the cache unchanged): fewer rows span fewer than r directions, and the remaining
+/// ones would be arbitrary eigenvectors of zero eigenvalues, a basis fitted on nothing. Bases are
+/// the cache's, shared by every sequence and never refitted (projected_cache: a new basis would
+/// not re-project stored tokens). Keys are stored post-RoPE (pre_rope_keys() is false).
+///
+/// Prefill attention is kvc::cpu::prefill_attention over the cache as an any_cache: it reads the
+/// reconstructed keys and values through gather() (O(tokens · D · r) per call, against the
+/// O(queries · tokens · D) of the attention), the same K/V decode attention attends to in r
+/// dimensions. chunk_tokens() allows any chunk (a stored token never changes form), so a caller
+/// prefills in chunks and the first chunk fits the bases; a prompt shorter than r is refused.
+///
+/// The builders and the registration are per ISA (docs/isa.md), as runtime/quant_storages.hpp.
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <kvc/error.hpp>
+#include <kvc/cpu/prefill_attention.hpp>
+#include <kvc/lowrank/pca.hpp>
+#include <kvc/lowrank/projected_attention.hpp>
+#include <kvc/lowrank/projected_cache.hpp>
+#include <kvc/runtime/any_cache.hpp>
+#include <kvc/runtime/make_cache.hpp>
+#include <kvc/runtime/spec.hpp>
+#include <kvc/store/kv_cache.hpp>
+#include <kvc/types.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace runtime {
+
+/// What a `pca(...)` spec asks for, parsed and checked against the cache's head_dim.
+struct pca_spec {
+  std::int32_t rank = 0;  ///< r, 1..head_dim
+  bool center = false;
+  bool fp32 = false;      ///< coef=fp32 (else fp16)
+};
+
+namespace detail {
+
+[[noreturn]] inline void bad_pca_arg(const spec_stage& st, const std::string& what, const std::string& expected) {
+  kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", st.text, "': ", what, ", expected ", expected));
+}
+
+/// Parses `pca(rank=, center=, coef=)` for a cache of head_dim D. rank is read as a number so a
+/// fraction and a count share one argument; the fraction's rounding is pca.hpp's (select_rank).
+inline pca_spec parse_pca(const spec_stage& st, std::int32_t D) {
+  spec_args a(st, "kvc::runtime::make_cache");
+  const double rank = a.number("rank");
+  const int center = a.integer("center", 0);
+  const std::string coef = a.word("coef", "fp16");
+  a.finish("rank, center, coef");
+  pca_spec p;
+  const std::string rs = kvc::detail::concat("rank = ", rank);
+  if (rank > 0 && rank < 1) {
+    p.rank = lowrank::select_rank(lowrank::rank_spec::of_fraction(rank), nullptr, D);
+  } else if (rank >= 1 && rank <= D && rank == std::floor(rank)) {
+    p.rank = static_cast<std::int32_t>(rank);
+  } else {
+    bad_pca_arg(st, rs, kvc::detail::concat("a whole count 1..", D, " (head_dim) or a fraction in (0, 1) of head_dim"));
+  }
+  if (center != 0 && center != 1) bad_pca_arg(st, kvc::detail::concat("center = ", center), "0 or 1");
+  if (coef != "fp16" && coef != "fp32") bad_pca_arg(st, "coef = " + coef, "fp16 or fp32");
+  p.center = center == 1;
+  p.fp32 = coef == "fp32";
+  return p;
+}
+
+}  // namespace detail
+
+// ---- per ISA (docs/isa.md): the cache runs this TU's projected kernel ----
+KVC_BEGIN_ISA_NAMESPACE
+
+/// any_cache over lowrank::projected_cache<T>, fitting its bases on each layer's first append
+/// (see the file comment). config() is the caller's shape (head_dim D), since gather() and
+/// attention() speak D channels; the coefficient pages are head_dim r.
+/// Threads: as kv_cache (docs/threading.md); an append that fits a layer's bases writes them, so
+/// it is exclusive like add_sequence.
+template <class T>
+class pca_cache final : public any_cache {
+ public:
+  pca_cache(std::string name, const cache_config& cfg, const pca_spec& p)
+      : name_(std::move(name)), cfg_(cfg), center_(p.center), c_(projected(cfg, p.rank)),
+        fitted_(static_cast<std::size_t>(cfg.num_layers), false) {}
+
+  lowrank::projected_cache<T>& get() noexcept { return c_; }
+  const lowrank::projected_cache<T>& get() const noexcept { return c_; }
+
+  const cache_config& config() const override { return cfg_; }
+  std::string name() const override { return name_; }
+  seq_id add_sequence() override { return c_.add_sequence(); }
+  void remove_sequence(seq_id s) override { c_.remove_sequence(s); }
+  bool contains(seq_id s) const override { return c_.contains(s); }
+  seq_id fork(seq_id s) override { return c_.fork(s); }
+
+  void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
+              const std::int32_t* positions) override {
+    constexpr const char* who = "kvc::runtime::pca_cache::append";
+    KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
+    if (n > 0 && !fitted_[static_cast<std::size_t>(layer)]) {
+      const std::int32_t r = c_.config().rank;
+      KVC_EXPECTS_IN(who, c_.contains(s), "seq = ", s, " is not a live sequence of this cache (the cache is unchanged)");
+      KVC_EXPECTS_IN(who, n >= r, "n = ", n, " tokens in the first append of layer ", layer, ", expected at least rank = ",
+                     r, " to fit its bases (append the prompt in one call; the cache is unchanged)");
+      KVC_EXPECTS_IN(who, k != nullptr && v != nullptr, "k or v is null with n = ", n);
+      // Fit every head before setting any: fit_basis refuses non-finite rows, and a refusal then
+      // leaves no basis behind.
+      const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
+      const std::int64_t stride = static_cast<std::int64_t>(H) * D;
+      std::vector<std::pair<lowrank::basis, lowrank::basis>> b;
+      b.reserve(static_cast<std::size_t>(H));
+      for (std::int32_t h = 0; h < H; ++h) {
+        const std::size_t off = static_cast<std::size_t>(h) * D;
+        b.emplace_back(lowrank::fit_basis(k + off, n, D, stride, lowrank::rank_spec::of_count(r), center_),
+                       lowrank::fit_basis(v + off, n, D, stride, lowrank::rank_spec::of_count(r), center_));
+      }
+      // The layer holds no coefficients yet, so set_basis accepts these (again, after a refused append).
+      for (std::int32_t h = 0; h < H; ++h)
+        c_.set_basis(layer, h, std::move(b[static_cast<std::size_t>(h)].first), std::move(b[static_cast<std::size_t>(h)].second));
+      c_.append(s, layer, k, v, n, positions);
+      fitted_[static_cast<std::size_t>(layer)] = true;  // only once tokens are stored on these bases
+      return;
+    }
+    c_.append(s, layer, k, v, n, positions);
+  }
+  void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) override {
+    c_.keep(s, layer, head, kept, n);
+  }
+  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) override {
+    c_.keep_layer(s, layer, kept);
+  }
+
+  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override { return c_.length(s, layer, head); }
+  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const override {
+    return c_.coefficients().positions(s, layer, head);
+  }
+  std::int32_t seen(seq_id s, std::int32_t layer) const override { return c_.coefficients().seen(s, layer); }
+  /// The keys and values the cache stands for, rebuilt in D channels (x̂ = U c + μ), so scorers
+  /// and evictors that read keys see what attention attends to.
+  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out) const override {
+    const std::int32_t n = c_.length(s, layer, head);
+    if (n == 0) return;
+    const std::int32_t r = c_.config().rank;
+    std::vector<float> ck(static_cast<std::size_t>(n) * r), cv(v_out ? ck.size() : 0);
+    c_.coefficients().gather(s, layer, head, ck.data(), v_out ? cv.data() : nullptr);
+    if (k_out) reconstruct(c_.key_basis(layer, head), ck.data(), n, k_out);
+    if (v_out) reconstruct(c_.value_basis(layer, head), cv.data(), n, v_out);
+  }
+  void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
+                 const decode_options& opt) const override {
+    kvc::cpu::projected_decode_attention(c_, s, layer, q, num_q_heads, out, opt);
+  }
+  bool has_prefill_attention() const override { return true; }
+  /// cpu::prefill_attention over `rows_view`: its generic path reads rows through gather() (U c + μ).
+  void prefill_attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_queries,
+                         const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
+                         const decode_options& opt) const override {
+    KVC_EXPECTS_IN("kvc::runtime::pca_cache::prefill_attention", c_.contains(s), "seq = ", s,
+                   " is not a live sequence of this cache, expected one of its ", c_.num_sequences(), " live sequence ids");
+    kvc::cpu::prefill_attention(rows_view{this}, s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
+  }
+  /// Any chunk: a stored token's coefficients never change (no re-encoding window).
+  std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const override {
+    return c_.coefficients().chunk_tokens(s, layer, limit);
+  }
+
+  std::size_t bytes_in_use() const override { return c_.bytes_in_use(); }
+  std::size_t bytes_in_use(std::int32_t layer) const override { return c_.bytes_in_use(layer); }
+  memory_traffic traffic() const override { return c_.coefficients().traffic(); }
+  /// The bases (U_k, U_v, means) and the coefficient cache's bookkeeping.
+  std::size_t metadata_bytes() const override { return c_.metadata_bytes(); }
+  std::int64_t tokens_held() const override { return c_.coefficients().tokens_held(); }
+
+ private:
+  /// What cpu::prefill_attention reads of a cache, and no more. Not the any_cache itself: the
+  /// kernel's sequence check asks a cache with contains() for num_sequences(), which any_cache
+  /// lacks (checked here before the call instead).
+  struct rows_view {
+    const pca_cache* c;
+    const cache_config& config() const { return c->config(); }
+    std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const { return c->length(s, layer, head); }
+    const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const {
+      return c->positions(s, layer, head);
+    }
+    void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
+      c->gather(s, layer, head, k_out, v_out);
+    }
+  };
+
+  static lowrank::projected_config projected(const cache_config& c, std::int32_t rank) {
+    lowrank::projected_config p;
+    p.num_layers = c.num_layers;
+    p.num_kv_heads = c.num_kv_heads;
+    p.head_dim = c.head_dim;
+    p.rank = rank;
+    p.page_size = c.page_size;
+    p.max_pages = c.max_pages;
+    return p;
+  }
+  /// out[t] = Σ_j c[t][j] u_j (+ μ), [n][D].
+  static void reconstruct(const lowrank::basis& b, const float* c, std::int32_t n, float* out) {
+    const std::int32_t D = b.dim, r = b.rank;
+    for (std::int32_t t = 0; t < n; ++t) {
+      float* o = out + static_cast<std::size_t>(t) * D;
+      for (std::int32_t d = 0; d < D; ++d) o[d] = b.centered() ? b.mean[static_cast<std::size_t>(d)] : 0.0f;
+      for (std::int32_t j = 0; j < r; ++j) {
+        const float a = c[static_cast<std::size_t>(t) * r + j];
+        const float* u = b.direction(j);
+        for (std::int32_t d = 0; d < D; ++d) o[d] += a * u[d];
+      }
+    }
+  }
+
+  std::string name_;
+  cache_config cfg_;
+  bool center_;
+  lowrank::projected_cache<T> c_;
+  std::vector<bool> fitted_;  // [layer]: bases set and tokens stored on them
+};
+
+KVC_END_ISA_NAMESPACE
+
+namespace detail {
+KVC_BEGIN_ISA_NAMESPACE  // the builder makes this ISA's pca_cache
+inline bool register_lowrank_storages() {
+  storage_registry()["pca"] = [](const spec_stage& st, const cache_config& c,
+                                 const storage_options&) -> std::unique_ptr<any_cache> {
+    const pca_spec p = parse_pca(st, c.head_dim);
+    if (p.fp32) return std::make_unique<pca_cache<float>>(st.text, c, p);
+    return std::make_unique<pca_cache<half>>(st.text, c, p);
+  };
+  return true;
+}
+KVC_END_ISA_NAMESPACE
+}  // namespace detail
+
+KVC_BEGIN_ISA_NAMESPACE
+/// Including this header registers `pca` (once per program and ISA configuration).
+inline const bool lowrank_storages_registered = detail::register_lowrank_storages();
+
+KVC_END_ISA_NAMESPACE
+}  // namespace runtime
+KVC_END_NAMESPACE

@@ -1,0 +1,355 @@
+// SPDX-License-Identifier: Apache-2.0
+// The run-time storage pca(rank=, center=, coef=) (kvc/runtime/lowrank_storages.hpp), through
+// any_cache as a harness uses it. Attention is checked against a dense double reference written
+// here, computed on the keys and values gather() returns (the reconstruction U c + μ) and, at full
+// rank, on the original K/V. gather() itself is checked against the projection onto the cache's
+// own basis, computed here in double. Pool bytes are checked against a count of pages made here.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <kvc/runtime/lowrank_storages.hpp>
+#include <kvc/runtime/make_cache.hpp>
+
+#include "kvc_catch.hpp"
+
+namespace {
+
+using kvc::cache_config;
+using kvc::seq_id;
+using kvc::runtime::any_cache;
+using kvc::runtime::make_cache;
+using Catch::Contains;
+
+constexpr std::int32_t L = 2, H = 2, D = 64, G = 2, P = 16;
+
+cache_config shape() {
+  cache_config c;
+  c.num_layers = L;
+  c.num_kv_heads = H;
+  c.head_dim = D;
+  c.page_size = P;
+  return c;
+}
+
+/// [n][H][D] rows with a decaying spectrum (channel d scaled by 1 / (1 + d / 8)) and an offset,
+/// so a rank-16 basis keeps most but not all of each row.
+std::vector<float> rows(std::int32_t n, std::uint32_t seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> nd;
+  std::vector<float> x(static_cast<std::size_t>(n) * H * D);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = nd(g) / (1.0f + static_cast<float>(i % D) / 8.0f) + 0.3f;
+  return x;
+}
+
+/// Dense double attention, GQA: q [H*G][D], K/V per kv head [n_h][D] -> out [H*G][D].
+std::vector<double> reference(const std::vector<float>& q, const std::vector<std::vector<float>>& K,
+                              const std::vector<std::vector<float>>& V) {
+  std::vector<double> out(static_cast<std::size_t>(H) * G * D, 0.0);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  for (std::int32_t qh = 0; qh < H * G; ++qh) {
+    const auto& k = K[static_cast<std::size_t>(qh / G)];
+    const auto& v = V[static_cast<std::size_t>(qh / G)];
+    const std::size_t n = k.size() / D;
+    std::vector<double> s(n);
+    double m = -std::numeric_limits<double>::infinity();
+    for (std::size_t t = 0; t < n; ++t) {
+      double a = 0;
+      for (std::int32_t d = 0; d < D; ++d) a += double(q[static_cast<std::size_t>(qh) * D + d]) * k[t * D + d];
+      s[t] = a * scale;
+      m = std::max(m, s[t]);
+    }
+    double l = 0;
+    for (std::size_t t = 0; t < n; ++t) l += std::exp(s[t] - m);
+    for (std::size_t t = 0; t < n; ++t)
+      for (std::int32_t d = 0; d < D; ++d)
+        out[static_cast<std::size_t>(qh) * D + d] += std::exp(s[t] - m) / l * v[t * D + d];
+  }
+  return out;
+}
+
+/// The cache's keys and values of one layer, per kv head, as gather() returns them.
+void gathered(const any_cache& c, seq_id s, std::int32_t layer, std::vector<std::vector<float>>& K,
+              std::vector<std::vector<float>>& V) {
+  K.assign(H, {});
+  V.assign(H, {});
+  for (std::int32_t h = 0; h < H; ++h) {
+    const std::size_t n = static_cast<std::size_t>(c.length(s, layer, h));
+    K[h].resize(n * D);
+    V[h].resize(n * D);
+    c.gather(s, layer, h, K[h].data(), V[h].data());
+  }
+}
+
+/// The original rows of one kv head, [n][D].
+std::vector<float> head_rows(const std::vector<float>& x, std::int32_t h) {
+  const std::size_t n = x.size() / (static_cast<std::size_t>(H) * D);
+  std::vector<float> o(n * D);
+  for (std::size_t t = 0; t < n; ++t)
+    for (std::int32_t d = 0; d < D; ++d) o[t * D + d] = x[(t * H + h) * D + d];
+  return o;
+}
+
+double max_diff(const std::vector<float>& a, const std::vector<double>& b) {
+  REQUIRE(a.size() == b.size());
+  double m = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(double(a[i]) - b[i]));
+  return m;
+}
+
+std::vector<float> attend(const any_cache& c, seq_id s, std::int32_t layer, const std::vector<float>& q) {
+  std::vector<float> out(q.size());
+  c.attention(s, layer, q.data(), H * G, out.data());
+  return out;
+}
+
+/// Appends a prompt of n tokens to every layer in one call, then `decode` single tokens.
+void fill(any_cache& c, seq_id s, std::int32_t n, std::int32_t decode, std::uint32_t seed) {
+  for (std::int32_t l = 0; l < L; ++l) {
+    const auto k = rows(n, seed + 10 * l), v = rows(n, seed + 10 * l + 1);
+    c.append(s, l, k.data(), v.data(), n);
+    for (std::int32_t t = 0; t < decode; ++t) {
+      const auto k1 = rows(1, seed + 100 * (t + 1) + l), v1 = rows(1, seed + 100 * (t + 1) + l + 50);
+      c.append(s, l, k1.data(), v1.data(), 1);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("pca specs: attention equals a dense reference on the gathered keys and values", "[lowrank][pca_spec]") {
+  for (const char* spec : {"pca(rank=16)", "pca(rank=0.25,center=1)", "pca(rank=16,coef=fp32)", "pca(rank=13,center=1)"}) {
+    CAPTURE(spec);
+    auto c = make_cache(spec, shape());
+    CHECK(c->name() == spec);
+    CHECK(c->config().head_dim == D);
+    CHECK_FALSE(c->pre_rope_keys());
+    CHECK(c->has_prefill_attention());
+    const seq_id s = c->add_sequence();
+    CHECK(c->chunk_tokens(s, 0, 500) == 500);
+    fill(*c, s, 100, 3, 7);
+    for (std::int32_t l = 0; l < L; ++l) {
+      CHECK(c->seen(s, l) == 103);
+      for (std::int32_t h = 0; h < H; ++h) {
+        REQUIRE(c->length(s, l, h) == 103);
+        CHECK(c->positions(s, l, h)[102] == 102);
+      }
+      std::vector<std::vector<float>> K, V;
+      gathered(*c, s, l, K, V);
+      const auto q = rows(G, 99 + l);  // [H*G][D]
+      const auto out = attend(*c, s, l, q);
+      CHECK(max_diff(out, reference(q, K, V)) < 1e-3);
+      // Lossy at rank < D: the reconstruction is not the original (a gather that returned the
+      // input would not be what attention attends to).
+      const auto orig = head_rows(rows(100, 7 + 10 * l), 0);
+      double err = 0;
+      for (std::size_t i = 0; i < orig.size(); ++i) err = std::max(err, double(std::abs(orig[i] - K[0][i])));
+      CHECK(err > 1e-2);
+    }
+    CHECK(c->tokens_held() == std::int64_t{L} * H * 103);
+  }
+}
+
+TEST_CASE("pca: gather is the projection onto the cache's own bases", "[lowrank][pca_spec]") {
+  auto c = make_cache("pca(rank=16,center=1,coef=fp32)", shape());
+  auto* pc = dynamic_cast<kvc::runtime::pca_cache<float>*>(c.get());
+  REQUIRE(pc != nullptr);
+  const seq_id s = c->add_sequence();
+  const auto k = rows(40, 3), v = rows(40, 4);
+  c->append(s, 0, k.data(), v.data(), 40);
+  REQUIRE(pc->get().config().rank == 16);
+  for (std::int32_t h = 0; h < H; ++h) {
+    std::vector<float> gk(40 * D), gv(40 * D);
+    c->gather(s, 0, h, gk.data(), gv.data());
+    for (int which = 0; which < 2; ++which) {
+      const auto& b = which == 0 ? pc->get().key_basis(0, h) : pc->get().value_basis(0, h);
+      REQUIRE(b.centered());
+      const auto x = head_rows(which == 0 ? k : v, h);
+      const auto& g = which == 0 ? gk : gv;
+      double err = 0;
+      for (std::int32_t t = 0; t < 40; ++t) {
+        std::vector<double> y(D);
+        for (std::int32_t d = 0; d < D; ++d) y[d] = b.mean[d];
+        for (std::int32_t j = 0; j < 16; ++j) {
+          double cj = 0;
+          for (std::int32_t d = 0; d < D; ++d) cj += double(b.direction(j)[d]) * (x[t * D + d] - b.mean[d]);
+          for (std::int32_t d = 0; d < D; ++d) y[d] += cj * b.direction(j)[d];
+        }
+        for (std::int32_t d = 0; d < D; ++d) err = std::max(err, std::abs(y[d] - g[t * D + d]));
+      }
+      CHECK(err < 1e-4);
+    }
+  }
+}
+
+TEST_CASE("pca at full rank equals exact attention on the original keys and values", "[lowrank][pca_spec]") {
+  for (const char* spec : {"pca(rank=64,coef=fp32)", "pca(rank=64,center=1,coef=fp32)"}) {
+    CAPTURE(spec);
+    auto c = make_cache(spec, shape());
+    const seq_id s = c->add_sequence();
+    const std::int32_t n = 70;
+    for (std::int32_t l = 0; l < L; ++l) {
+      const auto k = rows(n, 20 + l), v = rows(n, 30 + l);
+      c->append(s, l, k.data(), v.data(), n);
+      std::vector<std::vector<float>> K, V;
+      for (std::int32_t h = 0; h < H; ++h) {
+        K.push_back(head_rows(k, h));
+        V.push_back(head_rows(v, h));
+      }
+      const auto q = rows(G, 40 + l);
+      CHECK(max_diff(attend(*c, s, l, q), reference(q, K, V)) < 2e-4);
+    }
+  }
+}
+
+TEST_CASE("pca: pool bytes are r/D of fp16's and metadata holds the bases", "[lowrank][pca_spec]") {
+  const std::int32_t n = 100, r = 16;
+  const std::int64_t pages = (n + P - 1) / P;  // per stream
+  auto fp16 = make_cache("fp16", shape());
+  fill(*fp16, fp16->add_sequence(), n, 0, 5);
+  for (const char* spec : {"pca(rank=16)", "pca(rank=0.25,coef=fp32)", "pca(rank=16,center=1)"}) {
+    CAPTURE(spec);
+    const std::size_t elem = std::string(spec).find("fp32") != std::string::npos ? 4 : 2;
+    const bool centered = std::string(spec).find("center=1") != std::string::npos;
+    auto c = make_cache(spec, shape());
+    const seq_id s = c->add_sequence();
+    CHECK(c->bytes_in_use() == 0);
+    fill(*c, s, n, 0, 5);
+    // One page per P tokens of each (layer, kv head) stream, holding P rows of r K and r V coefficients.
+    const std::size_t expected = static_cast<std::size_t>(L * H * pages) * 2 * P * r * elem;
+    CHECK(c->bytes_in_use() == expected);
+    CHECK(c->bytes_in_use(0) == expected / L);
+    CHECK(c->traffic().bytes_allocated == expected);
+    if (elem == 2) CHECK(c->bytes_in_use() * D == fp16->bytes_in_use() * r);
+    // 4 bytes per position and page-table entry, plus U_k, U_v (r x D floats) and the means.
+    const std::size_t bases = static_cast<std::size_t>(L * H) * 4 * (2 * r * D + (centered ? 2 * D : 0));
+    CHECK(c->metadata_bytes() == static_cast<std::size_t>(L * H) * 4 * (n + pages) + bases);
+  }
+}
+
+TEST_CASE("pca: keep and keep_layer, then attention matches the reference on the kept tokens", "[lowrank][pca_spec]") {
+  auto c = make_cache("pca(rank=16,center=1)", shape());
+  const seq_id s = c->add_sequence();
+  fill(*c, s, 90, 2, 11);
+  std::vector<std::vector<float>> K0, V0;
+  gathered(*c, s, 0, K0, V0);
+  std::vector<std::vector<std::int32_t>> kept(H);
+  for (std::int32_t t = 0; t < 92; t += 2) kept[0].push_back(t);
+  for (std::int32_t t = 0; t < 92; t += 3) kept[1].push_back(t);
+  // All or nothing: a bad list for head 1 leaves head 0 as it was.
+  std::vector<std::vector<std::int32_t>> bad = kept;
+  bad[1] = {5, 3};
+  CHECK_THROWS(c->keep_layer(s, 0, bad));
+  CHECK(c->length(s, 0, 0) == 92);
+  c->keep_layer(s, 0, kept);
+  for (std::int32_t h = 0; h < H; ++h) {
+    REQUIRE(c->length(s, 0, h) == static_cast<std::int32_t>(kept[h].size()));
+    std::vector<float> k(kept[h].size() * D);
+    c->gather(s, 0, h, k.data());
+    for (std::size_t i = 0; i < kept[h].size(); ++i) {
+      CHECK(c->positions(s, 0, h)[i] == kept[h][i]);
+      for (std::int32_t d = 0; d < D; ++d) REQUIRE(k[i * D + d] == K0[h][static_cast<std::size_t>(kept[h][i]) * D + d]);
+    }
+  }
+  const std::int32_t one[] = {0, 10, 50, 91};
+  c->keep(s, 1, 1, one, 4);
+  CHECK(c->length(s, 1, 1) == 4);
+  CHECK(c->length(s, 1, 0) == 92);
+  for (std::int32_t l = 0; l < L; ++l) {
+    std::vector<std::vector<float>> K, V;
+    gathered(*c, s, l, K, V);
+    const auto q = rows(G, 60 + l);
+    CHECK(max_diff(attend(*c, s, l, q), reference(q, K, V)) < 1e-3);
+  }
+  CHECK(c->tokens_held() == static_cast<std::int64_t>(kept[0].size() + kept[1].size() + 92 + 4));
+}
+
+TEST_CASE("pca: bad specs name the argument, the value and what was expected", "[lowrank][pca_spec]") {
+  const cache_config cfg = shape();
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=0)", cfg), Contains("rank = 0") && Contains("expected a whole count 1..64"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=65)", cfg), Contains("rank = 65") && Contains("1..64 (head_dim)"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=1.5)", cfg), Contains("rank = 1.5") && Contains("fraction in (0, 1)"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=-0.5)", cfg), Contains("rank = -0.5"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,bits=4)", cfg), Contains("no argument 'bits'") && Contains("rank, center, coef"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,coef=int8)", cfg), Contains("coef = int8") && Contains("fp16 or fp32"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,center=2)", cfg), Contains("center = 2") && Contains("0 or 1"));
+  REQUIRE_THROWS_WITH(make_cache("pca", cfg), Contains("needs 'rank="));
+  CHECK(make_cache("pca(rank=64)", cfg) != nullptr);
+  CHECK(make_cache("pca(rank=0.999)", cfg) != nullptr);
+}
+
+TEST_CASE("pca: a rejected append leaves the cache unchanged", "[lowrank][pca_spec]") {
+  auto c = make_cache("pca(rank=16)", shape());
+  auto* pc = dynamic_cast<kvc::runtime::pca_cache<kvc::half>*>(c.get());
+  REQUIRE(pc != nullptr);
+  const seq_id s = c->add_sequence();
+  auto k = rows(40, 1), v = rows(40, 2);
+  // A NaN in the first append: no basis is fitted and nothing is stored.
+  k[static_cast<std::size_t>(17) * H * D + D + 3] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH(c->append(s, 0, k.data(), v.data(), 40), Contains("expected finite values"));
+  CHECK_FALSE(pc->get().has_basis(0, 0));
+  CHECK(c->length(s, 0, 0) == 0);
+  CHECK(c->bytes_in_use() == 0);
+  // Fewer tokens than the rank in the first append: refused (a basis fitted on too few rows).
+  k = rows(40, 1);
+  CHECK_THROWS_WITH(c->append(s, 0, k.data(), v.data(), 8), Contains("n = 8") && Contains("at least rank = 16"));
+  CHECK(c->length(s, 0, 0) == 0);
+  CHECK(c->seen(s, 0) == 0);
+  c->append(s, 0, k.data(), v.data(), 40);
+  CHECK(pc->get().has_basis(0, 1));
+  // Later appends may be a single token; a NaN one changes nothing.
+  c->append(s, 0, k.data(), v.data(), 1);
+  const auto q = rows(G, 3);
+  const auto before = attend(*c, s, 0, q);
+  const std::size_t bytes = c->bytes_in_use(), meta = c->metadata_bytes();
+  auto bad = rows(1, 9);
+  bad[D + 5] = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_WITH(c->append(s, 0, bad.data(), v.data(), 1), Contains("expected a finite value"));
+  CHECK(c->length(s, 0, 1) == 41);
+  CHECK(c->seen(s, 0) == 41);
+  CHECK(c->bytes_in_use() == bytes);
+  CHECK(c->metadata_bytes() == meta);
+  CHECK(attend(*c, s, 0, q) == before);
+}
+
+TEST_CASE("pca: prefill attention is causal attention over the gathered keys and values", "[lowrank][pca_spec]") {
+  for (const char* spec : {"pca(rank=16)", "pca(rank=24,center=1,coef=fp32)"}) {
+    CAPTURE(spec);
+    auto c = make_cache(spec, shape());
+    const seq_id s = c->add_sequence();
+    const std::int32_t n = 50;
+    const auto k = rows(n, 71), v = rows(n, 72);
+    c->append(s, 1, k.data(), v.data(), n);
+    std::vector<std::vector<float>> K, V;
+    gathered(*c, s, 1, K, V);
+    const std::int32_t pos[] = {0, 10, 25, 49, 49};
+    const std::int32_t nq = 5;
+    const auto q = rows(nq * G, 73);  // [nq][H*G][D]
+    std::vector<float> out(q.size()), lse(static_cast<std::size_t>(nq) * H * G);
+    kvc::decode_options opt;
+    opt.lse = lse.data();
+    c->prefill_attention(s, 1, q.data(), nq, pos, H * G, out.data(), opt);
+    for (std::int32_t i = 0; i < nq; ++i) {
+      std::vector<std::vector<float>> Ki(H), Vi(H);
+      const std::size_t visible = static_cast<std::size_t>(pos[i] + 1) * D;  // positions are 0..n-1
+      for (std::int32_t h = 0; h < H; ++h) {
+        Ki[h].assign(K[h].begin(), K[h].begin() + static_cast<std::ptrdiff_t>(visible));
+        Vi[h].assign(V[h].begin(), V[h].begin() + static_cast<std::ptrdiff_t>(visible));
+      }
+      const std::size_t row = static_cast<std::size_t>(H) * G * D;
+      const std::vector<float> qi(q.begin() + static_cast<std::ptrdiff_t>(i * row), q.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
+      const std::vector<float> oi(out.begin() + static_cast<std::ptrdiff_t>(i * row), out.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
+      CAPTURE(i);
+      CHECK(max_diff(oi, reference(qi, Ki, Vi)) < 1e-3);
+    }
+    // The last query sees every token: decode attention over the same cache agrees with it.
+    const std::size_t row = static_cast<std::size_t>(H) * G * D;
+    const std::vector<float> qlast(q.end() - static_cast<std::ptrdiff_t>(row), q.end());
+    const auto dec = attend(*c, s, 1, qlast);
+    for (std::size_t j = 0; j < row; ++j) CHECK(std::abs(dec[j] - out[4 * row + j]) < 1e-4f);
+  }
+}
