@@ -257,7 +257,8 @@ void attend_stream_dispatch(std::int32_t G, const page_pool& pool, const page_id
 /// Decode attention of one query token per query head over one layer of one sequence of a
 /// projected cache. Same contract as cpu::decode_attention on a kv_cache: GQA when num_q_heads is
 /// a multiple of num_kv_heads, opt.scale 0 means 1/sqrt(head_dim) of the *original* head_dim,
-/// opt.pool splits over tokens, opt.lse / probs / group_probs are those of the softmax over the
+/// opt.pool runs the kv heads in parallel (the fallback kernel, with split_tokens, also splits
+/// over tokens), opt.lse / probs / group_probs are those of the softmax over the
 /// reconstructed keys k̂ = μ_k + U_k c (exactly: the lse includes scale · q·μ_k).
 /// \param q    [num_q_heads][head_dim] queries (post-RoPE, like the stored keys)
 /// \param out  [num_q_heads][head_dim]
