@@ -47,8 +47,9 @@ std::vector<float> rows(std::int32_t n, std::uint32_t seed) {
 }
 
 /// Dense double attention, GQA: q [H*G][D], K/V per kv head [n_h][D] -> out [H*G][D].
+/// lse, when given, receives each query head's log-sum-exp of the scaled scores (natural log).
 std::vector<double> reference(const std::vector<float>& q, const std::vector<std::vector<float>>& K,
-                              const std::vector<std::vector<float>>& V) {
+                              const std::vector<std::vector<float>>& V, std::vector<double>* lse = nullptr) {
   std::vector<double> out(static_cast<std::size_t>(H) * G * D, 0.0);
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   for (std::int32_t qh = 0; qh < H * G; ++qh) {
@@ -65,6 +66,7 @@ std::vector<double> reference(const std::vector<float>& q, const std::vector<std
     }
     double l = 0;
     for (std::size_t t = 0; t < n; ++t) l += std::exp(s[t] - m);
+    if (lse) lse->push_back(m + std::log(l));
     for (std::size_t t = 0; t < n; ++t)
       for (std::int32_t d = 0; d < D; ++d)
         out[static_cast<std::size_t>(qh) * D + d] += std::exp(s[t] - m) / l * v[t * D + d];
@@ -316,6 +318,54 @@ TEST_CASE("pca: a rejected append leaves the cache unchanged", "[lowrank][pca_sp
   CHECK(attend(*c, s, 0, q) == before);
 }
 
+TEST_CASE("pca: a first append the pool cannot hold leaves no basis behind", "[lowrank][pca_spec]") {
+  cache_config cfg = shape();
+  cfg.max_pages = 4;  // 40 tokens in pages of 16 need 3 pages per kv head: 6
+  auto c = make_cache("pca(rank=16)", cfg);
+  auto* pc = dynamic_cast<kvc::runtime::pca_cache<kvc::half>*>(c.get());
+  REQUIRE(pc != nullptr);
+  const seq_id s = c->add_sequence();
+  const std::size_t meta = c->metadata_bytes();
+  const auto k = rows(40, 1), v = rows(40, 2);
+  CHECK_THROWS(c->append(s, 0, k.data(), v.data(), 40));
+  for (std::int32_t h = 0; h < H; ++h) CHECK_FALSE(pc->get().has_basis(0, h));
+  CHECK(c->metadata_bytes() == meta);
+  CHECK(c->bytes_in_use() == 0);
+  CHECK(c->length(s, 0, 0) == 0);
+  // A first append that fits is fitted and stored as if the refused one had not happened.
+  c->append(s, 0, k.data(), v.data(), 20);
+  CHECK(pc->get().has_basis(0, 1));
+  CHECK(c->length(s, 0, 1) == 20);
+  CHECK(c->metadata_bytes() > meta);
+}
+
+TEST_CASE("pca: a coefficient past fp16's range is refused, not stored as inf", "[lowrank][pca_spec]") {
+  for (const char* spec : {"pca(rank=16)", "pca(rank=16,coef=fp32)"}) {
+    CAPTURE(spec);
+    auto c = make_cache(spec, shape());
+    const seq_id s = c->add_sequence();
+    const auto k = rows(40, 1), v = rows(40, 2);
+    c->append(s, 0, k.data(), v.data(), 40);
+    // |x| = 6e4 · 8 in every kv head: its largest coefficient (along the rows' common offset,
+    // which the fitted basis spans) is far past 65504.
+    std::vector<float> big(static_cast<std::size_t>(H) * D, 6.0e4f);
+    const std::size_t bytes = c->bytes_in_use();
+    const auto q = rows(G, 3);
+    const auto before = attend(*c, s, 0, q);
+    if (std::string(spec).find("fp32") == std::string::npos) {
+      CHECK_THROWS_WITH(c->append(s, 0, big.data(), v.data(), 1),
+                        Contains("expected |c| <= 65504") && Contains("of token 0"));
+      CHECK(c->length(s, 0, 0) == 40);
+      CHECK(c->bytes_in_use() == bytes);
+      CHECK(attend(*c, s, 0, q) == before);
+    } else {
+      c->append(s, 0, big.data(), v.data(), 1);  // float coefficients hold it
+      CHECK(c->length(s, 0, 0) == 41);
+      for (const float x : attend(*c, s, 0, q)) CHECK(std::isfinite(x));
+    }
+  }
+}
+
 TEST_CASE("pca: prefill attention is causal attention over the gathered keys and values", "[lowrank][pca_spec]") {
   for (const char* spec : {"pca(rank=16)", "pca(rank=24,center=1,coef=fp32)"}) {
     CAPTURE(spec);
@@ -344,7 +394,11 @@ TEST_CASE("pca: prefill attention is causal attention over the gathered keys and
       const std::vector<float> qi(q.begin() + static_cast<std::ptrdiff_t>(i * row), q.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
       const std::vector<float> oi(out.begin() + static_cast<std::ptrdiff_t>(i * row), out.begin() + static_cast<std::ptrdiff_t>((i + 1) * row));
       CAPTURE(i);
-      CHECK(max_diff(oi, reference(qi, Ki, Vi)) < 1e-3);
+      std::vector<double> ref_lse;
+      CHECK(max_diff(oi, reference(qi, Ki, Vi, &ref_lse)) < 1e-3);
+      REQUIRE(ref_lse.size() == static_cast<std::size_t>(H) * G);
+      for (std::int32_t qh = 0; qh < H * G; ++qh)
+        CHECK(std::abs(double(lse[static_cast<std::size_t>(i) * H * G + qh]) - ref_lse[static_cast<std::size_t>(qh)]) < 1e-4);
     }
     // The last query sees every token: decode attention over the same cache agrees with it.
     const std::size_t row = static_cast<std::size_t>(H) * G * D;

@@ -91,6 +91,16 @@ class projected_cache {
     e.v = std::move(v);
     e.set = true;
   }
+  /// Removes the bases of one (layer, kv head), as before its set_basis; only while the layer
+  /// holds no coefficients (checked). What undoes a set_basis whose first append failed.
+  void clear_basis(std::int32_t layer, std::int32_t head) {
+    constexpr const char* who = "kvc::lowrank::projected_cache::clear_basis";
+    KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
+    KVC_EXPECTS_IN(who, head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..", cfg_.num_kv_heads - 1);
+    KVC_EXPECTS_IN(who, coef_.bytes_in_use(layer) == 0, "layer ", layer, " holds ", coef_.bytes_in_use(layer),
+                   " bytes of coefficients on this basis, expected an empty layer");
+    bases_[index(layer, head)] = entry{};
+  }
   /// Whether (layer, head) has bases; false for a layer or head out of range.
   bool has_basis(std::int32_t layer, std::int32_t head) const noexcept {
     return layer >= 0 && layer < cfg_.num_layers && head >= 0 && head < cfg_.num_kv_heads && bases_[index(layer, head)].set;
@@ -100,7 +110,8 @@ class projected_cache {
 
   /// Projects n tokens of every kv head of one layer and appends their coefficients.
   /// \param k,v  [n][num_kv_heads][head_dim] floats (keys as given: post-RoPE)
-  /// \pre every head of the layer has a basis; values finite (checked before anything changes)
+  /// \pre every head of the layer has a basis; values finite, and for T = half every coefficient
+  /// within fp16's range (|c| <= 65504): both checked before anything changes
   void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
               const std::int32_t* positions = nullptr) {
     constexpr const char* who = "kvc::lowrank::projected_cache::append";
@@ -125,6 +136,20 @@ class projected_cache {
         project(e.k, k + in, ck.data() + out);
         project(e.v, v + in, cv.data() + out);
       }
+    }
+    if constexpr (std::is_same<T, half>::value) {
+      // A finite row can still project past fp16's largest value; stored, it would read back as
+      // inf and turn every softmax it enters into NaN.
+      constexpr float fp16_max = 65504.0f;
+      for (std::size_t i = 0; i < ck.size(); ++i)
+        for (const std::vector<float>* c : {&ck, &cv})
+          if (!(std::abs((*c)[i]) <= fp16_max)) {
+            const std::size_t t = i / (static_cast<std::size_t>(H) * r), h = i / r % H, j = i % r;
+            detail::fail(detail::concat(who, ": ", c == &ck ? "key" : "value", " coefficient ", j, " of token ", t,
+                                        " head ", h, " of layer ", layer, " = ", (*c)[i],
+                                        ", expected |c| <= 65504 to store it as fp16 (use float coefficients; the "
+                                        "cache is unchanged)"));
+          }
     }
     coef_.append(s, layer, ck.data(), cv.data(), n, positions);
   }
@@ -169,7 +194,7 @@ class projected_cache {
     k.head_dim = c.rank;
     k.page_size = c.page_size;
     k.max_pages = c.max_pages;
-    k.check_finite = false;  // append checked the inputs; coefficients of finite rows are finite
+    k.check_finite = false;  // append checked the inputs and, for fp16, the coefficients' range
     return k;
   }
   std::size_t index(std::int32_t layer, std::int32_t head) const noexcept {

@@ -136,7 +136,12 @@ class pca_cache final : public any_cache {
       // The layer holds no coefficients yet, so set_basis accepts these (again, after a refused append).
       for (std::int32_t h = 0; h < H; ++h)
         c_.set_basis(layer, h, std::move(b[static_cast<std::size_t>(h)].first), std::move(b[static_cast<std::size_t>(h)].second));
-      c_.append(s, layer, k, v, n, positions);
+      try {
+        c_.append(s, layer, k, v, n, positions);
+      } catch (...) {  // pool exhausted, or a coefficient past fp16: the layer is as before set_basis
+        for (std::int32_t h = 0; h < H; ++h) c_.clear_basis(layer, h);
+        throw;
+      }
       fitted_[static_cast<std::size_t>(layer)] = true;  // only once tokens are stored on these bases
       return;
     }
