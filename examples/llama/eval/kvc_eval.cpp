@@ -19,7 +19,8 @@
 ///   after every chunk (after_chunk), or every decode step with --stream-chunk 1.
 ///   Next-token agreement (argmax equal to the reference's argmax) is reported for prefill and
 ///   stream. Memory is kvc's page pool (bytes_in_use), divided by the tokens seen.
-/// Outputs PREFIX.csv, PREFIX.md and PREFIX.png (the plot through eval/plot.py + matplotlib).
+/// Outputs PREFIX.csv, PREFIX.md and PREFIX.png (the plot through eval/plot.py + matplotlib), and
+/// PREFIX.journal as rows finish: --resume reruns only the rows an interrupted run did not finish.
 /// --dump-kept FILE writes, for every kvc spec and prefill window, the original positions each
 /// (layer, kv head) stream keeps after the one-shot compression: one JSON object per line
 /// (stores.hpp, kept_positions_json, with "protocol", "window" and "start", the window's first
@@ -60,7 +61,7 @@ struct options {
     std::vector<double> needle_depths{0.1, 0.5, 0.9};
     int threads = 2, page_size = 16;
     int se_block = 16;  ///< tokens per batch mean in dppl_se (see there; the choice: docs/results.md)
-    bool plot = true, quiet = false;
+    bool plot = true, quiet = false, resume = false;
 };
 
 std::vector<std::string> split(const std::string& s, char sep) {
@@ -104,6 +105,106 @@ struct row {
     std::string error;         ///< the row failed (bad spec, or the prefill protocol)
     std::string stream_error;  ///< only the stream protocol failed (prefill-only policies)
 };
+
+// ---- the journal: finished rows, so an interrupted run resumes (--resume) ----
+// <out>.journal holds a header naming every option a row's figures depend on, then one line per
+// finished row (the reference's also carries its argmax tokens, which later rows' agreement
+// reads). Fields are tab-separated; strings escape '\\', tab and newline; doubles are written
+// with 17 digits, so a resumed report equals an uninterrupted one.
+
+/// Every option the figures depend on (not --threads: it moves only the tokens/s columns).
+std::string journal_header(const options& o, const std::string& model) {
+    std::ostringstream h;
+    h << "kvc-eval journal 1\tmodel=" << model << "\ttext=" << o.text << "\treference=" << o.reference
+      << "\tprotocols=" << o.do_prefill << o.do_stream << o.do_needle << "\tcontext=" << o.context << "\tscore=" << o.score
+      << "\twindows=" << o.windows << "\tdecode=" << o.decode_tokens << "\tstream=" << o.stream_tokens << "/"
+      << o.stream_chunk << "\tneedle=" << o.needle_text << "/" << o.needle_context << "/" << o.needle_seeds << "/"
+      << o.needle_max_new << "/";
+    for (double d : o.needle_depths) h << d << ",";
+    h << "\tpage=" << o.page_size;
+    return h.str();
+}
+
+std::string escape(const std::string& s) {
+    std::string o;
+    for (char c : s) {
+        if (c == '\\') o += "\\\\";
+        else if (c == '\t') o += "\\t";
+        else if (c == '\n') o += "\\n";
+        else o += c;
+    }
+    return o;
+}
+std::string unescape(const std::string& s) {
+    std::string o;
+    for (std::size_t i = 0; i < s.size(); ++i) {
+        if (s[i] != '\\' || i + 1 == s.size()) { o += s[i]; continue; }
+        const char c = s[++i];
+        o += c == 't' ? '\t' : c == 'n' ? '\n' : c;
+    }
+    return o;
+}
+
+template <class T>
+std::string join(const std::vector<T>& v) {
+    std::ostringstream o;
+    o.precision(17);
+    for (std::size_t i = 0; i < v.size(); ++i) o << (i ? " " : "") << v[i];
+    return o.str();
+}
+template <class T>
+std::vector<T> parse_list(const std::string& s) {
+    std::vector<T> v;
+    std::istringstream in(s);
+    T x;
+    while (in >> x) v.push_back(x);
+    return v;
+}
+
+/// One journal line: the row, and (for the reference) the argmax tokens of both protocols.
+std::string journal_line(const row& r, const std::vector<std::vector<int32_t>>& ref_a, const std::vector<int32_t>& ref_b) {
+    std::ostringstream l;
+    l.precision(17);
+    l << escape(r.spec) << '\t' << escape(r.family) << '\t' << escape(r.budget) << '\t' << r.a_nll << '\t' << r.a_agree
+      << '\t' << r.a_bytes_per_tok << '\t' << r.prefill_tps << '\t' << r.decode_tps << '\t' << r.compress_ms << '\t'
+      << r.a_n << '\t' << r.a_agree_n << '\t' << join(r.a_tok) << '\t' << r.b_nll << '\t' << r.b_agree << '\t'
+      << r.b_bytes_per_tok << '\t' << r.stream_tps << '\t' << r.b_n << '\t' << r.b_agree_n << '\t' << join(r.b_tok)
+      << '\t' << r.needle_hits << '\t' << r.needle_n << '\t' << escape(r.error) << '\t' << escape(r.stream_error) << '\t'
+      << ref_a.size();
+    for (const auto& w : ref_a) l << '\t' << join(w);
+    l << '\t' << join(ref_b);
+    return l.str();
+}
+
+/// Parses a journal line; false when it is malformed (a line cut short by the interruption).
+bool parse_journal_line(const std::string& line, row& r, std::vector<std::vector<int32_t>>& ref_a,
+                        std::vector<int32_t>& ref_b) {
+    std::vector<std::string> f;
+    std::size_t a = 0;
+    for (std::size_t b; (b = line.find('\t', a)) != std::string::npos; a = b + 1) f.push_back(line.substr(a, b - a));
+    f.push_back(line.substr(a));
+    if (f.size() < 25) return false;
+    try {
+        std::size_t i = 0;
+        r.spec = unescape(f[i++]), r.family = unescape(f[i++]), r.budget = unescape(f[i++]);
+        r.a_nll = std::stod(f[i++]), r.a_agree = std::stod(f[i++]), r.a_bytes_per_tok = std::stod(f[i++]);
+        r.prefill_tps = std::stod(f[i++]), r.decode_tps = std::stod(f[i++]), r.compress_ms = std::stod(f[i++]);
+        r.a_n = std::stol(f[i++]), r.a_agree_n = std::stol(f[i++]), r.a_tok = parse_list<double>(f[i++]);
+        r.b_nll = std::stod(f[i++]), r.b_agree = std::stod(f[i++]), r.b_bytes_per_tok = std::stod(f[i++]);
+        r.stream_tps = std::stod(f[i++]), r.b_n = std::stol(f[i++]), r.b_agree_n = std::stol(f[i++]);
+        r.b_tok = parse_list<double>(f[i++]);
+        r.needle_hits = std::stoi(f[i++]), r.needle_n = std::stoi(f[i++]);
+        r.error = unescape(f[i++]), r.stream_error = unescape(f[i++]);
+        const std::size_t nw = static_cast<std::size_t>(std::stoul(f[i++]));
+        if (f.size() != i + nw + 1) return false;
+        ref_a.clear();
+        for (std::size_t w = 0; w < nw; ++w) ref_a.push_back(parse_list<int32_t>(f[i++]));
+        ref_b = parse_list<int32_t>(f[i++]);
+        return r.a_tok.size() == static_cast<std::size_t>(r.a_n) && r.b_tok.size() == static_cast<std::size_t>(r.b_n);
+    } catch (const std::exception&) {
+        return false;
+    }
+}
 
 /// The standard error of Δppl = ppl − ppl_ref, from the per-token NLL differences d paired
 /// against the reference's (same tokens, same order): ppl = ppl_ref · exp(mean d), so by the delta
@@ -391,6 +492,8 @@ void usage() {
                  "  --needle-text FILE --needle-context N --needle-seeds N --needle-depths D1,D2  (text, 768, 5, 0.1,0.5,0.9)\n"
                  "  --show-needles        print every needle answer and how many streams kept the number's digits\n"
                  "  --dump-kept FILE      kept positions after each prefill compression, JSON lines\n"
+                 "  --resume              reuse the rows PREFIX.journal holds from an interrupted run with the same\n"
+                 "                        settings (without it the journal starts afresh)\n"
                  "  --model FILE --threads N --page-size N --no-plot --quiet --list\n"
                  "SPEC: see kvc-llama --list-caches; '{b}' in a SPEC is replaced by each budget.\n");
 }
@@ -439,6 +542,7 @@ int main(int argc, char** argv) {
         else if (a == "--no-plot") o.plot = false;
         else if (a == "--dump-kept") o.dump_kept = next();
         else if (a == "--quiet") o.quiet = true;
+        else if (a == "--resume") o.resume = true;
         else if (a == "--show-needles") show_needles = true;
         else if (a == "--list") {
             for (const auto& s : llama::available_stores()) std::printf("%s\n", s.c_str());
@@ -514,8 +618,43 @@ int main(int argc, char** argv) {
         }
         std::vector<needle_case> needles;
         if (o.do_needle) needles = make_needles(e, o, hay);
+        // Rows an interrupted run finished (--resume), by spec; the reference's argmax comes with it.
+        std::map<std::string, row> done;
+        std::vector<std::vector<int32_t>> ref_a;
+        std::vector<int32_t> ref_b;
+        const std::string header = journal_header(o, o.model), jpath = o.out + ".journal";
+        if (o.resume) {
+            std::ifstream in(jpath);
+            std::string line;
+            if (in && std::getline(in, line)) {
+                if (line != header)
+                    throw std::runtime_error("--resume: " + jpath + " was written with other settings:\n  " + line +
+                                             "\nexpected:\n  " + header + "\n(run without --resume to start afresh)");
+                while (std::getline(in, line)) {
+                    row r;
+                    std::vector<std::vector<int32_t>> ra;
+                    std::vector<int32_t> rb;
+                    if (!parse_journal_line(line, r, ra, rb)) break;  // the line the interruption cut
+                    if (r.spec == o.reference) ref_a = ra, ref_b = rb;
+                    done[r.spec] = r;
+                }
+            }
+            if (!done.count(o.reference)) done.clear();  // later rows' agreement needs the reference's tokens
+            std::fprintf(stderr, "kvc-eval: --resume: %zu finished rows in %s\n", done.size(), jpath.c_str());
+        }
+        {  // rewrite the journal with what is kept, so it stays well-formed
+            std::ofstream j(jpath, std::ios::trunc);
+            j << header << "\n";
+            for (const row& r : rows)
+                if (done.count(r.spec))
+                    j << journal_line(done[r.spec], r.spec == o.reference ? ref_a : std::vector<std::vector<int32_t>>{},
+                                      r.spec == o.reference ? ref_b : std::vector<int32_t>{})
+                      << "\n";
+            if (!j) throw std::runtime_error("cannot write " + jpath);
+        }
         long total = 0;
         for (std::size_t i = 0; i < rows.size(); ++i) {
+            if (done.count(rows[i].spec)) continue;
             if (o.do_prefill) total += static_cast<long>(o.windows) * (o.context + o.score + o.decode_tokens);
             if (o.do_stream) total += std::min<long>(o.stream_tokens, static_cast<long>(toks.size()));
             for (const auto& c : needles) total += static_cast<long>(c.prompt.size()) + o.needle_max_new;
@@ -523,10 +662,15 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "kvc-eval: %s (%zu tokens), %zu configurations, protocols:%s%s%s\n", o.text.c_str(), toks.size(),
                      rows.size(), o.do_prefill ? " prefill" : "", o.do_stream ? " stream" : "", o.do_needle ? " needle" : "");
         progress bar(total, o.quiet);
-        std::vector<std::vector<int32_t>> ref_a;
-        std::vector<int32_t> ref_b;
+        const auto t_start = clock_type::now();
         for (std::size_t i = 0; i < rows.size(); ++i) {
             row& r = rows[i];
+            if (done.count(r.spec)) {
+                const std::string family = r.family, budget = r.budget;
+                r = done[r.spec];
+                r.family = family, r.budget = budget;
+                continue;
+            }
             try {
                 llama::parse_store(r.spec, mdl.shape(), e.sopt);  // reject unknown specs before running
                 if (o.do_prefill) run_prefill(e, o, toks, r.spec, r, ref_a, i == 0, bar);
@@ -548,6 +692,13 @@ int main(int argc, char** argv) {
                 r.error = ex.what();
                 std::fprintf(stderr, "\nkvc-eval: %s: %s\n", r.spec.c_str(), ex.what());
             }
+            std::ofstream j(jpath, std::ios::app);
+            j << journal_line(r, i == 0 ? ref_a : std::vector<std::vector<int32_t>>{}, i == 0 ? ref_b : std::vector<int32_t>{})
+              << "\n";
+            if (i == 0 && rows.size() > 1 && !o.quiet)  // a rough total: every row costs about the reference's time
+                std::fprintf(stderr, "\nkvc-eval: the reference took %.0f s; about %.0f min for the %zu rows left\n",
+                             seconds_since(t_start), seconds_since(t_start) * static_cast<double>(rows.size() - 1) / 60,
+                             rows.size() - 1);
         }
         bar.finish();
 
