@@ -250,6 +250,23 @@ class kv_cache {
     keep_heads(s, layer, all, &fn, new_positions);
   }
 
+  /// keep_layer, then every kept token's key AND value rewritten, as one all-or-nothing step
+  /// (the commit of token merging, kvc/merge/merged_cache.hpp): `fn(std::int32_t head,
+  /// std::int32_t i, T* k_row, T* v_row)` edits copies of kept token i of head h (its rows as
+  /// stored before the call; every fn call sees the original rows, never an edited one). Positions
+  /// follow the kept tokens. A throwing fn or a failed allocation leaves the cache as it was;
+  /// shared (forked) pages are copied, never written through.
+  template <class Fn>
+  void keep_layer_rewrite(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept, Fn&& fn) {
+    check_layer(layer, "keep_layer_rewrite");
+    KVC_EXPECTS_IN("kvc::kv_cache::keep_layer_rewrite", static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads,
+                   "kept.size() = ", kept.size(), ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
+    all.reserve(kept.size());
+    for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
+    keep_heads<true>(s, layer, all, &fn);
+  }
+
   // ---- reading ---------------------------------------------------------------------------
 
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const {
@@ -437,12 +454,15 @@ class kv_cache {
     void operator()(std::int32_t, std::int32_t, T*) const noexcept {}
   };
 
-  /// The one compaction routine (keep, keep_layer, rewrite_keys, keep_layer_rewrite_keys);
-  /// rewrite_pos, when given, has one position vector per element of `heads`:
+  /// The one compaction routine (keep, keep_layer, rewrite_keys, keep_layer_rewrite_keys,
+  /// keep_layer_rewrite); rewrite_pos, when given, has one position vector per element of `heads`:
   /// plan (validate, count the pages to copy, take every buffer) -> allocate (all pages at once)
-  /// -> rewrite keys into copies (the caller's fn may throw: the fresh pages go back and nothing
-  /// else has changed) -> commit (nothing throws).
-  template <class Fn = const no_rewrite>
+  /// -> rewrite keys (and values when Values) into copies (the caller's fn may throw: the fresh
+  /// pages go back and nothing else has changed) -> commit (nothing throws).
+  /// Values = false: fn(head, i, k_row); Values = true: fn(head, i, k_row, v_row). One flag, not
+  /// a second routine, so the key-only callers keep their exact code path and the plan/commit
+  /// logic (copy-on-write, release order) exists once.
+  template <bool Values = false, class Fn = const no_rewrite>
   void keep_heads(seq_id s, std::int32_t layer,
                   const std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>>& heads, Fn* rewrite = nullptr,
                   const std::vector<std::vector<std::int32_t>>* rewrite_pos = nullptr) {
@@ -453,6 +473,7 @@ class kv_cache {
     std::vector<std::vector<std::int32_t>> new_pos(heads.size());
     std::vector<std::vector<page_id>> old(heads.size());  // reads must see the original pages
     std::vector<std::vector<T>> keys(rewrite ? heads.size() : 0);  // rewritten kept keys [n][D]
+    std::vector<std::vector<T>> vals(rewrite && Values ? heads.size() : 0);  // rewritten kept values [n][D]
     std::vector<std::vector<unsigned char>> copy(heads.size());  // [head][page]: copy before writing
     for (std::size_t j = 0; j < heads.size(); ++j) {
       const std::int32_t h = heads[j].first;
@@ -482,6 +503,7 @@ class kv_cache {
         for (std::size_t i = 0; i < kept.size(); ++i) new_pos[j][i] = st.positions[static_cast<std::size_t>(kept[i])];
       }
       if (rewrite) keys[j].resize(kept.size() * static_cast<std::size_t>(D));
+      if (rewrite && Values) vals[j].resize(kept.size() * static_cast<std::size_t>(D));
     }
     std::vector<page_id> unshared;  // before allocate: a bad_alloc must leave nothing taken
     unshared.reserve(static_cast<std::size_t>(need));
@@ -494,9 +516,15 @@ class kv_cache {
           for (std::size_t i = 0; i < kept.size(); ++i) {
             T* row = keys[j].data() + i * static_cast<std::size_t>(D);
             const std::int32_t t = kept[i];
-            std::memcpy(row, page_data(old[j][static_cast<std::size_t>(t / P)]) + static_cast<std::size_t>(t % P) * D,
-                        sizeof(T) * D);
-            (*rewrite)(heads[j].first, static_cast<std::int32_t>(i), row);
+            const T* src = page_data(old[j][static_cast<std::size_t>(t / P)]);
+            std::memcpy(row, src + static_cast<std::size_t>(t % P) * D, sizeof(T) * D);
+            if constexpr (Values) {
+              T* vrow = vals[j].data() + i * static_cast<std::size_t>(D);
+              std::memcpy(vrow, src + static_cast<std::size_t>(P + t % P) * D, sizeof(T) * D);
+              (*rewrite)(heads[j].first, static_cast<std::int32_t>(i), row, vrow);
+            } else {
+              (*rewrite)(heads[j].first, static_cast<std::int32_t>(i), row);
+            }
           }
         }
       } catch (...) {
@@ -536,9 +564,14 @@ class kv_cache {
         }
       }
       if (rewrite)
-        for (std::int32_t i = 0; i < n; ++i)
-          std::memcpy(page_data(st.pages[static_cast<std::size_t>(i / P)]) + static_cast<std::size_t>(i % P) * D,
-                      keys[j].data() + static_cast<std::size_t>(i) * D, sizeof(T) * D);
+        for (std::int32_t i = 0; i < n; ++i) {
+          T* page = page_data(st.pages[static_cast<std::size_t>(i / P)]);
+          std::memcpy(page + static_cast<std::size_t>(i % P) * D, keys[j].data() + static_cast<std::size_t>(i) * D,
+                      sizeof(T) * D);
+          if constexpr (Values)
+            std::memcpy(page + static_cast<std::size_t>(P + i % P) * D, vals[j].data() + static_cast<std::size_t>(i) * D,
+                        sizeof(T) * D);
+        }
       const std::size_t keep_pages = static_cast<std::size_t>(pages_for(n));
       pool_.release(static_cast<std::int32_t>(st.pages.size() - keep_pages), st.pages.data() + keep_pages);
       st.pages.resize(keep_pages);
