@@ -39,6 +39,15 @@ struct merge_group {
   std::vector<float> weights;         ///< one per member, finite, >= 0, positive sum
 };
 
+/// One additive value update within one stream: v[recipient] += coef · v[source], both stream
+/// indices before the call, the rows read as stored before it (CaM's merge of an evicted token's
+/// value into kept ones, kvc/merge/cam.hpp). Keys and log-weights are not changed by it.
+struct value_mix {
+  std::int32_t recipient = 0;  ///< a kept token
+  std::int32_t source = 0;     ///< any token of the stream (typically an evicted one)
+  float coef = 0.0f;           ///< finite
+};
+
 /// How the mean's weights are formed from the caller's weights w_i and the members' log-weights.
 enum class mean_weights {
   /// a_i = w_i · exp(lw_i) (default): a member that already stands for m tokens counts m times,
@@ -245,6 +254,74 @@ class merged_cache {
       }
     });
     // Committed; swaps do not throw.
+    for (std::int32_t h = 0; h < H; ++h) lw[index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
+  }
+
+  /// Keeps, for every kv head h, the tokens kept[h] (strictly increasing) and adds to kept
+  /// values the updates mixes[h] (value_mix: v[recipient] += coef · v[source], from the rows as
+  /// stored before the call, in double). Keys, positions and log-weights follow the kept tokens
+  /// unchanged. All or nothing (kv_cache::keep_layer_rewrite); every argument is checked first.
+  void keep_layer_mix_values(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept,
+                             const std::vector<std::vector<value_mix>>& mixes) {
+    constexpr const char* who = "kvc::merge::merged_cache::keep_layer_mix_values";
+    auto& lw = lw_mut(s, "keep_layer_mix_values");
+    check_layer(layer, "keep_layer_mix_values");
+    const std::int32_t H = config().num_kv_heads, D = config().head_dim, P = config().page_size;
+    KVC_EXPECTS_IN(who, static_cast<std::int32_t>(mixes.size()) == H, "mixes.size() = ", mixes.size(),
+                   ", expected num_kv_heads = ", H);
+    std::vector<std::vector<float>> next = kept_weights(lw, layer, kept, "keep_layer_mix_values");
+    // added[h]: per kept index, -1 or the row of rows[h] ([D] floats: the new value) it gets.
+    std::vector<std::vector<std::int32_t>> added(static_cast<std::size_t>(H));
+    std::vector<std::vector<float>> rows(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      const auto& kh = kept[static_cast<std::size_t>(h)];
+      const auto& mh = mixes[static_cast<std::size_t>(h)];
+      const std::int32_t L = kv_.length(s, layer, h);
+      const auto& pages = kv_.pages(s, layer, h);
+      auto value_row = [&](std::int32_t t) {
+        const T* page = reinterpret_cast<const T*>(kv_.pool().data(pages[static_cast<std::size_t>(t / P)]));
+        return page + static_cast<std::size_t>(P + t % P) * D;
+      };
+      std::vector<std::int32_t> slot(static_cast<std::size_t>(L), -1);  // stream index -> kept index
+      for (std::size_t i = 0; i < kh.size(); ++i)
+        if (kh[i] >= 0 && kh[i] < L) slot[static_cast<std::size_t>(kh[i])] = static_cast<std::int32_t>(i);
+      auto& ah = added[static_cast<std::size_t>(h)];
+      ah.assign(kh.size(), -1);
+      std::vector<double> acc;  // [recipients][D]
+      for (std::size_t j = 0; j < mh.size(); ++j) {
+        const value_mix& x = mh[j];
+        KVC_EXPECTS_IN(who, x.recipient >= 0 && x.recipient < L && slot[static_cast<std::size_t>(x.recipient)] >= 0,
+                       "mixes[", h, "][", j, "].recipient = ", x.recipient, ", expected a kept token of kv head ", h,
+                       " (one of kept[", h, "], the stream holds ", L, " tokens)");
+        KVC_EXPECTS_IN(who, x.source >= 0 && x.source < L, "mixes[", h, "][", j, "].source = ", x.source,
+                       ", expected 0..", L - 1, " (kv head ", h, " holds ", L, " tokens)");
+        KVC_EXPECTS_IN(who, std::isfinite(x.coef), "mixes[", h, "][", j, "].coef = ", x.coef, ", expected a finite value");
+        const std::int32_t i = slot[static_cast<std::size_t>(x.recipient)];
+        std::int32_t& row = ah[static_cast<std::size_t>(i)];
+        if (row < 0) {
+          row = static_cast<std::int32_t>(acc.size() / static_cast<std::size_t>(D));
+          const T* v = value_row(x.recipient);
+          for (std::int32_t d = 0; d < D; ++d) acc.push_back(static_cast<double>(static_cast<float>(v[d])));
+        }
+        const T* v = value_row(x.source);
+        double* a = acc.data() + static_cast<std::size_t>(row) * D;
+        for (std::int32_t d = 0; d < D; ++d) a[d] += static_cast<double>(x.coef) * static_cast<double>(static_cast<float>(v[d]));
+      }
+      auto& rh = rows[static_cast<std::size_t>(h)];
+      rh.resize(acc.size());
+      for (std::size_t e = 0; e < acc.size(); ++e) {
+        KVC_EXPECTS_IN(who, std::fabs(acc[e]) <= static_cast<double>(std::numeric_limits<float>::max()), "mixes[", h,
+                       "] give value channel ", e % static_cast<std::size_t>(D), " = ", acc[e],
+                       ", expected a finite float");
+        rh[e] = static_cast<float>(acc[e]);
+      }
+    }
+    kv_.keep_layer_rewrite(s, layer, kept, [&](std::int32_t h, std::int32_t i, T*, T* v) {
+      const std::int32_t row = added[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)];
+      if (row < 0) return;
+      const float* r = rows[static_cast<std::size_t>(h)].data() + static_cast<std::size_t>(row) * D;
+      for (std::int32_t d = 0; d < D; ++d) v[d] = T(r[d]);
+    });
     for (std::int32_t h = 0; h < H; ++h) lw[index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
   }
 
