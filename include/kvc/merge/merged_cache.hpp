@@ -244,6 +244,11 @@ class merged_cache {
         mh[i] = g;
       }
     }
+    // Only the targets are rewritten: the other kept rows are compacted, not copied twice.
+    std::vector<std::vector<std::int32_t>> targets(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h)
+      for (std::size_t i = 0; i < merged[static_cast<std::size_t>(h)].size(); ++i)
+        if (merged[static_cast<std::size_t>(h)][i] >= 0) targets[static_cast<std::size_t>(h)].push_back(static_cast<std::int32_t>(i));
     kv_.keep_layer_rewrite(s, layer, kept, [&](std::int32_t h, std::int32_t i, T* k, T* v) {
       const std::int32_t g = merged[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)];
       if (g < 0) return;
@@ -252,7 +257,7 @@ class merged_cache {
         k[d] = T(r[d]);
         v[d] = T(r[D + d]);
       }
-    });
+    }, &targets);
     // Committed; swaps do not throw.
     for (std::int32_t h = 0; h < H; ++h) lw[index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
   }
@@ -316,12 +321,17 @@ class merged_cache {
         rh[e] = static_cast<float>(acc[e]);
       }
     }
+    // Only the recipients are rewritten (kv_.keep_layer_rewrite's rows): kept indices, ascending.
+    std::vector<std::vector<std::int32_t>> recipients(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h)
+      for (std::size_t i = 0; i < added[static_cast<std::size_t>(h)].size(); ++i)
+        if (added[static_cast<std::size_t>(h)][i] >= 0) recipients[static_cast<std::size_t>(h)].push_back(static_cast<std::int32_t>(i));
     kv_.keep_layer_rewrite(s, layer, kept, [&](std::int32_t h, std::int32_t i, T*, T* v) {
       const std::int32_t row = added[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)];
       if (row < 0) return;
       const float* r = rows[static_cast<std::size_t>(h)].data() + static_cast<std::size_t>(row) * D;
       for (std::int32_t d = 0; d < D; ++d) v[d] = T(r[d]);
-    });
+    }, &recipients);
     for (std::int32_t h = 0; h < H; ++h) lw[index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
   }
 
