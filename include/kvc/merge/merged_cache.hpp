@@ -283,9 +283,21 @@ class merged_cache {
       const auto& mh = mixes[static_cast<std::size_t>(h)];
       const std::int32_t L = kv_.length(s, layer, h);
       const auto& pages = kv_.pages(s, layer, h);
-      auto value_row = [&](std::int32_t t) {
+      // Many mixes (a one-shot CaM compression: about M per evicted token) read each row many
+      // times: then the head's values are converted to float once (kv_cache::gather, F16C for
+      // half) instead of per read. A few mixes (one token per step) read their rows in place.
+      std::vector<float> vf;
+      if (mh.size() > static_cast<std::size_t>(L) / 4) {
+        vf.resize(static_cast<std::size_t>(L) * D);
+        kv_.gather(s, layer, h, nullptr, vf.data());
+      }
+      std::vector<float> one(static_cast<std::size_t>(D));
+      auto value_row = [&](std::int32_t t) -> const float* {
+        if (!vf.empty()) return vf.data() + static_cast<std::size_t>(t) * D;
         const T* page = reinterpret_cast<const T*>(kv_.pool().data(pages[static_cast<std::size_t>(t / P)]));
-        return page + static_cast<std::size_t>(P + t % P) * D;
+        const T* v = page + static_cast<std::size_t>(P + t % P) * D;
+        for (std::int32_t d = 0; d < D; ++d) one[static_cast<std::size_t>(d)] = static_cast<float>(v[d]);
+        return one.data();
       };
       std::vector<std::int32_t> slot(static_cast<std::size_t>(L), -1);  // stream index -> kept index
       for (std::size_t i = 0; i < kh.size(); ++i)
@@ -305,12 +317,13 @@ class merged_cache {
         std::int32_t& row = ah[static_cast<std::size_t>(i)];
         if (row < 0) {
           row = static_cast<std::int32_t>(acc.size() / static_cast<std::size_t>(D));
-          const T* v = value_row(x.recipient);
-          for (std::int32_t d = 0; d < D; ++d) acc.push_back(static_cast<double>(static_cast<float>(v[d])));
+          const float* v = value_row(x.recipient);
+          for (std::int32_t d = 0; d < D; ++d) acc.push_back(static_cast<double>(v[d]));
         }
-        const T* v = value_row(x.source);
+        const float* v = value_row(x.source);
         double* a = acc.data() + static_cast<std::size_t>(row) * D;
-        for (std::int32_t d = 0; d < D; ++d) a[d] += static_cast<double>(x.coef) * static_cast<double>(static_cast<float>(v[d]));
+        const double c = static_cast<double>(x.coef);
+        for (std::int32_t d = 0; d < D; ++d) a[d] += c * static_cast<double>(v[d]);
       }
       auto& rh = rows[static_cast<std::size_t>(h)];
       rh.resize(acc.size());
