@@ -19,7 +19,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <set>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <kvc/attention/rope.hpp>
@@ -159,6 +161,116 @@ TEST_CASE("apply_layer with re-rotation is all or nothing under every allocation
         }
       }
     }
+  }
+}
+
+TEST_CASE("keep_layer_rewrite edits kept keys and values, all or nothing, copying shared pages", "[store][strong]") {
+  // fn sets k' = 2k + h and v' = v - i - 1 (i: index among the kept): checked against copies
+  // gathered before the call, so a wrong source row, a missed V half or a write through a shared
+  // page (the sibling's rows would change) shows.
+  for (int trial = 0; trial < 8; ++trial) {
+    kvc_test::rng r(3201 + trial);
+    const std::int32_t H = r.integer(1, 3), D = r.integer(1, 20);
+    fixture<kvc::half> fx(H, D, r);
+    const bool forked = trial % 2 == 1;
+    const kvc::seq_id s = forked ? fx.b : fx.a, sib = forked ? fx.a : fx.b;
+    const std::int32_t layer = r.integer(0, 1);
+    std::vector<std::int32_t> lens;
+    std::vector<std::vector<float>> k0(static_cast<std::size_t>(H)), v0(static_cast<std::size_t>(H));
+    std::vector<std::vector<std::int32_t>> p0(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      const std::int32_t L = fx.cache.length(s, layer, h);
+      lens.push_back(L);
+      k0[static_cast<std::size_t>(h)].resize(static_cast<std::size_t>(L) * D);
+      v0[static_cast<std::size_t>(h)].resize(static_cast<std::size_t>(L) * D);
+      fx.cache.gather(s, layer, h, k0[static_cast<std::size_t>(h)].data(), v0[static_cast<std::size_t>(h)].data());
+      p0[static_cast<std::size_t>(h)].assign(fx.cache.positions(s, layer, h), fx.cache.positions(s, layer, h) + L);
+    }
+    const auto kept = keep_with_prefix(H, lens, r);
+    // trial % 4 >= 2: only some kept rows are rewritten (the rows argument); the rest must be
+    // compacted unchanged.
+    const bool some = trial % 4 >= 2;
+    std::vector<std::vector<std::int32_t>> rows(static_cast<std::size_t>(H));
+    std::vector<std::vector<char>> chosen(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      const std::int32_t n = static_cast<std::int32_t>(kept[static_cast<std::size_t>(h)].size());
+      chosen[static_cast<std::size_t>(h)].assign(static_cast<std::size_t>(n), some ? 0 : 1);
+      for (std::int32_t i = 0; i < n; ++i)
+        if (!some || r.coin(0.2)) rows[static_cast<std::size_t>(h)].push_back(i), chosen[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)] = 1;
+    }
+    const auto* rows_arg = some ? &rows : nullptr;
+    auto edit = [](std::int32_t h, std::int32_t i, kvc::half* k, kvc::half* v, std::int32_t D_) {
+      for (std::int32_t d = 0; d < D_; ++d) {
+        k[d] = kvc::half(2.0f * static_cast<float>(k[d]) + static_cast<float>(h));
+        v[d] = kvc::half(static_cast<float>(v[d]) - static_cast<float>(i + 1));
+      }
+    };
+    INFO("trial " << trial << " H=" << H << " D=" << D << " seq " << s << " layer " << layer);
+    // A throwing fn at some (head, i): nothing changes, every page goes back.
+    std::int32_t total = 0;
+    for (const auto& rh : rows) total += static_cast<std::int32_t>(rh.size());
+    for (std::int32_t bad = 0; bad < total; bad += std::max(1, total / 7)) {
+      const auto before = kvc_test::snapshot(fx.cache, fx.seqs);
+      std::int32_t calls = 0;
+      REQUIRE_THROWS_AS(fx.cache.keep_layer_rewrite(s, layer, kept,
+                                                    [&](std::int32_t h, std::int32_t i, kvc::half* k, kvc::half* v) {
+                                                      if (calls++ == bad) throw injected_row_error();
+                                                      edit(h, i, k, v, D);
+                                                    }, rows_arg),
+                        injected_row_error);
+      REQUIRE(calls == bad + 1);
+      REQUIRE(kvc_test::snapshot(fx.cache, fx.seqs) == before);
+    }
+    // Every allocation failure, then success.
+    const auto sibling = kvc_test::snapshot(fx.cache, {sib});
+    run_until_success(
+        [&] {
+          fx.cache.keep_layer_rewrite(s, layer, kept,
+                                      [&](std::int32_t h, std::int32_t i, kvc::half* k, kvc::half* v) {
+                                        REQUIRE(chosen[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)]);
+                                        edit(h, i, k, v, D);
+                                      }, rows_arg);
+        },
+        [&] { return kvc_test::snapshot(fx.cache, fx.seqs); });
+    // The sibling's rows, positions and page ids are as before: shared pages were copied, not
+    // written through (refs and free pages do change: the writer's copies).
+    REQUIRE(kvc_test::snapshot(fx.cache, {sib}).streams == sibling.streams);
+    REQUIRE(kvc_test::snapshot(fx.cache, {sib}).seen == sibling.seen);
+    for (std::int32_t h = 0; h < H; ++h) {
+      const auto& kh = kept[static_cast<std::size_t>(h)];
+      const std::int32_t n = static_cast<std::int32_t>(kh.size());
+      REQUIRE(fx.cache.length(s, layer, h) == n);
+      std::vector<float> k(static_cast<std::size_t>(n) * D), v(k.size());
+      fx.cache.gather(s, layer, h, k.data(), v.data());
+      for (std::int32_t i = 0; i < n; ++i) {
+        const std::size_t src = static_cast<std::size_t>(kh[static_cast<std::size_t>(i)]);
+        REQUIRE(fx.cache.positions(s, layer, h)[i] == p0[static_cast<std::size_t>(h)][src]);
+        for (std::int32_t d = 0; d < D; ++d) {
+          const bool ed = chosen[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)];
+          const float k_ = k0[static_cast<std::size_t>(h)][src * D + d], v_ = v0[static_cast<std::size_t>(h)][src * D + d];
+          const float ek = ed ? static_cast<float>(kvc::half(2.0f * k_ + static_cast<float>(h))) : k_;
+          const float ev = ed ? static_cast<float>(kvc::half(v_ - static_cast<float>(i + 1))) : v_;
+          KVC_REQUIRE(k[static_cast<std::size_t>(i) * D + d] == ek, "h=" << h << " i=" << i << " d=" << d);
+          KVC_REQUIRE(v[static_cast<std::size_t>(i) * D + d] == ev, "h=" << h << " i=" << i << " d=" << d);
+        }
+      }
+    }
+    // A bad rows argument is refused, naming it, and changes nothing.
+    if (H > 0 && !kept[0].empty()) {
+      const auto snap = kvc_test::snapshot(fx.cache, fx.seqs);
+      std::vector<std::vector<std::int32_t>> bad(static_cast<std::size_t>(H));
+      bad[0].push_back(static_cast<std::int32_t>(kept[0].size()));
+      auto noop = [](std::int32_t, std::int32_t, kvc::half*, kvc::half*) {};
+      REQUIRE_THROWS_WITH(fx.cache.keep_layer_rewrite(s, layer, kept, noop, &bad),
+                          Catch::Contains("rows[0][0] = " + std::to_string(kept[0].size())));
+      REQUIRE(kvc_test::snapshot(fx.cache, fx.seqs) == snap);
+    }
+    std::set<kvc::page_id> live;  // memory is what the streams hold, each shared page once
+    for (kvc::seq_id q : fx.seqs)
+      for (std::int32_t l = 0; l < 2; ++l)
+        for (std::int32_t h = 0; h < H; ++h)
+          for (kvc::page_id p : fx.cache.pages(q, l, h)) live.insert(p);
+    REQUIRE(fx.cache.pool().pages_in_use() == static_cast<std::int32_t>(live.size()));
   }
 }
 

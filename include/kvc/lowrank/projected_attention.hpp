@@ -11,8 +11,8 @@
 ///   out_g = U_v a_g (+ μ_v)                    once per step and query head   (D x r FMAs)
 ///
 /// No full-dimension key or value is ever formed. The per-token part is its own kernel
-/// (lowrank_detail::attend_stream): one stream per kv head, tiles of 16 tokens read in place from
-/// the coefficient pages, online softmax, GQA (a group's G ≤ 8 query heads read each coefficient
+/// (stream_detail::attend_stream in kvc/cpu/stream_attention.hpp, shared with the merged-token
+/// kernel): one stream per kv head, tiles of 16 tokens read in place from the coefficient pages, online softmax, GQA (a group's G ≤ 8 query heads read each coefficient
 /// row once), kv heads spread over the caller's thread pool. Where it does not apply (r not a
 /// multiple of the SIMD width, G > 8, probs / group_probs asked for, or split_tokens set) kvc's
 /// decode kernel runs on the coefficient pages instead (a kv_cache with head_dim = r, scale of the
@@ -36,6 +36,7 @@
 #include <kvc/attention/options.hpp>
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/cpu/simd.hpp>
+#include <kvc/cpu/stream_attention.hpp>
 #include <kvc/error.hpp>
 #include <kvc/lowrank/projected_cache.hpp>
 #include <kvc/store/page_pool.hpp>
@@ -131,127 +132,6 @@ void back_project_all(const lowrank::projected_cache<T>& cache, std::int32_t lay
 }
 
 
-/// Tokens per step of the r-space kernel's online softmax: a whole number of SIMD batches on
-/// every arch (4, 8, 16 lanes) and the store's default page, so a tile is one contiguous run of
-/// K rows and one of V rows. Smaller pages make smaller tiles (a tile never crosses a page).
-inline constexpr std::int32_t tile = 16;
-
-/// Attention of G pre-scaled projected queries qp ([G][r]) over the n coefficient rows of one
-/// stream: pages of [K: P x r][V: P x r] of T. Leaves the unnormalised Σ p c_v in acc ([G][r]),
-/// the running maximum in m and the sum of exponentials in l.
-///
-/// Why not kvc's decode kernel at head_dim r (the fallback below): that kernel is built for
-/// D = 64..128, where a score's D / W FMAs amortise its horizontal reduction. At r = 16..32 (1..2
-/// AVX-512 batches a row) its per-token work that does not shrink with r dominated: one 16-row
-/// haddp per 2 tokens x 4 heads of which half the lanes are used, a scalar max / subtract / sum per
-/// score, and row pointers built per token. bench_lowrank 32x8x128 ctx:32768 one thread
-/// (2026-12-03, AVX-512 2-core VM, medians of 3 x 15 pairs): through decode_attention r = 16 ran
-/// at 6.0 ms and r = 32 at 7.0 ms against fp16's 13.9 (2.26x and 2.15x): r barely mattered.
-/// Here the accumulators of a tile's G x 16 scores are reduced 16 lanes at a time (one haddp per W
-/// scores, all lanes used), the softmax is vectorised over the tile, and rows are addressed from
-/// the page base.
-template <class Arch, std::int32_t G, class T>
-void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, std::int32_t P, std::int32_t r,
-                   const float* qp, float* acc, float* m, float* l) noexcept {
-  using B = fbatch<Arch>;
-  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
-  static_assert(tile % W == 0, "a tile is whole SIMD batches");
-  const std::int32_t NV = r / W;  // the caller guarantees r % W == 0
-  const std::int32_t TT = std::min(tile, P);
-  const std::size_t row_bytes = sizeof(T) * static_cast<std::size_t>(r);
-  B part[G][tile];
-  alignas(64) float s[G][tile];
-  for (std::int32_t g = 0; g < G; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.0f;
-    for (std::int32_t j = 0; j < r; ++j) acc[g * r + j] = 0.0f;
-  }
-  for (std::int32_t t0 = 0; t0 < n; t0 += TT) {
-    const std::int32_t tn = std::max(1, std::min(TT, n - t0));  // >= 1 always; max: for GCC 12 -Warray-bounds
-    const T* page = reinterpret_cast<const T*>(pool.data(pages[t0 / P]));
-    const std::int32_t slot = t0 % P;
-    const T* K = page + static_cast<std::size_t>(slot) * r;
-    const T* V = page + static_cast<std::size_t>(P + slot) * r;
-    // Rows of the tile two ahead, prefetched a row per scored token (decode_attention's
-    // prefetch_tiles = 2, measured there: 1.1-1.2x at 32k; spread, not in one burst).
-    const std::int32_t tf = t0 + 2 * TT;
-    const char* pk = nullptr;
-    const char* pv = nullptr;
-    std::int32_t pn = 0;
-    if (tf < n) {
-      const T* fpage = reinterpret_cast<const T*>(pool.data(pages[tf / P]));
-      pk = reinterpret_cast<const char*>(fpage + static_cast<std::size_t>(tf % P) * r);
-      pv = reinterpret_cast<const char*>(fpage + static_cast<std::size_t>(P + tf % P) * r);
-      pn = std::min(TT, n - tf);
-    }
-    for (std::int32_t t = 0; t < tn; ++t) {
-      if (t < pn)
-        for (std::size_t b = 0; b < row_bytes; b += 64) {
-          prefetch_read(pk + t * row_bytes + b);
-          prefetch_read(pv + t * row_bytes + b);
-        }
-      B a[G];
-      for (std::int32_t g = 0; g < G; ++g) a[g] = B(0.0f);
-      const T* row = K + static_cast<std::size_t>(t) * r;
-      for (std::int32_t v = 0; v < NV; ++v) {
-        const B kv = load_as_float<Arch>(row + v * W);
-        for (std::int32_t g = 0; g < G; ++g) a[g] = xsimd::fma(B::load_unaligned(qp + g * r + v * W), kv, a[g]);
-      }
-      for (std::int32_t g = 0; g < G; ++g) part[g][t] = a[g];
-    }
-    const std::int32_t tw = std::min(tile, (tn + W - 1) / W * W);  // whole batches of scores (min: for GCC's bounds check)
-    for (std::int32_t g = 0; g < G; ++g) {
-      for (std::int32_t t = tn; t < tw; ++t) part[g][t] = B(0.0f);
-      for (std::int32_t j = 0; j < tw; j += W) haddp<Arch>(&part[g][j]).store_aligned(&s[g][j]);
-      for (std::int32_t t = tn; t < tw; ++t) s[g][t] = -INFINITY;  // padding: e^-inf = 0
-      B mx = B::load_aligned(&s[g][0]);
-      for (std::int32_t j = W; j < tw; j += W) mx = xsimd::max(mx, B::load_aligned(&s[g][j]));
-      alignas(64) float lanes[W];
-      mx.store_aligned(lanes);
-      float mt = lanes[0];
-      for (std::int32_t i = 1; i < W; ++i) mt = std::max(mt, lanes[i]);
-      const float m_new = std::max(m[g], mt);
-      if (m_new > m[g]) {
-        const float corr = std::exp(m[g] - m_new);  // 0 on the first tile
-        l[g] *= corr;
-        for (std::int32_t j = 0; j < r; ++j) acc[g * r + j] *= corr;
-        m[g] = m_new;
-      }
-      const B mb(m_new);
-      B sum(0.0f);
-      for (std::int32_t j = 0; j < tw; j += W) {
-        const B p = xsimd::exp(B::load_aligned(&s[g][j]) - mb);
-        p.store_aligned(&s[g][j]);
-        sum += p;
-      }
-      l[g] += reduce_add<Arch>(sum);
-    }
-    // acc_g += Σ_t p_g[t] c_v[t]: the G accumulators of one batch of channels in registers over
-    // the tile's rows.
-    for (std::int32_t v = 0; v < NV; ++v) {
-      B a[G];
-      for (std::int32_t g = 0; g < G; ++g) a[g] = B::load_unaligned(acc + g * r + v * W);
-      for (std::int32_t t = 0; t < tn; ++t) {
-        const B vv = load_as_float<Arch>(V + static_cast<std::size_t>(t) * r + v * W);
-        for (std::int32_t g = 0; g < G; ++g) a[g] = xsimd::fma(B(s[g][t]), vv, a[g]);
-      }
-      for (std::int32_t g = 0; g < G; ++g) a[g].store_unaligned(acc + g * r + v * W);
-    }
-  }
-}
-
-template <class Arch, class T>
-void attend_stream_dispatch(std::int32_t G, const page_pool& pool, const page_id* pages, std::int32_t n,
-                            std::int32_t P, std::int32_t r, const float* qp, float* acc, float* m, float* l) noexcept {
-  switch (G) {
-#define KVC_CASE(N) \
-  case N: return attend_stream<Arch, N, T>(pool, pages, n, P, r, qp, acc, m, l);
-    KVC_CASE(1) KVC_CASE(2) KVC_CASE(3) KVC_CASE(4) KVC_CASE(5) KVC_CASE(6) KVC_CASE(7) KVC_CASE(8)
-#undef KVC_CASE
-    default: KVC_ASSERT(false);
-  }
-}
-
 }  // namespace lowrank_detail
 
 /// Decode attention of one query token per query head over one layer of one sequence of a
@@ -286,8 +166,8 @@ void projected_decode_attention(const lowrank::projected_cache<T>& cache, seq_id
   lowrank_detail::project_queries<Arch>(cache, layer, q, num_q_heads, qp.data());
   constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
   const auto& coef = cache.coefficients();
-  // The r-space kernel (lowrank_detail::attend_stream) covers the common case; everything else
-  // runs kvc's decode kernel on the coefficient pages (head_dim = r), which has split-K and the
+  // The r-space kernel (stream_detail::attend_stream, kvc/cpu/stream_attention.hpp) covers the
+  // common case; everything else runs kvc's decode kernel on the coefficient pages (head_dim = r), which has split-K and the
   // probability outputs.
   const bool own = r % W == 0 && G <= 8 && opt.probs == nullptr && opt.group_probs == nullptr && opt.split_tokens == 0;
   if (own) {
@@ -301,9 +181,9 @@ void projected_decode_attention(const lowrank::projected_cache<T>& cache, seq_id
     auto run = [&](std::int32_t h) {
       const std::size_t o = static_cast<std::size_t>(h) * G;
       const auto& pages = coef.pages(seq, layer, h);
-      lowrank_detail::attend_stream_dispatch<Arch, T>(G, coef.pool(), pages.data(), coef.length(seq, layer, h),
-                                                      coef.config().page_size, r, qp.data() + o * r,
-                                                      acc.data() + o * r, m.data() + o, l.data() + o);
+      stream_detail::attend_stream_dispatch<Arch, T>(G, coef.pool(), pages.data(), coef.length(seq, layer, h),
+                                                     coef.config().page_size, r, qp.data() + o * r, nullptr,
+                                                     acc.data() + o * r, m.data() + o, l.data() + o);
     };
     if (opt.pool && hkv > 1) opt.pool->parallel_for(hkv, run);
     else

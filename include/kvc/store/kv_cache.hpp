@@ -250,6 +250,40 @@ class kv_cache {
     keep_heads(s, layer, all, &fn, new_positions);
   }
 
+  /// keep_layer, then every kept token's key AND value rewritten, as one all-or-nothing step
+  /// (the commit of token merging, kvc/merge/merged_cache.hpp): `fn(std::int32_t head,
+  /// std::int32_t i, T* k_row, T* v_row)` edits copies of kept token i of head h (its rows as
+  /// stored before the call; every fn call sees the original rows, never an edited one). Positions
+  /// follow the kept tokens. A throwing fn or a failed allocation leaves the cache as it was;
+  /// shared (forked) pages are copied, never written through.
+  /// \param rows  when not null, rows[h] lists the kept indices i (strictly increasing, 0..
+  ///   kept[h].size()-1) fn is called for; the other kept rows are only compacted. A merge that
+  ///   changes a few rows then copies and writes those rows alone, and a shared page is copied
+  ///   only if a row of it moves or is rewritten (CaM evicting one token per step: bench_merge).
+  template <class Fn>
+  void keep_layer_rewrite(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept, Fn&& fn,
+                          const std::vector<std::vector<std::int32_t>>* rows = nullptr) {
+    constexpr const char* who = "kvc::kv_cache::keep_layer_rewrite";
+    check_layer(layer, "keep_layer_rewrite");
+    KVC_EXPECTS_IN(who, static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads, "kept.size() = ", kept.size(),
+                   ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    KVC_EXPECTS_IN(who, !rows || rows->size() == kept.size(), "rows->size() = ", rows ? rows->size() : 0,
+                   ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    for (std::size_t h = 0; rows && h < kept.size(); ++h) {
+      const auto& r = (*rows)[h];
+      for (std::size_t i = 0; i < r.size(); ++i) {
+        KVC_EXPECTS_IN(who, r[i] >= 0 && static_cast<std::size_t>(r[i]) < kept[h].size(), "rows[", h, "][", i,
+                       "] = ", r[i], ", expected a kept index 0..", static_cast<std::int64_t>(kept[h].size()) - 1);
+        KVC_EXPECTS_IN(who, i == 0 || r[i] > r[i - 1], "rows[", h, "][", i, "] = ", r[i], " after ", r[i - 1],
+                       ", expected strictly increasing kept indices");
+      }
+    }
+    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
+    all.reserve(kept.size());
+    for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
+    keep_heads<true>(s, layer, all, &fn, nullptr, rows);
+  }
+
   // ---- reading ---------------------------------------------------------------------------
 
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const {
@@ -437,15 +471,21 @@ class kv_cache {
     void operator()(std::int32_t, std::int32_t, T*) const noexcept {}
   };
 
-  /// The one compaction routine (keep, keep_layer, rewrite_keys, keep_layer_rewrite_keys);
-  /// rewrite_pos, when given, has one position vector per element of `heads`:
+  /// The one compaction routine (keep, keep_layer, rewrite_keys, keep_layer_rewrite_keys,
+  /// keep_layer_rewrite); rewrite_pos, when given, has one position vector per element of `heads`:
   /// plan (validate, count the pages to copy, take every buffer) -> allocate (all pages at once)
-  /// -> rewrite keys into copies (the caller's fn may throw: the fresh pages go back and nothing
-  /// else has changed) -> commit (nothing throws).
-  template <class Fn = const no_rewrite>
+  /// -> rewrite keys (and values when Values) into copies (the caller's fn may throw: the fresh
+  /// pages go back and nothing else has changed) -> commit (nothing throws).
+  /// Values = false: fn(head, i, k_row); Values = true: fn(head, i, k_row, v_row).
+  /// rows, when given (one list per element of `heads`, checked by the caller), limits the rewrite
+  /// to those kept indices; null: every kept row. One flag, not
+  /// a second routine, so the key-only callers keep their exact code path and the plan/commit
+  /// logic (copy-on-write, release order) exists once.
+  template <bool Values = false, class Fn = const no_rewrite>
   void keep_heads(seq_id s, std::int32_t layer,
                   const std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>>& heads, Fn* rewrite = nullptr,
-                  const std::vector<std::vector<std::int32_t>>* rewrite_pos = nullptr) {
+                  const std::vector<std::vector<std::int32_t>>* rewrite_pos = nullptr,
+                  const std::vector<std::vector<std::int32_t>>* rows = nullptr) {
     sequence& sq = find(s, "keep")->second;
     const std::int32_t P = cfg_.page_size, D = cfg_.head_dim;
     // Validate everything and plan the fresh pages before touching anything.
@@ -453,7 +493,10 @@ class kv_cache {
     std::vector<std::vector<std::int32_t>> new_pos(heads.size());
     std::vector<std::vector<page_id>> old(heads.size());  // reads must see the original pages
     std::vector<std::vector<T>> keys(rewrite ? heads.size() : 0);  // rewritten kept keys [n][D]
+    std::vector<std::vector<T>> vals(rewrite && Values ? heads.size() : 0);  // rewritten kept values [n][D]
     std::vector<std::vector<unsigned char>> copy(heads.size());  // [head][page]: copy before writing
+    std::vector<std::vector<std::int32_t>> sel(rewrite ? heads.size() : 0);  // kept indices to rewrite
+    std::vector<std::vector<unsigned char>> touched(heads.size());  // [head][page]: a row is rewritten
     for (std::size_t j = 0; j < heads.size(); ++j) {
       const std::int32_t h = heads[j].first;
       const auto& kept = heads[j].second;
@@ -468,9 +511,20 @@ class kv_cache {
                                       " after ", kept[i - 1], ", expected strictly increasing indices"));
       }
       const std::int32_t n = static_cast<std::int32_t>(kept.size());
+      touched[j].assign(static_cast<std::size_t>(pages_for(n)), 0);
+      if (rewrite) {
+        if (rows) {
+          sel[j] = (*rows)[j];
+        } else {
+          sel[j].resize(kept.size());
+          std::iota(sel[j].begin(), sel[j].end(), 0);
+        }
+        for (std::int32_t i : sel[j]) touched[j][static_cast<std::size_t>(i / P)] = 1;
+      }
       copy[j].assign(static_cast<std::size_t>(pages_for(n)), 0);
       for (std::int32_t pg = 0; pg < pages_for(n); ++pg)
-        if ((rewrite || page_changes(kept, pg)) && pool_.ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1)
+        if ((touched[j][static_cast<std::size_t>(pg)] || page_changes(kept, pg)) &&
+            pool_.ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1)
           copy[j][static_cast<std::size_t>(pg)] = 1, ++need;
       old[j] = st.pages;
       if (rewrite_pos) {
@@ -481,7 +535,8 @@ class kv_cache {
         new_pos[j].resize(kept.size());
         for (std::size_t i = 0; i < kept.size(); ++i) new_pos[j][i] = st.positions[static_cast<std::size_t>(kept[i])];
       }
-      if (rewrite) keys[j].resize(kept.size() * static_cast<std::size_t>(D));
+      if (rewrite) keys[j].resize(sel[j].size() * static_cast<std::size_t>(D));
+      if (rewrite && Values) vals[j].resize(sel[j].size() * static_cast<std::size_t>(D));
     }
     std::vector<page_id> unshared;  // before allocate: a bad_alloc must leave nothing taken
     unshared.reserve(static_cast<std::size_t>(need));
@@ -491,12 +546,19 @@ class kv_cache {
       try {
         for (std::size_t j = 0; j < heads.size(); ++j) {
           const auto& kept = heads[j].second;
-          for (std::size_t i = 0; i < kept.size(); ++i) {
-            T* row = keys[j].data() + i * static_cast<std::size_t>(D);
+          for (std::size_t x = 0; x < sel[j].size(); ++x) {
+            const std::size_t i = static_cast<std::size_t>(sel[j][x]);
+            T* row = keys[j].data() + x * static_cast<std::size_t>(D);
             const std::int32_t t = kept[i];
-            std::memcpy(row, page_data(old[j][static_cast<std::size_t>(t / P)]) + static_cast<std::size_t>(t % P) * D,
-                        sizeof(T) * D);
-            (*rewrite)(heads[j].first, static_cast<std::int32_t>(i), row);
+            const T* src = page_data(old[j][static_cast<std::size_t>(t / P)]);
+            std::memcpy(row, src + static_cast<std::size_t>(t % P) * D, sizeof(T) * D);
+            if constexpr (Values) {
+              T* vrow = vals[j].data() + x * static_cast<std::size_t>(D);
+              std::memcpy(vrow, src + static_cast<std::size_t>(P + t % P) * D, sizeof(T) * D);
+              (*rewrite)(heads[j].first, static_cast<std::int32_t>(i), row, vrow);
+            } else {
+              (*rewrite)(heads[j].first, static_cast<std::int32_t>(i), row);
+            }
           }
         }
       } catch (...) {
@@ -515,7 +577,7 @@ class kv_cache {
       stream& st = at(sq, layer, heads[j].first);
       const std::int32_t n = static_cast<std::int32_t>(kept.size());
       for (std::int32_t pg = 0; pg < pages_for(n); ++pg) {
-        if (!rewrite && !page_changes(kept, pg)) continue;
+        if (!touched[j][static_cast<std::size_t>(pg)] && !page_changes(kept, pg)) continue;
         page_id dst = st.pages[static_cast<std::size_t>(pg)];
         if (copy[j][static_cast<std::size_t>(pg)]) {
           const page_id fresh_page = fresh[next++];
@@ -536,9 +598,13 @@ class kv_cache {
         }
       }
       if (rewrite)
-        for (std::int32_t i = 0; i < n; ++i)
-          std::memcpy(page_data(st.pages[static_cast<std::size_t>(i / P)]) + static_cast<std::size_t>(i % P) * D,
-                      keys[j].data() + static_cast<std::size_t>(i) * D, sizeof(T) * D);
+        for (std::size_t x = 0; x < sel[j].size(); ++x) {
+          const std::int32_t i = sel[j][x];
+          T* page = page_data(st.pages[static_cast<std::size_t>(i / P)]);
+          std::memcpy(page + static_cast<std::size_t>(i % P) * D, keys[j].data() + x * D, sizeof(T) * D);
+          if constexpr (Values)
+            std::memcpy(page + static_cast<std::size_t>(P + i % P) * D, vals[j].data() + x * D, sizeof(T) * D);
+        }
       const std::size_t keep_pages = static_cast<std::size_t>(pages_for(n));
       pool_.release(static_cast<std::int32_t>(st.pages.size() - keep_pages), st.pages.data() + keep_pages);
       st.pages.resize(keep_pages);

@@ -1,0 +1,180 @@
+// SPDX-License-Identifier: Apache-2.0
+// Merged tokens (kvc/merge/): what the log-weight costs in decode attention, and what a CaM merge
+// step costs against a decode step.
+//
+//   BM_merge_paired/fp16/<q heads>x<kv heads>x<head_dim>/ctx:<tokens>/threads:1
+//     one merge::merged_cache<half> with no merges (every log-weight 0), cpu::decode_attention on
+//     its inner kv_cache and cpu::merged_decode_attention on it called alternately (15 pairs per
+//     iteration, same queries, same pages): the bias costs what it costs. Medians of the calling
+//     thread's CPU time: decode_cpu_ms, merged_cpu_ms, merged_over_decode = merged / decode; and
+//     nobias_cpu_ms, the same stream kernel with no bias pointer (stream_no_bias, in the same
+//     triple), merged_over_nobias = what the log-weight itself costs.
+//   BM_cam_step/fp16/<shape>/ctx:<tokens>/evict:<tokens evicted per head>/threads:1
+//     merge::cam_merge_layer (cam_plan + keep_layer_mix_values) on a freshly built cache
+//     (the build is not timed), against merged_decode_attention on the same cache before the step:
+//     cam_cpu_ms, decode_cpu_ms, cam_over_decode; and evict_only_cpu_ms (merged_cache::keep_layer
+//     with the same kept sets on another fresh cache: the eviction's compaction without CaM),
+//     evict_only_over_decode. evict:1 is CaM's per-step use (one token leaves
+//     per decode step); evict:half a one-shot compression to half.
+// Data: uniform random K/V and scores; the kept set is the highest-scoring tokens.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+
+#include <kvc/cpu/decode_attention.hpp>
+#include <kvc/cpu/stream_attention.hpp>
+#include <kvc/merge/cam.hpp>
+#include <kvc/merge/merged_attention.hpp>
+#include <kvc/merge/merged_cache.hpp>
+
+#include "kvc_bench.hpp"
+
+namespace {
+
+using kvc_bench::median;
+using kvc_bench::random_rows;
+using kvc_bench::shape;
+using kvc_bench::thread_cpu_seconds;
+constexpr std::int32_t chunk = 1024;
+
+std::unique_ptr<kvc::merge::merged_cache<kvc::half>> build(shape s, std::int32_t ctx, kvc::seq_id& seq) {
+  kvc::cache_config cfg;
+  cfg.num_kv_heads = s.kv_heads;
+  cfg.head_dim = s.head_dim;
+  cfg.max_pages = s.kv_heads * (ctx / 16 + 2);
+  cfg.check_finite = false;
+  auto c = std::make_unique<kvc::merge::merged_cache<kvc::half>>(cfg);
+  seq = c->add_sequence();
+  for (std::int32_t t0 = 0; t0 < ctx; t0 += chunk) {
+    const std::int32_t n = std::min(chunk, ctx - t0);
+    auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
+    auto v = random_rows(k.size(), 2 + t0);
+    c->append(seq, 0, k.data(), v.data(), n);
+  }
+  return c;
+}
+
+/// merged_decode_attention's work with no bias pointer: the same stream kernel, so the difference
+/// to merged_decode_attention is the bias alone (the difference to decode_attention is the kernel).
+void stream_no_bias(const kvc::merge::merged_cache<kvc::half>& c, kvc::seq_id seq, const float* q, std::int32_t Hq,
+                    float* out) {
+  const auto& kv = c.cache();
+  const std::int32_t H = kv.config().num_kv_heads, D = kv.config().head_dim, G = Hq / H;
+  std::vector<float> qs(static_cast<std::size_t>(Hq) * D), m(static_cast<std::size_t>(Hq)), l(m.size());
+  const float scale = 1.0f / std::sqrt(float(D));
+  for (std::size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * scale;
+  for (std::int32_t h = 0; h < H; ++h) {
+    const std::size_t o = std::size_t(h) * G;
+    kvc::cpu::stream_detail::attend_stream_dispatch<kvc::cpu::default_arch, kvc::half>(
+        G, kv.pool(), kv.pages(seq, 0, h).data(), kv.length(seq, 0, h), kv.config().page_size, D, qs.data() + o * D,
+        nullptr, out + o * D, m.data() + o, l.data() + o);
+  }
+  for (std::int32_t h = 0; h < Hq; ++h)
+    for (std::int32_t d = 0; d < D; ++d) out[std::size_t(h) * D + d] /= l[std::size_t(h)];
+}
+
+void BM_merge_paired(benchmark::State& state, shape s, std::int32_t ctx) {
+  kvc::seq_id seq;
+  auto c = build(s, ctx, seq);
+  const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size());
+  std::vector<double> dcpu, mcpu, ncpu;
+  for (auto _ : state) {
+    for (int i = 0; i < 15; ++i) {
+      double c1 = thread_cpu_seconds();
+      stream_no_bias(*c, seq, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      ncpu.push_back(thread_cpu_seconds() - c1);
+      double c0 = thread_cpu_seconds();
+      kvc::cpu::decode_attention(c->cache(), seq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      dcpu.push_back(thread_cpu_seconds() - c0);
+      c0 = thread_cpu_seconds();
+      kvc::cpu::merged_decode_attention(*c, seq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      mcpu.push_back(thread_cpu_seconds() - c0);
+    }
+  }
+  state.counters["decode_cpu_ms"] = median(dcpu) * 1e3;
+  state.counters["merged_cpu_ms"] = median(mcpu) * 1e3;
+  state.counters["merged_over_decode"] = median(mcpu) / median(dcpu);
+  state.counters["nobias_cpu_ms"] = median(ncpu) * 1e3;
+  state.counters["merged_over_nobias"] = median(mcpu) / median(ncpu);
+}
+
+void BM_cam_step(benchmark::State& state, shape s, std::int32_t ctx, std::int32_t evict) {
+  const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size());
+  std::vector<std::vector<float>> scores(static_cast<std::size_t>(s.kv_heads));
+  std::vector<std::vector<std::int32_t>> kept(scores.size());
+  for (std::size_t h = 0; h < scores.size(); ++h) {
+    auto r = random_rows(static_cast<std::size_t>(ctx), 10 + h);
+    for (float& x : r) x = x * x;  // >= 0
+    scores[h] = r;
+    std::vector<std::int32_t> idx(static_cast<std::size_t>(ctx));
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + (ctx - evict), idx.end(),
+                      [&](std::int32_t a, std::int32_t b) { return r[a] > r[b] || (r[a] == r[b] && a < b); });
+    idx.resize(static_cast<std::size_t>(ctx - evict));
+    std::sort(idx.begin(), idx.end());
+    kept[h] = idx;
+  }
+  std::vector<double> ccpu, dcpu, kcpu;
+  for (auto _ : state) {
+    for (int i = 0; i < 7; ++i) {
+      state.PauseTiming();
+      kvc::seq_id seq;
+      auto c = build(s, ctx, seq);
+      auto e = build(s, ctx, seq);
+      state.ResumeTiming();
+      double c1 = thread_cpu_seconds();
+      e->keep_layer(seq, 0, kept);  // the same eviction without merging: the compaction alone
+      kcpu.push_back(thread_cpu_seconds() - c1);
+      double c0 = thread_cpu_seconds();
+      kvc::cpu::merged_decode_attention(*c, seq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      dcpu.push_back(thread_cpu_seconds() - c0);
+      c0 = thread_cpu_seconds();
+      kvc::merge::cam_merge_layer(*c, seq, 0, scores, kept);
+      ccpu.push_back(thread_cpu_seconds() - c0);
+    }
+  }
+  state.counters["cam_cpu_ms"] = median(ccpu) * 1e3;
+  state.counters["decode_cpu_ms"] = median(dcpu) * 1e3;
+  state.counters["cam_over_decode"] = median(ccpu) / median(dcpu);
+  state.counters["evict_only_cpu_ms"] = median(kcpu) * 1e3;
+  state.counters["evict_only_over_decode"] = median(kcpu) / median(dcpu);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (shape s : {shape{32, 8, 128}, shape{16, 4, 64}})
+    for (std::int32_t ctx : {4096, 32768}) {
+      const std::string sh = std::to_string(s.q_heads) + "x" + std::to_string(s.kv_heads) + "x" + std::to_string(s.head_dim);
+      benchmark::RegisterBenchmark(("BM_merge_paired/fp16/" + sh + "/ctx:" + std::to_string(ctx) + "/threads:1").c_str(),
+                                   [=](benchmark::State& st) { BM_merge_paired(st, s, ctx); })
+          ->Unit(benchmark::kMillisecond)
+          ->Iterations(1);
+    }
+  const shape s{32, 8, 128};
+  const std::int32_t ctx = 4096;
+  for (std::int32_t evict : {1, ctx / 2}) {
+    const std::string name = "BM_cam_step/fp16/32x8x128/ctx:" + std::to_string(ctx) +
+                             "/evict:" + (evict == 1 ? std::string("1") : std::string("half")) + "/threads:1";
+    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& st) { BM_cam_step(st, s, ctx, evict); })
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(1);
+  }
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

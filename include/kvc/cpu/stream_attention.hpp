@@ -1,0 +1,177 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `stream_detail::attend_stream`: the tiled online-softmax decode kernel over one kv_cache
+/// stream's pages ([K: P x r][V: P x r] of T), for G <= 8 pre-scaled queries of one GQA group,
+/// with an optional per-token additive bias on the logits:
+///
+///   s_t = q'·k_t + bias[t]   (q' pre-scaled by the caller; bias null: no term)
+///
+/// Two users: the low-rank kernel (kvc/lowrank/projected_attention.hpp, r = rank, no bias) and
+/// the merged-token kernel (kvc/merge/merged_attention.hpp, r = head_dim, bias = the tokens'
+/// log-weights, so a merged token counts as the members it stands for). One kernel for both, so
+/// the bias costs one load and add per score and nothing else differs.
+/// Row lengths that are not a multiple of the SIMD width run their last r % W channels in scalar
+/// code (the merged kernel's head dims); the low-rank caller only uses r % W == 0.
+/// Compiled per ISA (docs/isa.md).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include <kvc/cpu/simd.hpp>
+#include <kvc/error.hpp>
+#include <kvc/store/page_pool.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace cpu {
+KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
+namespace stream_detail {
+
+/// Tokens per step of the r-space kernel's online softmax: a whole number of SIMD batches on
+/// every arch (4, 8, 16 lanes) and the store's default page, so a tile is one contiguous run of
+/// K rows and one of V rows. Smaller pages make smaller tiles (a tile never crosses a page).
+inline constexpr std::int32_t tile = 16;
+
+/// Attention of G pre-scaled queries qp ([G][r]) over the n rows of one stream: pages of
+/// [K: P x r][V: P x r] of T. Token t's logit is qp·k_t + bias[t] (bias: n floats, or null).
+/// Leaves the unnormalised Σ p v in acc ([G][r]), the running maximum in m and the sum of
+/// exponentials in l (n = 0: acc 0, m = -inf, l = 0).
+///
+/// Why not kvc's decode kernel at head_dim r (the low-rank caller's fallback): that kernel is built for
+/// D = 64..128, where a score's D / W FMAs amortise its horizontal reduction. At r = 16..32 (1..2
+/// AVX-512 batches a row) its per-token work that does not shrink with r dominated: one 16-row
+/// haddp per 2 tokens x 4 heads of which half the lanes are used, a scalar max / subtract / sum per
+/// score, and row pointers built per token. bench_lowrank 32x8x128 ctx:32768 one thread
+/// (2026-12-03, AVX-512 2-core VM, medians of 3 x 15 pairs): through decode_attention r = 16 ran
+/// at 6.0 ms and r = 32 at 7.0 ms against fp16's 13.9 (2.26x and 2.15x): r barely mattered.
+/// Here the accumulators of a tile's G x 16 scores are reduced 16 lanes at a time (one haddp per W
+/// scores, all lanes used), the softmax is vectorised over the tile, and rows are addressed from
+/// the page base.
+template <class Arch, std::int32_t G, class T>
+void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, std::int32_t P, std::int32_t r,
+                   const float* qp, const float* bias, float* acc, float* m, float* l) noexcept {
+  using B = fbatch<Arch>;
+  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
+  static_assert(tile % W == 0, "a tile is whole SIMD batches");
+  const std::int32_t NV = r / W;
+  const std::int32_t RV = NV * W;  // channels RV..r-1: scalar (r % W of them)
+  const std::int32_t TT = std::min(tile, P);
+  const std::size_t row_bytes = sizeof(T) * static_cast<std::size_t>(r);
+  B part[G][tile];
+  alignas(64) float s[G][tile];
+  float tail[G][tile];  // the scalar channels' part of each score (only when RV < r)
+  for (std::int32_t g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
+    for (std::int32_t j = 0; j < r; ++j) acc[g * r + j] = 0.0f;
+  }
+  for (std::int32_t t0 = 0; t0 < n; t0 += TT) {
+    const std::int32_t tn = std::max(1, std::min(TT, n - t0));  // >= 1 always; max: for GCC 12 -Warray-bounds
+    const T* page = reinterpret_cast<const T*>(pool.data(pages[t0 / P]));
+    const std::int32_t slot = t0 % P;
+    const T* K = page + static_cast<std::size_t>(slot) * r;
+    const T* V = page + static_cast<std::size_t>(P + slot) * r;
+    // Rows of the tile two ahead, prefetched a row per scored token (decode_attention's
+    // prefetch_tiles = 2, measured there: 1.1-1.2x at 32k; spread, not in one burst).
+    const std::int32_t tf = t0 + 2 * TT;
+    const char* pk = nullptr;
+    const char* pv = nullptr;
+    std::int32_t pn = 0;
+    if (tf < n) {
+      const T* fpage = reinterpret_cast<const T*>(pool.data(pages[tf / P]));
+      pk = reinterpret_cast<const char*>(fpage + static_cast<std::size_t>(tf % P) * r);
+      pv = reinterpret_cast<const char*>(fpage + static_cast<std::size_t>(P + tf % P) * r);
+      pn = std::min(TT, n - tf);
+    }
+    for (std::int32_t t = 0; t < tn; ++t) {
+      if (t < pn)
+        for (std::size_t b = 0; b < row_bytes; b += 64) {
+          prefetch_read(pk + t * row_bytes + b);
+          prefetch_read(pv + t * row_bytes + b);
+        }
+      B a[G];
+      for (std::int32_t g = 0; g < G; ++g) a[g] = B(0.0f);
+      const T* row = K + static_cast<std::size_t>(t) * r;
+      for (std::int32_t v = 0; v < NV; ++v) {
+        const B kv = load_as_float<Arch>(row + v * W);
+        for (std::int32_t g = 0; g < G; ++g) a[g] = xsimd::fma(B::load_unaligned(qp + g * r + v * W), kv, a[g]);
+      }
+      for (std::int32_t g = 0; g < G; ++g) part[g][t] = a[g];
+      if (RV < r)
+        for (std::int32_t g = 0; g < G; ++g) {
+          float x = 0.0f;
+          for (std::int32_t d = RV; d < r; ++d) x += qp[g * r + d] * static_cast<float>(row[d]);
+          tail[g][t] = x;
+        }
+    }
+    const std::int32_t tw = std::min(tile, (tn + W - 1) / W * W);  // whole batches of scores (min: for GCC's bounds check)
+    for (std::int32_t g = 0; g < G; ++g) {
+      for (std::int32_t t = tn; t < tw; ++t) part[g][t] = B(0.0f);
+      for (std::int32_t j = 0; j < tw; j += W) haddp<Arch>(&part[g][j]).store_aligned(&s[g][j]);
+      if (RV < r)
+        for (std::int32_t t = 0; t < tn; ++t) s[g][t] += tail[g][t];
+      if (bias)
+        for (std::int32_t t = 0; t < tn; ++t) s[g][t] += bias[t0 + t];
+      for (std::int32_t t = tn; t < tw; ++t) s[g][t] = -INFINITY;  // padding: e^-inf = 0
+      B mx = B::load_aligned(&s[g][0]);
+      for (std::int32_t j = W; j < tw; j += W) mx = xsimd::max(mx, B::load_aligned(&s[g][j]));
+      alignas(64) float lanes[W];
+      mx.store_aligned(lanes);
+      float mt = lanes[0];
+      for (std::int32_t i = 1; i < W; ++i) mt = std::max(mt, lanes[i]);
+      const float m_new = std::max(m[g], mt);
+      if (m_new > m[g]) {
+        const float corr = std::exp(m[g] - m_new);  // 0 on the first tile
+        l[g] *= corr;
+        for (std::int32_t j = 0; j < r; ++j) acc[g * r + j] *= corr;
+        m[g] = m_new;
+      }
+      const B mb(m_new);
+      B sum(0.0f);
+      for (std::int32_t j = 0; j < tw; j += W) {
+        const B p = xsimd::exp(B::load_aligned(&s[g][j]) - mb);
+        p.store_aligned(&s[g][j]);
+        sum += p;
+      }
+      l[g] += reduce_add<Arch>(sum);
+    }
+    // acc_g += Σ_t p_g[t] c_v[t]: the G accumulators of one batch of channels in registers over
+    // the tile's rows.
+    for (std::int32_t v = 0; v < NV; ++v) {
+      B a[G];
+      for (std::int32_t g = 0; g < G; ++g) a[g] = B::load_unaligned(acc + g * r + v * W);
+      for (std::int32_t t = 0; t < tn; ++t) {
+        const B vv = load_as_float<Arch>(V + static_cast<std::size_t>(t) * r + v * W);
+        for (std::int32_t g = 0; g < G; ++g) a[g] = xsimd::fma(B(s[g][t]), vv, a[g]);
+      }
+      for (std::int32_t g = 0; g < G; ++g) a[g].store_unaligned(acc + g * r + v * W);
+    }
+    for (std::int32_t d = RV; d < r; ++d)
+      for (std::int32_t g = 0; g < G; ++g) {
+        float x = acc[g * r + d];
+        for (std::int32_t t = 0; t < tn; ++t) x += s[g][t] * static_cast<float>(V[static_cast<std::size_t>(t) * r + d]);
+        acc[g * r + d] = x;
+      }
+  }
+}
+
+/// attend_stream for a run-time G in 1..8 (the caller splits larger groups).
+template <class Arch, class T>
+void attend_stream_dispatch(std::int32_t G, const page_pool& pool, const page_id* pages, std::int32_t n,
+                            std::int32_t P, std::int32_t r, const float* qp, const float* bias, float* acc, float* m,
+                            float* l) noexcept {
+  switch (G) {
+#define KVC_CASE(N) \
+  case N: return attend_stream<Arch, N, T>(pool, pages, n, P, r, qp, bias, acc, m, l);
+    KVC_CASE(1) KVC_CASE(2) KVC_CASE(3) KVC_CASE(4) KVC_CASE(5) KVC_CASE(6) KVC_CASE(7) KVC_CASE(8)
+#undef KVC_CASE
+    default: KVC_ASSERT(false);
+  }
+}
+
+}  // namespace stream_detail
+KVC_END_ISA_NAMESPACE
+}  // namespace cpu
+KVC_END_NAMESPACE

@@ -1,0 +1,417 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `merge::merged_cache<T>`: a kv_cache whose tokens may each stand for several. Every stored
+/// token of every (sequence, layer, kv head) carries a log-weight lw_t (a float, 0 for an
+/// appended token): the log of how many tokens' attention mass it carries. Attention adds it to
+/// the token's logit (kvc/merge/merged_attention.hpp): exp(s_t + lw_t) = m_t · exp(s_t), so a token
+/// merged from m identical ones gets exactly the mass the m copies had ("proportional attention"
+/// of Token Merging, Bolya et al., ICLR 2023, here applied to the KV cache).
+///
+/// The primitive is merge_layer: per kv head, groups {target, members, weights}; the target
+/// becomes the weighted mean of its members' keys and values and carries their mass, the other
+/// members are dropped. Merging policies (CaM: kvc/merge/cam.hpp) only choose groups.
+///
+/// Memory: K/V in the page pool (the inner kv_cache), the log-weights on the host, 4 bytes per
+/// stored token (metadata_bytes). Threads: as kv_cache (docs/threading.md).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <kvc/error.hpp>
+#include <kvc/store/kv_cache.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace merge {
+
+/// One merge within one stream: `members` (stream indices, the target among them) become one
+/// token at the target's slot and position.
+struct merge_group {
+  std::int32_t target = 0;
+  std::vector<std::int32_t> members;  ///< includes target; each token in at most one group
+  std::vector<float> weights;         ///< one per member, finite, >= 0, positive sum
+};
+
+/// One additive value update within one stream: v[recipient] += coef · v[source], both stream
+/// indices before the call, the rows read as stored before it (CaM's merge of an evicted token's
+/// value into kept ones, kvc/merge/cam.hpp). Keys and log-weights are not changed by it.
+struct value_mix {
+  std::int32_t recipient = 0;  ///< a kept token
+  std::int32_t source = 0;     ///< any token of the stream (typically an evicted one)
+  float coef = 0.0f;           ///< finite
+};
+
+/// How the mean's weights are formed from the caller's weights w_i and the members' log-weights.
+enum class mean_weights {
+  /// a_i = w_i · exp(lw_i) (default): a member that already stands for m tokens counts m times,
+  /// so merging in steps gives the same rows as merging everything at once, and with w = 1 the
+  /// merged key/value is the mean over all the original tokens.
+  mass,
+  /// a_i = w_i: the caller's weights as given (the log-weight is still log Σ w_i exp(lw_i)).
+  given,
+};
+
+/// \tparam T  element type of the pages: float or kvc::half
+template <class T = half>
+class merged_cache {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, half>::value,
+                "kvc::merge::merged_cache<T>: T must be float or kvc::half");
+
+ public:
+  using value_type = T;
+  using inner_cache = kv_cache<T>;
+
+  explicit merged_cache(const cache_config& c) : kv_(c) {}
+
+  const cache_config& config() const noexcept { return kv_.config(); }
+  /// The K/V store (its views and pages are what the kernels read).
+  const inner_cache& cache() const noexcept { return kv_; }
+
+  seq_id add_sequence() {
+    std::vector<std::vector<float>> lw(streams());  // before the inner add: a throw changes nothing
+    const seq_id s = kv_.add_sequence();
+    try {
+      lw_.emplace(s, std::move(lw));
+    } catch (...) {
+      kv_.remove_sequence(s);
+      throw;
+    }
+    return s;
+  }
+  void remove_sequence(seq_id s) {
+    kv_.remove_sequence(s);
+    lw_.erase(s);
+  }
+  seq_id fork(seq_id s) {
+    std::vector<std::vector<float>> lw = lw_of(s, "fork");  // copy first
+    const seq_id id = kv_.fork(s);
+    try {
+      lw_.emplace(id, std::move(lw));
+    } catch (...) {
+      kv_.remove_sequence(id);
+      throw;
+    }
+    return id;
+  }
+  bool contains(seq_id s) const noexcept { return kv_.contains(s); }
+  std::size_t num_sequences() const noexcept { return kv_.num_sequences(); }
+
+  /// Appends n tokens to every kv head of one layer, each with log-weight 0 (kv_cache::append).
+  template <class In>
+  void append(seq_id s, std::int32_t layer, const In* k, const In* v, std::int32_t n,
+              const std::int32_t* positions = nullptr) {
+    auto& lw = lw_mut(s, "append");
+    check_layer(layer, "append");
+    const std::int32_t H = config().num_kv_heads;
+    if (n > 0)
+      for (std::int32_t h = 0; h < H; ++h) {
+        auto& w = lw[index(layer, h)];
+        w.reserve(w.size() + static_cast<std::size_t>(n));  // before the inner append: no throw after it
+      }
+    kv_.append(s, layer, k, v, n, positions);
+    for (std::int32_t h = 0; h < H && n > 0; ++h) {
+      auto& w = lw[index(layer, h)];
+      w.resize(w.size() + static_cast<std::size_t>(n), 0.0f);
+    }
+  }
+
+  /// Keeps, for every kv head h, the tokens kept[h] (strictly increasing): the log-weights follow
+  /// the kept tokens. All heads change or none does.
+  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
+    auto& lw = lw_mut(s, "keep_layer");
+    check_layer(layer, "keep_layer");
+    std::vector<std::vector<float>> next = kept_weights(lw, layer, kept, "keep_layer");
+    kv_.keep_layer(s, layer, kept);  // validates kept; may throw: nothing changed
+    for (std::int32_t h = 0; h < config().num_kv_heads; ++h) lw[index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
+  }
+
+  /// Merges, for every kv head h, the groups groups[h] (groups.size() == num_kv_heads; an empty
+  /// list leaves that head as it is). For a group with members i, weights w_i and log-weights
+  /// lw_i, with a_i the mean weights (`mode`, default w_i · exp(lw_i)):
+  ///   k_target ← Σ a_i k_i / Σ a_i,   v_target ← Σ a_i v_i / Σ a_i,
+  ///   lw_target ← log Σ_i w_i · exp(lw_i),
+  /// computed in double from the rows as stored before the call; the other members are dropped;
+  /// the target keeps its position. Tokens in no group are unchanged.
+  /// Everything is validated before anything changes, and the K/V commit is kv_cache's
+  /// keep_layer_rewrite (all or nothing); the log-weights change after it, without throwing.
+  void merge_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<merge_group>>& groups,
+                   mean_weights mode = mean_weights::mass) {
+    constexpr const char* who = "kvc::merge::merged_cache::merge_layer";
+    auto& lw = lw_mut(s, "merge_layer");
+    check_layer(layer, "merge_layer");
+    const std::int32_t H = config().num_kv_heads, D = config().head_dim, P = config().page_size;
+    KVC_EXPECTS_IN(who, static_cast<std::int32_t>(groups.size()) == H, "groups.size() = ", groups.size(),
+                   ", expected num_kv_heads = ", H, " (one list of groups per kv head)");
+    // Plan: per head, the kept indices, the merged rows of every target and the new log-weights.
+    std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(H));
+    std::vector<std::vector<float>> next(static_cast<std::size_t>(H));
+    // merged[h]: per kept index, -1 or the row of rows[h] ([2][D] floats: K then V) it gets.
+    std::vector<std::vector<std::int32_t>> merged(static_cast<std::size_t>(H));
+    std::vector<std::vector<float>> rows(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      const auto& gs = groups[static_cast<std::size_t>(h)];
+      const std::vector<float>& w0 = lw[index(layer, h)];
+      const std::int32_t L = static_cast<std::int32_t>(w0.size());
+      // role[t]: -1 untouched, -2 dropped member, g >= 0 the target of group g.
+      std::vector<std::int32_t> role(static_cast<std::size_t>(L), -1);
+      for (std::size_t g = 0; g < gs.size(); ++g) {
+        const merge_group& gr = gs[g];
+        KVC_EXPECTS_IN(who, gr.target >= 0 && gr.target < L, "groups[", h, "][", g, "].target = ", gr.target,
+                       ", expected 0..", L - 1, " (kv head ", h, " holds ", L, " tokens)");
+        KVC_EXPECTS_IN(who, gr.weights.size() == gr.members.size(), "groups[", h, "][", g, "].weights.size() = ",
+                       gr.weights.size(), ", expected members.size() = ", gr.members.size());
+        bool has_target = false;
+        double wsum = 0;
+        for (std::size_t i = 0; i < gr.members.size(); ++i) {
+          const std::int32_t t = gr.members[i];
+          const float w = gr.weights[i];
+          KVC_EXPECTS_IN(who, t >= 0 && t < L, "groups[", h, "][", g, "].members[", i, "] = ", t, ", expected 0..",
+                         L - 1, " (kv head ", h, " holds ", L, " tokens)");
+          KVC_EXPECTS_IN(who, role[static_cast<std::size_t>(t)] == -1, "groups[", h, "][", g, "].members[", i,
+                         "] = ", t, " is already a member of a group of kv head ", h,
+                         ", expected each token in at most one group");
+          KVC_EXPECTS_IN(who, std::isfinite(w) && w >= 0.0f, "groups[", h, "][", g, "].weights[", i, "] = ", w,
+                         ", expected a finite weight >= 0");
+          role[static_cast<std::size_t>(t)] = -2;
+          has_target = has_target || t == gr.target;
+          wsum += w;
+        }
+        KVC_EXPECTS_IN(who, has_target, "groups[", h, "][", g, "].target = ", gr.target,
+                       " is not among its members, expected the target to be a member");
+        KVC_EXPECTS_IN(who, wsum > 0, "groups[", h, "][", g, "].weights sum to ", wsum,
+                       ", expected a positive sum (at least one member with weight > 0)");
+        role[static_cast<std::size_t>(gr.target)] = static_cast<std::int32_t>(g);
+      }
+      auto& kh = kept[static_cast<std::size_t>(h)];
+      auto& nh = next[static_cast<std::size_t>(h)];
+      auto& mh = merged[static_cast<std::size_t>(h)];
+      for (std::int32_t t = 0; t < L; ++t)
+        if (role[static_cast<std::size_t>(t)] != -2) kh.push_back(t);
+      nh.resize(kh.size());
+      mh.assign(kh.size(), -1);
+      rows[static_cast<std::size_t>(h)].resize(gs.size() * 2 * static_cast<std::size_t>(D));
+      const auto& pages = kv_.pages(s, layer, h);
+      std::vector<double> acc(2 * static_cast<std::size_t>(D));
+      for (std::size_t i = 0; i < kh.size(); ++i) {
+        const std::int32_t t = kh[i];
+        const std::int32_t g = role[static_cast<std::size_t>(t)];
+        if (g < 0) {
+          nh[i] = w0[static_cast<std::size_t>(t)];
+          continue;
+        }
+        const merge_group& gr = gs[static_cast<std::size_t>(g)];
+        // Shifted by the largest log-weight among members of positive weight: exp never overflows.
+        double mx = -std::numeric_limits<double>::infinity();
+        for (std::size_t j = 0; j < gr.members.size(); ++j)
+          if (gr.weights[j] > 0) mx = std::max(mx, static_cast<double>(w0[static_cast<std::size_t>(gr.members[j])]));
+        double mass = 0, asum = 0;
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (std::size_t j = 0; j < gr.members.size(); ++j) {
+          const double wj = gr.weights[j];
+          if (wj == 0) continue;
+          const double e = std::exp(static_cast<double>(w0[static_cast<std::size_t>(gr.members[j])]) - mx);
+          mass += wj * e;
+          const double a = mode == mean_weights::mass ? wj * e : wj;
+          asum += a;
+          const std::int32_t u = gr.members[j];
+          const T* page = reinterpret_cast<const T*>(kv_.pool().data(pages[static_cast<std::size_t>(u / P)]));
+          const T* kr = page + static_cast<std::size_t>(u % P) * D;
+          const T* vr = page + static_cast<std::size_t>(P + u % P) * D;
+          for (std::int32_t d = 0; d < D; ++d) {
+            acc[static_cast<std::size_t>(d)] += a * static_cast<double>(static_cast<float>(kr[d]));
+            acc[static_cast<std::size_t>(D + d)] += a * static_cast<double>(static_cast<float>(vr[d]));
+          }
+        }
+        const double lwn = mx + std::log(mass);
+        KVC_EXPECTS_IN(who, std::fabs(lwn) <= std::numeric_limits<float>::max(), "groups[", h, "][", g,
+                       "] gives log-weight ", lwn, ", expected a value representable as a finite float");
+        nh[i] = static_cast<float>(lwn);
+        float* out = rows[static_cast<std::size_t>(h)].data() + static_cast<std::size_t>(g) * 2 * D;
+        for (std::int32_t d = 0; d < 2 * D; ++d) {
+          const double x = acc[static_cast<std::size_t>(d)] / asum;
+          KVC_EXPECTS_IN(who, std::fabs(x) <= static_cast<double>(std::numeric_limits<float>::max()), "groups[", h,
+                         "][", g, "] gives merged ", d < D ? "key" : "value", " channel ", d % D, " = ", x,
+                         ", expected a finite float");
+          out[d] = static_cast<float>(x);
+        }
+        mh[i] = g;
+      }
+    }
+    // Only the targets are rewritten: the other kept rows are compacted, not copied twice.
+    std::vector<std::vector<std::int32_t>> targets(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h)
+      for (std::size_t i = 0; i < merged[static_cast<std::size_t>(h)].size(); ++i)
+        if (merged[static_cast<std::size_t>(h)][i] >= 0) targets[static_cast<std::size_t>(h)].push_back(static_cast<std::int32_t>(i));
+    kv_.keep_layer_rewrite(s, layer, kept, [&](std::int32_t h, std::int32_t i, T* k, T* v) {
+      const std::int32_t g = merged[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)];
+      if (g < 0) return;
+      const float* r = rows[static_cast<std::size_t>(h)].data() + static_cast<std::size_t>(g) * 2 * D;
+      for (std::int32_t d = 0; d < D; ++d) {
+        k[d] = T(r[d]);
+        v[d] = T(r[D + d]);
+      }
+    }, &targets);
+    // Committed; swaps do not throw.
+    for (std::int32_t h = 0; h < H; ++h) lw[index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
+  }
+
+  /// Keeps, for every kv head h, the tokens kept[h] (strictly increasing) and adds to kept
+  /// values the updates mixes[h] (value_mix: v[recipient] += coef · v[source], from the rows as
+  /// stored before the call, in double). Keys, positions and log-weights follow the kept tokens
+  /// unchanged. All or nothing (kv_cache::keep_layer_rewrite); every argument is checked first.
+  void keep_layer_mix_values(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept,
+                             const std::vector<std::vector<value_mix>>& mixes) {
+    constexpr const char* who = "kvc::merge::merged_cache::keep_layer_mix_values";
+    auto& lw = lw_mut(s, "keep_layer_mix_values");
+    check_layer(layer, "keep_layer_mix_values");
+    const std::int32_t H = config().num_kv_heads, D = config().head_dim, P = config().page_size;
+    KVC_EXPECTS_IN(who, static_cast<std::int32_t>(mixes.size()) == H, "mixes.size() = ", mixes.size(),
+                   ", expected num_kv_heads = ", H);
+    std::vector<std::vector<float>> next = kept_weights(lw, layer, kept, "keep_layer_mix_values");
+    // added[h]: per kept index, -1 or the row of rows[h] ([D] floats: the new value) it gets.
+    std::vector<std::vector<std::int32_t>> added(static_cast<std::size_t>(H));
+    std::vector<std::vector<float>> rows(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      const auto& kh = kept[static_cast<std::size_t>(h)];
+      const auto& mh = mixes[static_cast<std::size_t>(h)];
+      const std::int32_t L = kv_.length(s, layer, h);
+      const auto& pages = kv_.pages(s, layer, h);
+      // Many mixes (a one-shot CaM compression: about M per evicted token) read each row many
+      // times: then the head's values are converted to float once (kv_cache::gather, F16C for
+      // half) instead of per read. A few mixes (one token per step) read their rows in place.
+      std::vector<float> vf;
+      if (mh.size() > static_cast<std::size_t>(L) / 4) {
+        vf.resize(static_cast<std::size_t>(L) * D);
+        kv_.gather(s, layer, h, nullptr, vf.data());
+      }
+      std::vector<float> one(static_cast<std::size_t>(D));
+      auto value_row = [&](std::int32_t t) -> const float* {
+        if (!vf.empty()) return vf.data() + static_cast<std::size_t>(t) * D;
+        const T* page = reinterpret_cast<const T*>(kv_.pool().data(pages[static_cast<std::size_t>(t / P)]));
+        const T* v = page + static_cast<std::size_t>(P + t % P) * D;
+        for (std::int32_t d = 0; d < D; ++d) one[static_cast<std::size_t>(d)] = static_cast<float>(v[d]);
+        return one.data();
+      };
+      std::vector<std::int32_t> slot(static_cast<std::size_t>(L), -1);  // stream index -> kept index
+      for (std::size_t i = 0; i < kh.size(); ++i)
+        if (kh[i] >= 0 && kh[i] < L) slot[static_cast<std::size_t>(kh[i])] = static_cast<std::int32_t>(i);
+      auto& ah = added[static_cast<std::size_t>(h)];
+      ah.assign(kh.size(), -1);
+      std::vector<double> acc;  // [recipients][D]
+      for (std::size_t j = 0; j < mh.size(); ++j) {
+        const value_mix& x = mh[j];
+        KVC_EXPECTS_IN(who, x.recipient >= 0 && x.recipient < L && slot[static_cast<std::size_t>(x.recipient)] >= 0,
+                       "mixes[", h, "][", j, "].recipient = ", x.recipient, ", expected a kept token of kv head ", h,
+                       " (one of kept[", h, "], the stream holds ", L, " tokens)");
+        KVC_EXPECTS_IN(who, x.source >= 0 && x.source < L, "mixes[", h, "][", j, "].source = ", x.source,
+                       ", expected 0..", L - 1, " (kv head ", h, " holds ", L, " tokens)");
+        KVC_EXPECTS_IN(who, std::isfinite(x.coef), "mixes[", h, "][", j, "].coef = ", x.coef, ", expected a finite value");
+        const std::int32_t i = slot[static_cast<std::size_t>(x.recipient)];
+        std::int32_t& row = ah[static_cast<std::size_t>(i)];
+        if (row < 0) {
+          row = static_cast<std::int32_t>(acc.size() / static_cast<std::size_t>(D));
+          const float* v = value_row(x.recipient);
+          for (std::int32_t d = 0; d < D; ++d) acc.push_back(static_cast<double>(v[d]));
+        }
+        const float* v = value_row(x.source);
+        double* a = acc.data() + static_cast<std::size_t>(row) * D;
+        const double c = static_cast<double>(x.coef);
+        for (std::int32_t d = 0; d < D; ++d) a[d] += c * static_cast<double>(v[d]);
+      }
+      auto& rh = rows[static_cast<std::size_t>(h)];
+      rh.resize(acc.size());
+      for (std::size_t e = 0; e < acc.size(); ++e) {
+        KVC_EXPECTS_IN(who, std::fabs(acc[e]) <= static_cast<double>(std::numeric_limits<float>::max()), "mixes[", h,
+                       "] give value channel ", e % static_cast<std::size_t>(D), " = ", acc[e],
+                       ", expected a finite float");
+        rh[e] = static_cast<float>(acc[e]);
+      }
+    }
+    // Only the recipients are rewritten (kv_.keep_layer_rewrite's rows): kept indices, ascending.
+    std::vector<std::vector<std::int32_t>> recipients(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h)
+      for (std::size_t i = 0; i < added[static_cast<std::size_t>(h)].size(); ++i)
+        if (added[static_cast<std::size_t>(h)][i] >= 0) recipients[static_cast<std::size_t>(h)].push_back(static_cast<std::int32_t>(i));
+    kv_.keep_layer_rewrite(s, layer, kept, [&](std::int32_t h, std::int32_t i, T*, T* v) {
+      const std::int32_t row = added[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)];
+      if (row < 0) return;
+      const float* r = rows[static_cast<std::size_t>(h)].data() + static_cast<std::size_t>(row) * D;
+      for (std::int32_t d = 0; d < D; ++d) v[d] = T(r[d]);
+    }, &recipients);
+    for (std::int32_t h = 0; h < H; ++h) lw[index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
+  }
+
+  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const { return kv_.length(s, layer, head); }
+  /// The log-weight of every stored token of one stream, in stream order (length() floats).
+  const std::vector<float>& log_weights(seq_id s, std::int32_t layer, std::int32_t head) const {
+    const auto& lw = lw_of(s, "log_weights");
+    check_layer(layer, "log_weights");
+    if (head < 0 || head >= config().num_kv_heads)
+      detail::fail(detail::concat("kvc::merge::merged_cache::log_weights: head = ", head, ", expected 0..",
+                                  config().num_kv_heads - 1));
+    return lw[index(layer, head)];
+  }
+
+  /// Pool bytes of the K/V pages.
+  std::size_t bytes_in_use() const noexcept { return kv_.bytes_in_use(); }
+  std::size_t bytes_in_use(std::int32_t layer) const { return kv_.bytes_in_use(layer); }
+  /// Host bytes: the inner cache's bookkeeping plus 4 bytes of log-weight per stored token.
+  std::size_t metadata_bytes() const noexcept {
+    std::size_t b = kv_.metadata_bytes();
+    for (const auto& kv : lw_)
+      for (const auto& w : kv.second) b += sizeof(float) * w.size();
+    return b;
+  }
+
+ private:
+  std::size_t streams() const noexcept {
+    return static_cast<std::size_t>(config().num_layers) * static_cast<std::size_t>(config().num_kv_heads);
+  }
+  std::size_t index(std::int32_t layer, std::int32_t head) const noexcept {
+    return static_cast<std::size_t>(layer) * static_cast<std::size_t>(config().num_kv_heads) + static_cast<std::size_t>(head);
+  }
+  void check_layer(std::int32_t layer, const char* fn) const {
+    if (layer < 0 || layer >= config().num_layers)
+      detail::fail(detail::concat("kvc::merge::merged_cache::", fn, ": layer = ", layer, ", expected 0..",
+                                  config().num_layers - 1));
+  }
+  const std::vector<std::vector<float>>& lw_of(seq_id s, const char* fn) const {
+    auto it = lw_.find(s);
+    if (it == lw_.end())
+      detail::fail(detail::concat("kvc::merge::merged_cache::", fn, ": unknown sequence id ", s,
+                                  " (argument seq), expected a live sequence id"));
+    return it->second;
+  }
+  std::vector<std::vector<float>>& lw_mut(seq_id s, const char* fn) {
+    return const_cast<std::vector<std::vector<float>>&>(lw_of(s, fn));
+  }
+  /// The log-weights of the kept tokens; an index out of range is left to kv_cache's check (which
+  /// names it), so here it only must not be read.
+  std::vector<std::vector<float>> kept_weights(const std::vector<std::vector<float>>& lw, std::int32_t layer,
+                                               const std::vector<std::vector<std::int32_t>>& kept, const char* fn) const {
+    KVC_EXPECTS_IN(detail::concat("kvc::merge::merged_cache::", fn),
+                   static_cast<std::int32_t>(kept.size()) == config().num_kv_heads, "kept.size() = ", kept.size(),
+                   ", expected num_kv_heads = ", config().num_kv_heads);
+    std::vector<std::vector<float>> next(kept.size());
+    for (std::size_t h = 0; h < kept.size(); ++h) {
+      const auto& w = lw[index(layer, static_cast<std::int32_t>(h))];
+      next[h].reserve(kept[h].size());
+      for (std::int32_t t : kept[h])
+        next[h].push_back(t >= 0 && static_cast<std::size_t>(t) < w.size() ? w[static_cast<std::size_t>(t)] : 0.0f);
+    }
+    return next;
+  }
+
+  inner_cache kv_;
+  std::map<seq_id, std::vector<std::vector<float>>> lw_;  // [layer * num_kv_heads + head][token]
+};
+
+}  // namespace merge
+KVC_END_NAMESPACE
