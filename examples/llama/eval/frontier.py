@@ -89,8 +89,11 @@ def main(png, md, paths):
         ax.annotate(s, (fp16 / b, d), textcoords="offset points", xytext=(4, 3), fontsize=7, color=c)
     f = sorted((fp16 / points[s][0], points[s][1]) for s in on)
     ax.plot([p[0] for p in f], [p[1] for p in f], "-", color="tab:red", lw=1, label="frontier")
+    # The target lines start at the lowest point, not at the axis' current limit: each line would
+    # otherwise widen the limit the next one starts from.
+    lo = min([0.0] + [d - se for _, d, se in points.values()])
     for t, q in TARGETS:
-        ax.plot([t, t], [min(0, ax.get_ylim()[0]), q], ":", color="tab:green", lw=1)
+        ax.plot([t, t], [lo, q], ":", color="tab:green", lw=1)
         ax.plot([t, ax.get_xlim()[1]], [q, q], ":", color="tab:green", lw=1)
         ax.annotate(f"target {t:g}x, +{q:g}%", (t, q), textcoords="offset points", xytext=(3, -10), fontsize=7,
                     color="tab:green")
@@ -100,6 +103,7 @@ def main(png, md, paths):
     ax.set_ylabel("Δ perplexity, % of the fp32 cache's (mean over texts)")
     ax.set_title(f"kvc, SmolLM2-135M: memory against quality ({len(paths)} runs)", fontsize=10)
     ax.axhline(0, color="black", lw=0.5)
+    ax.set_ylim(bottom=lo - 0.3)  # symlog's margin would otherwise give a decade of empty negative axis
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=130)
