@@ -23,7 +23,6 @@ only, and both quantized, which is what reaches the next layer.
 """
 import argparse
 import csv
-import pathlib
 import time
 
 import numpy as np
@@ -31,7 +30,8 @@ import torch
 import transformers
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from _model import ROOT, add_common_args, load, token_ids
+
 
 
 def quant(x, bits, axis_groups):
@@ -100,20 +100,26 @@ def rotate(k_pre, cos, sin):
     return kr[0].numpy()
 
 
-def attention(q, k, v, nq):
-    """Causal attention of the last nq queries, GQA: q [Hq, T, D], k/v [Hkv, T, D] -> [Hq, nq, D]."""
+def attention_probs(q, k, nq):
+    """Causal softmax probabilities of the last nq queries, GQA: q [Hq, T, D], k [Hkv, T, D] ->
+    [Hq, nq, T]."""
     hq, t, d = q.shape
     g = hq // k.shape[0]
-    out = np.empty((hq, nq, d))
+    p = np.empty((hq, nq, t))
+    mask = np.arange(t)[None, :] > np.arange(t - nq, t)[:, None]
     for h in range(hq):
-        qq = q[h, t - nq:] / np.sqrt(d)
-        s = qq @ k[h // g].T  # [nq, T]
-        mask = np.arange(t)[None, :] > np.arange(t - nq, t)[:, None]
+        s = q[h, t - nq:] / np.sqrt(d) @ k[h // g].T  # [nq, T]
         s[mask] = -np.inf
-        p = np.exp(s - s.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        out[h] = p @ v[h // g]
-    return out
+        e = np.exp(s - s.max(axis=1, keepdims=True))
+        p[h] = e / e.sum(axis=1, keepdims=True)
+    return p
+
+
+def attention(q, k, v, nq):
+    """Causal attention of the last nq queries, GQA: q [Hq, T, D], k/v [Hkv, T, D] -> [Hq, nq, D]."""
+    g = q.shape[0] // k.shape[0]
+    p = attention_probs(q, k, nq)
+    return np.stack([p[h] @ v[h // g] for h in range(q.shape[0])])
 
 
 def keep_recent(x, xq, residual, sinks=0):
@@ -127,24 +133,13 @@ def keep_recent(x, xq, residual, sinks=0):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("texts", nargs="*", default=[str(ROOT / ".cache/texts/kjv-genesis.txt"),
-                                                str(ROOT / ".cache/texts/gpl3.txt")])
-    p.add_argument("--model", default=str(ROOT / ".cache/model/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    p.add_argument("--tokens", type=int, default=2048)
+    add_common_args(p, ROOT / "bench/results/kivi2-error.csv")
     p.add_argument("--queries", type=int, default=256)
     p.add_argument("--residual", type=int, default=128)
-    p.add_argument("--csv", default=str(ROOT / "bench/results/kivi2-error.csv"))
     args = p.parse_args()
-
-    torch.set_num_threads(1)
-    mp = pathlib.Path(args.model)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(mp.parent), gguf_file=mp.name,
-                                                              dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(mp.parent), gguf_file=mp.name)
+    model, tok = load(args.model)
     rows = []
-    for text in args.texts:
-        name = pathlib.Path(text).stem
-        ids = tok(pathlib.Path(text).read_text(), return_tensors="pt").input_ids[:, :args.tokens]
+    for name, ids in token_ids(tok, args.texts, args.tokens):
         t0 = time.time()
         layers = capture(model, ids)
         print(f"{name}: {ids.shape[1]} tokens, forward in {time.time() - t0:.0f} s")
@@ -200,18 +195,8 @@ def main():
 
 def attention_mass(q, k, nq, residual):
     """Mean attention probability of the last nq queries on token 0 and on the last `residual` tokens."""
-    hq, t, d = q.shape
-    g = hq // k.shape[0]
-    m0, mr = [], []
-    for h in range(hq):
-        s = q[h, t - nq:] @ k[h // g].T / np.sqrt(d)
-        mask = np.arange(t)[None, :] > np.arange(t - nq, t)[:, None]
-        s[mask] = -np.inf
-        pr = np.exp(s - s.max(axis=1, keepdims=True))
-        pr /= pr.sum(axis=1, keepdims=True)
-        m0.append(pr[:, 0].mean())
-        mr.append(pr[:, t - residual:].sum(axis=1).mean())
-    return float(np.mean(m0)), float(np.mean(mr))
+    p = attention_probs(q, k, nq)
+    return float(p[:, :, 0].mean()), float(p[:, :, -residual:].sum(axis=2).mean())
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import transformers
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from _model import ROOT, add_common_args, load, token_ids
+
 STREAMS = ("k_pre", "k_post", "v")
 LABEL = {"k_pre": "keys, pre-RoPE", "k_post": "keys, post-RoPE (cache)", "v": "values"}
 ENERGIES = (0.90, 0.95, 0.99)
@@ -95,27 +96,14 @@ def heldout_error(x, r, center, denom_centered=False):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("texts", nargs="*", default=[str(ROOT / ".cache/texts/kjv-genesis.txt"),
-                                                str(ROOT / ".cache/texts/gpl3.txt")])
-    p.add_argument("--model", default=str(ROOT / ".cache/model/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--csv", default=str(ROOT / "bench/results/lowrank-spectrum.csv"))
+    add_common_args(p, ROOT / "bench/results/lowrank-spectrum.csv")
     p.add_argument("--png", default=str(ROOT / "docs/lowrank-spectrum.png"))
     args = p.parse_args()
-
-    torch.set_num_threads(1)
-    mp = pathlib.Path(args.model)
-    t0 = time.time()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(mp.parent), gguf_file=mp.name,
-                                                              dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(mp.parent), gguf_file=mp.name)
-    print(f"model loaded in {time.time() - t0:.0f} s")
+    model, tok = load(args.model)
 
     rows = []
     curves = {(s, c): [] for s in STREAMS for c in (False, True)}
-    for text in args.texts:
-        name = pathlib.Path(text).stem
-        ids = tok(pathlib.Path(text).read_text(), return_tensors="pt").input_ids[:, :args.tokens]
+    for name, ids in token_ids(tok, args.texts, args.tokens):
         t0 = time.time()
         kv = capture(model, ids)
         print(f"{name}: {ids.shape[1]} tokens (first id {int(ids[0, 0])}), forward in {time.time() - t0:.0f} s")
