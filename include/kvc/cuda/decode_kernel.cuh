@@ -152,6 +152,9 @@ __global__ void __launch_bounds__(block_threads) decode_kernel(const Src src, co
 #pragma unroll
     for (int i = 0; i < vec; ++i) o[g][i] = 0.0f;
 
+  // No double buffering of the next step's loads: tried on an H200 (fp16, D 128, G 4), it took
+  // the kernel from 128 to 168 registers (3 blocks per SM instead of 4) and from 1.40 to 0.95 TB/s
+  // (32k tokens, batch 16; measured before half's device decode lost its per-element NaN test).
   for (int base = it.t0; base < it.t1; base += R * U) {
     raw_slice kr[U], vr[U];
     int tt[U];
