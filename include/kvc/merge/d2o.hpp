@@ -22,6 +22,9 @@
 ///    the set E_c becomes the weighted mean of {c} ∪ E_c with the paper's weights
 ///        ω_c = e / (e + Σ_{e' ∈ E_c} exp(u_e')),   ω_e = exp(u_e) / (e + Σ_{e' ∈ E_c} exp(u_e')),
 ///    (exp of the similarity with c, c's own being cos(k_c, k_c) = 1: the e), for keys and values.
+///    Source of this formula: the paper's weighted merge as kvc's issue 13 describes it; the
+///    copies of the paper reachable when this was written gave only its abstract, so the exact
+///    equation was not re-read. The threshold's rule and β are from the authors' code, read.
 ///
 /// Where kvc differs, and why:
 ///  - the merged token carries its members' attention mass: its log-weight becomes
