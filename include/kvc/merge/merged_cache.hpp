@@ -138,17 +138,23 @@ class merged_cache {
   ///   k_target ← Σ a_i k_i / Σ a_i,   v_target ← Σ a_i v_i / Σ a_i,
   ///   lw_target ← log Σ_i w_i · exp(lw_i),
   /// computed in double from the rows as stored before the call; the other members are dropped;
-  /// the target keeps its position. Tokens in no group are unchanged.
+  /// the target keeps its position. Tokens in no group are unchanged, except those listed in
+  /// `drop` (when not null, drop[h] for each kv head: tokens in no group, each once), which are
+  /// removed as keep_layer would remove them: eviction and merging in one step (D2O drops the
+  /// evicted tokens it does not merge, kvc/merge/d2o.hpp).
   /// Everything is validated before anything changes, and the K/V commit is kv_cache's
   /// keep_layer_rewrite (all or nothing); the log-weights change after it, without throwing.
   void merge_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<merge_group>>& groups,
-                   mean_weights mode = mean_weights::mass) {
+                   mean_weights mode = mean_weights::mass,
+                   const std::vector<std::vector<std::int32_t>>* drop = nullptr) {
     constexpr const char* who = "kvc::merge::merged_cache::merge_layer";
     auto& lw = lw_mut(s, "merge_layer");
     check_layer(layer, "merge_layer");
     const std::int32_t H = config().num_kv_heads, D = config().head_dim, P = config().page_size;
     KVC_EXPECTS_IN(who, static_cast<std::int32_t>(groups.size()) == H, "groups.size() = ", groups.size(),
                    ", expected num_kv_heads = ", H, " (one list of groups per kv head)");
+    KVC_EXPECTS_IN(who, !drop || static_cast<std::int32_t>(drop->size()) == H, "drop->size() = ",
+                   drop ? drop->size() : 0, ", expected num_kv_heads = ", H, " (one list of tokens per kv head)");
     // Plan: per head, the kept indices, the merged rows of every target and the new log-weights.
     std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(H));
     std::vector<std::vector<float>> next(static_cast<std::size_t>(H));
@@ -159,7 +165,7 @@ class merged_cache {
       const auto& gs = groups[static_cast<std::size_t>(h)];
       const std::vector<float>& w0 = lw[index(layer, h)];
       const std::int32_t L = static_cast<std::int32_t>(w0.size());
-      // role[t]: -1 untouched, -2 dropped member, g >= 0 the target of group g.
+      // role[t]: -1 untouched, -2 dropped member, -3 dropped by `drop`, g >= 0 the target of group g.
       std::vector<std::int32_t> role(static_cast<std::size_t>(L), -1);
       for (std::size_t g = 0; g < gs.size(); ++g) {
         const merge_group& gr = gs[g];
@@ -189,11 +195,22 @@ class merged_cache {
                        ", expected a positive sum (at least one member with weight > 0)");
         role[static_cast<std::size_t>(gr.target)] = static_cast<std::int32_t>(g);
       }
+      // -3: dropped without being merged.
+      for (std::size_t i = 0; drop && i < (*drop)[static_cast<std::size_t>(h)].size(); ++i) {
+        const std::int32_t t = (*drop)[static_cast<std::size_t>(h)][i];
+        KVC_EXPECTS_IN(who, t >= 0 && t < L, "drop[", h, "][", i, "] = ", t, ", expected 0..", L - 1, " (kv head ", h,
+                       " holds ", L, " tokens)");
+        KVC_EXPECTS_IN(who, role[static_cast<std::size_t>(t)] != -3, "drop[", h, "][", i, "] = ", t,
+                       " is listed twice, expected each token once");
+        KVC_EXPECTS_IN(who, role[static_cast<std::size_t>(t)] == -1, "drop[", h, "][", i, "] = ", t,
+                       " is a member of a group of kv head ", h, ", expected a token in no group");
+        role[static_cast<std::size_t>(t)] = -3;
+      }
       auto& kh = kept[static_cast<std::size_t>(h)];
       auto& nh = next[static_cast<std::size_t>(h)];
       auto& mh = merged[static_cast<std::size_t>(h)];
       for (std::int32_t t = 0; t < L; ++t)
-        if (role[static_cast<std::size_t>(t)] != -2) kh.push_back(t);
+        if (role[static_cast<std::size_t>(t)] > -2) kh.push_back(t);
       nh.resize(kh.size());
       mh.assign(kh.size(), -1);
       rows[static_cast<std::size_t>(h)].resize(gs.size() * 2 * static_cast<std::size_t>(D));
