@@ -24,6 +24,7 @@
 #include "fast_require.hpp"
 #include "isa_check.hpp"
 #include "kvc_catch.hpp"
+#include "merge_test_util.hpp"
 #include "random.hpp"
 
 namespace {
@@ -32,25 +33,8 @@ using kvc::merge::mean_weights;
 using kvc::merge::merge_group;
 using kvc::merge::merged_cache;
 
-/// One stream as the reference sees it: rows in float (as stored), log-weights, positions.
-struct stream_copy {
-  std::vector<float> k, v, lw;
-  std::vector<std::int32_t> pos;
-  std::int32_t n = 0;
-};
-
-template <class T>
-stream_copy copy_stream(const merged_cache<T>& c, kvc::seq_id s, std::int32_t l, std::int32_t h) {
-  stream_copy st;
-  const std::int32_t D = c.config().head_dim;
-  st.n = c.length(s, l, h);
-  st.k.resize(static_cast<std::size_t>(st.n) * D);
-  st.v.resize(st.k.size());
-  c.cache().gather(s, l, h, st.k.data(), st.v.data());
-  st.lw = c.log_weights(s, l, h);
-  st.pos.assign(c.cache().positions(s, l, h), c.cache().positions(s, l, h) + st.n);
-  return st;
-}
+using kvc_test::copy_stream;
+using kvc_test::stream_copy;
 
 /// Dense decode attention in double: logit_t = scale q·k_t + bias_t (bias may be empty: 0).
 /// Returns out [D]; lse through the pointer.
