@@ -22,10 +22,10 @@
 ///    the set E_c becomes the weighted mean of {c} ∪ E_c with the paper's weights
 ///        ω_c = e / (e + Σ_{e' ∈ E_c} exp(u_e')),   ω_e = exp(u_e) / (e + Σ_{e' ∈ E_c} exp(u_e')),
 ///    (exp of the similarity with c, c's own being cos(k_c, k_c) = 1: the e), for keys and values.
-///    Source of this formula: the paper's weighted merge as described in the brief of this
-///    work (exp of the similarity, normalised, the kept token's own similarity 1); the copies of
-///    the paper reachable then gave only its abstract, so the equation itself was not re-read.
-///    The threshold's rule, β and τ_1 were read in the authors' code.
+///    This form of the paper's weighted merge (exp of the similarity, normalised, the kept
+///    token's own similarity 1) has not been checked against the paper's equation: the copies
+///    of the paper reachable from here give only its abstract. The threshold's rule, β and τ_1
+///    were read in the authors' code.
 ///
 /// Where kvc differs, and why:
 ///  - the merged token carries its members' attention mass: its log-weight becomes
