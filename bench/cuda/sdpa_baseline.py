@@ -5,7 +5,7 @@
 calls after 5 warm-ups), for the issue's "fp16 at least as fast as PyTorch's SDPA" comparison.
 K/V are dense [batch, 8, ctx, 128] (SDPA has no paged input) and GQA goes through enable_gqa
 (PyTorch >= 2.5) or, failing that, repeat_interleave outside the timed region.
-Never run in the session that wrote it (no GPU); run on the GPU machine:
+First run on an H200 on 2026-12-04 (bench/results/cuda_sdpa.json, docs/cuda.md). On the GPU machine:
     python3 bench/cuda/sdpa_baseline.py > bench/results/cuda_sdpa.json
 """
 import json
