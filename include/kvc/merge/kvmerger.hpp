@@ -150,7 +150,7 @@ inline kvmerger_layer_plan kvmerger_plan(const std::vector<std::vector<float>>& 
     auto link = [&](std::int32_t t) {
       if (prot[static_cast<std::size_t>(t)] || prot[static_cast<std::size_t>(t - 1)]) return false;
       const double den = norm[static_cast<std::size_t>(t)] * norm[static_cast<std::size_t>(t - 1)];
-      if (!(den > 0)) return false;  // a zero key: cosine 0
+      if (!(den > 0)) return 0.0 > eps;  // a zero key: cosine 0
       const float* a = k + static_cast<std::size_t>(t - 1) * D;
       const float* b = k + static_cast<std::size_t>(t) * D;
       double dot = 0;
