@@ -339,6 +339,29 @@ TEST_CASE("KVMerger with a threshold above every similarity changes nothing", "[
   REQUIRE(merged_just_below >= 10);
 }
 
+TEST_CASE("KVMerger's threshold is strict: a similarity equal to it does not merge", "[merge][kvmerger]") {
+  // D = 1: every cosine is exactly ±1 (in double: a·b / (|a|·|b|)); a zero key has cosine 0.
+  kvc_test::rng r(13350);
+  merged_cache<float> c(kvc_test::cache_shape(1, 1, 1, 4, 64));
+  const kvc::seq_id s = c.add_sequence();
+  const std::vector<float> k = {1.0f, 2.5f, 0.0f, 0.0f, -3.0f, -0.5f, 4.0f}, v = r.normals(k.size());
+  c.append(s, 0, k.data(), v.data(), static_cast<std::int32_t>(k.size()));
+  const std::vector<std::vector<float>> scores = {random_scores(7, 0, r)};
+  const std::vector<ivec> none(1);
+  const auto before = full_state(c, {s});
+  kvmerger_options o;
+  o.threshold = 1.0f;  // cos = 1 for {0, 1} and {4, 5}: equal, so no merge
+  auto plan = kvc::merge::kvmerger_merge_layer(c, s, 0, scores, none, o);
+  REQUIRE(plan.sets == 0);
+  REQUIRE(full_state(c, {s}) == before);
+  o.threshold = 0.0f;  // cos = 0 for the zero keys' pairs {1, 2}, {2, 3}, {3, 4}: no merge either
+  plan = kvc::merge::kvmerger_merge_layer(c, s, 0, {scores}, none, o);
+  REQUIRE(plan.sets == 2);
+  REQUIRE(plan.heads[0].groups[0].members == ivec{0, 1});
+  REQUIRE(plan.heads[0].groups[1].members == ivec{4, 5});
+  REQUIRE(c.length(s, 0, 0) == 5);
+}
+
 TEST_CASE("KVMerger on runs of identical tokens leaves merged attention unchanged", "[merge][kvmerger]") {
   int changed_by_dropping = 0;
   for (int trial = 0; trial < 60; ++trial) {
