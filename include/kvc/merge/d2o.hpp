@@ -242,34 +242,15 @@ d2o_layer_plan d2o_merge_layer(merged_cache<T>& cache, seq_id s, std::int32_t la
   const std::int32_t H = cache.config().num_kv_heads, D = cache.config().head_dim;
   KVC_EXPECTS_IN(who, static_cast<std::int32_t>(kept.size()) == H, "kept.size() = ", kept.size(),
                  ", expected num_kv_heads = ", H);
-  std::vector<std::vector<float>> keys(static_cast<std::size_t>(H));
-  for (std::int32_t h = 0; h < H; ++h) {
-    auto& kh = keys[static_cast<std::size_t>(h)];
-    kh.resize(static_cast<std::size_t>(cache.length(s, layer, h)) * static_cast<std::size_t>(D));
-    cache.cache().gather(s, layer, h, kh.data());
-  }
+  const std::vector<std::vector<float>> keys = layer_keys(cache, s, layer);
   d2o_layer_plan plan = d2o_plan(keys, D, kept, threshold, o);
-  // merge_layer (mass mode) takes a_i = w_i·exp(lw_i) as the mean's weights and log Σ w_i·exp(lw_i)
-  // as the log-weight. w_i = ω_i·M / Σ_j ω_j·exp(lw_j), M = Σ_j exp(lw_j), gives both: the mean
-  // weighted by ω_i·exp(lw_i) and the log-weight log M, the members' total mass.
+  // The mean weighted by ω_i·exp(lw_i), the merged token carrying its members' total mass.
   std::vector<std::vector<merge_group>> groups(static_cast<std::size_t>(H));
   std::vector<std::vector<std::int32_t>> drop(static_cast<std::size_t>(H));
   for (std::int32_t h = 0; h < H; ++h) {
     const auto& ph = plan.heads[static_cast<std::size_t>(h)];
-    const std::vector<float>& lw = cache.log_weights(s, layer, h);
-    auto& gh = groups[static_cast<std::size_t>(h)];
-    gh = ph.groups;
-    for (auto& mg : gh) {
-      double mx = -std::numeric_limits<double>::infinity();
-      for (std::int32_t t : mg.members) mx = std::max(mx, static_cast<double>(lw[static_cast<std::size_t>(t)]));
-      double mass = 0, wmass = 0;
-      for (std::size_t j = 0; j < mg.members.size(); ++j) {
-        const double e = std::exp(static_cast<double>(lw[static_cast<std::size_t>(mg.members[j])]) - mx);
-        mass += e;
-        wmass += static_cast<double>(mg.weights[j]) * e;
-      }
-      for (auto& w : mg.weights) w = static_cast<float>(static_cast<double>(w) * mass / wmass);
-    }
+    groups[static_cast<std::size_t>(h)] = ph.groups;
+    keep_total_mass(groups[static_cast<std::size_t>(h)], cache.log_weights(s, layer, h));
     drop[static_cast<std::size_t>(h)] = ph.dropped;
   }
   cache.merge_layer(s, layer, groups, mean_weights::mass, &drop);

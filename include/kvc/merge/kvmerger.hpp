@@ -214,34 +214,14 @@ kvmerger_layer_plan kvmerger_merge_layer(merged_cache<T>& cache, seq_id s, std::
                  ", expected num_kv_heads = ", H);
   KVC_EXPECTS_IN(who, static_cast<std::int32_t>(protect.size()) == H, "protect.size() = ", protect.size(),
                  ", expected num_kv_heads = ", H);
-  std::vector<std::vector<float>> keys(static_cast<std::size_t>(H));
-  for (std::int32_t h = 0; h < H; ++h) {
-    auto& kh = keys[static_cast<std::size_t>(h)];
-    kh.resize(static_cast<std::size_t>(cache.length(s, layer, h)) * static_cast<std::size_t>(D));
-    cache.cache().gather(s, layer, h, kh.data());
-  }
+  const std::vector<std::vector<float>> keys = layer_keys(cache, s, layer);
   kvmerger_layer_plan plan = kvmerger_plan(keys, D, scores, protect, o);
-  // merge_layer (mass mode) takes a_i = w_i·exp(lw_i) as the mean's weights and log Σ w_i·exp(lw_i)
-  // as the log-weight. w_i = ω_i·M / Σ_j ω_j·exp(lw_j), M = Σ_j exp(lw_j), ω the Gaussian weights,
-  // gives both: the mean weighted by ω_i·exp(lw_i) and the log-weight log M, the set's total mass.
+  // The mean weighted by ω_i·exp(lw_i) (ω the Gaussian weights), the merged token carrying the
+  // set's total mass.
   std::vector<std::vector<merge_group>> groups(static_cast<std::size_t>(H));
   for (std::int32_t h = 0; h < H; ++h) {
-    const std::vector<float>& lw = cache.log_weights(s, layer, h);
-    auto& gh = groups[static_cast<std::size_t>(h)];
-    gh = plan.heads[static_cast<std::size_t>(h)].groups;
-    for (auto& mg : gh) {
-      double mx = -std::numeric_limits<double>::infinity();
-      for (std::int32_t t : mg.members) mx = std::max(mx, static_cast<double>(lw[static_cast<std::size_t>(t)]));
-      double mass = 0, wmass = 0;
-      for (std::size_t j = 0; j < mg.members.size(); ++j) {
-        const double e = std::exp(static_cast<double>(lw[static_cast<std::size_t>(mg.members[j])]) - mx);
-        mass += e;
-        wmass += static_cast<double>(mg.weights[j]) * e;
-      }
-      // wmass > 0 unless the pivot's mass underflows against another member's (lw apart by
-      // > ~700); then the weights are not finite and merge_layer rejects them, changing nothing.
-      for (auto& w : mg.weights) w = static_cast<float>(static_cast<double>(w) * mass / wmass);
-    }
+    groups[static_cast<std::size_t>(h)] = plan.heads[static_cast<std::size_t>(h)].groups;
+    keep_total_mass(groups[static_cast<std::size_t>(h)], cache.log_weights(s, layer, h));
   }
   cache.merge_layer(s, layer, groups, mean_weights::mass);
   return plan;

@@ -430,5 +430,40 @@ class merged_cache {
   std::map<seq_id, std::vector<std::vector<float>>> lw_;  // [layer * num_kv_heads + head][token]
 };
 
+/// Every kv head's keys of one layer, as stored ([num_kv_heads][n_h · head_dim], float): what
+/// the similarity-based methods (D2O, KVMerger) plan from.
+template <class T>
+std::vector<std::vector<float>> layer_keys(const merged_cache<T>& cache, seq_id s, std::int32_t layer) {
+  const std::int32_t H = cache.config().num_kv_heads, D = cache.config().head_dim;
+  std::vector<std::vector<float>> keys(static_cast<std::size_t>(H));
+  for (std::int32_t h = 0; h < H; ++h) {
+    auto& kh = keys[static_cast<std::size_t>(h)];
+    kh.resize(static_cast<std::size_t>(cache.length(s, layer, h)) * static_cast<std::size_t>(D));
+    cache.cache().gather(s, layer, h, kh.data());
+  }
+  return keys;
+}
+
+/// Rescales each group's weights ω (a method's own, e.g. D2O's or KVMerger's) so that merge_layer
+/// in mean_weights::mass takes the mean weighted by ω_i·exp(lw_i) and gives the merged token the
+/// members' total mass, log Σ exp(lw_i): w_i = ω_i·M / Σ_j ω_j·exp(lw_j), M = Σ_j exp(lw_j) (mass
+/// mode's log-weight is log Σ w_i·exp(lw_i) = log M). With every lw 0 (no earlier merge) the mean
+/// is the method's own. When a member's mass underflows against another's (lw apart by > ~700)
+/// the weights are not finite and merge_layer rejects them, changing nothing.
+/// \param lw  the log-weights of the stream the groups index (merged_cache::log_weights)
+inline void keep_total_mass(std::vector<merge_group>& groups, const std::vector<float>& lw) {
+  for (auto& mg : groups) {
+    double mx = -std::numeric_limits<double>::infinity();
+    for (std::int32_t t : mg.members) mx = std::max(mx, static_cast<double>(lw[static_cast<std::size_t>(t)]));
+    double mass = 0, wmass = 0;
+    for (std::size_t j = 0; j < mg.members.size(); ++j) {
+      const double e = std::exp(static_cast<double>(lw[static_cast<std::size_t>(mg.members[j])]) - mx);
+      mass += e;
+      wmass += static_cast<double>(mg.weights[j]) * e;
+    }
+    for (auto& w : mg.weights) w = static_cast<float>(static_cast<double>(w) * mass / wmass);
+  }
+}
+
 }  // namespace merge
 KVC_END_NAMESPACE
