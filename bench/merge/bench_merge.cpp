@@ -16,6 +16,13 @@
 //     with the same kept sets on another fresh cache: the eviction's compaction without CaM),
 //     evict_only_over_decode. evict:1 is CaM's per-step use (one token leaves
 //     per decode step); evict:half a one-shot compression to half.
+//   BM_merge_step/<d2o|kvmerger>/fp16/32x8x128/ctx:<tokens>/evict:<1|half>/threads:1
+//     merge::d2o_merge_layer (its kept sets: the same as CaM's) or merge::kvmerger_merge_layer
+//     (scores as CaM's, the kept set protected, the rest eligible) on a fresh cache, against
+//     merged_decode_attention on the same cache before the step: step_cpu_ms, decode_cpu_ms,
+//     step_over_decode, merged (tokens merged, summed over heads). On random keys adjacent
+//     cosines are near 0, so KVMerger's figure is its scan alone (nothing merges at ε = 0.75);
+//     D2O merges about half of the evicted tokens (τ is their mean similarity).
 // Data: uniform random K/V and scores; the kept set is the highest-scoring tokens.
 
 #include <algorithm>
@@ -31,6 +38,8 @@
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/cpu/stream_attention.hpp>
 #include <kvc/merge/cam.hpp>
+#include <kvc/merge/d2o.hpp>
+#include <kvc/merge/kvmerger.hpp>
 #include <kvc/merge/merged_attention.hpp>
 #include <kvc/merge/merged_cache.hpp>
 
@@ -109,11 +118,11 @@ void BM_merge_paired(benchmark::State& state, shape s, std::int32_t ctx) {
   state.counters["merged_over_nobias"] = median(mcpu) / median(ncpu);
 }
 
-void BM_cam_step(benchmark::State& state, shape s, std::int32_t ctx, std::int32_t evict) {
-  const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
-  std::vector<float> out(q.size());
-  std::vector<std::vector<float>> scores(static_cast<std::size_t>(s.kv_heads));
-  std::vector<std::vector<std::int32_t>> kept(scores.size());
+/// Random non-negative scores per kv head and the kept sets of the highest-scoring ctx - evict.
+void scores_and_kept(shape s, std::int32_t ctx, std::int32_t evict, std::vector<std::vector<float>>& scores,
+                     std::vector<std::vector<std::int32_t>>& kept) {
+  scores.assign(static_cast<std::size_t>(s.kv_heads), {});
+  kept.assign(scores.size(), {});
   for (std::size_t h = 0; h < scores.size(); ++h) {
     auto r = random_rows(static_cast<std::size_t>(ctx), 10 + h);
     for (float& x : r) x = x * x;  // >= 0
@@ -126,6 +135,14 @@ void BM_cam_step(benchmark::State& state, shape s, std::int32_t ctx, std::int32_
     std::sort(idx.begin(), idx.end());
     kept[h] = idx;
   }
+}
+
+void BM_cam_step(benchmark::State& state, shape s, std::int32_t ctx, std::int32_t evict) {
+  const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size());
+  std::vector<std::vector<float>> scores;
+  std::vector<std::vector<std::int32_t>> kept;
+  scores_and_kept(s, ctx, evict, scores, kept);
   std::vector<double> ccpu, dcpu, kcpu;
   for (auto _ : state) {
     for (int i = 0; i < 7; ++i) {
@@ -153,6 +170,40 @@ void BM_cam_step(benchmark::State& state, shape s, std::int32_t ctx, std::int32_
   state.counters["evict_only_over_decode"] = median(kcpu) / median(dcpu);
 }
 
+void BM_merge_step(benchmark::State& state, bool d2o, shape s, std::int32_t ctx, std::int32_t evict) {
+  const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size());
+  std::vector<std::vector<float>> scores;
+  std::vector<std::vector<std::int32_t>> kept;
+  scores_and_kept(s, ctx, evict, scores, kept);
+  std::vector<double> scpu, dcpu;
+  std::int64_t merged = 0;
+  for (auto _ : state) {
+    for (int i = 0; i < 5; ++i) {
+      state.PauseTiming();
+      kvc::seq_id seq;
+      auto c = build(s, ctx, seq);
+      state.ResumeTiming();
+      double c0 = thread_cpu_seconds();
+      kvc::cpu::merged_decode_attention(*c, seq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      dcpu.push_back(thread_cpu_seconds() - c0);
+      c0 = thread_cpu_seconds();
+      if (d2o) {
+        kvc::merge::d2o_threshold thr;
+        merged = kvc::merge::d2o_merge_layer(*c, seq, 0, kept, thr).merged;
+      } else {
+        merged = kvc::merge::kvmerger_merge_layer(*c, seq, 0, scores, kept).removed;
+      }
+      scpu.push_back(thread_cpu_seconds() - c0);
+    }
+  }
+  state.counters["step_cpu_ms"] = median(scpu) * 1e3;
+  state.counters["decode_cpu_ms"] = median(dcpu) * 1e3;
+  state.counters["step_over_decode"] = median(scpu) / median(dcpu);
+  state.counters["merged"] = static_cast<double>(merged);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -173,6 +224,15 @@ int main(int argc, char** argv) {
         ->Unit(benchmark::kMillisecond)
         ->Iterations(1);
   }
+  for (bool d2o : {true, false})
+    for (std::int32_t evict : {1, ctx / 2}) {
+      const std::string name = std::string("BM_merge_step/") + (d2o ? "d2o" : "kvmerger") +
+                               "/fp16/32x8x128/ctx:" + std::to_string(ctx) + "/evict:" +
+                               (evict == 1 ? std::string("1") : std::string("half")) + "/threads:1";
+      benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& st) { BM_merge_step(st, d2o, s, ctx, evict); })
+          ->Unit(benchmark::kMillisecond)
+          ->Iterations(1);
+    }
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
