@@ -53,6 +53,7 @@
 #include <vector>
 
 #include <kvc/error.hpp>
+#include <kvc/merge/key_similarity.hpp>
 #include <kvc/merge/merged_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
@@ -111,26 +112,13 @@ inline d2o_layer_plan d2o_plan(const std::vector<std::vector<float>>& keys, std:
                  ", expected 0 <= beta < 1 (the weight of the previous threshold)");
   KVC_EXPECTS_IN(who, !threshold.primed || std::isfinite(threshold.tau), "threshold.tau = ", threshold.tau,
                  ", expected a finite threshold (or threshold.primed = false)");
-  KVC_EXPECTS_IN(who, head_dim >= 1, "head_dim = ", head_dim, ", expected >= 1");
   KVC_EXPECTS_IN(who, kept.size() == keys.size(), "kept.size() = ", kept.size(), ", expected keys.size() = ",
                  keys.size(), " (one kept set per kv head)");
+  similarity::check_layer_keys(who, keys, head_dim);
   const std::size_t D = static_cast<std::size_t>(head_dim);
   const std::size_t H = keys.size();
-  for (std::size_t h = 0; h < H; ++h) {
-    const auto& kh = keys[h];
-    KVC_EXPECTS_IN(who, kh.size() % D == 0, "keys[", h, "].size() = ", kh.size(),
-                   ", expected a multiple of head_dim = ", head_dim);
-    for (std::size_t i = 0; i < kh.size(); ++i)
-      KVC_EXPECTS_IN(who, std::isfinite(kh[i]), "keys[", h, "][", i, "] = ", kh[i], ", expected a finite key");
-    const std::int64_t n = static_cast<std::int64_t>(kh.size() / D);
-    const auto& ch = kept[h];
-    for (std::size_t i = 0; i < ch.size(); ++i) {
-      KVC_EXPECTS_IN(who, ch[i] >= 0 && ch[i] < n, "kept[", h, "][", i, "] = ", ch[i], ", expected 0..", n - 1,
-                     " (kv head ", h, " holds ", n, " tokens)");
-      KVC_EXPECTS_IN(who, i == 0 || ch[i] > ch[i - 1], "kept[", h, "][", i, "] = ", ch[i], " after ", ch[i - 1],
-                     ", expected strictly increasing indices");
-    }
-  }
+  for (std::size_t h = 0; h < H; ++h)
+    similarity::check_token_list(who, "kept", h, kept[h], static_cast<std::int64_t>(keys[h].size() / D));
 
   d2o_layer_plan plan;
   plan.heads.resize(H);
@@ -143,13 +131,7 @@ inline d2o_layer_plan d2o_plan(const std::vector<std::vector<float>>& keys, std:
     const float* k = keys[h].data();
     const std::int32_t n = static_cast<std::int32_t>(keys[h].size() / D);
     const auto& ch = kept[h];
-    std::vector<double> norm(static_cast<std::size_t>(n));
-    for (std::int32_t t = 0; t < n; ++t) {
-      const float* r = k + static_cast<std::size_t>(t) * D;
-      double q = 0;
-      for (std::size_t d = 0; d < D; ++d) q += static_cast<double>(r[d]) * r[d];
-      norm[static_cast<std::size_t>(t)] = std::sqrt(q);
-    }
+    const std::vector<double> norm = similarity::row_norms(k, n, D);
     std::vector<char> is_kept(static_cast<std::size_t>(n), 0);
     for (std::int32_t c : ch) is_kept[static_cast<std::size_t>(c)] = 1;
     auto& ph = plan.heads[h];
@@ -158,15 +140,7 @@ inline d2o_layer_plan d2o_plan(const std::vector<std::vector<float>>& keys, std:
       double u = -std::numeric_limits<double>::infinity();
       std::int32_t arg = -1;
       for (std::int32_t c : ch) {
-        double cs = 0;
-        const double den = norm[static_cast<std::size_t>(e)] * norm[static_cast<std::size_t>(c)];
-        if (den > 0) {
-          const float* a = k + static_cast<std::size_t>(e) * D;
-          const float* b = k + static_cast<std::size_t>(c) * D;
-          double dot = 0;
-          for (std::size_t d = 0; d < D; ++d) dot += static_cast<double>(a[d]) * b[d];
-          cs = dot / den;
-        }
+        const double cs = similarity::cosine(k, norm, e, c, D);
         if (cs > u) u = cs, arg = c;  // strict: the first kept token wins a tie
       }
       d2o_decision x;

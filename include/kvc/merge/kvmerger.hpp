@@ -57,6 +57,7 @@
 #include <vector>
 
 #include <kvc/error.hpp>
+#include <kvc/merge/key_similarity.hpp>
 #include <kvc/merge/merged_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
@@ -101,32 +102,21 @@ inline kvmerger_layer_plan kvmerger_plan(const std::vector<std::vector<float>>& 
                  ", expected a finite cosine-similarity threshold");
   KVC_EXPECTS_IN(who, std::isfinite(o.sigma) && o.sigma > 0.0f, "kvmerger_options.sigma = ", o.sigma,
                  ", expected a finite kernel width > 0");
-  KVC_EXPECTS_IN(who, head_dim >= 1, "head_dim = ", head_dim, ", expected >= 1");
   KVC_EXPECTS_IN(who, scores.size() == keys.size(), "scores.size() = ", scores.size(), ", expected keys.size() = ",
                  keys.size(), " (one score vector per kv head)");
   KVC_EXPECTS_IN(who, protect.size() == keys.size(), "protect.size() = ", protect.size(), ", expected keys.size() = ",
                  keys.size(), " (one list of protected tokens per kv head)");
+  similarity::check_layer_keys(who, keys, head_dim);
   const std::size_t D = static_cast<std::size_t>(head_dim);
   const std::size_t H = keys.size();
   for (std::size_t h = 0; h < H; ++h) {
-    const auto& kh = keys[h];
-    KVC_EXPECTS_IN(who, kh.size() % D == 0, "keys[", h, "].size() = ", kh.size(),
-                   ", expected a multiple of head_dim = ", head_dim);
-    for (std::size_t i = 0; i < kh.size(); ++i)
-      KVC_EXPECTS_IN(who, std::isfinite(kh[i]), "keys[", h, "][", i, "] = ", kh[i], ", expected a finite key");
-    const std::int64_t n = static_cast<std::int64_t>(kh.size() / D);
+    const std::int64_t n = static_cast<std::int64_t>(keys[h].size() / D);
     KVC_EXPECTS_IN(who, static_cast<std::int64_t>(scores[h].size()) == n, "scores[", h, "].size() = ", scores[h].size(),
                    ", expected ", n, " (kv head ", h, " holds ", n, " tokens)");
     for (std::size_t i = 0; i < scores[h].size(); ++i)
       KVC_EXPECTS_IN(who, std::isfinite(scores[h][i]), "scores[", h, "][", i, "] = ", scores[h][i],
                      ", expected a finite score");
-    const auto& ph = protect[h];
-    for (std::size_t i = 0; i < ph.size(); ++i) {
-      KVC_EXPECTS_IN(who, ph[i] >= 0 && ph[i] < n, "protect[", h, "][", i, "] = ", ph[i], ", expected 0..", n - 1,
-                     " (kv head ", h, " holds ", n, " tokens)");
-      KVC_EXPECTS_IN(who, i == 0 || ph[i] > ph[i - 1], "protect[", h, "][", i, "] = ", ph[i], " after ", ph[i - 1],
-                     ", expected strictly increasing indices");
-    }
+    similarity::check_token_list(who, "protect", h, protect[h], n);
   }
 
   kvmerger_layer_plan plan;
@@ -139,23 +129,11 @@ inline kvmerger_layer_plan kvmerger_plan(const std::vector<std::vector<float>>& 
     const std::int32_t n = static_cast<std::int32_t>(keys[h].size() / D);
     std::vector<char> prot(static_cast<std::size_t>(n), 0);
     for (std::int32_t t : protect[h]) prot[static_cast<std::size_t>(t)] = 1;
-    std::vector<double> norm(static_cast<std::size_t>(n));
-    for (std::int32_t t = 0; t < n; ++t) {
-      const float* r = k + static_cast<std::size_t>(t) * D;
-      double q = 0;
-      for (std::size_t d = 0; d < D; ++d) q += static_cast<double>(r[d]) * r[d];
-      norm[static_cast<std::size_t>(t)] = std::sqrt(q);
-    }
+    const std::vector<double> norm = similarity::row_norms(k, n, D);
     // link(t): token t − 1 joins token t's set.
     auto link = [&](std::int32_t t) {
       if (prot[static_cast<std::size_t>(t)] || prot[static_cast<std::size_t>(t - 1)]) return false;
-      const double den = norm[static_cast<std::size_t>(t)] * norm[static_cast<std::size_t>(t - 1)];
-      if (!(den > 0)) return 0.0 > eps;  // a zero key: cosine 0
-      const float* a = k + static_cast<std::size_t>(t - 1) * D;
-      const float* b = k + static_cast<std::size_t>(t) * D;
-      double dot = 0;
-      for (std::size_t d = 0; d < D; ++d) dot += static_cast<double>(a[d]) * b[d];
-      return dot / den > eps;
+      return similarity::cosine(k, norm, t - 1, t, D) > eps;  // a zero key: cosine 0
     };
     // The backward scan: [lo, hi] is the current set; sets are found last first.
     std::vector<std::pair<std::int32_t, std::int32_t>> runs;
