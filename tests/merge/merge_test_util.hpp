@@ -1,12 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 /// \file
-/// What the merge tests share: one stream of a merged_cache copied out as the references see it.
+/// What the merge tests share: one stream of a merged_cache copied out as the references see it,
+/// earlier merges to start from, and the check that a call throws kvc::error with a message.
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include <kvc/error.hpp>
 #include <kvc/merge/merged_cache.hpp>
+
+#include "kvc_catch.hpp"
+#include "random.hpp"
 
 namespace kvc_test {
 
@@ -28,6 +34,45 @@ stream_copy copy_stream(const kvc::merge::merged_cache<T>& c, kvc::seq_id s, std
   st.lw = c.log_weights(s, l, h);
   st.pos.assign(c.cache().positions(s, l, h), c.cache().positions(s, l, h) + st.n);
   return st;
+}
+
+/// Some tokens already merged (log-weights != 0), so their mass must count in the next merge:
+/// groups {t, t+1, t+2} at random gaps of 3..max_gap tokens in every kv head of the layer.
+template <class T>
+void premerge(kvc::merge::merged_cache<T>& c, kvc::seq_id s, std::int32_t layer, rng& r, std::int32_t max_gap) {
+  const std::int32_t H = c.config().num_kv_heads;
+  std::vector<std::vector<kvc::merge::merge_group>> g(static_cast<std::size_t>(H));
+  for (std::int32_t h = 0; h < H; ++h) {
+    const std::int32_t n = c.length(s, layer, h);
+    for (std::int32_t t = 0; t + 2 < n; t += r.integer(3, max_gap)) {
+      kvc::merge::merge_group m;
+      m.target = t + 1;
+      m.members = {t, t + 1, t + 2};
+      m.weights = {r.uniform(0.2f, 2.0f), 1.0f, r.uniform(0.0f, 2.0f)};
+      g[static_cast<std::size_t>(h)].push_back(m);
+    }
+  }
+  c.merge_layer(s, layer, g);
+}
+
+/// Tolerance of merged rows against the double references: fp16 pages round to 2^-10 relative;
+/// float pages to a few ulp of the double mean.
+inline double merged_row_tol(bool fp16) { return fp16 ? 1.0 / 1024 : 4e-7; }
+
+/// call() must throw kvc::error whose message contains `text`; the caller checks after it that
+/// nothing changed.
+template <class F>
+void require_error(F&& call, const std::string& text) {
+  INFO("expect: " << text);
+  bool threw = false;
+  try {
+    call();
+  } catch (const kvc::error& e) {
+    threw = true;
+    INFO("what: " << e.what());
+    REQUIRE(std::string(e.what()).find(text) != std::string::npos);
+  }
+  REQUIRE(threw);
 }
 
 }  // namespace kvc_test

@@ -18,6 +18,7 @@
 #include "cache_checks.hpp"
 #include "fast_require.hpp"
 #include "kvc_catch.hpp"
+#include "merge_test_util.hpp"
 #include "random.hpp"
 
 namespace {
@@ -130,16 +131,7 @@ TEST_CASE("CaM and keep_layer_mix_values reject bad arguments and change nothing
   std::vector<std::vector<float>> scores(2, std::vector<float>(20, 0.5f));
   std::vector<std::vector<std::int32_t>> kept = {{0, 5, 9}, {1, 2, 19}};
   auto expect_error = [&](auto&& call, const std::string& text) {
-    INFO("expect: " << text);
-    bool threw = false;
-    try {
-      call();
-    } catch (const kvc::error& e) {
-      threw = true;
-      INFO("what: " << e.what());
-      REQUIRE(std::string(e.what()).find(text) != std::string::npos);
-    }
-    REQUIRE(threw);
+    kvc_test::require_error(call, text);
     REQUIRE(kvc_test::snapshot(c.cache(), {s}) == before);
     for (std::int32_t h = 0; h < 2; ++h) REQUIRE(c.log_weights(s, 0, h) == std::vector<float>(20, 0.0f));
   };

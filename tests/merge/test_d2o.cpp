@@ -32,6 +32,7 @@ using kvc::merge::merge_group;
 using kvc::merge::merged_cache;
 
 using kvc_test::copy_stream;
+using kvc_test::premerge;
 using kvc_test::stream_copy;
 
 /// Cosine in double, each vector normalised first; 0 when either is the zero vector.
@@ -100,26 +101,6 @@ void fill_similar(merged_cache<T>& c, kvc::seq_id s, std::int32_t layer, std::in
   c.append(s, layer, k.data(), v.data(), L);
 }
 
-/// Some tokens already merged (log-weights != 0): their mass must count in the next merge.
-template <class T>
-void premerge(merged_cache<T>& c, kvc::seq_id s, std::int32_t layer, kvc_test::rng& r) {
-  const std::int32_t H = c.config().num_kv_heads;
-  std::vector<std::vector<merge_group>> g(static_cast<std::size_t>(H));
-  for (std::int32_t h = 0; h < H; ++h) {
-    const std::int32_t n = c.length(s, layer, h);
-    for (std::int32_t t = 0; t + 2 < n; t += r.integer(3, 9)) {
-      merge_group m;
-      m.target = t + 1;
-      m.members = {t, t + 1, t + 2};
-      m.weights = {r.uniform(0.2f, 2.0f), 1.0f, r.uniform(0.0f, 2.0f)};
-      g[static_cast<std::size_t>(h)].push_back(m);
-    }
-  }
-  c.merge_layer(s, layer, g);
-}
-
-double tol_of(bool fp16) { return fp16 ? 1.0 / 1024 : 4e-7; }
-
 template <class T>
 void rule_trials(std::uint64_t salt) {
   const bool fp16 = std::is_same<T, kvc::half>::value;
@@ -134,7 +115,7 @@ void rule_trials(std::uint64_t salt) {
     const std::int32_t layer = r.integer(0, layers - 1);
     fill_similar(c, s, 0, r.integer(1, 90), r);
     fill_similar(c, s, 1, r.integer(1, 90), r);
-    if (r.coin()) premerge(c, s, layer, r);
+    if (r.coin()) premerge(c, s, layer, r, 9);
     d2o_options o;
     o.beta = trial % 5 == 0 ? 0.5f : (trial % 5 == 1 ? 0.0f : r.uniform(0.0f, 0.999f));
     d2o_threshold tau;
@@ -208,7 +189,7 @@ void rule_trials(std::uint64_t salt) {
       // The cache after the step.
       const stream_copy a = copy_stream(c, s, layer, h);
       REQUIRE(a.n == static_cast<std::int32_t>(kh.size()));
-      const double tol = tol_of(fp16);
+      const double tol = kvc_test::merged_row_tol(fp16);
       std::size_t g = 0;
       for (std::size_t i = 0; i < kh.size(); ++i) {
         const std::size_t t = static_cast<std::size_t>(kh[i]);
@@ -293,7 +274,7 @@ TEST_CASE("D2O with a threshold above every similarity is plain eviction", "[mer
     kvc_test::rng ra(12350 + static_cast<std::uint64_t>(trial)), rb(12350 + static_cast<std::uint64_t>(trial));
     fill_similar(a, sa, 0, L, ra);
     fill_similar(b, sb, 0, L, rb);
-    if (trial % 2) premerge(a, sa, 0, ra), premerge(b, sb, 0, rb);
+    if (trial % 2) premerge(a, sa, 0, ra, 9), premerge(b, sb, 0, rb, 9);
     std::vector<std::vector<std::int32_t>> kept;
     for (std::int32_t h = 0; h < H; ++h) {
       const std::int32_t n = a.length(sa, 0, h);
@@ -477,7 +458,7 @@ TEST_CASE("D2O rejects bad arguments and changes nothing", "[merge][d2o][strong]
   const kvc::seq_id s = c.add_sequence();
   fill_similar(c, s, 0, 20, r);
   fill_similar(c, s, 1, 20, r);
-  premerge(c, s, 0, r);  // nonzero log-weights
+  premerge(c, s, 0, r, 9);  // nonzero log-weights
   const std::int32_t n0 = c.length(s, 0, 0), n1 = c.length(s, 0, 1);
   auto state = [&] {
     std::vector<std::vector<float>> lw;
@@ -492,17 +473,8 @@ TEST_CASE("D2O rejects bad arguments and changes nothing", "[merge][d2o][strong]
   tau.primed = true;
   tau.tau = 0.25f;
   auto expect_error = [&](auto&& call, const std::string& text) {
-    INFO("expect: " << text);
     d2o_threshold t = tau;
-    bool threw = false;
-    try {
-      call(t);
-    } catch (const kvc::error& e) {
-      threw = true;
-      INFO("what: " << e.what());
-      REQUIRE(std::string(e.what()).find(text) != std::string::npos);
-    }
-    REQUIRE(threw);
+    kvc_test::require_error([&] { call(t); }, text);
     REQUIRE(state() == before);
     REQUIRE(c.bytes_in_use() == bytes);
     REQUIRE(t.primed == tau.primed);

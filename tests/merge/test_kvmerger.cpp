@@ -28,6 +28,8 @@
 
 namespace {
 
+using kvc_test::premerge;
+
 using kvc::merge::kvmerger_options;
 using kvc::merge::merge_group;
 using kvc::merge::merged_cache;
@@ -120,26 +122,6 @@ void fill_runs(merged_cache<T>& c, kvc::seq_id s, std::int32_t layer, std::int32
   c.append(s, layer, k.data(), v.data(), L);
 }
 
-/// Some tokens already merged (log-weights != 0): their mass must count in the next merge.
-template <class T>
-void premerge(merged_cache<T>& c, kvc::seq_id s, std::int32_t layer, kvc_test::rng& r) {
-  const std::int32_t H = c.config().num_kv_heads;
-  std::vector<std::vector<merge_group>> g(static_cast<std::size_t>(H));
-  for (std::int32_t h = 0; h < H; ++h) {
-    const std::int32_t n = c.length(s, layer, h);
-    for (std::int32_t t = 0; t + 2 < n; t += r.integer(3, 11)) {
-      merge_group m;
-      m.target = t + 1;
-      m.members = {t, t + 1, t + 2};
-      m.weights = {r.uniform(0.2f, 2.0f), 1.0f, r.uniform(0.0f, 2.0f)};
-      g[static_cast<std::size_t>(h)].push_back(m);
-    }
-  }
-  c.merge_layer(s, layer, g);
-}
-
-double tol_of(bool fp16) { return fp16 ? 1.0 / 1024 : 4e-7; }
-
 std::vector<float> random_scores(std::int32_t n, int kind, kvc_test::rng& r) {
   std::vector<float> sc(static_cast<std::size_t>(n));
   for (auto& x : sc)
@@ -170,7 +152,7 @@ void rule_trials(std::uint64_t salt) {
     const std::int32_t layer = r.integer(0, layers - 1);
     fill_runs(c, s, 0, r.integer(1, 100), r);
     fill_runs(c, s, 1, r.integer(1, 100), r);
-    if (r.coin(0.4)) premerge(c, s, layer, r);
+    if (r.coin(0.4)) premerge(c, s, layer, r, 11);
     kvmerger_options o;
     if (trial % 4 != 0) o.threshold = trial % 7 == 1 ? r.uniform(-0.5f, 0.5f) : r.uniform(0.5f, 0.999f);
     if (trial % 3 != 0) o.sigma = r.uniform(0.2f, 10.0f);
@@ -223,7 +205,7 @@ void rule_trials(std::uint64_t salt) {
       }
       // The cache after the step: the pivots merged, the other members gone, the rest as they were.
       const stream_copy a = copy_stream(c, s, layer, h);
-      const double tol = tol_of(fp16);
+      const double tol = kvc_test::merged_row_tol(fp16);
       std::int32_t i = 0;
       for (std::int32_t t = 0; t < b.n; ++t) {
         const std::int32_t si = set_of[static_cast<std::size_t>(t)];
@@ -306,7 +288,7 @@ TEST_CASE("KVMerger with a threshold above every similarity changes nothing", "[
     merged_cache<float> c(kvc_test::cache_shape(1, H, D, P, 4096));
     const kvc::seq_id s = c.add_sequence();
     fill_runs(c, s, 0, r.integer(2, 80), r, trial % 4 == 0);  // no exact copies in most trials
-    if (r.coin()) premerge(c, s, 0, r);
+    if (r.coin()) premerge(c, s, 0, r, 11);
     std::vector<std::vector<float>> scores;
     double best = -2;  // the largest adjacent similarity of the layer, by the reference's cosine
     for (std::int32_t h = 0; h < H; ++h) {
@@ -510,22 +492,13 @@ TEST_CASE("KVMerger rejects bad arguments and changes nothing", "[merge][kvmerge
   const kvc::seq_id s = c.add_sequence();
   fill_runs(c, s, 0, 24, r);
   fill_runs(c, s, 1, 24, r);
-  premerge(c, s, 0, r);  // nonzero log-weights
+  premerge(c, s, 0, r, 11);  // nonzero log-weights
   const std::int32_t n0 = c.length(s, 0, 0), n1 = c.length(s, 0, 1);
   const auto before = full_state(c, {s});
   const std::vector<std::vector<float>> scores = {random_scores(n0, 0, r), random_scores(n1, 0, r)};
   const std::vector<ivec> protect = {{0, 3}, {n1 - 2, n1 - 1}};
   auto expect_error = [&](auto&& call, const std::string& text) {
-    INFO("expect: " << text);
-    bool threw = false;
-    try {
-      call();
-    } catch (const kvc::error& e) {
-      threw = true;
-      INFO("what: " << e.what());
-      REQUIRE(std::string(e.what()).find(text) != std::string::npos);
-    }
-    REQUIRE(threw);
+    kvc_test::require_error(call, text);
     REQUIRE(full_state(c, {s}) == before);
   };
   using kvc::merge::kvmerger_merge_layer;
