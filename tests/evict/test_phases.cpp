@@ -235,3 +235,38 @@ TEST_CASE("simlayerkv compresses lazy layers only; cake preferences scale layer 
   REQUIRE(g.cache.length(g.seq, 0, 1) == k0);
   REQUIRE(g.cache.length(g.seq, 1, 1) == k1);
 }
+
+TEST_CASE("plan hands out the scorer's scores and seen_budget the phases' budget", "[evict][plan]") {
+  // knorm scores token t by -|k_t| (kvc/evict/knorm.hpp); the reference norm is computed here in
+  // double from the keys the cache stores.
+  const int H = 3, D = 12;
+  kvc::kv_cache<float> cache(small_cfg(1, H, D, 4, 512));
+  auto s = cache.add_sequence();
+  const int n = 57;
+  auto k = kt::randn(std::size_t(n) * H * D, 4242), v = kt::randn(k.size(), 4243);
+  cache.append(s, 0, k.data(), v.data(), n);
+  compressor_options o;
+  o.target = kvc::budget::ratio(0.75);
+  compressor<knorm> c(knorm{}, o);
+  layer_scores sc;
+  const layer_selection sel = c.plan(cache, s, 0, {}, o.target, &sc);
+  REQUIRE(sc.size() == std::size_t(H));
+  for (int h = 0; h < H; ++h) {
+    REQUIRE(sc[std::size_t(h)].size() == std::size_t(n));
+    std::vector<float> kh(std::size_t(n) * D);
+    cache.gather(s, 0, h, kh.data());
+    for (int t = 0; t < n; ++t) {
+      double q = 0;
+      for (int d = 0; d < D; ++d) q += double(kh[std::size_t(t) * D + d]) * kh[std::size_t(t) * D + d];
+      REQUIRE(std::fabs(sc[std::size_t(h)][std::size_t(t)] + std::sqrt(q)) <= 1e-5 * (1 + std::sqrt(q)));
+    }
+    // The selection is what plan without the scores gives.
+    REQUIRE(sel[std::size_t(h)] == c.plan(cache, s, 0, {}, o.target)[std::size_t(h)]);
+  }
+  // A ratio applies to the tokens seen: 57 seen, 25% kept.
+  REQUIRE(c.seen_budget(cache, s, 0).type == kvc::budget::kind::tokens);
+  REQUIRE(c.seen_budget(cache, s, 0).value == kvc::budget::ratio(0.75).keep_count(n));
+  compressor_options ot;
+  ot.target = kvc::budget::tokens(9);
+  REQUIRE(compressor<knorm>(knorm{}, ot).seen_budget(cache, s, 0).value == 9);
+}

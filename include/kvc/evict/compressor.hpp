@@ -166,10 +166,12 @@ class compressor {
     for (auto it = steps_.begin(); it != steps_.end();) it = it->first.first == seq ? steps_.erase(it) : std::next(it);
   }
 
-  /// Scores and selection of one layer without mutating anything (plan).
+  /// Scores and selection of one layer without mutating anything (plan). When `scores` is not
+  /// null it receives the scorer's per-token scores ([kv head][token], the stream's order):
+  /// merging policies (kvc/merge/) weigh what eviction would drop by them.
   template <class Cache>
   layer_selection plan(const Cache& cache, std::int32_t seq, std::int32_t layer, const observations& obs,
-                       const budget& b) const {
+                       const budget& b, layer_scores* scores = nullptr) const {
     // The floats gathered for a scorer stay with the thread for its next plan (the largest layer
     // gathered so far: 134 MB of keys at 32k tokens of 32x8x128). A fresh buffer per call was
     // zeroed and page-faulted in every time, most of R-KV's plan there: bench_evict rkv_h2o
@@ -184,7 +186,16 @@ class compressor {
     layer_selection sel;
     if constexpr (detail::has_select<Scorer>::value) s_.select(g.in, obs, sc, b, *o_.alloc, protect(), sel);
     else select_layer(g.in, sc, b, *o_.alloc, protect(), sel);
+    if (scores) *scores = std::move(sc);
     return sel;
+  }
+
+  /// The budget in tokens after_chunk and after_decode_step apply: a ratio of the tokens seen,
+  /// or the token budget itself (after_prefill and compress apply options().target).
+  template <class Cache>
+  budget seen_budget(const Cache& cache, std::int32_t seq, std::int32_t layer) const {
+    if (o_.target.type == budget::kind::tokens) return o_.target;
+    return budget::tokens(o_.target.keep_count(cache.seen(seq, layer)));
   }
 
  private:
@@ -198,13 +209,6 @@ class compressor {
     std::int32_t m = 0;
     for (std::int32_t h = 0; h < cache.config().num_kv_heads; ++h) m = std::max(m, cache.length(seq, layer, h));
     return m;
-  }
-
-  /// The budget in tokens for phases whose ratio applies to the tokens seen.
-  template <class Cache>
-  budget seen_budget(const Cache& cache, std::int32_t seq, std::int32_t layer) const {
-    if (o_.target.type == budget::kind::tokens) return o_.target;
-    return budget::tokens(o_.target.keep_count(cache.seen(seq, layer)));
   }
 
   template <class Cache>
