@@ -576,3 +576,107 @@ TEST_CASE("merged_cache keep_layer, fork and append keep the log-weights with th
   c.remove_sequence(f);
   REQUIRE_THROWS_AS(c.log_weights(f, 0, 0), kvc::error);
 }
+
+namespace {
+
+/// merged_prefill_attention against the dense causal reference: query i sees, in each kv head,
+/// the stored tokens whose position is <= q_positions[i], each logit raised by its log-weight.
+template <class T>
+void prefill_trials(std::uint64_t salt, kvc::thread_pool* pool) {
+  for (int trial = 0; trial < 30; ++trial) {
+    kvc_test::rng r(salt + static_cast<std::uint64_t>(trial));
+    const std::int32_t H = r.integer(1, 3), D = r.integer(1, 70), P = 1 << r.integer(0, 4), G = r.integer(1, 11);
+    merged_cache<T> c(kvc_test::cache_shape(2, H, D, P, 4096));
+    const kvc::seq_id s = c.add_sequence();
+    const std::int32_t layer = r.integer(0, 1);
+    const std::int32_t n0 = r.integer(1, 90);
+    fill(c, s, layer, n0, r);
+    std::vector<std::vector<merge_group>> groups;
+    for (std::int32_t h = 0; h < H; ++h) groups.push_back(random_groups(n0, r.uniform(0.0f, 0.8f), r));
+    c.merge_layer(s, layer, groups);  // log-weights != 0 and gaps in the positions
+    const std::int32_t m = r.integer(1, 20);
+    fill(c, s, layer, m, r);  // the chunk: positions n0 .. n0 + m - 1
+    // The chunk's own positions, and some anywhere (before every token, between, beyond).
+    const std::int32_t nq = r.integer(1, 24);
+    std::vector<std::int32_t> qp(static_cast<std::size_t>(nq));
+    for (auto& p : qp) p = r.coin(0.6) ? n0 + r.integer(0, m - 1) : r.integer(-2, n0 + m + 2);
+    const auto q = r.normals(static_cast<std::size_t>(nq) * H * G * D, 1.5f);
+    std::vector<float> out(q.size(), 7.0f), lse(static_cast<std::size_t>(nq) * H * G, 7.0f);
+    kvc::decode_options o;
+    o.lse = lse.data();
+    o.pool = pool;
+    if (r.coin(0.3)) o.scale = r.uniform(0.05f, 0.5f);
+    kvc::cpu::merged_prefill_attention(c, s, layer, q.data(), nq, qp.data(), H * G, out.data(), o);
+    const double scale = o.scale != 0.0f ? o.scale : 1.0 / std::sqrt(static_cast<double>(D));
+    INFO("trial " << trial << " H=" << H << " D=" << D << " P=" << P << " G=" << G << " n0=" << n0 << " m=" << m);
+    for (std::int32_t h = 0; h < H; ++h) {
+      const stream_copy st = copy_stream(c, s, layer, h);
+      double vmax = 1;
+      for (float x : st.v) vmax = std::max(vmax, std::fabs(double{x}));
+      for (std::int32_t i = 0; i < nq; ++i) {
+        stream_copy vis;  // the visible tokens, in any order (the softmax does not care)
+        for (std::int32_t t = 0; t < st.n; ++t) {
+          if (st.pos[static_cast<std::size_t>(t)] > qp[static_cast<std::size_t>(i)]) continue;
+          ++vis.n;
+          vis.lw.push_back(st.lw[static_cast<std::size_t>(t)]);
+          for (std::int32_t d = 0; d < D; ++d) {
+            vis.k.push_back(st.k[static_cast<std::size_t>(t) * D + d]);
+            vis.v.push_back(st.v[static_cast<std::size_t>(t) * D + d]);
+          }
+        }
+        for (std::int32_t g = 0; g < G; ++g) {
+          const std::size_t row = (static_cast<std::size_t>(i) * H + static_cast<std::size_t>(h)) * G + static_cast<std::size_t>(g);
+          double ref_lse = 0;
+          const auto ref = dense_attention(q.data() + row * D, vis.k, vis.v, vis.lw, vis.n, D, scale, &ref_lse);
+          for (std::int32_t d = 0; d < D; ++d)
+            KVC_REQUIRE(std::fabs(out[row * D + d] - ref[static_cast<std::size_t>(d)]) <= 2e-5 * vmax,
+                        "query " << i << " (position " << qp[static_cast<std::size_t>(i)] << ") head " << h * G + g
+                                 << " d " << d << ": " << out[row * D + d] << " vs " << ref[static_cast<std::size_t>(d)]);
+          if (vis.n == 0) KVC_REQUIRE((std::isinf(lse[row]) && lse[row] < 0), "lse of an empty row " << lse[row]);
+          else KVC_REQUIRE(std::fabs(lse[row] - ref_lse) <= 2e-5 * (1 + std::fabs(ref_lse)), "lse row " << row);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("merged_prefill_attention against the dense causal reference", "[merge]") {
+  prefill_trials<float>(9700, nullptr);
+  prefill_trials<kvc::half>(9800, nullptr);
+  kvc::thread_pool pool(3);
+  prefill_trials<float>(9900, &pool);
+}
+
+TEST_CASE("merged_prefill_attention rejects bad arguments and writes nothing", "[merge]") {
+  kvc_test::rng r(9950);
+  merged_cache<float> c(kvc_test::cache_shape(1, 2, 16, 4, 256));
+  const kvc::seq_id s = c.add_sequence();
+  fill(c, s, 0, 10, r);
+  const auto q = r.normals(4 * 16);
+  std::vector<float> out(q.size(), 7.0f);
+  const std::int32_t qp[1] = {9};
+  auto untouched = [&] {
+    for (float x : out) REQUIRE(x == 7.0f);
+  };
+  using kvc_test::require_error;
+  require_error([&] { kvc::cpu::merged_prefill_attention(c, s, 0, q.data(), 1, nullptr, 4, out.data()); }, "q_positions is null");
+  require_error([&] { kvc::cpu::merged_prefill_attention(c, s, 0, q.data(), 0, qp, 4, out.data()); }, "num_queries = 0");
+  require_error([&] { kvc::cpu::merged_prefill_attention(c, s, 0, q.data(), 1, qp, 3, out.data()); }, "num_q_heads = 3");
+  require_error([&] { kvc::cpu::merged_prefill_attention(c, s, 1, q.data(), 1, qp, 4, out.data()); }, "layer = 1");
+  std::vector<float> probs(64);
+  kvc::decode_options o;
+  o.group_probs = probs.data();
+  require_error([&] { kvc::cpu::merged_prefill_attention(c, s, 0, q.data(), 1, qp, 4, out.data(), o); }, "group_probs");
+  auto bad = q;
+  bad[5] = std::numeric_limits<float>::quiet_NaN();
+  require_error([&] { kvc::cpu::merged_prefill_attention(c, s, 0, bad.data(), 1, qp, 4, out.data()); }, "expected a finite query");
+  // Positions that do not ascend in stream order: a query's visible tokens are not a prefix.
+  const auto k = r.normals(2 * 16), v = r.normals(k.size());
+  const std::int32_t back[1] = {3};
+  c.append(s, 0, k.data(), v.data(), 1, back);
+  require_error([&] { kvc::cpu::merged_prefill_attention(c, s, 0, q.data(), 1, qp, 4, out.data()); },
+                "expected positions ascending in stream order");
+  untouched();
+}

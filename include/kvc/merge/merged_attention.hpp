@@ -91,6 +91,82 @@ void merged_decode_attention(const merge::merged_cache<T>& cache, seq_id seq, st
   }
 }
 
+/// Causal prefill attention over a merged cache: query i (position q_positions[i]) attends, in
+/// every kv head, the stored tokens whose position is <= its own, each logit raised by the
+/// token's log-weight. The engine's use: the tokens scored after a one-shot merge, appended as one
+/// chunk and attended together. Same contract as cpu::prefill_attention (q and out
+/// [num_queries][num_q_heads][head_dim], opt.lse [num_queries][num_q_heads], -inf and zeros for a
+/// row with no visible token; probs and group_probs rejected), with one more precondition: every
+/// stream's positions ascend in stream order (what append, keep and merge_layer preserve; a merged
+/// token keeps its target's position), so a query's visible tokens are a prefix of the stream.
+/// Each query runs the decode kernel over its prefix: O(num_queries x length) per kv head, which
+/// for the scored chunk of an evaluation (hundreds of queries) costs about as many decode steps.
+template <class Arch = default_arch, class T>
+void merged_prefill_attention(const merge::merged_cache<T>& cache, seq_id seq, std::int32_t layer, const float* q,
+                              std::int32_t num_queries, const std::int32_t* q_positions, std::int32_t num_q_heads,
+                              float* out, const decode_options& opt = {}) {
+  constexpr const char* who = "kvc::cpu::merged_prefill_attention";
+  const auto& c = cache.config();
+  const std::int32_t hkv = c.num_kv_heads, D = c.head_dim;
+  KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
+                 cache.num_sequences(), " live sequence ids");
+  KVC_EXPECTS_IN(who, layer >= 0 && layer < c.num_layers, "layer = ", layer, ", expected 0..", c.num_layers - 1);
+  KVC_EXPECTS_IN(who, num_queries > 0, "num_queries = ", num_queries, ", expected >= 1");
+  KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
+                 ", expected a positive multiple of num_kv_heads = ", hkv);
+  KVC_EXPECTS_IN(who, q != nullptr && out != nullptr && q_positions != nullptr,
+                 q == nullptr ? "q" : out == nullptr ? "out" : "q_positions", " is null");
+  KVC_EXPECTS_IN(who, opt.probs == nullptr && opt.group_probs == nullptr,
+                 "opt.probs or opt.group_probs is set, expected null (the merged kernel has no probability outputs)");
+  const std::size_t qn = static_cast<std::size_t>(num_queries) * num_q_heads * D;
+  for (std::size_t i = 0; i < qn; ++i)
+    KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
+  const auto& kv = cache.cache();
+  std::int64_t held = 0;
+  for (std::int32_t h = 0; h < hkv; ++h) {
+    const std::int32_t n = kv.length(seq, layer, h);
+    const std::int32_t* p = kv.positions(seq, layer, h);
+    held += n;
+    for (std::int32_t t = 1; t < n; ++t)
+      KVC_EXPECTS_IN(who, p[t] >= p[t - 1], "kv head ", h, " of layer ", layer, " holds position ", p[t],
+                     " at stream index ", t, " after ", p[t - 1],
+                     ", expected positions ascending in stream order (keys re-rotated to new positions are not "
+                     "supported here)");
+  }
+  KVC_EXPECTS_IN(who, held > 0, "seq = ", seq, ", layer = ", layer,
+                 " holds 0 tokens in all its kv heads, expected at least one token to attend to (append the "
+                 "chunk's K/V to the layer before attending)");
+  const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
+  const std::int32_t G = num_q_heads / hkv;
+  const std::size_t per_q = static_cast<std::size_t>(num_q_heads);
+  std::vector<float> qs(qn), m(static_cast<std::size_t>(num_queries) * per_q), l(m.size());
+  for (std::size_t i = 0; i < qn; ++i) qs[i] = q[i] * scale;
+  auto run = [&](std::int32_t h) {
+    const auto& pages = kv.pages(seq, layer, h);
+    const float* bias = cache.log_weights(seq, layer, h).data();
+    const std::int32_t n = kv.length(seq, layer, h);
+    const std::int32_t* pos = kv.positions(seq, layer, h);
+    for (std::int32_t i = 0; i < num_queries; ++i) {
+      const std::int32_t vis = static_cast<std::int32_t>(std::upper_bound(pos, pos + n, q_positions[i]) - pos);
+      for (std::int32_t g0 = 0; g0 < G; g0 += 8) {
+        const std::size_t o = static_cast<std::size_t>(i) * per_q + static_cast<std::size_t>(h) * G +
+                              static_cast<std::size_t>(g0);
+        stream_detail::attend_stream_dispatch<Arch, T>(std::min(8, G - g0), kv.pool(), pages.data(), vis, c.page_size,
+                                                       D, qs.data() + o * D, bias, out + o * D, m.data() + o,
+                                                       l.data() + o);
+      }
+    }
+  };
+  if (opt.pool && hkv > 1) opt.pool->parallel_for(hkv, run);
+  else
+    for (std::int32_t h = 0; h < hkv; ++h) run(h);
+  for (std::size_t r = 0; r < m.size(); ++r) {
+    const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+    for (std::int32_t d = 0; d < D; ++d) out[r * D + static_cast<std::size_t>(d)] *= inv;
+    if (opt.lse) opt.lse[r] = l[r] > 0 ? m[r] + std::log(l[r]) : -INFINITY;
+  }
+}
+
 KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 KVC_END_NAMESPACE
