@@ -140,6 +140,60 @@ ivec random_protect(std::int32_t n, kvc_test::rng& r) {
   return p;
 }
 
+/// The stream after a step, against the reference sets: each set's pivot is the weighted mean
+/// of its members (weights g_i·exp(lw_i)) carrying their mass, its other members and the
+/// `dropped` tokens are gone, every other token is unchanged, in order.
+void check_after(const stream_copy& b, const stream_copy& a, const std::vector<ref_set>& ref, const ivec& dropped,
+                 std::int32_t D, bool fp16, std::int32_t h) {
+  std::vector<std::int32_t> set_of(static_cast<std::size_t>(b.n), -1);  // token -> set index
+  for (std::size_t i = 0; i < ref.size(); ++i)
+    for (std::int32_t t : ref[i].members) set_of[static_cast<std::size_t>(t)] = static_cast<std::int32_t>(i);
+  std::vector<char> gone(static_cast<std::size_t>(b.n), 0);
+  for (std::int32_t t : dropped) gone[static_cast<std::size_t>(t)] = 1;
+  const double tol = kvc_test::merged_row_tol(fp16);
+  std::int32_t i = 0;
+  for (std::int32_t t = 0; t < b.n; ++t) {
+    const std::int32_t si = set_of[static_cast<std::size_t>(t)];
+    if (gone[static_cast<std::size_t>(t)]) continue;
+    if (si >= 0 && ref[static_cast<std::size_t>(si)].pivot != t) continue;  // merged away
+    REQUIRE(i < a.n);
+    const std::size_t ia = static_cast<std::size_t>(i), tb = static_cast<std::size_t>(t);
+    REQUIRE(a.pos[ia] == b.pos[tb]);
+    if (si < 0) {
+      REQUIRE(a.lw[ia] == b.lw[tb]);
+      for (std::int32_t d = 0; d < D; ++d) {
+        REQUIRE(a.k[ia * D + static_cast<std::size_t>(d)] == b.k[tb * D + static_cast<std::size_t>(d)]);
+        REQUIRE(a.v[ia * D + static_cast<std::size_t>(d)] == b.v[tb * D + static_cast<std::size_t>(d)]);
+      }
+    } else {
+      const ref_set& rs = ref[static_cast<std::size_t>(si)];
+      double mass = 0, asum = 0;
+      std::vector<double> kk(static_cast<std::size_t>(D), 0.0), vv(kk.size(), 0.0);
+      for (std::size_t j = 0; j < rs.members.size(); ++j) {
+        const std::size_t u = static_cast<std::size_t>(rs.members[j]);
+        const double m = std::exp(double{b.lw[u]});
+        mass += m;
+        asum += rs.g[j] * m;
+        for (std::int32_t d = 0; d < D; ++d) {
+          kk[static_cast<std::size_t>(d)] += rs.g[j] * m * b.k[u * D + static_cast<std::size_t>(d)];
+          vv[static_cast<std::size_t>(d)] += rs.g[j] * m * b.v[u * D + static_cast<std::size_t>(d)];
+        }
+      }
+      const double lw = std::log(mass);
+      KVC_REQUIRE(std::fabs(a.lw[ia] - lw) <= 1e-6 * (1 + std::fabs(lw)), "h " << h << " token " << t << ": lw " << a.lw[ia] << " vs " << lw);
+      for (std::int32_t d = 0; d < D; ++d) {
+        const double wk = kk[static_cast<std::size_t>(d)] / asum, wv = vv[static_cast<std::size_t>(d)] / asum;
+        KVC_REQUIRE(std::fabs(a.k[ia * D + static_cast<std::size_t>(d)] - wk) <= tol * (std::fabs(wk) + 1),
+                    "h " << h << " token " << t << " d " << d << ": k " << a.k[ia * D + static_cast<std::size_t>(d)] << " vs " << wk);
+        KVC_REQUIRE(std::fabs(a.v[ia * D + static_cast<std::size_t>(d)] - wv) <= tol * (std::fabs(wv) + 1),
+                    "h " << h << " token " << t << " d " << d << ": v " << a.v[ia * D + static_cast<std::size_t>(d)] << " vs " << wv);
+      }
+    }
+    ++i;
+  }
+  REQUIRE(i == a.n);
+}
+
 template <class T>
 void rule_trials(std::uint64_t salt) {
   const bool fp16 = std::is_same<T, kvc::half>::value;
@@ -180,7 +234,6 @@ void rule_trials(std::uint64_t salt) {
       const auto& groups = plan.heads[static_cast<std::size_t>(h)].groups;
       // The sets, pivots and weights.
       REQUIRE(groups.size() == ref.size());
-      std::vector<std::int32_t> set_of(static_cast<std::size_t>(b.n), -1);  // token -> set index
       for (std::size_t i = 0; i < ref.size(); ++i) {
         const ref_set& rs = ref[i];
         const merge_group& g = groups[i];
@@ -193,7 +246,6 @@ void rule_trials(std::uint64_t salt) {
           KVC_REQUIRE(std::fabs(g.weights[j] - rs.g[j] / z) <= 1e-6,
                       "h " << h << " set " << i << " member " << j << ": " << g.weights[j] << " vs " << rs.g[j] / z);
         for (std::int32_t t : rs.members) {
-          set_of[static_cast<std::size_t>(t)] = static_cast<std::int32_t>(i);
           // Protected tokens never join a set.
           KVC_REQUIRE(!std::binary_search(pr.begin(), pr.end(), t), "h " << h << " protected token " << t << " merged");
           if (b.lw[static_cast<std::size_t>(t)] != 0.0f) ++premerged_members;
@@ -204,48 +256,7 @@ void rule_trials(std::uint64_t salt) {
         if (std::fabs(rs.g.back() / z - rs.g.front() / z) > 1e-3) ++uneven;
       }
       // The cache after the step: the pivots merged, the other members gone, the rest as they were.
-      const stream_copy a = copy_stream(c, s, layer, h);
-      const double tol = kvc_test::merged_row_tol(fp16);
-      std::int32_t i = 0;
-      for (std::int32_t t = 0; t < b.n; ++t) {
-        const std::int32_t si = set_of[static_cast<std::size_t>(t)];
-        if (si >= 0 && ref[static_cast<std::size_t>(si)].pivot != t) continue;  // merged away
-        REQUIRE(i < a.n);
-        const std::size_t ia = static_cast<std::size_t>(i), tb = static_cast<std::size_t>(t);
-        REQUIRE(a.pos[ia] == b.pos[tb]);
-        if (si < 0) {
-          REQUIRE(a.lw[ia] == b.lw[tb]);
-          for (std::int32_t d = 0; d < D; ++d) {
-            REQUIRE(a.k[ia * D + static_cast<std::size_t>(d)] == b.k[tb * D + static_cast<std::size_t>(d)]);
-            REQUIRE(a.v[ia * D + static_cast<std::size_t>(d)] == b.v[tb * D + static_cast<std::size_t>(d)]);
-          }
-        } else {
-          const ref_set& rs = ref[static_cast<std::size_t>(si)];
-          double mass = 0, asum = 0;
-          std::vector<double> kk(static_cast<std::size_t>(D), 0.0), vv(kk.size(), 0.0);
-          for (std::size_t j = 0; j < rs.members.size(); ++j) {
-            const std::size_t u = static_cast<std::size_t>(rs.members[j]);
-            const double m = std::exp(double{b.lw[u]});
-            mass += m;
-            asum += rs.g[j] * m;
-            for (std::int32_t d = 0; d < D; ++d) {
-              kk[static_cast<std::size_t>(d)] += rs.g[j] * m * b.k[u * D + static_cast<std::size_t>(d)];
-              vv[static_cast<std::size_t>(d)] += rs.g[j] * m * b.v[u * D + static_cast<std::size_t>(d)];
-            }
-          }
-          const double lw = std::log(mass);
-          KVC_REQUIRE(std::fabs(a.lw[ia] - lw) <= 1e-6 * (1 + std::fabs(lw)), "h " << h << " token " << t << ": lw " << a.lw[ia] << " vs " << lw);
-          for (std::int32_t d = 0; d < D; ++d) {
-            const double wk = kk[static_cast<std::size_t>(d)] / asum, wv = vv[static_cast<std::size_t>(d)] / asum;
-            KVC_REQUIRE(std::fabs(a.k[ia * D + static_cast<std::size_t>(d)] - wk) <= tol * (std::fabs(wk) + 1),
-                        "h " << h << " token " << t << " d " << d << ": k " << a.k[ia * D + static_cast<std::size_t>(d)] << " vs " << wk);
-            KVC_REQUIRE(std::fabs(a.v[ia * D + static_cast<std::size_t>(d)] - wv) <= tol * (std::fabs(wv) + 1),
-                        "h " << h << " token " << t << " d " << d << ": v " << a.v[ia * D + static_cast<std::size_t>(d)] << " vs " << wv);
-          }
-        }
-        ++i;
-      }
-      REQUIRE(i == a.n);
+      check_after(b, copy_stream(c, s, layer, h), ref, {}, D, fp16, h);
     }
     REQUIRE(plan.sets == sets);
     REQUIRE(plan.removed == removed);
@@ -599,4 +610,169 @@ TEST_CASE("KVMerger on a forked sequence with the pool exhausted changes nothing
     REQUIRE(p.sets == H);
     REQUIRE(c.length(target, 0, 0) == L - 1);
   }
+}
+
+// ---- KVMerger at an eviction budget (kvmerger_evict_plan / kvmerger_evict_layer) ----
+// The rule written again here in double: runs of tokens whose adjacent keys have cos > ε (every
+// token may link); in a run with a kept token, the pivot is the kept member with the largest
+// score (the first on ties) and the run's evicted members merge into it with Gaussian weights;
+// the evicted members of a run without a kept token are dropped; the layer keeps exactly the
+// kept tokens.
+
+namespace {
+
+std::vector<ref_set> reference_evict_sets(const stream_copy& b, const std::vector<float>& score, const ivec& kept,
+                                          std::int32_t D, double eps, double sigma, ivec& dropped) {
+  std::vector<char> is_kept(static_cast<std::size_t>(b.n), 0);
+  for (std::int32_t t : kept) is_kept[static_cast<std::size_t>(t)] = 1;
+  std::vector<ref_set> out;
+  ivec run;
+  auto close = [&] {
+    std::int32_t pivot = -1;
+    for (std::int32_t t : run)
+      if (is_kept[static_cast<std::size_t>(t)] &&
+          (pivot < 0 || score[static_cast<std::size_t>(t)] > score[static_cast<std::size_t>(pivot)]))
+        pivot = t;
+    ref_set s;
+    s.pivot = pivot;
+    for (std::int32_t t : run) {
+      if (is_kept[static_cast<std::size_t>(t)] && t != pivot) continue;
+      if (pivot < 0) {
+        dropped.push_back(t);
+        continue;
+      }
+      double d2 = 0;
+      for (std::int32_t d = 0; d < D; ++d) {
+        const double x = double{b.k[static_cast<std::size_t>(t) * D + d]} - b.k[static_cast<std::size_t>(pivot) * D + d];
+        d2 += x * x;
+      }
+      s.members.push_back(t);
+      s.g.push_back(std::exp(-d2 / (2 * sigma * sigma)));
+    }
+    if (s.members.size() >= 2) out.push_back(s);
+    run.clear();
+  };
+  for (std::int32_t t = 0; t < b.n; ++t) {
+    const bool linked =
+        t > 0 && cosine(&b.k[static_cast<std::size_t>(t - 1) * D], &b.k[static_cast<std::size_t>(t) * D], D) > eps;
+    if (!linked && !run.empty()) close();
+    run.push_back(t);
+  }
+  if (!run.empty()) close();
+  return out;
+}
+
+template <class T>
+void evict_trials(std::uint64_t salt) {
+  const bool fp16 = std::is_same<T, kvc::half>::value;
+  std::int64_t merged_total = 0, dropped_total = 0, off_first = 0;
+  for (int trial = 0; trial < 120; ++trial) {
+    kvc_test::rng r(salt + static_cast<std::uint64_t>(trial));
+    const std::int32_t H = r.integer(1, 4), D = trial % 9 == 4 ? 1 : r.integer(2, 48), P = 1 << r.integer(0, 4);
+    merged_cache<T> c(kvc_test::cache_shape(2, H, D, P, 4096));
+    const kvc::seq_id s = c.add_sequence();
+    const std::int32_t layer = r.integer(0, 1);
+    fill_runs(c, s, 0, r.integer(1, 100), r);
+    fill_runs(c, s, 1, r.integer(1, 100), r);
+    if (r.coin(0.4)) premerge(c, s, layer, r, 11);
+    kvmerger_options o;
+    if (trial % 4 != 0) o.threshold = trial % 7 == 1 ? r.uniform(-0.5f, 0.5f) : r.uniform(0.5f, 0.999f);
+    if (trial % 3 != 0) o.sigma = r.uniform(0.2f, 10.0f);
+    std::vector<std::vector<float>> scores;
+    std::vector<ivec> kept;
+    std::vector<stream_copy> before;
+    for (std::int32_t h = 0; h < H; ++h) {
+      before.push_back(copy_stream(c, s, layer, h));
+      const std::int32_t n = before.back().n;
+      scores.push_back(random_scores(n, trial % 3, r));
+      kept.push_back(trial % 11 == 3 ? ivec{} : r.subset(n, r.integer(0, n)));
+    }
+    const std::size_t bytes_before = c.bytes_in_use();
+    INFO("trial " << trial << (fp16 ? " fp16" : " fp32") << " H=" << H << " D=" << D << " P=" << P
+                  << " eps=" << o.threshold << " sigma=" << o.sigma);
+    const auto plan = kvc::merge::kvmerger_evict_layer(c, s, layer, scores, kept, o);
+    REQUIRE(plan.heads.size() == static_cast<std::size_t>(H));
+    std::int64_t merged = 0, dropped = 0;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const stream_copy& b = before[static_cast<std::size_t>(h)];
+      ivec ref_dropped;
+      const auto ref = reference_evict_sets(b, scores[static_cast<std::size_t>(h)], kept[static_cast<std::size_t>(h)], D,
+                                            double{o.threshold}, double{o.sigma}, ref_dropped);
+      const auto& ph = plan.heads[static_cast<std::size_t>(h)];
+      REQUIRE(ph.dropped == ref_dropped);
+      REQUIRE(ph.groups.size() == ref.size());
+      for (std::size_t i = 0; i < ref.size(); ++i) {
+        KVC_REQUIRE(ph.groups[i].members == ref[i].members, "h " << h << " set " << i);
+        KVC_REQUIRE(ph.groups[i].target == ref[i].pivot, "h " << h << " set " << i);
+        double z = 0;
+        for (double x : ref[i].g) z += x;
+        for (std::size_t j = 0; j < ref[i].g.size(); ++j)
+          KVC_REQUIRE(std::fabs(ph.groups[i].weights[j] - ref[i].g[j] / z) <= 1e-6, "h " << h << " set " << i << " member " << j);
+        merged += static_cast<std::int64_t>(ref[i].members.size()) - 1;
+        if (ref[i].pivot != ref[i].members.front()) ++off_first;
+      }
+      dropped += static_cast<std::int64_t>(ref_dropped.size());
+      const stream_copy a = copy_stream(c, s, layer, h);
+      // Exactly the kept tokens remain: the eviction's budget.
+      REQUIRE(a.n == static_cast<std::int32_t>(kept[static_cast<std::size_t>(h)].size()));
+      check_after(b, a, ref, ref_dropped, D, fp16, h);
+    }
+    REQUIRE(plan.merged == merged);
+    REQUIRE(plan.dropped == dropped);
+    merged_total += merged;
+    dropped_total += dropped;
+    REQUIRE(c.bytes_in_use() <= bytes_before);
+    REQUIRE(c.bytes_in_use() == static_cast<std::size_t>(c.cache().pool().pages_in_use()) * c.cache().pool().page_bytes());
+  }
+  // Merges, drops and pivots past a run's first member all happen, many times.
+  REQUIRE(merged_total > 300);
+  REQUIRE(dropped_total > 300);
+  REQUIRE(off_first > 50);
+}
+
+}  // namespace
+
+TEST_CASE("KVMerger at an eviction budget merges evicted run members into the run's best kept token", "[merge][kvmerger]") {
+  evict_trials<float>(13700);
+  evict_trials<kvc::half>(13800);
+}
+
+TEST_CASE("KVMerger at an eviction budget rejects bad arguments and changes nothing", "[merge][kvmerger][strong]") {
+  kvc_test::rng r(13900);
+  merged_cache<kvc::half> c(kvc_test::cache_shape(2, 2, 8, 4, 1024));
+  const kvc::seq_id s = c.add_sequence();
+  fill_runs(c, s, 0, 24, r);
+  fill_runs(c, s, 1, 24, r);
+  premerge(c, s, 0, r, 11);
+  const std::int32_t n0 = c.length(s, 0, 0), n1 = c.length(s, 0, 1);
+  const auto before = full_state(c, {s});
+  const std::vector<std::vector<float>> scores = {random_scores(n0, 0, r), random_scores(n1, 0, r)};
+  const std::vector<ivec> kept = {{0, 3, 5}, {1, n1 - 1}};
+  auto expect_error = [&](auto&& call, const std::string& text) {
+    kvc_test::require_error(call, text);
+    REQUIRE(full_state(c, {s}) == before);
+  };
+  using kvc::merge::kvmerger_evict_layer;
+  kvmerger_options o;
+  o.threshold = std::numeric_limits<float>::quiet_NaN();
+  expect_error([&] { kvmerger_evict_layer(c, s, 0, scores, kept, o); },
+               "kvc::merge::kvmerger_evict_plan: kvmerger_options.threshold = nan");
+  o = {};
+  o.sigma = 0;
+  expect_error([&] { kvmerger_evict_layer(c, s, 0, scores, kept, o); }, "kvmerger_options.sigma = 0");
+  expect_error([&] { kvmerger_evict_layer(c, s, 0, {scores[0]}, kept); },
+               "kvc::merge::kvmerger_evict_layer: scores.size() = 1, expected num_kv_heads = 2");
+  expect_error([&] { kvmerger_evict_layer(c, s, 0, scores, {kept[0]}); }, "kept.size() = 1, expected num_kv_heads = 2");
+  auto sc2 = scores;
+  sc2[1][2] = std::numeric_limits<float>::infinity();
+  expect_error([&] { kvmerger_evict_layer(c, s, 0, sc2, kept); }, "scores[1][2] = inf, expected a finite score");
+  sc2 = scores;
+  sc2[0].pop_back();
+  expect_error([&] { kvmerger_evict_layer(c, s, 0, sc2, kept); }, "scores[0].size() = " + std::to_string(n0 - 1));
+  auto k2 = kept;
+  k2[1] = {2, 1};
+  expect_error([&] { kvmerger_evict_layer(c, s, 0, scores, k2); }, "kept[1][1] = 1 after 2, expected strictly increasing");
+  k2[1] = {n1};
+  expect_error([&] { kvmerger_evict_layer(c, s, 0, scores, k2); }, "kept[1][0] = " + std::to_string(n1));
+  expect_error([&] { kvmerger_evict_layer(c, s, 2, scores, kept); }, "layer = 2");
 }

@@ -205,5 +205,142 @@ kvmerger_layer_plan kvmerger_merge_layer(merged_cache<T>& cache, seq_id s, std::
   return plan;
 }
 
+/// One kv head's part of a KVMerger step at an eviction budget (kvmerger_evict_plan).
+struct kvmerger_evict_head_plan {
+  /// One group per kept token that absorbs evicted tokens, ascending by target: members the
+  /// pivot and its run's evicted tokens, ascending; weights the normalised Gaussian weights.
+  std::vector<merge_group> groups;
+  std::vector<std::int32_t> dropped;  ///< evicted tokens in no run with a kept token, ascending
+};
+
+struct kvmerger_evict_layer_plan {
+  std::vector<kvmerger_evict_head_plan> heads;  ///< one per kv head
+  std::int64_t merged = 0, dropped = 0;         ///< evicted tokens merged / dropped, all heads
+};
+
+/// KVMerger at an eviction budget: a scorer keeps kept[h] (the budget); an evicted token is
+/// merged rather than dropped when KVMerger's set identification puts it in one merging set with
+/// a kept token, so the layer keeps exactly the kept tokens (the eviction's bytes) and no
+/// evicted token that KVMerger would have merged is lost. Per kv head:
+///  - merging sets as in kvmerger_plan: maximal runs of consecutive tokens whose adjacent keys
+///    have cos > ε (every token may link: the kept set plays the part of the paper's protected
+///    tokens);
+///  - a set with kept and evicted members: its pivot is the kept member with the largest score
+///    (the first on ties), its evicted members merge into the pivot with the Gaussian weights
+///    g_i = exp(−‖k_i − k_p‖² / (2σ²)) normalised over the pivot and them; its other kept members
+///    stay as they are;
+///  - evicted tokens in a set with no kept token, or alone, are dropped.
+/// kvc's form, not the paper's: the paper merges after protecting a share of the tokens and
+/// lets ε set the compression; here the budget sets it, so KVMerger can be compared with its
+/// eviction base at equal bytes (docs/results.md).
+/// \param keys    [num_kv_heads][n_h · head_dim] keys as stored, finite
+/// \param scores  [num_kv_heads][n_h] the scorer's scores, finite (higher: more important)
+/// \param kept    [num_kv_heads] strictly increasing indices into 0..n_h-1
+inline kvmerger_evict_layer_plan kvmerger_evict_plan(const std::vector<std::vector<float>>& keys, std::int32_t head_dim,
+                                                     const std::vector<std::vector<float>>& scores,
+                                                     const std::vector<std::vector<std::int32_t>>& kept,
+                                                     const kvmerger_options& o = {}) {
+  constexpr const char* who = "kvc::merge::kvmerger_evict_plan";
+  KVC_EXPECTS_IN(who, std::isfinite(o.threshold), "kvmerger_options.threshold = ", o.threshold,
+                 ", expected a finite cosine-similarity threshold");
+  KVC_EXPECTS_IN(who, std::isfinite(o.sigma) && o.sigma > 0.0f, "kvmerger_options.sigma = ", o.sigma,
+                 ", expected a finite kernel width > 0");
+  KVC_EXPECTS_IN(who, scores.size() == keys.size(), "scores.size() = ", scores.size(), ", expected keys.size() = ",
+                 keys.size(), " (one score vector per kv head)");
+  KVC_EXPECTS_IN(who, kept.size() == keys.size(), "kept.size() = ", kept.size(), ", expected keys.size() = ",
+                 keys.size(), " (one kept set per kv head)");
+  similarity::check_layer_keys(who, keys, head_dim);
+  const std::size_t D = static_cast<std::size_t>(head_dim);
+  const std::size_t H = keys.size();
+  for (std::size_t h = 0; h < H; ++h) {
+    const std::int64_t n = static_cast<std::int64_t>(keys[h].size() / D);
+    KVC_EXPECTS_IN(who, static_cast<std::int64_t>(scores[h].size()) == n, "scores[", h, "].size() = ", scores[h].size(),
+                   ", expected ", n, " (kv head ", h, " holds ", n, " tokens)");
+    for (std::size_t i = 0; i < scores[h].size(); ++i)
+      KVC_EXPECTS_IN(who, std::isfinite(scores[h][i]), "scores[", h, "][", i, "] = ", scores[h][i],
+                     ", expected a finite score");
+    similarity::check_token_list(who, "kept", h, kept[h], n);
+  }
+  kvmerger_evict_layer_plan plan;
+  plan.heads.resize(H);
+  const double eps = static_cast<double>(o.threshold);
+  const double two_s2 = 2.0 * static_cast<double>(o.sigma) * static_cast<double>(o.sigma);
+  for (std::size_t h = 0; h < H; ++h) {
+    const float* k = keys[h].data();
+    const float* sc = scores[h].data();
+    const std::int32_t n = static_cast<std::int32_t>(keys[h].size() / D);
+    std::vector<char> is_kept(static_cast<std::size_t>(n), 0);
+    for (std::int32_t t : kept[h]) is_kept[static_cast<std::size_t>(t)] = 1;
+    const std::vector<double> norm = similarity::row_norms(k, n, D);
+    auto& ph = plan.heads[h];
+    for (std::int32_t lo = 0; lo < n;) {
+      std::int32_t hi = lo;  // the run [lo, hi]
+      while (hi + 1 < n && similarity::cosine(k, norm, hi, hi + 1, D) > eps) ++hi;
+      std::int32_t p = -1;  // the pivot: the kept member with the largest score
+      for (std::int32_t t = lo; t <= hi; ++t)
+        if (is_kept[static_cast<std::size_t>(t)] && (p < 0 || sc[t] > sc[p])) p = t;
+      merge_group g;
+      std::vector<double> gw;
+      double z = 0;
+      const float* kp = p >= 0 ? k + static_cast<std::size_t>(p) * D : nullptr;
+      for (std::int32_t t = lo; t <= hi; ++t) {
+        if (is_kept[static_cast<std::size_t>(t)] && t != p) continue;
+        if (p < 0) {
+          ph.dropped.push_back(t);
+          continue;
+        }
+        const float* kt = k + static_cast<std::size_t>(t) * D;
+        double d2 = 0;
+        for (std::size_t d = 0; d < D; ++d) {
+          const double x = static_cast<double>(kt[d]) - static_cast<double>(kp[d]);
+          d2 += x * x;
+        }
+        g.members.push_back(t);
+        gw.push_back(std::exp(-d2 / two_s2));  // 1 for the pivot, so z >= 1
+        z += gw.back();
+      }
+      if (g.members.size() > 1) {
+        g.target = p;
+        for (double x : gw) g.weights.push_back(static_cast<float>(x / z));
+        plan.merged += static_cast<std::int64_t>(g.members.size()) - 1;
+        ph.groups.push_back(std::move(g));
+      }
+      lo = hi + 1;
+    }
+    plan.dropped += static_cast<std::int64_t>(ph.dropped.size());
+  }
+  return plan;
+}
+
+/// KVMerger at an eviction budget on one layer of one sequence (kvmerger_evict_plan): for every
+/// kv head h the layer keeps exactly kept[h], each kept pivot absorbing the evicted tokens of its
+/// merging set (their mass in its log-weight), the other evicted tokens dropped. One
+/// merged_cache::merge_layer commit: all heads change or none does. Returns the plan.
+/// \param scores  [num_kv_heads][length of the head] the scorer's scores, finite
+/// \param kept    [num_kv_heads] strictly increasing kept indices (e.g. an evict::layer_selection)
+template <class T>
+kvmerger_evict_layer_plan kvmerger_evict_layer(merged_cache<T>& cache, seq_id s, std::int32_t layer,
+                                               const std::vector<std::vector<float>>& scores,
+                                               const std::vector<std::vector<std::int32_t>>& kept,
+                                               const kvmerger_options& o = {}) {
+  constexpr const char* who = "kvc::merge::kvmerger_evict_layer";
+  const std::int32_t H = cache.config().num_kv_heads, D = cache.config().head_dim;
+  KVC_EXPECTS_IN(who, static_cast<std::int32_t>(scores.size()) == H, "scores.size() = ", scores.size(),
+                 ", expected num_kv_heads = ", H);
+  KVC_EXPECTS_IN(who, static_cast<std::int32_t>(kept.size()) == H, "kept.size() = ", kept.size(),
+                 ", expected num_kv_heads = ", H);
+  const std::vector<std::vector<float>> keys = layer_keys(cache, s, layer);
+  kvmerger_evict_layer_plan plan = kvmerger_evict_plan(keys, D, scores, kept, o);
+  std::vector<std::vector<merge_group>> groups(static_cast<std::size_t>(H));
+  std::vector<std::vector<std::int32_t>> drop(static_cast<std::size_t>(H));
+  for (std::int32_t h = 0; h < H; ++h) {
+    groups[static_cast<std::size_t>(h)] = plan.heads[static_cast<std::size_t>(h)].groups;
+    keep_total_mass(groups[static_cast<std::size_t>(h)], cache.log_weights(s, layer, h));
+    drop[static_cast<std::size_t>(h)] = plan.heads[static_cast<std::size_t>(h)].dropped;
+  }
+  cache.merge_layer(s, layer, groups, mean_weights::mass, &drop);
+  return plan;
+}
+
 }  // namespace merge
 KVC_END_NAMESPACE
