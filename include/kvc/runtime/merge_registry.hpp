@@ -1,0 +1,258 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// Merging policies by name, for harnesses that choose them from a spec string (runtime/spec.hpp
+/// grammar), and the run-time cache that holds merged tokens. A merging stage follows the
+/// eviction stage whose selection it extends: the evictor chooses the kept tokens at its budget
+/// and scores every token; the merging stage decides what happens to the evicted ones instead of
+/// dropping them.
+///
+///   cam(span=32)                 CaM (kvc/merge/cam.hpp): evicted values spread over the `span`
+///                                kept tokens after them, in proportion to their scores
+///   d2o(beta=0.5)                D2O's token level (kvc/merge/d2o.hpp): an evicted token merged
+///                                into its most similar kept key when it passes the layer's EMA
+///                                threshold
+///   kvmerger(eps=0.75, sigma=5)  KVMerger at the eviction's budget (kvc/merge/kvmerger.hpp,
+///                                kvmerger_evict_plan): evicted tokens in a merging set with a
+///                                kept token merge into its best-scored kept member
+///
+/// e.g. `snapkv(ratio=0.5)+d2o`, `snapkv(ratio=0.75)+kvmerger(eps=0.8)+fp32`. Every merged
+/// token carries its members' attention mass as a log-weight, so the storage is a
+/// merge::merged_cache: fp16 or fp32 pages (make_merged_cache). The defaults are the papers'
+/// (each option's comment in its header says where it was read).
+
+#include <cmath>
+#include <cstdint>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <kvc/attention/options.hpp>
+#include <kvc/error.hpp>
+#include <kvc/isa.hpp>
+#include <kvc/merge/cam.hpp>
+#include <kvc/merge/d2o.hpp>
+#include <kvc/merge/kvmerger.hpp>
+#include <kvc/merge/merged_attention.hpp>
+#include <kvc/merge/merged_cache.hpp>
+#include <kvc/runtime/any_cache.hpp>
+#include <kvc/runtime/spec.hpp>
+
+KVC_BEGIN_NAMESPACE
+namespace runtime {
+
+/// What a merging stage of a spec asks for.
+struct merge_policy {
+  enum class method { cam, d2o, kvmerger };
+  method which = method::cam;
+  merge::cam_options cam;
+  merge::d2o_options d2o;
+  merge::kvmerger_options kvmerger;
+  std::string text;  ///< the stage as written
+};
+
+/// The merging stages a spec may name.
+inline const std::vector<std::string>& merge_names() {
+  static const std::vector<std::string> n{"cam", "d2o", "kvmerger"};
+  return n;
+}
+inline bool is_merger(const std::string& name) {
+  for (const auto& n : merge_names())
+    if (n == name) return true;
+  return false;
+}
+inline std::string known_mergers() {
+  std::string s;
+  for (const auto& n : merge_names()) s += (s.empty() ? "" : ", ") + n;
+  return s;
+}
+
+/// The merging policy a stage describes; every argument is checked here, naming the value and
+/// what was expected, so a bad spec fails before any cache exists.
+inline merge_policy make_merge_policy(const spec_stage& st) {
+  constexpr const char* who = "kvc::runtime::make_merge_policy";
+  merge_policy p;
+  p.text = st.text;
+  spec_args a(st, who);
+  if (st.name == "cam") {
+    p.which = merge_policy::method::cam;
+    const int span = a.integer("span", p.cam.merge_span);
+    KVC_EXPECTS_IN(who, span >= 1, "'cam': span = ", span, ", expected >= 1 kept tokens per evicted value (in \"",
+                   st.text, "\")");
+    p.cam.merge_span = span;
+    a.finish("span");
+  } else if (st.name == "d2o") {
+    p.which = merge_policy::method::d2o;
+    const double beta = a.number("beta", p.d2o.beta);
+    KVC_EXPECTS_IN(who, beta >= 0.0 && beta < 1.0, "'d2o': beta = ", beta,
+                   ", expected 0 <= beta < 1 (the weight of the previous threshold; in \"", st.text, "\")");
+    p.d2o.beta = static_cast<float>(beta);
+    a.finish("beta");
+  } else if (st.name == "kvmerger") {
+    p.which = merge_policy::method::kvmerger;
+    const double eps = a.number("eps", p.kvmerger.threshold);
+    const double sigma = a.number("sigma", p.kvmerger.sigma);
+    KVC_EXPECTS_IN(who, eps >= -1.0 && eps <= 1.0, "'kvmerger': eps = ", eps,
+                   ", expected a cosine-similarity threshold in [-1, 1] (in \"", st.text, "\")");
+    KVC_EXPECTS_IN(who, sigma > 0.0 && sigma <= 1e30, "'kvmerger': sigma = ", sigma,
+                   ", expected a kernel width > 0 (in \"", st.text, "\")");
+    p.kvmerger.threshold = static_cast<float>(eps);
+    p.kvmerger.sigma = static_cast<float>(sigma);
+    a.finish("eps, sigma");
+  } else {
+    const std::string hint = detail::closest(st.name, merge_names());
+    kvc::detail::fail(kvc::detail::concat(who, ": unknown merging policy '", st.name, "' in \"", st.text, "\"",
+                                          hint.empty() ? "" : "; did you mean '", hint, hint.empty() ? "" : "'?",
+                                          "; expected one of: ", known_mergers()));
+  }
+  return p;
+}
+
+// ---- per ISA (docs/isa.md): the cache runs this TU's merged kernels ----
+KVC_BEGIN_ISA_NAMESPACE
+
+/// any_cache over a merge::merged_cache<T>: decode and prefill attention add each token's
+/// log-weight to its logit (kvc/merge/merged_attention.hpp). Until a merge, every log-weight is
+/// 0 and it attends as kv_cache<T> does.
+/// Threads: merged_cache's contract (docs/threading.md).
+template <class T>
+class merged_cache_adapter final : public any_cache {
+ public:
+  merged_cache_adapter(std::string name, const cache_config& cfg) : name_(std::move(name)), c_(cfg) {}
+
+  merge::merged_cache<T>& get() noexcept { return c_; }
+  const merge::merged_cache<T>& get() const noexcept { return c_; }
+
+  const cache_config& config() const override { return c_.config(); }
+  std::string name() const override { return name_; }
+  seq_id add_sequence() override { return c_.add_sequence(); }
+  void remove_sequence(seq_id s) override { c_.remove_sequence(s); }
+  bool contains(seq_id s) const override { return c_.contains(s); }
+  seq_id fork(seq_id s) override { return c_.fork(s); }
+  void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
+              const std::int32_t* positions) override {
+    c_.append(s, layer, k, v, n, positions);
+  }
+  void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) override {
+    KVC_EXPECTS_IN("kvc::runtime::merged_cache_adapter::keep", head >= 0 && head < config().num_kv_heads,
+                   "head = ", head, ", expected 0..", config().num_kv_heads - 1);
+    KVC_EXPECTS_IN("kvc::runtime::merged_cache_adapter::keep", n >= 0 && (n == 0 || kept != nullptr), "n = ", n,
+                   " with kept ", kept ? "set" : "null", ", expected n >= 0 indices");
+    // One head through keep_layer: the other heads keep every token.
+    std::vector<std::vector<std::int32_t>> all(static_cast<std::size_t>(config().num_kv_heads));
+    for (std::int32_t h = 0; h < config().num_kv_heads; ++h) {
+      auto& v = all[static_cast<std::size_t>(h)];
+      if (h == head) v.assign(kept, kept + n);
+      else
+        for (std::int32_t t = 0; t < c_.length(s, layer, h); ++t) v.push_back(t);
+    }
+    c_.keep_layer(s, layer, all);
+  }
+  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) override {
+    c_.keep_layer(s, layer, kept);
+  }
+  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override { return c_.length(s, layer, head); }
+  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const override {
+    return c_.cache().positions(s, layer, head);
+  }
+  std::int32_t seen(seq_id s, std::int32_t layer) const override { return c_.cache().seen(s, layer); }
+  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out) const override {
+    c_.cache().gather(s, layer, head, k_out, v_out);
+  }
+  void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
+                 const decode_options& opt) const override {
+    kvc::cpu::merged_decode_attention(c_, s, layer, q, num_q_heads, out, opt);
+  }
+  bool has_prefill_attention() const override { return true; }
+  std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const override {
+    return c_.cache().chunk_tokens(s, layer, limit);
+  }
+  void prefill_attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_queries,
+                         const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
+                         const decode_options& opt) const override {
+    kvc::cpu::merged_prefill_attention(c_, s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
+  }
+  std::size_t bytes_in_use() const override { return c_.bytes_in_use(); }
+  std::size_t bytes_in_use(std::int32_t layer) const override { return c_.bytes_in_use(layer); }
+  memory_traffic traffic() const override { return c_.cache().traffic(); }
+  std::size_t metadata_bytes() const override { return c_.metadata_bytes(); }
+  std::int64_t tokens_held() const override { return c_.cache().tokens_held(); }
+
+ private:
+  std::string name_;
+  merge::merged_cache<T> c_;
+};
+
+/// A cache that can hold merged tokens, from a storage spec: fp16 (the default) or fp32. Other
+/// storages (quantized codes) cannot take a weighted mean of rows in place yet.
+inline std::unique_ptr<any_cache> make_merged_cache(const std::string& storage, const cache_config& cfg) {
+  if (storage == "fp16" || storage == "full") return std::make_unique<merged_cache_adapter<half>>("fp16", cfg);
+  if (storage == "fp32") return std::make_unique<merged_cache_adapter<float>>("fp32", cfg);
+  kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_merged_cache: storage '", storage,
+                                        "' cannot hold merged tokens; expected fp16 or fp32 (merge::merged_cache "
+                                        "pages; merging over quantized storages is not implemented)"));
+}
+
+/// Applies a merging policy to the selection an eviction made, one layer at a time, and carries
+/// what the policy keeps between steps (D2O's threshold per sequence and layer).
+/// Threads: one instance per thread, like evict::compressor (docs/threading.md).
+class merger {
+ public:
+  explicit merger(merge_policy p) : p_(std::move(p)) {}
+  const merge_policy& policy() const noexcept { return p_; }
+
+  /// Keeps kept[h] in every kv head of `layer` and merges the evicted tokens by the policy.
+  /// \param cache   a cache from make_merged_cache (any other throws kvc::error, cache unchanged)
+  /// \param scores  [num_kv_heads][length of the head] the evictor's scores (compressor::plan)
+  /// \param kept    [num_kv_heads] strictly increasing kept indices (compressor::plan)
+  /// All heads change or none does (the merge methods' commit); D2O's threshold moves only after it.
+  void apply(any_cache& cache, seq_id s, std::int32_t layer, const std::vector<std::vector<float>>& scores,
+             const std::vector<std::vector<std::int32_t>>& kept) {
+    if (auto* h = dynamic_cast<merged_cache_adapter<half>*>(&cache)) return apply(h->get(), s, layer, scores, kept);
+    if (auto* f = dynamic_cast<merged_cache_adapter<float>*>(&cache)) return apply(f->get(), s, layer, scores, kept);
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::merger::apply: cache '", cache.name(), "' for '", p_.text,
+                                          "' holds no log-weights; expected a cache from make_merged_cache"));
+  }
+
+  template <class T>
+  void apply(merge::merged_cache<T>& c, seq_id s, std::int32_t layer, const std::vector<std::vector<float>>& scores,
+             const std::vector<std::vector<std::int32_t>>& kept) {
+    switch (p_.which) {
+      case merge_policy::method::cam: {
+        // CaM spreads mass by attention: a scorer whose scores are not attention-like (negative,
+        // NaN) is named here rather than deep in cam_plan.
+        for (std::size_t h = 0; h < scores.size(); ++h)
+          for (std::size_t t = 0; t < scores[h].size(); ++t)
+            KVC_EXPECTS_IN("kvc::runtime::merger::apply", std::isfinite(scores[h][t]) && scores[h][t] >= 0.0f,
+                           "'", p_.text, "': scores[", h, "][", t, "] = ", scores[h][t],
+                           ", expected finite attention scores >= 0 (CaM weighs evicted values by attention; pair "
+                           "it with an attention-based scorer such as snapkv)");
+        merge::cam_merge_layer(c, s, layer, scores, kept, p_.cam);
+        return;
+      }
+      case merge_policy::method::d2o: {
+        merge::d2o_threshold& tau = tau_[{s, layer}];
+        merge::d2o_merge_layer(c, s, layer, kept, tau, p_.d2o);
+        return;
+      }
+      case merge_policy::method::kvmerger: merge::kvmerger_evict_layer(c, s, layer, scores, kept, p_.kvmerger); return;
+    }
+  }
+
+  /// Forgets what the policy carried for a sequence.
+  void remove_sequence(seq_id s) {
+    for (auto it = tau_.begin(); it != tau_.end();) it = it->first.first == s ? tau_.erase(it) : std::next(it);
+  }
+
+ private:
+  merge_policy p_;
+  std::map<std::pair<seq_id, std::int32_t>, merge::d2o_threshold> tau_;
+};
+
+KVC_END_ISA_NAMESPACE
+}  // namespace runtime
+KVC_END_NAMESPACE

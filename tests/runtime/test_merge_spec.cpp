@@ -1,0 +1,214 @@
+// SPDX-License-Identifier: Apache-2.0
+// Merging stages by spec (runtime/merge_registry.hpp): cam(...), d2o(...), kvmerger(...) parsed
+// with every bad argument named; the merged cache behind any_cache; runtime::merger applying
+// each policy. The methods themselves are checked against double references in tests/merge/;
+// here the run-time path must do exactly what the direct calls do on a twin cache (same data,
+// same calls), attend with the log-weights (a dense double reference), and refuse what it
+// cannot do without changing anything.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <kvc/runtime/merge_registry.hpp>
+#include <kvc/runtime/make_cache.hpp>
+
+#include "cache_builders.hpp"
+#include "fast_require.hpp"
+#include "kvc_catch.hpp"
+#include "random.hpp"
+
+namespace {
+
+using kvc::runtime::make_merge_policy;
+using kvc::runtime::merge_policy;
+using kvc::runtime::parse_spec;
+
+merge_policy policy(const std::string& spec) { return make_merge_policy(parse_spec(spec).at(0)); }
+
+template <class F>
+void require_error(F&& call, const std::string& text) {
+  INFO("expect: " << text);
+  bool threw = false;
+  try {
+    call();
+  } catch (const kvc::error& e) {
+    threw = true;
+    INFO("what: " << e.what());
+    REQUIRE(std::string(e.what()).find(text) != std::string::npos);
+  }
+  REQUIRE(threw);
+}
+
+/// Everything one layer holds, read through any_cache: keys, values, positions per head.
+std::vector<std::vector<float>> layer_state(const kvc::runtime::any_cache& c, kvc::seq_id s, int layer) {
+  const int H = c.config().num_kv_heads, D = c.config().head_dim;
+  std::vector<std::vector<float>> st;
+  for (int h = 0; h < H; ++h) {
+    const int n = c.length(s, layer, h);
+    std::vector<float> k(std::size_t(n) * D), v(k.size());
+    c.gather(s, layer, h, k.data(), v.data());
+    st.push_back(k);
+    st.push_back(v);
+    std::vector<float> p(c.positions(s, layer, h), c.positions(s, layer, h) + n);
+    st.push_back(p);
+  }
+  return st;
+}
+
+}  // namespace
+
+TEST_CASE("merging specs: defaults, arguments and errors that name the value", "[runtime][merge]") {
+  const merge_policy cam = policy("cam");
+  REQUIRE(cam.which == merge_policy::method::cam);
+  REQUIRE(cam.cam.merge_span == kvc::merge::cam_options{}.merge_span);
+  REQUIRE(policy("cam(span=7)").cam.merge_span == 7);
+  const merge_policy d2o = policy("d2o(beta=0.25)");
+  REQUIRE(d2o.which == merge_policy::method::d2o);
+  REQUIRE(d2o.d2o.beta == 0.25f);
+  REQUIRE(policy("d2o").d2o.beta == kvc::merge::d2o_options{}.beta);
+  const merge_policy kvm = policy("kvmerger(eps=0.5,sigma=2)");
+  REQUIRE(kvm.which == merge_policy::method::kvmerger);
+  REQUIRE(kvm.kvmerger.threshold == 0.5f);
+  REQUIRE(kvm.kvmerger.sigma == 2.0f);
+  REQUIRE(kvm.text == "kvmerger(eps=0.5,sigma=2)");
+  REQUIRE(kvc::runtime::is_merger("d2o"));
+  REQUIRE_FALSE(kvc::runtime::is_merger("snapkv"));
+
+  require_error([] { policy("cam(span=0)"); }, "'cam': span = 0, expected >= 1");
+  require_error([] { policy("cam(span=2.5)"); }, "span = 2.5, expected an integer");
+  require_error([] { policy("cam(spam=3)"); }, "'cam' has no argument 'spam' (in \"cam(spam=3)\"); did you mean 'span'?");
+  require_error([] { policy("d2o(beta=1)"); }, "'d2o': beta = 1, expected 0 <= beta < 1");
+  require_error([] { policy("d2o(beta=-0.1)"); }, "beta = -0.1");
+  require_error([] { policy("kvmerger(eps=1.5)"); }, "'kvmerger': eps = 1.5, expected a cosine-similarity threshold in [-1, 1]");
+  require_error([] { policy("kvmerger(sigma=0)"); }, "'kvmerger': sigma = 0, expected a kernel width > 0");
+  require_error([] { policy("kvmerger(eps=x)"); }, "eps = x, expected a number");
+  require_error([] { policy("cma"); }, "unknown merging policy 'cma' in \"cma\"; did you mean 'cam'?; expected one of: cam, d2o, kvmerger");
+  require_error([] { kvc::runtime::make_merged_cache("kivi(bits=2)", kvc_test::cache_shape(1, 1, 8, 4, 16)); },
+                "storage 'kivi(bits=2)' cannot hold merged tokens; expected fp16 or fp32");
+}
+
+namespace {
+
+/// The run-time path (spec, merged_cache_adapter, merger) against direct calls on a twin
+/// merged_cache holding the same tokens, for one policy, over two compression steps of layer 0
+/// (so D2O's threshold must be carried), then attention against the twin's kernels.
+template <class T>
+void twin_trial(const std::string& spec, const std::string& storage, std::uint64_t seed) {
+  kvc_test::rng r(seed);
+  const int H = r.integer(1, 3), D = r.integer(4, 40), P = 1 << r.integer(1, 4), G = r.integer(1, 4);
+  const kvc::cache_config cfg = kvc_test::cache_shape(2, H, D, P, 2048);
+  auto rc = kvc::runtime::make_merged_cache(storage, cfg);
+  REQUIRE(rc->name() == storage);
+  kvc::merge::merged_cache<T> twin(cfg);
+  const kvc::seq_id s = rc->add_sequence(), st = twin.add_sequence();
+  kvc::runtime::merger m(policy(spec));
+  kvc::merge::d2o_threshold tau;
+  INFO(spec << " " << storage << " seed " << seed << " H=" << H << " D=" << D << " P=" << P);
+  for (int step = 0; step < 2; ++step) {
+    const int n = r.integer(8, 70);
+    // Keys in runs of near copies, so that D2O and KVMerger find something to merge.
+    std::vector<float> k(std::size_t(n) * H * D);
+    const auto v = r.normals(k.size());
+    std::vector<float> base = r.normals(std::size_t(H) * D);
+    for (int t = 0; t < n; ++t) {
+      if (r.coin(0.3)) base = r.normals(std::size_t(H) * D);
+      for (std::size_t i = 0; i < base.size(); ++i) k[std::size_t(t) * H * D + i] = base[i] + 0.2f * r.normal();
+    }
+    rc->append(s, 0, k.data(), v.data(), n);
+    twin.append(st, 0, k.data(), v.data(), n);
+    std::vector<std::vector<float>> scores;
+    std::vector<std::vector<std::int32_t>> kept;
+    for (int h = 0; h < H; ++h) {
+      const int L = rc->length(s, 0, h);
+      std::vector<float> sc(static_cast<std::size_t>(L));
+      for (auto& x : sc) x = r.uniform(0.0f, 1.0f);
+      scores.push_back(sc);
+      kept.push_back(r.subset(L, r.integer(1, L)));
+    }
+    m.apply(*rc, s, 0, scores, kept);
+    const merge_policy& p = m.policy();
+    if (p.which == merge_policy::method::cam) kvc::merge::cam_merge_layer(twin, st, 0, scores, kept, p.cam);
+    else if (p.which == merge_policy::method::d2o) kvc::merge::d2o_merge_layer(twin, st, 0, kept, tau, p.d2o);
+    else kvc::merge::kvmerger_evict_layer(twin, st, 0, scores, kept, p.kvmerger);
+    for (int h = 0; h < H; ++h) {
+      REQUIRE(rc->length(s, 0, h) == static_cast<int>(kept[std::size_t(h)].size()));
+      std::vector<float> ka(std::size_t(twin.length(st, 0, h)) * D), va(ka.size()), kb(ka.size()), vb(ka.size());
+      rc->gather(s, 0, h, ka.data(), va.data());
+      twin.cache().gather(st, 0, h, kb.data(), vb.data());
+      REQUIRE(ka == kb);
+      REQUIRE(va == vb);
+    }
+    REQUIRE(rc->bytes_in_use() == twin.bytes_in_use());
+  }
+  // Decode and prefill attention through any_cache: the log-weights count (twin's kernels).
+  const auto q = r.normals(std::size_t(H) * G * D);
+  std::vector<float> a(q.size()), b(q.size());
+  rc->attention(s, 0, q.data(), H * G, a.data());
+  kvc::cpu::merged_decode_attention(twin, st, 0, q.data(), H * G, b.data());
+  REQUIRE(a == b);
+  const std::int32_t qp[2] = {3, 1000};
+  const auto q2 = r.normals(2 * std::size_t(H) * G * D);
+  std::vector<float> a2(q2.size()), b2(q2.size());
+  REQUIRE(rc->has_prefill_attention());
+  rc->prefill_attention(s, 0, q2.data(), 2, qp, H * G, a2.data());
+  kvc::cpu::merged_prefill_attention(twin, st, 0, q2.data(), 2, qp, H * G, b2.data());
+  REQUIRE(a2 == b2);
+  // Something was merged: a log-weight moved off 0 (CaM changes values only).
+  bool moved = false;
+  for (int h = 0; h < H; ++h)
+    for (float w : twin.log_weights(st, 0, h)) moved |= w != 0.0f;
+  if (m.policy().which != merge_policy::method::cam) REQUIRE(moved);
+}
+
+}  // namespace
+
+TEST_CASE("runtime::merger does what the direct merge calls do, through any_cache", "[runtime][merge]") {
+  for (std::uint64_t seed = 0; seed < 6; ++seed) {
+    twin_trial<kvc::half>("cam(span=4)", "fp16", 100 + seed);
+    twin_trial<kvc::half>("d2o", "fp16", 200 + seed);
+    twin_trial<float>("kvmerger(eps=0.5)", "fp32", 300 + seed);
+    twin_trial<float>("d2o(beta=0.3)", "fp32", 400 + seed);
+  }
+}
+
+TEST_CASE("runtime::merger refuses what it cannot do and changes nothing", "[runtime][merge][strong]") {
+  kvc_test::rng r(77);
+  const kvc::cache_config cfg = kvc_test::cache_shape(1, 2, 8, 4, 256);
+  const auto k = r.normals(20 * 2 * 8), v = r.normals(k.size());
+  // A cache without log-weights.
+  auto plain = kvc::runtime::make_cache("fp16", cfg);
+  const kvc::seq_id s = plain->add_sequence();
+  plain->append(s, 0, k.data(), v.data(), 20);
+  const auto before = layer_state(*plain, s, 0);
+  const std::vector<std::vector<float>> scores(2, std::vector<float>(20, 0.5f));
+  const std::vector<std::vector<std::int32_t>> kept(2, std::vector<std::int32_t>{0, 5, 19});
+  kvc::runtime::merger d2o(policy("d2o"));
+  require_error([&] { d2o.apply(*plain, s, 0, scores, kept); },
+                "kvc::runtime::merger::apply: cache 'fp16' for 'd2o' holds no log-weights; expected a cache from make_merged_cache");
+  REQUIRE(layer_state(*plain, s, 0) == before);
+  // CaM with scores that are not attention.
+  auto merged = kvc::runtime::make_merged_cache("fp16", cfg);
+  const kvc::seq_id t = merged->add_sequence();
+  merged->append(t, 0, k.data(), v.data(), 20);
+  const auto mbefore = layer_state(*merged, t, 0);
+  auto neg = scores;
+  neg[1][7] = -0.25f;
+  kvc::runtime::merger cam(policy("cam"));
+  require_error([&] { cam.apply(*merged, t, 0, neg, kept); },
+                "'cam': scores[1][7] = -0.25, expected finite attention scores >= 0");
+  REQUIRE(layer_state(*merged, t, 0) == mbefore);
+  // A bad kept set is named by the method; the threshold of D2O does not move on failure.
+  auto bad = kept;
+  bad[0] = {5, 2};
+  require_error([&] { d2o.apply(*merged, t, 0, scores, bad); }, "kept[0][1] = 2 after 5, expected strictly increasing");
+  REQUIRE(layer_state(*merged, t, 0) == mbefore);
+  // keep() on one head through any_cache keeps the others whole.
+  merged->keep(t, 0, 1, kept[1].data(), 3);
+  REQUIRE(merged->length(t, 0, 0) == 20);
+  REQUIRE(merged->length(t, 0, 1) == 3);
+  require_error([&] { merged->keep(t, 0, 2, kept[1].data(), 3); }, "head = 2, expected 0..1");
+}
