@@ -8,6 +8,8 @@
 ///  - compression: a kvc::evict::compressor run between forward calls, fed with what its
 ///    scorer observes (the engine's recent queries, each step's attention probabilities, or
 ///    statistics of the queries before RoPE, which the engine hands over through observe_queries).
+///  - merging: optionally a kvc::runtime::merger after the compressor's selection (CaM, D2O,
+///    KVMerger), over a cache whose tokens carry log-weights (kvc::runtime::make_merged_cache).
 #pragma once
 
 #include <algorithm>
@@ -15,6 +17,7 @@
 #include <cstdlib>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -22,6 +25,7 @@
 #include <kvc/kvc.hpp>
 #include <kvc/runtime/evictor_registry.hpp>
 #include <kvc/runtime/make_cache.hpp>
+#include <kvc/runtime/merge_registry.hpp>  // merging stages (cam, d2o, kvmerger) and the merged cache
 #include <kvc/runtime/quant_storages.hpp>  // registers kvc's quantized storages (int8, kivi, fp8, ...)
 #include <kvc/runtime/mikv_storage.hpp>    // registers mikv (mixed precision; scores its own attention)
 
@@ -51,7 +55,10 @@ public:
     /// \param storage     kvc storage spec: "fp16", "bf16", "fp32", ...
     /// \param max_tokens  longest sequence the store must hold; sizes the page pool (the pool
     ///                    reserves address space up front and the OS commits pages on use)
-    kvc_store(const kv_shape& s, const std::string& storage, int page_size, int max_tokens, kvc::thread_pool* pool = nullptr)
+    /// \param merge       a merging stage applied after each compression (the cache then holds
+    ///                    merged tokens: storage fp16 or fp32); null: eviction drops
+    kvc_store(const kv_shape& s, const std::string& storage, int page_size, int max_tokens, kvc::thread_pool* pool = nullptr,
+              const kvc::runtime::merge_policy* merge = nullptr)
         : shape_(s), pool_(pool) {
         kvc::cache_config c;
         c.num_layers = s.num_layers;
@@ -66,7 +73,12 @@ public:
         rc.style = kvc::rope_style::interleaved;
         kvc::runtime::storage_options so;
         so.rope = &rc;
-        cache_ = kvc::runtime::make_cache(storage, c, so);
+        if (merge) {
+            cache_ = kvc::runtime::make_merged_cache(storage, c);
+            merger_.emplace(*merge);
+        } else {
+            cache_ = kvc::runtime::make_cache(storage, c, so);
+        }
         seq_ = cache_->add_sequence();
         // The former prefill (every prompt token attended alone), for A/B timing and checks.
         const char* tp = std::getenv("KVC_LLAMA_TOKEN_PREFILL");
@@ -165,6 +177,10 @@ public:
                 obs.stats = &qs;
             }
             if (observer_) obs.attention = &*observer_;
+            if (merger_) {
+                dropped += merge_layer(ph, view, l, obs);
+                continue;
+            }
             kvc::evict::compress_report r = ph == phase::prefill ? comp_->after_prefill(view, seq_, l, obs)
                                             : ph == phase::chunk ? comp_->after_chunk(view, seq_, l, obs)
                                                                  : comp_->after_decode_step(view, seq_, l, obs);
@@ -173,11 +189,33 @@ public:
         return dropped;
     }
 
+    /// The compressor's selection and scores for one layer, then the merging stage instead of
+    /// plain eviction. Prefill and chunk phases (the budget as after_prefill / after_chunk take
+    /// it); decode-time merging is not wired here.
+    int64_t merge_layer(phase ph, any_cache_view& view, int l, const kvc::evict::observations& obs) {
+        if (ph == phase::decode)
+            throw std::invalid_argument("kvc_store: merging ('" + merger_->policy().text +
+                                        "') runs after prefill or after a chunk; per decode step it is not wired "
+                                        "in this engine (use a chunk of more than 1 token)");
+        const kvc::budget b = ph == phase::prefill ? comp_->options().target : comp_->seen_budget(view, seq_, l);
+        kvc::evict::layer_scores sc;
+        const kvc::evict::layer_selection sel = comp_->plan(view, seq_, l, obs, b, &sc);
+        int64_t before = 0, after = 0;
+        for (int h = 0; h < shape_.num_kv_heads; ++h) {
+            before += cache_->length(seq_, l, h);
+            after += static_cast<int64_t>(sel[static_cast<std::size_t>(h)].size());
+        }
+        if (before == after) return 0;
+        merger_->apply(*cache_, seq_, l, sc, sel);
+        return before - after;
+    }
+
     int length(int layer, int kv_head) const override { return cache_->length(seq_, layer, kv_head); }
     std::size_t bytes_in_use() const override { return cache_->bytes_in_use(); }
     std::string describe() const override {
         return "kvc " + cache_->name() + ", pages of " + std::to_string(cache_->config().page_size) + " tokens" +
-               (comp_ ? std::string(", evict ") + comp_->scorer().scorer_name() : std::string());
+               (comp_ ? std::string(", evict ") + comp_->scorer().scorer_name() : std::string()) +
+               (merger_ ? ", merge " + merger_->policy().text : std::string());
     }
 
     kvc::runtime::any_cache& cache() { return *cache_; }
@@ -196,6 +234,7 @@ private:
     std::optional<kvc::rope> rope_;                                   // expected attention
     std::vector<kvc::evict::query_stats_accumulator> qstats_;         // [layer], pre-RoPE queries
     std::optional<kvc::runtime::evictor> cake_;
+    std::optional<kvc::runtime::merger> merger_;                     // merging after eviction
     std::vector<std::shared_ptr<const void>> alive_;
 };
 

@@ -31,6 +31,8 @@ std::vector<std::string> available_stores() {
     for (const auto& kv : kvc::runtime::storage_registry()) v.push_back(kv.first + "    (storage)");
     for (const auto& kv : kvc::runtime::evictor_registry())
         v.push_back(kv.first + "(ratio=R|tokens=N,...)[+STORAGE]    (evictor; parameters: kvc/runtime/evictor_registry.hpp)");
+    for (const auto& m : kvc::runtime::merge_names())
+        v.push_back("EVICTOR+" + m + "(...)    (merging after eviction; parameters: kvc/runtime/merge_registry.hpp)");
     return v;
 }
 
@@ -43,6 +45,7 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
     }
     std::string storage = "fp16";
     std::optional<kvc::runtime::evictor> ev;
+    std::optional<kvc::runtime::merge_policy> merge;
     std::shared_ptr<const kvc::rope> rope = model_rope(shape);
     int window = 0;
     if (spec != "full" && spec != "kvc") {
@@ -54,10 +57,16 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
                 have_storage = true;
                 continue;
             }
+            if (kvc::runtime::is_merger(st.name)) {
+                if (merge) throw std::invalid_argument("cache spec '" + spec + "': more than one merging stage");
+                merge.emplace(kvc::runtime::make_merge_policy(st));
+                continue;
+            }
             if (!kvc::runtime::is_evictor(st.name))
                 throw std::invalid_argument("cache spec '" + spec + "': '" + st.name + "' is neither a kvc storage (" +
-                                            kvc::runtime::known_storages() + ") nor a kvc eviction policy (" +
-                                            kvc::runtime::known_evictors() + ")");
+                                            kvc::runtime::known_storages() + "), a kvc eviction policy (" +
+                                            kvc::runtime::known_evictors() + ") nor a merging policy (" +
+                                            kvc::runtime::known_mergers() + ")");
             if (ev) throw std::invalid_argument("cache spec '" + spec + "': more than one evictor");
             kvc::runtime::evictor_context ctx;
             ctx.num_layers = shape.num_layers;
@@ -70,9 +79,26 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
     }
     std::optional<kvc::evict::compressor<kvc::evict::any_scorer>> comp;
     if (ev) comp.emplace(ev->compressor());
+    if (merge) {
+        // The evictor chooses what is kept and scores every token; the merge decides the rest.
+        if (!comp)
+            throw std::invalid_argument("cache spec '" + spec + "': merging stage '" + merge->text +
+                                        "' needs an eviction stage before it, e.g. snapkv(ratio=0.5)+" + merge->text +
+                                        " (the evictor sets the budget and scores the tokens)");
+        if (comp->scorer().what() == kvc::evict::observes::attention)
+            throw std::invalid_argument("cache spec '" + spec + "': merging stage '" + merge->text + "' after '" +
+                                        comp->scorer().scorer_name() +
+                                        "', which observes decode attention probabilities; the merged-token kernel "
+                                        "does not output them yet, expected a scorer that reads the cache or a query "
+                                        "window (snapkv, pyramidkv, expected_attention, knorm, ...)");
+        if (storage != "fp16" && storage != "fp32")
+            throw std::invalid_argument("cache spec '" + spec + "': merging stage '" + merge->text + "' over storage '" +
+                                        storage + "'; expected fp16 or fp32 (merged tokens are weighted means of rows)");
+    }
     f.query_window = window;
-    f.create = [shape, opt, storage, comp, ev, rope]() -> std::unique_ptr<kv_store> {
-        auto s = std::make_unique<kvc_store>(shape, storage, opt.page_size, opt.max_tokens, opt.pool);
+    f.create = [shape, opt, storage, comp, ev, rope, merge]() -> std::unique_ptr<kv_store> {
+        auto s = std::make_unique<kvc_store>(shape, storage, opt.page_size, opt.max_tokens, opt.pool,
+                                             merge ? &*merge : nullptr);
         if (comp) s->set_compressor(*comp, ev->observer);  // a fresh copy per sequence: decode counters start at 0
         if (ev && ev->cake) s->set_cake(*ev);
         s->keep_alive(rope);  // scorers point at it (leverage un-rotates keys)

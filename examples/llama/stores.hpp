@@ -6,9 +6,12 @@
 ///   "full" | "fp16" | "bf16" | "fp32" | any storage kvc::runtime registers (quantized ones too)
 ///   EVICTOR(ratio=R | tokens=N, ...) [+ STORAGE]
 ///       e.g. "snapkv(ratio=0.75)", "streaming_llm(tokens=256)+fp32", "h2o(ratio=0.5,recent=32)"
+///   EVICTOR(...) + MERGE(...) [+ STORAGE]     merging instead of dropping (fp16 or fp32 storage)
+///       e.g. "snapkv(ratio=0.5)+d2o", "snapkv(ratio=0.75)+cam(span=32)", "snapkv(ratio=0.5)+kvmerger(eps=0.75)"
 /// ratio is kvpress's compression ratio (the fraction evicted); tokens is a per-stream count.
 /// Storage defaults to fp16. Evictors and their parameters come from kvc's registry
-/// (kvc/runtime/evictor_registry.hpp); storages from kvc/runtime/quant_storages.hpp.
+/// (kvc/runtime/evictor_registry.hpp); merging policies from kvc/runtime/merge_registry.hpp;
+/// storages from kvc/runtime/quant_storages.hpp.
 /// Declarations only: the definitions live in stores.cpp, the one translation unit that includes
 /// kvc's runtime registries (every storage and scorer; ~2 CPU-minutes to compile). An engine should
 /// do the same: hide kvc's runtime behind one .cpp, not in a header every file includes.
