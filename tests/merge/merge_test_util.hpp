@@ -47,8 +47,12 @@ void premerge(kvc::merge::merged_cache<T>& c, kvc::seq_id s, std::int32_t layer,
     for (std::int32_t t = 0; t + 2 < n; t += r.integer(3, max_gap)) {
       kvc::merge::merge_group m;
       m.target = t + 1;
-      m.members = {t, t + 1, t + 2};
-      m.weights = {r.uniform(0.2f, 2.0f), 1.0f, r.uniform(0.0f, 2.0f)};
+      // push_back, not `= {...}`: GCC 12 -O3 reports a false -Wnonnull in the vector<int>
+      // initializer-list assignment it clones for some callers.
+      for (std::int32_t u = t; u < t + 3; ++u) m.members.push_back(u);
+      m.weights.push_back(r.uniform(0.2f, 2.0f));
+      m.weights.push_back(1.0f);
+      m.weights.push_back(r.uniform(0.0f, 2.0f));
       g[static_cast<std::size_t>(h)].push_back(m);
     }
   }

@@ -593,3 +593,63 @@ TEST_CASE("D2O on a forked sequence with the pool exhausted changes nothing", "[
     REQUIRE(tau.primed);
   }
 }
+
+namespace {
+template <class T>
+void no_mass_trials(std::uint64_t salt) {
+  // Twin caches, the same step with carry_mass true and false: the means are the same (to the
+  // rounding of rescaled weights), and without mass every merged token keeps the log-weight its
+  // target had (the paper's form), where with mass it grows to log Σ exp(lw_i).
+  // fp16 pages: the two means may round to neighbouring binary16 values.
+  const double tol = std::is_same<T, kvc::half>::value ? 1.0 / 1024 : 1e-6;
+  std::int64_t merged = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    kvc_test::rng r(salt + static_cast<std::uint64_t>(trial));
+    const std::int32_t H = r.integer(1, 3), D = r.integer(2, 40), P = 1 << r.integer(0, 3);
+    merged_cache<T> a(kvc_test::cache_shape(1, H, D, P, 4096)), b(a.config());
+    const kvc::seq_id sa = a.add_sequence(), sb = b.add_sequence();
+    const std::int32_t L = r.integer(4, 80);
+    kvc_test::rng r2 = r;
+    fill_similar(a, sa, 0, L, r);
+    fill_similar(b, sb, 0, L, r2);
+    if (r.coin(0.5)) {
+      kvc_test::rng r3 = r;
+      premerge(a, sa, 0, r, 9);
+      premerge(b, sb, 0, r3, 9);
+    }
+    std::vector<std::vector<std::int32_t>> kept;
+    std::vector<std::vector<float>> lw0;
+    for (std::int32_t h = 0; h < H; ++h) {
+      kept.push_back(r.subset(a.length(sa, 0, h), r.integer(1, a.length(sa, 0, h))));
+      lw0.push_back(a.log_weights(sa, 0, h));
+    }
+    kvc::merge::d2o_threshold ta, tb;
+    kvc::merge::d2o_options with, without;
+    without.carry_mass = false;
+    const auto pa = kvc::merge::d2o_merge_layer(a, sa, 0, kept, ta, with);
+    const auto pb = kvc::merge::d2o_merge_layer(b, sb, 0, kept, tb, without);
+    REQUIRE(pa.merged == pb.merged);
+    merged += pb.merged;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const stream_copy ca = kvc_test::copy_stream(a, sa, 0, h), cb = kvc_test::copy_stream(b, sb, 0, h);
+      REQUIRE(ca.n == cb.n);
+      for (std::size_t i = 0; i < ca.k.size(); ++i) {
+        KVC_REQUIRE(std::fabs(ca.k[i] - cb.k[i]) <= tol * (1 + std::fabs(ca.k[i])), "k " << i);
+        KVC_REQUIRE(std::fabs(ca.v[i] - cb.v[i]) <= tol * (1 + std::fabs(ca.v[i])), "v " << i);
+      }
+      const auto& kh = kept[static_cast<std::size_t>(h)];
+      for (std::size_t i = 0; i < kh.size(); ++i) {
+        const float before = lw0[static_cast<std::size_t>(h)][static_cast<std::size_t>(kh[i])];
+        KVC_REQUIRE(std::fabs(cb.lw[i] - before) <= 1e-6f * (1 + std::fabs(before)), "h " << h << " kept " << i);
+        KVC_REQUIRE(ca.lw[i] >= before - 1e-6f, "with mass a merged token never loses mass");
+      }
+    }
+  }
+  REQUIRE(merged > 100);
+}
+}  // namespace
+
+TEST_CASE("D2O without carried mass: same merged rows, the kept token's log-weight unchanged", "[merge][d2o]") {
+  no_mass_trials<float>(15100);
+  no_mass_trials<kvc::half>(15200);
+}

@@ -776,3 +776,59 @@ TEST_CASE("KVMerger at an eviction budget rejects bad arguments and changes noth
   expect_error([&] { kvmerger_evict_layer(c, s, 0, scores, k2); }, "kept[1][0] = " + std::to_string(n1));
   expect_error([&] { kvmerger_evict_layer(c, s, 2, scores, kept); }, "layer = 2");
 }
+
+TEST_CASE("KVMerger without carried mass: same merged rows, the pivot's log-weight unchanged", "[merge][kvmerger]") {
+  std::int64_t merged = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    kvc_test::rng r(14100 + static_cast<std::uint64_t>(trial));
+    const std::int32_t H = r.integer(1, 3), D = r.integer(2, 40), P = 1 << r.integer(0, 3);
+    merged_cache<float> a(kvc_test::cache_shape(1, H, D, P, 4096)), b(a.config());
+    const kvc::seq_id sa = a.add_sequence(), sb = b.add_sequence();
+    const std::int32_t L = r.integer(4, 80);
+    kvc_test::rng r2 = r;
+    fill_runs(a, sa, 0, L, r);
+    fill_runs(b, sb, 0, L, r2);
+    if (r.coin(0.5)) {
+      kvc_test::rng r3 = r;
+      premerge(a, sa, 0, r, 9);
+      premerge(b, sb, 0, r3, 9);
+    }
+    std::vector<std::vector<float>> scores;
+    std::vector<ivec> kept;
+    std::vector<stream_copy> before;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const std::int32_t n = a.length(sa, 0, h);
+      scores.push_back(random_scores(n, 0, r));
+      kept.push_back(r.subset(n, r.integer(1, n)));
+      before.push_back(copy_stream(a, sa, 0, h));
+    }
+    kvmerger_options with, without;
+    with.threshold = without.threshold = 0.6f;
+    without.carry_mass = false;
+    const auto pa = trial % 2 ? kvc::merge::kvmerger_evict_layer(a, sa, 0, scores, kept, with).merged
+                              : kvc::merge::kvmerger_merge_layer(a, sa, 0, scores, kept, with).removed;
+    const auto pb = trial % 2 ? kvc::merge::kvmerger_evict_layer(b, sb, 0, scores, kept, without).merged
+                              : kvc::merge::kvmerger_merge_layer(b, sb, 0, scores, kept, without).removed;
+    REQUIRE(pa == pb);
+    merged += pb;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const stream_copy ca = copy_stream(a, sa, 0, h), cb = copy_stream(b, sb, 0, h);
+      REQUIRE(ca.n == cb.n);
+      for (std::size_t i = 0; i < ca.k.size(); ++i) {
+        KVC_REQUIRE(std::fabs(ca.k[i] - cb.k[i]) <= 1e-6 * (1 + std::fabs(ca.k[i])), "k " << i);
+        KVC_REQUIRE(std::fabs(ca.v[i] - cb.v[i]) <= 1e-6 * (1 + std::fabs(ca.v[i])), "v " << i);
+      }
+      // Every token left holds the log-weight it had before: found by its position (unique in a
+      // stream; merging keeps the target's).
+      const stream_copy& pre = before[static_cast<std::size_t>(h)];
+      for (std::int32_t i = 0; i < cb.n; ++i) {
+        const auto it = std::find(pre.pos.begin(), pre.pos.end(), cb.pos[static_cast<std::size_t>(i)]);
+        REQUIRE(it != pre.pos.end());
+        const float lw = pre.lw[static_cast<std::size_t>(it - pre.pos.begin())];
+        KVC_REQUIRE(std::fabs(cb.lw[static_cast<std::size_t>(i)] - lw) <= 1e-6f * (1 + std::fabs(lw)), "h " << h << " token " << i);
+        KVC_REQUIRE(ca.lw[static_cast<std::size_t>(i)] >= lw - 1e-6f, "with mass a merged token never loses mass");
+      }
+    }
+  }
+  REQUIRE(merged > 100);
+}

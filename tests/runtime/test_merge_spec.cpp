@@ -75,6 +75,10 @@ TEST_CASE("merging specs: defaults, arguments and errors that name the value", "
   REQUIRE(kvm.kvmerger.threshold == 0.5f);
   REQUIRE(kvm.kvmerger.sigma == 2.0f);
   REQUIRE(kvm.text == "kvmerger(eps=0.5,sigma=2)");
+  REQUIRE(policy("d2o").d2o.carry_mass);
+  REQUIRE_FALSE(policy("d2o(mass=0)").d2o.carry_mass);
+  REQUIRE(policy("kvmerger").kvmerger.carry_mass);
+  REQUIRE_FALSE(policy("kvmerger(mass=0,eps=0.9)").kvmerger.carry_mass);
   REQUIRE(kvc::runtime::is_merger("d2o"));
   REQUIRE_FALSE(kvc::runtime::is_merger("snapkv"));
 
@@ -86,6 +90,8 @@ TEST_CASE("merging specs: defaults, arguments and errors that name the value", "
   require_error([] { policy("kvmerger(eps=1.5)"); }, "'kvmerger': eps = 1.5, expected a cosine-similarity threshold in [-1, 1]");
   require_error([] { policy("kvmerger(sigma=0)"); }, "'kvmerger': sigma = 0, expected a kernel width > 0");
   require_error([] { policy("kvmerger(eps=x)"); }, "eps = x, expected a number");
+  require_error([] { policy("kvmerger(mass=2)"); }, "'kvmerger': mass = 2, expected 1 (a merged token carries");
+  require_error([] { policy("cam(mass=0)"); }, "'cam' has no argument 'mass'");
   require_error([] { policy("cma"); }, "unknown merging policy 'cma' in \"cma\"; did you mean 'cam'?; expected one of: cam, d2o, kvmerger");
   require_error([] { kvc::runtime::make_merged_cache("kivi(bits=2)", kvc_test::cache_shape(1, 1, 8, 4, 16)); },
                 "storage 'kivi(bits=2)' cannot hold merged tokens; expected fp16 or fp32");
@@ -157,11 +163,15 @@ void twin_trial(const std::string& spec, const std::string& storage, std::uint64
   rc->prefill_attention(s, 0, q2.data(), 2, qp, H * G, a2.data());
   kvc::cpu::merged_prefill_attention(twin, st, 0, q2.data(), 2, qp, H * G, b2.data());
   REQUIRE(a2 == b2);
-  // Something was merged: a log-weight moved off 0 (CaM changes values only).
+  // Something was merged: a log-weight moved off 0 (CaM changes values only; mass=0 keeps them).
   bool moved = false;
   for (int h = 0; h < H; ++h)
-    for (float w : twin.log_weights(st, 0, h)) moved |= w != 0.0f;
-  if (m.policy().which != merge_policy::method::cam) REQUIRE(moved);
+    for (float w : twin.log_weights(st, 0, h)) moved |= std::fabs(w) > 1e-4f;  // mass=0: 0 to rounding
+  const merge_policy& p = m.policy();
+  const bool mass = p.which == merge_policy::method::d2o ? p.d2o.carry_mass
+                    : p.which == merge_policy::method::kvmerger ? p.kvmerger.carry_mass
+                                                                : false;
+  REQUIRE(moved == mass);
 }
 
 }  // namespace
@@ -172,6 +182,7 @@ TEST_CASE("runtime::merger does what the direct merge calls do, through any_cach
     twin_trial<kvc::half>("d2o", "fp16", 200 + seed);
     twin_trial<float>("kvmerger(eps=0.5)", "fp32", 300 + seed);
     twin_trial<float>("d2o(beta=0.3)", "fp32", 400 + seed);
+    twin_trial<kvc::half>("kvmerger(eps=0.6,mass=0)", "fp16", 500 + seed);
   }
 }
 

@@ -64,6 +64,10 @@ struct d2o_options {
   /// authors' code (github.com/AIoT-MLSys-Lab/D2O, LLM_merge_new/run_pred_long_bench_sample.py,
   /// `alpha = 0.5, belta = 0.5` in τ_t = alpha·τ_{t-1} + belta·m_t, which is this form).
   float beta = 0.5f;
+  /// true (kvc's default): the merged token carries its members' attention mass (log-weight
+  /// log Σ exp(lw_i)); false: the paper's form, the merged token weighs as the kept token alone
+  /// (its log-weight unchanged), same key and value. docs/results.md compares the two.
+  bool carry_mass = true;
 };
 
 /// The similarity threshold of one layer, carried from one D2O step to the next (one per layer
@@ -224,7 +228,7 @@ d2o_layer_plan d2o_merge_layer(merged_cache<T>& cache, seq_id s, std::int32_t la
   for (std::int32_t h = 0; h < H; ++h) {
     const auto& ph = plan.heads[static_cast<std::size_t>(h)];
     groups[static_cast<std::size_t>(h)] = ph.groups;
-    keep_total_mass(groups[static_cast<std::size_t>(h)], cache.log_weights(s, layer, h));
+    keep_total_mass(groups[static_cast<std::size_t>(h)], cache.log_weights(s, layer, h), o.carry_mass);
     drop[static_cast<std::size_t>(h)] = ph.dropped;
   }
   cache.merge_layer(s, layer, groups, mean_weights::mass, &drop);

@@ -72,6 +72,11 @@ struct kvmerger_options {
   /// > 0. 5: the best fixed σ in the paper's σ ablation, which its adaptive σ averaged about (as
   /// reported by reviews of the paper; the adaptive formula is circular, see the file comment).
   float sigma = 5.0f;
+  /// true (kvc's default): a merged set carries its members' attention mass (log-weight
+  /// log Σ exp(lw_i)); false: the merged token weighs as its pivot alone (log-weight unchanged),
+  /// same key and value: no multiplicity, as in the paper (which instead scales the value
+  /// weights by |S|, not done here). docs/results.md compares the two.
+  bool carry_mass = true;
 };
 
 /// One kv head's merging sets.
@@ -199,7 +204,7 @@ kvmerger_layer_plan kvmerger_merge_layer(merged_cache<T>& cache, seq_id s, std::
   std::vector<std::vector<merge_group>> groups(static_cast<std::size_t>(H));
   for (std::int32_t h = 0; h < H; ++h) {
     groups[static_cast<std::size_t>(h)] = plan.heads[static_cast<std::size_t>(h)].groups;
-    keep_total_mass(groups[static_cast<std::size_t>(h)], cache.log_weights(s, layer, h));
+    keep_total_mass(groups[static_cast<std::size_t>(h)], cache.log_weights(s, layer, h), o.carry_mass);
   }
   cache.merge_layer(s, layer, groups, mean_weights::mass);
   return plan;
@@ -335,7 +340,7 @@ kvmerger_evict_layer_plan kvmerger_evict_layer(merged_cache<T>& cache, seq_id s,
   std::vector<std::vector<std::int32_t>> drop(static_cast<std::size_t>(H));
   for (std::int32_t h = 0; h < H; ++h) {
     groups[static_cast<std::size_t>(h)] = plan.heads[static_cast<std::size_t>(h)].groups;
-    keep_total_mass(groups[static_cast<std::size_t>(h)], cache.log_weights(s, layer, h));
+    keep_total_mass(groups[static_cast<std::size_t>(h)], cache.log_weights(s, layer, h), o.carry_mass);
     drop[static_cast<std::size_t>(h)] = plan.heads[static_cast<std::size_t>(h)].dropped;
   }
   cache.merge_layer(s, layer, groups, mean_weights::mass, &drop);

@@ -451,14 +451,17 @@ std::vector<std::vector<float>> layer_keys(const merged_cache<T>& cache, seq_id 
 /// is the method's own. When a member's mass underflows against another's (lw apart by > ~700)
 /// the weights are not finite and merge_layer rejects them, changing nothing.
 /// \param lw  the log-weights of the stream the groups index (merged_cache::log_weights)
-inline void keep_total_mass(std::vector<merge_group>& groups, const std::vector<float>& lw) {
+/// \param total  false: the merged token keeps its target's mass instead, log-weight lw_target
+///               unchanged (M = exp(lw_target)): the papers' form, where a merged token weighs as
+///               one token in attention; the mean is the same
+inline void keep_total_mass(std::vector<merge_group>& groups, const std::vector<float>& lw, bool total = true) {
   for (auto& mg : groups) {
     double mx = -std::numeric_limits<double>::infinity();
     for (std::int32_t t : mg.members) mx = std::max(mx, static_cast<double>(lw[static_cast<std::size_t>(t)]));
     double mass = 0, wmass = 0;
     for (std::size_t j = 0; j < mg.members.size(); ++j) {
       const double e = std::exp(static_cast<double>(lw[static_cast<std::size_t>(mg.members[j])]) - mx);
-      mass += e;
+      mass += total || mg.members[j] == mg.target ? e : 0.0;
       wmass += static_cast<double>(mg.weights[j]) * e;
     }
     for (auto& w : mg.weights) w = static_cast<float>(static_cast<double>(w) * mass / wmass);

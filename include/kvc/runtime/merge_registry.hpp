@@ -10,13 +10,16 @@
 ///
 ///   cam(span=32)                 CaM (kvc/merge/cam.hpp): evicted values spread over the `span`
 ///                                kept tokens after them, in proportion to their scores
-///   d2o(beta=0.5)                D2O's token level (kvc/merge/d2o.hpp): an evicted token merged
+///   d2o(beta=0.5, mass=1)        D2O's token level (kvc/merge/d2o.hpp): an evicted token merged
 ///                                into its most similar kept key when it passes the layer's EMA
 ///                                threshold
-///   kvmerger(eps=0.75, sigma=5)  KVMerger at the eviction's budget (kvc/merge/kvmerger.hpp,
+///   kvmerger(eps=0.75, sigma=5, mass=1)
+///                                KVMerger at the eviction's budget (kvc/merge/kvmerger.hpp,
 ///                                kvmerger_evict_plan): evicted tokens in a merging set with a
 ///                                kept token merge into its best-scored kept member
 ///
+/// mass=1 (kvc's default): a merged token carries its members' attention mass as a log-weight;
+/// mass=0: it weighs as one token, as in the papers (same key and value).
 /// e.g. `snapkv(ratio=0.5)+d2o`, `snapkv(ratio=0.75)+kvmerger(eps=0.8)+fp32`. Every merged
 /// token carries its members' attention mass as a log-weight, so the storage is a
 /// merge::merged_cache: fp16 or fp32 pages (make_merged_cache). The defaults are the papers'
@@ -71,6 +74,17 @@ inline std::string known_mergers() {
   return s;
 }
 
+namespace detail {
+/// mass=1 (default): a merged token carries its members' attention mass; mass=0: the papers' form.
+inline bool mass_flag(spec_args& a, const spec_stage& st) {
+  const int m = a.integer("mass", 1);
+  KVC_EXPECTS_IN("kvc::runtime::make_merge_policy", m == 0 || m == 1, "'", st.name, "': mass = ", m,
+                 ", expected 1 (a merged token carries its members' attention mass) or 0 (it weighs as one token; in \"",
+                 st.text, "\")");
+  return m == 1;
+}
+}  // namespace detail
+
 /// The merging policy a stage describes; every argument is checked here, naming the value and
 /// what was expected, so a bad spec fails before any cache exists.
 inline merge_policy make_merge_policy(const spec_stage& st) {
@@ -91,7 +105,8 @@ inline merge_policy make_merge_policy(const spec_stage& st) {
     KVC_EXPECTS_IN(who, beta >= 0.0 && beta < 1.0, "'d2o': beta = ", beta,
                    ", expected 0 <= beta < 1 (the weight of the previous threshold; in \"", st.text, "\")");
     p.d2o.beta = static_cast<float>(beta);
-    a.finish("beta");
+    p.d2o.carry_mass = detail::mass_flag(a, st);
+    a.finish("beta, mass");
   } else if (st.name == "kvmerger") {
     p.which = merge_policy::method::kvmerger;
     const double eps = a.number("eps", p.kvmerger.threshold);
@@ -102,7 +117,8 @@ inline merge_policy make_merge_policy(const spec_stage& st) {
                    ", expected a kernel width > 0 (in \"", st.text, "\")");
     p.kvmerger.threshold = static_cast<float>(eps);
     p.kvmerger.sigma = static_cast<float>(sigma);
-    a.finish("eps, sigma");
+    p.kvmerger.carry_mass = detail::mass_flag(a, st);
+    a.finish("eps, sigma, mass");
   } else {
     const std::string hint = detail::closest(st.name, merge_names());
     kvc::detail::fail(kvc::detail::concat(who, ": unknown merging policy '", st.name, "' in \"", st.text, "\"",
