@@ -12,6 +12,8 @@
 // pca (projected low-rank; bases from the first chunk) is registered in the engine only: the
 // Python package, which shares kvc_backend.hpp, does not offer it yet.
 #include <kvc/runtime/lowrank_storages.hpp>
+// minicache (cross-layer shared directions, merged once after the prompt): engine only, as pca.
+#include <kvc/runtime/minicache_storage.hpp>
 
 namespace llama {
 
@@ -79,6 +81,10 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
     }
     std::optional<kvc::evict::compressor<kvc::evict::any_scorer>> comp;
     if (ev) comp.emplace(ev->compressor());
+    const bool minicache = kvc::runtime::parse_spec(storage).at(0).name == "minicache";
+    if (minicache && (ev || merge))
+        throw std::invalid_argument("cache spec '" + spec + "': minicache shares directions across layers and "
+                                    "does not compose with eviction or token merging yet; expected minicache(...) alone");
     if (merge) {
         // The evictor chooses what is kept and scores every token; the merge decides the rest.
         if (!comp)
@@ -104,6 +110,11 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
         s->keep_alive(rope);  // scorers point at it (leverage un-rotates keys)
         return s;
     };
+    if (minicache)  // the pairs of layers merge once, after the prompt; later tokens stay unmerged
+        f.after_prefill = [](session& s) {
+            auto* k = static_cast<kvc_store*>(s.kv.get());
+            kvc::runtime::cross_layer_merge(k->cache(), k->seq());
+        };
     if (comp) {
         auto run = [](session& s, kvc_store::phase ph) {
             auto* k = static_cast<kvc_store*>(s.kv.get());

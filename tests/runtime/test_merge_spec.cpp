@@ -15,6 +15,7 @@
 
 #include <kvc/runtime/merge_registry.hpp>
 #include <kvc/runtime/make_cache.hpp>
+#include <kvc/runtime/minicache_storage.hpp>
 
 #include "cache_builders.hpp"
 #include "fast_require.hpp"
@@ -222,4 +223,33 @@ TEST_CASE("runtime::merger refuses what it cannot do and changes nothing", "[run
   REQUIRE(merged->length(t, 0, 0) == 20);
   REQUIRE(merged->length(t, 0, 1) == 3);
   require_error([&] { merged->keep(t, 0, 2, kept[1].data(), 3); }, "head = 2, expected 0..1");
+}
+
+TEST_CASE("minicache by spec: merges once through cross_layer_merge, saves pool bytes, refuses eviction", "[runtime][merge]") {
+  kvc_test::rng r(88);
+  const kvc::cache_config cfg = kvc_test::cache_shape(4, 2, 16, 4, 512);
+  auto c = kvc::runtime::make_cache("minicache(gamma=1)", cfg);
+  REQUIRE(c->name() == "minicache(gamma=1)");
+  const kvc::seq_id s = c->add_sequence();
+  for (int l = 0; l < 4; ++l) {
+    const auto k = r.normals(32 * 2 * 16), v = r.normals(k.size());
+    c->append(s, l, k.data(), v.data(), 32);
+  }
+  const std::size_t before = c->bytes_in_use();
+  kvc::merge::minicache_report rep;
+  REQUIRE(kvc::runtime::cross_layer_merge(*c, s, &rep));
+  REQUIRE(rep.merged == 2 * 32);  // pair (2, 3), both heads, gamma = 1: every token
+  REQUIRE(c->bytes_in_use() < before);
+  REQUIRE(c->length(s, 3, 1) == 32);
+  const std::int32_t* p = c->positions(s, 3, 1);
+  for (int t = 0; t < 32; ++t) REQUIRE(p[t] == t);
+  const std::vector<std::int32_t> kept{0, 1};
+  require_error([&] { c->keep(s, 2, 0, kept.data(), 2); }, "cannot evict");
+  require_error([&] { c->fork(s); }, "cannot share pages between sequences");
+  require_error([&] { kvc::runtime::make_cache("minicache(t=2)", cfg); }, "'minicache': t = 2, expected a SLERP weight in [0, 1]");
+  require_error([&] { kvc::runtime::make_cache("minicache(start=9)", cfg); }, "'minicache': start = 9");
+  require_error([&] { kvc::runtime::make_cache("minicache(gama=1)", cfg); }, "did you mean 'gamma'?");
+  auto plain = kvc::runtime::make_cache("fp16", cfg);
+  const kvc::seq_id t = plain->add_sequence();
+  REQUIRE_FALSE(kvc::runtime::cross_layer_merge(*plain, t));
 }

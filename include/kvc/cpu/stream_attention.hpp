@@ -6,12 +6,15 @@
 /// stream's pages ([K: P x r][V: P x r] of T), for G <= 8 pre-scaled queries of one GQA group,
 /// with an optional per-token additive bias on the logits:
 ///
-///   s_t = q'·k_t + bias[t]   (q' pre-scaled by the caller; bias null: no term)
+///   s_t = kscale[t]·(q'·k_t) + bias[t]   (q' pre-scaled by the caller; null arrays: no term),
+///   out = Σ_t p_t·vscale[t]·v_t / Σ_t p_t
 ///
 /// Two users: the low-rank kernel (kvc/lowrank/projected_attention.hpp, r = rank, no bias) and
 /// the merged-token kernel (kvc/merge/merged_attention.hpp, r = head_dim, bias = the tokens'
 /// log-weights, so a merged token counts as the members it stands for). One kernel for both, so
-/// the bias costs one load and add per score and nothing else differs.
+/// the bias costs one load and add per score and nothing else differs. MiniCache's shared
+/// directions (kvc/merge/minicache.hpp) pass per-token magnitudes as kscale and vscale: a
+/// stored unit direction e_t stands for the row |x_t|·e_t of each layer that shares it.
 /// Row lengths that are not a multiple of the SIMD width run their last r % W channels in scalar
 /// code (the merged kernel's head dims); the low-rank caller only uses r % W == 0.
 /// Compiled per ISA (docs/isa.md).
@@ -35,7 +38,8 @@ namespace stream_detail {
 inline constexpr std::int32_t tile = 16;
 
 /// Attention of G pre-scaled queries qp ([G][r]) over the n rows of one stream: pages of
-/// [K: P x r][V: P x r] of T. Token t's logit is qp·k_t + bias[t] (bias: n floats, or null).
+/// [K: P x r][V: P x r] of T. Token t's logit is kscale[t]·(qp·k_t) + bias[t] and its value
+/// vscale[t]·v_t (each array n floats, or null for no term).
 /// Leaves the unnormalised Σ p v in acc ([G][r]), the running maximum in m and the sum of
 /// exponentials in l (n = 0: acc 0, m = -inf, l = 0).
 ///
@@ -51,7 +55,8 @@ inline constexpr std::int32_t tile = 16;
 /// the page base.
 template <class Arch, std::int32_t G, class T>
 void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, std::int32_t P, std::int32_t r,
-                   const float* qp, const float* bias, float* acc, float* m, float* l) noexcept {
+                   const float* qp, const float* bias, float* acc, float* m, float* l, const float* kscale = nullptr,
+                   const float* vscale = nullptr) noexcept {
   using B = fbatch<Arch>;
   constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
   static_assert(tile % W == 0, "a tile is whole SIMD batches");
@@ -112,6 +117,8 @@ void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, 
       for (std::int32_t j = 0; j < tw; j += W) haddp<Arch>(&part[g][j]).store_aligned(&s[g][j]);
       if (RV < r)
         for (std::int32_t t = 0; t < tn; ++t) s[g][t] += tail[g][t];
+      if (kscale)
+        for (std::int32_t t = 0; t < tn; ++t) s[g][t] *= kscale[t0 + t];
       if (bias)
         for (std::int32_t t = 0; t < tn; ++t) s[g][t] += bias[t0 + t];
       for (std::int32_t t = tn; t < tw; ++t) s[g][t] = -INFINITY;  // padding: e^-inf = 0
@@ -136,6 +143,8 @@ void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, 
         sum += p;
       }
       l[g] += reduce_add<Arch>(sum);
+      if (vscale)  // the softmax sums p; the values are weighted by p·vscale
+        for (std::int32_t t = 0; t < tn; ++t) s[g][t] *= vscale[t0 + t];
     }
     // acc_g += Σ_t p_g[t] c_v[t]: the G accumulators of one batch of channels in registers over
     // the tile's rows.
@@ -161,10 +170,10 @@ void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, 
 template <class Arch, class T>
 void attend_stream_dispatch(std::int32_t G, const page_pool& pool, const page_id* pages, std::int32_t n,
                             std::int32_t P, std::int32_t r, const float* qp, const float* bias, float* acc, float* m,
-                            float* l) noexcept {
+                            float* l, const float* kscale = nullptr, const float* vscale = nullptr) noexcept {
   switch (G) {
 #define KVC_CASE(N) \
-  case N: return attend_stream<Arch, N, T>(pool, pages, n, P, r, qp, bias, acc, m, l);
+  case N: return attend_stream<Arch, N, T>(pool, pages, n, P, r, qp, bias, acc, m, l, kscale, vscale);
     KVC_CASE(1) KVC_CASE(2) KVC_CASE(3) KVC_CASE(4) KVC_CASE(5) KVC_CASE(6) KVC_CASE(7) KVC_CASE(8)
 #undef KVC_CASE
     default: KVC_ASSERT(false);

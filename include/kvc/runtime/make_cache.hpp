@@ -80,6 +80,7 @@ inline const char* storage_header(const std::string& name) {
     if (name == q) return "<kvc/runtime/quant_storages.hpp>";
   if (name == "mikv") return "<kvc/runtime/mikv_storage.hpp>";
   if (name == "pca") return "<kvc/runtime/lowrank_storages.hpp>";
+  if (name == "minicache") return "<kvc/runtime/minicache_storage.hpp>";
   return nullptr;
 }
 
