@@ -5,13 +5,25 @@
 /// What the similarity-based merges (D2O, kvc/merge/d2o.hpp; KVMerger, kvc/merge/kvmerger.hpp)
 /// share: the checks of a layer's keys and of per-head token lists, and cosine similarity in
 /// double with a zero key at cosine 0 with everything.
+///
+/// The fast path: every key is normalised once into a float scratch row (padded with zeros to a
+/// multiple of 8 floats, a zero key a zero row) and cosines are float dot products of those rows,
+/// 8 lanes with FMA. A float cosine is within float_cosine_slack(D) of the double one
+/// (cosine_exact), so a method decides on the float value only where it is farther than that from
+/// its threshold or from a rival, and recomputes in double otherwise: its decisions are the
+/// double rule's. The SIMD routines are ISA-neutral (docs/isa.md): the AVX2 + FMA bodies are
+/// compiled for that target and chosen at run time by the CPU, as evict/rkv.hpp's dot_f.
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 #include <kvc/error.hpp>
+#include <kvc/isa.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace merge {
@@ -26,6 +38,16 @@ inline void check_layer_keys(const char* who, const std::vector<std::vector<floa
     const auto& kh = keys[h];
     KVC_EXPECTS_IN(who, kh.size() % D == 0, "keys[", h, "].size() = ", kh.size(),
                    ", expected a multiple of head_dim = ", head_dim);
+    /// Largest magnitude bits first, a loop the compiler vectorises: an element-wise isfinite
+    /// with its branch was 5% of a D2O step's samples (perf, 2026-12-04), as much as the key
+    /// gather. Only a head with an inf or NaN is walked again, for the message.
+    std::uint32_t top = 0;
+    for (std::size_t i = 0; i < kh.size(); ++i) {
+      std::uint32_t b;
+      std::memcpy(&b, &kh[i], sizeof b);
+      top = std::max(top, b & 0x7fffffffu);
+    }
+    if (top < 0x7f800000u) continue;  // below the exponent of inf: every element finite
     for (std::size_t i = 0; i < kh.size(); ++i)
       KVC_EXPECTS_IN(who, std::isfinite(kh[i]), "keys[", h, "][", i, "] = ", kh[i], ", expected a finite key");
   }
@@ -63,6 +85,217 @@ inline double cosine(const float* k, const std::vector<double>& norm, std::int32
   double dot = 0;
   for (std::size_t d = 0; d < D; ++d) dot += static_cast<double>(x[d]) * y[d];
   return dot / den;
+}
+
+/// cos(x, y) in double exactly as row_norms and cosine compute it (the same sums in the same
+/// order), 0 when either key is zero: the reference value the float fast path defers to.
+inline double cosine_exact(const float* x, const float* y, std::size_t D) noexcept {
+  double qx = 0, qy = 0, dot = 0;
+  for (std::size_t d = 0; d < D; ++d) {
+    qx += static_cast<double>(x[d]) * x[d];
+    qy += static_cast<double>(y[d]) * y[d];
+    dot += static_cast<double>(x[d]) * y[d];
+  }
+  const double den = std::sqrt(qx) * std::sqrt(qy);
+  if (!(den > 0)) return 0.0;
+  return dot / den;
+}
+
+/// Kept rows per tile in D2O's nearest-key search: their normalised rows (kept_tile × 512 B at
+/// D = 128) stay in L1/L2 while every evicted row is dotted with them.
+#ifndef KVC_MERGE_KEPT_TILE
+inline constexpr std::size_t kept_tile = 64;
+#else
+inline constexpr std::size_t kept_tile = KVC_MERGE_KEPT_TILE;
+#endif
+
+/// Floats per scratch row: head_dim rounded up to the 8 lanes, so the dot loops have no tails.
+inline std::size_t padded_dim(std::size_t D) noexcept { return (D + 7) / 8 * 8; }
+
+/// A bound on |float cosine − cosine_exact| for rows of D elements, with a factor 2 to spare.
+/// With u = 2^-24 and γ_n = n·u/(1 − n·u): a row's float sum of squares is within γ_D of the
+/// true one, so its norm (a double square root and division after it) within γ_D/2, and the two
+/// rows' norms move the cosine by at most γ_D; the float dot of rows of norm <= 1 + γ_D adds
+/// about γ_D; rounding each normalised element to float adds 2u; the double reference's own
+/// error is ~D·2^-53. Total <= (2D + 8)·u; twice that is (D + 8)·2^-22: 3.2e-5 at D = 128.
+inline double float_cosine_slack(std::size_t D) noexcept { return static_cast<double>(D + 8) * 0x1p-22; }
+
+/// out[0, Dp) = x / ‖x‖ rounded to float, then zeros (Dp = padded_dim(D)); a zero row for a zero
+/// key. The sum of squares is in float; where it leaves [2^-100, 2^100] (an element near float's
+/// range ends, where squares overflow or lose bits to underflow) it is redone in double.
+inline void normalize_row_portable(const float* x, std::size_t D, float* out) noexcept {
+  float acc[8] = {};
+  std::size_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    for (std::size_t j = 0; j < 8; ++j) acc[j] += x[d + j] * x[d + j];
+  float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+  for (; d < D; ++d) s += x[d] * x[d];
+  double inv;
+  if (s >= 0x1p-100f && s <= 0x1p100f) {
+    inv = 1.0 / std::sqrt(static_cast<double>(s));
+  } else {
+    double q = 0;
+    for (d = 0; d < D; ++d) q += static_cast<double>(x[d]) * x[d];
+    inv = q > 0 ? 1.0 / std::sqrt(q) : 0.0;
+  }
+  for (d = 0; d < D; ++d) out[d] = static_cast<float>(x[d] * inv);
+  for (; d < padded_dim(D); ++d) out[d] = 0.0f;
+}
+
+/// Dot products of an r × s block (r, s <= 4, r·s <= 8) of padded rows: out[i·ldo + j] =
+/// a_i · b_j, rows Dp apart. Eight lanes per row pair, summed in a tree.
+inline void dot_block_portable(const float* a, std::size_t r, const float* b, std::size_t s, std::size_t Dp,
+                               float* out, std::size_t ldo) noexcept {
+  for (std::size_t i = 0; i < r; ++i)
+    for (std::size_t j = 0; j < s; ++j) {
+      const float* x = a + i * Dp;
+      const float* y = b + j * Dp;
+      float acc[8] = {};
+      for (std::size_t d = 0; d < Dp; d += 8)
+        for (std::size_t l = 0; l < 8; ++l) acc[l] += x[d + l] * y[d + l];
+      out[i * ldo + j] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    }
+}
+
+#if KVC_X86_DISPATCH
+KVC_TARGET_AVX2 inline float hsum_avx2(__m256 v) noexcept {
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+  return _mm_cvtss_f32(s4);
+}
+
+KVC_TARGET_AVX2 inline void normalize_row_avx2(const float* x, std::size_t D, float* out) noexcept {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  std::size_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    const __m256 x0 = _mm256_loadu_ps(x + d), x1 = _mm256_loadu_ps(x + d + 8);
+    const __m256 x2 = _mm256_loadu_ps(x + d + 16), x3 = _mm256_loadu_ps(x + d + 24);
+    a0 = _mm256_fmadd_ps(x0, x0, a0);
+    a1 = _mm256_fmadd_ps(x1, x1, a1);
+    a2 = _mm256_fmadd_ps(x2, x2, a2);
+    a3 = _mm256_fmadd_ps(x3, x3, a3);
+  }
+  for (; d + 8 <= D; d += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + d);
+    a0 = _mm256_fmadd_ps(x0, x0, a0);
+  }
+  float s = hsum_avx2(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; d < D; ++d) s += x[d] * x[d];
+  double inv;
+  if (s >= 0x1p-100f && s <= 0x1p100f) {
+    inv = 1.0 / std::sqrt(static_cast<double>(s));
+  } else {
+    double q = 0;
+    for (d = 0; d < D; ++d) q += static_cast<double>(x[d]) * x[d];
+    inv = q > 0 ? 1.0 / std::sqrt(q) : 0.0;
+  }
+  // x·inv in double, rounded once to float: the row's only rounding besides its norm's.
+  const __m256d vi = _mm256_set1_pd(inv);
+  for (d = 0; d + 8 <= D; d += 8) {
+    const __m256 v = _mm256_loadu_ps(x + d);
+    const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), vi));
+    const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), vi));
+    _mm256_storeu_ps(out + d, _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1));
+  }
+  for (; d < D; ++d) out[d] = static_cast<float>(x[d] * inv);
+  for (; d < padded_dim(D); ++d) out[d] = 0.0f;
+}
+
+/// R × S dot products (R·S <= 8) sharing their loads: R + S loads per R·S FMAs; the R·S
+/// accumulators are summed into one vector by a tree of horizontal adds.
+template <int R, int S>
+KVC_TARGET_AVX2 inline void dot_micro_avx2(const float* a, const float* b, std::size_t Dp, float* out,
+                                           std::size_t ldo) noexcept {
+  static_assert(R * S <= 8, "one vector of sums");
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  for (std::size_t d = 0; d < Dp; d += 8) {
+    __m256 bv[S];
+    for (int j = 0; j < S; ++j) bv[j] = _mm256_loadu_ps(b + static_cast<std::size_t>(j) * Dp + d);
+    for (int i = 0; i < R; ++i) {
+      const __m256 av = _mm256_loadu_ps(a + static_cast<std::size_t>(i) * Dp + d);
+      for (int j = 0; j < S; ++j) acc[i * S + j] = _mm256_fmadd_ps(av, bv[j], acc[i * S + j]);
+    }
+  }
+  // hadd(p, q) = [p0+p1, p2+p3, q0+q1, q2+q3 | p4+p5, p6+p7, q4+q5, q6+q7]: two levels give
+  // [Σlo(acc0..3) | Σhi(acc0..3)], likewise acc4..7; the 128-bit halves then add to acc0..7's sums.
+  const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+  alignas(32) float t[8];
+  _mm256_store_ps(t, sum);
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < S; ++j) out[static_cast<std::size_t>(i) * ldo + static_cast<std::size_t>(j)] = t[i * S + j];
+}
+
+KVC_TARGET_AVX2 inline void dot_block_avx2(const float* a, std::size_t r, const float* b, std::size_t s,
+                                           std::size_t Dp, float* out, std::size_t ldo) noexcept {
+  std::size_t j = 0;
+  if (r == 1) {  // one evicted row (a D2O step evicting one token): four kept rows per pass
+    for (; j + 4 <= s; j += 4) dot_micro_avx2<1, 4>(a, b + j * Dp, Dp, out + j, ldo);
+    for (; j < s; ++j) dot_micro_avx2<1, 1>(a, b + j * Dp, Dp, out + j, ldo);
+    return;
+  }
+  for (; j + 2 <= s; j += 2) {
+    const float* bj = b + j * Dp;
+    if (r == 4) dot_micro_avx2<4, 2>(a, bj, Dp, out + j, ldo);
+    else if (r == 3) dot_micro_avx2<3, 2>(a, bj, Dp, out + j, ldo);
+    else dot_micro_avx2<2, 2>(a, bj, Dp, out + j, ldo);
+  }
+  if (j < s) {
+    const float* bj = b + j * Dp;
+    if (r == 4) dot_micro_avx2<4, 1>(a, bj, Dp, out + j, ldo);
+    else if (r == 3) dot_micro_avx2<3, 1>(a, bj, Dp, out + j, ldo);
+    else dot_micro_avx2<2, 1>(a, bj, Dp, out + j, ldo);
+  }
+}
+
+KVC_TARGET_AVX2 inline float max_avx2(const float* x, std::size_t n) noexcept {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  alignas(32) float t[8];
+  _mm256_store_ps(t, m);
+  float r = t[0];
+  for (int l = 1; l < 8; ++l) r = std::max(r, t[l]);
+  for (; i < n; ++i) r = std::max(r, x[i]);
+  return r;
+}
+#endif
+
+/// normalize_row_portable's result (AVX2 + FMA where the CPU has it).
+inline void normalize_row(const float* x, std::size_t D, float* out) noexcept {
+#if KVC_X86_DISPATCH
+  if (kvc::detail::cpu_has_avx2_fma_f16c()) return normalize_row_avx2(x, D, out);
+#endif
+  normalize_row_portable(x, D, out);
+}
+
+/// out[i·ldo + j] = a_i · b_j for i < na, j < nb: padded rows (padded_dim), Dp apart.
+inline void dot_tile(const float* a, std::size_t na, const float* b, std::size_t nb, std::size_t Dp, float* out,
+                     std::size_t ldo) noexcept {
+#if KVC_X86_DISPATCH
+  if (kvc::detail::cpu_has_avx2_fma_f16c()) {
+    for (std::size_t i = 0; i < na; i += 4)
+      dot_block_avx2(a + i * Dp, std::min<std::size_t>(4, na - i), b, nb, Dp, out + i * ldo, ldo);
+    return;
+  }
+#endif
+  for (std::size_t i = 0; i < na; i += 4)
+    for (std::size_t j = 0; j < nb; j += 2)
+      dot_block_portable(a + i * Dp, std::min<std::size_t>(4, na - i), b + j * Dp, std::min<std::size_t>(2, nb - j),
+                         Dp, out + i * ldo + j, ldo);
+}
+
+/// The largest of x[0, n), -inf for n = 0 (no NaN in x).
+inline float max_of(const float* x, std::size_t n) noexcept {
+#if KVC_X86_DISPATCH
+  if (kvc::detail::cpu_has_avx2_fma_f16c()) return max_avx2(x, n);
+#endif
+  float r = -std::numeric_limits<float>::infinity();
+  for (std::size_t i = 0; i < n; ++i) r = std::max(r, x[i]);
+  return r;
 }
 
 }  // namespace similarity
