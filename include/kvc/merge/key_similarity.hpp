@@ -30,6 +30,19 @@ namespace merge {
 /// Not `detail`: a nested merge::detail would hide kvc::detail from the KVC_EXPECTS macros.
 namespace similarity {
 
+/// Whether x[0, n) are all finite. The largest magnitude's bits, a loop the compiler vectorises:
+/// an element-wise isfinite with its branch was 5% of a D2O step's samples (perf, 2026-12-04), as
+/// much as the key gather.
+inline bool all_finite(const float* x, std::size_t n) noexcept {
+  std::uint32_t top = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint32_t b;
+    std::memcpy(&b, x + i, sizeof b);
+    top = std::max(top, b & 0x7fffffffu);
+  }
+  return top < 0x7f800000u;  // below the exponent of inf and NaN
+}
+
 /// keys: [kv heads][n_h · head_dim], every element finite; head_dim >= 1.
 inline void check_layer_keys(const char* who, const std::vector<std::vector<float>>& keys, std::int32_t head_dim) {
   KVC_EXPECTS_IN(who, head_dim >= 1, "head_dim = ", head_dim, ", expected >= 1");
@@ -38,19 +51,25 @@ inline void check_layer_keys(const char* who, const std::vector<std::vector<floa
     const auto& kh = keys[h];
     KVC_EXPECTS_IN(who, kh.size() % D == 0, "keys[", h, "].size() = ", kh.size(),
                    ", expected a multiple of head_dim = ", head_dim);
-    /// Largest magnitude bits first, a loop the compiler vectorises: an element-wise isfinite
-    /// with its branch was 5% of a D2O step's samples (perf, 2026-12-04), as much as the key
-    /// gather. Only a head with an inf or NaN is walked again, for the message.
-    std::uint32_t top = 0;
-    for (std::size_t i = 0; i < kh.size(); ++i) {
-      std::uint32_t b;
-      std::memcpy(&b, &kh[i], sizeof b);
-      top = std::max(top, b & 0x7fffffffu);
-    }
-    if (top < 0x7f800000u) continue;  // below the exponent of inf: every element finite
+    if (all_finite(kh.data(), kh.size())) continue;  // only a head with an inf or NaN is walked again
     for (std::size_t i = 0; i < kh.size(); ++i)
       KVC_EXPECTS_IN(who, std::isfinite(kh[i]), "keys[", h, "][", i, "] = ", kh[i], ", expected a finite key");
   }
+}
+
+/// check_layer_keys' shape half without throwing: head_dim >= 1, each head a whole number of rows.
+inline bool layer_shapes_ok(const std::vector<std::vector<float>>& keys, std::int32_t head_dim) noexcept {
+  if (head_dim < 1) return false;
+  for (const auto& kh : keys)
+    if (kh.size() % static_cast<std::size_t>(head_dim) != 0) return false;
+  return true;
+}
+
+/// check_token_list's condition without throwing.
+inline bool token_list_ok(const std::vector<std::int32_t>& list, std::int64_t n) noexcept {
+  for (std::size_t i = 0; i < list.size(); ++i)
+    if (list[i] < 0 || list[i] >= n || (i > 0 && list[i] <= list[i - 1])) return false;
+  return true;
 }
 
 /// list (named `name` in errors): strictly increasing token indices of kv head h into 0..n-1.
@@ -114,32 +133,42 @@ inline std::size_t padded_dim(std::size_t D) noexcept { return (D + 7) / 8 * 8; 
 
 /// A bound on |float cosine − cosine_exact| for rows of D elements, with a factor 2 to spare.
 /// With u = 2^-24 and γ_n = n·u/(1 − n·u): a row's float sum of squares is within γ_D of the
-/// true one, so its norm (a double square root and division after it) within γ_D/2, and the two
-/// rows' norms move the cosine by at most γ_D; the float dot of rows of norm <= 1 + γ_D adds
-/// about γ_D; rounding each normalised element to float adds 2u; the double reference's own
-/// error is ~D·2^-53. Total <= (2D + 8)·u; twice that is (D + 8)·2^-22: 3.2e-5 at D = 128.
+/// true one, so 1/‖x‖ (double square root and division, rounded to float) within γ_D/2 + u, a
+/// factor common to the row; the two rows' factors move the cosine by at most γ_D + 2u; rounding
+/// each product x_d·(1/‖x‖) adds u per row, 2u; the float dot of rows of norm <= 1 + γ_D adds
+/// about γ_D; the double reference's own error is ~D·2^-53. Total <= (2D + 8)·u; twice that is
+/// (D + 8)·2^-22: 3.2e-5 at D = 128.
 inline double float_cosine_slack(std::size_t D) noexcept { return static_cast<double>(D + 8) * 0x1p-22; }
 
-/// out[0, Dp) = x / ‖x‖ rounded to float, then zeros (Dp = padded_dim(D)); a zero row for a zero
-/// key. The sum of squares is in float; where it leaves [2^-100, 2^100] (an element near float's
-/// range ends, where squares overflow or lose bits to underflow) it is redone in double.
-inline void normalize_row_portable(const float* x, std::size_t D, float* out) noexcept {
+/// normalize_row's path for a key whose float sum of squares leaves [2^-100, 2^100] (an element
+/// near float's range ends: its square overflows, or underflow loses its bits, or 1/‖x‖ is past
+/// float's range): the norm and the scaling in double, rounded once to float; a zero key, zeros.
+/// false when x has an inf or NaN (the double sum of float squares cannot overflow otherwise).
+inline bool normalize_row_wide(const float* x, std::size_t D, float* out) noexcept {
+  double q = 0;
+  for (std::size_t d = 0; d < D; ++d) q += static_cast<double>(x[d]) * x[d];
+  const double inv = q > 0 ? 1.0 / std::sqrt(q) : 0.0;
+  for (std::size_t d = 0; d < D; ++d) out[d] = static_cast<float>(x[d] * inv);
+  for (std::size_t d = D; d < padded_dim(D); ++d) out[d] = 0.0f;
+  return std::isfinite(q);
+}
+
+inline bool sum_of_squares_in_range(float s) noexcept { return s >= 0x1p-100f && s <= 0x1p100f; }
+
+/// out[0, Dp) = x · (1/‖x‖) in float, then zeros (Dp = padded_dim(D)); a zero row for a zero
+/// key. The sum of squares in float, 8 lanes; normalize_row_wide at float's range ends.
+inline bool normalize_row_portable(const float* x, std::size_t D, float* out) noexcept {
+  const std::size_t D8 = D / 8 * 8;
   float acc[8] = {};
-  std::size_t d = 0;
-  for (; d + 8 <= D; d += 8)
+  for (std::size_t d = 0; d < D8; d += 8)
     for (std::size_t j = 0; j < 8; ++j) acc[j] += x[d + j] * x[d + j];
   float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-  for (; d < D; ++d) s += x[d] * x[d];
-  double inv;
-  if (s >= 0x1p-100f && s <= 0x1p100f) {
-    inv = 1.0 / std::sqrt(static_cast<double>(s));
-  } else {
-    double q = 0;
-    for (d = 0; d < D; ++d) q += static_cast<double>(x[d]) * x[d];
-    inv = q > 0 ? 1.0 / std::sqrt(q) : 0.0;
-  }
-  for (d = 0; d < D; ++d) out[d] = static_cast<float>(x[d] * inv);
-  for (; d < padded_dim(D); ++d) out[d] = 0.0f;
+  for (std::size_t d = D8; d < D; ++d) s += x[d] * x[d];
+  if (!sum_of_squares_in_range(s)) return normalize_row_wide(x, D, out);
+  const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s)));
+  for (std::size_t d = 0; d < D; ++d) out[d] = x[d] * inv;
+  for (std::size_t d = D; d < padded_dim(D); ++d) out[d] = 0.0f;
+  return true;  // a sum of squares in range: every element finite
 }
 
 /// Dot products of an r × s block (r, s <= 4, r·s <= 8) of padded rows: out[i·ldo + j] =
@@ -157,6 +186,43 @@ inline void dot_block_portable(const float* a, std::size_t r, const float* b, st
     }
 }
 
+/// Cosines of r normalised padded rows a (r <= 4, Dp apart) with raw keys k + rows[j]·D, j < nc:
+/// out[i·ldo + j], each a float dot with the raw key times 1/‖key‖ (its float sum of squares from
+/// the same loads), so a key is read once and never stored: the path for a step that evicts a
+/// few tokens, where normalising every kept row into scratch cost more than the dots (D2O
+/// evicting one token: see d2o_plan). Same bound as normalised rows (float_cosine_slack: the
+/// key's norm and the dot each err as there). A key whose sum of squares leaves normalize_row's
+/// range is normalised by normalize_row_wide instead. Returns false when a key has an inf or NaN.
+inline bool cosines_raw_portable(const float* a, std::size_t r, const float* k, const std::int32_t* rows,
+                                 std::size_t nc, std::size_t D, float* out, std::size_t ldo, float* wide) noexcept {
+  const std::size_t D8 = D / 8 * 8, Dp = padded_dim(D);
+  bool finite = true;
+  for (std::size_t j = 0; j < nc; ++j) {
+    const float* x = k + static_cast<std::size_t>(rows[j]) * D;
+    float ss[8] = {}, dot[4][8] = {};
+    for (std::size_t d = 0; d < D8; d += 8)
+      for (std::size_t l = 0; l < 8; ++l) {
+        ss[l] += x[d + l] * x[d + l];
+        for (std::size_t i = 0; i < r; ++i) dot[i][l] += a[i * Dp + d + l] * x[d + l];
+      }
+    auto tree = [](const float* v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); };
+    float s = tree(ss);
+    for (std::size_t d = D8; d < D; ++d) s += x[d] * x[d];
+    if (!sum_of_squares_in_range(s)) {
+      finite &= normalize_row_wide(x, D, wide);
+      dot_block_portable(a, r, wide, 1, Dp, out + j, ldo);
+      continue;
+    }
+    const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s)));
+    for (std::size_t i = 0; i < r; ++i) {
+      float t = tree(dot[i]);
+      for (std::size_t d = D8; d < D; ++d) t += a[i * Dp + d] * x[d];
+      out[i * ldo + j] = t * inv;
+    }
+  }
+  return finite;
+}
+
 #if KVC_X86_DISPATCH
 KVC_TARGET_AVX2 inline float hsum_avx2(__m256 v) noexcept {
   __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -165,10 +231,10 @@ KVC_TARGET_AVX2 inline float hsum_avx2(__m256 v) noexcept {
   return _mm_cvtss_f32(s4);
 }
 
-KVC_TARGET_AVX2 inline void normalize_row_avx2(const float* x, std::size_t D, float* out) noexcept {
+KVC_TARGET_AVX2 inline bool normalize_row_avx2(const float* x, std::size_t D, float* out) noexcept {
+  const std::size_t D8 = D / 8 * 8, D32 = D / 32 * 32;
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  std::size_t d = 0;
-  for (; d + 32 <= D; d += 32) {
+  for (std::size_t d = 0; d < D32; d += 32) {
     const __m256 x0 = _mm256_loadu_ps(x + d), x1 = _mm256_loadu_ps(x + d + 8);
     const __m256 x2 = _mm256_loadu_ps(x + d + 16), x3 = _mm256_loadu_ps(x + d + 24);
     a0 = _mm256_fmadd_ps(x0, x0, a0);
@@ -176,30 +242,23 @@ KVC_TARGET_AVX2 inline void normalize_row_avx2(const float* x, std::size_t D, fl
     a2 = _mm256_fmadd_ps(x2, x2, a2);
     a3 = _mm256_fmadd_ps(x3, x3, a3);
   }
-  for (; d + 8 <= D; d += 8) {
+  for (std::size_t d = D32; d < D8; d += 8) {
     const __m256 x0 = _mm256_loadu_ps(x + d);
     a0 = _mm256_fmadd_ps(x0, x0, a0);
   }
   float s = hsum_avx2(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; d < D; ++d) s += x[d] * x[d];
-  double inv;
-  if (s >= 0x1p-100f && s <= 0x1p100f) {
-    inv = 1.0 / std::sqrt(static_cast<double>(s));
-  } else {
-    double q = 0;
-    for (d = 0; d < D; ++d) q += static_cast<double>(x[d]) * x[d];
-    inv = q > 0 ? 1.0 / std::sqrt(q) : 0.0;
-  }
-  // x·inv in double, rounded once to float: the row's only rounding besides its norm's.
-  const __m256d vi = _mm256_set1_pd(inv);
-  for (d = 0; d + 8 <= D; d += 8) {
-    const __m256 v = _mm256_loadu_ps(x + d);
-    const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), vi));
-    const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), vi));
-    _mm256_storeu_ps(out + d, _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1));
-  }
-  for (; d < D; ++d) out[d] = static_cast<float>(x[d] * inv);
-  for (; d < padded_dim(D); ++d) out[d] = 0.0f;
+  for (std::size_t d = D8; d < D; ++d) s += x[d] * x[d];
+  if (!sum_of_squares_in_range(s)) return normalize_row_wide(x, D, out);
+  const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s)));
+  /// The scale in float, not x·inv in double rounded once: the double multiply's conversions
+  /// (two uops each, on one port) made normalisation 3x the cost of the dot products it feeds
+  /// (d2o_plan evicting one token: 2.26 ms of which most was this, 2026-12-04); the float
+  /// rounding is within float_cosine_slack's 2u per element.
+  const __m256 vi = _mm256_set1_ps(inv);
+  for (std::size_t d = 0; d < D8; d += 8) _mm256_storeu_ps(out + d, _mm256_mul_ps(_mm256_loadu_ps(x + d), vi));
+  for (std::size_t d = D8; d < D; ++d) out[d] = x[d] * inv;
+  for (std::size_t d = D; d < padded_dim(D); ++d) out[d] = 0.0f;
+  return true;  // a sum of squares in range: every element finite
 }
 
 /// R × S dot products (R·S <= 8) sharing their loads: R + S loads per R·S FMAs; the R·S
@@ -251,6 +310,49 @@ KVC_TARGET_AVX2 inline void dot_block_avx2(const float* a, std::size_t r, const 
   }
 }
 
+template <int R>
+KVC_TARGET_AVX2 inline bool cosines_raw_avx2_r(const float* a, const float* k, const std::int32_t* rows,
+                                               std::size_t nc, std::size_t D, float* out, std::size_t ldo,
+                                               float* wide) noexcept {
+  const std::size_t D8 = D / 8 * 8, D16 = D / 16 * 16, Dp = padded_dim(D);
+  bool finite = true;
+  for (std::size_t j = 0; j < nc; ++j) {
+    const float* x = k + static_cast<std::size_t>(rows[j]) * D;
+    // Two chains each (d and d + 8) for the FMA latency.
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), p0[R], p1[R];
+    for (int i = 0; i < R; ++i) p0[i] = p1[i] = _mm256_setzero_ps();
+    for (std::size_t d = 0; d < D16; d += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + d), x1 = _mm256_loadu_ps(x + d + 8);
+      s0 = _mm256_fmadd_ps(x0, x0, s0);
+      s1 = _mm256_fmadd_ps(x1, x1, s1);
+      for (int i = 0; i < R; ++i) {
+        p0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + static_cast<std::size_t>(i) * Dp + d), x0, p0[i]);
+        p1[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + static_cast<std::size_t>(i) * Dp + d + 8), x1, p1[i]);
+      }
+    }
+    if (D16 < D8) {
+      const __m256 x0 = _mm256_loadu_ps(x + D16);
+      s0 = _mm256_fmadd_ps(x0, x0, s0);
+      for (int i = 0; i < R; ++i)
+        p0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + static_cast<std::size_t>(i) * Dp + D16), x0, p0[i]);
+    }
+    float s = hsum_avx2(_mm256_add_ps(s0, s1));
+    for (std::size_t d = D8; d < D; ++d) s += x[d] * x[d];
+    if (!sum_of_squares_in_range(s)) {
+      finite &= normalize_row_wide(x, D, wide);
+      dot_block_portable(a, R, wide, 1, Dp, out + j, ldo);
+      continue;
+    }
+    const float inv = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s)));
+    for (int i = 0; i < R; ++i) {
+      float t = hsum_avx2(_mm256_add_ps(p0[i], p1[i]));
+      for (std::size_t d = D8; d < D; ++d) t += a[static_cast<std::size_t>(i) * Dp + d] * x[d];
+      out[static_cast<std::size_t>(i) * ldo + j] = t * inv;
+    }
+  }
+  return finite;
+}
+
 KVC_TARGET_AVX2 inline float max_avx2(const float* x, std::size_t n) noexcept {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   std::size_t i = 0;
@@ -264,12 +366,14 @@ KVC_TARGET_AVX2 inline float max_avx2(const float* x, std::size_t n) noexcept {
 }
 #endif
 
-/// normalize_row_portable's result (AVX2 + FMA where the CPU has it).
-inline void normalize_row(const float* x, std::size_t D, float* out) noexcept {
+/// normalize_row_portable's result (AVX2 + FMA where the CPU has it). Returns false when x has
+/// an inf or NaN (then out is not a row): the finiteness check comes with the normalisation, so
+/// a plan that normalises every key need not read them twice.
+inline bool normalize_row(const float* x, std::size_t D, float* out) noexcept {
 #if KVC_X86_DISPATCH
   if (kvc::detail::cpu_has_avx2_fma_f16c()) return normalize_row_avx2(x, D, out);
 #endif
-  normalize_row_portable(x, D, out);
+  return normalize_row_portable(x, D, out);
 }
 
 /// out[i·ldo + j] = a_i · b_j for i < na, j < nb: padded rows (padded_dim), Dp apart.
@@ -286,6 +390,22 @@ inline void dot_tile(const float* a, std::size_t na, const float* b, std::size_t
     for (std::size_t j = 0; j < nb; j += 2)
       dot_block_portable(a + i * Dp, std::min<std::size_t>(4, na - i), b + j * Dp, std::min<std::size_t>(2, nb - j),
                          Dp, out + i * ldo + j, ldo);
+}
+
+/// cosines_raw_portable's result (AVX2 + FMA where the CPU has it); wide: Dp floats of scratch.
+inline bool cosines_raw(const float* a, std::size_t r, const float* k, const std::int32_t* rows, std::size_t nc,
+                        std::size_t D, float* out, std::size_t ldo, float* wide) noexcept {
+#if KVC_X86_DISPATCH
+  if (kvc::detail::cpu_has_avx2_fma_f16c()) {
+    switch (r) {
+      case 1: return cosines_raw_avx2_r<1>(a, k, rows, nc, D, out, ldo, wide);
+      case 2: return cosines_raw_avx2_r<2>(a, k, rows, nc, D, out, ldo, wide);
+      case 3: return cosines_raw_avx2_r<3>(a, k, rows, nc, D, out, ldo, wide);
+      default: return cosines_raw_avx2_r<4>(a, k, rows, nc, D, out, ldo, wide);
+    }
+  }
+#endif
+  return cosines_raw_portable(a, r, k, rows, nc, D, out, ldo, wide);
 }
 
 /// The largest of x[0, n), -inf for n = 0 (no NaN in x).
