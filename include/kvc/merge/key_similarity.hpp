@@ -421,11 +421,14 @@ inline float max_of(const float* x, std::size_t n) noexcept {
 }
 
 /// layer_keys' result in a buffer of this thread's, reused by the next call: valid until the
-/// thread's next call. Why: layer_keys returns fresh vectors, and at 4k tokens × 8 heads × 128 the
-/// allocator hands each step 16 MB of new pages (faulted in and zeroed by the kernel, zeroed again
-/// by resize, then written): 4.4-5.0 ms a call against 0.9 ms into reused buffers (a D2O step
-/// evicting one token, 2026-12-04), about four decode steps. The cost: the largest layer's keys
-/// stay allocated per thread that ran a step (16 MB here; 128 MB at 32k tokens).
+/// thread's next call. Why: layer_keys returns fresh vectors, and at 4k tokens × 8 heads × 128
+/// each step then takes 16 MB of new memory, which the allocator may have returned to the kernel
+/// (faulted in and zeroed again, then zeroed by resize, then written). A D2O step evicting one
+/// token in per-step use (bench_merge BM_merge_loop, 2026-12-04, paired, medians of 3 runs):
+/// 2.26 ms reused against 2.66 ms fresh (a decode step: 1.05 ms); in a harness where the freed
+/// memory went back to the kernel every step, 2.05 against 5.0 ms. On a freshly built cache the
+/// reused buffer is cold and gains nothing (BM_merge_step: 3.73 against 3.71 ms). The cost: the
+/// largest layer's keys stay allocated per thread that ran a step (16 MB here; 128 MB at 32k).
 template <class T>
 const std::vector<std::vector<float>>& layer_keys_reused(const merged_cache<T>& cache, seq_id s, std::int32_t layer) {
   thread_local std::vector<std::vector<float>> keys;
