@@ -23,6 +23,13 @@
 //     step_over_decode, merged (tokens merged, summed over heads). On random keys adjacent
 //     cosines are near 0, so KVMerger's figure is its scan alone (nothing merges at ε = 0.75);
 //     D2O merges about half of the evicted tokens (τ is their mean similarity).
+//   BM_merge_loop/<d2o|kvmerger>/fp16/32x8x128/ctx:<tokens>/threads:1
+//     per-step use on one cache: 30 rounds of append one token, merged_decode_attention, then
+//     d2o_merge_layer evicting one random token per head (τ carried over) or kvmerger_merge_layer
+//     with every token but one random one protected: loop_step_cpu_ms, decode_cpu_ms,
+//     step_over_decode (medians over the rounds). Unlike BM_merge_step's fresh caches, buffers
+//     and pages are reused from round to round as in a decode loop (d2o_merge_layer's reused key
+//     buffers show here, and cost there: cold memory after a cache build).
 // Data: uniform random K/V and scores; the kept set is the highest-scoring tokens.
 
 #include <algorithm>
@@ -204,6 +211,45 @@ void BM_merge_step(benchmark::State& state, bool d2o, shape s, std::int32_t ctx,
   state.counters["merged"] = static_cast<double>(merged);
 }
 
+void BM_merge_loop(benchmark::State& state, bool d2o, shape s, std::int32_t ctx) {
+  const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size());
+  std::vector<double> scpu, dcpu;
+  for (auto _ : state) {
+    state.PauseTiming();
+    kvc::seq_id seq;
+    auto c = build(s, ctx, seq);  // room for 2 pages more per head: 30 appended tokens fit
+    state.ResumeTiming();
+    kvc::merge::d2o_threshold thr;
+    std::uint64_t pick = 12345;
+    for (int round = 0; round < 30; ++round) {
+      const auto kv = random_rows(std::size_t(s.kv_heads) * s.head_dim, 100 + round);
+      c->append(seq, 0, kv.data(), kv.data(), 1);
+      double c0 = thread_cpu_seconds();
+      kvc::cpu::merged_decode_attention(*c, seq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      dcpu.push_back(thread_cpu_seconds() - c0);
+      std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(s.kv_heads));
+      std::vector<std::vector<float>> scores(kept.size());
+      for (std::int32_t h = 0; h < s.kv_heads; ++h) {
+        const std::int32_t n = c->length(seq, 0, h);
+        pick = pick * 6364136223846793005ull + 1442695040888963407ull;
+        const std::int32_t drop = static_cast<std::int32_t>((pick >> 33) % static_cast<std::uint64_t>(n - 1));
+        for (std::int32_t t = 0; t < n; ++t)
+          if (t != drop) kept[static_cast<std::size_t>(h)].push_back(t);
+        scores[static_cast<std::size_t>(h)].assign(static_cast<std::size_t>(n), 0.0f);
+      }
+      c0 = thread_cpu_seconds();
+      if (d2o) kvc::merge::d2o_merge_layer(*c, seq, 0, kept, thr);
+      else kvc::merge::kvmerger_merge_layer(*c, seq, 0, scores, kept);
+      scpu.push_back(thread_cpu_seconds() - c0);
+    }
+  }
+  state.counters["loop_step_cpu_ms"] = median(scpu) * 1e3;
+  state.counters["decode_cpu_ms"] = median(dcpu) * 1e3;
+  state.counters["step_over_decode"] = median(scpu) / median(dcpu);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -233,6 +279,13 @@ int main(int argc, char** argv) {
           ->Unit(benchmark::kMillisecond)
           ->Iterations(1);
     }
+  for (bool d2o : {true, false}) {
+    const std::string name = std::string("BM_merge_loop/") + (d2o ? "d2o" : "kvmerger") + "/fp16/32x8x128/ctx:" +
+                             std::to_string(ctx) + "/threads:1";
+    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& st) { BM_merge_loop(st, d2o, s, ctx); })
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(1);
+  }
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

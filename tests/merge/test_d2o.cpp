@@ -653,3 +653,102 @@ TEST_CASE("D2O without carried mass: same merged rows, the kept token's log-weig
   no_mass_trials<float>(15100);
   no_mass_trials<kvc::half>(15200);
 }
+
+// d2o_plan decides on float cosines of keys normalised once and settles in double what float
+// cannot (a rival within the float bound); keys near float's range ends are normalised in double.
+// Against the double reference: keys scaled by 1e-41 (subnormal elements) to 1e37, zero keys,
+// near-parallel copies (cosines 1e-7..1e-4 apart: inside the float bound, so the double fallback
+// decides), few evicted tokens (the raw-key path) and many (the tiled one), D across the SIMD
+// widths. τ = -10 merges every evicted token into its nearest kept one, so every target shows.
+TEST_CASE("D2O's float fast path gives the double rule's nearest keys at float's range ends and near ties",
+          "[merge][d2o]") {
+  const float scales[] = {1.0f, 1e-41f, 1e-30f, 1e-19f, 1e19f, 1e30f, 1e37f, 0.0f};
+  std::int64_t checked = 0, near_rival = 0;
+  for (int trial = 0; trial < 60; ++trial) {
+    kvc_test::rng r(12900 + static_cast<std::uint64_t>(trial));
+    const std::int32_t dims[] = {1, 3, 8, 13, 16, 40, 64, 128};
+    const std::int32_t D = dims[r.integer(0, 7)], H = r.integer(1, 3), n = r.integer(2, 90);
+    const bool few = trial % 2 == 0;
+    std::vector<std::vector<float>> keys(static_cast<std::size_t>(H));
+    std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      auto& k = keys[static_cast<std::size_t>(h)];
+      k = r.normals(static_cast<std::size_t>(n) * D);
+      for (std::int32_t t = 1; t < n; ++t) {
+        float* row = &k[static_cast<std::size_t>(t) * D];
+        if (r.coin(0.4)) {  // a near-parallel copy of an earlier key (before the scaling)
+          const float* src = &k[static_cast<std::size_t>(r.integer(0, t - 1)) * D];
+          const float eps = std::pow(10.0f, r.uniform(-4.0f, -2.0f));
+          for (std::int32_t d = 0; d < D; ++d) row[d] = src[d] * (1.0f + eps * r.normal());
+        }
+      }
+      for (std::int32_t t = 0; t < n; ++t) {
+        const float s = scales[r.integer(0, 7)];
+        for (std::int32_t d = 0; d < D; ++d) k[static_cast<std::size_t>(t) * D + d] *= s;
+      }
+      for (std::int32_t t = 0; t < n; ++t)
+        if (few ? !(r.coin(0.05) || t == n / 2) : r.coin(0.4)) kept[static_cast<std::size_t>(h)].push_back(t);
+    }
+    d2o_threshold tau;
+    tau.primed = true;
+    tau.tau = -10.0f;
+    const auto plan = kvc::merge::d2o_plan(keys, D, kept, tau);
+    double sum = 0;
+    std::int64_t count = 0;
+    for (std::int32_t h = 0; h < H; ++h) {
+      stream_copy b;
+      b.k = keys[static_cast<std::size_t>(h)];
+      b.n = n;
+      const auto& kh = kept[static_cast<std::size_t>(h)];
+      const ref_head rh = reference_head(b, kh, D);
+      const auto& ph = plan.heads[static_cast<std::size_t>(h)];
+      REQUIRE(ph.evicted.size() == rh.evicted.size());
+      for (std::size_t i = 0; i < rh.evicted.size(); ++i) {
+        const auto& x = ph.evicted[i];
+        REQUIRE(x.token == rh.evicted[i]);
+        if (rh.nearest[i] < 0) {
+          REQUIRE(x.target == -1);
+          continue;
+        }
+        sum += rh.u[i], ++count;
+        INFO("trial " << trial << " D " << D << " h " << h << " token " << x.token << " u " << rh.u[i]);
+        REQUIRE(std::fabs(x.similarity - rh.u[i]) <= 1e-6);
+        // The reference's ties: kept keys within its own rounding (~D·2^-52) of the best; the
+        // first of them is the rule's choice, but the reference's other formula may order them.
+        const float* ke = &b.k[static_cast<std::size_t>(x.token) * D];
+        std::vector<std::int32_t> tied;
+        bool rival = false;
+        for (std::int32_t c : kh) {
+          const double cs = cosine(ke, &b.k[static_cast<std::size_t>(c) * D], D);
+          if (cs >= rh.u[i] - 1e-12) tied.push_back(c);
+          else if (cs >= rh.u[i] - 1e-4) rival = true;
+        }
+        near_rival += rival;
+        if (tied.size() == 1) REQUIRE(x.target == rh.nearest[i]);
+        else REQUIRE(std::find(tied.begin(), tied.end(), x.target) != tied.end());
+        ++checked;
+      }
+    }
+    if (count > 0) REQUIRE(std::fabs(plan.statistic - sum / static_cast<double>(count)) <= 1e-12);
+  }
+  INFO("checked " << checked << ", with a rival within 1e-4 " << near_rival);
+  REQUIRE(checked > 1000);
+  REQUIRE(near_rival > 50);  // the double fallback was exercised
+
+  // An inf or NaN found by the normalisation (a row of the raw-key path, of a kept tile, of the
+  // evicted rows) gives check_layer_keys' message, the first bad element's.
+  for (int where = 0; where < 3; ++where) {
+    const std::int32_t D = 9, n = 40;
+    std::vector<std::vector<float>> keys{kvc_test::rng(77).normals(static_cast<std::size_t>(n) * D)};
+    std::vector<std::vector<std::int32_t>> kept(1);
+    for (std::int32_t t = 0; t < n; ++t)
+      if (where == 0 ? t != 5 : t % 2 == 0) kept[0].push_back(t);
+    const std::int32_t bad = where == 2 ? 7 : 30;  // 30: kept; 7: evicted
+    keys[0][static_cast<std::size_t>(bad) * D + 4] = where == 1 ? std::numeric_limits<float>::infinity()
+                                                                 : std::numeric_limits<float>::quiet_NaN();
+    keys[0][static_cast<std::size_t>(bad + 2) * D + 1] = std::numeric_limits<float>::quiet_NaN();
+    kvc_test::require_error([&] { (void)kvc::merge::d2o_plan(keys, D, kept, d2o_threshold{}); },
+                            "kvc::merge::d2o_plan: keys[0][" + std::to_string(bad * D + 4) + "] = " +
+                                (where == 1 ? "inf" : "nan") + ", expected a finite key");
+  }
+}

@@ -832,3 +832,72 @@ TEST_CASE("KVMerger without carried mass: same merged rows, the pivot's log-weig
   }
   REQUIRE(merged > 100);
 }
+
+// kvmerger_plan links adjacent keys on float cosines of keys normalised once, and in double where
+// the float cosine is within its bound of ε; keys near float's range ends are normalised in
+// double. Against the double reference: adjacent cosines placed 1e-8..3e-5 from ε (inside the
+// float bound at every D here, so the double fallback decides), keys scaled by 1e-41 (subnormal
+// elements) to 1e37, zero keys, protected tokens, D across the SIMD widths.
+TEST_CASE("KVMerger's float fast path links as the double rule at ε and at float's range ends", "[merge][kvmerger]") {
+  const float scales[] = {1.0f, 1e-41f, 1e-30f, 1e-19f, 1e19f, 1e30f, 1e37f};
+  const float thresholds[] = {0.75f, 0.0f, -0.3f, 0.99f};
+  std::int64_t near = 0, pairs = 0;
+  for (int trial = 0; trial < 60; ++trial) {
+    kvc_test::rng r(13100 + static_cast<std::uint64_t>(trial));
+    const std::int32_t dims[] = {2, 3, 8, 13, 16, 40, 64, 128};
+    const std::int32_t D = dims[r.integer(0, 7)], H = r.integer(1, 3), n = r.integer(2, 120);
+    kvmerger_options o;
+    o.threshold = thresholds[trial % 4];
+    std::vector<std::vector<float>> keys(static_cast<std::size_t>(H)), scores(static_cast<std::size_t>(H));
+    std::vector<ivec> protect(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      auto& k = keys[static_cast<std::size_t>(h)];
+      k.assign(static_cast<std::size_t>(n) * D, 0.0f);
+      std::vector<double> u(static_cast<std::size_t>(D)), w(u.size());
+      for (auto& x : u) x = r.normal();
+      for (std::int32_t t = 0; t < n; ++t) {
+        // Key t at an angle to key t − 1's direction u whose cosine is ε plus a small offset:
+        // cos·u + sin·w, w a random direction orthogonal to u (Gram–Schmidt in double).
+        double nu = 0;
+        for (double x : u) nu += x * x;
+        for (auto& x : u) x /= std::sqrt(nu);
+        for (auto& x : w) x = r.normal();
+        double uw = 0, nw = 0;
+        for (std::size_t d = 0; d < u.size(); ++d) uw += u[d] * w[d];
+        for (std::size_t d = 0; d < u.size(); ++d) w[d] -= uw * u[d], nw += w[d] * w[d];
+        for (auto& x : w) x /= std::sqrt(nw);
+        const double off = (r.coin() ? 1 : -1) * std::pow(10.0, r.uniform(-8.0f, -4.5f));
+        const double cs = std::min(1.0, std::max(-1.0, double{o.threshold} + (r.coin(0.7) ? off : r.uniform(-0.5f, 0.5f))));
+        const double sn = std::sqrt(1 - cs * cs);
+        for (std::size_t d = 0; d < u.size(); ++d) u[d] = cs * u[d] + sn * w[d];
+        const float s = r.coin(0.04) ? 0.0f : scales[r.integer(0, 6)];
+        for (std::int32_t d = 0; d < D; ++d) k[static_cast<std::size_t>(t) * D + d] = static_cast<float>(u[static_cast<std::size_t>(d)] * s);
+      }
+      scores[static_cast<std::size_t>(h)] = r.normals(static_cast<std::size_t>(n));
+      for (std::int32_t t = 0; t < n; ++t)
+        if (r.coin(0.1)) protect[static_cast<std::size_t>(h)].push_back(t);
+    }
+    const auto plan = kvc::merge::kvmerger_plan(keys, D, scores, protect, o);
+    for (std::int32_t h = 0; h < H; ++h) {
+      stream_copy b;
+      b.k = keys[static_cast<std::size_t>(h)];
+      b.n = n;
+      const auto want = reference_sets(b, scores[static_cast<std::size_t>(h)], protect[static_cast<std::size_t>(h)], D,
+                                       double{o.threshold}, double{o.sigma});
+      for (std::int32_t t = 1; t < n; ++t) {
+        const double cs = cosine(&b.k[static_cast<std::size_t>(t - 1) * D], &b.k[static_cast<std::size_t>(t) * D], D);
+        ++pairs;
+        near += std::fabs(cs - double{o.threshold}) <= 3e-5;
+      }
+      const auto& got = plan.heads[static_cast<std::size_t>(h)].groups;
+      INFO("trial " << trial << " D " << D << " h " << h << " eps " << o.threshold);
+      REQUIRE(got.size() == want.size());
+      for (std::size_t i = 0; i < want.size(); ++i) {
+        REQUIRE(got[i].members == want[i].members);
+        REQUIRE(got[i].target == want[i].pivot);
+      }
+    }
+  }
+  INFO("adjacent pairs " << pairs << ", within 3e-5 of the threshold " << near);
+  REQUIRE(near > 500);  // the double fallback was exercised
+}

@@ -43,7 +43,8 @@
 /// layers), the scorer (the paper uses H2O's accumulated attention plus a recent window; any
 /// kvc::evict selection gives the kept sets), and the paper's exemption of some layers.
 ///
-/// Cost: O(|E|·|C|·D) per kv head for the similarities (double accumulation), plus the commit.
+/// Cost: O(|E|·|C|·D) per kv head for the similarities (float SIMD dot products of keys
+/// normalised once, double only to settle near-ties and for the winners' u), plus the commit.
 
 #include <algorithm>
 #include <cmath>
@@ -118,34 +119,111 @@ inline d2o_layer_plan d2o_plan(const std::vector<std::vector<float>>& keys, std:
                  ", expected a finite threshold (or threshold.primed = false)");
   KVC_EXPECTS_IN(who, kept.size() == keys.size(), "kept.size() = ", kept.size(), ", expected keys.size() = ",
                  keys.size(), " (one kept set per kv head)");
-  similarity::check_layer_keys(who, keys, head_dim);
+  // The checks in their order (keys, then kept lists) where a shape or a list is wrong; else the
+  // keys' finiteness comes with pass 1's normalisation (normalize_row), which reads every key
+  // anyway: a separate scan was 0.6 ms of a 4k-token step (2026-12-04).
+  const auto full_checks = [&] {
+    similarity::check_layer_keys(who, keys, head_dim);
+    for (std::size_t h = 0; h < keys.size(); ++h)
+      similarity::check_token_list(who, "kept", h, kept[h],
+                                   static_cast<std::int64_t>(keys[h].size() / static_cast<std::size_t>(head_dim)));
+  };
+  bool lists_ok = similarity::layer_shapes_ok(keys, head_dim);
+  for (std::size_t h = 0; lists_ok && h < keys.size(); ++h)
+    lists_ok = similarity::token_list_ok(kept[h], static_cast<std::int64_t>(keys[h].size() / static_cast<std::size_t>(head_dim)));
+  if (!lists_ok) full_checks();  // throws the first error
   const std::size_t D = static_cast<std::size_t>(head_dim);
   const std::size_t H = keys.size();
-  for (std::size_t h = 0; h < H; ++h)
-    similarity::check_token_list(who, "kept", h, kept[h], static_cast<std::int64_t>(keys[h].size() / D));
 
   d2o_layer_plan plan;
   plan.heads.resize(H);
   plan.threshold = threshold;
-  // Pass 1: every evicted token's nearest kept key, and the statistic over the layer.
+  // Pass 1: every evicted token's nearest kept key, and the statistic over the layer. The
+  // cosines are float dot products of rows normalised once (similarity::normalize_row), kept
+  // rows a tile at a time against every evicted row, 4 × 2 per SIMD block; per evicted token the
+  // best float cosine f1, its kept token and the runner-up f2. Where f2 is within twice the float
+  // bound of f1 the nearest key is not certain in float and the double rule runs over every kept
+  // key (ties: duplicate keys, or D = 1); otherwise the winner is the double rule's winner, and
+  // its u is recomputed in double (cosine_exact), so u, m_t, τ and every decision are the double
+  // rule's to the bit.
   std::vector<std::vector<double>> best(H);  // u_e per evicted token, in plan.heads[h].evicted order
   double sum = 0;
   std::int64_t count = 0;
+  const std::size_t Dp = similarity::padded_dim(D);
+  const float rival = static_cast<float>(2.0 * similarity::float_cosine_slack(D));
+  const std::size_t TC = similarity::kept_tile;
+  std::vector<float> en, ct, dots(4 * TC), f1, f2;  // scratch, reused over heads
+  std::vector<std::int32_t> ev, a1;
   for (std::size_t h = 0; h < H; ++h) {
     const float* k = keys[h].data();
     const std::int32_t n = static_cast<std::int32_t>(keys[h].size() / D);
     const auto& ch = kept[h];
-    const std::vector<double> norm = similarity::row_norms(k, n, D);
     std::vector<char> is_kept(static_cast<std::size_t>(n), 0);
     for (std::int32_t c : ch) is_kept[static_cast<std::size_t>(c)] = 1;
+    ev.clear();
+    for (std::int32_t e = 0; e < n; ++e)
+      if (!is_kept[static_cast<std::size_t>(e)]) ev.push_back(e);
+    const std::size_t E = ev.size(), C = ch.size();
+    f1.assign(E, -std::numeric_limits<float>::infinity());
+    f2.assign(E, -std::numeric_limits<float>::infinity());
+    a1.assign(E, -1);
+    bool finite = true;
+    if (C == 0 || E == 0) finite = similarity::all_finite(k, keys[h].size());
+    if (C > 0 && E > 0) {
+      en.resize(E * Dp);
+      for (std::size_t i = 0; i < E; ++i)
+        finite &= similarity::normalize_row(k + static_cast<std::size_t>(ev[i]) * D, D, en.data() + i * Dp);
+      // A few evicted rows (one block): each kept key is read once, raw (cosines_raw); more: the
+      // kept tile is normalised once for every block of evicted rows.
+      const bool few = E <= 4;
+      ct.resize((few ? 1 : std::min(TC, C)) * Dp);
+      for (std::size_t c0 = 0; c0 < C; c0 += TC) {
+        const std::size_t nc = std::min(TC, C - c0);
+        if (!few)
+          for (std::size_t j = 0; j < nc; ++j)
+            finite &= similarity::normalize_row(k + static_cast<std::size_t>(ch[c0 + j]) * D, D, ct.data() + j * Dp);
+        if (!finite) break;
+        for (std::size_t e0 = 0; e0 < E; e0 += 4) {
+          const std::size_t r = std::min<std::size_t>(4, E - e0);
+          if (few)
+            finite &= similarity::cosines_raw(en.data(), r, k, ch.data() + c0, nc, D, dots.data(), TC, ct.data());
+          else
+            similarity::dot_tile(en.data() + e0 * Dp, r, ct.data(), nc, Dp, dots.data(), TC);
+          if (!finite) break;
+          for (std::size_t i = 0; i < r; ++i) {
+            const float* row = dots.data() + i * TC;
+            const std::size_t e = e0 + i;
+            // Most tiles hold nothing near the best so far: one SIMD max says so.
+            if (similarity::max_of(row, nc) < f1[e] - rival) continue;
+            for (std::size_t j = 0; j < nc; ++j) {
+              const float v = row[j];
+              if (v > f1[e]) {
+                f2[e] = f1[e], f1[e] = v, a1[e] = static_cast<std::int32_t>(c0 + j);
+              } else if (v > f2[e]) {
+                f2[e] = v;
+              }
+            }
+          }
+        }
+      }
+    }
+    if (!finite) full_checks();  // throws check_layer_keys' message for the first inf or NaN
     auto& ph = plan.heads[h];
-    for (std::int32_t e = 0; e < n; ++e) {
-      if (is_kept[static_cast<std::size_t>(e)]) continue;
+    ph.evicted.reserve(E);
+    best[h].reserve(E);
+    for (std::size_t i = 0; i < E; ++i) {
+      const std::int32_t e = ev[i];
+      const float* ke = k + static_cast<std::size_t>(e) * D;
       double u = -std::numeric_limits<double>::infinity();
       std::int32_t arg = -1;
-      for (std::int32_t c : ch) {
-        const double cs = similarity::cosine(k, norm, e, c, D);
-        if (cs > u) u = cs, arg = c;  // strict: the first kept token wins a tie
+      if (C > 0 && f2[i] >= f1[i] - rival) {
+        for (std::int32_t c : ch) {
+          const double cs = similarity::cosine_exact(ke, k + static_cast<std::size_t>(c) * D, D);
+          if (cs > u) u = cs, arg = c;  // strict: the first kept token wins a tie
+        }
+      } else if (C > 0) {
+        arg = ch[static_cast<std::size_t>(a1[i])];
+        u = similarity::cosine_exact(ke, k + static_cast<std::size_t>(arg) * D, D);
       }
       d2o_decision x;
       x.token = e;
@@ -220,8 +298,9 @@ d2o_layer_plan d2o_merge_layer(merged_cache<T>& cache, seq_id s, std::int32_t la
   const std::int32_t H = cache.config().num_kv_heads, D = cache.config().head_dim;
   KVC_EXPECTS_IN(who, static_cast<std::int32_t>(kept.size()) == H, "kept.size() = ", kept.size(),
                  ", expected num_kv_heads = ", H);
-  const std::vector<std::vector<float>> keys = layer_keys(cache, s, layer);
-  d2o_layer_plan plan = d2o_plan(keys, D, kept, threshold, o);
+  // Gathered into this thread's reused buffers: fresh ones cost 0.4-3 ms more a step in per-step
+  // use (similarity::layer_keys_reused).
+  d2o_layer_plan plan = d2o_plan(similarity::layer_keys_reused(cache, s, layer), D, kept, threshold, o);
   // The mean weighted by ω_i·exp(lw_i), the merged token carrying its members' total mass.
   std::vector<std::vector<merge_group>> groups(static_cast<std::size_t>(H));
   std::vector<std::vector<std::int32_t>> drop(static_cast<std::size_t>(H));

@@ -128,18 +128,37 @@ inline kvmerger_layer_plan kvmerger_plan(const std::vector<std::vector<float>>& 
   plan.heads.resize(H);
   const double eps = static_cast<double>(o.threshold);
   const double two_s2 = 2.0 * static_cast<double>(o.sigma) * static_cast<double>(o.sigma);
+  const std::size_t Dp = similarity::padded_dim(D);
+  const double slack = similarity::float_cosine_slack(D);
+  std::vector<float> pair(2 * Dp);  // two normalised rows, t − 1's and t's
+  float* prev = pair.data();
+  float* cur = pair.data() + Dp;
   for (std::size_t h = 0; h < H; ++h) {
     const float* k = keys[h].data();
     const float* sc = scores[h].data();
     const std::int32_t n = static_cast<std::int32_t>(keys[h].size() / D);
     std::vector<char> prot(static_cast<std::size_t>(n), 0);
     for (std::int32_t t : protect[h]) prot[static_cast<std::size_t>(t)] = 1;
-    const std::vector<double> norm = similarity::row_norms(k, n, D);
-    // link(t): token t − 1 joins token t's set.
-    auto link = [&](std::int32_t t) {
-      if (prot[static_cast<std::size_t>(t)] || prot[static_cast<std::size_t>(t - 1)]) return false;
-      return similarity::cosine(k, norm, t - 1, t, D) > eps;  // a zero key: cosine 0
-    };
+    // lk[t]: token t − 1 joins token t's set. Only pairs with neither token protected are
+    // compared (a step that protects its kept set normalises only the rest), as a float dot of
+    // rows normalised once; within the float bound of ε the double cosine decides, so every link
+    // is the double rule's (a zero key: cosine 0).
+    std::vector<char> lk(static_cast<std::size_t>(n), 0);
+    std::int32_t have = -1;  // the token whose normalised row is in prev
+    for (std::int32_t t = 1; t < n; ++t) {
+      if (prot[static_cast<std::size_t>(t)] || prot[static_cast<std::size_t>(t - 1)]) continue;
+      const float* k0 = k + static_cast<std::size_t>(t - 1) * D;
+      const float* k1 = k + static_cast<std::size_t>(t) * D;
+      if (have != t - 1) similarity::normalize_row(k0, D, prev);
+      similarity::normalize_row(k1, D, cur);
+      float f;
+      similarity::dot_tile(prev, 1, cur, 1, Dp, &f, 1);
+      lk[static_cast<std::size_t>(t)] =
+          std::fabs(static_cast<double>(f) - eps) <= slack ? similarity::cosine_exact(k0, k1, D) > eps : f > eps;
+      std::swap(prev, cur);
+      have = t;
+    }
+    auto link = [&](std::int32_t t) { return lk[static_cast<std::size_t>(t)] != 0; };
     // The backward scan: [lo, hi] is the current set; sets are found last first.
     std::vector<std::pair<std::int32_t, std::int32_t>> runs;
     for (std::int32_t hi = n - 1; hi >= 0;) {
