@@ -21,6 +21,7 @@
 #include "fast_require.hpp"
 #include "kvc_catch.hpp"
 #include "random.hpp"
+#include "../merge/merge_test_util.hpp"  // require_error
 
 namespace {
 
@@ -30,19 +31,7 @@ using kvc::runtime::parse_spec;
 
 merge_policy policy(const std::string& spec) { return make_merge_policy(parse_spec(spec).at(0)); }
 
-template <class F>
-void require_error(F&& call, const std::string& text) {
-  INFO("expect: " << text);
-  bool threw = false;
-  try {
-    call();
-  } catch (const kvc::error& e) {
-    threw = true;
-    INFO("what: " << e.what());
-    REQUIRE(std::string(e.what()).find(text) != std::string::npos);
-  }
-  REQUIRE(threw);
-}
+using kvc_test::require_error;
 
 /// Everything one layer holds, read through any_cache: keys, values, positions per head.
 std::vector<std::vector<float>> layer_state(const kvc::runtime::any_cache& c, kvc::seq_id s, int layer) {

@@ -93,24 +93,31 @@ struct kvmerger_layer_plan {
   std::int64_t removed = 0;               ///< tokens the merges remove: Σ (|S| − 1), all heads
 };
 
-/// KVMerger's merging sets and weights for one layer, a pure function of its arguments.
-/// \param keys     [num_kv_heads][n_h · head_dim] keys of each kv head as stored, finite
-/// \param scores   [num_kv_heads][n_h] per-token scores choosing the pivot (e.g. accumulated
-///                 attention, summed over the group's query heads), finite
-/// \param protect  [num_kv_heads] strictly increasing indices into 0..n_h-1: tokens never merged
-inline kvmerger_layer_plan kvmerger_plan(const std::vector<std::vector<float>>& keys, std::int32_t head_dim,
-                                         const std::vector<std::vector<float>>& scores,
-                                         const std::vector<std::vector<std::int32_t>>& protect,
-                                         const kvmerger_options& o = {}) {
-  constexpr const char* who = "kvc::merge::kvmerger_plan";
+/// The Gaussian kernel g = exp(−‖k_t − k_p‖² / two_s2) in double (two_s2 = 2σ²): 1 for the pivot.
+inline double kvmerger_kernel(const float* kt, const float* kp, std::size_t D, double two_s2) {
+  double d2 = 0;
+  for (std::size_t d = 0; d < D; ++d) {
+    const double x = static_cast<double>(kt[d]) - static_cast<double>(kp[d]);
+    d2 += x * x;
+  }
+  return std::exp(-d2 / two_s2);
+}
+
+/// The checks kvmerger_plan and kvmerger_evict_plan share, in their order: options, one score
+/// vector and one token list (`list`, named `name`, meaning `what`) per kv head, finite keys,
+/// one finite score per token, strictly increasing indices in range.
+inline void kvmerger_check_args(const char* who, const std::vector<std::vector<float>>& keys, std::int32_t head_dim,
+                                const std::vector<std::vector<float>>& scores,
+                                const std::vector<std::vector<std::int32_t>>& list, const char* name, const char* what,
+                                const kvmerger_options& o) {
   KVC_EXPECTS_IN(who, std::isfinite(o.threshold), "kvmerger_options.threshold = ", o.threshold,
                  ", expected a finite cosine-similarity threshold");
   KVC_EXPECTS_IN(who, std::isfinite(o.sigma) && o.sigma > 0.0f, "kvmerger_options.sigma = ", o.sigma,
                  ", expected a finite kernel width > 0");
   KVC_EXPECTS_IN(who, scores.size() == keys.size(), "scores.size() = ", scores.size(), ", expected keys.size() = ",
                  keys.size(), " (one score vector per kv head)");
-  KVC_EXPECTS_IN(who, protect.size() == keys.size(), "protect.size() = ", protect.size(), ", expected keys.size() = ",
-                 keys.size(), " (one list of protected tokens per kv head)");
+  KVC_EXPECTS_IN(who, list.size() == keys.size(), name, ".size() = ", list.size(), ", expected keys.size() = ",
+                 keys.size(), " (", what, ")");
   similarity::check_layer_keys(who, keys, head_dim);
   const std::size_t D = static_cast<std::size_t>(head_dim);
   const std::size_t H = keys.size();
@@ -121,8 +128,23 @@ inline kvmerger_layer_plan kvmerger_plan(const std::vector<std::vector<float>>& 
     for (std::size_t i = 0; i < scores[h].size(); ++i)
       KVC_EXPECTS_IN(who, std::isfinite(scores[h][i]), "scores[", h, "][", i, "] = ", scores[h][i],
                      ", expected a finite score");
-    similarity::check_token_list(who, "protect", h, protect[h], n);
+    similarity::check_token_list(who, name, h, list[h], n);
   }
+}
+
+/// KVMerger's merging sets and weights for one layer, a pure function of its arguments.
+/// \param keys     [num_kv_heads][n_h · head_dim] keys of each kv head as stored, finite
+/// \param scores   [num_kv_heads][n_h] per-token scores choosing the pivot (e.g. accumulated
+///                 attention, summed over the group's query heads), finite
+/// \param protect  [num_kv_heads] strictly increasing indices into 0..n_h-1: tokens never merged
+inline kvmerger_layer_plan kvmerger_plan(const std::vector<std::vector<float>>& keys, std::int32_t head_dim,
+                                         const std::vector<std::vector<float>>& scores,
+                                         const std::vector<std::vector<std::int32_t>>& protect,
+                                         const kvmerger_options& o = {}) {
+  constexpr const char* who = "kvc::merge::kvmerger_plan";
+  kvmerger_check_args(who, keys, head_dim, scores, protect, "protect", "one list of protected tokens per kv head", o);
+  const std::size_t D = static_cast<std::size_t>(head_dim);
+  const std::size_t H = keys.size();
 
   kvmerger_layer_plan plan;
   plan.heads.resize(H);
@@ -181,13 +203,8 @@ inline kvmerger_layer_plan kvmerger_plan(const std::vector<std::vector<float>>& 
       const float* kp = k + static_cast<std::size_t>(p) * D;
       for (std::int32_t t = lo; t <= hi; ++t) {
         const float* kt = k + static_cast<std::size_t>(t) * D;
-        double d2 = 0;
-        for (std::size_t d = 0; d < D; ++d) {
-          const double x = static_cast<double>(kt[d]) - static_cast<double>(kp[d]);
-          d2 += x * x;
-        }
         g.members.push_back(t);
-        gw.push_back(std::exp(-d2 / two_s2));  // 1 for the pivot, so z >= 1
+        gw.push_back(kvmerger_kernel(kt, kp, D, two_s2));  // 1 for the pivot, so z >= 1
         z += gw.back();
       }
       for (double x : gw) g.weights.push_back(static_cast<float>(x / z));
@@ -265,26 +282,9 @@ inline kvmerger_evict_layer_plan kvmerger_evict_plan(const std::vector<std::vect
                                                      const std::vector<std::vector<std::int32_t>>& kept,
                                                      const kvmerger_options& o = {}) {
   constexpr const char* who = "kvc::merge::kvmerger_evict_plan";
-  KVC_EXPECTS_IN(who, std::isfinite(o.threshold), "kvmerger_options.threshold = ", o.threshold,
-                 ", expected a finite cosine-similarity threshold");
-  KVC_EXPECTS_IN(who, std::isfinite(o.sigma) && o.sigma > 0.0f, "kvmerger_options.sigma = ", o.sigma,
-                 ", expected a finite kernel width > 0");
-  KVC_EXPECTS_IN(who, scores.size() == keys.size(), "scores.size() = ", scores.size(), ", expected keys.size() = ",
-                 keys.size(), " (one score vector per kv head)");
-  KVC_EXPECTS_IN(who, kept.size() == keys.size(), "kept.size() = ", kept.size(), ", expected keys.size() = ",
-                 keys.size(), " (one kept set per kv head)");
-  similarity::check_layer_keys(who, keys, head_dim);
+  kvmerger_check_args(who, keys, head_dim, scores, kept, "kept", "one kept set per kv head", o);
   const std::size_t D = static_cast<std::size_t>(head_dim);
   const std::size_t H = keys.size();
-  for (std::size_t h = 0; h < H; ++h) {
-    const std::int64_t n = static_cast<std::int64_t>(keys[h].size() / D);
-    KVC_EXPECTS_IN(who, static_cast<std::int64_t>(scores[h].size()) == n, "scores[", h, "].size() = ", scores[h].size(),
-                   ", expected ", n, " (kv head ", h, " holds ", n, " tokens)");
-    for (std::size_t i = 0; i < scores[h].size(); ++i)
-      KVC_EXPECTS_IN(who, std::isfinite(scores[h][i]), "scores[", h, "][", i, "] = ", scores[h][i],
-                     ", expected a finite score");
-    similarity::check_token_list(who, "kept", h, kept[h], n);
-  }
   kvmerger_evict_layer_plan plan;
   plan.heads.resize(H);
   const double eps = static_cast<double>(o.threshold);
@@ -314,13 +314,8 @@ inline kvmerger_evict_layer_plan kvmerger_evict_plan(const std::vector<std::vect
           continue;
         }
         const float* kt = k + static_cast<std::size_t>(t) * D;
-        double d2 = 0;
-        for (std::size_t d = 0; d < D; ++d) {
-          const double x = static_cast<double>(kt[d]) - static_cast<double>(kp[d]);
-          d2 += x * x;
-        }
         g.members.push_back(t);
-        gw.push_back(std::exp(-d2 / two_s2));  // 1 for the pivot, so z >= 1
+        gw.push_back(kvmerger_kernel(kt, kp, D, two_s2));  // 1 for the pivot, so z >= 1
         z += gw.back();
       }
       if (g.members.size() > 1) {
