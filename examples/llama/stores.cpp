@@ -3,6 +3,8 @@
 /// The engine's one translation unit that includes kvc's runtime (storages and evictors by spec).
 #include "stores.hpp"
 
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <optional>
 #include <stdexcept>
@@ -113,7 +115,14 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
     if (minicache)  // the pairs of layers merge once, after the prompt; later tokens stay unmerged
         f.after_prefill = [](session& s) {
             auto* k = static_cast<kvc_store*>(s.kv.get());
-            kvc::runtime::cross_layer_merge(k->cache(), k->seq());
+            kvc::merge::minicache_report r;
+            kvc::runtime::cross_layer_merge(k->cache(), k->seq(), &r);
+            if (const char* v = std::getenv("KVC_LLAMA_VERBOSE"); v && *v && std::string(v) != "0")
+                std::fprintf(stderr,
+                             "minicache: %lld tokens merged, %lld retained (all pairs and kv heads); median angular "
+                             "distance of adjacent layers: keys %.3f, values %.3f\n",
+                             static_cast<long long>(r.merged), static_cast<long long>(r.retained),
+                             r.key_distance_median, r.value_distance_median);
         };
     if (comp) {
         auto run = [](session& s, kvc_store::phase ph) {

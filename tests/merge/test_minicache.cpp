@@ -341,21 +341,32 @@ TEST_CASE("MiniCache refuses what it cannot merge and changes nothing", "[merge]
   require_error([&] { c.merge_pairs(s); }, "are merged already");
   REQUIRE(c.bytes_in_use() == after);
   require_error([&] { c.merge_pairs(s + 7); }, "unknown sequence id");
-  // Pool exhaustion while the shared rows are written: nothing changes.
+  // The pool's headroom: a sequence filling every page the config asked for still merges.
   minicache_cache<float> tight(kvc_test::cache_shape(layers, 1, D, 4, 4 * 3));
   const kvc::seq_id u = tight.add_sequence();
   for (int l = 0; l < layers; ++l) {
     const auto kk = r.normals(std::size_t(n) * D), vv = r.normals(kk.size());
     tight.append(u, l, kk.data(), vv.data(), n);
   }
+  REQUIRE(tight.bytes_in_use() == 12 * tight.cache().pool().page_bytes());
+  // ... unless another sequence took the headroom: then the pair stays untouched.
+  const kvc::seq_id w = tight.add_sequence();
+  const auto kw = r.normals(std::size_t(12) * D), vw = r.normals(kw.size());
+  for (int l = 0; l < layers; ++l)
+    if (tight.cache().pool().free_pages() >= 3) tight.append(w, l, kw.data(), vw.data(), 12);
   std::vector<float> k0(std::size_t(n) * D), k1(k0.size());
   tight.gather(u, 2, 0, k0.data());
   const std::size_t tb = tight.bytes_in_use();
-  require_error([&] { tight.merge_pairs(u); }, "");
+  require_error([&] { tight.merge_pairs(u); }, "kvc::page_pool::allocate");
   REQUIRE(tight.bytes_in_use() == tb);
   REQUIRE_FALSE(tight.merged(u, 0));
+  REQUIRE(tight.length(u, 2, 0) == n);
   tight.gather(u, 2, 0, k1.data());
   REQUIRE(k0 == k1);
+  tight.remove_sequence(w);
+  tight.merge_pairs(u);
+  REQUIRE(tight.merged(u, 0));
+  REQUIRE(tight.length(u, 3, 0) == n);
   // Attention errors.
   std::vector<float> q(std::size_t(2) * D), out(q.size());
   require_error([&] { kvc::cpu::minicache_decode_attention(c, s, 4, q.data(), 2, out.data()); }, "layer = 4");

@@ -33,9 +33,11 @@
 /// tokens, which per-layer eviction breaks), forks, quantized pages, decode-time merging.
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <utility>
 #include <vector>
@@ -63,6 +65,11 @@ struct minicache_options {
 struct minicache_report {
   std::int64_t merged = 0;    ///< tokens merged, summed over pairs and kv heads
   std::int64_t retained = 0;  ///< tokens kept unmerged in merged pairs, summed likewise
+  /// Medians of the angular distance d = Ω/π between the pairs' keys and between their values,
+  /// over every token with a direction (NaN when none): how far apart adjacent layers are, the
+  /// premise MiniCache rests on (0 = same direction, 0.5 = orthogonal).
+  double key_distance_median = std::numeric_limits<double>::quiet_NaN();
+  double value_distance_median = std::numeric_limits<double>::quiet_NaN();
 };
 
 /// \tparam T  element type of the pages: float or kvc::half
@@ -181,10 +188,9 @@ class minicache_cache {
 
   /// The one-shot merge of every pair of sequence s (the rule in the file comment). Each pair's
   /// two layers must hold the same tokens in every kv head (same count and positions, as a
-  /// prefill leaves them) and not be merged yet. Plan → allocate → commit: everything is
-  /// computed and validated first; the shared rows are appended to the pairs' extra layers
-  /// (the only allocation: pool exhaustion throws with the cache unchanged); then the layers
-  /// keep their retained tokens, which frees pages and allocates nothing (an unforked stream).
+  /// prefill leaves them) and not be merged yet. Plan, then commit: everything is computed and
+  /// every argument checked first (a refusal leaves the cache exactly as it was); the commit
+  /// goes pair by pair within the pool's headroom (see the comment in the body).
   minicache_report merge_pairs(seq_id s) {
     constexpr const char* who = "kvc::merge::minicache_cache::merge_pairs";
     seq_state& st = state(s, "merge_pairs");
@@ -197,6 +203,7 @@ class minicache_cache {
     };
     std::vector<pair_plan> plans(static_cast<std::size_t>(pairs_));
     minicache_report rep;
+    std::vector<double> all_dk, all_dv;  // for the report's medians
     for (std::int32_t p = 0; p < pairs_; ++p) {
       const std::int32_t a = o_.start_layer + 2 * p, b = a + 1;
       KVC_EXPECTS_IN(who, !st.merged[static_cast<std::size_t>(p)], "layers ", a, " and ", b, " of seq ", s,
@@ -234,6 +241,10 @@ class minicache_cache {
           dv[static_cast<std::size_t>(t)] = slerp(&va[r], &vb[r], D, &pl.ve[e], &nv[2 * static_cast<std::size_t>(t)]);
         }
         const double tk = cut(dk), tv = cut(dv);
+        for (std::size_t u = 0; u < dk.size(); ++u) {
+          if (dk[u] <= 1.0) all_dk.push_back(dk[u]);
+          if (dv[u] <= 1.0) all_dv.push_back(dv[u]);
+        }
         std::vector<float>* mg = &pl.mag[static_cast<std::size_t>(h) * 4];
         std::vector<float>& mka = mg[0];
         std::vector<float>& mva = mg[1];
@@ -256,26 +267,31 @@ class minicache_cache {
         rep.retained += static_cast<std::int64_t>(pl.keep[static_cast<std::size_t>(h)].size());
       }
     }
-    // Allocate: the shared directions of every token, then only the merged ones kept. On a
-    // throw, the extra layers appended so far are emptied again (they held nothing before).
-    std::int32_t done = 0;
-    try {
-      for (; done < pairs_; ++done) {
-        const pair_plan& pl = plans[static_cast<std::size_t>(done)];
-        const std::int32_t n = static_cast<std::int32_t>(pl.pos.size());
-        kv_.append(s, cfg_.num_layers + done, pl.ke.data(), pl.ve.data(), n, n ? pl.pos.data() : nullptr);
-        kv_.keep_layer(s, cfg_.num_layers + done, pl.shared);
-      }
-    } catch (...) {
-      const std::vector<std::vector<std::int32_t>> none(static_cast<std::size_t>(H));
-      for (std::int32_t p = 0; p <= done && p < pairs_; ++p) kv_.keep_layer(s, cfg_.num_layers + p, none);
-      throw;
-    }
-    // Commit: the layers keep their retained tokens (frees pages; no allocation, no throw on an
-    // unforked stream), the magnitudes move in.
+    auto median = [](std::vector<double>& v) {
+      if (v.empty()) return std::numeric_limits<double>::quiet_NaN();
+      std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+      return v[v.size() / 2];
+    };
+    rep.key_distance_median = median(all_dk);
+    rep.value_distance_median = median(all_dv);
+    // Commit pair by pair: the shared directions of every token are appended to the pair's
+    // extra layer and only the merged ones kept, then both layers keep their retained tokens
+    // (frees pages; no allocation on an unforked stream) and the magnitudes move in. Pair by
+    // pair, so the transient is one layer's rows, which the pool's headroom (inner_config)
+    // always holds: a merge that passed the checks above cannot run out of pages. Should an
+    // append still throw (host memory), that pair's extra layer is emptied again and the pairs
+    // before it stay merged: every pair is merged or untouched, never half.
     for (std::int32_t p = 0; p < pairs_; ++p) {
-      const std::int32_t a = o_.start_layer + 2 * p;
+      const std::int32_t a = o_.start_layer + 2 * p, sl = cfg_.num_layers + p;
       pair_plan& pl = plans[static_cast<std::size_t>(p)];
+      const std::int32_t n = static_cast<std::int32_t>(pl.pos.size());
+      try {
+        kv_.append(s, sl, pl.ke.data(), pl.ve.data(), n, n ? pl.pos.data() : nullptr);
+        kv_.keep_layer(s, sl, pl.shared);
+      } catch (...) {
+        kv_.keep_layer(s, sl, std::vector<std::vector<std::int32_t>>(static_cast<std::size_t>(H)));
+        throw;
+      }
       kv_.keep_layer(s, a, pl.keep);
       kv_.keep_layer(s, a + 1, pl.keep);
       for (std::size_t i = 0; i < pl.mag.size(); ++i) st.mag[static_cast<std::size_t>(p) * H * 4 + i].swap(pl.mag[i]);
@@ -316,8 +332,16 @@ class minicache_cache {
                    ", expected a retention fraction in [0, 1]");
     return o;
   }
+  /// One extra layer per pair, and pool headroom for a merge's transient: one layer's share of
+  /// the pages (a pair's shared rows are written before its layers shrink) plus a page per
+  /// stream of rounding. The pool reserves address space and commits pages on use, so the
+  /// headroom costs nothing until a merge touches it.
   static cache_config inner_config(cache_config c, const minicache_options& o) {
-    c.num_layers += (c.num_layers - o.start_layer) / 2;  // one extra layer per pair
+    const std::int32_t pairs = (c.num_layers - o.start_layer) / 2;
+    const std::int64_t extra = (static_cast<std::int64_t>(c.max_pages) + c.num_layers - 1) / c.num_layers +
+                               static_cast<std::int64_t>(pairs) * c.num_kv_heads;
+    c.max_pages = static_cast<std::int32_t>(std::min<std::int64_t>(INT32_MAX, c.max_pages + extra));
+    c.num_layers += pairs;
     return c;
   }
 
