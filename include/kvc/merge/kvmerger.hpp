@@ -35,7 +35,9 @@
 ///    ablation found a fixed σ ≈ 5 best, and reports its adaptive σ averaging about 5. Here σ is
 ///    a fixed option, default 5 (see kvmerger_options::sigma);
 ///  - the threshold test is strict (cos > ε: "exceeds"), a zero key has cosine 0 with anything
-///    (the paper leaves it undefined), and similarities are computed in double;
+///    (the paper leaves it undefined), and the decisions are those of cosines in double
+///    (kvmerger_plan takes float SIMD cosines and recomputes in double those within float's
+///    error of ε; kvmerger_evict_plan computes them in double);
 ///  - adjacent pairs: the secondary sources reachable from here describe Algorithm 1 as linking
 ///    adjacent tokens; a reading that compares each token with the set's first (rightmost) token
 ///    would give tighter sets and is not implemented.
@@ -46,8 +48,10 @@
 /// similarity statistics; callers choose the layers), its proportions of protected tokens, the
 /// scorer itself, and decode-time merging (the paper merges after prefill).
 ///
-/// Cost per kv head: O(n·D) for the adjacent similarities plus O(Σ|S|·D) for the weights, in
-/// double, then one merged_cache::merge_layer commit.
+/// Cost per kv head: O(n·D) for the adjacent similarities plus O(Σ|S|·D) for the weights (in
+/// double), then one merged_cache::merge_layer commit. Also here: kvmerger_evict_plan, the
+/// merging sets at an eviction's budget (the evictor's kept set, its evicted tokens merged into
+/// their set's best-scored kept token).
 
 #include <algorithm>
 #include <cmath>
