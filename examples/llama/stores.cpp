@@ -3,6 +3,8 @@
 /// The engine's one translation unit that includes kvc's runtime (storages and evictors by spec).
 #include "stores.hpp"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -123,6 +125,38 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
                              "distance of adjacent layers: keys %.3f, values %.3f\n",
                              static_cast<long long>(r.merged), static_cast<long long>(r.retained),
                              r.key_distance_median, r.value_distance_median);
+                // Which tokens merged, when few did: (layer pair, kv head) -> positions.
+                if (r.merged > 0 && r.merged <= 16)
+                    if (auto* m = dynamic_cast<kvc::runtime::minicache_adapter*>(&k->cache())) {
+                        const auto& mc = m->get();
+                        const auto& cfg = mc.config();
+                        for (int p = 0; p < mc.num_pairs(); ++p)
+                            for (int h = 0; h < cfg.num_kv_heads; ++h) {
+                                const int n = mc.cache().length(k->seq(), cfg.num_layers + p, h);
+                                const int32_t* pos = mc.cache().positions(k->seq(), cfg.num_layers + p, h);
+                                if (n == 0) continue;
+                                // Its key norm in the pair's first layer against the head's other tokens there.
+                                const int a = mc.options().start_layer + 2 * p;
+                                const int no = mc.cache().length(k->seq(), a, h), D = cfg.head_dim;
+                                std::vector<float> kr(static_cast<std::size_t>(no) * D);
+                                mc.cache().gather(k->seq(), a, h, kr.data());
+                                std::vector<float> nrm(static_cast<std::size_t>(no));
+                                for (int t = 0; t < no; ++t) {
+                                    double q = 0;
+                                    for (int d = 0; d < D; ++d) q += double(kr[std::size_t(t) * D + d]) * kr[std::size_t(t) * D + d];
+                                    nrm[std::size_t(t)] = static_cast<float>(std::sqrt(q));
+                                }
+                                std::sort(nrm.begin(), nrm.end());
+                                const auto& ks = mc.key_scale(k->seq(), a, h);
+                                const auto& vs = mc.value_scale(k->seq(), a, h);
+                                for (int i = 0; i < n; ++i)
+                                    std::fprintf(stderr,
+                                                 "minicache: layers %d-%d kv head %d merged position %d: |k| %.2f |v| %.2f "
+                                                 "(the head's other keys: median |k| %.2f, max %.2f)\n",
+                                                 a, a + 1, h, pos[i], ks[std::size_t(i)], vs[std::size_t(i)],
+                                                 nrm.empty() ? 0.0f : nrm[nrm.size() / 2], nrm.empty() ? 0.0f : nrm.back());
+                            }
+                    }
         };
     if (comp) {
         auto run = [](session& s, kvc_store::phase ph) {
