@@ -222,7 +222,8 @@ void rule_trials(std::uint64_t salt, kvc::thread_pool* pool) {
         REQUIRE(c.length(s, l, h) == n);
         std::vector<float> kg(std::size_t(n) * D), vg(kg.size());
         std::vector<std::int32_t> pg(static_cast<std::size_t>(n));
-        c.gather(s, l, h, kg.data(), vg.data(), pg.data());
+        c.gather(s, l, h, kg.data(), vg.data());
+        c.positions(s, l, h, pg.data());
         std::vector<int> pos(static_cast<std::size_t>(n));
         for (int tok = 0; tok < n; ++tok) {
           pos[std::size_t(tok)] = tok;
@@ -304,7 +305,8 @@ TEST_CASE("MiniCache: later tokens stay unmerged and are attended with the share
   REQUIRE(c.length(s, 2, 1) == n + 3);
   std::vector<float> kg(std::size_t(n + 3) * D);
   std::vector<std::int32_t> pg(std::size_t(n + 3));
-  c.gather(s, 2, 1, kg.data(), nullptr, pg.data());
+  c.gather(s, 2, 1, kg.data());
+  c.positions(s, 2, 1, pg.data());
   for (int t = 0; t < n + 3; ++t) REQUIRE(pg[std::size_t(t)] == t);
   for (int d = 0; d < D; ++d) REQUIRE(kg[std::size_t(n + 2) * D + std::size_t(d)] == k[(2 * std::size_t(H) + 1) * D + std::size_t(d)]);
 }

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 
 #include <kvc/cpu/simd.hpp>
@@ -178,6 +179,34 @@ void attend_stream_dispatch(std::int32_t G, const page_pool& pool, const page_id
 #undef KVC_CASE
     default: KVC_ASSERT(false);
   }
+}
+
+/// The argument checks the stream-kernel entry points share (merged_attention.hpp,
+/// minicache_attention.hpp), for a cache with config(), contains(), num_sequences() and
+/// length(seq, layer, head) (seq: the cache's seq_id, an int32): live sequence, layer in range, num_queries >= 1, GQA groups, q and
+/// out set, no probability outputs, finite queries, a token to attend to.
+template <class Cache, class Opt>
+void check_query_args(const char* who, const Cache& cache, std::int32_t seq, std::int32_t layer, const float* q,
+                      std::int32_t num_queries, std::int32_t num_q_heads, const float* out, const Opt& opt) {
+  const auto& c = cache.config();
+  const std::int32_t hkv = c.num_kv_heads;
+  KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
+                 cache.num_sequences(), " live sequence ids");
+  KVC_EXPECTS_IN(who, layer >= 0 && layer < c.num_layers, "layer = ", layer, ", expected 0..", c.num_layers - 1);
+  KVC_EXPECTS_IN(who, num_queries > 0, "num_queries = ", num_queries, ", expected >= 1");
+  KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
+                 ", expected a positive multiple of num_kv_heads = ", hkv);
+  KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, q == nullptr ? "q" : "out", " is null");
+  KVC_EXPECTS_IN(who, opt.probs == nullptr && opt.group_probs == nullptr,
+                 "opt.probs or opt.group_probs is set, expected null (this kernel has no probability outputs)");
+  const std::size_t qn = static_cast<std::size_t>(num_queries) * num_q_heads * c.head_dim;
+  for (std::size_t i = 0; i < qn; ++i)
+    KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
+  std::int64_t held = 0;
+  for (std::int32_t h = 0; h < hkv; ++h) held += cache.length(seq, layer, h);
+  KVC_EXPECTS_IN(who, held > 0, "seq = ", seq, ", layer = ", layer,
+                 " holds 0 tokens in all its kv heads, expected at least one token to attend to (append the "
+                 "step's K/V to the layer before attending)");
 }
 
 }  // namespace stream_detail

@@ -34,6 +34,62 @@ KVC_BEGIN_NAMESPACE
 namespace cpu {
 KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 
+namespace merged_detail {
+
+/// Queries [num_queries][num_q_heads][D] over one layer of a merged cache, query i seeing in
+/// each stream the prefix of tokens at positions <= q_pos[i] (q_pos null: every token), each
+/// logit raised by the token's log-weight: the one body of both entry points below.
+template <class Arch, class T>
+void attend(const merge::merged_cache<T>& cache, seq_id seq, std::int32_t layer, const float* q,
+            std::int32_t num_queries, const std::int32_t* q_pos, std::int32_t num_q_heads, float* out,
+            const decode_options& opt, const char* who) {
+  stream_detail::check_query_args(who, cache, seq, layer, q, num_queries, num_q_heads, out, opt);
+  const auto& c = cache.config();
+  const std::int32_t hkv = c.num_kv_heads, D = c.head_dim;
+  const auto& kv = cache.cache();
+  if (q_pos)  // a query's visible tokens must be a prefix of the stream
+    for (std::int32_t h = 0; h < hkv; ++h) {
+      const std::int32_t n = kv.length(seq, layer, h);
+      const std::int32_t* p = kv.positions(seq, layer, h);
+      for (std::int32_t t = 1; t < n; ++t)
+        KVC_EXPECTS_IN(who, p[t] >= p[t - 1], "kv head ", h, " of layer ", layer, " holds position ", p[t],
+                       " at stream index ", t, " after ", p[t - 1],
+                       ", expected positions ascending in stream order (keys re-rotated to new positions are not "
+                       "supported here)");
+    }
+  const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
+  const std::int32_t G = num_q_heads / hkv;
+  const std::size_t qn = static_cast<std::size_t>(num_queries) * num_q_heads * D;
+  std::vector<float> qs(qn), m(static_cast<std::size_t>(num_queries) * num_q_heads), l(m.size());
+  for (std::size_t i = 0; i < qn; ++i) qs[i] = q[i] * scale;
+  auto run = [&](std::int32_t h) {
+    const auto& pages = kv.pages(seq, layer, h);
+    const float* bias = cache.log_weights(seq, layer, h).data();
+    const std::int32_t n = kv.length(seq, layer, h);
+    const std::int32_t* pos = kv.positions(seq, layer, h);
+    for (std::int32_t i = 0; i < num_queries; ++i) {
+      const std::int32_t vis = q_pos ? static_cast<std::int32_t>(std::upper_bound(pos, pos + n, q_pos[i]) - pos) : n;
+      for (std::int32_t g0 = 0; g0 < G; g0 += 8) {  // the kernel takes up to 8 query heads per pass
+        const std::size_t o = static_cast<std::size_t>(i) * num_q_heads + static_cast<std::size_t>(h) * G +
+                              static_cast<std::size_t>(g0);
+        stream_detail::attend_stream_dispatch<Arch, T>(std::min(8, G - g0), kv.pool(), pages.data(), vis, c.page_size,
+                                                       D, qs.data() + o * D, bias, out + o * D, m.data() + o,
+                                                       l.data() + o);
+      }
+    }
+  };
+  if (opt.pool && hkv > 1) opt.pool->parallel_for(hkv, run);
+  else
+    for (std::int32_t h = 0; h < hkv; ++h) run(h);
+  for (std::size_t r = 0; r < m.size(); ++r) {
+    const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+    for (std::int32_t d = 0; d < D; ++d) out[r * D + static_cast<std::size_t>(d)] *= inv;
+    if (opt.lse) opt.lse[r] = l[r] > 0 ? m[r] + std::log(l[r]) : -INFINITY;
+  }
+}
+
+}  // namespace merged_detail
+
 /// Decode attention of one query token per query head over one layer of one sequence of a
 /// merged cache, each token's logit raised by its log-weight. Same contract as
 /// cpu::decode_attention where it applies: GQA when num_q_heads is a multiple of num_kv_heads
@@ -45,50 +101,8 @@ KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
 template <class Arch = default_arch, class T>
 void merged_decode_attention(const merge::merged_cache<T>& cache, seq_id seq, std::int32_t layer, const float* q,
                              std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
-  constexpr const char* who = "kvc::cpu::merged_decode_attention";
-  const auto& c = cache.config();
-  const std::int32_t hkv = c.num_kv_heads, D = c.head_dim;
-  KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
-                 cache.num_sequences(), " live sequence ids");
-  KVC_EXPECTS_IN(who, layer >= 0 && layer < c.num_layers, "layer = ", layer, ", expected 0..", c.num_layers - 1);
-  KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
-                 ", expected a positive multiple of num_kv_heads = ", hkv);
-  KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, "q or out is null");
-  KVC_EXPECTS_IN(who, opt.probs == nullptr && opt.group_probs == nullptr,
-                 "opt.probs or opt.group_probs is set, expected null (the merged kernel has no probability outputs)");
-  for (std::int32_t i = 0; i < num_q_heads * D; ++i)
-    KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
-  const auto& kv = cache.cache();
-  std::int64_t held = 0;
-  for (std::int32_t h = 0; h < hkv; ++h) held += kv.length(seq, layer, h);
-  KVC_EXPECTS_IN(who, held > 0, "seq = ", seq, ", layer = ", layer,
-                 " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
-                 "step's K/V to the layer before attending)");
-  const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
-  const std::int32_t G = num_q_heads / hkv;
-  std::vector<float> qs(static_cast<std::size_t>(num_q_heads) * D);
-  for (std::size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * scale;
-  std::vector<float> m(static_cast<std::size_t>(num_q_heads)), l(m.size());
-  auto run = [&](std::int32_t h) {
-    const auto& pages = kv.pages(seq, layer, h);
-    const float* bias = cache.log_weights(seq, layer, h).data();
-    const std::int32_t n = kv.length(seq, layer, h);
-    for (std::int32_t g0 = 0; g0 < G; g0 += 8) {  // the kernel takes up to 8 query heads per pass
-      const std::size_t o = static_cast<std::size_t>(h) * G + static_cast<std::size_t>(g0);
-      stream_detail::attend_stream_dispatch<Arch, T>(std::min(8, G - g0), kv.pool(), pages.data(), n, c.page_size, D,
-                                                     qs.data() + o * D, bias, out + o * D, m.data() + o, l.data() + o);
-    }
-  };
-  if (opt.pool && hkv > 1) opt.pool->parallel_for(hkv, run);
-  else
-    for (std::int32_t h = 0; h < hkv; ++h) run(h);
-  for (std::int32_t h = 0; h < num_q_heads; ++h) {
-    const float inv = l[static_cast<std::size_t>(h)] > 0 ? 1.0f / l[static_cast<std::size_t>(h)] : 0.0f;
-    for (std::int32_t d = 0; d < D; ++d) out[static_cast<std::size_t>(h) * D + d] *= inv;
-    if (opt.lse)
-      opt.lse[h] = l[static_cast<std::size_t>(h)] > 0 ? m[static_cast<std::size_t>(h)] + std::log(l[static_cast<std::size_t>(h)])
-                                                      : -INFINITY;
-  }
+  merged_detail::attend<Arch>(cache, seq, layer, q, 1, nullptr, num_q_heads, out, opt,
+                              "kvc::cpu::merged_decode_attention");
 }
 
 /// Causal prefill attention over a merged cache: query i (position q_positions[i]) attends, in
@@ -106,65 +120,8 @@ void merged_prefill_attention(const merge::merged_cache<T>& cache, seq_id seq, s
                               std::int32_t num_queries, const std::int32_t* q_positions, std::int32_t num_q_heads,
                               float* out, const decode_options& opt = {}) {
   constexpr const char* who = "kvc::cpu::merged_prefill_attention";
-  const auto& c = cache.config();
-  const std::int32_t hkv = c.num_kv_heads, D = c.head_dim;
-  KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
-                 cache.num_sequences(), " live sequence ids");
-  KVC_EXPECTS_IN(who, layer >= 0 && layer < c.num_layers, "layer = ", layer, ", expected 0..", c.num_layers - 1);
-  KVC_EXPECTS_IN(who, num_queries > 0, "num_queries = ", num_queries, ", expected >= 1");
-  KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
-                 ", expected a positive multiple of num_kv_heads = ", hkv);
-  KVC_EXPECTS_IN(who, q != nullptr && out != nullptr && q_positions != nullptr,
-                 q == nullptr ? "q" : out == nullptr ? "out" : "q_positions", " is null");
-  KVC_EXPECTS_IN(who, opt.probs == nullptr && opt.group_probs == nullptr,
-                 "opt.probs or opt.group_probs is set, expected null (the merged kernel has no probability outputs)");
-  const std::size_t qn = static_cast<std::size_t>(num_queries) * num_q_heads * D;
-  for (std::size_t i = 0; i < qn; ++i)
-    KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
-  const auto& kv = cache.cache();
-  std::int64_t held = 0;
-  for (std::int32_t h = 0; h < hkv; ++h) {
-    const std::int32_t n = kv.length(seq, layer, h);
-    const std::int32_t* p = kv.positions(seq, layer, h);
-    held += n;
-    for (std::int32_t t = 1; t < n; ++t)
-      KVC_EXPECTS_IN(who, p[t] >= p[t - 1], "kv head ", h, " of layer ", layer, " holds position ", p[t],
-                     " at stream index ", t, " after ", p[t - 1],
-                     ", expected positions ascending in stream order (keys re-rotated to new positions are not "
-                     "supported here)");
-  }
-  KVC_EXPECTS_IN(who, held > 0, "seq = ", seq, ", layer = ", layer,
-                 " holds 0 tokens in all its kv heads, expected at least one token to attend to (append the "
-                 "chunk's K/V to the layer before attending)");
-  const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
-  const std::int32_t G = num_q_heads / hkv;
-  const std::size_t per_q = static_cast<std::size_t>(num_q_heads);
-  std::vector<float> qs(qn), m(static_cast<std::size_t>(num_queries) * per_q), l(m.size());
-  for (std::size_t i = 0; i < qn; ++i) qs[i] = q[i] * scale;
-  auto run = [&](std::int32_t h) {
-    const auto& pages = kv.pages(seq, layer, h);
-    const float* bias = cache.log_weights(seq, layer, h).data();
-    const std::int32_t n = kv.length(seq, layer, h);
-    const std::int32_t* pos = kv.positions(seq, layer, h);
-    for (std::int32_t i = 0; i < num_queries; ++i) {
-      const std::int32_t vis = static_cast<std::int32_t>(std::upper_bound(pos, pos + n, q_positions[i]) - pos);
-      for (std::int32_t g0 = 0; g0 < G; g0 += 8) {
-        const std::size_t o = static_cast<std::size_t>(i) * per_q + static_cast<std::size_t>(h) * G +
-                              static_cast<std::size_t>(g0);
-        stream_detail::attend_stream_dispatch<Arch, T>(std::min(8, G - g0), kv.pool(), pages.data(), vis, c.page_size,
-                                                       D, qs.data() + o * D, bias, out + o * D, m.data() + o,
-                                                       l.data() + o);
-      }
-    }
-  };
-  if (opt.pool && hkv > 1) opt.pool->parallel_for(hkv, run);
-  else
-    for (std::int32_t h = 0; h < hkv; ++h) run(h);
-  for (std::size_t r = 0; r < m.size(); ++r) {
-    const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
-    for (std::int32_t d = 0; d < D; ++d) out[r * D + static_cast<std::size_t>(d)] *= inv;
-    if (opt.lse) opt.lse[r] = l[r] > 0 ? m[r] + std::log(l[r]) : -INFINITY;
-  }
+  KVC_EXPECTS_IN(who, q_positions != nullptr, "q_positions is null");
+  merged_detail::attend<Arch>(cache, seq, layer, q, num_queries, q_positions, num_q_heads, out, opt, who);
 }
 
 KVC_END_ISA_NAMESPACE

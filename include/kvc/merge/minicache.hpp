@@ -149,11 +149,23 @@ class minicache_cache {
     return scales(s, layer, head, 1);
   }
 
+  /// One layer's token positions of head h in gather's order (own and shared streams merged by
+  /// position), without reading any row. out: [length] positions.
+  void positions(seq_id s, std::int32_t layer, std::int32_t head, std::int32_t* out) const {
+    check_layer(layer, "positions");
+    const std::int32_t no = kv_.length(s, layer, head);
+    const std::int32_t p = pair_of(layer);
+    const std::int32_t ns = p >= 0 && merged(s, p) ? kv_.length(s, cfg_.num_layers + p, head) : 0;
+    const std::int32_t* po = kv_.positions(s, layer, head);
+    const std::int32_t* ps = ns ? kv_.positions(s, cfg_.num_layers + p, head) : nullptr;
+    std::int32_t i = 0, j = 0;
+    while (i < no || j < ns) *out++ = j >= ns || (i < no && po[i] <= ps[j]) ? po[i++] : ps[j++];
+  }
+
   /// One layer's tokens of head h as the model would see them, in position order: own rows as
   /// stored, shared tokens restored as |x|·e. k_out, v_out: [length][head_dim] (v_out may be
-  /// null); pos_out (may be null): [length] positions.
-  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr,
-              std::int32_t* pos_out = nullptr) const {
+  /// null); positions() gives their positions.
+  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
     check_layer(layer, "gather");
     const std::int32_t D = cfg_.head_dim;
     const std::int32_t no = kv_.length(s, layer, head);
@@ -180,7 +192,6 @@ class minicache_cache {
           if (v_out) v_out[o] = (*mv)[static_cast<std::size_t>(j)] * vs[static_cast<std::size_t>(j) * D + static_cast<std::size_t>(d)];
         }
       }
-      if (pos_out) pos_out[out] = own ? po[i] : ps[j];
       own ? ++i : ++j;
       ++out;
     }

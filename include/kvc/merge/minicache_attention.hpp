@@ -36,28 +36,14 @@ template <class Arch, class T>
 void attend(const merge::minicache_cache<T>& cache, seq_id seq, std::int32_t layer, const float* q,
             std::int32_t num_queries, const std::int32_t* q_pos, std::int32_t num_q_heads, float* out,
             const decode_options& opt, const char* who) {
+  stream_detail::check_query_args(who, cache, seq, layer, q, num_queries, num_q_heads, out, opt);
   const auto& c = cache.config();
   const std::int32_t hkv = c.num_kv_heads, D = c.head_dim;
-  KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
-                 cache.num_sequences(), " live sequence ids");
-  KVC_EXPECTS_IN(who, layer >= 0 && layer < c.num_layers, "layer = ", layer, ", expected 0..", c.num_layers - 1);
-  KVC_EXPECTS_IN(who, num_queries > 0, "num_queries = ", num_queries, ", expected >= 1");
-  KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
-                 ", expected a positive multiple of num_kv_heads = ", hkv);
-  KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, q == nullptr ? "q" : "out", " is null");
-  KVC_EXPECTS_IN(who, opt.probs == nullptr && opt.group_probs == nullptr,
-                 "opt.probs or opt.group_probs is set, expected null (the MiniCache kernel has no probability outputs)");
   const std::size_t qn = static_cast<std::size_t>(num_queries) * num_q_heads * D;
-  for (std::size_t i = 0; i < qn; ++i)
-    KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
   const auto& kv = cache.cache();
   const std::int32_t pair = cache.pair_of(layer);
   const bool shared = pair >= 0 && cache.merged(seq, pair);
   const std::int32_t sl = c.num_layers + pair;  // the shared stream's layer in the store
-  std::int64_t held = 0;
-  for (std::int32_t h = 0; h < hkv; ++h) held += cache.length(seq, layer, h);
-  KVC_EXPECTS_IN(who, held > 0, "seq = ", seq, ", layer = ", layer,
-                 " holds 0 tokens in all its kv heads, expected at least one token to attend to");
   if (q_pos)  // a query's visible tokens must be a prefix of each stream
     for (std::int32_t h = 0; h < hkv; ++h)
       for (std::int32_t l : {layer, shared ? sl : layer}) {

@@ -59,10 +59,8 @@ class minicache_adapter final : public any_cache {
   }
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override { return c_.length(s, layer, head); }
   const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const override {
-    const std::int32_t n = c_.length(s, layer, head);
-    std::vector<float> k(static_cast<std::size_t>(n) * static_cast<std::size_t>(config().head_dim));
-    pos_.assign(static_cast<std::size_t>(n), 0);
-    c_.gather(s, layer, head, k.data(), nullptr, pos_.data());
+    pos_.assign(static_cast<std::size_t>(c_.length(s, layer, head)), 0);
+    c_.positions(s, layer, head, pos_.data());
     return pos_.data();
   }
   std::int32_t seen(seq_id s, std::int32_t layer) const override { return c_.seen(s, layer); }
