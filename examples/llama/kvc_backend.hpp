@@ -28,6 +28,7 @@
 #include <kvc/runtime/merge_registry.hpp>  // merging stages (cam, d2o, kvmerger) and the merged cache
 #include <kvc/runtime/quant_storages.hpp>  // registers kvc's quantized storages (int8, kivi, fp8, ...)
 #include <kvc/runtime/mikv_storage.hpp>    // registers mikv (mixed precision; scores its own attention)
+#include <kvc/runtime/layered_storage.hpp> // registers layers(BASE, lA_B=STORAGE): a storage per layer
 
 #include "kv_backend.hpp"
 

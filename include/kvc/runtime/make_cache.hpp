@@ -81,6 +81,7 @@ inline const char* storage_header(const std::string& name) {
   if (name == "mikv") return "<kvc/runtime/mikv_storage.hpp>";
   if (name == "pca") return "<kvc/runtime/lowrank_storages.hpp>";
   if (name == "minicache") return "<kvc/runtime/minicache_storage.hpp>";
+  if (name == "layers") return "<kvc/runtime/layered_storage.hpp>";
   return nullptr;
 }
 
