@@ -5,11 +5,13 @@
 // (k̂ = μ_k + Σ_j c_j u_j), then attended with a plain two-pass softmax. Nothing of the kernel
 // (projections, online softmax, tiles) is reused, so a wrong basis row, a missing mean, a wrong
 // scale or a wrong token shows as a mismatch. Full rank is also checked against the original K/V.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <kvc/lowrank/pca.hpp>
@@ -161,6 +163,140 @@ void check_against_reference(const case_params& p) {
       CHECK(err < 2e-4);
       CHECK(std::abs(double(lse[qh]) - ref_lse) < 2e-4 * (1 + std::abs(ref_lse)));
     }
+  }
+}
+
+/// RoPE in double, written here from its definition (RoFormer): pair i turns by pos · θ^(-2i/rot);
+/// rotate-half pairs (i, i + rot/2), interleaved pairs (2i, 2i + 1); channels past rot stay.
+void rope_double(double* x, std::int32_t rot, double theta, bool interleaved, double pos) {
+  for (std::int32_t i = 0; i < rot / 2; ++i) {
+    const double a = pos * std::pow(theta, -2.0 * i / rot);
+    const std::int32_t i0 = interleaved ? 2 * i : i, i1 = interleaved ? 2 * i + 1 : i + rot / 2;
+    const double x0 = x[i0], x1 = x[i1];
+    x[i0] = x0 * std::cos(a) - x1 * std::sin(a);
+    x[i1] = x0 * std::sin(a) + x1 * std::cos(a);
+  }
+}
+
+struct general_params {
+  std::int32_t D, rk, rv, n, G;
+  bool pre_rope, center, ragged;
+  kvc::thread_pool* pool = nullptr;
+  bool interleaved = false;
+  std::int32_t rot = 0;  // rotary_dim; 0 = D
+};
+
+/// The general path (pre-RoPE keys and/or two ranks): the stored rows unpacked here from the
+/// documented layout (z = [inner K row | inner V row], c_k = z[0, r_k), c_v = z[r_k, r_k + r_v)),
+/// rebuilt in double, keys rotated here in double at the positions appended (with a gap of 37 in
+/// the middle), then dense attention; out, lse, probs and group_probs are compared.
+template <class T>
+void check_general(const general_params& p) {
+  const std::int32_t H = 2, D = p.D, rk = p.rk, rv = p.rv, n = p.n, G = p.G, Hq = H * G;
+  const std::int32_t rot = p.rot ? p.rot : D;
+  INFO("T = " << (std::is_same<T, float>::value ? "float" : "half") << ", D = " << D << ", rk = " << rk << ", rv = " << rv
+              << ", n = " << n << ", G = " << G << ", pre_rope = " << p.pre_rope << ", center = " << p.center
+              << ", ragged = " << p.ragged << ", pool = " << (p.pool != nullptr) << ", interleaved = " << p.interleaved
+              << ", rot = " << rot << ", simd " << kvc_test::simd_path());
+  const std::uint32_t seed = static_cast<std::uint32_t>(D * 31 + rk * 7 + rv * 3 + n + G);
+  const auto calib_k = rows(256, H, D, seed), calib_v = rows(256, H, D, seed + 1);
+  projected_config cfg;
+  cfg.num_kv_heads = H;
+  cfg.head_dim = D;
+  cfg.rank = rk;
+  cfg.value_rank = rv;
+  cfg.pre_rope = p.pre_rope;
+  cfg.rope.head_dim = D;
+  cfg.rope.rotary_dim = p.rot;
+  cfg.rope.theta = 500.0f;  // fast-turning pairs: a wrong angle shows within a few hundred positions
+  cfg.rope.style = p.interleaved ? kvc::rope_style::interleaved : kvc::rope_style::rotate_half;
+  cfg.max_pages = 4096;
+  projected_cache<T> cache(cfg);
+  REQUIRE(cache.in_place() == (rk == rv && !p.pre_rope));
+  for (std::int32_t h = 0; h < H; ++h)
+    cache.set_basis(0, h, fit_basis(calib_k.data() + h * D, 256, D, H * D, rank_spec::of_count(rk), p.center),
+                    fit_basis(calib_v.data() + h * D, 256, D, H * D, rank_spec::of_count(rv), p.center));
+  const auto seq = cache.add_sequence();
+  const auto k = rows(n, H, D, seed + 2), v = rows(n, H, D, seed + 3);
+  std::vector<std::int32_t> pos(static_cast<std::size_t>(n));
+  for (std::int32_t t = 0; t < n; ++t) pos[t] = t < n / 2 ? t : t + 37;
+  cache.append(seq, 0, k.data(), v.data(), n, pos.data());
+  std::vector<std::int32_t> kept1;  // head 1's tokens, as indices of the appended ones
+  for (std::int32_t t = 0; t < n; t += p.ragged ? 3 : 1) kept1.push_back(t);
+  if (p.ragged) cache.keep(seq, 0, 1, kept1.data(), static_cast<std::int32_t>(kept1.size()));
+  std::mt19937 g(seed + 4);
+  std::normal_distribution<float> nd;
+  std::vector<float> q(static_cast<std::size_t>(Hq) * D), out(q.size()), lse(static_cast<std::size_t>(Hq));
+  for (float& x : q) x = nd(g) * 2.0f;
+  std::vector<float> probs(static_cast<std::size_t>(Hq) * (n + 3), -1.0f), gprobs(static_cast<std::size_t>(H) * (n + 3), -1.0f);
+  kvc::decode_options opt;
+  opt.lse = lse.data();
+  opt.pool = p.pool;
+  opt.probs = probs.data();
+  opt.group_probs = gprobs.data();
+  opt.probs_stride = n + 3;
+  kvc::cpu::projected_decode_attention(cache, seq, 0, q.data(), Hq, out.data(), opt);
+
+  const std::int32_t hw = (rk + rv + 1) / 2;
+  for (std::int32_t h = 0; h < H; ++h) {
+    const std::int32_t len = cache.length(seq, 0, h);
+    REQUIRE(len == (h == 1 ? static_cast<std::int32_t>(kept1.size()) : n));
+    std::vector<float> kr(static_cast<std::size_t>(len) * hw), vr(kr.size()), ck(static_cast<std::size_t>(len) * rk),
+        cv(static_cast<std::size_t>(len) * rv);
+    cache.coefficients().gather(seq, 0, h, kr.data(), vr.data());
+    for (std::int32_t t = 0; t < len; ++t) {
+      for (std::int32_t j = 0; j < rk + rv; ++j) {
+        const float z = j < hw ? kr[static_cast<std::size_t>(t) * hw + j] : vr[static_cast<std::size_t>(t) * hw + j - hw];
+        if (j < rk) ck[static_cast<std::size_t>(t) * rk + j] = z;
+        else cv[static_cast<std::size_t>(t) * rv + j - rk] = z;
+      }
+    }
+    auto K = reconstruct(cache.key_basis(0, h), ck, len);
+    const auto V = reconstruct(cache.value_basis(0, h), cv, len);
+    for (std::int32_t t = 0; t < len; ++t) {
+      const std::int32_t at = pos[static_cast<std::size_t>(h == 1 ? kept1[static_cast<std::size_t>(t)] : t)];
+      if (p.pre_rope) rope_double(K.data() + static_cast<std::size_t>(t) * D, rot, 500.0, p.interleaved, at);
+    }
+    // The stored value coefficients are the projections of the appended values (within T's rounding).
+    const double tol_c = std::is_same<T, float>::value ? 1e-4 : 2e-3;
+    const basis& bv = cache.value_basis(0, h);
+    for (std::int32_t t = 0; t < len; t += 5)
+      for (std::int32_t j = 0; j < rv; ++j) {
+        const std::size_t src = static_cast<std::size_t>(h == 1 ? kept1[static_cast<std::size_t>(t)] : t);
+        double a = 0;
+        for (std::int32_t d = 0; d < D; ++d)
+          a += double(bv.u[static_cast<std::size_t>(j) * D + d]) *
+               (double(v[(src * H + h) * D + d]) - (bv.centered() ? double(bv.mean[d]) : 0.0));
+        const double got = cv[static_cast<std::size_t>(t) * rv + j];
+        if (std::abs(got - a) > tol_c * (1 + std::abs(a))) FAIL("value coefficient t=" << t << " j=" << j << ": " << got << " vs " << a);
+      }
+    std::vector<double> gsum(static_cast<std::size_t>(len), 0.0);
+    for (std::int32_t gq = 0; gq < G; ++gq) {
+      const std::int32_t qh = h * G + gq;
+      const float* qq = q.data() + static_cast<std::size_t>(qh) * D;
+      std::vector<double> ref(static_cast<std::size_t>(D));
+      double ref_lse = 0;
+      dense_attention(qq, K, V, len, D, 1.0 / std::sqrt(double(D)), ref.data(), &ref_lse);
+      double err = 0;
+      for (std::int32_t d = 0; d < D; ++d) err = std::max(err, std::abs(double(out[static_cast<std::size_t>(qh) * D + d]) - ref[d]));
+      INFO("query head " << qh << ", length " << len);
+      CHECK(err < 2e-4);
+      CHECK(std::abs(double(lse[qh]) - ref_lse) < 2e-4 * (1 + std::abs(ref_lse)));
+      double perr = 0;
+      for (std::int32_t t = 0; t < len; ++t) {
+        double a = 0;
+        for (std::int32_t d = 0; d < D; ++d) a += double(qq[d]) * K[static_cast<std::size_t>(t) * D + d];
+        const double pr = std::exp(a / std::sqrt(double(D)) - ref_lse);
+        gsum[static_cast<std::size_t>(t)] += pr;
+        perr = std::max(perr, std::abs(double(probs[static_cast<std::size_t>(qh) * (n + 3) + t]) - pr));
+      }
+      CHECK(perr < 1e-5);
+      for (std::int32_t t = len; t < n + 3; ++t) CHECK(probs[static_cast<std::size_t>(qh) * (n + 3) + t] == 0.0f);
+    }
+    double gerr = 0;
+    for (std::int32_t t = 0; t < len; ++t)
+      gerr = std::max(gerr, std::abs(double(gprobs[static_cast<std::size_t>(h) * (n + 3) + t]) - gsum[static_cast<std::size_t>(t)]));
+    CHECK(gerr < 1e-5 * G);
   }
 }
 
@@ -438,4 +574,87 @@ TEST_CASE("lowrank: bad inputs throw and name the argument", "[lowrank]") {
   REQUIRE_THROWS_WITH(kvc::cpu::projected_decode_attention(cache, seq, 1, q.data(), 2, out.data()), Contains("layer = 1"));
   REQUIRE_THROWS_WITH(kvc::cpu::projected_decode_attention(cache, seq + 5, 0, q.data(), 2, out.data()), Contains("seq = "));
   kvc::cpu::projected_decode_attention(cache, seq, 0, q.data(), 2, out.data());
+}
+
+TEST_CASE("lowrank: pre-RoPE keys and two ranks, against dense double attention with RoPE applied here", "[lowrank]") {
+  kvc::thread_pool pool(2);
+  for (std::int32_t D : {64, 128})
+    for (std::int32_t n : {1, 7, 300, 1000})
+      for (std::int32_t G : {1, 4}) {
+        // Half-rank keys and full-rank values (the cache a model wants), pre-RoPE.
+        check_general<kvc::half>({D, D / 2, D, n, G, true, false, false});
+        check_general<float>({D, D / 4, D / 2, n, G, true, true, n > 1});
+        // Two ranks without RoPE, and pre-RoPE with one rank: both leave the r-space path.
+        check_general<float>({D, D / 8, 3 * D / 4, n, G, false, true, false});
+        check_general<kvc::half>({D, D / 4, D / 4, n, G, true, false, n > 1, &pool});
+      }
+  // Odd r_k + r_v (one padding value per row), interleaved pairs, partial rotary_dim, heads over a pool.
+  check_general<float>({64, 13, 46, 300, 4, true, true, true, &pool, true});
+  check_general<kvc::half>({128, 32, 97, 1000, 2, true, false, true, nullptr, false, 64});
+  // Post-RoPE keys at half rank, full-rank values, uncentered: the r_k-space scores of the general path.
+  check_general<kvc::half>({64, 32, 64, 300, 4, false, false, true, &pool});
+}
+
+TEST_CASE("lowrank: pre-RoPE at full rank reproduces exact attention on the original keys, rotated here", "[lowrank]") {
+  const std::int32_t H = 2, D = 64, n = 500, G = 2, Hq = H * G;
+  const auto k = rows(n, H, D, 21), v = rows(n, H, D, 22);
+  projected_config cfg;
+  cfg.num_kv_heads = H;
+  cfg.head_dim = D;
+  cfg.rank = D;
+  cfg.pre_rope = true;
+  cfg.rope.head_dim = D;
+  projected_cache<float> cache(cfg);
+  for (std::int32_t h = 0; h < H; ++h)
+    cache.set_basis(0, h, fit_basis(k.data() + h * D, n, D, H * D, rank_spec::of_count(D), false),
+                    fit_basis(v.data() + h * D, n, D, H * D, rank_spec::of_count(D), true));
+  const auto seq = cache.add_sequence();
+  cache.append(seq, 0, k.data(), v.data(), 200);  // positions 0..199, then 1000..1299
+  std::vector<std::int32_t> pos(300);
+  for (std::int32_t t = 0; t < 300; ++t) pos[t] = 1000 + t;
+  cache.append(seq, 0, k.data() + 200 * H * D, v.data() + 200 * H * D, 300, pos.data());
+  std::vector<float> q(static_cast<std::size_t>(Hq) * D), out(q.size());
+  std::mt19937 g(23);
+  std::normal_distribution<float> nd;
+  for (float& x : q) x = nd(g);
+  kvc::cpu::projected_decode_attention(cache, seq, 0, q.data(), Hq, out.data());
+  for (std::int32_t h = 0; h < H; ++h) {
+    std::vector<double> K(static_cast<std::size_t>(n) * D), V(K.size());
+    for (std::int32_t t = 0; t < n; ++t) {
+      for (std::int32_t d = 0; d < D; ++d) {
+        K[static_cast<std::size_t>(t) * D + d] = k[(static_cast<std::size_t>(t) * H + h) * D + d];
+        V[static_cast<std::size_t>(t) * D + d] = v[(static_cast<std::size_t>(t) * H + h) * D + d];
+      }
+      rope_double(K.data() + static_cast<std::size_t>(t) * D, D, 10000.0, false, t < 200 ? t : 800 + t);
+    }
+    for (std::int32_t gq = 0; gq < G; ++gq) {
+      std::vector<double> ref(static_cast<std::size_t>(D));
+      double lse = 0;
+      dense_attention(q.data() + static_cast<std::size_t>(h * G + gq) * D, K, V, n, D, 1 / std::sqrt(double(D)), ref.data(), &lse);
+      double err = 0;
+      for (std::int32_t d = 0; d < D; ++d) err = std::max(err, std::abs(double(out[static_cast<std::size_t>(h * G + gq) * D + d]) - ref[d]));
+      CHECK(err < 1e-4);
+    }
+  }
+}
+
+TEST_CASE("lowrank: two ranks cost (r_k + r_v) sizeof(T) per token and kv head, rounded up to even", "[lowrank]") {
+  for (auto [rk, rv] : {std::pair<int, int>{16, 64}, {13, 46}, {32, 32}}) {
+    projected_config cfg;
+    cfg.num_kv_heads = 4;
+    cfg.head_dim = 64;
+    cfg.rank = rk;
+    cfg.value_rank = rv;
+    projected_cache<kvc::half> cache(cfg);
+    const auto x = rows(64, 4, 64, 5);
+    for (std::int32_t h = 0; h < 4; ++h)
+      cache.set_basis(0, h, fit_basis(x.data() + h * 64, 64, 64, 4 * 64, rank_spec::of_count(rk)),
+                      fit_basis(x.data() + h * 64, 64, 64, 4 * 64, rank_spec::of_count(rv)));
+    const auto seq = cache.add_sequence();
+    cache.append(seq, 0, x.data(), x.data(), 48);  // 3 whole pages per head
+    const std::size_t w = static_cast<std::size_t>(rk + rv + 1) / 2 * 2;
+    INFO("r_k = " << rk << ", r_v = " << rv);
+    REQUIRE(cache.bytes_in_use() == 48u * 4u * w * 2u);
+    REQUIRE(cache.bytes_in_use() == cache.coefficients().pool().bytes_in_use());
+  }
 }

@@ -276,10 +276,21 @@ TEST_CASE("pca: bad specs name the argument, the value and what was expected", "
   REQUIRE_THROWS_WITH(make_cache("pca(rank=65)", cfg), Contains("rank = 65") && Contains("1..64 (head_dim)"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=1.5)", cfg), Contains("rank = 1.5") && Contains("fraction in (0, 1)"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=-0.5)", cfg), Contains("rank = -0.5"));
-  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,bits=4)", cfg), Contains("no argument 'bits'") && Contains("rank, center, coef"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,bits=4)", cfg), Contains("no argument 'bits'") && Contains("rank, vrank, pre_rope, center, coef"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=16,coef=int8)", cfg), Contains("coef = int8") && Contains("fp16 or fp32"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=16,center=2)", cfg), Contains("center = 2") && Contains("0 or 1"));
   REQUIRE_THROWS_WITH(make_cache("pca", cfg), Contains("needs 'rank="));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,vrank=0)", cfg), Contains("vrank = 0") && Contains("1..64 (head_dim)"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,vrank=65)", cfg), Contains("vrank = 65"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,pre_rope=2)", cfg), Contains("pre_rope = 2") && Contains("0 or 1"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,pre_rope=1)", cfg),
+                      Contains("pre_rope = 1") && Contains("the model's RoPE in storage_options::rope"));
+  kvc::rope_config rc;
+  rc.head_dim = 128;
+  kvc::runtime::storage_options so;
+  so.rope = &rc;
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,pre_rope=1)", cfg, so),
+                      Contains("rope->head_dim = 128") && Contains("the cache's head_dim = 64"));
   CHECK(make_cache("pca(rank=64)", cfg) != nullptr);
   CHECK(make_cache("pca(rank=0.999)", cfg) != nullptr);
 }
@@ -298,7 +309,7 @@ TEST_CASE("pca: a rejected append leaves the cache unchanged", "[lowrank][pca_sp
   CHECK(c->bytes_in_use() == 0);
   // Fewer tokens than the rank in the first append: refused (a basis fitted on too few rows).
   k = rows(40, 1);
-  CHECK_THROWS_WITH(c->append(s, 0, k.data(), v.data(), 8), Contains("n = 8") && Contains("at least rank = 16"));
+  CHECK_THROWS_WITH(c->append(s, 0, k.data(), v.data(), 8), Contains("n = 8") && Contains("at least max(rank, vrank) = 16"));
   CHECK(c->length(s, 0, 0) == 0);
   CHECK(c->seen(s, 0) == 0);
   c->append(s, 0, k.data(), v.data(), 40);
@@ -406,4 +417,93 @@ TEST_CASE("pca: prefill attention is causal attention over the gathered keys and
     const auto dec = attend(*c, s, 1, qlast);
     for (std::size_t j = 0; j < row; ++j) CHECK(std::abs(dec[j] - out[4 * row + j]) < 1e-4f);
   }
+}
+
+namespace {
+
+/// RoPE in double from its definition (rotate-half pairs (i, i + D/2), pair i turning by
+/// pos · θ^(-2i/D)): written here, not kvc::rope.
+void rotate_here(float* x, double theta, double pos) {
+  for (std::int32_t i = 0; i < D / 2; ++i) {
+    const double a = pos * std::pow(theta, -2.0 * i / D), x0 = x[i], x1 = x[i + D / 2];
+    x[i] = static_cast<float>(x0 * std::cos(a) - x1 * std::sin(a));
+    x[i + D / 2] = static_cast<float>(x0 * std::sin(a) + x1 * std::cos(a));
+  }
+}
+
+kvc::runtime::storage_options with_rope(kvc::rope_config& rc) {
+  rc.head_dim = D;
+  rc.theta = 1000.0f;
+  kvc::runtime::storage_options so;
+  so.rope = &rc;
+  return so;
+}
+
+}  // namespace
+
+TEST_CASE("pca with pre_rope and vrank: gather rotates the rebuilt keys, attention matches a dense reference",
+          "[lowrank][pca_spec]") {
+  kvc::rope_config rc;
+  const auto so = with_rope(rc);
+  for (const char* spec : {"pca(rank=16,vrank=64,pre_rope=1)", "pca(rank=24,vrank=40,pre_rope=1,center=1,coef=fp32)",
+                           "pca(rank=0.25,vrank=0.75)", "pca(rank=64,vrank=64,pre_rope=1,coef=fp32)"}) {
+    CAPTURE(spec);
+    auto c = make_cache(spec, shape(), so);
+    const bool pre = std::string(spec).find("pre_rope=1") != std::string::npos;
+    const bool full = std::string(spec).rfind("pca(rank=64,", 0) == 0;
+    CHECK(c->pre_rope_keys() == pre);
+    const seq_id s = c->add_sequence();
+    fill(*c, s, 100, 3, 17);
+    for (std::int32_t l = 0; l < L; ++l) {
+      std::vector<std::vector<float>> K, V;
+      gathered(*c, s, l, K, V);
+      const auto q = rows(G, 199 + l);
+      CHECK(max_diff(attend(*c, s, l, q), reference(q, K, V)) < 1e-3);
+      // Prefill attention of the last position over the same tokens agrees with decode attention.
+      std::vector<float> pout(q.size());
+      const std::int32_t last = 102;
+      c->prefill_attention(s, l, q.data(), 1, &last, H * G, pout.data(), {});
+      CHECK(max_diff(pout, reference(q, K, V)) < 1e-3);
+      if (full) {  // full rank: gather is the original keys rotated here, and the original values
+        const auto k0 = rows(100, 17 + 10 * l), v0 = rows(100, 17 + 10 * l + 1);
+        for (std::int32_t h = 0; h < H; ++h) {
+          auto kh = head_rows(k0, h);
+          const auto vh = head_rows(v0, h);
+          double ek = 0, ev = 0;
+          for (std::int32_t t = 0; t < 100; ++t) {
+            rotate_here(kh.data() + static_cast<std::size_t>(t) * D, 1000.0, t);
+            for (std::int32_t d = 0; d < D; ++d) {
+              ek = std::max(ek, double(std::abs(kh[static_cast<std::size_t>(t) * D + d] - K[h][static_cast<std::size_t>(t) * D + d])));
+              ev = std::max(ev, double(std::abs(vh[static_cast<std::size_t>(t) * D + d] - V[h][static_cast<std::size_t>(t) * D + d])));
+            }
+          }
+          CHECK(ek < 1e-4);
+          CHECK(ev < 1e-4);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("pca with vrank: pool bytes are (rank + vrank) coefficients per token, counted in pages here",
+          "[lowrank][pca_spec]") {
+  kvc::rope_config rc;
+  const auto so = with_rope(rc);
+  struct row { const char* spec; std::size_t width, elem; };
+  for (const row& r : {row{"pca(rank=16,vrank=64,pre_rope=1)", 80, 2}, row{"pca(rank=13,vrank=46,coef=fp32)", 60, 4},
+                       row{"pca(rank=32)", 64, 2}}) {
+    CAPTURE(r.spec);
+    auto c = make_cache(r.spec, shape(), so);
+    const seq_id s = c->add_sequence();
+    fill(*c, s, 70, 0, 5);  // 70 tokens: 5 pages of 16 per stream
+    const std::size_t pages = std::size_t{L} * H * 5;
+    CHECK(c->bytes_in_use() == pages * P * r.width * r.elem);
+  }
+  // The first append must give both bases enough rows.
+  auto c = make_cache("pca(rank=8,vrank=48)", shape());
+  const seq_id s = c->add_sequence();
+  const auto k = rows(40, 1), v = rows(40, 2);
+  REQUIRE_THROWS_WITH(c->append(s, 0, k.data(), v.data(), 40),
+                      Contains("n = 40") && Contains("at least max(rank, vrank) = 48"));
+  CHECK(c->bytes_in_use() == 0);
 }

@@ -25,7 +25,14 @@
 /// constant q·μ_k cancels in the softmax (it moves only the log-sum-exp, which is corrected);
 /// with v̂_t = μ_v + U_v c_v[t], Σ p_t v̂_t = μ_v + U_v Σ p_t c_v[t] because Σ p_t = 1.
 ///
-/// Keys are used as stored (post-RoPE). Pre-RoPE storage with rotation in the kernel is missing.
+/// That r-space path needs keys stored post-RoPE and equal key and value ranks (in_place()). A
+/// cache with pre-RoPE keys or two ranks runs the general path instead: with pre-RoPE keys, per
+/// token and kv head it rebuilds the key k̂_t = R(p_t)(U_k c_k[t] + μ_k) (r_k·D FMAs, shared by
+/// the group's G query heads, then a rotation at the token's stored position) and scores it
+/// against the unprojected queries; with post-RoPE keys it scores in r_k dimensions as above.
+/// Either way an exact two-pass softmax, then Σ p_t c_v[t] in r_v dimensions, back-projected once.
+/// RoPE does not commute with U_k, so no r-space shortcut exists for pre-RoPE keys (q·R(p)U c needs
+/// R(p)ᵀq projected per token: the same D·r_k FMAs); the saving there is bytes, not arithmetic.
 /// Threads: read-only on the cache (as cpu::decode_attention). Compiled per ISA (docs/isa.md).
 
 #include <algorithm>
@@ -34,6 +41,7 @@
 #include <vector>
 
 #include <kvc/attention/options.hpp>
+#include <kvc/attention/rope.hpp>
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/cpu/simd.hpp>
 #include <kvc/cpu/stream_attention.hpp>
@@ -131,6 +139,135 @@ void back_project_all(const lowrank::projected_cache<T>& cache, std::int32_t lay
   }
 }
 
+/// cos and sin of every rotary pair at each of n positions, [n][rotary_dim / 2] each. Consecutive
+/// positions (the common case) step by the pair's rotation in double, (c, s) at p + 1 from (c, s)
+/// at p, instead of a sin and cos per pair and token; every 256 tokens, and at any gap, the angle
+/// is computed afresh, so the recurrence's round-off (about 1e-16 per step) never reaches float's.
+inline void rope_table(const rope& rp, const std::int32_t* pos, std::int32_t n, std::vector<float>& cs,
+                       std::vector<float>& sn) {
+  const std::int32_t half = rp.config().rotary_dim / 2;
+  cs.resize(static_cast<std::size_t>(n) * half);
+  sn.resize(cs.size());
+  std::vector<double> c(static_cast<std::size_t>(half)), s(c.size()), c1(c.size()), s1(c.size());
+  for (std::int32_t i = 0; i < half; ++i) {
+    c1[static_cast<std::size_t>(i)] = std::cos(rp.inv_freq(i));
+    s1[static_cast<std::size_t>(i)] = std::sin(rp.inv_freq(i));
+  }
+  for (std::int32_t t = 0; t < n; ++t) {
+    const bool step = t > 0 && t % 256 != 0 && pos[t] == pos[t - 1] + 1;
+    for (std::int32_t i = 0; i < half; ++i) {
+      const std::size_t k = static_cast<std::size_t>(i);
+      if (step) {
+        const double cn = c[k] * c1[k] - s[k] * s1[k];
+        s[k] = s[k] * c1[k] + c[k] * s1[k];
+        c[k] = cn;
+      } else {
+        const double a = static_cast<double>(pos[t]) * rp.inv_freq(i);
+        c[k] = std::cos(a);
+        s[k] = std::sin(a);
+      }
+      cs[static_cast<std::size_t>(t) * half + k] = static_cast<float>(c[k]);
+      sn[static_cast<std::size_t>(t) * half + k] = static_cast<float>(s[k]);
+    }
+  }
+}
+
+/// Rotates x[D] by one row of rope_table (the pairing of rp's style; channels past rotary_dim stay).
+inline void rotate(const rope& rp, const float* cs, const float* sn, float* x) noexcept {
+  const std::int32_t half = rp.config().rotary_dim / 2;
+  const bool rh = rp.config().style == rope_style::rotate_half;
+  for (std::int32_t i = 0; i < half; ++i) {
+    const std::int32_t i0 = rh ? i : 2 * i, i1 = rh ? i + half : 2 * i + 1;
+    const float x0 = x[i0], x1 = x[i1];
+    x[i0] = x0 * cs[i] - x1 * sn[i];
+    x[i1] = x0 * sn[i] + x1 * cs[i];
+  }
+}
+
+/// The general path (see the file comment) for kv head h: scores against rebuilt (and, with
+/// pre_rope, rotated) keys, an exact softmax over the whole stream, Σ p c_v, back-projection. Fills
+/// out, lse, probs and group_probs of the head's G query heads; a head with no tokens gives zeros
+/// and lse = -inf.
+template <class Arch, class T>
+void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, std::int32_t layer, std::int32_t h,
+                         std::int32_t G, const float* q, float scale, float* out, const decode_options& opt) {
+  const auto& c = cache.config();
+  const auto& coef = cache.coefficients();
+  const std::int32_t D = c.head_dim, rk = cache.key_rank(), rv = cache.value_rank(), hw = cache.row_width() / 2;
+  const std::int32_t n = coef.length(seq, layer, h);
+  const std::size_t q0 = static_cast<std::size_t>(h) * G;
+  if (opt.group_probs) std::fill_n(opt.group_probs + static_cast<std::size_t>(h) * opt.probs_stride, opt.probs_stride, 0.0f);
+  if (n == 0) {
+    std::fill_n(out + q0 * D, static_cast<std::size_t>(G) * D, 0.0f);
+    for (std::int32_t g = 0; g < G; ++g) {
+      if (opt.lse) opt.lse[q0 + g] = -INFINITY;
+      if (opt.probs) std::fill_n(opt.probs + (q0 + g) * opt.probs_stride, opt.probs_stride, 0.0f);
+    }
+    return;
+  }
+  std::vector<float> kr(static_cast<std::size_t>(n) * hw), vr(kr.size());
+  coef.gather(seq, layer, h, kr.data(), vr.data());
+  std::vector<float> ck(static_cast<std::size_t>(n) * rk), cv(static_cast<std::size_t>(n) * rv);
+  cache.split_row(kr.data(), vr.data(), n, ck.data(), cv.data());
+  const rope* rp = cache.key_rope();
+  std::vector<float> cs, sn;
+  if (rp) rope_table(*rp, coef.positions(seq, layer, h), n, cs, sn);
+  const std::int32_t half = rp ? rp->config().rotary_dim / 2 : 0;
+  const lowrank::basis& bk = cache.key_basis(layer, h);
+  const lowrank::basis& bv = cache.value_basis(layer, h);
+  std::vector<float> s(static_cast<std::size_t>(G) * n), key(static_cast<std::size_t>(D));
+  if (rp) {  // rebuild, rotate, score: R(p) does not commute with U_k
+    for (std::int32_t t = 0; t < n; ++t) {
+      back_project<Arch>(bk.u.data(), rk, D, ck.data() + static_cast<std::size_t>(t) * rk,
+                         bk.centered() ? bk.mean.data() : nullptr, key.data());
+      rotate(*rp, cs.data() + static_cast<std::size_t>(t) * half, sn.data() + static_cast<std::size_t>(t) * half, key.data());
+      for (std::int32_t g = 0; g < G; ++g) {
+        const float* qg = q + (q0 + g) * D;
+        float a = 0;
+        for (std::int32_t d = 0; d < D; ++d) a += qg[d] * key[static_cast<std::size_t>(d)];
+        s[static_cast<std::size_t>(g) * n + t] = scale * a;
+      }
+    }
+  } else {  // post-RoPE keys, two ranks: score in r_k dimensions, q·k̂ = (U_kᵀq)·c_k + q·μ_k
+    std::vector<float> qp(static_cast<std::size_t>(rk));
+    for (std::int32_t g = 0; g < G; ++g) {
+      const float* qg = q + (q0 + g) * D;
+      project_query<Arch>(bk.u.data(), rk, D, qg, qp.data());
+      double qm = 0;
+      if (bk.centered())
+        for (std::int32_t d = 0; d < D; ++d) qm += static_cast<double>(qg[d]) * bk.mean[static_cast<std::size_t>(d)];
+      for (std::int32_t t = 0; t < n; ++t) {
+        const float* c = ck.data() + static_cast<std::size_t>(t) * rk;
+        float a = 0;
+        for (std::int32_t j = 0; j < rk; ++j) a += qp[static_cast<std::size_t>(j)] * c[j];
+        s[static_cast<std::size_t>(g) * n + t] = scale * (a + static_cast<float>(qm));
+      }
+    }
+  }
+  std::vector<float> acc(static_cast<std::size_t>(rv));
+  for (std::int32_t g = 0; g < G; ++g) {
+    float* sg = s.data() + static_cast<std::size_t>(g) * n;
+    float m = -INFINITY;
+    for (std::int32_t t = 0; t < n; ++t) m = std::max(m, sg[t]);
+    double l = 0;
+    for (std::int32_t t = 0; t < n; ++t) {
+      sg[t] = std::exp(sg[t] - m);
+      l += sg[t];
+    }
+    const float inv = static_cast<float>(1.0 / l);
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (std::int32_t t = 0; t < n; ++t) {
+      const float p = sg[t] * inv;
+      const float* cvt = cv.data() + static_cast<std::size_t>(t) * rv;
+      for (std::int32_t j = 0; j < rv; ++j) acc[static_cast<std::size_t>(j)] += p * cvt[j];
+      if (opt.probs) opt.probs[(q0 + g) * opt.probs_stride + t] = p;
+      if (opt.group_probs) opt.group_probs[static_cast<std::size_t>(h) * opt.probs_stride + t] += p;
+    }
+    if (opt.probs) std::fill(opt.probs + (q0 + g) * opt.probs_stride + n, opt.probs + (q0 + g + 1) * opt.probs_stride, 0.0f);
+    if (opt.lse) opt.lse[q0 + g] = m + static_cast<float>(std::log(l));
+    back_project<Arch>(bv.u.data(), rv, D, acc.data(), bv.centered() ? bv.mean.data() : nullptr, out + (q0 + g) * D);
+  }
+}
 
 }  // namespace lowrank_detail
 
@@ -138,9 +275,9 @@ void back_project_all(const lowrank::projected_cache<T>& cache, std::int32_t lay
 /// projected cache. Same contract as cpu::decode_attention on a kv_cache: GQA when num_q_heads is
 /// a multiple of num_kv_heads, opt.scale 0 means 1/sqrt(head_dim) of the *original* head_dim,
 /// opt.pool runs the kv heads in parallel (the fallback kernel, with split_tokens, also splits
-/// over tokens), opt.lse / probs / group_probs are those of the softmax over the
+/// over tokens; the general path ignores split_tokens), opt.lse / probs / group_probs are those of the softmax over the
 /// reconstructed keys k̂ = μ_k + U_k c (exactly: the lse includes scale · q·μ_k).
-/// \param q    [num_q_heads][head_dim] queries (post-RoPE, like the stored keys)
+/// \param q    [num_q_heads][head_dim] queries, post-RoPE (pre-RoPE keys are rotated to meet them)
 /// \param out  [num_q_heads][head_dim]
 /// \pre every kv head of the layer has a basis; q finite (checked: kvc::error)
 template <class Arch = default_arch, class T>
@@ -148,7 +285,7 @@ void projected_decode_attention(const lowrank::projected_cache<T>& cache, seq_id
                                 const float* q, std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
   using lowrank_detail::api_name;
   const auto& c = cache.config();
-  const std::int32_t hkv = c.num_kv_heads, D = c.head_dim, r = c.rank;
+  const std::int32_t hkv = c.num_kv_heads, D = c.head_dim;
   KVC_EXPECTS_IN(api_name, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
                  cache.num_sequences(), " live sequence ids");
   KVC_EXPECTS_IN(api_name, layer >= 0 && layer < c.num_layers, "layer = ", layer, ", expected 0..", c.num_layers - 1);
@@ -162,10 +299,31 @@ void projected_decode_attention(const lowrank::projected_cache<T>& cache, seq_id
                    " has no basis, expected projected_cache::set_basis before attending");
   const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
   const std::int32_t G = num_q_heads / hkv;
+  const auto& coef = cache.coefficients();
+  if (!cache.in_place()) {  // pre-RoPE keys or two ranks: the general path
+    std::int64_t held = 0, longest = 0;
+    for (std::int32_t h = 0; h < hkv; ++h) {
+      held += coef.length(seq, layer, h);
+      longest = std::max<std::int64_t>(longest, coef.length(seq, layer, h));
+    }
+    KVC_EXPECTS_IN(api_name, held > 0, "seq = ", seq, ", layer = ", layer,
+                   " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
+                   "step's K/V to the layer before attending)");
+    KVC_EXPECTS_IN(api_name, (opt.probs == nullptr && opt.group_probs == nullptr) || opt.probs_stride >= longest,
+                   "opt.probs_stride = ", opt.probs_stride, ", expected >= the longest stream of the layer, ", longest,
+                   " tokens, with probs or group_probs");
+    auto run = [&](std::int32_t h) {
+      lowrank_detail::attend_head_general<Arch>(cache, seq, layer, h, G, q, scale, out, opt);
+    };
+    if (opt.pool && hkv > 1) opt.pool->parallel_for(hkv, run);
+    else
+      for (std::int32_t h = 0; h < hkv; ++h) run(h);
+    return;
+  }
+  const std::int32_t r = c.rank;
   std::vector<float> qp(static_cast<std::size_t>(num_q_heads) * r), acc(qp.size());
   lowrank_detail::project_queries<Arch>(cache, layer, q, num_q_heads, qp.data());
   constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
-  const auto& coef = cache.coefficients();
   // The r-space kernel (stream_detail::attend_stream, kvc/cpu/stream_attention.hpp) covers the
   // common case; everything else runs kvc's decode kernel on the coefficient pages (head_dim = r), which has split-K and the
   // probability outputs.

@@ -2,22 +2,33 @@
 #pragma once
 
 /// \file
-/// `lowrank::projected_cache<T>`: a KV cache that stores, per (sequence, layer, kv head), the r
-/// coefficients c = Uᵀ(x − μ) of every key and value instead of its D channels (kvc/lowrank/pca.hpp
-/// fits U and μ). The coefficients live in a `kv_cache<T>` whose head_dim is r, so every byte is a
-/// page-pool byte (page = [K: page_size x r][V: page_size x r] of T, one stream per head), a
-/// head's coefficients are contiguous rows the decode kernel streams, and keep/fork/eviction work
-/// on them unchanged. Decode attention over it: kvc/lowrank/projected_attention.hpp.
+/// `lowrank::projected_cache<T>`: a KV cache that stores, per (sequence, layer, kv head), the r_k
+/// coefficients c_k = U_kᵀ(k − μ_k) of every key and the r_v coefficients c_v = U_vᵀ(v − μ_v) of
+/// every value instead of their D channels (kvc/lowrank/pca.hpp fits U and μ). The coefficients
+/// live in a `kv_cache<T>`, so every byte is a page-pool byte, a head's coefficients are
+/// contiguous rows the decode kernel streams, and keep/fork/eviction work on them unchanged.
+/// Decode attention over it: kvc/lowrank/projected_attention.hpp.
 ///
-/// Bytes per token and kv head: 2 · r · sizeof(T) (K and V), against 2 · D · 2 for fp16 pages:
-/// r = D/4 in fp16 is 4x fewer bytes (128 against 512 at D = 128), in fp32 2x.
+/// Row layout. A token's coefficients are one row z = [c_k (r_k) | c_v (r_v) | 0 if r_k + r_v is
+/// odd] of w = ceil((r_k + r_v) / 2) · 2 values, stored as the inner cache's K row (z[0, w/2)) and
+/// V row (z[w/2, w)) with inner head_dim w/2. With r_k = r_v = r that is K row = c_k and V row =
+/// c_v (head_dim r), the layout the r-space kernel streams; with different ranks the boundary
+/// falls inside a row, which the general kernel and gather() unpack (split_row). Different ranks
+/// matter because keys and values differ: on SmolLM2-135M 95% of the energy of pre-RoPE keys is
+/// in 16 of 64 directions but values need 51 (docs/lowrank-spectrum.png).
 ///
-/// One rank for the whole cache (pages are one size per pool). A basis fitted with an energy
-/// threshold has its own count per head: fit with rank_spec::of_count(max over heads), or refit.
+/// Bytes per token and kv head: w · sizeof(T), against 2 · D · 2 for fp16 pages: r_k = r_v = D/4
+/// in fp16 is 4x fewer bytes (128 against 512 at D = 128), in fp32 2x.
+///
+/// One pair of ranks for the whole cache (pages are one size per pool). A basis fitted with an
+/// energy threshold has its own count per head: fit with rank_spec::of_count(max over heads).
 /// Bases belong to the cache, not to a sequence: fitted once (e.g. from the first prompt) and
 /// used for every sequence, as Loki's and Eigen Attention's calibration bases are.
-/// Keys are projected as given: with RoPE applied (post-RoPE). Pre-RoPE storage with rotation in
-/// the kernel is not implemented (docs/design.md, "Low-rank: projected streams").
+///
+/// RoPE. Keys are projected as given. With `pre_rope`, the caller appends keys before RoPE (whose
+/// directions are stable along position, so far fewer of them carry the energy) and every reader
+/// rotates after reconstruction: k̂_t = R(p_t)(U_k c_k + μ_k) at the token's stored position p_t,
+/// as ShadowKV and KVQuant do. Without it keys are post-RoPE and attention runs in r-space.
 /// Threads: as kv_cache (docs/threading.md); set_basis is exclusive like add_sequence.
 
 #include <cmath>
@@ -27,6 +38,9 @@
 #include <utility>
 #include <vector>
 
+#include <optional>
+
+#include <kvc/attention/rope.hpp>
 #include <kvc/error.hpp>
 #include <kvc/lowrank/pca.hpp>
 #include <kvc/store/kv_cache.hpp>
@@ -39,9 +53,12 @@ struct projected_config {
   std::int32_t num_layers = 1;
   std::int32_t num_kv_heads = 1;
   std::int32_t head_dim = 128;  ///< D of the keys and values before projection
-  std::int32_t rank = 32;       ///< r: coefficients stored per token, for keys and for values
+  std::int32_t rank = 32;       ///< r_k: coefficients stored per key (and per value when value_rank is 0)
   std::int32_t page_size = 16;  ///< tokens per page, a power of two
   std::int32_t max_pages = 1 << 16;
+  std::int32_t value_rank = 0;  ///< r_v: coefficients stored per value; 0 means rank
+  bool pre_rope = false;        ///< keys are appended before RoPE and rotated after reconstruction
+  rope_config rope{};           ///< with pre_rope: the model's RoPE (its head_dim must be head_dim)
 };
 
 /// \tparam T  element type of the coefficients: float or kvc::half
@@ -55,11 +72,36 @@ class projected_cache {
   using coefficient_cache = kv_cache<T>;
 
   explicit projected_cache(const projected_config& c)
-      : cfg_(validated(c)), coef_(inner_config(cfg_)), bases_(static_cast<std::size_t>(c.num_layers) * c.num_kv_heads) {}
+      : cfg_(validated(c)), coef_(inner_config(cfg_)), bases_(static_cast<std::size_t>(c.num_layers) * c.num_kv_heads) {
+    if (cfg_.pre_rope) rope_.emplace(cfg_.rope);
+  }
 
   const projected_config& config() const noexcept { return cfg_; }
-  /// The coefficient store: a kv_cache with head_dim = rank (its views are what the kernel reads).
+  /// The coefficient store: a kv_cache with head_dim = row_width() / 2 (its views are what the kernel reads).
   const coefficient_cache& coefficients() const noexcept { return coef_; }
+  std::int32_t key_rank() const noexcept { return cfg_.rank; }
+  std::int32_t value_rank() const noexcept { return cfg_.value_rank != 0 ? cfg_.value_rank : cfg_.rank; }
+  /// w: values per token's row, r_k + r_v rounded up to even (the inner K and V rows hold w/2 each).
+  std::int32_t row_width() const noexcept { return (key_rank() + value_rank() + 1) / 2 * 2; }
+  /// Whether the inner K row is c_k and the V row c_v with keys post-RoPE: what the r-space
+  /// kernel reads in place. Otherwise kernels read through split_row.
+  bool in_place() const noexcept { return key_rank() == value_rank() && !cfg_.pre_rope; }
+  /// The RoPE keys are rotated with after reconstruction; null unless config().pre_rope.
+  const rope* key_rope() const noexcept { return rope_ ? &*rope_ : nullptr; }
+  /// Unpacks n rows of the inner cache, K rows kr and V rows vr ([n][w/2] each, as
+  /// coefficients().gather returns them), into c_k [n][r_k] and c_v [n][r_v] (either may be null).
+  void split_row(const float* kr, const float* vr, std::int32_t n, float* ck, float* cv) const noexcept {
+    const std::int32_t rk = key_rank(), rv = value_rank(), hw = row_width() / 2;
+    for (std::int32_t t = 0; t < n; ++t) {
+      const float* a = kr + static_cast<std::size_t>(t) * hw;
+      const float* b = vr + static_cast<std::size_t>(t) * hw;
+      auto z = [&](std::int32_t i) { return i < hw ? a[i] : b[i - hw]; };
+      if (ck)
+        for (std::int32_t j = 0; j < rk; ++j) ck[static_cast<std::size_t>(t) * rk + j] = z(j);
+      if (cv)
+        for (std::int32_t j = 0; j < rv; ++j) cv[static_cast<std::size_t>(t) * rv + j] = z(rk + j);
+    }
+  }
 
   seq_id add_sequence() { return coef_.add_sequence(); }
   void remove_sequence(seq_id s) { coef_.remove_sequence(s); }
@@ -67,8 +109,8 @@ class projected_cache {
   bool contains(seq_id s) const noexcept { return coef_.contains(s); }
   std::size_t num_sequences() const noexcept { return coef_.num_sequences(); }
 
-  /// Sets the key and value bases of one (layer, kv head). Both must have dim = head_dim and
-  /// rank = config().rank. Replacing a basis does not re-project tokens already stored: set bases
+  /// Sets the key and value bases of one (layer, kv head). Both must have dim = head_dim, the key
+  /// basis rank = key_rank() and the value basis rank = value_rank(). Replacing a basis does not re-project tokens already stored: set bases
   /// before the first append of that layer (checked).
   void set_basis(std::int32_t layer, std::int32_t head, basis k, basis v) {
     constexpr const char* who = "kvc::lowrank::projected_cache::set_basis";
@@ -77,8 +119,9 @@ class projected_cache {
     for (const basis* b : {&k, &v}) {
       const char* which = b == &k ? "key" : "value";
       KVC_EXPECTS_IN(who, b->dim == cfg_.head_dim, which, " basis dim = ", b->dim, ", expected head_dim = ", cfg_.head_dim);
-      KVC_EXPECTS_IN(who, b->rank == cfg_.rank, which, " basis rank = ", b->rank, ", expected the cache's rank = ",
-                     cfg_.rank, " (fit with rank_spec::of_count(", cfg_.rank, "))");
+      const std::int32_t want = b == &k ? key_rank() : value_rank();
+      KVC_EXPECTS_IN(who, b->rank == want, which, " basis rank = ", b->rank, ", expected the cache's ", which,
+                     " rank = ", want, " (fit with rank_spec::of_count(", want, "))");
       KVC_EXPECTS_IN(who, b->u.size() == static_cast<std::size_t>(b->rank) * b->dim, which, " basis holds ",
                      b->u.size(), " floats, expected rank x dim = ", static_cast<std::size_t>(b->rank) * b->dim);
       KVC_EXPECTS_IN(who, b->mean.empty() || b->mean.size() == static_cast<std::size_t>(b->dim), which,
@@ -109,7 +152,8 @@ class projected_cache {
   const basis& value_basis(std::int32_t layer, std::int32_t head) const { return get(layer, head, "value_basis").v; }
 
   /// Projects n tokens of every kv head of one layer and appends their coefficients.
-  /// \param k,v  [n][num_kv_heads][head_dim] floats (keys as given: post-RoPE)
+  /// \param k,v  [n][num_kv_heads][head_dim] floats (keys before RoPE when config().pre_rope, else after)
+  /// \param positions  [n] the tokens' positions (null: the next ones); with pre_rope, what keys are rotated to
   /// \pre every head of the layer has a basis; values finite, and for T = half every coefficient
   /// within fp16's range (|c| <= 65504): both checked before anything changes
   void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
@@ -119,7 +163,7 @@ class projected_cache {
     KVC_EXPECTS_IN(who, n >= 0, "n = ", n, ", expected >= 0 tokens");
     if (n == 0) return;
     KVC_EXPECTS_IN(who, k != nullptr && v != nullptr, "k or v is null with n = ", n);
-    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim, r = cfg_.rank;
+    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim, rk = key_rank(), w = row_width();
     for (std::int32_t h = 0; h < H; ++h)
       KVC_EXPECTS_IN(who, bases_[index(layer, h)].set, "layer ", layer, " head ", h,
                      " has no basis, expected set_basis(layer, head, ...) before appending");
@@ -128,30 +172,39 @@ class projected_cache {
       KVC_EXPECTS_IN(who, std::isfinite(k[i]), "k[", i, "] = ", k[i], ", expected a finite value (the cache is unchanged)");
       KVC_EXPECTS_IN(who, std::isfinite(v[i]), "v[", i, "] = ", v[i], ", expected a finite value (the cache is unchanged)");
     }
-    std::vector<float> ck(static_cast<std::size_t>(n) * H * r), cv(ck.size());
+    // z = [c_k | c_v | pad] per (token, head); its first half is the inner K row, the second the V row.
+    std::vector<float> z(static_cast<std::size_t>(n) * H * w, 0.0f);
     for (std::int32_t h = 0; h < H; ++h) {
       const entry& e = bases_[index(layer, h)];
       for (std::int32_t t = 0; t < n; ++t) {
-        const std::size_t in = (static_cast<std::size_t>(t) * H + h) * D, out = (static_cast<std::size_t>(t) * H + h) * r;
-        project(e.k, k + in, ck.data() + out);
-        project(e.v, v + in, cv.data() + out);
+        const std::size_t in = (static_cast<std::size_t>(t) * H + h) * D, out = (static_cast<std::size_t>(t) * H + h) * w;
+        project(e.k, k + in, z.data() + out);
+        project(e.v, v + in, z.data() + out + rk);
       }
     }
     if constexpr (std::is_same<T, half>::value) {
       // A finite row can still project past fp16's largest value; stored, it would read back as
       // inf and turn every softmax it enters into NaN.
       constexpr float fp16_max = 65504.0f;
-      for (std::size_t i = 0; i < ck.size(); ++i)
-        for (const std::vector<float>* c : {&ck, &cv})
-          if (!(std::abs((*c)[i]) <= fp16_max)) {
-            const std::size_t t = i / (static_cast<std::size_t>(H) * r), h = i / r % H, j = i % r;
-            detail::fail(detail::concat(who, ": ", c == &ck ? "key" : "value", " coefficient ", j, " of token ", t,
-                                        " head ", h, " of layer ", layer, " = ", (*c)[i],
-                                        ", expected |c| <= 65504 to store it as fp16 (use float coefficients; the "
-                                        "cache is unchanged)"));
-          }
+      for (std::size_t i = 0; i < z.size(); ++i)
+        if (!(std::abs(z[i]) <= fp16_max)) {
+          const std::size_t t = i / (static_cast<std::size_t>(H) * w), h = i / w % H;
+          const std::int32_t j = static_cast<std::int32_t>(i % w);
+          detail::fail(detail::concat(who, ": ", j < rk ? "key" : "value", " coefficient ", j < rk ? j : j - rk,
+                                      " of token ", t, " head ", h, " of layer ", layer, " = ", z[i],
+                                      ", expected |c| <= 65504 to store it as fp16 (use float coefficients; the "
+                                      "cache is unchanged)"));
+        }
     }
-    coef_.append(s, layer, ck.data(), cv.data(), n, positions);
+    // Split z into the inner cache's K rows and V rows ([n][H][w/2] each).
+    const std::int32_t hw = w / 2;
+    std::vector<float> kr(static_cast<std::size_t>(n) * H * hw), vr(kr.size());
+    for (std::size_t i = 0; i < static_cast<std::size_t>(n) * H; ++i)
+      for (std::int32_t j = 0; j < hw; ++j) {
+        kr[i * hw + j] = z[i * w + j];
+        vr[i * hw + j] = z[i * w + hw + j];
+      }
+    coef_.append(s, layer, kr.data(), vr.data(), n, positions);
   }
 
   /// Keeps tokens kept[0..n) of one stream (eviction), freeing the pages this empties.
@@ -185,13 +238,17 @@ class projected_cache {
     KVC_EXPECTS_IN(who, c.head_dim > 0, "projected_config.head_dim = ", c.head_dim, ", expected > 0");
     KVC_EXPECTS_IN(who, c.rank >= 1 && c.rank <= c.head_dim, "projected_config.rank = ", c.rank, ", expected 1..",
                    c.head_dim, " (head_dim)");
+    KVC_EXPECTS_IN(who, c.value_rank >= 0 && c.value_rank <= c.head_dim, "projected_config.value_rank = ", c.value_rank,
+                   ", expected 0 (= rank) or 1..", c.head_dim, " (head_dim)");
+    KVC_EXPECTS_IN(who, !c.pre_rope || c.rope.head_dim == c.head_dim, "projected_config.rope.head_dim = ",
+                   c.rope.head_dim, ", expected head_dim = ", c.head_dim, " with pre_rope");
     return c;  // the rest is checked by kv_cache, whose messages name cache_config's fields
   }
   static cache_config inner_config(const projected_config& c) {
     cache_config k;
     k.num_layers = c.num_layers;
     k.num_kv_heads = c.num_kv_heads;
-    k.head_dim = c.rank;
+    k.head_dim = (c.rank + (c.value_rank != 0 ? c.value_rank : c.rank) + 1) / 2;  // row_width() / 2
     k.page_size = c.page_size;
     k.max_pages = c.max_pages;
     k.check_finite = false;  // append checked the inputs and, for fp16, the coefficients' range
@@ -231,6 +288,7 @@ class projected_cache {
   projected_config cfg_;
   coefficient_cache coef_;
   std::vector<entry> bases_;  // [layer * num_kv_heads + head]
+  std::optional<rope> rope_;  // with pre_rope
 };
 
 }  // namespace lowrank

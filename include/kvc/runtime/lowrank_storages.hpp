@@ -4,11 +4,15 @@
 /// \file
 /// Registers the projected (PCA, low-rank) storage with the runtime builder, so specs can name it:
 ///
-///   pca(rank=N, center=0|1, coef=fp16|fp32)
-///     rank    a count 1..head_dim, or a fraction in (0, 1) of head_dim (r = ceil(f · D))
-///     center  1: subtract the fitted mean before projecting (pca.hpp); default 0, as Loki and
-///             Eigen Attention
-///     coef    element type of the stored coefficients; default fp16
+///   pca(rank=N, vrank=N, pre_rope=0|1, center=0|1, coef=fp16|fp32)
+///     rank      key rank: a count 1..head_dim, or a fraction in (0, 1) of head_dim (r = ceil(f · D))
+///     vrank     value rank, read as rank is; default rank. Values are far less low-rank than
+///               keys (docs/lowrank-spectrum.png), so a cache that halves keys may keep values whole
+///     pre_rope  1: keys are appended before RoPE, projected there, and rotated after
+///               reconstruction with storage_options::rope (projected_cache.hpp); default 0
+///     center    1: subtract the fitted mean before projecting (pca.hpp); default 0, as Loki and
+///               Eigen Attention
+///     coef      element type of the stored coefficients; default fp16
 ///
 /// The cache (`pca_cache<T>`, below) wraps lowrank::projected_cache<T>. Its bases are fitted, per
 /// (layer, kv head), from the keys and values of the first append of each layer, whichever
@@ -16,7 +20,7 @@
 /// otherwise, the cache unchanged): fewer rows span fewer than r directions, and the remaining
 /// ones would be arbitrary eigenvectors of zero eigenvalues, a basis fitted on nothing. Bases are
 /// the cache's, shared by every sequence and never refitted (projected_cache: a new basis would
-/// not re-project stored tokens). Keys are stored post-RoPE (pre_rope_keys() is false).
+/// not re-project stored tokens). Keys are post-RoPE unless pre_rope=1 (pre_rope_keys()).
 ///
 /// Prefill attention is kvc::cpu::prefill_attention over the cache as an any_cache: it reads the
 /// reconstructed keys and values through gather() (O(tokens · D · r) per call, against the
@@ -26,6 +30,7 @@
 ///
 /// The builders and the registration are per ISA (docs/isa.md), as runtime/quant_storages.hpp.
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -34,6 +39,7 @@
 #include <utility>
 #include <vector>
 
+#include <kvc/attention/rope.hpp>
 #include <kvc/error.hpp>
 #include <kvc/cpu/prefill_attention.hpp>
 #include <kvc/lowrank/pca.hpp>
@@ -50,9 +56,12 @@ namespace runtime {
 
 /// What a `pca(...)` spec asks for, parsed and checked against the cache's head_dim.
 struct pca_spec {
-  std::int32_t rank = 0;  ///< r, 1..head_dim
+  std::int32_t rank = 0;   ///< r_k, 1..head_dim
+  std::int32_t vrank = 0;  ///< r_v, 1..head_dim
+  bool pre_rope = false;
+  rope_config rope{};      ///< with pre_rope: the model's
   bool center = false;
-  bool fp32 = false;      ///< coef=fp32 (else fp16)
+  bool fp32 = false;       ///< coef=fp32 (else fp16)
 };
 
 namespace detail {
@@ -61,23 +70,35 @@ namespace detail {
   kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", st.text, "': ", what, ", expected ", expected));
 }
 
-/// Parses `pca(rank=, center=, coef=)` for a cache of head_dim D. rank is read as a number so a
-/// fraction and a count share one argument; the fraction's rounding is pca.hpp's (select_rank).
-inline pca_spec parse_pca(const spec_stage& st, std::int32_t D) {
+/// A rank argument: a whole count 1..D or a fraction in (0, 1) of D (pca.hpp's select_rank rounding).
+inline std::int32_t pca_rank(const spec_stage& st, const char* key, double rank, std::int32_t D) {
+  if (rank > 0 && rank < 1) return lowrank::select_rank(lowrank::rank_spec::of_fraction(rank), nullptr, D);
+  if (!(rank >= 1 && rank <= D && rank == std::floor(rank)))
+    bad_pca_arg(st, kvc::detail::concat(key, " = ", rank),
+                kvc::detail::concat("a whole count 1..", D, " (head_dim) or a fraction in (0, 1) of head_dim"));
+  return static_cast<std::int32_t>(rank);
+}
+
+/// Parses `pca(rank=, vrank=, pre_rope=, center=, coef=)` for a cache of head_dim D. Ranks are read
+/// as numbers so a fraction and a count share one argument.
+inline pca_spec parse_pca(const spec_stage& st, std::int32_t D, const storage_options& o) {
   spec_args a(st, "kvc::runtime::make_cache");
   const double rank = a.number("rank");
+  const double vrank = a.number("vrank", rank);
+  const int pre_rope = a.integer("pre_rope", 0);
   const int center = a.integer("center", 0);
   const std::string coef = a.word("coef", "fp16");
-  a.finish("rank, center, coef");
+  a.finish("rank, vrank, pre_rope, center, coef");
   pca_spec p;
-  const std::string rs = kvc::detail::concat("rank = ", rank);
-  if (rank > 0 && rank < 1) {
-    p.rank = lowrank::select_rank(lowrank::rank_spec::of_fraction(rank), nullptr, D);
-  } else if (rank >= 1 && rank <= D && rank == std::floor(rank)) {
-    p.rank = static_cast<std::int32_t>(rank);
-  } else {
-    bad_pca_arg(st, rs, kvc::detail::concat("a whole count 1..", D, " (head_dim) or a fraction in (0, 1) of head_dim"));
-  }
+  p.rank = pca_rank(st, "rank", rank, D);
+  p.vrank = pca_rank(st, "vrank", vrank, D);
+  if (pre_rope != 0 && pre_rope != 1) bad_pca_arg(st, kvc::detail::concat("pre_rope = ", pre_rope), "0 or 1");
+  if (pre_rope == 1 && o.rope == nullptr) bad_pca_arg(st, "pre_rope = 1", "the model's RoPE in storage_options::rope");
+  if (pre_rope == 1 && o.rope->head_dim != D)
+    bad_pca_arg(st, kvc::detail::concat("pre_rope = 1 with storage_options::rope->head_dim = ", o.rope->head_dim),
+                kvc::detail::concat("the cache's head_dim = ", D));
+  p.pre_rope = pre_rope == 1;
+  if (p.pre_rope) p.rope = *o.rope;
   if (center != 0 && center != 1) bad_pca_arg(st, kvc::detail::concat("center = ", center), "0 or 1");
   if (coef != "fp16" && coef != "fp32") bad_pca_arg(st, "coef = " + coef, "fp16 or fp32");
   p.center = center == 1;
@@ -99,7 +120,7 @@ template <class T>
 class pca_cache final : public any_cache {
  public:
   pca_cache(std::string name, const cache_config& cfg, const pca_spec& p)
-      : name_(std::move(name)), cfg_(cfg), center_(p.center), c_(projected(cfg, p.rank)),
+      : name_(std::move(name)), cfg_(cfg), center_(p.center), c_(projected(cfg, p)),
         fitted_(static_cast<std::size_t>(cfg.num_layers), false) {}
 
   lowrank::projected_cache<T>& get() noexcept { return c_; }
@@ -117,9 +138,9 @@ class pca_cache final : public any_cache {
     constexpr const char* who = "kvc::runtime::pca_cache::append";
     KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
     if (n > 0 && !fitted_[static_cast<std::size_t>(layer)]) {
-      const std::int32_t r = c_.config().rank;
+      const std::int32_t rk = c_.key_rank(), rv = c_.value_rank(), r = std::max(rk, rv);
       KVC_EXPECTS_IN(who, c_.contains(s), "seq = ", s, " is not a live sequence of this cache (the cache is unchanged)");
-      KVC_EXPECTS_IN(who, n >= r, "n = ", n, " tokens in the first append of layer ", layer, ", expected at least rank = ",
+      KVC_EXPECTS_IN(who, n >= r, "n = ", n, " tokens in the first append of layer ", layer, ", expected at least max(rank, vrank) = ",
                      r, " to fit its bases (append the prompt in one call; the cache is unchanged)");
       KVC_EXPECTS_IN(who, k != nullptr && v != nullptr, "k or v is null with n = ", n);
       // Fit every head before setting any: fit_basis refuses non-finite rows, and a refusal then
@@ -130,8 +151,8 @@ class pca_cache final : public any_cache {
       b.reserve(static_cast<std::size_t>(H));
       for (std::int32_t h = 0; h < H; ++h) {
         const std::size_t off = static_cast<std::size_t>(h) * D;
-        b.emplace_back(lowrank::fit_basis(k + off, n, D, stride, lowrank::rank_spec::of_count(r), center_),
-                       lowrank::fit_basis(v + off, n, D, stride, lowrank::rank_spec::of_count(r), center_));
+        b.emplace_back(lowrank::fit_basis(k + off, n, D, stride, lowrank::rank_spec::of_count(rk), center_),
+                       lowrank::fit_basis(v + off, n, D, stride, lowrank::rank_spec::of_count(rv), center_));
       }
       // The layer holds no coefficients yet, so set_basis accepts these (again, after a refused append).
       for (std::int32_t h = 0; h < H; ++h)
@@ -159,17 +180,27 @@ class pca_cache final : public any_cache {
     return c_.coefficients().positions(s, layer, head);
   }
   std::int32_t seen(seq_id s, std::int32_t layer) const override { return c_.coefficients().seen(s, layer); }
-  /// The keys and values the cache stands for, rebuilt in D channels (x̂ = U c + μ), so scorers
-  /// and evictors that read keys see what attention attends to.
+  /// The keys and values the cache stands for, rebuilt in D channels (x̂ = U c + μ; keys then
+  /// rotated to their positions with pre_rope=1), so scorers and evictors that read keys see what
+  /// attention attends to.
   void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out) const override {
     const std::int32_t n = c_.length(s, layer, head);
     if (n == 0) return;
-    const std::int32_t r = c_.config().rank;
-    std::vector<float> ck(static_cast<std::size_t>(n) * r), cv(v_out ? ck.size() : 0);
-    c_.coefficients().gather(s, layer, head, ck.data(), v_out ? cv.data() : nullptr);
-    if (k_out) reconstruct(c_.key_basis(layer, head), ck.data(), n, k_out);
+    const std::int32_t hw = c_.row_width() / 2, rk = c_.key_rank(), rv = c_.value_rank();
+    std::vector<float> kr(static_cast<std::size_t>(n) * hw), vr(kr.size());
+    c_.coefficients().gather(s, layer, head, kr.data(), vr.data());
+    std::vector<float> ck(k_out ? static_cast<std::size_t>(n) * rk : 0), cv(v_out ? static_cast<std::size_t>(n) * rv : 0);
+    c_.split_row(kr.data(), vr.data(), n, k_out ? ck.data() : nullptr, v_out ? cv.data() : nullptr);
+    if (k_out) {
+      reconstruct(c_.key_basis(layer, head), ck.data(), n, k_out);
+      if (const rope* rp = c_.key_rope()) {
+        const std::int32_t* pos = c_.coefficients().positions(s, layer, head);
+        for (std::int32_t t = 0; t < n; ++t) rp->apply(k_out + static_cast<std::size_t>(t) * cfg_.head_dim, pos[t]);
+      }
+    }
     if (v_out) reconstruct(c_.value_basis(layer, head), cv.data(), n, v_out);
   }
+  bool pre_rope_keys() const override { return c_.config().pre_rope; }
   void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
                  const decode_options& opt) const override {
     kvc::cpu::projected_decode_attention(c_, s, layer, q, num_q_heads, out, opt);
@@ -211,12 +242,15 @@ class pca_cache final : public any_cache {
     }
   };
 
-  static lowrank::projected_config projected(const cache_config& c, std::int32_t rank) {
+  static lowrank::projected_config projected(const cache_config& c, const pca_spec& s) {
     lowrank::projected_config p;
     p.num_layers = c.num_layers;
     p.num_kv_heads = c.num_kv_heads;
     p.head_dim = c.head_dim;
-    p.rank = rank;
+    p.rank = s.rank;
+    p.value_rank = s.vrank;
+    p.pre_rope = s.pre_rope;
+    p.rope = s.rope;
     p.page_size = c.page_size;
     p.max_pages = c.max_pages;
     return p;
@@ -248,8 +282,8 @@ namespace detail {
 KVC_BEGIN_ISA_NAMESPACE  // the builder makes this ISA's pca_cache
 inline bool register_lowrank_storages() {
   storage_registry()["pca"] = [](const spec_stage& st, const cache_config& c,
-                                 const storage_options&) -> std::unique_ptr<any_cache> {
-    const pca_spec p = parse_pca(st, c.head_dim);
+                                 const storage_options& o) -> std::unique_ptr<any_cache> {
+    const pca_spec p = parse_pca(st, c.head_dim, o);
     if (p.fp32) return std::make_unique<pca_cache<float>>(st.text, c, p);
     return std::make_unique<pca_cache<half>>(st.text, c, p);
   };
