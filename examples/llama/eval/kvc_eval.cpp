@@ -60,6 +60,7 @@ struct options {
     int needle_context = 768, needle_seeds = 5, needle_max_new = 24;    // needle protocol
     std::vector<double> needle_depths{0.1, 0.5, 0.9};
     int threads = 2, page_size = 16;
+    int prefill_chunk = 256;  ///< tokens per forward chunk of a prompt (the engine's default)
     int se_block = 16;  ///< tokens per batch mean in dppl_se (see there; the choice: docs/results.md)
     bool plot = true, quiet = false, resume = false;
 };
@@ -122,6 +123,8 @@ std::string journal_header(const options& o, const std::string& model) {
       << o.needle_max_new << "/";
     for (double d : o.needle_depths) h << d << ",";
     h << "\tpage=" << o.page_size;
+    // Only when not the default, so journals written before the option existed still resume.
+    if (o.prefill_chunk != 256) h << "\tchunk=" << o.prefill_chunk;
     return h.str();
 }
 
@@ -285,7 +288,7 @@ void run_prefill(engine& e, const options& o, const std::vector<int32_t>& toks, 
         llama::store_factory f = llama::parse_store(spec, e.mdl.shape(), sopt);
         llama::session s = e.mdl.new_session(f.create(), f.query_window);
         auto t = clock_type::now();
-        e.mdl.forward(s, base, o.context, 1);
+        e.mdl.forward(s, base, o.context, 1, o.prefill_chunk);
         pre_s += seconds_since(t);
         pre_n += o.context;
         t = clock_type::now();
@@ -438,7 +441,7 @@ void run_needle(engine& e, const options& o, const std::vector<needle_case>& cas
         sopt.max_tokens = static_cast<int>(c.prompt.size()) + 16;
         llama::store_factory f = llama::parse_store(spec, e.mdl.shape(), sopt);
         llama::session s = e.mdl.new_session(f.create(), f.query_window);
-        llama::matrix lg = e.mdl.forward(s, c.prompt.data(), static_cast<int>(c.prompt.size()), 1);
+        llama::matrix lg = e.mdl.forward(s, c.prompt.data(), static_cast<int>(c.prompt.size()), 1, o.prefill_chunk);
         f.after_prefill(s);
         std::string kept_note;
         if (show && c.answer_at >= 0)
@@ -488,6 +491,8 @@ void usage() {
                  "  --reference SPEC      baseline for deltas and agreement (default fp32)\n"
                  "  --context N --score N --windows N --decode-tokens N      prefill protocol (512, 128, 4, 16)\n"
                  "  --stream-tokens N --stream-chunk N                        stream protocol (1024, 16)\n"
+                 "  --prefill-chunk N     tokens per forward chunk of a prompt (256); a storage that fits\n"
+                 "                        on its first append (pca) sees that many\n"
                  "  --se-block N        tokens per batch mean of Δppl's standard error (16)\n"
                  "  --needle-text FILE --needle-context N --needle-seeds N --needle-depths D1,D2  (text, 768, 5, 0.1,0.5,0.9)\n"
                  "  --show-needles        print every needle answer and how many streams kept the number's digits\n"
@@ -539,6 +544,7 @@ int main(int argc, char** argv) {
             for (auto& d : split(next(), ',')) o.needle_depths.push_back(std::stod(d));
         } else if (a == "--threads") o.threads = std::stoi(next());
         else if (a == "--page-size") o.page_size = std::stoi(next());
+        else if (a == "--prefill-chunk") o.prefill_chunk = std::stoi(next());
         else if (a == "--no-plot") o.plot = false;
         else if (a == "--dump-kept") o.dump_kept = next();
         else if (a == "--quiet") o.quiet = true;
@@ -562,6 +568,10 @@ int main(int argc, char** argv) {
     }
     if (o.se_block < 1) {
         std::fprintf(stderr, "kvc-eval: --se-block %d, expected >= 1 token per batch mean\n", o.se_block);
+        return 2;
+    }
+    if (o.prefill_chunk < 1) {
+        std::fprintf(stderr, "kvc-eval: --prefill-chunk %d, expected >= 1 token per forward chunk\n", o.prefill_chunk);
         return 2;
     }
     try {
