@@ -658,3 +658,103 @@ TEST_CASE("lowrank: two ranks cost (r_k + r_v) sizeof(T) per token and kv head, 
     REQUIRE(cache.bytes_in_use() == cache.coefficients().pool().bytes_in_use());
   }
 }
+
+namespace {
+
+/// max over rows t < n of |x_t − (μ + Σ_j (u_j·(x_t − μ)) u_j)|, in double: how far the basis is
+/// from reproducing each row (written here, not the cache's projection).
+double worst_reconstruction(const basis& b, const std::vector<float>& x, std::int32_t n, std::int32_t stride) {
+  const std::int32_t D = b.dim;
+  double worst = 0;
+  for (std::int32_t t = 0; t < n; ++t) {
+    std::vector<double> e(static_cast<std::size_t>(D)), r(static_cast<std::size_t>(D), 0.0);
+    for (std::int32_t d = 0; d < D; ++d) e[d] = double(x[static_cast<std::size_t>(t) * stride + d]) - (b.centered() ? double(b.mean[d]) : 0.0);
+    for (std::int32_t j = 0; j < b.rank; ++j) {
+      double c = 0;
+      for (std::int32_t d = 0; d < D; ++d) c += double(b.u[static_cast<std::size_t>(j) * D + d]) * e[d];
+      for (std::int32_t d = 0; d < D; ++d) r[d] += c * double(b.u[static_cast<std::size_t>(j) * D + d]);
+    }
+    for (std::int32_t d = 0; d < D; ++d) worst = std::max(worst, std::abs(r[d] - e[d]));
+  }
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("lowrank: exact_rows puts the first rows' directions in the basis, then the deflated PCA", "[lowrank]") {
+  for (std::int32_t D : {16, 64})
+    for (bool center : {false, true})
+      for (std::int32_t m : {1, 4}) {
+        const std::int32_t n = 300, r = D / 4;
+        INFO("D = " << D << ", center = " << center << ", m = " << m);
+        // r + m orthonormal directions (Gram-Schmidt here): the bulk has variance along the first
+        // r (σ = 10 for the first r − m, 5 for the next m: a gap, so the leading r − m span is
+        // well defined), so a plain rank-r PCA keeps only those; the m first rows lie along the
+        // other m, with little energy in all (3² · m / n), like attention sinks.
+        std::mt19937 g(static_cast<std::uint32_t>(D + 10 * m + center));
+        std::normal_distribution<double> nd;
+        std::vector<std::vector<double>> w;
+        while (static_cast<std::int32_t>(w.size()) < r + m) {
+          std::vector<double> v(static_cast<std::size_t>(D));
+          for (double& a : v) a = nd(g);
+          for (const auto& u : w) {
+            double dot = 0;
+            for (std::int32_t d = 0; d < D; ++d) dot += u[d] * v[d];
+            for (std::int32_t d = 0; d < D; ++d) v[d] -= dot * u[d];
+          }
+          double nv = 0;
+          for (double a : v) nv += a * a;
+          for (double& a : v) a /= std::sqrt(nv);
+          w.push_back(v);
+        }
+        std::vector<float> x(static_cast<std::size_t>(n) * D);
+        for (std::int32_t t = 0; t < n; ++t) {
+          std::vector<double> row(static_cast<std::size_t>(D), 0.0);
+          if (t < m)
+            for (std::int32_t d = 0; d < D; ++d) row[d] = 3.0 * w[static_cast<std::size_t>(r + t)][d];
+          else
+            for (std::int32_t j = 0; j < r; ++j) {
+              const double a = nd(g) * (j < r - m ? 10.0 : 5.0);
+              for (std::int32_t d = 0; d < D; ++d) row[d] += a * w[static_cast<std::size_t>(j)][d];
+            }
+          for (std::int32_t d = 0; d < D; ++d) x[static_cast<std::size_t>(t) * D + d] = static_cast<float>(row[d]);
+        }
+        const basis plain = fit_basis(x.data(), n, D, D, rank_spec::of_count(r), center);
+        const basis ex = fit_basis(x.data(), n, D, D, rank_spec::of_count(r), center, m);
+        REQUIRE(ex.rank == r);
+        for (std::int32_t i = 0; i < r; ++i)  // orthonormal
+          for (std::int32_t j = 0; j < r; ++j) {
+            double dot = 0;
+            for (std::int32_t d = 0; d < D; ++d) dot += double(ex.u[static_cast<std::size_t>(i) * D + d]) * ex.u[static_cast<std::size_t>(j) * D + d];
+            CHECK(std::abs(dot - (i == j ? 1.0 : 0.0)) < 1e-5);
+          }
+        // The first rows come back; a plain PCA of the same rows loses them (the test can fail).
+        CHECK(worst_reconstruction(ex, x, m, D) < 1e-4);
+        CHECK(worst_reconstruction(plain, x, m, D) > 0.1);
+        // Uncentered, the other r − m directions are the bulk's leading ones: each lies in the span.
+        if (!center)
+          for (std::int32_t j = 0; j < r - m; ++j) {
+            double in = 0;
+            for (std::int32_t i = 0; i < r; ++i) {
+              double dot = 0;
+              for (std::int32_t d = 0; d < D; ++d) dot += double(ex.u[static_cast<std::size_t>(i) * D + d]) * w[static_cast<std::size_t>(j)][d];
+              in += dot * dot;
+            }
+            CHECK(in > 0.98);
+          }
+        CHECK(ex.energy > 0);
+        CHECK(ex.energy <= 1);
+        CHECK(ex.energy < plain.energy);  // the plain fit keeps the most energy a rank-r basis can
+      }
+  // exact_rows = 0 is the plain fit; a count below exact_rows is refused, naming both.
+  const auto x = rows(100, 1, 32, 9);
+  const basis a = fit_basis(x.data(), 100, 32, 32, rank_spec::of_count(8), true);
+  const basis b = fit_basis(x.data(), 100, 32, 32, rank_spec::of_count(8), true, 0);
+  CHECK(a.u == b.u);
+  REQUIRE_THROWS_WITH(fit_basis(x.data(), 100, 32, 32, rank_spec::of_count(3), false, 4),
+                      Catch::Contains("exact_rows = 4") && Catch::Contains("expected <= rank = 3"));
+  REQUIRE_THROWS_WITH(fit_basis(x.data(), 100, 32, 32, rank_spec::of_count(8), false, 101),
+                      Catch::Contains("exact_rows = 101") && Catch::Contains("0..n = 100"));
+  // A fraction rank is raised to the exact rows' count.
+  CHECK(fit_basis(x.data(), 100, 32, 32, rank_spec::of_fraction(0.05), false, 5).rank == 5);
+}

@@ -276,13 +276,15 @@ TEST_CASE("pca: bad specs name the argument, the value and what was expected", "
   REQUIRE_THROWS_WITH(make_cache("pca(rank=65)", cfg), Contains("rank = 65") && Contains("1..64 (head_dim)"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=1.5)", cfg), Contains("rank = 1.5") && Contains("fraction in (0, 1)"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=-0.5)", cfg), Contains("rank = -0.5"));
-  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,bits=4)", cfg), Contains("no argument 'bits'") && Contains("rank, vrank, pre_rope, center, coef"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,bits=4)", cfg), Contains("no argument 'bits'") && Contains("rank, vrank, pre_rope, sinks, center, coef"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=16,coef=int8)", cfg), Contains("coef = int8") && Contains("fp16 or fp32"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=16,center=2)", cfg), Contains("center = 2") && Contains("0 or 1"));
   REQUIRE_THROWS_WITH(make_cache("pca", cfg), Contains("needs 'rank="));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=16,vrank=0)", cfg), Contains("vrank = 0") && Contains("1..64 (head_dim)"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=16,vrank=65)", cfg), Contains("vrank = 65"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=16,pre_rope=2)", cfg), Contains("pre_rope = 2") && Contains("0 or 1"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,vrank=8,sinks=9)", cfg), Contains("sinks = 9") && Contains("min(rank, vrank) = 8"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,sinks=-1)", cfg), Contains("sinks = -1"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=16,pre_rope=1)", cfg),
                       Contains("pre_rope = 1") && Contains("the model's RoPE in storage_options::rope"));
   kvc::rope_config rc;
@@ -506,4 +508,50 @@ TEST_CASE("pca with vrank: pool bytes are (rank + vrank) coefficients per token,
   REQUIRE_THROWS_WITH(c->append(s, 0, k.data(), v.data(), 40),
                       Contains("n = 40") && Contains("at least max(rank, vrank) = 48"));
   CHECK(c->bytes_in_use() == 0);
+}
+
+TEST_CASE("pca with sinks: the first tokens of the fitting append come back exactly, the rest do not",
+          "[lowrank][pca_spec]") {
+  kvc::rope_config rc;
+  const auto so = with_rope(rc);
+  for (const char* spec : {"pca(rank=16,vrank=16,pre_rope=1,sinks=4,coef=fp32)", "pca(rank=8,vrank=12,sinks=3,center=1,coef=fp32)"}) {
+    CAPTURE(spec);
+    const bool pre = std::string(spec).find("pre_rope=1") != std::string::npos;
+    const std::int32_t m = pre ? 4 : 3;
+    auto c = make_cache(spec, shape(), so);
+    const seq_id s = c->add_sequence();
+    auto k = rows(100, 31), v = rows(100, 32);
+    for (std::size_t i = 0; i < static_cast<std::size_t>(m) * H * D; ++i) {  // sink-like: far off the bulk
+      k[i] = k[i] * 6.0f - 2.0f;
+      v[i] = v[i] * 5.0f + 1.0f;
+    }
+    c->append(s, 0, k.data(), v.data(), 100);
+    std::vector<std::vector<float>> K, V;
+    gathered(*c, s, 0, K, V);
+    for (std::int32_t h = 0; h < H; ++h) {
+      auto kh = head_rows(k, h);
+      const auto vh = head_rows(v, h);
+      if (pre)
+        for (std::int32_t t = 0; t < 100; ++t) rotate_here(kh.data() + static_cast<std::size_t>(t) * D, 1000.0, t);
+      auto err = [&](const std::vector<float>& a, const std::vector<float>& b, std::int32_t t0, std::int32_t t1) {
+        double e = 0;
+        for (std::size_t i = static_cast<std::size_t>(t0) * D; i < static_cast<std::size_t>(t1) * D; ++i)
+          e = std::max(e, double(std::abs(a[i] - b[i])));
+        return e;
+      };
+      CHECK(err(kh, K[static_cast<std::size_t>(h)], 0, m) < 1e-3);
+      CHECK(err(vh, V[static_cast<std::size_t>(h)], 0, m) < 1e-3);
+      CHECK(err(kh, K[static_cast<std::size_t>(h)], m, 100) > 1e-2);  // the bulk is lossy at this rank
+    }
+    // Without sinks= the same rows do not come back (the test can fail).
+    auto plain = make_cache(pre ? "pca(rank=16,vrank=16,pre_rope=1,coef=fp32)" : "pca(rank=8,vrank=12,center=1,coef=fp32)", shape(), so);
+    const seq_id s2 = plain->add_sequence();
+    plain->append(s2, 0, k.data(), v.data(), 100);
+    gathered(*plain, s2, 0, K, V);
+    auto kh0 = head_rows(k, 0);
+    if (pre) rotate_here(kh0.data(), 1000.0, 0);
+    double e0 = 0;
+    for (std::int32_t d = 0; d < D; ++d) e0 = std::max(e0, double(std::abs(kh0[static_cast<std::size_t>(d)] - K[0][static_cast<std::size_t>(d)])));
+    CHECK(e0 > 1e-2);
+  }
 }

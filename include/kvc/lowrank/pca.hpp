@@ -111,15 +111,28 @@ inline std::int32_t select_rank(const rank_spec& spec, const double* eig, std::i
 
 /// Fits a basis to n rows of D floats: row t starts at x + t * stride (so one kv head of a
 /// [n][num_kv_heads][D] block is x + h * D with stride num_kv_heads * D).
+///
+/// `exact_rows` = m > 0 makes the first m rows exact: their directions (x_t − μ, orthonormalised)
+/// are the basis's first q ≤ m directions, and the other r − q are the leading eigenvectors of the
+/// covariance with those directions projected out, S' = (I − QQᵀ) S (I − QQᵀ). Why: attention
+/// sinks. The first tokens of a prompt draw a large share of every query's attention, and their
+/// keys sit far from the bulk, so a plain PCA of thousands of rows spends little of its rank on
+/// them; measured on SmolLM2-135M at 4k (docs/results.md, "Low-rank at 4k"), weighting them in the
+/// fit cut Δppl by 3-6x. The rank must be at least q (with a count below m: kvc::error; a
+/// fraction or energy rank is raised to q). `energy` is then Σ of uᵀSu over the kept directions / tr S.
 /// \pre n ≥ 1, D ≥ 1, stride ≥ D, every value finite (checked: kvc::error names the row and channel)
 inline basis fit_basis(const float* x, std::int32_t n, std::int32_t D, std::int64_t stride, const rank_spec& spec,
-                       bool center = false) {
+                       bool center = false, std::int32_t exact_rows = 0) {
   constexpr const char* who = "kvc::lowrank::fit_basis";
   KVC_EXPECTS_IN(who, D > 0, "D = ", D, ", expected head_dim > 0");
   KVC_EXPECTS_IN(who, n > 0, "n = ", n, ", expected at least one row to fit");
   KVC_EXPECTS_IN(who, stride >= D, "stride = ", stride, ", expected >= D = ", D, " floats between rows");
   KVC_EXPECTS_IN(who, x != nullptr, "x is null with n = ", n);
+  KVC_EXPECTS_IN(who, exact_rows >= 0 && exact_rows <= n, "exact_rows = ", exact_rows, ", expected 0..n = ", n);
   if (spec.how != rank_spec::kind::energy) (void)select_rank(spec, nullptr, D);  // a bad spec fails before the O(nD²) work
+  if (spec.how == rank_spec::kind::count)
+    KVC_EXPECTS_IN(who, exact_rows <= spec.value, "exact_rows = ", exact_rows, ", expected <= rank = ", spec.value,
+                   " (each exact row may need a direction of its own)");
   for (std::int32_t t = 0; t < n; ++t)
     for (std::int32_t d = 0; d < D; ++d) {
       const float v = x[t * stride + d];
@@ -151,14 +164,53 @@ inline basis fit_basis(const float* x, std::int32_t n, std::int32_t D, std::int6
   b.eigenvalues.resize(static_cast<std::size_t>(D));
   for (std::int32_t i = 0; i < D; ++i) b.eigenvalues[i] = es.eigenvalues()[D - 1 - i];  // Eigen: ascending
   b.rank = select_rank(spec, b.eigenvalues.data(), D);
-  b.u.resize(static_cast<std::size_t>(b.rank) * D);
-  for (std::int32_t j = 0; j < b.rank; ++j)
-    for (std::int32_t d = 0; d < D; ++d) b.u[static_cast<std::size_t>(j) * D + d] = static_cast<float>(es.eigenvectors()(d, D - 1 - j));
   if (center) b.mean.assign(mu.data(), mu.data() + D);
   double total = 0, kept = 0;
   for (std::int32_t i = 0; i < D; ++i) total += std::max(0.0, b.eigenvalues[i]);
-  for (std::int32_t i = 0; i < b.rank; ++i) kept += std::max(0.0, b.eigenvalues[i]);
-  b.energy = total > 0 ? kept / total : 1.0;
+  if (exact_rows == 0) {
+    b.u.resize(static_cast<std::size_t>(b.rank) * D);
+    for (std::int32_t j = 0; j < b.rank; ++j)
+      for (std::int32_t d = 0; d < D; ++d) b.u[static_cast<std::size_t>(j) * D + d] = static_cast<float>(es.eigenvectors()(d, D - 1 - j));
+    for (std::int32_t i = 0; i < b.rank; ++i) kept += std::max(0.0, b.eigenvalues[i]);
+    b.energy = total > 0 ? kept / total : 1.0;
+    return b;
+  }
+  // The exact rows' directions first (Gram-Schmidt, twice for round-off; a row already in their
+  // span adds none), then the deflated covariance's leading eigenvectors, each projected off the
+  // chosen directions (eigenvectors of S' with eigenvalue 0 may lean into span Q).
+  std::vector<Eigen::VectorXd> dirs;
+  auto add = [&](Eigen::VectorXd v, double min_norm) {
+    for (int pass = 0; pass < 2; ++pass)
+      for (const auto& u : dirs) v -= u.dot(v) * u;
+    const double nv = v.norm();
+    if (nv > min_norm) dirs.push_back(v / nv);
+    return nv > min_norm;
+  };
+  for (std::int32_t t = 0; t < exact_rows; ++t) {
+    Eigen::VectorXd e(D);
+    for (std::int32_t d = 0; d < D; ++d) e[d] = static_cast<double>(x[t * stride + d]) - mu[d];
+    add(e, 1e-9 * std::max(e.norm(), 1e-300));
+  }
+  b.rank = std::max<std::int32_t>(b.rank, static_cast<std::int32_t>(dirs.size()));
+  mat Q(D, static_cast<Eigen::Index>(dirs.size()));
+  for (std::size_t j = 0; j < dirs.size(); ++j) Q.col(static_cast<Eigen::Index>(j)) = dirs[j];
+  const mat P = mat::Identity(D, D) - Q * Q.transpose();
+  Eigen::SelfAdjointEigenSolver<mat> ed(P * S * P);
+  KVC_EXPECTS_IN(who, ed.info() == Eigen::Success, "the eigensolver did not converge on the deflated ", D, "x", D,
+                 " covariance of ", n, " rows, expected a solvable block");
+  for (std::int32_t j = D - 1; j >= 0 && static_cast<std::int32_t>(dirs.size()) < b.rank; --j)
+    add(ed.eigenvectors().col(j), 0.5);  // a unit vector keeps over half its length outside the span, or is skipped
+  // Directions of zero variance may all have been skipped: complete with the unit axes (any
+  // orthonormal completion reconstructs nothing more).
+  for (std::int32_t d = 0; d < D && static_cast<std::int32_t>(dirs.size()) < b.rank; ++d)
+    add(Eigen::VectorXd::Unit(D, d), 1e-6);
+  b.u.resize(static_cast<std::size_t>(b.rank) * D);
+  for (std::int32_t j = 0; j < b.rank; ++j) {
+    const Eigen::VectorXd& u = dirs[static_cast<std::size_t>(j)];
+    for (std::int32_t d = 0; d < D; ++d) b.u[static_cast<std::size_t>(j) * D + d] = static_cast<float>(u[d]);
+    kept += std::max(0.0, u.dot(S * u));
+  }
+  b.energy = total > 0 ? std::min(1.0, kept / total) : 1.0;
   return b;
 }
 

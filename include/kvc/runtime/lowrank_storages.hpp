@@ -4,12 +4,16 @@
 /// \file
 /// Registers the projected (PCA, low-rank) storage with the runtime builder, so specs can name it:
 ///
-///   pca(rank=N, vrank=N, pre_rope=0|1, center=0|1, coef=fp16|fp32)
+///   pca(rank=N, vrank=N, pre_rope=0|1, sinks=N, center=0|1, coef=fp16|fp32)
 ///     rank      key rank: a count 1..head_dim, or a fraction in (0, 1) of head_dim (r = ceil(f · D))
 ///     vrank     value rank, read as rank is; default rank. Values are far less low-rank than
 ///               keys (docs/lowrank-spectrum.png), so a cache that halves keys may keep values whole
 ///     pre_rope  1: keys are appended before RoPE, projected there, and rotated after
 ///               reconstruction with storage_options::rope (projected_cache.hpp); default 0
+///     sinks     the first N tokens of the fitting append are reconstructed exactly: their
+///               directions are part of both bases (pca.hpp, exact_rows); N <= min(rank, vrank);
+///               default 0. The first token's pre-RoPE key depends on that token only, so every
+///               sequence opening with the same token (BOS) gets its sink key back exactly
 ///     center    1: subtract the fitted mean before projecting (pca.hpp); default 0, as Loki and
 ///               Eigen Attention
 ///     coef      element type of the stored coefficients; default fp16
@@ -60,6 +64,7 @@ struct pca_spec {
   std::int32_t vrank = 0;  ///< r_v, 1..head_dim
   bool pre_rope = false;
   rope_config rope{};      ///< with pre_rope: the model's
+  std::int32_t sinks = 0;  ///< rows of the fitting append the bases reproduce exactly
   bool center = false;
   bool fp32 = false;       ///< coef=fp32 (else fp16)
 };
@@ -79,16 +84,17 @@ inline std::int32_t pca_rank(const spec_stage& st, const char* key, double rank,
   return static_cast<std::int32_t>(rank);
 }
 
-/// Parses `pca(rank=, vrank=, pre_rope=, center=, coef=)` for a cache of head_dim D. Ranks are read
+/// Parses `pca(rank=, vrank=, pre_rope=, sinks=, center=, coef=)` for a cache of head_dim D. Ranks are read
 /// as numbers so a fraction and a count share one argument.
 inline pca_spec parse_pca(const spec_stage& st, std::int32_t D, const storage_options& o) {
   spec_args a(st, "kvc::runtime::make_cache");
   const double rank = a.number("rank");
   const double vrank = a.number("vrank", rank);
   const int pre_rope = a.integer("pre_rope", 0);
+  const int sinks = a.integer("sinks", 0);
   const int center = a.integer("center", 0);
   const std::string coef = a.word("coef", "fp16");
-  a.finish("rank, vrank, pre_rope, center, coef");
+  a.finish("rank, vrank, pre_rope, sinks, center, coef");
   pca_spec p;
   p.rank = pca_rank(st, "rank", rank, D);
   p.vrank = pca_rank(st, "vrank", vrank, D);
@@ -99,6 +105,10 @@ inline pca_spec parse_pca(const spec_stage& st, std::int32_t D, const storage_op
                 kvc::detail::concat("the cache's head_dim = ", D));
   p.pre_rope = pre_rope == 1;
   if (p.pre_rope) p.rope = *o.rope;
+  if (sinks < 0 || sinks > std::min(p.rank, p.vrank))
+    bad_pca_arg(st, kvc::detail::concat("sinks = ", sinks),
+                kvc::detail::concat("0..min(rank, vrank) = ", std::min(p.rank, p.vrank), " (each sink may take a direction)"));
+  p.sinks = sinks;
   if (center != 0 && center != 1) bad_pca_arg(st, kvc::detail::concat("center = ", center), "0 or 1");
   if (coef != "fp16" && coef != "fp32") bad_pca_arg(st, "coef = " + coef, "fp16 or fp32");
   p.center = center == 1;
@@ -120,7 +130,7 @@ template <class T>
 class pca_cache final : public any_cache {
  public:
   pca_cache(std::string name, const cache_config& cfg, const pca_spec& p)
-      : name_(std::move(name)), cfg_(cfg), center_(p.center), c_(projected(cfg, p)),
+      : name_(std::move(name)), cfg_(cfg), center_(p.center), sinks_(p.sinks), c_(projected(cfg, p)),
         fitted_(static_cast<std::size_t>(cfg.num_layers), false) {}
 
   lowrank::projected_cache<T>& get() noexcept { return c_; }
@@ -151,8 +161,8 @@ class pca_cache final : public any_cache {
       b.reserve(static_cast<std::size_t>(H));
       for (std::int32_t h = 0; h < H; ++h) {
         const std::size_t off = static_cast<std::size_t>(h) * D;
-        b.emplace_back(lowrank::fit_basis(k + off, n, D, stride, lowrank::rank_spec::of_count(rk), center_),
-                       lowrank::fit_basis(v + off, n, D, stride, lowrank::rank_spec::of_count(rv), center_));
+        b.emplace_back(lowrank::fit_basis(k + off, n, D, stride, lowrank::rank_spec::of_count(rk), center_, sinks_),
+                       lowrank::fit_basis(v + off, n, D, stride, lowrank::rank_spec::of_count(rv), center_, sinks_));
       }
       // The layer holds no coefficients yet, so set_basis accepts these (again, after a refused append).
       for (std::int32_t h = 0; h < H; ++h)
@@ -272,6 +282,7 @@ class pca_cache final : public any_cache {
   std::string name_;
   cache_config cfg_;
   bool center_;
+  std::int32_t sinks_;
   lowrank::projected_cache<T> c_;
   std::vector<bool> fitted_;  // [layer]: bases set and tokens stored on them
 };
