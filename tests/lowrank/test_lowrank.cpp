@@ -166,6 +166,19 @@ void check_against_reference(const case_params& p) {
   }
 }
 
+/// Query heads h·G .. h·G + G − 1 of `out` against dense double attention over K, V ([n][D]).
+void check_group(const std::vector<float>& q, const std::vector<float>& out, const std::vector<double>& K,
+                 const std::vector<double>& V, std::int32_t n, std::int32_t D, std::int32_t G, std::int32_t h, double tol) {
+  for (std::int32_t gq = 0; gq < G; ++gq) {
+    std::vector<double> ref(static_cast<std::size_t>(D));
+    double lse = 0;
+    dense_attention(q.data() + static_cast<std::size_t>(h * G + gq) * D, K, V, n, D, 1 / std::sqrt(double(D)), ref.data(), &lse);
+    double err = 0;
+    for (std::int32_t d = 0; d < D; ++d) err = std::max(err, std::abs(double(out[static_cast<std::size_t>(h * G + gq) * D + d]) - ref[d]));
+    CHECK(err < tol);
+  }
+}
+
 /// RoPE in double, written here from its definition (RoFormer): pair i turns by pos · θ^(-2i/rot);
 /// rotate-half pairs (i, i + rot/2), interleaved pairs (2i, 2i + 1); channels past rot stay.
 void rope_double(double* x, std::int32_t rot, double theta, bool interleaved, double pos) {
@@ -440,14 +453,7 @@ TEST_CASE("lowrank: full rank reproduces exact attention on the original K/V", "
               K[static_cast<std::size_t>(t) * D + d] = k[(static_cast<std::size_t>(t) * H + h) * D + d];
               V[static_cast<std::size_t>(t) * D + d] = v[(static_cast<std::size_t>(t) * H + h) * D + d];
             }
-          for (std::int32_t gq = 0; gq < G; ++gq) {
-            std::vector<double> ref(static_cast<std::size_t>(D));
-            double lse = 0;
-            dense_attention(q.data() + static_cast<std::size_t>(h * G + gq) * D, K, V, n, D, 1 / std::sqrt(double(D)), ref.data(), &lse);
-            double err = 0;
-            for (std::int32_t d = 0; d < D; ++d) err = std::max(err, std::abs(double(out[static_cast<std::size_t>(h * G + gq) * D + d]) - ref[d]));
-            CHECK(err < 1e-4);
-          }
+          check_group(q, out, K, V, n, D, G, h, 1e-4);
         }
       }
 }
@@ -627,14 +633,7 @@ TEST_CASE("lowrank: pre-RoPE at full rank reproduces exact attention on the orig
       }
       rope_double(K.data() + static_cast<std::size_t>(t) * D, D, 10000.0, false, t < 200 ? t : 800 + t);
     }
-    for (std::int32_t gq = 0; gq < G; ++gq) {
-      std::vector<double> ref(static_cast<std::size_t>(D));
-      double lse = 0;
-      dense_attention(q.data() + static_cast<std::size_t>(h * G + gq) * D, K, V, n, D, 1 / std::sqrt(double(D)), ref.data(), &lse);
-      double err = 0;
-      for (std::int32_t d = 0; d < D; ++d) err = std::max(err, std::abs(double(out[static_cast<std::size_t>(h * G + gq) * D + d]) - ref[d]));
-      CHECK(err < 1e-4);
-    }
+    check_group(q, out, K, V, n, D, G, h, 1e-4);
   }
 }
 
