@@ -3,6 +3,8 @@
 // fp16 decode, same shape and context, timed alternately in this process.
 //
 //   BM_lowrank_paired/<coef type>/r:<rank>/<q heads>x<kv heads>x<head_dim>/ctx:<tokens>/threads:1
+//   BM_lowrank_general_paired/f16coef/<pre_rope|post_rope>/rk:32/rv:128/...: the general path
+//     (keys rebuilt and rotated per token, or scored in r_k dims; values at full rank)
 //     fp16 kv_cache<half> + cpu::decode_attention and lowrank::projected_cache +
 //     cpu::projected_decode_attention called alternately (15 pairs, same queries), plus the step's
 //     projections alone (q' = U_kᵀq for every query head, out = U_v a back) right after each
@@ -66,11 +68,16 @@ kvc::kv_cache<kvc::half>& fp16_cache(shape s, std::int32_t ctx, kvc::seq_id& seq
 }
 
 template <class T>
-std::unique_ptr<kvc::lowrank::projected_cache<T>> projected(shape s, std::int32_t ctx, std::int32_t r, kvc::seq_id& seq) {
+std::unique_ptr<kvc::lowrank::projected_cache<T>> projected(shape s, std::int32_t ctx, std::int32_t r, kvc::seq_id& seq,
+                                                            std::int32_t rv = 0, bool pre_rope = false) {
   kvc::lowrank::projected_config cfg;
   cfg.num_kv_heads = s.kv_heads;
   cfg.head_dim = s.head_dim;
   cfg.rank = r;
+  cfg.value_rank = rv;
+  cfg.pre_rope = pre_rope;
+  cfg.rope.head_dim = s.head_dim;
+  if (rv == 0) rv = r;
   cfg.max_pages = s.kv_heads * (ctx / 16 + 2);
   auto c = std::make_unique<kvc::lowrank::projected_cache<T>>(cfg);
   const std::int32_t fit = std::min(ctx, 4096), H = s.kv_heads, D = s.head_dim;
@@ -82,7 +89,7 @@ std::unique_ptr<kvc::lowrank::projected_cache<T>> projected(shape s, std::int32_
   }
   for (std::int32_t h = 0; h < H; ++h)
     c->set_basis(0, h, kvc::lowrank::fit_basis(fk.data() + h * D, fit, D, H * D, kvc::lowrank::rank_spec::of_count(r)),
-                 kvc::lowrank::fit_basis(fv.data() + h * D, fit, D, H * D, kvc::lowrank::rank_spec::of_count(r)));
+                 kvc::lowrank::fit_basis(fv.data() + h * D, fit, D, H * D, kvc::lowrank::rank_spec::of_count(rv)));
   seq = c->add_sequence();
   for (std::int32_t t0 = 0; t0 < ctx; t0 += chunk) {
     const std::int32_t n = std::min(chunk, ctx - t0);
@@ -130,6 +137,36 @@ void BM_lowrank_paired(benchmark::State& state, shape s, std::int32_t ctx, std::
   state.counters["fp16_bytes_per_token"] = double(fc.bytes_in_use()) / ctx;
 }
 
+/// The general path (pre-RoPE keys, or two ranks): fp16 decode and projected_decode_attention,
+/// alternated as above. No projection counters: this path has no separate projection step.
+void BM_lowrank_general_paired(benchmark::State& state, shape s, std::int32_t ctx, std::int32_t rk, std::int32_t rv,
+                               bool pre_rope) {
+  kvc::seq_id fseq, pseq;
+  auto& fc = fp16_cache(s, ctx, fseq);
+  auto pc = projected<kvc::half>(s, ctx, rk, pseq, rv, pre_rope);
+  const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size());
+  std::vector<double> fcpu, pcpu;
+  using kvc_bench::thread_cpu_seconds;
+  for (auto _ : state) {
+    for (int i = 0; i < 5; ++i) {
+      double c0 = thread_cpu_seconds();
+      kvc::cpu::decode_attention(fc, fseq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      fcpu.push_back(thread_cpu_seconds() - c0);
+      c0 = thread_cpu_seconds();
+      kvc::cpu::projected_decode_attention(*pc, pseq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      pcpu.push_back(thread_cpu_seconds() - c0);
+    }
+  }
+  state.counters["fp16_cpu_ms"] = median(fcpu) * 1e3;
+  state.counters["lowrank_cpu_ms"] = median(pcpu) * 1e3;
+  state.counters["speedup_vs_fp16"] = median(fcpu) / median(pcpu);
+  state.counters["bytes_per_token"] = double(pc->bytes_in_use()) / ctx;
+  state.counters["fp16_bytes_per_token"] = double(fc.bytes_in_use()) / ctx;
+}
+
 template <class T>
 void register_all(const char* type) {
   const shape s{32, 8, 128};
@@ -149,6 +186,14 @@ void register_all(const char* type) {
 int main(int argc, char** argv) {
   register_all<kvc::half>("f16coef");
   register_all<float>("f32coef");
+  // Keys at D/4 and whole values (the cache a model needs, docs/results.md), pre-RoPE and not.
+  for (bool pre : {true, false}) {
+    const std::string name = std::string("BM_lowrank_general_paired/f16coef/") + (pre ? "pre_rope" : "post_rope") +
+                             "/rk:32/rv:128/32x8x128/ctx:32768/threads:1";
+    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& st) {
+      BM_lowrank_general_paired(st, shape{32, 8, 128}, 32768, 32, 128, pre);
+    })->Unit(benchmark::kMillisecond)->Iterations(1);
+  }
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -184,10 +184,38 @@ inline void rotate(const rope& rp, const float* cs, const float* sn, float* x) n
   }
 }
 
+/// Σ_d a[d]·b[d] in float: batches of W with one FMA chain, then the tail.
+template <class Arch>
+float dot(const float* a, const float* b, std::int32_t n) noexcept {
+  using B = fbatch<Arch>;
+  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
+  std::int32_t d = 0;
+  float s = 0;
+  if (n >= W) {
+    B acc(0.0f);
+    for (; d + W <= n; d += W) acc = xsimd::fma(B::load_unaligned(a + d), B::load_unaligned(b + d), acc);
+    s = reduce_add<Arch>(acc);
+  }
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+/// y += a·x over n floats.
+template <class Arch>
+void axpy(float a, const float* x, float* y, std::int32_t n) noexcept {
+  using B = fbatch<Arch>;
+  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
+  std::int32_t d = 0;
+  const B av(a);
+  for (; d + W <= n; d += W) xsimd::fma(av, B::load_unaligned(x + d), B::load_unaligned(y + d)).store_unaligned(y + d);
+  for (; d < n; ++d) y[d] += a * x[d];
+}
+
 /// The general path (see the file comment) for kv head h: scores against rebuilt (and, with
 /// pre_rope, rotated) keys, an exact softmax over the whole stream, Σ p c_v, back-projection. Fills
 /// out, lse, probs and group_probs of the head's G query heads; a head with no tokens gives zeros
-/// and lse = -inf.
+/// and lse = -inf. Two passes over the coefficient pages, read in place (a row at a time
+/// converted to float): scores, then Σ p c_v.
 template <class Arch, class T>
 void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, std::int32_t layer, std::int32_t h,
                          std::int32_t G, const float* q, float scale, float* out, const decode_options& opt) {
@@ -205,10 +233,25 @@ void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, s
     }
     return;
   }
-  std::vector<float> kr(static_cast<std::size_t>(n) * hw), vr(kr.size());
-  coef.gather(seq, layer, h, kr.data(), vr.data());
-  std::vector<float> ck(static_cast<std::size_t>(n) * rk), cv(static_cast<std::size_t>(n) * rv);
-  cache.split_row(kr.data(), vr.data(), n, ck.data(), cv.data());
+  const auto& pages = coef.pages(seq, layer, h);
+  const std::int32_t P = coef.config().page_size;
+  std::vector<float> z(static_cast<std::size_t>(2) * hw);
+  // z = token t's row [c_k | c_v | pad] as float, from its K row and V row in place.
+  auto row = [&](std::int32_t t) {
+    const T* page = reinterpret_cast<const T*>(coef.pool().data(pages[static_cast<std::size_t>(t / P)]));
+    const T* kr = page + static_cast<std::size_t>(t % P) * hw;
+    const T* vr = page + static_cast<std::size_t>(P + t % P) * hw;
+    constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
+    std::int32_t j = 0;
+    for (; j + W <= hw; j += W) {  // F16C where the build has it (load_as_float)
+      load_as_float<Arch>(kr + j).store_unaligned(z.data() + j);
+      load_as_float<Arch>(vr + j).store_unaligned(z.data() + hw + j);
+    }
+    for (; j < hw; ++j) {
+      z[static_cast<std::size_t>(j)] = static_cast<float>(kr[j]);
+      z[static_cast<std::size_t>(hw + j)] = static_cast<float>(vr[j]);
+    }
+  };
   const rope* rp = cache.key_rope();
   std::vector<float> cs, sn;
   if (rp) rope_table(*rp, coef.positions(seq, layer, h), n, cs, sn);
@@ -218,34 +261,32 @@ void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, s
   std::vector<float> s(static_cast<std::size_t>(G) * n), key(static_cast<std::size_t>(D));
   if (rp) {  // rebuild, rotate, score: R(p) does not commute with U_k
     for (std::int32_t t = 0; t < n; ++t) {
-      back_project<Arch>(bk.u.data(), rk, D, ck.data() + static_cast<std::size_t>(t) * rk,
-                         bk.centered() ? bk.mean.data() : nullptr, key.data());
+      row(t);
+      back_project<Arch>(bk.u.data(), rk, D, z.data(), bk.centered() ? bk.mean.data() : nullptr, key.data());
       rotate(*rp, cs.data() + static_cast<std::size_t>(t) * half, sn.data() + static_cast<std::size_t>(t) * half, key.data());
-      for (std::int32_t g = 0; g < G; ++g) {
-        const float* qg = q + (q0 + g) * D;
-        float a = 0;
-        for (std::int32_t d = 0; d < D; ++d) a += qg[d] * key[static_cast<std::size_t>(d)];
-        s[static_cast<std::size_t>(g) * n + t] = scale * a;
-      }
+      for (std::int32_t g = 0; g < G; ++g)
+        s[static_cast<std::size_t>(g) * n + t] = scale * dot<Arch>(q + (q0 + g) * D, key.data(), D);
     }
   } else {  // post-RoPE keys, two ranks: score in r_k dimensions, q·k̂ = (U_kᵀq)·c_k + q·μ_k
-    std::vector<float> qp(static_cast<std::size_t>(rk));
+    std::vector<float> qp(static_cast<std::size_t>(G) * rk), qm(static_cast<std::size_t>(G), 0.0f);
     for (std::int32_t g = 0; g < G; ++g) {
       const float* qg = q + (q0 + g) * D;
-      project_query<Arch>(bk.u.data(), rk, D, qg, qp.data());
-      double qm = 0;
-      if (bk.centered())
-        for (std::int32_t d = 0; d < D; ++d) qm += static_cast<double>(qg[d]) * bk.mean[static_cast<std::size_t>(d)];
-      for (std::int32_t t = 0; t < n; ++t) {
-        const float* c = ck.data() + static_cast<std::size_t>(t) * rk;
-        float a = 0;
-        for (std::int32_t j = 0; j < rk; ++j) a += qp[static_cast<std::size_t>(j)] * c[j];
-        s[static_cast<std::size_t>(g) * n + t] = scale * (a + static_cast<float>(qm));
+      project_query<Arch>(bk.u.data(), rk, D, qg, qp.data() + static_cast<std::size_t>(g) * rk);
+      if (bk.centered()) {
+        double m = 0;
+        for (std::int32_t d = 0; d < D; ++d) m += static_cast<double>(qg[d]) * bk.mean[static_cast<std::size_t>(d)];
+        qm[static_cast<std::size_t>(g)] = static_cast<float>(m);
       }
     }
+    for (std::int32_t t = 0; t < n; ++t) {
+      row(t);
+      for (std::int32_t g = 0; g < G; ++g)
+        s[static_cast<std::size_t>(g) * n + t] =
+            scale * (dot<Arch>(qp.data() + static_cast<std::size_t>(g) * rk, z.data(), rk) + qm[static_cast<std::size_t>(g)]);
+    }
   }
-  std::vector<float> acc(static_cast<std::size_t>(rv));
-  for (std::int32_t g = 0; g < G; ++g) {
+  std::vector<float> inv(static_cast<std::size_t>(G)), acc(static_cast<std::size_t>(G) * rv, 0.0f);
+  for (std::int32_t g = 0; g < G; ++g) {  // softmax of each query head, exactly (two passes)
     float* sg = s.data() + static_cast<std::size_t>(g) * n;
     float m = -INFINITY;
     for (std::int32_t t = 0; t < n; ++t) m = std::max(m, sg[t]);
@@ -254,18 +295,22 @@ void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, s
       sg[t] = std::exp(sg[t] - m);
       l += sg[t];
     }
-    const float inv = static_cast<float>(1.0 / l);
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (std::int32_t t = 0; t < n; ++t) {
-      const float p = sg[t] * inv;
-      const float* cvt = cv.data() + static_cast<std::size_t>(t) * rv;
-      for (std::int32_t j = 0; j < rv; ++j) acc[static_cast<std::size_t>(j)] += p * cvt[j];
+    inv[static_cast<std::size_t>(g)] = static_cast<float>(1.0 / l);
+    if (opt.lse) opt.lse[q0 + g] = m + static_cast<float>(std::log(l));
+  }
+  for (std::int32_t t = 0; t < n; ++t) {  // Σ p_t c_v[t], every query head from one read of the row
+    row(t);
+    for (std::int32_t g = 0; g < G; ++g) {
+      const float p = s[static_cast<std::size_t>(g) * n + t] * inv[static_cast<std::size_t>(g)];
+      axpy<Arch>(p, z.data() + rk, acc.data() + static_cast<std::size_t>(g) * rv, rv);
       if (opt.probs) opt.probs[(q0 + g) * opt.probs_stride + t] = p;
       if (opt.group_probs) opt.group_probs[static_cast<std::size_t>(h) * opt.probs_stride + t] += p;
     }
+  }
+  for (std::int32_t g = 0; g < G; ++g) {
     if (opt.probs) std::fill(opt.probs + (q0 + g) * opt.probs_stride + n, opt.probs + (q0 + g + 1) * opt.probs_stride, 0.0f);
-    if (opt.lse) opt.lse[q0 + g] = m + static_cast<float>(std::log(l));
-    back_project<Arch>(bv.u.data(), rv, D, acc.data(), bv.centered() ? bv.mean.data() : nullptr, out + (q0 + g) * D);
+    back_project<Arch>(bv.u.data(), rv, D, acc.data() + static_cast<std::size_t>(g) * rv, bv.centered() ? bv.mean.data() : nullptr,
+                       out + (q0 + g) * D);
   }
 }
 
