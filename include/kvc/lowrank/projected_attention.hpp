@@ -345,15 +345,15 @@ void projected_decode_attention(const lowrank::projected_cache<T>& cache, seq_id
   const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
   const std::int32_t G = num_q_heads / hkv;
   const auto& coef = cache.coefficients();
+  std::int64_t held = 0, longest = 0;
+  for (std::int32_t h = 0; h < hkv; ++h) {
+    held += coef.length(seq, layer, h);
+    longest = std::max<std::int64_t>(longest, coef.length(seq, layer, h));
+  }
+  KVC_EXPECTS_IN(api_name, held > 0, "seq = ", seq, ", layer = ", layer,
+                 " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
+                 "step's K/V to the layer before attending)");
   if (!cache.in_place()) {  // pre-RoPE keys or two ranks: the general path
-    std::int64_t held = 0, longest = 0;
-    for (std::int32_t h = 0; h < hkv; ++h) {
-      held += coef.length(seq, layer, h);
-      longest = std::max<std::int64_t>(longest, coef.length(seq, layer, h));
-    }
-    KVC_EXPECTS_IN(api_name, held > 0, "seq = ", seq, ", layer = ", layer,
-                   " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
-                   "step's K/V to the layer before attending)");
     KVC_EXPECTS_IN(api_name, (opt.probs == nullptr && opt.group_probs == nullptr) || opt.probs_stride >= longest,
                    "opt.probs_stride = ", opt.probs_stride, ", expected >= the longest stream of the layer, ", longest,
                    " tokens, with probs or group_probs");
@@ -374,11 +374,6 @@ void projected_decode_attention(const lowrank::projected_cache<T>& cache, seq_id
   // probability outputs.
   const bool own = r % W == 0 && G <= 8 && opt.probs == nullptr && opt.group_probs == nullptr && opt.split_tokens == 0;
   if (own) {
-    std::int64_t held = 0;
-    for (std::int32_t h = 0; h < hkv; ++h) held += coef.length(seq, layer, h);
-    KVC_EXPECTS_IN(api_name, held > 0, "seq = ", seq, ", layer = ", layer,
-                   " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
-                   "step's K/V to the layer before attending)");
     for (float& x : qp) x *= scale;
     std::vector<float> m(static_cast<std::size_t>(num_q_heads)), l(m.size());
     auto run = [&](std::int32_t h) {

@@ -203,9 +203,13 @@ class pca_cache final : public any_cache {
     c_.split_row(kr.data(), vr.data(), n, k_out ? ck.data() : nullptr, v_out ? cv.data() : nullptr);
     if (k_out) {
       reconstruct(c_.key_basis(layer, head), ck.data(), n, k_out);
-      if (const rope* rp = c_.key_rope()) {
-        const std::int32_t* pos = c_.coefficients().positions(s, layer, head);
-        for (std::int32_t t = 0; t < n; ++t) rp->apply(k_out + static_cast<std::size_t>(t) * cfg_.head_dim, pos[t]);
+      if (const rope* rp = c_.key_rope()) {  // the decode kernel's rotation (its cos/sin table)
+        std::vector<float> cs, sn;
+        kvc::cpu::lowrank_detail::rope_table(*rp, c_.coefficients().positions(s, layer, head), n, cs, sn);
+        const std::size_t half = static_cast<std::size_t>(rp->config().rotary_dim / 2);
+        for (std::int32_t t = 0; t < n; ++t)
+          kvc::cpu::lowrank_detail::rotate(*rp, cs.data() + t * half, sn.data() + t * half,
+                                           k_out + static_cast<std::size_t>(t) * cfg_.head_dim);
       }
     }
     if (v_out) reconstruct(c_.value_basis(layer, head), cv.data(), n, v_out);
@@ -265,18 +269,12 @@ class pca_cache final : public any_cache {
     p.max_pages = c.max_pages;
     return p;
   }
-  /// out[t] = Σ_j c[t][j] u_j (+ μ), [n][D].
+  /// out[t] = Σ_j c[t][j] u_j (+ μ), [n][D]: the decode kernel's back-projection, row by row.
   static void reconstruct(const lowrank::basis& b, const float* c, std::int32_t n, float* out) {
-    const std::int32_t D = b.dim, r = b.rank;
-    for (std::int32_t t = 0; t < n; ++t) {
-      float* o = out + static_cast<std::size_t>(t) * D;
-      for (std::int32_t d = 0; d < D; ++d) o[d] = b.centered() ? b.mean[static_cast<std::size_t>(d)] : 0.0f;
-      for (std::int32_t j = 0; j < r; ++j) {
-        const float a = c[static_cast<std::size_t>(t) * r + j];
-        const float* u = b.direction(j);
-        for (std::int32_t d = 0; d < D; ++d) o[d] += a * u[d];
-      }
-    }
+    for (std::int32_t t = 0; t < n; ++t)
+      kvc::cpu::lowrank_detail::back_project<kvc::cpu::default_arch>(
+          b.u.data(), b.rank, b.dim, c + static_cast<std::size_t>(t) * b.rank, b.centered() ? b.mean.data() : nullptr,
+          out + static_cast<std::size_t>(t) * b.dim);
   }
 
   std::string name_;
