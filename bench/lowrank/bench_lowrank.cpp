@@ -3,8 +3,10 @@
 // fp16 decode, same shape and context, timed alternately in this process.
 //
 //   BM_lowrank_paired/<coef type>/r:<rank>/<q heads>x<kv heads>x<head_dim>/ctx:<tokens>/threads:1
-//   BM_lowrank_general_paired/f16coef/<pre_rope|post_rope>/rk:32/rv:128/...: the general path
-//     (keys rebuilt and rotated per token, or scored in r_k dims; values at full rank)
+//   BM_lowrank_general_paired/f16coef/pre_rope/rk:32/rv:128/...: the general path (keys rebuilt
+//     and rotated per token; values at full rank)
+//   BM_lowrank_split_paired/f16coef/post_rope/rk:<32|64|96>/rv:128/...: two ranks, the tiled
+//     kernel's split layout (keys scored in r_k dims; values at full rank)
 //     fp16 kv_cache<half> + cpu::decode_attention and lowrank::projected_cache +
 //     cpu::projected_decode_attention called alternately (15 pairs, same queries), plus the step's
 //     projections alone (q' = U_kᵀq for every query head, out = U_v a back) right after each
@@ -101,17 +103,17 @@ std::unique_ptr<kvc::lowrank::projected_cache<T>> projected(shape s, std::int32_
 }
 
 /// fp16 decode and projected_decode_attention alternated, `pairs` pairs per iteration. With
-/// rv != r or pre_rope the cache runs the general path, which has no separate projection step:
-/// no projection counters then.
+/// pre_rope the cache runs the general path, which has no separate projection step: no
+/// projection counters then. Post-RoPE keys at two ranks run the tiled kernel's split layout.
 template <class T>
 void BM_lowrank_paired(benchmark::State& state, shape s, std::int32_t ctx, std::int32_t r, std::int32_t rv = 0,
                        bool pre_rope = false, int pairs = 15) {
   kvc::seq_id fseq, pseq;
   auto& fc = fp16_cache(s, ctx, fseq);
   auto pc = projected<T>(s, ctx, r, pseq, rv, pre_rope);
-  const bool in_place = pc->in_place();
+  const bool tiled = !pre_rope;  // one rank or two: the r-space kernel, with its projections
   const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
-  std::vector<float> out(q.size()), qp(std::size_t(s.q_heads) * r), acc(qp.size());
+  std::vector<float> out(q.size()), qp(std::size_t(s.q_heads) * r), acc(std::size_t(s.q_heads) * pc->value_rank());
   std::vector<double> fcpu, pcpu, proj;
   using kvc_bench::thread_cpu_seconds;
   for (auto _ : state) {
@@ -124,7 +126,7 @@ void BM_lowrank_paired(benchmark::State& state, shape s, std::int32_t ctx, std::
       kvc::cpu::projected_decode_attention(*pc, pseq, 0, q.data(), s.q_heads, out.data());
       benchmark::DoNotOptimize(out.data());
       pcpu.push_back(thread_cpu_seconds() - c0);
-      if (!in_place) continue;
+      if (!tiled) continue;
       // The step's projections alone, on the same bases (L2-resident as in the step).
       c0 = thread_cpu_seconds();
       kvc::cpu::lowrank_detail::project_queries<kvc::cpu::default_arch>(*pc, 0, q.data(), s.q_heads, qp.data());
@@ -137,7 +139,7 @@ void BM_lowrank_paired(benchmark::State& state, shape s, std::int32_t ctx, std::
   state.counters["fp16_cpu_ms"] = median(fcpu) * 1e3;
   state.counters["lowrank_cpu_ms"] = median(pcpu) * 1e3;
   state.counters["speedup_vs_fp16"] = median(fcpu) / median(pcpu);
-  if (in_place) {
+  if (tiled) {
     state.counters["proj_cpu_ms"] = median(proj) * 1e3;
     state.counters["proj_fraction"] = median(proj) / median(pcpu);
   }
@@ -164,12 +166,16 @@ void register_all(const char* type) {
 int main(int argc, char** argv) {
   register_all<kvc::half>("f16coef");
   register_all<float>("f32coef");
-  // Keys at D/4 and whole values (the cache a model needs, docs/results.md), pre-RoPE and not.
-  for (bool pre : {true, false}) {
-    const std::string name = std::string("BM_lowrank_general_paired/f16coef/") + (pre ? "pre_rope" : "post_rope") +
-                             "/rk:32/rv:128/32x8x128/ctx:32768/threads:1";
+  // Keys at D/4 and whole values (the cache a model needs, docs/results.md) before RoPE: the
+  // general path. After RoPE, keys at rk of 128 and whole values: the split layout of the tiled
+  // kernel, which ThinK's caches use (think(ratio=0.5) is rk = 64, ratio=0.25 rk = 96).
+  for (std::int32_t rk : {-32, 32, 64, 96}) {
+    const bool pre = rk < 0;
+    const std::int32_t r = pre ? -rk : rk;
+    const std::string name = std::string(pre ? "BM_lowrank_general_paired/f16coef/pre_rope" : "BM_lowrank_split_paired/f16coef/post_rope") +
+                             "/rk:" + std::to_string(r) + "/rv:128/32x8x128/ctx:32768/threads:1";
     benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& st) {
-      BM_lowrank_paired<kvc::half>(st, shape{32, 8, 128}, 32768, 32, 128, pre, 5);
+      BM_lowrank_paired<kvc::half>(st, shape{32, 8, 128}, 32768, r, 128, pre, pre ? 5 : 15);
     })->Unit(benchmark::kMillisecond)->Iterations(1);
   }
   benchmark::Initialize(&argc, argv);

@@ -249,6 +249,13 @@ void check_general(const general_params& p) {
   opt.group_probs = gprobs.data();
   opt.probs_stride = n + 3;
   kvc::cpu::projected_decode_attention(cache, seq, 0, q.data(), Hq, out.data(), opt);
+  // Without the probability outputs, post-RoPE keys take the tiled kernel (the split layout with
+  // two ranks, r_k <= the row's half); pre-RoPE keys the general path again. Same reference.
+  std::vector<float> out2(q.size()), lse2(lse.size());
+  kvc::decode_options opt2;
+  opt2.lse = lse2.data();
+  opt2.pool = p.pool;
+  kvc::cpu::projected_decode_attention(cache, seq, 0, q.data(), Hq, out2.data(), opt2);
 
   const std::int32_t hw = (rk + rv + 1) / 2;
   for (std::int32_t h = 0; h < H; ++h) {
@@ -295,6 +302,10 @@ void check_general(const general_params& p) {
       INFO("query head " << qh << ", length " << len);
       CHECK(err < 2e-4);
       CHECK(std::abs(double(lse[qh]) - ref_lse) < 2e-4 * (1 + std::abs(ref_lse)));
+      double err2 = 0;
+      for (std::int32_t d = 0; d < D; ++d) err2 = std::max(err2, std::abs(double(out2[static_cast<std::size_t>(qh) * D + d]) - ref[d]));
+      CHECK(err2 < 2e-4);
+      CHECK(std::abs(double(lse2[qh]) - ref_lse) < 2e-4 * (1 + std::abs(ref_lse)));
       double perr = 0;
       for (std::int32_t t = 0; t < len; ++t) {
         double a = 0;
@@ -597,8 +608,16 @@ TEST_CASE("lowrank: pre-RoPE keys and two ranks, against dense double attention 
   // Odd r_k + r_v (one padding value per row), interleaved pairs, partial rotary_dim, heads over a pool.
   check_general<float>({64, 13, 46, 300, 4, true, true, true, &pool, true});
   check_general<kvc::half>({128, 32, 97, 1000, 2, true, false, true, nullptr, false, 64});
-  // Post-RoPE keys at half rank, full-rank values, uncentered: the r_k-space scores of the general path.
+  // Post-RoPE keys at half rank, full-rank values, uncentered: the r_k-space scores of the general
+  // path, and the tiled kernel's split layout (ThinK's shape). Then split layouts whose segments are
+  // not whole SIMD batches (r_k = 20, 12 value channels in the K row, an odd row), G up to 8,
+  // a row whose key fills more than half (r_k > r_v: the general path), and one G past 8.
   check_general<kvc::half>({64, 32, 64, 300, 4, false, false, true, &pool});
+  check_general<kvc::half>({128, 96, 128, 333, 8, false, false, true, &pool});
+  check_general<float>({64, 20, 44, 77, 3, false, true, true});
+  check_general<float>({64, 21, 64, 50, 5, false, false, false});
+  check_general<kvc::half>({64, 48, 16, 60, 2, false, true, true});
+  check_general<kvc::half>({64, 16, 64, 40, 12, false, false, true});
 }
 
 TEST_CASE("lowrank: pre-RoPE at full rank reproduces exact attention on the original keys, rotated here", "[lowrank]") {

@@ -3,20 +3,22 @@
 
 /// \file
 /// `stream_detail::attend_stream`: the tiled online-softmax decode kernel over one kv_cache
-/// stream's pages ([K: P x r][V: P x r] of T), for G <= 8 pre-scaled queries of one GQA group,
+/// stream's pages ([K: P x r][V: P x r] of T; stream_layout says where keys and values sit in
+/// them), for G <= 8 pre-scaled queries of one GQA group,
 /// with an optional per-token additive bias on the logits:
 ///
 ///   s_t = kscale[t]·(q'·k_t) + bias[t]   (q' pre-scaled by the caller; null arrays: no term),
 ///   out = Σ_t p_t·vscale[t]·v_t / Σ_t p_t
 ///
-/// Two users: the low-rank kernel (kvc/lowrank/projected_attention.hpp, r = rank, no bias) and
+/// Two users: the low-rank kernel (kvc/lowrank/projected_attention.hpp, r = rank, or the split
+/// layout of two ranks; no bias) and
 /// the merged-token kernel (kvc/merge/merged_attention.hpp, r = head_dim, bias = the tokens'
 /// log-weights, so a merged token counts as the members it stands for). One kernel for both, so
 /// the bias costs one load and add per score and nothing else differs. MiniCache's shared
 /// directions (kvc/merge/minicache.hpp) pass per-token magnitudes as kscale and vscale: a
 /// stored unit direction e_t stands for the row |x_t|·e_t of each layer that shares it.
-/// Row lengths that are not a multiple of the SIMD width run their last r % W channels in scalar
-/// code (the merged kernel's head dims); the low-rank caller only uses r % W == 0.
+/// Channel runs that are not a multiple of the SIMD width run their last len % W channels in
+/// scalar code (the merged kernel's head dims, the split layout's segments).
 /// Compiled per ISA (docs/isa.md).
 
 #include <algorithm>
@@ -38,11 +40,31 @@ namespace stream_detail {
 /// K rows and one of V rows. Smaller pages make smaller tiles (a tile never crosses a page).
 inline constexpr std::int32_t tile = 16;
 
-/// Attention of G pre-scaled queries qp ([G][r]) over the n rows of one stream: pages of
-/// [K: P x r][V: P x r] of T. Token t's logit is kscale[t]·(qp·k_t) + bias[t] and its value
-/// vscale[t]·v_t (each array n floats, or null for no term).
-/// Leaves the unnormalised Σ p v in acc ([G][r]), the running maximum in m and the sum of
-/// exponentials in l (n = 0: acc 0, m = -inf, l = 0).
+/// Where a token's key and value channels sit in its K row and V row (a page is [K: P x row][V: P
+/// x row] of T). The plain layout (every caller but one) is key = the K row, value = the V row.
+/// A projected cache with two ranks (kvc/lowrank/projected_cache.hpp) stores the row
+/// [c_k | c_v | pad] split across both: the key is the K row's first r_k channels and the value
+/// the rest of the K row followed by the V row's first channels.
+struct stream_layout {
+  std::int32_t row = 0;     ///< values per K row and per V row
+  std::int32_t key = 0;     ///< key channels: K row [0, key)
+  std::int32_t vk_off = 0;  ///< value channels: K row [vk_off, vk_off + vk) ...
+  std::int32_t vk = 0;
+  std::int32_t vv = 0;      ///< ... then V row [0, vv)
+  std::int32_t value() const noexcept { return vk + vv; }
+  static stream_layout plain(std::int32_t r) noexcept { return {r, r, 0, 0, r}; }
+  /// [c_k (rk) | c_v (rv) | pad to even] over two rows of (rk + rv + 1) / 2; needs rk <= the row.
+  static stream_layout split(std::int32_t rk, std::int32_t rv) noexcept {
+    const std::int32_t hw = (rk + rv + 1) / 2;
+    return {hw, rk, rk, hw - rk, rv - (hw - rk)};
+  }
+};
+
+/// Attention of G pre-scaled queries qp ([G][lay.key]) over the n rows of one stream laid out as
+/// `lay`. Token t's logit is kscale[t]·(qp·k_t) + bias[t] and its value vscale[t]·v_t (each
+/// array n floats, or null for no term).
+/// Leaves the unnormalised Σ p v in acc ([G][lay.value()]), the running maximum in m and the sum
+/// of exponentials in l (n = 0: acc 0, m = -inf, l = 0).
 ///
 /// Why not kvc's decode kernel at head_dim r (the low-rank caller's fallback): that kernel is built for
 /// D = 64..128, where a score's D / W FMAs amortise its horizontal reduction. At r = 16..32 (1..2
@@ -55,23 +77,24 @@ inline constexpr std::int32_t tile = 16;
 /// scores, all lanes used), the softmax is vectorised over the tile, and rows are addressed from
 /// the page base.
 template <class Arch, std::int32_t G, class T>
-void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, std::int32_t P, std::int32_t r,
+void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, std::int32_t P, const stream_layout& lay,
                    const float* qp, const float* bias, float* acc, float* m, float* l, const float* kscale = nullptr,
                    const float* vscale = nullptr) noexcept {
   using B = fbatch<Arch>;
   constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
   static_assert(tile % W == 0, "a tile is whole SIMD batches");
-  const std::int32_t NV = r / W;
-  const std::int32_t RV = NV * W;  // channels RV..r-1: scalar (r % W of them)
+  const std::int32_t r = lay.row, kd = lay.key, A = lay.value();
+  const std::int32_t NV = kd / W;
+  const std::int32_t RV = NV * W;  // key channels RV..kd-1: scalar (kd % W of them)
   const std::int32_t TT = std::min(tile, P);
   const std::size_t row_bytes = sizeof(T) * static_cast<std::size_t>(r);
   B part[G][tile];
   alignas(64) float s[G][tile];
-  float tail[G][tile];  // the scalar channels' part of each score (only when RV < r)
+  float tail[G][tile];  // the scalar channels' part of each score (only when RV < kd)
   for (std::int32_t g = 0; g < G; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.0f;
-    for (std::int32_t j = 0; j < r; ++j) acc[g * r + j] = 0.0f;
+    for (std::int32_t j = 0; j < A; ++j) acc[g * A + j] = 0.0f;
   }
   for (std::int32_t t0 = 0; t0 < n; t0 += TT) {
     const std::int32_t tn = std::max(1, std::min(TT, n - t0));  // >= 1 always; max: for GCC 12 -Warray-bounds
@@ -102,13 +125,13 @@ void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, 
       const T* row = K + static_cast<std::size_t>(t) * r;
       for (std::int32_t v = 0; v < NV; ++v) {
         const B kv = load_as_float<Arch>(row + v * W);
-        for (std::int32_t g = 0; g < G; ++g) a[g] = xsimd::fma(B::load_unaligned(qp + g * r + v * W), kv, a[g]);
+        for (std::int32_t g = 0; g < G; ++g) a[g] = xsimd::fma(B::load_unaligned(qp + g * kd + v * W), kv, a[g]);
       }
       for (std::int32_t g = 0; g < G; ++g) part[g][t] = a[g];
-      if (RV < r)
+      if (RV < kd)
         for (std::int32_t g = 0; g < G; ++g) {
           float x = 0.0f;
-          for (std::int32_t d = RV; d < r; ++d) x += qp[g * r + d] * static_cast<float>(row[d]);
+          for (std::int32_t d = RV; d < kd; ++d) x += qp[g * kd + d] * static_cast<float>(row[d]);
           tail[g][t] = x;
         }
     }
@@ -116,7 +139,7 @@ void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, 
     for (std::int32_t g = 0; g < G; ++g) {
       for (std::int32_t t = tn; t < tw; ++t) part[g][t] = B(0.0f);
       for (std::int32_t j = 0; j < tw; j += W) haddp<Arch>(&part[g][j]).store_aligned(&s[g][j]);
-      if (RV < r)
+      if (RV < kd)
         for (std::int32_t t = 0; t < tn; ++t) s[g][t] += tail[g][t];
       if (kscale)
         for (std::int32_t t = 0; t < tn; ++t) s[g][t] *= kscale[t0 + t];
@@ -133,7 +156,7 @@ void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, 
       if (m_new > m[g]) {
         const float corr = std::exp(m[g] - m_new);  // 0 on the first tile
         l[g] *= corr;
-        for (std::int32_t j = 0; j < r; ++j) acc[g * r + j] *= corr;
+        for (std::int32_t j = 0; j < A; ++j) acc[g * A + j] *= corr;
         m[g] = m_new;
       }
       const B mb(m_new);
@@ -147,38 +170,50 @@ void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, 
       if (vscale)  // the softmax sums p; the values are weighted by p·vscale
         for (std::int32_t t = 0; t < tn; ++t) s[g][t] *= vscale[t0 + t];
     }
-    // acc_g += Σ_t p_g[t] c_v[t]: the G accumulators of one batch of channels in registers over
-    // the tile's rows.
-    for (std::int32_t v = 0; v < NV; ++v) {
-      B a[G];
-      for (std::int32_t g = 0; g < G; ++g) a[g] = B::load_unaligned(acc + g * r + v * W);
-      for (std::int32_t t = 0; t < tn; ++t) {
-        const B vv = load_as_float<Arch>(V + static_cast<std::size_t>(t) * r + v * W);
-        for (std::int32_t g = 0; g < G; ++g) a[g] = xsimd::fma(B(s[g][t]), vv, a[g]);
+    // acc_g[o + j] += Σ_t p_g[t] rows[t][off + j] for j < len: the G accumulators of one batch
+    // of channels in registers over the tile's rows, then the len % W channels in scalar code.
+    auto accumulate = [&](const T* rows, std::int32_t off, std::int32_t len, std::int32_t o) {
+      const std::int32_t nb = len / W;
+      for (std::int32_t v = 0; v < nb; ++v) {
+        B a[G];
+        for (std::int32_t g = 0; g < G; ++g) a[g] = B::load_unaligned(acc + g * A + o + v * W);
+        for (std::int32_t t = 0; t < tn; ++t) {
+          const B vv = load_as_float<Arch>(rows + static_cast<std::size_t>(t) * r + off + v * W);
+          for (std::int32_t g = 0; g < G; ++g) a[g] = xsimd::fma(B(s[g][t]), vv, a[g]);
+        }
+        for (std::int32_t g = 0; g < G; ++g) a[g].store_unaligned(acc + g * A + o + v * W);
       }
-      for (std::int32_t g = 0; g < G; ++g) a[g].store_unaligned(acc + g * r + v * W);
-    }
-    for (std::int32_t d = RV; d < r; ++d)
-      for (std::int32_t g = 0; g < G; ++g) {
-        float x = acc[g * r + d];
-        for (std::int32_t t = 0; t < tn; ++t) x += s[g][t] * static_cast<float>(V[static_cast<std::size_t>(t) * r + d]);
-        acc[g * r + d] = x;
-      }
+      for (std::int32_t d = nb * W; d < len; ++d)
+        for (std::int32_t g = 0; g < G; ++g) {
+          float x = acc[g * A + o + d];
+          for (std::int32_t t = 0; t < tn; ++t) x += s[g][t] * static_cast<float>(rows[static_cast<std::size_t>(t) * r + off + d]);
+          acc[g * A + o + d] = x;
+        }
+    };
+    if (lay.vk > 0) accumulate(K, lay.vk_off, lay.vk, 0);
+    accumulate(V, 0, lay.vv, lay.vk);
   }
 }
 
 /// attend_stream for a run-time G in 1..8 (the caller splits larger groups).
 template <class Arch, class T>
 void attend_stream_dispatch(std::int32_t G, const page_pool& pool, const page_id* pages, std::int32_t n,
-                            std::int32_t P, std::int32_t r, const float* qp, const float* bias, float* acc, float* m,
-                            float* l, const float* kscale = nullptr, const float* vscale = nullptr) noexcept {
+                            std::int32_t P, const stream_layout& lay, const float* qp, const float* bias, float* acc,
+                            float* m, float* l, const float* kscale = nullptr, const float* vscale = nullptr) noexcept {
   switch (G) {
 #define KVC_CASE(N) \
-  case N: return attend_stream<Arch, N, T>(pool, pages, n, P, r, qp, bias, acc, m, l, kscale, vscale);
+  case N: return attend_stream<Arch, N, T>(pool, pages, n, P, lay, qp, bias, acc, m, l, kscale, vscale);
     KVC_CASE(1) KVC_CASE(2) KVC_CASE(3) KVC_CASE(4) KVC_CASE(5) KVC_CASE(6) KVC_CASE(7) KVC_CASE(8)
 #undef KVC_CASE
     default: KVC_ASSERT(false);
   }
+}
+/// The plain layout: keys and values of r channels (stream_layout::plain).
+template <class Arch, class T>
+void attend_stream_dispatch(std::int32_t G, const page_pool& pool, const page_id* pages, std::int32_t n,
+                            std::int32_t P, std::int32_t r, const float* qp, const float* bias, float* acc, float* m,
+                            float* l, const float* kscale = nullptr, const float* vscale = nullptr) noexcept {
+  attend_stream_dispatch<Arch, T>(G, pool, pages, n, P, stream_layout::plain(r), qp, bias, acc, m, l, kscale, vscale);
 }
 
 /// The argument checks the stream-kernel entry points share (merged_attention.hpp,

@@ -25,8 +25,11 @@
 /// constant q·μ_k cancels in the softmax (it moves only the log-sum-exp, which is corrected);
 /// with v̂_t = μ_v + U_v c_v[t], Σ p_t v̂_t = μ_v + U_v Σ p_t c_v[t] because Σ p_t = 1.
 ///
-/// That r-space path needs keys stored post-RoPE and equal key and value ranks (in_place()). A
-/// cache with pre-RoPE keys or two ranks runs the general path instead: with pre-RoPE keys, per
+/// That r-space path needs keys stored post-RoPE. With two ranks it reads the split row layout
+/// (stream_detail::stream_layout::split: c_k is the K row's first r_k values, c_v the rest of the
+/// K row and then the V row), which ThinK's caches use. A cache with pre-RoPE keys, or two ranks
+/// where the tiles do not apply (probability outputs, split_tokens, G > 8, r_k above half the
+/// row), runs the general path instead: with pre-RoPE keys, per
 /// token and kv head it rebuilds the key k̂_t = R(p_t)(U_k c_k[t] + μ_k) (r_k·D FMAs, shared by
 /// the group's G query heads, then a rotation at the token's stored position) and scores it
 /// against the unprojected queries; with post-RoPE keys it scores in r_k dimensions as above.
@@ -126,15 +129,16 @@ void project_queries(const lowrank::projected_cache<T>& cache, std::int32_t laye
   }
 }
 
-/// out[h] = U_v(h / G) a[h] (+ μ_v) for every query head: the step's way back to D channels.
+/// out[h] = U_v(h / G) a[h] (+ μ_v) for every query head (a [num_q_heads][r_v]): the step's way back to D channels.
 template <class Arch, class T>
 void back_project_all(const lowrank::projected_cache<T>& cache, std::int32_t layer, const float* a,
                       std::int32_t num_q_heads, float* out) {
   const auto& c = cache.config();
   const std::int32_t G = num_q_heads / c.num_kv_heads;
+  const std::int32_t rv = cache.value_rank();
   for (std::int32_t h = 0; h < num_q_heads; ++h) {
     const lowrank::basis& b = cache.value_basis(layer, h / G);
-    back_project<Arch>(b.u.data(), c.rank, c.head_dim, a + static_cast<std::size_t>(h) * c.rank,
+    back_project<Arch>(b.u.data(), rv, c.head_dim, a + static_cast<std::size_t>(h) * rv,
                        b.centered() ? b.mean.data() : nullptr, out + static_cast<std::size_t>(h) * c.head_dim);
   }
 }
@@ -316,6 +320,38 @@ void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, s
 
 }  // namespace lowrank_detail
 
+/// The keys and values one stream of a projected cache stands for, rebuilt in D channels as the
+/// decode kernels read them: x̂ = U c (+ μ), keys then rotated to their stored positions when the
+/// cache keeps them pre-RoPE (the kernel's cos/sin table). k_out and v_out are [length][head_dim]
+/// (either may be null). O(length · D · r): for scorers, prefill attention and tests, not decode.
+template <class Arch = default_arch, class T>
+void projected_gather(const lowrank::projected_cache<T>& cache, seq_id seq, std::int32_t layer, std::int32_t head,
+                      float* k_out, float* v_out) {
+  const std::int32_t n = cache.length(seq, layer, head);
+  if (n == 0) return;
+  const std::int32_t hw = cache.row_width() / 2, rk = cache.key_rank(), rv = cache.value_rank(), D = cache.config().head_dim;
+  std::vector<float> kr(static_cast<std::size_t>(n) * hw), vr(kr.size());
+  cache.coefficients().gather(seq, layer, head, kr.data(), vr.data());
+  std::vector<float> ck(k_out ? static_cast<std::size_t>(n) * rk : 0), cv(v_out ? static_cast<std::size_t>(n) * rv : 0);
+  cache.split_row(kr.data(), vr.data(), n, k_out ? ck.data() : nullptr, v_out ? cv.data() : nullptr);
+  auto rebuild = [&](const lowrank::basis& b, const float* c, float* out) {
+    for (std::int32_t t = 0; t < n; ++t)
+      lowrank_detail::back_project<Arch>(b.u.data(), b.rank, D, c + static_cast<std::size_t>(t) * b.rank,
+                                         b.centered() ? b.mean.data() : nullptr, out + static_cast<std::size_t>(t) * D);
+  };
+  if (k_out) {
+    rebuild(cache.key_basis(layer, head), ck.data(), k_out);
+    if (const rope* rp = cache.key_rope()) {
+      std::vector<float> cs, sn;
+      lowrank_detail::rope_table(*rp, cache.coefficients().positions(seq, layer, head), n, cs, sn);
+      const std::size_t half = static_cast<std::size_t>(rp->config().rotary_dim / 2);
+      for (std::int32_t t = 0; t < n; ++t)
+        lowrank_detail::rotate(*rp, cs.data() + t * half, sn.data() + t * half, k_out + static_cast<std::size_t>(t) * D);
+    }
+  }
+  if (v_out) rebuild(cache.value_basis(layer, head), cv.data(), v_out);
+}
+
 /// Decode attention of one query token per query head over one layer of one sequence of a
 /// projected cache. Same contract as cpu::decode_attention on a kv_cache: GQA when num_q_heads is
 /// a multiple of num_kv_heads, opt.scale 0 means 1/sqrt(head_dim) of the *original* head_dim,
@@ -353,7 +389,18 @@ void projected_decode_attention(const lowrank::projected_cache<T>& cache, seq_id
   KVC_EXPECTS_IN(api_name, held > 0, "seq = ", seq, ", layer = ", layer,
                  " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
                  "step's K/V to the layer before attending)");
-  if (!cache.in_place()) {  // pre-RoPE keys or two ranks: the general path
+  constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
+  const std::int32_t r = c.rank, rv = cache.value_rank();
+  // The tiled r-space kernel (stream_detail::attend_stream, kvc/cpu/stream_attention.hpp) covers
+  // post-RoPE keys at one rank or two (the split layout, r_k <= the row's half); the general path
+  // covers pre-RoPE keys, probability outputs with two ranks, and the rest; kvc's decode kernel on
+  // the coefficient pages (head_dim = r), which has split-K and the probability outputs, the
+  // in-place layout otherwise.
+  const bool plain_ok = cache.in_place() && r % W == 0;
+  const bool split_ok = !cache.in_place() && !c.pre_rope && r <= cache.row_width() / 2;
+  const bool own = (plain_ok || split_ok) && G <= 8 && opt.probs == nullptr && opt.group_probs == nullptr &&
+                   opt.split_tokens == 0;
+  if (!cache.in_place() && !own) {  // pre-RoPE keys, or two ranks with what the tiles lack: the general path
     KVC_EXPECTS_IN(api_name, (opt.probs == nullptr && opt.group_probs == nullptr) || opt.probs_stride >= longest,
                    "opt.probs_stride = ", opt.probs_stride, ", expected >= the longest stream of the layer, ", longest,
                    " tokens, with probs or group_probs");
@@ -365,30 +412,26 @@ void projected_decode_attention(const lowrank::projected_cache<T>& cache, seq_id
       for (std::int32_t h = 0; h < hkv; ++h) run(h);
     return;
   }
-  const std::int32_t r = c.rank;
-  std::vector<float> qp(static_cast<std::size_t>(num_q_heads) * r), acc(qp.size());
+  std::vector<float> qp(static_cast<std::size_t>(num_q_heads) * r), acc(static_cast<std::size_t>(num_q_heads) * rv);
   lowrank_detail::project_queries<Arch>(cache, layer, q, num_q_heads, qp.data());
-  constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
-  // The r-space kernel (stream_detail::attend_stream, kvc/cpu/stream_attention.hpp) covers the
-  // common case; everything else runs kvc's decode kernel on the coefficient pages (head_dim = r), which has split-K and the
-  // probability outputs.
-  const bool own = r % W == 0 && G <= 8 && opt.probs == nullptr && opt.group_probs == nullptr && opt.split_tokens == 0;
   if (own) {
     for (float& x : qp) x *= scale;
     std::vector<float> m(static_cast<std::size_t>(num_q_heads)), l(m.size());
+    const stream_detail::stream_layout lay =
+        cache.in_place() ? stream_detail::stream_layout::plain(r) : stream_detail::stream_layout::split(r, rv);
     auto run = [&](std::int32_t h) {
       const std::size_t o = static_cast<std::size_t>(h) * G;
       const auto& pages = coef.pages(seq, layer, h);
       stream_detail::attend_stream_dispatch<Arch, T>(G, coef.pool(), pages.data(), coef.length(seq, layer, h),
-                                                     coef.config().page_size, r, qp.data() + o * r, nullptr,
-                                                     acc.data() + o * r, m.data() + o, l.data() + o);
+                                                     coef.config().page_size, lay, qp.data() + o * r, nullptr,
+                                                     acc.data() + o * rv, m.data() + o, l.data() + o);
     };
     if (opt.pool && hkv > 1) opt.pool->parallel_for(hkv, run);
     else
       for (std::int32_t h = 0; h < hkv; ++h) run(h);
     for (std::int32_t h = 0; h < num_q_heads; ++h) {
       const float inv = l[h] > 0 ? 1.0f / l[h] : 0.0f;  // an empty head: zeros, lse = -inf
-      for (std::int32_t j = 0; j < r; ++j) acc[static_cast<std::size_t>(h) * r + j] *= inv;
+      for (std::int32_t j = 0; j < rv; ++j) acc[static_cast<std::size_t>(h) * rv + j] *= inv;
       if (opt.lse) opt.lse[h] = l[h] > 0 ? m[h] + std::log(l[h]) : -INFINITY;
     }
   } else {
