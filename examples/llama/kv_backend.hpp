@@ -76,6 +76,9 @@ public:
     virtual bool wants_pre_rope_keys() const { return false; }
     /// `q` is [n][num_q_heads][head_dim], before RoPE, for tokens just appended to `layer`.
     virtual void observe_queries(int /*layer*/, const float* /*q*/, int /*n*/) {}
+    /// Rotated queries per layer the store asks the engine to remember (ThinK's observation
+    /// window): the session keeps at least this many in recent_q.
+    virtual int query_window() const { return 0; }
 };
 
 /// Reference store: contiguous float arrays per layer, no compression. Attention is computed

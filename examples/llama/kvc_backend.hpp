@@ -58,8 +58,9 @@ public:
     ///                    reserves address space up front and the OS commits pages on use)
     /// \param merge       a merging stage applied after each compression (the cache then holds
     ///                    merged tokens: storage fp16 or fp32); null: eviction drops
+    /// \param weights     the model's W_k and W_v, for storages that factor them (palu); may be null
     kvc_store(const kv_shape& s, const std::string& storage, int page_size, int max_tokens, kvc::thread_pool* pool = nullptr,
-              const kvc::runtime::merge_policy* merge = nullptr)
+              const kvc::runtime::merge_policy* merge = nullptr, const kvc::runtime::projection_weights* weights = nullptr)
         : shape_(s), pool_(pool) {
         kvc::cache_config c;
         c.num_layers = s.num_layers;
@@ -74,6 +75,7 @@ public:
         rc.style = kvc::rope_style::interleaved;
         kvc::runtime::storage_options so;
         so.rope = &rc;
+        so.weights = weights;
         if (merge) {
             cache_ = kvc::runtime::make_merged_cache(storage, c);
             merger_.emplace(*merge);
@@ -117,6 +119,20 @@ public:
         qstats_.at(static_cast<std::size_t>(layer)).add(q, n);
     }
     bool compresses() const { return comp_.has_value(); }
+    int query_window() const override { return cache_->query_window(); }
+
+    /// Hands every layer's recent rotated queries to a storage that asks for them (ThinK fits its
+    /// channels on them, any_cache::observe_window); after the compressor, so it sees what was kept.
+    template <class WindowFn>
+    void observe_windows(WindowFn&& window) {
+        if (cache_->query_window() <= 0) return;
+        for (int l = 0; l < shape_.num_layers; ++l) {
+            const kvc::evict::query_window w = window(l);
+            const int n = std::min<int>(w.n, cache_->query_window());
+            if (n <= 0) continue;
+            cache_->observe_window(seq_, l, w.q + static_cast<std::size_t>(w.n - n) * w.num_q_heads * w.head_dim, n, w.num_q_heads);
+        }
+    }
 
     void append(int layer, const float* k, const float* v, int n, const int32_t* positions) override {
         cache_->append(seq_, layer, k, v, n, positions);

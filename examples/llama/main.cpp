@@ -126,6 +126,7 @@ int main(int argc, char** argv) {
         }
         kvc::thread_pool pool(threads);
         sopt.pool = threads > 1 ? &pool : nullptr;
+        llama::attach_weights(sopt, mdl);  // palu factors W_k and W_v
         sopt.max_tokens = static_cast<int>(ids.size()) + n_predict + 1;
         llama::store_factory make = llama::parse_store(cache_spec, mdl.shape(), sopt);
         llama::session s = mdl.new_session(make.create(), make.query_window);

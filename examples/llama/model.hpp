@@ -127,6 +127,8 @@ public:
     explicit model(const gguf_file& f) { load(f); }
 
     const hparams& hp() const { return hp_; }
+    /// One layer's weights (W_k, W_v: [n_head_kv · head_dim][n_embd] row-major, k = W_k x).
+    const layer_weights& weights(int layer) const { return layers_.at(static_cast<std::size_t>(layer)); }
     kv_shape shape() const {
         return {hp_.n_layer, hp_.n_head_kv, hp_.n_head, hp_.head_dim, hp_.rope_theta, hp_.rope_dims};
     }
@@ -136,7 +138,8 @@ public:
     session new_session(std::unique_ptr<kv_store> kv, int query_window = 0) const {
         session s;
         s.kv = std::move(kv);
-        s.query_window = query_window;
+        s.query_window = std::max(query_window, s.kv->query_window());
+        query_window = s.query_window;
         if (query_window > 0) s.recent_q.assign(static_cast<std::size_t>(hp_.n_layer), matrix());
         return s;
     }

@@ -107,8 +107,12 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
     }
     f.query_window = window;
     f.create = [shape, opt, storage, comp, ev, rope, merge]() -> std::unique_ptr<kv_store> {
+        kvc::runtime::projection_weights pw;
+        pw.in = opt.weights_in;
+        pw.wk = opt.wk;
+        pw.wv = opt.wv;
         auto s = std::make_unique<kvc_store>(shape, storage, opt.page_size, opt.max_tokens, opt.pool,
-                                             merge ? &*merge : nullptr);
+                                             merge ? &*merge : nullptr, opt.wk.empty() ? nullptr : &pw);
         if (comp) s->set_compressor(*comp, ev->observer);  // a fresh copy per sequence: decode counters start at 0
         if (ev && ev->cake) s->set_cake(*ev);
         s->keep_alive(rope);  // scorers point at it (leverage un-rotates keys)
@@ -158,10 +162,10 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
                             }
                     }
         };
-    if (comp) {
+    if (!minicache) {  // eviction, then what the storage fits on the kept prompt (ThinK's channels)
         auto run = [](session& s, kvc_store::phase ph) {
             auto* k = static_cast<kvc_store*>(s.kv.get());
-            k->compress(ph, [&](int layer) {
+            auto window = [&](int layer) {
                 kvc::evict::query_window w;
                 const matrix& q = s.recent_q.at(static_cast<std::size_t>(layer));
                 w.q = q.data();
@@ -169,13 +173,25 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
                 w.num_q_heads = static_cast<int32_t>(q.cols()) / k->cache().config().head_dim;
                 w.head_dim = k->cache().config().head_dim;
                 return w;
-            });
+            };
+            k->compress(ph, window);
+            if (ph != kvc_store::phase::decode) k->observe_windows(window);
         };
         f.after_prefill = [run](session& s) { run(s, kvc_store::phase::prefill); };
         f.after_chunk = [run](session& s) { run(s, kvc_store::phase::chunk); };
         f.after_decode = [run](session& s) { run(s, kvc_store::phase::decode); };
     }
     return f;
+}
+
+void attach_weights(store_options& opt, const model& m) {
+    opt.weights_in = m.hp().n_embd;
+    opt.wk.clear();
+    opt.wv.clear();
+    for (int l = 0; l < m.hp().n_layer; ++l) {
+        opt.wk.push_back(m.weights(l).wk.data());
+        opt.wv.push_back(m.weights(l).wv.data());
+    }
 }
 
 std::vector<std::string> evictor_names() {

@@ -36,7 +36,13 @@ struct store_options {
     int page_size = 16;
     int max_tokens = 8192;
     kvc::thread_pool* pool = nullptr;  ///< threads for decode attention; null = serial
+    /// The model's W_k and W_v per layer (attach_weights), for storages that factor them (palu).
+    int weights_in = 0;
+    std::vector<const float*> wk, wv;
 };
+
+/// Points `opt` at the model's key and value projections (palu reads them when a store is built).
+void attach_weights(store_options& opt, const model& m);
 
 /// What the engine needs to run a sequence under one cache configuration.
 struct store_factory {

@@ -595,6 +595,7 @@ int main(int argc, char** argv) {
         engine e{file, tok, mdl, {}};
         e.sopt.page_size = o.page_size;
         e.sopt.pool = o.threads > 1 ? &pool : nullptr;
+        llama::attach_weights(e.sopt, mdl);  // palu factors W_k and W_v
 
         auto read_file = [](const std::string& p) {
             std::ifstream in(p, std::ios::binary);

@@ -31,6 +31,7 @@
 /// as ShadowKV and KVQuant do. Without it keys are post-RoPE and attention runs in r-space.
 /// Threads: as kv_cache (docs/threading.md); set_basis is exclusive like add_sequence.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -205,6 +206,51 @@ class projected_cache {
         vr[i * hw + j] = z[i * w + hw + j];
       }
     coef_.append(s, layer, kr.data(), vr.data(), n, positions);
+  }
+
+  /// Appends to every kv head h of one layer its own n[h] tokens at their own positions: k[h] and
+  /// v[h] are [n[h]][head_dim] floats, pos[h] [n[h]] positions. What moves streams that eviction
+  /// left ragged in from another store (ThinK's staged prompt, runtime/lowrank_storages.hpp).
+  /// All heads or none (the checks of append). seen() grows by max n[h].
+  void append_streams(seq_id s, std::int32_t layer, const std::vector<const float*>& k, const std::vector<const float*>& v,
+                      const std::vector<std::int32_t>& n, const std::vector<const std::int32_t*>& pos) {
+    constexpr const char* who = "kvc::lowrank::projected_cache::append_streams";
+    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
+    KVC_EXPECTS_IN(who, k.size() == static_cast<std::size_t>(H) && v.size() == k.size() && n.size() == k.size() &&
+                            pos.size() == k.size(),
+                   "k, v, n and pos hold ", k.size(), ", ", v.size(), ", ", n.size(), " and ", pos.size(),
+                   " heads, expected num_kv_heads = ", H, " each");
+    std::int32_t N = 0;
+    for (std::int32_t h = 0; h < H; ++h) {
+      KVC_EXPECTS_IN(who, n[h] >= 0, "n[", h, "] = ", n[h], ", expected >= 0 tokens");
+      KVC_EXPECTS_IN(who, n[h] == 0 || (k[h] && v[h] && pos[h]), "head ", h, ": k, v or pos is null with n = ", n[h]);
+      N = std::max(N, n[h]);
+    }
+    if (N == 0) return;
+    // One append of N rows per head (the short heads padded with zeros), then one keep that drops
+    // the padding and sets each head's positions: all-or-nothing, each step undone if the next fails.
+    std::vector<float> kb(static_cast<std::size_t>(N) * H * D, 0.0f), vb(kb.size(), 0.0f);
+    std::vector<std::vector<std::int32_t>> before(static_cast<std::size_t>(H)), kept(before.size()), newpos(before.size());
+    for (std::int32_t h = 0; h < H; ++h) {
+      for (std::int32_t t = 0; t < n[h]; ++t)
+        for (std::int32_t d = 0; d < D; ++d) {
+          const std::size_t o = (static_cast<std::size_t>(t) * H + h) * D + d, i = static_cast<std::size_t>(t) * D + d;
+          kb[o] = k[h][i];
+          vb[o] = v[h][i];
+        }
+      const std::int32_t L = coef_.length(s, layer, h);
+      const std::int32_t* p = coef_.positions(s, layer, h);
+      for (std::int32_t i = 0; i < L; ++i) before[h].push_back(i), newpos[h].push_back(p[i]);
+      kept[h] = before[h];
+      for (std::int32_t t = 0; t < n[h]; ++t) kept[h].push_back(L + t), newpos[h].push_back(pos[h][t]);
+    }
+    append(s, layer, kb.data(), vb.data(), N);
+    try {
+      coef_.keep_layer_rewrite_keys(s, layer, kept, [](std::int32_t, std::int32_t, T*) {}, &newpos);
+    } catch (...) {
+      coef_.keep_layer(s, layer, before);  // releases the N rows just appended
+      throw;
+    }
   }
 
   /// Keeps tokens kept[0..n) of one stream (eviction), freeing the pages this empties.

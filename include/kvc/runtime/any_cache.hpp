@@ -93,6 +93,15 @@ class any_cache {
   /// Whether keys are appended before RoPE (KVQuant's pre-RoPE keys): the caller then appends
   /// un-rotated keys with their positions, and the cache rotates them when it reads them.
   virtual bool pre_rope_keys() const { return false; }
+
+  /// Rotated queries the storage asks to observe once a layer's prompt is in the cache (ThinK's
+  /// observation window, runtime/think_storage.hpp); 0: none, and observe_window() does nothing.
+  virtual std::int32_t query_window() const { return 0; }
+  /// The caller's last n (<= query_window()) rotated queries of one layer, [n][num_q_heads][head_dim],
+  /// at the layer's last n positions: called once the prompt of `layer` is in the cache and any
+  /// eviction of it is done. A storage that fits on them does so at its first call per layer.
+  virtual void observe_window(seq_id /*s*/, std::int32_t /*layer*/, const float* /*q*/, std::int32_t /*n*/,
+                              std::int32_t /*num_q_heads*/) {}
 };
 
 namespace detail {

@@ -290,6 +290,18 @@ class layered_cache final : public any_cache {
     return n;
   }
   bool pre_rope_keys() const override { return parts_[0]->pre_rope_keys(); }
+  std::int32_t query_window() const override {
+    std::int32_t w = 0;
+    for (const auto& p : parts_) w = std::max(w, p->query_window());
+    return w;
+  }
+  /// The layer's part sees the last min(n, its query_window()) queries.
+  void observe_window(seq_id s, std::int32_t layer, const float* q, std::int32_t n, std::int32_t num_q_heads) override {
+    auto [p, ps, l] = route(s, layer, "observe_window");
+    const std::int32_t w = std::min(n, p->query_window());
+    if (w <= 0) return;
+    p->observe_window(ps, l, q + static_cast<std::size_t>(n - w) * num_q_heads * cfg_.head_dim, w, num_q_heads);
+  }
 
  private:
   struct routed {

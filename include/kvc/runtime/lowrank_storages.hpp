@@ -2,7 +2,22 @@
 #pragma once
 
 /// \file
-/// Registers the projected (PCA, low-rank) storage with the runtime builder, so specs can name it:
+/// Registers the projected (low-rank) storages with the runtime builder, so specs can name them:
+///
+///   palu(rank=N, vrank=N, coef=fp16|fp32)
+///     Palu's per-head latent (kvc/lowrank/palu.hpp): key and value bases are the top left
+///     singular vectors of each head's rows of W_k and W_v, from storage_options::weights (the
+///     model's projections), set when the cache is built; keys are appended before RoPE and
+///     rotated after reconstruction (storage_options::rope). A pca_cache whose bases are preset.
+///
+///   think(ratio=R, vratio=R, window=N, coef=fp16|fp32)
+///     ratio     ThinK's λ: floor(ratio · head_dim) key channels pruned per (layer, kv head),
+///               0 <= ratio < 1 (kvc/lowrank/think.hpp)
+///     vratio    the same for value channels (the paper's value-side variant); default 0
+///     window    the queries the channels are scored with (query_window()); default 32, as kvpress
+///     coef      element type of the stored channels; default fp16
+///   The cache (`think_cache<T>`, below) stores each layer whole until the caller hands it the
+///   prompt's last queries (any_cache::observe_window), then prunes it (see the class comment).
 ///
 ///   pca(rank=N, vrank=N, pre_rope=0|1, sinks=N, center=0|1, coef=fp16|fp32)
 ///     rank      key rank: a count 1..head_dim, or a fraction in (0, 1) of head_dim (r = ceil(f · D))
@@ -41,14 +56,17 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <map>
 #include <vector>
 
 #include <kvc/attention/rope.hpp>
 #include <kvc/error.hpp>
 #include <kvc/cpu/prefill_attention.hpp>
+#include <kvc/lowrank/palu.hpp>
 #include <kvc/lowrank/pca.hpp>
 #include <kvc/lowrank/projected_attention.hpp>
 #include <kvc/lowrank/projected_cache.hpp>
+#include <kvc/lowrank/think.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/make_cache.hpp>
 #include <kvc/runtime/spec.hpp>
@@ -116,6 +134,89 @@ inline pca_spec parse_pca(const spec_stage& st, std::int32_t D, const storage_op
   return p;
 }
 
+/// What cpu::prefill_attention reads of an any_cache C, and no more: its generic path reads rows
+/// through C::gather() (the rebuilt keys and values). Not the any_cache itself: the kernel's
+/// sequence check asks a cache with contains() for num_sequences(), which any_cache lacks (the
+/// callers check the sequence before the call instead).
+template <class C>
+struct rows_view {
+  const C* c;
+  const cache_config& config() const { return c->config(); }
+  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const { return c->length(s, layer, head); }
+  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const { return c->positions(s, layer, head); }
+  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
+    c->gather(s, layer, head, k_out, v_out);
+  }
+};
+
+/// Parses `palu(rank=, vrank=, coef=)`: a pca_spec with pre-RoPE keys (Palu's latent is taken
+/// before RoPE) and no sinks or centering (the bases come from the weights, not from rows).
+inline pca_spec parse_palu(const spec_stage& st, std::int32_t D, const storage_options& o) {
+  spec_args a(st, "kvc::runtime::make_cache");
+  const double rank = a.number("rank");
+  const double vrank = a.number("vrank", rank);
+  const std::string coef = a.word("coef", "fp16");
+  a.finish("rank, vrank, coef");
+  pca_spec p;
+  p.rank = pca_rank(st, "rank", rank, D);
+  p.vrank = pca_rank(st, "vrank", vrank, D);
+  if (o.rope == nullptr) bad_pca_arg(st, "no RoPE", "the model's RoPE in storage_options::rope (Palu's keys are rebuilt, then rotated)");
+  if (o.rope->head_dim != D)
+    bad_pca_arg(st, kvc::detail::concat("storage_options::rope->head_dim = ", o.rope->head_dim),
+                kvc::detail::concat("the cache's head_dim = ", D));
+  if (coef != "fp16" && coef != "fp32") bad_pca_arg(st, "coef = " + coef, "fp16 or fp32");
+  p.pre_rope = true;
+  p.rope = *o.rope;
+  p.fp32 = coef == "fp32";
+  return p;
+}
+
+/// The weights a `palu` cache takes its bases from, checked against the cache's shape.
+inline void check_weights(const spec_stage& st, const cache_config& c, const storage_options& o) {
+  const projection_weights* w = o.weights;
+  if (w == nullptr)
+    bad_pca_arg(st, "no weights", "the model's W_k and W_v in storage_options::weights (Palu factors them)");
+  if (w->in < 1) bad_pca_arg(st, kvc::detail::concat("storage_options::weights->in = ", w->in), "at least 1 input column");
+  for (const auto* m : {&w->wk, &w->wv}) {
+    const char* name = m == &w->wk ? "wk" : "wv";
+    if (static_cast<std::int32_t>(m->size()) != c.num_layers)
+      bad_pca_arg(st, kvc::detail::concat("storage_options::weights->", name, ".size() = ", m->size()),
+                  kvc::detail::concat("num_layers = ", c.num_layers, " matrices"));
+    for (std::size_t l = 0; l < m->size(); ++l)
+      if ((*m)[l] == nullptr) bad_pca_arg(st, kvc::detail::concat("storage_options::weights->", name, "[", l, "] is null"), "a matrix per layer");
+  }
+}
+
+/// What a `think(...)` spec asks for.
+struct think_spec {
+  double ratio = 0;        ///< key channels pruned: floor(ratio · D)
+  double vratio = 0;       ///< value channels pruned (the paper's value-side variant); 0: values whole
+  std::int32_t window = 32;
+  std::int32_t key_kept = 0, value_kept = 0;
+  bool fp32 = false;
+};
+
+/// Parses `think(ratio=, vratio=, window=, coef=)` for a cache of head_dim D.
+inline think_spec parse_think(const spec_stage& st, std::int32_t D) {
+  spec_args a(st, "kvc::runtime::make_cache");
+  think_spec p;
+  p.ratio = a.number("ratio");
+  p.vratio = a.number("vratio", 0.0);
+  const int window = a.integer("window", 32);
+  const std::string coef = a.word("coef", "fp16");
+  a.finish("ratio, vratio, window, coef");
+  for (const auto& [key, r] : {std::pair<const char*, double>{"ratio", p.ratio}, {"vratio", p.vratio}})
+    if (!(r >= 0 && r < 1))
+      bad_pca_arg(st, kvc::detail::concat(key, " = ", r), "0 <= ratio < 1, the fraction of channels pruned");
+  if (window < 1) bad_pca_arg(st, kvc::detail::concat("window = ", window), "at least 1 query (ThinK's observation window)");
+  if (coef != "fp16" && coef != "fp32") bad_pca_arg(st, "coef = " + coef, "fp16 or fp32");
+  p.window = window;
+  p.key_kept = lowrank::think_kept(p.ratio, D);
+  p.value_kept = lowrank::think_kept(p.vratio, D);
+  p.fp32 = coef == "fp32";
+  return p;
+}
+
 }  // namespace detail
 
 // ---- per ISA (docs/isa.md): the cache runs this TU's projected kernel ----
@@ -132,6 +233,20 @@ class pca_cache final : public any_cache {
   pca_cache(std::string name, const cache_config& cfg, const pca_spec& p)
       : name_(std::move(name)), cfg_(cfg), center_(p.center), sinks_(p.sinks), c_(projected(cfg, p)),
         fitted_(static_cast<std::size_t>(cfg.num_layers), false) {}
+  /// Palu: every basis from the model's weights (lowrank::weight_basis of each head's rows of W_k
+  /// and W_v) at construction, so no append fits anything.
+  pca_cache(std::string name, const cache_config& cfg, const pca_spec& p, const projection_weights& w)
+      : pca_cache(std::move(name), cfg, p) {
+    const std::int32_t H = cfg.num_kv_heads, D = cfg.head_dim;
+    for (std::int32_t l = 0; l < cfg.num_layers; ++l) {
+      for (std::int32_t h = 0; h < H; ++h) {
+        const std::size_t off = static_cast<std::size_t>(h) * D * w.in;
+        c_.set_basis(l, h, lowrank::weight_basis(w.wk[static_cast<std::size_t>(l)] + off, D, w.in, w.in, lowrank::rank_spec::of_count(p.rank)),
+                     lowrank::weight_basis(w.wv[static_cast<std::size_t>(l)] + off, D, w.in, w.in, lowrank::rank_spec::of_count(p.vrank)));
+      }
+      fitted_[static_cast<std::size_t>(l)] = true;
+    }
+  }
 
   lowrank::projected_cache<T>& get() noexcept { return c_; }
   const lowrank::projected_cache<T>& get() const noexcept { return c_; }
@@ -194,25 +309,7 @@ class pca_cache final : public any_cache {
   /// rotated to their positions with pre_rope=1), so scorers and evictors that read keys see what
   /// attention attends to.
   void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out) const override {
-    const std::int32_t n = c_.length(s, layer, head);
-    if (n == 0) return;
-    const std::int32_t hw = c_.row_width() / 2, rk = c_.key_rank(), rv = c_.value_rank();
-    std::vector<float> kr(static_cast<std::size_t>(n) * hw), vr(kr.size());
-    c_.coefficients().gather(s, layer, head, kr.data(), vr.data());
-    std::vector<float> ck(k_out ? static_cast<std::size_t>(n) * rk : 0), cv(v_out ? static_cast<std::size_t>(n) * rv : 0);
-    c_.split_row(kr.data(), vr.data(), n, k_out ? ck.data() : nullptr, v_out ? cv.data() : nullptr);
-    if (k_out) {
-      reconstruct(c_.key_basis(layer, head), ck.data(), n, k_out);
-      if (const rope* rp = c_.key_rope()) {  // the decode kernel's rotation (its cos/sin table)
-        std::vector<float> cs, sn;
-        kvc::cpu::lowrank_detail::rope_table(*rp, c_.coefficients().positions(s, layer, head), n, cs, sn);
-        const std::size_t half = static_cast<std::size_t>(rp->config().rotary_dim / 2);
-        for (std::int32_t t = 0; t < n; ++t)
-          kvc::cpu::lowrank_detail::rotate(*rp, cs.data() + t * half, sn.data() + t * half,
-                                           k_out + static_cast<std::size_t>(t) * cfg_.head_dim);
-      }
-    }
-    if (v_out) reconstruct(c_.value_basis(layer, head), cv.data(), n, v_out);
+    kvc::cpu::projected_gather(c_, s, layer, head, k_out, v_out);
   }
   bool pre_rope_keys() const override { return c_.config().pre_rope; }
   void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
@@ -226,7 +323,7 @@ class pca_cache final : public any_cache {
                          const decode_options& opt) const override {
     KVC_EXPECTS_IN("kvc::runtime::pca_cache::prefill_attention", c_.contains(s), "seq = ", s,
                    " is not a live sequence of this cache, expected one of its ", c_.num_sequences(), " live sequence ids");
-    kvc::cpu::prefill_attention(rows_view{this}, s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
+    kvc::cpu::prefill_attention(detail::rows_view<pca_cache>{this}, s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
   }
   /// Any chunk: a stored token's coefficients never change (no re-encoding window).
   std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const override {
@@ -241,21 +338,6 @@ class pca_cache final : public any_cache {
   std::int64_t tokens_held() const override { return c_.coefficients().tokens_held(); }
 
  private:
-  /// What cpu::prefill_attention reads of a cache, and no more. Not the any_cache itself: the
-  /// kernel's sequence check asks a cache with contains() for num_sequences(), which any_cache
-  /// lacks (checked here before the call instead).
-  struct rows_view {
-    const pca_cache* c;
-    const cache_config& config() const { return c->config(); }
-    std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const { return c->length(s, layer, head); }
-    const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const {
-      return c->positions(s, layer, head);
-    }
-    void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
-      c->gather(s, layer, head, k_out, v_out);
-    }
-  };
-
   static lowrank::projected_config projected(const cache_config& c, const pca_spec& s) {
     lowrank::projected_config p;
     p.num_layers = c.num_layers;
@@ -269,14 +351,6 @@ class pca_cache final : public any_cache {
     p.max_pages = c.max_pages;
     return p;
   }
-  /// out[t] = Σ_j c[t][j] u_j (+ μ), [n][D]: the decode kernel's back-projection, row by row.
-  static void reconstruct(const lowrank::basis& b, const float* c, std::int32_t n, float* out) {
-    for (std::int32_t t = 0; t < n; ++t)
-      kvc::cpu::lowrank_detail::back_project<kvc::cpu::default_arch>(
-          b.u.data(), b.rank, b.dim, c + static_cast<std::size_t>(t) * b.rank, b.centered() ? b.mean.data() : nullptr,
-          out + static_cast<std::size_t>(t) * b.dim);
-  }
-
   std::string name_;
   cache_config cfg_;
   bool center_;
@@ -285,6 +359,256 @@ class pca_cache final : public any_cache {
   std::vector<bool> fitted_;  // [layer]: bases set and tokens stored on them
 };
 
+
+/// any_cache for ThinK (kvc/lowrank/think.hpp): each layer is stored whole (T, D channels) until
+/// observe_window() brings the prompt's last queries; then, per kv head, the kept key channels
+/// (and, with vratio, value channels) are chosen from that window and every stored key, the
+/// layer's tokens of every sequence move into a projected cache whose bases select those
+/// channels, and later tokens are stored pruned on append. The channels belong to the cache (the
+/// first sequence observed fits them), as pca's bases do.
+///
+/// Why tokens appended after the fit are pruned too: the paper keeps decoded tokens whole (and
+/// kvpress prunes nothing after the prompt); kvc keeps one form per layer so decode runs one
+/// kernel and the saving holds as the cache grows. Forked sequences stop sharing the layer's pages
+/// when it moves (each is copied into the pruned store).
+/// Threads: as kv_cache (docs/threading.md); observe_window is exclusive like add_sequence.
+template <class T>
+class think_cache final : public any_cache {
+ public:
+  think_cache(std::string name, const cache_config& cfg, const detail::think_spec& p)
+      : name_(std::move(name)), cfg_(cfg), spec_(p), full_(full_config(cfg)), proj_(projected(cfg, p)),
+        fitted_(static_cast<std::size_t>(cfg.num_layers), false) {}
+
+  /// The whole-channel stage and the pruned store.
+  const kv_cache<T>& staged() const noexcept { return full_; }
+  const lowrank::projected_cache<T>& pruned() const noexcept { return proj_; }
+  bool fitted(std::int32_t layer) const { return fitted_.at(static_cast<std::size_t>(layer)); }
+
+  const cache_config& config() const override { return cfg_; }
+  std::string name() const override { return name_; }
+  seq_id add_sequence() override {
+    const seq_id a = full_.add_sequence();
+    seq_id b;
+    try {
+      b = proj_.add_sequence();
+    } catch (...) {
+      full_.remove_sequence(a);
+      throw;
+    }
+    seqs_.emplace(next_, entry{a, b, std::vector<std::int32_t>(static_cast<std::size_t>(cfg_.num_layers), 0)});
+    return next_++;
+  }
+  void remove_sequence(seq_id s) override {
+    const entry e = at(s, "remove_sequence");
+    seqs_.erase(s);
+    full_.remove_sequence(e.full);
+    proj_.remove_sequence(e.proj);
+  }
+  bool contains(seq_id s) const override { return seqs_.count(s) != 0; }
+  seq_id fork(seq_id s) override {
+    const entry& e = at(s, "fork");
+    const seq_id a = full_.fork(e.full);
+    seq_id b;
+    try {
+      b = proj_.fork(e.proj);
+    } catch (...) {
+      full_.remove_sequence(a);
+      throw;
+    }
+    seqs_.emplace(next_, entry{a, b, e.seen_base});
+    return next_++;
+  }
+
+  void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
+              const std::int32_t* positions) override {
+    const entry& e = at(s, "append");
+    if (!fitted(checked(layer, "append"))) return full_.append(e.full, layer, k, v, n, positions);
+    std::vector<std::int32_t> next;
+    if (!positions && n > 0) {  // the layer's next positions, counted across both stores
+      next.resize(static_cast<std::size_t>(n));
+      for (std::int32_t i = 0; i < n; ++i) next[static_cast<std::size_t>(i)] = seen(s, layer) + i;
+      positions = next.data();
+    }
+    proj_.append(e.proj, layer, k, v, n, positions);
+  }
+  void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) override {
+    const entry& e = at(s, "keep");
+    if (fitted(checked(layer, "keep"))) proj_.keep(e.proj, layer, head, kept, n);
+    else full_.keep(e.full, layer, head, kept, n);
+  }
+  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) override {
+    const entry& e = at(s, "keep_layer");
+    if (fitted(checked(layer, "keep_layer"))) proj_.keep_layer(e.proj, layer, kept);
+    else full_.keep_layer(e.full, layer, kept);
+  }
+
+  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override {
+    const entry& e = at(s, "length");
+    return fitted(checked(layer, "length")) ? proj_.length(e.proj, layer, head) : full_.length(e.full, layer, head);
+  }
+  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const override {
+    const entry& e = at(s, "positions");
+    return fitted(checked(layer, "positions")) ? proj_.coefficients().positions(e.proj, layer, head)
+                                               : full_.positions(e.full, layer, head);
+  }
+  std::int32_t seen(seq_id s, std::int32_t layer) const override {
+    const entry& e = at(s, "seen");
+    if (!fitted(checked(layer, "seen"))) return full_.seen(e.full, layer);
+    return proj_.coefficients().seen(e.proj, layer) + e.seen_base[static_cast<std::size_t>(layer)];
+  }
+  /// Pruned layers: the kept channels back in place, the pruned ones 0 (what attention reads).
+  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out) const override {
+    const entry& e = at(s, "gather");
+    if (fitted(checked(layer, "gather"))) kvc::cpu::projected_gather(proj_, e.proj, layer, head, k_out, v_out);
+    else full_.gather(e.full, layer, head, k_out, v_out);
+  }
+  void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
+                 const decode_options& opt) const override {
+    const entry& e = at(s, "attention");
+    if (fitted(checked(layer, "attention"))) kvc::cpu::projected_decode_attention(proj_, e.proj, layer, q, num_q_heads, out, opt);
+    else kvc::cpu::decode_attention(full_, e.full, layer, q, num_q_heads, out, opt);
+  }
+  bool has_prefill_attention() const override { return true; }
+  void prefill_attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_queries,
+                         const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
+                         const decode_options& opt) const override {
+    const entry& e = at(s, "prefill_attention");
+    if (fitted(checked(layer, "prefill_attention")))
+      kvc::cpu::prefill_attention(detail::rows_view<think_cache>{this}, s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
+    else
+      kvc::cpu::prefill_attention(full_, e.full, layer, q, num_queries, q_positions, num_q_heads, out, opt);
+  }
+  std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const override {
+    const entry& e = at(s, "chunk_tokens");
+    return fitted(checked(layer, "chunk_tokens")) ? proj_.coefficients().chunk_tokens(e.proj, layer, limit)
+                                                  : full_.chunk_tokens(e.full, layer, limit);
+  }
+
+  std::size_t bytes_in_use() const override { return full_.bytes_in_use() + proj_.bytes_in_use(); }
+  std::size_t bytes_in_use(std::int32_t layer) const override { return full_.bytes_in_use(layer) + proj_.bytes_in_use(layer); }
+  memory_traffic traffic() const override {
+    memory_traffic t = full_.traffic();
+    t += proj_.coefficients().traffic();
+    return t;
+  }
+  /// The selections (as bases), both stores' bookkeeping and the sequence table.
+  std::size_t metadata_bytes() const override {
+    return full_.metadata_bytes() + proj_.metadata_bytes() + seqs_.size() * (sizeof(entry) + 4 * cfg_.num_layers);
+  }
+  std::int64_t tokens_held() const override { return full_.tokens_held() + proj_.coefficients().tokens_held(); }
+
+  std::int32_t query_window() const override { return spec_.window; }
+  /// Fits the layer's channels on sequence s's stored keys (and values) and the window q
+  /// ([n][num_q_heads][head_dim], the layer's last n positions), then moves the layer of every
+  /// sequence into the pruned store. A layer already pruned: nothing. All or nothing: a refused
+  /// window or a failed allocation leaves every sequence's layer where it was.
+  void observe_window(seq_id s, std::int32_t layer, const float* q, std::int32_t n, std::int32_t num_q_heads) override {
+    constexpr const char* who = "kvc::runtime::think_cache::observe_window";
+    const entry& fit_seq = at(s, "observe_window");
+    if (fitted(checked(layer, "observe_window"))) return;
+    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
+    KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % H == 0, "num_q_heads = ", num_q_heads,
+                   ", expected a positive multiple of num_kv_heads = ", H);
+    KVC_EXPECTS_IN(who, n >= 1, "n = ", n, ", expected at least 1 query to score channels with (the cache is unchanged)");
+    KVC_EXPECTS_IN(who, q != nullptr, "q is null with n = ", n);
+    for (std::size_t i = 0; i < static_cast<std::size_t>(n) * num_q_heads * D; ++i)
+      KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected finite queries (the cache is unchanged)");
+    const std::int32_t G = num_q_heads / H, seen0 = full_.seen(fit_seq.full, layer);
+    std::vector<std::int32_t> qpos(static_cast<std::size_t>(n));
+    for (std::int32_t i = 0; i < n; ++i) qpos[static_cast<std::size_t>(i)] = seen0 - n + i;
+    std::vector<std::pair<lowrank::basis, lowrank::basis>> b;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const std::int32_t L = full_.length(fit_seq.full, layer, h);
+      std::vector<float> k(static_cast<std::size_t>(L) * D), v(k.size());
+      full_.gather(fit_seq.full, layer, h, k.data(), v.data());
+      lowrank::window_queries w{q + static_cast<std::size_t>(h) * G * D, n, G, static_cast<std::int64_t>(num_q_heads) * D,
+                                qpos.data()};
+      const std::vector<double> ks = lowrank::key_channel_scores(w, k.data(), L, D, D);
+      lowrank::basis bk = lowrank::selection_basis(lowrank::top_channels(ks, spec_.key_kept), D, &ks);
+      std::vector<double> vs(static_cast<std::size_t>(D), 1.0);  // values whole: every channel kept
+      if (spec_.value_kept < D)
+        vs = lowrank::value_channel_scores(w, k.data(), v.data(), full_.positions(fit_seq.full, layer, h), L, D, D,
+                                           1.0 / std::sqrt(static_cast<double>(D)));
+      b.emplace_back(std::move(bk), lowrank::selection_basis(lowrank::top_channels(vs, spec_.value_kept), D, &vs));
+    }
+    for (std::int32_t h = 0; h < H; ++h)  // the pruned store holds nothing of this layer yet
+      proj_.set_basis(layer, h, std::move(b[static_cast<std::size_t>(h)].first), std::move(b[static_cast<std::size_t>(h)].second));
+    std::vector<const entry*> moved;
+    try {
+      for (const auto& [id, e] : seqs_) {
+        std::vector<std::vector<float>> k(static_cast<std::size_t>(H)), v(k.size());
+        std::vector<const float*> kp, vp;
+        std::vector<std::int32_t> len;
+        std::vector<const std::int32_t*> pp;
+        for (std::int32_t h = 0; h < H; ++h) {
+          const std::int32_t L = full_.length(e.full, layer, h);
+          k[h].resize(static_cast<std::size_t>(L) * D);
+          v[h].resize(k[h].size());
+          full_.gather(e.full, layer, h, k[h].data(), v[h].data());
+          kp.push_back(k[h].data()), vp.push_back(v[h].data()), len.push_back(L), pp.push_back(full_.positions(e.full, layer, h));
+        }
+        proj_.append_streams(e.proj, layer, kp, vp, len, pp);
+        moved.push_back(&e);
+      }
+    } catch (...) {
+      const std::vector<std::vector<std::int32_t>> none(static_cast<std::size_t>(H));
+      for (const entry* e : moved) proj_.keep_layer(e->proj, layer, none);
+      for (std::int32_t h = 0; h < H; ++h) proj_.clear_basis(layer, h);
+      throw;
+    }
+    // Commit: reads go to the pruned store from here on; then the staged pages are freed.
+    fitted_[static_cast<std::size_t>(layer)] = true;
+    const std::vector<std::vector<std::int32_t>> none(static_cast<std::size_t>(H));
+    for (auto& [id, e] : seqs_) {
+      e.seen_base[static_cast<std::size_t>(layer)] = full_.seen(e.full, layer) - proj_.coefficients().seen(e.proj, layer);
+      full_.keep_layer(e.full, layer, none);
+    }
+  }
+
+ private:
+  struct entry {
+    seq_id full, proj;
+    std::vector<std::int32_t> seen_base;  // [layer] seen() - the pruned store's seen, once pruned
+  };
+  const entry& at(seq_id s, const char* fn) const {
+    auto it = seqs_.find(s);
+    if (it == seqs_.end())
+      kvc::detail::fail(kvc::detail::concat("kvc::runtime::think_cache::", fn, ": seq = ", s,
+                                            " is not a live sequence of this cache, expected one of its ", seqs_.size(),
+                                            " live sequence ids"));
+    return it->second;
+  }
+  std::int32_t checked(std::int32_t layer, const char* fn) const {
+    if (!(layer >= 0 && layer < cfg_.num_layers))
+      kvc::detail::fail(kvc::detail::concat("kvc::runtime::think_cache::", fn, ": layer = ", layer, ", expected 0..",
+                                            cfg_.num_layers - 1));
+    return layer;
+  }
+  static cache_config full_config(cache_config c) {
+    c.check_finite = true;
+    return c;
+  }
+  static lowrank::projected_config projected(const cache_config& c, const detail::think_spec& s) {
+    lowrank::projected_config p;
+    p.num_layers = c.num_layers;
+    p.num_kv_heads = c.num_kv_heads;
+    p.head_dim = c.head_dim;
+    p.rank = s.key_kept;
+    p.value_rank = s.value_kept;
+    p.page_size = c.page_size;
+    p.max_pages = c.max_pages;
+    return p;
+  }
+
+  std::string name_;
+  cache_config cfg_;
+  detail::think_spec spec_;
+  kv_cache<T> full_;
+  lowrank::projected_cache<T> proj_;
+  std::vector<bool> fitted_;  // [layer]: channels chosen, tokens in the pruned store
+  std::map<seq_id, entry> seqs_;
+  seq_id next_ = 0;
+};
 KVC_END_ISA_NAMESPACE
 
 namespace detail {
@@ -296,13 +620,26 @@ inline bool register_lowrank_storages() {
     if (p.fp32) return std::make_unique<pca_cache<float>>(st.text, c, p);
     return std::make_unique<pca_cache<half>>(st.text, c, p);
   };
+  storage_registry()["palu"] = [](const spec_stage& st, const cache_config& c,
+                                  const storage_options& o) -> std::unique_ptr<any_cache> {
+    const pca_spec p = parse_palu(st, c.head_dim, o);
+    check_weights(st, c, o);
+    if (p.fp32) return std::make_unique<pca_cache<float>>(st.text, c, p, *o.weights);
+    return std::make_unique<pca_cache<half>>(st.text, c, p, *o.weights);
+  };
+  storage_registry()["think"] = [](const spec_stage& st, const cache_config& c,
+                                   const storage_options&) -> std::unique_ptr<any_cache> {
+    const think_spec p = parse_think(st, c.head_dim);
+    if (p.fp32) return std::make_unique<think_cache<float>>(st.text, c, p);
+    return std::make_unique<think_cache<half>>(st.text, c, p);
+  };
   return true;
 }
 KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
 KVC_BEGIN_ISA_NAMESPACE
-/// Including this header registers `pca` (once per program and ISA configuration).
+/// Including this header registers `pca`, `palu` and `think` (once per program and ISA configuration).
 inline const bool lowrank_storages_registered = detail::register_lowrank_storages();
 
 KVC_END_ISA_NAMESPACE

@@ -28,11 +28,21 @@
 KVC_BEGIN_NAMESPACE
 namespace runtime {
 
+/// The model's key and value projection weights, per layer: W_k and W_v as [num_kv_heads ·
+/// head_dim][in] row-major floats, k = W_k x before RoPE (kvc/lowrank/palu.hpp). Borrowed: read
+/// while the cache is built, not kept.
+struct projection_weights {
+  std::int32_t in = 0;              ///< columns: the width of the projections' input
+  std::vector<const float*> wk, wv; ///< [num_layers]
+};
+
 /// What a storage may need from the model beyond the cache's shape.
 struct storage_options {
   /// The model's RoPE. Storages that keep keys before RoPE (`pre_rope=1`, KVQuant) need it to
   /// rotate keys on the fly; the caller then appends un-rotated keys (any_cache::pre_rope_keys()).
   const rope_config* rope = nullptr;
+  /// The model's W_k and W_v, for storages whose bases come from the weights (`palu`).
+  const projection_weights* weights = nullptr;
 };
 
 using cache_builder =
@@ -79,7 +89,7 @@ inline const char* storage_header(const std::string& name) {
   for (const char* q : quant)
     if (name == q) return "<kvc/runtime/quant_storages.hpp>";
   if (name == "mikv") return "<kvc/runtime/mikv_storage.hpp>";
-  if (name == "pca") return "<kvc/runtime/lowrank_storages.hpp>";
+  if (name == "pca" || name == "think" || name == "palu") return "<kvc/runtime/lowrank_storages.hpp>";
   if (name == "minicache") return "<kvc/runtime/minicache_storage.hpp>";
   if (name == "layers") return "<kvc/runtime/layered_storage.hpp>";
   return nullptr;
