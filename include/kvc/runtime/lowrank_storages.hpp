@@ -134,6 +134,23 @@ inline pca_spec parse_pca(const spec_stage& st, std::int32_t D, const storage_op
   return p;
 }
 
+/// The projected cache of a caller's shape c with r_k key and r_v value coefficients; keys
+/// pre-RoPE with `rope` when it is not null.
+inline lowrank::projected_config projected_shape(const cache_config& c, std::int32_t rk, std::int32_t rv,
+                                                 const rope_config* rope) {
+  lowrank::projected_config p;
+  p.num_layers = c.num_layers;
+  p.num_kv_heads = c.num_kv_heads;
+  p.head_dim = c.head_dim;
+  p.rank = rk;
+  p.value_rank = rv;
+  p.pre_rope = rope != nullptr;
+  if (rope) p.rope = *rope;
+  p.page_size = c.page_size;
+  p.max_pages = c.max_pages;
+  return p;
+}
+
 /// What cpu::prefill_attention reads of an any_cache C, and no more: its generic path reads rows
 /// through C::gather() (the rebuilt keys and values). Not the any_cache itself: the kernel's
 /// sequence check asks a cache with contains() for num_sequences(), which any_cache lacks (the
@@ -339,17 +356,7 @@ class pca_cache final : public any_cache {
 
  private:
   static lowrank::projected_config projected(const cache_config& c, const pca_spec& s) {
-    lowrank::projected_config p;
-    p.num_layers = c.num_layers;
-    p.num_kv_heads = c.num_kv_heads;
-    p.head_dim = c.head_dim;
-    p.rank = s.rank;
-    p.value_rank = s.vrank;
-    p.pre_rope = s.pre_rope;
-    p.rope = s.rope;
-    p.page_size = c.page_size;
-    p.max_pages = c.max_pages;
-    return p;
+    return detail::projected_shape(c, s.rank, s.vrank, s.pre_rope ? &s.rope : nullptr);
   }
   std::string name_;
   cache_config cfg_;
@@ -589,15 +596,7 @@ class think_cache final : public any_cache {
     return c;
   }
   static lowrank::projected_config projected(const cache_config& c, const detail::think_spec& s) {
-    lowrank::projected_config p;
-    p.num_layers = c.num_layers;
-    p.num_kv_heads = c.num_kv_heads;
-    p.head_dim = c.head_dim;
-    p.rank = s.key_kept;
-    p.value_rank = s.value_kept;
-    p.page_size = c.page_size;
-    p.max_pages = c.max_pages;
-    return p;
+    return detail::projected_shape(c, s.key_kept, s.value_kept, nullptr);
   }
 
   std::string name_;
