@@ -163,19 +163,24 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
                     }
         };
     if (!minicache) {  // eviction, then what the storage fits on the kept prompt (ThinK's channels)
-        auto run = [](session& s, kvc_store::phase ph) {
+        // The session keeps max(the evictor's window, the storage's) queries; each sees the last
+        // rows it asked for (Finch and CAKE use every row they are given).
+        auto run = [window](session& s, kvc_store::phase ph) {
             auto* k = static_cast<kvc_store*>(s.kv.get());
-            auto window = [&](int layer) {
+            auto last = [&](int layer, int keep) {
                 kvc::evict::query_window w;
                 const matrix& q = s.recent_q.at(static_cast<std::size_t>(layer));
-                w.q = q.data();
-                w.n = static_cast<int32_t>(q.rows());
-                w.num_q_heads = static_cast<int32_t>(q.cols()) / k->cache().config().head_dim;
+                const int rows = static_cast<int>(q.rows()), n = keep > 0 ? std::min(rows, keep) : rows;
                 w.head_dim = k->cache().config().head_dim;
+                w.num_q_heads = static_cast<int32_t>(q.cols()) / w.head_dim;
+                w.q = q.data() + static_cast<std::ptrdiff_t>(rows - n) * q.cols();
+                w.n = n;
                 return w;
             };
-            k->compress(ph, window);
-            if (ph != kvc_store::phase::decode) k->observe_windows(window);
+            k->compress(ph, [&](int layer) { return last(layer, window); });
+            // A storage that fits on queries (ThinK) does so at its first call per layer: after the
+            // prompt, or in a stream after the first compression, whichever phase that is.
+            k->observe_windows([&](int layer) { return last(layer, 0); });
         };
         f.after_prefill = [run](session& s) { run(s, kvc_store::phase::prefill); };
         f.after_chunk = [run](session& s) { run(s, kvc_store::phase::chunk); };

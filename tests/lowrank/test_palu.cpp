@@ -14,6 +14,7 @@
 #include <vector>
 
 #include <kvc/lowrank/palu.hpp>
+#include <kvc/runtime/layered_storage.hpp>
 #include <kvc/runtime/lowrank_storages.hpp>
 #include <kvc/runtime/make_cache.hpp>
 
@@ -185,6 +186,40 @@ cache_config shape() {
   return c;
 }
 
+/// Decode attention of `layer` of cache c against the dense double reference over the keys
+/// R(p)·A_r A_rᵀ k and values A_rv A_rvᵀ v of that layer's weights (rk, rv: the ranks).
+void check_layer(const kvc::runtime::any_cache& c, seq_id s, const model& m, std::int32_t layer, std::int32_t rk,
+                 std::int32_t rv, const std::vector<float>& k, const std::vector<float>& v, std::int32_t n, double tol) {
+  std::mt19937 g(9);
+  std::normal_distribution<float> nd;
+  std::vector<float> q(static_cast<std::size_t>(H) * G * D), out(q.size());
+  for (float& x : q) x = nd(g);
+  c.attention(s, layer, q.data(), H * G, out.data());
+  for (std::int32_t qh = 0; qh < H * G; ++qh) {
+    const std::int32_t h = qh / G;
+    std::vector<std::vector<double>> K(n), V(n);
+    for (std::int32_t t = 0; t < n; ++t) {
+      K[t] = project(m.k[layer][h].A, D, rk, k.data() + (static_cast<std::size_t>(t) * H + h) * D);
+      rope_ref(K[t], t);
+      V[t] = project(m.v[layer][h].A, D, rv, v.data() + (static_cast<std::size_t>(t) * H + h) * D);
+    }
+    std::vector<double> sc(n);
+    double mx = -1e300, l = 0;
+    for (std::int32_t t = 0; t < n; ++t) {
+      double a = 0;
+      for (std::int32_t d = 0; d < D; ++d) a += double(q[static_cast<std::size_t>(qh) * D + d]) * K[t][d];
+      sc[t] = a / std::sqrt(double(D));
+      mx = std::max(mx, sc[t]);
+    }
+    for (double& x : sc) l += (x = std::exp(x - mx));
+    for (std::int32_t d = 0; d < D; ++d) {
+      double o = 0;
+      for (std::int32_t t = 0; t < n; ++t) o += sc[t] / l * V[t][d];
+      CHECK(out[static_cast<std::size_t>(qh) * D + d] == Approx(o).margin(tol));
+    }
+  }
+}
+
 TEST_CASE("palu storage: attention over keys rebuilt from the latent, then rotated, against dense double", "[lowrank][palu]") {
   const model m;
   for (const char* spec : {"palu(rank=8)", "palu(rank=16,vrank=32)", "palu(rank=0.25,vrank=0.5,coef=fp32)", "palu(rank=32)"}) {
@@ -205,36 +240,22 @@ TEST_CASE("palu storage: attention over keys rebuilt from the latent, then rotat
     }
     CHECK(c->bytes_in_use() == static_cast<std::size_t>(L) * H * ((n + P - 1) / P) * P * ((rk + rv + 1) / 2 * 2) * (f32 ? 4 : 2));
     m.project_inputs(1, n, 301u, k, v);
-    std::mt19937 g(9);
-    std::normal_distribution<float> nd;
-    std::vector<float> q(static_cast<std::size_t>(H) * G * D), out(q.size());
-    for (float& x : q) x = nd(g);
-    c->attention(s, 1, q.data(), H * G, out.data());
-    const double tol = f32 ? 2e-4 : 2e-3;
-    for (std::int32_t qh = 0; qh < H * G; ++qh) {
-      const std::int32_t h = qh / G;
-      std::vector<std::vector<double>> K(n), V(n);
-      for (std::int32_t t = 0; t < n; ++t) {
-        K[t] = project(m.k[1][h].A, D, rk, k.data() + (static_cast<std::size_t>(t) * H + h) * D);
-        rope_ref(K[t], t);
-        V[t] = project(m.v[1][h].A, D, rv, v.data() + (static_cast<std::size_t>(t) * H + h) * D);
-      }
-      std::vector<double> sc(n);
-      double mx = -1e300, l = 0;
-      for (std::int32_t t = 0; t < n; ++t) {
-        double a = 0;
-        for (std::int32_t d = 0; d < D; ++d) a += double(q[static_cast<std::size_t>(qh) * D + d]) * K[t][d];
-        sc[t] = a / std::sqrt(double(D));
-        mx = std::max(mx, sc[t]);
-      }
-      for (double& x : sc) l += (x = std::exp(x - mx));
-      for (std::int32_t d = 0; d < D; ++d) {
-        double o = 0;
-        for (std::int32_t t = 0; t < n; ++t) o += sc[t] / l * V[t][d];
-        CHECK(out[static_cast<std::size_t>(qh) * D + d] == Approx(o).margin(tol));
-      }
-    }
+    check_layer(*c, s, m, 1, rk, rv, k, v, n, f32 ? 2e-4 : 2e-3);
   }
+}
+
+TEST_CASE("palu storage in layers(...): each part factors its own layers' weights", "[lowrank][palu]") {
+  const model m;
+  auto c = make_cache("layers(palu(rank=32), l1=palu(rank=8,vrank=16))", shape(), m.options());
+  const seq_id s = c->add_sequence();
+  const std::int32_t n = 30;
+  std::vector<std::vector<float>> k(L), v(L);
+  for (std::int32_t l = 0; l < L; ++l) {
+    m.project_inputs(l, n, 400u + l, k[l], v[l]);
+    c->append(s, l, k[l].data(), v[l].data(), n, nullptr);
+  }
+  check_layer(*c, s, m, 0, 32, 32, k[0], v[0], n, 2e-3);
+  check_layer(*c, s, m, 1, 8, 16, k[1], v[1], n, 2e-3);
 }
 
 TEST_CASE("palu storage: refusals name the argument", "[lowrank][palu]") {

@@ -359,7 +359,18 @@ inline bool register_layered_storage() {
       // The pool's capacity, split by layers: a part of n layers gets ceil(n / L) of max_pages.
       pc.max_pages = static_cast<std::int32_t>(
           (static_cast<std::int64_t>(c.max_pages) * pc.num_layers + c.num_layers - 1) / c.num_layers);
-      parts.push_back(make_cache(plan.parts[i], pc, o));
+      // The model's weights, when given, are per model layer: the part sees its own layers' (palu).
+      storage_options po = o;
+      projection_weights pw;
+      if (o.weights && static_cast<std::int32_t>(o.weights->wk.size()) == c.num_layers &&
+          static_cast<std::int32_t>(o.weights->wv.size()) == c.num_layers) {
+        pw.in = o.weights->in;
+        for (std::int32_t l = 0; l < c.num_layers; ++l)
+          if (plan.layer_part[static_cast<std::size_t>(l)] == static_cast<std::int32_t>(i))
+            pw.wk.push_back(o.weights->wk[static_cast<std::size_t>(l)]), pw.wv.push_back(o.weights->wv[static_cast<std::size_t>(l)]);
+        po.weights = &pw;
+      }
+      parts.push_back(make_cache(plan.parts[i], pc, po));
     }
     return std::make_unique<layered_cache>(st.text, c, std::move(parts), plan.layer_part);
   };

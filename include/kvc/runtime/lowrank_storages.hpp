@@ -394,16 +394,8 @@ class think_cache final : public any_cache {
   const cache_config& config() const override { return cfg_; }
   std::string name() const override { return name_; }
   seq_id add_sequence() override {
-    const seq_id a = full_.add_sequence();
-    seq_id b;
-    try {
-      b = proj_.add_sequence();
-    } catch (...) {
-      full_.remove_sequence(a);
-      throw;
-    }
-    seqs_.emplace(next_, entry{a, b, std::vector<std::int32_t>(static_cast<std::size_t>(cfg_.num_layers), 0)});
-    return next_++;
+    return commit(full_.add_sequence(), [&] { return proj_.add_sequence(); },
+                  std::vector<std::int32_t>(static_cast<std::size_t>(cfg_.num_layers), 0));
   }
   void remove_sequence(seq_id s) override {
     const entry e = at(s, "remove_sequence");
@@ -414,16 +406,7 @@ class think_cache final : public any_cache {
   bool contains(seq_id s) const override { return seqs_.count(s) != 0; }
   seq_id fork(seq_id s) override {
     const entry& e = at(s, "fork");
-    const seq_id a = full_.fork(e.full);
-    seq_id b;
-    try {
-      b = proj_.fork(e.proj);
-    } catch (...) {
-      full_.remove_sequence(a);
-      throw;
-    }
-    seqs_.emplace(next_, entry{a, b, e.seen_base});
-    return next_++;
+    return commit(full_.fork(e.full), [&] { return proj_.fork(e.proj); }, e.seen_base);
   }
 
   void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
@@ -538,9 +521,10 @@ class think_cache final : public any_cache {
                                            1.0 / std::sqrt(static_cast<double>(D)));
       b.emplace_back(std::move(bk), lowrank::selection_basis(lowrank::top_channels(vs, spec_.value_kept), D, &vs));
     }
+    std::vector<const entry*> moved;
+    moved.reserve(seqs_.size());
     for (std::int32_t h = 0; h < H; ++h)  // the pruned store holds nothing of this layer yet
       proj_.set_basis(layer, h, std::move(b[static_cast<std::size_t>(h)].first), std::move(b[static_cast<std::size_t>(h)].second));
-    std::vector<const entry*> moved;
     try {
       for (const auto& [id, e] : seqs_) {
         std::vector<std::vector<float>> k(static_cast<std::size_t>(H)), v(k.size());
@@ -563,13 +547,14 @@ class think_cache final : public any_cache {
       for (std::int32_t h = 0; h < H; ++h) proj_.clear_basis(layer, h);
       throw;
     }
-    // Commit: reads go to the pruned store from here on; then the staged pages are freed.
-    fitted_[static_cast<std::size_t>(layer)] = true;
-    const std::vector<std::vector<std::int32_t>> none(static_cast<std::size_t>(H));
-    for (auto& [id, e] : seqs_) {
+    // Commit (nothing here throws): reads go to the pruned store from here on.
+    for (auto& [id, e] : seqs_)
       e.seen_base[static_cast<std::size_t>(layer)] = full_.seen(e.full, layer) - proj_.coefficients().seen(e.proj, layer);
-      full_.keep_layer(e.full, layer, none);
-    }
+    fitted_[static_cast<std::size_t>(layer)] = true;
+    // Then the staged pages are freed. A failed host allocation in keep_layer would leave some
+    // of them held (counted in bytes_in_use, never read again), not a wrong cache.
+    const std::vector<std::vector<std::int32_t>> none(static_cast<std::size_t>(H));
+    for (auto& [id, e] : seqs_) full_.keep_layer(e.full, layer, none);
   }
 
  private:
@@ -577,6 +562,23 @@ class think_cache final : public any_cache {
     seq_id full, proj;
     std::vector<std::int32_t> seen_base;  // [layer] seen() - the pruned store's seen, once pruned
   };
+  /// Records a sequence whose staging id is `a` once `make_b` made its pruned-store id; anything
+  /// that throws on the way removes what was made.
+  template <class MakeB>
+  seq_id commit(seq_id a, MakeB&& make_b, std::vector<std::int32_t> base) {
+    bool have_b = false;
+    seq_id b = 0;
+    try {
+      b = make_b();
+      have_b = true;
+      seqs_.emplace(next_, entry{a, b, std::move(base)});
+    } catch (...) {
+      if (have_b) proj_.remove_sequence(b);
+      full_.remove_sequence(a);
+      throw;
+    }
+    return next_++;
+  }
   const entry& at(seq_id s, const char* fn) const {
     auto it = seqs_.find(s);
     if (it == seqs_.end())
