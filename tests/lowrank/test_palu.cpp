@@ -18,6 +18,7 @@
 #include <kvc/runtime/lowrank_storages.hpp>
 #include <kvc/runtime/make_cache.hpp>
 
+#include "cache_builders.hpp"
 #include "kvc_catch.hpp"
 
 namespace {
@@ -177,14 +178,7 @@ void rope_ref(std::vector<double>& x, std::int32_t p) {
   }
 }
 
-cache_config shape() {
-  cache_config c;
-  c.num_layers = L;
-  c.num_kv_heads = H;
-  c.head_dim = D;
-  c.page_size = P;
-  return c;
-}
+cache_config shape() { return kvc_test::cache_shape(L, H, D, P, 1 << 12); }
 
 /// Decode attention of `layer` of cache c against the dense double reference over the keys
 /// R(p)·A_r A_rᵀ k and values A_rv A_rvᵀ v of that layer's weights (rk, rv: the ranks).

@@ -20,6 +20,7 @@
 #include <kvc/runtime/lowrank_storages.hpp>
 #include <kvc/runtime/make_cache.hpp>
 
+#include "cache_builders.hpp"
 #include "kvc_catch.hpp"
 
 namespace {
@@ -147,15 +148,7 @@ TEST_CASE("think: channel selection, kept counts and selection bases", "[lowrank
 
 constexpr std::int32_t L = 2, H = 2, D = 64, G = 2, P = 16;
 
-cache_config shape(std::int32_t max_pages = 1 << 12) {
-  cache_config c;
-  c.num_layers = L;
-  c.num_kv_heads = H;
-  c.head_dim = D;
-  c.page_size = P;
-  c.max_pages = max_pages;
-  return c;
-}
+cache_config shape(std::int32_t max_pages = 1 << 12) { return kvc_test::cache_shape(L, H, D, P, max_pages); }
 
 /// What this test knows of one sequence: every appended row (float) with its position, and the
 /// tokens each (layer, head) still holds (indices into the appended rows).
