@@ -139,8 +139,7 @@ public:
         session s;
         s.kv = std::move(kv);
         s.query_window = std::max(query_window, s.kv->query_window());
-        query_window = s.query_window;
-        if (query_window > 0) s.recent_q.assign(static_cast<std::size_t>(hp_.n_layer), matrix());
+        if (s.query_window > 0) s.recent_q.assign(static_cast<std::size_t>(hp_.n_layer), matrix());
         return s;
     }
 

@@ -416,7 +416,8 @@ class think_cache final : public any_cache {
     std::vector<std::int32_t> next;
     if (!positions && n > 0) {  // the layer's next positions, counted across both stores
       next.resize(static_cast<std::size_t>(n));
-      for (std::int32_t i = 0; i < n; ++i) next[static_cast<std::size_t>(i)] = seen(s, layer) + i;
+      const std::int32_t first = seen(s, layer);
+      for (std::int32_t i = 0; i < n; ++i) next[static_cast<std::size_t>(i)] = first + i;
       positions = next.data();
     }
     proj_.append(e.proj, layer, k, v, n, positions);
@@ -506,18 +507,20 @@ class think_cache final : public any_cache {
     const std::int32_t G = num_q_heads / H, seen0 = full_.seen(fit_seq.full, layer);
     std::vector<std::int32_t> qpos(static_cast<std::size_t>(n));
     for (std::int32_t i = 0; i < n; ++i) qpos[static_cast<std::size_t>(i)] = seen0 - n + i;
+    // The staged rows of the fitting sequence, gathered once: scored here, moved below.
+    const staged_rows fit_rows = gather_layer(fit_seq, layer);
     std::vector<std::pair<lowrank::basis, lowrank::basis>> b;
     for (std::int32_t h = 0; h < H; ++h) {
-      const std::int32_t L = full_.length(fit_seq.full, layer, h);
-      std::vector<float> k(static_cast<std::size_t>(L) * D), v(k.size());
-      full_.gather(fit_seq.full, layer, h, k.data(), v.data());
+      const std::int32_t L = fit_rows.len[static_cast<std::size_t>(h)];
+      const float* k = fit_rows.k[static_cast<std::size_t>(h)].data();
       lowrank::window_queries w{q + static_cast<std::size_t>(h) * G * D, n, G, static_cast<std::int64_t>(num_q_heads) * D,
                                 qpos.data()};
-      const std::vector<double> ks = lowrank::key_channel_scores(w, k.data(), L, D, D);
+      const std::vector<double> ks = lowrank::key_channel_scores(w, k, L, D, D);
       lowrank::basis bk = lowrank::selection_basis(lowrank::top_channels(ks, spec_.key_kept), D, &ks);
       std::vector<double> vs(static_cast<std::size_t>(D), 1.0);  // values whole: every channel kept
       if (spec_.value_kept < D)
-        vs = lowrank::value_channel_scores(w, k.data(), v.data(), full_.positions(fit_seq.full, layer, h), L, D, D,
+        vs = lowrank::value_channel_scores(w, k, fit_rows.v[static_cast<std::size_t>(h)].data(),
+                                           fit_rows.pos[static_cast<std::size_t>(h)], L, D, D,
                                            1.0 / std::sqrt(static_cast<double>(D)));
       b.emplace_back(std::move(bk), lowrank::selection_basis(lowrank::top_channels(vs, spec_.value_kept), D, &vs));
     }
@@ -527,18 +530,12 @@ class think_cache final : public any_cache {
       proj_.set_basis(layer, h, std::move(b[static_cast<std::size_t>(h)].first), std::move(b[static_cast<std::size_t>(h)].second));
     try {
       for (const auto& [id, e] : seqs_) {
-        std::vector<std::vector<float>> k(static_cast<std::size_t>(H)), v(k.size());
+        const staged_rows other = &e == &fit_seq ? staged_rows{} : gather_layer(e, layer);
+        const staged_rows& r = &e == &fit_seq ? fit_rows : other;
         std::vector<const float*> kp, vp;
-        std::vector<std::int32_t> len;
-        std::vector<const std::int32_t*> pp;
-        for (std::int32_t h = 0; h < H; ++h) {
-          const std::int32_t L = full_.length(e.full, layer, h);
-          k[h].resize(static_cast<std::size_t>(L) * D);
-          v[h].resize(k[h].size());
-          full_.gather(e.full, layer, h, k[h].data(), v[h].data());
-          kp.push_back(k[h].data()), vp.push_back(v[h].data()), len.push_back(L), pp.push_back(full_.positions(e.full, layer, h));
-        }
-        proj_.append_streams(e.proj, layer, kp, vp, len, pp);
+        for (std::int32_t h = 0; h < H; ++h)
+          kp.push_back(r.k[static_cast<std::size_t>(h)].data()), vp.push_back(r.v[static_cast<std::size_t>(h)].data());
+        proj_.append_streams(e.proj, layer, kp, vp, r.len, r.pos);
         moved.push_back(&e);
       }
     } catch (...) {
@@ -562,6 +559,27 @@ class think_cache final : public any_cache {
     seq_id full, proj;
     std::vector<std::int32_t> seen_base;  // [layer] seen() - the pruned store's seen, once pruned
   };
+  /// One sequence's staged layer, per kv head: rows [len][D] as float and positions (the store's).
+  struct staged_rows {
+    std::vector<std::vector<float>> k, v;
+    std::vector<std::int32_t> len;
+    std::vector<const std::int32_t*> pos;
+  };
+  staged_rows gather_layer(const entry& e, std::int32_t layer) const {
+    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
+    staged_rows r;
+    r.k.resize(static_cast<std::size_t>(H));
+    r.v.resize(r.k.size());
+    for (std::int32_t h = 0; h < H; ++h) {
+      const std::int32_t L = full_.length(e.full, layer, h);
+      r.k[static_cast<std::size_t>(h)].resize(static_cast<std::size_t>(L) * D);
+      r.v[static_cast<std::size_t>(h)].resize(static_cast<std::size_t>(L) * D);
+      full_.gather(e.full, layer, h, r.k[static_cast<std::size_t>(h)].data(), r.v[static_cast<std::size_t>(h)].data());
+      r.len.push_back(L);
+      r.pos.push_back(full_.positions(e.full, layer, h));
+    }
+    return r;
+  }
   /// Records a sequence whose staging id is `a` once `make_b` made its pruned-store id; anything
   /// that throws on the way removes what was made.
   template <class MakeB>
