@@ -16,6 +16,7 @@
 // pca (projected low-rank; bases from the first chunk) is registered in the engine only: the
 // Python package, which shares kvc_backend.hpp, does not offer it yet.
 #include <kvc/runtime/lowrank_storages.hpp>
+#include <kvc/runtime/xkv_storage.hpp>
 // minicache (cross-layer shared directions, merged once after the prompt): engine only, as pca.
 #include <kvc/runtime/minicache_storage.hpp>
 

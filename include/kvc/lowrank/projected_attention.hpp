@@ -215,18 +215,21 @@ void axpy(float a, const float* x, float* y, std::int32_t n) noexcept {
   for (; d < n; ++d) y[d] += a * x[d];
 }
 
-/// The general path (see the file comment) for kv head h: scores against rebuilt (and, with
-/// pre_rope, rotated) keys, an exact softmax over the whole stream, Σ p c_v, back-projection. Fills
-/// out, lse, probs and group_probs of the head's G query heads; a head with no tokens gives zeros
-/// and lse = -inf. Two passes over the coefficient pages, read in place (a row at a time
-/// converted to float): scores, then Σ p c_v.
+/// The general path (see the file comment) over one stream of n coefficient rows for kv head h:
+/// scores against keys rebuilt with bk (and, with rp, rotated to pos), an exact softmax over the
+/// whole stream, Σ p c_v, back-projection with bv. The rows are the projected cache's layout
+/// ([c_k | c_v | pad], its first hw values in a page's K half, the rest in its V half) on pages of
+/// P tokens of T. Fills out, lse, probs and group_probs of the head's G query heads; no tokens
+/// gives zeros and lse = -inf. Two passes over the pages, read in place (a row at a time
+/// converted to float): scores, then Σ p c_v. Shared by projected caches (one stream per
+/// (layer, head)) and xKV's (one latent stream per group of layers, read by every head with its
+/// own bases: runtime/xkv_storage.hpp).
 template <class Arch, class T>
-void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, std::int32_t layer, std::int32_t h,
-                         std::int32_t G, const float* q, float scale, float* out, const decode_options& opt) {
-  const auto& c = cache.config();
-  const auto& coef = cache.coefficients();
-  const std::int32_t D = c.head_dim, rk = cache.key_rank(), rv = cache.value_rank(), hw = cache.row_width() / 2;
-  const std::int32_t n = coef.length(seq, layer, h);
+void attend_rows_general(const page_pool& pool, const page_id* pages, std::int32_t P, std::int32_t hw, std::int32_t n,
+                         const std::int32_t* pos, const lowrank::basis& bk, const lowrank::basis& bv, const rope* rp,
+                         std::int32_t h, std::int32_t G, const float* q, float scale, float* out,
+                         const decode_options& opt) {
+  const std::int32_t D = bk.dim, rk = bk.rank, rv = bv.rank;
   const std::size_t q0 = static_cast<std::size_t>(h) * G;
   if (opt.group_probs) std::fill_n(opt.group_probs + static_cast<std::size_t>(h) * opt.probs_stride, opt.probs_stride, 0.0f);
   if (n == 0) {
@@ -237,12 +240,10 @@ void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, s
     }
     return;
   }
-  const auto& pages = coef.pages(seq, layer, h);
-  const std::int32_t P = coef.config().page_size;
   std::vector<float> z(static_cast<std::size_t>(2) * hw);
   // z = token t's row [c_k | c_v | pad] as float, from its K row and V row in place.
   auto row = [&](std::int32_t t) {
-    const T* page = reinterpret_cast<const T*>(coef.pool().data(pages[static_cast<std::size_t>(t / P)]));
+    const T* page = reinterpret_cast<const T*>(pool.data(pages[static_cast<std::size_t>(t / P)]));
     const T* kr = page + static_cast<std::size_t>(t % P) * hw;
     const T* vr = page + static_cast<std::size_t>(P + t % P) * hw;
     constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
@@ -256,12 +257,9 @@ void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, s
       z[static_cast<std::size_t>(hw + j)] = static_cast<float>(vr[j]);
     }
   };
-  const rope* rp = cache.key_rope();
   std::vector<float> cs, sn;
-  if (rp) rope_table(*rp, coef.positions(seq, layer, h), n, cs, sn);
+  if (rp) rope_table(*rp, pos, n, cs, sn);
   const std::int32_t half = rp ? rp->config().rotary_dim / 2 : 0;
-  const lowrank::basis& bk = cache.key_basis(layer, h);
-  const lowrank::basis& bv = cache.value_basis(layer, h);
   std::vector<float> s(static_cast<std::size_t>(G) * n), key(static_cast<std::size_t>(D));
   if (rp) {  // rebuild, rotate, score: R(p) does not commute with U_k
     for (std::int32_t t = 0; t < n; ++t) {
@@ -316,6 +314,17 @@ void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, s
     back_project<Arch>(bv.u.data(), rv, D, acc.data() + static_cast<std::size_t>(g) * rv, bv.centered() ? bv.mean.data() : nullptr,
                        out + (q0 + g) * D);
   }
+}
+
+/// attend_rows_general over kv head h's stream of a projected cache.
+template <class Arch, class T>
+void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, std::int32_t layer, std::int32_t h,
+                         std::int32_t G, const float* q, float scale, float* out, const decode_options& opt) {
+  const auto& coef = cache.coefficients();
+  attend_rows_general<Arch, T>(coef.pool(), coef.pages(seq, layer, h).data(), coef.config().page_size,
+                               cache.row_width() / 2, coef.length(seq, layer, h), coef.positions(seq, layer, h),
+                               cache.key_basis(layer, h), cache.value_basis(layer, h), cache.key_rope(), h, G, q, scale,
+                               out, opt);
 }
 
 }  // namespace lowrank_detail

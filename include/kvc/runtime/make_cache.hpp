@@ -90,6 +90,7 @@ inline const char* storage_header(const std::string& name) {
     if (name == q) return "<kvc/runtime/quant_storages.hpp>";
   if (name == "mikv") return "<kvc/runtime/mikv_storage.hpp>";
   if (name == "pca" || name == "think" || name == "palu") return "<kvc/runtime/lowrank_storages.hpp>";
+  if (name == "xkv") return "<kvc/runtime/xkv_storage.hpp>";
   if (name == "minicache") return "<kvc/runtime/minicache_storage.hpp>";
   if (name == "layers") return "<kvc/runtime/layered_storage.hpp>";
   return nullptr;
