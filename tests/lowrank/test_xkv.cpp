@@ -288,6 +288,8 @@ TEST_CASE("xkv attends to the group's truncated SVD of the prompt, then whole to
       {"xkv(group=2, rank=0.1, vrank=0.2, pre_rope=0, coef=fp32)", {4, 2, 16, 2}, false, 2e-4},
       {"xkv(group=1, rank=5, coef=fp32)", {2, 3, 8, 1}, true, 2e-4},
       {"xkv(group=2, rank=6, vrank=9)", {4, 2, 16, 2}, true, 2e-2},
+      // Latents in int8 pages (per-token scales): the rounding of 8 bits on top of the SVD.
+      {"xkv(group=2, rank=6, vrank=9, latent=int8)", {4, 2, 16, 2}, true, 5e-2},
   };
   for (const variant& vt : vs) {
     INFO(vt.spec);
@@ -323,9 +325,13 @@ TEST_CASE("xkv attends to the group's truncated SVD of the prompt, then whole to
     // Bytes: the whole pages are gone; each group holds ceil(n / 16) latent pages of rows
     // (rank + vrank) rounded up to even, K half and V half.
     const bool fp16 = std::string(vt.spec).find("fp32") == std::string::npos;
+    const bool int8 = std::string(vt.spec).find("latent=int8") != std::string::npos;
     const std::size_t groups = p.xk.size(), hw = static_cast<std::size_t>((rk + rv + 1) / 2);
-    const std::size_t latent_bytes = groups * ((n + 15) / 16) * 16 * 2 * hw * (fp16 ? 2 : 4);
+    const std::size_t fp16_bytes = groups * ((n + 15) / 16) * 16 * 2 * hw * 2;
+    const std::size_t latent_bytes = int8 ? dynamic_cast<kvc::runtime::xkv_cache<kvc::half>&>(*c).latents().bytes_in_use()
+                                          : fp16_bytes * (fp16 ? 1 : 2);
     CHECK(c->bytes_in_use() == latent_bytes);
+    if (int8) CHECK(latent_bytes < fp16_bytes * 3 / 4);  // a byte per value and a few scales
     CHECK(c->bytes_in_use() < whole);
     std::size_t per_layer = 0;
     for (std::int32_t l = 0; l < s.L; ++l) per_layer += c->bytes_in_use(l);
@@ -467,5 +473,11 @@ TEST_CASE("xkv spec errors name the argument, the value and what was expected", 
   CHECK_THROWS_WITH(build("xkv(group=2, rank=4, sinks=5)", s, &rc), Contains("sinks = 5"));
   CHECK_THROWS_WITH(build("xkv(group=2, rnak=4)", s, &rc), Contains("rnak"));
   CHECK_THROWS_WITH(build("xkv(group=2, rank=4, coef=int8)", s, &rc), Contains("coef = int8"));
+  CHECK_THROWS_WITH(build("xkv(group=2, rank=4, coef=fp16, latent=int8)", s, &rc), Contains("coef = fp16 with latent = int8"));
+  CHECK_THROWS_WITH(build("xkv(group=2, rank=4, latent=layers(fp16))", s, &rc), Contains("not layers"));
+  CHECK_THROWS_WITH(build("xkv(group=2, rank=4, latent=nosuch)", s, &rc), Contains("nosuch"));
+  CHECK_THROWS_WITH(build("xkv(group=2, rank=4, latent=kivi(bits=4))", s, &rc),
+                    Contains("latent = kivi(bits=4) holds rows of 4 values") && Contains("group size 32"));
+  CHECK_NOTHROW(build("xkv(group=2, rank=32, latent=kivi(bits=4))", s, &rc));
   CHECK_NOTHROW(build("xkv(group=2, rank=4, pre_rope=0)", s, nullptr));
 }

@@ -217,18 +217,16 @@ void axpy(float a, const float* x, float* y, std::int32_t n) noexcept {
 
 /// The general path (see the file comment) over one stream of n coefficient rows for kv head h:
 /// scores against keys rebuilt with bk (and, with rp, rotated to pos), an exact softmax over the
-/// whole stream, Σ p c_v, back-projection with bv. The rows are the projected cache's layout
-/// ([c_k | c_v | pad], its first hw values in a page's K half, the rest in its V half) on pages of
-/// P tokens of T. Fills out, lse, probs and group_probs of the head's G query heads; no tokens
-/// gives zeros and lse = -inf. Two passes over the pages, read in place (a row at a time
-/// converted to float): scores, then Σ p c_v. Shared by projected caches (one stream per
+/// whole stream, Σ p c_v, back-projection with bv. `row(t, z)` writes token t's row
+/// [c_k | c_v | pad] (2·hw floats) to z. Fills out, lse, probs and group_probs of the head's G
+/// query heads; no tokens gives zeros and lse = -inf. Two passes over the rows: scores, then
+/// Σ p c_v. Shared by projected caches (rows read in place from one stream's pages per
 /// (layer, head)) and xKV's (one latent stream per group of layers, read by every head with its
 /// own bases: runtime/xkv_storage.hpp).
-template <class Arch, class T>
-void attend_rows_general(const page_pool& pool, const page_id* pages, std::int32_t P, std::int32_t hw, std::int32_t n,
-                         const std::int32_t* pos, const lowrank::basis& bk, const lowrank::basis& bv, const rope* rp,
-                         std::int32_t h, std::int32_t G, const float* q, float scale, float* out,
-                         const decode_options& opt) {
+template <class Arch, class Row>
+void attend_rows_general(Row&& row_at, std::int32_t hw, std::int32_t n, const std::int32_t* pos,
+                         const lowrank::basis& bk, const lowrank::basis& bv, const rope* rp, std::int32_t h,
+                         std::int32_t G, const float* q, float scale, float* out, const decode_options& opt) {
   const std::int32_t D = bk.dim, rk = bk.rank, rv = bv.rank;
   const std::size_t q0 = static_cast<std::size_t>(h) * G;
   if (opt.group_probs) std::fill_n(opt.group_probs + static_cast<std::size_t>(h) * opt.probs_stride, opt.probs_stride, 0.0f);
@@ -241,22 +239,7 @@ void attend_rows_general(const page_pool& pool, const page_id* pages, std::int32
     return;
   }
   std::vector<float> z(static_cast<std::size_t>(2) * hw);
-  // z = token t's row [c_k | c_v | pad] as float, from its K row and V row in place.
-  auto row = [&](std::int32_t t) {
-    const T* page = reinterpret_cast<const T*>(pool.data(pages[static_cast<std::size_t>(t / P)]));
-    const T* kr = page + static_cast<std::size_t>(t % P) * hw;
-    const T* vr = page + static_cast<std::size_t>(P + t % P) * hw;
-    constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
-    std::int32_t j = 0;
-    for (; j + W <= hw; j += W) {  // F16C where the build has it (load_as_float)
-      load_as_float<Arch>(kr + j).store_unaligned(z.data() + j);
-      load_as_float<Arch>(vr + j).store_unaligned(z.data() + hw + j);
-    }
-    for (; j < hw; ++j) {
-      z[static_cast<std::size_t>(j)] = static_cast<float>(kr[j]);
-      z[static_cast<std::size_t>(hw + j)] = static_cast<float>(vr[j]);
-    }
-  };
+  auto row = [&](std::int32_t t) { row_at(t, z.data()); };
   std::vector<float> cs, sn;
   if (rp) rope_table(*rp, pos, n, cs, sn);
   const std::int32_t half = rp ? rp->config().rotary_dim / 2 : 0;
@@ -316,15 +299,32 @@ void attend_rows_general(const page_pool& pool, const page_id* pages, std::int32
   }
 }
 
-/// attend_rows_general over kv head h's stream of a projected cache.
+/// attend_rows_general over kv head h's stream of a projected cache, its rows read in place.
 template <class Arch, class T>
 void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, std::int32_t layer, std::int32_t h,
                          std::int32_t G, const float* q, float scale, float* out, const decode_options& opt) {
   const auto& coef = cache.coefficients();
-  attend_rows_general<Arch, T>(coef.pool(), coef.pages(seq, layer, h).data(), coef.config().page_size,
-                               cache.row_width() / 2, coef.length(seq, layer, h), coef.positions(seq, layer, h),
-                               cache.key_basis(layer, h), cache.value_basis(layer, h), cache.key_rope(), h, G, q, scale,
-                               out, opt);
+  const page_pool& pool = coef.pool();
+  const page_id* pages = coef.pages(seq, layer, h).data();
+  const std::int32_t P = coef.config().page_size, hw = cache.row_width() / 2;
+  // Token t's row from its K half and V half of the page.
+  auto row = [&](std::int32_t t, float* z) {
+    const T* page = reinterpret_cast<const T*>(pool.data(pages[static_cast<std::size_t>(t / P)]));
+    const T* kr = page + static_cast<std::size_t>(t % P) * hw;
+    const T* vr = page + static_cast<std::size_t>(P + t % P) * hw;
+    constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
+    std::int32_t j = 0;
+    for (; j + W <= hw; j += W) {  // F16C where the build has it (load_as_float)
+      load_as_float<Arch>(kr + j).store_unaligned(z + j);
+      load_as_float<Arch>(vr + j).store_unaligned(z + hw + j);
+    }
+    for (; j < hw; ++j) {
+      z[j] = static_cast<float>(kr[j]);
+      z[hw + j] = static_cast<float>(vr[j]);
+    }
+  };
+  attend_rows_general<Arch>(row, hw, coef.length(seq, layer, h), coef.positions(seq, layer, h), cache.key_basis(layer, h),
+                            cache.value_basis(layer, h), cache.key_rope(), h, G, q, scale, out, opt);
 }
 
 }  // namespace lowrank_detail

@@ -14,7 +14,11 @@
 ///     pre_rope  1 (default, the paper's): keys are appended before RoPE (storage_options::rope),
 ///               fitted and projected there, rotated after reconstruction; 0: post-RoPE keys
 ///     sinks     the first N prompt tokens are rebuilt exactly (fit_basis's exact_rows); default 0
-///     coef      element type of the stored latents and of the whole tokens; default fp16
+///     coef      element type of the whole tokens (and of the latents unless `latent` says
+///               otherwise); default fp16
+///     latent    the storage that holds the latents, any registered storage spec: fp16, fp32,
+///               bf16, int8, int4, kivi(bits=4), ... (the paper quantizes its latents); default
+///               the coef type. Its pages are the latents' bytes
 ///
 /// with make_cache. How the cache (`xkv_cache<T>`, below) lives:
 ///  - Each layer of a sequence is stored whole (T pages, D channels, keys rotated to their
@@ -32,6 +36,8 @@
 ///    (eviction before xkv). xkv composes with nothing that evicts the prompt.
 ///  - Decode attention does not produce probs / group_probs (refused: nothing can use them).
 ///  - The three stores (whole, tail, latents) are three page pools of cache_config::max_pages each.
+///    The latent store is an any_cache of num_groups layers, one kv head, head_dim
+///    (rank + vrank + 1) / 2: a latent row [a_k | a_v | pad] is its K row and V row.
 /// bytes_in_use(layer) gives each layer of a group an equal share of the group's latent pages.
 /// Threads: as kv_cache (docs/threading.md); observe_window is exclusive like add_sequence.
 /// The builder and the registration are per ISA (docs/isa.md).
@@ -73,6 +79,7 @@ struct xkv_spec {
   bool pre_rope = true;
   rope_config rope{};
   bool fp32 = false;
+  std::string latent;  ///< the latents' storage spec
 };
 
 /// A latent size: a whole count 1..min_width or a fraction in (0, 1) of width.
@@ -99,8 +106,11 @@ inline xkv_spec parse_xkv(const spec_stage& st, const cache_config& c, const sto
   const double vrank = a.number("vrank", rank);
   const int pre_rope = a.integer("pre_rope", 1);
   const int sinks = a.integer("sinks", 0);
+  const bool has_coef = a.has("coef");
   const std::string coef = a.word("coef", "fp16");
-  a.finish("group, rank, vrank, pre_rope, sinks, coef");
+  const spec_stage* ls = a.nested("latent");
+  const std::string lw = ls ? std::string() : a.word("latent", "");
+  a.finish("group, rank, vrank, pre_rope, sinks, coef, latent");
   if (group < 1 || group > c.num_layers)
     bad_pca_arg(st, kvc::detail::concat("group = ", group), kvc::detail::concat("1..num_layers = ", c.num_layers, " layers"));
   xkv_spec p;
@@ -123,6 +133,13 @@ inline xkv_spec parse_xkv(const spec_stage& st, const cache_config& c, const sto
   p.sinks = sinks;
   if (coef != "fp16" && coef != "fp32") bad_pca_arg(st, "coef = " + coef, "fp16 or fp32");
   p.fp32 = coef == "fp32";
+  p.latent = ls ? ls->text : (lw.empty() ? coef : lw);
+  if (has_coef && (ls || !lw.empty()) && p.latent != coef)
+    bad_pca_arg(st, kvc::detail::concat("coef = ", coef, " with latent = ", p.latent),
+                "one of them for the latents (coef sets the whole tokens' type and, without latent, the latents')");
+  const std::string lname = parse_spec(p.latent).at(0).name;
+  if (lname == "xkv" || lname == "layers")
+    bad_pca_arg(st, "latent = " + p.latent, "a storage of rows (fp16, fp32, bf16, int8, kivi(...), ...), not " + lname);
   return p;
 }
 
@@ -137,7 +154,8 @@ class xkv_cache final : public any_cache {
  public:
   xkv_cache(std::string name, const cache_config& cfg, const detail::xkv_spec& p)
       : name_(std::move(name)), cfg_(cfg), spec_(p), full_(whole_config(cfg)), tail_(whole_config(cfg)),
-        lat_(latent_config(cfg, p)), groups_(static_cast<std::size_t>((cfg.num_layers + p.group - 1) / p.group)) {
+        lat_(latent_store(name_, cfg, p)),
+        groups_(static_cast<std::size_t>((cfg.num_layers + p.group - 1) / p.group)) {
     if (p.pre_rope) rope_.emplace(p.rope);
   }
 
@@ -158,7 +176,7 @@ class xkv_cache final : public any_cache {
   /// (layer g = group g, one kv head, head_dim = (rank + vrank + 1) / 2: a row is [a_k | a_v | pad]).
   const kv_cache<T>& staged() const noexcept { return full_; }
   const kv_cache<T>& tail() const noexcept { return tail_; }
-  const kv_cache<T>& latents() const noexcept { return lat_; }
+  const any_cache& latents() const noexcept { return *lat_; }
 
   const cache_config& config() const override { return cfg_; }
   std::string name() const override { return name_; }
@@ -167,21 +185,21 @@ class xkv_cache final : public any_cache {
     e.observed.assign(static_cast<std::size_t>(cfg_.num_layers), 0);
     e.moved.assign(groups_.size(), 0);
     return make_entry(std::move(e), [&] { return full_.add_sequence(); }, [&] { return tail_.add_sequence(); },
-                      [&] { return lat_.add_sequence(); });
+                      [&] { return lat_->add_sequence(); });
   }
   void remove_sequence(seq_id s) override {
     const entry e = at(s, "remove_sequence");
     seqs_.erase(s);
     full_.remove_sequence(e.full);
     tail_.remove_sequence(e.tail);
-    lat_.remove_sequence(e.lat);
+    lat_->remove_sequence(e.lat);
     pos_.erase(pos_.lower_bound({s, 0, 0}), pos_.upper_bound({s, cfg_.num_layers, 0}));
   }
   bool contains(seq_id s) const override { return seqs_.count(s) != 0; }
   seq_id fork(seq_id s) override {
     const entry& e = at(s, "fork");
     return make_entry(e, [&] { return full_.fork(e.full); }, [&] { return tail_.fork(e.tail); },
-                      [&] { return lat_.fork(e.lat); });
+                      [&] { return lat_->fork(e.lat); });
   }
 
   /// Keys before RoPE (with pre_rope=1); stored whole, rotated to their positions.
@@ -240,7 +258,7 @@ class xkv_cache final : public any_cache {
     const std::int32_t nl = latent_length(e, layer), nt = tail_.length(e.tail, layer, head);
     std::vector<std::int32_t>& b = pos_[{s, layer, head}];
     b.resize(static_cast<std::size_t>(nl + nt));
-    std::copy_n(lat_.positions(e.lat, group_of(layer), 0), nl, b.data());
+    std::copy_n(lat_->positions(e.lat, group_of(layer), 0), nl, b.data());
     std::copy_n(tail_.positions(e.tail, layer, head), nt, b.data() + nl);
     return b.data();
   }
@@ -259,7 +277,7 @@ class xkv_cache final : public any_cache {
     const std::int32_t hw = row_half(), rk = spec_.rank, rv = spec_.vrank;
     if (nl > 0) {
       std::vector<float> kr(static_cast<std::size_t>(nl) * hw), vr(kr.size()), z(static_cast<std::size_t>(2) * hw);
-      lat_.gather(e.lat, g, 0, kr.data(), vr.data());
+      lat_->gather(e.lat, g, 0, kr.data(), vr.data());
       const group_state& gs = groups_[static_cast<std::size_t>(g)];
       const lowrank::basis& bk = gs.k.slice(i, head);
       const lowrank::basis& bv = gs.v.slice(i, head);
@@ -273,7 +291,7 @@ class xkv_cache final : public any_cache {
           kvc::cpu::lowrank_detail::back_project<kvc::cpu::default_arch>(bv.u.data(), rv, D, z.data() + rk, nullptr,
                                                                          v_out + static_cast<std::size_t>(t) * D);
       }
-      if (k_out && rope_) rotate_rows(k_out, nl, 1, lat_.positions(e.lat, g, 0), false);
+      if (k_out && rope_) rotate_rows(k_out, nl, 1, lat_->positions(e.lat, g, 0), false);
     }
     const std::size_t off = static_cast<std::size_t>(nl) * D;
     if (tail_.length(e.tail, layer, head) > 0)
@@ -309,13 +327,20 @@ class xkv_cache final : public any_cache {
     decode_options lo;
     lo.lse = lse1.data();
     const group_state& gs = groups_[static_cast<std::size_t>(g)];
-    const std::vector<page_id>& pages = lat_.pages(e.lat, g, 0);
-    const std::int32_t* lpos = lat_.positions(e.lat, g, 0);
+    // The group's latent rows, decoded once per call (O(n · hw), against the O(n · r_k · D) per
+    // kv head of rebuilding the keys), so any latent storage attends through one kernel.
+    const std::int32_t hw = row_half();
+    std::vector<float> kr(static_cast<std::size_t>(nl) * hw), vr(kr.size());
+    if (nl > 0) lat_->gather(e.lat, g, 0, kr.data(), vr.data());
+    const std::int32_t* lpos = nl > 0 ? lat_->positions(e.lat, g, 0) : nullptr;
     const rope* rp = rope_ ? &*rope_ : nullptr;
+    auto row = [&](std::int32_t t, float* z) {
+      std::copy_n(kr.data() + static_cast<std::size_t>(t) * hw, hw, z);
+      std::copy_n(vr.data() + static_cast<std::size_t>(t) * hw, hw, z + hw);
+    };
     auto run = [&](std::int32_t h) {
-      kvc::cpu::lowrank_detail::attend_rows_general<kvc::cpu::default_arch, T>(
-          lat_.pool(), pages.data(), cfg_.page_size, row_half(), nl, lpos, gs.k.slice(li, h), gs.v.slice(li, h), rp, h,
-          G, q, scale, out, lo);
+      kvc::cpu::lowrank_detail::attend_rows_general<kvc::cpu::default_arch>(row, hw, nl, lpos, gs.k.slice(li, h),
+                                                                            gs.v.slice(li, h), rp, h, G, q, scale, out, lo);
     };
     if (opt.pool && H > 1) opt.pool->parallel_for(H, run);
     else
@@ -362,22 +387,22 @@ class xkv_cache final : public any_cache {
                                                     : full_.chunk_tokens(e.full, layer, limit);
   }
 
-  std::size_t bytes_in_use() const override { return full_.bytes_in_use() + tail_.bytes_in_use() + lat_.bytes_in_use(); }
+  std::size_t bytes_in_use() const override { return full_.bytes_in_use() + tail_.bytes_in_use() + lat_->bytes_in_use(); }
   std::size_t bytes_in_use(std::int32_t layer) const override {
     const std::int32_t g = group_of(checked(layer, "bytes_in_use")), n = group_size(g);
-    const std::size_t b = lat_.bytes_in_use(g);
+    const std::size_t b = lat_->bytes_in_use(g);
     const std::size_t share = b / static_cast<std::size_t>(n) + (layer == group_first(g) + n - 1 ? b % static_cast<std::size_t>(n) : 0);
     return full_.bytes_in_use(layer) + tail_.bytes_in_use(layer) + share;
   }
   memory_traffic traffic() const override {
     memory_traffic t = full_.traffic();
     t += tail_.traffic();
-    t += lat_.traffic();
+    t += lat_->traffic();
     return t;
   }
   /// The bases (whole and sliced, float), the stores' bookkeeping and the sequence table.
   std::size_t metadata_bytes() const override {
-    std::size_t b = full_.metadata_bytes() + tail_.metadata_bytes() + lat_.metadata_bytes();
+    std::size_t b = full_.metadata_bytes() + tail_.metadata_bytes() + lat_->metadata_bytes();
     for (const group_state& gs : groups_)
       for (const lowrank::group_basis* x : {&gs.k, &gs.v}) {
         b += 4 * x->whole.u.size();
@@ -390,7 +415,7 @@ class xkv_cache final : public any_cache {
     std::int64_t n = full_.tokens_held() + tail_.tokens_held();
     for (const auto& kv : seqs_)
       for (std::int32_t g = 0; g < num_groups(); ++g)
-        n += static_cast<std::int64_t>(lat_.length(kv.second.lat, g, 0)) * group_size(g) * cfg_.num_kv_heads;
+        n += static_cast<std::int64_t>(lat_->length(kv.second.lat, g, 0)) * group_size(g) * cfg_.num_kv_heads;
     return n;
   }
 
@@ -435,12 +460,23 @@ class xkv_cache final : public any_cache {
     l.head_dim = (p.rank + p.vrank + 1) / 2;
     l.page_size = c.page_size;
     l.max_pages = c.max_pages;
-    l.check_finite = false;  // the move checks the rows and the latents' range
+    l.check_finite = false;  // the move checks the rows (and, for fp16 latents, their range)
     return l;
+  }
+  /// The latents' storage, its errors prefixed with what xkv asked of it.
+  static std::unique_ptr<any_cache> latent_store(const std::string& name, const cache_config& c, const detail::xkv_spec& p) {
+    const cache_config l = latent_config(c, p);
+    try {
+      return make_cache(p.latent, l);
+    } catch (const kvc::error& e) {
+      kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", name, "': latent = ", p.latent, " holds rows of ",
+                                            l.head_dim, " values ((rank + vrank + 1) / 2 = (", p.rank, " + ", p.vrank,
+                                            " + 1) / 2) and refused them: ", e.what()));
+    }
   }
   std::int32_t row_half() const noexcept { return (spec_.rank + spec_.vrank + 1) / 2; }
   bool layer_moved(const entry& e, std::int32_t layer) const { return e.moved[static_cast<std::size_t>(group_of(layer))] != 0; }
-  std::int32_t latent_length(const entry& e, std::int32_t layer) const { return lat_.length(e.lat, group_of(layer), 0); }
+  std::int32_t latent_length(const entry& e, std::int32_t layer) const { return lat_->length(e.lat, group_of(layer), 0); }
   const group_state& fitted_group(std::int32_t g, const char* fn) const {
     if (!(g >= 0 && g < num_groups()) || !groups_[static_cast<std::size_t>(g)].fitted)
       kvc::detail::fail(kvc::detail::concat("kvc::runtime::xkv_cache::", fn, ": group = ", g,
@@ -538,13 +574,13 @@ class xkv_cache final : public any_cache {
       for (std::int32_t j = 0; j < 2 * hw; ++j) {
         const float x = j < rk ? ak[static_cast<std::size_t>(t) * rk + j]
                                : (j < rk + rv ? av[static_cast<std::size_t>(t) * rv + (j - rk)] : 0.0f);
-        if constexpr (std::is_same<T, half>::value)
+        if (spec_.latent == "fp16")
           KVC_EXPECTS_IN(who, std::abs(x) <= 65504.0f, j < rk ? "key" : "value", " latent ", j < rk ? j : j - rk,
                          " of token ", t, " of group ", g, " = ", x,
-                         ", expected |a| <= 65504 to store it as fp16 (use coef=fp32; the cache is unchanged)");
+                         ", expected |a| <= 65504 to store it as fp16 (use latent=fp32; the cache is unchanged)");
         (j < hw ? kr[static_cast<std::size_t>(t) * hw + j] : vr[static_cast<std::size_t>(t) * hw + (j - hw)]) = x;
       }
-    lat_.append(e.lat, g, kr.data(), vr.data(), n, p0);  // all or nothing
+    lat_->append(e.lat, g, kr.data(), vr.data(), n, p0);  // all or nothing
     // Commit (nothing here throws): reads of the group go to the latents and the tail.
     if (!have.fitted) groups_[static_cast<std::size_t>(g)] = std::move(fit);
     e.moved[static_cast<std::size_t>(g)] = 1;
@@ -569,7 +605,7 @@ class xkv_cache final : public any_cache {
       e.lat = fc;
       seqs_.emplace(next_, std::move(e));
     } catch (...) {
-      if (hc) lat_.remove_sequence(fc);
+      if (hc) lat_->remove_sequence(fc);
       if (hb) tail_.remove_sequence(fb);
       if (ha) full_.remove_sequence(fa);
       throw;
@@ -595,7 +631,8 @@ class xkv_cache final : public any_cache {
   cache_config cfg_;
   detail::xkv_spec spec_;
   std::optional<rope> rope_;  // with pre_rope
-  kv_cache<T> full_, tail_, lat_;
+  kv_cache<T> full_, tail_;
+  std::unique_ptr<any_cache> lat_;  // the latents: any registered storage of rows
   std::vector<group_state> groups_;
   std::map<seq_id, entry> seqs_;
   seq_id next_ = 0;
