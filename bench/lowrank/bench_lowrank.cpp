@@ -7,6 +7,9 @@
 //     and rotated per token; values at full rank)
 //   BM_lowrank_split_paired/f16coef/post_rope/rk:<32|64|96>/rv:128/...: two ranks, the tiled
 //     kernel's split layout (keys scored in r_k dims; values at full rank)
+//   BM_xkv_paired/f16/pre_rope/group:1/rk:<n>/rv:<n>/...: the xkv(...) storage (one latent per
+//     token shared by the layer's kv heads, runtime/xkv_storage.hpp) at the paper's ratios of the
+//     layer's width (9.4% keys, 14.1% values): every head rebuilds and rotates its keys per token
 //     fp16 kv_cache<half> + cpu::decode_attention and lowrank::projected_cache +
 //     cpu::projected_decode_attention called alternately (15 pairs, same queries), plus the step's
 //     projections alone (q' = U_kᵀq for every query head, out = U_v a back) right after each
@@ -32,6 +35,7 @@
 #include <kvc/lowrank/pca.hpp>
 #include <kvc/lowrank/projected_attention.hpp>
 #include <kvc/lowrank/projected_cache.hpp>
+#include <kvc/runtime/xkv_storage.hpp>
 #include <kvc/store/kv_cache.hpp>
 
 #include "kvc_bench.hpp"
@@ -147,6 +151,50 @@ void BM_lowrank_paired(benchmark::State& state, shape s, std::int32_t ctx, std::
   state.counters["fp16_bytes_per_token"] = double(fc.bytes_in_use()) / ctx;
 }
 
+/// fp16 decode and an xkv cache's attention (one layer, its prompt moved to latents), alternated.
+void BM_xkv_paired(benchmark::State& state, shape s, std::int32_t ctx, std::int32_t rk, std::int32_t rv, int pairs) {
+  kvc::seq_id fseq;
+  auto& fc = fp16_cache(s, ctx, fseq);
+  kvc::cache_config cfg;
+  cfg.num_kv_heads = s.kv_heads;
+  cfg.head_dim = s.head_dim;
+  cfg.max_pages = s.kv_heads * (ctx / 16 + 2);
+  kvc::rope_config rc;
+  rc.head_dim = s.head_dim;
+  kvc::runtime::storage_options o;
+  o.rope = &rc;
+  auto c = kvc::runtime::make_cache("xkv(group=1,rank=" + std::to_string(rk) + ",vrank=" + std::to_string(rv) + ")", cfg, o);
+  const kvc::seq_id xs = c->add_sequence();
+  for (std::int32_t t0 = 0; t0 < ctx; t0 += chunk) {
+    const std::int32_t n = std::min(chunk, ctx - t0);
+    auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
+    auto v = random_rows(k.size(), 2 + t0);
+    c->append(xs, 0, k.data(), v.data(), n, nullptr);
+  }
+  const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  c->observe_window(xs, 0, q.data(), 1, s.q_heads);  // the end of the prompt: fit and move
+  std::vector<float> out(q.size());
+  std::vector<double> fcpu, xcpu;
+  using kvc_bench::thread_cpu_seconds;
+  for (auto _ : state) {
+    for (int i = 0; i < pairs; ++i) {
+      double c0 = thread_cpu_seconds();
+      kvc::cpu::decode_attention(fc, fseq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      fcpu.push_back(thread_cpu_seconds() - c0);
+      c0 = thread_cpu_seconds();
+      c->attention(xs, 0, q.data(), s.q_heads, out.data(), {});
+      benchmark::DoNotOptimize(out.data());
+      xcpu.push_back(thread_cpu_seconds() - c0);
+    }
+  }
+  state.counters["fp16_cpu_ms"] = median(fcpu) * 1e3;
+  state.counters["lowrank_cpu_ms"] = median(xcpu) * 1e3;
+  state.counters["speedup_vs_fp16"] = median(fcpu) / median(xcpu);
+  state.counters["bytes_per_token"] = double(c->bytes_in_use()) / ctx;
+  state.counters["fp16_bytes_per_token"] = double(fc.bytes_in_use()) / ctx;
+}
+
 template <class T>
 void register_all(const char* type) {
   const shape s{32, 8, 128};
@@ -178,6 +226,11 @@ int main(int argc, char** argv) {
       BM_lowrank_paired<kvc::half>(st, shape{32, 8, 128}, 32768, r, 128, pre, pre ? 5 : 15);
     })->Unit(benchmark::kMillisecond)->Iterations(1);
   }
+  // xKV-1 at the published ratios of the layer's width 8 x 128 = 1024: r_k = 97, r_v = 145.
+  benchmark::RegisterBenchmark("BM_xkv_paired/f16/pre_rope/group:1/rk:97/rv:145/32x8x128/ctx:32768/threads:1",
+                               [](benchmark::State& st) { BM_xkv_paired(st, shape{32, 8, 128}, 32768, 97, 145, 5); })
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(1);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
