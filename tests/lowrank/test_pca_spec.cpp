@@ -124,7 +124,9 @@ void fill(any_cache& c, seq_id s, std::int32_t n, std::int32_t decode, std::uint
 }  // namespace
 
 TEST_CASE("pca specs: attention equals a dense reference on the gathered keys and values", "[lowrank][pca_spec]") {
-  for (const char* spec : {"pca(rank=16)", "pca(rank=0.25,center=1)", "pca(rank=16,coef=fp32)", "pca(rank=13,center=1)"}) {
+  // coef=int8: the coefficient rows in int8 pages (kvc_test_storages registers the quantized storages).
+  for (const char* spec : {"pca(rank=16)", "pca(rank=0.25,center=1)", "pca(rank=16,coef=fp32)", "pca(rank=13,center=1)",
+                           "pca(rank=16,center=1,coef=int8)"}) {
     CAPTURE(spec);
     auto c = make_cache(spec, shape());
     CHECK(c->name() == spec);
@@ -234,7 +236,9 @@ TEST_CASE("pca: pool bytes are r/D of fp16's and metadata holds the bases", "[lo
 }
 
 TEST_CASE("pca: keep and keep_layer, then attention matches the reference on the kept tokens", "[lowrank][pca_spec]") {
-  auto c = make_cache("pca(rank=16,center=1)", shape());
+ for (const char* spec : {"pca(rank=16,center=1)", "pca(rank=16,center=1,coef=int8)"}) {
+  CAPTURE(spec);
+  auto c = make_cache(spec, shape());
   const seq_id s = c->add_sequence();
   fill(*c, s, 90, 2, 11);
   std::vector<std::vector<float>> K0, V0;
@@ -268,6 +272,42 @@ TEST_CASE("pca: keep and keep_layer, then attention matches the reference on the
     CHECK(max_diff(attend(*c, s, l, q), reference(q, K, V)) < 1e-3);
   }
   CHECK(c->tokens_held() == static_cast<std::int64_t>(kept[0].size() + kept[1].size() + 92 + 4));
+ }
+}
+
+TEST_CASE("pca with coef=int8: int8 pages hold the coefficients, within int8's rounding of fp32 ones", "[lowrank][pca_spec]") {
+  auto q8 = make_cache("pca(rank=16,vrank=24,center=1,coef=int8)", shape());
+  auto f32 = make_cache("pca(rank=16,vrank=24,center=1,coef=fp32)", shape());
+  auto f16 = make_cache("pca(rank=16,vrank=24,center=1)", shape());
+  const seq_id a = q8->add_sequence(), b = f32->add_sequence(), e = f16->add_sequence();
+  fill(*q8, a, 100, 0, 5);
+  fill(*f32, b, 100, 0, 5);
+  fill(*f16, e, 100, 0, 5);
+  // Bytes from the pools: the int8 pages hold one byte per coefficient and their scales.
+  CHECK(q8->bytes_in_use() < f16->bytes_in_use() * 3 / 4);
+  auto* pc = dynamic_cast<kvc::runtime::pca_cache<kvc::half>*>(q8.get());
+  REQUIRE(pc != nullptr);
+  REQUIRE(pc->coefficient_store() != nullptr);
+  CHECK(q8->bytes_in_use() == pc->coefficient_store()->bytes_in_use());
+  CHECK(q8->metadata_bytes() > pc->coefficient_store()->metadata_bytes());  // the bases
+  for (std::int32_t l = 0; l < L; ++l) {
+    std::vector<std::vector<float>> K8, V8, K32, V32;
+    gathered(*q8, a, l, K8, V8);
+    gathered(*f32, b, l, K32, V32);
+    for (std::int32_t h = 0; h < H; ++h) {
+      double big = 0, err = 0, err0 = 0;
+      for (std::size_t i = 0; i < K32[h].size(); ++i) {
+        big = std::max({big, double(std::abs(K32[h][i])), double(std::abs(V32[h][i]))});
+        err = std::max({err, double(std::abs(K8[h][i] - K32[h][i])), double(std::abs(V8[h][i] - V32[h][i]))});
+        err0 = std::max(err0, double(std::abs(K8[h][i])));
+      }
+      CHECK(err <= 0.05 * big);  // 8 bits per coefficient
+      CHECK(err > 0);            // and not the fp32 rows themselves
+      CHECK(err0 > 0);
+    }
+    const auto q = rows(G, 40 + l);
+    CHECK(max_diff(attend(*q8, a, l, q), reference(q, K8, V8)) < 1e-3);
+  }
 }
 
 TEST_CASE("pca: bad specs name the argument, the value and what was expected", "[lowrank][pca_spec]") {
@@ -277,7 +317,9 @@ TEST_CASE("pca: bad specs name the argument, the value and what was expected", "
   REQUIRE_THROWS_WITH(make_cache("pca(rank=1.5)", cfg), Contains("rank = 1.5") && Contains("fraction in (0, 1)"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=-0.5)", cfg), Contains("rank = -0.5"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=16,bits=4)", cfg), Contains("no argument 'bits'") && Contains("rank, vrank, pre_rope, sinks, center, coef"));
-  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,coef=int8)", cfg), Contains("coef = int8") && Contains("fp16 or fp32"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,coef=nosuch)", cfg),
+                      Contains("nosuch would hold rows of 16 values") && Contains("'nosuch'"));
+  REQUIRE_THROWS_WITH(make_cache("pca(rank=16,coef=pca(rank=2))", cfg), Contains("coef = pca(rank=2)") && Contains("not pca"));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=16,center=2)", cfg), Contains("center = 2") && Contains("0 or 1"));
   REQUIRE_THROWS_WITH(make_cache("pca", cfg), Contains("needs 'rank="));
   REQUIRE_THROWS_WITH(make_cache("pca(rank=16,vrank=0)", cfg), Contains("vrank = 0") && Contains("1..64 (head_dim)"));
@@ -448,6 +490,7 @@ TEST_CASE("pca with pre_rope and vrank: gather rotates the rebuilt keys, attenti
   kvc::rope_config rc;
   const auto so = with_rope(rc);
   for (const char* spec : {"pca(rank=16,vrank=64,pre_rope=1)", "pca(rank=24,vrank=40,pre_rope=1,center=1,coef=fp32)",
+                           "pca(rank=16,vrank=48,pre_rope=1,coef=int8)",
                            "pca(rank=0.25,vrank=0.75)", "pca(rank=64,vrank=64,pre_rope=1,coef=fp32)"}) {
     CAPTURE(spec);
     auto c = make_cache(spec, shape(), so);

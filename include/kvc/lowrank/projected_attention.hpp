@@ -329,20 +329,18 @@ void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, s
 
 }  // namespace lowrank_detail
 
-/// The keys and values one stream of a projected cache stands for, rebuilt in D channels as the
-/// decode kernels read them: x̂ = U c (+ μ), keys then rotated to their stored positions when the
-/// cache keeps them pre-RoPE (the kernel's cos/sin table). k_out and v_out are [length][head_dim]
-/// (either may be null). O(length · D · r): for scorers, prefill attention and tests, not decode.
+/// The keys and values n rows of one (layer, head) of a projected cache stand for, rebuilt in D
+/// channels as the decode kernels read them: x̂ = U c (+ μ), keys then rotated to `pos` when the
+/// cache keeps them pre-RoPE (the kernel's cos/sin table). kr and vr are the rows' K and V halves
+/// ([n][row_width() / 2] each, wherever they were stored); k_out and v_out are [n][head_dim]
+/// (either may be null).
 template <class Arch = default_arch, class T>
-void projected_gather(const lowrank::projected_cache<T>& cache, seq_id seq, std::int32_t layer, std::int32_t head,
-                      float* k_out, float* v_out) {
-  const std::int32_t n = cache.length(seq, layer, head);
+void projected_rebuild(const lowrank::projected_cache<T>& cache, std::int32_t layer, std::int32_t head, const float* kr,
+                       const float* vr, std::int32_t n, const std::int32_t* pos, float* k_out, float* v_out) {
   if (n == 0) return;
-  const std::int32_t hw = cache.row_width() / 2, rk = cache.key_rank(), rv = cache.value_rank(), D = cache.config().head_dim;
-  std::vector<float> kr(static_cast<std::size_t>(n) * hw), vr(kr.size());
-  cache.coefficients().gather(seq, layer, head, kr.data(), vr.data());
+  const std::int32_t rk = cache.key_rank(), rv = cache.value_rank(), D = cache.config().head_dim;
   std::vector<float> ck(k_out ? static_cast<std::size_t>(n) * rk : 0), cv(v_out ? static_cast<std::size_t>(n) * rv : 0);
-  cache.split_row(kr.data(), vr.data(), n, k_out ? ck.data() : nullptr, v_out ? cv.data() : nullptr);
+  cache.split_row(kr, vr, n, k_out ? ck.data() : nullptr, v_out ? cv.data() : nullptr);
   auto rebuild = [&](const lowrank::basis& b, const float* c, float* out) {
     for (std::int32_t t = 0; t < n; ++t)
       lowrank_detail::back_project<Arch>(b.u.data(), b.rank, D, c + static_cast<std::size_t>(t) * b.rank,
@@ -352,13 +350,27 @@ void projected_gather(const lowrank::projected_cache<T>& cache, seq_id seq, std:
     rebuild(cache.key_basis(layer, head), ck.data(), k_out);
     if (const rope* rp = cache.key_rope()) {
       std::vector<float> cs, sn;
-      lowrank_detail::rope_table(*rp, cache.coefficients().positions(seq, layer, head), n, cs, sn);
+      lowrank_detail::rope_table(*rp, pos, n, cs, sn);
       const std::size_t half = static_cast<std::size_t>(rp->config().rotary_dim / 2);
       for (std::int32_t t = 0; t < n; ++t)
         lowrank_detail::rotate(*rp, cs.data() + t * half, sn.data() + t * half, k_out + static_cast<std::size_t>(t) * D);
     }
   }
   if (v_out) rebuild(cache.value_basis(layer, head), cv.data(), v_out);
+}
+
+/// The keys and values one stream of a projected cache stands for (projected_rebuild on its
+/// stored rows). O(length · D · r): for scorers, prefill attention and tests, not decode.
+template <class Arch = default_arch, class T>
+void projected_gather(const lowrank::projected_cache<T>& cache, seq_id seq, std::int32_t layer, std::int32_t head,
+                      float* k_out, float* v_out) {
+  const std::int32_t n = cache.length(seq, layer, head);
+  if (n == 0) return;
+  const std::int32_t hw = cache.row_width() / 2;
+  std::vector<float> kr(static_cast<std::size_t>(n) * hw), vr(kr.size());
+  cache.coefficients().gather(seq, layer, head, kr.data(), vr.data());
+  projected_rebuild<Arch>(cache, layer, head, kr.data(), vr.data(), n, cache.coefficients().positions(seq, layer, head),
+                          k_out, v_out);
 }
 
 /// Decode attention of one query token per query head over one layer of one sequence of a

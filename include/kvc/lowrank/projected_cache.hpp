@@ -163,7 +163,22 @@ class projected_cache {
     KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
     KVC_EXPECTS_IN(who, n >= 0, "n = ", n, ", expected >= 0 tokens");
     if (n == 0) return;
-    KVC_EXPECTS_IN(who, k != nullptr && v != nullptr, "k or v is null with n = ", n);
+    std::vector<float> kr, vr;
+    encode(layer, k, v, n, kr, vr, std::is_same<T, half>::value, who);
+    coef_.append(s, layer, kr.data(), vr.data(), n, positions);
+  }
+
+  /// The rows append() stores for n tokens of one layer, without storing them: kr and vr become
+  /// the inner K rows and V rows, [n][num_kv_heads][row_width() / 2] each (the two halves of
+  /// [c_k | c_v | pad]). What a caller that keeps the rows in another store encodes with (a pca
+  /// cache whose coefficients live in int8 pages, runtime/lowrank_storages.hpp). `fp16_range`:
+  /// refuse a coefficient past 65504 (for a store of fp16). Messages start with `who`.
+  /// \pre as append (checked: kvc::error, nothing written)
+  void encode(std::int32_t layer, const float* k, const float* v, std::int32_t n, std::vector<float>& kr,
+              std::vector<float>& vr, bool fp16_range, const char* who) const {
+    KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
+    KVC_EXPECTS_IN(who, n >= 0, "n = ", n, ", expected >= 0 tokens");
+    KVC_EXPECTS_IN(who, n == 0 || (k != nullptr && v != nullptr), "k or v is null with n = ", n);
     const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim, rk = key_rank(), w = row_width();
     for (std::int32_t h = 0; h < H; ++h)
       KVC_EXPECTS_IN(who, bases_[index(layer, h)].set, "layer ", layer, " head ", h,
@@ -183,7 +198,7 @@ class projected_cache {
         project(e.v, v + in, z.data() + out + rk);
       }
     }
-    if constexpr (std::is_same<T, half>::value) {
+    if (fp16_range) {
       // A finite row can still project past fp16's largest value; stored, it would read back as
       // inf and turn every softmax it enters into NaN.
       constexpr float fp16_max = 65504.0f;
@@ -199,13 +214,13 @@ class projected_cache {
     }
     // Split z into the inner cache's K rows and V rows ([n][H][w/2] each).
     const std::int32_t hw = w / 2;
-    std::vector<float> kr(static_cast<std::size_t>(n) * H * hw), vr(kr.size());
+    kr.assign(static_cast<std::size_t>(n) * H * hw, 0.0f);
+    vr.assign(kr.size(), 0.0f);
     for (std::size_t i = 0; i < static_cast<std::size_t>(n) * H; ++i)
       for (std::int32_t j = 0; j < hw; ++j) {
         kr[i * hw + j] = z[i * w + j];
         vr[i * hw + j] = z[i * w + hw + j];
       }
-    coef_.append(s, layer, kr.data(), vr.data(), n, positions);
   }
 
   /// Appends to every kv head h of one layer its own n[h] tokens at their own positions: k[h] and

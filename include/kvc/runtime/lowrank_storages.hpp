@@ -4,7 +4,7 @@
 /// \file
 /// Registers the projected (low-rank) storages with the runtime builder, so specs can name them:
 ///
-///   palu(rank=N, vrank=N, coef=fp16|fp32)
+///   palu(rank=N, vrank=N, coef=fp16|fp32|STORAGE)
 ///     Palu's per-head latent (kvc/lowrank/palu.hpp): key and value bases are the top left
 ///     singular vectors of each head's rows of W_k and W_v, from storage_options::weights (the
 ///     model's projections), set when the cache is built; keys are appended before RoPE and
@@ -19,7 +19,7 @@
 ///   The cache (`think_cache<T>`, below) stores each layer whole until the caller hands it the
 ///   prompt's last queries (any_cache::observe_window), then prunes it (see the class comment).
 ///
-///   pca(rank=N, vrank=N, pre_rope=0|1, sinks=N, center=0|1, coef=fp16|fp32)
+///   pca(rank=N, vrank=N, pre_rope=0|1, sinks=N, center=0|1, coef=fp16|fp32|STORAGE)
 ///     rank      key rank: a count 1..head_dim, or a fraction in (0, 1) of head_dim (r = ceil(f · D))
 ///     vrank     value rank, read as rank is; default rank. Values are far less low-rank than
 ///               keys (docs/lowrank-spectrum.png), so a cache that halves keys may keep values whole
@@ -31,7 +31,9 @@
 ///               sequence opening with the same token (BOS) gets its sink key back exactly
 ///     center    1: subtract the fitted mean before projecting (pca.hpp); default 0, as Loki and
 ///               Eigen Attention
-///     coef      element type of the stored coefficients; default fp16
+///     coef      element type of the stored coefficients; default fp16. Any other registered
+///               storage of rows (int8, int4, bf16, kivi(bits=4), ...) holds the coefficient rows
+///               instead: quantized coefficients, attended through the general path
 ///
 /// The cache (`pca_cache<T>`, below) wraps lowrank::projected_cache<T>. Its bases are fitted, per
 /// (layer, kv head), from the keys and values of the first append of each layer, whichever
@@ -85,6 +87,7 @@ struct pca_spec {
   std::int32_t sinks = 0;  ///< rows of the fitting append the bases reproduce exactly
   bool center = false;
   bool fp32 = false;       ///< coef=fp32 (else fp16)
+  std::string store;       ///< coef=SPEC other than fp16/fp32: the storage the coefficient rows live in
 };
 
 namespace detail {
@@ -102,6 +105,19 @@ inline std::int32_t pca_rank(const spec_stage& st, const char* key, double rank,
   return static_cast<std::int32_t>(rank);
 }
 
+/// Reads `coef=`: fp16 or fp32 (the projected cache's own pages), or any other registered storage
+/// of rows (int8, int4, bf16, kivi(bits=4), ...) that then holds the coefficient rows.
+inline void read_coef(const spec_stage& st, spec_args& a, pca_spec& p) {
+  const spec_stage* nested = a.nested("coef");
+  const std::string coef = nested ? nested->text : a.word("coef", "fp16");
+  p.fp32 = coef == "fp32";
+  if (coef == "fp16" || coef == "fp32") return;
+  const std::string name = parse_spec(coef).at(0).name;
+  if (name == "pca" || name == "palu" || name == "think" || name == "xkv" || name == "layers")
+    bad_pca_arg(st, "coef = " + coef, "fp16, fp32 or a storage of rows (int8, int4, bf16, kivi(...), ...), not " + name);
+  p.store = coef;
+}
+
 /// Parses `pca(rank=, vrank=, pre_rope=, sinks=, center=, coef=)` for a cache of head_dim D. Ranks are read
 /// as numbers so a fraction and a count share one argument.
 inline pca_spec parse_pca(const spec_stage& st, std::int32_t D, const storage_options& o) {
@@ -111,9 +127,9 @@ inline pca_spec parse_pca(const spec_stage& st, std::int32_t D, const storage_op
   const int pre_rope = a.integer("pre_rope", 0);
   const int sinks = a.integer("sinks", 0);
   const int center = a.integer("center", 0);
-  const std::string coef = a.word("coef", "fp16");
-  a.finish("rank, vrank, pre_rope, sinks, center, coef");
   pca_spec p;
+  read_coef(st, a, p);
+  a.finish("rank, vrank, pre_rope, sinks, center, coef");
   p.rank = pca_rank(st, "rank", rank, D);
   p.vrank = pca_rank(st, "vrank", vrank, D);
   if (pre_rope != 0 && pre_rope != 1) bad_pca_arg(st, kvc::detail::concat("pre_rope = ", pre_rope), "0 or 1");
@@ -128,9 +144,7 @@ inline pca_spec parse_pca(const spec_stage& st, std::int32_t D, const storage_op
                 kvc::detail::concat("0..min(rank, vrank) = ", std::min(p.rank, p.vrank), " (each sink may take a direction)"));
   p.sinks = sinks;
   if (center != 0 && center != 1) bad_pca_arg(st, kvc::detail::concat("center = ", center), "0 or 1");
-  if (coef != "fp16" && coef != "fp32") bad_pca_arg(st, "coef = " + coef, "fp16 or fp32");
   p.center = center == 1;
-  p.fp32 = coef == "fp32";
   return p;
 }
 
@@ -172,19 +186,17 @@ inline pca_spec parse_palu(const spec_stage& st, std::int32_t D, const storage_o
   spec_args a(st, "kvc::runtime::make_cache");
   const double rank = a.number("rank");
   const double vrank = a.number("vrank", rank);
-  const std::string coef = a.word("coef", "fp16");
-  a.finish("rank, vrank, coef");
   pca_spec p;
+  read_coef(st, a, p);
+  a.finish("rank, vrank, coef");
   p.rank = pca_rank(st, "rank", rank, D);
   p.vrank = pca_rank(st, "vrank", vrank, D);
   if (o.rope == nullptr) bad_pca_arg(st, "no RoPE", "the model's RoPE in storage_options::rope (Palu's keys are rebuilt, then rotated)");
   if (o.rope->head_dim != D)
     bad_pca_arg(st, kvc::detail::concat("storage_options::rope->head_dim = ", o.rope->head_dim),
                 kvc::detail::concat("the cache's head_dim = ", D));
-  if (coef != "fp16" && coef != "fp32") bad_pca_arg(st, "coef = " + coef, "fp16 or fp32");
   p.pre_rope = true;
   p.rope = *o.rope;
-  p.fp32 = coef == "fp32";
   return p;
 }
 
@@ -239,9 +251,28 @@ inline think_spec parse_think(const spec_stage& st, std::int32_t D) {
 // ---- per ISA (docs/isa.md): the cache runs this TU's projected kernel ----
 KVC_BEGIN_ISA_NAMESPACE
 
+/// A registered storage that holds a projected cache's coefficient rows (layers and kv heads of
+/// the cache, head_dim = the row's half, hw): `coef=int8` of pca, `latent=int8` of xkv. Its
+/// errors name what the low-rank spec asked of it.
+inline std::unique_ptr<any_cache> row_store(const std::string& owner, const std::string& spec, const cache_config& c,
+                                            std::int32_t rk, std::int32_t rv) {
+  try {
+    return make_cache(spec, c);
+  } catch (const kvc::error& e) {
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", owner, "': ", spec, " would hold rows of ",
+                                          c.head_dim, " values ((rank + vrank + 1) / 2 = (", rk, " + ", rv,
+                                          " + 1) / 2) and refused them: ", e.what()));
+  }
+}
+
 /// any_cache over lowrank::projected_cache<T>, fitting its bases on each layer's first append
 /// (see the file comment). config() is the caller's shape (head_dim D), since gather() and
 /// attention() speak D channels; the coefficient pages are head_dim r.
+/// With `coef=SPEC` (not fp16/fp32) the coefficient rows live in that storage instead (the
+/// projected cache keeps the bases and encodes the rows; it holds no tokens): e.g. int8 pages
+/// with per-token scales. Attention then reads each head's rows decoded once per call through
+/// the general path (lowrank_detail::attend_rows_general), O(n · hw) of decoding next to its
+/// O(n · G · r) of scores; keep, fork and bytes are the store's.
 /// Threads: as kv_cache (docs/threading.md); an append that fits a layer's bases writes them, so
 /// it is exclusive like add_sequence.
 template <class T>
@@ -249,6 +280,7 @@ class pca_cache final : public any_cache {
  public:
   pca_cache(std::string name, const cache_config& cfg, const pca_spec& p)
       : name_(std::move(name)), cfg_(cfg), center_(p.center), sinks_(p.sinks), c_(projected(cfg, p)),
+        store_(p.store.empty() ? nullptr : row_store(name_, p.store, store_config(cfg, c_), c_.key_rank(), c_.value_rank())),
         fitted_(static_cast<std::size_t>(cfg.num_layers), false) {}
   /// Palu: every basis from the model's weights (lowrank::weight_basis of each head's rows of W_k
   /// and W_v) at construction, so no append fits anything.
@@ -267,13 +299,15 @@ class pca_cache final : public any_cache {
 
   lowrank::projected_cache<T>& get() noexcept { return c_; }
   const lowrank::projected_cache<T>& get() const noexcept { return c_; }
+  /// The storage of the coefficient rows with coef=SPEC; null with fp16/fp32 (the projected cache's own pages).
+  const any_cache* coefficient_store() const noexcept { return store_.get(); }
 
   const cache_config& config() const override { return cfg_; }
   std::string name() const override { return name_; }
-  seq_id add_sequence() override { return c_.add_sequence(); }
-  void remove_sequence(seq_id s) override { c_.remove_sequence(s); }
-  bool contains(seq_id s) const override { return c_.contains(s); }
-  seq_id fork(seq_id s) override { return c_.fork(s); }
+  seq_id add_sequence() override { return store_ ? store_->add_sequence() : c_.add_sequence(); }
+  void remove_sequence(seq_id s) override { store_ ? store_->remove_sequence(s) : c_.remove_sequence(s); }
+  bool contains(seq_id s) const override { return store_ ? store_->contains(s) : c_.contains(s); }
+  seq_id fork(seq_id s) override { return store_ ? store_->fork(s) : c_.fork(s); }
 
   void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
               const std::int32_t* positions) override {
@@ -281,7 +315,7 @@ class pca_cache final : public any_cache {
     KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
     if (n > 0 && !fitted_[static_cast<std::size_t>(layer)]) {
       const std::int32_t rk = c_.key_rank(), rv = c_.value_rank(), r = std::max(rk, rv);
-      KVC_EXPECTS_IN(who, c_.contains(s), "seq = ", s, " is not a live sequence of this cache (the cache is unchanged)");
+      KVC_EXPECTS_IN(who, contains(s), "seq = ", s, " is not a live sequence of this cache (the cache is unchanged)");
       KVC_EXPECTS_IN(who, n >= r, "n = ", n, " tokens in the first append of layer ", layer, ", expected at least max(rank, vrank) = ",
                      r, " to fit its bases (append the prompt in one call; the cache is unchanged)");
       KVC_EXPECTS_IN(who, k != nullptr && v != nullptr, "k or v is null with n = ", n);
@@ -300,7 +334,7 @@ class pca_cache final : public any_cache {
       for (std::int32_t h = 0; h < H; ++h)
         c_.set_basis(layer, h, std::move(b[static_cast<std::size_t>(h)].first), std::move(b[static_cast<std::size_t>(h)].second));
       try {
-        c_.append(s, layer, k, v, n, positions);
+        put(s, layer, k, v, n, positions);
       } catch (...) {  // pool exhausted, or a coefficient past fp16: the layer is as before set_basis
         for (std::int32_t h = 0; h < H; ++h) c_.clear_basis(layer, h);
         throw;
@@ -308,61 +342,138 @@ class pca_cache final : public any_cache {
       fitted_[static_cast<std::size_t>(layer)] = true;  // only once tokens are stored on these bases
       return;
     }
-    c_.append(s, layer, k, v, n, positions);
+    put(s, layer, k, v, n, positions);
   }
   void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) override {
-    c_.keep(s, layer, head, kept, n);
+    store_ ? store_->keep(s, layer, head, kept, n) : c_.keep(s, layer, head, kept, n);
   }
   void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) override {
-    c_.keep_layer(s, layer, kept);
+    store_ ? store_->keep_layer(s, layer, kept) : c_.keep_layer(s, layer, kept);
   }
 
-  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override { return c_.length(s, layer, head); }
-  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const override {
-    return c_.coefficients().positions(s, layer, head);
+  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override {
+    return store_ ? store_->length(s, layer, head) : c_.length(s, layer, head);
   }
-  std::int32_t seen(seq_id s, std::int32_t layer) const override { return c_.coefficients().seen(s, layer); }
+  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const override {
+    return store_ ? store_->positions(s, layer, head) : c_.coefficients().positions(s, layer, head);
+  }
+  std::int32_t seen(seq_id s, std::int32_t layer) const override {
+    return store_ ? store_->seen(s, layer) : c_.coefficients().seen(s, layer);
+  }
   /// The keys and values the cache stands for, rebuilt in D channels (x̂ = U c + μ; keys then
   /// rotated to their positions with pre_rope=1), so scorers and evictors that read keys see what
   /// attention attends to.
   void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out) const override {
-    kvc::cpu::projected_gather(c_, s, layer, head, k_out, v_out);
+    if (!store_) return kvc::cpu::projected_gather(c_, s, layer, head, k_out, v_out);
+    const std::vector<float> r = rows(s, layer, head);
+    const std::int32_t n = store_->length(s, layer, head);
+    const std::size_t half = r.size() / 2;
+    kvc::cpu::projected_rebuild(c_, layer, head, r.data(), r.data() + half, n, store_->positions(s, layer, head), k_out, v_out);
   }
   bool pre_rope_keys() const override { return c_.config().pre_rope; }
   void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
                  const decode_options& opt) const override {
-    kvc::cpu::projected_decode_attention(c_, s, layer, q, num_q_heads, out, opt);
+    if (!store_) return kvc::cpu::projected_decode_attention(c_, s, layer, q, num_q_heads, out, opt);
+    store_attention(s, layer, q, num_q_heads, out, opt);
   }
   bool has_prefill_attention() const override { return true; }
   /// cpu::prefill_attention over `rows_view`: its generic path reads rows through gather() (U c + μ).
   void prefill_attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_queries,
                          const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
                          const decode_options& opt) const override {
-    KVC_EXPECTS_IN("kvc::runtime::pca_cache::prefill_attention", c_.contains(s), "seq = ", s,
-                   " is not a live sequence of this cache, expected one of its ", c_.num_sequences(), " live sequence ids");
+    KVC_EXPECTS_IN("kvc::runtime::pca_cache::prefill_attention", contains(s), "seq = ", s,
+                   " is not a live sequence of this cache, expected a live sequence id");
     kvc::cpu::prefill_attention(detail::rows_view<pca_cache>{this}, s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
   }
-  /// Any chunk: a stored token's coefficients never change (no re-encoding window).
+  /// Any chunk with the projected cache's pages: a stored token's coefficients never change (no
+  /// re-encoding window); a coefficient store says its own.
   std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const override {
-    return c_.coefficients().chunk_tokens(s, layer, limit);
+    return store_ ? store_->chunk_tokens(s, layer, limit) : c_.coefficients().chunk_tokens(s, layer, limit);
   }
 
-  std::size_t bytes_in_use() const override { return c_.bytes_in_use(); }
-  std::size_t bytes_in_use(std::int32_t layer) const override { return c_.bytes_in_use(layer); }
-  memory_traffic traffic() const override { return c_.coefficients().traffic(); }
-  /// The bases (U_k, U_v, means) and the coefficient cache's bookkeeping.
-  std::size_t metadata_bytes() const override { return c_.metadata_bytes(); }
-  std::int64_t tokens_held() const override { return c_.coefficients().tokens_held(); }
+  std::size_t bytes_in_use() const override { return store_ ? store_->bytes_in_use() : c_.bytes_in_use(); }
+  std::size_t bytes_in_use(std::int32_t layer) const override {
+    return store_ ? store_->bytes_in_use(layer) : c_.bytes_in_use(layer);
+  }
+  memory_traffic traffic() const override { return store_ ? store_->traffic() : c_.coefficients().traffic(); }
+  /// The bases (U_k, U_v, means) and the coefficient store's bookkeeping.
+  std::size_t metadata_bytes() const override { return c_.metadata_bytes() + (store_ ? store_->metadata_bytes() : 0); }
+  std::int64_t tokens_held() const override { return store_ ? store_->tokens_held() : c_.coefficients().tokens_held(); }
 
  private:
   static lowrank::projected_config projected(const cache_config& c, const pca_spec& s) {
     return detail::projected_shape(c, s.rank, s.vrank, s.pre_rope ? &s.rope : nullptr);
   }
+  static cache_config store_config(const cache_config& c, const lowrank::projected_cache<T>& pc) {
+    cache_config r = c;
+    r.head_dim = pc.row_width() / 2;
+    r.check_finite = false;  // encode() checked the inputs
+    return r;
+  }
+  /// Encodes n tokens and stores them (in the projected cache's pages or the coefficient store).
+  void put(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n, const std::int32_t* positions) {
+    if (!store_) return c_.append(s, layer, k, v, n, positions);
+    if (n == 0) return;
+    std::vector<float> kr, vr;
+    c_.encode(layer, k, v, n, kr, vr, false, "kvc::runtime::pca_cache::append");
+    store_->append(s, layer, kr.data(), vr.data(), n, positions);
+  }
+  /// One stream's rows from the coefficient store: its K halves, then its V halves ([n][hw] each).
+  std::vector<float> rows(seq_id s, std::int32_t layer, std::int32_t head) const {
+    const std::int32_t n = store_->length(s, layer, head), hw = c_.row_width() / 2;
+    std::vector<float> r(static_cast<std::size_t>(2) * n * hw);
+    if (n > 0) store_->gather(s, layer, head, r.data(), r.data() + static_cast<std::size_t>(n) * hw);
+    return r;
+  }
+  /// Decode attention over the coefficient store (the contract of projected_decode_attention).
+  void store_attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
+                       const decode_options& opt) const {
+    constexpr const char* who = "kvc::runtime::pca_cache::attention";
+    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
+    KVC_EXPECTS_IN(who, contains(s), "seq = ", s, " is not a live sequence of this cache, expected a live sequence id");
+    KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
+    KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % H == 0, "num_q_heads = ", num_q_heads,
+                   ", expected a positive multiple of num_kv_heads = ", H);
+    KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, "q or out is null");
+    for (std::int32_t i = 0; i < num_q_heads * D; ++i)
+      KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
+    std::int64_t held = 0, longest = 0;
+    for (std::int32_t h = 0; h < H; ++h) {
+      KVC_EXPECTS_IN(who, c_.has_basis(layer, h), "layer ", layer, " head ", h, " has no basis, expected an append first");
+      held += store_->length(s, layer, h);
+      longest = std::max<std::int64_t>(longest, store_->length(s, layer, h));
+    }
+    KVC_EXPECTS_IN(who, held > 0, "seq = ", s, ", layer = ", layer,
+                   " holds 0 tokens in all its kv heads, expected at least one token to attend to");
+    KVC_EXPECTS_IN(who, (opt.probs == nullptr && opt.group_probs == nullptr) || opt.probs_stride >= longest,
+                   "opt.probs_stride = ", opt.probs_stride, ", expected >= the longest stream of the layer, ", longest,
+                   " tokens, with probs or group_probs");
+    const float scale = opt.scale != 0.0f ? opt.scale : 1.0f / std::sqrt(static_cast<float>(D));
+    const std::int32_t G = num_q_heads / H, hw = c_.row_width() / 2;
+    auto run = [&](std::int32_t h) {
+      const std::vector<float> r = rows(s, layer, h);
+      const std::int32_t n = store_->length(s, layer, h);
+      const float* kr = r.data();
+      const float* vr = r.data() + static_cast<std::size_t>(n) * hw;
+      auto row = [&](std::int32_t t, float* z) {
+        std::copy_n(kr + static_cast<std::size_t>(t) * hw, hw, z);
+        std::copy_n(vr + static_cast<std::size_t>(t) * hw, hw, z + hw);
+      };
+      kvc::cpu::lowrank_detail::attend_rows_general<kvc::cpu::default_arch>(
+          row, hw, n, store_->positions(s, layer, h), c_.key_basis(layer, h), c_.value_basis(layer, h), c_.key_rope(), h,
+          G, q, scale, out, opt);
+    };
+    if (opt.pool && H > 1) opt.pool->parallel_for(H, run);
+    else
+      for (std::int32_t h = 0; h < H; ++h) run(h);
+  }
+
   std::string name_;
   cache_config cfg_;
   bool center_;
   std::int32_t sinks_;
   lowrank::projected_cache<T> c_;
+  std::unique_ptr<any_cache> store_;  // coef=SPEC: the rows' storage; null: c_'s own pages
   std::vector<bool> fitted_;  // [layer]: bases set and tokens stored on them
 };
 

@@ -154,7 +154,7 @@ class xkv_cache final : public any_cache {
  public:
   xkv_cache(std::string name, const cache_config& cfg, const detail::xkv_spec& p)
       : name_(std::move(name)), cfg_(cfg), spec_(p), full_(whole_config(cfg)), tail_(whole_config(cfg)),
-        lat_(latent_store(name_, cfg, p)),
+        lat_(row_store(name_, p.latent, latent_config(cfg, p), p.rank, p.vrank)),
         groups_(static_cast<std::size_t>((cfg.num_layers + p.group - 1) / p.group)) {
     if (p.pre_rope) rope_.emplace(p.rope);
   }
@@ -462,17 +462,6 @@ class xkv_cache final : public any_cache {
     l.max_pages = c.max_pages;
     l.check_finite = false;  // the move checks the rows (and, for fp16 latents, their range)
     return l;
-  }
-  /// The latents' storage, its errors prefixed with what xkv asked of it.
-  static std::unique_ptr<any_cache> latent_store(const std::string& name, const cache_config& c, const detail::xkv_spec& p) {
-    const cache_config l = latent_config(c, p);
-    try {
-      return make_cache(p.latent, l);
-    } catch (const kvc::error& e) {
-      kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", name, "': latent = ", p.latent, " holds rows of ",
-                                            l.head_dim, " values ((rank + vrank + 1) / 2 = (", p.rank, " + ", p.vrank,
-                                            " + 1) / 2) and refused them: ", e.what()));
-    }
   }
   std::int32_t row_half() const noexcept { return (spec_.rank + spec_.vrank + 1) / 2; }
   bool layer_moved(const entry& e, std::int32_t layer) const { return e.moved[static_cast<std::size_t>(group_of(layer))] != 0; }
