@@ -47,6 +47,15 @@ using kvc_bench::random_rows;
 using kvc_bench::shape;
 constexpr std::int32_t chunk = 1024;
 
+/// The calling thread's CPU seconds of one call of f (its output kept from the optimiser).
+template <class F>
+double timed(F&& f, const float* out) {
+  const double c0 = kvc_bench::thread_cpu_seconds();
+  f();
+  benchmark::DoNotOptimize(out);
+  return kvc_bench::thread_cpu_seconds() - c0;
+}
+
 
 
 /// The fp16 cache of (shape, ctx), built once: the same K/V rows the projected caches project.
@@ -119,25 +128,20 @@ void BM_lowrank_paired(benchmark::State& state, shape s, std::int32_t ctx, std::
   const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
   std::vector<float> out(q.size()), qp(std::size_t(s.q_heads) * r), acc(std::size_t(s.q_heads) * pc->value_rank());
   std::vector<double> fcpu, pcpu, proj;
-  using kvc_bench::thread_cpu_seconds;
   for (auto _ : state) {
     for (int i = 0; i < pairs; ++i) {
-      double c0 = thread_cpu_seconds();
-      kvc::cpu::decode_attention(fc, fseq, 0, q.data(), s.q_heads, out.data());
-      benchmark::DoNotOptimize(out.data());
-      fcpu.push_back(thread_cpu_seconds() - c0);
-      c0 = thread_cpu_seconds();
-      kvc::cpu::projected_decode_attention(*pc, pseq, 0, q.data(), s.q_heads, out.data());
-      benchmark::DoNotOptimize(out.data());
-      pcpu.push_back(thread_cpu_seconds() - c0);
+      fcpu.push_back(timed([&] { kvc::cpu::decode_attention(fc, fseq, 0, q.data(), s.q_heads, out.data()); }, out.data()));
+      pcpu.push_back(
+          timed([&] { kvc::cpu::projected_decode_attention(*pc, pseq, 0, q.data(), s.q_heads, out.data()); }, out.data()));
       if (!tiled) continue;
       // The step's projections alone, on the same bases (L2-resident as in the step).
-      c0 = thread_cpu_seconds();
-      kvc::cpu::lowrank_detail::project_queries<kvc::cpu::default_arch>(*pc, 0, q.data(), s.q_heads, qp.data());
-      benchmark::DoNotOptimize(qp.data());
-      kvc::cpu::lowrank_detail::back_project_all<kvc::cpu::default_arch>(*pc, 0, acc.data(), s.q_heads, out.data());
-      benchmark::DoNotOptimize(out.data());
-      proj.push_back(thread_cpu_seconds() - c0);
+      proj.push_back(timed(
+          [&] {
+            kvc::cpu::lowrank_detail::project_queries<kvc::cpu::default_arch>(*pc, 0, q.data(), s.q_heads, qp.data());
+            benchmark::DoNotOptimize(qp.data());
+            kvc::cpu::lowrank_detail::back_project_all<kvc::cpu::default_arch>(*pc, 0, acc.data(), s.q_heads, out.data());
+          },
+          out.data()));
     }
   }
   state.counters["fp16_cpu_ms"] = median(fcpu) * 1e3;
@@ -175,17 +179,10 @@ void BM_xkv_paired(benchmark::State& state, shape s, std::int32_t ctx, std::int3
   c->observe_window(xs, 0, q.data(), 1, s.q_heads);  // the end of the prompt: fit and move
   std::vector<float> out(q.size());
   std::vector<double> fcpu, xcpu;
-  using kvc_bench::thread_cpu_seconds;
   for (auto _ : state) {
     for (int i = 0; i < pairs; ++i) {
-      double c0 = thread_cpu_seconds();
-      kvc::cpu::decode_attention(fc, fseq, 0, q.data(), s.q_heads, out.data());
-      benchmark::DoNotOptimize(out.data());
-      fcpu.push_back(thread_cpu_seconds() - c0);
-      c0 = thread_cpu_seconds();
-      c->attention(xs, 0, q.data(), s.q_heads, out.data(), {});
-      benchmark::DoNotOptimize(out.data());
-      xcpu.push_back(thread_cpu_seconds() - c0);
+      fcpu.push_back(timed([&] { kvc::cpu::decode_attention(fc, fseq, 0, q.data(), s.q_heads, out.data()); }, out.data()));
+      xcpu.push_back(timed([&] { c->attention(xs, 0, q.data(), s.q_heads, out.data(), {}); }, out.data()));
     }
   }
   state.counters["fp16_cpu_ms"] = median(fcpu) * 1e3;

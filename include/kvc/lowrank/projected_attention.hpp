@@ -59,6 +59,17 @@ namespace lowrank_detail {
 
 inline constexpr const char* api_name = "kvc::cpu::projected_decode_attention";
 
+/// The argument checks a low-rank decode entry point starts with; messages start with `who`.
+inline void check_decode_args(const char* who, std::int32_t layer, std::int32_t num_layers, std::int32_t num_q_heads,
+                              std::int32_t num_kv_heads, std::int32_t D, const float* q, const float* out) {
+  KVC_EXPECTS_IN(who, layer >= 0 && layer < num_layers, "layer = ", layer, ", expected 0..", num_layers - 1);
+  KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % num_kv_heads == 0, "num_q_heads = ", num_q_heads,
+                 ", expected a positive multiple of num_kv_heads = ", num_kv_heads);
+  KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, "q or out is null");
+  for (std::int32_t i = 0; i < num_q_heads * D; ++i)
+    KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
+}
+
 /// qp[j] = u_j · q for the r rows u_j of u ([r][D]): W directions at a time, each one FMA chain,
 /// reduced together with one transposed horizontal add.
 template <class Arch>
@@ -390,12 +401,7 @@ void projected_decode_attention(const lowrank::projected_cache<T>& cache, seq_id
   const std::int32_t hkv = c.num_kv_heads, D = c.head_dim;
   KVC_EXPECTS_IN(api_name, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
                  cache.num_sequences(), " live sequence ids");
-  KVC_EXPECTS_IN(api_name, layer >= 0 && layer < c.num_layers, "layer = ", layer, ", expected 0..", c.num_layers - 1);
-  KVC_EXPECTS_IN(api_name, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
-                 ", expected a positive multiple of num_kv_heads = ", hkv);
-  KVC_EXPECTS_IN(api_name, q != nullptr && out != nullptr, "q or out is null");
-  for (std::int32_t i = 0; i < num_q_heads * D; ++i)
-    KVC_EXPECTS_IN(api_name, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
+  lowrank_detail::check_decode_args(api_name, layer, c.num_layers, num_q_heads, hkv, D, q, out);
   for (std::int32_t h = 0; h < hkv; ++h)
     KVC_EXPECTS_IN(api_name, cache.has_basis(layer, h), "layer ", layer, " head ", h,
                    " has no basis, expected projected_cache::set_basis before attending");

@@ -216,6 +216,23 @@ inline void check_weights(const spec_stage& st, const cache_config& c, const sto
   }
 }
 
+/// The entry of live sequence s in a storage's own sequence table (think, xkv); the message names
+/// the public call cls + fn.
+template <class Map>
+const typename Map::mapped_type& live_entry(const Map& m, seq_id s, const char* cls, const char* fn) {
+  auto it = m.find(s);
+  if (it == m.end())
+    kvc::detail::fail(kvc::detail::concat(cls, fn, ": seq = ", s, " is not a live sequence of this cache, expected one of its ",
+                                          m.size(), " live sequence ids"));
+  return it->second;
+}
+/// layer, checked against 0..num_layers - 1; the message names cls + fn.
+inline std::int32_t checked_layer(std::int32_t layer, std::int32_t num_layers, const char* cls, const char* fn) {
+  if (!(layer >= 0 && layer < num_layers))
+    kvc::detail::fail(kvc::detail::concat(cls, fn, ": layer = ", layer, ", expected 0..", num_layers - 1));
+  return layer;
+}
+
 /// What a `think(...)` spec asks for.
 struct think_spec {
   double ratio = 0;        ///< key channels pruned: floor(ratio · D)
@@ -431,12 +448,7 @@ class pca_cache final : public any_cache {
     constexpr const char* who = "kvc::runtime::pca_cache::attention";
     const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
     KVC_EXPECTS_IN(who, contains(s), "seq = ", s, " is not a live sequence of this cache, expected a live sequence id");
-    KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
-    KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % H == 0, "num_q_heads = ", num_q_heads,
-                   ", expected a positive multiple of num_kv_heads = ", H);
-    KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, "q or out is null");
-    for (std::int32_t i = 0; i < num_q_heads * D; ++i)
-      KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
+    kvc::cpu::lowrank_detail::check_decode_args(who, layer, cfg_.num_layers, num_q_heads, H, D, q, out);
     std::int64_t held = 0, longest = 0;
     for (std::int32_t h = 0; h < H; ++h) {
       KVC_EXPECTS_IN(who, c_.has_basis(layer, h), "layer ", layer, " head ", h, " has no basis, expected an append first");
@@ -708,19 +720,9 @@ class think_cache final : public any_cache {
     }
     return next_++;
   }
-  const entry& at(seq_id s, const char* fn) const {
-    auto it = seqs_.find(s);
-    if (it == seqs_.end())
-      kvc::detail::fail(kvc::detail::concat("kvc::runtime::think_cache::", fn, ": seq = ", s,
-                                            " is not a live sequence of this cache, expected one of its ", seqs_.size(),
-                                            " live sequence ids"));
-    return it->second;
-  }
+  const entry& at(seq_id s, const char* fn) const { return detail::live_entry(seqs_, s, "kvc::runtime::think_cache::", fn); }
   std::int32_t checked(std::int32_t layer, const char* fn) const {
-    if (!(layer >= 0 && layer < cfg_.num_layers))
-      kvc::detail::fail(kvc::detail::concat("kvc::runtime::think_cache::", fn, ": layer = ", layer, ", expected 0..",
-                                            cfg_.num_layers - 1));
-    return layer;
+    return detail::checked_layer(layer, cfg_.num_layers, "kvc::runtime::think_cache::", fn);
   }
   static cache_config full_config(cache_config c) {
     c.check_finite = true;

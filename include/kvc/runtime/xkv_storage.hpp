@@ -308,14 +308,10 @@ class xkv_cache final : public any_cache {
     const entry& e = at(s, "attention");
     if (!layer_moved(e, checked(layer, "attention"))) return kvc::cpu::decode_attention(full_, e.full, layer, q, num_q_heads, out, opt);
     const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
-    KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % H == 0, "num_q_heads = ", num_q_heads,
-                   ", expected a positive multiple of num_kv_heads = ", H);
-    KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, "q or out is null");
+    kvc::cpu::lowrank_detail::check_decode_args(who, layer, cfg_.num_layers, num_q_heads, H, D, q, out);
     KVC_EXPECTS_IN(who, opt.probs == nullptr && opt.group_probs == nullptr,
                    "opt.probs or opt.group_probs is set, expected neither: a latent token is shared by the "
                    "group's layers and heads and cannot be evicted, so xkv gives no scores to evict by");
-    for (std::int32_t i = 0; i < num_q_heads * D; ++i)
-      KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
     const std::int32_t g = group_of(layer), li = layer - group_first(g), G = num_q_heads / H, nl = latent_length(e, layer);
     std::int64_t tail_held = 0;
     for (std::int32_t h = 0; h < H; ++h) tail_held += tail_.length(e.tail, layer, h);
@@ -601,19 +597,9 @@ class xkv_cache final : public any_cache {
     }
     return next_++;
   }
-  const entry& at(seq_id s, const char* fn) const {
-    auto it = seqs_.find(s);
-    if (it == seqs_.end())
-      kvc::detail::fail(kvc::detail::concat("kvc::runtime::xkv_cache::", fn, ": seq = ", s,
-                                            " is not a live sequence of this cache, expected one of its ", seqs_.size(),
-                                            " live sequence ids"));
-    return it->second;
-  }
+  const entry& at(seq_id s, const char* fn) const { return detail::live_entry(seqs_, s, "kvc::runtime::xkv_cache::", fn); }
   std::int32_t checked(std::int32_t layer, const char* fn) const {
-    if (!(layer >= 0 && layer < cfg_.num_layers))
-      kvc::detail::fail(kvc::detail::concat("kvc::runtime::xkv_cache::", fn, ": layer = ", layer, ", expected 0..",
-                                            cfg_.num_layers - 1));
-    return layer;
+    return detail::checked_layer(layer, cfg_.num_layers, "kvc::runtime::xkv_cache::", fn);
   }
 
   std::string name_;
