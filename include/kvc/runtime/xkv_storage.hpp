@@ -4,7 +4,7 @@
 /// \file
 /// xKV (kvc/lowrank/xkv.hpp) as a run-time storage: including this header registers
 ///
-///   xkv(group=N, rank=R, vrank=R, pre_rope=0|1, sinks=N, coef=fp16|fp32)
+///   xkv(group=N, rank=R, vrank=R, pre_rope=0|1, sinks=N, coef=fp16|fp32, latent=STORAGE)
 ///     group     adjacent layers sharing one latent per token: layers [0, N), [N, 2N), ...; the
 ///               last group may be shorter; default 4, the paper's xKV-4
 ///     rank      key latent size: a count, or a fraction in (0, 1) of the group's width
