@@ -340,34 +340,41 @@ void attend_head_general(const lowrank::projected_cache<T>& cache, seq_id seq, s
 
 }  // namespace lowrank_detail
 
-/// The keys and values n rows of one (layer, head) of a projected cache stand for, rebuilt in D
-/// channels as the decode kernels read them: x̂ = U c (+ μ), keys then rotated to `pos` when the
-/// cache keeps them pre-RoPE (the kernel's cos/sin table). kr and vr are the rows' K and V halves
-/// ([n][row_width() / 2] each, wherever they were stored); k_out and v_out are [n][head_dim]
-/// (either may be null).
+/// The keys and values n rows [c_k | c_v | pad] stand for, rebuilt in D channels as the decode
+/// kernels read them: x̂ = U c (+ μ) with bases bk and bv, keys then rotated to `pos` when rp is
+/// set (the kernel's cos/sin table). kr and vr are the rows' two halves ([n][hw] each, wherever
+/// they were stored: a projected cache's pages, a coefficient store, xKV's latents); k_out and
+/// v_out are [n][head_dim] (either may be null).
+template <class Arch = default_arch>
+void rebuild_rows(const lowrank::basis& bk, const lowrank::basis& bv, const rope* rp, std::int32_t hw, const float* kr,
+                  const float* vr, std::int32_t n, const std::int32_t* pos, float* k_out, float* v_out) {
+  const std::int32_t D = bk.dim, rk = bk.rank;
+  std::vector<float> z(static_cast<std::size_t>(2) * hw);
+  for (std::int32_t t = 0; t < n; ++t) {  // z = [c_k | c_v | pad], from the row's two halves
+    std::copy_n(kr + static_cast<std::size_t>(t) * hw, hw, z.data());
+    std::copy_n(vr + static_cast<std::size_t>(t) * hw, hw, z.data() + hw);
+    if (k_out)
+      lowrank_detail::back_project<Arch>(bk.u.data(), rk, D, z.data(), bk.centered() ? bk.mean.data() : nullptr,
+                                         k_out + static_cast<std::size_t>(t) * D);
+    if (v_out)
+      lowrank_detail::back_project<Arch>(bv.u.data(), bv.rank, D, z.data() + rk, bv.centered() ? bv.mean.data() : nullptr,
+                                         v_out + static_cast<std::size_t>(t) * D);
+  }
+  if (k_out && rp && n > 0) {
+    std::vector<float> cs, sn;
+    lowrank_detail::rope_table(*rp, pos, n, cs, sn);
+    const std::size_t half = static_cast<std::size_t>(rp->config().rotary_dim / 2);
+    for (std::int32_t t = 0; t < n; ++t)
+      lowrank_detail::rotate(*rp, cs.data() + t * half, sn.data() + t * half, k_out + static_cast<std::size_t>(t) * D);
+  }
+}
+
+/// rebuild_rows with one (layer, head) of a projected cache's bases and RoPE.
 template <class Arch = default_arch, class T>
 void projected_rebuild(const lowrank::projected_cache<T>& cache, std::int32_t layer, std::int32_t head, const float* kr,
                        const float* vr, std::int32_t n, const std::int32_t* pos, float* k_out, float* v_out) {
-  if (n == 0) return;
-  const std::int32_t rk = cache.key_rank(), rv = cache.value_rank(), D = cache.config().head_dim;
-  std::vector<float> ck(k_out ? static_cast<std::size_t>(n) * rk : 0), cv(v_out ? static_cast<std::size_t>(n) * rv : 0);
-  cache.split_row(kr, vr, n, k_out ? ck.data() : nullptr, v_out ? cv.data() : nullptr);
-  auto rebuild = [&](const lowrank::basis& b, const float* c, float* out) {
-    for (std::int32_t t = 0; t < n; ++t)
-      lowrank_detail::back_project<Arch>(b.u.data(), b.rank, D, c + static_cast<std::size_t>(t) * b.rank,
-                                         b.centered() ? b.mean.data() : nullptr, out + static_cast<std::size_t>(t) * D);
-  };
-  if (k_out) {
-    rebuild(cache.key_basis(layer, head), ck.data(), k_out);
-    if (const rope* rp = cache.key_rope()) {
-      std::vector<float> cs, sn;
-      lowrank_detail::rope_table(*rp, pos, n, cs, sn);
-      const std::size_t half = static_cast<std::size_t>(rp->config().rotary_dim / 2);
-      for (std::int32_t t = 0; t < n; ++t)
-        lowrank_detail::rotate(*rp, cs.data() + t * half, sn.data() + t * half, k_out + static_cast<std::size_t>(t) * D);
-    }
-  }
-  if (v_out) rebuild(cache.value_basis(layer, head), cv.data(), v_out);
+  rebuild_rows<Arch>(cache.key_basis(layer, head), cache.value_basis(layer, head), cache.key_rope(), cache.row_width() / 2,
+                     kr, vr, n, pos, k_out, v_out);
 }
 
 /// The keys and values one stream of a projected cache stands for (projected_rebuild on its

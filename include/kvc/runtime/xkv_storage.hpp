@@ -274,24 +274,13 @@ class xkv_cache final : public any_cache {
     KVC_EXPECTS_IN("kvc::runtime::xkv_cache::gather", head >= 0 && head < cfg_.num_kv_heads, "head = ", head,
                    ", expected 0..", cfg_.num_kv_heads - 1);
     const std::int32_t g = group_of(layer), i = layer - group_first(g), D = cfg_.head_dim, nl = latent_length(e, layer);
-    const std::int32_t hw = row_half(), rk = spec_.rank, rv = spec_.vrank;
+    const std::int32_t hw = row_half();
     if (nl > 0) {
-      std::vector<float> kr(static_cast<std::size_t>(nl) * hw), vr(kr.size()), z(static_cast<std::size_t>(2) * hw);
+      std::vector<float> kr(static_cast<std::size_t>(nl) * hw), vr(kr.size());
       lat_->gather(e.lat, g, 0, kr.data(), vr.data());
       const group_state& gs = groups_[static_cast<std::size_t>(g)];
-      const lowrank::basis& bk = gs.k.slice(i, head);
-      const lowrank::basis& bv = gs.v.slice(i, head);
-      for (std::int32_t t = 0; t < nl; ++t) {
-        std::copy_n(kr.data() + static_cast<std::size_t>(t) * hw, hw, z.data());
-        std::copy_n(vr.data() + static_cast<std::size_t>(t) * hw, hw, z.data() + hw);
-        if (k_out)
-          kvc::cpu::lowrank_detail::back_project<kvc::cpu::default_arch>(bk.u.data(), rk, D, z.data(), nullptr,
-                                                                         k_out + static_cast<std::size_t>(t) * D);
-        if (v_out)
-          kvc::cpu::lowrank_detail::back_project<kvc::cpu::default_arch>(bv.u.data(), rv, D, z.data() + rk, nullptr,
-                                                                         v_out + static_cast<std::size_t>(t) * D);
-      }
-      if (k_out && rope_) rotate_rows(k_out, nl, 1, lat_->positions(e.lat, g, 0), false);
+      kvc::cpu::rebuild_rows(gs.k.slice(i, head), gs.v.slice(i, head), rope_ ? &*rope_ : nullptr, hw, kr.data(), vr.data(),
+                             nl, lat_->positions(e.lat, g, 0), k_out, v_out);
     }
     const std::size_t off = static_cast<std::size_t>(nl) * D;
     if (tail_.length(e.tail, layer, head) > 0)
