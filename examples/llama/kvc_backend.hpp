@@ -29,6 +29,7 @@
 #include <kvc/runtime/quant_storages.hpp>  // registers kvc's quantized storages (int8, kivi, fp8, ...)
 #include <kvc/runtime/mikv_storage.hpp>    // registers mikv (mixed precision; scores its own attention)
 #include <kvc/runtime/layered_storage.hpp> // registers layers(BASE, lA_B=STORAGE): a storage per layer
+#include <kvc/runtime/quest_storage.hpp>   // registers quest(budget=...): query-aware page reads of fp16 pages
 
 #include "kv_backend.hpp"
 

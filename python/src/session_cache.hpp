@@ -25,6 +25,7 @@
 #include <kvc/runtime/make_cache.hpp>
 #include <kvc/runtime/mikv_storage.hpp>    // registers mikv
 #include <kvc/runtime/quant_storages.hpp>  // registers int8, int4, kivi, fp8, ...
+#include <kvc/runtime/quest_storage.hpp>   // registers quest(budget=...): query-aware page reads
 
 namespace kvc_python {
 

@@ -61,6 +61,9 @@ struct options {
     std::vector<double> needle_depths{0.1, 0.5, 0.9};
     int threads = 2, page_size = 16;
     int prefill_chunk = 256;  ///< tokens per forward chunk of a prompt (the engine's default)
+    /// Tokens per forward chunk of the scored tokens (0: the engine's 256). 1 scores each token as a
+    /// decode step, through the storage's decode attention: what a read policy (quest) changes.
+    int score_chunk = 0;
     int se_block = 16;  ///< tokens per batch mean in dppl_se (see there; the choice: docs/results.md)
     bool plot = true, quiet = false, resume = false;
 };
@@ -125,6 +128,7 @@ std::string journal_header(const options& o, const std::string& model) {
     h << "\tpage=" << o.page_size;
     // Only when not the default, so journals written before the option existed still resume.
     if (o.prefill_chunk != 256) h << "\tchunk=" << o.prefill_chunk;
+    if (o.score_chunk != 0) h << "\tscore_chunk=" << o.score_chunk;
     return h.str();
 }
 
@@ -302,7 +306,8 @@ void run_prefill(engine& e, const options& o, const std::vector<int32_t>& toks, 
                  << "\n";
             if (!dump) throw std::runtime_error("--dump-kept: cannot write " + o.dump_kept);
         }
-        llama::matrix lg = e.mdl.forward(s, base + o.context, o.score, o.score);
+        llama::matrix lg = e.mdl.forward(s, base + o.context, o.score, o.score,
+                                         o.score_chunk > 0 ? o.score_chunk : 256);
         for (int i = 0; i < o.score; ++i) {
             const float* row_p = lg.row(i).data();
             r.a_tok.push_back(nll(row_p, nv, base[o.context + i + 1]));
@@ -493,6 +498,8 @@ void usage() {
                  "  --stream-tokens N --stream-chunk N                        stream protocol (1024, 16)\n"
                  "  --prefill-chunk N     tokens per forward chunk of a prompt (256); a storage that fits\n"
                  "                        on its first append (pca) sees that many\n"
+                 "  --score-chunk N       tokens per forward chunk of the scored tokens (256); 1\n"
+                 "                        scores each as a decode step (decode attention: quest's reads)\n"
                  "  --se-block N        tokens per batch mean of Δppl's standard error (16)\n"
                  "  --needle-text FILE --needle-context N --needle-seeds N --needle-depths D1,D2  (text, 768, 5, 0.1,0.5,0.9)\n"
                  "  --show-needles        print every needle answer and how many streams kept the number's digits\n"
@@ -545,6 +552,7 @@ int main(int argc, char** argv) {
         } else if (a == "--threads") o.threads = std::stoi(next());
         else if (a == "--page-size") o.page_size = std::stoi(next());
         else if (a == "--prefill-chunk") o.prefill_chunk = std::stoi(next());
+        else if (a == "--score-chunk") o.score_chunk = std::stoi(next());
         else if (a == "--no-plot") o.plot = false;
         else if (a == "--dump-kept") o.dump_kept = next();
         else if (a == "--quiet") o.quiet = true;
@@ -568,6 +576,11 @@ int main(int argc, char** argv) {
     }
     if (o.se_block < 1) {
         std::fprintf(stderr, "kvc-eval: --se-block %d, expected >= 1 token per batch mean\n", o.se_block);
+        return 2;
+    }
+    if (o.score_chunk < 0) {
+        std::fprintf(stderr, "kvc-eval: --score-chunk %d, expected >= 1 token per forward chunk (or 0: 256)\n",
+                     o.score_chunk);
         return 2;
     }
     if (o.prefill_chunk < 1) {

@@ -130,8 +130,9 @@ struct cpu_attention {
   }
 };
 
-/// Wraps a concrete cache. Attention goes through `Attend` (by default
-/// `kvc::cpu::decode_attention(cache, ...)`, the overload each cache type provides).
+/// Wraps a concrete cache. Attention goes through an `Attend` functor (by default
+/// `kvc::cpu::decode_attention(cache, ...)`, the overload each cache type provides); the adapter
+/// holds it, so a read policy carries its settings in it (attend(), runtime/quest_storage.hpp).
 /// Threads: the wrapped cache's contract (docs/threading.md).
 template <class Cache, class Attend = cpu_attention>
 class cache_adapter final : public any_cache {
@@ -141,6 +142,7 @@ class cache_adapter final : public any_cache {
 
   Cache& get() noexcept { return c_; }
   const Cache& get() const noexcept { return c_; }
+  Attend& attend() noexcept { return attend_; }
 
   const cache_config& config() const override { return c_.config(); }
   std::string name() const override { return name_; }
@@ -172,7 +174,7 @@ class cache_adapter final : public any_cache {
   }
   void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
                  const decode_options& opt) const override {
-    Attend{}(c_, s, layer, q, num_q_heads, out, opt);
+    attend_(c_, s, layer, q, num_q_heads, out, opt);
   }
   bool has_prefill_attention() const override { return true; }
   std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const override {
@@ -196,6 +198,7 @@ class cache_adapter final : public any_cache {
  private:
   std::string name_;
   Cache c_;
+  Attend attend_{};
 };
 
 KVC_END_ISA_NAMESPACE

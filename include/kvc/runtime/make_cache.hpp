@@ -93,6 +93,7 @@ inline const char* storage_header(const std::string& name) {
   if (name == "xkv") return "<kvc/runtime/xkv_storage.hpp>";
   if (name == "minicache") return "<kvc/runtime/minicache_storage.hpp>";
   if (name == "layers") return "<kvc/runtime/layered_storage.hpp>";
+  if (name == "quest") return "<kvc/runtime/quest_storage.hpp>";
   return nullptr;
 }
 
