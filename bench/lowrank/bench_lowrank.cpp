@@ -47,17 +47,6 @@ using kvc_bench::random_rows;
 using kvc_bench::shape;
 constexpr std::int32_t chunk = 1024;
 
-/// The calling thread's CPU seconds of one call of f (its output kept from the optimiser).
-template <class F>
-double timed(F&& f, const float* out) {
-  const double c0 = kvc_bench::thread_cpu_seconds();
-  f();
-  benchmark::DoNotOptimize(out);
-  return kvc_bench::thread_cpu_seconds() - c0;
-}
-
-
-
 /// The fp16 cache of (shape, ctx), built once: the same K/V rows the projected caches project.
 kvc::kv_cache<kvc::half>& fp16_cache(shape s, std::int32_t ctx, kvc::seq_id& seq) {
   static std::map<std::string, std::unique_ptr<kvc::kv_cache<kvc::half>>> caches;
@@ -70,13 +59,7 @@ kvc::kv_cache<kvc::half>& fp16_cache(shape s, std::int32_t ctx, kvc::seq_id& seq
     cfg.max_pages = s.kv_heads * (ctx / 16 + 2);
     cfg.check_finite = false;
     c = std::make_unique<kvc::kv_cache<kvc::half>>(cfg);
-    const auto sq = c->add_sequence();
-    for (std::int32_t t0 = 0; t0 < ctx; t0 += chunk) {
-      const std::int32_t n = std::min(chunk, ctx - t0);
-      auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
-      auto v = random_rows(k.size(), 2 + t0);
-      c->append(sq, 0, k.data(), v.data(), n);
-    }
+    kvc_bench::append_random(*c, c->add_sequence(), s, ctx, chunk);
   }
   seq = 0;  // the one sequence of a fresh kv_cache has id 0
   return *c;
@@ -106,12 +89,7 @@ std::unique_ptr<kvc::lowrank::projected_cache<T>> projected(shape s, std::int32_
     c->set_basis(0, h, kvc::lowrank::fit_basis(fk.data() + h * D, fit, D, H * D, kvc::lowrank::rank_spec::of_count(r)),
                  kvc::lowrank::fit_basis(fv.data() + h * D, fit, D, H * D, kvc::lowrank::rank_spec::of_count(rv)));
   seq = c->add_sequence();
-  for (std::int32_t t0 = 0; t0 < ctx; t0 += chunk) {
-    const std::int32_t n = std::min(chunk, ctx - t0);
-    auto k = random_rows(std::size_t(n) * H * D, 1 + t0);
-    auto v = random_rows(k.size(), 2 + t0);
-    c->append(seq, 0, k.data(), v.data(), n);
-  }
+  kvc_bench::append_random(*c, seq, s, ctx, chunk);
   return c;
 }
 
@@ -130,12 +108,12 @@ void BM_lowrank_paired(benchmark::State& state, shape s, std::int32_t ctx, std::
   std::vector<double> fcpu, pcpu, proj;
   for (auto _ : state) {
     for (int i = 0; i < pairs; ++i) {
-      fcpu.push_back(timed([&] { kvc::cpu::decode_attention(fc, fseq, 0, q.data(), s.q_heads, out.data()); }, out.data()));
+      fcpu.push_back(kvc_bench::cpu_seconds_of([&] { kvc::cpu::decode_attention(fc, fseq, 0, q.data(), s.q_heads, out.data()); }, out.data()));
       pcpu.push_back(
-          timed([&] { kvc::cpu::projected_decode_attention(*pc, pseq, 0, q.data(), s.q_heads, out.data()); }, out.data()));
+          kvc_bench::cpu_seconds_of([&] { kvc::cpu::projected_decode_attention(*pc, pseq, 0, q.data(), s.q_heads, out.data()); }, out.data()));
       if (!tiled) continue;
       // The step's projections alone, on the same bases (L2-resident as in the step).
-      proj.push_back(timed(
+      proj.push_back(kvc_bench::cpu_seconds_of(
           [&] {
             kvc::cpu::lowrank_detail::project_queries<kvc::cpu::default_arch>(*pc, 0, q.data(), s.q_heads, qp.data());
             benchmark::DoNotOptimize(qp.data());
@@ -169,20 +147,15 @@ void BM_xkv_paired(benchmark::State& state, shape s, std::int32_t ctx, std::int3
   o.rope = &rc;
   auto c = kvc::runtime::make_cache("xkv(group=1,rank=" + std::to_string(rk) + ",vrank=" + std::to_string(rv) + ")", cfg, o);
   const kvc::seq_id xs = c->add_sequence();
-  for (std::int32_t t0 = 0; t0 < ctx; t0 += chunk) {
-    const std::int32_t n = std::min(chunk, ctx - t0);
-    auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
-    auto v = random_rows(k.size(), 2 + t0);
-    c->append(xs, 0, k.data(), v.data(), n, nullptr);
-  }
+  kvc_bench::append_random(*c, xs, s, ctx, chunk);
   const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
   c->observe_window(xs, 0, q.data(), 1, s.q_heads);  // the end of the prompt: fit and move
   std::vector<float> out(q.size());
   std::vector<double> fcpu, xcpu;
   for (auto _ : state) {
     for (int i = 0; i < pairs; ++i) {
-      fcpu.push_back(timed([&] { kvc::cpu::decode_attention(fc, fseq, 0, q.data(), s.q_heads, out.data()); }, out.data()));
-      xcpu.push_back(timed([&] { c->attention(xs, 0, q.data(), s.q_heads, out.data(), {}); }, out.data()));
+      fcpu.push_back(kvc_bench::cpu_seconds_of([&] { kvc::cpu::decode_attention(fc, fseq, 0, q.data(), s.q_heads, out.data()); }, out.data()));
+      xcpu.push_back(kvc_bench::cpu_seconds_of([&] { c->attention(xs, 0, q.data(), s.q_heads, out.data(), {}); }, out.data()));
     }
   }
   state.counters["fp16_cpu_ms"] = median(fcpu) * 1e3;

@@ -68,12 +68,7 @@ std::unique_ptr<kvc::merge::merged_cache<kvc::half>> build(shape s, std::int32_t
   cfg.check_finite = false;
   auto c = std::make_unique<kvc::merge::merged_cache<kvc::half>>(cfg);
   seq = c->add_sequence();
-  for (std::int32_t t0 = 0; t0 < ctx; t0 += chunk) {
-    const std::int32_t n = std::min(chunk, ctx - t0);
-    auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
-    auto v = random_rows(k.size(), 2 + t0);
-    c->append(seq, 0, k.data(), v.data(), n);
-  }
+  kvc_bench::append_random(*c, seq, s, ctx, chunk);
   return c;
 }
 

@@ -163,12 +163,7 @@ std::unique_ptr<kvc::kv_cache<kvc::half>> fp16_cache(shape s, std::int32_t ctx, 
   c.check_finite = false;
   auto cache = std::make_unique<kvc::kv_cache<kvc::half>>(c);
   seq = cache->add_sequence();
-  for (std::int32_t t0 = 0; t0 < ctx; t0 += prefill_chunk) {
-    const std::int32_t n = std::min(prefill_chunk, ctx - t0);
-    auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
-    auto v = random_rows(k.size(), 2 + t0);
-    cache->append(seq, 0, k.data(), v.data(), n);
-  }
+  kvc_bench::append_random(*cache, seq, s, ctx, prefill_chunk);
   return cache;
 }
 

@@ -34,15 +34,6 @@ namespace {
 using kvc_bench::median;
 using kvc_bench::random_rows;
 using kvc_bench::shape;
-constexpr std::int32_t chunk = 1024;
-
-template <class F>
-double timed(F&& f, const float* out) {
-  const double c0 = kvc_bench::thread_cpu_seconds();
-  f();
-  benchmark::DoNotOptimize(out);
-  return kvc_bench::thread_cpu_seconds() - c0;
-}
 
 std::unique_ptr<kvc::kv_cache<kvc::half>> filled(shape s, std::int32_t ctx, bool bounds) {
   kvc::cache_config cfg;
@@ -52,13 +43,7 @@ std::unique_ptr<kvc::kv_cache<kvc::half>> filled(shape s, std::int32_t ctx, bool
   cfg.check_finite = false;
   cfg.key_bounds = bounds;
   auto c = std::make_unique<kvc::kv_cache<kvc::half>>(cfg);
-  const auto sq = c->add_sequence();
-  for (std::int32_t t0 = 0; t0 < ctx; t0 += chunk) {
-    const std::int32_t n = std::min(chunk, ctx - t0);
-    auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
-    auto v = random_rows(k.size(), 2 + t0);
-    c->append(sq, 0, k.data(), v.data(), n);
-  }
+  kvc_bench::append_random(*c, c->add_sequence(), s, ctx);
   return c;
 }
 
@@ -75,12 +60,12 @@ void BM_quest_paired(benchmark::State& state, shape s, std::int32_t ctx, std::in
   std::int64_t picked = 0;
   for (auto _ : state) {
     for (int i = 0; i < pairs; ++i) {
-      fcpu.push_back(timed([&] { kvc::cpu::decode_attention(*full, seq, 0, q.data(), s.q_heads, out.data()); }, out.data()));
-      qcpu.push_back(timed([&] {
+      fcpu.push_back(kvc_bench::cpu_seconds_of([&] { kvc::cpu::decode_attention(*full, seq, 0, q.data(), s.q_heads, out.data()); }, out.data()));
+      qcpu.push_back(kvc_bench::cpu_seconds_of([&] {
         kvc::cpu::quest_decode_attention(*bounded, seq, 0, q.data(), s.q_heads, out.data(), qo);
       }, out.data()));
       picked = 0;
-      scpu.push_back(timed([&] {
+      scpu.push_back(kvc_bench::cpu_seconds_of([&] {
         for (std::int32_t h = 0; h < s.kv_heads; ++h)
           picked += static_cast<std::int64_t>(
               kvc::cpu::quest_select(*bounded, seq, 0, h, q.data() + std::size_t(h) * G * s.head_dim, G, qo).size());

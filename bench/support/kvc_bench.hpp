@@ -18,6 +18,8 @@
 #include <sys/mman.h>
 #endif
 
+#include <benchmark/benchmark.h>
+
 #include <kvc/store/page_pool.hpp>
 #include <kvc/cpu/simd.hpp>
 #include <kvc/parallel/thread_pool.hpp>
@@ -52,6 +54,16 @@ inline double thread_cpu_seconds() noexcept {
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
+/// The calling thread's CPU seconds of one call of f; `out` (the call's output) is kept from the
+/// optimiser.
+template <class F>
+double cpu_seconds_of(F&& f, const float* out) {
+  const double c0 = thread_cpu_seconds();
+  f();
+  benchmark::DoNotOptimize(out);
+  return thread_cpu_seconds() - c0;
+}
+
 /// Median of v (the upper one of an even count).
 inline double median(std::vector<double> v) {
   std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
@@ -69,6 +81,19 @@ inline std::vector<float> random_rows(std::size_t n, std::uint64_t seed) {
   std::vector<float> v(n);
   for (auto& x : v) x = 2.0f * r.uniform();
   return v;
+}
+
+/// Appends ctx tokens of random_rows K/V ([n][kv_heads][head_dim]) to layer 0 of seq in chunks of
+/// `chunk` tokens, seeds 1 + t0 and 2 + t0 for the chunk at t0: the same rows in every benchmark
+/// that compares caches (any cache with append(seq, layer, k, v, n)).
+template <class Cache, class Seq>
+void append_random(Cache& c, Seq seq, const shape& s, std::int32_t ctx, std::int32_t chunk = 1024) {
+  for (std::int32_t t0 = 0; t0 < ctx; t0 += chunk) {
+    const std::int32_t n = std::min(chunk, ctx - t0);
+    const auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
+    const auto v = random_rows(k.size(), 2 + t0);
+    c.append(seq, 0, k.data(), v.data(), n);
+  }
 }
 
 struct free_deleter {
