@@ -219,16 +219,18 @@ void check_quest(fixture<T>& f, std::int32_t layer, std::int32_t G, const quest_
     for (std::int32_t pg = 0; pg < n; ++pg) {
       ref[static_cast<std::size_t>(pg)] = ref_bound(rows, pg * P, std::min(L, (pg + 1) * P), qh, G, D);
       most = std::max(most, std::abs(ref[static_cast<std::size_t>(pg)]));
-      // A bound bounds: no key of the page scores above it for any head of the group.
+    }
+    const double tol = 1e-5 * (1 + most) * std::sqrt(double(D));
+    // The bounds the code computed bound: no key of a page scores above its bound for any head
+    // of the group (up to float rounding).
+    for (std::int32_t pg = 0; pg < n; ++pg)
       for (std::int32_t t = pg * P; t < std::min(L, (pg + 1) * P); ++t)
         for (std::int32_t gi = 0; gi < G; ++gi) {
           double x = 0;
           for (std::int32_t d = 0; d < D; ++d)
             x += double(qh[static_cast<std::size_t>(gi) * D + d]) * rows[static_cast<std::size_t>(t) * D + d];
-          REQUIRE(x <= ref[static_cast<std::size_t>(pg)] + 1e-9 * (1 + std::abs(x)));
+          REQUIRE(x <= double(got_bounds[static_cast<std::size_t>(pg)]) + tol);
         }
-    }
-    const double tol = 1e-5 * (1 + most) * std::sqrt(double(D));
     for (std::int32_t pg = 0; pg < n; ++pg)
       REQUIRE(std::abs(double(got_bounds[static_cast<std::size_t>(pg)]) - ref[static_cast<std::size_t>(pg)]) <= tol);
     // The chosen set: everything when the stream fits, else sinks + newest + the best bounds.
@@ -419,4 +421,119 @@ TEST_CASE("quest: equal bounds go to the earlier pages") {
     want.push_back(39), want.push_back(40);
     REQUIRE(chosen == want);
   }
+}
+
+namespace {
+
+/// Every page's stored bounds against the min and max of the rows gather() reads back (the
+/// pages as stored, whatever wrote them).
+template <class T>
+void check_bounds_by_gather(const kv_cache<T>& c, seq_id s, std::int32_t layer) {
+  const std::int32_t P = c.config().page_size, D = c.config().head_dim;
+  for (std::int32_t h = 0; h < c.config().num_kv_heads; ++h) {
+    const std::int32_t L = c.length(s, layer, h);
+    std::vector<float> k(static_cast<std::size_t>(L) * D);
+    c.gather(s, layer, h, k.data());
+    for (std::int32_t pg = 0; pg * P < L; ++pg) {
+      const T* b = c.key_bounds(s, layer, h) + static_cast<std::size_t>(pg) * 2 * D;
+      for (std::int32_t d = 0; d < D; ++d) {
+        float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+        for (std::int32_t t = pg * P; t < std::min(L, (pg + 1) * P); ++t)
+          lo = std::min(lo, k[static_cast<std::size_t>(t) * D + d]), hi = std::max(hi, k[static_cast<std::size_t>(t) * D + d]);
+        INFO("seq " << s << " head " << h << " page " << pg << " channel " << d);
+        REQUIRE(static_cast<float>(b[d]) == lo);
+        REQUIRE(static_cast<float>(b[D + d]) == hi);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("quest: bounds follow every mutation path, on shared pages too") {
+  fixture<kvc::half> f(1, 2, 24, 4, 21);
+  f.append(0, 45);
+  auto& c = f.cache;
+  const seq_id child = c.fork(f.s);
+  // keep on the child: its pages are shared with the parent until written.
+  std::vector<std::vector<std::int32_t>> kept(2);
+  for (std::int32_t t = 0; t < 45; ++t) {
+    if (t % 3 != 1) kept[0].push_back(t);
+    if (t < 30 || t % 2 == 0) kept[1].push_back(t);
+  }
+  c.keep_layer(child, 0, kept);
+  check_bounds_by_gather(c, child, 0);
+  check_bounds_by_gather(c, f.s, 0);
+  // keep_layer_rewrite with a subset of rows (a merge's commit) on pages shared with a new fork.
+  const seq_id grandchild = c.fork(child);
+  std::vector<std::vector<std::int32_t>> all(2), rows(2);
+  for (std::int32_t h = 0; h < 2; ++h) {
+    for (std::int32_t i = 0; i < c.length(grandchild, 0, h); ++i) all[static_cast<std::size_t>(h)].push_back(i);
+    rows[static_cast<std::size_t>(h)] = {1, 9};
+  }
+  c.keep_layer_rewrite(grandchild, 0, all, [](std::int32_t, std::int32_t i, kvc::half* k, kvc::half* v) {
+    k[3] = kvc::half(i == 1 ? 30.0f : -30.0f);
+    v[0] = kvc::half(1.0f);
+  }, &rows);
+  check_bounds_by_gather(c, grandchild, 0);
+  check_bounds_by_gather(c, child, 0);
+  // keep_layer_rewrite_keys (StreamingLLM's re-rotation after eviction).
+  std::vector<std::vector<std::int32_t>> first(2);
+  for (std::int32_t h = 0; h < 2; ++h)
+    for (std::int32_t i = 0; i < 13; ++i) first[static_cast<std::size_t>(h)].push_back(2 * i);
+  c.keep_layer_rewrite_keys(child, 0, first, [](std::int32_t h, std::int32_t i, kvc::half* k) {
+    k[0] = kvc::half(static_cast<float>(h * 100 + i));
+  });
+  check_bounds_by_gather(c, child, 0);
+  check_bounds_by_gather(c, grandchild, 0);
+  // Appends after all of it fill the partial pages.
+  std::vector<float> kv(7 * 2 * 24, -3.0f);
+  for (seq_id s : {f.s, child, grandchild}) {
+    c.append(s, 0, kv.data(), kv.data(), 7);
+    check_bounds_by_gather(c, s, 0);
+  }
+  // Down to nothing and back.
+  c.keep_layer(child, 0, {{}, {}});
+  REQUIRE(c.pages(child, 0, 0).empty());
+  c.append(child, 0, kv.data(), kv.data(), 5);
+  check_bounds_by_gather(c, child, 0);
+}
+
+TEST_CASE("quest: ties among bounds above the threshold go to the earlier pages") {
+  // Pages 2, 5 and 7 clearly above the rest, and pages 1, 3, 4, 6, 8 tied below them: a budget
+  // of 1 sink + 1 recent + 5 middle pages takes 2, 5, 7 and the two earliest tied pages.
+  cache_config c;
+  c.num_layers = 1, c.num_kv_heads = 1, c.head_dim = 8, c.page_size = 4, c.max_pages = 64, c.key_bounds = true;
+  kv_cache<float> cache(c);
+  const seq_id s = cache.add_sequence();
+  const std::int32_t pages = 10;
+  std::vector<float> k(static_cast<std::size_t>(pages) * 4 * 8, 0.5f), v(k.size(), 0.0f);
+  for (std::int32_t p : {2, 5, 7})
+    for (std::int32_t t = 0; t < 4; ++t) k[static_cast<std::size_t>(p * 4 + t) * 8] = 5.0f + static_cast<float>(p);
+  cache.append(s, 0, k.data(), v.data(), pages * 4);
+  const std::vector<float> q(8, 1.0f);
+  quest_options qo;
+  qo.token_budget = 4 * 7;
+  const auto chosen = kvc::cpu::quest_select(cache, s, 0, 0, q.data(), 1, qo);
+  REQUIRE(chosen == std::vector<std::int32_t>{0, 1, 2, 3, 5, 7, 9});
+}
+
+TEST_CASE("quest: a page whose bound overflows fp16 is read, not dropped") {
+  cache_config c;
+  c.num_layers = 1, c.num_kv_heads = 1, c.head_dim = 8, c.page_size = 4, c.max_pages = 64, c.key_bounds = true;
+  c.check_finite = false;  // a finite float key above fp16's 65504 becomes inf in the page
+  kv_cache<kvc::half> cache(c);
+  const seq_id s = cache.add_sequence();
+  std::vector<float> k(static_cast<std::size_t>(12) * 4 * 8, 0.25f), v(k.size(), 0.0f);
+  k[static_cast<std::size_t>(6 * 4) * 8 + 1] = 1e6f;  // page 6, channel 1: +inf as fp16
+  k[static_cast<std::size_t>(6 * 4 + 1) * 8 + 1] = -1e6f;  // and -inf: 0 x inf terms, a NaN bound
+  cache.append(s, 0, k.data(), v.data(), 12 * 4);
+  std::vector<float> q(8, 0.0f);
+  q[0] = 1.0f;  // q_1 = 0: the bound's channel 1 term is 0 x inf
+  quest_options qo;
+  qo.token_budget = 4 * 3;
+  std::vector<float> b;
+  const auto chosen = kvc::cpu::quest_select(cache, s, 0, 0, q.data(), 1, qo, &b);
+  REQUIRE(std::isinf(b[6]));
+  REQUIRE(chosen == std::vector<std::int32_t>{0, 6, 11});
 }

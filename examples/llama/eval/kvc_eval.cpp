@@ -128,7 +128,7 @@ std::string journal_header(const options& o, const std::string& model) {
     h << "\tpage=" << o.page_size;
     // Only when not the default, so journals written before the option existed still resume.
     if (o.prefill_chunk != 256) h << "\tchunk=" << o.prefill_chunk;
-    if (o.score_chunk != 0) h << "\tscore_chunk=" << o.score_chunk;
+    if (o.score_chunk != 0 && o.score_chunk != 256) h << "\tscore_chunk=" << o.score_chunk;  // 256: the default
     return h.str();
 }
 
@@ -498,7 +498,7 @@ void usage() {
                  "  --stream-tokens N --stream-chunk N                        stream protocol (1024, 16)\n"
                  "  --prefill-chunk N     tokens per forward chunk of a prompt (256); a storage that fits\n"
                  "                        on its first append (pca) sees that many\n"
-                 "  --score-chunk N       tokens per forward chunk of the scored tokens (256); 1\n"
+                 "  --score-chunk N       tokens per forward chunk of the prefill protocol's scored tokens (256); 1\n"
                  "                        scores each as a decode step (decode attention: quest's reads)\n"
                  "  --se-block N        tokens per batch mean of Δppl's standard error (16)\n"
                  "  --needle-text FILE --needle-context N --needle-seeds N --needle-depths D1,D2  (text, 768, 5, 0.1,0.5,0.9)\n"

@@ -10,6 +10,9 @@
 ///  - sinks, recent: leading and trailing pages always read (default 1 and 1)
 ///  - dense: the first `dense` layers read every page (default 2: the paper leaves its first two
 ///    layers dense, where attention is spread too evenly for a page bound to pick)
+/// `dense` counts the layers this cache holds: inside `layers(BASE, lA_B=quest(...))` a part sees
+/// its own layers from 0, so there `dense` counts from the part's first layer (dense=0 makes
+/// every layer of the part a Quest read).
 /// Prefill attention and eviction are those of fp16 pages; it composes with every evictor
 /// (`snapkv(ratio=0.5)+quest(budget=1024)`). Attention probabilities are refused (they would be
 /// over a subset of the pages): decode-time scorers that need them (h2o, tova, ...) cannot read
@@ -61,9 +64,9 @@ inline std::unique_ptr<any_cache> make_quest(const spec_stage& st, const cache_c
   if (sinks < 0) bad("sinks = " + std::to_string(sinks) + ", expected >= 0 pages");
   if (recent < 1) bad("recent = " + std::to_string(recent) + ", expected >= 1 page (the newest token's page is always read)");
   if (dense < 0) bad("dense = " + std::to_string(dense) + ", expected >= 0 layers");
-  if (budget < (sinks + recent) * c.page_size)
-    bad(kvc::detail::concat("budget = ", budget, ", expected >= (sinks + recent) x page_size = ",
-                            (sinks + recent) * c.page_size, " tokens"));
+  const std::int64_t least = (std::int64_t{sinks} + recent) * c.page_size;  // no int overflow
+  if (budget < least)
+    bad(kvc::detail::concat("budget = ", budget, ", expected >= (sinks + recent) x page_size = ", least, " tokens"));
   cache_config cfg = c;
   cfg.key_bounds = true;
   using adapter = cache_adapter<kv_cache<half>, quest_attention>;

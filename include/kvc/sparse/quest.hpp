@@ -66,6 +66,12 @@ inline constexpr const char* api_name = "kvc::cpu::quest_decode_attention";
 /// (AVX-512 VM, 2026-12-05; 0.52 ms from L3).
 inline constexpr std::int32_t prefetch_pages = 8;
 
+/// The larger of two bounds, a NaN one (0 x inf: a key too large for T, fp16 keeps 65504) as +inf:
+/// such a page may hold anything, so it is read first. (std::max would drop the NaN.)
+inline float fold_bound(float best, float s) noexcept {
+  return std::isnan(s) ? std::numeric_limits<float>::infinity() : std::max(best, s);
+}
+
 /// The largest of the G query heads' bounds q_g⁺·M + q_g⁻·m over one page, from float copies
 /// of the query halves (qp, qn: [G][D]). Channel-block outer, heads inner: a block of m and M is
 /// converted once and read by every head of the group from registers (GN = G at compile time for
@@ -77,8 +83,8 @@ float page_bound(const T* lo, const T* hi, const float* qp, const float* qn, std
   if constexpr (GN == 0) {
     float best = -std::numeric_limits<float>::infinity();
     for (std::int32_t g = 0; g < G; ++g)
-      best = std::max(best, page_bound<Arch, 1>(lo, hi, qp + static_cast<std::size_t>(g) * D,
-                                                qn + static_cast<std::size_t>(g) * D, 1, D));
+      best = fold_bound(best, page_bound<Arch, 1>(lo, hi, qp + static_cast<std::size_t>(g) * D,
+                                                  qn + static_cast<std::size_t>(g) * D, 1, D));
     return best;
   } else {
     // Two chains per head (q⁺·M and q⁻·m): one chain of both would make the FMA latency, not
@@ -99,7 +105,7 @@ float page_bound(const T* lo, const T* hi, const float* qp, const float* qn, std
       for (std::int32_t e = d; e < D; ++e)
         s += qp[static_cast<std::size_t>(g) * D + e] * static_cast<float>(hi[e]) +
              qn[static_cast<std::size_t>(g) * D + e] * static_cast<float>(lo[e]);
-      best = std::max(best, s);
+      best = fold_bound(best, s);
     }
     return best;
   }
@@ -135,7 +141,7 @@ KVC_FORCEINLINE void page_tile_bounds(const T* b, const float* qp, const float* 
       for (std::int32_t e = d; e < D; ++e)
         s += qp[static_cast<std::size_t>(g) * D + e] * static_cast<float>(lo[D + e]) +
              qn[static_cast<std::size_t>(g) * D + e] * static_cast<float>(lo[e]);
-      best = std::max(best, s);
+      best = fold_bound(best, s);
     }
     score[p] = best;
   }
@@ -163,6 +169,24 @@ void page_bounds(const T* b, std::int32_t n, const float* qp, const float* qn, s
   }
 }
 
+/// The checks quest_select and quest_decode_attention share, under the public call's name.
+template <class T>
+void check_args(const kv_cache<T>& cache, const float* q, std::int32_t G, const quest_options& opt, const char* who) {
+  const std::int32_t P = cache.config().page_size, D = cache.config().head_dim;
+  KVC_EXPECTS_IN(who, cache.has_key_bounds(), "the cache was built with cache_config.key_bounds = false, expected "
+                 "true (Quest bounds each page by its keys' min and max)");
+  KVC_EXPECTS_IN(who, G > 0, "G = ", G, ", expected > 0 query heads per kv head");
+  KVC_EXPECTS_IN(who, q != nullptr, "q is null");
+  KVC_EXPECTS_IN(who, opt.sink_pages >= 0, "quest_options.sink_pages = ", opt.sink_pages, ", expected >= 0");
+  KVC_EXPECTS_IN(who, opt.recent_pages >= 1, "quest_options.recent_pages = ", opt.recent_pages,
+                 ", expected >= 1 (the page with this step's token is always read)");
+  const std::int64_t least = (std::int64_t{opt.sink_pages} + opt.recent_pages) * P;  // no int overflow
+  KVC_EXPECTS_IN(who, opt.token_budget >= least, "quest_options.token_budget = ", opt.token_budget,
+                 ", expected >= (sink_pages + recent_pages) x page_size = ", least, " tokens");
+  for (std::int64_t i = 0; i < std::int64_t{G} * D; ++i)
+    KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
+}
+
 }  // namespace quest_detail
 
 /// The pages one kv head reads this step, as indices into its stream's page list, ascending.
@@ -174,22 +198,10 @@ template <class Arch = default_arch, class T>
 std::vector<std::int32_t> quest_select(const kv_cache<T>& cache, seq_id seq, std::int32_t layer, std::int32_t head,
                                        const float* q, std::int32_t G, const quest_options& opt = {},
                                        std::vector<float>* bounds = nullptr) {
-  constexpr const char* who = "kvc::cpu::quest_select";
+  quest_detail::check_args(cache, q, G, opt, "kvc::cpu::quest_select");
   const cache_config& cfg = cache.config();
   const std::int32_t P = cfg.page_size, D = cfg.head_dim;
-  KVC_EXPECTS_IN(who, cache.has_key_bounds(), "the cache was built with cache_config.key_bounds = false, expected "
-                 "true (Quest bounds each page by its keys' min and max)");
-  KVC_EXPECTS_IN(who, G > 0, "G = ", G, ", expected > 0 query heads per kv head");
-  KVC_EXPECTS_IN(who, q != nullptr, "q is null");
-  KVC_EXPECTS_IN(who, opt.sink_pages >= 0, "quest_options.sink_pages = ", opt.sink_pages, ", expected >= 0");
-  KVC_EXPECTS_IN(who, opt.recent_pages >= 1, "quest_options.recent_pages = ", opt.recent_pages,
-                 ", expected >= 1 (the page with this step's token is always read)");
   const std::int32_t budget_pages = opt.token_budget / P;
-  KVC_EXPECTS_IN(who, opt.token_budget >= 0 && budget_pages >= opt.sink_pages + opt.recent_pages,
-                 "quest_options.token_budget = ", opt.token_budget, ", expected >= (sink_pages + recent_pages) x ",
-                 "page_size = ", (opt.sink_pages + opt.recent_pages) * P, " tokens");
-  for (std::int32_t i = 0; i < G * D; ++i)
-    KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
   const auto& pages = cache.pages(seq, layer, head);
   const std::int32_t n = static_cast<std::int32_t>(pages.size());
   std::vector<std::int32_t> chosen;
@@ -262,6 +274,7 @@ void quest_decode_attention(const kv_cache<T>& cache, seq_id seq, std::int32_t l
                  "decode_options.probs/group_probs are set, expected none (a Quest read attends to a subset of "
                  "the pages; call kvc::cpu::decode_attention for per-token probabilities)");
   const std::int32_t G = num_q_heads / H;
+  quest_detail::check_args(cache, q, num_q_heads, qopt, api_name);  // every query head: all groups at once
   std::vector<std::vector<page_id>> tables(static_cast<std::size_t>(H));
   std::vector<typename kv_cache<T>::view_type> views;
   views.reserve(static_cast<std::size_t>(2 * H));
