@@ -7,8 +7,9 @@
 /// query, and runs exact attention over them. Nothing is evicted: every token stays in the cache
 /// and a later query may pick any page again. It is a read policy, not a compression.
 ///
-/// Each page carries the channel-wise min m and max M of its keys (cache_config::key_bounds,
-/// kept by the store on append and compaction). For a query q, every key k of the page has
+/// Each stream keeps, for every page, the channel-wise min m and max M of its keys
+/// (cache_config::key_bounds: one array beside the page table, kept exact by the store on
+/// append, compaction and fork). For a query q, every key k of the page has
 ///     q·k = Σ_d q_d k_d <= Σ_d max(q_d m_d, q_d M_d) = q⁺·M + q⁻·m,
 /// with q⁺ = max(q, 0) and q⁻ = min(q, 0): two dot products per page instead of page_size.
 /// kvc's pages belong to one kv head, shared by the G query heads of its group (GQA), so a page
