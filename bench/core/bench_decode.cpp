@@ -25,6 +25,11 @@
 //   bw_bound_ms       K+V bytes / read_GBps: the step's time if it only had to stream the cache
 //   fma_bound_ms      FMAs / fma_G: the step's time if it only had to issue its FMAs
 //   roof_ratio        max(bw_bound_ms, fma_bound_ms) / measured time per step (1 = on the roof)
+//   pages_ms          threads:1 only: CPU ms to merely read this cache's K and V pages in the
+//                     kernel's order with a SIMD sum (page_stream_seconds, median of 3): the floor
+//                     of any kernel over this layout, which the contiguous read_bw probe can beat
+//   pages_ratio       pages_ms / the kernel's CPU ms per step (1 = the kernel costs no more than
+//                     reading its pages)
 //   roof_ratio_cpu    threads:1 only: the same with the probes' and the kernel's time taken as the
 //                     calling thread's CPU time (CLOCK_THREAD_CPUTIME_ID), which other jobs on a
 //                     shared machine inflate less than wall-clock time. Not defined with a pool,
@@ -158,6 +163,47 @@ D& data_for(const std::string& key, Args&&... args) {
   return *static_cast<D*>(g_data.get());
 }
 
+/// Seconds to read every K and V row of the cache's layer 0 in the decode kernel's order (per kv
+/// head, a tile of 16 rows of K, then the same rows of V) with a sum as the only arithmetic: what
+/// one thread takes merely to stream these pages, the floor of any kernel that reads them all
+/// (median of reps passes). The contiguous read_bw probe can be faster: a head's pages are K and
+/// V blocks of page_size rows, not one run.
+template <class T>
+double page_stream_seconds(const decode_data<T>& d, int reps) {
+  using A = kvc::cpu::default_arch;
+  using B = kvc::cpu::fbatch<A>;
+  constexpr std::size_t W = B::size;
+  std::vector<typename kvc::kv_cache<T>::view_type> buf;
+  const auto heads = d.cache.layer(d.seq, 0, buf);
+  const std::int32_t D = heads.head_dim();
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    const double c0 = kvc_bench::thread_cpu_seconds();
+    B acc[4] = {B(0.0f), B(0.0f), B(0.0f), B(0.0f)};  // independent chains: the adds never wait
+    for (std::int32_t h = 0; h < heads.num_kv_heads(); ++h) {
+      const auto& K = heads.keys(h);
+      const auto& V = heads.values(h);
+      const std::int32_t n = static_cast<std::int32_t>(K.extent(0));
+      for (std::int32_t t0 = 0; t0 < n; t0 += page_size) {
+        for (const auto* view : {&K, &V}) {
+          const auto run = view->run(t0, 0);
+          const T* row = view->data_handle() + run.offset;
+          for (std::int32_t i = 0; i < run.length; ++i, row += run.token_stride)
+          {
+            std::size_t e = 0;
+            for (; e + 4 * W <= static_cast<std::size_t>(D); e += 4 * W)
+              for (std::size_t j = 0; j < 4; ++j) acc[j] += kvc::cpu::load_as_float<A>(row + e + j * W);
+            for (; e + W <= static_cast<std::size_t>(D); e += W) acc[0] += kvc::cpu::load_as_float<A>(row + e);
+          }
+        }
+      }
+    }
+    benchmark::DoNotOptimize(acc[0] + acc[1] + acc[2] + acc[3]);
+    t.push_back(kvc_bench::thread_cpu_seconds() - c0);
+  }
+  return kvc_bench::median(t);
+}
+
 /// Roofline of one decode step (one layer, one sequence, ctx tokens):
 ///   FMAs  = 2 * G * D per token and kv head (q.k, then p.v; G = q_heads / kv_heads)
 ///         = 2 * G * D * ctx * kv_heads
@@ -204,8 +250,12 @@ void bm_decode(benchmark::State& state, shape s, std::int32_t ctx, kvc::thread_p
   state.counters["fma_G"] = now.fma / 1e9;
   state.counters["roof_ratio"] =
       benchmark::Counter(std::max(bw_bound, fma_bound), benchmark::Counter::kIsIterationInvariantRate);
-  if (!pool)  // one thread: CPU time is the thread's whole work, so a CPU-time roof is defined
+  if (!pool) {  // one thread: CPU time is the thread's whole work, so a CPU-time roof is defined
     state.counters["roof_ratio_cpu"] = std::max(bytes / now.bw_cpu, fmas / now.fma_cpu) / cpu_per_step;
+    const double pages = page_stream_seconds(d, 3);
+    state.counters["pages_ms"] = pages * 1e3;
+    state.counters["pages_ratio"] = pages / cpu_per_step;
+  }
 }
 
 void bm_read(benchmark::State& state, kvc::thread_pool* pool, roof base) {

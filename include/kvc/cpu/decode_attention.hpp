@@ -64,7 +64,9 @@ void check_seq_layer(const Cache& cache, Seq seq, std::int32_t layer, const char
 inline constexpr std::int32_t tile_tokens = 16;
 /// Tiles ahead whose K and V rows are prefetched while a tile is scored. bench_decode fp16
 /// 32x8x128 ctx:32768 threads:1 (2026-11): 1.1-1.2x over no prefetch at 1, 2, 4 or 8 tiles (within
-/// noise of each other); prefetching whole tiles in one burst instead was 0.8-1.0x.
+/// noise of each other); prefetching whole tiles in one burst instead was 0.8-1.0x. On an Intel
+/// AVX-512 VM (2026-12): no prefetch 0.95x, 1/4/8 tiles within 2% of 2, a part of each row or of
+/// the tile's rows 0.81-0.98x (bench/results/decode.md).
 inline constexpr std::int32_t prefetch_tiles = 2;
 /// Query heads processed together; larger groups run in blocks of this size.
 inline constexpr std::int32_t max_group = 8;
@@ -225,8 +227,8 @@ void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t 
   alignas(64) float s[G * tile_tokens];
   row_t<KView>* krows[tile_tokens];
   row_t<VView>* vrows[tile_tokens];
-  row_t<KView>* pk[tile_tokens] = {};  // rows of the tile being prefetched
-  row_t<VView>* pv[tile_tokens] = {};
+  row_t<KView>* pk[tile_tokens];  // rows of the tile being prefetched, [0, pn)
+  row_t<VView>* pv[tile_tokens];
   for (std::int32_t ts = t0; ts < t1; ts += tile_tokens) {
     const std::int32_t tn = std::min(tile_tokens, t1 - ts);
     tile_rows(K, hi, ts, tn, krows, scratch);
@@ -242,8 +244,22 @@ void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t 
     score_tile<Arch, G>(q, krows, tn, D, s, pk, pv, pn);
     for (std::int32_t g = 0; g < G; ++g) {
       float* sg = s + g * tile_tokens;
-      float mt = sg[0];
-      for (std::int32_t i = 1; i < tn; ++i) mt = std::max(mt, sg[i]);
+      // A whole tile's scores of one head are NB batches: its maximum, exp and sum stay in
+      // registers. Per token and element these were scalar loops; bench_decode fp16 32x8x128
+      // one thread (2026-12, Intel AVX-512 VM, paired in one process): 1.39x the speed at 512
+      // tokens (cache-resident), 1.16x at 32k; 1.04x in the AVX2 build.
+      using B = fbatch<Arch>;
+      constexpr std::int32_t W = static_cast<std::int32_t>(B::size), NB = tile_tokens / W;
+      const bool whole = tn == tile_tokens;
+      float mt;
+      if (whole) {
+        B mx = B::load_aligned(sg);
+        for (std::int32_t j = 1; j < NB; ++j) mx = xsimd::max(mx, B::load_aligned(sg + j * W));
+        mt = reduce_max<Arch>(mx);
+      } else {
+        mt = sg[0];
+        for (std::int32_t i = 1; i < tn; ++i) mt = std::max(mt, sg[i]);
+      }
       const float m_new = std::max(st.m[g], mt);
       if (m_new > st.m[g]) {
         const float corr = std::exp(st.m[g] - m_new);  // 0 on the first tile
@@ -252,11 +268,22 @@ void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t 
         for (std::int32_t d = 0; d < D; ++d) a[d] *= corr;
         st.m[g] = m_new;
       }
-      for (std::int32_t i = 0; i < tn; ++i) sg[i] -= m_new;
-      exp_inplace<Arch>(sg, tn);
-      float l = 0.0f;
-      for (std::int32_t i = 0; i < tn; ++i) l += sg[i];
-      st.l[g] += l;
+      if (whole) {
+        const B mb(m_new);
+        B ls(0.0f);
+        for (std::int32_t j = 0; j < NB; ++j) {
+          const B e = xsimd::exp(B::load_aligned(sg + j * W) - mb);
+          ls += e;
+          e.store_aligned(sg + j * W);
+        }
+        st.l[g] += reduce_add<Arch>(ls);
+      } else {
+        for (std::int32_t i = 0; i < tn; ++i) sg[i] -= m_new;
+        exp_inplace<Arch>(sg, tn);
+        float l = 0.0f;
+        for (std::int32_t i = 0; i < tn; ++i) l += sg[i];
+        st.l[g] += l;
+      }
       if (raw) {
         // A whole tile is a fixed-size copy in explicit SIMD moves. std::copy of a run-time length
         // was a memmove call per tile and head; a plain fixed-length loop was compiled by GCC 12

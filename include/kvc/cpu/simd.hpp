@@ -84,6 +84,29 @@ KVC_FORCEINLINE float reduce_add(const fbatch<Arch>& x) noexcept {
 #endif
 }
 
+/// Largest lane (xsimd 8.1 has no reduce_max): one instruction sequence per width where the
+/// compiler targets it, the lanes compared one by one otherwise.
+template <class Arch>
+KVC_FORCEINLINE float reduce_max(const fbatch<Arch>& x) noexcept {
+  constexpr std::size_t W = fbatch<Arch>::size;
+#if defined(__AVX512F__)
+  if constexpr (W == 16) return _mm512_reduce_max_ps(x);
+#endif
+#if defined(__AVX__)
+  if constexpr (W == 8) {
+    const __m256 v = x;
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+  }
+#endif
+  alignas(64) float buf[W];
+  x.store_aligned(buf);
+  float m = buf[0];
+  for (std::size_t i = 1; i < W; ++i) m = buf[i] > m ? buf[i] : m;
+  return m;
+}
+
 /// Transposed horizontal add: lane i of the result is the sum of the lanes of rows[i], for the
 /// fbatch<Arch>::size batches at rows. xsimd's haddp everywhere except AVX-512: xsimd 8.1's
 /// avx512f haddp for float returns the sums in the lane order 0 1 4 5 2 3 6 7 8 9 12 13 10 11 14 15
