@@ -494,3 +494,130 @@ TEST_CASE("decode attention rejects bad arguments", "[attention][errors]") {
                       Catch::Contains("null"));
   REQUIRE_THROWS_WITH(kvc::cpu::decode_attention(cc.cache, cc.s, 1, q.data(), 4, out.data()), Catch::Contains("layer = 1"));
 }
+
+namespace {
+
+/// A batch of sequences of one kv_cache layer with ragged streams (an empty head, a one-token
+/// head, random lengths; one sequence may be short, another long), and their dense model.
+template <class T>
+struct batch_case {
+  kvc::kv_cache<T> cache;
+  kvc_test::dense_cache_model model;
+  std::vector<kvc::seq_id> seqs;
+  batch_case(std::int32_t D, std::int32_t P, std::int32_t hkv, std::int32_t n, std::int32_t max_len, kvc_test::rng& r)
+      : cache(cache_case<T>::config(D, P, hkv, {})) {
+    model.layers = 1;
+    model.heads = hkv;
+    model.dim = D;
+    for (std::int32_t b = 0; b < n; ++b) {
+      const kvc::seq_id s = cache.add_sequence();
+      model.add_sequence(s);
+      const std::int32_t total = r.integer(1, max_len);
+      kvc_test::append_random_chunks<T>(cache, model, s, 0, total, 200, 0.3, r);
+      for (std::int32_t h = 0; h < hkv; ++h) {
+        // Most heads keep everything; some keep a random subset, one token, or nothing (never all
+        // heads of a sequence: that is an error, checked below).
+        const int pick = r.integer(0, 5);
+        const std::int32_t len = h == 0 ? std::max(1, total - r.integer(0, total - 1))
+                                 : pick == 0 ? 0
+                                 : pick == 1 ? 1
+                                 : pick == 2 ? r.integer(1, total)
+                                             : total;
+        const auto kept = r.subset(total, len);
+        cache.keep(s, 0, h, kept.data(), static_cast<std::int32_t>(kept.size()));
+        model.keep(s, 0, h, kept);
+      }
+      seqs.push_back(s);
+    }
+  }
+  std::vector<kvc_test::dense_head> heads(kvc::seq_id s) const {
+    std::vector<kvc_test::dense_head> hs;
+    for (std::int32_t h = 0; h < model.heads; ++h) hs.push_back(model.head(s, 0, h));
+    return hs;
+  }
+};
+
+template <class T>
+void run_batch_case(std::int32_t D, std::int32_t P, std::int32_t G, std::uint64_t seed, kvc::thread_pool& pool) {
+  kvc_test::rng r(seed);
+  const std::int32_t hkv = G >= 8 ? 2 : r.integer(1, 4), hq = hkv * G, n = r.integer(1, 7);
+  batch_case<T> bc(D, P, hkv, n, D == 256 ? 400 : 1300, r);
+  std::vector<kvc::seq_id> seqs = bc.seqs;
+  seqs.push_back(seqs[static_cast<std::size_t>(r.integer(0, n - 1))]);  // a sequence twice
+  std::shuffle(seqs.begin(), seqs.end(), r.engine());
+  const std::int32_t nb = static_cast<std::int32_t>(seqs.size());
+  const std::size_t qs = static_cast<std::size_t>(hq) * D;
+  const auto q = r.normals(qs * nb, 1.5f);
+  std::vector<kvc_test::dense_attention_result> refs;
+  for (std::int32_t b = 0; b < nb; ++b)
+    refs.push_back(kvc_test::dense_decode_attention(bc.heads(seqs[static_cast<std::size_t>(b)]), D, q.data() + b * qs,
+                                                    hq, 1.0 / std::sqrt(static_cast<double>(D))));
+  for (kvc::thread_pool* p : {static_cast<kvc::thread_pool*>(nullptr), &pool})
+    for (std::int32_t split : {0, 37, 512}) {
+      INFO(kvc::type_name<T>() << " D=" << D << " P=" << P << " G=" << G << " hkv=" << hkv << " batch=" << nb
+                               << " threads=" << (p ? p->size() : 1) << " split=" << split);
+      std::vector<float> out(qs * nb, std::numeric_limits<float>::quiet_NaN()),
+          lse(static_cast<std::size_t>(hq) * nb, std::numeric_limits<float>::quiet_NaN());
+      kvc::decode_options opt;
+      opt.pool = p;
+      opt.split_tokens = split;
+      opt.lse = lse.data();
+      kvc::cpu::decode_attention_batch(bc.cache, seqs.data(), nb, 0, q.data(), hq, out.data(), opt);
+      for (std::int32_t b = 0; b < nb; ++b) {
+        INFO("batch[" << b << "] = seq " << seqs[static_cast<std::size_t>(b)]);
+        outputs o(hq, hkv, D, 1);
+        std::copy(out.begin() + b * qs, out.begin() + (b + 1) * qs, o.out.begin());
+        std::copy(lse.begin() + b * hq, lse.begin() + (b + 1) * hq, o.lse.begin());
+        require_close(bc.heads(seqs[static_cast<std::size_t>(b)]), refs[static_cast<std::size_t>(b)], D, hq, o, false);
+      }
+    }
+}
+
+}  // namespace
+
+TEST_CASE("batched decode attention equals the dense reference for every sequence", "[attention][batch]") {
+  kvc::thread_pool pool(3);
+  int i = 0;
+  for (std::int32_t D : {64, 128, 256})
+    for (std::int32_t G : {1, 4, 8, 12}) {
+      const std::int32_t P = (i % 3 == 0) ? 16 : (i % 3 == 1) ? 8 : 32;
+      run_batch_case<kvc::half>(D, P, G, 900 + static_cast<std::uint64_t>(i), pool);
+      if (i % 2 == 0) run_batch_case<float>(D, P, G, 1900 + static_cast<std::uint64_t>(i), pool);
+      if (i % 3 == 0) run_batch_case<kvc::bfloat16>(D, P, G, 2900 + static_cast<std::uint64_t>(i), pool);
+      ++i;
+    }
+}
+
+TEST_CASE("batched decode attention refuses bad input by name and writes nothing", "[attention][batch][errors]") {
+  kvc_test::rng r(77);
+  kvc::thread_pool pool(2);
+  batch_case<kvc::half> bc(64, 16, 2, 3, 100, r);
+  const kvc::seq_id empty = bc.cache.add_sequence();  // holds no token in any head
+  const std::int32_t hq = 4, D = 64;
+  std::vector<float> q(static_cast<std::size_t>(hq) * D * 4, 0.5f), out(q.size(), 7.0f), lse(16, 7.0f);
+  const auto untouched = [&] {
+    for (float x : out) REQUIRE(x == 7.0f);
+    for (float x : lse) REQUIRE(x == 7.0f);
+  };
+  kvc::decode_options opt;
+  opt.pool = &pool;
+  opt.lse = lse.data();
+  auto call = [&](std::vector<kvc::seq_id> s, const kvc::decode_options& o, std::int32_t heads) {
+    kvc::cpu::decode_attention_batch(bc.cache, s.data(), static_cast<std::int32_t>(s.size()), 0, q.data(), heads,
+                                     out.data(), o);
+  };
+  REQUIRE_THROWS_WITH(call({}, opt, hq), Catch::Contains("kvc::cpu::decode_attention_batch: n = 0"));
+  REQUIRE_THROWS_WITH(call({bc.seqs[0], 999}, opt, hq), Catch::Contains("seq = 999 is not a live sequence"));
+  REQUIRE_THROWS_WITH(call({bc.seqs[0], bc.seqs[1], empty}, opt, hq),
+                      Catch::Contains("batch[2]: every one of the 2 kv heads holds 0 tokens"));
+  REQUIRE_THROWS_WITH(call({bc.seqs[0]}, opt, 3), Catch::Contains("batch[0]: num_q_heads = 3, expected a positive multiple"));
+  q[static_cast<std::size_t>(hq) * D + 5] = std::numeric_limits<float>::infinity();
+  REQUIRE_THROWS_WITH(call({bc.seqs[0], bc.seqs[2]}, opt, hq), Catch::Contains("batch[1]: q[5] = inf, expected a finite query"));
+  q[static_cast<std::size_t>(hq) * D + 5] = 0.5f;
+  std::vector<float> probs(1000);
+  kvc::decode_options with_probs = opt;
+  with_probs.group_probs = probs.data();
+  with_probs.probs_stride = 200;
+  REQUIRE_THROWS_WITH(call({bc.seqs[0]}, with_probs, hq), Catch::Contains("opt.probs or opt.group_probs is set, expected neither"));
+  untouched();
+}

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include <kvc/attention/options.hpp>
@@ -26,9 +27,8 @@ namespace detail {
 /// lse[qh] = M + log L. Empty streams give out = 0 and lse = -inf. post(o) runs on each finished
 /// output row (a rotated value codec rotates it back there).
 template <class Task, class Part, class Post>
-void merge_partials(const std::vector<Task>& tasks, const std::vector<Part>& parts, std::int32_t G, std::int32_t D,
-                    float* out, std::vector<float>& lse, Post&& post) {
-  const std::size_t nt = tasks.size();
+void merge_partials(const Task* tasks, const Part* parts, std::size_t nt, std::int32_t G, std::int32_t D, float* out,
+                    std::vector<float>& lse, Post&& post) {
   for (std::size_t i = 0; i < nt;) {
     std::size_t j = i;
     while (j < nt && tasks[j].h == tasks[i].h && tasks[j].g0 == tasks[i].g0) ++j;
@@ -55,6 +55,12 @@ void merge_partials(const std::vector<Task>& tasks, const std::vector<Part>& par
     }
     i = j;
   }
+}
+
+template <class Task, class Part, class Post>
+void merge_partials(const std::vector<Task>& tasks, const std::vector<Part>& parts, std::int32_t G, std::int32_t D,
+                    float* out, std::vector<float>& lse, Post&& post) {
+  merge_partials(tasks.data(), parts.data(), tasks.size(), G, D, out, lse, std::forward<Post>(post));
 }
 
 /// raw[qh][t] (scaled scores) -> softmax probabilities in place, and their sum over each group

@@ -62,6 +62,23 @@ class any_cache {
   virtual void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
                          const decode_options& opt = {}) const = 0;
 
+  /// Decode attention for one layer of a batch of sequences (an engine's continuous batch, one
+  /// query token each): q and out [n][num_q_heads][head_dim], opt.lse [n][num_q_heads]; the
+  /// sequences may differ in length and one may appear twice. Plain kv_cache storages (fp32, fp16,
+  /// bf16 with no read policy) run kvc::cpu::decode_attention_batch, one plan over the whole batch
+  /// on opt.pool; every other storage runs attention() per sequence. No probabilities. Every
+  /// sequence id is checked before anything is written.
+  virtual void attention_batch(const seq_id* seqs, std::int32_t n, std::int32_t layer, const float* q,
+                               std::int32_t num_q_heads, float* out, const decode_options& opt = {}) const {
+    check_batch(seqs, n, opt);
+    const std::size_t stride = static_cast<std::size_t>(num_q_heads) * static_cast<std::size_t>(config().head_dim);
+    decode_options one = opt;
+    for (std::int32_t b = 0; b < n; ++b) {
+      if (opt.lse) one.lse = opt.lse + static_cast<std::size_t>(b) * static_cast<std::size_t>(num_q_heads);
+      attention(seqs[b], layer, q + b * stride, num_q_heads, out + b * stride, one);
+    }
+  }
+
   /// Whether prefill_attention() is available: false for storages whose attention() records what
   /// it attends (mikv's importance), whose prompt must then be attended token by token.
   virtual bool has_prefill_attention() const { return false; }
@@ -102,6 +119,18 @@ class any_cache {
   /// eviction of it is done. A storage that fits on them does so at its first call per layer.
   virtual void observe_window(seq_id /*s*/, std::int32_t /*layer*/, const float* /*q*/, std::int32_t /*n*/,
                               std::int32_t /*num_q_heads*/) {}
+ protected:
+  /// attention_batch's arguments: a batch of live sequences, no probabilities.
+  void check_batch(const seq_id* seqs, std::int32_t n, const decode_options& opt) const {
+    constexpr const char* who = "kvc::runtime::any_cache::attention_batch";
+    KVC_EXPECTS_IN(who, n > 0 && seqs != nullptr, "n = ", n, ", expected at least one sequence");
+    KVC_EXPECTS_IN(who, !opt.probs && !opt.group_probs,
+                   "opt.probs or opt.group_probs is set, expected neither: a batched call returns no probabilities "
+                   "(call attention() per sequence for them)");
+    for (std::int32_t b = 0; b < n; ++b)
+      KVC_EXPECTS_IN(who, contains(seqs[b]), "seqs[", b, "] = ", seqs[b],
+                     " is not a live sequence of this cache, expected ids from add_sequence/fork, not removed");
+  }
 };
 
 namespace detail {
@@ -113,6 +142,10 @@ template <class C, class = void>
 struct has_pre_rope : std::false_type {};
 template <class C>
 struct has_pre_rope<C, std::void_t<decltype(std::declval<const C&>().config().pre_rope)>> : std::true_type {};
+template <class C>
+struct is_kv_cache : std::false_type {};
+template <class T>
+struct is_kv_cache<kv_cache<T>> : std::true_type {};
 }  // namespace detail
 
 // ---- per ISA from here (docs/isa.md): the implementations call the CPU kernels ----
@@ -175,6 +208,17 @@ class cache_adapter final : public any_cache {
   void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
                  const decode_options& opt) const override {
     attend_(c_, s, layer, q, num_q_heads, out, opt);
+  }
+  /// One plan over the batch for a plain kv_cache read whole; per sequence otherwise (a read
+  /// policy such as Quest, or a cache with its own kernel).
+  void attention_batch(const seq_id* seqs, std::int32_t n, std::int32_t layer, const float* q,
+                       std::int32_t num_q_heads, float* out, const decode_options& opt) const override {
+    if constexpr (detail::is_kv_cache<Cache>::value && std::is_same<Attend, cpu_attention>::value) {
+      check_batch(seqs, n, opt);
+      kvc::cpu::decode_attention_batch(c_, seqs, n, layer, q, num_q_heads, out, opt);
+    } else {
+      any_cache::attention_batch(seqs, n, layer, q, num_q_heads, out, opt);
+    }
   }
   bool has_prefill_attention() const override { return true; }
   std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const override {
