@@ -2,18 +2,21 @@
 // Quantized KV: decode attention per quantizer against fp16, and append (quantize) throughput.
 //
 //   BM_quant_decode/<quantizer>/<q heads>x<kv heads>x<head_dim>/ctx:<tokens>/threads:<n>
-//     speedup_vs_fp16  fp16 kv_cache<half> + cpu::decode_attention time (same shape, context and
-//                      threads, timed in this process) over this quantizer's time
+//     wall time per step (UseRealTime: with a pool, cpu_time would be the calling thread's only)
+//     bytes_per_second bytes_in_use() of the quantized cache read per second (every byte once a step)
 //     bytes_per_token  bytes_in_use() of the quantized cache (all its pools) / context tokens, for
 //                      all kv heads of the layer (fp16: 4 * kv_heads * head_dim)
+//     No speed-up here: a ratio to fp16 is only reported paired (BM_quant_paired).
 //   BM_quant_append/<quantizer>/<shape>   bytes_per_second = fp16 bytes of K+V input encoded per second
 //                                         (also fp8e5m2, fp8t and fp8e5m2t: FP8 E5M2 and per-tensor scales)
 //   BM_quant_paired/<quantizer>/<shape>/ctx:<tokens>/threads:<n>
 //     fp16 and this quantizer called alternately (15 pairs, same data, same process), so both see
 //     the same machine load: medians of wall time (fp16_ms, quant_ms, speedup_wall) and, for one
 //     thread, of the calling thread's CPU time (fp16_cpu_ms, quant_cpu_ms, speedup_cpu). On a shared,
-//     oversubscribed machine speedup_cpu is the number to read; speedup_vs_fp16 repeats it (one
-//     thread) or speedup_wall (more). Names ending "+iq" run quant_attention_options::int8_query,
+//     oversubscribed machine speedup_cpu is the number to read. speedup_vs_fp16 is speedup_cpu, one
+//     thread only (the same definition as bench_quest's and bench_lowrank's); with a pool only
+//     speedup_wall. quant_bytes_per_second and fp16_bytes_per_second: each cache's bytes_in_use()
+//     over its median wall time. Names ending "+iq" run quant_attention_options::int8_query,
 //     "+iq+ip" quant_attention_options::fast() (approximate integer paths); the others are exact.
 
 #include <algorithm>
@@ -54,43 +57,6 @@ kvc::thread_pool* pool_for(int threads) {
   auto& p = pools[threads];
   if (!p) p = std::make_unique<kvc::thread_pool>(threads);
   return p.get();
-}
-
-/// fp16 decode seconds for (shape, ctx, threads): median of 7 timed calls, measured once.
-double fp16_seconds(shape s, std::int32_t ctx, int threads) {
-  static std::map<std::string, double> memo;
-  const std::string key = std::to_string(s.q_heads) + "/" + std::to_string(s.kv_heads) + "/" +
-                          std::to_string(s.head_dim) + "/" + std::to_string(ctx) + "/" + std::to_string(threads);
-  auto it = memo.find(key);
-  if (it != memo.end()) return it->second;
-  kvc::cache_config c;
-  c.num_layers = 1;
-  c.num_kv_heads = s.kv_heads;
-  c.head_dim = s.head_dim;
-  c.page_size = 16;
-  c.max_pages = s.kv_heads * (ctx / 16 + 2);
-  c.check_finite = false;
-  kvc::kv_cache<kvc::half> cache(c);
-  auto seq = cache.add_sequence();
-  for (std::int32_t t0 = 0; t0 < ctx; t0 += prefill_chunk) {
-    const std::int32_t n = std::min(prefill_chunk, ctx - t0);
-    auto k = random_rows(std::size_t(n) * s.kv_heads * s.head_dim, 1 + t0);
-    auto v = random_rows(k.size(), 2 + t0);
-    cache.append(seq, 0, k.data(), v.data(), n);
-  }
-  auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
-  std::vector<float> out(q.size());
-  kvc::decode_options o;
-  o.pool = pool_for(threads);
-  std::vector<double> ts;
-  for (int r = 0; r < 9; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    kvc::cpu::decode_attention(cache, seq, 0, q.data(), s.q_heads, out.data(), o);
-    benchmark::DoNotOptimize(out.data());
-    ts.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ts.begin(), ts.end());
-  return memo[key] = ts[ts.size() / 2];
 }
 
 /// The quantized cache of the running benchmark (kept across Google Benchmark's repeated calls).
@@ -138,15 +104,13 @@ void BM_quant_decode(benchmark::State& state, shape s, std::int32_t ctx, int thr
   std::vector<float> out(q.size());
   kvc::decode_options o;
   o.pool = pool_for(threads);
-  const double base = fp16_seconds(s, ctx, threads);
   for (auto _ : state) {
     kvc::cpu::decode_attention(cache, seq, 0, q.data(), s.q_heads, out.data(), o);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  state.counters["fp16_ms"] = base * 1e3;
-  state.counters["speedup_vs_fp16"] =
-      benchmark::Counter(base, benchmark::Counter::kIsIterationInvariantRate);  // base * iters / time
+  // Every byte of the cache is read once per step.
+  state.SetBytesProcessed(static_cast<std::int64_t>(cache.bytes_in_use()) * state.iterations());
   state.counters["bytes_per_token"] = double(cache.bytes_in_use()) / ctx;
 }
 
@@ -201,11 +165,14 @@ void BM_quant_paired(benchmark::State& state, shape s, std::int32_t ctx, int thr
     state.counters["fp16_cpu_ms"] = median(fcpu) * 1e3;
     state.counters["quant_cpu_ms"] = median(qcpu) * 1e3;
     state.counters["speedup_cpu"] = median(fcpu) / median(qcpu);
+    // One definition in every benchmark (bench_quest, bench_lowrank): one thread, paired, thread
+    // CPU time. With a pool the calling thread's CPU time misses the workers': speedup_wall only.
+    state.counters["speedup_vs_fp16"] = median(fcpu) / median(qcpu);
   }
-  // The counter: thread CPU time for one thread (robust to a shared machine), wall time
-  // for more.
-  state.counters["speedup_vs_fp16"] = threads == 1 ? median(fcpu) / median(qcpu) : median(fw) / median(qw);
   state.counters["bytes_per_token"] = double(qc.bytes_in_use()) / ctx;
+  // Cache bytes read per second of wall time (every byte once per step).
+  state.counters["quant_bytes_per_second"] = double(qc.bytes_in_use()) / median(qw);
+  state.counters["fp16_bytes_per_second"] = double(fc->bytes_in_use()) / median(fw);
 }
 
 template <class KQ, class VQ>
