@@ -17,4 +17,4 @@ configure_package_config_file(cmake/kvcConfig.cmake.in ${CMAKE_CURRENT_BINARY_DI
 write_basic_package_version_file(${CMAKE_CURRENT_BINARY_DIR}/kvcConfigVersion.cmake
                                  COMPATIBILITY SameMajorVersion ARCH_INDEPENDENT)
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/kvcConfig.cmake ${CMAKE_CURRENT_BINARY_DIR}/kvcConfigVersion.cmake
-              cmake/kvcDependencies.cmake DESTINATION ${KVC_CMAKE_DIR})
+              cmake/kvcDependencies.cmake cmake/kvcDispatch.cmake DESTINATION ${KVC_CMAKE_DIR})

@@ -24,32 +24,46 @@
 
 #if defined(__AVX512BW__)
 #define KVC_ISA_LEVEL_ avx512bw
+#define KVC_ISA_LEVEL_RANK_ 12
 #elif defined(__AVX512DQ__)
 #define KVC_ISA_LEVEL_ avx512dq
+#define KVC_ISA_LEVEL_RANK_ 11
 #elif defined(__AVX512CD__)
 #define KVC_ISA_LEVEL_ avx512cd
+#define KVC_ISA_LEVEL_RANK_ 10
 #elif defined(__AVX512F__)
 #define KVC_ISA_LEVEL_ avx512f
+#define KVC_ISA_LEVEL_RANK_ 9
 #elif defined(__AVX2__)
 #define KVC_ISA_LEVEL_ avx2
+#define KVC_ISA_LEVEL_RANK_ 8
 #elif defined(__AVX__)
 #define KVC_ISA_LEVEL_ avx
+#define KVC_ISA_LEVEL_RANK_ 7
 #elif defined(__SSE4_2__)
 #define KVC_ISA_LEVEL_ sse4_2
+#define KVC_ISA_LEVEL_RANK_ 6
 #elif defined(__SSE4_1__)
 #define KVC_ISA_LEVEL_ sse4_1
+#define KVC_ISA_LEVEL_RANK_ 5
 #elif defined(__SSSE3__)
 #define KVC_ISA_LEVEL_ ssse3
+#define KVC_ISA_LEVEL_RANK_ 4
 #elif defined(__SSE3__)
 #define KVC_ISA_LEVEL_ sse3
+#define KVC_ISA_LEVEL_RANK_ 3
 #elif defined(__SSE2__) || defined(_M_X64)
 #define KVC_ISA_LEVEL_ sse2
+#define KVC_ISA_LEVEL_RANK_ 2
 #elif defined(__aarch64__) || defined(_M_ARM64)
 #define KVC_ISA_LEVEL_ neon64
+#define KVC_ISA_LEVEL_RANK_ 2
 #elif defined(__ARM_NEON)
 #define KVC_ISA_LEVEL_ neon
+#define KVC_ISA_LEVEL_RANK_ 2
 #else
 #define KVC_ISA_LEVEL_ generic
+#define KVC_ISA_LEVEL_RANK_ 1
 #endif
 
 #if defined(__FMA__)
@@ -67,6 +81,11 @@
 #define KVC_ISA_CAT(a, b, c, d) KVC_ISA_CAT_(a, b, c, d)
 #define KVC_ISA_STR_(x) #x
 #define KVC_ISA_STR(x) KVC_ISA_STR_(x)
+
+/// This TU's place in run-time dispatch (runtime/isa_dispatch.hpp): the level's rank, then FMA,
+/// then F16C. A higher rank is preferred where the CPU runs it.
+#define KVC_ISA_RANK (KVC_ISA_LEVEL_RANK_ * 4 + (sizeof(KVC_ISA_STR(KVC_ISA_FMA_)) > 1 ? 2 : 0) + \
+                      (sizeof(KVC_ISA_STR(KVC_ISA_F16C_)) > 1 ? 1 : 0))
 
 /// The ISA namespace of this TU, e.g. `isa_avx2_fma_f16c` or `isa_sse2`.
 #define KVC_ISA_NAMESPACE KVC_ISA_CAT(isa_, KVC_ISA_LEVEL_, KVC_ISA_FMA_, KVC_ISA_F16C_)
@@ -110,5 +129,61 @@ inline bool cpu_has_avx2_fma_f16c() noexcept {
 #endif
 }
 
+KVC_BEGIN_ISA_NAMESPACE  // its body tests this TU's ISA macros
+
+/// Whether this CPU has every instruction-set feature this TU was compiled for, of those kvc's ISA
+/// namespace is named after: run-time dispatch uses a configuration only where this is true.
+/// (Not x86 with GCC or Clang: true, the TU's target being the machine's.)
+inline bool isa_runs_here() noexcept {
+#if KVC_X86_DISPATCH
+  __builtin_cpu_init();
+  bool ok = true;
+#if defined(__AVX512BW__)
+  ok = ok && __builtin_cpu_supports("avx512bw");
+#endif
+#if defined(__AVX512DQ__)
+  ok = ok && __builtin_cpu_supports("avx512dq");
+#endif
+#if defined(__AVX512CD__)
+  ok = ok && __builtin_cpu_supports("avx512cd");
+#endif
+#if defined(__AVX512VL__)
+  ok = ok && __builtin_cpu_supports("avx512vl");
+#endif
+#if defined(__AVX512F__)
+  ok = ok && __builtin_cpu_supports("avx512f");
+#endif
+#if defined(__AVX2__)
+  ok = ok && __builtin_cpu_supports("avx2");
+#endif
+#if defined(__AVX__)
+  ok = ok && __builtin_cpu_supports("avx");
+#endif
+#if defined(__SSE4_2__)
+  ok = ok && __builtin_cpu_supports("sse4.2");
+#endif
+#if defined(__SSE4_1__)
+  ok = ok && __builtin_cpu_supports("sse4.1");
+#endif
+#if defined(__SSSE3__)
+  ok = ok && __builtin_cpu_supports("ssse3");
+#endif
+#if defined(__SSE3__)
+  ok = ok && __builtin_cpu_supports("sse3");
+#endif
+#if defined(__FMA__)
+  ok = ok && __builtin_cpu_supports("fma");
+#endif
+#if defined(__F16C__)
+  unsigned a = 0, b = 0, c = 0, d = 0;  // CPUID leaf 1, ECX bit 29 (see cpu_has_avx2_fma_f16c)
+  ok = ok && __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
+#endif
+  return ok;
+#else
+  return true;
+#endif
+}
+
+KVC_END_ISA_NAMESPACE
 }  // namespace detail
 KVC_END_NAMESPACE

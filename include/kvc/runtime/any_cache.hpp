@@ -41,6 +41,9 @@ class any_cache {
   virtual const cache_config& config() const = 0;
   /// The storage as a spec ("fp16", "kivi(bits=2,group=32,residual=128)", ...).
   virtual std::string name() const = 0;
+  /// The ISA namespace whose kernels this cache runs, e.g. "isa_avx2_fma_f16c" (docs/isa.md; an
+  /// implementation outside kvc may return "").
+  virtual const char* isa() const { return ""; }
 
   virtual seq_id add_sequence() = 0;
   virtual void remove_sequence(seq_id s) = 0;
@@ -179,6 +182,7 @@ class cache_adapter final : public any_cache {
 
   const cache_config& config() const override { return c_.config(); }
   std::string name() const override { return name_; }
+  const char* isa() const override { return KVC_ISA_STR(KVC_ISA_NAMESPACE); }
   seq_id add_sequence() override { return c_.add_sequence(); }
   void remove_sequence(seq_id s) override { c_.remove_sequence(s); }
   bool contains(seq_id s) const override { return c_.contains(s); }

@@ -184,6 +184,7 @@ class layered_cache final : public any_cache {
 
   const cache_config& config() const override { return cfg_; }
   std::string name() const override { return name_; }
+  const char* isa() const override { return parts_[0]->isa(); }  // the parts were built together
 
   seq_id add_sequence() override {
     std::vector<seq_id> ids;

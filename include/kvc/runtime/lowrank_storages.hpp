@@ -321,6 +321,7 @@ class pca_cache final : public any_cache {
 
   const cache_config& config() const override { return cfg_; }
   std::string name() const override { return name_; }
+  const char* isa() const override { return KVC_ISA_STR(KVC_ISA_NAMESPACE); }
   seq_id add_sequence() override { return store_ ? store_->add_sequence() : c_.add_sequence(); }
   void remove_sequence(seq_id s) override { store_ ? store_->remove_sequence(s) : c_.remove_sequence(s); }
   bool contains(seq_id s) const override { return store_ ? store_->contains(s) : c_.contains(s); }
@@ -516,6 +517,7 @@ class think_cache final : public any_cache {
 
   const cache_config& config() const override { return cfg_; }
   std::string name() const override { return name_; }
+  const char* isa() const override { return KVC_ISA_STR(KVC_ISA_NAMESPACE); }
   seq_id add_sequence() override {
     return commit(full_.add_sequence(), [&] { return proj_.add_sequence(); },
                   std::vector<std::int32_t>(static_cast<std::size_t>(cfg_.num_layers), 0));

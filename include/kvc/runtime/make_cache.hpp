@@ -21,6 +21,7 @@
 #include <kvc/error.hpp>
 #include <kvc/isa.hpp>
 #include <kvc/runtime/any_cache.hpp>
+#include <kvc/runtime/isa_dispatch.hpp>
 #include <kvc/runtime/spec.hpp>
 #include <kvc/store/kv_cache.hpp>
 #include <kvc/types.hpp>
@@ -136,6 +137,30 @@ inline std::unique_ptr<any_cache> make_cache(const std::string& spec, const cach
   return make_cache(stages[0], cfg, opt);
 }
 
+/// This configuration's entry for make_cache_for_cpu (runtime/isa_dispatch.hpp): one per program
+/// and ISA configuration, registered before main.
+inline const bool isa_variant_registered = add_isa_variant(
+    {KVC_ISA_STR(KVC_ISA_NAMESPACE), KVC_ISA_RANK, &kvc::detail::isa_runs_here, &is_storage,
+     static_cast<std::unique_ptr<any_cache> (*)(const spec_stage&, const cache_config&, const storage_options&)>(
+         &make_cache)});
+
 KVC_END_ISA_NAMESPACE
+
+/// make_cache with the best ISA configuration of the program this CPU runs, one that registered
+/// the stage's storage (or the configuration `isa` or the environment variable KVC_ISA names,
+/// e.g. "isa_sse2" to force the fallback): runtime/isa_dispatch.hpp, docs/isa.md. The cache's
+/// isa() says which one runs it.
+inline std::unique_ptr<any_cache> make_cache_for_cpu(const spec_stage& st, const cache_config& cfg,
+                                                     const storage_options& opt = {}, const char* isa = nullptr) {
+  return choose_isa_variant(st.name, isa).make(st, cfg, opt);
+}
+
+inline std::unique_ptr<any_cache> make_cache_for_cpu(const std::string& spec, const cache_config& cfg,
+                                                     const storage_options& opt = {}, const char* isa = nullptr) {
+  const auto stages = parse_spec(spec);
+  KVC_EXPECTS_IN("kvc::runtime::make_cache_for_cpu", stages.size() == 1, "spec = \"", spec,
+                 "\", expected exactly one storage stage");
+  return make_cache_for_cpu(stages[0], cfg, opt, isa);
+}
 }  // namespace runtime
 KVC_END_NAMESPACE

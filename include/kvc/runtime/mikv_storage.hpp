@@ -82,6 +82,7 @@ class mikv_cache final : public any_cache {
 
   const cache_config& config() const override { return c_.config(); }
   std::string name() const override { return name_; }
+  const char* isa() const override { return KVC_ISA_STR(KVC_ISA_NAMESPACE); }
 
   seq_id add_sequence() override {
     const seq_id s = c_.add_sequence();

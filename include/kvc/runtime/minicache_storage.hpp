@@ -43,6 +43,7 @@ class minicache_adapter final : public any_cache {
 
   const cache_config& config() const override { return c_.config(); }
   std::string name() const override { return name_; }
+  const char* isa() const override { return KVC_ISA_STR(KVC_ISA_NAMESPACE); }
   seq_id add_sequence() override { return c_.add_sequence(); }
   void remove_sequence(seq_id s) override { c_.remove_sequence(s); }
   bool contains(seq_id s) const override { return c_.contains(s); }

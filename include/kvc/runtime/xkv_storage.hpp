@@ -180,6 +180,7 @@ class xkv_cache final : public any_cache {
 
   const cache_config& config() const override { return cfg_; }
   std::string name() const override { return name_; }
+  const char* isa() const override { return KVC_ISA_STR(KVC_ISA_NAMESPACE); }
   seq_id add_sequence() override {
     entry e;
     e.observed.assign(static_cast<std::size_t>(cfg_.num_layers), 0);
