@@ -84,9 +84,26 @@ struct partial {
   float* acc;  // [G][D]
 };
 
+/// st as the state over no token, accumulating into acc.
+inline void start_partial(partial& st, float* acc) noexcept {
+  st.acc = acc;
+  for (std::int32_t g = 0; g < max_group; ++g) {
+    st.m[g] = -INFINITY;
+    st.l[g] = 0.0f;
+  }
+}
+
 template <class View>
 inline constexpr bool rows_are_plain_v = is_plain_accessor_v<typename View::accessor_type> &&
                                          View::mapping_type::dim_contiguous;
+
+/// Float copies of a tile's rows, only for layouts or accessors without plain rows (empty otherwise).
+template <class KView, class VView>
+std::vector<float> tile_scratch(std::int32_t D) {
+  return std::vector<float>(rows_are_plain_v<KView> && rows_are_plain_v<VView>
+                                ? 0
+                                : static_cast<std::size_t>(tile_tokens) * static_cast<std::size_t>(D));
+}
 
 /// What a tile's rows are read as: the stored elements for plain row layouts, float copies
 /// otherwise.
@@ -229,8 +246,8 @@ void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t 
   alignas(64) float s[G * tile_tokens];
   row_t<KView>* krows[tile_tokens];
   row_t<VView>* vrows[tile_tokens];
-  row_t<KView>* pk[tile_tokens];  // rows of the tile being prefetched, [0, pn)
-  row_t<VView>* pv[tile_tokens];
+  row_t<KView>* pk[tile_tokens] = {};  // rows of the tile being prefetched
+  row_t<VView>* pv[tile_tokens] = {};
   for (std::int32_t ts = t0; ts < t1; ts += tile_tokens) {
     const std::int32_t tn = std::min(tile_tokens, t1 - ts);
     tile_rows(K, hi, ts, tn, krows, scratch);
@@ -514,16 +531,9 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
     const std::size_t k = static_cast<std::size_t>(i);
     const task& tk = tasks[k];
     detail::partial& st = parts[k];
-    st.acc = accs.data() + k * detail::max_group * D;
-    for (std::int32_t g = 0; g < detail::max_group; ++g) {
-      st.m[g] = -INFINITY;
-      st.l[g] = 0.0f;
-    }
+    detail::start_partial(st, accs.data() + k * detail::max_group * D);
     if (tk.t1 <= tk.t0) return;
-    // Float copies of a tile's rows, only for layouts or accessors without plain rows.
-    std::vector<float> scratch(detail::rows_are_plain_v<KView> && detail::rows_are_plain_v<VView>
-                                   ? 0
-                                   : static_cast<std::size_t>(detail::tile_tokens) * D);
+    std::vector<float> scratch = detail::tile_scratch<KView, VView>(D);
     const std::int32_t qh0 = tk.h * G + tk.g0, n = tk.t1 - tk.t0;
     float* raw = nullptr;
     std::size_t stride = raw_stride;
@@ -686,16 +696,10 @@ void decode_attention_batch(const Heads* batch, std::int32_t n, const float* q, 
   auto run = [&](std::size_t k) {
     const task& tk = tasks[k];
     detail::partial& st = parts[k];
-    st.acc = accs.get() + k * detail::max_group * D;
+    detail::start_partial(st, accs.get() + k * detail::max_group * D);
     std::fill(st.acc, st.acc + static_cast<std::size_t>(tk.gn) * D, 0.0f);
-    for (std::int32_t g = 0; g < detail::max_group; ++g) {
-      st.m[g] = -INFINITY;
-      st.l[g] = 0.0f;
-    }
     if (tk.t1 <= tk.t0) return;
-    std::vector<float> scratch(detail::rows_are_plain_v<KView> && detail::rows_are_plain_v<VView>
-                                   ? 0
-                                   : static_cast<std::size_t>(detail::tile_tokens) * D);
+    std::vector<float> scratch = detail::tile_scratch<KView, VView>(D);
     const Heads& heads = batch[tk.b];
     detail::attend_range_dispatch<Arch>(tk.gn, heads.keys(tk.h), heads.values(tk.h), heads.index(tk.h), tk.t0,
                                         tk.t1,
