@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -334,6 +335,35 @@ TEST_CASE("the SIMD path under test", "[attention][isa]") {
   CHECK(!path.empty());
   if (kvc_test::expect_avx2()) REQUIRE(path.find("avx2") != std::string::npos);
   if (kvc_test::expect_avx512()) REQUIRE(path.find("avx512") != std::string::npos);
+}
+
+TEST_CASE("the kernels' binary16 and bfloat16 loads give kvc::half's and kvc::bfloat16's floats, bit for bit",
+          "[attention][isa]") {
+  // Every one of the 65,536 bit patterns, W lanes at a time, through this build's load_as_float:
+  // F16C (AVX2), AVX-512, SSE2's integer conversion (portable x86-64 build) or the scalar loop.
+  using A = kvc::cpu::default_arch;
+  constexpr std::size_t W = kvc::cpu::fbatch<A>::size;
+  std::vector<std::uint16_t> bits(65536 + W);
+  for (std::size_t i = 0; i < bits.size(); ++i) bits[i] = static_cast<std::uint16_t>(i);
+  int bad_h = 0, bad_b = 0;
+  for (std::size_t i = 0; i < 65536; i += W) {
+    std::vector<kvc::half> h(W);
+    std::vector<kvc::bfloat16> b(W);
+    std::memcpy(h.data(), bits.data() + i, W * 2);
+    std::memcpy(b.data(), bits.data() + i, W * 2);
+    alignas(64) float fh[W], fb[W];
+    kvc::cpu::load_as_float<A>(h.data()).store_aligned(fh);
+    kvc::cpu::load_as_float<A>(b.data()).store_aligned(fb);
+    for (std::size_t j = 0; j < W; ++j) {
+      const float rh = static_cast<float>(h[j]), rb = static_cast<float>(b[j]);
+      std::uint32_t gh, wh, gb, wb;
+      std::memcpy(&gh, &fh[j], 4), std::memcpy(&wh, &rh, 4), std::memcpy(&gb, &fb[j], 4), std::memcpy(&wb, &rb, 4);
+      if (gh != wh && bad_h++ < 3) FAIL_CHECK("binary16 0x" << std::hex << bits[i + j] << ": 0x" << gh << ", want 0x" << wh);
+      if (gb != wb && bad_b++ < 3) FAIL_CHECK("bfloat16 0x" << std::hex << bits[i + j] << ": 0x" << gb << ", want 0x" << wb);
+    }
+  }
+  REQUIRE(bad_h == 0);
+  REQUIRE(bad_b == 0);
 }
 
 TEST_CASE("kvc::cpu::haddp puts the sum of row i in lane i", "[attention][isa]") {

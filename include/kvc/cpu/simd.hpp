@@ -4,7 +4,8 @@
 /// \file
 /// xsimd helpers for the CPU kernels: load any storage type as a batch of float. xsimd 8.1 has no
 /// half or bfloat16 batches, so the conversions use the F16C/AVX2/AVX-512 instructions when the
-/// compiler targets them and a scalar path otherwise. Everything here is compiled per ISA, in
+/// compiler targets them, SSE2 integer operations for binary16 at the baseline x86-64 target, and
+/// a scalar path otherwise. Everything here is compiled per ISA, in
 /// the ISA namespace of kvc/isa.hpp, so TUs built with different -m flags never share a body. Never names xsimd's base arch tag (it is
 /// `generic` in xsimd 8 and `common` later).
 
@@ -16,13 +17,35 @@
 #include <kvc/isa.hpp>
 #include <kvc/types.hpp>
 
-#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
 KVC_BEGIN_ISA_NAMESPACE  // compiled per ISA: docs/isa.md
+
+#if defined(__SSE2__) && !defined(__F16C__)
+/// Four binary16 values as float with SSE2 integer operations, the bits of F16C's conversion for
+/// every input (zeros, subnormals, infinities, NaNs quietened) and independent of the FTZ/DAZ modes: the baseline
+/// x86-64 target has no F16C, and a scalar conversion per element was most of its decode step.
+KVC_FORCEINLINE __m128 half4_to_float_sse2(const void* p) noexcept {
+  const __m128i x = _mm_unpacklo_epi16(_mm_loadl_epi64(static_cast<const __m128i*>(p)), _mm_setzero_si128());
+  const __m128i sign = _mm_slli_epi32(_mm_and_si128(x, _mm_set1_epi32(0x8000)), 16);
+  const __m128i em = _mm_and_si128(x, _mm_set1_epi32(0x7fff));
+  // Normal: exponent rebiased by 127 - 15 = 112; infinity and NaN (exponent 31) by 112 more, to 255.
+  __m128i bits = _mm_add_epi32(_mm_slli_epi32(em, 13), _mm_set1_epi32(112 << 23));
+  const __m128i inf_nan = _mm_cmpgt_epi32(em, _mm_set1_epi32(0x7bff));
+  bits = _mm_add_epi32(bits, _mm_and_si128(inf_nan, _mm_set1_epi32(112 << 23)));
+  // A NaN comes back quiet, as F16C and kvc::half's conversion return it.
+  bits = _mm_or_si128(bits, _mm_and_si128(_mm_cmpgt_epi32(em, _mm_set1_epi32(0x7c00)), _mm_set1_epi32(0x00400000)));
+  // Zero and subnormal (exponent 0): mantissa x 2^-24, an exact float product.
+  const __m128i small = _mm_cmplt_epi32(em, _mm_set1_epi32(0x0400));
+  const __m128i sub = _mm_castps_si128(_mm_mul_ps(_mm_cvtepi32_ps(em), _mm_set1_ps(5.9604644775390625e-8f)));
+  bits = _mm_or_si128(_mm_andnot_si128(small, bits), _mm_and_si128(small, sub));
+  return _mm_castsi128_ps(_mm_or_si128(bits, sign));
+}
+#endif
 
 /// The ISA this TU's kernels were compiled for, e.g. "isa_avx2_fma_f16c" or "isa_sse2": the
 /// name of the inline namespace they live in (docs/isa.md). Each TU gets its own answer.
@@ -49,6 +72,9 @@ KVC_FORCEINLINE fbatch<Arch> load_as_float(const T* p) noexcept {
 #if defined(__AVX512F__)
     if constexpr (W == 16)
       return fbatch<Arch>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#endif
+#if defined(__SSE2__) && !defined(__F16C__)
+    if constexpr (W == 4) return fbatch<Arch>(half4_to_float_sse2(p));
 #endif
     alignas(64) float buf[W];
     for (std::size_t i = 0; i < W; ++i) buf[i] = static_cast<float>(p[i]);
