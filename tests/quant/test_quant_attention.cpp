@@ -517,11 +517,26 @@ TEST_CASE("int8_probs with KIVI keys: exact fused scores, integer values", "[qua
 
 TEST_CASE("the SIMD path under test", "[quant][attention][isa]") {
   WARN("quantized decode attention: " << kvc_test::simd_path()
-                                      << (kvc::cpu::qdetail::fused_available ? ", fused AVX2 kernels" : ", decode-then-attend"));
-  if (kvc_test::expect_avx2()) REQUIRE(kvc::cpu::qdetail::fused_available);  // the fused and integer kernels run
-  if (kvc_test::expect_avx512()) {  // 16-wide float kernels around the same AVX2 fused and integer kernels
-    REQUIRE(kvc::cpu::qdetail::fused_available);
+                                      << (kvc::cpu::qdetail::fused_available ? ", fused code kernels" : ", decode-then-attend"));
+  namespace qd = kvc::cpu::qdetail;
+  using role = kvc::quant::role;
+  using A = kvc::cpu::default_arch;
+  if (kvc_test::expect_avx2() || kvc_test::expect_avx512()) {  // the fused and integer kernels run, at the build's float width
+    REQUIRE(qd::fused_available);
+    REQUIRE(qd::code_step<A> == 2 * static_cast<std::int32_t>(kvc::cpu::fbatch<A>::size));
+    // the shapes the tests above use take the fused kernels, not decode-then-attend
+    CHECK(qd::fused_ok<A, int8, role::key, 4>(64));
+    CHECK(qd::fused_ok<A, int4, role::value, 2>(128));
+    CHECK(qd::fused_ok<A, kivi<2>, role::key, 4>(64));
+    CHECK(qd::fused_ok<A, kivi<2>, role::value, 4>(64));
+    CHECK(qd::fused_ok<A, fp8<>, role::key, 4>(64));
+    CHECK_FALSE(qd::fused_ok<A, int8, role::key, 8>(64));  // G > 4: decode-then-attend
+  }
+  if (kvc_test::expect_avx512()) {  // the fused float kernels 16 wide; the integer ones stay AVX2
+    REQUIRE(qd::fused_available);
     REQUIRE(kvc_test::simd_path().find("avx512") != std::string::npos);
+    REQUIRE(qd::code_step<A> == 32);
+    CHECK_FALSE(qd::fused_ok<A, int8, role::key, 4>(48));  // 48 channels: not whole 32-channel steps
   }
 }
 

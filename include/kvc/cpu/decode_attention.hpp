@@ -263,46 +263,9 @@ void attend_range(const KView& K, const VView& V, std::int32_t hi, std::int32_t 
     score_tile<Arch, G>(q, krows, tn, D, s, pk, pv, pn);
     for (std::int32_t g = 0; g < G; ++g) {
       float* sg = s + g * tile_tokens;
-      // A whole tile's scores of one head are NB batches: its maximum, exp and sum stay in
-      // registers. Per token and element these were scalar loops; bench_decode fp16 32x8x128
-      // one thread (2026-12, Intel AVX-512 VM, paired in one process): 1.39x the speed at 512
-      // tokens (cache-resident), 1.16x at 32k; 1.04x in the AVX2 build.
-      using B = fbatch<Arch>;
-      constexpr std::int32_t W = static_cast<std::int32_t>(B::size), NB = tile_tokens / W;
-      const bool whole = tn == tile_tokens;
-      float mt;
-      if (whole) {
-        B mx = B::load_aligned(sg);
-        for (std::int32_t j = 1; j < NB; ++j) mx = xsimd::max(mx, B::load_aligned(sg + j * W));
-        mt = reduce_max<Arch>(mx);
-      } else {
-        mt = sg[0];
-        for (std::int32_t i = 1; i < tn; ++i) mt = std::max(mt, sg[i]);
-      }
-      const float m_new = std::max(st.m[g], mt);
-      if (m_new > st.m[g]) {
-        const float corr = std::exp(st.m[g] - m_new);  // 0 on the first tile
-        st.l[g] *= corr;
-        float* a = st.acc + g * D;
-        for (std::int32_t d = 0; d < D; ++d) a[d] *= corr;
-        st.m[g] = m_new;
-      }
-      if (whole) {
-        const B mb(m_new);
-        B ls(0.0f);
-        for (std::int32_t j = 0; j < NB; ++j) {
-          const B e = xsimd::exp(B::load_aligned(sg + j * W) - mb);
-          ls += e;
-          e.store_aligned(sg + j * W);
-        }
-        st.l[g] += reduce_add<Arch>(ls);
-      } else {
-        for (std::int32_t i = 0; i < tn; ++i) sg[i] -= m_new;
-        exp_inplace<Arch>(sg, tn);
-        float l = 0.0f;
-        for (std::int32_t i = 0; i < tn; ++i) l += sg[i];
-        st.l[g] += l;
-      }
+      if (tn == tile_tokens) softmax_tile<Arch>(sg, tile_tokens, st.m[g], st.l[g], st.acc + g * D, D);
+      else softmax_tile<Arch>(sg, tn, st.m[g], st.l[g], st.acc + g * D, D);
+      const float m_new = st.m[g];
       if (raw) {
         // A whole tile is a fixed-size copy in explicit SIMD moves. std::copy of a run-time length
         // was a memmove call per tile and head; a plain fixed-length loop was compiled by GCC 12

@@ -5,7 +5,8 @@
 /// CPU decode attention over a kvc::quant_cache, with dequantization fused into the kernel. With
 /// AVX2+FMA+F16C, per-token integer codecs (intn, KIVI values), KIVI keys and FP8 are read as codes
 /// (quant_kernels.hpp: scores s (q . c) + z sum(q), values sum (p s) c + sum p z, for G <= 4 query
-/// heads per kv head and head_dim a multiple of 16); other codecs, pre-RoPE keys and larger groups
+/// heads per kv head, at the float width of the build: head_dim a multiple of 16 with AVX2, of 32
+/// with AVX-512); other codecs, pre-RoPE keys and larger groups
 /// decode a tile (64 tokens) at a time into L1-resident scratch, so full precision K/V never exists
 /// for more than one tile. quant_attention_options::int8_query scores per-token integer keys with
 /// integer dot products (approximate, bounded in the tests). Same semantics as kvc::cpu::decode_attention
@@ -62,6 +63,24 @@ struct quant_attention_options {
 
 namespace qdetail {
 
+/// Prefetch the key and value records of the n quantized tokens from stream position t (one
+/// page) while the current tile is computed: without it the first read of each record's scale
+/// stalled on memory (perf, int2 32x8x128 ctx:32768: 10% of attend_int on one vcvtph2ps; int8,
+/// exact path: 28% of fused_scores).
+template <class KQ, class VQ, class SV>
+KVC_FORCEINLINE void prefetch_quant_tile(const KQ& kq, const VQ& vq, const SV& sv, std::int32_t P, std::int32_t t,
+                                         std::int32_t n, std::int32_t D) noexcept {
+  using quant::role;
+  const std::int32_t j0 = t - sv.n_sink, js = j0 % P;
+  const std::byte* np = sv.quant_base + static_cast<std::size_t>(sv.pages[j0 / P]) * sv.page_bytes;
+  const std::size_t rbk = kq.record_bytes(role::key, D), rbv = vq.record_bytes(role::value, D);
+  const std::int32_t uk = KQ::tokens_per_record(role::key);
+  const std::size_t kb0 = rbk * static_cast<std::size_t>(js / uk), kb1 = rbk * static_cast<std::size_t>((js + n + uk - 1) / uk);
+  for (std::size_t o = kb0; o < kb1; o += 64) prefetch_read(np + o);
+  for (std::size_t o = rbv * static_cast<std::size_t>(js); o < rbv * static_cast<std::size_t>(js + n); o += 64)
+    prefetch_read(np + sv.v_offset + o);
+}
+
 /// Generic tile path: decode K and V rows of [t0, t1) and attend. q_model: scaled queries in the
 /// model domain; q_stored: rotated into the key codec's stored domain (same pointer when the codec
 /// does not rotate). The accumulator is in the value codec's stored domain.
@@ -78,8 +97,8 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
   const std::int32_t TT = static_cast<std::int32_t>(sc.s.size()) / max_group;
   using KQ = std::decay_t<decltype(kq)>;
   using VQ = std::decay_t<decltype(vq)>;
-  const bool fused_k = fused_ok<KQ, role::key, G>(D);
-  const bool fused_v = fused_ok<VQ, role::value, G>(D);
+  const bool fused_k = fused_ok<Arch, KQ, role::key, G>(D);
+  const bool fused_v = fused_ok<Arch, VQ, role::value, G>(D);
   const bool int_k = int8_query && intdot_ok<KQ, G>(D) && !rp;
   std::unique_ptr<int_query> iq;
   if constexpr (fused_codec<KQ, role::key>::kind == 1) {
@@ -104,6 +123,10 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
     }
     e = std::min(e, t + TT);
     const std::int32_t tn = e - t;
+    if (quantized && e < std::min(t1, sv.n_sink + sv.n_quant)) {
+      const std::int32_t nq = std::min(t1, sv.n_sink + sv.n_quant) - e;
+      prefetch_quant_tile(kq, vq, sv, P, e, std::min({nq, TT, P - (e - sv.n_sink) % P}), D);
+    }
     float* kb = sc.k.data();
     float* vb = sc.v.data();
     float* s = sc.s.data();
@@ -118,7 +141,7 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
           intdot_scores<G>(kq, page, D, slot0, tn, *iq, s, TT, sc);
           k_done = true;
         } else if (!rp && fused_k) {
-          fused_scores<G>(kq, page, D, slot0, tn, q_stored, s, TT, sc);
+          fused_scores<Arch, G>(kq, page, D, slot0, tn, q_stored, s, TT, sc);
           k_done = true;
         }
       }
@@ -155,7 +178,7 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
       for (std::int32_t i = 0; i < tn; ++i) dot_rows<Arch, G>(qq, kb + static_cast<std::size_t>(i) * D, D, s + i, TT);
     softmax_update<Arch, G>(s, TT, tn, D, st, raw, raw_stride, t);
     if constexpr (fused_codec<VQ, role::value>::kind != 0) {
-      if (v_fused) fused_values<G>(vq, vpart, D, vslot0, tn, s, TT, st.acc, sc);
+      if (v_fused) fused_values<Arch, G>(vq, vpart, D, vslot0, tn, s, TT, st.acc, sc);
       else accumulate_rows<Arch, G>(s, TT, vb, tn, D, st.acc);
     } else {
       (void)v_fused, (void)vpart, (void)vslot0;
@@ -206,19 +229,7 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
     const std::int32_t e = std::min({b, t + TT, t + P - slot0});
     const std::int32_t tn = e - t;
     const std::byte* page = sv.quant_base + static_cast<std::size_t>(sv.pages[i0 / P]) * sv.page_bytes;
-    if (e < b) {
-      // Prefetch the next tile's key and value records (one line per 64 bytes) while this one is
-      // computed; without it the first read of each record's scale stalled on memory (perf, int2
-      // 32x8x128 ctx:32768: 10% of attend_int on one vcvtph2ps).
-      const std::int32_t j0 = e - sv.n_sink, js = j0 % P, jn = std::min({b - e, TT, P - js});
-      const std::byte* np = sv.quant_base + static_cast<std::size_t>(sv.pages[j0 / P]) * sv.page_bytes;
-      const std::int32_t uk = std::decay_t<decltype(kq)>::tokens_per_record(role::key);
-      const std::size_t kb0 = rbk * static_cast<std::size_t>(js / uk),
-                        kb1 = rbk * static_cast<std::size_t>((js + jn + uk - 1) / uk);
-      for (std::size_t o = kb0; o < kb1; o += 64) prefetch_read(np + o);
-      for (std::size_t o = rbv * static_cast<std::size_t>(js); o < rbv * static_cast<std::size_t>(js + jn); o += 64)
-        prefetch_read(np + sv.v_offset + o);
-    }
+    if (e < b) prefetch_quant_tile(kq, vq, sv, P, e, std::min({b - e, TT, P - (e - sv.n_sink) % P}), D);
     if constexpr (fused_codec<KQ, role::key>::kind == 1) {
       if (iq) {
         using FK = fused_codec<KQ, role::key>;
@@ -227,7 +238,7 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
                                                              sc.ks.data(), sc.kz.data(), dots);
       }
     }
-    if (!iq) fused_scores<G>(kq, page, D, slot0, tn, q_stored, s, sst, sc);
+    if (!iq) fused_scores<Arch, G>(kq, page, D, slot0, tn, q_stored, s, sst, sc);
     const std::byte* vpart = page + sv.v_offset + rbv * static_cast<std::size_t>(slot0);
     for (std::int32_t i = 0; i < tn; ++i)
       vrows[static_cast<std::size_t>(i)] = reinterpret_cast<const std::uint8_t*>(vpart + rbv * static_cast<std::size_t>(i));
@@ -313,7 +324,7 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
                           fused_codec<VQ, quant::role::value>::kind == 1 && fused_codec<VQ, quant::role::value>::group == 0;
   if constexpr (can_int) {
   const std::int32_t qa = std::max(t0, sv.n_sink), qb = std::min(t1, sv.n_sink + sv.n_quant);
-  const bool kfast = intdot_ok<KQ, G>(D) || fused_ok<KQ, quant::role::key, G>(D);
+  const bool kfast = intdot_ok<KQ, G>(D) || fused_ok<Arch, KQ, quant::role::key, G>(D);
   if (qo.int8_probs && qa < qb && !c.pre_rope() && G <= 4 && intval_ok<VQ>(D) && kfast &&
       static_cast<std::int32_t>(sc.s.size()) / max_group == tile_tokens) {
     if (t0 < qa) attend_tiles<Arch, G>(c, sv, t0, qa, q_model, q_stored, D, st, raw, raw_stride, sc, false);
@@ -324,7 +335,7 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
         quantize_query<fused_codec<KQ, quant::role::key>::bits>(q_stored, G, D, *iq);
       }
     }
-    if (iq || fused_ok<KQ, quant::role::key, G>(D)) {
+    if (iq || fused_ok<Arch, KQ, quant::role::key, G>(D)) {
       attend_int<Arch, G>(c, sv, qa, qb, q_stored, D, st, raw, raw_stride, sc, iq.get());
     } else {
       attend_tiles<Arch, G>(c, sv, qa, qb, q_model, q_stored, D, st, raw, raw_stride, sc, false);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <kvc/cpu/simd.hpp>
+#include <kvc/cpu/softmax_merge.hpp>
 #include <kvc/quant/fp8.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/kivi.hpp>
@@ -76,42 +77,10 @@ KVC_FORCEINLINE void accumulate_rows(const float* p, std::int32_t pstride, const
 template <class Arch, std::int32_t G>
 KVC_FORCEINLINE void softmax_update(float* s, std::int32_t stride, std::int32_t tn, std::int32_t D, partial& st,
                                     float* raw, std::int32_t raw_stride, std::int32_t t_abs) noexcept {
-  // The maximum, exp and sum of whole batches in registers, the tail scalar: the scalar loops
-  // were two dependency chains of tn (64) operations per head and tile. BM_quant_paired
-  // 32x8x128 ctx:32768 one thread, speedup_vs_fp16 before -> after (2026-12, Intel AVX-512 VM,
-  // two process pairs): int8 0.60-0.61 -> 0.67-0.69, fp8 0.54-0.55 -> 0.60, int4 0.75-0.76 ->
-  // 0.85-0.89, kivi2 0.60-0.63 -> 0.65-0.68.
-  using B = fbatch<Arch>;
-  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
-  const std::int32_t whole = tn / W * W;
   for (std::int32_t g = 0; g < G; ++g) {
     float* sg = s + g * stride;
     if (raw) std::copy(sg, sg + tn, raw + static_cast<std::size_t>(g) * raw_stride + t_abs);
-    float mt = sg[0];
-    if (whole > 0) {
-      B mx = B::load_unaligned(sg);
-      for (std::int32_t i = W; i < whole; i += W) mx = xsimd::max(mx, B::load_unaligned(sg + i));
-      mt = reduce_max<Arch>(mx);
-    }
-    for (std::int32_t i = whole; i < tn; ++i) mt = std::max(mt, sg[i]);
-    const float m_new = std::max(st.m[g], mt);
-    if (m_new > st.m[g]) {
-      const float corr = std::exp(st.m[g] - m_new);
-      st.l[g] *= corr;
-      float* a = st.acc + g * D;
-      for (std::int32_t d = 0; d < D; ++d) a[d] *= corr;
-      st.m[g] = m_new;
-    }
-    const B mb(m_new);
-    B ls(0.0f);
-    for (std::int32_t i = 0; i < whole; i += W) {
-      const B e = xsimd::exp(B::load_unaligned(sg + i) - mb);
-      ls += e;
-      e.store_unaligned(sg + i);
-    }
-    float l = reduce_add<Arch>(ls);
-    for (std::int32_t i = whole; i < tn; ++i) l += (sg[i] = std::exp(sg[i] - m_new));
-    st.l[g] += l;
+    cpu::detail::softmax_tile<Arch>(sg, tn, st.m[g], st.l[g], st.acc + g * D, D);
   }
 }
 
@@ -176,46 +145,95 @@ struct fused_codec<quant::fp8<F, Sc>, R> {
   using format = F;
 };
 
+/// Channels a code loader yields per call: two float batches of Arch. The fused kernels run at
+/// the float width of Arch: 8 (AVX2) or 16 (AVX-512, where fp16 decode already ran 16 wide while
+/// these stayed 8 wide: BM_quant_paired 32x8x128 ctx:32768 one thread, Intel AVX-512 VM 2026-12,
+/// speedup_vs_fp16 int8 0.81 -> see bench/results/quant.md).
+template <class Arch>
+inline constexpr std::int32_t code_step = 2 * static_cast<std::int32_t>(fbatch<Arch>::size);
+
 #if KVC_QUANT_AVX2
 inline constexpr bool fused_available = true;
 
-/// 16 codes of a row starting at channel d, as *centred* floats c - 2^(Bits-1): the zero point
-/// moves to z + s 2^(Bits-1) (the middle of the row's range, 0 for symmetric codes), so the two
-/// terms of s (q . c) + z' sum(q) do not cancel (uncentred codes cost 1.2e-5 of the 1e-5 budget in
-/// test_quant_attention; centred they are below it).
+/// Whether the fused kernels have loaders at the float width of Arch.
+template <class Arch>
+inline constexpr bool fused_width_ok = fbatch<Arch>::size == 8
+#if defined(__AVX512F__)
+                                       || fbatch<Arch>::size == 16
+#endif
+    ;
+
+/// 16 codes of a row from channel d as centred signed bytes c - 2^(Bits-1).
 template <int Bits>
+KVC_FORCEINLINE __m128i centred16(const std::uint8_t* row, std::int32_t d) noexcept {
+  if constexpr (Bits == 8)
+    return _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)), _mm_set1_epi8(-128));
+  else
+    return _mm_sub_epi8(quant::detail::unpack16<Bits>(row + d * Bits / 8), _mm_set1_epi8(1 << (Bits - 1)));
+}
+
+/// code_step<Arch> codes of a row from channel d, as *centred* floats c - 2^(Bits-1): the zero
+/// point moves to z + s 2^(Bits-1) (the middle of the row's range, 0 for symmetric codes), so the
+/// two terms of s (q . c) + z' sum(q) do not cancel (uncentred codes cost 1.2e-5 of the 1e-5 budget
+/// in test_quant_attention; centred they are below it).
+template <int Bits, class Arch>
 struct int_loader {
-  KVC_FORCEINLINE void operator()(const std::uint8_t* row, std::int32_t d, __m256& a, __m256& b) const noexcept {
-    if constexpr (Bits == 8) {
-      const __m128i c = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)), _mm_set1_epi8(-128));
-      a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
-      b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
-    } else {
-      const __m128i c = _mm_sub_epi8(quant::detail::unpack16<Bits>(row + d * Bits / 8), _mm_set1_epi8(1 << (Bits - 1)));
-      a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
-      b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
+  using B = fbatch<Arch>;
+  KVC_FORCEINLINE void operator()(const std::uint8_t* row, std::int32_t d, B& a, B& b) const noexcept {
+    if constexpr (B::size == 8) {
+      const __m128i c = centred16<Bits>(row, d);
+      a = B(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)));
+      b = B(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8))));
     }
+#if defined(__AVX512F__)
+    else if constexpr (B::size == 16) {
+      a = B(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(centred16<Bits>(row, d))));
+      b = B(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(centred16<Bits>(row, d + 16))));
+    }
+#endif
   }
 };
 template <int Bits>
 inline constexpr float code_mid = static_cast<float>(1 << (Bits - 1));
 
-/// 16 FP8 codes as floats divided by fp8_unit<F> (exact): the byte shifted into a binary16 is
-/// E5M2 itself; E4M3 gets its exponent moved down one bit (value / 256, subnormals included) and
-/// goes through F16C. The NaN codes (never produced by the saturating encoder from finite input)
-/// would read as 480.
+/// 8 FP8 codes of p (in the low half of c) as the binary16 bit patterns of their values divided
+/// by fp8_unit<F> (exact): the byte shifted into a binary16 is E5M2 itself; E4M3 gets its exponent
+/// moved down one bit (value / 256, subnormals included). The NaN codes (never produced by the
+/// saturating encoder from finite input) would read as 480.
 template <class F>
+KVC_FORCEINLINE __m128i fp8_as_half(__m128i h) noexcept {
+  if constexpr (std::is_same<F, fp8_e4m3>::value)
+    return _mm_and_si128(_mm_srai_epi16(h, 1), _mm_set1_epi16(static_cast<short>(0xBFFF)));
+  else
+    return h;
+}
+
+/// code_step<Arch> FP8 codes of a row from channel d as floats / fp8_unit<F>, through F16C.
+template <class F, class Arch>
 struct fp8_loader {
-  KVC_FORCEINLINE void operator()(const std::uint8_t* row, std::int32_t d, __m256& a, __m256& b) const noexcept {
-    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d));
-    __m128i lo = _mm_unpacklo_epi8(_mm_setzero_si128(), c), hi = _mm_unpackhi_epi8(_mm_setzero_si128(), c);
-    if constexpr (std::is_same<F, fp8_e4m3>::value) {
-      const __m128i m = _mm_set1_epi16(static_cast<short>(0xBFFF));
-      lo = _mm_and_si128(_mm_srai_epi16(lo, 1), m);
-      hi = _mm_and_si128(_mm_srai_epi16(hi, 1), m);
+  using B = fbatch<Arch>;
+  KVC_FORCEINLINE void operator()(const std::uint8_t* row, std::int32_t d, B& a, B& b) const noexcept {
+    if constexpr (B::size == 8) {
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d));
+      a = B(_mm256_cvtph_ps(fp8_as_half<F>(_mm_unpacklo_epi8(_mm_setzero_si128(), c))));
+      b = B(_mm256_cvtph_ps(fp8_as_half<F>(_mm_unpackhi_epi8(_mm_setzero_si128(), c))));
     }
-    a = _mm256_cvtph_ps(lo);
-    b = _mm256_cvtph_ps(hi);
+#if defined(__AVX512F__)
+    else if constexpr (B::size == 16) {
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d));
+      // bytes 0-15 and 16-31 each into the high byte of 16 binary16 lanes
+      const __m256i lo = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(c)), 8);
+      const __m256i hi = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(c, 1)), 8);
+      if constexpr (std::is_same<F, fp8_e4m3>::value) {
+        const __m256i m = _mm256_set1_epi16(static_cast<short>(0xBFFF));
+        a = B(_mm512_cvtph_ps(_mm256_and_si256(_mm256_srai_epi16(lo, 1), m)));
+        b = B(_mm512_cvtph_ps(_mm256_and_si256(_mm256_srai_epi16(hi, 1), m)));
+      } else {
+        a = B(_mm512_cvtph_ps(lo));
+        b = B(_mm512_cvtph_ps(hi));
+      }
+    }
+#endif
   }
 };
 template <class F>
@@ -227,113 +245,114 @@ KVC_FORCEINLINE float h2f(const half* p) noexcept {
   return _cvtsh_ss(b);
 }
 
-/// Lane sums of 8 vectors: r[j] = sum of the lanes of v[j].
-KVC_FORCEINLINE __m256 hsum8(const __m256* v) noexcept {
-  const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
-  const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
-  const __m256 a = _mm256_hadd_ps(h01, h23), b = _mm256_hadd_ps(h45, h67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
+/// Tokens per pass of code_dots for G heads: T * G accumulators at most one batch's width (one
+/// transposed add reduces them), at most 8 tokens (their code batches stay in registers). AVX2:
+/// 8 / G, the register count of decode_attention's acc_regs, not a sweep.
+template <class Arch, std::int32_t G>
+inline constexpr std::int32_t code_tokens = std::min<std::int32_t>(8, static_cast<std::int32_t>(fbatch<Arch>::size) / G);
 
 /// dots[t * G + g] = q_g . codes(rows[t]) for T tokens and G heads in one pass over D
-/// (T * G <= 8 accumulators; D a multiple of 16).
-template <std::int32_t G, std::int32_t T, class L>
+/// (T * G <= the batch width; D a multiple of code_step<Arch>).
+template <class Arch, std::int32_t G, std::int32_t T, class L>
 KVC_FORCEINLINE void code_dots(const float* q, std::int32_t D, const std::uint8_t* const* rows, float* dots,
                                L load) noexcept {
-  static_assert(T * G <= 8, "code_dots: at most 8 accumulators");
-  __m256 acc[8];
-  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-  for (std::int32_t d = 0; d < D; d += 16) {
-    __m256 k0[T], k1[T];
+  using B = fbatch<Arch>;
+  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
+  static_assert(T * G <= W, "code_dots: at most one batch of accumulators");
+  B acc[W];
+  for (std::int32_t j = 0; j < W; ++j) acc[j] = B(0.0f);
+  for (std::int32_t d = 0; d < D; d += 2 * W) {
+    B k0[T], k1[T];
     for (std::int32_t t = 0; t < T; ++t) load(rows[t], d, k0[t], k1[t]);
     for (std::int32_t g = 0; g < G; ++g) {
-      const __m256 q0 = _mm256_loadu_ps(q + g * D + d), q1 = _mm256_loadu_ps(q + g * D + d + 8);
+      const B q0 = B::load_unaligned(q + g * D + d), q1 = B::load_unaligned(q + g * D + d + W);
       for (std::int32_t t = 0; t < T; ++t) {
-        acc[t * G + g] = _mm256_fmadd_ps(q0, k0[t], acc[t * G + g]);
-        acc[t * G + g] = _mm256_fmadd_ps(q1, k1[t], acc[t * G + g]);
+        acc[t * G + g] = xsimd::fma(q0, k0[t], acc[t * G + g]);
+        acc[t * G + g] = xsimd::fma(q1, k1[t], acc[t * G + g]);
       }
     }
   }
-  alignas(32) float r[8];
-  _mm256_store_ps(r, hsum8(acc));
+  alignas(64) float r[W];
+  haddp<Arch>(acc).store_aligned(r);
   for (std::int32_t j = 0; j < T * G; ++j) dots[j] = r[j];
 }
 
 /// Scores of tn tokens (rows[i], per-token scale sc[i] and zero zc[i]) for G heads:
 /// s[g * stride + i] = sc[i] * (q_g . c_i) + zc[i] * qsum[g].
-template <std::int32_t G, class L>
+template <class Arch, std::int32_t G, class L>
 KVC_FORCEINLINE void score_codes(const float* q, const float* qsum, std::int32_t D, const std::uint8_t* const* rows,
                                  const float* sc, const float* zc, std::int32_t tn, float* s, std::int32_t stride,
                                  L load) noexcept {
-  /// Tokens per pass: 8 / G, so that T * G = 8 ymm accumulators (the FMA latency x throughput of
-  /// AVX2 cores, as decode_attention's acc_regs), leaving 8 registers for codes and query. Chosen
-  /// by that register count, not by a sweep (no time was measured for other values).
-  constexpr std::int32_t T = 8 / G;
-  float dots[8];
+  constexpr std::int32_t T = code_tokens<Arch, G>;
+  float dots[fbatch<Arch>::size];
   std::int32_t i = 0;
   for (; i + T <= tn; i += T) {
-    code_dots<G, T>(q, D, rows + i, dots, load);
+    code_dots<Arch, G, T>(q, D, rows + i, dots, load);
     for (std::int32_t t = 0; t < T; ++t)
       for (std::int32_t g = 0; g < G; ++g) s[g * stride + i + t] = sc[i + t] * dots[t * G + g] + zc[i + t] * qsum[g];
   }
   for (; i < tn; ++i) {
-    code_dots<G, 1>(q, D, rows + i, dots, load);
+    code_dots<Arch, G, 1>(q, D, rows + i, dots, load);
     for (std::int32_t g = 0; g < G; ++g) s[g * stride + i] = sc[i] * dots[g] + zc[i] * qsum[g];
   }
 }
 
 /// acc[g][:] += sum_i w[(j(d) * G + g) * wstride + i] * codes(rows[i])[:] with j(d) = d / grp,
-/// 16 channels at a time with the 2G accumulators in registers over the tile's rows.
-template <std::int32_t G, class L>
+/// code_step<Arch> channels at a time with the 2G accumulators in registers over the tile's rows.
+template <class Arch, std::int32_t G, class L>
 KVC_FORCEINLINE void accumulate_codes(const float* w, std::int32_t wstride, std::int32_t grp,
                                       const std::uint8_t* const* rows, std::int32_t tn, std::int32_t D, float* acc,
                                       L load) noexcept {
-  for (std::int32_t d = 0; d < D; d += 16) {
+  using B = fbatch<Arch>;
+  constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
+  for (std::int32_t d = 0; d < D; d += 2 * W) {
     const float* w0 = w + static_cast<std::size_t>(d / grp) * G * wstride;
-    const float* w1 = w + static_cast<std::size_t>((d + 8) / grp) * G * wstride;
-    __m256 a0[G], a1[G];
+    const float* w1 = w + static_cast<std::size_t>((d + W) / grp) * G * wstride;
+    B a0[G], a1[G];
     for (std::int32_t g = 0; g < G; ++g) {
-      a0[g] = _mm256_loadu_ps(acc + g * D + d);
-      a1[g] = _mm256_loadu_ps(acc + g * D + d + 8);
+      a0[g] = B::load_unaligned(acc + g * D + d);
+      a1[g] = B::load_unaligned(acc + g * D + d + W);
     }
     for (std::int32_t i = 0; i < tn; ++i) {
-      __m256 v0, v1;
+      B v0, v1;
       load(rows[i], d, v0, v1);
       for (std::int32_t g = 0; g < G; ++g) {
-        a0[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(w0 + g * wstride + i), v0, a0[g]);
-        a1[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(w1 + g * wstride + i), v1, a1[g]);
+        a0[g] = xsimd::fma(B(w0[g * wstride + i]), v0, a0[g]);
+        a1[g] = xsimd::fma(B(w1[g * wstride + i]), v1, a1[g]);
       }
     }
     for (std::int32_t g = 0; g < G; ++g) {
-      _mm256_storeu_ps(acc + g * D + d, a0[g]);
-      _mm256_storeu_ps(acc + g * D + d + 8, a1[g]);
+      a0[g].store_unaligned(acc + g * D + d);
+      a1[g].store_unaligned(acc + g * D + d + W);
     }
   }
 }
 
-template <class Q, quant::role R>
+template <class Arch, class Q, quant::role R>
 KVC_FORCEINLINE auto loader_for() noexcept {
   using F = fused_codec<Q, R>;
-  if constexpr (F::kind == 3) return fp8_loader<typename F::format>{};
-  else return int_loader<F::bits>{};
+  if constexpr (F::kind == 3) return fp8_loader<typename F::format, Arch>{};
+  else return int_loader<F::bits, Arch>{};
 }
 
-/// Whether the fused kernels take the keys (or values) of Q for G heads and head_dim D.
-template <class Q, quant::role R, std::int32_t G>
+/// Whether the fused kernels take the keys (or values) of Q for G heads and head_dim D at the
+/// float width of Arch.
+template <class Arch, class Q, quant::role R, std::int32_t G>
 constexpr bool fused_ok(std::int32_t D) noexcept {
   using F = fused_codec<Q, R>;
-  if constexpr (F::kind == 0 || G > 4) return false;
+  constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
+  if constexpr (F::kind == 0 || G > 4 || !fused_width_ok<Arch>) return false;
   else if constexpr (R == quant::role::key && F::kind == 1 && F::group != 0) return false;  // grouped per-token keys
-  else return D % 16 == 0 && (F::group == 0 || F::group % 8 == 0);
+  else return D % (2 * W) == 0 && (F::group == 0 || F::group % W == 0);
 }
 
 /// Scores s[g * stride + i] of tokens [slot0, slot0 + tn) of a page's key part, from the codes.
-template <std::int32_t G, class Q>
+template <class Arch, std::int32_t G, class Q>
 void fused_scores(const Q& kq, const std::byte* part, std::int32_t D, std::int32_t slot0, std::int32_t tn,
                   const float* q, float* s, std::int32_t stride, scratch& sc) {
   using F = fused_codec<Q, quant::role::key>;
   const std::size_t rb = kq.record_bytes(quant::role::key, D);
-  const auto load = loader_for<Q, quant::role::key>();
+  const auto load = loader_for<Arch, Q, quant::role::key>();
   float qsum[G];
   const std::uint8_t** rows = sc.rows.data();
   if constexpr (F::kind == 2) {
@@ -364,7 +383,7 @@ void fused_scores(const Q& kq, const std::byte* part, std::int32_t D, std::int32
         sc.ks[t - i] = 1.0f;
         sc.kz[t - i] = 1.0f;
       }
-      score_codes<G>(qf, qsum, D, rows, sc.ks.data(), sc.kz.data(), e - i, s + i, stride, load);
+      score_codes<Arch, G>(qf, qsum, D, rows, sc.ks.data(), sc.kz.data(), e - i, s + i, stride, load);
       i = e;
     }
   } else {
@@ -387,18 +406,18 @@ void fused_scores(const Q& kq, const std::byte* part, std::int32_t D, std::int32
                    sv * code_mid<F::bits>;
       }
     }
-    score_codes<G>(q, qsum, D, rows, sc.ks.data(), sc.kz.data(), tn, s, stride, load);
+    score_codes<Arch, G>(q, qsum, D, rows, sc.ks.data(), sc.kz.data(), tn, s, stride, load);
   }
 }
 
 /// acc[g][:] += sum_i p[g * stride + i] * value_i for tokens [slot0, slot0 + tn) of a page's value
 /// part, from the codes.
-template <std::int32_t G, class Q>
+template <class Arch, std::int32_t G, class Q>
 void fused_values(const Q& vq, const std::byte* part, std::int32_t D, std::int32_t slot0, std::int32_t tn,
                   const float* p, std::int32_t stride, float* acc, scratch& sc) {
   using F = fused_codec<Q, quant::role::value>;
   const std::size_t rb = vq.record_bytes(quant::role::value, D);
-  const auto load = loader_for<Q, quant::role::value>();
+  const auto load = loader_for<Arch, Q, quant::role::value>();
   const std::int32_t grp = F::group == 0 ? D : F::group, ng = D / grp;
   const std::uint8_t** rows = sc.rows.data();
   float* w = sc.w.data();
@@ -425,7 +444,7 @@ void fused_values(const Q& vq, const std::byte* part, std::int32_t D, std::int32
       }
     }
   }
-  accumulate_codes<G>(w, stride, grp, rows, tn, D, acc, load);
+  accumulate_codes<Arch, G>(w, stride, grp, rows, tn, D, acc, load);
   if constexpr (F::kind != 3)
     for (std::int32_t g = 0; g < G; ++g)
       for (std::int32_t j = 0; j < ng; ++j) {
@@ -571,11 +590,11 @@ inline void quantize_query(const float*, std::int32_t, std::int32_t, int_query&)
 template <std::int32_t G, class Q>
 void intdot_scores(const Q&, const std::byte*, std::int32_t, std::int32_t, std::int32_t, const int_query&, float*,
                    std::int32_t, scratch&) {}
-template <class Q, quant::role R, std::int32_t G>
+template <class Arch, class Q, quant::role R, std::int32_t G>
 constexpr bool fused_ok(std::int32_t) noexcept { return false; }
-template <std::int32_t G, class Q>
+template <class Arch, std::int32_t G, class Q>
 void fused_scores(const Q&, const std::byte*, std::int32_t, std::int32_t, std::int32_t, const float*, float*, std::int32_t, scratch&) {}
-template <std::int32_t G, class Q>
+template <class Arch, std::int32_t G, class Q>
 void fused_values(const Q&, const std::byte*, std::int32_t, std::int32_t, std::int32_t, const float*, std::int32_t, float*, scratch&) {}
 #endif
 
