@@ -298,6 +298,19 @@ TEST_CASE("fused attention matches dense attention over the pages read independe
   sweep<kivi<2, 16, 32>, int8>(16);
 }
 
+TEST_CASE("fused attention over value records with an odd number of channel groups", "[quant][attention]") {
+  // 96 channels in groups of 32: three scales (and zeros) per value record, gathered by pairs of
+  // binary16 words with the last one paired backwards (qdetail::gather_record_halves)
+  kvc::thread_pool pool(2);
+  for (int n : {5, 64, 300}) {
+    INFO("n " << n);
+    CHECK(fused_vs_pages<int8, intn<4, scheme::asymmetric, 32>>({6, 2, 96}, 32, n, 90 + n) < 1e-5);
+    CHECK(fused_vs_pages<int4, intn<2, scheme::symmetric, 32>>({6, 2, 96}, 16, n, 91 + n, &pool) < 1e-5);
+    CHECK(fused_vs_pages<kivi<2>, kivi<2>>({8, 2, 96}, 32, n, 92 + n) < 1e-5);
+    CHECK(fused_vs_pages<kivi<4>, kivi<4>>({3, 1, 96}, 64, n, 93 + n, &pool, 0, {}, {}, true) < 1e-5);
+  }
+}
+
 TEST_CASE("fused attention matches dense attention over the pages read independently: fp8", "[quant][attention]") {
   sweep<fp8<kvc::fp8_e4m3>, fp8<kvc::fp8_e4m3>>(16);
   sweep<fp8<kvc::fp8_e5m2>, fp8<kvc::fp8_e5m2>>(32);
@@ -531,6 +544,8 @@ TEST_CASE("the SIMD path under test", "[quant][attention][isa]") {
     CHECK(qd::fused_ok<A, kivi<2>, role::value, 4>(64));
     CHECK(qd::fused_ok<A, fp8<>, role::key, 4>(64));
     CHECK_FALSE(qd::fused_ok<A, int8, role::key, 8>(64));  // G > 4: decode-then-attend
+    CHECK(qd::fused_ok<A, intn<4, scheme::asymmetric, 32>, role::value, 3>(96));  // odd group count
+    CHECK(qd::fused_ok<A, kivi<2>, role::value, 4>(96));
   }
   if (kvc_test::expect_avx512()) {  // the fused float kernels 16 wide; the integer ones stay AVX2
     REQUIRE(qd::fused_available);

@@ -67,7 +67,7 @@ namespace qdetail {
 /// page) while the current tile is computed: without it the first read of each record's scale
 /// stalled on memory (perf, int2 32x8x128 ctx:32768: 10% of attend_int on one vcvtph2ps; int8,
 /// exact path: 28% of fused_scores).
-template <class KQ, class VQ, class SV>
+template <bool Keys, bool Values, class KQ, class VQ, class SV>
 KVC_FORCEINLINE void prefetch_quant_tile(const KQ& kq, const VQ& vq, const SV& sv, std::int32_t P, std::int32_t t,
                                          std::int32_t n, std::int32_t D) noexcept {
   using quant::role;
@@ -76,9 +76,11 @@ KVC_FORCEINLINE void prefetch_quant_tile(const KQ& kq, const VQ& vq, const SV& s
   const std::size_t rbk = kq.record_bytes(role::key, D), rbv = vq.record_bytes(role::value, D);
   const std::int32_t uk = KQ::tokens_per_record(role::key);
   const std::size_t kb0 = rbk * static_cast<std::size_t>(js / uk), kb1 = rbk * static_cast<std::size_t>((js + n + uk - 1) / uk);
-  for (std::size_t o = kb0; o < kb1; o += 64) prefetch_read(np + o);
-  for (std::size_t o = rbv * static_cast<std::size_t>(js); o < rbv * static_cast<std::size_t>(js + n); o += 64)
-    prefetch_read(np + sv.v_offset + o);
+  if constexpr (Keys)
+    for (std::size_t o = kb0; o < kb1; o += 64) prefetch_read(np + o);
+  if constexpr (Values)
+    for (std::size_t o = rbv * static_cast<std::size_t>(js); o < rbv * static_cast<std::size_t>(js + n); o += 64)
+      prefetch_read(np + sv.v_offset + o);
 }
 
 /// Generic tile path: decode K and V rows of [t0, t1) and attend. q_model: scaled queries in the
@@ -123,10 +125,11 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
     }
     e = std::min(e, t + TT);
     const std::int32_t tn = e - t;
-    if (quantized && e < std::min(t1, sv.n_sink + sv.n_quant)) {
-      const std::int32_t nq = std::min(t1, sv.n_sink + sv.n_quant) - e;
-      prefetch_quant_tile(kq, vq, sv, P, e, std::min({nq, TT, P - (e - sv.n_sink) % P}), D);
-    }
+    // the next quantized tile's keys now, its values before this tile's values (two half bursts)
+    const std::int32_t pf_n = quantized && e < std::min(t1, sv.n_sink + sv.n_quant)
+                                  ? std::min({std::min(t1, sv.n_sink + sv.n_quant) - e, TT, P - (e - sv.n_sink) % P})
+                                  : 0;
+    if (pf_n > 0) prefetch_quant_tile<true, false>(kq, vq, sv, P, e, pf_n, D);
     float* kb = sc.k.data();
     float* vb = sc.v.data();
     float* s = sc.s.data();
@@ -176,6 +179,7 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
     const float* qq = quantized && !rp ? q_stored : q_model;
     if (!k_done)
       for (std::int32_t i = 0; i < tn; ++i) dot_rows<Arch, G>(qq, kb + static_cast<std::size_t>(i) * D, D, s + i, TT);
+    if (pf_n > 0) prefetch_quant_tile<false, true>(kq, vq, sv, P, e, pf_n, D);
     softmax_update<Arch, G>(s, TT, tn, D, st, raw, raw_stride, t);
     if constexpr (fused_codec<VQ, role::value>::kind != 0) {
       if (v_fused) fused_values<Arch, G>(vq, vpart, D, vslot0, tn, s, TT, st.acc, sc);
@@ -229,7 +233,7 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
     const std::int32_t e = std::min({b, t + TT, t + P - slot0});
     const std::int32_t tn = e - t;
     const std::byte* page = sv.quant_base + static_cast<std::size_t>(sv.pages[i0 / P]) * sv.page_bytes;
-    if (e < b) prefetch_quant_tile(kq, vq, sv, P, e, std::min({b - e, TT, P - (e - sv.n_sink) % P}), D);
+    if (e < b) prefetch_quant_tile<true, true>(kq, vq, sv, P, e, std::min({b - e, TT, P - (e - sv.n_sink) % P}), D);
     if constexpr (fused_codec<KQ, role::key>::kind == 1) {
       if (iq) {
         using FK = fused_codec<KQ, role::key>;

@@ -192,25 +192,6 @@ inline void quantize_weights(const float* p, std::int32_t pstride, const float* 
   }
 }
 
-/// The two binary16 words at byte `off` of n records `rb` bytes apart, as floats: lo[i] (first
-/// word: the scale) and hi[i] (second: the zero point). One 32-bit gather per 8 tokens; the scalar
-/// loop it replaces was the hottest spot of the integer path (perf, int2 32x8x128 ctx:32768).
-inline void gather_half_pairs(const std::byte* base, std::size_t rb, std::size_t off, std::int32_t n, float* lo,
-                              float* hi) noexcept {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i m16 = _mm256_set1_epi32(0xffff);
-  for (std::int32_t i = 0; i < n; i += 8) {
-    // lanes past n read the last record again (never past the part)
-    const __m256i t = _mm256_min_epi32(_mm256_add_epi32(_mm256_set1_epi32(i), lane), _mm256_set1_epi32(n - 1));
-    const __m256i idx = _mm256_add_epi32(_mm256_mullo_epi32(t, _mm256_set1_epi32(static_cast<int>(rb))),
-                                         _mm256_set1_epi32(static_cast<int>(off)));
-    const __m256i w = _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 1);
-    const __m256i l = _mm256_and_si256(w, m16), h = _mm256_srli_epi32(w, 16);
-    _mm256_storeu_ps(lo + i, _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(l), _mm256_extracti128_si256(l, 1))));
-    _mm256_storeu_ps(hi + i, _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))));
-  }
-}
-
 /// exp(x) for x <= 0 (scores minus their running maximum), 8 lanes: 2^n 2^f with n = round(x
 /// log2 e) and a degree-6 polynomial for e^r, |r| <= ln2 / 2 (relative error < 2e-7, against
 /// xsimd::exp's special-value handling this path does not need); x < -87 gives 0.

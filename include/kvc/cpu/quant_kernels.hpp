@@ -88,7 +88,7 @@ inline constexpr std::int32_t tile_tokens = 64;
 
 /// Per-task scratch. w/bias/qf/rows serve the fused code kernels below.
 struct scratch {
-  std::vector<float> k, v, s, tmp, w, bias, qf, ks, kz;
+  std::vector<float> k, v, s, tmp, w, bias, qf, ks, kz, gs, gz;
   std::vector<const std::uint8_t*> rows;
   scratch(std::int32_t D, std::int32_t tile) {
     k.resize(static_cast<std::size_t>(tile) * D);
@@ -98,6 +98,9 @@ struct scratch {
     // value weights p * scale per (channel group, head, token): at most D / 8 groups
     w.resize(static_cast<std::size_t>(D / 8 + 1) * max_group * tile);
     bias.resize(static_cast<std::size_t>(D / 8 + 1) * max_group);
+    // value scales and zeros per (channel group, token), whole 8-token gathers
+    gs.resize(static_cast<std::size_t>(D / 8 + 1) * (tile + 8));
+    gz.resize(gs.size());
     qf.resize(static_cast<std::size_t>(max_group) * D + max_group);
     rows.resize(static_cast<std::size_t>(tile));
     ks.resize(static_cast<std::size_t>(tile));
@@ -180,19 +183,96 @@ template <int Bits, class Arch>
 struct int_loader {
   using B = fbatch<Arch>;
   KVC_FORCEINLINE void operator()(const std::uint8_t* row, std::int32_t d, B& a, B& b) const noexcept {
-    if constexpr (B::size == 8) {
+    if constexpr (Bits == 8 && B::size == 8) {
       const __m128i c = centred16<Bits>(row, d);
       a = B(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)));
       b = B(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8))));
+    } else if constexpr (B::size == 8) {
+      // 2 and 4 bits: each lane shifts its own code down from a broadcast 32-bit word (one
+      // variable shift, mask, centre and convert per 8 codes; the byte unpacking it replaces
+      // took 11 operations per 16 two-bit codes).
+      const std::uint8_t* p = row + d * Bits / 8;
+      std::uint32_t w0, w1;
+      std::memcpy(&w0, p, 4);
+      if constexpr (Bits == 2) w1 = w0;
+      else std::memcpy(&w1, p + 4, 4);
+      const __m256i sa = Bits == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)
+                                   : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+      const __m256i sb = Bits == 2 ? _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30) : sa;
+      a = B(lanes_to_float(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w0)), sa)));
+      b = B(lanes_to_float(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w1)), sb)));
     }
 #if defined(__AVX512F__)
-    else if constexpr (B::size == 16) {
+    else if constexpr (Bits == 8) {
       a = B(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(centred16<Bits>(row, d))));
       b = B(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(centred16<Bits>(row, d + 16))));
+    } else if constexpr (Bits == 2) {
+      const std::uint8_t* p = row + d / 4;
+      std::uint32_t w0, w1;
+      std::memcpy(&w0, p, 4);
+      std::memcpy(&w1, p + 4, 4);
+      const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      a = B(lanes_to_float(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(w0)), sh)));
+      b = B(lanes_to_float(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(w1)), sh)));
+    } else {
+      // 4 bits: 32 codes are 4 words; lanes 0-7 of a take word 0, 8-15 word 1 (b: words 2, 3)
+      const __m512i w = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d / 2)));
+      const __m512i sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+      const __m512i ia = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+      const __m512i ib = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+      a = B(lanes_to_float(_mm512_srlv_epi32(_mm512_permutexvar_epi32(ia, w), sh)));
+      b = B(lanes_to_float(_mm512_srlv_epi32(_mm512_permutexvar_epi32(ib, w), sh)));
     }
 #endif
   }
+
+ private:
+  /// The low Bits bits of each lane, centred, as float.
+  static KVC_FORCEINLINE __m256 lanes_to_float(__m256i x) noexcept {
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(x, _mm256_set1_epi32((1 << Bits) - 1)),
+                                               _mm256_set1_epi32(1 << (Bits - 1))));
+  }
+#if defined(__AVX512F__)
+  static KVC_FORCEINLINE __m512 lanes_to_float(__m512i x) noexcept {
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(x, _mm512_set1_epi32((1 << Bits) - 1)),
+                                               _mm512_set1_epi32(1 << (Bits - 1))));
+  }
+#endif
 };
+/// The two binary16 words at byte `off` of n records `rb` bytes apart, as floats: lo[i] (first
+/// word: the scale) and hi[i] (second: the zero point). One 32-bit gather per 8 tokens; the scalar
+/// loop it replaces was the hottest spot of the integer path (perf, int2 32x8x128 ctx:32768).
+inline void gather_half_pairs(const std::byte* base, std::size_t rb, std::size_t off, std::int32_t n, float* lo,
+                              float* hi) noexcept {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i m16 = _mm256_set1_epi32(0xffff);
+  for (std::int32_t i = 0; i < n; i += 8) {
+    // lanes past n read the last record again (never past the part)
+    const __m256i t = _mm256_min_epi32(_mm256_add_epi32(_mm256_set1_epi32(i), lane), _mm256_set1_epi32(n - 1));
+    const __m256i idx = _mm256_add_epi32(_mm256_mullo_epi32(t, _mm256_set1_epi32(static_cast<int>(rb))),
+                                         _mm256_set1_epi32(static_cast<int>(off)));
+    const __m256i w = _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 1);
+    const __m256i l = _mm256_and_si256(w, m16), h = _mm256_srli_epi32(w, 16);
+    _mm256_storeu_ps(lo + i, _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(l), _mm256_extracti128_si256(l, 1))));
+    _mm256_storeu_ps(hi + i, _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))));
+  }
+}
+
+/// n consecutive binary16 words from byte `off` of each of the tn records `rb` bytes apart, as
+/// floats out[k * ostride + i] (word k of record i), by pairs of words; an odd last word pairs
+/// with the word before it (off >= 2: the record's codes come first), never past the record, and
+/// that word lands in row n, so out holds n + 1 rows when n is odd.
+inline void gather_record_halves(const std::byte* base, std::size_t rb, std::size_t off, std::int32_t n,
+                                 std::int32_t tn, float* out, std::size_t ostride) noexcept {
+  std::int32_t k = 0;
+  for (; k + 2 <= n; k += 2)
+    gather_half_pairs(base, rb, off + 2 * static_cast<std::size_t>(k), tn, out + k * ostride, out + (k + 1) * ostride);
+  if (k < n) {
+    float* junk = out + (k + 1) * ostride;  // row n
+    gather_half_pairs(base, rb, off + 2 * static_cast<std::size_t>(k) - 2, tn, junk, out + k * ostride);
+  }
+}
+
 template <int Bits>
 inline constexpr float code_mid = static_cast<float>(1 << (Bits - 1));
 
@@ -392,19 +472,24 @@ void fused_scores(const Q& kq, const std::byte* part, std::int32_t D, std::int32
       for (std::int32_t d = 0; d < D; ++d) a += q[g * D + d];
       qsum[g] = a;
     }
-    for (std::int32_t i = 0; i < tn; ++i) {
-      const std::byte* rec = part + rb * static_cast<std::size_t>(slot0 + i);
-      rows[i] = reinterpret_cast<const std::uint8_t*>(rec);
-      if constexpr (F::kind == 3) {
-        sc.ks[i] = kq.template row_scale<quant::role::key>(rec, D) * fp8_unit<typename F::format>;
+    for (std::int32_t i = 0; i < tn; ++i)
+      rows[i] = reinterpret_cast<const std::uint8_t*>(part + rb * static_cast<std::size_t>(slot0 + i));
+    if constexpr (F::kind == 3) {
+      for (std::int32_t i = 0; i < tn; ++i) {
+        sc.ks[i] = kq.template row_scale<quant::role::key>(reinterpret_cast<const std::byte*>(rows[i]), D) *
+                   fp8_unit<typename F::format>;
         sc.kz[i] = 0.0f;
-      } else {
-        using impl = typename F::impl;
-        const float sv = h2f(impl::scales(rec, D));
-        sc.ks[i] = sv;
-        sc.kz[i] = quant::detail::affine_zero<F::bits, F::sch>(sv, impl::has_zero ? h2f(impl::zeros(rec, D)) : 0.0f) +
-                   sv * code_mid<F::bits>;
       }
+    } else {
+      // scale and zero of every token by 8-token gathers; z' = affine_zero + s * mid is
+      // z + s 2^(b-1) for asymmetric codes and exactly 0 for symmetric ones
+      using impl = typename F::impl;
+      const std::byte* first = part + rb * static_cast<std::size_t>(slot0);
+      float* ks = sc.ks.data();
+      float* kz = sc.kz.data();
+      if constexpr (impl::has_zero) gather_half_pairs(first, rb, impl::code_bytes(D), tn, ks, kz);
+      else gather_half_pairs(first, rb, impl::code_bytes(D) - 2, tn, kz, ks);  // [last code bytes][scale]
+      for (std::int32_t i = 0; i < tn; ++i) kz[i] = impl::has_zero ? ks[i] * code_mid<F::bits> + kz[i] : 0.0f;
     }
     score_codes<Arch, G>(q, qsum, D, rows, sc.ks.data(), sc.kz.data(), tn, s, stride, load);
   }
@@ -422,36 +507,62 @@ void fused_values(const Q& vq, const std::byte* part, std::int32_t D, std::int32
   const std::uint8_t** rows = sc.rows.data();
   float* w = sc.w.data();
   float* bias = sc.bias.data();
-  std::fill(bias, bias + G * ng, 0.0f);
-  for (std::int32_t i = 0; i < tn; ++i) {
-    const std::byte* rec = part + rb * static_cast<std::size_t>(slot0 + i);
-    rows[i] = reinterpret_cast<const std::uint8_t*>(rec);
-    if constexpr (F::kind == 3) {
-      const float sv = vq.template row_scale<quant::role::value>(rec, D) * fp8_unit<typename F::format>;
+  for (std::int32_t i = 0; i < tn; ++i)
+    rows[i] = reinterpret_cast<const std::uint8_t*>(part + rb * static_cast<std::size_t>(slot0 + i));
+  if constexpr (F::kind == 3) {
+    for (std::int32_t i = 0; i < tn; ++i) {
+      const float sv = vq.template row_scale<quant::role::value>(reinterpret_cast<const std::byte*>(rows[i]), D) *
+                       fp8_unit<typename F::format>;
       for (std::int32_t g = 0; g < G; ++g) w[g * stride + i] = p[g * stride + i] * sv;
-    } else {
-      using impl = typename F::impl;
-      const half* hs = impl::scales(rec, D);
-      for (std::int32_t j = 0; j < ng; ++j) {
-        const float sv = h2f(hs + j);
-        const float zv = quant::detail::affine_zero<F::bits, F::sch>(sv, impl::has_zero ? h2f(impl::zeros(rec, D) + j) : 0.0f) +
-                         sv * code_mid<F::bits>;
-        for (std::int32_t g = 0; g < G; ++g) {
-          const float pg = p[g * stride + i];
-          w[(j * G + g) * stride + i] = pg * sv;
-          bias[g * ng + j] += pg * zv;
+    }
+  } else {
+    // The tile's scales and zeros gathered per channel group (gs[j][i], gz[j][i]), then the
+    // weights p s and the bias sum p z' whole batches of tokens at a time. Per token and group
+    // in scalar code this was as many operations as the value FMAs themselves (perf, kivi4
+    // 32x8x128: a quarter of attend_tiles).
+    using impl = typename F::impl;
+    using B = fbatch<Arch>;
+    constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
+    const std::size_t gst = sc.gs.size() / static_cast<std::size_t>(D / 8 + 1);
+    float* gs = sc.gs.data();
+    float* gz = sc.gz.data();
+    const std::byte* first = part + rb * static_cast<std::size_t>(slot0);
+    gather_record_halves(first, rb, impl::code_bytes(D), ng, tn, gs, gst);
+    if constexpr (impl::has_zero) gather_record_halves(first, rb, impl::code_bytes(D) + 2 * static_cast<std::size_t>(ng), ng, tn, gz, gst);
+    const std::int32_t whole = tn / W * W;
+    for (std::int32_t j = 0; j < ng; ++j) {
+      const float* sj = gs + j * gst;
+      const float* zj = gz + j * gst;
+      for (std::int32_t g = 0; g < G; ++g) {
+        const float* pg = p + g * stride;
+        float* wg = w + (j * G + g) * stride;
+        B bsum(0.0f);
+        std::int32_t i = 0;
+        for (; i < whole; i += W) {
+          const B pv = B::load_unaligned(pg + i), sv = B::load_unaligned(sj + i);
+          (pv * sv).store_unaligned(wg + i);
+          // z' = affine_zero + s * mid: z + s 2^(b-1) asymmetric, 0 symmetric (exactly)
+          if constexpr (impl::has_zero) bsum = xsimd::fma(pv, xsimd::fma(sv, B(code_mid<F::bits>), B::load_unaligned(zj + i)), bsum);
         }
+        float b = reduce_add<Arch>(bsum);
+        for (; i < tn; ++i) {
+          wg[i] = pg[i] * sj[i];
+          if constexpr (impl::has_zero) b += pg[i] * (sj[i] * code_mid<F::bits> + zj[i]);
+        }
+        bias[g * ng + j] = impl::has_zero ? b : 0.0f;
       }
     }
   }
   accumulate_codes<Arch, G>(w, stride, grp, rows, tn, D, acc, load);
-  if constexpr (F::kind != 3)
-    for (std::int32_t g = 0; g < G; ++g)
-      for (std::int32_t j = 0; j < ng; ++j) {
-        const __m256 b = _mm256_set1_ps(bias[g * ng + j]);
-        float* a = acc + g * D + j * grp;
-        for (std::int32_t d = 0; d < grp; d += 8) _mm256_storeu_ps(a + d, _mm256_add_ps(_mm256_loadu_ps(a + d), b));
-      }
+  if constexpr (F::kind != 3) {
+    if constexpr (F::impl::has_zero)
+      for (std::int32_t g = 0; g < G; ++g)
+        for (std::int32_t j = 0; j < ng; ++j) {
+          const __m256 b = _mm256_set1_ps(bias[g * ng + j]);
+          float* a = acc + g * D + j * grp;
+          for (std::int32_t d = 0; d < grp; d += 8) _mm256_storeu_ps(a + d, _mm256_add_ps(_mm256_loadu_ps(a + d), b));
+        }
+  }
 }
 
 // ---- integer q . k (quant_attention_options::int8_query) ----------------------------------------
