@@ -63,24 +63,24 @@ struct quant_attention_options {
 
 namespace qdetail {
 
-/// Prefetch the key and value records of the n quantized tokens from stream position t (one
-/// page) while the current tile is computed: without it the first read of each record's scale
-/// stalled on memory (perf, int2 32x8x128 ctx:32768: 10% of attend_int on one vcvtph2ps; int8,
-/// exact path: 28% of fused_scores).
-template <bool Keys, bool Values, class KQ, class VQ, class SV>
-KVC_FORCEINLINE void prefetch_quant_tile(const KQ& kq, const VQ& vq, const SV& sv, std::int32_t P, std::int32_t t,
-                                         std::int32_t n, std::int32_t D) noexcept {
+/// The key and value records of the n quantized tokens from stream position t (one page), as
+/// ranges to prefetch (prefetch_slices) while the current tile is computed: without a prefetch
+/// the first read of each record's scale stalled on memory (perf, int2 32x8x128 ctx:32768: 10% of
+/// attend_int on one vcvtph2ps; int8, exact path: 28% of fused_scores).
+struct tile_prefetch {
+  prefetch_slices k, v;
+};
+template <class KQ, class VQ, class SV>
+KVC_FORCEINLINE tile_prefetch next_tile_records(const KQ& kq, const VQ& vq, const SV& sv, std::int32_t P, std::int32_t t,
+                                                std::int32_t n, std::int32_t D, std::int32_t slices) noexcept {
   using quant::role;
   const std::int32_t j0 = t - sv.n_sink, js = j0 % P;
   const std::byte* np = sv.quant_base + static_cast<std::size_t>(sv.pages[j0 / P]) * sv.page_bytes;
   const std::size_t rbk = kq.record_bytes(role::key, D), rbv = vq.record_bytes(role::value, D);
   const std::int32_t uk = KQ::tokens_per_record(role::key);
   const std::size_t kb0 = rbk * static_cast<std::size_t>(js / uk), kb1 = rbk * static_cast<std::size_t>((js + n + uk - 1) / uk);
-  if constexpr (Keys)
-    for (std::size_t o = kb0; o < kb1; o += 64) prefetch_read(np + o);
-  if constexpr (Values)
-    for (std::size_t o = rbv * static_cast<std::size_t>(js); o < rbv * static_cast<std::size_t>(js + n); o += 64)
-      prefetch_read(np + sv.v_offset + o);
+  return {prefetch_slices(np + kb0, kb1 - kb0, slices),
+          prefetch_slices(np + sv.v_offset + rbv * static_cast<std::size_t>(js), rbv * static_cast<std::size_t>(n), slices)};
 }
 
 /// Generic tile path: decode K and V rows of [t0, t1) and attend. q_model: scaled queries in the
@@ -125,11 +125,12 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
     }
     e = std::min(e, t + TT);
     const std::int32_t tn = e - t;
-    // the next quantized tile's keys now, its values before this tile's values (two half bursts)
+    // The next quantized tile's records: a slice per token inside the fused kernels, in one
+    // burst before the decode-then-attend ones.
     const std::int32_t pf_n = quantized && e < std::min(t1, sv.n_sink + sv.n_quant)
                                   ? std::min({std::min(t1, sv.n_sink + sv.n_quant) - e, TT, P - (e - sv.n_sink) % P})
                                   : 0;
-    if (pf_n > 0) prefetch_quant_tile<true, false>(kq, vq, sv, P, e, pf_n, D);
+    const tile_prefetch nx = pf_n > 0 ? next_tile_records(kq, vq, sv, P, e, pf_n, D, tn) : tile_prefetch{};
     float* kb = sc.k.data();
     float* vb = sc.v.data();
     float* s = sc.s.data();
@@ -141,19 +142,24 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
       const std::byte* page = sv.quant_base + static_cast<std::size_t>(sv.pages[i0 / P]) * sv.page_bytes;
       if constexpr (fused_codec<KQ, role::key>::kind != 0) {
         if (int_k) {
+          nx.k.all();
           intdot_scores<G>(kq, page, D, slot0, tn, *iq, s, TT, sc);
           k_done = true;
         } else if (!rp && fused_k) {
-          fused_scores<Arch, G>(kq, page, D, slot0, tn, q_stored, s, TT, sc);
+          fused_scores<Arch, G>(kq, page, D, slot0, tn, q_stored, s, TT, sc, nx.k);
           k_done = true;
         }
       }
-      if (!k_done) quant::decode_rows<role::key>(kq, page, D, slot0, slot0 + tn, kb, sc.tmp.data());
+      if (!k_done) {
+        nx.k.all();
+        quant::decode_rows<role::key>(kq, page, D, slot0, slot0 + tn, kb, sc.tmp.data());
+      }
       if (fused_v) {
         v_fused = true;
         vpart = page + sv.v_offset;
         vslot0 = slot0;
       } else {
+        nx.v.all();
         quant::decode_rows<role::value>(vq, page + sv.v_offset, D, slot0, slot0 + tn, vb, sc.tmp.data());
       }
       if (rp)
@@ -179,10 +185,9 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
     const float* qq = quantized && !rp ? q_stored : q_model;
     if (!k_done)
       for (std::int32_t i = 0; i < tn; ++i) dot_rows<Arch, G>(qq, kb + static_cast<std::size_t>(i) * D, D, s + i, TT);
-    if (pf_n > 0) prefetch_quant_tile<false, true>(kq, vq, sv, P, e, pf_n, D);
     softmax_update<Arch, G>(s, TT, tn, D, st, raw, raw_stride, t);
     if constexpr (fused_codec<VQ, role::value>::kind != 0) {
-      if (v_fused) fused_values<Arch, G>(vq, vpart, D, vslot0, tn, s, TT, st.acc, sc);
+      if (v_fused) fused_values<Arch, G>(vq, vpart, D, vslot0, tn, s, TT, st.acc, sc, nx.v);
       else accumulate_rows<Arch, G>(s, TT, vb, tn, D, st.acc);
     } else {
       (void)v_fused, (void)vpart, (void)vslot0;
@@ -233,7 +238,11 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
     const std::int32_t e = std::min({b, t + TT, t + P - slot0});
     const std::int32_t tn = e - t;
     const std::byte* page = sv.quant_base + static_cast<std::size_t>(sv.pages[i0 / P]) * sv.page_bytes;
-    if (e < b) prefetch_quant_tile<true, true>(kq, vq, sv, P, e, std::min({b - e, TT, P - (e - sv.n_sink) % P}), D);
+    if (e < b) {
+      const tile_prefetch nx = next_tile_records(kq, vq, sv, P, e, std::min({b - e, TT, P - (e - sv.n_sink) % P}), D, 1);
+      nx.k.all();
+      nx.v.all();
+    }
     if constexpr (fused_codec<KQ, role::key>::kind == 1) {
       if (iq) {
         using FK = fused_codec<KQ, role::key>;
