@@ -408,11 +408,11 @@ KVC_FORCEINLINE void score_codes(const float* q, const float* qsum, std::int32_t
 
 /// acc[g][:] += sum_i w[(j(d) * G + g) * wstride + i] * codes(rows[i])[:] with j(d) = d / grp,
 /// code_step<Arch> channels at a time with the 2G accumulators in registers over the tile's rows.
-/// pf(i) runs once per row i, in the first pass.
+/// pf(i) and pf2(i) run once per row i, in the first pass.
 template <class Arch, std::int32_t G, class L>
 KVC_FORCEINLINE void accumulate_codes(const float* w, std::int32_t wstride, std::int32_t grp,
                                       const std::uint8_t* const* rows, std::int32_t tn, std::int32_t D, float* acc,
-                                      L load, const prefetch_slices& pf) noexcept {
+                                      L load, const prefetch_slices& pf, const prefetch_slices& pf2) noexcept {
   using B = fbatch<Arch>;
   constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
   for (std::int32_t d = 0; d < D; d += 2 * W) {
@@ -424,7 +424,10 @@ KVC_FORCEINLINE void accumulate_codes(const float* w, std::int32_t wstride, std:
       a1[g] = B::load_unaligned(acc + g * D + d + W);
     }
     for (std::int32_t i = 0; i < tn; ++i) {
-      if (d == 0) pf(i);
+      if (d == 0) {
+        pf(i);
+        pf2(i);
+      }
       B v0, v1;
       load(rows[i], d, v0, v1);
       for (std::int32_t g = 0; g < G; ++g) {
@@ -494,11 +497,8 @@ void fused_scores(const Q& kq, const std::byte* part, std::int32_t D, std::int32
         sc.ks[t - i] = 1.0f;
         sc.kz[t - i] = 1.0f;
       }
-      // KIVI key records (whole groups of tokens) in one burst: by slices, kivi2 ran at 0.88x
-      // and kivi4 at 0.95x of the burst (BM_quant_paired 32x8x128 ctx:32768, 2026-12)
-      if (i == 0) pf.all();
       score_codes<Arch, G>(qf, qsum, D, rows, sc.ks.data(), sc.kz.data(), e - i, s + i, stride, load,
-                           [](std::int32_t) {});
+                           [&pf, i](std::int32_t t) { pf(i + t); });
       i = e;
     }
   } else {
@@ -534,7 +534,8 @@ void fused_scores(const Q& kq, const std::byte* part, std::int32_t D, std::int32
 /// part, from the codes.
 template <class Arch, std::int32_t G, class Q>
 void fused_values(const Q& vq, const std::byte* part, std::int32_t D, std::int32_t slot0, std::int32_t tn,
-                  const float* p, std::int32_t stride, float* acc, scratch& sc, const prefetch_slices& pf = {}) {
+                  const float* p, std::int32_t stride, float* acc, scratch& sc, const prefetch_slices& pf = {},
+                  const prefetch_slices& pf2 = {}) {
   using F = fused_codec<Q, quant::role::value>;
   const std::size_t rb = vq.record_bytes(quant::role::value, D);
   const auto load = loader_for<Arch, Q, quant::role::value>();
@@ -588,7 +589,7 @@ void fused_values(const Q& vq, const std::byte* part, std::int32_t D, std::int32
       }
     }
   }
-  accumulate_codes<Arch, G>(w, stride, grp, rows, tn, D, acc, load, pf);
+  accumulate_codes<Arch, G>(w, stride, grp, rows, tn, D, acc, load, pf, pf2);
   if constexpr (F::kind != 3) {
     if constexpr (F::impl::has_zero)
       for (std::int32_t g = 0; g < G; ++g)
@@ -743,7 +744,7 @@ void fused_scores(const Q&, const std::byte*, std::int32_t, std::int32_t, std::i
                   const prefetch_slices& = {}) {}
 template <class Arch, std::int32_t G, class Q>
 void fused_values(const Q&, const std::byte*, std::int32_t, std::int32_t, std::int32_t, const float*, std::int32_t, float*, scratch&,
-                  const prefetch_slices& = {}) {}
+                  const prefetch_slices& = {}, const prefetch_slices& = {}) {}
 #endif
 
 }  // namespace qdetail
