@@ -192,13 +192,9 @@ inline constexpr bool fused_width_ok = fbatch<Arch>::size == 8
 #endif
     ;
 
-/// 16 codes of a row from channel d as centred signed bytes c - 2^(Bits-1).
-template <int Bits>
-KVC_FORCEINLINE __m128i centred16(const std::uint8_t* row, std::int32_t d) noexcept {
-  if constexpr (Bits == 8)
-    return _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)), _mm_set1_epi8(-128));
-  else
-    return _mm_sub_epi8(quant::detail::unpack16<Bits>(row + d * Bits / 8), _mm_set1_epi8(1 << (Bits - 1)));
+/// 16 8-bit codes of a row from channel d as centred signed bytes c - 128.
+KVC_FORCEINLINE __m128i centred_bytes16(const std::uint8_t* row, std::int32_t d) noexcept {
+  return _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)), _mm_set1_epi8(-128));
 }
 
 /// code_step<Arch> codes of a row from channel d, as *centred* floats c - 2^(Bits-1): the zero
@@ -210,7 +206,7 @@ struct int_loader {
   using B = fbatch<Arch>;
   KVC_FORCEINLINE void operator()(const std::uint8_t* row, std::int32_t d, B& a, B& b) const noexcept {
     if constexpr (Bits == 8 && B::size == 8) {
-      const __m128i c = centred16<Bits>(row, d);
+      const __m128i c = centred_bytes16(row, d);
       a = B(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)));
       b = B(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8))));
     } else if constexpr (B::size == 8) {
@@ -230,8 +226,8 @@ struct int_loader {
     }
 #if defined(__AVX512F__)
     else if constexpr (Bits == 8) {
-      a = B(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(centred16<Bits>(row, d))));
-      b = B(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(centred16<Bits>(row, d + 16))));
+      a = B(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(centred_bytes16(row, d))));
+      b = B(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(centred_bytes16(row, d + 16))));
     } else if constexpr (Bits == 2) {
       const std::uint8_t* p = row + d / 4;
       std::uint32_t w0, w1;
@@ -242,7 +238,7 @@ struct int_loader {
       b = B(lanes_to_float(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(w1)), sh)));
     } else {
       // 4 bits: 32 codes are 4 words; lanes 0-7 of a take word 0, 8-15 word 1 (b: words 2, 3)
-      const __m512i w = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d / 2)));
+      const __m512i w = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d / 2)));
       const __m512i sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
       const __m512i ia = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
       const __m512i ib = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
@@ -302,14 +298,21 @@ inline void gather_record_halves(const std::byte* base, std::size_t rb, std::siz
 template <int Bits>
 inline constexpr float code_mid = static_cast<float>(1 << (Bits - 1));
 
-/// 8 FP8 codes of p (in the low half of c) as the binary16 bit patterns of their values divided
-/// by fp8_unit<F> (exact): the byte shifted into a binary16 is E5M2 itself; E4M3 gets its exponent
-/// moved down one bit (value / 256, subnormals included). The NaN codes (never produced by the
+/// FP8 codes in the high byte of binary16 lanes (h) -> the binary16 patterns of their values
+/// divided by fp8_unit<F> (exact): the shifted byte is E5M2 itself; E4M3 gets its exponent moved
+/// down one bit (value / 256, subnormals included). The NaN codes (never produced by the
 /// saturating encoder from finite input) would read as 480.
 template <class F>
 KVC_FORCEINLINE __m128i fp8_as_half(__m128i h) noexcept {
   if constexpr (std::is_same<F, fp8_e4m3>::value)
     return _mm_and_si128(_mm_srai_epi16(h, 1), _mm_set1_epi16(static_cast<short>(0xBFFF)));
+  else
+    return h;
+}
+template <class F>
+KVC_FORCEINLINE __m256i fp8_as_half(__m256i h) noexcept {
+  if constexpr (std::is_same<F, fp8_e4m3>::value)
+    return _mm256_and_si256(_mm256_srai_epi16(h, 1), _mm256_set1_epi16(static_cast<short>(0xBFFF)));
   else
     return h;
 }
@@ -330,14 +333,8 @@ struct fp8_loader {
       // bytes 0-15 and 16-31 each into the high byte of 16 binary16 lanes
       const __m256i lo = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(c)), 8);
       const __m256i hi = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(c, 1)), 8);
-      if constexpr (std::is_same<F, fp8_e4m3>::value) {
-        const __m256i m = _mm256_set1_epi16(static_cast<short>(0xBFFF));
-        a = B(_mm512_cvtph_ps(_mm256_and_si256(_mm256_srai_epi16(lo, 1), m)));
-        b = B(_mm512_cvtph_ps(_mm256_and_si256(_mm256_srai_epi16(hi, 1), m)));
-      } else {
-        a = B(_mm512_cvtph_ps(lo));
-        b = B(_mm512_cvtph_ps(hi));
-      }
+      a = B(_mm512_cvtph_ps(fp8_as_half<F>(lo)));
+      b = B(_mm512_cvtph_ps(fp8_as_half<F>(hi)));
     }
 #endif
   }
