@@ -4,6 +4,7 @@
 /// device, contiguity) before the cache is touched, so a rejected call changes nothing; calls that
 /// run kernels or copy K/V release the GIL; kvc::error becomes kvc.Error with kvc's message.
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -178,7 +179,18 @@ NB_MODULE(_kvc, m) {
     return v;
   }, "The eviction policy names a spec may use (snapkv, h2o, ...).");
   m.def("isa", [] { return std::string(kvc::cpu::isa_name()); },
-        "The instruction-set namespace the module's kernels were compiled for.");
+        "The instruction-set namespace the module itself was compiled for (its baseline). Caches run the "
+        "best configuration this CPU runs: Cache.isa, isa_variants().");
+  m.def("isa_variants", [] {
+    std::vector<const kvc::runtime::isa_variant*> v;
+    for (const auto& e : kvc::runtime::isa_variants())
+      if (e.runs_here()) v.push_back(&e);
+    std::stable_sort(v.begin(), v.end(), [](auto* a, auto* b) { return a->rank > b->rank; });
+    std::vector<std::string> names;
+    for (auto* e : v) names.emplace_back(e->name);
+    return names;
+  }, "The ISA configurations the module carries that this CPU runs, best first: what a Cache picks "
+     "(the first) and what the environment variable KVC_ISA may name.");
 
   nb::class_<kvc::evict::compress_report>(m, "CompressReport", "What one compressor call did to one layer.")
       .def_ro("compressed", &kvc::evict::compress_report::compressed)
@@ -229,6 +241,9 @@ NB_MODULE(_kvc, m) {
            "needed by expected_attention and pre_rope=1 storages, and used by leverage to un-rotate keys.")
       .def_prop_ro("spec", &session_cache::spec)
       .def_prop_ro("storage", &session_cache::storage, "the storage as a spec")
+      .def_prop_ro("isa", &session_cache::isa,
+                   "the ISA configuration whose kernels run the cache: the best this CPU runs of those "
+                   "the module carries (the environment variable KVC_ISA, e.g. 'isa_sse2', forces one)")
       .def_prop_ro("policy", &session_cache::policy, "the eviction policy's spec, or None")
       .def_prop_ro("observes", &session_cache::observes,
                    "what the policy reads: 'nothing', 'query_window' (pass queries to the phases) or 'attention' "

@@ -109,7 +109,9 @@ class session_cache {
     c.max_pages = s.max_pages;
     kvc::runtime::storage_options so;
     so.rope = rope_cfg_ ? &*rope_cfg_ : nullptr;
-    cache_ = kvc::runtime::make_cache(storage, c, so);
+    // The best ISA configuration this CPU runs (python/CMakeLists.txt adds AVX2 and AVX-512 ones
+    // to the module, which itself builds for the baseline: SSE2 on x86-64); KVC_ISA forces one.
+    cache_ = kvc::runtime::make_cache_for_cpu(storage, c, so);
     num_q_heads_ = q_heads;
     if (ev_) {
       comp_.emplace(ev_->compressor());
@@ -121,6 +123,8 @@ class session_cache {
 
   const std::string& spec() const noexcept { return spec_; }
   std::string storage() const { return cache_->name(); }
+  /// The ISA configuration whose kernels run this cache (e.g. "isa_avx2_fma_f16c").
+  std::string isa() const { return cache_->isa(); }
   std::optional<std::string> policy() const { return ev_ ? std::optional<std::string>(ev_->spec) : std::nullopt; }
   const kvc::cache_config& config() const { return cache_->config(); }
   std::int32_t num_q_heads() const noexcept { return num_q_heads_; }
