@@ -436,13 +436,17 @@ KVC_FORCEINLINE void score_codes(const float* q, const float* qsum, std::int32_t
 
 /// acc[g][:] += sum_i w[(j(d) * G + g) * wstride + i] * codes(rows[i])[:] with j(d) = d / grp,
 /// code_step<Arch> channels at a time with the 2G accumulators in registers over the tile's rows.
-/// pf(i) and pf2(i) run once per row i, in the first pass.
+/// pf(i) runs once per row i in the first pass, pf2(i) in the second (the first when there is one
+/// pass): with both in the first pass, kivi8's key groups and value records together stalled the
+/// code loads on full fill buffers (BM_quant_paired kivi8 32x8x128 ctx:32768 one thread, AMD EPYC
+/// 2026-12: 0.79 -> 0.96x fp16 AVX-512 build, 0.73 -> 0.86x AVX2 build).
 template <class Arch, std::int32_t G, class L>
 KVC_FORCEINLINE void accumulate_codes(const float* w, std::int32_t wstride, std::int32_t grp,
                                       const std::uint8_t* const* rows, std::int32_t tn, std::int32_t D, float* acc,
                                       L load, const prefetch_slices& pf, const prefetch_slices& pf2) noexcept {
   using B = fbatch<Arch>;
   constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
+  const std::int32_t d2 = D > 2 * W ? 2 * W : 0;
   for (std::int32_t d = 0; d < D; d += 2 * W) {
     const float* w0 = w + static_cast<std::size_t>(d / grp) * G * wstride;
     const float* w1 = w + static_cast<std::size_t>((d + W) / grp) * G * wstride;
@@ -452,10 +456,8 @@ KVC_FORCEINLINE void accumulate_codes(const float* w, std::int32_t wstride, std:
       a1[g] = B::load_unaligned(acc + g * D + d + W);
     }
     for (std::int32_t i = 0; i < tn; ++i) {
-      if (d == 0) {
-        pf(i);
-        pf2(i);
-      }
+      if (d == 0) pf(i);
+      if (d == d2) pf2(i);
       B v0, v1;
       load(rows[i], d, v0, v1);
       for (std::int32_t g = 0; g < G; ++g) {
