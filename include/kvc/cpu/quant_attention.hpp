@@ -245,8 +245,8 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
     // The next tile's records in four slices between the stages of this one. In one burst at the
     // tile's start the prefetches stalled on full fill buffers and the value scale gather then
     // waited on memory (perf: a gather at 17% of attend_int); sliced, BM_quant_paired 32x8x128
-    // ctx:32768 one thread, AMD EPYC AVX-512 build, 2026-12: int8+iq+ip 1.04 -> 1.58x fp16,
-    // int4+iq+ip 1.62 -> 2.10x, int2+iq+ip 2.2 -> 2.4x.
+    // ctx:32768 one thread, AMD EPYC AVX-512 build, 2026-12: int8+iq+ip 0.94 -> 1.49x fp16,
+    // int4+iq+ip 1.58 -> 2.02x, int2+iq+ip 2.17 -> 2.37x (bench/results/quant.md).
     const tile_prefetch nx = e < b ? next_tile_records(kq, vq, sv, P, e, std::min({b - e, TT, P - (e - sv.n_sink) % P}), D, 4)
                                    : tile_prefetch{};
     nx.k(0);
