@@ -69,6 +69,11 @@ namespace qdetail {
 /// attend_int on one vcvtph2ps; int8, exact path: 28% of fused_scores).
 struct tile_prefetch {
   prefetch_slices k, v;
+  /// Slice i of both ranges.
+  KVC_FORCEINLINE void operator()(std::int32_t i) const noexcept {
+    k(i);
+    v(i);
+  }
 };
 template <class KQ, class VQ, class SV>
 KVC_FORCEINLINE tile_prefetch next_tile_records(const KQ& kq, const VQ& vq, const SV& sv, std::int32_t P, std::int32_t t,
@@ -249,8 +254,7 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
     // int4+iq+ip 1.58 -> 2.02x, int2+iq+ip 2.17 -> 2.37x (bench/results/quant.md).
     const tile_prefetch nx = e < b ? next_tile_records(kq, vq, sv, P, e, std::min({b - e, TT, P - (e - sv.n_sink) % P}), D, 4)
                                    : tile_prefetch{};
-    nx.k(0);
-    nx.v(0);
+    nx(0);
     if constexpr (fused_codec<KQ, role::key>::kind == 1) {
       if (iq) {
         using FK = fused_codec<KQ, role::key>;
@@ -260,8 +264,7 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
       }
     }
     if (!iq) fused_scores<Arch, G>(kq, page, D, slot0, tn, q_stored, s, sst, sc);
-    nx.k(1);
-    nx.v(1);
+    nx(1);
     const std::byte* vpart = page + sv.v_offset + rbv * static_cast<std::size_t>(slot0);
     for (std::int32_t i = 0; i < tn; ++i)
       vrows[static_cast<std::size_t>(i)] = reinterpret_cast<const std::uint8_t*>(vpart + rbv * static_cast<std::size_t>(i));
@@ -284,8 +287,7 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
     const std::int32_t tn4 = (tn + 3) / 4 * 4;
     for (std::int32_t i = tn; i < tn4; ++i) vrows[static_cast<std::size_t>(i)] = vrows[0];
     const std::int32_t tn8 = (tn + 7) / 8 * 8;
-    nx.k(2);
-    nx.v(2);
+    nx(2);
     for (std::int32_t g = 0; g < G; ++g) {
       float* sg = s + g * sst;
       if (raw) std::copy(sg, sg + tn, raw + static_cast<std::size_t>(g) * raw_stride + t);
@@ -317,8 +319,7 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
       _mm256_store_ps(lanes, bs);
       for (float x : lanes) bias[g] += x;
     }
-    nx.k(3);
-    nx.v(3);
+    nx(3);
     quantize_weights<VB, G>(s, sst, vs.data(), tn, wq.data(), TT + 8, f);
     int_values<VB, G>(vrows.data(), tn4 / 4, wq.data(), TT + 8, f, D, accp.data(), static_cast<__m256i*>(cbuf.get()));
     t = e;
