@@ -7,8 +7,10 @@ set -euo pipefail
 eval_bin="$1" text="$2"
 dir="$(mktemp -d)"
 trap 'rm -rf "$dir"' EXIT
-args=(--text "$text" --policies "fp16;int8;kivi(bits=2)" --protocols prefill,stream --context 48 --score 32
-      --windows 2 --decode-tokens 2 --stream-tokens 48 --threads 1 --no-plot --quiet)
+# The needle rows carry their by-depth counts through the journal (the CSV's last column).
+args=(--text "$text" --policies "fp16;int8;kivi(bits=2)" --protocols prefill,stream,needle --context 48 --score 32
+      --windows 2 --decode-tokens 2 --stream-tokens 48 --needle-context 64 --needle-seeds 1 --needle-depth-count 2
+      --needle-task multikey --needle-keys 2 --needle-max-new 2 --threads 1 --no-plot --quiet)
 if ! "$eval_bin" "${args[@]}" --out "$dir/full" > /dev/null 2> "$dir/full.err"; then
   if grep -q "model not found\|KVC_MODEL=" "$dir/full.err"; then cat "$dir/full.err"; exit 77; fi
   cat "$dir/full.err"; exit 1

@@ -13,8 +13,12 @@
 ///            tokens one at a time to time decode with the compressed cache.
 ///   stream   decode-time: score the first L tokens of the text in chunks of S while the
 ///            cache is compressed after every chunk as it grows.
-///   needle   a sentence with a random number is hidden in prose at several depths; the
-///            instruct model is asked for it through the file's chat template; exact match.
+///   needle   retrieval at depth: numbers hidden in prose (--needle-text, another text than
+///            the scored one), the one asked for at each of --needle-depths; the instruct model
+///            is asked through the file's chat template; exact match of each number. Tasks
+///            (--needle-task): single (one number), multikey (K numbers under K keys, one asked
+///            for) and multivalue (K numbers under one key, all asked for), after RULER's
+///            needle tasks; the report adds hits by depth.
 ///   prefill and needle compress once after the prompt (kvpress semantics); stream compresses
 ///   after every chunk (after_chunk), or every decode step with --stream-chunk 1.
 ///   Next-token agreement (argmax equal to the reference's argmax) is reported for prefill and
@@ -34,6 +38,7 @@
 #include <iostream>
 #include <iterator>
 #include <map>
+#include <numeric>
 #include <random>
 #include <sstream>
 #include <string>
@@ -59,6 +64,14 @@ struct options {
     int stream_tokens = 1024, stream_chunk = 16;                        // stream protocol
     int needle_context = 768, needle_seeds = 5, needle_max_new = 24;    // needle protocol
     std::vector<double> needle_depths{0.1, 0.5, 0.9};
+    /// single: one number, "What is the secret number?". multikey: `needle_keys` numbers, each
+    /// named by its own key, one asked for (RULER's multi-key task). multivalue: `needle_keys`
+    /// numbers under one key, all asked for; a trial scores the share it names (RULER's
+    /// multi-value task). In every task the needle asked for (multivalue: its first value) sits
+    /// at the trial's depth and the others at random depths.
+    std::string needle_task = "single";
+    int needle_keys = 4;
+    std::string dump_needles;  ///< --dump-needles FILE: every trial's prompt and answers (tests/model)
     int threads = 2, page_size = 16;
     int prefill_chunk = 256;  ///< tokens per forward chunk of a prompt (the engine's default)
     /// Tokens per forward chunk of the scored tokens (0: the engine's 256). 1 scores each token as a
@@ -104,8 +117,9 @@ struct row {
     double b_nll = 0, b_agree = 0, b_bytes_per_tok = 0, stream_tps = 0;
     long b_n = 0, b_agree_n = 0;
     std::vector<double> b_tok;
-    // needle
+    // needle: in total and by depth (index into options::needle_depths)
     int needle_hits = 0, needle_n = 0;
+    std::vector<int> depth_hits, depth_n;
     std::string error;         ///< the row failed (bad spec, or the prefill protocol)
     std::string stream_error;  ///< only the stream protocol failed (prefill-only policies)
 };
@@ -126,6 +140,7 @@ std::string journal_header(const options& o, const std::string& model) {
       << o.needle_max_new << "/";
     for (double d : o.needle_depths) h << d << ",";
     h << "\tpage=" << o.page_size;
+    if (o.needle_task != "single") h << "\tneedle_task=" << o.needle_task << "/" << o.needle_keys;
     // Only when not the default, so journals written before the option existed still resume.
     if (o.prefill_chunk != 256) h << "\tchunk=" << o.prefill_chunk;
     if (o.score_chunk != 0 && o.score_chunk != 256) h << "\tscore_chunk=" << o.score_chunk;  // 256: the default
@@ -180,6 +195,7 @@ std::string journal_line(const row& r, const std::vector<std::vector<int32_t>>& 
       << ref_a.size();
     for (const auto& w : ref_a) l << '\t' << join(w);
     l << '\t' << join(ref_b);
+    l << '\t' << join(r.depth_hits) << '\t' << join(r.depth_n);
     return l.str();
 }
 
@@ -203,10 +219,16 @@ bool parse_journal_line(const std::string& line, row& r, std::vector<std::vector
         r.needle_hits = std::stoi(f[i++]), r.needle_n = std::stoi(f[i++]);
         r.error = unescape(f[i++]), r.stream_error = unescape(f[i++]);
         const std::size_t nw = static_cast<std::size_t>(std::stoul(f[i++]));
-        if (f.size() != i + nw + 1) return false;
+        // Journals written before the needle-by-depth fields end after ref_b; they still resume.
+        if (f.size() != i + nw + 1 && f.size() != i + nw + 3) return false;
         ref_a.clear();
         for (std::size_t w = 0; w < nw; ++w) ref_a.push_back(parse_list<int32_t>(f[i++]));
         ref_b = parse_list<int32_t>(f[i++]);
+        if (i < f.size()) {
+            r.depth_hits = parse_list<int>(f[i++]);
+            r.depth_n = parse_list<int>(f[i++]);
+            if (r.depth_hits.size() != r.depth_n.size()) return false;
+        }
         return r.a_tok.size() == static_cast<std::size_t>(r.a_n) && r.b_tok.size() == static_cast<std::size_t>(r.b_n);
     } catch (const std::exception&) {
         return false;
@@ -380,25 +402,28 @@ void run_stream(engine& e, const options& o, const std::vector<int32_t>& toks, c
     if (is_ref) r.b_agree = 1, r.b_agree_n = 1;
 }
 
-/// A needle trial's prompt: prose from `hay` with the needle sentence inserted at `depth`
-/// (moved to the next line break so that it does not cut a sentence), then the question.
+/// A needle trial's prompt: prose from `hay` with the needle sentences inserted (each moved to
+/// the next line break so that it does not cut a sentence), then the question.
 struct needle_case {
     std::vector<int32_t> prompt;
-    std::string answer;
-    int32_t answer_at = -1, answer_len = 0;  ///< prompt positions of the number's tokens (--show-needles)
+    std::vector<std::string> answers;  ///< the numbers a correct answer names (multivalue: all of them)
+    int depth = 0;                     ///< index into options::needle_depths of the needle asked for
+    std::string text;                  ///< the user message, for --dump-needles
+    int32_t answer_at = -1, answer_len = 0;  ///< prompt positions of answers[0]'s tokens (--show-needles)
 };
 
 /// Where the number's tokens sit in the prompt (digits are single tokens in SmolLM2's
 /// pre-tokenizer), so --show-needles can say whether compression kept them.
 void locate_answer(const llama::tokenizer& tok, needle_case& c) {
+    const std::string& answer = c.answers.front();
     for (std::size_t i = 0; i < c.prompt.size() && c.answer_at < 0; ++i) {
         std::string got;
         for (std::size_t j = i; j < c.prompt.size(); ++j) {
             std::string t = tok.decode_token(c.prompt[j], true);
             t.erase(std::remove(t.begin(), t.end(), ' '), t.end());
             got += t;
-            if (got.empty() || c.answer.compare(0, got.size(), got) != 0) break;
-            if (got == c.answer) {
+            if (got.empty() || answer.compare(0, got.size(), got) != 0) break;
+            if (got == answer) {
                 c.answer_at = static_cast<int32_t>(i);
                 c.answer_len = static_cast<int32_t>(j - i + 1);
                 break;
@@ -407,9 +432,41 @@ void locate_answer(const llama::tokenizer& tok, needle_case& c) {
     }
 }
 
+/// The keys of the multikey and multivalue tasks: ordinary two-word phrases, none of them in the
+/// texts the protocols use, so that a key names exactly one needle.
+constexpr const char* needle_key_names[] = {
+    "amber lantern", "copper kettle",  "silver compass", "violet ribbon", "granite bridge", "crimson kite",
+    "marble fountain", "linen satchel", "cobalt anchor", "walnut cabinet", "scarlet canoe", "pewter bell",
+    "olive tapestry", "saffron drum",   "indigo rudder", "ivory chessboard"};
+constexpr int needle_key_count = static_cast<int>(sizeof(needle_key_names) / sizeof(needle_key_names[0]));
+
+/// Tokens a trial may generate: a multivalue answer names every value (5 digits and a separator
+/// each, plus a lead-in), so it gets room for them.
+int needle_new_tokens(const options& o) {
+    return o.needle_task == "multivalue" ? std::max(o.needle_max_new, 8 * o.needle_keys + 16) : o.needle_max_new;
+}
+
+/// `depths` are fractions of the prose (in bytes) where each sentence goes; the sentences are
+/// inserted from the last position back, so earlier positions stay valid.
+std::string insert_needles(const std::string& hay, const std::vector<std::pair<double, std::string>>& needles) {
+    std::vector<std::pair<std::size_t, std::string>> at;
+    for (const auto& [depth, sentence] : needles) {
+        std::size_t p = static_cast<std::size_t>(depth * static_cast<double>(hay.size()));
+        const std::size_t nl = hay.find('\n', std::min(p, hay.size()));
+        p = nl == std::string::npos ? hay.size() : nl + 1;
+        at.emplace_back(p, sentence);
+    }
+    // Stable: needles at the same line break keep their given order.
+    std::stable_sort(at.begin(), at.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+    std::string text = hay;
+    for (std::size_t i = at.size(); i-- > 0;) text.insert(at[i].first, at[i].second);
+    return text;
+}
+
 std::vector<needle_case> make_needles(engine& e, const options& o, const std::vector<int32_t>& hay_toks) {
     llama::chat_template ct(e.file);
     std::vector<needle_case> cases;
+    const int k = o.needle_task == "single" ? 1 : o.needle_keys;
     for (int seed = 0; seed < o.needle_seeds; ++seed) {
         std::mt19937_64 rng(static_cast<uint64_t>(seed) * 7919 + 17);
         const long span = static_cast<long>(hay_toks.size()) - o.needle_context;
@@ -417,20 +474,65 @@ std::vector<needle_case> make_needles(engine& e, const options& o, const std::ve
         const long off = static_cast<long>(rng() % static_cast<uint64_t>(span));
         std::string hay = e.tok.decode({hay_toks.begin() + off, hay_toks.begin() + off + o.needle_context});
         if (std::size_t nl = hay.find('\n'); nl != std::string::npos && nl < hay.size() / 4) hay = hay.substr(nl + 1);
-        const int number = 10000 + static_cast<int>(rng() % 90000);
-        const std::string answer = std::to_string(number);
-        for (double depth : o.needle_depths) {
-            std::size_t at = static_cast<std::size_t>(depth * hay.size());
-            std::size_t nl = hay.find('\n', at);
-            at = nl == std::string::npos ? hay.size() : nl + 1;
-            std::string text = hay.substr(0, at) + "The secret number is " + answer + ". Remember it.\n" + hay.substr(at);
-            std::string user = text + "\n\nWhat is the secret number mentioned in the text above? Answer with the number only.";
+        // The seed's numbers (distinct) and keys (distinct); the first is the one asked for.
+        std::vector<std::string> numbers, keys;
+        while (static_cast<int>(numbers.size()) < k) {
+            const std::string n = std::to_string(10000 + static_cast<int>(rng() % 90000));
+            if (std::find(numbers.begin(), numbers.end(), n) == numbers.end()) numbers.push_back(n);
+        }
+        std::vector<int> order(needle_key_count);
+        std::iota(order.begin(), order.end(), 0);
+        std::shuffle(order.begin(), order.end(), rng);
+        for (int i = 0; i < k; ++i) keys.emplace_back(needle_key_names[order[static_cast<std::size_t>(i)]]);
+        for (std::size_t d = 0; d < o.needle_depths.size(); ++d) {
+            std::vector<std::pair<double, std::string>> placed;
+            std::string question;
+            std::uniform_real_distribution<double> anywhere(0.0, 1.0);
+            if (o.needle_task == "single") {
+                placed.emplace_back(o.needle_depths[d], "The secret number is " + numbers[0] + ". Remember it.\n");
+                question = "What is the secret number mentioned in the text above? Answer with the number only.";
+            } else if (o.needle_task == "multikey") {
+                for (int i = 0; i < k; ++i)
+                    placed.emplace_back(i == 0 ? o.needle_depths[d] : anywhere(rng),
+                                        "The secret number of the " + keys[static_cast<std::size_t>(i)] + " is " +
+                                            numbers[static_cast<std::size_t>(i)] + ".\n");
+                question = "What is the secret number of the " + keys[0] +
+                           " mentioned in the text above? Answer with the number only.";
+            } else {  // multivalue
+                for (int i = 0; i < k; ++i)
+                    placed.emplace_back(i == 0 ? o.needle_depths[d] : anywhere(rng),
+                                        "One of the secret numbers of the " + keys[0] + " is " +
+                                            numbers[static_cast<std::size_t>(i)] + ".\n");
+                question = "What are all the secret numbers of the " + keys[0] +
+                           " mentioned in the text above? Answer with the numbers only.";
+            }
             needle_case c;
-            c.prompt = e.tok.encode(ct.render({{"user", user}}), /*parse_special=*/true);
-            c.answer = answer;
+            c.text = insert_needles(hay, placed) + "\n\n" + question;
+            c.prompt = e.tok.encode(ct.render({{"user", c.text}}), /*parse_special=*/true);
+            c.answers = o.needle_task == "multivalue" ? numbers : std::vector<std::string>{numbers[0]};
+            c.depth = static_cast<int>(d);
             locate_answer(e.tok, c);
             cases.push_back(std::move(c));
         }
+    }
+    if (!o.dump_needles.empty()) {  // one JSON object per trial: what tests/model/eval_needles.sh checks
+        std::ofstream dump(o.dump_needles, std::ios::trunc);
+        auto quote = [](const std::string& x) {
+            std::string q = "\"";
+            for (char ch : x) {
+                if (ch == '"' || ch == '\\') q += '\\', q += ch;
+                else if (ch == '\n') q += "\\n";
+                else if (static_cast<unsigned char>(ch) < 0x20) q += ' ';
+                else q += ch;
+            }
+            return q + "\"";
+        };
+        for (const needle_case& c : cases) {
+            dump << "{\"depth\": " << o.needle_depths[static_cast<std::size_t>(c.depth)] << ", \"answers\": [";
+            for (std::size_t i = 0; i < c.answers.size(); ++i) dump << (i ? ", " : "") << quote(c.answers[i]);
+            dump << "], \"prompt_tokens\": " << c.prompt.size() << ", \"text\": " << quote(c.text) << "}\n";
+        }
+        if (!dump) throw std::runtime_error("--dump-needles: cannot write " + o.dump_needles);
     }
     return cases;
 }
@@ -441,6 +543,9 @@ void run_needle(engine& e, const options& o, const std::vector<needle_case>& cas
                 progress& bar, bool show) {
     const int nv = e.mdl.hp().n_vocab;
     const int32_t im_end = e.tok.find("<|im_end|>");
+    const int max_new = needle_new_tokens(o);
+    r.depth_hits.assign(o.needle_depths.size(), 0);
+    r.depth_n.assign(o.needle_depths.size(), 0);
     for (const needle_case& c : cases) {
         auto sopt = e.sopt;
         sopt.max_tokens = static_cast<int>(c.prompt.size()) + 16;
@@ -467,19 +572,25 @@ void run_needle(engine& e, const options& o, const std::vector<needle_case>& cas
                             " streams, mean " + fmt("%.0f%%", 100.0 * share / streams);
             }
         std::string out;
-        for (int i = 0; i < o.needle_max_new; ++i) {
+        for (int i = 0; i < max_new; ++i) {
             int32_t next = llama::sampler::argmax(lg.row(0).data(), nv);
             if (next == e.tok.eos() || next == im_end) break;
             out += e.tok.decode_token(next, true);
             lg = e.mdl.forward(s, &next, 1, 1);
         }
-        const bool hit = out.find(c.answer) != std::string::npos;
+        // Exact match of each number in the answer (multivalue: each value counts once).
+        int hit = 0;
+        for (const std::string& a : c.answers) hit += out.find(a) != std::string::npos;
+        const int n = static_cast<int>(c.answers.size());
         r.needle_hits += hit;
-        ++r.needle_n;
+        r.needle_n += n;
+        r.depth_hits[static_cast<std::size_t>(c.depth)] += hit;
+        r.depth_n[static_cast<std::size_t>(c.depth)] += n;
         if (show)
-            std::fprintf(stderr, "\n  needle %s: answer %s at token %d of %zu%s, model said '%s'", hit ? "HIT " : "miss",
-                         c.answer.c_str(), c.answer_at, c.prompt.size(), kept_note.c_str(), out.c_str());
-        bar.step(static_cast<long>(c.prompt.size()) + o.needle_max_new, "needle " + spec);
+            std::fprintf(stderr, "\n  needle %s: answer %s at token %d of %zu (depth %g)%s, model said '%s'",
+                         hit == n ? "HIT " : hit ? "part" : "miss", c.answers.front().c_str(), c.answer_at, c.prompt.size(),
+                         o.needle_depths[static_cast<std::size_t>(c.depth)], kept_note.c_str(), out.c_str());
+        bar.step(static_cast<long>(c.prompt.size()) + max_new, "needle " + spec);
     }
 }
 
@@ -502,6 +613,11 @@ void usage() {
                  "                        scores each as a decode step (decode attention: quest's reads)\n"
                  "  --se-block N        tokens per batch mean of Δppl's standard error (16)\n"
                  "  --needle-text FILE --needle-context N --needle-seeds N --needle-depths D1,D2  (text, 768, 5, 0.1,0.5,0.9)\n"
+                 "  --needle-depth-count N   N evenly spaced depths, (2i+1)/2N (8: 1/16, 3/16, ..., 15/16)\n"
+                 "  --needle-task single|multikey|multivalue --needle-keys K   (single; 4): K numbers, each under its\n"
+                 "                        own key, one asked for; or K numbers under one key, all asked for\n"
+                 "  --needle-max-new N    tokens an answer may take (24; multivalue at least 8K+16)\n"
+                 "  --dump-needles FILE   every needle trial's text and answers, JSON lines\n"
                  "  --show-needles        print every needle answer and how many streams kept the number's digits\n"
                  "  --dump-kept FILE      kept positions after each prefill compression, JSON lines\n"
                  "  --resume              reuse the rows PREFIX.journal holds from an interrupted run with the same\n"
@@ -549,7 +665,19 @@ int main(int argc, char** argv) {
         else if (a == "--needle-depths") {
             o.needle_depths.clear();
             for (auto& d : split(next(), ',')) o.needle_depths.push_back(std::stod(d));
-        } else if (a == "--threads") o.threads = std::stoi(next());
+        } else if (a == "--needle-depth-count") {
+            const int n = std::stoi(next());
+            if (n < 1) {
+                std::fprintf(stderr, "kvc-eval: --needle-depth-count %d, expected >= 1\n", n);
+                return 2;
+            }
+            o.needle_depths.clear();
+            for (int d = 0; d < n; ++d) o.needle_depths.push_back((2.0 * d + 1) / (2.0 * n));
+        } else if (a == "--needle-task") o.needle_task = next();
+        else if (a == "--needle-keys") o.needle_keys = std::stoi(next());
+        else if (a == "--needle-max-new") o.needle_max_new = std::stoi(next());
+        else if (a == "--dump-needles") o.dump_needles = next();
+        else if (a == "--threads") o.threads = std::stoi(next());
         else if (a == "--page-size") o.page_size = std::stoi(next());
         else if (a == "--prefill-chunk") o.prefill_chunk = std::stoi(next());
         else if (a == "--score-chunk") o.score_chunk = std::stoi(next());
@@ -583,6 +711,23 @@ int main(int argc, char** argv) {
                      o.score_chunk);
         return 2;
     }
+    if (o.needle_task != "single" && o.needle_task != "multikey" && o.needle_task != "multivalue") {
+        std::fprintf(stderr, "kvc-eval: --needle-task '%s', expected single, multikey or multivalue\n", o.needle_task.c_str());
+        return 2;
+    }
+    if (o.needle_keys < 1 || o.needle_keys > needle_key_count) {
+        std::fprintf(stderr, "kvc-eval: --needle-keys %d, expected 1 to %d\n", o.needle_keys, needle_key_count);
+        return 2;
+    }
+    if (o.needle_max_new < 1) {
+        std::fprintf(stderr, "kvc-eval: --needle-max-new %d, expected >= 1 token\n", o.needle_max_new);
+        return 2;
+    }
+    for (double d : o.needle_depths)
+        if (!(d >= 0 && d <= 1)) {
+            std::fprintf(stderr, "kvc-eval: --needle-depths %g, expected depths in [0, 1]\n", d);
+            return 2;
+        }
     if (o.prefill_chunk < 1) {
         std::fprintf(stderr, "kvc-eval: --prefill-chunk %d, expected >= 1 token per forward chunk\n", o.prefill_chunk);
         return 2;
@@ -681,7 +826,7 @@ int main(int argc, char** argv) {
             if (done.count(rows[i].spec)) continue;
             if (o.do_prefill) total += static_cast<long>(o.windows) * (o.context + o.score + o.decode_tokens);
             if (o.do_stream) total += std::min<long>(o.stream_tokens, static_cast<long>(toks.size()));
-            for (const auto& c : needles) total += static_cast<long>(c.prompt.size()) + o.needle_max_new;
+            for (const auto& c : needles) total += static_cast<long>(c.prompt.size()) + needle_new_tokens(o);
         }
         std::fprintf(stderr, "kvc-eval: %s (%zu tokens), %zu configurations, protocols:%s%s%s\n", o.text.c_str(), toks.size(),
                      rows.size(), o.do_prefill ? " prefill" : "", o.do_stream ? " stream" : "", o.do_needle ? " needle" : "");
@@ -733,10 +878,17 @@ int main(int argc, char** argv) {
         std::ofstream csv(o.out + ".csv");
         csv << "spec,family,budget,kv_bytes_per_token,ppl_prefill,dppl_prefill,dppl_prefill_se,agree_prefill,"
                "kv_bytes_per_token_stream,ppl_stream,dppl_stream,dppl_stream_se,agree_stream,needle_acc,needle_n,"
-               "prefill_tok_s,decode_tok_s,stream_tok_s,compress_ms,error\n";
+               "prefill_tok_s,decode_tok_s,stream_tok_s,compress_ms,error,needle_by_depth\n";
         std::ostringstream md;
         md << "| policy | KV bytes/token | ppl (prefill) | Δppl | agree | KV bytes/token (stream) | ppl (stream) | Δppl | agree | needle | prefill tok/s | decode tok/s |\n";
         md << "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+        // "hits/n" per depth, in the order of --needle-depths.
+        auto by_depth = [](const row& r, const char* sep) {
+            std::string b;
+            for (std::size_t d = 0; d < r.depth_n.size(); ++d)
+                b += (d ? sep : "") + std::to_string(r.depth_hits[d]) + "/" + std::to_string(r.depth_n[d]);
+            return b;
+        };
         for (const row& r : rows) {
             const double ap = r.a_n ? std::exp(r.a_nll / r.a_n) : NAN, bp = r.b_n ? std::exp(r.b_nll / r.b_n) : NAN;
             const double aa = r.a_agree_n ? r.a_agree / r.a_agree_n : NAN, ba = r.b_agree_n ? r.b_agree / r.b_agree_n : NAN;
@@ -747,7 +899,7 @@ int main(int argc, char** argv) {
                 << ',' << bse << ',' << ba
                 << ',' << na << ',' << r.needle_n << ',' << r.prefill_tps << ',' << r.decode_tps << ',' << r.stream_tps << ','
                 << r.compress_ms << ",\"" << (r.error.empty() && !r.stream_error.empty() ? "stream: " + r.stream_error : r.error)
-                << "\"\n";
+                << "\",\"" << by_depth(r, " ") << "\"\n";
             auto cell = [](bool on, const std::string& s) { return on ? s : std::string("–"); };
             auto pm = [](double d, double se) { return fmt("%+.3f", d) + (std::isfinite(se) ? fmt(" ± %.3f", se) : ""); };
             const bool stream_ok = o.do_stream && r.stream_error.empty();
@@ -767,6 +919,21 @@ int main(int argc, char** argv) {
                << cell(o.do_needle, std::to_string(r.needle_hits) + "/" + std::to_string(r.needle_n)) << " | "
                << cell(o.do_prefill, fmt("%.0f", r.prefill_tps)) << " | " << cell(o.do_prefill, fmt("%.1f", r.decode_tps))
                << " |\n";
+        }
+        if (o.do_needle && o.needle_depths.size() > 1) {  // retrieval at depth
+            md << "\nNeedle (" << o.needle_task << (o.needle_task == "single" ? "" : ", " + std::to_string(o.needle_keys) + " keys")
+               << ") by depth of the needle asked for:\n\n| policy |";
+            for (double d : o.needle_depths) md << ' ' << fmt("%.3g", d) << " |";
+            md << " all |\n|---|";
+            for (std::size_t d = 0; d <= o.needle_depths.size(); ++d) md << "---:|";
+            md << "\n";
+            for (const row& r : rows) {
+                if (!r.error.empty() || r.depth_n.size() != o.needle_depths.size()) continue;
+                md << "| `" << r.spec << "` |";
+                for (std::size_t d = 0; d < r.depth_n.size(); ++d)
+                    md << ' ' << r.depth_hits[d] << '/' << r.depth_n[d] << " |";
+                md << ' ' << r.needle_hits << '/' << r.needle_n << " |\n";
+            }
         }
         bool notes = false;
         for (const row& r : rows)
