@@ -491,20 +491,15 @@ std::vector<needle_case> make_needles(engine& e, const options& o, const std::ve
             if (o.needle_task == "single") {
                 placed.emplace_back(o.needle_depths[d], "The secret number is " + numbers[0] + ". Remember it.\n");
                 question = "What is the secret number mentioned in the text above? Answer with the number only.";
-            } else if (o.needle_task == "multikey") {
+            } else {  // multikey: a key per number; multivalue: every number under keys[0]
+                const bool mv = o.needle_task == "multivalue";
                 for (int i = 0; i < k; ++i)
                     placed.emplace_back(i == 0 ? o.needle_depths[d] : anywhere(rng),
-                                        "The secret number of the " + keys[static_cast<std::size_t>(i)] + " is " +
+                                        std::string(mv ? "One of the secret numbers of the " : "The secret number of the ") +
+                                            keys[mv ? 0 : static_cast<std::size_t>(i)] + " is " +
                                             numbers[static_cast<std::size_t>(i)] + ".\n");
-                question = "What is the secret number of the " + keys[0] +
-                           " mentioned in the text above? Answer with the number only.";
-            } else {  // multivalue
-                for (int i = 0; i < k; ++i)
-                    placed.emplace_back(i == 0 ? o.needle_depths[d] : anywhere(rng),
-                                        "One of the secret numbers of the " + keys[0] + " is " +
-                                            numbers[static_cast<std::size_t>(i)] + ".\n");
-                question = "What are all the secret numbers of the " + keys[0] +
-                           " mentioned in the text above? Answer with the numbers only.";
+                question = std::string(mv ? "What are all the secret numbers of the " : "What is the secret number of the ") +
+                           keys[0] + " mentioned in the text above? Answer with the number" + (mv ? "s" : "") + " only.";
             }
             needle_case c;
             c.text = insert_needles(hay, placed) + "\n\n" + question;
