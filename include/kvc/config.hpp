@@ -18,8 +18,10 @@
 
 #if defined(_MSC_VER)
 #define KVC_FORCEINLINE __forceinline
+#define KVC_NOINLINE __declspec(noinline)
 #else
 #define KVC_FORCEINLINE inline __attribute__((always_inline))
+#define KVC_NOINLINE __attribute__((noinline))
 #endif
 
 /// True only in a TU compiled by nvcc with the `kvc::cuda` target (which defines KVC_ENABLE_CUDA).

@@ -88,6 +88,72 @@ KVC_FORCEINLINE tile_prefetch next_tile_records(const KQ& kq, const VQ& vq, cons
           prefetch_slices(np + sv.v_offset + rbv * static_cast<std::size_t>(js), rbv * static_cast<std::size_t>(n), slices)};
 }
 
+/// The codec half of the decode-then-attend path: the K rows (when need_k: no fused kernel scored
+/// them) and V rows (when need_v) of tokens [t, t + tn) of one region, decoded into kb and vb in
+/// the domain the scores and the accumulator use. Out of line and free of G on purpose: it runs
+/// once per 64-token tile, and inlined into attend_tiles (instantiated for every cache type x
+/// G = 1..8) it made attend_tiles 29% of a registration TU's code (5.4 of 18.6 MB,
+/// tests/support/registered_storages.cpp with -mavx2, GCC 12 -O3, 2026-12-05).
+template <class Cache>
+KVC_NOINLINE void decode_tile(const Cache& c, const typename Cache::stream_view& sv, std::int32_t t, std::int32_t tn,
+                              bool quantized, bool need_k, bool need_v, const tile_prefetch& nx, std::int32_t D,
+                              float* kb, float* vb, float* tmp) {
+  using quant::role;
+  const auto& kq = c.key_quantizer();
+  const auto& vq = c.value_quantizer();
+  const rope* rp = c.pre_rope();
+  if (quantized) {
+    const std::int32_t P = c.config().page_size;
+    const std::int32_t i0 = t - sv.n_sink, slot0 = i0 % P;
+    const std::byte* page = sv.quant_base + static_cast<std::size_t>(sv.pages[i0 / P]) * sv.page_bytes;
+    if (need_k) {
+      nx.k.all();
+      quant::decode_rows<role::key>(kq, page, D, slot0, slot0 + tn, kb, tmp);
+      if (rp)
+        for (std::int32_t i = 0; i < tn; ++i) {
+          kq.to_model(kb + static_cast<std::size_t>(i) * D, D);
+          rp->apply(kb + static_cast<std::size_t>(i) * D, sv.positions[t + i]);
+        }
+    }
+    if (need_v) {
+      nx.v.all();
+      quant::decode_rows<role::value>(vq, page + sv.v_offset, D, slot0, slot0 + tn, vb, tmp);
+    }
+    return;
+  }
+  const bool sink = t < sv.n_sink;
+  const auto* ksrc = sink ? sv.sink_k + static_cast<std::size_t>(t) * D
+                          : sv.res_k + static_cast<std::size_t>(t - sv.n_sink - sv.n_quant) * D;
+  const auto* vsrc = sink ? sv.sink_v + static_cast<std::size_t>(t) * D
+                          : sv.res_v + static_cast<std::size_t>(t - sv.n_sink - sv.n_quant) * D;
+  for (std::size_t j = 0; j < static_cast<std::size_t>(tn) * D; ++j) {
+    kb[j] = static_cast<float>(ksrc[j]);
+    vb[j] = static_cast<float>(vsrc[j]);
+  }
+  for (std::int32_t i = 0; i < tn; ++i) {
+    if (rp) rp->apply(kb + static_cast<std::size_t>(i) * D, sv.positions[t + i]);
+    if constexpr (std::decay_t<decltype(vq)>::rotates) vq.to_stored(vb + static_cast<std::size_t>(i) * D, D);
+  }
+}
+
+/// The G half, free of the codec: scores of tn decoded key rows (when score: no fused kernel wrote
+/// them) and the online-softmax update, which leaves the tile's weights in s. Out of line for the
+/// reason decode_tile is.
+template <class Arch, std::int32_t G>
+KVC_NOINLINE void tile_softmax(const float* q, const float* kb, bool score, std::int32_t tn, std::int32_t D, float* s,
+                               std::int32_t stride, partial& st, float* raw, std::int32_t raw_stride, std::int32_t t) {
+  if (score)
+    for (std::int32_t i = 0; i < tn; ++i) dot_rows<Arch, G>(q, kb + static_cast<std::size_t>(i) * D, D, s + i, stride);
+  softmax_update<Arch, G>(s, stride, tn, D, st, raw, raw_stride, t);
+}
+
+/// The G half of the values: acc += the tile's weights times tn decoded value rows.
+template <class Arch, std::int32_t G>
+KVC_NOINLINE void tile_values(const float* p, std::int32_t stride, const float* vb, std::int32_t tn, std::int32_t D,
+                              float* acc) {
+  accumulate_rows<Arch, G>(p, stride, vb, tn, D, acc);
+}
+
 /// Generic tile path: decode K and V rows of [t0, t1) and attend. q_model: scaled queries in the
 /// model domain; q_stored: rotated into the key codec's stored domain (same pointer when the codec
 /// does not rotate). The accumulator is in the value codec's stored domain.
@@ -100,7 +166,6 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
   const auto& vq = c.value_quantizer();
   const std::int32_t P = c.config().page_size;
   const rope* rp = c.pre_rope();
-  constexpr bool vrot = std::decay_t<decltype(vq)>::rotates;
   const std::int32_t TT = static_cast<std::int32_t>(sc.s.size()) / max_group;
   using KQ = std::decay_t<decltype(kq)>;
   using VQ = std::decay_t<decltype(vq)>;
@@ -112,7 +177,7 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
   // (BM_quant_paired 32x8x128 ctx:32768 one thread, 2026-12)
   const bool k_in_values = fused_codec<KQ, role::key>::kind == 2 && !rp && fused_k && fused_v;
   std::unique_ptr<int_query> iq;
-  if constexpr (fused_codec<KQ, role::key>::kind == 1) {
+  if constexpr (intdot_possible<KQ, G>) {
     if (int_k) {
       iq = std::make_unique<int_query>();
       quantize_query<fused_codec<KQ, role::key>::bits>(q_stored, G, D, *iq);
@@ -149,58 +214,34 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
     if (quantized) {
       const std::int32_t i0 = t - sv.n_sink, slot0 = i0 % P;
       const std::byte* page = sv.quant_base + static_cast<std::size_t>(sv.pages[i0 / P]) * sv.page_bytes;
-      if constexpr (fused_codec<KQ, role::key>::kind != 0) {
+      // `if constexpr`: a kernel that cannot run for this codec, G and Arch is not instantiated.
+      if constexpr (intdot_possible<KQ, G>) {
         if (int_k) {
           nx.k.all();
           intdot_scores<G>(kq, page, D, slot0, tn, *iq, s, TT, sc);
           k_done = true;
-        } else if (!rp && fused_k) {
+        }
+      }
+      if constexpr (fused_possible<Arch, KQ, role::key, G>) {
+        if (!k_done && !rp && fused_k) {
           fused_scores<Arch, G>(kq, page, D, slot0, tn, q_stored, s, TT, sc, k_in_values ? prefetch_slices{} : nx.k);
           k_done = true;
         }
-      }
-      if (!k_done) {
-        nx.k.all();
-        quant::decode_rows<role::key>(kq, page, D, slot0, slot0 + tn, kb, sc.tmp.data());
       }
       if (fused_v) {
         v_fused = true;
         vpart = page + sv.v_offset;
         vslot0 = slot0;
-      } else {
-        nx.v.all();
-        quant::decode_rows<role::value>(vq, page + sv.v_offset, D, slot0, slot0 + tn, vb, sc.tmp.data());
-      }
-      if (rp)
-        for (std::int32_t i = 0; i < tn; ++i) {
-          kq.to_model(kb + static_cast<std::size_t>(i) * D, D);
-          rp->apply(kb + static_cast<std::size_t>(i) * D, sv.positions[t + i]);
-        }
-    } else {
-      const bool sink = t < sv.n_sink;
-      const auto* ksrc = sink ? sv.sink_k + static_cast<std::size_t>(t) * D
-                              : sv.res_k + static_cast<std::size_t>(t - sv.n_sink - sv.n_quant) * D;
-      const auto* vsrc = sink ? sv.sink_v + static_cast<std::size_t>(t) * D
-                              : sv.res_v + static_cast<std::size_t>(t - sv.n_sink - sv.n_quant) * D;
-      for (std::size_t j = 0; j < static_cast<std::size_t>(tn) * D; ++j) {
-        kb[j] = static_cast<float>(ksrc[j]);
-        vb[j] = static_cast<float>(vsrc[j]);
-      }
-      for (std::int32_t i = 0; i < tn; ++i) {
-        if (rp) rp->apply(kb + static_cast<std::size_t>(i) * D, sv.positions[t + i]);
-        if constexpr (vrot) vq.to_stored(vb + static_cast<std::size_t>(i) * D, D);
       }
     }
-    const float* qq = quantized && !rp ? q_stored : q_model;
-    if (!k_done)
-      for (std::int32_t i = 0; i < tn; ++i) dot_rows<Arch, G>(qq, kb + static_cast<std::size_t>(i) * D, D, s + i, TT);
-    softmax_update<Arch, G>(s, TT, tn, D, st, raw, raw_stride, t);
-    if constexpr (fused_codec<VQ, role::value>::kind != 0) {
+    if (!k_done || !v_fused) decode_tile(c, sv, t, tn, quantized, !k_done, !v_fused, nx, D, kb, vb, sc.tmp.data());
+    tile_softmax<Arch, G>(quantized && !rp ? q_stored : q_model, kb, !k_done, tn, D, s, TT, st, raw, raw_stride, t);
+    if constexpr (fused_possible<Arch, VQ, role::value, G>) {
       if (v_fused) fused_values<Arch, G>(vq, vpart, D, vslot0, tn, s, TT, st.acc, sc, nx.v, k_in_values ? nx.k : prefetch_slices{});
-      else accumulate_rows<Arch, G>(s, TT, vb, tn, D, st.acc);
+      else tile_values<Arch, G>(s, TT, vb, tn, D, st.acc);
     } else {
       (void)v_fused, (void)vpart, (void)vslot0;
-      accumulate_rows<Arch, G>(s, TT, vb, tn, D, st.acc);
+      tile_values<Arch, G>(s, TT, vb, tn, D, st.acc);
     }
     t = e;
   }
@@ -263,7 +304,11 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
                                                              sc.ks.data(), sc.kz.data(), dots);
       }
     }
-    if (!iq) fused_scores<Arch, G>(kq, page, D, slot0, tn, q_stored, s, sst, sc);
+    if constexpr (fused_possible<Arch, KQ, role::key, G>) {
+      if (!iq) fused_scores<Arch, G>(kq, page, D, slot0, tn, q_stored, s, sst, sc);
+    } else {
+      KVC_ASSERT(iq);  // attend_generic: integer keys or the fused kernel
+    }
     nx(1);
     const std::byte* vpart = page + sv.v_offset + rbv * static_cast<std::size_t>(slot0);
     for (std::int32_t i = 0; i < tn; ++i)
@@ -348,7 +393,8 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
 #if KVC_QUANT_AVX2
   using KQ = std::decay_t<decltype(c.key_quantizer())>;
   using VQ = std::decay_t<decltype(c.value_quantizer())>;
-  constexpr bool can_int = fused_codec<KQ, quant::role::key>::kind != 0 &&
+  // G <= 4 at compile time too: attend_int is not instantiated for groups it never runs.
+  constexpr bool can_int = (intdot_possible<KQ, G> || fused_possible<Arch, KQ, quant::role::key, G>) &&
                           fused_codec<VQ, quant::role::value>::kind == 1 && fused_codec<VQ, quant::role::value>::group == 0;
   if constexpr (can_int) {
   const std::int32_t qa = std::max(t0, sv.n_sink), qb = std::min(t1, sv.n_sink + sv.n_quant);
@@ -357,7 +403,7 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
       static_cast<std::int32_t>(sc.s.size()) / max_group == tile_tokens) {
     if (t0 < qa) attend_tiles<Arch, G>(c, sv, t0, qa, q_model, q_stored, D, st, raw, raw_stride, sc, false);
     std::unique_ptr<int_query> iq;
-    if constexpr (fused_codec<KQ, quant::role::key>::kind == 1) {
+    if constexpr (intdot_possible<KQ, G>) {
       if (qo.int8_query && intdot_ok<KQ, G>(D)) {
         iq = std::make_unique<int_query>();
         quantize_query<fused_codec<KQ, quant::role::key>::bits>(q_stored, G, D, *iq);

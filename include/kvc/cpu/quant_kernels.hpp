@@ -479,14 +479,22 @@ KVC_FORCEINLINE auto loader_for() noexcept {
   else return int_loader<F::bits, Arch>{};
 }
 
+/// Whether the fused kernels can take the keys (or values) of Q for G heads at the float width of
+/// Arch for some head_dim: the callers test it with `if constexpr`, so that a kernel that can never
+/// run is not instantiated (attend_tiles for 17 codec pairs x G = 1..8 was 35% of a registration
+/// TU's code, most of it the G > 4 fused kernels behind a run-time false).
+template <class Arch, class Q, quant::role R, std::int32_t G>
+inline constexpr bool fused_possible = fused_codec<Q, R>::kind != 0 && G <= 4 && fused_width_ok<Arch> &&
+                                       !(R == quant::role::key && fused_codec<Q, R>::kind == 1 &&
+                                         fused_codec<Q, R>::group != 0);  // grouped per-token keys
+
 /// Whether the fused kernels take the keys (or values) of Q for G heads and head_dim D at the
 /// float width of Arch.
 template <class Arch, class Q, quant::role R, std::int32_t G>
 constexpr bool fused_ok(std::int32_t D) noexcept {
   using F = fused_codec<Q, R>;
   constexpr std::int32_t W = static_cast<std::int32_t>(fbatch<Arch>::size);
-  if constexpr (F::kind == 0 || G > 4 || !fused_width_ok<Arch>) return false;
-  else if constexpr (R == quant::role::key && F::kind == 1 && F::group != 0) return false;  // grouped per-token keys
+  if constexpr (!fused_possible<Arch, Q, R, G>) return false;
   else return D % (2 * W) == 0 && (F::group == 0 || F::group % W == 0);
 }
 
@@ -650,11 +658,16 @@ void fused_values(const Q& vq, const std::byte* part, std::int32_t D, std::int32
 // channels, high nibbles = odd; for 2-bit each 32-byte block holds 128 channels, crumb k of byte j
 // = channel 4j + k.
 
+/// Whether the integer path can take keys of Q for G heads for some head_dim (as fused_possible).
+template <class Q, std::int32_t G>
+inline constexpr bool intdot_possible =
+    fused_codec<Q, quant::role::key>::kind == 1 && fused_codec<Q, quant::role::key>::group == 0 && G <= 4;
+
 /// Whether the integer path takes keys of Q (otherwise the exact float path runs).
 template <class Q, std::int32_t G>
 constexpr bool intdot_ok(std::int32_t D) noexcept {
   using F = fused_codec<Q, quant::role::key>;
-  if constexpr (F::kind != 1 || F::group != 0 || G > 4) return false;
+  if constexpr (!intdot_possible<Q, G>) return false;
   else return F::bits == 8 ? D % 16 == 0 : F::bits == 4 ? D % 64 == 0 : D % 128 == 0;
 }
 
@@ -769,12 +782,16 @@ void intdot_scores(const Q& kq, const std::byte* part, std::int32_t D, std::int3
 inline constexpr bool fused_available = false;
 struct int_query {};
 template <class Q, std::int32_t G>
+inline constexpr bool intdot_possible = false;
+template <class Q, std::int32_t G>
 constexpr bool intdot_ok(std::int32_t) noexcept { return false; }
 template <int Bits>
 inline void quantize_query(const float*, std::int32_t, std::int32_t, int_query&) noexcept {}
 template <std::int32_t G, class Q>
 void intdot_scores(const Q&, const std::byte*, std::int32_t, std::int32_t, std::int32_t, const int_query&, float*,
                    std::int32_t, scratch&) {}
+template <class Arch, class Q, quant::role R, std::int32_t G>
+inline constexpr bool fused_possible = false;
 template <class Arch, class Q, quant::role R, std::int32_t G>
 constexpr bool fused_ok(std::int32_t) noexcept { return false; }
 template <class Arch, std::int32_t G, class Q>
