@@ -119,7 +119,11 @@ std::vector<std::uint8_t> expected_record(const Q& q, role R, const float* x, in
     for (int d = 0; d < D; ++d)
       if (!std::isnan(x[d])) amax = std::max(amax, std::fabs(x[d]));
     s = amax / F::max_finite;
-    std::memcpy(rec.data() + D, &s, 4);
+    // The scale after the D codes. Byte by byte through at(): GCC 12 -O2 saw `rec.data() + D` as a
+    // possibly negative offset and refused the memcpy (-Wstringop-overflow, a false positive).
+    unsigned char sb[4];
+    std::memcpy(sb, &s, 4);
+    for (std::size_t i = 0; i < 4; ++i) rec.at(static_cast<std::size_t>(D) + i) = sb[i];
   }
   const float inv = s > 0.0f ? 1.0f / s : 0.0f;
   for (int d = 0; d < D; ++d) rec[static_cast<std::size_t>(d)] = rf.encode(x[d] * inv);
