@@ -332,7 +332,7 @@ class model {
       // bounds so far widen the interval the new encoding sees, so the second rounding adds up.
       const int base = st.n_sink + st.n_quant - p.m;
       if (p.E > 0 && p.m > 0) count(d_.spec.substr(0, d_.spec.find('(')) + " append: partial unit completed");
-      for (int u0 = 0; u0 < p.E; u0 += d_.unit) encode_unit(st, base + u0);
+      for (int u0 = 0; u0 < p.E; u0 += d_.unit) encode_unit(st, base + u0, u0 == 0 ? p.m : 0);
       if (p.E > 0) st.n_quant += p.E - p.m;
       st.n_res = p.newres;
     }
@@ -390,7 +390,7 @@ class model {
           bool same = true;
           for (int i = r0; i < r0 + rn; ++i) same = same && p.kq[static_cast<std::size_t>(i)] == i;
           if (!same) {
-            encode_record(st, nsink + r0, r, rn);
+            encode_record(st, nsink + r0, r, rn, true);
             if (rn < u) count(d_.spec.substr(0, d_.spec.find('(')) + " keep: partial record re-encoded padded");
           }
         }
@@ -475,18 +475,25 @@ class model {
     return p;
   }
 
-  void encode_unit(ref_stream& st, int first) {
+  /// `decoded`: the unit's first tokens are a partial unit's, decoded from their records: their
+  /// one-token records stay as they are, and a record mixing them with new tokens is repacked.
+  void encode_unit(ref_stream& st, int first, int decoded = 0) {
     for (int r = 0; r < 2; ++r) {
       const int u = (r == 0 ? d_.k : d_.v).tokens;
-      for (int j = 0; j < d_.unit; j += u) encode_record(st, first + j, r);
+      for (int j = 0; j < d_.unit; j += u) {
+        if (j >= decoded) encode_record(st, first + j, r);
+        else if (u > 1) encode_record(st, first + j, r, 0, true);
+      }
     }
   }
 
   /// Adds to tokens [first, first + real) of role r the error of one more encoding, from the
   /// interval each input element may lie in (original +- the bound so far). A record of fewer
   /// real tokens than the codec's (keep's trailing partial record) is padded with copies of its
-  /// last real token: they are read as that token, and get no bound of their own.
-  void encode_record(ref_stream& st, int first, int r, int real = 0) {
+  /// last real token: they are read as that token, and get no bound of their own. `repack`: the
+  /// tokens were decoded from records, and a codec with a repack (KIVI keys) puts them on a dyadic
+  /// grid instead of a min/max one.
+  void encode_record(ref_stream& st, int first, int r, int real = 0, bool repack = false) {
     const role_codec& c = r == 0 ? d_.k : d_.v;
     const int D = this->D(), u = c.tokens;
     const int rn = real > 0 ? std::min(real, u) : u;
@@ -520,7 +527,8 @@ class model {
         for (int d = 0; d < D; ++d) {
           float lo = lo_of(0, d), hi = hi_of(0, d);
           for (int j = 1; j < u; ++j) lo = std::min(lo, lo_of(j, d)), hi = std::max(hi, hi_of(j, d));
-          const float a = asym_add(lo, hi, qmax);
+          const float a = repack ? std::max(dyadic_add(lo, hi, qmax), asym_add(lo, hi, qmax))
+                                              : asym_add(lo, hi, qmax);
           for (int j = 0; j < rn; ++j) tok(j).e[r][static_cast<std::size_t>(d)] += a;
         }
         return;
@@ -571,6 +579,15 @@ class model {
     const float zero_slack = std::fabs(lo) * 0x1p-10f + 0x1p-24f;
     const float step = ((hi - lo) + zero_slack) / qmax * (1.0f + 0x1p-9f) + 0x1p-24f;
     return step * 0.5f * (1.0f + 0x1p-8f) + (std::fabs(hi) + std::fabs(lo)) * 0x1p-20f + 0x1p-30f;
+  }
+  /// Half the step of channel_affine::repack's grid: a power of two no larger than the first one
+  /// >= (hi - lo) / (qmax - 1) (lo..hi round to at most qmax + 1 codes on any grid of that step)
+  /// and >= max(|lo|, |hi|) / 1024 (then the zero's integer m is below 2^11, exact in binary16).
+  static float dyadic_add(float lo, float hi, float qmax) {
+    const double need = std::max(static_cast<double>(hi - lo) / (qmax - 1.0),
+                                 std::max(std::fabs(static_cast<double>(lo)), std::fabs(static_cast<double>(hi))) / 1024.0);
+    const double step = need > 0 ? std::ldexp(1.0, static_cast<int>(std::ceil(std::log2(need)))) : 0x1p-24;
+    return static_cast<float>(step * 0.5 * (1.0 + 0x1p-8)) + (std::fabs(hi) + std::fabs(lo)) * 0x1p-20f + 0x1p-30f;
   }
   static float sym_add(float amax, float half_range) {
     const float step = amax / half_range * (1.0f + 0x1p-9f) + 0x1p-24f;

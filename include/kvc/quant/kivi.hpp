@@ -51,6 +51,13 @@ struct kivi : codec_base {
     if constexpr (R == role::key) key_impl::encode(x, D, rec);
     else value_impl::encode(x, D, rec);
   }
+  /// Encodes tokens decoded from kivi records: keys on dyadic grids (channel_affine::repack:
+  /// exact for survivors of a compaction); per-token value records are never re-encoded.
+  template <role R>
+  void repack(const float* x, int D, std::byte* rec) const noexcept {
+    if constexpr (R == role::key) key_impl::repack(x, D, rec);
+    else value_impl::encode(x, D, rec);
+  }
   template <role R>
   void decode(const std::byte* rec, int D, float* out) const noexcept {
     if constexpr (R == role::key) key_impl::decode(rec, D, out);

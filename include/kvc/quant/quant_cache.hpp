@@ -17,8 +17,10 @@
 /// default), and an encoded per-channel key group spans at least one real token and at most U.
 ///
 /// Compaction (keep): per-token records are moved as bytes (no extra error). Per-channel records
-/// whose member tokens change are decoded, compacted and re-encoded: the re-encoded tokens carry a
-/// second rounding, bounded by half the new group's scale, on top of their first. When the number
+/// whose member tokens change are decoded, compacted and re-encoded through the codec's repack
+/// (quant::reencode; KIVI keys: dyadic grids that hold values already on them exactly), so a token
+/// carries a second rounding, bounded by half the new group's scale, only when its group needs a
+/// coarser grid than before. When the number
 /// of kept quantized tokens is not a multiple of U, the trailing partial unit stays quantized: its
 /// m < U kept tokens are re-encoded as one record padded with copies of its last token (copies
 /// leave a per-channel range unchanged), and the next append that encodes completes it (decoded,
@@ -321,7 +323,7 @@ class quant_cache {
                 load_concat(x - p.m, kr, vr);
               }
             }
-            encode_unit(st, base + u0, kb, vb);
+            encode_unit(st, base + u0, kb, vb, u0 == 0 ? p.m : 0);
           }
           st.n_quant = base + p.E;
         }
@@ -643,17 +645,25 @@ class quant_cache {
     }
   }
 
-  /// Encodes one unit (unit_ tokens of K and V, model domain) at quantized index i0 (a multiple of unit_).
-  void encode_unit(qstream& st, std::int32_t i0, const float* kb, const float* vb) noexcept {
+  /// Encodes one unit (unit_ tokens of K and V, model domain) at quantized index i0 (a multiple of
+  /// unit_). Its first `decoded` tokens were decoded from the records in place (a partial unit
+  /// being completed): one-token records of them are left as they are, and a record that mixes
+  /// them with new tokens is re-encoded through the codec's repack (quant::reencode), so
+  /// completing a unit never rounds a stored token onto a fresh grid.
+  void encode_unit(qstream& st, std::int32_t i0, const float* kb, const float* vb, std::int32_t decoded) noexcept {
     const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
     std::byte* page = quant_pool_->data(st.pages[static_cast<std::size_t>(i0 / P)]);
     const std::int32_t slot = i0 % P;
-    for (std::int32_t j = 0; j < unit_; j += uk_)
-      kq_.template encode<quant::role::key>(kb + static_cast<std::size_t>(j) * D, D,
-                                            page + rbk_ * static_cast<std::size_t>((slot + j) / uk_));
-    for (std::int32_t j = 0; j < unit_; j += uv_)
-      vq_.template encode<quant::role::value>(vb + static_cast<std::size_t>(j) * D, D,
-                                              page + v_offset_ + rbv_ * static_cast<std::size_t>((slot + j) / uv_));
+    for (std::int32_t j = 0; j < unit_; j += uk_) {
+      std::byte* rec = page + rbk_ * static_cast<std::size_t>((slot + j) / uk_);
+      if (j >= decoded) kq_.template encode<quant::role::key>(kb + static_cast<std::size_t>(j) * D, D, rec);
+      else if (uk_ > 1) quant::reencode<quant::role::key>(kq_, kb + static_cast<std::size_t>(j) * D, D, rec);
+    }
+    for (std::int32_t j = 0; j < unit_; j += uv_) {
+      std::byte* rec = page + v_offset_ + rbv_ * static_cast<std::size_t>((slot + j) / uv_);
+      if (j >= decoded) vq_.template encode<quant::role::value>(vb + static_cast<std::size_t>(j) * D, D, rec);
+      else if (uv_ > 1) quant::reencode<quant::role::value>(vq_, vb + static_cast<std::size_t>(j) * D, D, rec);
+    }
   }
 
   /// Allocates from the three pools, all or nothing; the quantized pages from `qres` when given.
@@ -892,8 +902,8 @@ class quant_cache {
         if constexpr (R == quant::role::key) kq_.to_model(buf + static_cast<std::size_t>(i) * D, D);
         else vq_.to_model(buf + static_cast<std::size_t>(i) * D, D);
       }
-      if constexpr (R == quant::role::key) kq_.template encode<R>(buf, D, rec(r0));
-      else vq_.template encode<R>(buf, D, rec(r0));
+      if constexpr (R == quant::role::key) quant::reencode<R>(kq_, buf, D, rec(r0));
+      else quant::reencode<R>(vq_, buf, D, rec(r0));
     }
   }
 
