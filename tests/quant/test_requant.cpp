@@ -151,6 +151,22 @@ TEST_CASE("repack puts each key channel on the smallest dyadic grid that spans i
   grid_cases<8>();
 }
 
+TEST_CASE("a 2-bit group wider than binary16's steps can span falls back to the min/max grid", "[quant][requant]") {
+  // A range of 120,000 needs a step of 2^16 at 2 bits; binary16's largest power of two is 2^15.
+  using impl = kvc::quant::detail::channel_affine<2, G>;
+  std::mt19937 rng(3);
+  std::vector<float> x(std::size_t(G) * D);
+  for (int t = 0; t < G; ++t)
+    for (int d = 0; d < D; ++d) x[std::size_t(t) * D + d] = t == 0 ? -60000.0f : t == 1 ? 60000.0f : float(half(float(int(rng() % 3000) * 32 - 48000)));
+  std::vector<std::byte> a(impl::record_bytes(D)), b(impl::record_bytes(D));
+  impl::repack(x.data(), D, a.data());
+  impl::encode(x.data(), D, b.data());
+  REQUIRE(a == b);
+  std::vector<float> dec(x.size());
+  impl::decode(a.data(), D, dec.data());
+  for (std::size_t i = 0; i < x.size(); ++i) REQUIRE(std::fabs(double(dec[i]) - x[i]) <= 0.5 * 120000.0 / 3 * (1 + 0x1p-10));
+}
+
 TEST_CASE("repack stores values already on its grid exactly", "[quant][requant]") {
   mix_cases<2>();
   mix_cases<4>();

@@ -387,20 +387,24 @@ struct channel_affine {
 #endif
     std::uint8_t* codes = reinterpret_cast<std::uint8_t*>(rec);
     for (std::size_t b = 0; b < code_bytes(D); ++b) codes[b] = 0;
+    for (int d = 0; d < D; ++d) encode_channel(x, D, d, rec);
+  }
+
+  /// Channel d of encode(): its min/max grid and its G codes (the code bytes start zeroed).
+  KVC_HOST_DEVICE static void encode_channel(const float* x, int D, int d, std::byte* rec) noexcept {
+    std::uint8_t* codes = reinterpret_cast<std::uint8_t*>(rec);
     half* sh = reinterpret_cast<half*>(rec + code_bytes(D));
     half* zh = sh + D;
     constexpr int per = 8 / Bits;
-    for (int d = 0; d < D; ++d) {
-      half s, z;
-      affine_fit<Bits, scheme::asymmetric>(x + d, G, D, s, z);
-      std::memcpy(sh + d, &s, 2);
-      std::memcpy(zh + d, &z, 2);
-      const float sf = static_cast<float>(s), zf = static_cast<float>(z);
-      const float inv = sf > 0.0f ? 1.0f / sf : 0.0f;
-      for (int t = 0; t < G; ++t) {
-        const unsigned c = sf > 0.0f ? affine_code<Bits, scheme::asymmetric>(x[t * D + d], inv, zf) : 0u;
-        codes[row_bytes(D) * t + d / per] |= static_cast<std::uint8_t>(c << ((d % per) * Bits));
-      }
+    half s, z;
+    affine_fit<Bits, scheme::asymmetric>(x + d, G, D, s, z);
+    std::memcpy(sh + d, &s, 2);
+    std::memcpy(zh + d, &z, 2);
+    const float sf = static_cast<float>(s), zf = static_cast<float>(z);
+    const float inv = sf > 0.0f ? 1.0f / sf : 0.0f;
+    for (int t = 0; t < G; ++t) {
+      const unsigned c = sf > 0.0f ? affine_code<Bits, scheme::asymmetric>(x[t * D + d], inv, zf) : 0u;
+      codes[row_bytes(D) * t + d / per] |= static_cast<std::uint8_t>(c << ((d % per) * Bits));
     }
   }
 
@@ -475,15 +479,7 @@ struct channel_affine {
       std::int32_t e = 0;
       double m = 0;
       if (!dyadic_grid(lo, hi, e, m)) {  // a range past binary16's steps (|x| near 65504 at 2 bits): encode's grid
-        half s, z;
-        affine_fit<Bits, scheme::asymmetric>(x + d, G, D, s, z);
-        std::memcpy(sh + d, &s, 2);
-        std::memcpy(zh + d, &z, 2);
-        const float sf = static_cast<float>(s), zf = static_cast<float>(z), inv = sf > 0.0f ? 1.0f / sf : 0.0f;
-        for (int t = 0; t < G; ++t) {
-          const unsigned c = sf > 0.0f ? affine_code<Bits, scheme::asymmetric>(x[t * D + d], inv, zf) : 0u;
-          codes[row_bytes(D) * t + d / per] |= static_cast<std::uint8_t>(c << ((d % per) * Bits));
-        }
+        encode_channel(x, D, d, rec);
         continue;
       }
       const double step = std::ldexp(1.0, e);
