@@ -478,7 +478,7 @@ struct channel_affine {
       }
       std::int32_t e = 0;
       double m = 0;
-      if (!dyadic_grid(lo, hi, e, m)) {  // a range past binary16's steps (|x| near 65504 at 2 bits): encode's grid
+      if (!dyadic_grid(lo, hi, e, m)) {  // past binary16's steps (a 2-bit range over ~98,000) or not finite: encode's grid
         encode_channel(x, D, d, rec);
         continue;
       }
@@ -499,6 +499,7 @@ struct channel_affine {
   /// when no step up to 2^15 (binary16's largest power of two) spans them.
   static bool dyadic_grid(double lo, double hi, std::int32_t& e, double& m) noexcept {
     constexpr double qmax = (1 << Bits) - 1;
+    if (!std::isfinite(lo) || !std::isfinite(hi)) return false;  // NaN/Inf (check_finite off): encode's handling
     e = -24;
     if (hi > lo) e = std::max(e, static_cast<std::int32_t>(std::ceil(std::log2((hi - lo) / qmax))) - 1);
     for (; e <= 15; ++e) {
