@@ -11,6 +11,8 @@
 #include <kvc/quant/kivi.hpp>
 #include <kvc/quant/quant_cache.hpp>
 
+#include "cache_builders.hpp"
+#include "float_formats.hpp"
 #include "kvc_catch.hpp"
 
 using kvc::half;
@@ -19,15 +21,9 @@ namespace {
 
 constexpr int D = 64, G = 32;
 
-/// Whether v is a binary16 value (written apart from the codec's own test).
+/// Whether v is a binary16 value (tests/support's independent model of the format).
 bool is_half(double v) {
-  if (!(std::fabs(v) <= 65504.0)) return false;
-  if (v == 0) return true;
-  int ex = 0;
-  std::frexp(v, &ex);                             // v = f 2^ex, 0.5 <= |f| < 1
-  const int lsb = std::max(ex - 11, -24);         // 11 significant bits, subnormals down to 2^-24
-  const double u = v / std::ldexp(1.0, lsb);
-  return u == std::nearbyint(u);
+  return kvc_test::binary16.decode(kvc_test::binary16.encode_nearest(v, false)) == v;
 }
 
 /// A group [G][D] of binary16 values: channel d around off[d] with spread sd[d] (0: constant).
@@ -195,12 +191,7 @@ std::pair<double, double> stream_errors(int L, int C) {
     }
   std::vector<std::vector<double>> err(2);  // [no evict, evict] per position, -1: evicted
   for (int evict = 0; evict < 2; ++evict) {
-    kvc::quant_cache_config c;
-    c.num_layers = 1;
-    c.num_kv_heads = 1;
-    c.head_dim = D;
-    c.page_size = 32;
-    c.max_pages = 4096;
+    auto c = kvc_test::shape_as<kvc::quant_cache_config>(kvc_test::cache_shape(1, 1, D, 32, 4096));
     c.max_fp_pages = 8;
     kvc::quant_cache<kvc::quant::kivi<Bits>> qc(c);
     const auto s = qc.add_sequence();
