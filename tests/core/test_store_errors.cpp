@@ -184,3 +184,32 @@ TEST_CASE("bad kept indices, null pointers and negative counts change nothing", 
   fx.cache.keep(fx.c, 1, 0, static_cast<const std::int32_t*>(nullptr), 0);  // empty stream keeps nothing
   REQUIRE(fx.snap() == before);
 }
+
+TEST_CASE("the sequence table every store shares: ids, checks and messages", "[store][errors]") {
+  struct seq {
+    std::vector<int> streams;
+  };
+  kvc::detail::sequence_table<seq> t("kvc::test_store", 3, 2);
+  REQUIRE(t.add(seq{{0, 1, 2, 3, 4, 5}}) == 0);
+  REQUIRE(t.add(seq{{6, 7, 8, 9, 10, 11}}) == 1);
+  // An id taken from an inner store: add() continues after it; a live id is refused, table unchanged.
+  t.add_as(5, seq{{12, 13, 14, 15, 16, 17}});
+  REQUIRE_THROWS_WITH(t.add_as(1, seq{}), Catch::Contains("kvc::test_store: sequence id 1 is live, expected a new id"));
+  REQUIRE(t.size() == 3);
+  REQUIRE(t.find(1, "x").streams[0] == 6);
+  REQUIRE(t.add(seq{}) == 6);
+  // Streams are [layer * num_kv_heads + head]; each argument is checked in the order seq, layer, head.
+  for (std::int32_t l = 0; l < 3; ++l)
+    for (std::int32_t h = 0; h < 2; ++h) REQUIRE(t.get(5, l, h, "get") == 12 + 2 * l + h);
+  REQUIRE_THROWS_WITH(t.get(4, 9, 9, "length"),
+                      Catch::Contains("kvc::test_store::length: unknown sequence id 4 (argument seq), expected a live "
+                                      "sequence id: {0, 1, 5, 6}"));
+  REQUIRE_THROWS_WITH(t.get(0, 3, 9, "keys"), Catch::Contains("kvc::test_store::keys: layer = 3, expected 0..2"));
+  REQUIRE_THROWS_WITH(t.get(0, 2, -1, "keys"), Catch::Contains("kvc::test_store::keys: head = -1, expected 0..1"));
+  t.erase(1);
+  REQUIRE_FALSE(t.contains(1));
+  REQUIRE(t.contains(0));
+  REQUIRE(t.add(seq{}) == 7);  // ids are never reused
+  kvc::detail::sequence_table<seq> empty("kvc::test_store", 1, 1);
+  REQUIRE_THROWS_WITH(empty.find(0, "fork"), Catch::Contains("expected a live sequence id: none"));
+}

@@ -27,6 +27,7 @@
 
 #include <kvc/error.hpp>
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/store/sequence_table.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace merge {
@@ -78,7 +79,7 @@ class merged_cache {
     std::vector<std::vector<float>> lw(streams());  // before the inner add: a throw changes nothing
     const seq_id s = kv_.add_sequence();
     try {
-      lw_.emplace(s, std::move(lw));
+      lw_.add_as(s, std::move(lw));
     } catch (...) {
       kv_.remove_sequence(s);
       throw;
@@ -90,10 +91,10 @@ class merged_cache {
     lw_.erase(s);
   }
   seq_id fork(seq_id s) {
-    std::vector<std::vector<float>> lw = lw_of(s, "fork");  // copy first
+    std::vector<std::vector<float>> lw = lw_.find(s, "fork");  // copy first
     const seq_id id = kv_.fork(s);
     try {
-      lw_.emplace(id, std::move(lw));
+      lw_.add_as(id, std::move(lw));
     } catch (...) {
       kv_.remove_sequence(id);
       throw;
@@ -107,8 +108,8 @@ class merged_cache {
   template <class In>
   void append(seq_id s, std::int32_t layer, const In* k, const In* v, std::int32_t n,
               const std::int32_t* positions = nullptr) {
-    auto& lw = lw_mut(s, "append");
-    check_layer(layer, "append");
+    auto& lw = lw_.find(s, "append");
+    lw_.check_layer(layer, "append");
     const std::int32_t H = config().num_kv_heads;
     if (n > 0)
       for (std::int32_t h = 0; h < H; ++h) {
@@ -125,8 +126,8 @@ class merged_cache {
   /// Keeps, for every kv head h, the tokens kept[h] (strictly increasing): the log-weights follow
   /// the kept tokens. All heads change or none does.
   void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
-    auto& lw = lw_mut(s, "keep_layer");
-    check_layer(layer, "keep_layer");
+    auto& lw = lw_.find(s, "keep_layer");
+    lw_.check_layer(layer, "keep_layer");
     std::vector<std::vector<float>> next = kept_weights(lw, layer, kept, "keep_layer");
     kv_.keep_layer(s, layer, kept);  // validates kept; may throw: nothing changed
     for (std::int32_t h = 0; h < config().num_kv_heads; ++h) lw[index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
@@ -148,8 +149,8 @@ class merged_cache {
                    mean_weights mode = mean_weights::mass,
                    const std::vector<std::vector<std::int32_t>>* drop = nullptr) {
     constexpr const char* who = "kvc::merge::merged_cache::merge_layer";
-    auto& lw = lw_mut(s, "merge_layer");
-    check_layer(layer, "merge_layer");
+    auto& lw = lw_.find(s, "merge_layer");
+    lw_.check_layer(layer, "merge_layer");
     const std::int32_t H = config().num_kv_heads, D = config().head_dim, P = config().page_size;
     KVC_EXPECTS_IN(who, static_cast<std::int32_t>(groups.size()) == H, "groups.size() = ", groups.size(),
                    ", expected num_kv_heads = ", H, " (one list of groups per kv head)");
@@ -286,8 +287,8 @@ class merged_cache {
   void keep_layer_mix_values(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept,
                              const std::vector<std::vector<value_mix>>& mixes) {
     constexpr const char* who = "kvc::merge::merged_cache::keep_layer_mix_values";
-    auto& lw = lw_mut(s, "keep_layer_mix_values");
-    check_layer(layer, "keep_layer_mix_values");
+    auto& lw = lw_.find(s, "keep_layer_mix_values");
+    lw_.check_layer(layer, "keep_layer_mix_values");
     const std::int32_t H = config().num_kv_heads, D = config().head_dim, P = config().page_size;
     KVC_EXPECTS_IN(who, static_cast<std::int32_t>(mixes.size()) == H, "mixes.size() = ", mixes.size(),
                    ", expected num_kv_heads = ", H);
@@ -368,8 +369,8 @@ class merged_cache {
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const { return kv_.length(s, layer, head); }
   /// The log-weight of every stored token of one stream, in stream order (length() floats).
   const std::vector<float>& log_weights(seq_id s, std::int32_t layer, std::int32_t head) const {
-    const auto& lw = lw_of(s, "log_weights");
-    check_layer(layer, "log_weights");
+    const auto& lw = lw_.find(s, "log_weights");
+    lw_.check_layer(layer, "log_weights");
     if (head < 0 || head >= config().num_kv_heads)
       detail::fail(detail::concat("kvc::merge::merged_cache::log_weights: head = ", head, ", expected 0..",
                                   config().num_kv_heads - 1));
@@ -394,21 +395,6 @@ class merged_cache {
   std::size_t index(std::int32_t layer, std::int32_t head) const noexcept {
     return static_cast<std::size_t>(layer) * static_cast<std::size_t>(config().num_kv_heads) + static_cast<std::size_t>(head);
   }
-  void check_layer(std::int32_t layer, const char* fn) const {
-    if (layer < 0 || layer >= config().num_layers)
-      detail::fail(detail::concat("kvc::merge::merged_cache::", fn, ": layer = ", layer, ", expected 0..",
-                                  config().num_layers - 1));
-  }
-  const std::vector<std::vector<float>>& lw_of(seq_id s, const char* fn) const {
-    auto it = lw_.find(s);
-    if (it == lw_.end())
-      detail::fail(detail::concat("kvc::merge::merged_cache::", fn, ": unknown sequence id ", s,
-                                  " (argument seq), expected a live sequence id"));
-    return it->second;
-  }
-  std::vector<std::vector<float>>& lw_mut(seq_id s, const char* fn) {
-    return const_cast<std::vector<std::vector<float>>&>(lw_of(s, fn));
-  }
   /// The log-weights of the kept tokens; an index out of range is left to kv_cache's check (which
   /// names it), so here it only must not be read.
   std::vector<std::vector<float>> kept_weights(const std::vector<std::vector<float>>& lw, std::int32_t layer,
@@ -427,7 +413,9 @@ class merged_cache {
   }
 
   inner_cache kv_;
-  std::map<seq_id, std::vector<std::vector<float>>> lw_;  // [layer * num_kv_heads + head][token]
+  /// Per sequence, the log-weights [layer * num_kv_heads + head][token].
+  detail::sequence_table<std::vector<std::vector<float>>> lw_{"kvc::merge::merged_cache", config().num_layers,
+                                                               config().num_kv_heads};
 };
 
 /// Every kv head's keys of one layer, as stored ([num_kv_heads][n_h · head_dim], float): what

@@ -45,6 +45,7 @@
 #include <kvc/error.hpp>
 #include <kvc/numeric/half.hpp>
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/store/sequence_table.hpp>
 #include <kvc/types.hpp>
 
 KVC_BEGIN_NAMESPACE
@@ -98,12 +99,13 @@ class minicache_cache {
   }
 
   seq_id add_sequence() {
+    seq_state st;  // before the inner add: a throw changes nothing
+    st.merged.assign(static_cast<std::size_t>(pairs_), 0);
+    st.mag.resize(static_cast<std::size_t>(pairs_) * cfg_.num_kv_heads * 4);
     const seq_id s = kv_.add_sequence();
     try {
-      seqs_[s].merged.assign(static_cast<std::size_t>(pairs_), 0);
-      seqs_[s].mag.resize(static_cast<std::size_t>(pairs_) * cfg_.num_kv_heads * 4);
+      seqs_.add_as(s, std::move(st));
     } catch (...) {
-      seqs_.erase(s);
       kv_.remove_sequence(s);
       throw;
     }
@@ -120,23 +122,23 @@ class minicache_cache {
   template <class In>
   void append(seq_id s, std::int32_t layer, const In* k, const In* v, std::int32_t n,
               const std::int32_t* positions = nullptr) {
-    check_layer(layer, "append");
+    seqs_.check_layer(layer, "append");
     kv_.append(s, layer, k, v, n, positions);
   }
 
   /// Whether pair p of sequence s holds shared directions.
-  bool merged(seq_id s, std::int32_t pair) const { return state(s, "merged").merged.at(static_cast<std::size_t>(pair)) != 0; }
+  bool merged(seq_id s, std::int32_t pair) const { return seqs_.find(s, "merged").merged.at(static_cast<std::size_t>(pair)) != 0; }
 
   /// Tokens of one layer's stream of head h: its own plus, in a merged pair, the shared ones.
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const {
-    check_layer(layer, "length");
+    seqs_.check_layer(layer, "length");
     std::int32_t n = kv_.length(s, layer, head);
     const std::int32_t p = pair_of(layer);
     if (p >= 0 && merged(s, p)) n += kv_.length(s, cfg_.num_layers + p, head);
     return n;
   }
   std::int32_t seen(seq_id s, std::int32_t layer) const {
-    check_layer(layer, "seen");
+    seqs_.check_layer(layer, "seen");
     return kv_.seen(s, layer);
   }
 
@@ -152,7 +154,7 @@ class minicache_cache {
   /// One layer's token positions of head h in gather's order (own and shared streams merged by
   /// position), without reading any row. out: [length] positions.
   void positions(seq_id s, std::int32_t layer, std::int32_t head, std::int32_t* out) const {
-    check_layer(layer, "positions");
+    seqs_.check_layer(layer, "positions");
     const std::int32_t no = kv_.length(s, layer, head);
     const std::int32_t p = pair_of(layer);
     const std::int32_t ns = p >= 0 && merged(s, p) ? kv_.length(s, cfg_.num_layers + p, head) : 0;
@@ -166,7 +168,7 @@ class minicache_cache {
   /// stored, shared tokens restored as |x|·e. k_out, v_out: [length][head_dim] (v_out may be
   /// null); positions() gives their positions.
   void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
-    check_layer(layer, "gather");
+    seqs_.check_layer(layer, "gather");
     const std::int32_t D = cfg_.head_dim;
     const std::int32_t no = kv_.length(s, layer, head);
     const std::int32_t p = pair_of(layer);
@@ -204,7 +206,7 @@ class minicache_cache {
   /// goes pair by pair within the pool's headroom (see the comment in the body).
   minicache_report merge_pairs(seq_id s) {
     constexpr const char* who = "kvc::merge::minicache_cache::merge_pairs";
-    seq_state& st = state(s, "merge_pairs");
+    seq_state& st = seqs_.find(s, "merge_pairs");
     const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
     struct pair_plan {
       std::vector<float> ke, ve;                            // [n][H][D] shared directions (all tokens)
@@ -398,27 +400,14 @@ class minicache_cache {
     return lo + static_cast<double>(o_.gamma) * (hi - lo);
   }
 
-  void check_layer(std::int32_t layer, const char* fn) const {
-    if (layer < 0 || layer >= cfg_.num_layers)
-      detail::fail(detail::concat("kvc::merge::minicache_cache::", fn, ": layer = ", layer, ", expected 0..",
-                                  cfg_.num_layers - 1));
-  }
-  const seq_state& state(seq_id s, const char* fn) const {
-    auto it = seqs_.find(s);
-    if (it == seqs_.end())
-      detail::fail(detail::concat("kvc::merge::minicache_cache::", fn, ": unknown sequence id ", s,
-                                  " (argument seq), expected a live sequence id"));
-    return it->second;
-  }
-  seq_state& state(seq_id s, const char* fn) { return const_cast<seq_state&>(static_cast<const minicache_cache&>(*this).state(s, fn)); }
   const std::vector<float>& scales(seq_id s, std::int32_t layer, std::int32_t head, int which) const {
-    check_layer(layer, which ? "value_scale" : "key_scale");
+    seqs_.check_layer(layer, which ? "value_scale" : "key_scale");
     const std::int32_t p = pair_of(layer);
     KVC_EXPECTS_IN("kvc::merge::minicache_cache::scales", p >= 0 && merged(s, p), "layer = ", layer,
                    " of seq ", s, " holds no shared tokens, expected a layer of a merged pair");
     KVC_EXPECTS_IN("kvc::merge::minicache_cache::scales", head >= 0 && head < cfg_.num_kv_heads, "head = ", head,
                    ", expected 0..", cfg_.num_kv_heads - 1);
-    return state(s, "scales").mag[(static_cast<std::size_t>(p) * cfg_.num_kv_heads + static_cast<std::size_t>(head)) * 4 +
+    return seqs_.find(s, "scales").mag[(static_cast<std::size_t>(p) * cfg_.num_kv_heads + static_cast<std::size_t>(head)) * 4 +
                                   static_cast<std::size_t>(layer - (o_.start_layer + 2 * p)) * 2 + static_cast<std::size_t>(which)];
   }
 
@@ -426,7 +415,7 @@ class minicache_cache {
   minicache_options o_;
   std::int32_t pairs_ = (cfg_.num_layers - o_.start_layer) / 2;
   inner_cache kv_;
-  std::map<seq_id, seq_state> seqs_;
+  detail::sequence_table<seq_state> seqs_{"kvc::merge::minicache_cache", cfg_.num_layers, cfg_.num_kv_heads};
 };
 
 }  // namespace merge

@@ -43,6 +43,7 @@
 #include <kvc/error.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/quant_cache.hpp>
+#include <kvc/store/sequence_table.hpp>
 
 KVC_BEGIN_NAMESPACE
 
@@ -93,7 +94,7 @@ class mixed_precision_cache {
     try {
       ls = low_.add_sequence();
       try {
-        seqs_.emplace(hs, sequence{ls, std::vector<mstream>(nstreams())});
+        seqs_.add_as(hs, sequence{ls, std::vector<mstream>(nstreams())});
       } catch (...) {
         low_.remove_sequence(ls);
         throw;
@@ -106,24 +107,24 @@ class mixed_precision_cache {
   }
 
   void remove_sequence(seq_id s) {
-    auto it = find(s, "remove_sequence");
+    const seq_id low = seqs_.find(s, "remove_sequence").low;
     high_.remove_sequence(s);
-    low_.remove_sequence(it->second.low);
-    seqs_.erase(it);
+    low_.remove_sequence(low);
+    seqs_.erase(s);
   }
 
-  bool contains(seq_id s) const noexcept { return seqs_.count(s) != 0; }
+  bool contains(seq_id s) const noexcept { return seqs_.contains(s); }
   std::size_t num_sequences() const noexcept { return seqs_.size(); }
 
   /// A new sequence sharing every page of s (copy on write in both stores).
   seq_id fork(seq_id s) {
-    const sequence& src = find(s, "fork")->second;
+    const sequence& src = seqs_.find(s, "fork");
     sequence copy = src;
     const seq_id hs = high_.fork(s);
     try {
       copy.low = low_.fork(src.low);
       try {
-        seqs_.emplace(hs, std::move(copy));
+        seqs_.add_as(hs, std::move(copy));
       } catch (...) {
         low_.remove_sequence(copy.low);
         throw;
@@ -140,8 +141,8 @@ class mixed_precision_cache {
   /// Appends n tokens (high precision) to every kv-head of one layer; see quant_cache::append.
   void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
               const std::int32_t* positions = nullptr) {
-    sequence& sq = find(s, "append")->second;
-    check_layer(layer, "append");
+    sequence& sq = seqs_.find(s, "append");
+    seqs_.check_layer(layer, "append");
     KVC_EXPECTS_IN("kvc::mixed_precision_cache::append", n >= 0, "n = ", n, ", expected >= 0 tokens");
     KVC_EXPECTS_IN("kvc::mixed_precision_cache::append", n == 0 || (k != nullptr && v != nullptr),
                    "k or v is null with n = ", n, ", expected [n][num_kv_heads][head_dim] rows");
@@ -156,14 +157,14 @@ class mixed_precision_cache {
     }
     const std::int32_t H = config().num_kv_heads;
     for (std::int32_t h = 0; h < H; ++h) {
-      mstream& ms = at(sq, layer, h);
+      mstream& ms = seqs_.at(sq, layer, h);
       ms.low_idx.reserve(ms.low_idx.size() + static_cast<std::size_t>(n));
       ms.pos.reserve(ms.pos.size() + static_cast<std::size_t>(n));
     }
     high_.append(s, layer, k, v, n, positions);
     // Commit: nothing below throws (capacity reserved above).
     for (std::int32_t h = 0; h < H; ++h) {
-      mstream& ms = at(sq, layer, h);
+      mstream& ms = seqs_.at(sq, layer, h);
       const std::int32_t L = high_.length(s, layer, h);
       const std::int32_t* hp = high_.positions(s, layer, h);
       for (std::int32_t i = L - n; i < L; ++i) {
@@ -196,14 +197,14 @@ class mixed_precision_cache {
  private:
   void demote_impl(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* token_indices, std::int32_t n,
                    page_pool::reservation* low_pages, const char* fn) {
-    sequence& sq = find(s, fn)->second;
-    check_layer(layer, fn);
-    check_head(head, fn);
+    sequence& sq = seqs_.find(s, fn);
+    seqs_.check_layer(layer, fn);
+    seqs_.check_head(head, fn);
     KVC_EXPECTS_IN(detail::concat("kvc::mixed_precision_cache::", fn), n >= 0, "n = ", n, ", expected >= 0 tokens");
     KVC_EXPECTS_IN(detail::concat("kvc::mixed_precision_cache::", fn), n == 0 || token_indices != nullptr,
                    "token_indices is null with n = ", n);
     if (n == 0) return;
-    mstream& ms = at(sq, layer, head);
+    mstream& ms = seqs_.at(sq, layer, head);
     const std::int32_t L = static_cast<std::int32_t>(ms.low_idx.size());
     const auto rc = high_.regions(s, layer, head);
     // logical index -> high index
@@ -283,10 +284,10 @@ class mixed_precision_cache {
  private:
   std::int32_t apply_precision_impl(seq_id s, std::int32_t layer, std::int32_t head, const std::uint8_t* high_mask,
                                     page_pool::reservation* low_pages) {
-    const sequence& sq = find(s, "apply_precision")->second;
-    check_layer(layer, "apply_precision");
-    check_head(head, "apply_precision");
-    const mstream& ms = at(sq, layer, head);
+    const sequence& sq = seqs_.find(s, "apply_precision");
+    seqs_.check_layer(layer, "apply_precision");
+    seqs_.check_head(head, "apply_precision");
+    const mstream& ms = seqs_.at(sq, layer, head);
     const std::int32_t L = static_cast<std::int32_t>(ms.low_idx.size());
     KVC_EXPECTS_IN("kvc::mixed_precision_cache::apply_precision", L == 0 || high_mask != nullptr,
                    "high_mask is null for a stream of ", L, " tokens, expected one entry per token");
@@ -302,8 +303,8 @@ class mixed_precision_cache {
   /// Keeps tokens kept[0..n) of one stream (strictly increasing logical indices), evicting the
   /// rest from both precisions. Strong guarantee.
   void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
-    check_layer(layer, "keep");
-    check_head(head, "keep");
+    seqs_.check_layer(layer, "keep");
+    seqs_.check_head(head, "keep");
     KVC_EXPECTS_IN("kvc::mixed_precision_cache::keep", n >= 0, "n = ", n, ", expected >= 0 kept tokens");
     KVC_EXPECTS_IN("kvc::mixed_precision_cache::keep", n == 0 || kept != nullptr, "kept is null with n = ", n);
     std::vector<std::vector<std::int32_t>> one(static_cast<std::size_t>(config().num_kv_heads));
@@ -315,7 +316,7 @@ class mixed_precision_cache {
 
   /// Keeps, for every head h of one layer, the tokens kept[h]. All heads change or none does.
   void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
-    check_layer(layer, "keep_layer");
+    seqs_.check_layer(layer, "keep_layer");
     KVC_EXPECTS_IN("kvc::mixed_precision_cache::keep_layer", static_cast<std::int32_t>(kept.size()) == config().num_kv_heads,
                    "kept.size() = ", kept.size(),
                 ", expected num_kv_heads = ", config().num_kv_heads);
@@ -326,16 +327,16 @@ class mixed_precision_cache {
   // ---- reading ---------------------------------------------------------------------------
 
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return static_cast<std::int32_t>(get(s, layer, head, "length").low_idx.size());
+    return static_cast<std::int32_t>(seqs_.get(s, layer, head, "length").low_idx.size());
   }
   /// Original positions of the stream's tokens, in logical order.
   const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return get(s, layer, head, "positions").pos.data();
+    return seqs_.get(s, layer, head, "positions").pos.data();
   }
   std::int32_t seen(seq_id s, std::int32_t layer) const { return high_.seen(s, layer); }
   /// Whether token t of the stream is stored in low precision.
   bool is_low(seq_id s, std::int32_t layer, std::int32_t head, std::int32_t t) const {
-    const mstream& ms = get(s, layer, head, "is_low");
+    const mstream& ms = seqs_.get(s, layer, head, "is_low");
     KVC_EXPECTS_IN("kvc::mixed_precision_cache::is_low", t >= 0 && t < static_cast<std::int32_t>(ms.low_idx.size()),
                    "t = ", t, ", expected 0..",
                 static_cast<std::int32_t>(ms.low_idx.size()) - 1);
@@ -343,19 +344,19 @@ class mixed_precision_cache {
   }
   /// The low store's index of every token (-1: high precision), logical order.
   const std::vector<std::int32_t>& low_indices(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return get(s, layer, head, "low_indices").low_idx;
+    return seqs_.get(s, layer, head, "low_indices").low_idx;
   }
   /// The low store's (sequence, layer) of a stream, for kernels reading it directly.
   std::pair<seq_id, std::int32_t> low_stream(seq_id s, std::int32_t layer, std::int32_t head) const {
-    get(s, layer, head, "low_stream");
-    return {find(s, "low_stream")->second.low, low_layer(layer, head)};
+    seqs_.get(s, layer, head, "low_stream");
+    return {seqs_.find(s, "low_stream").low, low_layer(layer, head)};
   }
 
   struct region_counts {
     std::int32_t sink, high, low, residual;  ///< full-precision sinks, high codes, low codes, full-precision window
   };
   region_counts regions(seq_id s, std::int32_t layer, std::int32_t head) const {
-    const mstream& ms = get(s, layer, head, "regions");
+    const mstream& ms = seqs_.get(s, layer, head, "regions");
     const auto r = high_.regions(s, layer, head);
     const std::int32_t nl = static_cast<std::int32_t>(ms.low_idx.size()) - (r.sink + r.quantized + r.residual);
     return {r.sink, r.quantized, nl, r.residual};
@@ -363,10 +364,10 @@ class mixed_precision_cache {
 
   /// Dequantized keys and values of one stream, logical order, [length][head_dim] (either may be null).
   void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
-    const mstream& ms = get(s, layer, head, "gather");
+    const mstream& ms = seqs_.get(s, layer, head, "gather");
     const std::int32_t D = config().head_dim;
     const auto hv = high_.view(s, layer, head);
-    const auto lv = low_.view(find(s, "gather")->second.low, low_layer(layer, head), 0);
+    const auto lv = low_.view(seqs_.find(s, "gather").low, low_layer(layer, head), 0);
     std::int32_t h = 0;
     for (std::size_t t = 0; t < ms.low_idx.size(); ++t) {
       const std::int32_t li = ms.low_idx[t];
@@ -394,15 +395,15 @@ class mixed_precision_cache {
     return t;
   }
   std::size_t bytes_in_use(std::int32_t layer) const {
-    check_layer(layer, "bytes_in_use");
+    seqs_.check_layer(layer, "bytes_in_use");
     std::size_t b = high_.bytes_in_use(layer);
     for (std::int32_t h = 0; h < config().num_kv_heads; ++h) b += low_.bytes_in_use(low_layer(layer, h));
     return b;
   }
   /// Bytes of the pages one stream references (shared pages counted in each sharer).
   std::size_t stream_bytes(seq_id s, std::int32_t layer, std::int32_t head) const {
-    get(s, layer, head, "stream_bytes");
-    return high_.stream_bytes(s, layer, head) + low_.stream_bytes(find(s, "stream_bytes")->second.low,
+    seqs_.get(s, layer, head, "stream_bytes");
+    return high_.stream_bytes(s, layer, head) + low_.stream_bytes(seqs_.find(s, "stream_bytes").low,
                                                                   low_layer(layer, head), 0);
   }
   std::int64_t tokens_held() const noexcept { return high_.tokens_held() + low_.tokens_held(); }
@@ -455,52 +456,15 @@ class mixed_precision_cache {
     detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": head ", head, ": ", args...,
                                 " (the cache is unchanged)"));
   }
-  void check_layer(std::int32_t layer, const char* fn) const {
-    if (layer < 0 || layer >= config().num_layers)
-      detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": layer = ", layer, ", expected 0..",
-                                  config().num_layers - 1));
-  }
-  void check_head(std::int32_t head, const char* fn) const {
-    if (head < 0 || head >= config().num_kv_heads)
-      detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": head = ", head, ", expected 0..",
-                                  config().num_kv_heads - 1));
-  }
-  typename std::map<seq_id, sequence>::iterator find(seq_id s, const char* fn) {
-    auto it = seqs_.find(s);
-    if (it == seqs_.end())
-      detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": unknown sequence id ", s,
-                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
-    return it;
-  }
-  typename std::map<seq_id, sequence>::const_iterator find(seq_id s, const char* fn) const {
-    auto it = seqs_.find(s);
-    if (it == seqs_.end())
-      detail::fail(detail::concat("kvc::mixed_precision_cache::", fn, ": unknown sequence id ", s,
-                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
-    return it;
-  }
-  mstream& at(sequence& sq, std::int32_t layer, std::int32_t h) noexcept {
-    return sq.streams[static_cast<std::size_t>(layer) * config().num_kv_heads + h];
-  }
-  const mstream& at(const sequence& sq, std::int32_t layer, std::int32_t h) const noexcept {
-    return sq.streams[static_cast<std::size_t>(layer) * config().num_kv_heads + h];
-  }
-  const mstream& get(seq_id s, std::int32_t layer, std::int32_t head, const char* fn) const {
-    const sequence& sq = find(s, fn)->second;
-    check_layer(layer, fn);
-    check_head(head, fn);
-    return at(sq, layer, head);
-  }
-
   void keep_impl(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept,
                  const std::vector<char>& touched, const char* fn) {
-    sequence& sq = find(s, fn)->second;
+    sequence& sq = seqs_.find(s, fn);
     const std::int32_t H = config().num_kv_heads;
     std::vector<std::vector<std::int32_t>> keep_high(static_cast<std::size_t>(H)), keep_low(keep_high.size());
     std::vector<mstream> next(static_cast<std::size_t>(H));
     std::int32_t shared_low_pages = 0;
     for (std::int32_t h = 0; h < H; ++h) {
-      const mstream& ms = at(sq, layer, h);
+      const mstream& ms = seqs_.at(sq, layer, h);
       const std::int32_t L = static_cast<std::int32_t>(ms.low_idx.size());
       auto& kh = keep_high[static_cast<std::size_t>(h)];
       auto& kl = keep_low[static_cast<std::size_t>(h)];
@@ -556,7 +520,7 @@ class mixed_precision_cache {
       if (!touched[static_cast<std::size_t>(h)]) continue;
       const auto& kl = keep_low[static_cast<std::size_t>(h)];
       low_.keep(sq.low, low_layer(layer, h), 0, kl.data(), static_cast<std::int32_t>(kl.size()), low_pages);
-      mstream& ms = at(sq, layer, h);
+      mstream& ms = seqs_.at(sq, layer, h);
       ms.low_idx.swap(next[static_cast<std::size_t>(h)].low_idx);
       ms.pos.swap(next[static_cast<std::size_t>(h)].pos);
     }
@@ -564,7 +528,8 @@ class mixed_precision_cache {
 
   high_cache_type high_;
   low_cache_type low_;
-  std::map<seq_id, sequence> seqs_;
+  detail::sequence_table<sequence> seqs_{"kvc::mixed_precision_cache", high_.config().num_layers,
+                                         high_.config().num_kv_heads};
 };
 
 /// MiKV's precision policy: in each stream, the sinks, the full-precision window, the newest

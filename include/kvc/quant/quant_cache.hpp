@@ -49,6 +49,7 @@
 #include <kvc/quant/codec.hpp>
 #include <kvc/store/kv_cache.hpp>
 #include <kvc/store/page_pool.hpp>
+#include <kvc/store/sequence_table.hpp>
 #include <kvc/types.hpp>
 
 KVC_BEGIN_NAMESPACE
@@ -145,28 +146,21 @@ class quant_cache {
     sequence s;
     s.streams.resize(static_cast<std::size_t>(cfg_.num_layers) * cfg_.num_kv_heads);
     s.seen.assign(static_cast<std::size_t>(cfg_.num_layers), 0);
-    const seq_id id = next_id_;
-    seqs_.emplace(id, std::move(s));
-    ++next_id_;
-    return id;
+    return seqs_.add(std::move(s));
   }
 
   void remove_sequence(seq_id s) {
-    auto it = find(s, "remove_sequence");
-    for (auto& st : it->second.streams) release_stream(st);
-    seqs_.erase(it);
+    for (auto& st : seqs_.find(s, "remove_sequence").streams) release_stream(st);
+    seqs_.erase(s);
   }
 
-  bool contains(seq_id s) const noexcept { return seqs_.count(s) != 0; }
+  bool contains(seq_id s) const noexcept { return seqs_.contains(s); }
   std::size_t num_sequences() const noexcept { return seqs_.size(); }
 
   /// A new sequence sharing every page of s; the first write to a shared page copies it.
   seq_id fork(seq_id s) {
-    const sequence& src = find(s, "fork")->second;
-    sequence copy = src;
-    const seq_id id = next_id_;
-    seqs_.emplace(id, std::move(copy));
-    ++next_id_;
+    const sequence& src = seqs_.find(s, "fork");
+    const seq_id id = seqs_.add(src);  // may throw; nothing retained yet
     for (const auto& st : src.streams) {
       quant_pool_->retain(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
       if (st.res >= 0) res_pool_->retain(1, &st.res);
@@ -227,8 +221,8 @@ class quant_cache {
 
   void append_impl(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
                    const std::int32_t* positions, page_pool::reservation* qres) {
-    sequence& sq = find(s, "append")->second;
-    check_layer(layer, "append");
+    sequence& sq = seqs_.find(s, "append");
+    seqs_.check_layer(layer, "append");
     KVC_EXPECTS_IN("kvc::quant_cache::append", n >= 0, "n = ", n, ", expected >= 0 tokens");
     if (n == 0) return;
     KVC_EXPECTS_IN("kvc::quant_cache::append", k != nullptr && v != nullptr, "k or v is null with n = ", n);
@@ -244,7 +238,7 @@ class quant_cache {
     std::vector<plan> pl(static_cast<std::size_t>(H));
     std::int32_t need_q = 0, need_r = 0, need_s = 0;
     for (std::int32_t h = 0; h < H; ++h) {
-      const qstream& st = at(sq, layer, h);
+      const qstream& st = seqs_.at(sq, layer, h);
       plan& p = pl[static_cast<std::size_t>(h)];
       static_cast<split&>(p) = split_append(st.n_sink, st.n_quant, st.n_res, n);
       p.sink_fresh = p.m_sink > 0 && (st.sink < 0 || sink_pool_->ref_count(st.sink) > 1);
@@ -257,7 +251,7 @@ class quant_cache {
       need_s += p.sink_fresh ? 1 : 0;
     }
     for (std::int32_t h = 0; h < H; ++h) {  // capacity first: a bad_alloc here changes nothing
-      qstream& st = at(sq, layer, h);
+      qstream& st = seqs_.at(sq, layer, h);
       const plan& p = pl[static_cast<std::size_t>(h)];
       st.pages.reserve(static_cast<std::size_t>(std::max(pages_for(st.n_quant - p.m + p.E), pages_for(st.n_quant))));
       st.positions.reserve(static_cast<std::size_t>(st.length() + n));
@@ -268,7 +262,7 @@ class quant_cache {
     std::size_t nq = 0, nr = 0, ns = 0;
     const std::int32_t first_pos = sq.seen[static_cast<std::size_t>(layer)];
     for (std::int32_t h = 0; h < H; ++h) {
-      qstream& st = at(sq, layer, h);
+      qstream& st = seqs_.at(sq, layer, h);
       const plan& p = pl[static_cast<std::size_t>(h)];
       auto in_k = [&](std::int32_t i) { return k + (static_cast<std::size_t>(i) * H + h) * D; };
       auto in_v = [&](std::int32_t i) { return v + (static_cast<std::size_t>(i) * H + h) * D; };
@@ -372,7 +366,7 @@ class quant_cache {
  private:
   void keep_one(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n,
                 page_pool::reservation* qres) {
-    check_layer(layer, "keep");
+    seqs_.check_layer(layer, "keep");
     KVC_EXPECTS_IN("kvc::quant_cache::keep", head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..",
                    cfg_.num_kv_heads - 1);
     KVC_EXPECTS_IN("kvc::quant_cache::keep", n >= 0, "n = ", n, ", expected >= 0 kept tokens");
@@ -383,7 +377,7 @@ class quant_cache {
   }
   void keep_all(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept,
                 page_pool::reservation* qres) {
-    check_layer(layer, "keep_layer");
+    seqs_.check_layer(layer, "keep_layer");
     KVC_EXPECTS_IN("kvc::quant_cache::keep_layer", static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads,
                    "kept.size() = ", kept.size(),
                    ", expected num_kv_heads = ", cfg_.num_kv_heads);
@@ -398,17 +392,17 @@ class quant_cache {
   // ---- reading ---------------------------------------------------------------------------
 
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return get(s, layer, head, "length").length();
+    return seqs_.get(s, layer, head, "length").length();
   }
   const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return get(s, layer, head, "positions").positions.data();
+    return seqs_.get(s, layer, head, "positions").positions.data();
   }
   std::int32_t seen(seq_id s, std::int32_t layer) const {
-    check_layer(layer, "seen");
-    return find(s, "seen")->second.seen[static_cast<std::size_t>(layer)];
+    seqs_.check_layer(layer, "seen");
+    return seqs_.find(s, "seen").seen[static_cast<std::size_t>(layer)];
   }
   const std::vector<page_id>& pages(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return get(s, layer, head, "pages").pages;
+    return seqs_.get(s, layer, head, "pages").pages;
   }
 
   /// How many of the next `limit` tokens of layer `layer` may be appended in one call and then
@@ -421,13 +415,13 @@ class quant_cache {
   /// +4.4 ppl instead of the token-by-token figure). Per-token codecs with no residual window never
   /// re-encode an earlier token: `limit`. At least 1 when limit >= 1.
   std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const {
-    const sequence& sq = find(s, "chunk_tokens")->second;
-    check_layer(layer, "chunk_tokens");
+    const sequence& sq = seqs_.find(s, "chunk_tokens");
+    seqs_.check_layer(layer, "chunk_tokens");
     KVC_EXPECTS_IN("kvc::quant_cache::chunk_tokens", limit >= 0, "limit = ", limit, ", expected >= 0 tokens");
     std::int32_t run = limit;
     for (std::int32_t h = 0; h < cfg_.num_kv_heads && run > 1; ++h) {
       // Replays append_impl's plan (split_append) one token at a time.
-      const qstream& st = at(sq, layer, h);
+      const qstream& st = seqs_.at(sq, layer, h);
       std::int32_t n_sink = st.n_sink, n_quant = st.n_quant, n_res = st.n_res;
       for (std::int32_t j = 1; j <= run; ++j) {
         const split p = split_append(n_sink, n_quant, n_res, 1);
@@ -449,19 +443,19 @@ class quant_cache {
     std::int32_t sink, quantized, residual;
   };
   region_counts regions(seq_id s, std::int32_t layer, std::int32_t head) const {
-    const qstream& st = get(s, layer, head, "regions");
+    const qstream& st = seqs_.get(s, layer, head, "regions");
     return {st.n_sink, st.n_quant, st.n_res};
   }
 
   /// Read-only view of one stream for the attention kernels.
   stream_view view(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return make_view(get(s, layer, head, "view"));
+    return make_view(seqs_.get(s, layer, head, "view"));
   }
 
   /// Copies one stream's keys and values (either may be null), dequantized to float,
   /// [length][head_dim]. Keys are returned rotated to their positions when stored pre-RoPE.
   void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
-    const qstream& st = get(s, layer, head, "gather");
+    const qstream& st = seqs_.get(s, layer, head, "gather");
     const std::int32_t D = cfg_.head_dim;
     const stream_view sv = make_view(st);
     for (std::int32_t t = 0; t < st.length(); ++t) {
@@ -508,7 +502,7 @@ class quant_cache {
            (sink_pool_ ? sink_pool_->bytes_in_use() : 0);
   }
   std::size_t bytes_in_use(std::int32_t layer) const {
-    check_layer(layer, "bytes_in_use");
+    seqs_.check_layer(layer, "bytes_in_use");
     return quant_pool_->bytes_in_use(layer) + (res_pool_ ? res_pool_->bytes_in_use(layer) : 0) +
            (sink_pool_ ? sink_pool_->bytes_in_use(layer) : 0);
   }
@@ -521,22 +515,17 @@ class quant_cache {
   }
   /// Bytes of the pages one stream references (shared pages counted in each sharer).
   std::size_t stream_bytes(seq_id s, std::int32_t layer, std::int32_t head) const {
-    const qstream& st = get(s, layer, head, "stream_bytes");
+    const qstream& st = seqs_.get(s, layer, head, "stream_bytes");
     return st.pages.size() * quant_pool_->page_bytes() + (st.res >= 0 ? res_pool_->page_bytes() : 0) +
            (st.sink >= 0 ? sink_pool_->page_bytes() : 0);
   }
   /// Host bytes of bookkeeping: 4 per kept token position, 4 per page-table entry, 20 per stream.
   std::size_t metadata_bytes() const noexcept {
-    std::size_t b = 0;
-    for (const auto& kv : seqs_)
-      for (const auto& st : kv.second.streams) b += 4 * (st.positions.size() + st.pages.size()) + 20;
-    return b;
+    return seqs_.template sum_streams<std::size_t>(
+        [](const qstream& st) { return 4 * (st.positions.size() + st.pages.size()) + 20; });
   }
   std::int64_t tokens_held() const noexcept {
-    std::int64_t n = 0;
-    for (const auto& kv : seqs_)
-      for (const auto& st : kv.second.streams) n += st.length();
-    return n;
+    return seqs_.template sum_streams<std::int64_t>([](const qstream& st) { return st.length(); });
   }
 
  private:
@@ -713,42 +702,10 @@ class quant_cache {
         detail::fail(detail::concat("kvc::quant_cache::append: ", name, "[", i, "] = ", p[i],
                                     ", expected a finite value (the cache is unchanged)"));
   }
-  void check_layer(std::int32_t layer, const char* fn) const {
-    if (layer < 0 || layer >= cfg_.num_layers)
-      detail::fail(detail::concat("kvc::quant_cache::", fn, ": layer = ", layer, ", expected 0..", cfg_.num_layers - 1));
-  }
-  typename std::map<seq_id, sequence>::iterator find(seq_id s, const char* fn) {
-    auto it = seqs_.find(s);
-    if (it == seqs_.end())
-      detail::fail(detail::concat("kvc::quant_cache::", fn, ": unknown sequence id ", s,
-                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
-    return it;
-  }
-  typename std::map<seq_id, sequence>::const_iterator find(seq_id s, const char* fn) const {
-    auto it = seqs_.find(s);
-    if (it == seqs_.end())
-      detail::fail(detail::concat("kvc::quant_cache::", fn, ": unknown sequence id ", s,
-                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
-    return it;
-  }
-  qstream& at(sequence& sq, std::int32_t layer, std::int32_t h) noexcept {
-    return sq.streams[static_cast<std::size_t>(layer) * cfg_.num_kv_heads + h];
-  }
-  const qstream& at(const sequence& sq, std::int32_t layer, std::int32_t h) const noexcept {
-    return sq.streams[static_cast<std::size_t>(layer) * cfg_.num_kv_heads + h];
-  }
-  const qstream& get(seq_id s, std::int32_t layer, std::int32_t head, const char* fn) const {
-    const sequence& sq = find(s, fn)->second;
-    check_layer(layer, fn);
-    if (head < 0 || head >= cfg_.num_kv_heads)
-      detail::fail(detail::concat("kvc::quant_cache::", fn, ": head = ", head, ", expected 0..", cfg_.num_kv_heads - 1));
-    return at(sq, layer, head);
-  }
-
   void keep_heads(seq_id s, std::int32_t layer,
                   const std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>>& heads,
                   page_pool::reservation* qres, const char* fn) {
-    sequence& sq = find(s, fn)->second;
+    sequence& sq = seqs_.find(s, fn);
     const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
     struct plan {
       std::vector<std::int32_t> ks, kq, kr;  // kept indices, local to each region
@@ -765,7 +722,7 @@ class quant_cache {
     for (std::size_t j = 0; j < heads.size(); ++j) {
       const std::int32_t h = heads[j].first;
       const auto& kept = heads[j].second;
-      const qstream& st = at(sq, layer, h);
+      const qstream& st = seqs_.at(sq, layer, h);
       const std::int32_t L = st.length();
       for (std::size_t i = 0; i < kept.size(); ++i) {
         if (kept[i] < 0 || kept[i] >= L)
@@ -823,7 +780,7 @@ class quant_cache {
     std::size_t nq = 0, nr = 0, ns = 0;
     for (std::size_t j = 0; j < heads.size(); ++j) {
       plan& p = pl[j];
-      qstream& st = at(sq, layer, heads[j].first);
+      qstream& st = seqs_.at(sq, layer, heads[j].first);
       // sinks: forward compaction in place
       if (p.sink_changed) {
         if (p.sink_fresh) replace_fp_page(*sink_pool_, st.sink, fresh.s[ns++]);
@@ -914,8 +871,7 @@ class quant_cache {
   std::size_t rbk_ = 0, rbv_ = 0, v_offset_ = 0;
   std::unique_ptr<page_pool> quant_pool_, res_pool_, sink_pool_;
   std::optional<rope> rope_;
-  std::map<seq_id, sequence> seqs_;
-  seq_id next_id_ = 0;
+  detail::sequence_table<sequence> seqs_{"kvc::quant_cache", cfg_.num_layers, cfg_.num_kv_heads};
 };
 
 KVC_END_NAMESPACE

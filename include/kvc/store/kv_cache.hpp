@@ -23,6 +23,7 @@
 
 #include <kvc/error.hpp>
 #include <kvc/store/page_pool.hpp>
+#include <kvc/store/sequence_table.hpp>
 #include <kvc/types.hpp>
 #include <kvc/view/engine.hpp>
 #include <kvc/view/heads.hpp>
@@ -45,8 +46,6 @@ inline void to_float_n(const T* x, std::size_t n, float* out) noexcept {
 }
 
 }  // namespace detail
-
-using seq_id = std::int32_t;
 
 /// Shape and capacity of a cache.
 struct cache_config {
@@ -104,29 +103,23 @@ class kv_cache {
     s.streams.resize(static_cast<std::size_t>(cfg_.num_layers) * cfg_.num_kv_heads);
     s.seen.assign(static_cast<std::size_t>(cfg_.num_layers), 0);
     if (cfg_.key_bounds) s.bounds.resize(s.streams.size());
-    const seq_id id = next_id_;
-    seqs_.emplace(id, std::move(s));
-    ++next_id_;
-    return id;
+    return seqs_.add(std::move(s));
   }
 
   /// Frees every page the sequence holds (shared pages stay while other sequences use them).
   void remove_sequence(seq_id s) {
-    auto it = find(s, "remove_sequence");
-    for (auto& st : it->second.streams) pool_.release(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
-    seqs_.erase(it);
+    for (auto& st : seqs_.find(s, "remove_sequence").streams)
+      pool_.release(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
+    seqs_.erase(s);
   }
 
-  bool contains(seq_id s) const noexcept { return seqs_.count(s) != 0; }
+  bool contains(seq_id s) const noexcept { return seqs_.contains(s); }
   std::size_t num_sequences() const noexcept { return seqs_.size(); }
 
   /// A new sequence sharing all of s's pages; the first write to a shared page copies it.
   seq_id fork(seq_id s) {
-    const sequence& src = find(s, "fork")->second;
-    sequence copy = src;  // may throw; nothing retained yet
-    const seq_id id = next_id_;
-    seqs_.emplace(id, std::move(copy));  // may throw; nothing retained yet
-    ++next_id_;
+    const sequence& src = seqs_.find(s, "fork");
+    const seq_id id = seqs_.add(src);  // may throw; nothing retained yet
     for (const auto& st : src.streams) pool_.retain(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
     return id;
   }
@@ -142,8 +135,8 @@ class kv_cache {
               const std::int32_t* positions = nullptr) {
     static_assert(std::is_same<In, float>::value || std::is_same<In, T>::value,
                   "kvc::kv_cache::append: K/V input must be float or the cache's element type");
-    sequence& sq = find(s, "append")->second;
-    check_layer(layer, "append");
+    sequence& sq = seqs_.find(s, "append");
+    seqs_.check_layer(layer, "append");
     KVC_EXPECTS_IN("kvc::kv_cache::append", n >= 0, "n = ", n, ", expected >= 0 tokens");
     if (n == 0) return;
     KVC_EXPECTS_IN("kvc::kv_cache::append", k != nullptr && v != nullptr, "k or v is null with n = ", n);
@@ -159,13 +152,13 @@ class kv_cache {
     std::int32_t need = 0;
     std::vector<unsigned char> copy_last(static_cast<std::size_t>(H), 0);
     for (std::int32_t h = 0; h < H; ++h) {
-      const stream& st = at(sq, layer, h);
+      const stream& st = seqs_.at(sq, layer, h);
       const std::int32_t L = st.length();
       need += pages_for(L + n) - static_cast<std::int32_t>(st.pages.size());
       if (L % P != 0 && pool_.ref_count(st.pages.back()) > 1) copy_last[static_cast<std::size_t>(h)] = 1, ++need;
     }
     for (std::int32_t h = 0; h < H; ++h) {  // capacity first: a bad_alloc here changes nothing
-      stream& st = at(sq, layer, h);
+      stream& st = seqs_.at(sq, layer, h);
       st.pages.reserve(static_cast<std::size_t>(pages_for(st.length() + n)));
       st.positions.reserve(static_cast<std::size_t>(st.length() + n));
       if (cfg_.key_bounds)
@@ -177,7 +170,7 @@ class kv_cache {
     std::size_t next = 0;
     const std::int32_t first_pos = sq.seen[layer];
     for (std::int32_t h = 0; h < H; ++h) {
-      stream& st = at(sq, layer, h);
+      stream& st = seqs_.at(sq, layer, h);
       std::int32_t L = st.length();
       if (copy_last[static_cast<std::size_t>(h)]) {
         const page_id copy = fresh[next++];
@@ -205,7 +198,7 @@ class kv_cache {
   /// Keeps tokens kept[0..n) of one stream (indices into its current order, strictly increasing)
   /// and frees the pages this empties.
   void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
-    check_layer(layer, "keep");
+    seqs_.check_layer(layer, "keep");
     KVC_EXPECTS_IN("kvc::kv_cache::keep", head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..",
                    cfg_.num_kv_heads - 1);
     KVC_EXPECTS_IN("kvc::kv_cache::keep", n >= 0, "n = ", n, ", expected >= 0 kept tokens");
@@ -218,7 +211,7 @@ class kv_cache {
   /// Keeps, for every head h of one layer, the tokens kept[h] (strictly increasing indices).
   /// All heads change or none does.
   void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) {
-    check_layer(layer, "keep_layer");
+    seqs_.check_layer(layer, "keep_layer");
     KVC_EXPECTS_IN("kvc::kv_cache::keep_layer", static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads,
                    "kept.size() = ", kept.size(),
                    ", expected num_kv_heads = ", cfg_.num_kv_heads);
@@ -236,7 +229,7 @@ class kv_cache {
   template <class Fn>
   void rewrite_keys(seq_id s, std::int32_t layer, std::int32_t head, Fn&& fn,
                     const std::int32_t* new_positions = nullptr) {
-    const stream& st = get(s, layer, head, "rewrite_keys");
+    const stream& st = seqs_.get(s, layer, head, "rewrite_keys");
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> one;
     one.emplace_back(head, std::vector<std::int32_t>(static_cast<std::size_t>(st.length())));
     std::iota(one[0].second.begin(), one[0].second.end(), 0);
@@ -253,7 +246,7 @@ class kv_cache {
   template <class Fn>
   void keep_layer_rewrite_keys(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept,
                                Fn&& fn, const std::vector<std::vector<std::int32_t>>* new_positions = nullptr) {
-    check_layer(layer, "keep_layer_rewrite_keys");
+    seqs_.check_layer(layer, "keep_layer_rewrite_keys");
     KVC_EXPECTS(static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads, "kept.size() = ", kept.size(),
                 ", expected num_kv_heads = ", cfg_.num_kv_heads);
     KVC_EXPECTS(!new_positions || new_positions->size() == kept.size(), "new_positions->size() = ",
@@ -281,7 +274,7 @@ class kv_cache {
   void keep_layer_rewrite(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept, Fn&& fn,
                           const std::vector<std::vector<std::int32_t>>* rows = nullptr) {
     constexpr const char* who = "kvc::kv_cache::keep_layer_rewrite";
-    check_layer(layer, "keep_layer_rewrite");
+    seqs_.check_layer(layer, "keep_layer_rewrite");
     KVC_EXPECTS_IN(who, static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads, "kept.size() = ", kept.size(),
                    ", expected num_kv_heads = ", cfg_.num_kv_heads);
     KVC_EXPECTS_IN(who, !rows || rows->size() == kept.size(), "rows->size() = ", rows ? rows->size() : 0,
@@ -304,36 +297,36 @@ class kv_cache {
   // ---- reading ---------------------------------------------------------------------------
 
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return get(s, layer, head, "length").length();
+    return seqs_.get(s, layer, head, "length").length();
   }
   const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return get(s, layer, head, "positions").positions.data();
+    return seqs_.get(s, layer, head, "positions").positions.data();
   }
   /// Tokens ever appended to this layer of the sequence (kept or not).
   std::int32_t seen(seq_id s, std::int32_t layer) const {
-    check_layer(layer, "seen");
-    return find(s, "seen")->second.seen[static_cast<std::size_t>(layer)];
+    seqs_.check_layer(layer, "seen");
+    return seqs_.find(s, "seen").seen[static_cast<std::size_t>(layer)];
   }
   /// How many of the next `limit` tokens may be appended in one call and attended together
   /// (kvc::cpu::prefill_attention) as appending and attending them one at a time would: all of
   /// them, since a stored token never changes form (quant_cache's residual windows do).
   std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const {
-    check_layer(layer, "chunk_tokens");
-    (void)find(s, "chunk_tokens");
+    seqs_.check_layer(layer, "chunk_tokens");
+    (void)seqs_.find(s, "chunk_tokens");
     KVC_EXPECTS_IN("kvc::kv_cache::chunk_tokens", limit >= 0, "limit = ", limit, ", expected >= 0 tokens");
     return limit;
   }
   const std::vector<page_id>& pages(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return get(s, layer, head, "pages").pages;
+    return seqs_.get(s, layer, head, "pages").pages;
   }
 
   /// K of one stream as a paged view (heads = 1).
   view_type keys(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return stream_view(get(s, layer, head, "keys"), 0);
+    return stream_view(seqs_.get(s, layer, head, "keys"), 0);
   }
   /// V of one stream as a paged view (heads = 1).
   view_type values(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return stream_view(get(s, layer, head, "values"), cfg_.page_size * cfg_.head_dim);
+    return stream_view(seqs_.get(s, layer, head, "values"), cfg_.page_size * cfg_.head_dim);
   }
 
   /// Whether every stream keeps the min and max of each page's keys (cache_config::key_bounds).
@@ -343,8 +336,8 @@ class kv_cache {
   const T* key_bounds(seq_id s, std::int32_t layer, std::int32_t head) const {
     KVC_EXPECTS_IN("kvc::kv_cache::key_bounds", cfg_.key_bounds,
                    "the cache was built with cache_config.key_bounds = false, expected true (pages carry no bounds)");
-    (void)get(s, layer, head, "key_bounds");
-    const sequence& sq = find(s, "key_bounds")->second;
+    (void)seqs_.get(s, layer, head, "key_bounds");
+    const sequence& sq = seqs_.find(s, "key_bounds");
     return sq.bounds[static_cast<std::size_t>(layer) * cfg_.num_kv_heads + head].data();
   }
   /// K (V) of the tokens that the pages of `table` hold, in that order, heads = 1: token t reads
@@ -362,7 +355,7 @@ class kv_cache {
   /// Copies one stream's keys (and values, when v_out is not null) as float, [length][head_dim]:
   /// what scorers and the re-encoding of other caches read.
   void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
-    const stream& st = get(s, layer, head, "gather");
+    const stream& st = seqs_.get(s, layer, head, "gather");
     const std::int32_t P = cfg_.page_size, D = cfg_.head_dim;
     // A page's K rows are contiguous (then its V rows), so each is one run of P * D elements.
     // Converting whole runs instead of testing k_out/v_out per element made R-KV's key gather
@@ -379,13 +372,13 @@ class kv_cache {
   /// All heads of one layer, for the attention kernels. The returned object points into `buf`,
   /// which must hold 2 * num_kv_heads views and outlive it.
   layer_view layer(seq_id s, std::int32_t layer, std::vector<view_type>& buf) const {
-    const sequence& sq = find(s, "layer")->second;
-    check_layer(layer, "layer");
+    const sequence& sq = seqs_.find(s, "layer");
+    seqs_.check_layer(layer, "layer");
     const std::int32_t H = cfg_.num_kv_heads;
     buf.clear();
     buf.reserve(static_cast<std::size_t>(2 * H));
-    for (std::int32_t h = 0; h < H; ++h) buf.push_back(stream_view(at(sq, layer, h), 0));
-    for (std::int32_t h = 0; h < H; ++h) buf.push_back(stream_view(at(sq, layer, h), cfg_.page_size * cfg_.head_dim));
+    for (std::int32_t h = 0; h < H; ++h) buf.push_back(stream_view(seqs_.at(sq, layer, h), 0));
+    for (std::int32_t h = 0; h < H; ++h) buf.push_back(stream_view(seqs_.at(sq, layer, h), cfg_.page_size * cfg_.head_dim));
     return {buf.data(), buf.data() + H, H, cfg_.head_dim};
   }
 
@@ -395,31 +388,27 @@ class kv_cache {
   std::size_t bytes_in_use() const noexcept { return pool_.bytes_in_use(); }
   /// Bytes of live pages allocated for one layer.
   std::size_t bytes_in_use(std::int32_t layer) const {
-    check_layer(layer, "bytes_in_use");
+    seqs_.check_layer(layer, "bytes_in_use");
     return pool_.bytes_in_use(layer);
   }
   /// Bytes of the pages one stream references (shared pages counted in each sharer).
   std::size_t stream_bytes(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return get(s, layer, head, "stream_bytes").pages.size() * pool_.page_bytes();
+    return seqs_.get(s, layer, head, "stream_bytes").pages.size() * pool_.page_bytes();
   }
   /// Pool bytes allocated and released since construction (see memory_traffic).
   memory_traffic traffic() const noexcept { return pool_.traffic(); }
   /// Host bytes of bookkeeping: 4 bytes of position per kept token plus 4 per page-table entry,
   /// plus the key bounds (2 x head_dim elements per page) with cache_config::key_bounds.
   std::size_t metadata_bytes() const noexcept {
-    std::size_t b = 0;
-    for (const auto& kv : seqs_) {
-      for (const auto& st : kv.second.streams) b += 4 * (st.positions.size() + st.pages.size());
+    std::size_t b = seqs_.template sum_streams<std::size_t>(
+        [](const stream& st) { return 4 * (st.positions.size() + st.pages.size()); });
+    for (const auto& kv : seqs_)
       for (const auto& kb : kv.second.bounds) b += sizeof(T) * kb.size();
-    }
     return b;
   }
   /// Tokens held in all streams of all sequences (sum of the streams' own lengths).
   std::int64_t tokens_held() const noexcept {
-    std::int64_t n = 0;
-    for (const auto& kv : seqs_)
-      for (const auto& st : kv.second.streams) n += st.length();
-    return n;
+    return seqs_.template sum_streams<std::int64_t>([](const stream& st) { return st.length(); });
   }
 
  private:
@@ -515,39 +504,6 @@ class kv_cache {
                      "table[", i, "] = ", table[i], ", expected a page id 0..", pool_.capacity() - 1);
   }
 
-  void check_layer(std::int32_t layer, const char* fn) const {
-    if (layer < 0 || layer >= cfg_.num_layers)
-      detail::fail(detail::concat("kvc::kv_cache::", fn, ": layer = ", layer, ", expected 0..", cfg_.num_layers - 1));
-  }
-
-  typename std::map<seq_id, sequence>::iterator find(seq_id s, const char* fn) {
-    auto it = seqs_.find(s);
-    if (it == seqs_.end())
-      detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s,
-                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
-    return it;
-  }
-  typename std::map<seq_id, sequence>::const_iterator find(seq_id s, const char* fn) const {
-    auto it = seqs_.find(s);
-    if (it == seqs_.end())
-      detail::fail(detail::concat("kvc::kv_cache::", fn, ": unknown sequence id ", s,
-                                  " (argument seq), expected a live sequence id: ", detail::key_list(seqs_)));
-    return it;
-  }
-  stream& at(sequence& sq, std::int32_t layer, std::int32_t h) noexcept {
-    return sq.streams[static_cast<std::size_t>(layer) * cfg_.num_kv_heads + h];
-  }
-  const stream& at(const sequence& sq, std::int32_t layer, std::int32_t h) const noexcept {
-    return sq.streams[static_cast<std::size_t>(layer) * cfg_.num_kv_heads + h];
-  }
-  const stream& get(seq_id s, std::int32_t layer, std::int32_t head, const char* fn) const {
-    const sequence& sq = find(s, fn)->second;
-    check_layer(layer, fn);
-    if (head < 0 || head >= cfg_.num_kv_heads)
-      detail::fail(detail::concat("kvc::kv_cache::", fn, ": head = ", head, ", expected 0..", cfg_.num_kv_heads - 1));
-    return at(sq, layer, head);
-  }
-
   /// No key rewrite: keep only.
   struct no_rewrite {
     void operator()(std::int32_t, std::int32_t, T*) const noexcept {}
@@ -568,7 +524,7 @@ class kv_cache {
                   const std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>>& heads, Fn* rewrite = nullptr,
                   const std::vector<std::vector<std::int32_t>>* rewrite_pos = nullptr,
                   const std::vector<std::vector<std::int32_t>>* rows = nullptr) {
-    sequence& sq = find(s, "keep")->second;
+    sequence& sq = seqs_.find(s, "keep");
     const std::int32_t P = cfg_.page_size, D = cfg_.head_dim;
     // Validate everything and plan the fresh pages before touching anything.
     std::int32_t need = 0;
@@ -582,7 +538,7 @@ class kv_cache {
     for (std::size_t j = 0; j < heads.size(); ++j) {
       const std::int32_t h = heads[j].first;
       const auto& kept = heads[j].second;
-      const stream& st = at(sq, layer, h);
+      const stream& st = seqs_.at(sq, layer, h);
       const std::int32_t L = st.length();
       for (std::size_t i = 0; i < kept.size(); ++i) {
         if (kept[i] < 0 || kept[i] >= L)
@@ -659,7 +615,7 @@ class kv_cache {
     std::size_t next = 0;
     for (std::size_t j = 0; j < heads.size(); ++j) {
       const auto& kept = heads[j].second;
-      stream& st = at(sq, layer, heads[j].first);
+      stream& st = seqs_.at(sq, layer, heads[j].first);
       const std::int32_t n = static_cast<std::int32_t>(kept.size());
       const std::int32_t L = st.length();
       for (std::int32_t pg = 0; pg < pages_for(n); ++pg) {
@@ -724,8 +680,7 @@ class kv_cache {
 
   cache_config cfg_;
   page_pool pool_;
-  std::map<seq_id, sequence> seqs_;
-  seq_id next_id_ = 0;
+  detail::sequence_table<sequence> seqs_{"kvc::kv_cache", cfg_.num_layers, cfg_.num_kv_heads};
 };
 
 KVC_END_NAMESPACE

@@ -1,0 +1,109 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file
+/// `detail::sequence_table`: the sequences of a paged store, with the checks every public call of
+/// a store makes (a live sequence id, a layer, a kv-head) and errors that name the store, the call,
+/// the value and what was expected. kv_cache, quant_cache and mixed_precision_cache keep their
+/// sequences here, so that bookkeeping exists once (issue 11); each store's Sequence type holds
+/// what it keeps per sequence (`streams`, [layer * num_kv_heads + head], for get/at).
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <utility>
+
+#include <kvc/error.hpp>
+
+KVC_BEGIN_NAMESPACE
+
+using seq_id = std::int32_t;
+
+namespace detail {
+
+/// \tparam Sequence  what a store keeps per sequence; get/at need a `streams` vector indexed by
+///                   layer * num_kv_heads + head
+template <class Sequence>
+class sequence_table {
+ public:
+  using map_type = std::map<seq_id, Sequence>;
+
+  /// \param owner  the store's qualified name, which starts every message ("kvc::kv_cache")
+  sequence_table(const char* owner, std::int32_t num_layers, std::int32_t num_kv_heads) noexcept
+      : owner_(owner), num_layers_(num_layers), num_kv_heads_(num_kv_heads) {}
+
+  /// Inserts s under the next id and returns the id. Strong guarantee: on a throw, no id is used.
+  seq_id add(Sequence s) {
+    const seq_id id = next_id_;
+    add_as(id, std::move(s));
+    return id;
+  }
+  /// Inserts s under `id` (a store whose ids come from an inner store's); the next id of add()
+  /// moves past it. Strong guarantee.
+  void add_as(seq_id id, Sequence s) {
+    KVC_EXPECTS_IN(owner_, seqs_.count(id) == 0, "sequence id ", id, " is live, expected a new id");
+    seqs_.emplace(id, std::move(s));  // may throw; nothing changed
+    if (id >= next_id_) next_id_ = id + 1;
+  }
+  void erase(seq_id s) noexcept { seqs_.erase(s); }
+
+  bool contains(seq_id s) const noexcept { return seqs_.count(s) != 0; }
+  std::size_t size() const noexcept { return seqs_.size(); }
+  typename map_type::const_iterator begin() const noexcept { return seqs_.begin(); }
+  typename map_type::const_iterator end() const noexcept { return seqs_.end(); }
+
+  /// The sequence s; unknown ids throw "<owner>::<fn>: unknown sequence id ..." with the live ids.
+  Sequence& find(seq_id s, const char* fn) { return const_cast<Sequence&>(std::as_const(*this).find(s, fn)); }
+  const Sequence& find(seq_id s, const char* fn) const {
+    auto it = seqs_.find(s);
+    if (it == seqs_.end())
+      fail(concat(owner_, "::", fn, ": unknown sequence id ", s, " (argument seq), expected a live sequence id: ",
+                  key_list(seqs_)));
+    return it->second;
+  }
+
+  void check_layer(std::int32_t layer, const char* fn) const {
+    if (layer < 0 || layer >= num_layers_)
+      fail(concat(owner_, "::", fn, ": layer = ", layer, ", expected 0..", num_layers_ - 1));
+  }
+  void check_head(std::int32_t head, const char* fn) const {
+    if (head < 0 || head >= num_kv_heads_)
+      fail(concat(owner_, "::", fn, ": head = ", head, ", expected 0..", num_kv_heads_ - 1));
+  }
+
+  /// The sum of fn(stream) over every stream of every sequence (tokens held, bookkeeping bytes).
+  template <class R, class Fn>
+  R sum_streams(Fn&& fn) const {
+    R r = 0;
+    for (const auto& kv : seqs_)
+      for (const auto& st : kv.second.streams) r += static_cast<R>(fn(st));
+    return r;
+  }
+
+  /// Index of (layer, head) in a sequence's streams.
+  std::size_t index(std::int32_t layer, std::int32_t head) const noexcept {
+    return static_cast<std::size_t>(layer) * static_cast<std::size_t>(num_kv_heads_) + static_cast<std::size_t>(head);
+  }
+  /// Stream (layer, head) of a sequence found already (layer and head checked by the caller).
+  auto& at(Sequence& sq, std::int32_t layer, std::int32_t head) const noexcept { return sq.streams[index(layer, head)]; }
+  const auto& at(const Sequence& sq, std::int32_t layer, std::int32_t head) const noexcept {
+    return sq.streams[index(layer, head)];
+  }
+  /// Stream (layer, head) of sequence s, each argument checked in that order.
+  const auto& get(seq_id s, std::int32_t layer, std::int32_t head, const char* fn) const {
+    const Sequence& sq = find(s, fn);
+    check_layer(layer, fn);
+    check_head(head, fn);
+    return at(sq, layer, head);
+  }
+
+ private:
+  const char* owner_;
+  std::int32_t num_layers_, num_kv_heads_;
+  map_type seqs_;
+  seq_id next_id_ = 0;
+};
+
+}  // namespace detail
+
+KVC_END_NAMESPACE
