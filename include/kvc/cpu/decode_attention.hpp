@@ -26,6 +26,7 @@
 #include <kvc/error.hpp>
 #include <kvc/parallel/thread_pool.hpp>
 #include <kvc/view/accessor.hpp>
+#include <kvc/view/decoding_accessor.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
@@ -129,7 +130,10 @@ KVC_FORCEINLINE void tile_rows(const View& v, std::int32_t hi, std::int32_t t0, 
     const std::int32_t D = static_cast<std::int32_t>(v.extent(2));
     for (std::int32_t i = 0; i < tn; ++i) {
       float* dst = scratch + static_cast<std::size_t>(i) * D;
-      for (std::int32_t d = 0; d < D; ++d) dst[d] = static_cast<float>(v(t0 + i, hi, d));
+      if constexpr (accessor_decodes_rows_v<typename View::accessor_type>)  // an encoding: one row decode
+        v.accessor().decode_row(v.data_handle(), static_cast<std::size_t>(v.mapping()(t0 + i, hi, 0)), dst);
+      else
+        for (std::int32_t d = 0; d < D; ++d) dst[d] = static_cast<float>(v(t0 + i, hi, d));
       rows[i] = dst;
     }
   }

@@ -35,6 +35,10 @@
 #include <kvc/error.hpp>
 #include <kvc/parallel/thread_pool.hpp>
 #include <kvc/quant/quant_cache.hpp>
+#include <kvc/view/decoding_accessor.hpp>
+#include <kvc/view/heads.hpp>
+#include <kvc/view/kv_view.hpp>
+#include <kvc/view/layout_dense.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
@@ -422,43 +426,33 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
   attend_tiles<Arch, G>(c, sv, t0, t1, q_model, q_stored, D, st, raw, raw_stride, sc, qo.int8_query);
 }
 
-}  // namespace qdetail
 
-/// Decode attention for one sequence and one layer of a quant_cache.
-/// \param q    [num_q_heads][head_dim] queries (RoPE applied; pre-RoPE caches rotate the keys)
-/// \param out  [num_q_heads][head_dim]
-template <class Arch = default_arch, class KQ, class VQ, class Fp>
-void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int32_t layer, const float* q,
-                      std::int32_t num_q_heads, float* out, const decode_options& opt = {},
-                      const quant_attention_options& qopt = {}) {
-  using Cache = quant_cache<KQ, VQ, Fp>;
-  const std::int32_t hkv = cache.config().num_kv_heads, D = cache.config().head_dim;
-  // Checked here, not by cache.view(), so that the message names this call and its argument.
+/// The checks of the queries both entry points make.
+inline void check_queries(const float* q, const float* out, std::int32_t num_q_heads, std::int32_t hkv, std::int32_t D) {
   constexpr const char* who = "kvc::cpu::decode_attention";
-  KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
-                 cache.num_sequences(), " live sequence ids (from add_sequence/fork, not removed)");
-  KVC_EXPECTS_IN(who, layer >= 0 && layer < cache.config().num_layers, "layer = ", layer, ", expected 0..",
-                 cache.config().num_layers - 1);
   KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
                  ", expected a positive multiple of num_kv_heads = ", hkv);
   KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, "q or out is null");
   for (std::int32_t i = 0; i < num_q_heads * D; ++i)
     KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
-  const std::int32_t G = num_q_heads / hkv;
-  std::vector<typename Cache::stream_view> views;
-  views.reserve(static_cast<std::size_t>(hkv));
+}
+
+/// The quantized decode kernel over one layer's streams of `cache` (one view per kv head), its
+/// arguments checked by the caller but probs_stride; views of no token are empty heads.
+template <class Arch, class KQ, class VQ, class Fp>
+void decode_stream_views(const quant_cache<KQ, VQ, Fp>& cache,
+                         const std::vector<typename quant_cache<KQ, VQ, Fp>::stream_view>& views, const float* q,
+                         std::int32_t num_q_heads, float* out, const decode_options& opt,
+                         const quant_attention_options& qopt) {
+  constexpr const char* who = "kvc::cpu::decode_attention";
+  const std::int32_t hkv = static_cast<std::int32_t>(views.size()), D = cache.config().head_dim;
   std::int32_t longest = 0;
   std::int64_t total = 0;
-  for (std::int32_t h = 0; h < hkv; ++h) {
-    views.push_back(cache.view(seq, layer, h));
-    longest = std::max(longest, views.back().length());
-    total += views.back().length();
+  for (const auto& sv : views) {
+    longest = std::max(longest, sv.length());
+    total += sv.length();
   }
-  // An empty head (all its tokens evicted) attends to nothing and gives zeros; a layer with no
-  // token in any head means this step's K/V were never appended: an error, not zeros.
-  KVC_EXPECTS_IN(who, total > 0, "seq = ", seq, ", layer = ", layer,
-                 " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
-                 "step's K/V to the layer before attending)");
+  const std::int32_t G = num_q_heads / hkv;
   const bool want_probs = opt.probs || opt.group_probs;
   KVC_EXPECTS_IN(who, !want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
                  ", expected >= the longest stream (", longest, " tokens)");
@@ -547,6 +541,87 @@ void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int
   });
   if (opt.lse) std::copy(lse.begin(), lse.end(), opt.lse);
   if (want_probs) detail::finalize_probs<Arch>(hkv, G, [&](std::int32_t h) { return views[static_cast<std::size_t>(h)].length(); }, raw_base, raw_stride, lse, opt);
+}
+
+}  // namespace qdetail
+
+/// Decode attention for one sequence and one layer of a quant_cache.
+/// \param q    [num_q_heads][head_dim] queries (RoPE applied; pre-RoPE caches rotate the keys)
+/// \param out  [num_q_heads][head_dim]
+template <class Arch = default_arch, class KQ, class VQ, class Fp>
+void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int32_t layer, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {},
+                      const quant_attention_options& qopt = {}) {
+  using Cache = quant_cache<KQ, VQ, Fp>;
+  const std::int32_t hkv = cache.config().num_kv_heads, D = cache.config().head_dim;
+  // Checked here, not by cache.view(), so that the message names this call and its argument.
+  constexpr const char* who = "kvc::cpu::decode_attention";
+  KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
+                 cache.num_sequences(), " live sequence ids (from add_sequence/fork, not removed)");
+  KVC_EXPECTS_IN(who, layer >= 0 && layer < cache.config().num_layers, "layer = ", layer, ", expected 0..",
+                 cache.config().num_layers - 1);
+  qdetail::check_queries(q, out, num_q_heads, hkv, D);
+  std::vector<typename Cache::stream_view> views;
+  views.reserve(static_cast<std::size_t>(hkv));
+  std::int64_t total = 0;
+  for (std::int32_t h = 0; h < hkv; ++h) {
+    views.push_back(cache.view(seq, layer, h));
+    total += views.back().length();
+  }
+  // An empty head (all its tokens evicted) attends to nothing and gives zeros; a layer with no
+  // token in any head means this step's K/V were never appended: an error, not zeros.
+  KVC_EXPECTS_IN(who, total > 0, "seq = ", seq, ", layer = ", layer,
+                 " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
+                 "step's K/V to the layer before attending)");
+  qdetail::decode_stream_views<Arch>(cache, views, q, num_q_heads, out, opt, qopt);
+}
+
+namespace qdetail {
+template <class S, quant::role R, class = void>
+struct is_decoded_stream : std::false_type {};
+template <class S, quant::role R>
+struct is_decoded_stream<S, R, std::void_t<typename S::cache_type>>
+    : std::is_same<S, typename S::cache_type::template decoded_stream<R>> {};
+}  // namespace qdetail
+
+/// Decode attention over a quant_cache layer read through its encoding's accessor
+/// (quant_cache::layer, kvc/view/decoding_accessor.hpp): the kernel specialises on the accessor
+/// and reads the codes directly, as decode_attention(cache, seq, layer, ...) does, instead of
+/// decoding rows. Every K and V view must be of the same stream of one cache.
+template <class Arch = default_arch, class SK, class SV,
+          std::enable_if_t<qdetail::is_decoded_stream<SK, quant::role::key>::value &&
+                               qdetail::is_decoded_stream<SV, quant::role::value>::value,
+                           int> = 0>
+void decode_attention(const stream_heads<kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<SK>>,
+                                         kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<SV>>>& heads,
+                      const float* q, std::int32_t num_q_heads, float* out, const decode_options& opt = {},
+                      const quant_attention_options& qopt = {}) {
+  using Cache = typename SK::cache_type;
+  constexpr const char* who = "kvc::cpu::decode_attention";
+  const std::int32_t hkv = heads.num_kv_heads();
+  KVC_EXPECTS_IN(who, hkv > 0, "num_kv_heads = ", hkv, ", expected > 0");
+  const Cache* cache = heads.keys(0).data_handle().cache;
+  KVC_EXPECTS_IN(who, cache != nullptr, "heads.keys(0) is a default-constructed view, expected quant_cache::layer's");
+  const std::int32_t D = cache->config().head_dim;
+  KVC_EXPECTS_IN(who, heads.head_dim() == D, "head_dim = ", heads.head_dim(), ", expected the cache's ", D);
+  qdetail::check_queries(q, out, num_q_heads, hkv, D);
+  std::vector<typename Cache::stream_view> views;
+  views.reserve(static_cast<std::size_t>(hkv));
+  std::int64_t total = 0;
+  for (std::int32_t h = 0; h < hkv; ++h) {
+    const auto& k = heads.keys(h).data_handle();
+    const auto& v = heads.values(h).data_handle();
+    KVC_EXPECTS_IN(who, k.cache == cache && v.cache == cache, "head ", h, " reads another cache than head 0, expected ",
+                   "one quant_cache for the layer");
+    KVC_EXPECTS_IN(who, k.sv.pages == v.sv.pages && k.sv.length() == v.sv.length() && k.sv.positions == v.sv.positions,
+                   "head ", h, ": keys and values are views of different streams, expected one stream per head");
+    views.push_back(k.sv);
+    total += k.sv.length();
+  }
+  KVC_EXPECTS_IN(who, total > 0, "every one of the ", hkv,
+                 " kv heads holds 0 tokens, expected at least one token to attend to (append this step's K/V "
+                 "before attending)");
+  qdetail::decode_stream_views<Arch>(*cache, views, q, num_q_heads, out, opt, qopt);
 }
 
 KVC_END_ISA_NAMESPACE

@@ -51,6 +51,10 @@
 #include <kvc/store/page_pool.hpp>
 #include <kvc/store/sequence_table.hpp>
 #include <kvc/types.hpp>
+#include <kvc/view/decoding_accessor.hpp>
+#include <kvc/view/heads.hpp>
+#include <kvc/view/kv_view.hpp>
+#include <kvc/view/layout_dense.hpp>
 
 KVC_BEGIN_NAMESPACE
 
@@ -98,6 +102,30 @@ class quant_cache {
   using value_codec = VQ;
   using residual_type = Fp;
   using stream_view = quant_stream_view<Fp>;
+
+  /// The source of a decoded view (kvc/view/decoding_accessor.hpp): row t of one stream's K or V,
+  /// decoded as decode_token does (keys rotated to their positions when stored pre-RoPE).
+  template <quant::role R>
+  struct decoded_stream {
+    using cache_type = quant_cache;  ///< what kernels that read the codes directly dispatch on
+    const quant_cache* cache = nullptr;
+    stream_view sv{};
+    void decode_row(std::int64_t t, float* out) const {
+      cache->template decode_token<R>(sv, static_cast<std::int32_t>(t), out);
+    }
+  };
+  /// One stream's K (V) as a kv_view of decoded floats, [length][1][head_dim]: the encoding is the
+  /// accessor, so the reference, the CPU kernel over views and any reader of views read it as
+  /// they read a kv_cache's pages. Valid until the stream changes.
+  using key_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::key>>>;
+  using value_view_type =
+      kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::value>>>;
+  using layer_view = stream_heads<key_view_type, value_view_type>;
+  /// Where layer() puts its views.
+  struct layer_buffer {
+    std::vector<key_view_type> k;
+    std::vector<value_view_type> v;
+  };
 
   explicit quant_cache(const quant_cache_config& cfg, KQ kq = KQ{}, VQ vq = VQ{})
       : cfg_(validated(cfg, kq, vq)), kq_(kq), vq_(vq) {
@@ -452,6 +480,31 @@ class quant_cache {
     return make_view(seqs_.get(s, layer, head, "view"));
   }
 
+  /// K (V) of one stream through its encoding's accessor (key_view_type).
+  key_view_type keys(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return decoded<key_view_type>(make_view(seqs_.get(s, layer, head, "keys")));
+  }
+  value_view_type values(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return decoded<value_view_type>(make_view(seqs_.get(s, layer, head, "values")));
+  }
+  /// All heads of one layer as decoded views, in the shape kv_cache::layer gives (reference and
+  /// generic kernels take either). The result points into `buf`, which must outlive it.
+  layer_view layer(seq_id s, std::int32_t layer, layer_buffer& buf) const {
+    const sequence& sq = seqs_.find(s, "layer");
+    seqs_.check_layer(layer, "layer");
+    const std::int32_t H = cfg_.num_kv_heads;
+    buf.k.clear();
+    buf.v.clear();
+    buf.k.reserve(static_cast<std::size_t>(H));
+    buf.v.reserve(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      const stream_view sv = make_view(seqs_.at(sq, layer, h));
+      buf.k.push_back(decoded<key_view_type>(sv));
+      buf.v.push_back(decoded<value_view_type>(sv));
+    }
+    return {buf.k.data(), buf.v.data(), H, cfg_.head_dim};
+  }
+
   /// Copies one stream's keys and values (either may be null), dequantized to float,
   /// [length][head_dim]. Keys are returned rotated to their positions when stored pre-RoPE.
   void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out = nullptr) const {
@@ -566,6 +619,13 @@ class quant_cache {
   }
 
   std::int32_t pages_for(std::int32_t tokens) const noexcept { return (tokens + cfg_.page_size - 1) / cfg_.page_size; }
+
+  template <class View>
+  View decoded(const stream_view& sv) const noexcept {
+    using A = typename View::accessor_type;
+    return View(typename A::data_handle_type{this, sv},
+                typename View::mapping_type(kv_dextents<>(sv.length(), 1, cfg_.head_dim)), A(cfg_.head_dim));
+  }
 
   stream_view make_view(const qstream& st) const noexcept {
     stream_view v;
