@@ -228,6 +228,23 @@ double mixed_vs_reference(int hq, int hkv, int D, int n, std::uint32_t seed, kvc
       for (int g = 0; g < G; ++g) sum += probs[std::size_t(h * G + g) * n + t];
       REQUIRE(std::fabs(sum - gprobs[std::size_t(h) * n + t]) < 1e-5);
     }
+  // The encodings as accessors: the views of both precisions read what gather() gives, element by
+  // element, and the double reference over them is the dense reference.
+  mixed::layer_buffer buf;
+  const auto views = c.layer(s, 1, buf);
+  for (int h = 0; h < hkv; ++h) {
+    REQUIRE(views.keys(h).tokens() == n);
+    int bad = 0;
+    for (int t = 0; t < n; ++t)
+      for (int d = 0; d < D; ++d)
+        bad += views.keys(h)(t, 0, d) != K[h][std::size_t(t) * D + d] || views.values(h)(t, 0, d) != V[h][std::size_t(t) * D + d];
+    CHECK(bad == 0);
+  }
+  if (n <= 40) {  // the reference decodes a row per element read
+    std::vector<float> via_views(q.size());
+    kvc::reference::decode_attention(views, q.data(), hq, via_views.data());
+    CHECK(qtest::rel_err(via_views.data(), ref.data(), ref.size()) < 1e-6);
+  }
   // the same without optional outputs
   std::vector<float> out2(q.size());
   kvc::decode_options o2;

@@ -44,6 +44,10 @@
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/quant_cache.hpp>
 #include <kvc/store/sequence_table.hpp>
+#include <kvc/view/decoding_accessor.hpp>
+#include <kvc/view/heads.hpp>
+#include <kvc/view/kv_view.hpp>
+#include <kvc/view/layout_dense.hpp>
 
 KVC_BEGIN_NAMESPACE
 
@@ -66,6 +70,34 @@ class mixed_precision_cache {
   using low_cache_type = quant_cache<LQ, LQ, Fp>;
   using high_codec = HQ;
   using low_codec = LQ;
+
+  /// The source of a decoded view (kvc/view/decoding_accessor.hpp): token t of one stream, decoded
+  /// from the store that holds it. rows[t] is its index in the high store, or -1 - its index in
+  /// the low store (a table layer() builds in its buffer: a prefix count per token otherwise).
+  template <quant::role R>
+  struct decoded_stream {
+    const high_cache_type* high = nullptr;
+    const low_cache_type* low = nullptr;
+    typename high_cache_type::stream_view hv{};
+    typename low_cache_type::stream_view lv{};
+    const std::int32_t* rows = nullptr;
+    void decode_row(std::int64_t t, float* out) const {
+      const std::int32_t r = rows[t];
+      if (r >= 0) high->template decode_token<R>(hv, r, out);
+      else low->template decode_token<R>(lv, -1 - r, out);
+    }
+  };
+  /// One stream's K (V) as a kv_view of decoded floats in logical order, [length][1][head_dim].
+  using key_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::key>>>;
+  using value_view_type =
+      kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::value>>>;
+  using layer_view = stream_heads<key_view_type, value_view_type>;
+  /// Where layer() puts its views and their row tables.
+  struct layer_buffer {
+    std::vector<key_view_type> k;
+    std::vector<value_view_type> v;
+    std::vector<std::vector<std::int32_t>> rows;
+  };
 
   /// \param cfg            shape, page size, high pool capacity (max_pages), sinks, pre-RoPE
   /// \param low_max_pages  capacity of the low pool in pages (0: cfg.max_pages)
@@ -360,6 +392,35 @@ class mixed_precision_cache {
     const auto r = high_.regions(s, layer, head);
     const std::int32_t nl = static_cast<std::int32_t>(ms.low_idx.size()) - (r.sink + r.quantized + r.residual);
     return {r.sink, r.quantized, nl, r.residual};
+  }
+
+  /// All heads of one layer as decoded views (the encodings as accessors: the reference and any
+  /// reader of views read both precisions through them). The result points into `buf`, which must
+  /// outlive it and the stream's next change.
+  layer_view layer(seq_id s, std::int32_t layer, layer_buffer& buf) const {
+    const sequence& sq = seqs_.find(s, "layer");
+    seqs_.check_layer(layer, "layer");
+    const std::int32_t H = config().num_kv_heads, D = config().head_dim;
+    buf.k.clear();
+    buf.v.clear();
+    buf.k.reserve(static_cast<std::size_t>(H));
+    buf.v.reserve(static_cast<std::size_t>(H));
+    buf.rows.resize(static_cast<std::size_t>(H));  // sized first: the views point into these
+    for (std::int32_t h = 0; h < H; ++h) {
+      const mstream& ms = seqs_.at(sq, layer, h);
+      auto& rows = buf.rows[static_cast<std::size_t>(h)];
+      rows.resize(ms.low_idx.size());
+      std::int32_t hi = 0;
+      for (std::size_t t = 0; t < rows.size(); ++t) rows[t] = ms.low_idx[t] >= 0 ? -1 - ms.low_idx[t] : hi++;
+      const auto hv = high_.view(s, layer, h);
+      const auto lv = low_.view(sq.low, low_layer(layer, h), 0);
+      const typename key_view_type::mapping_type m(kv_dextents<>(static_cast<std::int32_t>(rows.size()), 1, D));
+      buf.k.emplace_back(decoded_stream<quant::role::key>{&high_, &low_, hv, lv, rows.data()}, m,
+                         decoding_accessor<decoded_stream<quant::role::key>>(D));
+      buf.v.emplace_back(decoded_stream<quant::role::value>{&high_, &low_, hv, lv, rows.data()}, m,
+                         decoding_accessor<decoded_stream<quant::role::value>>(D));
+    }
+    return {buf.k.data(), buf.v.data(), H, D};
   }
 
   /// Dequantized keys and values of one stream, logical order, [length][head_dim] (either may be null).
