@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include <kvc/attention/reference.hpp>
 #include <kvc/lowrank/pca.hpp>
 #include <kvc/lowrank/projected_attention.hpp>
 #include <kvc/lowrank/projected_cache.hpp>
@@ -258,6 +259,8 @@ void check_general(const general_params& p) {
   kvc::cpu::projected_decode_attention(cache, seq, 0, q.data(), Hq, out2.data(), opt2);
 
   const std::int32_t hw = (rk + rv + 1) / 2;
+  typename projected_cache<T>::layer_buffer buf;
+  const auto views = cache.layer(seq, 0, buf);  // the projection as an accessor
   for (std::int32_t h = 0; h < H; ++h) {
     const std::int32_t len = cache.length(seq, 0, h);
     REQUIRE(len == (h == 1 ? static_cast<std::int32_t>(kept1.size()) : n));
@@ -277,6 +280,20 @@ void check_general(const general_params& p) {
       const std::int32_t at = pos[static_cast<std::size_t>(h == 1 ? kept1[static_cast<std::size_t>(t)] : t)];
       if (p.pre_rope) rope_double(K.data() + static_cast<std::size_t>(t) * D, rot, 500.0, p.interleaved, at);
     }
+    // The decoded views' rows are those rebuilt (and rotated) here, to float rounding.
+    REQUIRE(views.keys(h).tokens() == len);
+    REQUIRE(views.values(h).tokens() == len);
+    std::vector<float> row(static_cast<std::size_t>(D));
+    double worst = 0;
+    for (std::int32_t t = 0; t < len; ++t)
+      for (int which = 0; which < 2; ++which) {
+        const std::size_t at = static_cast<std::size_t>(t) * D;
+        if (which == 0) views.keys(h).accessor().decode_row(views.keys(h).data_handle(), at, row.data());
+        else views.values(h).accessor().decode_row(views.values(h).data_handle(), at, row.data());
+        const auto& X = which == 0 ? K : V;
+        for (std::int32_t d = 0; d < D; ++d) worst = std::max(worst, std::abs(row[d] - X[at + d]) / (1 + std::abs(X[at + d])));
+      }
+    CHECK(worst < 1e-4);
     // The stored value coefficients are the projections of the appended values (within T's rounding).
     const double tol_c = std::is_same<T, float>::value ? 1e-4 : 2e-3;
     const basis& bv = cache.value_basis(0, h);
@@ -433,6 +450,46 @@ TEST_CASE("lowrank: projected decode attention equals dense double attention ove
   // Pages smaller and larger than the 16-token tile.
   check_against_reference<kvc::half>({64, 16, 1000, 4, true, true, nullptr, true, false, 4});
   check_against_reference<float>({128, 32, 1000, 1, false, false, nullptr, true, false, 64});
+}
+
+TEST_CASE("lowrank: the double reference reads the projected store through its views", "[lowrank]") {
+  // kvc::reference over the decoded views (every element rebuilt from its coefficients) against
+  // the projected kernel, which attends in the coefficients' space: two readers, one answer.
+  for (bool pre_rope : {false, true}) {
+    const std::int32_t H = 2, D = 64, n = 40, G = 2;
+    const auto calib_k = rows(256, H, D, 5), calib_v = rows(256, H, D, 6);
+    projected_config cfg;
+    cfg.num_kv_heads = H;
+    cfg.head_dim = D;
+    cfg.rank = 16;
+    cfg.value_rank = 24;
+    cfg.pre_rope = pre_rope;
+    cfg.rope.head_dim = D;
+    projected_cache<float> cache(cfg);
+    for (std::int32_t h = 0; h < H; ++h)
+      cache.set_basis(0, h, fit_basis(calib_k.data() + h * D, 256, D, H * D, rank_spec::of_count(16), true),
+                      fit_basis(calib_v.data() + h * D, 256, D, H * D, rank_spec::of_count(24), true));
+    const auto seq = cache.add_sequence();
+    const auto k = rows(n, H, D, 7), v = rows(n, H, D, 8), q = rows(1, H * G, D, 9);
+    cache.append(seq, 0, k.data(), v.data(), n);
+    const std::int32_t kept[] = {0, 3, 4, 9, 20, 39};
+    cache.keep(seq, 0, 1, kept, 6);
+    projected_cache<float>::layer_buffer buf;
+    std::vector<float> ref(q.size()), out(q.size());
+    kvc::reference::decode_attention(cache.layer(seq, 0, buf), q.data(), H * G, ref.data());
+    kvc::cpu::projected_decode_attention(cache, seq, 0, q.data(), H * G, out.data());
+    double worst = 0;
+    for (std::size_t i = 0; i < out.size(); ++i) worst = std::max(worst, double(std::abs(out[i] - ref[i])));
+    INFO("pre_rope " << pre_rope);
+    CHECK(worst < 1e-4);
+  }
+  projected_config cfg;
+  cfg.head_dim = 8;
+  cfg.rank = 2;
+  projected_cache<float> cache(cfg);
+  projected_cache<float>::layer_buffer buf;
+  REQUIRE_THROWS_WITH(cache.layer(cache.add_sequence(), 0, buf),
+                      Catch::Contains("kvc::lowrank::projected_cache::layer: layer 0 head 0 has no basis"));
 }
 
 TEST_CASE("lowrank: full rank reproduces exact attention on the original K/V", "[lowrank]") {

@@ -45,6 +45,10 @@
 #include <kvc/error.hpp>
 #include <kvc/lowrank/pca.hpp>
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/view/decoding_accessor.hpp>
+#include <kvc/view/heads.hpp>
+#include <kvc/view/kv_view.hpp>
+#include <kvc/view/layout_dense.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace lowrank {
@@ -71,6 +75,26 @@ class projected_cache {
  public:
   using value_type = T;
   using coefficient_cache = kv_cache<T>;
+
+  /// The source of a decoded view (kvc/view/decoding_accessor.hpp): token t of one stream rebuilt
+  /// in the model's D dimensions, U c + μ (keys rotated to their position with pre_rope), from its
+  /// coefficient row. Values: false for keys, true for values.
+  template <bool Values>
+  struct decoded_stream {
+    const projected_cache* cache = nullptr;
+    typename coefficient_cache::view_type kr{}, vr{};  ///< the inner K rows and V rows: z = [kr | vr]
+    const basis* b = nullptr;
+    const std::int32_t* positions = nullptr;
+    void decode_row(std::int64_t t, float* out) const { cache->reconstruct_row(*this, static_cast<std::int32_t>(t), out); }
+  };
+  using key_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<false>>>;
+  using value_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<true>>>;
+  using layer_view = stream_heads<key_view_type, value_view_type>;
+  /// Where layer() puts its views.
+  struct layer_buffer {
+    std::vector<key_view_type> k;
+    std::vector<value_view_type> v;
+  };
 
   explicit projected_cache(const projected_config& c)
       : cfg_(validated(c)), coef_(inner_config(cfg_)), bases_(static_cast<std::size_t>(c.num_layers) * c.num_kv_heads) {
@@ -278,6 +302,43 @@ class projected_cache {
     coef_.keep_layer(s, layer, kept);
   }
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const { return coef_.length(s, layer, head); }
+
+  /// All heads of one layer as views of the rebuilt keys and values (the projection as an
+  /// accessor): the double reference and any reader of views read the low-rank store as they read
+  /// plain pages; an element read rebuilds its row (O(D r)). The fast path stays
+  /// cpu::projected_decode_attention, which attends in the coefficients' space. The result points
+  /// into `buf`, which must outlive it.
+  layer_view layer(seq_id s, std::int32_t layer, layer_buffer& buf) const {
+    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
+    buf.k.clear();
+    buf.v.clear();
+    buf.k.reserve(static_cast<std::size_t>(H));
+    buf.v.reserve(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      const entry& e = get(layer, h, "layer");
+      const auto kr = coef_.keys(s, layer, h), vr = coef_.values(s, layer, h);
+      const std::int32_t* pos = coef_.positions(s, layer, h);
+      const typename key_view_type::mapping_type m(kv_dextents<>(coef_.length(s, layer, h), 1, D));
+      buf.k.emplace_back(decoded_stream<false>{this, kr, vr, &e.k, pos}, m, decoding_accessor<decoded_stream<false>>(D));
+      buf.v.emplace_back(decoded_stream<true>{this, kr, vr, &e.v, pos}, m, decoding_accessor<decoded_stream<true>>(D));
+    }
+    return {buf.k.data(), buf.v.data(), H, D};
+  }
+
+  /// Row t of a decoded view: its coefficients c (c_k = z[0, r_k), c_v = z[r_k, r_k + r_v)), then
+  /// out = Σ_j c_j u_j + μ, rotated to the token's position for pre-RoPE keys.
+  template <bool Values>
+  void reconstruct_row(const decoded_stream<Values>& src, std::int32_t t, float* out) const {
+    const std::int32_t D = cfg_.head_dim, hw = row_width() / 2, r = src.b->rank, j0 = Values ? key_rank() : 0;
+    for (std::int32_t d = 0; d < D; ++d) out[d] = src.b->mean.empty() ? 0.0f : src.b->mean[static_cast<std::size_t>(d)];
+    for (std::int32_t j = 0; j < r; ++j) {
+      const std::int32_t i = j0 + j;
+      const float c = static_cast<float>(i < hw ? src.kr(t, 0, i) : src.vr(t, 0, i - hw));
+      const float* u = src.b->direction(j);
+      for (std::int32_t d = 0; d < D; ++d) out[d] += c * u[d];
+    }
+    if (!Values && rope_) rope_->apply(out, src.positions[t]);
+  }
   /// Pool bytes of the coefficient pages (the bases are metadata_bytes()).
   std::size_t bytes_in_use() const noexcept { return coef_.bytes_in_use(); }
   std::size_t bytes_in_use(std::int32_t layer) const { return coef_.bytes_in_use(layer); }
