@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include <kvc/attention/reference.hpp>
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/merge/merged_attention.hpp>
 #include <kvc/merge/merged_cache.hpp>
@@ -267,6 +268,11 @@ void identical_trials(std::uint64_t salt) {
     kvc::decode_options o;
     o.lse = la.data();
     kvc::cpu::merged_decode_attention(c, s, 0, q.data(), H * G, a.data(), o);
+    // The store read through its views and log-weights (merged_cache::layer), by the double
+    // reference, before and after the merge.
+    typename merged_cache<T>::layer_buffer buf;
+    std::vector<float> ra(q.size()), rb(q.size());
+    kvc::reference::decode_attention(c.layer(s, 0, buf), q.data(), H * G, ra.data());
     // The direct check of the kernel: with one copy's log-weight raised to log k by hand in the
     // reference and the other copies absent, the dense output equals the unmerged one.
     const stream_copy full = copy_stream(c, s, 0, 0);
@@ -300,8 +306,13 @@ void identical_trials(std::uint64_t salt) {
     }
     o.lse = lb.data();
     kvc::cpu::merged_decode_attention(c, s, 0, q.data(), H * G, b.data(), o);
+    kvc::reference::decode_attention(c.layer(s, 0, buf), q.data(), H * G, rb.data());
     double vmax = 1;
     for (float x : full.v) vmax = std::max(vmax, std::fabs(double{x}));
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      KVC_REQUIRE(std::fabs(ra[i] - a[i]) <= 4e-6 * vmax, "reference before the merge, out " << i);
+      KVC_REQUIRE(std::fabs(rb[i] - ra[i]) <= 4e-6 * vmax, "reference after the merge, out " << i);
+    }
     for (std::size_t i = 0; i < a.size(); ++i)
       KVC_REQUIRE(std::fabs(a[i] - b[i]) <= 4e-6 * vmax, "out " << i << ": " << a[i] << " vs " << b[i]);
     for (std::size_t i = 0; i < la.size(); ++i) KVC_REQUIRE(std::fabs(la[i] - lb[i]) <= 4e-6f * (1 + std::fabs(la[i])), i);
@@ -346,6 +357,9 @@ TEST_CASE("merging k identical tokens leaves attention unchanged", "[merge]") {
   identical_trials<float>(9300);
   identical_trials<kvc::half>(9400);
 }
+
+static_assert(kvc::has_log_weights_v<merged_cache<float>::layer_view>, "a merged layer carries its log-weights");
+static_assert(!kvc::has_log_weights_v<kvc::kv_cache<float>::layer_view>, "a plain layer carries none");
 
 TEST_CASE("merging near-identical tokens changes attention within the derived bound", "[merge]") {
   // A group of m tokens k_i = k0 + e_i, v_i = v0 + f_i merged with weights 1 (all log-weights 0)

@@ -11,11 +11,13 @@
 
 #include <kvc/attention/options.hpp>
 #include <kvc/error.hpp>
+#include <kvc/view/heads.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace reference {
 
-/// out[qh] = softmax(scale * K q[qh]) V over the kv head of qh's group.
+/// out[qh] = softmax(scale * K q[qh] + lw) V over the kv head of qh's group; lw is the heads'
+/// per-token log-weight when they carry one (kvc::weighted_stream_heads), else 0.
 /// \tparam Heads  anything with num_kv_heads(), head_dim(), keys(h), values(h), index(h)
 template <class Heads>
 void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_heads, float* out,
@@ -39,6 +41,7 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
         double acc = 0;
         for (std::int32_t d = 0; d < D; ++d) acc += static_cast<double>(qv[d]) * static_cast<float>(K(t, hi, d));
         s[static_cast<std::size_t>(t)] = acc * scale;
+        if constexpr (has_log_weights_v<Heads>) s[static_cast<std::size_t>(t)] += heads.log_weights(h)[t];
         mx = std::max(mx, s[static_cast<std::size_t>(t)]);
       }
       double sum = 0;

@@ -27,6 +27,7 @@
 #include <kvc/parallel/thread_pool.hpp>
 #include <kvc/view/accessor.hpp>
 #include <kvc/view/decoding_accessor.hpp>
+#include <kvc/view/heads.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
@@ -366,6 +367,9 @@ void tile_probs(float* raw, std::size_t raw_stride, std::int32_t n, float* tm, c
 template <class Heads>
 std::int32_t check_heads(const Heads& heads, const float* q, std::int32_t num_q_heads, const char* who,
                          const std::string& prefix) {
+  static_assert(!has_log_weights_v<Heads>,
+                "kvc::cpu::decode_attention: these heads carry per-token log-weights (a merged cache's layer); "
+                "this kernel would ignore them: call kvc::cpu::merged_decode_attention(cache, seq, layer, ...)");
   const std::int32_t hkv = heads.num_kv_heads(), D = heads.head_dim();
   KVC_EXPECTS_IN(who, hkv > 0, prefix, "num_kv_heads = ", hkv, ", expected > 0");
   KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, prefix, "num_q_heads = ", num_q_heads,

@@ -232,6 +232,9 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
                 "kvc::cuda::decode_attention: these views live in host memory; use kvc::cpu::decode_attention "
                 "(or wrap device pointers in kvc::device_accessor)");
   static_assert(std::is_same<KView, VView>::value, "kvc::cuda::decode_attention: K and V views must have one type");
+  static_assert(!has_log_weights_v<Heads>,
+                "kvc::cuda::decode_attention: these heads carry per-token log-weights (a merged cache's layer); "
+                "this kernel would ignore them");
   using T = std::remove_cv_t<typename KView::element_type>;
   static_assert(detail::is_device_float_v<T> && is_plain_accessor_v<typename KView::accessor_type>,
                 "kvc::cuda::decode_attention: device views must hold float, kvc::half or kvc::bfloat16 read plainly; "

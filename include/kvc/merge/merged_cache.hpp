@@ -68,6 +68,13 @@ class merged_cache {
  public:
   using value_type = T;
   using inner_cache = kv_cache<T>;
+  /// One layer as its pages' views plus every token's log-weight (layer()).
+  using layer_view = weighted_stream_heads<typename inner_cache::view_type>;
+  /// Where layer() puts its views and weight pointers.
+  struct layer_buffer {
+    std::vector<typename inner_cache::view_type> views;
+    std::vector<const float*> weights;
+  };
 
   explicit merged_cache(const cache_config& c) : kv_(c) {}
 
@@ -375,6 +382,20 @@ class merged_cache {
       detail::fail(detail::concat("kvc::merge::merged_cache::log_weights: head = ", head, ", expected 0..",
                                   config().num_kv_heads - 1));
     return lw[index(layer, head)];
+  }
+
+  /// All heads of one layer: the pages' plain views with each token's log-weight beside them, what
+  /// kvc::reference::decode_attention reads (s_t = scale q·k_t + lw_t); the plain CPU and CUDA
+  /// kernels refuse these heads at compile time (cpu::merged_decode_attention is the kernel). The
+  /// result points into `buf`, which must outlive it and the stream's next change.
+  layer_view layer(seq_id s, std::int32_t layer, layer_buffer& buf) const {
+    const auto& lw = lw_.find(s, "layer");
+    lw_.check_layer(layer, "layer");
+    const std::int32_t H = config().num_kv_heads;
+    const auto heads = kv_.layer(s, layer, buf.views);
+    buf.weights.resize(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) buf.weights[static_cast<std::size_t>(h)] = lw[index(layer, h)].data();
+    return {heads, buf.weights.data()};
   }
 
   /// Pool bytes of the K/V pages.

@@ -9,6 +9,8 @@
 ///  - `same_heads`: one multi-head view for all heads (an engine's dense or block cache).
 
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include <kvc/config.hpp>
 
@@ -48,5 +50,26 @@ template <class KView, class VView>
 same_heads<KView, VView> make_same_heads(const KView& k, const VView& v) {
   return {k, v};
 }
+
+/// stream_heads whose tokens carry a log-weight each, added to the token's logit: a merged token
+/// standing for m tokens has log m, so it gets their softmax mass (kvc/merge/merged_cache.hpp).
+/// Readers that honour it: kvc::reference::decode_attention and the merged kernels; the plain
+/// kernels refuse such heads at compile time instead of ignoring the weights.
+template <class KView, class VView = KView>
+struct weighted_stream_heads : stream_heads<KView, VView> {
+  const float* const* lw;  ///< [num_heads] -> [tokens of that head]
+  const float* log_weights(std::int32_t h) const noexcept { return lw[h]; }
+};
+
+namespace detail {
+template <class H, class = void>
+struct has_log_weights : std::false_type {};
+template <class H>
+struct has_log_weights<H, std::void_t<decltype(std::declval<const H&>().log_weights(0))>> : std::true_type {};
+}  // namespace detail
+
+/// True for heads whose tokens carry log-weights (weighted_stream_heads).
+template <class Heads>
+inline constexpr bool has_log_weights_v = detail::has_log_weights<Heads>::value;
 
 KVC_END_NAMESPACE
