@@ -307,6 +307,9 @@ void identical_trials(std::uint64_t salt) {
     o.lse = lb.data();
     kvc::cpu::merged_decode_attention(c, s, 0, q.data(), H * G, b.data(), o);
     kvc::reference::decode_attention(c.layer(s, 0, buf), q.data(), H * G, rb.data());
+    std::vector<float> via_layer(q.size());  // the heads name their store: the merged kernel runs
+    kvc::cpu::decode_attention(c.layer(s, 0, buf), q.data(), H * G, via_layer.data());
+    KVC_REQUIRE(via_layer == b, "decode_attention(merged layer) differs from merged_decode_attention");
     double vmax = 1;
     for (float x : full.v) vmax = std::max(vmax, std::fabs(double{x}));
     for (std::size_t i = 0; i < a.size(); ++i) {

@@ -21,6 +21,7 @@
 #include <kvc/cpu/quant_attention.hpp>
 #include <kvc/error.hpp>
 #include <kvc/quant/mixed_precision.hpp>
+#include <kvc/view/heads.hpp>
 
 KVC_BEGIN_NAMESPACE
 
@@ -131,6 +132,14 @@ void decode_attention(const mixed_precision_cache<HQ, LQ, Fp>& cache, seq_id seq
     }
   }
   if (opt.lse) std::copy(lse_h.begin(), lse_h.end(), opt.lse);
+}
+
+/// Decode attention over a mixed_precision_cache layer read through its views
+/// (mixed_precision_cache::layer): the mixed kernel above, on the store the views name.
+template <class Arch = default_arch, class HQ, class LQ, class Fp, class Heads>
+void decode_attention(const store_layer<mixed_precision_cache<HQ, LQ, Fp>, Heads>& heads, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
+  decode_attention<Arch>(*heads.store, heads.seq, heads.layer, q, num_q_heads, out, opt);
 }
 
 KVC_END_ISA_NAMESPACE

@@ -35,10 +35,7 @@
 #include <kvc/error.hpp>
 #include <kvc/parallel/thread_pool.hpp>
 #include <kvc/quant/quant_cache.hpp>
-#include <kvc/view/decoding_accessor.hpp>
 #include <kvc/view/heads.hpp>
-#include <kvc/view/kv_view.hpp>
-#include <kvc/view/layout_dense.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
@@ -576,52 +573,14 @@ void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int
   qdetail::decode_stream_views<Arch>(cache, views, q, num_q_heads, out, opt, qopt);
 }
 
-namespace qdetail {
-template <class S, quant::role R, class = void>
-struct is_decoded_stream : std::false_type {};
-template <class S, quant::role R>
-struct is_decoded_stream<S, R, std::void_t<typename S::cache_type>>
-    : std::is_same<S, typename S::cache_type::template decoded_stream<R>> {};
-}  // namespace qdetail
-
-/// Decode attention over a quant_cache layer read through its encoding's accessor
-/// (quant_cache::layer, kvc/view/decoding_accessor.hpp): the kernel specialises on the accessor
-/// and reads the codes directly, as decode_attention(cache, seq, layer, ...) does, instead of
-/// decoding rows. Every K and V view must be of the same stream of one cache.
-template <class Arch = default_arch, class SK, class SV,
-          std::enable_if_t<qdetail::is_decoded_stream<SK, quant::role::key>::value &&
-                               qdetail::is_decoded_stream<SV, quant::role::value>::value,
-                           int> = 0>
-void decode_attention(const stream_heads<kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<SK>>,
-                                         kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<SV>>>& heads,
-                      const float* q, std::int32_t num_q_heads, float* out, const decode_options& opt = {},
+/// Decode attention over a quant_cache layer read through its views (quant_cache::layer, the
+/// encodings as accessors): the kernel specialises on the store the views come from and reads the
+/// codes directly, as decode_attention(cache, seq, layer, ...) does, instead of decoding rows.
+template <class Arch = default_arch, class KQ, class VQ, class Fp, class Heads>
+void decode_attention(const store_layer<quant_cache<KQ, VQ, Fp>, Heads>& heads, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {},
                       const quant_attention_options& qopt = {}) {
-  using Cache = typename SK::cache_type;
-  constexpr const char* who = "kvc::cpu::decode_attention";
-  const std::int32_t hkv = heads.num_kv_heads();
-  KVC_EXPECTS_IN(who, hkv > 0, "num_kv_heads = ", hkv, ", expected > 0");
-  const Cache* cache = heads.keys(0).data_handle().cache;
-  KVC_EXPECTS_IN(who, cache != nullptr, "heads.keys(0) is a default-constructed view, expected quant_cache::layer's");
-  const std::int32_t D = cache->config().head_dim;
-  KVC_EXPECTS_IN(who, heads.head_dim() == D, "head_dim = ", heads.head_dim(), ", expected the cache's ", D);
-  qdetail::check_queries(q, out, num_q_heads, hkv, D);
-  std::vector<typename Cache::stream_view> views;
-  views.reserve(static_cast<std::size_t>(hkv));
-  std::int64_t total = 0;
-  for (std::int32_t h = 0; h < hkv; ++h) {
-    const auto& k = heads.keys(h).data_handle();
-    const auto& v = heads.values(h).data_handle();
-    KVC_EXPECTS_IN(who, k.cache == cache && v.cache == cache, "head ", h, " reads another cache than head 0, expected ",
-                   "one quant_cache for the layer");
-    KVC_EXPECTS_IN(who, k.sv.pages == v.sv.pages && k.sv.length() == v.sv.length() && k.sv.positions == v.sv.positions,
-                   "head ", h, ": keys and values are views of different streams, expected one stream per head");
-    views.push_back(k.sv);
-    total += k.sv.length();
-  }
-  KVC_EXPECTS_IN(who, total > 0, "every one of the ", hkv,
-                 " kv heads holds 0 tokens, expected at least one token to attend to (append this step's K/V "
-                 "before attending)");
-  qdetail::decode_stream_views<Arch>(*cache, views, q, num_q_heads, out, opt, qopt);
+  decode_attention<Arch>(*heads.store, heads.seq, heads.layer, q, num_q_heads, out, opt, qopt);
 }
 
 KVC_END_ISA_NAMESPACE

@@ -51,6 +51,7 @@
 #include <kvc/error.hpp>
 #include <kvc/lowrank/projected_cache.hpp>
 #include <kvc/store/page_pool.hpp>
+#include <kvc/view/heads.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
@@ -488,6 +489,14 @@ void projected_decode_attention(const lowrank::projected_cache<T>& cache, seq_id
       opt.lse[h] += static_cast<float>(scale * qm);
     }
   }
+}
+
+/// Decode attention over a projected_cache layer read through its views (projected_cache::layer):
+/// projected_decode_attention on the store the views name, in coefficient space.
+template <class Arch = default_arch, class T, class Heads>
+void decode_attention(const store_layer<lowrank::projected_cache<T>, Heads>& heads, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
+  projected_decode_attention<Arch>(*heads.store, heads.seq, heads.layer, q, num_q_heads, out, opt);
 }
 
 KVC_END_ISA_NAMESPACE

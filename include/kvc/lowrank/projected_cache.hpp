@@ -89,7 +89,9 @@ class projected_cache {
   };
   using key_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<false>>>;
   using value_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<true>>>;
-  using layer_view = stream_heads<key_view_type, value_view_type>;
+  /// A layer's decoded views, naming this cache, the sequence and the layer (cpu::decode_attention
+  /// given them runs cpu::projected_decode_attention, which attends in coefficient space).
+  using layer_view = store_layer<projected_cache, stream_heads<key_view_type, value_view_type>>;
   /// Where layer() puts its views.
   struct layer_buffer {
     std::vector<key_view_type> k;
@@ -322,7 +324,7 @@ class projected_cache {
       buf.k.emplace_back(decoded_stream<false>{this, kr, vr, &e.k, pos}, m, decoding_accessor<decoded_stream<false>>(D));
       buf.v.emplace_back(decoded_stream<true>{this, kr, vr, &e.v, pos}, m, decoding_accessor<decoded_stream<true>>(D));
     }
-    return {buf.k.data(), buf.v.data(), H, D};
+    return {{buf.k.data(), buf.v.data(), H, D}, this, s, layer};
   }
 
   /// Row t of a decoded view: its coefficients c (c_k = z[0, r_k), c_v = z[r_k, r_k + r_v)), then

@@ -29,6 +29,7 @@
 #include <kvc/error.hpp>
 #include <kvc/merge/merged_cache.hpp>
 #include <kvc/parallel/thread_pool.hpp>
+#include <kvc/view/heads.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace cpu {
@@ -122,6 +123,14 @@ void merged_prefill_attention(const merge::merged_cache<T>& cache, seq_id seq, s
   constexpr const char* who = "kvc::cpu::merged_prefill_attention";
   KVC_EXPECTS_IN(who, q_positions != nullptr, "q_positions is null");
   merged_detail::attend<Arch>(cache, seq, layer, q, num_queries, q_positions, num_q_heads, out, opt, who);
+}
+
+/// Decode attention over a merged_cache layer (merged_cache::layer: views plus log-weights):
+/// merged_decode_attention on the store the heads name.
+template <class Arch = default_arch, class T, class Heads>
+void decode_attention(const store_layer<merge::merged_cache<T>, Heads>& heads, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
+  merged_decode_attention<Arch>(*heads.store, heads.seq, heads.layer, q, num_q_heads, out, opt);
 }
 
 KVC_END_ISA_NAMESPACE

@@ -69,7 +69,9 @@ class merged_cache {
   using value_type = T;
   using inner_cache = kv_cache<T>;
   /// One layer as its pages' views plus every token's log-weight (layer()).
-  using layer_view = weighted_stream_heads<typename inner_cache::view_type>;
+  /// Naming this cache, the sequence and the layer: cpu::decode_attention given it runs
+  /// cpu::merged_decode_attention.
+  using layer_view = store_layer<merged_cache, weighted_stream_heads<typename inner_cache::view_type>>;
   /// Where layer() puts its views and weight pointers.
   struct layer_buffer {
     std::vector<typename inner_cache::view_type> views;
@@ -395,7 +397,7 @@ class merged_cache {
     const auto heads = kv_.layer(s, layer, buf.views);
     buf.weights.resize(static_cast<std::size_t>(H));
     for (std::int32_t h = 0; h < H; ++h) buf.weights[static_cast<std::size_t>(h)] = lw[index(layer, h)].data();
-    return {heads, buf.weights.data()};
+    return {{heads, buf.weights.data()}, this, s, layer};
   }
 
   /// Pool bytes of the K/V pages.

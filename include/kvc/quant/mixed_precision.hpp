@@ -91,7 +91,9 @@ class mixed_precision_cache {
   using key_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::key>>>;
   using value_view_type =
       kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::value>>>;
-  using layer_view = stream_heads<key_view_type, value_view_type>;
+  /// A layer's decoded views, naming this cache, the sequence and the layer (cpu::decode_attention
+  /// given them runs the mixed kernel, which reads both stores' codes).
+  using layer_view = store_layer<mixed_precision_cache, stream_heads<key_view_type, value_view_type>>;
   /// Where layer() puts its views and their row tables.
   struct layer_buffer {
     std::vector<key_view_type> k;
@@ -420,7 +422,7 @@ class mixed_precision_cache {
       buf.v.emplace_back(decoded_stream<quant::role::value>{&high_, &low_, hv, lv, rows.data()}, m,
                          decoding_accessor<decoded_stream<quant::role::value>>(D));
     }
-    return {buf.k.data(), buf.v.data(), H, D};
+    return {{buf.k.data(), buf.v.data(), H, D}, this, s, layer};
   }
 
   /// Dequantized keys and values of one stream, logical order, [length][head_dim] (either may be null).

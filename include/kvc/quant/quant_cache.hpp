@@ -107,7 +107,6 @@ class quant_cache {
   /// decoded as decode_token does (keys rotated to their positions when stored pre-RoPE).
   template <quant::role R>
   struct decoded_stream {
-    using cache_type = quant_cache;  ///< what kernels that read the codes directly dispatch on
     const quant_cache* cache = nullptr;
     stream_view sv{};
     void decode_row(std::int64_t t, float* out) const {
@@ -120,7 +119,9 @@ class quant_cache {
   using key_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::key>>>;
   using value_view_type =
       kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::value>>>;
-  using layer_view = stream_heads<key_view_type, value_view_type>;
+  /// A layer's decoded views, naming this cache, the sequence and the layer: cpu::decode_attention
+  /// given them runs the quantized kernel, which reads the codes directly.
+  using layer_view = store_layer<quant_cache, stream_heads<key_view_type, value_view_type>>;
   /// Where layer() puts its views.
   struct layer_buffer {
     std::vector<key_view_type> k;
@@ -502,7 +503,7 @@ class quant_cache {
       buf.k.push_back(decoded<key_view_type>(sv));
       buf.v.push_back(decoded<value_view_type>(sv));
     }
-    return {buf.k.data(), buf.v.data(), H, cfg_.head_dim};
+    return {{buf.k.data(), buf.v.data(), H, cfg_.head_dim}, this, s, layer};
   }
 
   /// Copies one stream's keys and values (either may be null), dequantized to float,

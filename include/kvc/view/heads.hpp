@@ -61,6 +61,17 @@ struct weighted_stream_heads : stream_heads<KView, VView> {
   const float* log_weights(std::int32_t h) const noexcept { return lw[h]; }
 };
 
+/// Heads that name the store, sequence and layer they were read from (what a store's `layer()`
+/// returns). Readers of views read Base as usual; a kernel that reads the store's encoding
+/// directly overloads on store_layer<TheStore, ...> and calls its store entry point with them, so
+/// one call, decode_attention(store.layer(seq, layer, buf), q, ...), runs each store's own kernel.
+template <class Store, class Base>
+struct store_layer : Base {
+  const Store* store;
+  std::int32_t seq;
+  std::int32_t layer;
+};
+
 namespace detail {
 template <class H, class = void>
 struct has_log_weights : std::false_type {};
