@@ -127,7 +127,7 @@ struct int8_rows {
     for (std::int32_t d = 0; d < dim; ++d) out[d] = scales[r] * codes[r * dim + d];
   }
 };
-using int8_view = kvc::kv_view<const float, kvc::kv_dextents<>, kvc::layout_nhd, kvc::decoding_accessor<int8_rows>>;
+using int8_view = kvc::decoded_view<int8_rows>;
 
 /// Codecs the independent reader does not model (Hadamard rotation, GEAR's low-rank and sparse
 /// parts): the views against gather() (the codec's own decode, tested elsewhere against the
@@ -243,9 +243,9 @@ TEST_CASE("the CPU kernel reads any decoding accessor a row at a time", "[quant]
         }
       }
       for (int h = 0; h < sh.hkv; ++h) {
-        const auto m = int8_view::mapping_type(kvc::kv_dextents<>(heads[static_cast<std::size_t>(h)].n, 1, D));
-        kv.emplace_back(int8_rows{kc[h].data(), ks[h].data(), D}, m, kvc::decoding_accessor<int8_rows>(D));
-        vv.emplace_back(int8_rows{vc[h].data(), vs[h].data(), D}, m, kvc::decoding_accessor<int8_rows>(D));
+        const std::int32_t len = heads[static_cast<std::size_t>(h)].n;
+        kv.push_back(kvc::make_decoded_view(int8_rows{kc[h].data(), ks[h].data(), D}, len, D));
+        vv.push_back(kvc::make_decoded_view(int8_rows{vc[h].data(), vs[h].data(), D}, len, D));
       }
       const kvc::stream_heads<int8_view> layer{kv.data(), vv.data(), sh.hkv, D};
       const auto q = qtest::randn(static_cast<std::size_t>(sh.hq) * D, 40 + n, 3.0f);

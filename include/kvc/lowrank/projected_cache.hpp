@@ -47,8 +47,6 @@
 #include <kvc/store/kv_cache.hpp>
 #include <kvc/view/decoding_accessor.hpp>
 #include <kvc/view/heads.hpp>
-#include <kvc/view/kv_view.hpp>
-#include <kvc/view/layout_dense.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace lowrank {
@@ -87,16 +85,13 @@ class projected_cache {
     const std::int32_t* positions = nullptr;
     void decode_row(std::int64_t t, float* out) const { cache->reconstruct_row(*this, static_cast<std::int32_t>(t), out); }
   };
-  using key_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<false>>>;
-  using value_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<true>>>;
+  using key_view_type = decoded_view<decoded_stream<false>>;
+  using value_view_type = decoded_view<decoded_stream<true>>;
   /// A layer's decoded views, naming this cache, the sequence and the layer (cpu::decode_attention
   /// given them runs cpu::projected_decode_attention, which attends in coefficient space).
   using layer_view = store_layer<projected_cache, stream_heads<key_view_type, value_view_type>>;
   /// Where layer() puts its views.
-  struct layer_buffer {
-    std::vector<key_view_type> k;
-    std::vector<value_view_type> v;
-  };
+  using layer_buffer = decoded_layer_buffer<decoded_stream<false>, decoded_stream<true>>;
 
   explicit projected_cache(const projected_config& c)
       : cfg_(validated(c)), coef_(inner_config(cfg_)), bases_(static_cast<std::size_t>(c.num_layers) * c.num_kv_heads) {
@@ -320,9 +315,9 @@ class projected_cache {
       const entry& e = get(layer, h, "layer");
       const auto kr = coef_.keys(s, layer, h), vr = coef_.values(s, layer, h);
       const std::int32_t* pos = coef_.positions(s, layer, h);
-      const typename key_view_type::mapping_type m(kv_dextents<>(coef_.length(s, layer, h), 1, D));
-      buf.k.emplace_back(decoded_stream<false>{this, kr, vr, &e.k, pos}, m, decoding_accessor<decoded_stream<false>>(D));
-      buf.v.emplace_back(decoded_stream<true>{this, kr, vr, &e.v, pos}, m, decoding_accessor<decoded_stream<true>>(D));
+      const std::int32_t n = coef_.length(s, layer, h);
+      buf.k.push_back(make_decoded_view(decoded_stream<false>{this, kr, vr, &e.k, pos}, n, D));
+      buf.v.push_back(make_decoded_view(decoded_stream<true>{this, kr, vr, &e.v, pos}, n, D));
     }
     return {{buf.k.data(), buf.v.data(), H, D}, this, s, layer};
   }

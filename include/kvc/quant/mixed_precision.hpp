@@ -46,8 +46,6 @@
 #include <kvc/store/sequence_table.hpp>
 #include <kvc/view/decoding_accessor.hpp>
 #include <kvc/view/heads.hpp>
-#include <kvc/view/kv_view.hpp>
-#include <kvc/view/layout_dense.hpp>
 
 KVC_BEGIN_NAMESPACE
 
@@ -88,16 +86,13 @@ class mixed_precision_cache {
     }
   };
   /// One stream's K (V) as a kv_view of decoded floats in logical order, [length][1][head_dim].
-  using key_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::key>>>;
-  using value_view_type =
-      kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::value>>>;
+  using key_view_type = decoded_view<decoded_stream<quant::role::key>>;
+  using value_view_type = decoded_view<decoded_stream<quant::role::value>>;
   /// A layer's decoded views, naming this cache, the sequence and the layer (cpu::decode_attention
   /// given them runs the mixed kernel, which reads both stores' codes).
   using layer_view = store_layer<mixed_precision_cache, stream_heads<key_view_type, value_view_type>>;
   /// Where layer() puts its views and their row tables.
-  struct layer_buffer {
-    std::vector<key_view_type> k;
-    std::vector<value_view_type> v;
+  struct layer_buffer : decoded_layer_buffer<decoded_stream<quant::role::key>, decoded_stream<quant::role::value>> {
     std::vector<std::vector<std::int32_t>> rows;
   };
 
@@ -416,11 +411,9 @@ class mixed_precision_cache {
       for (std::size_t t = 0; t < rows.size(); ++t) rows[t] = ms.low_idx[t] >= 0 ? -1 - ms.low_idx[t] : hi++;
       const auto hv = high_.view(s, layer, h);
       const auto lv = low_.view(sq.low, low_layer(layer, h), 0);
-      const typename key_view_type::mapping_type m(kv_dextents<>(static_cast<std::int32_t>(rows.size()), 1, D));
-      buf.k.emplace_back(decoded_stream<quant::role::key>{&high_, &low_, hv, lv, rows.data()}, m,
-                         decoding_accessor<decoded_stream<quant::role::key>>(D));
-      buf.v.emplace_back(decoded_stream<quant::role::value>{&high_, &low_, hv, lv, rows.data()}, m,
-                         decoding_accessor<decoded_stream<quant::role::value>>(D));
+      const std::int32_t n = static_cast<std::int32_t>(rows.size());
+      buf.k.push_back(make_decoded_view(decoded_stream<quant::role::key>{&high_, &low_, hv, lv, rows.data()}, n, D));
+      buf.v.push_back(make_decoded_view(decoded_stream<quant::role::value>{&high_, &low_, hv, lv, rows.data()}, n, D));
     }
     return {{buf.k.data(), buf.v.data(), H, D}, this, s, layer};
   }

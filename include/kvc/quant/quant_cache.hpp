@@ -53,8 +53,6 @@
 #include <kvc/types.hpp>
 #include <kvc/view/decoding_accessor.hpp>
 #include <kvc/view/heads.hpp>
-#include <kvc/view/kv_view.hpp>
-#include <kvc/view/layout_dense.hpp>
 
 KVC_BEGIN_NAMESPACE
 
@@ -116,17 +114,13 @@ class quant_cache {
   /// One stream's K (V) as a kv_view of decoded floats, [length][1][head_dim]: the encoding is the
   /// accessor, so the reference, the CPU kernel over views and any reader of views read it as
   /// they read a kv_cache's pages. Valid until the stream changes.
-  using key_view_type = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::key>>>;
-  using value_view_type =
-      kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<decoded_stream<quant::role::value>>>;
+  using key_view_type = decoded_view<decoded_stream<quant::role::key>>;
+  using value_view_type = decoded_view<decoded_stream<quant::role::value>>;
   /// A layer's decoded views, naming this cache, the sequence and the layer: cpu::decode_attention
   /// given them runs the quantized kernel, which reads the codes directly.
   using layer_view = store_layer<quant_cache, stream_heads<key_view_type, value_view_type>>;
   /// Where layer() puts its views.
-  struct layer_buffer {
-    std::vector<key_view_type> k;
-    std::vector<value_view_type> v;
-  };
+  using layer_buffer = decoded_layer_buffer<decoded_stream<quant::role::key>, decoded_stream<quant::role::value>>;
 
   explicit quant_cache(const quant_cache_config& cfg, KQ kq = KQ{}, VQ vq = VQ{})
       : cfg_(validated(cfg, kq, vq)), kq_(kq), vq_(vq) {
@@ -483,10 +477,10 @@ class quant_cache {
 
   /// K (V) of one stream through its encoding's accessor (key_view_type).
   key_view_type keys(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return decoded<key_view_type>(make_view(seqs_.get(s, layer, head, "keys")));
+    return decoded<quant::role::key>(make_view(seqs_.get(s, layer, head, "keys")));
   }
   value_view_type values(seq_id s, std::int32_t layer, std::int32_t head) const {
-    return decoded<value_view_type>(make_view(seqs_.get(s, layer, head, "values")));
+    return decoded<quant::role::value>(make_view(seqs_.get(s, layer, head, "values")));
   }
   /// All heads of one layer as decoded views, in the shape kv_cache::layer gives (reference and
   /// generic kernels take either). The result points into `buf`, which must outlive it.
@@ -500,8 +494,8 @@ class quant_cache {
     buf.v.reserve(static_cast<std::size_t>(H));
     for (std::int32_t h = 0; h < H; ++h) {
       const stream_view sv = make_view(seqs_.at(sq, layer, h));
-      buf.k.push_back(decoded<key_view_type>(sv));
-      buf.v.push_back(decoded<value_view_type>(sv));
+      buf.k.push_back(decoded<quant::role::key>(sv));
+      buf.v.push_back(decoded<quant::role::value>(sv));
     }
     return {{buf.k.data(), buf.v.data(), H, cfg_.head_dim}, this, s, layer};
   }
@@ -621,11 +615,9 @@ class quant_cache {
 
   std::int32_t pages_for(std::int32_t tokens) const noexcept { return (tokens + cfg_.page_size - 1) / cfg_.page_size; }
 
-  template <class View>
-  View decoded(const stream_view& sv) const noexcept {
-    using A = typename View::accessor_type;
-    return View(typename A::data_handle_type{this, sv},
-                typename View::mapping_type(kv_dextents<>(sv.length(), 1, cfg_.head_dim)), A(cfg_.head_dim));
+  template <quant::role R>
+  decoded_view<decoded_stream<R>> decoded(const stream_view& sv) const {
+    return make_decoded_view(decoded_stream<R>{this, sv}, sv.length(), cfg_.head_dim);
   }
 
   stream_view make_view(const qstream& st) const noexcept {

@@ -21,6 +21,9 @@
 
 #include <kvc/config.hpp>
 #include <kvc/view/accessor.hpp>
+#include <kvc/view/extents.hpp>
+#include <kvc/view/kv_view.hpp>
+#include <kvc/view/layout_dense.hpp>
 
 KVC_BEGIN_NAMESPACE
 
@@ -58,6 +61,24 @@ struct decoding_accessor {
   }
 
   std::int32_t dim = 0;  ///< values per row (the view's head_dim)
+};
+
+/// One stream's K or V read through Source: [tokens][1][head_dim] decoded floats.
+template <class Source>
+using decoded_view = kv_view<const float, kv_dextents<>, layout_nhd, decoding_accessor<Source>>;
+
+/// The decoded view of `tokens` rows of `head_dim` values that src decodes.
+template <class Source>
+decoded_view<Source> make_decoded_view(const Source& src, std::int32_t tokens, std::int32_t head_dim) {
+  return {src, typename decoded_view<Source>::mapping_type(kv_dextents<>(tokens, 1, head_dim)),
+          decoding_accessor<Source>(head_dim)};
+}
+
+/// Where a store's layer() puts the decoded views of its heads.
+template <class KSource, class VSource>
+struct decoded_layer_buffer {
+  std::vector<decoded_view<KSource>> k;
+  std::vector<decoded_view<VSource>> v;
 };
 
 namespace detail {
