@@ -68,9 +68,8 @@ class merged_cache {
  public:
   using value_type = T;
   using inner_cache = kv_cache<T>;
-  /// One layer as its pages' views plus every token's log-weight (layer()).
-  /// Naming this cache, the sequence and the layer: cpu::decode_attention given it runs
-  /// cpu::merged_decode_attention.
+  /// One layer as its pages' views plus every token's log-weight (layer()), naming this cache, the
+  /// sequence and the layer: cpu::decode_attention given it runs cpu::merged_decode_attention.
   using layer_view = store_layer<merged_cache, weighted_stream_heads<typename inner_cache::view_type>>;
   /// Where layer() puts its views and weight pointers.
   struct layer_buffer {
