@@ -423,33 +423,43 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
   attend_tiles<Arch, G>(c, sv, t0, t1, q_model, q_stored, D, st, raw, raw_stride, sc, qo.int8_query);
 }
 
+}  // namespace qdetail
 
-/// The checks of the queries both entry points make.
-inline void check_queries(const float* q, const float* out, std::int32_t num_q_heads, std::int32_t hkv, std::int32_t D) {
+/// Decode attention for one sequence and one layer of a quant_cache.
+/// \param q    [num_q_heads][head_dim] queries (RoPE applied; pre-RoPE caches rotate the keys)
+/// \param out  [num_q_heads][head_dim]
+template <class Arch = default_arch, class KQ, class VQ, class Fp>
+void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int32_t layer, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {},
+                      const quant_attention_options& qopt = {}) {
+  using Cache = quant_cache<KQ, VQ, Fp>;
+  const std::int32_t hkv = cache.config().num_kv_heads, D = cache.config().head_dim;
+  // Checked here, not by cache.view(), so that the message names this call and its argument.
   constexpr const char* who = "kvc::cpu::decode_attention";
+  KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
+                 cache.num_sequences(), " live sequence ids (from add_sequence/fork, not removed)");
+  KVC_EXPECTS_IN(who, layer >= 0 && layer < cache.config().num_layers, "layer = ", layer, ", expected 0..",
+                 cache.config().num_layers - 1);
   KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
                  ", expected a positive multiple of num_kv_heads = ", hkv);
   KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, "q or out is null");
   for (std::int32_t i = 0; i < num_q_heads * D; ++i)
     KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
-}
-
-/// The quantized decode kernel over one layer's streams of `cache` (one view per kv head), its
-/// arguments checked by the caller but probs_stride; views of no token are empty heads.
-template <class Arch, class KQ, class VQ, class Fp>
-void decode_stream_views(const quant_cache<KQ, VQ, Fp>& cache,
-                         const std::vector<typename quant_cache<KQ, VQ, Fp>::stream_view>& views, const float* q,
-                         std::int32_t num_q_heads, float* out, const decode_options& opt,
-                         const quant_attention_options& qopt) {
-  constexpr const char* who = "kvc::cpu::decode_attention";
-  const std::int32_t hkv = static_cast<std::int32_t>(views.size()), D = cache.config().head_dim;
+  const std::int32_t G = num_q_heads / hkv;
+  std::vector<typename Cache::stream_view> views;
+  views.reserve(static_cast<std::size_t>(hkv));
   std::int32_t longest = 0;
   std::int64_t total = 0;
-  for (const auto& sv : views) {
-    longest = std::max(longest, sv.length());
-    total += sv.length();
+  for (std::int32_t h = 0; h < hkv; ++h) {
+    views.push_back(cache.view(seq, layer, h));
+    longest = std::max(longest, views.back().length());
+    total += views.back().length();
   }
-  const std::int32_t G = num_q_heads / hkv;
+  // An empty head (all its tokens evicted) attends to nothing and gives zeros; a layer with no
+  // token in any head means this step's K/V were never appended: an error, not zeros.
+  KVC_EXPECTS_IN(who, total > 0, "seq = ", seq, ", layer = ", layer,
+                 " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
+                 "step's K/V to the layer before attending)");
   const bool want_probs = opt.probs || opt.group_probs;
   KVC_EXPECTS_IN(who, !want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
                  ", expected >= the longest stream (", longest, " tokens)");
@@ -538,39 +548,6 @@ void decode_stream_views(const quant_cache<KQ, VQ, Fp>& cache,
   });
   if (opt.lse) std::copy(lse.begin(), lse.end(), opt.lse);
   if (want_probs) detail::finalize_probs<Arch>(hkv, G, [&](std::int32_t h) { return views[static_cast<std::size_t>(h)].length(); }, raw_base, raw_stride, lse, opt);
-}
-
-}  // namespace qdetail
-
-/// Decode attention for one sequence and one layer of a quant_cache.
-/// \param q    [num_q_heads][head_dim] queries (RoPE applied; pre-RoPE caches rotate the keys)
-/// \param out  [num_q_heads][head_dim]
-template <class Arch = default_arch, class KQ, class VQ, class Fp>
-void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int32_t layer, const float* q,
-                      std::int32_t num_q_heads, float* out, const decode_options& opt = {},
-                      const quant_attention_options& qopt = {}) {
-  using Cache = quant_cache<KQ, VQ, Fp>;
-  const std::int32_t hkv = cache.config().num_kv_heads, D = cache.config().head_dim;
-  // Checked here, not by cache.view(), so that the message names this call and its argument.
-  constexpr const char* who = "kvc::cpu::decode_attention";
-  KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
-                 cache.num_sequences(), " live sequence ids (from add_sequence/fork, not removed)");
-  KVC_EXPECTS_IN(who, layer >= 0 && layer < cache.config().num_layers, "layer = ", layer, ", expected 0..",
-                 cache.config().num_layers - 1);
-  qdetail::check_queries(q, out, num_q_heads, hkv, D);
-  std::vector<typename Cache::stream_view> views;
-  views.reserve(static_cast<std::size_t>(hkv));
-  std::int64_t total = 0;
-  for (std::int32_t h = 0; h < hkv; ++h) {
-    views.push_back(cache.view(seq, layer, h));
-    total += views.back().length();
-  }
-  // An empty head (all its tokens evicted) attends to nothing and gives zeros; a layer with no
-  // token in any head means this step's K/V were never appended: an error, not zeros.
-  KVC_EXPECTS_IN(who, total > 0, "seq = ", seq, ", layer = ", layer,
-                 " holds 0 tokens in all its kv heads, expected at least one token to attend to (append this "
-                 "step's K/V to the layer before attending)");
-  qdetail::decode_stream_views<Arch>(cache, views, q, num_q_heads, out, opt, qopt);
 }
 
 /// Decode attention over a quant_cache layer read through its views (quant_cache::layer, the

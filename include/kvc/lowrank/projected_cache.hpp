@@ -307,10 +307,7 @@ class projected_cache {
   /// into `buf`, which must outlive it.
   layer_view layer(seq_id s, std::int32_t layer, layer_buffer& buf) const {
     const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
-    buf.k.clear();
-    buf.v.clear();
-    buf.k.reserve(static_cast<std::size_t>(H));
-    buf.v.reserve(static_cast<std::size_t>(H));
+    buf.reset(H);
     for (std::int32_t h = 0; h < H; ++h) {
       const entry& e = get(layer, h, "layer");
       const auto kr = coef_.keys(s, layer, h), vr = coef_.values(s, layer, h);
@@ -319,7 +316,7 @@ class projected_cache {
       buf.k.push_back(make_decoded_view(decoded_stream<false>{this, kr, vr, &e.k, pos}, n, D));
       buf.v.push_back(make_decoded_view(decoded_stream<true>{this, kr, vr, &e.v, pos}, n, D));
     }
-    return {{buf.k.data(), buf.v.data(), H, D}, this, s, layer};
+    return {buf.heads(D), this, s, layer};
   }
 
   /// Row t of a decoded view: its coefficients c (c_k = z[0, r_k), c_v = z[r_k, r_k + r_v)), then

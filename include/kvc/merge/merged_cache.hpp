@@ -121,12 +121,12 @@ class merged_cache {
     const std::int32_t H = config().num_kv_heads;
     if (n > 0)
       for (std::int32_t h = 0; h < H; ++h) {
-        auto& w = lw[index(layer, h)];
+        auto& w = lw[lw_.index(layer, h)];
         w.reserve(w.size() + static_cast<std::size_t>(n));  // before the inner append: no throw after it
       }
     kv_.append(s, layer, k, v, n, positions);
     for (std::int32_t h = 0; h < H && n > 0; ++h) {
-      auto& w = lw[index(layer, h)];
+      auto& w = lw[lw_.index(layer, h)];
       w.resize(w.size() + static_cast<std::size_t>(n), 0.0f);
     }
   }
@@ -138,7 +138,7 @@ class merged_cache {
     lw_.check_layer(layer, "keep_layer");
     std::vector<std::vector<float>> next = kept_weights(lw, layer, kept, "keep_layer");
     kv_.keep_layer(s, layer, kept);  // validates kept; may throw: nothing changed
-    for (std::int32_t h = 0; h < config().num_kv_heads; ++h) lw[index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
+    for (std::int32_t h = 0; h < config().num_kv_heads; ++h) lw[lw_.index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
   }
 
   /// Merges, for every kv head h, the groups groups[h] (groups.size() == num_kv_heads; an empty
@@ -172,7 +172,7 @@ class merged_cache {
     std::vector<std::vector<float>> rows(static_cast<std::size_t>(H));
     for (std::int32_t h = 0; h < H; ++h) {
       const auto& gs = groups[static_cast<std::size_t>(h)];
-      const std::vector<float>& w0 = lw[index(layer, h)];
+      const std::vector<float>& w0 = lw[lw_.index(layer, h)];
       const std::int32_t L = static_cast<std::int32_t>(w0.size());
       // role[t]: -1 untouched, -2 dropped member, -3 dropped by `drop`, g >= 0 the target of group g.
       std::vector<std::int32_t> role(static_cast<std::size_t>(L), -1);
@@ -285,7 +285,7 @@ class merged_cache {
       }
     }, &targets);
     // Committed; swaps do not throw.
-    for (std::int32_t h = 0; h < H; ++h) lw[index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
+    for (std::int32_t h = 0; h < H; ++h) lw[lw_.index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
   }
 
   /// Keeps, for every kv head h, the tokens kept[h] (strictly increasing) and adds to kept
@@ -371,7 +371,7 @@ class merged_cache {
       const float* r = rows[static_cast<std::size_t>(h)].data() + static_cast<std::size_t>(row) * D;
       for (std::int32_t d = 0; d < D; ++d) v[d] = T(r[d]);
     }, &recipients);
-    for (std::int32_t h = 0; h < H; ++h) lw[index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
+    for (std::int32_t h = 0; h < H; ++h) lw[lw_.index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
   }
 
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const { return kv_.length(s, layer, head); }
@@ -379,10 +379,8 @@ class merged_cache {
   const std::vector<float>& log_weights(seq_id s, std::int32_t layer, std::int32_t head) const {
     const auto& lw = lw_.find(s, "log_weights");
     lw_.check_layer(layer, "log_weights");
-    if (head < 0 || head >= config().num_kv_heads)
-      detail::fail(detail::concat("kvc::merge::merged_cache::log_weights: head = ", head, ", expected 0..",
-                                  config().num_kv_heads - 1));
-    return lw[index(layer, head)];
+    lw_.check_head(head, "log_weights");
+    return lw[lw_.index(layer, head)];
   }
 
   /// All heads of one layer: the pages' plain views with each token's log-weight beside them, what
@@ -395,7 +393,7 @@ class merged_cache {
     const std::int32_t H = config().num_kv_heads;
     const auto heads = kv_.layer(s, layer, buf.views);
     buf.weights.resize(static_cast<std::size_t>(H));
-    for (std::int32_t h = 0; h < H; ++h) buf.weights[static_cast<std::size_t>(h)] = lw[index(layer, h)].data();
+    for (std::int32_t h = 0; h < H; ++h) buf.weights[static_cast<std::size_t>(h)] = lw[lw_.index(layer, h)].data();
     return {{heads, buf.weights.data()}, this, s, layer};
   }
 
@@ -414,9 +412,6 @@ class merged_cache {
   std::size_t streams() const noexcept {
     return static_cast<std::size_t>(config().num_layers) * static_cast<std::size_t>(config().num_kv_heads);
   }
-  std::size_t index(std::int32_t layer, std::int32_t head) const noexcept {
-    return static_cast<std::size_t>(layer) * static_cast<std::size_t>(config().num_kv_heads) + static_cast<std::size_t>(head);
-  }
   /// The log-weights of the kept tokens; an index out of range is left to kv_cache's check (which
   /// names it), so here it only must not be read.
   std::vector<std::vector<float>> kept_weights(const std::vector<std::vector<float>>& lw, std::int32_t layer,
@@ -426,7 +421,7 @@ class merged_cache {
                    ", expected num_kv_heads = ", config().num_kv_heads);
     std::vector<std::vector<float>> next(kept.size());
     for (std::size_t h = 0; h < kept.size(); ++h) {
-      const auto& w = lw[index(layer, static_cast<std::int32_t>(h))];
+      const auto& w = lw[lw_.index(layer, static_cast<std::int32_t>(h))];
       next[h].reserve(kept[h].size());
       for (std::int32_t t : kept[h])
         next[h].push_back(t >= 0 && static_cast<std::size_t>(t) < w.size() ? w[static_cast<std::size_t>(t)] : 0.0f);

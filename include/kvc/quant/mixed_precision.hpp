@@ -398,10 +398,7 @@ class mixed_precision_cache {
     const sequence& sq = seqs_.find(s, "layer");
     seqs_.check_layer(layer, "layer");
     const std::int32_t H = config().num_kv_heads, D = config().head_dim;
-    buf.k.clear();
-    buf.v.clear();
-    buf.k.reserve(static_cast<std::size_t>(H));
-    buf.v.reserve(static_cast<std::size_t>(H));
+    buf.reset(H);
     buf.rows.resize(static_cast<std::size_t>(H));  // sized first: the views point into these
     for (std::int32_t h = 0; h < H; ++h) {
       const mstream& ms = seqs_.at(sq, layer, h);
@@ -415,7 +412,7 @@ class mixed_precision_cache {
       buf.k.push_back(make_decoded_view(decoded_stream<quant::role::key>{&high_, &low_, hv, lv, rows.data()}, n, D));
       buf.v.push_back(make_decoded_view(decoded_stream<quant::role::value>{&high_, &low_, hv, lv, rows.data()}, n, D));
     }
-    return {{buf.k.data(), buf.v.data(), H, D}, this, s, layer};
+    return {buf.heads(D), this, s, layer};
   }
 
   /// Dequantized keys and values of one stream, logical order, [length][head_dim] (either may be null).

@@ -390,8 +390,7 @@ class quant_cache {
   void keep_one(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n,
                 page_pool::reservation* qres) {
     seqs_.check_layer(layer, "keep");
-    KVC_EXPECTS_IN("kvc::quant_cache::keep", head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..",
-                   cfg_.num_kv_heads - 1);
+    seqs_.check_head(head, "keep");
     KVC_EXPECTS_IN("kvc::quant_cache::keep", n >= 0, "n = ", n, ", expected >= 0 kept tokens");
     KVC_EXPECTS_IN("kvc::quant_cache::keep", n == 0 || kept != nullptr, "kept is null with n = ", n);
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> one;
@@ -488,16 +487,13 @@ class quant_cache {
     const sequence& sq = seqs_.find(s, "layer");
     seqs_.check_layer(layer, "layer");
     const std::int32_t H = cfg_.num_kv_heads;
-    buf.k.clear();
-    buf.v.clear();
-    buf.k.reserve(static_cast<std::size_t>(H));
-    buf.v.reserve(static_cast<std::size_t>(H));
+    buf.reset(H);
     for (std::int32_t h = 0; h < H; ++h) {
       const stream_view sv = make_view(seqs_.at(sq, layer, h));
       buf.k.push_back(decoded<quant::role::key>(sv));
       buf.v.push_back(decoded<quant::role::value>(sv));
     }
-    return {{buf.k.data(), buf.v.data(), H, cfg_.head_dim}, this, s, layer};
+    return {buf.heads(cfg_.head_dim), this, s, layer};
   }
 
   /// Copies one stream's keys and values (either may be null), dequantized to float,

@@ -199,8 +199,7 @@ class kv_cache {
   /// and frees the pages this empties.
   void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) {
     seqs_.check_layer(layer, "keep");
-    KVC_EXPECTS_IN("kvc::kv_cache::keep", head >= 0 && head < cfg_.num_kv_heads, "head = ", head, ", expected 0..",
-                   cfg_.num_kv_heads - 1);
+    seqs_.check_head(head, "keep");
     KVC_EXPECTS_IN("kvc::kv_cache::keep", n >= 0, "n = ", n, ", expected >= 0 kept tokens");
     KVC_EXPECTS_IN("kvc::kv_cache::keep", n == 0 || kept != nullptr, "kept is null with n = ", n);
     std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> one;

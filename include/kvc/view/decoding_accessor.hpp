@@ -22,6 +22,7 @@
 #include <kvc/config.hpp>
 #include <kvc/view/accessor.hpp>
 #include <kvc/view/extents.hpp>
+#include <kvc/view/heads.hpp>
 #include <kvc/view/kv_view.hpp>
 #include <kvc/view/layout_dense.hpp>
 
@@ -79,6 +80,17 @@ template <class KSource, class VSource>
 struct decoded_layer_buffer {
   std::vector<decoded_view<KSource>> k;
   std::vector<decoded_view<VSource>> v;
+  /// Empties both, with room for `heads` views each.
+  void reset(std::int32_t heads) {
+    k.clear();
+    v.clear();
+    k.reserve(static_cast<std::size_t>(heads));
+    v.reserve(static_cast<std::size_t>(heads));
+  }
+  /// The views pushed since reset, as the heads of one layer.
+  stream_heads<decoded_view<KSource>, decoded_view<VSource>> heads(std::int32_t head_dim) const {
+    return {k.data(), v.data(), static_cast<std::int32_t>(k.size()), head_dim};
+  }
 };
 
 namespace detail {
