@@ -25,6 +25,7 @@
 #include <kvc/cpu/prefill_attention.hpp>
 #include <kvc/isa.hpp>
 #include <kvc/view/accessor.hpp>
+#include <kvc/view/heads.hpp>
 
 KVC_BEGIN_NAMESPACE
 
@@ -49,9 +50,19 @@ KVC_BEGIN_ISA_NAMESPACE
 
 /// Decode attention for one sequence and one layer on the backend of the views' memory space.
 /// Options: kvc::decode_options for host views, kvc::cuda::device_decode_options for device views.
+/// A store's layer (`store.layer(seq, layer, buf)`, a store_layer) runs that store's own kernel,
+/// which reads its encoding directly: the header of the kernel adds the overload of this function
+/// for its store (cpu/quant_attention.hpp, cpu/mixed_precision_attention.hpp,
+/// lowrank/projected_attention.hpp, merge/merged_attention.hpp). This template takes views of
+/// every other kind: kv_cache's, an engine's, decoded rows.
 template <class Heads, class Options = decode_options>
 void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_heads, float* out,
                       const Options& opt = Options{}) {
+  static_assert(!is_store_layer_v<Heads>,
+                "kvc::decode_attention: these heads are a store's layer (store.layer(...)) whose kernel is not "
+                "included; include the header of the store's kernel: quant_cache <kvc/cpu/quant_attention.hpp>, "
+                "mixed_precision_cache <kvc/cpu/mixed_precision_attention.hpp>, lowrank::projected_cache "
+                "<kvc/lowrank/projected_attention.hpp>, merge::merged_cache <kvc/merge/merged_attention.hpp>");
   using space = typename std::decay_t<decltype(heads.keys(0))>::memory_space;
   if constexpr (std::is_same<space, host_memory>::value) cpu::decode_attention(heads, q, num_q_heads, out, opt);
   else decode_backend<space>::run(heads, q, num_q_heads, out, opt);

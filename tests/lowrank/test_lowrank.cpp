@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include <kvc/attention.hpp>
 #include <kvc/attention/reference.hpp>
 #include <kvc/lowrank/pca.hpp>
 #include <kvc/lowrank/projected_attention.hpp>
@@ -481,6 +482,9 @@ TEST_CASE("lowrank: the double reference reads the projected store through its v
     std::vector<float> via_layer(q.size());  // the views name their store: the same kernel runs
     kvc::cpu::decode_attention(cache.layer(seq, 0, buf), q.data(), H * G, via_layer.data());
     CHECK(via_layer == out);
+    std::vector<float> front(q.size());  // and through the front door
+    kvc::decode_attention(cache.layer(seq, 0, buf), q.data(), H * G, front.data());
+    CHECK(front == out);
     double worst = 0;
     for (std::size_t i = 0; i < out.size(); ++i) worst = std::max(worst, double(std::abs(out[i] - ref[i])));
     INFO("pre_rope " << pre_rope);

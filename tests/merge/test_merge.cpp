@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include <kvc/attention.hpp>
 #include <kvc/attention/reference.hpp>
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/merge/merged_attention.hpp>
@@ -310,6 +311,8 @@ void identical_trials(std::uint64_t salt) {
     std::vector<float> via_layer(q.size());  // the heads name their store: the merged kernel runs
     kvc::cpu::decode_attention(c.layer(s, 0, buf), q.data(), H * G, via_layer.data());
     KVC_REQUIRE(via_layer == b, "decode_attention(merged layer) differs from merged_decode_attention");
+    kvc::decode_attention(c.layer(s, 0, buf), q.data(), H * G, via_layer.data());  // the front door
+    KVC_REQUIRE(via_layer == b, "kvc::decode_attention(merged layer) differs from merged_decode_attention");
     double vmax = 1;
     for (float x : full.v) vmax = std::max(vmax, std::fabs(double{x}));
     for (std::size_t i = 0; i < a.size(); ++i) {

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include <kvc/attention.hpp>
 #include <kvc/attention/reference.hpp>
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/cpu/quant_attention.hpp>
@@ -111,6 +112,9 @@ void check_views(const shape& sh, int page_size, int n, int sinks, std::uint32_t
     CHECK(rel_diff(view_out, dense.out) < 1e-5);
     kvc::cpu::decode_attention(cache, f.s, 1, f.q.data(), sh.hq, codes_out.data(), o);
     CHECK(view_out == codes_out);  // the same kernel, not rows decoded through the accessor
+    std::vector<float> front(f.q.size());  // the front door takes the store's overload too
+    kvc::decode_attention(layer, f.q.data(), sh.hq, front.data(), o);
+    CHECK(front == codes_out);
   }
 }
 template <class KQ, class VQ>

@@ -145,4 +145,14 @@ void decode_attention(const store_layer<mixed_precision_cache<HQ, LQ, Fp>, Heads
 KVC_END_ISA_NAMESPACE
 }  // namespace cpu
 
+KVC_BEGIN_ISA_NAMESPACE
+/// kvc::decode_attention (kvc/attention.hpp) on a mixed_precision_cache layer: the mixed kernel
+/// above.
+template <class HQ, class LQ, class Fp, class Heads>
+void decode_attention(const store_layer<mixed_precision_cache<HQ, LQ, Fp>, Heads>& heads, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
+  cpu::decode_attention(heads, q, num_q_heads, out, opt);
+}
+KVC_END_ISA_NAMESPACE
+
 KVC_END_NAMESPACE

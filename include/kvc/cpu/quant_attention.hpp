@@ -562,4 +562,14 @@ void decode_attention(const store_layer<quant_cache<KQ, VQ, Fp>, Heads>& heads, 
 
 KVC_END_ISA_NAMESPACE
 }  // namespace cpu
+
+KVC_BEGIN_ISA_NAMESPACE
+/// kvc::decode_attention (kvc/attention.hpp) on a quant_cache layer: the quantized kernel above,
+/// which reads the codes.
+template <class KQ, class VQ, class Fp, class Heads>
+void decode_attention(const store_layer<quant_cache<KQ, VQ, Fp>, Heads>& heads, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
+  cpu::decode_attention(heads, q, num_q_heads, out, opt);
+}
+KVC_END_ISA_NAMESPACE
 KVC_END_NAMESPACE

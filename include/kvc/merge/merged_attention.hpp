@@ -135,4 +135,14 @@ void decode_attention(const store_layer<merge::merged_cache<T>, Heads>& heads, c
 
 KVC_END_ISA_NAMESPACE
 }  // namespace cpu
+
+KVC_BEGIN_ISA_NAMESPACE
+/// kvc::decode_attention (kvc/attention.hpp) on a merged_cache layer: the merged kernel above,
+/// which adds the log-weights.
+template <class T, class Heads>
+void decode_attention(const store_layer<merge::merged_cache<T>, Heads>& heads, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {}) {
+  cpu::decode_attention(heads, q, num_q_heads, out, opt);
+}
+KVC_END_ISA_NAMESPACE
 KVC_END_NAMESPACE

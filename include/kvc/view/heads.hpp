@@ -73,6 +73,17 @@ struct store_layer : Base {
 };
 
 namespace detail {
+template <class H>
+struct is_store_layer : std::false_type {};
+template <class Store, class Base>
+struct is_store_layer<store_layer<Store, Base>> : std::true_type {};
+}  // namespace detail
+
+/// True for heads a store's `layer()` returned (store_layer): they have a kernel of their own.
+template <class Heads>
+inline constexpr bool is_store_layer_v = detail::is_store_layer<Heads>::value;
+
+namespace detail {
 template <class H, class = void>
 struct has_log_weights : std::false_type {};
 template <class H>
