@@ -194,7 +194,7 @@ def test_query_window_holds_only_the_window(model, tokens):
     with torch.no_grad():
         model(ids, cache=cache)
     cache.close()
-    assert all(q.shape[0] == 16 and q.base is None for q in cache._queries)
+    assert all(q.shape[:2] == (1, 16) and q.base is None for q in cache._queries)
     with kvc.hf.press(model, "snapkv(ratio=0.5,window=16)") as pressed:
         with torch.no_grad():
             model(ids, cache=pressed)
@@ -214,8 +214,10 @@ def test_errors_name_the_argument(model):
     cache.update(torch.zeros(1, 3, 4, 64), torch.zeros(1, 3, 4, 64), 0)
     with pytest.raises(ValueError, match="layer 1 keeps 1 tokens but layer 0 kept 0; expected every layer"):
         cache.update(torch.zeros(1, 3, 4, 64), torch.zeros(1, 3, 4, 64), 1)
-    with pytest.raises(ValueError, match=r"key_states has shape \(2, 3, 4, 64\), expected \(1, 3, n, 64\)"):
+    with pytest.raises(ValueError, match=r"key_states has batch size 2, expected 1 \(the rows this cache holds"):
         cache.update(torch.zeros(2, 3, 4, 64), torch.zeros(2, 3, 4, 64), 0)
+    with pytest.raises(ValueError, match=r"key_states has shape \(1, 2, 4, 64\), expected \(batch, 3, n, 64\)"):
+        cache.update(torch.zeros(1, 2, 4, 64), torch.zeros(1, 2, 4, 64), 0)
 
 
 KVC_LLAMA = os.environ.get("KVC_LLAMA")
@@ -251,3 +253,133 @@ def test_cpp_engine_keeps_the_same_positions(model, tokens, spec, tmp_path):
     # budget's edge may flip one position, never more than 1% of them.
     assert shared / total >= 0.99
     assert same / streams >= 0.9
+
+
+# -- batches and beam search -------------------------------------------------------------------------
+
+def batch_step_logits(model, ids, cache, steps, mask=None):
+    """Each row's last logits, then those of `steps` greedy tokens per row fed one at a time: [steps+1, B, V]."""
+    out, x = [], ids
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            kw = {} if mask is None else {"attention_mask": mask}
+            logits = model(x, cache=cache, use_cache=True, **kw).logits[:, -1]
+            out.append(logits)
+            x = logits.argmax(-1, keepdim=True)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(x)], 1)
+    return torch.stack(out)
+
+
+def test_batch_fp32_logits_equal_dynamic_cache(model, tokens):
+    ids = torch.cat([tokens[:, :48], tokens[:, 100:148]])
+    ref = batch_step_logits(model, ids, transformers.DynamicCache(config=model.config), steps=6)
+    cache = kvc.hf.Cache("fp32", model.config)
+    got = batch_step_logits(model, ids, cache, steps=6)
+    diff = (ref - got).abs().max().item()
+    print(f"fp32, batch of 2: max |logit diff| against DynamicCache = {diff:.3g}")
+    assert diff <= TOL
+    assert len(cache.seqs) == 2 and cache.kvc.tokens_held == 2 * 30 * 3 * (48 + 6)
+
+
+def test_padded_batch_generate_equals_dynamic_cache(model, tokens):
+    # Left padding (generate's convention for decoder-only models): row 0 is 20 tokens shorter.
+    ids = torch.cat([tokens[:, :48], tokens[:, 100:148]])
+    mask = torch.ones_like(ids)
+    ids[0, :20], mask[0, :20] = 0, 0
+    run = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **run)
+    got = model.generate(ids, cache=kvc.hf.Cache("fp32", model.config), **run)
+    assert got.tolist() == ref.tolist()
+    # and the logits of every step, the padded row's included
+    ref_l = batch_step_logits(model, ids, transformers.DynamicCache(config=model.config), 3, mask)
+    got_l = batch_step_logits(model, ids, kvc.hf.Cache("fp32", model.config), 3, mask)
+    diff = (ref_l - got_l).abs().max().item()
+    print(f"fp32, left-padded batch of 2: max |logit diff| against DynamicCache = {diff:.3g}")
+    assert diff <= TOL
+
+
+def test_batch_rows_compress_as_they_would_alone(model, tokens):
+    """A batch of two prompts under snapkv: each row keeps the positions, and gets the logits, that
+    its prompt gets in a batch of one."""
+    prompts = [tokens[:, :96], tokens[:, 120:216]]
+    spec = "snapkv(ratio=0.5,window=16)"
+    cache = kvc.hf.Cache(spec, model)
+    got = batch_step_logits(model, torch.cat(prompts), cache, steps=3)
+    cache.close()
+    assert cache.get_seq_length() == 96 + 3 and cache._kept(0) < 96 // 2 + 3  # compressed at every step
+    for row, ids in enumerate(prompts):
+        alone = kvc.hf.Cache(spec, model)
+        ref = batch_step_logits(model, ids, alone, steps=3)
+        alone.close()
+        assert cache.kept_positions(row) == alone.kept_positions()
+        diff = (ref[:, 0] - got[:, row]).abs().max().item()
+        print(f"{spec}, row {row} of a batch of 2 against alone: max |logit diff| = {diff:.3g}")
+        assert diff <= TOL
+    with pytest.raises(ValueError, match=r"row = 2, expected 0..1"):
+        cache.kept_positions(2)
+
+
+def test_batch_errors_leave_the_cache_unchanged(model, tokens):
+    ids = torch.cat([tokens[:, :32], tokens[:, 40:72]])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    cache = kvc.hf.Cache("snapkv(ratio=0.5)", model)
+    with pytest.raises(ValueError, match="the batch of 2 rows has padding"):
+        with torch.no_grad():
+            model(ids, cache=cache, attention_mask=mask)
+    assert len(cache.seqs) == 1 and cache.kvc.tokens_held == 0 and cache.kvc.seen(cache.seq, 0) == 0
+    cache.close()
+    by_config = kvc.hf.Cache("knorm(ratio=0.5)", model.config)
+    with pytest.raises(ValueError, match="cannot see whether the batch is padded; expected model_or_config"):
+        with torch.no_grad():
+            model(ids, cache=by_config)
+    assert by_config.kvc.tokens_held == 0
+    # Reshaping: bad indices change nothing.
+    fp = kvc.hf.Cache("fp32", model.config)
+    with torch.no_grad():
+        model(ids, cache=fp)
+    before = (list(fp.seqs), fp.kvc.tokens_held, fp.bytes_in_use())
+    with pytest.raises(ValueError, match=r"beam_idx = \[0, 2\], expected row indices 0..1"):
+        fp.reorder_cache(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match=r"repeats=0\), expected >= 1"):
+        fp.batch_repeat_interleave(0)
+    with pytest.raises(ValueError, match="on one layer; expected it on the cache"):
+        fp.layers[0].reorder_cache(torch.tensor([1, 0]))
+    assert (list(fp.seqs), fp.kvc.tokens_held, fp.bytes_in_use()) == before
+
+
+def test_reshaping_shares_pages(model, tokens):
+    """reorder_cache, batch_repeat_interleave and batch_select_indices move kvc sequences: a repeated
+    row is a fork (pages shared until written), and its rows read what the source row held."""
+    ids = tokens[:, :64]
+    cache = kvc.hf.Cache("int8", model.config)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    one = cache.bytes_in_use()
+    cache.batch_repeat_interleave(3)
+    assert len(cache.seqs) == 3 and cache.bytes_in_use() == one  # three rows, one copy of the pages
+    assert cache.kvc.tokens_held == 3 * 30 * 3 * 64
+    k0, _ = cache._gather(5, "cpu", torch.float32)
+    assert all(torch.equal(k0[0], k0[r]) for r in (1, 2))
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    cache.batch_select_indices(torch.tensor([1]))
+    assert len(cache.seqs) == 1 and cache.bytes_in_use() == one and cache.kvc.tokens_held == 30 * 3 * 64
+    with torch.no_grad():  # the surviving row continues as the original would
+        got = model(tokens[:, 64:65], cache=cache).logits[0, -1]
+        ref_cache = kvc.hf.Cache("int8", model.config)
+        model(ids, cache=ref_cache)
+        ref = model(tokens[:, 64:65], cache=ref_cache).logits[0, -1]
+    assert torch.equal(got, ref)
+
+
+def test_beam_search_same_ids_as_dynamic_cache(model, tokens):
+    ids = tokens[:, :40]
+    run = dict(max_new_tokens=8, do_sample=False, num_beams=3, num_return_sequences=2)
+    ref = model.generate(ids, **run)
+    got = model.generate(ids, cache=kvc.hf.Cache("fp32", model.config), **run)
+    assert got.tolist() == ref.tolist()
+    cache = kvc.hf.Cache("snapkv(ratio=0.5)+int4", model)  # beams under compression run and keep half
+    out = model.generate(ids, cache=cache, **run)
+    cache.close()
+    assert out.shape == (2, 40 + 8) and len(cache.seqs) == 3 and cache._kept(0) < 40

@@ -19,12 +19,22 @@ the tokens seen (what ``transformers`` uses for the next position ids), while th
 sized by the kept length (``get_query_offset`` and ``get_mask_sizes``), so RoPE positions continue
 from the real token count and the mask matches the K/V that ``update`` returns.
 
-Limits of this version (each raises a ``ValueError`` naming it): batch size 1; every kv head and
-every layer must keep the same number of tokens (one mask serves all layers); policies that
-observe attention weights (h2o, tova, scissorhands, a2sf) or query statistics
-(expected_attention), cake, and storages keeping keys before RoPE (``pre_rope=1``) are not
-supported; beam search / ``crop`` are not. Needs ``torch`` and ``transformers`` (not needed by
-``import kvc``).
+Batches: each row of the batch is a kvc sequence of its own (created at the first forward, from
+the batch size it brings), compressed on its own queries. Beam search and the batch reshaping of
+``generate`` (``reorder_cache``, ``batch_repeat_interleave``, ``batch_select_indices``) fork and
+drop those sequences: a row continued by several beams is forked, and the forks share its pages
+until they write to them (copy on write). ``generate`` expands the prompt to one row per beam
+before the first forward, so each beam starts with its own copy; sharing comes with the first
+reorder that continues one beam twice.
+
+Limits of this version (each raises a ``ValueError`` naming it): every kv head, layer and row must
+keep the same number of tokens (one mask serves all of them); a policy with a batch that has
+padding (rows of unequal length: kept tokens would no longer line up with the attention mask's
+columns), and a policy with a batch of more than one row built from the config alone (the padding
+check reads the mask at the model's first attention module); policies that observe attention
+weights (h2o, tova, scissorhands, a2sf) or query statistics (expected_attention), cake, and
+storages keeping keys before RoPE (``pre_rope=1``) are not supported; nor is ``crop`` (assisted
+decoding). Needs ``torch`` and ``transformers`` (not needed by ``import kvc``).
 """
 from __future__ import annotations
 
@@ -110,19 +120,20 @@ class _Layer(_HFLayer):
     def reset(self):
         self._owner.reset()
 
+    # The rows are kvc sequences shared by every layer: they are reshaped once, by the cache.
     def reorder_cache(self, beam_idx):
-        raise ValueError("kvc.hf.Cache: reorder_cache (beam search) is not supported, expected num_beams=1")
+        raise ValueError("kvc.hf.Cache: reorder_cache on one layer; expected it on the cache (its rows are kvc "
+                         "sequences that every layer shares)")
 
     def crop(self, tokens_to_remove):
         raise ValueError(f"kvc.hf.Cache: crop(tokens_to_remove={tokens_to_remove}) is not supported "
                          "(assisted/speculative decoding), expected no crop")
 
     def batch_repeat_interleave(self, repeats):
-        raise ValueError(f"kvc.hf.Cache: batch_repeat_interleave(repeats={repeats}) is not supported, "
-                         "expected batch size 1")
+        raise ValueError("kvc.hf.Cache: batch_repeat_interleave on one layer; expected it on the cache")
 
     def batch_select_indices(self, indices):
-        raise ValueError("kvc.hf.Cache: batch_select_indices is not supported, expected batch size 1")
+        raise ValueError("kvc.hf.Cache: batch_select_indices on one layer; expected it on the cache")
 
 
 class Cache(_HFCache):
@@ -168,42 +179,61 @@ class Cache(_HFCache):
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}': the policy observes the query window, so "
                              "model_or_config must be the model (its attention modules give the queries), "
                              "not its config")
-        self.seq = self.kvc.add_sequence()
+        self.seqs = [self.kvc.add_sequence()]  # one kvc sequence per row of the batch
+        self.spec = spec
         self.one_shot = one_shot
         self.compressing = not one_shot
         self.reports = []                 # CompressReport of every layer compressed, in order
-        self._queries = [None] * layers   # rolling window of rotated queries per layer, float32 [n, Hq, D]
+        self._queries = [None] * layers   # rolling window of rotated queries per layer, float32 [B, n, Hq, D]
         self._hooks = []
+        self._padded = None               # whether this forward's mask masks a token of some row (layer 0's hook)
         self._kept_layer0 = 0
         self._num_kv_heads, self._num_q_heads, self._head_dim = kv_heads, q_heads, head_dim
         super().__init__(layers=[_Layer(self, i) for i in range(layers)])
-        if observes == "query_window":
+        if model is not None and self.kvc.policy is not None:
             modules = _attention_modules(model)
             missing = sorted(set(range(layers)) - set(modules))
             if missing:
                 raise ValueError(f"kvc.hf.Cache: the model has no attention module (with q_proj and layer_idx) for "
                                  f"layers {missing}, expected one per layer of config.num_hidden_layers={layers}")
-            for i in range(layers):
-                self._hooks.append(modules[i].register_forward_pre_hook(self._query_hook(i), with_kwargs=True))
+            self._hooks.append(modules[0].register_forward_pre_hook(self._mask_hook, with_kwargs=True))
+            if observes == "query_window":
+                for i in range(layers):
+                    self._hooks.append(modules[i].register_forward_pre_hook(self._query_hook(i), with_kwargs=True))
 
-    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def seq(self):
+        """The kvc sequence of the batch's first row (the only one at batch size 1)."""
+        return self.seqs[0]
+
+    # -- queries and the mask ----------------------------------------------------------------------
+    def _mask_hook(self, module, args, kwargs):
+        """Layer 0's attention, before its cache update: whether this forward's mask hides a token
+        from the newest query of some row, i.e. the batch has padding. The newest query of a row
+        sees every token of it under a causal mask, so a masked column there is a padded one."""
+        mask = kwargs.get("attention_mask")
+        if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            self._padded = False  # no mask (sdpa's causal path): no padding
+            return None
+        last = mask[:, :, -1, :]
+        self._padded = bool((~last).any() if last.dtype == torch.bool else (last != 0).any())
+        return None
+
     def _query_hook(self, layer):
         def hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
-            if hidden.shape[0] != 1:
-                return None  # _update raises with the batch size
             with torch.no_grad():
                 q = module.q_proj(hidden).view(hidden.shape[0], hidden.shape[1], -1, self._head_dim)
                 c, s = cos.unsqueeze(2), sin.unsqueeze(2)          # [B, n, 1, D] against [B, n, Hq, D]
                 q = q * c + _rotate_half(q) * s
-                q = q[0].detach().to("cpu", torch.float32).contiguous().numpy()
+                q = q.detach().to("cpu", torch.float32).contiguous().numpy()  # [B, n, Hq, D]
             prev = self._queries[layer]
-            q = q if prev is None else np.concatenate([prev, q])
+            q = q if prev is None or prev.shape[0] != q.shape[0] else np.concatenate([prev, q], axis=1)
             window = self.kvc.window
-            # A copy, not a view: q[-window:] of the prompt's queries would keep all of them alive
+            # A copy, not a view: q[:, -window:] of the prompt's queries would keep all of them alive
             # (4.4 MiB a layer for SmolLM2 at 2,016 tokens, ~133 MiB over 30 layers) until the next step.
-            self._queries[layer] = q if window < 0 else q[-window:].copy()
+            self._queries[layer] = q if window < 0 else q[:, -window:].copy()
             return None
         return hook
 
@@ -218,30 +248,66 @@ class Cache(_HFCache):
         return self.kvc.seen(self.seq, layer)
 
     def _kept(self, layer):
-        return self.kvc.length(self.seq, layer, 0)
+        return self.kvc.length(self.seqs[0], layer, 0)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         """The kept length: queries sit after what the cache returns, for the causal mask."""
         return self._kept(layer_idx)
 
     def _gather(self, layer, device, dtype):
-        ks, vs = [], []
-        for h in range(self._num_kv_heads):
-            k, v = self.kvc.gather(self.seq, layer, h)
-            ks.append(torch.from_numpy(k))
-            vs.append(torch.from_numpy(v))
-        lengths = {k.shape[0] for k in ks}
-        if len(lengths) != 1:
-            raise ValueError(f"kvc.hf.Cache: layer {layer} keeps {[k.shape[0] for k in ks]} tokens per kv head; "
-                             "expected equal lengths (transformers' attention takes one mask for every head)")
-        k = torch.stack(ks).unsqueeze(0).to(device=device, dtype=dtype)
-        v = torch.stack(vs).unsqueeze(0).to(device=device, dtype=dtype)
+        rows_k, rows_v, lengths = [], [], []
+        for seq in self.seqs:
+            ks, vs = [], []
+            for h in range(self._num_kv_heads):
+                k, v = self.kvc.gather(seq, layer, h)
+                ks.append(torch.from_numpy(k))
+                vs.append(torch.from_numpy(v))
+            lengths.append([k.shape[0] for k in ks])
+            rows_k.append(torch.stack(ks))
+            rows_v.append(torch.stack(vs))
+        if len({n for row in lengths for n in row}) != 1:
+            per = lengths[0] if len(lengths) == 1 else lengths
+            what = "per kv head" if len(lengths) == 1 else "per row and kv head"
+            raise ValueError(f"kvc.hf.Cache: layer {layer} keeps {per} tokens {what}; expected equal lengths "
+                             "(transformers' attention takes one mask for every head and row)")
+        k = torch.stack(rows_k).to(device=device, dtype=dtype)
+        v = torch.stack(rows_v).to(device=device, dtype=dtype)
         return k, v
 
+    def _check_batch(self, layer, key_states):
+        """Shapes and the batch, before anything changes; at the first forward, one kvc sequence per
+        row."""
+        shape = tuple(key_states.shape)
+        if key_states.dim() != 4 or shape[1] != self._num_kv_heads or shape[3] != self._head_dim:
+            raise ValueError(f"kvc.hf.Cache: key_states has shape {shape}, expected "
+                             f"(batch, {self._num_kv_heads}, n, {self._head_dim})")
+        rows = shape[0]
+        if rows != len(self.seqs) and not (layer == 0 and self._fresh()):
+            raise ValueError(f"kvc.hf.Cache: key_states has batch size {rows}, expected {len(self.seqs)} (the rows "
+                             "this cache holds; a new batch needs reset() or a new cache)")
+        if layer == 0 and rows > 1 and self.kvc.policy is not None:
+            if self._padded is None:
+                raise ValueError(f"kvc.hf.Cache: spec = '{self.spec}' compresses a batch of {rows} rows, but the "
+                                 "cache was built from the config, so it cannot see whether the batch is padded; "
+                                 "expected model_or_config to be the model")
+            if self._padded:
+                raise ValueError(f"kvc.hf.Cache: spec = '{self.spec}' compresses, but the batch of {rows} rows has "
+                                 "padding (its attention mask hides tokens of some rows), and evicted rows would no "
+                                 "longer line up with the mask's columns; expected rows of equal length without "
+                                 "padding, or a spec without a policy")
+        if rows != len(self.seqs):  # the first forward: one sequence per row
+            for _ in range(rows - len(self.seqs)):
+                self.seqs.append(self.kvc.add_sequence())
+            for s in self.seqs[rows:]:
+                self.kvc.remove_sequence(s)
+            del self.seqs[rows:]
+
+    def _fresh(self):
+        """Whether no row holds or has seen a token: a forward may then bring a batch of any size."""
+        return all(self.kvc.seen(s, i) == 0 for s in self.seqs for i in range(len(self.layers)))
+
     def _update(self, layer, key_states, value_states):
-        if key_states.dim() != 4 or key_states.shape[0] != 1:
-            raise ValueError(f"kvc.hf.Cache: key_states has shape {tuple(key_states.shape)}, expected "
-                             f"(1, {self._num_kv_heads}, n, {self._head_dim}): batch size 1")
+        self._check_batch(layer, key_states)
         kept_before = self._kept(layer)
         if layer == 0:
             self._kept_layer0 = kept_before  # what this forward's mask was sized by
@@ -250,10 +316,11 @@ class Cache(_HFCache):
                              f"{self._kept_layer0}; expected every layer to keep as many (transformers builds one "
                              "mask for all layers)")
         n = key_states.shape[2]
-        # [1, H, n, D] -> [n, H, D], float32, C-contiguous, on the CPU: kvc's layout.
-        k = key_states[0].detach().transpose(0, 1).to("cpu", torch.float32).contiguous().numpy()
-        v = value_states[0].detach().transpose(0, 1).to("cpu", torch.float32).contiguous().numpy()
-        self.kvc.append(self.seq, layer, k, v)
+        # [B, H, n, D] -> [B, n, H, D], float32, C-contiguous, on the CPU: kvc's layout per row.
+        k = key_states.detach().transpose(1, 2).to("cpu", torch.float32).contiguous().numpy()
+        v = value_states.detach().transpose(1, 2).to("cpu", torch.float32).contiguous().numpy()
+        for row, seq in enumerate(self.seqs):
+            self.kvc.append(seq, layer, k[row], v[row])
         phase = None
         if self.kvc.policy is not None and self.compressing:
             if self.one_shot or kept_before == 0:
@@ -265,19 +332,70 @@ class Cache(_HFCache):
         # This forward's queries attend to everything; the compression serves the next forwards.
         out = self._gather(layer, key_states.device, key_states.dtype)
         queries = self._queries[layer] if self.kvc.observes == "query_window" else None
-        self.reports.append(phase(self.seq, layer, queries=queries))
+        for row, seq in enumerate(self.seqs):
+            self.reports.append(phase(seq, layer, queries=None if queries is None else queries[row]))
         return out
 
     def reset(self):
-        self.kvc.remove_sequence(self.seq)
-        self.seq = self.kvc.add_sequence()
+        """Drops every row; the next forward starts a new batch of any size."""
+        for s in self.seqs:
+            self.kvc.remove_sequence(s)
+        self.seqs = [self.kvc.add_sequence()]
         self._queries = [None] * len(self._queries)
         self.reports = []
 
+    # -- the batch: beam search and generate's reshaping -----------------------------------------
+    def _reshape(self, rows, what):
+        """The batch becomes rows (indices of the current rows, repeats allowed): a row used again is
+        a fork (its pages shared, copied on write), a row not used is removed. All or nothing: the
+        indices are checked and the forks made before any row is dropped."""
+        rows = [int(r) for r in rows]
+        bad = [r for r in rows if not 0 <= r < len(self.seqs)]
+        if bad:
+            raise ValueError(f"kvc.hf.Cache: {what} = {rows}, expected row indices 0..{len(self.seqs) - 1}")
+        if not rows:
+            raise ValueError(f"kvc.hf.Cache: {what} is empty, expected at least one row")
+        used, new = set(), []
+        try:
+            for r in rows:
+                new.append(self.seqs[r] if r not in used else self.kvc.fork(self.seqs[r]))
+                used.add(r)
+        except Exception:
+            for r, s in zip(rows, new):
+                if s != self.seqs[r]:
+                    self.kvc.remove_sequence(s)
+            raise
+        for r, s in enumerate(self.seqs):
+            if r not in used:
+                self.kvc.remove_sequence(s)
+        self.seqs = new
+        self._queries = [None if q is None else q[rows] for q in self._queries]
+
+    def reorder_cache(self, beam_idx):
+        """Beam search: row i continues beam beam_idx[i]."""
+        self._reshape(torch.as_tensor(beam_idx).reshape(-1).tolist(), "beam_idx")
+
+    def batch_repeat_interleave(self, repeats: int):
+        """Each row repeated `repeats` times in place (generate's expansion for beams or samples)."""
+        if int(repeats) < 1:
+            raise ValueError(f"kvc.hf.Cache: batch_repeat_interleave(repeats={repeats}), expected >= 1")
+        self._reshape([r for r in range(len(self.seqs)) for _ in range(int(repeats))], "repeats")
+
+    def batch_select_indices(self, indices):
+        """Keeps the rows `indices`, in that order."""
+        self._reshape(torch.as_tensor(indices).reshape(-1).tolist(), "indices")
+
+    def crop(self, tokens_to_remove: int):
+        raise ValueError(f"kvc.hf.Cache: crop(tokens_to_remove={tokens_to_remove}) is not supported "
+                         "(assisted/speculative decoding), expected no crop")
+
     # -- reading ---------------------------------------------------------------------------------
-    def kept_positions(self):
-        """The original positions each (layer, kv head) stream keeps: a list of lists of int lists."""
-        return [[self.kvc.positions(self.seq, layer, h).tolist() for h in range(self._num_kv_heads)]
+    def kept_positions(self, row: int = 0):
+        """The original positions each (layer, kv head) stream of one row of the batch keeps: a list
+        of lists of int lists."""
+        if not 0 <= row < len(self.seqs):
+            raise ValueError(f"kvc.hf.Cache: row = {row}, expected 0..{len(self.seqs) - 1}")
+        return [[self.kvc.positions(self.seqs[row], layer, h).tolist() for h in range(self._num_kv_heads)]
                 for layer in range(len(self.layers))]
 
     def bytes_in_use(self) -> int:
@@ -285,7 +403,8 @@ class Cache(_HFCache):
         return self.kvc.bytes_in_use()
 
     def __repr__(self):
-        return f"kvc.hf.Cache('{self.kvc.spec}', layers={len(self.layers)}, seen={self._seen(0)}, kept={self._kept(0)})"
+        return (f"kvc.hf.Cache('{self.kvc.spec}', layers={len(self.layers)}, rows={len(self.seqs)}, "
+                f"seen={self._seen(0)}, kept={self._kept(0)})")
 
 
 @contextlib.contextmanager
