@@ -163,13 +163,13 @@ class session_cache {
     std::lock_guard<std::mutex> g(m_);
     need_seq(s, "fork");
     const kvc::seq_id t = cache_->fork(s);
-    if (observer_) {
-      try {
-        observer_->fork(s, t);
-      } catch (...) {
-        cache_->remove_sequence(t);  // all or nothing: no half-forked sequence stays behind
-        throw;
-      }
+    try {
+      if (observer_) observer_->fork(s, t);
+      if (comp_) comp_->fork(s, t);  // the decode step counters: a fork compresses on its source's steps
+    } catch (...) {
+      if (observer_) observer_->remove_sequence(t);
+      cache_->remove_sequence(t);  // all or nothing: no half-forked sequence stays behind
+      throw;
     }
     return t;
   }

@@ -67,6 +67,30 @@ def test_fork_copies_then_diverges(rng):
     np.testing.assert_array_equal(c.gather(f, 0, 1)[1], np.concatenate([v[:, 1], v2[:, 1]]))
 
 
+def test_fork_compresses_on_its_sources_steps(rng):
+    """A fork keeps its source's decode step counters (and observer statistics): with interval 10
+    and slack 20, fed the same tokens, a fork taken between two due steps compresses on the same
+    steps and keeps the same positions (beam search: kvc.hf forks a beam that continues twice)."""
+    c = kvc.Cache("knorm(ratio=0.5,interval=10,slack=20)+fp32", num_layers=2, num_kv_heads=2, head_dim=8)
+    s = c.add_sequence()
+    k, v = random_kv(rng, 300, 2, 8)
+
+    def step(seq, i):
+        for layer in range(2):
+            c.append(seq, layer, k[i:i + 1], v[i:i + 1])
+            c.after_decode_step(seq, layer)
+
+    for i in range(237):
+        step(s, i)
+    f = c.fork(s)
+    for i in range(237, 300):
+        step(s, i)
+        step(f, i)
+        for layer in range(2):
+            for h in range(2):
+                np.testing.assert_array_equal(c.positions(f, layer, h), c.positions(s, layer, h))
+
+
 def test_every_storage_and_policy_name_builds():
     """Every name the registries list makes a cache (with a budget for policies), except cake,
     which the binding names as unsupported."""

@@ -121,6 +121,55 @@ TEST_CASE("decode: a ratio of the tokens seen", "[evict][decode]") {
   REQUIRE(cache.length(s, 0, 0) == 200);  // step 400 is a multiple of the interval
 }
 
+TEST_CASE("decode: a fork compresses on its source's steps (compressor::fork)", "[evict][decode][fork]") {
+  // interval 10 with slack 20: compression is due on every 10th step of a layer, or when a stream
+  // runs 20 tokens past its target. A fork taken between two due steps must keep its source's
+  // count, or it compresses on other steps and holds another number of tokens (beam search).
+  for (const bool fork_counters : {true, false}) {
+    kvc::kv_cache<float> cache(small_cfg(2, 2, 8, 4, 4096));
+    const auto a = cache.add_sequence();
+    compressor_options o;
+    o.target = kvc::budget::ratio(0.5);
+    o.interval = 10;
+    o.slack = 20;
+    compressor<knorm> c(knorm{}, o);
+    auto step = [&](kvc::seq_id s, int i) {
+      for (int layer = 0; layer < 2; ++layer) {
+        auto k = kt::randn(16, 100 + i), v = kt::randn(16, 900 + i);
+        cache.append(s, layer, k.data(), v.data(), 1);
+        c.after_decode_step(cache, s, layer);
+      }
+    };
+    for (int i = 0; i < 237; ++i) step(a, i);
+    const auto b = cache.fork(a);
+    if (fork_counters) c.fork(a, b);
+    int differ = 0;
+    for (int i = 237; i < 300; ++i) {
+      step(a, i);
+      step(b, i);
+      for (int layer = 0; layer < 2; ++layer)
+        for (int h = 0; h < 2; ++h) {
+          const int n = cache.length(a, layer, h);
+          differ += n != cache.length(b, layer, h) ||
+                    !std::equal(cache.positions(a, layer, h), cache.positions(a, layer, h) + n, cache.positions(b, layer, h));
+        }
+    }
+    INFO("compressor::fork called: " << fork_counters);
+    CHECK((differ == 0) == fork_counters);  // without the counters the fork falls out of step
+  }
+  compressor<knorm> c(knorm{}, compressor_options{});
+  kvc::kv_cache<float> cache(small_cfg(1, 1, 8, 4, 64));
+  const auto s = cache.add_sequence();
+  auto k = kt::randn(8, 1), v = kt::randn(8, 2);
+  cache.append(s, 0, k.data(), v.data(), 1);
+  c.after_decode_step(cache, s, 0);
+  const auto t = cache.fork(s);
+  REQUIRE_THROWS_WITH(c.fork(s, s), Catch::Contains("kvc::evict::compressor::fork: from = to = 0, expected two different"));
+  c.fork(s, t);
+  REQUIRE_THROWS_WITH(c.fork(s, t), Catch::Contains("kvc::evict::compressor::fork: to = 1, expected a sequence with no "
+                                                    "decode step counters yet"));
+}
+
 TEST_CASE("re-rotation moves kept keys to contiguous positions (StreamingLLM)", "[evict][rerotate]") {
   const int D = 16, n = 40;
   kvc::rope_config rc;

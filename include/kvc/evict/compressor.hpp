@@ -23,6 +23,7 @@
 /// \endcode
 
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <optional>
 #include <type_traits>
@@ -164,6 +165,23 @@ class compressor {
   /// Forgets the decode step counters of a sequence.
   void remove_sequence(std::int32_t seq) {
     for (auto it = steps_.begin(); it != steps_.end();) it = it->first.first == seq ? steps_.erase(it) : std::next(it);
+  }
+
+  /// Gives sequence `to` a copy of `from`'s decode step counters, as kv_cache::fork gives it
+  /// `from`'s tokens: without it a forked beam would count its steps from zero, compress on other
+  /// steps than its source (interval > 1) and keep another number of tokens. `to` must have no
+  /// counters yet.
+  void fork(std::int32_t from, std::int32_t to) {
+    constexpr const char* who = "kvc::evict::compressor::fork";
+    KVC_EXPECTS_IN(who, from != to, "from = to = ", from, ", expected two different sequences");
+    const auto first = steps_.lower_bound({to, std::numeric_limits<std::int32_t>::min()});
+    KVC_EXPECTS_IN(who, first == steps_.end() || first->first.first != to, "to = ", to,
+                   ", expected a sequence with no decode step counters yet (call remove_sequence first)");
+    decltype(steps_) copies;
+    for (auto it = steps_.lower_bound({from, std::numeric_limits<std::int32_t>::min()});
+         it != steps_.end() && it->first.first == from; ++it)
+      copies.emplace(std::make_pair(to, it->first.second), it->second);
+    steps_.merge(copies);  // splices the nodes, allocates nothing: a bad_alloc above leaves steps_ as it was
   }
 
   /// Scores and selection of one layer without mutating anything (plan). When `scores` is not
