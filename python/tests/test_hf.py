@@ -49,15 +49,23 @@ def tokens(model):
     return ids
 
 
-def step_logits(model, ids, cache, steps):
-    """Logits of the prompt's last token, then of `steps` greedy tokens fed one at a time."""
+def batch_step_logits(model, ids, cache, steps, mask=None):
+    """Each row's last logits, then those of `steps` greedy tokens per row fed one at a time: [steps+1, B, V]."""
     out, x = [], ids
     with torch.no_grad():
         for _ in range(steps + 1):
-            logits = model(x, cache=cache, use_cache=True).logits[0, -1]
+            kw = {} if mask is None else {"attention_mask": mask}
+            logits = model(x, cache=cache, use_cache=True, **kw).logits[:, -1]
             out.append(logits)
-            x = logits.argmax().view(1, 1)
+            x = logits.argmax(-1, keepdim=True)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(x)], 1)
     return torch.stack(out)
+
+
+def step_logits(model, ids, cache, steps):
+    """Logits of the prompt's last token, then of `steps` greedy tokens fed one at a time (one row)."""
+    return batch_step_logits(model, ids, cache, steps)[:, 0]
 
 
 def test_import_kvc_does_not_import_torch():
@@ -255,21 +263,7 @@ def test_cpp_engine_keeps_the_same_positions(model, tokens, spec, tmp_path):
     assert same / streams >= 0.9
 
 
-# -- batches and beam search -------------------------------------------------------------------------
-
-def batch_step_logits(model, ids, cache, steps, mask=None):
-    """Each row's last logits, then those of `steps` greedy tokens per row fed one at a time: [steps+1, B, V]."""
-    out, x = [], ids
-    with torch.no_grad():
-        for _ in range(steps + 1):
-            kw = {} if mask is None else {"attention_mask": mask}
-            logits = model(x, cache=cache, use_cache=True, **kw).logits[:, -1]
-            out.append(logits)
-            x = logits.argmax(-1, keepdim=True)
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(x)], 1)
-    return torch.stack(out)
-
+# -- batches and beam search (batch_step_logits above) ------------------------------------------
 
 def test_batch_fp32_logits_equal_dynamic_cache(model, tokens):
     ids = torch.cat([tokens[:, :48], tokens[:, 100:148]])
@@ -324,14 +318,32 @@ def test_batch_errors_leave_the_cache_unchanged(model, tokens):
     ids = torch.cat([tokens[:, :32], tokens[:, 40:72]])
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
-    cache = kvc.hf.Cache("snapkv(ratio=0.5)", model)
-    with pytest.raises(ValueError, match="the batch of 2 rows has padding"):
-        with torch.no_grad():
-            model(ids, cache=cache, attention_mask=mask)
+    cache = kvc.hf.Cache("snapkv(ratio=0.5,window=8)", model)
+    impl = model.config._attn_implementation
+    try:
+        for backend in ("sdpa", "eager"):  # the padding is read before the backend builds its mask
+            model.set_attn_implementation(backend)
+            with pytest.raises(ValueError, match=r"the batch of 2 row\(s\) has padding"):
+                with torch.no_grad():
+                    model(ids, cache=cache, attention_mask=mask)
+            with pytest.raises(ValueError, match=r"the batch of 1 row\(s\) has padding"):  # one padded row too
+                with torch.no_grad():
+                    model(ids[1:], cache=cache, attention_mask=mask[1:])
+    finally:
+        model.set_attn_implementation(impl)
+    # Nothing changed: no token, no extra sequence, and the refused forwards' queries are not kept.
     assert len(cache.seqs) == 1 and cache.kvc.tokens_held == 0 and cache.kvc.seen(cache.seq, 0) == 0
+    assert all(q is None for q in cache._queries)
+    other = kvc.hf.Cache("fp32", model.config)  # another cache's forwards do not reach this one's hooks
+    with torch.no_grad():
+        model(ids, cache=other, attention_mask=mask)
+    assert all(q is None for q in cache._queries)
+    with torch.no_grad():  # the same batch without padding goes through
+        model(ids, cache=cache)
+    assert len(cache.seqs) == 2 and cache._queries[0].shape[:2] == (2, 8) and cache._kept(0) == 16
     cache.close()
     by_config = kvc.hf.Cache("knorm(ratio=0.5)", model.config)
-    with pytest.raises(ValueError, match="cannot see whether the batch is padded; expected model_or_config"):
+    with pytest.raises(ValueError, match="the cache was built from the config, so it cannot see whether the batch"):
         with torch.no_grad():
             model(ids, cache=by_config)
     assert by_config.kvc.tokens_held == 0
@@ -346,31 +358,37 @@ def test_batch_errors_leave_the_cache_unchanged(model, tokens):
         fp.batch_repeat_interleave(0)
     with pytest.raises(ValueError, match="on one layer; expected it on the cache"):
         fp.layers[0].reorder_cache(torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match=r"batch size 1, expected 2 \(the rows this cache holds"):
+        with torch.no_grad():
+            model(ids[:1, :4], cache=fp)
     assert (list(fp.seqs), fp.kvc.tokens_held, fp.bytes_in_use()) == before
 
 
-def test_reshaping_shares_pages(model, tokens):
-    """reorder_cache, batch_repeat_interleave and batch_select_indices move kvc sequences: a repeated
-    row is a fork (pages shared until written), and its rows read what the source row held."""
-    ids = tokens[:, :64]
+def test_reshaping_moves_rows_and_shares_pages(model, tokens):
+    """reorder_cache, batch_repeat_interleave and batch_select_indices move kvc sequences: row i
+    reads what its source row held, and a repeated row is a fork (pages shared until written)."""
+    a, b = tokens[:, :64], tokens[:, 100:164]
     cache = kvc.hf.Cache("int8", model.config)
     with torch.no_grad():
-        model(ids, cache=cache)
-    one = cache.bytes_in_use()
-    cache.batch_repeat_interleave(3)
-    assert len(cache.seqs) == 3 and cache.bytes_in_use() == one  # three rows, one copy of the pages
-    assert cache.kvc.tokens_held == 3 * 30 * 3 * 64
-    k0, _ = cache._gather(5, "cpu", torch.float32)
-    assert all(torch.equal(k0[0], k0[r]) for r in (1, 2))
-    cache.reorder_cache(torch.tensor([2, 2, 0]))
-    cache.batch_select_indices(torch.tensor([1]))
-    assert len(cache.seqs) == 1 and cache.bytes_in_use() == one and cache.kvc.tokens_held == 30 * 3 * 64
-    with torch.no_grad():  # the surviving row continues as the original would
+        model(torch.cat([a, b]), cache=cache)
+    two = cache.bytes_in_use()
+    k, _ = cache._gather(5, "cpu", torch.float32)
+    assert not torch.equal(k[0], k[1])
+    cache.batch_repeat_interleave(2)                  # rows a, a, b, b
+    assert len(cache.seqs) == 4 and cache.bytes_in_use() == two and cache.kvc.tokens_held == 4 * 30 * 3 * 64
+    k4, _ = cache._gather(5, "cpu", torch.float32)
+    assert [torch.equal(k4[r], k[src]) for r, src in enumerate([0, 0, 1, 1])] == [True] * 4
+    cache.reorder_cache(torch.tensor([3, 0, 1, 2]))   # rows b, a, a, b
+    k4, _ = cache._gather(5, "cpu", torch.float32)
+    assert [torch.equal(k4[r], k[src]) for r, src in enumerate([1, 0, 0, 1])] == [True] * 4
+    cache.batch_select_indices(torch.tensor([1]))     # row a
+    assert len(cache.seqs) == 1 and cache.kvc.tokens_held == 30 * 3 * 64 and cache.bytes_in_use() == two // 2
+    with torch.no_grad():  # it continues as a alone does
         got = model(tokens[:, 64:65], cache=cache).logits[0, -1]
-        ref_cache = kvc.hf.Cache("int8", model.config)
-        model(ids, cache=ref_cache)
-        ref = model(tokens[:, 64:65], cache=ref_cache).logits[0, -1]
-    assert torch.equal(got, ref)
+        alone = kvc.hf.Cache("int8", model.config)
+        model(a, cache=alone)
+        ref = model(tokens[:, 64:65], cache=alone).logits[0, -1]
+    assert (got - ref).abs().max().item() <= TOL
 
 
 def test_beam_search_same_ids_as_dynamic_cache(model, tokens):

@@ -20,9 +20,9 @@ sized by the kept length (``get_query_offset`` and ``get_mask_sizes``), so RoPE 
 from the real token count and the mask matches the K/V that ``update`` returns.
 
 Batches: each row of the batch is a kvc sequence of its own (created at the first forward, from
-the batch size it brings), compressed on its own queries. Beam search and the batch reshaping of
-``generate`` (``reorder_cache``, ``batch_repeat_interleave``, ``batch_select_indices``) fork and
-drop those sequences: a row continued by several beams is forked, and the forks share its pages
+the batch size it brings), compressed on its own queries. Beam search (``reorder_cache``, which
+``generate`` calls) and the batch reshaping calls (``batch_repeat_interleave``,
+``batch_select_indices``) fork and drop those sequences: a row continued by several beams is forked, and the forks share its pages
 until they write to them (copy on write). ``generate`` expands the prompt to one row per beam
 before the first forward, so each beam starts with its own copy; sharing comes with the first
 reorder that continues one beam twice.
@@ -30,8 +30,9 @@ reorder that continues one beam twice.
 Limits of this version (each raises a ``ValueError`` naming it): every kv head, layer and row must
 keep the same number of tokens (one mask serves all of them); a policy with a batch that has
 padding (rows of unequal length: kept tokens would no longer line up with the attention mask's
-columns), and a policy with a batch of more than one row built from the config alone (the padding
-check reads the mask at the model's first attention module); policies that observe attention
+columns), and a policy with a batch of more than one row where the padding cannot be seen (the
+check reads the 2D ``attention_mask`` the model's forward is given, so it needs the model, not its
+config); policies that observe attention
 weights (h2o, tova, scissorhands, a2sf) or query statistics (expected_attention), cake, and
 storages keeping keys before RoPE (``pre_rope=1``) are not supported; nor is ``crop`` (assisted
 decoding). Needs ``torch`` and ``transformers`` (not needed by ``import kvc``).
@@ -39,6 +40,7 @@ decoding). Needs ``torch`` and ``transformers`` (not needed by ``import kvc``).
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import numpy as np
 
@@ -183,10 +185,12 @@ class Cache(_HFCache):
         self.spec = spec
         self.one_shot = one_shot
         self.compressing = not one_shot
-        self.reports = []                 # CompressReport of every layer compressed, in order
+        self.reports = []                 # CompressReport of every (layer, row) compressed, in order
         self._queries = [None] * layers   # rolling window of rotated queries per layer, float32 [B, n, Hq, D]
         self._hooks = []
-        self._padded = None               # whether this forward's mask masks a token of some row (layer 0's hook)
+        self._padded = None               # this forward's 2D mask hides a token (the model's hook); None: unknown
+        self._mask_hooked = False
+        self._queries_before = None       # (layer, window) before the last query hook ran: restored on a refusal
         self._kept_layer0 = 0
         self._num_kv_heads, self._num_q_heads, self._head_dim = kv_heads, q_heads, head_dim
         super().__init__(layers=[_Layer(self, i) for i in range(layers)])
@@ -196,7 +200,12 @@ class Cache(_HFCache):
             if missing:
                 raise ValueError(f"kvc.hf.Cache: the model has no attention module (with q_proj and layer_idx) for "
                                  f"layers {missing}, expected one per layer of config.num_hidden_layers={layers}")
-            self._hooks.append(modules[0].register_forward_pre_hook(self._mask_hook, with_kwargs=True))
+            # The padding check lives as long as the cache (close() keeps it: evicted rows stay
+            # misaligned with a padded mask after compression stops); a weak reference, so the
+            # model does not keep the cache and its pages alive.
+            handle = model.register_forward_pre_hook(_mask_hook(weakref.ref(self)), with_kwargs=True)
+            weakref.finalize(self, handle.remove)
+            self._mask_hooked = True
             if observes == "query_window":
                 for i in range(layers):
                     self._hooks.append(modules[i].register_forward_pre_hook(self._query_hook(i), with_kwargs=True))
@@ -206,21 +215,11 @@ class Cache(_HFCache):
         """The kvc sequence of the batch's first row (the only one at batch size 1)."""
         return self.seqs[0]
 
-    # -- queries and the mask ----------------------------------------------------------------------
-    def _mask_hook(self, module, args, kwargs):
-        """Layer 0's attention, before its cache update: whether this forward's mask hides a token
-        from the newest query of some row, i.e. the batch has padding. The newest query of a row
-        sees every token of it under a causal mask, so a masked column there is a padded one."""
-        mask = kwargs.get("attention_mask")
-        if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-            self._padded = False  # no mask (sdpa's causal path): no padding
-            return None
-        last = mask[:, :, -1, :]
-        self._padded = bool((~last).any() if last.dtype == torch.bool else (last != 0).any())
-        return None
-
+    # -- queries ---------------------------------------------------------------------------------
     def _query_hook(self, layer):
         def hook(module, args, kwargs):
+            if _forward_cache(kwargs) is not self:
+                return None  # another cache's forward
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
             with torch.no_grad():
@@ -231,6 +230,7 @@ class Cache(_HFCache):
             prev = self._queries[layer]
             q = q if prev is None or prev.shape[0] != q.shape[0] else np.concatenate([prev, q], axis=1)
             window = self.kvc.window
+            self._queries_before = (layer, prev)
             # A copy, not a view: q[:, -window:] of the prompt's queries would keep all of them alive
             # (4.4 MiB a layer for SmolLM2 at 2,016 tokens, ~133 MiB over 30 layers) until the next step.
             self._queries[layer] = q if window < 0 else q[:, -window:].copy()
@@ -284,17 +284,22 @@ class Cache(_HFCache):
         rows = shape[0]
         if rows != len(self.seqs) and not (layer == 0 and self._fresh()):
             raise ValueError(f"kvc.hf.Cache: key_states has batch size {rows}, expected {len(self.seqs)} (the rows "
-                             "this cache holds; a new batch needs reset() or a new cache)")
-        if layer == 0 and rows > 1 and self.kvc.policy is not None:
-            if self._padded is None:
-                raise ValueError(f"kvc.hf.Cache: spec = '{self.spec}' compresses a batch of {rows} rows, but the "
-                                 "cache was built from the config, so it cannot see whether the batch is padded; "
-                                 "expected model_or_config to be the model")
-            if self._padded:
-                raise ValueError(f"kvc.hf.Cache: spec = '{self.spec}' compresses, but the batch of {rows} rows has "
-                                 "padding (its attention mask hides tokens of some rows), and evicted rows would no "
-                                 "longer line up with the mask's columns; expected rows of equal length without "
-                                 "padding, or a spec without a policy")
+                             "this cache holds; a new batch needs reset() or a new cache, and more rows of this "
+                             "one batch_repeat_interleave or batch_select_indices)")
+        if layer == 0 and self.kvc.policy is not None:
+            padded, self._padded = self._padded, None  # read once: the next forward's hook sets it again
+            if padded:
+                raise ValueError(f"kvc.hf.Cache: spec = '{self.spec}' compresses, but the batch of {rows} row(s) has "
+                                 "padding (its attention_mask hides tokens), and evicted rows would no longer line "
+                                 "up with the mask's columns; expected rows of equal length without padding, or a "
+                                 "spec without a policy")
+            if padded is None and rows > 1:
+                why = ("the model's forward had an attention_mask kvc.hf cannot read (expected a 2D tensor or "
+                       "None), or the model called was not the one the cache was built with"
+                       if self._mask_hooked else "the cache was built from the config")
+                raise ValueError(f"kvc.hf.Cache: spec = '{self.spec}' compresses a batch of {rows} rows, but {why}, "
+                                 "so it cannot see whether the batch is padded; expected model_or_config to be the "
+                                 "model, called with a 2D attention_mask or none")
         if rows != len(self.seqs):  # the first forward: one sequence per row
             for _ in range(rows - len(self.seqs)):
                 self.seqs.append(self.kvc.add_sequence())
@@ -307,7 +312,12 @@ class Cache(_HFCache):
         return all(self.kvc.seen(s, i) == 0 for s in self.seqs for i in range(len(self.layers)))
 
     def _update(self, layer, key_states, value_states):
-        self._check_batch(layer, key_states)
+        try:
+            self._check_batch(layer, key_states)
+        except ValueError:
+            if self._queries_before is not None and self._queries_before[0] == layer:
+                self._queries[layer] = self._queries_before[1]  # the refused forward's queries are not kept
+            raise
         kept_before = self._kept(layer)
         if layer == 0:
             self._kept_layer0 = kept_before  # what this forward's mask was sized by
@@ -365,11 +375,12 @@ class Cache(_HFCache):
                 if s != self.seqs[r]:
                     self.kvc.remove_sequence(s)
             raise
+        queries = [q[rows] if q is not None and q.shape[0] == len(self.seqs) else None for q in self._queries]
         for r, s in enumerate(self.seqs):
             if r not in used:
                 self.kvc.remove_sequence(s)
         self.seqs = new
-        self._queries = [None if q is None else q[rows] for q in self._queries]
+        self._queries = queries
 
     def reorder_cache(self, beam_idx):
         """Beam search: row i continues beam beam_idx[i]."""
@@ -405,6 +416,31 @@ class Cache(_HFCache):
     def __repr__(self):
         return (f"kvc.hf.Cache('{self.kvc.spec}', layers={len(self.layers)}, rows={len(self.seqs)}, "
                 f"seen={self._seen(0)}, kept={self._kept(0)})")
+
+
+def _forward_cache(kwargs):
+    """The cache a forward was given (transformers 5.25 names it ``cache``, earlier ``past_key_values``)."""
+    return kwargs["cache"] if "cache" in kwargs else kwargs.get("past_key_values")
+
+
+def _mask_hook(cache_ref):
+    """A pre-hook on the model: whether its forward's attention_mask (2D, [batch, tokens]; what
+    generate and callers pass) hides a token of some row. None when the mask is of another form.
+    The check comes before any attention backend turns the mask into its own (a 4D tensor, a
+    BlockMask, or nothing for flash attention), so it reads the same for every backend."""
+    def hook(module, args, kwargs):
+        cache = cache_ref()
+        if cache is None or _forward_cache(kwargs) is not cache:
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            cache._padded = False
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            cache._padded = bool((mask == 0).any())
+        else:
+            cache._padded = None
+        return None
+    return hook
 
 
 @contextlib.contextmanager
