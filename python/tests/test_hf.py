@@ -212,8 +212,10 @@ def test_query_window_holds_only_the_window(model, tokens):
 def test_errors_name_the_argument(model):
     with pytest.raises(ValueError, match="model_or_config must be the model"):
         kvc.hf.Cache("snapkv(ratio=0.5)", model.config)
-    with pytest.raises(ValueError, match="observes 'attention'"):
-        kvc.hf.Cache("h2o(ratio=0.5)", model)
+    with pytest.raises(ValueError, match="observes 'query_stats'"):
+        kvc.hf.Cache("expected_attention(ratio=0.5)", model)
+    with pytest.raises(ValueError, match="the policy observes attention, so model_or_config must be the model"):
+        kvc.hf.Cache("h2o(ratio=0.5)", model.config)
     with pytest.raises(ValueError, match="model_or_config is a str"):
         kvc.hf.Cache("fp32", "SmolLM2")
     cache = kvc.hf.Cache("fp32", model.config)
@@ -229,7 +231,7 @@ def test_errors_name_the_argument(model):
 
 
 KVC_LLAMA = os.environ.get("KVC_LLAMA")
-SPECS = ["snapkv(ratio=0.5)", "snapkv(ratio=0.75,window=16)", "knorm(ratio=0.5)"]
+SPECS = ["snapkv(ratio=0.5)", "snapkv(ratio=0.75,window=16)", "knorm(ratio=0.5)", "h2o(ratio=0.5)", "tova(ratio=0.5)"]
 
 
 @pytest.mark.skipif(not (KVC_LLAMA and os.access(KVC_LLAMA, os.X_OK)),
@@ -293,11 +295,12 @@ def test_padded_batch_generate_equals_dynamic_cache(model, tokens):
     assert diff <= TOL
 
 
-def test_batch_rows_compress_as_they_would_alone(model, tokens):
-    """A batch of two prompts under snapkv: each row keeps the positions, and gets the logits, that
-    its prompt gets in a batch of one."""
+@pytest.mark.parametrize("spec", ["snapkv(ratio=0.5,window=16)", "h2o(ratio=0.5)"])
+def test_batch_rows_compress_as_they_would_alone(model, tokens, spec):
+    """A batch of two prompts under a policy observing the query window (snapkv) or the attention
+    of every token (h2o): each row keeps the positions, and gets the logits, that its prompt gets
+    in a batch of one, through the prompt and 3 decode steps."""
     prompts = [tokens[:, :96], tokens[:, 120:216]]
-    spec = "snapkv(ratio=0.5,window=16)"
     cache = kvc.hf.Cache(spec, model)
     got = batch_step_logits(model, torch.cat(prompts), cache, steps=3)
     cache.close()

@@ -32,10 +32,13 @@ keep the same number of tokens (one mask serves all of them); a policy with a ba
 padding (rows of unequal length: kept tokens would no longer line up with the attention mask's
 columns), and a policy with a batch of more than one row where the padding cannot be seen (the
 check reads the 2D ``attention_mask`` the model's forward is given, so it needs the model, not its
-config); policies that observe attention
-weights (h2o, tova, scissorhands, a2sf) or query statistics (expected_attention), cake, and
-storages keeping keys before RoPE (``pre_rope=1``) are not supported; nor is ``crop`` (assisted
-decoding). Needs ``torch`` and ``transformers`` (not needed by ``import kvc``).
+config); policies that observe query statistics (expected_attention), cake, and storages keeping
+keys before RoPE (``pre_rope=1``) are not supported; nor is ``crop`` (assisted decoding).
+
+Policies observing attention (h2o, tova, scissorhands, a2sf) are fed as kvc-llama feeds them: each
+token of a forward is appended alone and its rotated query (from the query hooks) attends over
+what its row keeps, through kvc's kernel, which feeds the observer; the output is discarded, as
+transformers attends over the gathered copy. That is a second attention per token and layer. Needs ``torch`` and ``transformers`` (not needed by ``import kvc``).
 """
 from __future__ import annotations
 
@@ -171,14 +174,14 @@ class Cache(_HFCache):
         self.kvc = _kvc.Cache(spec, num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
                               num_q_heads=q_heads, page_size=page_size, max_pages=max_pages, **kwargs)
         observes = self.kvc.observes
-        if observes in ("attention", "query_stats"):
+        if observes == "query_stats":
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}': the policy observes {observes!r}, which kvc.hf does "
-                             "not feed yet; expected a policy observing 'query_window' or 'nothing'")
+                             "not feed yet; expected a policy observing 'query_window', 'attention' or 'nothing'")
         if self.kvc.pre_rope_keys:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}' keeps keys before RoPE (pre_rope=1), but transformers "
                              "hands the cache rotated keys; expected a storage without pre_rope")
-        if observes == "query_window" and model is None:
-            raise ValueError(f"kvc.hf.Cache: spec = '{spec}': the policy observes the query window, so "
+        if observes in ("query_window", "attention") and model is None:
+            raise ValueError(f"kvc.hf.Cache: spec = '{spec}': the policy observes {observes.replace('_', ' ')}, so "
                              "model_or_config must be the model (its attention modules give the queries), "
                              "not its config")
         self.seqs = [self.kvc.add_sequence()]  # one kvc sequence per row of the batch
@@ -206,7 +209,7 @@ class Cache(_HFCache):
             handle = model.register_forward_pre_hook(_mask_hook(weakref.ref(self)), with_kwargs=True)
             weakref.finalize(self, handle.remove)
             self._mask_hooked = True
-            if observes == "query_window":
+            if observes in ("query_window", "attention"):
                 for i in range(layers):
                     self._hooks.append(modules[i].register_forward_pre_hook(self._query_hook(i), with_kwargs=True))
 
@@ -228,9 +231,12 @@ class Cache(_HFCache):
                 q = q * c + _rotate_half(q) * s
                 q = q.detach().to("cpu", torch.float32).contiguous().numpy()  # [B, n, Hq, D]
             prev = self._queries[layer]
+            self._queries_before = (layer, prev)
+            if self.kvc.observes == "attention":  # this forward's queries, attended one by one in _update
+                self._queries[layer] = q
+                return None
             q = q if prev is None or prev.shape[0] != q.shape[0] else np.concatenate([prev, q], axis=1)
             window = self.kvc.window
-            self._queries_before = (layer, prev)
             # A copy, not a view: q[:, -window:] of the prompt's queries would keep all of them alive
             # (4.4 MiB a layer for SmolLM2 at 2,016 tokens, ~133 MiB over 30 layers) until the next step.
             self._queries[layer] = q if window < 0 else q[:, -window:].copy()
@@ -329,8 +335,11 @@ class Cache(_HFCache):
         # [B, H, n, D] -> [B, n, H, D], float32, C-contiguous, on the CPU: kvc's layout per row.
         k = key_states.detach().transpose(1, 2).to("cpu", torch.float32).contiguous().numpy()
         v = value_states.detach().transpose(1, 2).to("cpu", torch.float32).contiguous().numpy()
-        for row, seq in enumerate(self.seqs):
-            self.kvc.append(seq, layer, k[row], v[row])
+        if self.kvc.observes == "attention" and self.kvc.policy is not None and self.compressing:
+            self._append_attending(layer, k, v)
+        else:
+            for row, seq in enumerate(self.seqs):
+                self.kvc.append(seq, layer, k[row], v[row])
         phase = None
         if self.kvc.policy is not None and self.compressing:
             if self.one_shot or kept_before == 0:
@@ -345,6 +354,22 @@ class Cache(_HFCache):
         for row, seq in enumerate(self.seqs):
             self.reports.append(phase(seq, layer, queries=None if queries is None else queries[row]))
         return out
+
+    def _append_attending(self, layer, k, v):
+        """Policies observing attention (H2O, TOVA, Scissorhands, A2SF): each token is appended, then
+        its rotated query attends over what the row keeps, which feeds the policy's observer, as
+        kvc-llama's token-by-token prefill does. The output is not used: transformers attends over
+        the gathered copy."""
+        q = self._queries[layer]
+        self._queries[layer] = None
+        if q is None or q.shape[:2] != k.shape[:2]:
+            raise ValueError(f"kvc.hf.Cache: layer {layer} has no queries of this forward (shape "
+                             f"{None if q is None else q.shape[:2]}, expected {k.shape[:2]}); a policy observing "
+                             "attention needs the query hooks of the model it was built with (close() removed them?)")
+        for row, seq in enumerate(self.seqs):
+            for i in range(k.shape[1]):
+                self.kvc.append(seq, layer, k[row, i:i + 1], v[row, i:i + 1])
+                self.kvc.attention(seq, layer, q[row, i])
 
     def reset(self):
         """Drops every row; the next forward starts a new batch of any size."""
