@@ -212,8 +212,14 @@ def test_query_window_holds_only_the_window(model, tokens):
 def test_errors_name_the_argument(model):
     with pytest.raises(ValueError, match="model_or_config must be the model"):
         kvc.hf.Cache("snapkv(ratio=0.5)", model.config)
-    with pytest.raises(ValueError, match="observes 'query_stats'"):
-        kvc.hf.Cache("expected_attention(ratio=0.5)", model)
+    with pytest.raises(ValueError, match="the policy observes query stats, so model_or_config must be the model"):
+        kvc.hf.Cache("expected_attention(ratio=0.5)", model.config)
+    ea = kvc.hf.Cache("expected_attention(ratio=0.5)", model)  # statistics per layer: one row only
+    with pytest.raises(ValueError, match="kvc keeps per layer, not per sequence, and the batch has 2 rows"):
+        with torch.no_grad():
+            model(torch.zeros(2, 4, dtype=torch.long), cache=ea)
+    assert ea.kvc.tokens_held == 0
+    ea.close()
     with pytest.raises(ValueError, match="the policy observes attention, so model_or_config must be the model"):
         kvc.hf.Cache("h2o(ratio=0.5)", model.config)
     with pytest.raises(ValueError, match="model_or_config is a str"):
@@ -231,7 +237,8 @@ def test_errors_name_the_argument(model):
 
 
 KVC_LLAMA = os.environ.get("KVC_LLAMA")
-SPECS = ["snapkv(ratio=0.5)", "snapkv(ratio=0.75,window=16)", "knorm(ratio=0.5)", "h2o(ratio=0.5)", "tova(ratio=0.5)"]
+SPECS = ["snapkv(ratio=0.5)", "snapkv(ratio=0.75,window=16)", "knorm(ratio=0.5)", "h2o(ratio=0.5)", "tova(ratio=0.5)",
+         "expected_attention(ratio=0.5)"]
 
 
 @pytest.mark.skipif(not (KVC_LLAMA and os.access(KVC_LLAMA, os.X_OK)),

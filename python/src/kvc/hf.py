@@ -32,13 +32,16 @@ keep the same number of tokens (one mask serves all of them); a policy with a ba
 padding (rows of unequal length: kept tokens would no longer line up with the attention mask's
 columns), and a policy with a batch of more than one row where the padding cannot be seen (the
 check reads the 2D ``attention_mask`` the model's forward is given, so it needs the model, not its
-config); policies that observe query statistics (expected_attention), cake, and storages keeping
-keys before RoPE (``pre_rope=1``) are not supported; nor is ``crop`` (assisted decoding).
+config); a policy observing query statistics (expected_attention) with more than one row (kvc
+keeps the statistics per layer, not per sequence); cake, and storages keeping keys before RoPE
+(``pre_rope=1``) are not supported; nor is ``crop`` (assisted decoding).
 
 Policies observing attention (h2o, tova, scissorhands, a2sf) are fed as kvc-llama feeds them: each
 token of a forward is appended alone and its rotated query (from the query hooks) attends over
 what its row keeps, through kvc's kernel, which feeds the observer; the output is discarded, as
-transformers attends over the gathered copy. That is a second attention per token and layer. Needs ``torch`` and ``transformers`` (not needed by ``import kvc``).
+transformers attends over the gathered copy. That is a second attention per token and layer.
+Expected Attention (query statistics) gets each forward's queries before RoPE from the same hooks
+(``kvc.Cache.observe_queries``), as kvc-llama hands them over. Needs ``torch`` and ``transformers`` (not needed by ``import kvc``).
 """
 from __future__ import annotations
 
@@ -174,13 +177,10 @@ class Cache(_HFCache):
         self.kvc = _kvc.Cache(spec, num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
                               num_q_heads=q_heads, page_size=page_size, max_pages=max_pages, **kwargs)
         observes = self.kvc.observes
-        if observes == "query_stats":
-            raise ValueError(f"kvc.hf.Cache: spec = '{spec}': the policy observes {observes!r}, which kvc.hf does "
-                             "not feed yet; expected a policy observing 'query_window', 'attention' or 'nothing'")
         if self.kvc.pre_rope_keys:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}' keeps keys before RoPE (pre_rope=1), but transformers "
                              "hands the cache rotated keys; expected a storage without pre_rope")
-        if observes in ("query_window", "attention") and model is None:
+        if observes in ("query_window", "attention", "query_stats") and model is None:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}': the policy observes {observes.replace('_', ' ')}, so "
                              "model_or_config must be the model (its attention modules give the queries), "
                              "not its config")
@@ -209,7 +209,7 @@ class Cache(_HFCache):
             handle = model.register_forward_pre_hook(_mask_hook(weakref.ref(self)), with_kwargs=True)
             weakref.finalize(self, handle.remove)
             self._mask_hooked = True
-            if observes in ("query_window", "attention"):
+            if observes in ("query_window", "attention", "query_stats"):
                 for i in range(layers):
                     self._hooks.append(modules[i].register_forward_pre_hook(self._query_hook(i), with_kwargs=True))
 
@@ -225,14 +225,16 @@ class Cache(_HFCache):
                 return None  # another cache's forward
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
+            stats = self.kvc.observes == "query_stats"  # Expected Attention: the queries before RoPE
             with torch.no_grad():
                 q = module.q_proj(hidden).view(hidden.shape[0], hidden.shape[1], -1, self._head_dim)
-                c, s = cos.unsqueeze(2), sin.unsqueeze(2)          # [B, n, 1, D] against [B, n, Hq, D]
-                q = q * c + _rotate_half(q) * s
+                if not stats:
+                    c, s = cos.unsqueeze(2), sin.unsqueeze(2)          # [B, n, 1, D] against [B, n, Hq, D]
+                    q = q * c + _rotate_half(q) * s
                 q = q.detach().to("cpu", torch.float32).contiguous().numpy()  # [B, n, Hq, D]
             prev = self._queries[layer]
             self._queries_before = (layer, prev)
-            if self.kvc.observes == "attention":  # this forward's queries, attended one by one in _update
+            if self.kvc.observes in ("attention", "query_stats"):  # this forward's queries, used in _update
                 self._queries[layer] = q
                 return None
             q = q if prev is None or prev.shape[0] != q.shape[0] else np.concatenate([prev, q], axis=1)
@@ -299,6 +301,9 @@ class Cache(_HFCache):
                                  "padding (its attention_mask hides tokens), and evicted rows would no longer line "
                                  "up with the mask's columns; expected rows of equal length without padding, or a "
                                  "spec without a policy")
+            if self.kvc.observes == "query_stats" and rows > 1:
+                raise ValueError(f"kvc.hf.Cache: spec = '{self.spec}' observes query statistics, which kvc keeps per "
+                                 f"layer, not per sequence, and the batch has {rows} rows; expected batch size 1")
             if padded is None and rows > 1:
                 why = ("the model's forward had an attention_mask kvc.hf cannot read (expected a 2D tensor or "
                        "None), or the model called was not the one the cache was built with"
@@ -335,6 +340,8 @@ class Cache(_HFCache):
         # [B, H, n, D] -> [B, n, H, D], float32, C-contiguous, on the CPU: kvc's layout per row.
         k = key_states.detach().transpose(1, 2).to("cpu", torch.float32).contiguous().numpy()
         v = value_states.detach().transpose(1, 2).to("cpu", torch.float32).contiguous().numpy()
+        if self.kvc.observes == "query_stats" and self.kvc.policy is not None and self.compressing:
+            self.kvc.observe_queries(layer, self._forward_queries(layer, k)[0])  # after the checks: a refusal adds none
         if self.kvc.observes == "attention" and self.kvc.policy is not None and self.compressing:
             self._append_attending(layer, k, v)
         else:
@@ -355,17 +362,24 @@ class Cache(_HFCache):
             self.reports.append(phase(seq, layer, queries=None if queries is None else queries[row]))
         return out
 
-    def _append_attending(self, layer, k, v):
-        """Policies observing attention (H2O, TOVA, Scissorhands, A2SF): each token is appended, then
-        its rotated query attends over what the row keeps, which feeds the policy's observer, as
-        kvc-llama's token-by-token prefill does. The output is not used: transformers attends over
-        the gathered copy."""
+    def _forward_queries(self, layer, k):
+        """This forward's queries of one layer, [B, n, Hq, D], taken from the hook (which saw them
+        before the attention module ran) for the policies that read them in _update."""
         q = self._queries[layer]
         self._queries[layer] = None
         if q is None or q.shape[:2] != k.shape[:2]:
             raise ValueError(f"kvc.hf.Cache: layer {layer} has no queries of this forward (shape "
                              f"{None if q is None else q.shape[:2]}, expected {k.shape[:2]}); a policy observing "
-                             "attention needs the query hooks of the model it was built with (close() removed them?)")
+                             f"{self.kvc.observes!r} needs the query hooks of the model it was built with (close() "
+                             "removed them?)")
+        return q
+
+    def _append_attending(self, layer, k, v):
+        """Policies observing attention (H2O, TOVA, Scissorhands, A2SF): each token is appended, then
+        its rotated query attends over what the row keeps, which feeds the policy's observer, as
+        kvc-llama's token-by-token prefill does. The output is not used: transformers attends over
+        the gathered copy."""
+        q = self._forward_queries(layer, k)
         for row, seq in enumerate(self.seqs):
             for i in range(k.shape[1]):
                 self.kvc.append(seq, layer, k[row, i:i + 1], v[row, i:i + 1])
