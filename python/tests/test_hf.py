@@ -347,7 +347,7 @@ def test_batch_errors_leave_the_cache_unchanged(model, tokens):
     other = kvc.hf.Cache("fp32", model.config)  # another cache's forwards do not reach this one's hooks
     with torch.no_grad():
         model(ids, cache=other, attention_mask=mask)
-    assert all(q is None for q in cache._queries)
+    assert all(q is None for q in cache._queries) and cache._padded is None
     with torch.no_grad():  # the same batch without padding goes through
         model(ids, cache=cache)
     assert len(cache.seqs) == 2 and cache._queries[0].shape[:2] == (2, 8) and cache._kept(0) == 16
@@ -372,6 +372,32 @@ def test_batch_errors_leave_the_cache_unchanged(model, tokens):
         with torch.no_grad():
             model(ids[:1, :4], cache=fp)
     assert (list(fp.seqs), fp.kvc.tokens_held, fp.bytes_in_use()) == before
+
+
+@pytest.mark.parametrize("spec", ["h2o(ratio=0.5)", "expected_attention(ratio=0.5)"])
+def test_observing_policies_press_and_reset(model, tokens, spec):
+    """Policies observing attention (h2o) or query statistics (expected attention): press compresses
+    the context to half and keeps no queries; after reset() the same prompt keeps the positions a
+    fresh cache keeps (expected attention's per-layer statistics start over)."""
+    ids, other = tokens[:, :96], tokens[:, 120:216]
+    with kvc.hf.press(model, spec) as pressed:
+        with torch.no_grad():
+            model(ids, cache=pressed)
+    assert pressed._kept(0) == 48 and all(q is None for q in pressed._queries)
+    kept = pressed.kept_positions()
+    with torch.no_grad():
+        model(tokens[:, 96:104], cache=pressed)  # after the block: appended whole, no query computed
+    assert pressed._kept(0) == 48 + 8 and all(q is None for q in pressed._queries)
+    cache = kvc.hf.Cache(spec, model)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        assert cache.kept_positions() == kept and cache._kept(0) == 48
+        cache.reset()
+        model(other, cache=cache)
+        cache.reset()
+        model(ids, cache=cache)
+    cache.close()
+    assert cache.kept_positions() == kept
 
 
 def test_reshaping_moves_rows_and_shares_pages(model, tokens):

@@ -68,7 +68,7 @@ def test_fork_copies_then_diverges(rng):
 
 
 def test_fork_compresses_on_its_sources_steps(rng):
-    """A fork keeps its source's decode step counters (and observer statistics): with interval 10
+    """A fork keeps its source's decode step counters: with interval 10
     and slack 20, fed the same tokens, a fork taken between two due steps compresses on the same
     steps and keeps the same positions (beam search: kvc.hf forks a beam that continues twice)."""
     c = kvc.Cache("knorm(ratio=0.5,interval=10,slack=20)+fp32", num_layers=2, num_kv_heads=2, head_dim=8)

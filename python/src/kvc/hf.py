@@ -149,9 +149,12 @@ class Cache(_HFCache):
 
     ``spec`` is a kvc spec, ``[policy+]storage`` (see ``kvc.policies()``, ``kvc.storages()``); with
     no policy and the ``fp32`` storage the cache is exact. Pass the model (not only its config) when
-    the policy observes the query window (snapkv, ...): the cache then registers forward pre-hooks
-    on the attention modules that recompute each layer's rotated queries (``q_proj`` and the
-    model's own cos/sin), and removes them with ``close()``.
+    the policy observes queries (the query window: snapkv, ...; attention: h2o, tova, ...; query
+    statistics: expected_attention): the cache then registers forward pre-hooks on the attention
+    modules that recompute each layer's queries (``q_proj``, ``q_norm`` where the model has one,
+    and the model's own cos/sin), and removes them with ``close()``. With a policy and the model it
+    also hooks the model's forward to read the batch's padding from its 2D ``attention_mask``; that
+    hook lasts as long as the cache.
 
     Compression: ``one_shot=False`` (default): after the prompt's forward (``after_prefill``) and
     after every decode step (``after_decode_step``, which compresses only if the policy has a
@@ -174,8 +177,9 @@ class Cache(_HFCache):
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // q_heads)
         theta = _rope_theta(text)
         kwargs = {"rope_theta": theta} if theta else {}
-        self.kvc = _kvc.Cache(spec, num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
-                              num_q_heads=q_heads, page_size=page_size, max_pages=max_pages, **kwargs)
+        self._kvc_args = dict(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, num_q_heads=q_heads,
+                              page_size=page_size, max_pages=max_pages, **kwargs)
+        self.kvc = _kvc.Cache(spec, **self._kvc_args)
         observes = self.kvc.observes
         if self.kvc.pre_rope_keys:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}' keeps keys before RoPE (pre_rope=1), but transformers "
@@ -190,6 +194,7 @@ class Cache(_HFCache):
         self.compressing = not one_shot
         self.reports = []                 # CompressReport of every (layer, row) compressed, in order
         self._queries = [None] * layers   # rolling window of rotated queries per layer, float32 [B, n, Hq, D]
+        self._scaling = [None] * layers   # each attention module's softmax scale (kvc.Cache.attention's scale)
         self._hooks = []
         self._padded = None               # this forward's 2D mask hides a token (the model's hook); None: unknown
         self._mask_hooked = False
@@ -226,8 +231,14 @@ class Cache(_HFCache):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
             stats = self.kvc.observes == "query_stats"  # Expected Attention: the queries before RoPE
+            if self.kvc.observes in ("attention", "query_stats") and not self.compressing:
+                self._queries[layer] = None  # read only while compressing: no query kept, none computed
+                return None
+            self._scaling[layer] = getattr(module, "scaling", None)
             with torch.no_grad():
                 q = module.q_proj(hidden).view(hidden.shape[0], hidden.shape[1], -1, self._head_dim)
+                if getattr(module, "q_norm", None) is not None:  # Qwen3 and kin normalise q before RoPE
+                    q = module.q_norm(q)
                 if not stats:
                     c, s = cos.unsqueeze(2), sin.unsqueeze(2)          # [B, n, 1, D] against [B, n, Hq, D]
                     q = q * c + _rotate_half(q) * s
@@ -301,7 +312,7 @@ class Cache(_HFCache):
                                  "padding (its attention_mask hides tokens), and evicted rows would no longer line "
                                  "up with the mask's columns; expected rows of equal length without padding, or a "
                                  "spec without a policy")
-            if self.kvc.observes == "query_stats" and rows > 1:
+            if self.kvc.observes == "query_stats" and rows > 1 and self.compressing:
                 raise ValueError(f"kvc.hf.Cache: spec = '{self.spec}' observes query statistics, which kvc keeps per "
                                  f"layer, not per sequence, and the batch has {rows} rows; expected batch size 1")
             if padded is None and rows > 1:
@@ -329,6 +340,8 @@ class Cache(_HFCache):
             if self._queries_before is not None and self._queries_before[0] == layer:
                 self._queries[layer] = self._queries_before[1]  # the refused forward's queries are not kept
             raise
+        finally:
+            self._queries_before = None
         kept_before = self._kept(layer)
         if layer == 0:
             self._kept_layer0 = kept_before  # what this forward's mask was sized by
@@ -380,15 +393,21 @@ class Cache(_HFCache):
         kvc-llama's token-by-token prefill does. The output is not used: transformers attends over
         the gathered copy."""
         q = self._forward_queries(layer, k)
+        scale = float(self._scaling[layer]) if self._scaling[layer] is not None else 0.0  # 0: 1/sqrt(D)
         for row, seq in enumerate(self.seqs):
             for i in range(k.shape[1]):
                 self.kvc.append(seq, layer, k[row, i:i + 1], v[row, i:i + 1])
-                self.kvc.attention(seq, layer, q[row, i])
+                self.kvc.attention(seq, layer, q[row, i], scale=scale)
 
     def reset(self):
-        """Drops every row; the next forward starts a new batch of any size."""
-        for s in self.seqs:
-            self.kvc.remove_sequence(s)
+        """Drops every row; the next forward starts a new batch of any size. A policy observing query
+        statistics (kvc keeps them per layer, for every sequence) starts from a new kvc cache, so a
+        new prompt is not compressed with the last one's statistics."""
+        if self.kvc.observes == "query_stats":
+            self.kvc = _kvc.Cache(self.spec, **self._kvc_args)
+        else:
+            for s in self.seqs:
+                self.kvc.remove_sequence(s)
         self.seqs = [self.kvc.add_sequence()]
         self._queries = [None] * len(self._queries)
         self.reports = []
