@@ -35,22 +35,7 @@
 
 namespace llama {
 
-/// Forwards the members kvc's compressor and observer read to a runtime::any_cache.
-/// kvc/evict/core.hpp probes `Cache::value_type` when it checks for rewrite_keys, and
-/// any_cache has no value_type, so passing it directly does not compile (kvc at 2026-11-24).
-/// Drop this view once any_cache can be handed to the compressor directly.
-struct any_cache_view {
-    using value_type = float;
-    kvc::runtime::any_cache* c;
-    const kvc::cache_config& config() const { return c->config(); }
-    int32_t length(kvc::seq_id s, int32_t l, int32_t h) const { return c->length(s, l, h); }
-    const int32_t* positions(kvc::seq_id s, int32_t l, int32_t h) const { return c->positions(s, l, h); }
-    int32_t seen(kvc::seq_id s, int32_t l) const { return c->seen(s, l); }
-    void gather(kvc::seq_id s, int32_t l, int32_t h, float* k, float* v = nullptr) const { c->gather(s, l, h, k, v); }
-    void keep_layer(kvc::seq_id s, int32_t l, const std::vector<std::vector<int32_t>>& kept) { c->keep_layer(s, l, kept); }
-    std::size_t bytes_in_use() const { return c->bytes_in_use(); }
-    std::size_t bytes_in_use(int32_t l) const { return c->bytes_in_use(l); }
-};
+using kvc::runtime::any_cache_view;  // an any_cache as the compressor's and observer's Cache
 
 class kvc_store final : public kv_store {
 public:
@@ -195,8 +180,13 @@ public:
                 obs.stats = &qs;
             }
             if (observer_) obs.attention = &*observer_;
-            if (merger_) {
-                dropped += merge_layer(ph, view, l, obs);
+            if (merger_) {  // the compressor's selection and scores, then the merge instead of eviction
+                const std::optional<kvc::budget> b = ph == phase::prefill ? std::optional<kvc::budget>(comp_->options().target)
+                                                     : ph == phase::chunk ? std::optional<kvc::budget>(comp_->seen_budget(view, seq_, l))
+                                                                          : comp_->decode_step_budget(view, seq_, l);
+                if (!b) continue;
+                const kvc::evict::compress_report r = merger_->compress(*comp_, *cache_, seq_, l, obs, *b);
+                dropped += r.tokens_before - r.tokens_after;
                 continue;
             }
             kvc::evict::compress_report r = ph == phase::prefill ? comp_->after_prefill(view, seq_, l, obs)
@@ -205,27 +195,6 @@ public:
             dropped += r.tokens_before - r.tokens_after;
         }
         return dropped;
-    }
-
-    /// The compressor's selection and scores for one layer, then the merging stage instead of
-    /// plain eviction. Prefill and chunk phases (the budget as after_prefill / after_chunk take
-    /// it); decode-time merging is not wired here.
-    int64_t merge_layer(phase ph, any_cache_view& view, int l, const kvc::evict::observations& obs) {
-        if (ph == phase::decode)
-            throw std::invalid_argument("kvc_store: merging ('" + merger_->policy().text +
-                                        "') runs after prefill or after a chunk; per decode step it is not wired "
-                                        "in this engine (use a chunk of more than 1 token)");
-        const kvc::budget b = ph == phase::prefill ? comp_->options().target : comp_->seen_budget(view, seq_, l);
-        kvc::evict::layer_scores sc;
-        const kvc::evict::layer_selection sel = comp_->plan(view, seq_, l, obs, b, &sc);
-        int64_t before = 0, after = 0;
-        for (int h = 0; h < shape_.num_kv_heads; ++h) {
-            before += cache_->length(seq_, l, h);
-            after += static_cast<int64_t>(sel[static_cast<std::size_t>(h)].size());
-        }
-        if (before == after) return 0;
-        merger_->apply(*cache_, seq_, l, sc, sel);
-        return before - after;
     }
 
     int length(int layer, int kv_head) const override { return cache_->length(seq_, layer, kv_head); }

@@ -96,12 +96,6 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
             throw std::invalid_argument("cache spec '" + spec + "': merging stage '" + merge->text +
                                         "' needs an eviction stage before it, e.g. snapkv(ratio=0.5)+" + merge->text +
                                         " (the evictor sets the budget and scores the tokens)");
-        if (comp->scorer().what() == kvc::evict::observes::attention)
-            throw std::invalid_argument("cache spec '" + spec + "': merging stage '" + merge->text + "' after '" +
-                                        comp->scorer().scorer_name() +
-                                        "', which observes decode attention probabilities; the merged-token kernel "
-                                        "does not output them yet, expected a scorer that reads the cache or a query "
-                                        "window (snapkv, pyramidkv, expected_attention, knorm, ...)");
         if (storage != "fp16" && storage != "fp32")
             throw std::invalid_argument("cache spec '" + spec + "': merging stage '" + merge->text + "' over storage '" +
                                         storage + "'; expected fp16 or fp32 (merged tokens are weighted means of rows)");

@@ -42,22 +42,7 @@ struct shape {
   std::optional<kvc::rope_config> rope;
 };
 
-/// Forwards the members kvc's compressor and observer read to a runtime::any_cache (the
-/// compressor probes members any_cache does not have, as examples/llama/kvc_backend.hpp notes).
-struct any_cache_view {
-  using value_type = float;
-  kvc::runtime::any_cache* c;
-  const kvc::cache_config& config() const { return c->config(); }
-  std::int32_t length(kvc::seq_id s, std::int32_t l, std::int32_t h) const { return c->length(s, l, h); }
-  const std::int32_t* positions(kvc::seq_id s, std::int32_t l, std::int32_t h) const { return c->positions(s, l, h); }
-  std::int32_t seen(kvc::seq_id s, std::int32_t l) const { return c->seen(s, l); }
-  void gather(kvc::seq_id s, std::int32_t l, std::int32_t h, float* k, float* v = nullptr) const { c->gather(s, l, h, k, v); }
-  void keep_layer(kvc::seq_id s, std::int32_t l, const std::vector<std::vector<std::int32_t>>& kept) {
-    c->keep_layer(s, l, kept);
-  }
-  std::size_t bytes_in_use() const { return c->bytes_in_use(); }
-  std::size_t bytes_in_use(std::int32_t l) const { return c->bytes_in_use(l); }
-};
+using kvc::runtime::any_cache_view;  // an any_cache as the compressor's and observer's Cache
 
 enum class phase { prefill, chunk, decode, compress };
 

@@ -39,10 +39,10 @@ using kvc_test::copy_stream;
 using kvc_test::stream_copy;
 
 /// Dense decode attention in double: logit_t = scale q·k_t + bias_t (bias may be empty: 0).
-/// Returns out [D]; lse through the pointer.
+/// Returns out [D]; lse and the probabilities [n] through the pointers.
 std::vector<double> dense_attention(const float* q, const std::vector<float>& k, const std::vector<float>& v,
                                     const std::vector<float>& bias, std::int32_t n, std::int32_t D, double scale,
-                                    double* lse = nullptr) {
+                                    double* lse = nullptr, std::vector<double>* probs = nullptr) {
   std::vector<double> s(static_cast<std::size_t>(n)), out(static_cast<std::size_t>(D), 0.0);
   double mx = -std::numeric_limits<double>::infinity();
   for (std::int32_t t = 0; t < n; ++t) {
@@ -53,9 +53,11 @@ std::vector<double> dense_attention(const float* q, const std::vector<float>& k,
   }
   double z = 0;
   for (std::int32_t t = 0; t < n; ++t) z += std::exp(s[static_cast<std::size_t>(t)] - mx);
+  if (probs) probs->assign(static_cast<std::size_t>(n), 0.0);
   for (std::int32_t t = 0; t < n; ++t) {
     const double p = std::exp(s[static_cast<std::size_t>(t)] - mx) / z;
     for (std::int32_t d = 0; d < D; ++d) out[static_cast<std::size_t>(d)] += p * v[static_cast<std::size_t>(t) * D + d];
+    if (probs) (*probs)[static_cast<std::size_t>(t)] = p;
   }
   if (lse) *lse = n > 0 ? mx + std::log(z) : -std::numeric_limits<double>::infinity();
   return out;
@@ -140,7 +142,9 @@ stream_copy expected_merge(const stream_copy& b, const std::vector<merge_group>&
   return e;
 }
 
-/// Runs the kernel and checks every query head against dense_attention over the stream copies.
+/// Runs the kernel and checks every query head against dense_attention over the stream copies;
+/// a random choice of probability outputs (none, probs, group_probs, both) is checked with it,
+/// entries past each head's length left as they were.
 template <class T>
 void check_attention(const merged_cache<T>& c, kvc::seq_id s, std::int32_t layer, std::int32_t Hq, kvc_test::rng& r,
                      kvc::thread_pool* pool = nullptr) {
@@ -151,17 +155,40 @@ void check_attention(const merged_cache<T>& c, kvc::seq_id s, std::int32_t layer
   kvc::decode_options o;
   o.lse = lse.data();
   o.pool = pool;
+  const int want = r.integer(0, 3);  // bit 0: probs, bit 1: group_probs
+  std::int32_t longest = 0;
+  for (std::int32_t h = 0; h < cfg.num_kv_heads; ++h) longest = std::max(longest, c.length(s, layer, h));
+  o.probs_stride = want ? longest + r.integer(0, 5) : 0;
+  constexpr float sentinel = -7.25f;
+  std::vector<float> probs(static_cast<std::size_t>(Hq) * static_cast<std::size_t>(o.probs_stride), sentinel);
+  std::vector<float> gprobs(static_cast<std::size_t>(cfg.num_kv_heads) * static_cast<std::size_t>(o.probs_stride),
+                            sentinel);
+  if (want & 1) o.probs = probs.data();
+  if (want & 2) o.group_probs = gprobs.data();
+  INFO("probability outputs " << want << ", stride " << o.probs_stride);
   kvc::cpu::merged_decode_attention(c, s, layer, q.data(), Hq, out.data(), o);
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   for (std::int32_t h = 0; h < cfg.num_kv_heads; ++h) {
     const stream_copy st = copy_stream(c, s, layer, h);
     double vmax = 1;
     for (float x : st.v) vmax = std::max(vmax, std::fabs(double{x}));
+    std::vector<double> gsum(static_cast<std::size_t>(st.n), 0.0);
     for (std::int32_t g = 0; g < G; ++g) {
       const std::int32_t qh = h * G + g;
       double ref_lse = 0;
+      std::vector<double> ref_p;
       const auto ref = dense_attention(q.data() + static_cast<std::size_t>(qh) * D, st.k, st.v, st.lw, st.n, D, scale,
-                                       &ref_lse);
+                                       &ref_lse, &ref_p);
+      for (std::int32_t t = 0; t < st.n; ++t) gsum[static_cast<std::size_t>(t)] += ref_p[static_cast<std::size_t>(t)];
+      if (want & 1)
+        for (std::int32_t t = 0; t < o.probs_stride; ++t) {
+          const float got = probs[static_cast<std::size_t>(qh) * o.probs_stride + t];
+          if (t >= st.n)
+            KVC_REQUIRE(got == sentinel, "probs of q head " << qh << " written past the head's " << st.n << " tokens, at " << t);
+          else
+            KVC_REQUIRE(std::fabs(got - ref_p[static_cast<std::size_t>(t)]) <= 2e-5 * ref_p[static_cast<std::size_t>(t)] + 1e-7,
+                        "probs of q head " << qh << " token " << t << ": " << got << " vs " << ref_p[static_cast<std::size_t>(t)]);
+        }
       for (std::int32_t d = 0; d < D; ++d)
         KVC_REQUIRE(std::fabs(out[static_cast<std::size_t>(qh) * D + d] - ref[static_cast<std::size_t>(d)]) <= 2e-5 * vmax,
                     "kv head " << h << " q head " << qh << " d " << d << ": " << out[static_cast<std::size_t>(qh) * D + d]
@@ -172,6 +199,15 @@ void check_attention(const merged_cache<T>& c, kvc::seq_id s, std::int32_t layer
         KVC_REQUIRE(std::fabs(lse[static_cast<std::size_t>(qh)] - ref_lse) <= 2e-5 * (1 + std::fabs(ref_lse)),
                     "lse of q head " << qh);
     }
+    if (want & 2)
+      for (std::int32_t t = 0; t < o.probs_stride; ++t) {
+        const float got = gprobs[static_cast<std::size_t>(h) * o.probs_stride + t];
+        if (t >= st.n)
+          KVC_REQUIRE(got == sentinel, "group_probs of kv head " << h << " written past its " << st.n << " tokens, at " << t);
+        else
+          KVC_REQUIRE(std::fabs(got - gsum[static_cast<std::size_t>(t)]) <= 2e-5 * gsum[static_cast<std::size_t>(t)] + 1e-7 * G,
+                      "group_probs of kv head " << h << " token " << t << ": " << got << " vs " << gsum[static_cast<std::size_t>(t)]);
+      }
   }
 }
 
@@ -667,6 +703,29 @@ TEST_CASE("merged_prefill_attention against the dense causal reference", "[merge
   prefill_trials<kvc::half>(9800, nullptr);
   kvc::thread_pool pool(3);
   prefill_trials<float>(9900, &pool);
+}
+
+TEST_CASE("merged_decode_attention's probability outputs need a stride that holds the longest stream", "[merge]") {
+  kvc_test::rng r(9940);
+  merged_cache<float> c(kvc_test::cache_shape(1, 2, 16, 4, 256));
+  const kvc::seq_id s = c.add_sequence();
+  fill(c, s, 0, 10, r);
+  const auto q = r.normals(4 * 16);
+  std::vector<float> out(q.size(), 7.0f), probs(4 * 10, 7.0f);
+  kvc::decode_options o;
+  o.probs = probs.data();
+  o.probs_stride = 9;
+  kvc_test::require_error([&] { kvc::cpu::merged_decode_attention(c, s, 0, q.data(), 4, out.data(), o); },
+                          "probs_stride = 9, expected >= the longest stream (10 tokens)");
+  for (float x : out) REQUIRE(x == 7.0f);
+  for (float x : probs) REQUIRE(x == 7.0f);
+  o.probs_stride = 10;
+  kvc::cpu::merged_decode_attention(c, s, 0, q.data(), 4, out.data(), o);
+  for (std::int32_t qh = 0; qh < 4; ++qh) {  // each row is a distribution
+    double sum = 0;
+    for (std::int32_t t = 0; t < 10; ++t) sum += probs[static_cast<std::size_t>(qh) * 10 + t];
+    KVC_REQUIRE(std::fabs(sum - 1.0) <= 1e-5, "q head " << qh << " sums to " << sum);
+  }
 }
 
 TEST_CASE("merged_prefill_attention rejects bad arguments and writes nothing", "[merge]") {

@@ -10,9 +10,11 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include <kvc/evict/h2o.hpp>
 #include <kvc/runtime/merge_registry.hpp>
 #include <kvc/runtime/make_cache.hpp>
 #include <kvc/runtime/minicache_storage.hpp>
@@ -241,4 +243,102 @@ TEST_CASE("minicache by spec: merges once through cross_layer_merge, saves pool 
   auto plain = kvc::runtime::make_cache("fp16", cfg);
   const kvc::seq_id t = plain->add_sequence();
   REQUIRE_FALSE(kvc::runtime::cross_layer_merge(*plain, t));
+}
+
+namespace {
+
+/// H2O's decode loop with a merging stage, through any_cache, for `steps` steps of layer 0:
+/// append, attend with group_probs (the merged kernel's), observe, and when decode_step_budget
+/// says the step is due, merger::compress. Each compression is checked against what it is made
+/// of, run here on a twin cache and a copy of the observer: compressor::plan's selection and
+/// scores, merger::apply, attention_observer::keep_layer. The schedule is checked against its
+/// rule (every `interval` steps, or the longest stream over budget + slack; never when every
+/// stream fits the budget), counted here.
+void h2o_decode_trial(const std::string& merge_spec, kvc::budget target_budget, std::int32_t interval,
+                      std::int32_t slack, std::int32_t recent, std::int32_t sinks, std::uint64_t seed) {
+  kvc_test::rng r(seed);
+  const int H = r.integer(1, 3), D = r.integer(4, 24), P = 1 << r.integer(1, 4), G = r.integer(1, 3);
+  const kvc::cache_config cfg = kvc_test::cache_shape(1, H, D, P, 4096);
+  kvc::evict::compressor_options co;
+  co.target = target_budget;
+  co.interval = interval;
+  co.slack = slack;
+  co.num_q_heads = H * G;
+  kvc::evict::h2o_params hp;
+  hp.recent = recent;
+  hp.sinks = sinks;
+  const kvc::evict::compressor<kvc::evict::h2o> comp0(kvc::evict::h2o(hp), co);
+  auto comp = comp0;
+  kvc::evict::attention_observer obs;
+  auto rc = kvc::runtime::make_merged_cache("fp32", cfg);
+  auto twin = kvc::runtime::make_merged_cache("fp32", cfg);
+  const kvc::seq_id s = rc->add_sequence(), st = twin->add_sequence();
+  kvc::runtime::merger m(policy(merge_spec)), m2(policy(merge_spec));
+  INFO(merge_spec << " after h2o, interval " << interval << ", slack " << slack << ", seed " << seed << " H=" << H << " D=" << D << " P=" << P << " G=" << G);
+  int compressions = 0;
+  for (int step = 1; step <= 90; ++step) {
+    // Keys near a few directions, so that D2O and KVMerger find similar tokens.
+    const auto k = r.normals(std::size_t(H) * D), v = r.normals(k.size());
+    const std::int32_t pos = step - 1;
+    rc->append(s, 0, k.data(), v.data(), 1, &pos);
+    twin->append(st, 0, k.data(), v.data(), 1, &pos);
+    std::int32_t longest = 0;
+    for (int h = 0; h < H; ++h) longest = std::max(longest, rc->length(s, 0, h));
+    const auto q = r.normals(std::size_t(H) * G * D);
+    std::vector<float> out(q.size()), gp(std::size_t(H) * longest, 0.0f);
+    kvc::decode_options o;
+    o.group_probs = gp.data();
+    o.probs_stride = longest;
+    rc->attention(s, 0, q.data(), H * G, out.data(), o);
+    for (int h = 0; h < H; ++h) {  // a distribution over each head's tokens, G query heads summed
+      double sum = 0;
+      for (int t = 0; t < rc->length(s, 0, h); ++t) sum += gp[std::size_t(h) * longest + t];
+      KVC_REQUIRE(std::fabs(sum - G) <= 1e-4 * G, "step " << step << " head " << h << " group_probs sum " << sum);
+    }
+    obs.observe_group(kvc::runtime::any_cache_view{rc.get()}, s, 0, gp.data(), longest, G);
+    kvc::runtime::any_cache_view view{rc.get()};
+    const kvc::budget target = comp.seen_budget(view, s, 0);
+    const bool due = (step % interval == 0 || longest > target.value + slack) && longest > target.value;
+    // What compress must do, planned before it runs (plan is const and reads what compress reads).
+    kvc::evict::observations ob;
+    ob.attention = &obs;
+    kvc::evict::layer_scores sc;
+    const kvc::evict::layer_selection sel = comp.plan(view, s, 0, ob, target, &sc);
+    kvc::evict::attention_observer expect_obs = obs;
+    const std::optional<kvc::budget> b = comp.decode_step_budget(view, s, 0);
+    KVC_REQUIRE(b.has_value() == due, "step " << step << ": due " << due << ", longest " << longest << ", target " << target.value);
+    if (!b) continue;
+    REQUIRE(b->value == target.value);
+    ++compressions;
+    const std::size_t pages_before = rc->bytes_in_use();
+    const kvc::evict::compress_report rep = m.compress(comp, *rc, s, 0, ob, *b);
+    m2.apply(*twin, st, 0, sc, sel);
+    expect_obs.keep_layer(s, 0, sel);
+    REQUIRE(rep.compressed);
+    REQUIRE(layer_state(*rc, s, 0) == layer_state(*twin, st, 0));
+    REQUIRE(rc->bytes_in_use() == twin->bytes_in_use());
+    REQUIRE(rc->bytes_in_use() <= pages_before);
+    std::int64_t held = 0;
+    for (int h = 0; h < H; ++h) {
+      held += rc->length(s, 0, h);
+      REQUIRE(rc->length(s, 0, h) == static_cast<int>(sel[std::size_t(h)].size()));
+      const auto* a = obs.find(s, 0, h);
+      const auto* e = expect_obs.find(s, 0, h);
+      REQUIRE(a != nullptr);
+      REQUIRE(a->sum == e->sum);  // the observer follows the kept tokens
+      REQUIRE(a->sum.size() == static_cast<std::size_t>(rc->length(s, 0, h)));
+    }
+    REQUIRE(rep.tokens_after == held);
+  }
+  REQUIRE(compressions > 0);
+}
+
+}  // namespace
+
+TEST_CASE("merger::compress on H2O's decode-time schedule: plan, merge, the observer follows", "[runtime][merge]") {
+  for (std::uint64_t seed = 0; seed < 4; ++seed) {
+    h2o_decode_trial("d2o", kvc::budget::tokens(24), 1, 0, 4, 2, 600 + seed);
+    h2o_decode_trial("cam(span=4)", kvc::budget::ratio(0.5), 5, 3, 2, 1, 700 + seed);
+    h2o_decode_trial("kvmerger(eps=0.1)", kvc::budget::ratio(0.3), 3, 0, 2, 0, 800 + seed);
+  }
 }

@@ -64,7 +64,8 @@ struct stream_layout {
 /// `lay`. Token t's logit is kscale[t]·(qp·k_t) + bias[t] and its value vscale[t]·v_t (each
 /// array n floats, or null for no term).
 /// Leaves the unnormalised Σ p v in acc ([G][lay.value()]), the running maximum in m and the sum
-/// of exponentials in l (n = 0: acc 0, m = -inf, l = 0).
+/// of exponentials in l (n = 0: acc 0, m = -inf, l = 0). When raw is not null it receives every
+/// logit s_t: raw[g * raw_stride + t], t < n (probabilities are exp(s_t - m - log l) afterwards).
 ///
 /// Why not kvc's decode kernel at head_dim r (the low-rank caller's fallback): that kernel is built for
 /// D = 64..128, where a score's D / W FMAs amortise its horizontal reduction. At r = 16..32 (1..2
@@ -79,7 +80,7 @@ struct stream_layout {
 template <class Arch, std::int32_t G, class T>
 void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, std::int32_t P, const stream_layout& lay,
                    const float* qp, const float* bias, float* acc, float* m, float* l, const float* kscale = nullptr,
-                   const float* vscale = nullptr) noexcept {
+                   const float* vscale = nullptr, float* raw = nullptr, std::size_t raw_stride = 0) noexcept {
   using B = fbatch<Arch>;
   constexpr std::int32_t W = static_cast<std::int32_t>(B::size);
   static_assert(tile % W == 0, "a tile is whole SIMD batches");
@@ -145,6 +146,8 @@ void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, 
         for (std::int32_t t = 0; t < tn; ++t) s[g][t] *= kscale[t0 + t];
       if (bias)
         for (std::int32_t t = 0; t < tn; ++t) s[g][t] += bias[t0 + t];
+      if (raw)  // the logits, for probabilities once the softmax's total is known
+        for (std::int32_t t = 0; t < tn; ++t) raw[static_cast<std::size_t>(g) * raw_stride + t0 + t] = s[g][t];
       for (std::int32_t t = tn; t < tw; ++t) s[g][t] = -INFINITY;  // padding: e^-inf = 0
       B mx = B::load_aligned(&s[g][0]);
       for (std::int32_t j = W; j < tw; j += W) mx = xsimd::max(mx, B::load_aligned(&s[g][j]));
@@ -199,10 +202,11 @@ void attend_stream(const page_pool& pool, const page_id* pages, std::int32_t n, 
 template <class Arch, class T>
 void attend_stream_dispatch(std::int32_t G, const page_pool& pool, const page_id* pages, std::int32_t n,
                             std::int32_t P, const stream_layout& lay, const float* qp, const float* bias, float* acc,
-                            float* m, float* l, const float* kscale = nullptr, const float* vscale = nullptr) noexcept {
+                            float* m, float* l, const float* kscale = nullptr, const float* vscale = nullptr,
+                            float* raw = nullptr, std::size_t raw_stride = 0) noexcept {
   switch (G) {
 #define KVC_CASE(N) \
-  case N: return attend_stream<Arch, N, T>(pool, pages, n, P, lay, qp, bias, acc, m, l, kscale, vscale);
+  case N: return attend_stream<Arch, N, T>(pool, pages, n, P, lay, qp, bias, acc, m, l, kscale, vscale, raw, raw_stride);
     KVC_CASE(1) KVC_CASE(2) KVC_CASE(3) KVC_CASE(4) KVC_CASE(5) KVC_CASE(6) KVC_CASE(7) KVC_CASE(8)
 #undef KVC_CASE
     default: KVC_ASSERT(false);
@@ -212,17 +216,21 @@ void attend_stream_dispatch(std::int32_t G, const page_pool& pool, const page_id
 template <class Arch, class T>
 void attend_stream_dispatch(std::int32_t G, const page_pool& pool, const page_id* pages, std::int32_t n,
                             std::int32_t P, std::int32_t r, const float* qp, const float* bias, float* acc, float* m,
-                            float* l, const float* kscale = nullptr, const float* vscale = nullptr) noexcept {
-  attend_stream_dispatch<Arch, T>(G, pool, pages, n, P, stream_layout::plain(r), qp, bias, acc, m, l, kscale, vscale);
+                            float* l, const float* kscale = nullptr, const float* vscale = nullptr, float* raw = nullptr,
+                            std::size_t raw_stride = 0) noexcept {
+  attend_stream_dispatch<Arch, T>(G, pool, pages, n, P, stream_layout::plain(r), qp, bias, acc, m, l, kscale, vscale,
+                                  raw, raw_stride);
 }
 
 /// The argument checks the stream-kernel entry points share (merged_attention.hpp,
 /// minicache_attention.hpp), for a cache with config(), contains(), num_sequences() and
 /// length(seq, layer, head) (seq: the cache's seq_id, an int32): live sequence, layer in range, num_queries >= 1, GQA groups, q and
-/// out set, no probability outputs, finite queries, a token to attend to.
+/// out set, finite queries, a token to attend to; probability outputs only where the entry point
+/// gives them (allow_probs: one query, probs_stride >= the longest stream) and refused elsewhere.
 template <class Cache, class Opt>
 void check_query_args(const char* who, const Cache& cache, std::int32_t seq, std::int32_t layer, const float* q,
-                      std::int32_t num_queries, std::int32_t num_q_heads, const float* out, const Opt& opt) {
+                      std::int32_t num_queries, std::int32_t num_q_heads, const float* out, const Opt& opt,
+                      bool allow_probs = false) {
   const auto& c = cache.config();
   const std::int32_t hkv = c.num_kv_heads;
   KVC_EXPECTS_IN(who, cache.contains(seq), "seq = ", seq, " is not a live sequence of this cache, expected one of its ",
@@ -232,13 +240,20 @@ void check_query_args(const char* who, const Cache& cache, std::int32_t seq, std
   KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, "num_q_heads = ", num_q_heads,
                  ", expected a positive multiple of num_kv_heads = ", hkv);
   KVC_EXPECTS_IN(who, q != nullptr && out != nullptr, q == nullptr ? "q" : "out", " is null");
-  KVC_EXPECTS_IN(who, opt.probs == nullptr && opt.group_probs == nullptr,
-                 "opt.probs or opt.group_probs is set, expected null (this kernel has no probability outputs)");
+  const bool want_probs = opt.probs != nullptr || opt.group_probs != nullptr;
+  KVC_EXPECTS_IN(who, allow_probs || !want_probs,
+                 "opt.probs or opt.group_probs is set, expected null (this entry point has no probability outputs)");
   const std::size_t qn = static_cast<std::size_t>(num_queries) * num_q_heads * c.head_dim;
   for (std::size_t i = 0; i < qn; ++i)
     KVC_EXPECTS_IN(who, std::isfinite(q[i]), "q[", i, "] = ", q[i], ", expected a finite query");
   std::int64_t held = 0;
-  for (std::int32_t h = 0; h < hkv; ++h) held += cache.length(seq, layer, h);
+  std::int32_t longest = 0;
+  for (std::int32_t h = 0; h < hkv; ++h) {
+    held += cache.length(seq, layer, h);
+    longest = std::max(longest, cache.length(seq, layer, h));
+  }
+  KVC_EXPECTS_IN(who, !want_probs || opt.probs_stride >= longest, "probs_stride = ", opt.probs_stride,
+                 ", expected >= the longest stream (", longest, " tokens)");
   KVC_EXPECTS_IN(who, held > 0, "seq = ", seq, ", layer = ", layer,
                  " holds 0 tokens in all its kv heads, expected at least one token to attend to (append the "
                  "step's K/V to the layer before attending)");

@@ -152,36 +152,37 @@ class compressor {
   /// After one decode step of `layer` (the new token appended, the observer fed).
   template <class Cache>
   compress_report after_decode_step(Cache& cache, std::int32_t seq, std::int32_t layer, const observations& obs = {}) {
+    const std::optional<budget> b = decode_step_budget(cache, seq, layer);
+    if (!b) return {};
+    return run(cache, seq, layer, obs, *b);
+  }
+
+  /// after_decode_step's schedule without its eviction: counts one decode step of `layer` and
+  /// returns the budget to compress to when the step is due (every `interval` steps, or the
+  /// longest stream more than `slack` over the budget) and some stream exceeds it; nothing
+  /// otherwise. For a stage that acts on plan's selection itself (a merging stage,
+  /// kvc/runtime/merge_registry.hpp) and must compress on the steps eviction would.
+  template <class Cache>
+  std::optional<budget> decode_step_budget(const Cache& cache, std::int32_t seq, std::int32_t layer) {
     const budget b = seen_budget(cache, seq, layer);
     std::int64_t& steps = steps_[{seq, layer}];
     ++steps;
     const std::int32_t target = static_cast<std::int32_t>(b.value);
     const std::int32_t longest = longest_stream(cache, seq, layer);
     const bool due = steps % o_.interval == 0 || longest > target + o_.slack;
-    if (!due || longest <= target) return {};
-    return run(cache, seq, layer, obs, b);
+    if (!due || longest <= target) return std::nullopt;
+    return b;
   }
 
   /// Forgets the decode step counters of a sequence.
-  void remove_sequence(std::int32_t seq) {
-    for (auto it = steps_.begin(); it != steps_.end();) it = it->first.first == seq ? steps_.erase(it) : std::next(it);
-  }
+  void remove_sequence(std::int32_t seq) { detail::erase_entries(steps_, seq); }
 
   /// Gives sequence `to` a copy of `from`'s decode step counters, as kv_cache::fork gives it
   /// `from`'s tokens: without it a forked beam would count its steps from zero, compress on other
   /// steps than its source (interval > 1) and keep another number of tokens. `to` must have no
   /// counters yet.
   void fork(std::int32_t from, std::int32_t to) {
-    constexpr const char* who = "kvc::evict::compressor::fork";
-    KVC_EXPECTS_IN(who, from != to, "from = to = ", from, ", expected two different sequences");
-    const auto first = steps_.lower_bound({to, std::numeric_limits<std::int32_t>::min()});
-    KVC_EXPECTS_IN(who, first == steps_.end() || first->first.first != to, "to = ", to,
-                   ", expected a sequence with no decode step counters yet (call remove_sequence first)");
-    decltype(steps_) copies;
-    for (auto it = steps_.lower_bound({from, std::numeric_limits<std::int32_t>::min()});
-         it != steps_.end() && it->first.first == from; ++it)
-      copies.emplace(std::make_pair(to, it->first.second), it->second);
-    steps_.merge(copies);  // splices the nodes, allocates nothing: a bad_alloc above leaves steps_ as it was
+    detail::fork_entries(steps_, from, to, "kvc::evict::compressor::fork", "decode step counters");
   }
 
   /// Scores and selection of one layer without mutating anything (plan). When `scores` is not

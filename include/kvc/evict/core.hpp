@@ -32,6 +32,7 @@
 #include <limits>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -183,6 +184,44 @@ inline void softmax_inplace(float* x, std::int32_t n) noexcept {
   for (std::int32_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - m));
   const float inv = static_cast<float>(1.0 / s);
   for (std::int32_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+/// The state a compressor or observer keeps per sequence lives in std::maps keyed by a pair or
+/// tuple whose first element is the sequence (then layer, head). These two follow the cache's
+/// fork and remove_sequence for such a map.
+template <class Key>
+Key first_key_of(std::int32_t seq) {
+  Key k;
+  std::apply([](auto&... x) { ((x = std::numeric_limits<std::decay_t<decltype(x)>>::min()), ...); }, k);
+  std::get<0>(k) = seq;
+  return k;
+}
+
+/// Gives `to` a copy of every entry of `from`; refuses from = to and a `to` that has entries
+/// (`what`: what the entries are, for the message). All or nothing: the copies are made apart
+/// and spliced in (map::merge allocates nothing), so a bad_alloc leaves the map as it was.
+template <class Map>
+void fork_entries(Map& m, std::int32_t from, std::int32_t to, const char* who, const char* what) {
+  using Key = typename Map::key_type;
+  KVC_EXPECTS_IN(who, from != to, "from = to = ", from, ", expected two different sequences");
+  const auto first = m.lower_bound(first_key_of<Key>(to));
+  KVC_EXPECTS_IN(who, first == m.end() || std::get<0>(first->first) != to, "to = ", to, ", expected a sequence with no ",
+                 what, " yet (call remove_sequence first)");
+  Map copies;
+  for (auto it = m.lower_bound(first_key_of<Key>(from)); it != m.end() && std::get<0>(it->first) == from; ++it) {
+    Key k = it->first;
+    std::get<0>(k) = to;
+    copies.emplace(k, it->second);
+  }
+  m.merge(copies);
+}
+
+/// Erases every entry of sequence `seq`.
+template <class Map>
+void erase_entries(Map& m, std::int32_t seq) {
+  using Key = typename Map::key_type;
+  for (auto it = m.lower_bound(first_key_of<Key>(seq)); it != m.end() && std::get<0>(it->first) == seq;)
+    it = m.erase(it);
 }
 
 }  // namespace detail

@@ -161,23 +161,10 @@ class attention_observer {
   /// tokens: without it a forked beam would start its history at zero and its first decode-time
   /// eviction would rank the shared prefix as never attended. `to` must hold no statistics yet.
   void fork(std::int32_t from, std::int32_t to) {
-    KVC_EXPECTS_IN("kvc::evict::attention_observer::fork", from != to, "from = to = ", from, ", expected two different sequences");
-    auto first = s_.lower_bound(std::make_tuple(to, std::numeric_limits<std::int32_t>::min(),
-                                                std::numeric_limits<std::int32_t>::min()));
-    KVC_EXPECTS_IN("kvc::evict::attention_observer::fork", first == s_.end() || std::get<0>(first->first) != to, "to = ", to,
-                ", expected a sequence with no statistics yet (call remove_sequence first)");
-    decltype(s_) copies;
-    for (auto it = s_.lower_bound(std::make_tuple(from, std::numeric_limits<std::int32_t>::min(),
-                                                  std::numeric_limits<std::int32_t>::min()));
-         it != s_.end() && std::get<0>(it->first) == from; ++it)
-      copies.emplace(std::make_tuple(to, std::get<1>(it->first), std::get<2>(it->first)), it->second);
-    s_.merge(copies);  // splices the nodes, allocates nothing: a bad_alloc above leaves s_ as it was
+    detail::fork_entries(s_, from, to, "kvc::evict::attention_observer::fork", "statistics");
   }
 
-  void remove_sequence(std::int32_t seq) {
-    for (auto it = s_.begin(); it != s_.end();)
-      it = std::get<0>(it->first) == seq ? s_.erase(it) : std::next(it);
-  }
+  void remove_sequence(std::int32_t seq) { detail::erase_entries(s_, seq); }
 
   /// Host bytes held by the statistics.
   std::size_t bytes() const noexcept {

@@ -14,8 +14,9 @@
 /// online-softmax kernel the low-rank cache uses, with the log-weights as its per-token bias:
 /// one stream per kv head, GQA (up to 8 query heads of a group per pass over the rows; larger
 /// groups take several passes), head dims that are not a multiple of the SIMD width finish in
-/// scalar code, kv heads spread over opt.pool. Missing here: split-K over tokens (opt.split_tokens
-/// is ignored) and the probability outputs (opt.probs / group_probs are rejected).
+/// scalar code, kv heads spread over opt.pool. Decode gives the probability outputs
+/// (opt.probs / group_probs, each token's share of the biased softmax); prefill rejects them.
+/// Missing here: split-K over tokens (opt.split_tokens is ignored).
 /// Threads: read-only on the cache. Compiled per ISA (docs/isa.md).
 
 #include <algorithm>
@@ -44,7 +45,10 @@ template <class Arch, class T>
 void attend(const merge::merged_cache<T>& cache, seq_id seq, std::int32_t layer, const float* q,
             std::int32_t num_queries, const std::int32_t* q_pos, std::int32_t num_q_heads, float* out,
             const decode_options& opt, const char* who) {
-  stream_detail::check_query_args(who, cache, seq, layer, q, num_queries, num_q_heads, out, opt);
+  // Probabilities for one query that sees every token (decode): the observers of H2O, TOVA and
+  // kin read them; a prefill's queries see different prefixes, so none are given there.
+  stream_detail::check_query_args(who, cache, seq, layer, q, num_queries, num_q_heads, out, opt,
+                                  num_queries == 1 && q_pos == nullptr);
   const auto& c = cache.config();
   const std::int32_t hkv = c.num_kv_heads, D = c.head_dim;
   const auto& kv = cache.cache();
@@ -63,11 +67,27 @@ void attend(const merge::merged_cache<T>& cache, seq_id seq, std::int32_t layer,
   const std::size_t qn = static_cast<std::size_t>(num_queries) * num_q_heads * D;
   std::vector<float> qs(qn), m(static_cast<std::size_t>(num_queries) * num_q_heads), l(m.size());
   for (std::size_t i = 0; i < qn; ++i) qs[i] = q[i] * scale;
+  const bool want_probs = opt.probs != nullptr || opt.group_probs != nullptr;
+  const std::size_t stride = static_cast<std::size_t>(opt.probs_stride);
   auto run = [&](std::int32_t h) {
     const auto& pages = kv.pages(seq, layer, h);
     const float* bias = cache.log_weights(seq, layer, h).data();
     const std::int32_t n = kv.length(seq, layer, h);
     const std::int32_t* pos = kv.positions(seq, layer, h);
+    // The logits of a group's heads: in place in opt.probs, else a buffer for group_probs alone.
+    thread_local std::vector<float> raw_buf;
+    float* raw = nullptr;
+    std::size_t raw_stride = 0;
+    if (want_probs) {
+      if (opt.probs) {
+        raw = opt.probs + static_cast<std::size_t>(h) * G * stride;
+        raw_stride = stride;
+      } else {
+        raw_buf.resize(static_cast<std::size_t>(G) * static_cast<std::size_t>(n));
+        raw = raw_buf.data();
+        raw_stride = static_cast<std::size_t>(n);
+      }
+    }
     for (std::int32_t i = 0; i < num_queries; ++i) {
       const std::int32_t vis = q_pos ? static_cast<std::int32_t>(std::upper_bound(pos, pos + n, q_pos[i]) - pos) : n;
       for (std::int32_t g0 = 0; g0 < G; g0 += 8) {  // the kernel takes up to 8 query heads per pass
@@ -75,7 +95,23 @@ void attend(const merge::merged_cache<T>& cache, seq_id seq, std::int32_t layer,
                               static_cast<std::size_t>(g0);
         stream_detail::attend_stream_dispatch<Arch, T>(std::min(8, G - g0), kv.pool(), pages.data(), vis, c.page_size,
                                                        D, qs.data() + o * D, bias, out + o * D, m.data() + o,
-                                                       l.data() + o);
+                                                       l.data() + o, nullptr, nullptr,
+                                                       raw ? raw + static_cast<std::size_t>(g0) * raw_stride : nullptr,
+                                                       raw_stride);
+      }
+    }
+    if (!want_probs) return;
+    // p_t = exp(s_t - lse) with s_t the biased logit: a merged token's probability is the mass of
+    // the members it stands for. A head with no token writes nothing (its row has no entries).
+    float* gp = opt.group_probs ? opt.group_probs + static_cast<std::size_t>(h) * stride : nullptr;
+    for (std::int32_t g = 0; g < G; ++g) {
+      const std::size_t r = static_cast<std::size_t>(h) * G + static_cast<std::size_t>(g);
+      const float lse = m[r] + std::log(l[r]);
+      float* row = raw + static_cast<std::size_t>(g) * raw_stride;
+      for (std::int32_t t = 0; t < n; ++t) {
+        const float p = std::exp(row[t] - lse);
+        if (opt.probs) row[t] = p;
+        if (gp) gp[t] = g == 0 ? p : gp[t] + p;
       }
     }
   };
@@ -97,6 +133,10 @@ void attend(const merge::merged_cache<T>& cache, seq_id seq, std::int32_t layer,
 /// (query head h reads kv head h / G), opt.scale 0 means 1/sqrt(head_dim), opt.pool runs the kv
 /// heads in parallel, opt.lse (when not null) receives each query head's log-sum-exp of the
 /// biased logits (natural log; -inf for a kv head that holds no token, whose output is zeros).
+/// opt.probs ([num_q_heads][probs_stride]) and opt.group_probs ([num_kv_heads][probs_stride],
+/// summed over the group) receive exp(s_t - lse) for the t < length of each head, entries past
+/// it untouched, as cpu::decode_attention does: a token standing for m members gets their mass,
+/// which is what an accumulating observer (H2O) should add to it.
 /// \param q    [num_q_heads][head_dim] queries
 /// \param out  [num_q_heads][head_dim]
 template <class Arch = default_arch, class T>

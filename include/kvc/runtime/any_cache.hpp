@@ -136,6 +136,25 @@ class any_cache {
   }
 };
 
+/// An any_cache as the `Cache` of evict::compressor, evict::attention_observer and the merging
+/// stages: the members they read, and keep_layer, forwarded. The compressor probes its Cache's
+/// member types (kvc/evict/core.hpp: value_type, keep_layer_rewrite_keys), which an abstract
+/// any_cache does not have; the view says what eviction may use of it.
+struct any_cache_view {
+  using value_type = float;
+  any_cache* c;
+  const cache_config& config() const { return c->config(); }
+  std::int32_t length(seq_id s, std::int32_t l, std::int32_t h) const { return c->length(s, l, h); }
+  const std::int32_t* positions(seq_id s, std::int32_t l, std::int32_t h) const { return c->positions(s, l, h); }
+  std::int32_t seen(seq_id s, std::int32_t l) const { return c->seen(s, l); }
+  void gather(seq_id s, std::int32_t l, std::int32_t h, float* k, float* v = nullptr) const { c->gather(s, l, h, k, v); }
+  void keep_layer(seq_id s, std::int32_t l, const std::vector<std::vector<std::int32_t>>& kept) {
+    c->keep_layer(s, l, kept);
+  }
+  std::size_t bytes_in_use() const { return c->bytes_in_use(); }
+  std::size_t bytes_in_use(std::int32_t l) const { return c->bytes_in_use(l); }
+};
+
 namespace detail {
 template <class C, class = void>
 struct has_fork : std::false_type {};

@@ -35,7 +35,9 @@
 #include <vector>
 
 #include <kvc/attention/options.hpp>
+#include <kvc/budget/budget.hpp>
 #include <kvc/error.hpp>
+#include <kvc/evict/compressor.hpp>
 #include <kvc/isa.hpp>
 #include <kvc/merge/cam.hpp>
 #include <kvc/merge/d2o.hpp>
@@ -258,6 +260,36 @@ class merger {
       }
       case merge_policy::method::kvmerger: merge::kvmerger_evict_layer(c, s, layer, scores, kept, p_.kvmerger); return;
     }
+  }
+
+  /// One compression of `layer` by an eviction stage and this merging stage: the compressor's
+  /// selection and scores at budget b (compressor::plan), the merge of what it drops (apply), then
+  /// the attention observer of obs, when there is one, compacted to the kept tokens as the
+  /// compressor's own eviction does. A kept token keeps its own statistics: a target does not
+  /// inherit its members' past attention, but from now on its probabilities carry their mass
+  /// (merged_decode_attention). Nothing changes when the selection keeps every token.
+  /// b: compressor::options().target after prefill, seen_budget after a chunk, and
+  /// decode_step_budget at a decode step (which also says whether the step compresses).
+  template <class Scorer>
+  evict::compress_report compress(const evict::compressor<Scorer>& comp, any_cache& cache, seq_id s,
+                                  std::int32_t layer, const evict::observations& obs, const budget& b) {
+    any_cache_view view{&cache};
+    evict::compress_report r;
+    evict::layer_scores sc;
+    const evict::layer_selection sel = comp.plan(view, s, layer, obs, b, &sc);
+    for (std::int32_t h = 0; h < cache.config().num_kv_heads; ++h) {
+      r.tokens_before += cache.length(s, layer, h);
+      r.tokens_after += static_cast<std::int64_t>(sel[static_cast<std::size_t>(h)].size());
+    }
+    if (r.tokens_after == r.tokens_before) return r;
+    const memory_traffic before = cache.traffic();
+    apply(cache, s, layer, sc, sel);
+    if (obs.attention) obs.attention->keep_layer(s, layer, sel);
+    const memory_traffic after = cache.traffic();
+    r.bytes_allocated = static_cast<std::size_t>(after.bytes_allocated - before.bytes_allocated);
+    r.bytes_released = static_cast<std::size_t>(after.bytes_released - before.bytes_released);
+    r.compressed = true;
+    return r;
   }
 
   /// Forgets what the policy carried for a sequence.
