@@ -206,8 +206,8 @@ NB_MODULE(_kvc, m) {
       });
 
   nb::class_<session_cache>(m, "Cache",
-                            "A KV cache built from a spec: '[policy+]storage', e.g. 'snapkv(ratio=0.5)+kivi(bits=2)'. "
-                            "A spec without a storage keeps fp32.")
+                            "A KV cache built from a spec: '[policy+[merging+]]storage', e.g. 'snapkv(ratio=0.5)+kivi(bits=2)' "
+                            "or 'h2o(ratio=0.5)+d2o+fp16'. A spec without a storage keeps fp32.")
       .def("__init__",
            [](session_cache* self, const std::string& spec, std::int32_t num_layers, std::int32_t num_kv_heads,
               std::int32_t head_dim, std::int32_t num_q_heads, std::int32_t page_size, std::int32_t max_pages,
@@ -245,6 +245,11 @@ NB_MODULE(_kvc, m) {
                    "the ISA configuration whose kernels run the cache: the best this CPU runs of those "
                    "the module carries (the environment variable KVC_ISA, e.g. 'isa_sse2', forces one)")
       .def_prop_ro("policy", &session_cache::policy, "the eviction policy's spec, or None")
+      .def_prop_ro("merging", &session_cache::merging,
+                   "the merging stage's spec (cam, d2o, kvmerger), or None: it merges what the policy would drop")
+      .def_prop_ro("log_weighted", &session_cache::log_weighted,
+                   "whether merged tokens carry log-weights (d2o, kvmerger with mass=1): attention over gather()'s "
+                   "rows outside kvc must add log_weights() to each logit")
       .def_prop_ro("observes", &session_cache::observes,
                    "what the policy reads: 'nothing', 'query_window' (pass queries to the phases) or 'attention' "
                    "(fed by attention())")
@@ -351,6 +356,15 @@ NB_MODULE(_kvc, m) {
            },
            "seq"_a, "layer"_a, "head"_a, "The original positions the stream keeps, int32 [length], in order.")
       .def("seen", &session_cache::seen, "seq"_a, "layer"_a, "Tokens ever appended to the layer (kept or not).")
+      .def("log_weights",
+           [](const session_cache& c, kvc::seq_id seq, std::int32_t layer, std::int32_t head) {
+             std::vector<float> w = c.log_weights(seq, layer, head);
+             const std::size_t n = w.size();
+             return to_numpy(std::move(w), {n});
+           },
+           "seq"_a, "layer"_a, "head"_a,
+           "Each kept token's log-weight, float32 [length]: log of the attention mass it stands for (0: itself; "
+           "all 0 without a merging stage). kvc's attention adds it to the token's logit.")
       .def("gather",
            [](const session_cache& c, kvc::seq_id seq, std::int32_t layer, std::int32_t head) {
              std::vector<float> k, v;

@@ -2,8 +2,8 @@
 #pragma once
 
 /// \file
-/// `kvc_python::session_cache`: a cache built from a full spec ("[policy+]storage"), with the
-/// compressor and attention observer its policy needs, behind one lock. It is what
+/// `kvc_python::session_cache`: a cache built from a full spec ("[policy+[merging+]]storage"),
+/// with the compressor, attention observer and merging stage its policy needs, behind one lock. It is what
 /// examples/llama/kvc_backend.hpp does for the engine, for callers that hold no types at compile
 /// time (the Python module). It knows nothing of Python: module.cpp converts arrays and releases
 /// the GIL around the calls that take time, so this lock is what keeps two Python threads from
@@ -23,6 +23,7 @@
 #include <kvc/kvc.hpp>
 #include <kvc/runtime/evictor_registry.hpp>
 #include <kvc/runtime/make_cache.hpp>
+#include <kvc/runtime/merge_registry.hpp>  // merging stages (cam, d2o, kvmerger) and the merged cache
 #include <kvc/runtime/mikv_storage.hpp>    // registers mikv
 #include <kvc/runtime/quant_storages.hpp>  // registers int8, int4, kivi, fp8, ...
 #include <kvc/runtime/quest_storage.hpp>   // registers quest(budget=...): query-aware page reads
@@ -65,10 +66,18 @@ class session_cache {
         have_storage = true;
         continue;
       }
+      if (kvc::runtime::is_merger(st.name)) {
+        if (merge_)
+          kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\" has two merging stages ('",
+                                                merge_->text, "' and '", st.text, "'), expected at most one"));
+        merge_.emplace(kvc::runtime::make_merge_policy(st));
+        continue;
+      }
       if (!kvc::runtime::is_evictor(st.name))
         kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": '", st.name,
                                               "' is neither a storage (", kvc::runtime::known_storages(),
-                                              ") nor an eviction policy (", kvc::runtime::known_evictors(), ")"));
+                                              "), an eviction policy (", kvc::runtime::known_evictors(),
+                                              ") nor a merging stage (", kvc::runtime::known_mergers(), ")"));
       if (ev_)
         kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\" has two eviction policies ('",
                                               ev_->spec, "' and '", st.text, "'), expected at most one"));
@@ -86,6 +95,10 @@ class session_cache {
                                               st.name, "' (in \"", spec,
                                               "\") carries pre-RoPE query statistics to future positions"));
     }
+    if (merge_ && !ev_)
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": merging stage '", merge_->text,
+                                            "' needs an eviction policy before it, e.g. \"snapkv(ratio=0.5)+",
+                                            merge_->text, "\" (the policy sets the budget and scores the tokens)"));
     kvc::cache_config c;
     c.num_layers = s.num_layers;
     c.num_kv_heads = s.num_kv_heads;
@@ -96,7 +109,11 @@ class session_cache {
     so.rope = rope_cfg_ ? &*rope_cfg_ : nullptr;
     // The best ISA configuration this CPU runs (python/CMakeLists.txt adds AVX2 and AVX-512 ones
     // to the module, which itself builds for the baseline: SSE2 on x86-64); KVC_ISA forces one.
-    cache_ = kvc::runtime::make_cache_for_cpu(storage, c, so);
+    // A merging stage needs tokens with log-weights: merged_cache pages (fp16 or fp32), whose
+    // kernels are the module's baseline ones (the ISA variants register make_cache's storages,
+    // and the merger acts on its own TU's merged cache type).
+    cache_ = merge_ ? kvc::runtime::make_merged_cache(storage, c) : kvc::runtime::make_cache_for_cpu(storage, c, so);
+    if (merge_) merger_.emplace(*merge_);
     num_q_heads_ = q_heads;
     if (ev_) {
       comp_.emplace(ev_->compressor());
@@ -111,6 +128,11 @@ class session_cache {
   /// The ISA configuration whose kernels run this cache (e.g. "isa_avx2_fma_f16c").
   std::string isa() const { return cache_->isa(); }
   std::optional<std::string> policy() const { return ev_ ? std::optional<std::string>(ev_->spec) : std::nullopt; }
+  /// The merging stage as written, or nothing.
+  std::optional<std::string> merging() const { return merge_ ? std::optional<std::string>(merge_->text) : std::nullopt; }
+  /// Whether merged tokens carry log-weights (D2O, KVMerger with mass=1): attention computed
+  /// outside kvc over gather()'s rows must add log_weights() to the logits.
+  bool log_weighted() const noexcept { return merger_ && merger_->log_weighted(); }
   const kvc::cache_config& config() const { return cache_->config(); }
   std::int32_t num_q_heads() const noexcept { return num_q_heads_; }
   /// What the policy observes: "nothing", "query_window" or "attention" ("nothing" without a policy).
@@ -139,6 +161,7 @@ class session_cache {
     cache_->remove_sequence(s);
     if (comp_) comp_->remove_sequence(s);
     if (observer_) observer_->remove_sequence(s);
+    if (merger_) merger_->remove_sequence(s);
   }
   bool contains(kvc::seq_id s) const {
     std::lock_guard<std::mutex> g(m_);
@@ -151,8 +174,10 @@ class session_cache {
     try {
       if (observer_) observer_->fork(s, t);
       if (comp_) comp_->fork(s, t);  // the decode step counters: a fork compresses on its source's steps
+      if (merger_) merger_->fork(s, t);  // D2O's thresholds: a fork merges as its source would
     } catch (...) {
       if (observer_) observer_->remove_sequence(t);
+      if (comp_) comp_->remove_sequence(t);
       cache_->remove_sequence(t);  // all or nothing: no half-forked sequence stays behind
       throw;
     }
@@ -222,6 +247,7 @@ class session_cache {
       obs.stats = &qs;
     }
     any_cache_view view{cache_.get()};
+    if (merger_) return merge(ph, view, s, layer, obs);
     switch (ph) {
       case phase::prefill: return comp_->after_prefill(view, s, layer, obs);
       case phase::chunk: return comp_->after_chunk(view, s, layer, obs);
@@ -229,6 +255,21 @@ class session_cache {
       case phase::compress: break;
     }
     return comp_->compress(view, s, layer, obs);
+  }
+
+  /// Each kept token's log-weight (log of the mass it stands for; 0 for a token that stands for
+  /// itself), [length]: every cache has them, all 0 without a merging stage.
+  std::vector<float> log_weights(kvc::seq_id s, std::int32_t layer, std::int32_t head) const {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "log_weights");
+    need_layer(layer, "log_weights");
+    KVC_EXPECTS_IN("kvc.Cache.log_weights", head >= 0 && head < cache_->config().num_kv_heads, "head = ", head,
+                   ", expected 0..", cache_->config().num_kv_heads - 1);
+    if (auto* h = dynamic_cast<const kvc::runtime::merged_cache_adapter<kvc::half>*>(cache_.get()))
+      return h->get().log_weights(s, layer, head);
+    if (auto* f = dynamic_cast<const kvc::runtime::merged_cache_adapter<float>*>(cache_.get()))
+      return f->get().log_weights(s, layer, head);
+    return std::vector<float>(static_cast<std::size_t>(cache_->length(s, layer, head)), 0.0f);
   }
 
   std::int32_t length(kvc::seq_id s, std::int32_t layer, std::int32_t head) const {
@@ -288,6 +329,32 @@ class session_cache {
                                             ", expected a sequence of this cache (from add_sequence or fork)"));
   }
 
+  /// A compressor phase with the merging stage in place of eviction: the budget the phase
+  /// applies (the decode phase only on the steps after_decode_step would compress), then
+  /// merger::compress. The explicit compress() refuses a token budget above the longest stream,
+  /// as compressor::compress does.
+  kvc::evict::compress_report merge(phase ph, any_cache_view& view, kvc::seq_id s, std::int32_t layer,
+                                    const kvc::evict::observations& obs) {
+    std::optional<kvc::budget> b;
+    switch (ph) {
+      case phase::prefill: b = comp_->options().target; break;
+      case phase::chunk: b = comp_->seen_budget(view, s, layer); break;
+      case phase::decode: b = comp_->decode_step_budget(view, s, layer); break;
+      case phase::compress: {
+        need_layer(layer, "compress");
+        b = comp_->options().target;
+        std::int32_t longest = 0;
+        for (std::int32_t h = 0; h < cache_->config().num_kv_heads; ++h) longest = std::max(longest, cache_->length(s, layer, h));
+        KVC_EXPECTS_IN("kvc.Cache.compress", b->type != kvc::budget::kind::tokens || b->value <= longest, "tokens = ",
+                       static_cast<std::int64_t>(b->value), ", expected <= the longest stream of layer ", layer, " (",
+                       longest, " tokens); the cache is unchanged");
+        break;
+      }
+    }
+    if (!b) return {};
+    return merger_->compress(*comp_, *cache_, s, layer, obs, *b);
+  }
+
   void need_layer(std::int32_t layer, const char* call) const {
     if (layer < 0 || layer >= cache_->config().num_layers)
       kvc::detail::fail(kvc::detail::concat("kvc.Cache.", call, ": layer = ", layer, ", expected 0..",
@@ -302,6 +369,8 @@ class session_cache {
   std::int32_t num_q_heads_ = 0;
   std::optional<kvc::evict::compressor<kvc::evict::any_scorer>> comp_;
   std::optional<kvc::evict::attention_observer> observer_;
+  std::optional<kvc::runtime::merge_policy> merge_;
+  std::optional<kvc::runtime::merger> merger_;  ///< the merging stage after the eviction's selection
   std::vector<float> probs_;
   std::vector<kvc::evict::query_stats_accumulator> qstats_;  ///< [layer], pre-RoPE queries
   mutable std::mutex m_;

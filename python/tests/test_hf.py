@@ -222,6 +222,9 @@ def test_errors_name_the_argument(model):
     ea.close()
     with pytest.raises(ValueError, match="the policy observes attention, so model_or_config must be the model"):
         kvc.hf.Cache("h2o(ratio=0.5)", model.config)
+    with pytest.raises(ValueError, match=r"merging stage 'd2o' gives merged tokens log-weights .* expected a "
+                                         r"merging stage without mass \(cam, or d2o / kvmerger with mass=0\)"):
+        kvc.hf.Cache("snapkv(ratio=0.5)+d2o", model)
     with pytest.raises(ValueError, match="model_or_config is a str"):
         kvc.hf.Cache("fp32", "SmolLM2")
     cache = kvc.hf.Cache("fp32", model.config)
@@ -238,7 +241,9 @@ def test_errors_name_the_argument(model):
 
 KVC_LLAMA = os.environ.get("KVC_LLAMA")
 SPECS = ["snapkv(ratio=0.5)", "snapkv(ratio=0.75,window=16)", "knorm(ratio=0.5)", "h2o(ratio=0.5)", "tova(ratio=0.5)",
-         "expected_attention(ratio=0.5)"]
+         "expected_attention(ratio=0.5)",
+         # merging stages without log-weights (what kvc.hf takes): H2O fed by the merged kernel's probabilities
+         "h2o(ratio=0.5)+cam", "snapkv(ratio=0.5)+d2o(mass=0)"]
 
 
 @pytest.mark.skipif(not (KVC_LLAMA and os.access(KVC_LLAMA, os.X_OK)),

@@ -342,3 +342,48 @@ TEST_CASE("merger::compress on H2O's decode-time schedule: plan, merge, the obse
     h2o_decode_trial("kvmerger(eps=0.1)", kvc::budget::ratio(0.3), 3, 0, 2, 0, 800 + seed);
   }
 }
+
+TEST_CASE("merger::fork gives a fork its source's D2O thresholds and refuses a bad fork", "[runtime][merge]") {
+  // The same merges on a and on its fork b, step after step, with the thresholds copied; b2
+  // without them (a fresh threshold, which merges its first step's token whatever its
+  // similarity) merges differently.
+  int differs_without = 0;
+  for (std::uint64_t seed = 0; seed < 6; ++seed) {
+    kvc_test::rng r(900 + seed);
+    const int H = 2, D = 12;
+    const kvc::cache_config cfg = kvc_test::cache_shape(1, H, D, 4, 4096);
+    auto c = kvc::runtime::make_merged_cache("fp32", cfg);
+    kvc::runtime::merger m(policy("d2o(beta=0.3)"));
+    const kvc::seq_id a = c->add_sequence();
+    const std::vector<float> base = r.normals(std::size_t(H) * D);
+    float noise = 0.05f;  // near copies of one key: D2O's threshold climbs close to 1
+    auto step = [&](const std::vector<kvc::seq_id>& seqs, std::vector<kvc::runtime::merger*> ms) {
+      std::vector<float> k(base.size());
+      for (std::size_t i = 0; i < k.size(); ++i) k[i] = base[i] + noise * r.normal();
+      const auto v = r.normals(k.size());
+      const int L = c->length(seqs[0], 0, 0) + 1;
+      std::vector<std::vector<float>> scores(H, std::vector<float>(std::size_t(L)));
+      for (auto& row : scores)
+        for (auto& x : row) x = r.uniform(0.0f, 1.0f);
+      std::vector<std::vector<std::int32_t>> kept(H);
+      for (auto& kh : kept) kh = L > 10 ? r.subset(L, 10) : r.subset(L, L);
+      for (std::size_t i = 0; i < seqs.size(); ++i) {
+        c->append(seqs[i], 0, k.data(), v.data(), 1);
+        ms[i]->apply(*c, seqs[i], 0, scores, kept);
+      }
+    };
+    for (int t = 0; t < 25; ++t) step({a}, {&m});
+    const kvc::seq_id b = c->fork(a), b2 = c->fork(a);
+    m.fork(a, b);
+    kvc::runtime::merger fresh = m;
+    fresh.remove_sequence(b2);  // b2: the fork without its source's thresholds
+    noise = 0.6f;  // less similar tokens than before the fork: the carried threshold drops some of them
+    for (int t = 0; t < 25; ++t) step({a, b, b2}, {&m, &m, &fresh});
+    REQUIRE(layer_state(*c, a, 0) == layer_state(*c, b, 0));
+    differs_without += layer_state(*c, a, 0) != layer_state(*c, b2, 0);
+    require_error([&] { m.fork(a, b); }, "kvc::runtime::merger::fork: to = " + std::to_string(b) +
+                                             ", expected a sequence with no merging state yet");
+    require_error([&] { m.fork(a, a); }, "from = to = " + std::to_string(a));
+  }
+  REQUIRE(differs_without > 0);
+}

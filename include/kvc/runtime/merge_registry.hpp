@@ -292,9 +292,21 @@ class merger {
     return r;
   }
 
+  /// Whether merged tokens carry a log-weight (D2O and KVMerger with mass=1): attention over
+  /// the cache's rows without kvc's merged kernels (a caller's own softmax) must add it.
+  bool log_weighted() const noexcept {
+    return (p_.which == merge_policy::method::d2o && p_.d2o.carry_mass) ||
+           (p_.which == merge_policy::method::kvmerger && p_.kvmerger.carry_mass);
+  }
+
   /// Forgets what the policy carried for a sequence.
-  void remove_sequence(seq_id s) {
-    for (auto it = tau_.begin(); it != tau_.end();) it = it->first.first == s ? tau_.erase(it) : std::next(it);
+  void remove_sequence(seq_id s) { evict::detail::erase_entries(tau_, s); }
+
+  /// Gives sequence `to` a copy of what the policy carried for `from` (D2O's thresholds), as the
+  /// cache's fork gives it `from`'s tokens: a forked beam then merges as its source would. `to`
+  /// must carry nothing yet.
+  void fork(seq_id from, seq_id to) {
+    evict::detail::fork_entries(tau_, from, to, "kvc::runtime::merger::fork", "merging state");
   }
 
  private:

@@ -147,8 +147,10 @@ class _Layer(_HFLayer):
 class Cache(_HFCache):
     """A ``transformers`` cache whose K/V kvc holds: ``kvc.hf.Cache(spec, model_or_config)``.
 
-    ``spec`` is a kvc spec, ``[policy+]storage`` (see ``kvc.policies()``, ``kvc.storages()``); with
-    no policy and the ``fp32`` storage the cache is exact. Pass the model (not only its config) when
+    ``spec`` is a kvc spec, ``[policy+[merging+]]storage`` (see ``kvc.policies()``,
+    ``kvc.storages()``); with no policy and the ``fp32`` storage the cache is exact. A merging
+    stage must not give tokens log-weights (``cam``, ``d2o(mass=0)``, ``kvmerger(mass=0)``):
+    transformers attends over the gathered rows, which cannot carry them. Pass the model (not only its config) when
     the policy observes queries (the query window: snapkv, ...; attention: h2o, tova, ...; query
     statistics: expected_attention): the cache then registers forward pre-hooks on the attention
     modules that recompute each layer's queries (``q_proj``, ``q_norm`` where the model has one,
@@ -184,6 +186,11 @@ class Cache(_HFCache):
         if self.kvc.pre_rope_keys:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}' keeps keys before RoPE (pre_rope=1), but transformers "
                              "hands the cache rotated keys; expected a storage without pre_rope")
+        if self.kvc.log_weighted:
+            raise ValueError(f"kvc.hf.Cache: spec = '{spec}': merging stage '{self.kvc.merging}' gives merged tokens "
+                             "log-weights (the attention mass they stand for), but transformers attends over the "
+                             "gathered rows without them; expected a merging stage without mass (cam, or d2o / "
+                             "kvmerger with mass=0), or kvc.Cache with its own attention")
         if observes in ("query_window", "attention", "query_stats") and model is None:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}': the policy observes {observes.replace('_', ' ')}, so "
                              "model_or_config must be the model (its attention modules give the queries), "
