@@ -30,6 +30,16 @@
 //     step_over_decode (medians over the rounds). Unlike BM_merge_step's fresh caches, buffers
 //     and pages are reused from round to round as in a decode loop (d2o_merge_layer's reused key
 //     buffers show here, and cost there: cold memory after a cache build).
+//   BM_merge_schedule/<evict|d2o|cam|kvmerger>/fp16/32x8x128/ctx:<tokens>/interval:<steps>/threads:1
+//     H2O's decode loop through the run-time path kvc-llama and kvc.Cache run: a cache from
+//     runtime::make_merged_cache("fp16") holding ctx tokens, then per step: append one token,
+//     merged decode attention with group_probs, the attention observer fed (decode_cpu_ms, the
+//     median step), then evict::compressor::decode_step_budget and, on the steps it says are due,
+//     runtime::merger::compress (evict: compressor::after_decode_step, the same schedule dropping
+//     instead of merging). Budget: ctx tokens per head; interval 1 (slack 0) compresses every
+//     step by one token, interval 32 (slack 32) every 32 steps by 32. compress_per_step_ms is the
+//     compressions' CPU time over all steps (what a decode step pays on average);
+//     overhead = compress_per_step / decode. 64 steps (two compressions at interval 32).
 // Data: uniform random K/V and scores; the kept set is the highest-scoring tokens.
 
 #include <algorithm>
@@ -37,6 +47,7 @@
 #include <cstdint>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -49,6 +60,8 @@
 #include <kvc/merge/kvmerger.hpp>
 #include <kvc/merge/merged_attention.hpp>
 #include <kvc/merge/merged_cache.hpp>
+#include <kvc/evict/h2o.hpp>
+#include <kvc/runtime/merge_registry.hpp>
 
 #include "kvc_bench.hpp"
 
@@ -245,6 +258,67 @@ void BM_merge_loop(benchmark::State& state, bool d2o, shape s, std::int32_t ctx)
   state.counters["step_over_decode"] = median(scpu) / median(dcpu);
 }
 
+void BM_merge_schedule(benchmark::State& state, const std::string& merge, shape s, std::int32_t ctx,
+                       std::int32_t interval) {
+  constexpr std::int32_t steps = 64;
+  kvc::cache_config cfg;
+  cfg.num_layers = 1;
+  cfg.num_kv_heads = s.kv_heads;
+  cfg.head_dim = s.head_dim;
+  cfg.max_pages = s.kv_heads * ((ctx + steps) / 16 + 4);
+  cfg.check_finite = false;
+  kvc::evict::compressor_options co;
+  co.target = kvc::budget::tokens(ctx);
+  co.interval = interval;
+  co.slack = interval > 1 ? interval : 0;
+  co.num_q_heads = s.q_heads;
+  const kvc::evict::compressor<kvc::evict::h2o> comp0(kvc::evict::h2o{}, co);
+  const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size()), gp;
+  std::vector<double> dcpu;
+  double ccpu = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    auto c = kvc::runtime::make_merged_cache("fp16", cfg);
+    const kvc::seq_id seq = c->add_sequence();
+    kvc_bench::append_random(*c, seq, s, ctx, chunk);
+    auto comp = comp0;
+    kvc::evict::attention_observer obs;
+    std::optional<kvc::runtime::merger> m;
+    if (!merge.empty()) m.emplace(kvc::runtime::make_merge_policy(kvc::runtime::parse_spec(merge).at(0)));
+    state.ResumeTiming();
+    for (std::int32_t step = 0; step < steps; ++step) {
+      const auto kv = random_rows(std::size_t(s.kv_heads) * s.head_dim, 100 + step);
+      c->append(seq, 0, kv.data(), kv.data(), 1);
+      double c0 = thread_cpu_seconds();
+      std::int32_t longest = 0;
+      for (std::int32_t h = 0; h < s.kv_heads; ++h) longest = std::max(longest, c->length(seq, 0, h));
+      gp.assign(std::size_t(s.kv_heads) * longest, 0.0f);
+      kvc::decode_options o;
+      o.group_probs = gp.data();
+      o.probs_stride = longest;
+      c->attention(seq, 0, q.data(), s.q_heads, out.data(), o);
+      kvc::runtime::any_cache_view view{c.get()};
+      obs.observe_group(view, seq, 0, gp.data(), longest, s.q_heads / s.kv_heads);
+      benchmark::DoNotOptimize(out.data());
+      dcpu.push_back(thread_cpu_seconds() - c0);
+      c0 = thread_cpu_seconds();
+      kvc::evict::observations ob;
+      ob.attention = &obs;
+      if (!m) {
+        comp.after_decode_step(view, seq, 0, ob);
+      } else if (const auto b = comp.decode_step_budget(view, seq, 0)) {
+        m->compress(comp, *c, seq, 0, ob, *b);
+      }
+      ccpu += thread_cpu_seconds() - c0;
+    }
+  }
+  const double per_step = ccpu / (static_cast<double>(steps) * static_cast<double>(state.iterations()));
+  state.counters["decode_cpu_ms"] = median(dcpu) * 1e3;
+  state.counters["compress_per_step_ms"] = per_step * 1e3;
+  state.counters["overhead"] = per_step / median(dcpu);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -281,6 +355,16 @@ int main(int argc, char** argv) {
         ->Unit(benchmark::kMillisecond)
         ->Iterations(1);
   }
+  for (const char* merge : {"", "d2o", "cam", "kvmerger"})
+    for (std::int32_t c : {4096, 32768})
+      for (std::int32_t interval : {1, 32}) {
+        const std::string name = std::string("BM_merge_schedule/") + (*merge ? merge : "evict") +
+                                 "/fp16/32x8x128/ctx:" + std::to_string(c) + "/interval:" + std::to_string(interval) +
+                                 "/threads:1";
+        benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& st) { BM_merge_schedule(st, merge, s, c, interval); })
+            ->Unit(benchmark::kMillisecond)
+            ->Iterations(1);
+      }
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

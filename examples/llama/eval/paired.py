@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
 """Paired comparison of kvc-eval rows: how much a variant changes perplexity against a base row
-on the same scored tokens (prefill protocol), from the per-token NLLs kvc-eval keeps in its
-journal (PREFIX.journal).
+on the same scored tokens (prefill protocol, or the stream protocol with --protocol stream), from
+the per-token NLLs kvc-eval keeps in its journal (PREFIX.journal).
 
-    paired.py JOURNAL [JOURNAL ...] --pair 'VARIANT vs BASE' [--pair ...] [--block 16]
+    paired.py JOURNAL [JOURNAL ...] --pair 'VARIANT vs BASE' [--pair ...] [--block 16] [--protocol prefill|stream]
 
 For each text (journal) and pair: d_i = NLL_variant(i) - NLL_base(i) over the scored tokens;
 the change is exp(mean d) - 1 (relative perplexity, %), its standard error from batch means of
@@ -19,8 +19,12 @@ import math
 import sys
 
 
-def read_journal(path):
-    """spec -> list of per-token NLLs of the prefill protocol."""
+# Where a journal line (kvc_eval.cpp, journal_line) keeps each protocol's per-token NLLs.
+NLL_FIELD = {"prefill": 11, "stream": 18}
+
+
+def read_journal(path, protocol="prefill"):
+    """spec -> list of per-token NLLs of the protocol."""
     rows = {}
     with open(path) as f:
         for n, line in enumerate(f):
@@ -29,7 +33,7 @@ def read_journal(path):
             f_ = line.rstrip("\n").split("\t")
             if len(f_) < 25:
                 continue  # a line cut short by an interruption
-            rows[f_[0]] = [float(x) for x in f_[11].split()]
+            rows[f_[0]] = [float(x) for x in f_[NLL_FIELD[protocol]].split()]
     return rows
 
 
@@ -53,8 +57,9 @@ def main():
     ap.add_argument("journals", nargs="+")
     ap.add_argument("--pair", action="append", required=True, help="'VARIANT vs BASE' (specs as in the journal)")
     ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--protocol", choices=sorted(NLL_FIELD), default="prefill")
     o = ap.parse_args()
-    texts = [(p, read_journal(p)) for p in o.journals]
+    texts = [(p, read_journal(p, o.protocol)) for p in o.journals]
     head = "| variant | base | " + " | ".join(p.rsplit("/", 1)[-1].replace(".journal", "") for p, _ in texts)
     print(head + " | mean |")
     print("|---|---|" + "---:|" * (len(texts) + 1))
