@@ -104,7 +104,7 @@ TEST_CASE("page_pool: allocation, reference counts, tags, exhaustion", "[store][
   REQUIRE_THROWS_WITH(kvc::page_pool(64, 4, 0), Catch::Contains("num_tags = 0"));
 }
 
-TEMPLATE_TEST_CASE("kv_cache equals a dense model under random appends, keeps, forks and removals", "[store]",
+TEMPLATE_TEST_CASE("kv_cache equals a dense model under random appends, keeps, rewinds, forks and removals", "[store]",
                    float, kvc::half, kvc::bfloat16) {
   using T = TestType;
   for (std::int32_t P : {1, 4, 16}) {
@@ -130,7 +130,7 @@ TEMPLATE_TEST_CASE("kv_cache equals a dense model under random appends, keeps, f
     for (int op = 0; op < 70; ++op) {
       const kvc::seq_id s = seqs[static_cast<std::size_t>(r.integer(0, static_cast<std::int32_t>(seqs.size()) - 1))];
       const std::int32_t l = r.integer(0, cfg.num_layers - 1);
-      const int kind = r.integer(0, 9);
+      const int kind = r.integer(0, 10);
       INFO("P=" << P << " op " << op << " kind " << kind << " seq " << s << " layer " << l);
       if (kind <= 3) {  // decode step or prefill chunk, float or storage-type input
         const std::int32_t n = r.coin(0.4) ? 1 : r.integer(0, 40);
@@ -162,6 +162,17 @@ TEMPLATE_TEST_CASE("kv_cache equals a dense model under random appends, keeps, f
         }
         c.keep_layer(s, l, kept);
         for (std::int32_t h = 0; h < cfg.num_kv_heads; ++h) m.keep(s, l, h, kept[static_cast<std::size_t>(h)]);
+      } else if (kind == 10) {  // rewind: forget the tokens at positions >= n (a rejected draft)
+        const std::int32_t n = r.coin(0.2) ? c.seen(s, l) : r.integer(0, c.seen(s, l));
+        bool ascending = true;  // then the dropped tokens are a suffix: nothing moves, nothing is allocated
+        for (std::int32_t h = 0; h < cfg.num_kv_heads; ++h)
+          for (std::int32_t t = 1; t < c.length(s, l, h); ++t)
+            ascending = ascending && c.positions(s, l, h)[t] > c.positions(s, l, h)[t - 1];
+        const auto allocated = c.traffic().bytes_allocated;
+        c.rewind(s, l, n);
+        m.rewind(s, l, n);
+        REQUIRE(c.seen(s, l) == n);
+        if (ascending) REQUIRE(c.traffic().bytes_allocated == allocated);
       } else if (kind == 8 && seqs.size() < 5) {
         const kvc::seq_id f = c.fork(s);
         m.fork(s, f);

@@ -91,6 +91,24 @@ TEST_CASE("pool exhausted: append, keep, rewrite and copy-on-write change nothin
                                  kvc::out_of_memory, "pages requested");
     REQUIRE_FALSE(called);
   }
+  SECTION("rewind of a forked sequence needs no page, so it works with none free") {
+    fixture<float> fx(0);
+    const auto other = kvc_test::snapshot(fx.cache, {fx.a, fx.c});
+    const auto bytes = fx.cache.bytes_in_use();
+    fx.cache.rewind(fx.b, 0, 5);  // inside the shared partial page: it stays shared
+    fx.cache.rewind(fx.b, 1, 0);  // the whole stream: its shared page is released by b only
+    const auto after = kvc_test::snapshot(fx.cache, {fx.a, fx.c});
+    REQUIRE((after.streams == other.streams && after.seen == other.seen));  // a and c hold what they held
+    REQUIRE(after.free_pages == 0);
+    REQUIRE(fx.cache.bytes_in_use() == bytes);  // every page b dropped is still a's
+    REQUIRE(fx.cache.length(fx.b, 0, 1) == 5);
+    REQUIRE(fx.cache.length(fx.b, 1, 0) == 0);
+    REQUIRE(fx.cache.seen(fx.b, 1) == 0);
+    // b's next token goes to a copy of the shared page, which now needs one page: none is free.
+    const auto k = rows(1, fx.r), v = rows(1, fx.r);
+    KVC_REQUIRE_UNCHANGED_THROWS(fx, fx.cache.append(fx.b, 0, k.data(), v.data(), 1), kvc::out_of_memory,
+                                 "pages requested");
+  }
   SECTION("after a failure the cache still works") {
     fixture<float> fx(3);
     const auto k = rows(2, fx.r), v = rows(2, fx.r);
@@ -123,6 +141,10 @@ TEST_CASE("wrong layer, head or sequence changes nothing and names the value", "
   KVC_REQUIRE_UNCHANGED_THROWS(fx, fx.cache.remove_sequence(99), kvc::error, "unknown sequence id 99");
   KVC_REQUIRE_UNCHANGED_THROWS(fx, fx.cache.rewrite_keys(99, 0, 0, [](std::int32_t, float*) {}), kvc::error,
                                "unknown sequence id 99");
+  KVC_REQUIRE_UNCHANGED_THROWS(fx, fx.cache.rewind(fx.a, 2, 0), kvc::error, "layer = 2");
+  KVC_REQUIRE_UNCHANGED_THROWS(fx, fx.cache.rewind(99, 0, 0), kvc::error, "unknown sequence id 99");
+  KVC_REQUIRE_UNCHANGED_THROWS(fx, fx.cache.rewind(fx.a, 0, 8), kvc::error, "n = 8, expected 0..7");
+  KVC_REQUIRE_UNCHANGED_THROWS(fx, fx.cache.rewind(fx.a, 1, -1), kvc::error, "n = -1, expected 0..4");
   // Readers check too.
   REQUIRE_THROWS_WITH(fx.cache.keys(fx.a, 0, 2), Catch::Contains("head = 2"));
   REQUIRE_THROWS_WITH(fx.cache.values(fx.a, 2, 0), Catch::Contains("layer = 2"));

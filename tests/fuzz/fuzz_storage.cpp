@@ -6,7 +6,8 @@
 /// channels, small pages, a pool of a few pages so exhaustion happens); the rest is a sequence of
 /// operations on one `runtime::any_cache`: add / remove / fork a sequence, append (with NaN/Inf
 /// now and then), keep and keep_layer (valid index sets and invalid ones: out of range, unsorted,
-/// duplicated), calls with a bad layer / head / sequence, and decode attention.
+/// duplicated), rewind (valid and out-of-range n), calls with a bad layer / head / sequence, and
+/// decode attention.
 ///
 /// Every operation is mirrored on a dense reference written from the documentation only (the
 /// storage's page layout in kv_cache.hpp / quant_cache.hpp, the codecs' record formats and error
@@ -351,7 +352,7 @@ class model {
         if (p.page_changed[static_cast<std::size_t>(pg)] && shared(st.pages[static_cast<std::size_t>(pg)])) ++need[0];
       if (!d_.plain) {
         if (p.sink_changed && shared(st.sink)) ++need[2];
-        if (p.final_res > 0 && shared(st.res)) ++need[1];
+        if (p.res_changed && shared(st.res)) ++need[1];
       }
     }
   }
@@ -372,8 +373,9 @@ class model {
         continue;
       }
       if (p.sink_changed && shared(st.sink)) st.sink = std::make_shared<page_obj>(&counts_, sink_pool, layer);
-      // A window that keeps tokens is rewritten in place; with none kept its page stays held.
-      if (p.final_res > 0 && shared(st.res)) st.res = std::make_shared<page_obj>(&counts_, res_pool, layer);
+      // A window whose kept tokens move is rewritten in place (a copy first when shared); one that
+      // keeps a prefix of its tokens, or none, is left as it is.
+      if (p.res_changed && shared(st.res)) st.res = std::make_shared<page_obj>(&counts_, res_pool, layer);
       // New order: kept sinks, every kept quantized token (a trailing partial unit stays
       // quantized), then the kept residual tokens (keep never encodes the window).
       for (std::int32_t i : p.ks) st.t.push_back(old[static_cast<std::size_t>(i)]);
@@ -447,6 +449,7 @@ class model {
     int qmain = 0, final_res = 0;
     std::vector<char> page_changed;  ///< main pages kept, and whether each is written
     bool sink_changed = false;
+    bool res_changed = false;  ///< a kept window token moves
   };
   /// quant_cache.hpp: every kept quantized token stays quantized, "the trailing partial unit
   /// stays quantized"; the window keeps only its own kept tokens ("keep never moves tokens into
@@ -472,6 +475,8 @@ class model {
       if (p.kq[static_cast<std::size_t>(i)] != i) p.page_changed[static_cast<std::size_t>(i / P())] = 1;
     for (std::size_t i = 0; i < p.ks.size(); ++i)
       if (p.ks[i] != static_cast<std::int32_t>(i)) p.sink_changed = true;
+    for (std::size_t i = 0; i < p.kr.size(); ++i)
+      if (p.kr[i] != static_cast<std::int32_t>(i)) p.res_changed = true;
     return p;
   }
 
@@ -1089,6 +1094,7 @@ class runner {
       case 11: op_keep_layer(in); break;
       case 12: op_attention(in); break;
       case 13: op_bad_args(in); break;
+      case 14: op_rewind(in); break;
       default: op_append(in); break;
     }
   }
@@ -1308,6 +1314,52 @@ class runner {
     }
     ctx().op = cat("keep_layer(", s, ", layer ", layer, any_bad ? ", invalid" : "", ")");
     do_keep(s, layer, heads, any_bad, true, raw);
+  }
+
+  /// rewind (kv_cache.hpp, quant_cache.hpp): each head keeps its tokens at positions < n, seen
+  /// becomes n. With positions in append order the kept tokens are a prefix, which the
+  /// documentation says moves nothing and needs no page; positions given out of order (this
+  /// harness appends some) make it an ordinary keep. mikv cannot rewind (any_cache.hpp).
+  void op_rewind(input& in) {
+    const seq_id s = pick_seq(in);
+    const int layer = in.below(L());
+    const int seen = known(s) ? m_.seqs().at(s).seen[static_cast<std::size_t>(layer)] : 4;
+    int n = in.below(seen + 1);
+    if (in.below(16) == 15) n = in.below(2) == 0 ? seen + 1 + in.below(3) : -1 - in.below(3);
+    ctx().op = cat("rewind(", s, ", layer ", layer, ", n ", n, " of ", seen, ")");
+    std::vector<std::pair<int, std::vector<std::int32_t>>> heads;
+    bool prefix = true;
+    if (known(s))
+      for (int h = 0; h < H(); ++h) {
+        const ref_stream& st = m_.at(m_.seqs().at(s), layer, h);
+        std::vector<std::int32_t> kept;
+        for (int t = 0; t < st.length(); ++t)
+          if (st.t[static_cast<std::size_t>(t)].pos < n) {
+            prefix = prefix && t == static_cast<int>(kept.size());
+            kept.push_back(t);
+          }
+        heads.emplace_back(h, std::move(kept));
+      }
+    outcome want = known(s) && !d().mikv && n >= 0 && n <= seen ? outcome::ok : outcome::error;
+    if (want == outcome::ok) {
+      int need[3];
+      m_.keep_need(m_.seqs().at(s), layer, heads, need);
+      for (int p = 0; p < 3; ++p) {
+        SF_CHECK(!prefix || need[p] == 0, "the model's rewind of a prefix needs ", need[p], " pages of pool ", p,
+                 ", expected none");
+        if (need[p] > m_.free_pages(p)) want = outcome::oom;
+      }
+    }
+    const auto allocated = c_->traffic().bytes_allocated;
+    const outcome got = expect(want, false, [&] { c_->rewind(s, layer, n); });
+    if (got == outcome::ok) {
+      count(family() + (prefix ? " rewind" : " rewind: positions out of order"));
+      m_.keep_commit(m_.seqs().at(s), layer, heads);
+      m_.seqs().at(s).seen[static_cast<std::size_t>(layer)] = n;
+      SF_CHECK(!prefix || c_->traffic().bytes_allocated == allocated, "rewind of a prefix allocated ",
+               c_->traffic().bytes_allocated - allocated, " bytes, expected none");
+    }
+    snap_ = verify();
   }
 
   /// Decode attention against a softmax over the cache's own gather(): the kernels must read

@@ -277,3 +277,93 @@ TEST_CASE("attention sinks stay in full precision", "[quant][cache]") {
   c.gather(s, 0, 0, kk.data(), vv.data());
   for (int d = 0; d < 64; ++d) REQUIRE((kk[64 + d] == k[2 * 64 + d] && kk[2 * 64 + d] == k[4 * 64 + d]));
 }
+
+namespace {
+
+/// rewind on a fork of a stream that was evicted and then grew: after each rewind to n the fork
+/// holds exactly the source's rows at positions < n, bit for bit (nothing is re-encoded), with no
+/// pool traffic even while the quantized pool has no free page; the source never changes. Then
+/// the fork keeps growing from position n, its newest tokens exact in the residual window.
+template <class KQ, class VQ>
+void rewind_test(int sinks, std::uint32_t seed) {
+  const int H = 2, D = 64, n = 600, more = 300;
+  auto k = qtest::keylike(n + more, H, D, seed), v = qtest::randn(std::size_t(n + more) * H * D, seed + 1);
+  auto cfg = small(H, D);
+  cfg.sink_tokens = sinks;
+  kvc::quant_cache<KQ, VQ> c(cfg);
+  INFO("residual " << c.residual_window() << ", unit " << c.encoding_unit() << ", sinks " << sinks);
+  const auto s = c.add_sequence();
+  c.append(s, 0, k.data(), v.data(), 300);
+  std::vector<std::vector<std::int32_t>> kept(H);
+  for (int t = 0; t < 300; ++t) {
+    if (t % 5 != 2) kept[0].push_back(t);
+    if (t % 3 == 0 || t >= 250) kept[1].push_back(t);
+  }
+  c.keep_layer(s, 0, kept);
+  for (int t = 300; t < n; t += 37) {
+    const int m = std::min(37, n - t);
+    c.append(s, 0, k.data() + std::size_t(t) * H * D, v.data() + std::size_t(t) * H * D, m);
+  }
+  const snapshot<decltype(c)> src(c, s, 0);
+  const auto f = c.fork(s), g = c.fork(s);
+  std::vector<kvc::page_id> hog(static_cast<std::size_t>(c.quant_pool().free_pages()));
+  auto& qpool = const_cast<kvc::page_pool&>(c.quant_pool());
+  qpool.allocate(static_cast<std::int32_t>(hog.size()), hog.data());
+  const auto traffic = c.traffic();
+  auto rewind_and_check = [&](kvc::seq_id fk, int target) {
+    INFO("rewind to " << target);
+    const auto bytes = c.bytes_in_use();
+    c.rewind(fk, 0, target);
+    REQUIRE(c.seen(fk, 0) == target);
+    REQUIRE(c.seen(fk, 1) == 0);
+    REQUIRE(c.bytes_in_use() <= bytes);
+    REQUIRE(c.traffic().bytes_allocated == traffic.bytes_allocated);
+    const snapshot<decltype(c)> now(c, fk, 0);
+    for (int h = 0; h < H; ++h) {
+      std::size_t m = 0;
+      while (m < src.pos[h].size() && src.pos[h][m] < target) ++m;
+      REQUIRE(now.pos[h] == std::vector<std::int32_t>(src.pos[h].begin(), src.pos[h].begin() + std::ptrdiff_t(m)));
+      REQUIRE(now.k[h] == std::vector<float>(src.k[h].begin(), src.k[h].begin() + std::ptrdiff_t(m * D)));
+      REQUIRE(now.v[h] == std::vector<float>(src.v[h].begin(), src.v[h].begin() + std::ptrdiff_t(m * D)));
+    }
+    const snapshot<decltype(c)> source(c, s, 0);
+    REQUIRE((source.k == src.k && source.v == src.v && source.pos == src.pos));
+  };
+  for (int target : {n, 599, 590, 577, 512, 470, 301, 300, 299, 251}) rewind_and_check(f, target);
+  for (int target : {64, sinks + 1, sinks, 0}) rewind_and_check(g, target);
+  c.remove_sequence(g);
+  REQUIRE_THROWS_WITH(c.rewind(f, 0, 252), Catch::Contains("n = 252, expected 0..251"));
+  REQUIRE_THROWS_WITH(c.rewind(f, 0, -1), Catch::Contains("n = -1"));
+  REQUIRE_THROWS_WITH(c.rewind(f, 2, 0), Catch::Contains("layer = 2"));
+  REQUIRE_THROWS_WITH(c.rewind(99, 0, 0), Catch::Contains("unknown sequence id 99"));
+  qpool.release(static_cast<std::int32_t>(hog.size()), hog.data());
+  // Growing again from 251: positions continue there, and the newest tokens sit in the window.
+  const int base = c.length(f, 0, 1);
+  c.append(f, 0, k.data() + std::size_t(n) * H * D, v.data() + std::size_t(n) * H * D, more);
+  REQUIRE(c.seen(f, 0) == 251 + more);
+  const snapshot<decltype(c)> grown(c, f, 0);
+  REQUIRE(int(grown.pos[1].size()) == base + more);
+  const int exact = std::min(more, c.residual_window());
+  for (int i = 0; i < more; ++i) {
+    REQUIRE(grown.pos[1][std::size_t(base + i)] == 251 + i);
+    if (i < more - exact) continue;
+    for (int d = 0; d < D; ++d) {
+      const std::size_t src_i = (std::size_t(n + i) * H + 1) * D + std::size_t(d);
+      REQUIRE(grown.k[1][std::size_t(base + i) * D + std::size_t(d)] == float(kvc::half(k[src_i])));
+      REQUIRE(grown.v[1][std::size_t(base + i) * D + std::size_t(d)] == float(kvc::half(v[src_i])));
+    }
+  }
+  c.remove_sequence(f);
+  REQUIRE(snapshot<decltype(c)>(c, s, 0) == src);
+  c.remove_sequence(s);
+  REQUIRE(c.bytes_in_use() == 0);
+}
+
+}  // namespace
+
+TEST_CASE("rewind forgets the newest tokens without re-encoding or allocating", "[quant][cache][rewind]") {
+  rewind_test<int8, int4>(0, 31);
+  rewind_test<kivi<2>, kivi<2>>(0, 32);
+  rewind_test<kivi<4>, kivi<4>>(4, 33);
+  rewind_test<fp8<>, int2>(5, 34);
+}

@@ -218,3 +218,56 @@ TEST_CASE("layers(): bad specs and bad calls name what was wrong and change noth
   CHECK(c->bytes_in_use() == 0);
   CHECK(c->tokens_held() == 0);
 }
+
+TEST_CASE("rewind through any_cache: each storage forgets the newest tokens as if it never saw them",
+          "[runtime][rewind]") {
+  // A cache that saw 70 tokens and was rewound to 45 must equal a twin that saw only the first 45
+  // (every storage here stores a token the same way whatever follows it while 70 < KIVI's
+  // 128-token window), bit for bit, and both must continue alike.
+  const int L = 2, H = 2, D = 32, hq = 4, N = 70, n = 45;
+  for (const char* spec : {"fp32", "fp16", "bf16", "int8", "kivi(bits=2)", "layers(fp16, l1=int4)"}) {
+    INFO(spec);
+    auto c = make_cache(spec, config(L, H, D)), twin = make_cache(spec, config(L, H, D));
+    REQUIRE(c->can_rewind());
+    std::mt19937 rng(17);
+    const auto s = c->add_sequence(), t = twin->add_sequence();
+    for (int l = 0; l < L; ++l) {
+      const auto k = rows(rng, N + 10, H, D), v = rows(rng, N + 10, H, D);
+      c->append(s, l, k.data(), v.data(), 30);
+      c->append(s, l, k.data() + 30 * H * D, v.data() + 30 * H * D, N - 30);
+      twin->append(t, l, k.data(), v.data(), n);
+      const auto bytes = c->bytes_in_use(l);
+      c->rewind(s, l, n);
+      CHECK(c->seen(s, l) == n);
+      CHECK(c->bytes_in_use(l) <= bytes);
+      c->append(s, l, k.data() + N * H * D, v.data() + N * H * D, 10);
+      twin->append(t, l, k.data() + N * H * D, v.data() + N * H * D, 10);
+      for (int h = 0; h < H; ++h) {
+        REQUIRE(c->length(s, l, h) == twin->length(t, l, h));
+        const int m = c->length(s, l, h);
+        std::vector<float> a(static_cast<std::size_t>(m) * D), b(a.size()), av(a.size()), bv(a.size());
+        c->gather(s, l, h, a.data(), av.data());
+        twin->gather(t, l, h, b.data(), bv.data());
+        CHECK(a == b);
+        CHECK(av == bv);
+        CHECK(std::equal(c->positions(s, l, h), c->positions(s, l, h) + m, twin->positions(t, l, h)));
+      }
+    }
+    CHECK(c->bytes_in_use() == twin->bytes_in_use());
+    check_attention(*c, s, hq, rng);
+    CHECK_THROWS_WITH(c->rewind(s, 0, n + 11), Catch::Contains("n = 56, expected 0..55"));
+  }
+  // Storages that cannot: the call names the storage and changes nothing.
+  for (const char* spec : {"mikv(hbits=8,lbits=2,high_ratio=0.3)", "layers(fp16, l1=mikv(hbits=8,lbits=2))"}) {
+    INFO(spec);
+    auto c = make_cache(spec, config(L, H, D));
+    CHECK_FALSE(c->can_rewind());
+    std::mt19937 rng(18);
+    const auto s = c->add_sequence();
+    const auto k = rows(rng, 20, H, D), v = rows(rng, 20, H, D);
+    c->append(s, 1, k.data(), v.data(), 20);  // layer 1: mikv in both specs
+    CHECK_THROWS_WITH(c->rewind(s, 1, 10), Catch::Contains("storage 'mikv") && Catch::Contains("cannot rewind"));
+    CHECK(c->seen(s, 1) == 20);
+    CHECK(c->length(s, 1, 1) == 20);
+  }
+}

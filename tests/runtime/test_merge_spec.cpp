@@ -209,6 +209,11 @@ TEST_CASE("runtime::merger refuses what it cannot do and changes nothing", "[run
   bad[0] = {5, 2};
   require_error([&] { d2o.apply(*merged, t, 0, scores, bad); }, "kept[0][1] = 2 after 5, expected strictly increasing");
   REQUIRE(layer_state(*merged, t, 0) == mbefore);
+  // A merged token may hold members from any position: a merged cache cannot rewind.
+  REQUIRE_FALSE(merged->can_rewind());
+  require_error([&] { merged->rewind(t, 0, 10); }, "storage 'fp16' cannot rewind (layer 0 to n = 10)");
+  REQUIRE(layer_state(*merged, t, 0) == mbefore);
+  REQUIRE(merged->seen(t, 0) == 20);
   // keep() on one head through any_cache keeps the others whole.
   merged->keep(t, 0, 1, kept[1].data(), 3);
   REQUIRE(merged->length(t, 0, 0) == 20);

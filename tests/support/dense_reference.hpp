@@ -127,6 +127,18 @@ struct dense_cache_model {
     }
     st = std::move(nw);
   }
+  /// kv_cache::rewind by its definition: every head forgets its tokens at positions >= n, and the
+  /// layer has seen n tokens.
+  void rewind(std::int32_t s, std::int32_t l, std::int32_t n) {
+    for (std::int32_t h = 0; h < heads; ++h) {
+      const stream& st = streams[{s, l, h}];
+      std::vector<std::int32_t> kept;
+      for (std::int32_t t = 0; t < st.n(); ++t)
+        if (st.pos[static_cast<std::size_t>(t)] < n) kept.push_back(t);
+      keep(s, l, h, kept);
+    }
+    seen[{s, l}] = n;
+  }
   /// The stream as a dense_head (for the attention reference).
   dense_head head(std::int32_t s, std::int32_t l, std::int32_t h) const {
     const stream& st = streams.at({s, l, h});

@@ -157,6 +157,27 @@ class attention_observer {
     }
   }
 
+  /// Drops the statistics of every token at stream index >= lengths[h] in head h of one layer
+  /// (a stream rewound to its first lengths[h] tokens, kv_cache::rewind). Never throws for a
+  /// head without statistics or holding fewer; lengths.size() must be the heads observed.
+  void truncate(std::int32_t seq, std::int32_t layer, const std::vector<std::int32_t>& lengths) {
+    for (std::size_t h = 0; h < lengths.size(); ++h)
+      KVC_EXPECTS_IN("kvc::evict::attention_observer::truncate", lengths[h] >= 0, "lengths[", h, "] = ", lengths[h],
+                     ", expected >= 0");
+    for (std::size_t h = 0; h < lengths.size(); ++h) {
+      auto it = s_.find(std::make_tuple(seq, layer, static_cast<std::int32_t>(h)));
+      if (it == s_.end()) continue;
+      const std::size_t n = static_cast<std::size_t>(lengths[h]);
+      stream_stats& st = it->second;
+      auto cut = [n](auto& v) { v.resize(std::min(v.size(), n)); };
+      cut(st.sum);
+      cut(st.decayed);
+      cut(st.last);
+      cut(st.low);
+      cut(st.count);
+    }
+  }
+
   /// Gives sequence `to` a copy of `from`'s statistics, as kv_cache::fork gives it `from`'s
   /// tokens: without it a forked beam would start its history at zero and its first decode-time
   /// eviction would rank the shared prefix as never attended. `to` must hold no statistics yet.

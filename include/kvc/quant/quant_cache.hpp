@@ -386,6 +386,22 @@ class quant_cache {
     keep_all(s, layer, kept, &quant_pages);
   }
 
+  /// Forgets the newest tokens of one layer, as kv_cache::rewind: every head drops the tokens
+  /// whose position is >= n and `seen` becomes n. The kept tokens keep the form they are stored
+  /// in (encoded ones stay encoded, the window keeps its prefix; a trailing partial unit keeps its
+  /// codes until the next encoding completes it), so nothing is re-encoded and no page is
+  /// allocated, even for pages shared with a fork. Throws kvc::error on a bad argument, leaving
+  /// the cache unchanged.
+  void rewind(seq_id s, std::int32_t layer, std::int32_t n) {
+    seqs_.check_layer(layer, "rewind");
+    sequence& sq = seqs_.find(s, "rewind");
+    const std::int32_t seen = sq.seen[static_cast<std::size_t>(layer)];
+    KVC_EXPECTS_IN("kvc::quant_cache::rewind", n >= 0 && n <= seen, "n = ", n, ", expected 0..", seen,
+                   " (the tokens layer ", layer, " has seen)");
+    keep_heads(s, layer, seqs_.tokens_before(sq, layer, n), nullptr, "rewind");
+    sq.seen[static_cast<std::size_t>(layer)] = n;
+  }
+
  private:
   void keep_one(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n,
                 page_pool::reservation* qres) {
@@ -762,7 +778,7 @@ class quant_cache {
       std::vector<Fp> res_k, res_v;          // the new residual window
       std::vector<std::int32_t> new_pos;
       std::vector<char> page_changed;
-      bool sink_changed = false, sink_fresh = false, res_fresh = false;
+      bool sink_changed = false, sink_fresh = false, res_changed = false, res_fresh = false;
       std::int32_t quant_fresh = 0;
     };
     std::vector<plan> pl(heads.size());
@@ -818,7 +834,10 @@ class quant_cache {
       for (std::size_t i = 0; i < p.ks.size(); ++i)
         if (p.ks[i] != static_cast<std::int32_t>(i)) p.sink_changed = true;
       p.sink_fresh = p.sink_changed && sink_pool_->ref_count(st.sink) > 1;
-      p.res_fresh = p.res_total > 0 && res_pool_->ref_count(st.res) > 1;
+      // A window that keeps a prefix of its tokens (rewind) is not rewritten, so not copied.
+      for (std::int32_t i = 0; i < p.res_total; ++i)
+        if (p.kr[static_cast<std::size_t>(i)] != i) p.res_changed = true;
+      p.res_fresh = p.res_changed && res_pool_->ref_count(st.res) > 1;
       need_q += p.quant_fresh;
       need_r += p.res_fresh ? 1 : 0;
       need_s += p.sink_fresh ? 1 : 0;
@@ -863,7 +882,7 @@ class quant_cache {
         res_pool_->release(st.res);
         st.res = fresh.r[nr++];
       }
-      if (final_res > 0) {
+      if (final_res > 0 && p.res_changed) {
         Fp* rk = fp_rows(*res_pool_, st.res, res_cap_, false);
         Fp* rv = fp_rows(*res_pool_, st.res, res_cap_, true);
         std::memcpy(rk, p.res_k.data(), sizeof(Fp) * final_res * D);

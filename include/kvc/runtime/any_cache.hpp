@@ -56,6 +56,18 @@ class any_cache {
   virtual void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) = 0;
   virtual void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) = 0;
 
+  /// Forgets the newest tokens of one layer (kv_cache::rewind): every head drops the tokens at
+  /// positions >= n and seen(s, layer) becomes n. Storages without it (merged tokens may hold
+  /// members from the dropped positions; low-rank and mixed-precision stores) throw kvc::error
+  /// naming the storage, as does a bad n; the cache is then unchanged.
+  virtual void rewind(seq_id /*s*/, std::int32_t layer, std::int32_t n) {
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::any_cache::rewind: storage '", name(), "' cannot rewind (layer ",
+                                          layer, " to n = ", n, "), expected a plain or quantized storage (fp32, "
+                                          "fp16, bf16, int8, kivi, ...)"));
+  }
+  /// Whether rewind() is available for this storage.
+  virtual bool can_rewind() const { return false; }
+
   virtual std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const = 0;
   virtual const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const = 0;
   virtual std::int32_t seen(seq_id s, std::int32_t layer) const = 0;
@@ -161,6 +173,11 @@ struct has_fork : std::false_type {};
 template <class C>
 struct has_fork<C, std::void_t<decltype(std::declval<C&>().fork(seq_id{}))>> : std::true_type {};
 template <class C, class = void>
+struct has_rewind : std::false_type {};
+template <class C>
+struct has_rewind<C, std::void_t<decltype(std::declval<C&>().rewind(seq_id{}, std::int32_t{}, std::int32_t{}))>>
+    : std::true_type {};
+template <class C, class = void>
 struct has_pre_rope : std::false_type {};
 template <class C>
 struct has_pre_rope<C, std::void_t<decltype(std::declval<const C&>().config().pre_rope)>> : std::true_type {};
@@ -220,6 +237,11 @@ class cache_adapter final : public any_cache {
   void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) override {
     c_.keep_layer(s, layer, kept);
   }
+  void rewind(seq_id s, std::int32_t layer, std::int32_t n) override {
+    if constexpr (detail::has_rewind<Cache>::value) c_.rewind(s, layer, n);
+    else any_cache::rewind(s, layer, n);
+  }
+  bool can_rewind() const override { return detail::has_rewind<Cache>::value; }
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override { return c_.length(s, layer, head); }
   const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const override {
     return c_.positions(s, layer, head);

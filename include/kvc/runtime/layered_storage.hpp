@@ -230,6 +230,15 @@ class layered_cache final : public any_cache {
     p->keep_layer(ps, l, kept);
   }
 
+  void rewind(seq_id s, std::int32_t layer, std::int32_t n) override {
+    auto [p, ps, l] = route(s, layer, "rewind");
+    p->rewind(ps, l, n);
+  }
+  /// True when every part has it.
+  bool can_rewind() const override {
+    return std::all_of(parts_.begin(), parts_.end(), [](const auto& p) { return p->can_rewind(); });
+  }
+
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override {
     auto [p, ps, l] = route(s, layer, "length");
     return p->length(ps, l, head);

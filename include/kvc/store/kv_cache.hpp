@@ -220,6 +220,23 @@ class kv_cache {
     keep_heads(s, layer, all);
   }
 
+  /// Forgets the newest tokens of one layer: every head drops the tokens whose position is >= n,
+  /// and the layer's `seen` becomes n, so the next append (positions not given) continues at n.
+  /// What speculative and assisted decoding need after a rejected draft (`crop` in transformers).
+  /// Tokens already evicted stay evicted. With positions given to append in order (or none),
+  /// the dropped tokens are a suffix, so no row moves and no page is allocated: it cannot fail
+  /// once its arguments are checked (0 <= n <= seen), and a page shared with a fork is only
+  /// released. Throws kvc::error on a bad argument, leaving the cache unchanged.
+  void rewind(seq_id s, std::int32_t layer, std::int32_t n) {
+    seqs_.check_layer(layer, "rewind");
+    sequence& sq = seqs_.find(s, "rewind");
+    const std::int32_t seen = sq.seen[static_cast<std::size_t>(layer)];
+    KVC_EXPECTS_IN("kvc::kv_cache::rewind", n >= 0 && n <= seen, "n = ", n, ", expected 0..", seen,
+                   " (the tokens layer ", layer, " has seen)");
+    keep_heads(s, layer, seqs_.tokens_before(sq, layer, n));
+    sq.seen[static_cast<std::size_t>(layer)] = n;
+  }
+
   /// Overwrites the stored keys of one stream (used to re-rotate kept keys to new RoPE
   /// positions). `fn(std::int32_t token, T* row)` edits a copy of one row; positions are replaced
   /// by new_positions when it is not null. All or nothing: shared pages are allocated first, fn

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <map>
 #include <utility>
+#include <vector>
 
 #include <kvc/error.hpp>
 
@@ -95,6 +96,21 @@ class sequence_table {
     check_layer(layer, fn);
     check_head(head, fn);
     return at(sq, layer, head);
+  }
+
+  /// What rewind keeps: every head of one layer with the indices of its tokens at positions < n
+  /// (in stream order; a suffix is dropped when positions ascend, as append gives them).
+  std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> tokens_before(const Sequence& sq, std::int32_t layer,
+                                                                                std::int32_t n) const {
+    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> heads(static_cast<std::size_t>(num_kv_heads_));
+    for (std::int32_t h = 0; h < num_kv_heads_; ++h) {
+      auto& kept = heads[static_cast<std::size_t>(h)];
+      kept.first = h;
+      const auto& pos = at(sq, layer, h).positions;
+      for (std::size_t t = 0; t < pos.size(); ++t)
+        if (pos[t] < n) kept.second.push_back(static_cast<std::int32_t>(t));
+    }
+    return heads;
   }
 
  private:
