@@ -255,6 +255,9 @@ NB_MODULE(_kvc, m) {
                    "(fed by attention())")
       .def_prop_ro("pre_rope_keys", &session_cache::pre_rope_keys,
                    "whether the storage keeps keys before RoPE: append un-rotated keys (pre_rope=1 storages)")
+      .def_prop_ro("can_rewind", &session_cache::can_rewind,
+                   "whether rewind() can forget tokens of this storage (False: merging stages, low-rank, mixed "
+                   "precision)")
       .def_prop_ro("window", &session_cache::window, "queries the policy wants in its window (-1: the whole prompt)")
       .def_prop_ro("num_layers", [](const session_cache& c) { return c.config().num_layers; })
       .def_prop_ro("num_kv_heads", [](const session_cache& c) { return c.config().num_kv_heads; })
@@ -267,6 +270,14 @@ NB_MODULE(_kvc, m) {
       .def("contains", &session_cache::contains, "seq"_a)
       .def("fork", &session_cache::fork, "seq"_a,
            "A new sequence sharing seq's pages (copy on write); raises kvc.Error for storages that cannot share.")
+      .def(
+          "rewind", [](session_cache& c, kvc::seq_id seq, std::int32_t n) { c.rewind({seq}, n); }, "seq"_a, "n"_a,
+          "Forgets seq's tokens at positions >= n in every layer (seen becomes n): a rejected draft in "
+          "assisted or speculative decoding. Raises kvc.Error for storages that cannot rewind (merging "
+          "stages, low-rank, mixed precision) and for n outside 0..seen; the cache is then unchanged. "
+          "Tokens evicted or merged meanwhile stay so.")
+      .def("rewind", &session_cache::rewind, "seqs"_a, "n"_a,
+           "rewind(seq, n) for every sequence of seqs (the rows of a batch), all or none.")
 
       .def("append",
            [](session_cache& c, kvc::seq_id seq, std::int32_t layer, const in_array& k, const in_array& v,

@@ -146,6 +146,8 @@ class session_cache {
     }
     return "nothing";
   }
+  /// Whether rewind() can forget tokens of this cache's storage.
+  bool can_rewind() const { return cache_->can_rewind(); }
   /// Whether the storage keeps keys before RoPE (the caller then appends un-rotated keys).
   bool pre_rope_keys() const { return cache_->pre_rope_keys(); }
   /// The queries the policy wants in its window: 0 none, -1 every query of the prompt.
@@ -190,6 +192,57 @@ class session_cache {
     std::lock_guard<std::mutex> g(m_);
     need_seq(s, "append");
     cache_->append(s, layer, k, v, n, positions);
+  }
+
+  /// Forgets every token of the sequences `seqs` at positions >= n, in every layer
+  /// (kv_cache::rewind): seen becomes n, and the attention observer's per-token statistics (H2O's
+  /// sums, ...) lose the same tokens. What assisted and speculative decoding need after a rejected
+  /// draft, for every row of a batch at once. Everything is checked first, for every sequence and
+  /// layer, and the stores' rewinds allocate no page, so a refusal leaves the cache unchanged. Not
+  /// rewound (the caller decides whether that matters): tokens evicted or merged while the dropped
+  /// ones were present, the compressor's decode-step counters, query statistics, and the
+  /// attention the dropped queries paid to older tokens.
+  void rewind(const std::vector<kvc::seq_id>& seqs, std::int32_t n) {
+    std::lock_guard<std::mutex> g(m_);
+    for (kvc::seq_id s : seqs) need_seq(s, "rewind");
+    if (!cache_->can_rewind())
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache.rewind: spec = \"", spec_, "\": storage '", cache_->name(), "'",
+                                            merge_ ? " with a merging stage (a merged token may hold members from the "
+                                                     "dropped positions)"
+                                                   : "",
+                                            " cannot rewind, expected a plain or quantized storage without merging "
+                                            "(fp32, fp16, bf16, int8, kivi, ...)"));
+    const auto& c = cache_->config();
+    // [sequence][layer][kv head]: the tokens each stream keeps.
+    std::vector<std::vector<std::vector<std::int32_t>>> lengths(seqs.size());
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      const kvc::seq_id s = seqs[i];
+      for (std::int32_t l = 0; l < c.num_layers; ++l) {
+        const std::int32_t seen = cache_->seen(s, l);
+        KVC_EXPECTS_IN("kvc.Cache.rewind", n >= 0 && n <= seen, "n = ", n, ", expected 0..", seen,
+                       " (the tokens layer ", l, " of seq ", s, " has seen)");
+        std::vector<std::int32_t> len;
+        for (std::int32_t h = 0; h < c.num_kv_heads; ++h) {
+          // The tokens at positions >= n must be the stream's newest: a suffix.
+          const std::int32_t L = cache_->length(s, l, h);
+          const std::int32_t* p = cache_->positions(s, l, h);
+          std::int32_t m = 0;
+          while (m < L && p[m] < n) ++m;
+          for (std::int32_t t = m; t < L; ++t)
+            KVC_EXPECTS_IN("kvc.Cache.rewind", p[t] >= n, "seq ", s, ", layer ", l, ", kv head ", h,
+                           " holds position ", p[t], " at stream index ", t, " after position ", p[m], " at index ",
+                           m, ", expected positions ascending in append order (keys re-rotated to new positions "
+                           "cannot be rewound)");
+          len.push_back(m);
+        }
+        lengths[i].push_back(std::move(len));
+      }
+    }
+    for (std::size_t i = 0; i < seqs.size(); ++i)
+      for (std::int32_t l = 0; l < c.num_layers; ++l) {
+        cache_->rewind(seqs[i], l, n);
+        if (observer_) observer_->truncate(seqs[i], l, lengths[i][static_cast<std::size_t>(l)]);
+      }
   }
 
   /// q: [num_q_heads][head_dim] -> out: the same shape. Feeds the policy's attention observer.

@@ -442,3 +442,89 @@ def test_beam_search_same_ids_as_dynamic_cache(model, tokens):
     out = model.generate(ids, cache=cache, **run)
     cache.close()
     assert out.shape == (2, 40 + 8) and len(cache.seqs) == 3 and cache._kept(0) < 40
+
+
+def draft_model(model):
+    """A 2-layer Llama with random weights over the model's vocabulary: most of its drafts are
+    rejected, so assisted generation crops the cache at most steps."""
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=model.config.vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=2048, bos_token_id=model.config.bos_token_id,
+                                   eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def count_crops(cache):
+    """Records every crop of `cache` in cache.crops: (tokens seen before it, its argument, seen after)."""
+    cache.crops, inner = [], cache.crop
+
+    def crop(tokens_to_remove):
+        before = cache.get_seq_length()
+        inner(tokens_to_remove)
+        cache.crops.append((before, tokens_to_remove, cache.get_seq_length()))
+    cache.crop = crop
+    return cache
+
+
+def test_assisted_generate_crops_and_gives_dynamic_cache_ids(model, tokens):
+    ids = tokens[:, :48]
+    run = dict(max_new_tokens=12, do_sample=False, assistant_model=draft_model(model))
+    ref = model.generate(ids, **run)
+    cache = count_crops(kvc.hf.Cache("fp32", model.config))
+    got = model.generate(ids, cache=cache, **run)
+    assert got.tolist() == ref.tolist()
+    assert any(after < before for before, _, after in cache.crops), cache.crops  # drafts were rejected
+    # Every layer and kv head holds positions 0..seen-1 after the last crop: nothing else was dropped.
+    kept = cache.kept_positions()
+    assert all(p == list(range(cache.get_seq_length())) for layer in kept for p in layer)
+
+
+def test_assisted_generate_quantized_and_refused_under_a_policy(model, tokens):
+    """A quantized storage crops like fp32 (every position kept, drafts rejected); a policy that
+    compresses makes the cache not croppable, which transformers reports before the first crop.
+    (transformers 5.25's assisted decoding feeds a pre-filled cache the whole prompt again: a
+    DynamicCache given 48 of 64 prompt tokens holds 114 after 3 new ones, so press + assisted
+    generation is not a combination to test.)"""
+    ids = tokens[:, :48]
+    run = dict(max_new_tokens=8, do_sample=False, assistant_model=draft_model(model))
+    cache = count_crops(kvc.hf.Cache("kivi(bits=4)", model.config))
+    out = model.generate(ids, cache=cache, **run)
+    assert out.shape[1] == 48 + 8
+    assert any(after < before for before, _, after in cache.crops), cache.crops
+    kept = cache.kept_positions()
+    assert all(p == list(range(cache.get_seq_length())) for layer in kept for p in layer)
+    policy = kvc.hf.Cache("snapkv(ratio=0.5)+fp32", model)
+    with pytest.raises(ValueError, match="can be cropped"):
+        model.generate(ids, cache=policy, **run)
+    policy.close()
+
+
+def test_crop_refuses_what_it_cannot_undo(model, tokens):
+    ids = tokens[:, :32]
+    cache = kvc.hf.Cache("snapkv(ratio=0.5)+fp32", model)  # compresses after every forward
+    model(ids, cache=cache)
+    seen, kept = cache.get_seq_length(), cache.kept_positions()
+    assert not cache.is_croppable
+    with pytest.raises(ValueError, match=r"crop\(-2\) while spec = 'snapkv\(ratio=0.5\)\+fp32' compresses"):
+        cache.crop(-2)
+    cache.close()
+    with kvc.hf.press(model, "snapkv(ratio=0.5)+cam+fp32") as merged:
+        model(ids, cache=merged)
+    assert not merged.is_croppable
+    with pytest.raises(ValueError, match="merging stage 'cam' cannot forget tokens"):
+        merged.crop(-2)
+    plain = kvc.hf.Cache("fp16", model.config)
+    model(ids, cache=plain)
+    assert plain.is_croppable and plain.layers[3].is_croppable
+    with pytest.raises(ValueError, match=r"crop\(-33\) with 32 tokens seen, expected at most 32"):
+        plain.crop(-33)
+    with pytest.raises(ValueError, match=r"crop\(30\), expected a negative count"):
+        plain.crop(30)
+    plain.crop(0)
+    assert plain.get_seq_length() == 32
+    plain.crop(-2)
+    assert plain.get_seq_length() == 30 and plain.kept_positions()[0][0] == list(range(30))
+    assert cache.get_seq_length() == seen and cache.kept_positions() == kept
+    with pytest.raises(ValueError, match="on one layer; expected it on the cache"):
+        plain.layers[0].crop(-1)

@@ -107,3 +107,107 @@ def test_every_storage_and_policy_name_builds():
         c = kvc.Cache(spec + "+int8", num_layers=2, num_kv_heads=2, head_dim=64, num_q_heads=4, rope_theta=1e4)
         assert c.policy == spec and c.storage == "int8"
         assert c.observes in ("nothing", "query_window", "attention", "query_stats")
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16", "int8", "kivi(bits=2)", "quest(budget=32)"])
+def test_rewind_is_as_if_the_tokens_never_came(rng, storage):
+    """rewind(seq, n) after 70 tokens leaves what a twin that saw 45 holds (every storage here
+    stores a token alike whatever follows it while 70 < KIVI's window), and both grow alike."""
+    c = kvc.Cache(storage, num_layers=2, num_kv_heads=2, head_dim=32)
+    twin = kvc.Cache(storage, num_layers=2, num_kv_heads=2, head_dim=32)
+    assert c.can_rewind
+    s, t = c.add_sequence(), twin.add_sequence()
+    k, v = random_kv(rng, 80, 2, 32)
+    for layer in range(2):
+        c.append(s, layer, k[:70], v[:70])
+        twin.append(t, layer, k[:45], v[:45])
+    before = c.bytes_in_use()
+    c.rewind(s, 45)
+    assert c.bytes_in_use() <= before
+    for layer in range(2):
+        assert c.seen(s, layer) == 45
+        c.append(s, layer, k[70:], v[70:])
+        twin.append(t, layer, k[70:], v[70:])
+        for h in range(2):
+            np.testing.assert_array_equal(c.positions(s, layer, h), twin.positions(t, layer, h))
+            for a, b in zip(c.gather(s, layer, h), twin.gather(t, layer, h)):
+                np.testing.assert_array_equal(a, b)
+        q = rng.standard_normal((2, 32)).astype(np.float32)  # quest reads pages by their key bounds
+        np.testing.assert_array_equal(c.attention(s, layer, q), twin.attention(t, layer, q))
+    assert c.bytes_in_use() == twin.bytes_in_use()
+
+
+def test_rewind_refuses_and_changes_nothing(rng):
+    c = kvc.Cache("int8", num_layers=2, num_kv_heads=2, head_dim=16)
+    a, b = c.add_sequence(), c.add_sequence()
+    k, v = random_kv(rng, 30, 2, 16)
+    for layer in range(2):
+        c.append(a, layer, k, v)
+        c.append(b, layer, k[:10], v[:10])
+    state = [c.gather(s, 1, 1)[0].copy() for s in (a, b)]
+    with pytest.raises(kvc.Error, match=r"n = 31, expected 0\.\.30"):
+        c.rewind(a, 31)
+    with pytest.raises(kvc.Error, match=r"n = 20, expected 0\.\.10 \(the tokens layer 0 of seq"):
+        c.rewind([a, b], 20)  # b has seen 10: neither row changes
+    with pytest.raises(kvc.Error, match="seq = 99"):
+        c.rewind([a, 99], 5)
+    assert c.seen(a, 0) == 30 and c.seen(b, 1) == 10
+    for s, before in zip((a, b), state):
+        np.testing.assert_array_equal(c.gather(s, 1, 1)[0], before)
+    c.rewind([a, b], 4)
+    assert [c.length(s, layer, h) for s in (a, b) for layer in range(2) for h in range(2)] == [4] * 8
+    # Storages that cannot: a merging stage (a merged token may hold members of any position).
+    m = kvc.Cache("h2o(ratio=0.5)+cam+fp16", num_layers=1, num_kv_heads=2, head_dim=16, num_q_heads=4)
+    assert not m.can_rewind
+    s = m.add_sequence()
+    m.append(s, 0, k, v)
+    with pytest.raises(kvc.Error, match="with a merging stage .* cannot rewind"):
+        m.rewind(s, 10)
+    assert m.seen(s, 0) == 30 and m.length(s, 0, 0) == 30
+
+
+def test_rewind_drops_the_observers_statistics_of_the_forgotten_tokens(rng):
+    """H2O's accumulated attention follows the rewind: a cache rewound from 60 to 40 tokens and fed
+    the same next tokens as a twin that saw 40 compresses the same way, as long as no query of the
+    dropped tokens was observed (their attention to older tokens is not un-added)."""
+    spec = "h2o(ratio=0.5,interval=4,slack=0)+fp32"
+    c = kvc.Cache(spec, num_layers=1, num_kv_heads=2, head_dim=16, num_q_heads=4)
+    twin = kvc.Cache(spec, num_layers=1, num_kv_heads=2, head_dim=16, num_q_heads=4)
+    k, v = random_kv(rng, 80, 2, 16)
+    q = rng.standard_normal((80, 4, 16)).astype(np.float32)
+    s, t = c.add_sequence(), twin.add_sequence()
+    for i in range(40):
+        for cache, seq in ((c, s), (twin, t)):
+            cache.append(seq, 0, k[i:i + 1], v[i:i + 1])
+            cache.attention(seq, 0, q[i])
+    c.append(s, 0, k[40:60], v[40:60])  # a draft, appended without attending: then rejected
+    c.rewind(s, 40)
+    for i in range(40, 80):
+        for cache, seq in ((c, s), (twin, t)):
+            cache.append(seq, 0, k[i:i + 1], v[i:i + 1])
+            cache.attention(seq, 0, q[i])
+            cache.after_decode_step(seq, 0)
+        for h in range(2):
+            np.testing.assert_array_equal(c.positions(s, 0, h), twin.positions(t, 0, h))
+    assert c.length(s, 0, 0) < 80 - 20  # it did compress
+
+
+def test_rewind_after_an_observed_draft_keeps_the_observer_in_step(rng):
+    """A draft whose queries were observed: rewind drops the statistics of its tokens (without
+    it the observer would hold 60 tokens' sums for a 41-token stream and refuse the next step)."""
+    c = kvc.Cache("h2o(ratio=0.5,interval=4,slack=0)+int8", num_layers=1, num_kv_heads=2, head_dim=16, num_q_heads=4)
+    k, v = random_kv(rng, 80, 2, 16)
+    q = rng.standard_normal((80, 4, 16)).astype(np.float32)
+    s = c.add_sequence()
+    for i in range(60):
+        c.append(s, 0, k[i:i + 1], v[i:i + 1])
+        c.attention(s, 0, q[i])
+    c.rewind(s, 40)
+    for i in range(40, 80):
+        c.append(s, 0, k[i:i + 1], v[i:i + 1])
+        c.attention(s, 0, q[i])
+        c.after_decode_step(s, 0)
+    assert c.seen(s, 0) == 80
+    for h in range(2):
+        pos = c.positions(s, 0, h)
+        assert 0 < len(pos) < 60 and pos[-1] == 79 and len(set(pos)) == len(pos)

@@ -34,7 +34,9 @@ columns), and a policy with a batch of more than one row where the padding canno
 check reads the 2D ``attention_mask`` the model's forward is given, so it needs the model, not its
 config); a policy observing query statistics (expected_attention) with more than one row (kvc
 keeps the statistics per layer, not per sequence); cake, and storages keeping keys before RoPE
-(``pre_rope=1``) are not supported; nor is ``crop`` (assisted decoding).
+(``pre_rope=1``) are not supported. ``crop`` (assisted and speculative decoding) forgets the newest
+tokens of every row, except while a policy compresses (use ``press`` for the context) and for
+storages that cannot rewind (merging stages, low-rank, mixed precision).
 
 Policies observing attention (h2o, tova, scissorhands, a2sf) are fed as kvc-llama feeds them: each
 token of a forward is appended alone and its rotated query (from the query hooks) attends over
@@ -133,9 +135,13 @@ class _Layer(_HFLayer):
         raise ValueError("kvc.hf.Cache: reorder_cache on one layer; expected it on the cache (its rows are kvc "
                          "sequences that every layer shares)")
 
+    @property
+    def is_croppable(self) -> bool:
+        return self._owner.is_croppable
+
     def crop(self, tokens_to_remove):
-        raise ValueError(f"kvc.hf.Cache: crop(tokens_to_remove={tokens_to_remove}) is not supported "
-                         "(assisted/speculative decoding), expected no crop")
+        raise ValueError(f"kvc.hf.Cache: crop({tokens_to_remove}) on one layer; expected it on the cache (every "
+                         "layer of a row is rewound together)")
 
     def batch_repeat_interleave(self, repeats):
         raise ValueError("kvc.hf.Cache: batch_repeat_interleave on one layer; expected it on the cache")
@@ -461,9 +467,44 @@ class Cache(_HFCache):
         """Keeps the rows `indices`, in that order."""
         self._reshape(torch.as_tensor(indices).reshape(-1).tolist(), "indices")
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether ``crop`` can forget tokens: a storage that can rewind, and no policy compressing
+        (transformers checks it before assisted generation's first crop)."""
+        return bool(self.kvc.can_rewind) and not (self.kvc.policy is not None and self.compressing)
+
     def crop(self, tokens_to_remove: int):
-        raise ValueError(f"kvc.hf.Cache: crop(tokens_to_remove={tokens_to_remove}) is not supported "
-                         "(assisted/speculative decoding), expected no crop")
+        """Forgets the ``-tokens_to_remove`` newest tokens (transformers 5 passes a negative count, 0
+        for none) of every layer and row, as ``DynamicCache.crop``: what assisted and speculative
+        decoding (``generate`` with ``assistant_model`` or ``prompt_lookup_num_tokens``) call after
+        a rejected draft. The kept tokens stay as stored (quantized ones stay quantized) and no page
+        is allocated (``kvc.Cache.rewind``). Raises ``ValueError`` for a positive count (the legacy
+        absolute length, which transformers 5 refuses too), for more tokens than were seen, while a
+        policy compresses (its evictions and the attention it observed from the dropped tokens
+        cannot be undone; compress the context with ``kvc.hf.press`` and generate after it, or use
+        no policy) and for storages that cannot rewind (merging stages, low-rank, mixed precision);
+        the cache is then unchanged."""
+        count = int(tokens_to_remove)
+        seen = self._seen(0)
+        if count > 0:
+            raise ValueError(f"kvc.hf.Cache: crop({tokens_to_remove}), expected a negative count of tokens to remove "
+                             "(or 0), as transformers 5 passes it")
+        if count == 0:
+            return
+        if -count > seen:
+            raise ValueError(f"kvc.hf.Cache: crop({tokens_to_remove}) with {seen} tokens seen, expected at most "
+                             f"{seen} tokens to remove")
+        if self.kvc.policy is not None and self.compressing:
+            raise ValueError(f"kvc.hf.Cache: crop({tokens_to_remove}) while spec = '{self.spec}' compresses: the "
+                             "tokens it evicted and the attention it observed while the cropped tokens were in the "
+                             "cache cannot be undone; expected kvc.hf.press(model, spec) for the context and "
+                             "generation after it, or a spec without a policy")
+        if not self.kvc.can_rewind:
+            raise ValueError(f"kvc.hf.Cache: crop({tokens_to_remove}): storage '{self.kvc.storage}'"
+                             f"{' with merging stage ' + repr(self.kvc.merging) if self.kvc.merging else ''} cannot "
+                             "forget tokens (a merged token may hold members from the cropped positions; low-rank "
+                             "and mixed-precision stores cannot rewind); expected a plain or quantized storage")
+        self.kvc.rewind(self.seqs, seen + count)
 
     # -- reading ---------------------------------------------------------------------------------
     def kept_positions(self, row: int = 0):
