@@ -685,7 +685,10 @@ void evict_trials(std::uint64_t salt) {
       before.push_back(copy_stream(c, s, layer, h));
       const std::int32_t n = before.back().n;
       scores.push_back(random_scores(n, trial % 3, r));
-      kept.push_back(trial % 11 == 3 ? ivec{} : r.subset(n, r.integer(0, n)));
+      // Every 5th trial evicts 1-3 tokens, as a decode-time step does: the plan then looks only
+      // at the runs around them, and must find what the whole-stream scan finds.
+      const std::int32_t keep_n = trial % 5 == 2 ? std::max(0, n - r.integer(1, 3)) : r.integer(0, n);
+      kept.push_back(trial % 11 == 3 ? ivec{} : r.subset(n, keep_n));
     }
     const std::size_t bytes_before = c.bytes_in_use();
     INFO("trial " << trial << (fp16 ? " fp16" : " fp32") << " H=" << H << " D=" << D << " P=" << P
@@ -756,7 +759,15 @@ TEST_CASE("KVMerger at an eviction budget rejects bad arguments and changes noth
   kvmerger_options o;
   o.threshold = std::numeric_limits<float>::quiet_NaN();
   expect_error([&] { kvmerger_evict_layer(c, s, 0, scores, kept, o); },
+               "kvc::merge::kvmerger_evict_layer: kvmerger_options.threshold = nan");
+  // The plan on its own, from the same keys: the same checks, under its own name, and a
+  // non-finite key (the cache holds none) is named.
+  const auto keys = kvc::merge::layer_keys(c, s, 0);
+  expect_error([&] { kvc::merge::kvmerger_evict_plan(keys, 8, scores, kept, o); },
                "kvc::merge::kvmerger_evict_plan: kvmerger_options.threshold = nan");
+  auto bad_keys = keys;
+  bad_keys[1][5] = std::numeric_limits<float>::quiet_NaN();
+  expect_error([&] { kvc::merge::kvmerger_evict_plan(bad_keys, 8, scores, kept); }, "keys[1][5] = nan");
   o = {};
   o.sigma = 0;
   expect_error([&] { kvmerger_evict_layer(c, s, 0, scores, kept, o); }, "kvmerger_options.sigma = 0");

@@ -51,7 +51,8 @@
 /// Cost per kv head: O(n·D) for the adjacent similarities plus O(Σ|S|·D) for the weights (in
 /// double), then one merged_cache::merge_layer commit. Also here: kvmerger_evict_plan, the
 /// merging sets at an eviction's budget (the evictor's kept set, its evicted tokens merged into
-/// their set's best-scored kept token).
+/// their set's best-scored kept token), which compares only the pairs of the runs that hold an
+/// evicted token: O(Σ run·D), a few runs per decode-time step.
 
 #include <algorithm>
 #include <cmath>
@@ -107,6 +108,32 @@ inline double kvmerger_kernel(const float* kt, const float* kp, std::size_t D, d
   return std::exp(-d2 / two_s2);
 }
 
+namespace kvmerger_detail {
+/// The checks of kvmerger_check_args but the keys': options, one score vector and one token list
+/// per kv head (H of them).
+inline void kvmerger_check_sizes(const char* who, std::size_t H, const std::vector<std::vector<float>>& scores,
+                                 const std::vector<std::vector<std::int32_t>>& list, const char* name, const char* what,
+                                 const kvmerger_options& o) {
+  KVC_EXPECTS_IN(who, std::isfinite(o.threshold), "kvmerger_options.threshold = ", o.threshold,
+                 ", expected a finite cosine-similarity threshold");
+  KVC_EXPECTS_IN(who, std::isfinite(o.sigma) && o.sigma > 0.0f, "kvmerger_options.sigma = ", o.sigma,
+                 ", expected a finite kernel width > 0");
+  KVC_EXPECTS_IN(who, scores.size() == H, "scores.size() = ", scores.size(), ", expected keys.size() = ", H,
+                 " (one score vector per kv head)");
+  KVC_EXPECTS_IN(who, list.size() == H, name, ".size() = ", list.size(), ", expected keys.size() = ", H, " (", what,
+                 ")");
+}
+/// One finite score per token and strictly increasing indices in range, kv head h holding n tokens.
+inline void kvmerger_check_head(const char* who, std::size_t h, std::int64_t n, const std::vector<float>& scores,
+                                const std::vector<std::int32_t>& list, const char* name) {
+  KVC_EXPECTS_IN(who, static_cast<std::int64_t>(scores.size()) == n, "scores[", h, "].size() = ", scores.size(),
+                 ", expected ", n, " (kv head ", h, " holds ", n, " tokens)");
+  for (std::size_t i = 0; i < scores.size(); ++i)
+    KVC_EXPECTS_IN(who, std::isfinite(scores[i]), "scores[", h, "][", i, "] = ", scores[i], ", expected a finite score");
+  similarity::check_token_list(who, name, h, list, n);
+}
+}  // namespace kvmerger_detail
+
 /// The checks kvmerger_plan and kvmerger_evict_plan share, in their order: options, one score
 /// vector and one token list (`list`, named `name`, meaning `what`) per kv head, finite keys,
 /// one finite score per token, strictly increasing indices in range.
@@ -114,26 +141,11 @@ inline void kvmerger_check_args(const char* who, const std::vector<std::vector<f
                                 const std::vector<std::vector<float>>& scores,
                                 const std::vector<std::vector<std::int32_t>>& list, const char* name, const char* what,
                                 const kvmerger_options& o) {
-  KVC_EXPECTS_IN(who, std::isfinite(o.threshold), "kvmerger_options.threshold = ", o.threshold,
-                 ", expected a finite cosine-similarity threshold");
-  KVC_EXPECTS_IN(who, std::isfinite(o.sigma) && o.sigma > 0.0f, "kvmerger_options.sigma = ", o.sigma,
-                 ", expected a finite kernel width > 0");
-  KVC_EXPECTS_IN(who, scores.size() == keys.size(), "scores.size() = ", scores.size(), ", expected keys.size() = ",
-                 keys.size(), " (one score vector per kv head)");
-  KVC_EXPECTS_IN(who, list.size() == keys.size(), name, ".size() = ", list.size(), ", expected keys.size() = ",
-                 keys.size(), " (", what, ")");
+  kvmerger_detail::kvmerger_check_sizes(who, keys.size(), scores, list, name, what, o);
   similarity::check_layer_keys(who, keys, head_dim);
   const std::size_t D = static_cast<std::size_t>(head_dim);
-  const std::size_t H = keys.size();
-  for (std::size_t h = 0; h < H; ++h) {
-    const std::int64_t n = static_cast<std::int64_t>(keys[h].size() / D);
-    KVC_EXPECTS_IN(who, static_cast<std::int64_t>(scores[h].size()) == n, "scores[", h, "].size() = ", scores[h].size(),
-                   ", expected ", n, " (kv head ", h, " holds ", n, " tokens)");
-    for (std::size_t i = 0; i < scores[h].size(); ++i)
-      KVC_EXPECTS_IN(who, std::isfinite(scores[h][i]), "scores[", h, "][", i, "] = ", scores[h][i],
-                     ", expected a finite score");
-    similarity::check_token_list(who, name, h, list[h], n);
-  }
+  for (std::size_t h = 0; h < keys.size(); ++h)
+    kvmerger_detail::kvmerger_check_head(who, h, static_cast<std::int64_t>(keys[h].size() / D), scores[h], list[h], name);
 }
 
 /// KVMerger's merging sets and weights for one layer, a pure function of its arguments.
@@ -263,6 +275,91 @@ struct kvmerger_evict_layer_plan {
   std::int64_t merged = 0, dropped = 0;         ///< evicted tokens merged / dropped, all heads
 };
 
+namespace kvmerger_detail {
+/// kvmerger_evict_plan's runs on checked arguments, kv head h's key t read through row(h, t) (a
+/// pointer to head_dim floats, valid until the next head).
+template <class Row>
+kvmerger_evict_layer_plan kvmerger_evict_runs(Row&& row, const std::vector<std::int32_t>& lengths, std::size_t D,
+                                              const std::vector<std::vector<float>>& scores,
+                                              const std::vector<std::vector<std::int32_t>>& kept,
+                                              const kvmerger_options& o) {
+  const std::size_t H = lengths.size();
+  kvmerger_evict_layer_plan plan;
+  plan.heads.resize(H);
+  const double eps = static_cast<double>(o.threshold);
+  const double two_s2 = 2.0 * static_cast<double>(o.sigma) * static_cast<double>(o.sigma);
+  std::vector<char> is_kept;
+  std::vector<double> norm;
+  for (std::size_t h = 0; h < H; ++h) {
+    const float* sc = scores[h].data();
+    const std::int32_t n = lengths[h];
+    is_kept.assign(static_cast<std::size_t>(n), 0);
+    for (std::int32_t t : kept[h]) is_kept[static_cast<std::size_t>(t)] = 1;
+    // Only the runs that hold an evicted token change anything, so only they are found: from
+    // each evicted token not yet in a run, outwards while adjacent keys link. A decode step that
+    // evicts a few tokens then compares a few runs' pairs, not all n − 1 (bench_merge
+    // BM_merge_schedule). Norms are computed when a pair first needs them (-1: not yet), with
+    // row_norms' sums, so every cosine is the one the whole-stream scan computed.
+    norm.assign(static_cast<std::size_t>(n), -1.0);
+    auto norm_of = [&](std::int32_t t) {
+      double& q = norm[static_cast<std::size_t>(t)];
+      if (q < 0) {
+        const float* r = row(h, t);
+        double sq = 0;  // row_norms' sum, in its order
+        for (std::size_t d = 0; d < D; ++d) sq += static_cast<double>(r[d]) * r[d];
+        q = std::sqrt(sq);
+      }
+      return q;
+    };
+    auto link = [&](std::int32_t a) {  // tokens a and a + 1 are in one merging set
+      // similarity::cosine's arithmetic, on rows read through row()
+      const double den = norm_of(a) * norm_of(a + 1);
+      if (!(den > 0)) return 0.0 > eps;
+      const float* x = row(h, a);
+      const float* y = row(h, a + 1);
+      double dot = 0;
+      for (std::size_t d = 0; d < D; ++d) dot += static_cast<double>(x[d]) * y[d];
+      return dot / den > eps;
+    };
+    auto& ph = plan.heads[h];
+    std::int32_t covered = -1;  // the last token of the last run found
+    for (std::int32_t e = 0; e < n; ++e) {
+      if (is_kept[static_cast<std::size_t>(e)] || e <= covered) continue;
+      std::int32_t lo = e, hi = e;  // the run [lo, hi] around evicted token e
+      while (lo > covered + 1 && link(lo - 1)) --lo;
+      while (hi + 1 < n && link(hi)) ++hi;
+      covered = hi;
+      std::int32_t p = -1;  // the pivot: the kept member with the largest score
+      for (std::int32_t t = lo; t <= hi; ++t)
+        if (is_kept[static_cast<std::size_t>(t)] && (p < 0 || sc[t] > sc[p])) p = t;
+      merge_group g;
+      std::vector<double> gw;
+      double z = 0;
+      const float* kp = p >= 0 ? row(h, p) : nullptr;
+      for (std::int32_t t = lo; t <= hi; ++t) {
+        if (is_kept[static_cast<std::size_t>(t)] && t != p) continue;
+        if (p < 0) {
+          ph.dropped.push_back(t);
+          continue;
+        }
+        const float* kt = row(h, t);
+        g.members.push_back(t);
+        gw.push_back(kvmerger_kernel(kt, kp, D, two_s2));  // 1 for the pivot, so z >= 1
+        z += gw.back();
+      }
+      if (g.members.size() > 1) {
+        g.target = p;
+        for (double x : gw) g.weights.push_back(static_cast<float>(x / z));
+        plan.merged += static_cast<std::int64_t>(g.members.size()) - 1;
+        ph.groups.push_back(std::move(g));
+      }
+    }
+    plan.dropped += static_cast<std::int64_t>(ph.dropped.size());
+  }
+  return plan;
+}
+}  // namespace kvmerger_detail
+
 /// KVMerger at an eviction budget: a scorer keeps kept[h] (the budget); an evicted token is
 /// merged rather than dropped when KVMerger's set identification puts it in one merging set with
 /// a kept token, so the layer keeps exactly the kept tokens (the eviction's bytes) and no
@@ -288,51 +385,11 @@ inline kvmerger_evict_layer_plan kvmerger_evict_plan(const std::vector<std::vect
   constexpr const char* who = "kvc::merge::kvmerger_evict_plan";
   kvmerger_check_args(who, keys, head_dim, scores, kept, "kept", "one kept set per kv head", o);
   const std::size_t D = static_cast<std::size_t>(head_dim);
-  const std::size_t H = keys.size();
-  kvmerger_evict_layer_plan plan;
-  plan.heads.resize(H);
-  const double eps = static_cast<double>(o.threshold);
-  const double two_s2 = 2.0 * static_cast<double>(o.sigma) * static_cast<double>(o.sigma);
-  for (std::size_t h = 0; h < H; ++h) {
-    const float* k = keys[h].data();
-    const float* sc = scores[h].data();
-    const std::int32_t n = static_cast<std::int32_t>(keys[h].size() / D);
-    std::vector<char> is_kept(static_cast<std::size_t>(n), 0);
-    for (std::int32_t t : kept[h]) is_kept[static_cast<std::size_t>(t)] = 1;
-    const std::vector<double> norm = similarity::row_norms(k, n, D);
-    auto& ph = plan.heads[h];
-    for (std::int32_t lo = 0; lo < n;) {
-      std::int32_t hi = lo;  // the run [lo, hi]
-      while (hi + 1 < n && similarity::cosine(k, norm, hi, hi + 1, D) > eps) ++hi;
-      std::int32_t p = -1;  // the pivot: the kept member with the largest score
-      for (std::int32_t t = lo; t <= hi; ++t)
-        if (is_kept[static_cast<std::size_t>(t)] && (p < 0 || sc[t] > sc[p])) p = t;
-      merge_group g;
-      std::vector<double> gw;
-      double z = 0;
-      const float* kp = p >= 0 ? k + static_cast<std::size_t>(p) * D : nullptr;
-      for (std::int32_t t = lo; t <= hi; ++t) {
-        if (is_kept[static_cast<std::size_t>(t)] && t != p) continue;
-        if (p < 0) {
-          ph.dropped.push_back(t);
-          continue;
-        }
-        const float* kt = k + static_cast<std::size_t>(t) * D;
-        g.members.push_back(t);
-        gw.push_back(kvmerger_kernel(kt, kp, D, two_s2));  // 1 for the pivot, so z >= 1
-        z += gw.back();
-      }
-      if (g.members.size() > 1) {
-        g.target = p;
-        for (double x : gw) g.weights.push_back(static_cast<float>(x / z));
-        plan.merged += static_cast<std::int64_t>(g.members.size()) - 1;
-        ph.groups.push_back(std::move(g));
-      }
-      lo = hi + 1;
-    }
-    plan.dropped += static_cast<std::int64_t>(ph.dropped.size());
-  }
-  return plan;
+  std::vector<std::int32_t> lengths;
+  for (const auto& kh : keys) lengths.push_back(static_cast<std::int32_t>(kh.size() / D));
+  return kvmerger_detail::kvmerger_evict_runs(
+      [&](std::size_t h, std::int32_t t) { return keys[h].data() + static_cast<std::size_t>(t) * D; }, lengths, D,
+      scores, kept, o);
 }
 
 /// KVMerger at an eviction budget on one layer of one sequence (kvmerger_evict_plan): for every
@@ -352,8 +409,38 @@ kvmerger_evict_layer_plan kvmerger_evict_layer(merged_cache<T>& cache, seq_id s,
                  ", expected num_kv_heads = ", H);
   KVC_EXPECTS_IN(who, static_cast<std::int32_t>(kept.size()) == H, "kept.size() = ", kept.size(),
                  ", expected num_kv_heads = ", H);
-  const std::vector<std::vector<float>> keys = layer_keys(cache, s, layer);
-  kvmerger_evict_layer_plan plan = kvmerger_evict_plan(keys, D, scores, kept, o);
+  kvmerger_detail::kvmerger_check_sizes(who, static_cast<std::size_t>(H), scores, kept, "kept", "one kept set per kv head", o);
+  const kv_cache<T>& kv = cache.cache();
+  std::vector<std::int32_t> lengths;
+  for (std::int32_t h = 0; h < H; ++h) {
+    lengths.push_back(kv.length(s, layer, h));
+    kvmerger_detail::kvmerger_check_head(who, static_cast<std::size_t>(h), lengths.back(), scores[static_cast<std::size_t>(h)],
+                                kept[static_cast<std::size_t>(h)], "kept");
+  }
+  // The runs read only the keys around evicted tokens, so only those rows are converted to
+  // float, when first read, into this thread's buffer (one head at a time, reused across calls).
+  // Gathering the layer's keys instead cost ~2 decode steps per compression (bench_merge
+  // BM_merge_schedule, 4k tokens): at interval 32, 11-12% of a decode step against 2-4% now.
+  // The keys need no finiteness check here: the cache holds finite values only.
+  thread_local std::vector<float> buf;
+  thread_local std::vector<char> have;
+  std::size_t cur = static_cast<std::size_t>(-1);
+  const std::size_t Dz = static_cast<std::size_t>(D);
+  auto row = [&](std::size_t h, std::int32_t t) -> const float* {
+    if (h != cur) {
+      cur = h;
+      buf.resize(static_cast<std::size_t>(lengths[h]) * Dz);
+      have.assign(static_cast<std::size_t>(lengths[h]), 0);
+    }
+    float* r = buf.data() + static_cast<std::size_t>(t) * Dz;
+    if (!have[static_cast<std::size_t>(t)]) {
+      const auto keys = kv.keys(s, layer, static_cast<std::int32_t>(h));
+      for (std::int32_t d = 0; d < D; ++d) r[d] = static_cast<float>(keys(t, 0, d));
+      have[static_cast<std::size_t>(t)] = 1;
+    }
+    return r;
+  };
+  kvmerger_evict_layer_plan plan = kvmerger_detail::kvmerger_evict_runs(row, lengths, Dz, scores, kept, o);
   std::vector<std::vector<merge_group>> groups(static_cast<std::size_t>(H));
   std::vector<std::vector<std::int32_t>> drop(static_cast<std::size_t>(H));
   for (std::int32_t h = 0; h < H; ++h) {
