@@ -26,6 +26,7 @@
 #include <vector>
 
 #include <kvc/error.hpp>
+#include <kvc/numeric/half.hpp>  // detail::float_to_half_n, half_to_float_n
 #include <kvc/store/kv_cache.hpp>
 #include <kvc/store/sequence_table.hpp>
 
@@ -322,7 +323,10 @@ class merged_cache {
         if (!vf.empty()) return vf.data() + static_cast<std::size_t>(t) * D;
         const T* page = reinterpret_cast<const T*>(kv_.pool().data(pages[static_cast<std::size_t>(t / P)]));
         const T* v = page + static_cast<std::size_t>(P + t % P) * D;
-        for (std::int32_t d = 0; d < D; ++d) one[static_cast<std::size_t>(d)] = static_cast<float>(v[d]);
+        if constexpr (std::is_same<T, half>::value)
+          detail::half_to_float_n(v, static_cast<std::size_t>(D), one.data());  // F16C where the CPU has it
+        else
+          for (std::int32_t d = 0; d < D; ++d) one[static_cast<std::size_t>(d)] = static_cast<float>(v[d]);
         return one.data();
       };
       std::vector<std::int32_t> slot(static_cast<std::size_t>(L), -1);  // stream index -> kept index
@@ -369,7 +373,12 @@ class merged_cache {
       const std::int32_t row = added[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)];
       if (row < 0) return;
       const float* r = rows[static_cast<std::size_t>(h)].data() + static_cast<std::size_t>(row) * D;
-      for (std::int32_t d = 0; d < D; ++d) v[d] = T(r[d]);
+      // F16C for half pages: CaM rewrites about M recipients per evicted token, and the scalar
+      // portable conversion of those rows was a third of its decode-time step (bench_merge
+      // BM_merge_schedule, cam, 4k, interval 32: perf, session 26).
+      if constexpr (std::is_same<T, half>::value) detail::float_to_half_n(r, static_cast<std::size_t>(D), v);
+      else
+        for (std::int32_t d = 0; d < D; ++d) v[d] = T(r[d]);
     }, &recipients);
     for (std::int32_t h = 0; h < H; ++h) lw[lw_.index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
   }
