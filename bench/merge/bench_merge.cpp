@@ -34,9 +34,9 @@
 //     H2O's decode loop through the run-time path kvc-llama and kvc.Cache run: a cache from
 //     runtime::make_merged_cache("fp16") holding ctx tokens, then per step: append one token,
 //     merged decode attention with group_probs, the attention observer fed (decode_cpu_ms, the
-//     median step), then evict::compressor::decode_step_budget and, on the steps it says are due,
-//     runtime::merger::compress (evict: compressor::after_decode_step, the same schedule dropping
-//     instead of merging). Budget: ctx tokens per head; interval 1 (slack 0) compresses every
+//     median step), then runtime::merger::after_decode_step (the compressor's decode schedule,
+//     merging on the steps it says are due; evict: compressor::after_decode_step, the same
+//     schedule dropping instead of merging). Budget: ctx tokens per head; interval 1 (slack 0) compresses every
 //     step by one token, interval 32 (slack 32) every 32 steps by 32. compress_per_step_ms is the
 //     compressions' CPU time over all steps (what a decode step pays on average);
 //     overhead = compress_per_step / decode. 64 steps (two compressions at interval 32).
@@ -305,11 +305,8 @@ void BM_merge_schedule(benchmark::State& state, const std::string& merge, shape 
       c0 = thread_cpu_seconds();
       kvc::evict::observations ob;
       ob.attention = &obs;
-      if (!m) {
-        comp.after_decode_step(view, seq, 0, ob);
-      } else if (const auto b = comp.decode_step_budget(view, seq, 0)) {
-        m->compress(comp, *c, seq, 0, ob, *b);
-      }
+      if (!m) comp.after_decode_step(view, seq, 0, ob);
+      else m->after_decode_step(comp, *c, seq, 0, ob);
       ccpu += thread_cpu_seconds() - c0;
     }
   }

@@ -181,11 +181,9 @@ public:
             }
             if (observer_) obs.attention = &*observer_;
             if (merger_) {  // the compressor's selection and scores, then the merge instead of eviction
-                const std::optional<kvc::budget> b = ph == phase::prefill ? std::optional<kvc::budget>(comp_->options().target)
-                                                     : ph == phase::chunk ? std::optional<kvc::budget>(comp_->seen_budget(view, seq_, l))
-                                                                          : comp_->decode_step_budget(view, seq_, l);
-                if (!b) continue;
-                const kvc::evict::compress_report r = merger_->compress(*comp_, *cache_, seq_, l, obs, *b);
+                const kvc::evict::compress_report r = ph == phase::prefill ? merger_->after_prefill(*comp_, *cache_, seq_, l, obs)
+                                                      : ph == phase::chunk ? merger_->after_chunk(*comp_, *cache_, seq_, l, obs)
+                                                                           : merger_->after_decode_step(*comp_, *cache_, seq_, l, obs);
                 dropped += r.tokens_before - r.tokens_after;
                 continue;
             }

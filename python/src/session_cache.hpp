@@ -300,7 +300,7 @@ class session_cache {
       obs.stats = &qs;
     }
     any_cache_view view{cache_.get()};
-    if (merger_) return merge(ph, view, s, layer, obs);
+    if (merger_) return merge(ph, s, layer, obs);
     switch (ph) {
       case phase::prefill: return comp_->after_prefill(view, s, layer, obs);
       case phase::chunk: return comp_->after_chunk(view, s, layer, obs);
@@ -382,30 +382,24 @@ class session_cache {
                                             ", expected a sequence of this cache (from add_sequence or fork)"));
   }
 
-  /// A compressor phase with the merging stage in place of eviction: the budget the phase
-  /// applies (the decode phase only on the steps after_decode_step would compress), then
-  /// merger::compress. The explicit compress() refuses a token budget above the longest stream,
-  /// as compressor::compress does.
-  kvc::evict::compress_report merge(phase ph, any_cache_view& view, kvc::seq_id s, std::int32_t layer,
-                                    const kvc::evict::observations& obs) {
-    std::optional<kvc::budget> b;
+  /// A compressor phase with the merging stage in place of eviction (merger's after_prefill /
+  /// after_chunk / after_decode_step); the explicit compress() at the policy's target, refusing
+  /// a token budget above the longest stream as compressor::compress does.
+  kvc::evict::compress_report merge(phase ph, kvc::seq_id s, std::int32_t layer, const kvc::evict::observations& obs) {
     switch (ph) {
-      case phase::prefill: b = comp_->options().target; break;
-      case phase::chunk: b = comp_->seen_budget(view, s, layer); break;
-      case phase::decode: b = comp_->decode_step_budget(view, s, layer); break;
-      case phase::compress: {
-        need_layer(layer, "compress");
-        b = comp_->options().target;
-        std::int32_t longest = 0;
-        for (std::int32_t h = 0; h < cache_->config().num_kv_heads; ++h) longest = std::max(longest, cache_->length(s, layer, h));
-        KVC_EXPECTS_IN("kvc.Cache.compress", b->type != kvc::budget::kind::tokens || b->value <= longest, "tokens = ",
-                       static_cast<std::int64_t>(b->value), ", expected <= the longest stream of layer ", layer, " (",
-                       longest, " tokens); the cache is unchanged");
-        break;
-      }
+      case phase::prefill: return merger_->after_prefill(*comp_, *cache_, s, layer, obs);
+      case phase::chunk: return merger_->after_chunk(*comp_, *cache_, s, layer, obs);
+      case phase::decode: return merger_->after_decode_step(*comp_, *cache_, s, layer, obs);
+      case phase::compress: break;
     }
-    if (!b) return {};
-    return merger_->compress(*comp_, *cache_, s, layer, obs, *b);
+    need_layer(layer, "compress");
+    const kvc::budget b = comp_->options().target;
+    std::int32_t longest = 0;
+    for (std::int32_t h = 0; h < cache_->config().num_kv_heads; ++h) longest = std::max(longest, cache_->length(s, layer, h));
+    KVC_EXPECTS_IN("kvc.Cache.compress", b.type != kvc::budget::kind::tokens || b.value <= longest, "tokens = ",
+                   static_cast<std::int64_t>(b.value), ", expected <= the longest stream of layer ", layer, " (",
+                   longest, " tokens); the cache is unchanged");
+    return merger_->compress(*comp_, *cache_, s, layer, obs, b);
   }
 
   void need_layer(std::int32_t layer, const char* call) const {

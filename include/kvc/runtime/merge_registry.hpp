@@ -32,6 +32,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <optional>
 #include <vector>
 
 #include <kvc/attention/options.hpp>
@@ -290,6 +291,26 @@ class merger {
     r.bytes_released = static_cast<std::size_t>(after.bytes_released - before.bytes_released);
     r.compressed = true;
     return r;
+  }
+
+  /// The compressor's phases with this stage's merge in place of its eviction, at the budgets and
+  /// on the steps comp's own after_prefill / after_chunk / after_decode_step would compress.
+  template <class Scorer>
+  evict::compress_report after_prefill(const evict::compressor<Scorer>& comp, any_cache& cache, seq_id s,
+                                       std::int32_t layer, const evict::observations& obs) {
+    return compress(comp, cache, s, layer, obs, comp.options().target);
+  }
+  template <class Scorer>
+  evict::compress_report after_chunk(const evict::compressor<Scorer>& comp, any_cache& cache, seq_id s,
+                                     std::int32_t layer, const evict::observations& obs) {
+    return compress(comp, cache, s, layer, obs, comp.seen_budget(any_cache_view{&cache}, s, layer));
+  }
+  /// Counts the decode step in comp (decode_step_budget) and merges when it is due.
+  template <class Scorer>
+  evict::compress_report after_decode_step(evict::compressor<Scorer>& comp, any_cache& cache, seq_id s,
+                                           std::int32_t layer, const evict::observations& obs) {
+    const std::optional<budget> b = comp.decode_step_budget(any_cache_view{&cache}, s, layer);
+    return b ? compress(comp, cache, s, layer, obs, *b) : evict::compress_report{};
   }
 
   /// Whether merged tokens carry a log-weight (D2O and KVMerger with mass=1): attention over
