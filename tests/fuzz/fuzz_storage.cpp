@@ -45,102 +45,23 @@
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/make_cache.hpp>
 
+#include "fuzz_support.hpp"
+
 namespace storagefuzz {
 
 using kvc::seq_id;
 using kvc::runtime::any_cache;
 
-// ---- reporting -------------------------------------------------------------------------------
-
-template <class... A>
-std::string cat(const A&... a) {
-  std::ostringstream os;
-  os.precision(9);
-  (os << ... << a);
-  return os.str();
-}
-
-/// The spec and the operation being run, printed with every failed check so a crash file can be
-/// read without a debugger.
-struct context {
-  std::string spec;
-  int op_index = -1;
-  std::string op;
-};
-inline context& ctx() {
-  static context c;
-  return c;
-}
-
-/// The Catch2 run of this model (tests/runtime/test_storage_model.cpp) sets this to get an
-/// exception it can report instead of an abort (which is what libFuzzer wants).
-inline bool& throw_on_failure() {
-  static bool t = false;
-  return t;
-}
-struct check_failed : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-[[noreturn]] inline void fail_check(const std::string& msg) {
-  if (throw_on_failure())
-    throw check_failed(cat(msg, "\n  storage: ", ctx().spec, "\n  op #", ctx().op_index, ": ", ctx().op));
-  std::fprintf(stderr, "storagefuzz: CHECK FAILED: %s\n  storage: %s\n  op #%d: %s\n", msg.c_str(), ctx().spec.c_str(),
-               ctx().op_index, ctx().op.c_str());
-  std::abort();
-}
-#define SF_CHECK(cond, ...)                                          \
-  do {                                                               \
-    if (!(cond)) ::storagefuzz::fail_check(::storagefuzz::cat(__VA_ARGS__)); \
-  } while (0)
-
-/// With KVC_FUZZ_STATS set, counts of what the runs exercised are printed at exit: a fuzzer
-/// whose operations all fail early, or never reach quantized pages, checks little.
-struct stats {
-  std::map<std::string, long> n;
-  ~stats() {
-    if (!std::getenv("KVC_FUZZ_STATS")) return;
-    for (const auto& kv : n) std::fprintf(stderr, "storagefuzz stat %-40s %ld\n", kv.first.c_str(), kv.second);
-  }
-};
-inline void count(const std::string& what) {
-  static stats s;
-  static const bool on = std::getenv("KVC_FUZZ_STATS") != nullptr;
-  if (on) ++s.n[what];
-}
-
-// ---- input -----------------------------------------------------------------------------------
-
-class input {
- public:
-  input(const std::uint8_t* p, std::size_t n) : p_(p), n_(n) {}
-  bool empty() const noexcept { return i_ >= n_; }
-  std::uint32_t u8() noexcept { return i_ < n_ ? p_[i_++] : 0u; }
-  std::uint32_t u16() noexcept { return u8() | (u8() << 8); }
-  /// 0..m-1 (0 when m <= 1).
-  int below(int m) noexcept { return m <= 1 ? 0 : static_cast<int>(u16() % static_cast<std::uint32_t>(m)); }
-  template <class T, std::size_t N>
-  const T& pick(const T (&a)[N]) noexcept {
-    return a[below(static_cast<int>(N))];
-  }
-
- private:
-  const std::uint8_t* p_;
-  std::size_t n_, i_ = 0;
-};
-
-/// splitmix64: K/V values come from a generator seeded by two input bytes, so an append of
-/// n x H x D values costs the fuzzer a few bytes, not thousands.
-struct rng {
-  std::uint64_t s;
-  std::uint64_t next() noexcept {
-    std::uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  float uniform() noexcept { return static_cast<float>(next() >> 40) * (2.0f / 16777216.0f) - 1.0f; }  // [-1, 1)
-};
+// Reporting (cat, ctx, fail_check, SF_CHECK, count), the input reader and the value generator
+// are shared with the other storage fuzzers: fuzz_support.hpp.
+using kvc_fuzz::cat;
+using kvc_fuzz::check_failed;
+using kvc_fuzz::count;
+using kvc_fuzz::ctx;
+using kvc_fuzz::fail_check;
+using kvc_fuzz::input;
+using kvc_fuzz::rng;
+using kvc_fuzz::throw_on_failure;
 
 // ---- what the reference expects of a storage -----------------------------------------------
 
@@ -1056,7 +977,7 @@ class runner {
     // Where the model cannot predict exhaustion (mikv), success and out_of_memory are both fine.
     count(cat(family(), " ", ctx().op.substr(0, ctx().op.find('(')), " -> ", name(got)));
     static const bool trace = std::getenv("KVC_FUZZ_TRACE") != nullptr;
-    if (trace) std::fprintf(stderr, "storagefuzz trace: %s #%d %s -> %s %s\n", ctx().spec.c_str(), ctx().op_index, ctx().op.c_str(), name(got), what.c_str());
+    if (trace) std::fprintf(stderr, "%s trace: %s #%d %s -> %s %s\n", ctx().tool, ctx().spec.c_str(), ctx().op_index, ctx().op.c_str(), name(got), what.c_str());
     // An invalid call must say so, not report exhaustion (mikv once planned its demotions before
     // checking the input: tests/runtime/test_storage_model.cpp has the reproducer).
     const bool fine = got == want || (may_oom && want == outcome::ok && got == outcome::oom);
@@ -1460,7 +1381,8 @@ class runner {
 inline int run_one(const std::uint8_t* data, std::size_t size) {
   input in(data, size);
   const choice ch = choose(in);
-  ctx() = context{};
+  ctx() = kvc_fuzz::context{};
+  ctx().tool = "storagefuzz";
   ctx().spec = ch.d.spec;
   std::unique_ptr<any_cache> c;
   try {

@@ -182,3 +182,14 @@ for i, t in enumerate(TEXTS):
     for mode in range(4):
         write("tokenizer", f"seed-{i:02d}-{mode}", bytes([mode]) + t.encode())
 write("tokenizer", "seed-invalid-utf8", bytes([3]) + b"\xff\xfe\xc3\x28\xe2\x82\xf0\x9f\x98 ok")
+
+# ---- lowrank (fuzz_lowrank.cpp: the first byte mod 4 is the family pca / palu / think / xkv, the
+# rest shapes, arguments and operations; random bytes reach every operation) ----
+import random
+
+_r = random.Random(20261206)
+for fam, name in enumerate(["pca", "palu", "think", "xkv"]):
+    for i in range(6):
+        b = bytearray(_r.getrandbits(8) for _ in range(700))
+        b[0] = fam
+        write("lowrank", f"seed-{name}-{i}", bytes(b))

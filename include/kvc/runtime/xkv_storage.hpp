@@ -328,8 +328,10 @@ class xkv_cache final : public any_cache {
       kvc::cpu::lowrank_detail::attend_rows_general<kvc::cpu::default_arch>(row, hw, nl, lpos, gs.k.slice(li, h),
                                                                             gs.v.slice(li, h), rp, h, G, q, scale, out, lo);
     };
-    if (opt.pool && H > 1) opt.pool->parallel_for(H, run);
-    else
+    // No latent token (a sequence moved while empty: its tokens are all in the tail): the group
+    // may have no basis yet, and the latent part adds nothing (lse1 stays -inf).
+    if (nl > 0 && opt.pool && H > 1) opt.pool->parallel_for(H, run);
+    else if (nl > 0)
       for (std::int32_t h = 0; h < H; ++h) run(h);
     if (tail_held > 0) {
       o2.resize(nq * D);
