@@ -87,7 +87,9 @@ void check(const char* who, const char* arg, const in_array& a, nb::dlpack::dtyp
     ++i;
   }
   std::int64_t stride = 1;
-  for (std::size_t j = a.ndim(); j-- > 0;) {
+  bool empty = false;  // an array of no element has no layout to check (numpy may give it any strides)
+  for (std::size_t j = 0; j < a.ndim(); ++j) empty = empty || a.shape(j) == 0;
+  for (std::size_t j = a.ndim(); !empty && j-- > 0;) {
     if (a.shape(j) > 1 && a.stride(j) != stride)
       kvc::detail::fail(kvc::detail::concat(who, ": ", arg, " of shape ", shape_text(a),
                                             " is not C-contiguous, expected a C-contiguous array "
@@ -211,8 +213,30 @@ NB_MODULE(_kvc, m) {
       .def("__init__",
            [](session_cache* self, const std::string& spec, std::int32_t num_layers, std::int32_t num_kv_heads,
               std::int32_t head_dim, std::int32_t num_q_heads, std::int32_t page_size, std::int32_t max_pages,
-              std::optional<float> rope_theta, const std::string& rope_style, std::int32_t rotary_dim) {
+              std::optional<float> rope_theta, const std::string& rope_style, std::int32_t rotary_dim,
+              const std::optional<std::pair<in_array, in_array>>& weights) {
              kvc_python::shape s;
+             kvc::runtime::projection_weights pw;
+             if (weights) {  // palu's W_k and W_v: [num_layers, num_kv_heads * head_dim, hidden] each
+               const char* who = "kvc.Cache";
+               const in_array& wk = weights->first;
+               const in_array& wv = weights->second;
+               const std::int64_t rows = static_cast<std::int64_t>(num_kv_heads) * head_dim;
+               check(who, "weights[0] (W_k)", wk, nb::dtype<float>(), "float32",
+                     {{"num_layers", num_layers}, {"num_kv_heads*head_dim", rows}, {"hidden", -1}});
+               check(who, "weights[1] (W_v)", wv, nb::dtype<float>(), "float32",
+                     {{"num_layers", num_layers}, {"num_kv_heads*head_dim", rows},
+                      {"hidden", static_cast<std::int64_t>(wk.shape(2))}});
+               KVC_EXPECTS_IN(who, wk.shape(2) >= 1 && wk.shape(2) <= static_cast<std::size_t>(INT32_MAX),
+                              "weights[0] (W_k) has ", wk.shape(2), " columns, expected 1..", INT32_MAX);
+               pw.in = static_cast<std::int32_t>(wk.shape(2));
+               const std::size_t layer_size = static_cast<std::size_t>(rows) * wk.shape(2);
+               for (std::int32_t l = 0; l < num_layers; ++l) {
+                 pw.wk.push_back(floats(wk) + static_cast<std::size_t>(l) * layer_size);
+                 pw.wv.push_back(floats(wv) + static_cast<std::size_t>(l) * layer_size);
+               }
+               s.weights = &pw;  // read by the constructor only (palu's bases are fitted there)
+             }
              if (rope_theta) {
                kvc::rope_config rc;
                rc.head_dim = head_dim;
@@ -236,9 +260,12 @@ NB_MODULE(_kvc, m) {
            },
            "spec"_a, "num_layers"_a, "num_kv_heads"_a, "head_dim"_a, "num_q_heads"_a = 0, "page_size"_a = 16,
            "max_pages"_a = 1 << 16, "rope_theta"_a = nb::none(), "rope_style"_a = "rotate_half", "rotary_dim"_a = 0,
+           "weights"_a = nb::none(),
            "num_q_heads: the model's query heads (0: num_kv_heads); max_pages: the page pool's capacity. "
            "rope_theta, rope_style ('rotate_half' or 'interleaved'), rotary_dim (0: head_dim): the model's RoPE, "
-           "needed by expected_attention and pre_rope=1 storages, and used by leverage to un-rotate keys.")
+           "needed by expected_attention, palu and pre_rope=1 storages, and used by leverage to un-rotate keys. "
+           "weights: (wk, wv) for palu only, float32 [num_layers, num_kv_heads * head_dim, hidden] each (every "
+           "layer's k_proj.weight and v_proj.weight, rows head-major); read while the cache is built.")
       .def_prop_ro("spec", &session_cache::spec)
       .def_prop_ro("storage", &session_cache::storage, "the storage as a spec")
       .def_prop_ro("isa", &session_cache::isa,
@@ -259,6 +286,10 @@ NB_MODULE(_kvc, m) {
                    "whether rewind() can forget tokens of this storage (False: merging stages, low-rank, mixed "
                    "precision)")
       .def_prop_ro("window", &session_cache::window, "queries the policy wants in its window (-1: the whole prompt)")
+      .def_prop_ro("query_window", &session_cache::query_window,
+                   "rotated queries the storage wants through observe_window() once a layer's prompt is in (think: "
+                   "its window=, 32 by default; xkv: 1, the end-of-prompt signal); 0: no call needed (every other "
+                   "storage, pca and palu included)")
       .def_prop_ro("num_layers", [](const session_cache& c) { return c.config().num_layers; })
       .def_prop_ro("num_kv_heads", [](const session_cache& c) { return c.config().num_kv_heads; })
       .def_prop_ro("num_q_heads", &session_cache::num_q_heads)
@@ -328,6 +359,23 @@ NB_MODULE(_kvc, m) {
            "layer"_a, "q"_a,
            "Expected Attention: adds the layer's queries before RoPE, float32 [n, num_q_heads, head_dim], to the "
            "statistics its phases read.")
+      .def("observe_window",
+           [](session_cache& c, kvc::seq_id seq, std::int32_t layer, const in_array& q) {
+             check("kvc.Cache.observe_window", "q", q, nb::dtype<float>(), "float32",
+                   {{"n", -1}, {"num_q_heads", c.num_q_heads()}, {"head_dim", c.config().head_dim}});
+             nb::gil_scoped_release unlocked;
+             c.observe_window(seq, layer, floats(q), static_cast<std::int32_t>(q.shape(0)));
+           },
+           "seq"_a, "layer"_a, "q"_a,
+           "The storage's end-of-prompt call, for storages with query_window > 0: q float32 [n, num_q_heads, "
+           "head_dim], the layer's last n rotated queries (the prompt's last n positions), 1 <= n <= query_window. "
+           "Call it per layer once the layer's prompt is appended and after any after_prefill of a policy. "
+           "think: the first call for a layer scores its channels (ThinK's ||Q[:,d]||·||K[:,d]|| over every stored "
+           "key) on this window and prunes the layer of every sequence; later calls for that layer do nothing. "
+           "xkv: the queries are not read; once every layer of a group is observed for seq, the group's prompt "
+           "becomes latents (the first sequence fits the group's bases). Raises kvc.Error (the cache unchanged) "
+           "for a bad shape, n outside 1..query_window or a storage refusing (e.g. xkv over streams that hold "
+           "different tokens).")
       .def("after_prefill",
            [](session_cache& c, kvc::seq_id seq, std::int32_t layer, const std::optional<in_array>& queries,
               const std::optional<in_array>& query_positions) {

@@ -27,6 +27,9 @@
 #include <kvc/runtime/mikv_storage.hpp>    // registers mikv
 #include <kvc/runtime/quant_storages.hpp>  // registers int8, int4, kivi, fp8, ...
 #include <kvc/runtime/quest_storage.hpp>   // registers quest(budget=...): query-aware page reads
+// The low-rank storages (pca, palu, think, xkv) are registered by lowrank_storages.cpp, a TU of its
+// own (compiled beside this one, so the module's build does not grow by their templates): this
+// file reaches them through any_cache (query_window, observe_window) only.
 
 namespace kvc_python {
 
@@ -41,6 +44,9 @@ struct shape {
   /// The model's RoPE, when the caller gives it: Expected Attention carries query statistics to
   /// future positions with it, leverage un-rotates keys, pre_rope=1 storages rotate keys on read.
   std::optional<kvc::rope_config> rope;
+  /// The model's W_k and W_v (palu: its bases are the weights' singular vectors, taken when the
+  /// cache is built, so the matrices need not outlive the constructor); null for other storages.
+  const kvc::runtime::projection_weights* weights = nullptr;
 };
 
 using kvc::runtime::any_cache_view;  // an any_cache as the compressor's and observer's Cache
@@ -55,7 +61,7 @@ class session_cache {
                    "num_q_heads = ", s.num_q_heads, ", expected a positive multiple of num_kv_heads = ",
                    s.num_kv_heads, " (or 0 for no GQA)");
     if (rope_cfg_) rope_.emplace(*rope_cfg_);
-    std::string storage = "fp32";
+    std::string storage = "fp32", storage_name = "fp32";
     bool have_storage = false;
     for (const kvc::runtime::spec_stage& st : kvc::runtime::parse_spec(spec)) {
       if (kvc::runtime::is_storage(st.name)) {
@@ -63,6 +69,7 @@ class session_cache {
           kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\" has two storages ('", storage,
                                                 "' and '", st.text, "'), expected at most one"));
         storage = st.text;
+        storage_name = st.name;
         have_storage = true;
         continue;
       }
@@ -95,6 +102,14 @@ class session_cache {
                                               st.name, "' (in \"", spec,
                                               "\") carries pre-RoPE query statistics to future positions"));
     }
+    if (storage_name == "palu" && !s.weights)
+      kvc::detail::fail(kvc::detail::concat(
+          "kvc.Cache: spec = \"", spec, "\": storage '", storage, "' (Palu) takes its bases from the model's W_k and "
+          "W_v, but weights = None; expected weights=(wk, wv), float32 [num_layers, num_kv_heads * head_dim, hidden] "
+          "each (every layer's k_proj.weight and v_proj.weight), and rope_theta (Palu's keys are pre-RoPE)"));
+    if (storage_name != "palu" && s.weights)
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": weights given, but storage '", storage,
+                                            "' does not read them, expected weights=None (only palu takes W_k and W_v)"));
     if (merge_ && !ev_)
       kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": merging stage '", merge_->text,
                                             "' needs an eviction policy before it, e.g. \"snapkv(ratio=0.5)+",
@@ -107,6 +122,7 @@ class session_cache {
     c.max_pages = s.max_pages;
     kvc::runtime::storage_options so;
     so.rope = rope_cfg_ ? &*rope_cfg_ : nullptr;
+    so.weights = s.weights;
     // The best ISA configuration this CPU runs (python/CMakeLists.txt adds AVX2 and AVX-512 ones
     // to the module, which itself builds for the baseline: SSE2 on x86-64); KVC_ISA forces one.
     // A merging stage needs tokens with log-weights: merged_cache pages (fp16 or fp32), whose
@@ -152,6 +168,9 @@ class session_cache {
   bool pre_rope_keys() const { return cache_->pre_rope_keys(); }
   /// The queries the policy wants in its window: 0 none, -1 every query of the prompt.
   std::int32_t window() const noexcept { return ev_ ? ev_->window : 0; }
+  /// The rotated queries the storage asks for once a layer's prompt is in (any_cache::query_window:
+  /// ThinK's observation window; xkv's end-of-prompt signal, 1); 0: observe_window is not needed.
+  std::int32_t query_window() const { return cache_->query_window(); }
 
   kvc::seq_id add_sequence() {
     std::lock_guard<std::mutex> g(m_);
@@ -273,6 +292,28 @@ class session_cache {
                                             "expected_attention"));
     need_layer(layer, "observe_queries");
     qstats_[static_cast<std::size_t>(layer)].add(q, n);
+  }
+
+  /// The storage's end-of-prompt call (any_cache::observe_window): q [n][num_q_heads][head_dim],
+  /// the layer's last n rotated queries, 1 <= n <= query_window(), once the prompt of `layer` is in
+  /// the cache and any eviction of it is done. ThinK chooses the layer's channels on its first
+  /// call; xkv moves a group to latents once every layer of it was observed. The storages check
+  /// their own state and leave the cache unchanged when they refuse.
+  void observe_window(kvc::seq_id s, std::int32_t layer, const float* q, std::int32_t n) {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "observe_window");
+    need_layer(layer, "observe_window");
+    const std::int32_t w = cache_->query_window();
+    if (w <= 0)
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache.observe_window: storage '", cache_->name(),
+                                            "' observes no queries (query_window = 0), expected a call only when "
+                                            "query_window > 0 (think, xkv)"));
+    KVC_EXPECTS_IN("kvc.Cache.observe_window", n >= 1 && n <= w, "q has ", n, " queries, expected 1..query_window = ", w,
+                   " (the layer's last rotated queries)");
+    KVC_EXPECTS_IN("kvc.Cache.observe_window", n <= cache_->seen(s, layer), "q has ", n, " queries but layer ", layer,
+                   " of seq ", s, " has seen ", cache_->seen(s, layer),
+                   " tokens, expected the queries of the layer's last positions (append the prompt first)");
+    cache_->observe_window(s, layer, q, n, num_q_heads_);
   }
 
   /// One compressor phase on one layer. `window` is the policy's query window when it observes one.

@@ -55,3 +55,16 @@ def rng():
 def random_kv(rng, n, heads, dim):
     return (rng.standard_normal((n, heads, dim)).astype(np.float32),
             rng.standard_normal((n, heads, dim)).astype(np.float32))
+
+
+def storage_spec(name, num_layers, num_kv_heads, head_dim):
+    """A spec and the Cache keywords that build storage `name` with small arguments: the storages
+    whose arguments have no default (mikv, the low-rank ones) and palu, which needs the model's
+    W_k and W_v (random ones here) and its RoPE."""
+    specs = {"mikv": "mikv(hbits=8,lbits=4)", "pca": "pca(rank=8)", "think": "think(ratio=0.5)",
+             "xkv": "xkv(group=1,rank=8,pre_rope=0)", "palu": "palu(rank=8)"}
+    kwargs = {}
+    if name == "palu":
+        w = np.random.default_rng(0).standard_normal((num_layers, num_kv_heads * head_dim, 32)).astype(np.float32)
+        kwargs = {"weights": (w, w), "rope_theta": 10000.0}
+    return specs.get(name, name), kwargs

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import kvc
-from conftest import random_kv, snapshot
+from conftest import random_kv, snapshot, storage_spec
 
 L, H, D, HQ = 2, 2, 8, 4
 
@@ -191,8 +191,8 @@ def test_bad_head_counts():
 
 def test_fork_on_a_storage_that_cannot_share(rng):
     for st in kvc.storages():
-        spec = {"mikv": "mikv(hbits=8,lbits=4)"}.get(st, st)
-        c = kvc.Cache(spec, num_layers=1, num_kv_heads=1, head_dim=64)
+        spec, kwargs = storage_spec(st, 1, 1, 64)
+        c = kvc.Cache(spec, num_layers=1, num_kv_heads=1, head_dim=64, **kwargs)
         s = c.add_sequence()
         c.append(s, 0, *random_kv(rng, 40, 1, 64))
         before = snapshot(c, [s, s + 1])

@@ -528,3 +528,94 @@ def test_crop_refuses_what_it_cannot_undo(model, tokens):
     assert cache.get_seq_length() == seen and cache.kept_positions() == kept
     with pytest.raises(ValueError, match="on one layer; expected it on the cache"):
         plain.layers[0].crop(-1)
+
+
+# -- low-rank storages ---------------------------------------------------------------------------
+
+def test_lowrank_full_rank_pca_logits_equal_dynamic_cache(model, tokens):
+    # pca fits its bases on the prompt's forward; at rank = head_dim with fp32 coefficients the
+    # rebuilt rows are the rows (U Uᵀ = I up to float32 round-off), so the logits are DynamicCache's.
+    ids = tokens[:, :80]
+    ref = step_logits(model, ids, transformers.DynamicCache(config=model.config), steps=4)
+    got = step_logits(model, ids, kvc.hf.Cache("pca(rank=64,coef=fp32)", model.config), steps=4)
+    assert (ref - got).abs().max().item() <= 20 * TOL
+    # And a low rank is what attention reads: the logits move.
+    low = step_logits(model, ids, kvc.hf.Cache("pca(rank=8)", model.config), steps=1)
+    assert (ref[:2] - low).abs().max().item() > 100 * TOL
+
+
+def test_lowrank_think_prunes_on_the_prompts_last_queries(model, tokens):
+    """ThinK through kvc.hf: the prompt's forward attends whole (its logits are DynamicCache's);
+    then each layer's keys keep the channels numpy's ‖Q[:, d]‖·‖K[:, d]‖ ranks highest, Q being
+    the prompt's last 32 rotated queries, taken here by a hook of the test's own (transformers'
+    apply_rotary_pos_emb) and K DynamicCache's keys."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    ids = tokens[:, :96]
+    cfg = model.config
+    hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    captured = {}
+
+    def capture(layer):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
+            with torch.no_grad():
+                q = module.q_proj(hidden).view(1, hidden.shape[1], hq, d).transpose(1, 2)
+                q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+            captured.setdefault(layer, q[0].transpose(0, 1).double().numpy())  # [n, Hq, D], the prompt's
+        return hook
+
+    layers = [0, 7, 29]
+    mods = kvc.hf._attention_modules(model)
+    handles = [mods[i].register_forward_pre_hook(capture(i), with_kwargs=True) for i in layers]
+    try:
+        ref = transformers.DynamicCache(config=cfg)
+        with torch.no_grad():
+            ref_logits = model(ids, cache=ref).logits[:, -1]
+        captured.clear()  # the kvc run's prompt queries are the same; keep the first of that run
+        cache = kvc.hf.Cache("think(ratio=0.5,coef=fp32)", model)
+        assert cache.kvc.query_window == 32
+        with torch.no_grad():
+            logits = model(ids, cache=cache).logits[:, -1]
+            model(logits.argmax(-1, keepdim=True), cache=cache)  # a decode step over the pruned keys
+    finally:
+        for h in handles:
+            h.remove()
+        cache.close()
+    assert (ref_logits - logits).abs().max().item() <= TOL
+    for layer in layers:
+        keys = ref.layers[layer].keys[0].double().numpy()  # [Hk, n, D], rotated
+        q = captured[layer][-32:]
+        for h in range(hk):
+            g = hq // hk
+            score = np.linalg.norm(q[:, h * g:(h + 1) * g].reshape(-1, d), axis=0) * np.linalg.norm(keys[h], axis=0)
+            want = np.sort(np.argsort(-score, kind="stable")[:d // 2])
+            k, _ = cache.kvc.gather(cache.seq, layer, h)
+            got = np.flatnonzero(np.abs(k[:96]).sum(0) > 0)
+            assert got.tolist() == want.tolist(), (layer, h)
+
+
+def test_lowrank_xkv_moves_the_prompt_to_latents(model, tokens):
+    ids = tokens[:, :64]
+    cache = kvc.hf.Cache("xkv(group=2,rank=0.1,pre_rope=0)", model)
+    fp16 = kvc.hf.Cache("fp16", model.config)
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, cache=cache)
+    model.generate(ids, max_new_tokens=4, do_sample=False, cache=fp16)
+    assert out.shape[1] == 64 + 4
+    assert cache.bytes_in_use() < fp16.bytes_in_use() / 2
+    assert cache.kvc.tokens_held == fp16.kvc.tokens_held  # nothing evicted
+    cache.reset()  # a new prompt fits new bases: a fresh kvc cache
+    assert cache.kvc.tokens_held == 0
+    cache.close()
+
+
+def test_lowrank_refusals(model):
+    with pytest.raises(ValueError, match=r"palu.*rotated keys"):
+        kvc.hf.Cache("palu(rank=8)", model)
+    with pytest.raises(ValueError, match=r"pre_rope=1"):
+        kvc.hf.Cache("xkv(group=2,rank=16)", model)
+    with pytest.raises(ValueError, match=r"think\(ratio=0.5\)' observes the prompt's last 32 rotated queries.*"
+                                         r"must be the model"):
+        kvc.hf.Cache("think(ratio=0.5)", model.config)
+    with pytest.raises(kvc.Error, match=r"n = 4 tokens in the first append.*max\(rank, vrank\) = 16"):
+        model(torch.tensor([[1, 2, 3, 4]]), cache=kvc.hf.Cache("pca(rank=16)", model.config))

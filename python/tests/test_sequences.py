@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import kvc
-from conftest import random_kv
+from conftest import random_kv, storage_spec
 
 
 def test_append_stores_what_was_given(rng):
@@ -95,8 +95,8 @@ def test_every_storage_and_policy_name_builds():
     """Every name the registries list makes a cache (with a budget for policies), except cake,
     which the binding names as unsupported."""
     for st in kvc.storages():
-        spec = {"mikv": "mikv(hbits=8,lbits=4)"}.get(st, st)
-        assert kvc.Cache(spec, num_layers=2, num_kv_heads=2, head_dim=64, num_q_heads=4).storage
+        spec, kwargs = storage_spec(st, 2, 2, 64)
+        assert kvc.Cache(spec, num_layers=2, num_kv_heads=2, head_dim=64, num_q_heads=4, **kwargs).storage
     inner = {"chunkkv": "chunkkv(snapkv,ratio=0.5)", "rkv": "rkv(snapkv,ratio=0.5)", "vnorm": "vnorm(tova,ratio=0.5)"}
     for p in kvc.policies():
         spec = inner.get(p, f"{p}(ratio=0.5)")

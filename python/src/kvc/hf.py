@@ -34,7 +34,7 @@ columns), and a policy with a batch of more than one row where the padding canno
 check reads the 2D ``attention_mask`` the model's forward is given, so it needs the model, not its
 config); a policy observing query statistics (expected_attention) with more than one row (kvc
 keeps the statistics per layer, not per sequence); cake, and storages keeping keys before RoPE
-(``pre_rope=1``) are not supported. ``crop`` (assisted and speculative decoding) forgets the newest
+(``pre_rope=1``: also palu, and xkv unless ``pre_rope=0``) are not supported. ``crop`` (assisted and speculative decoding) forgets the newest
 tokens of every row, except while a policy compresses (use ``press`` for the context) and for
 storages that cannot rewind (merging stages, low-rank, mixed precision).
 
@@ -42,6 +42,13 @@ Policies observing attention (h2o, tova, scissorhands, a2sf) are fed as kvc-llam
 token of a forward is appended alone and its rotated query (from the query hooks) attends over
 what its row keeps, through kvc's kernel, which feeds the observer; the output is discarded, as
 transformers attends over the gathered copy. That is a second attention per token and layer.
+Low-rank storages: ``pca(...)`` fits its bases on the prompt's first forward (at least ``rank``
+tokens). ``think(...)`` and ``xkv(pre_rope=0, ...)`` observe the end of the prompt
+(``kvc.Cache.observe_window``), which transformers' cache API does not signal and whose queries it
+does not pass: with the model, the same query hooks give each layer's last rotated queries, and
+``update`` calls ``observe_window`` after the prompt's forward (or each forward of ``press``),
+after any eviction; the prompt's own forward attends over the whole rows, the next ones over the
+pruned channels or the latents. Built from the config only, these two raise ``ValueError``.
 Expected Attention (query statistics) gets each forward's queries before RoPE from the same hooks
 (``kvc.Cache.observe_queries``), as kvc-llama hands them over. Needs ``torch`` and ``transformers`` (not needed by ``import kvc``).
 """
@@ -187,8 +194,16 @@ class Cache(_HFCache):
         kwargs = {"rope_theta": theta} if theta else {}
         self._kvc_args = dict(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, num_q_heads=q_heads,
                               page_size=page_size, max_pages=max_pages, **kwargs)
+        storage_name = _storage_name(spec)
+        if storage_name == "palu":
+            raise ValueError(f"kvc.hf.Cache: spec = '{spec}': palu stores a latent of the keys before RoPE and "
+                             "takes its bases from the model's W_k and W_v, but transformers hands the cache "
+                             "rotated keys; expected pca(...), think(...) or xkv(pre_rope=0, ...), or kvc.Cache "
+                             "with weights=(wk, wv) and rope_theta driven by your own loop")
         self.kvc = _kvc.Cache(spec, **self._kvc_args)
         observes = self.kvc.observes
+        self._lowrank = storage_name in ("pca", "think", "xkv")  # bases / channels fitted on the prompt
+        self._storage_window = self.kvc.query_window  # think: its window; xkv: 1 (end of prompt); else 0
         if self.kvc.pre_rope_keys:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}' keeps keys before RoPE (pre_rope=1), but transformers "
                              "hands the cache rotated keys; expected a storage without pre_rope")
@@ -201,12 +216,19 @@ class Cache(_HFCache):
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}': the policy observes {observes.replace('_', ' ')}, so "
                              "model_or_config must be the model (its attention modules give the queries), "
                              "not its config")
+        if self._storage_window > 0 and model is None:
+            raise ValueError(f"kvc.hf.Cache: spec = '{spec}': storage '{self.kvc.storage}' observes the prompt's last "
+                             f"{self._storage_window} rotated queries of each layer at the end of the prompt "
+                             "(kvc.Cache.observe_window), which transformers' cache API does not pass, so "
+                             "model_or_config must be the model (its attention modules give the queries), not its "
+                             "config")
         self.seqs = [self.kvc.add_sequence()]  # one kvc sequence per row of the batch
         self.spec = spec
         self.one_shot = one_shot
         self.compressing = not one_shot
         self.reports = []                 # CompressReport of every (layer, row) compressed, in order
         self._queries = [None] * layers   # rolling window of rotated queries per layer, float32 [B, n, Hq, D]
+        self._storage_queries = [None] * layers  # the storage's window of this forward, float32 [B, n, Hq, D]
         self._scaling = [None] * layers   # each attention module's softmax scale (kvc.Cache.attention's scale)
         self._hooks = []
         self._padded = None               # this forward's 2D mask hides a token (the model's hook); None: unknown
@@ -215,21 +237,24 @@ class Cache(_HFCache):
         self._kept_layer0 = 0
         self._num_kv_heads, self._num_q_heads, self._head_dim = kv_heads, q_heads, head_dim
         super().__init__(layers=[_Layer(self, i) for i in range(layers)])
-        if model is not None and self.kvc.policy is not None:
+        policy_queries = self.kvc.policy is not None and observes in ("query_window", "attention", "query_stats")
+        modules = None
+        if model is not None and (self.kvc.policy is not None or self._storage_window > 0):
             modules = _attention_modules(model)
             missing = sorted(set(range(layers)) - set(modules))
             if missing:
                 raise ValueError(f"kvc.hf.Cache: the model has no attention module (with q_proj and layer_idx) for "
                                  f"layers {missing}, expected one per layer of config.num_hidden_layers={layers}")
+        if model is not None and self.kvc.policy is not None:
             # The padding check lives as long as the cache (close() keeps it: evicted rows stay
             # misaligned with a padded mask after compression stops); a weak reference, so the
             # model does not keep the cache and its pages alive.
             handle = model.register_forward_pre_hook(_mask_hook(weakref.ref(self)), with_kwargs=True)
             weakref.finalize(self, handle.remove)
             self._mask_hooked = True
-            if observes in ("query_window", "attention", "query_stats"):
-                for i in range(layers):
-                    self._hooks.append(modules[i].register_forward_pre_hook(self._query_hook(i), with_kwargs=True))
+        if modules is not None and (policy_queries or self._storage_window > 0):
+            for i in range(layers):
+                self._hooks.append(modules[i].register_forward_pre_hook(self._query_hook(i), with_kwargs=True))
 
     @property
     def seq(self):
@@ -243,22 +268,36 @@ class Cache(_HFCache):
                 return None  # another cache's forward
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
-            stats = self.kvc.observes == "query_stats"  # Expected Attention: the queries before RoPE
-            if self.kvc.observes in ("attention", "query_stats") and not self.compressing:
+            observes = self.kvc.observes if self.kvc.policy is not None else "nothing"
+            stats = observes == "query_stats"  # Expected Attention: the queries before RoPE
+            # The storage's window (think, xkv): this forward's last rotated queries, at the forward
+            # _update observes it (the prompt's); none computed at the others.
+            storage = self._storage_window > 0 and self._observes_storage(self._seen(layer) == 0)
+            self._storage_queries[layer] = None
+            policy = observes != "nothing"
+            if observes in ("attention", "query_stats") and not self.compressing:
                 self._queries[layer] = None  # read only while compressing: no query kept, none computed
+                policy = False
+            if not policy and not storage:
                 return None
             self._scaling[layer] = getattr(module, "scaling", None)
             with torch.no_grad():
                 q = module.q_proj(hidden).view(hidden.shape[0], hidden.shape[1], -1, self._head_dim)
                 if getattr(module, "q_norm", None) is not None:  # Qwen3 and kin normalise q before RoPE
                     q = module.q_norm(q)
-                if not stats:
+                rotated = None
+                if storage or not stats:
                     c, s = cos.unsqueeze(2), sin.unsqueeze(2)          # [B, n, 1, D] against [B, n, Hq, D]
-                    q = q * c + _rotate_half(q) * s
-                q = q.detach().to("cpu", torch.float32).contiguous().numpy()  # [B, n, Hq, D]
+                    rotated = q * c + _rotate_half(q) * s
+                q = (q if stats else rotated).detach().to("cpu", torch.float32).contiguous().numpy()  # [B, n, Hq, D]
+                if storage:
+                    w = rotated[:, -self._storage_window:].detach().to("cpu", torch.float32).contiguous().numpy()
+                    self._storage_queries[layer] = w
+            if not policy:
+                return None
             prev = self._queries[layer]
             self._queries_before = (layer, prev)
-            if self.kvc.observes in ("attention", "query_stats"):  # this forward's queries, used in _update
+            if observes in ("attention", "query_stats"):  # this forward's queries, used in _update
                 self._queries[layer] = q
                 return None
             q = q if prev is None or prev.shape[0] != q.shape[0] else np.concatenate([prev, q], axis=1)
@@ -268,6 +307,11 @@ class Cache(_HFCache):
             self._queries[layer] = q if window < 0 else q[:, -window:].copy()
             return None
         return hook
+
+    def _observes_storage(self, first_forward):
+        """Whether this forward ends the prompt for the storage's observe_window: the forwards that
+        compress (press), or the first one (the prompt) otherwise."""
+        return self.compressing and (self.one_shot or first_forward)
 
     def close(self):
         """Removes the query hooks from the model."""
@@ -379,13 +423,25 @@ class Cache(_HFCache):
                 phase = self.kvc.after_prefill
             elif n == 1:
                 phase = self.kvc.after_decode_step
-        if phase is None:
+        observe = self._storage_window > 0 and self._observes_storage(kept_before == 0)
+        if phase is None and not observe:
             return self._gather(layer, key_states.device, key_states.dtype)
-        # This forward's queries attend to everything; the compression serves the next forwards.
+        # This forward's queries attend to everything (the prompt's rows whole, for think and xkv);
+        # the compression and the storage's fit serve the next forwards.
         out = self._gather(layer, key_states.device, key_states.dtype)
-        queries = self._queries[layer] if self.kvc.observes == "query_window" else None
-        for row, seq in enumerate(self.seqs):
-            self.reports.append(phase(seq, layer, queries=None if queries is None else queries[row]))
+        if phase is not None:
+            queries = self._queries[layer] if self.kvc.observes == "query_window" else None
+            for row, seq in enumerate(self.seqs):
+                self.reports.append(phase(seq, layer, queries=None if queries is None else queries[row]))
+        if observe:  # after the policy's eviction, as kvc-llama's observe_windows
+            q = self._storage_queries[layer]
+            self._storage_queries[layer] = None
+            if q is None or q.shape[0] != len(self.seqs):
+                raise ValueError(f"kvc.hf.Cache: layer {layer} has no queries of this forward for storage "
+                                 f"'{self.kvc.storage}' (it observes the prompt's last queries); expected the query "
+                                 "hooks of the model the cache was built with (close() removed them?)")
+            for row, seq in enumerate(self.seqs):
+                self.kvc.observe_window(seq, layer, np.ascontiguousarray(q[row]))
         return out
 
     def _forward_queries(self, layer, k):
@@ -414,15 +470,17 @@ class Cache(_HFCache):
 
     def reset(self):
         """Drops every row; the next forward starts a new batch of any size. A policy observing query
-        statistics (kvc keeps them per layer, for every sequence) starts from a new kvc cache, so a
-        new prompt is not compressed with the last one's statistics."""
-        if self.kvc.observes == "query_stats":
+        statistics (kvc keeps them per layer, for every sequence) and a low-rank storage (pca's
+        bases, think's channels, xkv's group bases: the cache's, fitted on the first prompt) start
+        from a new kvc cache, so a new prompt is not compressed with the last one's fit."""
+        if self.kvc.observes == "query_stats" or self._lowrank:  # the statistics, bases or channels: the last prompt's
             self.kvc = _kvc.Cache(self.spec, **self._kvc_args)
         else:
             for s in self.seqs:
                 self.kvc.remove_sequence(s)
         self.seqs = [self.kvc.add_sequence()]
         self._queries = [None] * len(self._queries)
+        self._storage_queries = [None] * len(self._queries)
         self.reports = []
 
     # -- the batch: beam search and generate's reshaping -----------------------------------------
@@ -522,6 +580,12 @@ class Cache(_HFCache):
     def __repr__(self):
         return (f"kvc.hf.Cache('{self.kvc.spec}', layers={len(self.layers)}, rows={len(self.seqs)}, "
                 f"seen={self._seen(0)}, kept={self._kept(0)})")
+
+
+def _storage_name(spec):
+    """The storage stage's name of a spec (its last stage; fp32 when the spec has none)."""
+    last = spec.split("+")[-1].strip() if spec.strip() else "fp32"
+    return last.split("(")[0].strip()
 
 
 def _forward_cache(kwargs):
