@@ -566,31 +566,16 @@ class runner {
         for (int d = 0; d < D(); ++d) SF_CHECK(o_row[d] == 0.0f, "attention out[", qh, "][", d, "] = ", o_row[d], " over an empty head");
         continue;
       }
-      std::vector<double> sc(static_cast<std::size_t>(n));
-      double mx = -1e300;
-      for (int i = 0; i < n; ++i) {
-        double a = 0;
-        for (int d = 0; d < D(); ++d) a += static_cast<double>(q[static_cast<std::size_t>(qh) * row() + d]) * t.k[static_cast<std::size_t>(i) * row() + d];
-        sc[static_cast<std::size_t>(i)] = a * scale;
-        mx = std::max(mx, sc[static_cast<std::size_t>(i)]);
-      }
-      double z = 0;
-      for (double& x : sc) z += (x = std::exp(x - mx));
-      double vmax = 0;
-      for (float x : t.v) vmax = std::max(vmax, static_cast<double>(std::fabs(x)));
-      for (int d = 0; d < D(); ++d) {
-        double want = 0;
-        for (int i = 0; i < n; ++i) want += sc[static_cast<std::size_t>(i)] * t.v[static_cast<std::size_t>(i) * row() + d];
-        want /= z;
-        SF_CHECK(std::fabs(o_row[d] - want) <= 2e-3 * vmax + 1e-6, "attention out[", qh, "][", d, "] = ", o_row[d], ", expected ",
-                 want, " from gather()'s ", n, " rows");
-      }
-      const double want_lse = mx + std::log(z);
-      SF_CHECK(std::fabs(lse[static_cast<std::size_t>(qh)] - want_lse) <= 2e-3 * (1 + std::fabs(want_lse)), "lse[", qh, "] = ",
-               lse[static_cast<std::size_t>(qh)], ", expected ", want_lse);
+      const kvc_fuzz::attention_ref ref =
+          kvc_fuzz::attend(q.data() + static_cast<std::size_t>(qh) * row(), t.k.data(), t.v.data(), n, D(), scale);
+      for (int d = 0; d < D(); ++d)
+        SF_CHECK(std::fabs(o_row[d] - ref.out[static_cast<std::size_t>(d)]) <= 2e-3 * ref.vmax + 1e-6, "attention out[", qh,
+                 "][", d, "] = ", o_row[d], ", expected ", ref.out[static_cast<std::size_t>(d)], " from gather()'s ", n, " rows");
+      SF_CHECK(std::fabs(lse[static_cast<std::size_t>(qh)] - ref.lse) <= 2e-3 * (1 + std::fabs(ref.lse)), "lse[", qh, "] = ",
+               lse[static_cast<std::size_t>(qh)], ", expected ", ref.lse);
       if (want_probs)
         for (int i = 0; i < n; ++i) {
-          const double p = sc[static_cast<std::size_t>(i)] / z;
+          const double p = ref.p[static_cast<std::size_t>(i)];
           const float gp = probs[static_cast<std::size_t>(qh) * opt.probs_stride + i];
           SF_CHECK(std::fabs(gp - p) <= 2e-3 * p + 1e-5, "probs[", qh, "][", i, "] = ", gp, ", expected ", p);
         }

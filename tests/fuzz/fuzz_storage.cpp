@@ -1315,25 +1315,12 @@ class runner {
                      out[static_cast<std::size_t>(qh * D() + dd)], ", expected 0 (kv head ", h, " holds no token)");
           continue;
         }
-        std::vector<double> sc(static_cast<std::size_t>(n));
-        double mx = -1e300;
-        for (int t = 0; t < n; ++t) {
-          double a = 0;
-          for (int dd = 0; dd < D(); ++dd)
-            a += static_cast<double>(q[static_cast<std::size_t>(qh * D() + dd)]) * o.k[static_cast<std::size_t>(t) * D() + dd];
-          sc[static_cast<std::size_t>(t)] = a * scale;
-          mx = std::max(mx, sc[static_cast<std::size_t>(t)]);
-        }
-        double z = 0;
-        for (auto& x : sc) z += (x = std::exp(x - mx));
-        double vmax = 0;
-        for (float x : o.v) vmax = std::max(vmax, static_cast<double>(std::fabs(x)));
+        const kvc_fuzz::attention_ref ref =
+            kvc_fuzz::attend(q.data() + static_cast<std::size_t>(qh * D()), o.k.data(), o.v.data(), n, D(), scale);
         for (int dd = 0; dd < D(); ++dd) {
-          double want = 0;
-          for (int t = 0; t < n; ++t) want += sc[static_cast<std::size_t>(t)] * o.v[static_cast<std::size_t>(t) * D() + dd];
-          want /= z;
+          const double want = ref.out[static_cast<std::size_t>(dd)];
           const float gotv = out[static_cast<std::size_t>(qh * D() + dd)];
-          SF_CHECK(std::fabs(gotv - want) <= 2e-3 * vmax + 1e-6, "attention out[", qh, "][", dd, "] = ", gotv,
+          SF_CHECK(std::fabs(gotv - want) <= 2e-3 * ref.vmax + 1e-6, "attention out[", qh, "][", dd, "] = ", gotv,
                    ", expected ", want, " from gather() (", n, " tokens)");
         }
       }

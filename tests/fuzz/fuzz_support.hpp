@@ -6,6 +6,9 @@
 /// models (tests/runtime/test_storage_model.cpp, tests/lowrank/test_lowrank_model.cpp), throws.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -13,6 +16,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace kvc_fuzz {
 
@@ -105,5 +109,37 @@ struct rng {
   }
   float uniform() noexcept { return static_cast<float>(next() >> 40) * (2.0f / 16777216.0f) - 1.0f; }  // [-1, 1)
 };
+
+/// Softmax attention of one query over n rows in double: the fuzzers' reference for decode
+/// attention, over the rows the cache says it holds (gather()). k, v: [n][d] floats.
+struct attention_ref {
+  std::vector<double> p;    ///< [n] probabilities
+  std::vector<double> out;  ///< [d]
+  double lse = 0;           ///< log Σ exp(scale q·k)
+  double vmax = 0;          ///< max |v|: the scale of out's tolerance
+};
+inline attention_ref attend(const float* q, const float* k, const float* v, int n, int d, double scale) {
+  attention_ref r;
+  r.p.resize(static_cast<std::size_t>(n));
+  r.out.assign(static_cast<std::size_t>(d), 0.0);
+  double mx = -1e300;
+  for (int t = 0; t < n; ++t) {
+    double a = 0;
+    for (int c = 0; c < d; ++c) a += static_cast<double>(q[c]) * k[static_cast<std::size_t>(t) * d + c];
+    r.p[static_cast<std::size_t>(t)] = a * scale;
+    mx = std::max(mx, a * scale);
+  }
+  double z = 0;
+  for (double& x : r.p) z += (x = std::exp(x - mx));
+  for (double& x : r.p) x /= z;
+  for (int t = 0; t < n; ++t)
+    for (int c = 0; c < d; ++c) {
+      const float x = v[static_cast<std::size_t>(t) * d + c];
+      r.out[static_cast<std::size_t>(c)] += r.p[static_cast<std::size_t>(t)] * x;
+      r.vmax = std::max(r.vmax, static_cast<double>(std::fabs(x)));
+    }
+  r.lse = mx + std::log(z);
+  return r;
+}
 
 }  // namespace kvc_fuzz

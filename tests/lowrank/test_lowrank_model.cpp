@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "cache_builders.hpp"
 #include "kvc_catch.hpp"
 
 // The model and the runner; its LLVMFuzzerTestOneInput is an unused symbol here.
@@ -32,13 +33,7 @@ TEST_CASE("lowrank model: random operation sequences on pca, palu, think and xkv
 // held no token keeps every later token in the tail, and its group may have no basis; attention
 // then asked the empty basis for its slices (std::out_of_range, not a kvc error, and no output).
 TEST_CASE("xkv: attention over a sequence that moved while empty reads only its tail", "[lowrank][xkv]") {
-  kvc::cache_config c;
-  c.num_layers = 1;
-  c.num_kv_heads = 1;
-  c.head_dim = 8;
-  c.page_size = 4;
-  c.max_pages = 16;
-  auto cache = kvc::runtime::make_cache("xkv(group=1,rank=4,pre_rope=0)", c);
+  auto cache = kvc::runtime::make_cache("xkv(group=1,rank=4,pre_rope=0)", kvc_test::cache_shape(1, 1, 8, 4, 16));
   const kvc::seq_id s = cache->add_sequence();
   cache->observe_window(s, 0, nullptr, 0, 1);  // the move of an empty prompt: no basis is fitted
   std::mt19937 g(7u);
