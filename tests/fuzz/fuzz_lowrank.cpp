@@ -62,6 +62,8 @@ using kvc_fuzz::count;
 using kvc_fuzz::ctx;
 using kvc_fuzz::fail_check;
 using kvc_fuzz::input;
+using kvc_fuzz::name;
+using kvc_fuzz::outcome;
 using kvc_fuzz::rng;
 using kvc_fuzz::throw_on_failure;
 
@@ -199,8 +201,6 @@ class runner {
   }
 
  private:
-  enum class outcome { ok, error, oom };
-  static const char* name(outcome o) { return o == outcome::ok ? "success" : o == outcome::oom ? "out_of_memory" : "kvc::error"; }
 
   int L() const { return ch_.c.num_layers; }
   int H() const { return ch_.c.num_kv_heads; }
@@ -292,20 +292,9 @@ class runner {
   /// Runs a call and classifies it. A refused call must leave the cache as it was.
   template <class Call>
   outcome run_call(Call&& call, std::string* what_out = nullptr) {
-    outcome got = outcome::ok;
     std::string what;
-    try {
-      call();
-    } catch (const kvc::out_of_memory& e) {
-      got = outcome::oom;
-      what = e.what();
-    } catch (const kvc::error& e) {
-      got = outcome::error;
-      what = e.what();
-    }
-    count(cat(family_name(ch_.fam), " ", ctx().op.substr(0, ctx().op.find(' ')), " -> ", name(got)));
-    static const bool trace = std::getenv("KVC_FUZZ_TRACE") != nullptr;
-    if (trace) std::fprintf(stderr, "lowrankfuzz trace: %s #%d %s -> %s %s\n", ctx().spec.c_str(), ctx().op_index, ctx().op.c_str(), name(got), what.c_str());
+    const outcome got =
+        kvc_fuzz::classify(call, cat(family_name(ch_.fam), " ", ctx().op.substr(0, ctx().op.find(' '))), what);
     if (got != outcome::ok) {
       SF_CHECK(what.rfind("kvc::", 0) == 0, "an error message that does not name the call: ", what);
       check(true);  // bit for bit as before

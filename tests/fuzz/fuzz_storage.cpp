@@ -839,8 +839,8 @@ inline snapshot observe(const any_cache& c, const std::vector<seq_id>& ids) {
 
 // ---- the run ---------------------------------------------------------------------------------
 
-enum class outcome { ok, error, oom };
-inline const char* name(outcome o) { return o == outcome::ok ? "success" : o == outcome::oom ? "kvc::out_of_memory" : "kvc::error"; }
+using kvc_fuzz::name;
+using kvc_fuzz::outcome;
 
 class runner {
  public:
@@ -963,21 +963,9 @@ class runner {
   /// Runs `call` against the predicted outcome; on failure checks the cache is unchanged.
   template <class Call>
   outcome expect(outcome want, bool may_oom, Call&& call) {
-    outcome got = outcome::ok;
-    std::string what;
-    try {
-      call();
-    } catch (const kvc::out_of_memory& e) {
-      got = outcome::oom;
-      what = e.what();
-    } catch (const kvc::error& e) {
-      got = outcome::error;
-      what = e.what();
-    }
     // Where the model cannot predict exhaustion (mikv), success and out_of_memory are both fine.
-    count(cat(family(), " ", ctx().op.substr(0, ctx().op.find('(')), " -> ", name(got)));
-    static const bool trace = std::getenv("KVC_FUZZ_TRACE") != nullptr;
-    if (trace) std::fprintf(stderr, "%s trace: %s #%d %s -> %s %s\n", ctx().tool, ctx().spec.c_str(), ctx().op_index, ctx().op.c_str(), name(got), what.c_str());
+    std::string what;
+    const outcome got = kvc_fuzz::classify(call, cat(family(), " ", ctx().op.substr(0, ctx().op.find('('))), what);
     // An invalid call must say so, not report exhaustion (mikv once planned its demotions before
     // checking the input: tests/runtime/test_storage_model.cpp has the reproducer).
     const bool fine = got == want || (may_oom && want == outcome::ok && got == outcome::oom);

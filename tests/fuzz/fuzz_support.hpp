@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include <kvc/error.hpp>
+
 namespace kvc_fuzz {
 
 template <class... A>
@@ -109,6 +111,33 @@ struct rng {
   }
   float uniform() noexcept { return static_cast<float>(next() >> 40) * (2.0f / 16777216.0f) - 1.0f; }  // [-1, 1)
 };
+
+/// What a call did: returned, refused as invalid (kvc::error), or refused for lack of pages.
+enum class outcome { ok, error, oom };
+inline const char* name(outcome o) { return o == outcome::ok ? "success" : o == outcome::oom ? "kvc::out_of_memory" : "kvc::error"; }
+
+/// Runs a call, classifies it (only kvc's errors are caught: anything else is a finding), counts
+/// it under `label` and, with KVC_FUZZ_TRACE set, prints it. `what` gets the error's message.
+template <class Call>
+outcome classify(Call&& call, const std::string& label, std::string& what) {
+  outcome got = outcome::ok;
+  what.clear();
+  try {
+    call();
+  } catch (const kvc::out_of_memory& e) {
+    got = outcome::oom;
+    what = e.what();
+  } catch (const kvc::error& e) {
+    got = outcome::error;
+    what = e.what();
+  }
+  count(cat(label, " -> ", name(got)));
+  static const bool trace = std::getenv("KVC_FUZZ_TRACE") != nullptr;
+  if (trace)
+    std::fprintf(stderr, "%s trace: %s #%d %s -> %s %s\n", ctx().tool, ctx().spec.c_str(), ctx().op_index, ctx().op.c_str(),
+                 name(got), what.c_str());
+  return got;
+}
 
 /// Softmax attention of one query over n rows in double: the fuzzers' reference for decode
 /// attention, over the rows the cache says it holds (gather()). k, v: [n][d] floats.
