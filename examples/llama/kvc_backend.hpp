@@ -26,10 +26,8 @@
 #include <kvc/runtime/evictor_registry.hpp>
 #include <kvc/runtime/make_cache.hpp>
 #include <kvc/runtime/merge_registry.hpp>  // merging stages (cam, d2o, kvmerger) and the merged cache
-#include <kvc/runtime/quant_storages.hpp>  // registers kvc's quantized storages (int8, kivi, fp8, ...)
-#include <kvc/runtime/mikv_storage.hpp>    // registers mikv (mixed precision; scores its own attention)
-#include <kvc/runtime/layered_storage.hpp> // registers layers(BASE, lA_B=STORAGE): a storage per layer
-#include <kvc/runtime/quest_storage.hpp>   // registers quest(budget=...): query-aware page reads of fp16 pages
+// The storages make_cache builds (int8, kivi, mikv, pca, layers, quest, ...) are registered by the
+// engine's registration TUs (registry.hpp), not by this header.
 
 #include "kv_backend.hpp"
 

@@ -13,12 +13,10 @@
 
 #include "kvc_backend.hpp"
 
-// pca (projected low-rank; bases from the first chunk) is registered in the engine only: the
-// Python package, which shares kvc_backend.hpp, does not offer it yet.
-#include <kvc/runtime/lowrank_storages.hpp>
-#include <kvc/runtime/xkv_storage.hpp>
-// minicache (cross-layer shared directions, merged once after the prompt): engine only, as pca.
+// minicache_adapter (cross-layer shared directions, merged once after the prompt), for its report.
 #include <kvc/runtime/minicache_storage.hpp>
+
+#include "registry.hpp"
 
 namespace llama {
 
@@ -34,16 +32,18 @@ static std::shared_ptr<const kvc::rope> model_rope(const kv_shape& shape) {
 }
 
 std::vector<std::string> available_stores() {
+    register_storages();
     std::vector<std::string> v{"dense", "full (= fp16)"};
-    for (const auto& kv : kvc::runtime::storage_registry()) v.push_back(kv.first + "    (storage)");
-    for (const auto& kv : kvc::runtime::evictor_registry())
-        v.push_back(kv.first + "(ratio=R|tokens=N,...)[+STORAGE]    (evictor; parameters: kvc/runtime/evictor_registry.hpp)");
+    for (const std::string& s : kvc::runtime::storage_names()) v.push_back(s + "    (storage)");
+    for (const std::string& e : evictor_names())
+        v.push_back(e + "(ratio=R|tokens=N,...)[+STORAGE]    (evictor; parameters: kvc/runtime/evictor_registry.hpp)");
     for (const auto& m : kvc::runtime::merge_names())
         v.push_back("EVICTOR+" + m + "(...)    (merging after eviction; parameters: kvc/runtime/merge_registry.hpp)");
     return v;
 }
 
 store_factory parse_store(const std::string& spec, const kv_shape& shape, const store_options& opt) {
+    register_storages();
     store_factory f;
     f.spec = spec;
     if (spec == "dense") {
@@ -69,17 +69,17 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
                 merge.emplace(kvc::runtime::make_merge_policy(st));
                 continue;
             }
-            if (!kvc::runtime::is_evictor(st.name))
+            if (!is_evictor(st.name))
                 throw std::invalid_argument("cache spec '" + spec + "': '" + st.name + "' is neither a kvc storage (" +
                                             kvc::runtime::known_storages() + "), a kvc eviction policy (" +
-                                            kvc::runtime::known_evictors() + ") nor a merging policy (" +
+                                            known_evictors() + ") nor a merging policy (" +
                                             kvc::runtime::known_mergers() + ")");
             if (ev) throw std::invalid_argument("cache spec '" + spec + "': more than one evictor");
             kvc::runtime::evictor_context ctx;
             ctx.num_layers = shape.num_layers;
             ctx.num_q_heads = shape.num_q_heads;
             ctx.rotary = rope.get();
-            ev.emplace(kvc::runtime::make_evictor(st, ctx));
+            ev.emplace(llama::make_evictor(st, ctx));  // qualified: ADL would also find kvc::runtime::make_evictor
             // Queries the engine remembers per layer: the policy's window, or the whole prompt.
             window = ev->window < 0 ? opt.max_tokens : ev->window;
         }
@@ -192,12 +192,6 @@ void attach_weights(store_options& opt, const model& m) {
         opt.wk.push_back(m.weights(l).wk.data());
         opt.wv.push_back(m.weights(l).wv.data());
     }
-}
-
-std::vector<std::string> evictor_names() {
-    std::vector<std::string> v;
-    for (const auto& kv : kvc::runtime::evictor_registry()) v.push_back(kv.first);
-    return v;
 }
 
 std::optional<std::vector<std::int32_t>> kept_positions(const kv_store& store, int layer, int head) {

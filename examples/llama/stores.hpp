@@ -11,10 +11,11 @@
 /// ratio is kvpress's compression ratio (the fraction evicted); tokens is a per-stream count.
 /// Storage defaults to fp16. Evictors and their parameters come from kvc's registry
 /// (kvc/runtime/evictor_registry.hpp); merging policies from kvc/runtime/merge_registry.hpp;
-/// storages from kvc/runtime/quant_storages.hpp.
-/// Declarations only: the definitions live in stores.cpp, the one translation unit that includes
-/// kvc's runtime registries (every storage and scorer; ~2 CPU-minutes to compile). An engine should
-/// do the same: hide kvc's runtime behind one .cpp, not in a header every file includes.
+/// storages from the engine's registrations (registry.hpp: kvc/runtime/quant_storages.hpp and the
+/// other storage headers). Declarations only: the definitions live in stores.cpp and the registry
+/// TUs (registry.hpp), the only translation units that include kvc's runtime registries. An
+/// engine should do the same: hide kvc's runtime behind a few .cpp files, not in a header every
+/// file includes.
 #pragma once
 
 #include <cstdint>

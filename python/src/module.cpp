@@ -143,8 +143,18 @@ kvc::evict::compress_report run_phase(session_cache& c, phase ph, const char* wh
 
 }  // namespace
 
+namespace kvc_python {
+void register_lowrank_storages();  // lowrank_storages.cpp
+}
+
 NB_MODULE(_kvc, m) {
   m.doc() = "kvc: KV-cache compression for decoder LLMs (header-only C++17 library), from Python";
+  // The storages the module offers by spec, in its baseline ISA configuration (kvc's storage
+  // headers register nothing by being included).
+  kvc::runtime::register_quant_storages();
+  kvc::runtime::register_mikv_storage();
+  kvc::runtime::register_quest_storage();
+  kvc_python::register_lowrank_storages();
 
   // Named after the module as imported (kvc._kvc, or _kvc under stubgen) so that stubgen lists
   // them; kvc/__init__.py presents them as kvc.Error and kvc.OutOfMemory.
@@ -170,11 +180,7 @@ NB_MODULE(_kvc, m) {
     }
   });
 
-  m.def("storages", [] {
-    std::vector<std::string> v;
-    for (const auto& kv : kvc::runtime::storage_registry()) v.push_back(kv.first);
-    return v;
-  }, "The storage names a spec may use (fp32, fp16, kivi, int4, ...).");
+  m.def("storages", [] { return kvc::runtime::storage_names(); }, "The storage names a spec may use (fp32, fp16, kivi, int4, ...).");
   m.def("policies", [] {
     std::vector<std::string> v;
     for (const auto& kv : kvc::runtime::evictor_registry()) v.push_back(kv.first);

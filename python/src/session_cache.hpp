@@ -24,12 +24,14 @@
 #include <kvc/runtime/evictor_registry.hpp>
 #include <kvc/runtime/make_cache.hpp>
 #include <kvc/runtime/merge_registry.hpp>  // merging stages (cam, d2o, kvmerger) and the merged cache
-#include <kvc/runtime/mikv_storage.hpp>    // registers mikv
-#include <kvc/runtime/quant_storages.hpp>  // registers int8, int4, kivi, fp8, ...
-#include <kvc/runtime/quest_storage.hpp>   // registers quest(budget=...): query-aware page reads
-// The low-rank storages (pca, palu, think, xkv) are registered by lowrank_storages.cpp, a TU of its
-// own (compiled beside this one, so the module's build does not grow by their templates): this
-// file reaches them through any_cache (query_window, observe_window) only.
+#include <kvc/runtime/mikv_storage.hpp>    // mikv
+#include <kvc/runtime/quant_storages.hpp>  // int8, int4, kivi, fp8, ...
+#include <kvc/runtime/quest_storage.hpp>   // quest(budget=...): query-aware page reads
+// These register nothing by being included: module.cpp's register_storages() does (the AVX2 and
+// AVX-512 variants register theirs in the TUs kvc_add_isa_variants writes). The low-rank storages
+// (pca, palu, think, xkv) are registered by lowrank_storages.cpp, a TU of its own (compiled beside
+// this one, so the module's build does not grow by their templates): this file reaches them
+// through any_cache (query_window, observe_window) only.
 
 namespace kvc_python {
 

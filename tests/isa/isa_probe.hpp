@@ -24,6 +24,11 @@
 
 #include "isa_shared.hpp"
 
+// Storage headers register nothing by being included (runtime/make_cache.hpp): the storages this
+// file builds by spec are registered here, in its own ISA configuration, before any test runs.
+[[maybe_unused]] static const bool storages_registered =
+    (kvc::runtime::register_quant_storages(), kvc::runtime::register_mikv_storage(), true);
+
 /// A cache built from `spec` through the runtime registry of this TU, filled with in.k / in.v.
 static runtime_run probe_runtime_cache(const isa_inputs& in, const std::string& spec) {
   runtime_run r;

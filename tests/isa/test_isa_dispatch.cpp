@@ -13,11 +13,15 @@
 
 #include <kvc/runtime/isa_dispatch.hpp>
 #include <kvc/runtime/make_cache.hpp>
-#include <kvc/runtime/quest_storage.hpp>  // registered in this TU's configuration only
+#include <kvc/runtime/quest_storage.hpp>  // registered below, in this TU's configuration only
 
 #include "dense_reference.hpp"
 #include "kvc_catch.hpp"
 #include "random.hpp"
+
+// Storage headers register nothing by being included (runtime/make_cache.hpp): the storages this
+// file builds by spec are registered here, in its own ISA configuration, before any test runs.
+[[maybe_unused]] static const bool storages_registered = (kvc::runtime::register_quest_storage(), true);
 
 namespace {
 

@@ -23,6 +23,11 @@
 #include "cache_builders.hpp"
 #include "kvc_catch.hpp"
 
+// Storage headers register nothing by being included (runtime/make_cache.hpp): the storages this
+// file builds by spec are registered here, in its own ISA configuration, before any test runs.
+[[maybe_unused]] static const bool storages_registered =
+    (kvc::runtime::register_lowrank_storages(), kvc::runtime::register_layered_storage(), true);
+
 namespace {
 
 using kvc::cache_config;

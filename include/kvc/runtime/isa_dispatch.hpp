@@ -10,7 +10,8 @@
 /// registers its `make_cache` here, with the CPU features its kernels need; `make_cache_for_cpu`
 /// builds the cache with the best registered configuration this CPU runs. A program gets a faster
 /// configuration by compiling one more TU with its flags that includes make_cache.hpp and the
-/// storage headers it uses (the CMake function `kvc_add_isa_variants` writes that TU); nothing
+/// storage headers it uses and calls their register functions (the CMake function
+/// `kvc_add_isa_variants` writes that TU); nothing
 /// else changes, since every cache is reached through the ISA-neutral `any_cache`.
 ///
 /// Everything here is ISA-neutral (one body in every TU).
@@ -80,7 +81,8 @@ inline const isa_variant& choose_isa_variant(const std::string& storage, const c
   for (const isa_variant& e : isa_variants())
     if ((!best || e.rank > best->rank) && e.has_storage(storage) && e.runs_here()) best = &e;
   KVC_EXPECTS_IN(who, best != nullptr, "storage '", storage, "' is not registered in any configuration this CPU runs ",
-                 "(registered: ", names, "), expected a TU of this program to include its header");
+                 "(registered: ", names, "), expected its register call (e.g. kvc::runtime::register_quant_storages()) in a TU "
+                 "of this program");
   return *best;
 }
 

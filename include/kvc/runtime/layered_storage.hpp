@@ -17,7 +17,7 @@
 ///
 /// Keys: `lA` is layer A, `lA_B` the layers A..B (both included). Every layer may be named once;
 /// the positional stage is the storage of the layers no key names. Any registered storage can
-/// be a part (fp32, fp16, bf16, the quantized ones when their header is included, mikv, pca),
+/// be a part (fp32, fp16, bf16, the quantized ones once registered, mikv, pca),
 /// so long as the parts agree on pre_rope_keys() (the caller appends one kind of key).
 ///
 /// `layered_cache` is one any_cache over one part cache per distinct storage (the layers that
@@ -357,8 +357,9 @@ class layered_cache final : public any_cache {
 
 namespace detail {
 KVC_BEGIN_ISA_NAMESPACE  // builds the parts with this ISA's registry
-inline bool register_layered_storage() {
-  storage_registry()["layers"] = [](const spec_stage& st, const cache_config& c,
+template <class Deferred>
+bool register_layered_storage() {
+  registered_storages()["layers"] = [](const spec_stage& st, const cache_config& c,
                                     const storage_options& o) -> std::unique_ptr<any_cache> {
     const layer_plan plan = parse_layers(st, c.num_layers);
     std::vector<std::unique_ptr<any_cache>> parts;
@@ -380,7 +381,7 @@ inline bool register_layered_storage() {
             pw.wk.push_back(o.weights->wk[static_cast<std::size_t>(l)]), pw.wv.push_back(o.weights->wv[static_cast<std::size_t>(l)]);
         po.weights = &pw;
       }
-      parts.push_back(make_cache(plan.parts[i], pc, po));
+      parts.push_back(make_part(plan.parts[i], pc, po));
     }
     return std::make_unique<layered_cache>(st.text, c, std::move(parts), plan.layer_part);
   };
@@ -390,8 +391,15 @@ KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
 KVC_BEGIN_ISA_NAMESPACE
-/// Including this header registers `layers` (once per program and ISA configuration).
-inline const bool layered_storage_registered = detail::register_layered_storage();
+/// Registers `layers` (the storages it names per layer must be registered too) in the storage registry of this TU's ISA configuration
+/// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
+/// nothing (no static initialisation): call this before the first make_cache that names one, from a
+/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same builders.
+/// A template only so that a TU that includes the header and does not call it instantiates no cache.
+template <class Deferred = void>
+void register_layered_storage() {
+  detail::register_layered_storage<Deferred>();
+}
 KVC_END_ISA_NAMESPACE
 
 }  // namespace runtime

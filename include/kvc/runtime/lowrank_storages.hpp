@@ -2,7 +2,8 @@
 #pragma once
 
 /// \file
-/// Registers the projected (low-rank) storages with the runtime builder, so specs can name them:
+/// The projected (low-rank) storages of the runtime builder; register_lowrank_storages() (end of
+/// this header) registers them, so specs can name them:
 ///
 ///   palu(rank=N, vrank=N, coef=fp16|fp32|STORAGE)
 ///     Palu's per-head latent (kvc/lowrank/palu.hpp): key and value bases are the top left
@@ -274,7 +275,7 @@ KVC_BEGIN_ISA_NAMESPACE
 inline std::unique_ptr<any_cache> row_store(const std::string& owner, const std::string& spec, const cache_config& c,
                                             std::int32_t rk, std::int32_t rv) {
   try {
-    return make_cache(spec, c);
+    return detail::make_part(spec, c);
   } catch (const kvc::error& e) {
     kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: '", owner, "': ", spec, " would hold rows of ",
                                           c.head_dim, " values ((rank + vrank + 1) / 2 = (", rk, " + ", rv,
@@ -747,21 +748,22 @@ KVC_END_ISA_NAMESPACE
 
 namespace detail {
 KVC_BEGIN_ISA_NAMESPACE  // the builder makes this ISA's pca_cache
-inline bool register_lowrank_storages() {
-  storage_registry()["pca"] = [](const spec_stage& st, const cache_config& c,
+template <class Deferred>
+bool register_lowrank_storages() {
+  registered_storages()["pca"] = [](const spec_stage& st, const cache_config& c,
                                  const storage_options& o) -> std::unique_ptr<any_cache> {
     const pca_spec p = parse_pca(st, c.head_dim, o);
     if (p.fp32) return std::make_unique<pca_cache<float>>(st.text, c, p);
     return std::make_unique<pca_cache<half>>(st.text, c, p);
   };
-  storage_registry()["palu"] = [](const spec_stage& st, const cache_config& c,
+  registered_storages()["palu"] = [](const spec_stage& st, const cache_config& c,
                                   const storage_options& o) -> std::unique_ptr<any_cache> {
     const pca_spec p = parse_palu(st, c.head_dim, o);
     check_weights(st, c, o);
     if (p.fp32) return std::make_unique<pca_cache<float>>(st.text, c, p, *o.weights);
     return std::make_unique<pca_cache<half>>(st.text, c, p, *o.weights);
   };
-  storage_registry()["think"] = [](const spec_stage& st, const cache_config& c,
+  registered_storages()["think"] = [](const spec_stage& st, const cache_config& c,
                                    const storage_options&) -> std::unique_ptr<any_cache> {
     const think_spec p = parse_think(st, c.head_dim);
     if (p.fp32) return std::make_unique<think_cache<float>>(st.text, c, p);
@@ -773,9 +775,15 @@ KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
 KVC_BEGIN_ISA_NAMESPACE
-/// Including this header registers `pca`, `palu` and `think` (once per program and ISA configuration).
-inline const bool lowrank_storages_registered = detail::register_lowrank_storages();
-
+/// Registers `pca`, `palu` and `think` in the storage registry of this TU's ISA configuration
+/// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
+/// nothing (no static initialisation): call this before the first make_cache that names one, from a
+/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same builders.
+/// A template only so that a TU that includes the header and does not call it instantiates no cache.
+template <class Deferred = void>
+void register_lowrank_storages() {
+  detail::register_lowrank_storages<Deferred>();
+}
 KVC_END_ISA_NAMESPACE
 }  // namespace runtime
 KVC_END_NAMESPACE

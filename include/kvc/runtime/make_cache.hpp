@@ -7,10 +7,13 @@
 ///
 /// The storage registry and make_cache live in the ISA namespace (docs/isa.md): the builders make
 /// caches that run the CPU kernels of the TU's instruction set. A program whose TUs are built with
-/// different -m flags has one registry per ISA configuration; a storage registered (by including
-/// runtime/quant_storages.hpp, or with storage_registry()[name] = ...) is visible to make_cache
-/// calls from TUs of the same configuration, and make_cache builds the caller's ISA's caches.
+/// different -m flags has one registry per ISA configuration; a storage registered (by
+/// kvc::runtime::register_quant_storages() of runtime/quant_storages.hpp and the like, or with
+/// storage_registry()[name] = ...) is visible to make_cache calls from TUs of the same
+/// configuration, and make_cache builds the caller's ISA's caches. No header registers a storage
+/// by being included: the registration calls are where a program pays for the caches it offers.
 
+#include <algorithm>
 #include <functional>
 #include <map>
 #include <memory>
@@ -50,14 +53,27 @@ using cache_builder =
     std::function<std::unique_ptr<any_cache>(const spec_stage&, const cache_config&, const storage_options&)>;
 
 // ---- per ISA (docs/isa.md): the builders make caches that run this TU's kernels ----
+namespace detail {
+KVC_BEGIN_ISA_NAMESPACE
+/// The registry's map as the register calls write it, without the built-in fp storages: a TU
+/// that only registers (runtime/quant_storages.hpp's register_int8_storage(), ...) does not
+/// compile the fp caches' kernels, 16 s of GCC 12 -O2 for a TU that only calls storage_registry()
+/// (2026-12-06). storage_registry() adds them where it is called.
+inline std::map<std::string, cache_builder>& registered_storages() {
+  static std::map<std::string, cache_builder> m;
+  return m;
+}
+KVC_END_ISA_NAMESPACE
+}  // namespace detail
+
 KVC_BEGIN_ISA_NAMESPACE
 
-/// Storage builders by name; quantized storages register themselves here (runtime/quant_storages.hpp).
-/// One registry per ISA configuration of the program (the TUs built with the same -m flags share it).
+/// Storage builders by name: fp32, fp16 and bf16, and what register_quant_storages()
+/// (runtime/quant_storages.hpp) and the like add. One registry per ISA configuration of the
+/// program (the TUs built with the same -m flags share it).
 /// Threads: lookups are concurrent; registering is a write, done before other threads use it (docs/threading.md).
 inline std::map<std::string, cache_builder>& storage_registry() {
-  static std::map<std::string, cache_builder> r = [] {
-    std::map<std::string, cache_builder> m;
+  static const bool builtins = [] {
     auto plain = [](auto tag) {
       using T = decltype(tag);
       return [](const spec_stage& st, const cache_config& cfg, const storage_options&) -> std::unique_ptr<any_cache> {
@@ -65,17 +81,30 @@ inline std::map<std::string, cache_builder>& storage_registry() {
         return std::make_unique<cache_adapter<kv_cache<T>>>(type_name<T>(), cfg);
       };
     };
-    m["fp32"] = plain(float{});
-    m["fp16"] = plain(half{});
-    m["bf16"] = plain(bfloat16{});
-    return m;
+    auto& m = detail::registered_storages();
+    m.emplace("fp32", plain(float{}));
+    m.emplace("fp16", plain(half{}));
+    m.emplace("bf16", plain(bfloat16{}));
+    return true;
   }();
-  return r;
+  (void)builtins;
+  return detail::registered_storages();
+}
+
+/// Every storage name of this configuration, sorted: the registered ones and fp32, fp16, bf16.
+/// Reads the names only, so it compiles no cache (see detail::registered_storages).
+inline std::vector<std::string> storage_names() {
+  std::vector<std::string> v;
+  for (const auto& kv : detail::registered_storages()) v.push_back(kv.first);
+  for (const char* b : {"bf16", "fp16", "fp32"})
+    if (!detail::registered_storages().count(b)) v.emplace_back(b);
+  std::sort(v.begin(), v.end());
+  return v;
 }
 
 inline std::string known_storages() {
   std::string s;
-  for (const auto& kv : storage_registry()) s += (s.empty() ? "" : ", ") + kv.first;
+  for (const std::string& n : storage_names()) s += (s.empty() ? "" : ", ") + n;
   return s;
 }
 
@@ -83,18 +112,19 @@ KVC_END_ISA_NAMESPACE
 
 namespace detail {
 
-/// The storages that live in optional headers, and the header that registers each: a TU that
-/// names one without including its header gets a message saying what to include, not "unknown".
+/// The storages that live in optional headers, the header of each and the call that registers it:
+/// a program that names one without registering it gets a message saying what to call, not
+/// "unknown". Returns the header's file name without ".hpp" (the call is register_<it>()), or null.
 inline const char* storage_header(const std::string& name) {
   static const char* const quant[] = {"int8", "int4", "int2", "fp8", "kivi", "rotated", "outliers", "gear"};
   for (const char* q : quant)
-    if (name == q) return "<kvc/runtime/quant_storages.hpp>";
-  if (name == "mikv") return "<kvc/runtime/mikv_storage.hpp>";
-  if (name == "pca" || name == "think" || name == "palu") return "<kvc/runtime/lowrank_storages.hpp>";
-  if (name == "xkv") return "<kvc/runtime/xkv_storage.hpp>";
-  if (name == "minicache") return "<kvc/runtime/minicache_storage.hpp>";
-  if (name == "layers") return "<kvc/runtime/layered_storage.hpp>";
-  if (name == "quest") return "<kvc/runtime/quest_storage.hpp>";
+    if (name == q) return "quant_storages";
+  if (name == "mikv") return "mikv_storage";
+  if (name == "pca" || name == "think" || name == "palu") return "lowrank_storages";
+  if (name == "xkv") return "xkv_storage";
+  if (name == "minicache") return "minicache_storage";
+  if (name == "layers") return "layered_storage";
+  if (name == "quest") return "quest_storage";
   return nullptr;
 }
 
@@ -103,15 +133,30 @@ KVC_BEGIN_ISA_NAMESPACE  // it reads this ISA's registry
 [[noreturn]] inline void unknown_storage(const spec_stage& st) {
   if (const char* header = storage_header(st.name))
     kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: storage '", st.name, "' (in \"", st.text,
-                                          "\") is not registered in this program; expected #include ", header,
-                                          " in a translation unit of the program (it registers the storage); "
+                                          "\") is not registered in this ISA configuration (", KVC_ISA_STR(KVC_ISA_NAMESPACE),
+                                          "); expected a call to kvc::runtime::register_", header, "() from <kvc/runtime/",
+                                          header, ".hpp> before make_cache, in a TU built with the same -m flags; "
                                           "registered now: ", known_storages()));
-  std::vector<std::string> names;
-  for (const auto& kv : storage_registry()) names.push_back(kv.first);
-  const std::string hint = closest(st.name, names);
+  const std::string hint = closest(st.name, storage_names());
   kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_cache: unknown storage '", st.name, "' in \"", st.text,
                                         "\"", hint.empty() ? "" : "; did you mean '", hint, hint.empty() ? "" : "'?",
                                         "; expected one of: ", known_storages()));
+}
+
+/// make_cache for the parts a builder makes (the parts of `layers`, the coefficient rows of `pca`
+/// and `xkv`). A builder runs inside make_cache, whose storage_registry() call added the built-in
+/// storages, so this reads the map as it is: a TU that registers such a builder does not compile
+/// the fp caches for it.
+inline std::unique_ptr<any_cache> make_part(const spec_stage& st, const cache_config& cfg, const storage_options& opt = {}) {
+  auto it = registered_storages().find(st.name);
+  if (it == registered_storages().end()) unknown_storage(st);
+  return it->second(st, cfg, opt);
+}
+
+inline std::unique_ptr<any_cache> make_part(const std::string& spec, const cache_config& cfg, const storage_options& opt = {}) {
+  const auto stages = parse_spec(spec);
+  KVC_EXPECTS_IN("kvc::runtime::make_cache", stages.size() == 1, "spec = \"", spec, "\", expected exactly one storage stage");
+  return make_part(stages[0], cfg, opt);
 }
 
 KVC_END_ISA_NAMESPACE
@@ -120,7 +165,9 @@ KVC_END_ISA_NAMESPACE
 KVC_BEGIN_ISA_NAMESPACE
 
 /// Whether `name` is a storage (as opposed to an eviction policy) in a spec.
-inline bool is_storage(const std::string& name) { return storage_registry().count(name) != 0; }
+inline bool is_storage(const std::string& name) {
+  return detail::registered_storages().count(name) != 0 || name == "fp32" || name == "fp16" || name == "bf16";
+}
 
 /// The cache a storage stage describes.
 inline std::unique_ptr<any_cache> make_cache(const spec_stage& st, const cache_config& cfg,

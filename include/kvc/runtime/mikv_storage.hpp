@@ -15,7 +15,7 @@
 ///                 most accumulated attention (H2O's split: 0.5)
 ///   sinks, pre_rope  as for the other quantized storages (runtime/quant_storages.hpp)
 ///
-/// Including this header registers the storage. Importance is the cache's own observed attention,
+/// register_mikv_storage() (end of this header) registers the storage. Importance is the cache's own observed attention,
 /// as MiKV (after H2O) does: every `attention()` call also computes the step's group
 /// probabilities (summed over the query heads of each kv head) and adds them to the tokens'
 /// scores, so engines need not feed anything. Demotion happens inside `append()`: once a stream
@@ -327,8 +327,9 @@ inline std::unique_ptr<any_cache> make_mikv(const spec_stage& st, const cache_co
   return std::make_unique<mikv_cache<quant::int4, quant::int2>>(st.text, q, pol);
 }
 
-inline bool register_mikv_storage() {
-  storage_registry()["mikv"] = make_mikv;
+template <class Deferred>
+bool register_mikv_storage() {
+  registered_storages()["mikv"] = make_mikv;
   return true;
 }
 
@@ -336,8 +337,15 @@ KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
 KVC_BEGIN_ISA_NAMESPACE
-/// Including this header registers `mikv` (once per program and ISA configuration).
-inline const bool mikv_storage_registered = detail::register_mikv_storage();
+/// Registers `mikv` in the storage registry of this TU's ISA configuration
+/// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
+/// nothing (no static initialisation): call this before the first make_cache that names one, from a
+/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same builders.
+/// A template only so that a TU that includes the header and does not call it instantiates no cache.
+template <class Deferred = void>
+void register_mikv_storage() {
+  detail::register_mikv_storage<Deferred>();
+}
 KVC_END_ISA_NAMESPACE
 
 }  // namespace runtime

@@ -2,7 +2,7 @@
 #pragma once
 
 /// \file
-/// MiniCache as a run-time storage (kvc/merge/minicache.hpp): including this header registers
+/// MiniCache as a run-time storage (kvc/merge/minicache.hpp): register_minicache_storage() registers
 ///
 ///   minicache(start=-1, t=0.6, gamma=0.05)    fp16 pages; start -1: num_layers / 2
 ///
@@ -111,8 +111,9 @@ KVC_END_ISA_NAMESPACE
 
 namespace detail {
 KVC_BEGIN_ISA_NAMESPACE
-inline bool register_minicache_storage() {
-  storage_registry()["minicache"] = [](const spec_stage& st, const cache_config& c,
+template <class Deferred>
+bool register_minicache_storage() {
+  registered_storages()["minicache"] = [](const spec_stage& st, const cache_config& c,
                                        const storage_options&) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
     merge::minicache_options o;
@@ -135,8 +136,15 @@ KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
 KVC_BEGIN_ISA_NAMESPACE
-/// Including this header registers minicache (once per program and ISA configuration).
-inline const bool minicache_storage_registered = detail::register_minicache_storage();
+/// Registers `minicache` in the storage registry of this TU's ISA configuration
+/// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
+/// nothing (no static initialisation): call this before the first make_cache that names one, from a
+/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same builders.
+/// A template only so that a TU that includes the header and does not call it instantiates no cache.
+template <class Deferred = void>
+void register_minicache_storage() {
+  detail::register_minicache_storage<Deferred>();
+}
 KVC_END_ISA_NAMESPACE
 
 }  // namespace runtime

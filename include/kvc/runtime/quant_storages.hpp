@@ -23,8 +23,9 @@
 /// Each combination is one template instantiation, so the set is finite; the library itself
 /// takes any combination at compile time (kvc::quant_cache<KQ, VQ>).
 ///
-/// The builders and the registration are per ISA (docs/isa.md): including this header registers
-/// the storages in the registry of the TU's ISA configuration (runtime/make_cache.hpp).
+/// The builders and the registration are per ISA (docs/isa.md): register_quant_storages() (end of
+/// this header) registers the storages in the registry of the calling TU's ISA configuration
+/// (runtime/make_cache.hpp). Including the header registers nothing.
 
 #include <memory>
 #include <numeric>
@@ -150,8 +151,9 @@ std::unique_ptr<any_cache> make_int_quant(const spec_stage& st, const cache_conf
   return make_quant<Q, Q>(st.text, c, x);
 }
 
-inline bool register_quant_storages() {
-  auto& r = storage_registry();
+template <class Deferred>
+void register_int8_storage() {
+  auto& r = registered_storages();
   r["int8"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
     const std::string sch = a.word("scheme", "sym");
@@ -161,18 +163,33 @@ inline bool register_quant_storages() {
     if (sch == "asym") return make_int_quant<quant::int8_asym>(st, c, x);
     unsupported(st, "scheme = " + sch, "sym or asym");
   };
+}
+
+template <class Deferred>
+void register_int4_storage() {
+  auto& r = registered_storages();
   r["int4"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
     const quant_extras x = read_extras(a, o, 4);
     a.finish("sinks, pre_rope, fast");
     return make_int_quant<quant::int4>(st, c, x);
   };
+}
+
+template <class Deferred>
+void register_int2_storage() {
+  auto& r = registered_storages();
   r["int2"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
     const quant_extras x = read_extras(a, o, 2);
     a.finish("sinks, pre_rope, fast");
     return make_int_quant<quant::int2>(st, c, x);
   };
+}
+
+template <class Deferred>
+void register_fp8_storage() {
+  auto& r = registered_storages();
   r["fp8"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
     const std::string f = a.word("format", "e4m3");
@@ -182,6 +199,11 @@ inline bool register_quant_storages() {
     if (f == "e5m2") return make_quant<quant::fp8<fp8_e5m2>, quant::fp8<fp8_e5m2>>(st.text, c, x);
     unsupported(st, "format = " + f, "e4m3 or e5m2");
   };
+}
+
+template <class Deferred>
+void register_kivi_storage() {
+  auto& r = registered_storages();
   r["kivi"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
     const int bits = a.integer("bits", 2);
@@ -204,6 +226,11 @@ inline bool register_quant_storages() {
     unsupported(st, "kbits = " + std::to_string(kb) + ", vbits = " + std::to_string(vb),
                 "2/2, 4/4, 8/8, 4/2 or 2/4 (any pair: kvc::quant_cache<kivi<K>, kivi<V>> in C++)");
   };
+}
+
+template <class Deferred>
+void register_rotated_storage() {
+  auto& r = registered_storages();
   r["rotated"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
     const int bits = a.integer("bits", 2);
@@ -213,6 +240,11 @@ inline bool register_quant_storages() {
     if (bits == 4) return make_quant<quant::rotated<quant::int4>, quant::rotated<quant::int4>>(st.text, c, x);
     unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
   };
+}
+
+template <class Deferred>
+void register_outliers_storage() {
+  auto& r = registered_storages();
   r["outliers"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
     const int bits = a.integer("bits", 2);
@@ -227,6 +259,11 @@ inline bool register_quant_storages() {
           st.text, c, x, quant::outliers<quant::int4>(frac), quant::outliers<quant::int4>(frac));
     unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
   };
+}
+
+template <class Deferred>
+void register_gear_storage() {
+  auto& r = registered_storages();
   r["gear"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
     const int bits = a.integer("bits", 4);
@@ -240,15 +277,74 @@ inline bool register_quant_storages() {
                                                                      quant::gear<2>(rank, frac));
     unsupported(st, "bits = " + std::to_string(bits), "2 or 4");
   };
-  return true;
 }
 
 KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
 KVC_BEGIN_ISA_NAMESPACE
-/// Including this header registers the quantized storages (once per program and ISA configuration).
-inline const bool quant_storages_registered = detail::register_quant_storages();
+/// Registers the quantized storages (`int8`, `int4`, `int2`, `fp8`, `kivi`, `rotated`, `outliers`,
+/// `gear`) in the storage registry of this TU's ISA configuration (runtime/make_cache.hpp), so
+/// make_cache builds them by spec. Including this header registers nothing (no static
+/// initialisation): call this before the first make_cache that names one, from a TU built with the
+/// -m flags of those calls (docs/isa.md); calling it again sets the same builders. A template only
+/// so that a TU that includes the header and does not call it instantiates no cache.
+///
+/// The call compiles all 17 quantized cache types with their kernels, over a CPU-minute of GCC 12
+/// -O2 (docs/design.md, "Register by a call"). A program registers only the storages it offers
+/// with the calls below, one per storage name, or spreads them over TUs that build side by side
+/// (examples/llama/register_int.cpp and register_kivi.cpp, ~55 s each).
+template <class Deferred = void>
+void register_quant_storages() {
+  detail::register_int8_storage<Deferred>();
+  detail::register_int4_storage<Deferred>();
+  detail::register_int2_storage<Deferred>();
+  detail::register_fp8_storage<Deferred>();
+  detail::register_kivi_storage<Deferred>();
+  detail::register_rotated_storage<Deferred>();
+  detail::register_outliers_storage<Deferred>();
+  detail::register_gear_storage<Deferred>();
+}
+/// Only `int8` (scheme=sym|asym, fast=): 2 cache types (see register_quant_storages).
+template <class Deferred = void>
+void register_int8_storage() {
+  detail::register_int8_storage<Deferred>();
+}
+/// Only `int4` (see register_quant_storages).
+template <class Deferred = void>
+void register_int4_storage() {
+  detail::register_int4_storage<Deferred>();
+}
+/// Only `int2` (see register_quant_storages).
+template <class Deferred = void>
+void register_int2_storage() {
+  detail::register_int2_storage<Deferred>();
+}
+/// Only `fp8` (format=e4m3|e5m2): 2 cache types (see register_quant_storages).
+template <class Deferred = void>
+void register_fp8_storage() {
+  detail::register_fp8_storage<Deferred>();
+}
+/// Only `kivi`: 5 cache types (bits 2/2, 4/4, 8/8, 4/2, 2/4) (see register_quant_storages).
+template <class Deferred = void>
+void register_kivi_storage() {
+  detail::register_kivi_storage<Deferred>();
+}
+/// Only `rotated` (bits=2|4): 2 cache types (see register_quant_storages).
+template <class Deferred = void>
+void register_rotated_storage() {
+  detail::register_rotated_storage<Deferred>();
+}
+/// Only `outliers` (bits=2|4): 2 cache types (see register_quant_storages).
+template <class Deferred = void>
+void register_outliers_storage() {
+  detail::register_outliers_storage<Deferred>();
+}
+/// Only `gear` (bits=2|4): 2 cache types (see register_quant_storages).
+template <class Deferred = void>
+void register_gear_storage() {
+  detail::register_gear_storage<Deferred>();
+}
 KVC_END_ISA_NAMESPACE
 
 }  // namespace runtime

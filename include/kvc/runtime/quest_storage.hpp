@@ -78,8 +78,9 @@ inline std::unique_ptr<any_cache> make_quest(const spec_stage& st, const cache_c
   return cache;
 }
 
-inline bool register_quest_storage() {
-  storage_registry()["quest"] = make_quest;
+template <class Deferred>
+bool register_quest_storage() {
+  registered_storages()["quest"] = make_quest;
   return true;
 }
 
@@ -87,9 +88,15 @@ KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
 KVC_BEGIN_ISA_NAMESPACE
-/// Including this header registers `quest` (once per program and ISA configuration).
-inline const bool quest_storage_registered = detail::register_quest_storage();
-
+/// Registers `quest` in the storage registry of this TU's ISA configuration
+/// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
+/// nothing (no static initialisation): call this before the first make_cache that names one, from a
+/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same builders.
+/// A template only so that a TU that includes the header and does not call it instantiates no cache.
+template <class Deferred = void>
+void register_quest_storage() {
+  detail::register_quest_storage<Deferred>();
+}
 KVC_END_ISA_NAMESPACE
 }  // namespace runtime
 KVC_END_NAMESPACE

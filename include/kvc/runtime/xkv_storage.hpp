@@ -2,7 +2,7 @@
 #pragma once
 
 /// \file
-/// xKV (kvc/lowrank/xkv.hpp) as a run-time storage: including this header registers
+/// xKV (kvc/lowrank/xkv.hpp) as a run-time storage: register_xkv_storage() registers
 ///
 ///   xkv(group=N, rank=R, vrank=R, pre_rope=0|1, sinks=N, coef=fp16|fp32, latent=STORAGE)
 ///     group     adjacent layers sharing one latent per token: layers [0, N), [N, 2N), ...; the
@@ -609,8 +609,9 @@ KVC_END_ISA_NAMESPACE
 
 namespace detail {
 KVC_BEGIN_ISA_NAMESPACE  // the builder makes this ISA's xkv_cache
-inline bool register_xkv_storage() {
-  storage_registry()["xkv"] = [](const spec_stage& st, const cache_config& c,
+template <class Deferred>
+bool register_xkv_storage() {
+  registered_storages()["xkv"] = [](const spec_stage& st, const cache_config& c,
                                  const storage_options& o) -> std::unique_ptr<any_cache> {
     const xkv_spec p = parse_xkv(st, c, o);
     if (p.fp32) return std::make_unique<xkv_cache<float>>(st.text, c, p);
@@ -622,8 +623,15 @@ KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
 KVC_BEGIN_ISA_NAMESPACE
-/// Including this header registers `xkv` (and, through lowrank_storages.hpp, pca, palu and think).
-inline const bool xkv_storage_registered = detail::register_xkv_storage();
+/// Registers `xkv` (its `latent=` storage, when not fp16 or fp32, must be registered too) in the storage registry of this TU's ISA configuration
+/// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
+/// nothing (no static initialisation): call this before the first make_cache that names one, from a
+/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same builders.
+/// A template only so that a TU that includes the header and does not call it instantiates no cache.
+template <class Deferred = void>
+void register_xkv_storage() {
+  detail::register_xkv_storage<Deferred>();
+}
 KVC_END_ISA_NAMESPACE
 }  // namespace runtime
 KVC_END_NAMESPACE
