@@ -778,8 +778,9 @@ KVC_BEGIN_ISA_NAMESPACE
 /// Registers `pca`, `palu` and `think` in the storage registry of this TU's ISA configuration
 /// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
 /// nothing (no static initialisation): call this before the first make_cache that names one, from a
-/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same builders.
-/// A template only so that a TU that includes the header and does not call it instantiates no cache.
+/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same
+/// builders. A template only so that a TU that includes the header and does not call it
+/// instantiates no cache.
 template <class Deferred = void>
 void register_lowrank_storages() {
   detail::register_lowrank_storages<Deferred>();

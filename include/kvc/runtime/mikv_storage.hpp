@@ -15,8 +15,8 @@
 ///                 most accumulated attention (H2O's split: 0.5)
 ///   sinks, pre_rope  as for the other quantized storages (runtime/quant_storages.hpp)
 ///
-/// register_mikv_storage() (end of this header) registers the storage. Importance is the cache's own observed attention,
-/// as MiKV (after H2O) does: every `attention()` call also computes the step's group
+/// register_mikv_storage() (end of this header) registers the storage. Importance is the cache's
+/// own observed attention, as MiKV (after H2O) does: every `attention()` call also computes the step's group
 /// probabilities (summed over the query heads of each kv head) and adds them to the tokens'
 /// scores, so engines need not feed anything. Demotion happens inside `append()`: once a stream
 /// holds more high-precision tokens than ceil(high_ratio x its length), `mikv_policy` demotes
@@ -338,10 +338,11 @@ KVC_END_ISA_NAMESPACE
 
 KVC_BEGIN_ISA_NAMESPACE
 /// Registers `mikv` in the storage registry of this TU's ISA configuration
-/// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
-/// nothing (no static initialisation): call this before the first make_cache that names one, from a
-/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same builders.
-/// A template only so that a TU that includes the header and does not call it instantiates no cache.
+/// (runtime/make_cache.hpp), so make_cache builds it by spec. Including this header registers
+/// nothing (no static initialisation): call this before the first make_cache that names it, from a
+/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same
+/// builders. A template only so that a TU that includes the header and does not call it
+/// instantiates no cache.
 template <class Deferred = void>
 void register_mikv_storage() {
   detail::register_mikv_storage<Deferred>();

@@ -89,10 +89,11 @@ KVC_END_ISA_NAMESPACE
 
 KVC_BEGIN_ISA_NAMESPACE
 /// Registers `quest` in the storage registry of this TU's ISA configuration
-/// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
-/// nothing (no static initialisation): call this before the first make_cache that names one, from a
-/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same builders.
-/// A template only so that a TU that includes the header and does not call it instantiates no cache.
+/// (runtime/make_cache.hpp), so make_cache builds it by spec. Including this header registers
+/// nothing (no static initialisation): call this before the first make_cache that names it, from a
+/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same
+/// builders. A template only so that a TU that includes the header and does not call it
+/// instantiates no cache.
 template <class Deferred = void>
 void register_quest_storage() {
   detail::register_quest_storage<Deferred>();

@@ -623,11 +623,12 @@ KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
 KVC_BEGIN_ISA_NAMESPACE
-/// Registers `xkv` (its `latent=` storage, when not fp16 or fp32, must be registered too) in the storage registry of this TU's ISA configuration
-/// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
-/// nothing (no static initialisation): call this before the first make_cache that names one, from a
-/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same builders.
-/// A template only so that a TU that includes the header and does not call it instantiates no cache.
+/// Registers `xkv` (its `latent=` storage, when not fp16 or fp32, must be registered too) in the
+/// storage registry of this TU's ISA configuration (runtime/make_cache.hpp), so make_cache builds
+/// it by spec. Including this header registers nothing (no static initialisation): call this before
+/// the first make_cache that names it, from a TU built with the -m flags of those calls
+/// (docs/isa.md); calling it again sets the same builders. A template only so that a TU that
+/// includes the header and does not call it instantiates no cache.
 template <class Deferred = void>
 void register_xkv_storage() {
   detail::register_xkv_storage<Deferred>();
