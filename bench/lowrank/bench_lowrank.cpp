@@ -32,11 +32,11 @@
 #include <benchmark/benchmark.h>
 
 #include <kvc/cpu/decode_attention.hpp>
+#include <kvc/cpu/projected_attention.hpp>
 #include <kvc/lowrank/pca.hpp>
-#include <kvc/lowrank/projected_attention.hpp>
-#include <kvc/lowrank/projected_cache.hpp>
 #include <kvc/runtime/xkv_storage.hpp>
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/store/projected_cache.hpp>
 
 #include "kvc_bench.hpp"
 

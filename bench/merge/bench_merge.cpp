@@ -54,14 +54,14 @@
 #include <benchmark/benchmark.h>
 
 #include <kvc/cpu/decode_attention.hpp>
+#include <kvc/cpu/merged_attention.hpp>
 #include <kvc/cpu/stream_attention.hpp>
+#include <kvc/evict/h2o.hpp>
 #include <kvc/merge/cam.hpp>
 #include <kvc/merge/d2o.hpp>
 #include <kvc/merge/kvmerger.hpp>
-#include <kvc/merge/merged_attention.hpp>
-#include <kvc/merge/merged_cache.hpp>
-#include <kvc/evict/h2o.hpp>
 #include <kvc/runtime/merge_registry.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 #include "kvc_bench.hpp"
 

@@ -53,7 +53,7 @@ KVC_BEGIN_ISA_NAMESPACE
 /// A store's layer (`store.layer(seq, layer, buf)`, a store_layer) runs that store's own kernel,
 /// which reads its encoding directly: the header of the kernel adds the overload of this function
 /// for its store (cpu/quant_attention.hpp, cpu/mixed_precision_attention.hpp,
-/// lowrank/projected_attention.hpp, merge/merged_attention.hpp). This template takes views of
+/// cpu/projected_attention.hpp, cpu/merged_attention.hpp). This template takes views of
 /// every other kind: kv_cache's, an engine's, decoded rows.
 template <class Heads, class Options = decode_options>
 void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_heads, float* out,
@@ -62,7 +62,7 @@ void decode_attention(const Heads& heads, const float* q, std::int32_t num_q_hea
                 "kvc::decode_attention: these heads are a store's layer (store.layer(...)) whose kernel is not "
                 "included; include the header of the store's kernel: quant_cache <kvc/cpu/quant_attention.hpp>, "
                 "mixed_precision_cache <kvc/cpu/mixed_precision_attention.hpp>, lowrank::projected_cache "
-                "<kvc/lowrank/projected_attention.hpp>, merge::merged_cache <kvc/merge/merged_attention.hpp>");
+                "<kvc/cpu/projected_attention.hpp>, merge::merged_cache <kvc/cpu/merged_attention.hpp>");
   using space = typename std::decay_t<decltype(heads.keys(0))>::memory_space;
   if constexpr (std::is_same<space, host_memory>::value) cpu::decode_attention(heads, q, num_q_heads, out, opt);
   else decode_backend<space>::run(heads, q, num_q_heads, out, opt);

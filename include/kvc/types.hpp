@@ -2,8 +2,10 @@
 #pragma once
 
 /// \file
-/// Storage element types: half, bfloat16, fp8_e4m3, fp8_e5m2, and a uniform float conversion.
+/// Storage element types: half, bfloat16, fp8_e4m3, fp8_e5m2, and a uniform float conversion;
+/// `seq_id`, the id a store gives a sequence.
 
+#include <cstdint>
 #include <type_traits>
 
 #include <kvc/numeric/bfloat16.hpp>
@@ -11,6 +13,10 @@
 #include <kvc/numeric/half.hpp>
 
 KVC_BEGIN_NAMESPACE
+
+/// A sequence's id in a store (kv_cache::add_sequence and the like); a plain integer so that
+/// codecs and policies below store/ can name it.
+using seq_id = std::int32_t;
 
 /// Whether T is one of the element types kvc stores in full-precision pages.
 template <class T>

@@ -4,7 +4,7 @@
 // refuses the heads and names the header to include.
 #include <kvc/attention.hpp>
 #include <kvc/quant/kivi.hpp>
-#include <kvc/quant/quant_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 using cache = kvc::quant_cache<kvc::quant::kivi<2>, kvc::quant::kivi<2>>;
 

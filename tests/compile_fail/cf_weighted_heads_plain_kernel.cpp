@@ -2,7 +2,7 @@
 // A merged cache's layer carries per-token log-weights; the plain CPU kernel would ignore them,
 // so it refuses those heads at compile time and names the kernel that adds them.
 #include <kvc/cpu/decode_attention.hpp>
-#include <kvc/merge/merged_cache.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 void attend(const kvc::merge::merged_cache<float>& c, kvc::seq_id s, const float* q, float* out) {
   kvc::merge::merged_cache<float>::layer_buffer buf;

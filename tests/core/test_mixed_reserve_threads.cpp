@@ -22,7 +22,7 @@
 #include <vector>
 
 #include <kvc/quant/int8.hpp>
-#include <kvc/quant/mixed_precision.hpp>
+#include <kvc/store/mixed_precision_cache.hpp>
 
 #include "kvc_catch.hpp"
 #include "random.hpp"

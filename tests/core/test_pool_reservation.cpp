@@ -16,8 +16,8 @@
 #include <vector>
 
 #include <kvc/quant/int8.hpp>
-#include <kvc/quant/quant_cache.hpp>
 #include <kvc/store/page_pool.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 #include "cache_builders.hpp"
 #include "kvc_catch.hpp"

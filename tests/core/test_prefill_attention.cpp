@@ -23,8 +23,8 @@
 #include <kvc/cpu/prefill_attention.hpp>
 #include <kvc/parallel/thread_pool.hpp>
 #include <kvc/quant/int8.hpp>
-#include <kvc/quant/quant_cache.hpp>
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 #include "cache_builders.hpp"
 #include "isa_check.hpp"

@@ -27,9 +27,9 @@
 #include <kvc/attention/rope.hpp>
 #include <kvc/evict/core.hpp>
 #include <kvc/quant/kivi.hpp>
-#include <kvc/quant/mixed_precision.hpp>
-#include <kvc/quant/quant_cache.hpp>
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/store/mixed_precision_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 #include "cache_builders.hpp"
 #include "cache_checks.hpp"

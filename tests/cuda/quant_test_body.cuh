@@ -18,7 +18,7 @@
 
 #include <kvc/cpu/quant_attention.hpp>
 #include <kvc/cuda.cuh>
-#include <kvc/quant/quant_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 #include "cuda_test_util.cuh"
 

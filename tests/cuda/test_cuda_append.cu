@@ -14,8 +14,8 @@
 #include <vector>
 
 #include <kvc/cuda.cuh>
-#include <kvc/quant/quant_cache.hpp>
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 #include "cuda_test_util.cuh"
 

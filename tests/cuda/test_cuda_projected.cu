@@ -24,10 +24,10 @@
 #include <string>
 #include <vector>
 
+#include <kvc/cpu/projected_attention.hpp>
 #include <kvc/cuda.cuh>
 #include <kvc/cuda/projected_attention.cuh>
-#include <kvc/lowrank/projected_attention.hpp>
-#include <kvc/lowrank/projected_cache.hpp>
+#include <kvc/store/projected_cache.hpp>
 
 #include "cuda_test_util.cuh"
 

@@ -27,7 +27,7 @@
 #include <kvc/evict/observer.hpp>
 #include <kvc/evict/tova.hpp>
 #include <kvc/quant/kivi.hpp>
-#include <kvc/quant/quant_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 #include "cache_builders.hpp"
 #include "kvc_catch.hpp"

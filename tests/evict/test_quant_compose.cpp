@@ -6,7 +6,7 @@
 
 #include <kvc/evict/evict.hpp>
 #include <kvc/quant/kivi.hpp>
-#include <kvc/quant/quant_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 #include "evict_test_util.hpp"
 #include "kvc_catch.hpp"

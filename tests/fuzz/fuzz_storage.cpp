@@ -561,7 +561,7 @@ class model {
       }
       case codec_kind::mikv: {
         // High codec on the input; a demoted token is re-encoded by the low codec from its
-        // decoded high value (mixed_precision.hpp: err_HQ(x) + err_LQ on the decoded row).
+        // decoded high value (mixed_precision_cache.hpp: err_HQ(x) + err_LQ on the decoded row).
         std::vector<float> hi_add(static_cast<std::size_t>(D));
         if (c.high_sym) {
           const float a = sym_add(amax_of(0, D), 127.0f);

@@ -15,12 +15,12 @@
 #include <kvc/cpu/quant_attention.hpp>
 #include <kvc/evict/compressor.hpp>
 #include <kvc/quant/int8.hpp>
-#include <kvc/quant/quant_cache.hpp>
 #include <kvc/runtime/evictor_registry.hpp>
 #include <kvc/runtime/make_cache.hpp>
 #include <kvc/runtime/mikv_storage.hpp>
 #include <kvc/runtime/quant_storages.hpp>
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 #include "isa_shared.hpp"
 

@@ -9,9 +9,9 @@
 #include <vector>
 
 #include <kvc/quant/int8.hpp>
-#include <kvc/quant/quant_cache.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 struct isa_inputs {
   const kvc::kv_cache<kvc::half>* fp16 = nullptr;  // built in the main TU: one type across TUs

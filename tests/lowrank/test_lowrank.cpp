@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Projected (PCA) low-rank KV: kvc/lowrank/pca.hpp, projected_cache.hpp, projected_attention.hpp.
+// Projected (PCA) low-rank KV: kvc/lowrank/pca.hpp, kvc/store/projected_cache.hpp, kvc/cpu/projected_attention.hpp.
 // The attention is checked against a dense double-precision reference written here: the keys and
 // values the cache stands for are rebuilt in double from the stored coefficients and the bases
 // (k̂ = μ_k + Σ_j c_j u_j), then attended with a plain two-pass softmax. Nothing of the kernel
@@ -16,10 +16,10 @@
 
 #include <kvc/attention.hpp>
 #include <kvc/attention/reference.hpp>
+#include <kvc/cpu/projected_attention.hpp>
 #include <kvc/lowrank/pca.hpp>
-#include <kvc/lowrank/projected_attention.hpp>
-#include <kvc/lowrank/projected_cache.hpp>
 #include <kvc/parallel/thread_pool.hpp>
+#include <kvc/store/projected_cache.hpp>
 
 #include "isa_check.hpp"
 #include "kvc_catch.hpp"

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include <kvc/error.hpp>
-#include <kvc/merge/merged_cache.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 #include "kvc_catch.hpp"
 #include "random.hpp"

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include <kvc/merge/cam.hpp>
-#include <kvc/merge/merged_cache.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 #include "cache_builders.hpp"
 #include "cache_checks.hpp"

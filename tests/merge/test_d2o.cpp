@@ -13,9 +13,9 @@
 #include <string>
 #include <vector>
 
+#include <kvc/cpu/merged_attention.hpp>
 #include <kvc/merge/d2o.hpp>
-#include <kvc/merge/merged_attention.hpp>
-#include <kvc/merge/merged_cache.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 #include "cache_builders.hpp"
 #include "cache_checks.hpp"

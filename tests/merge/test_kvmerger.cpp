@@ -15,9 +15,9 @@
 #include <tuple>
 #include <vector>
 
+#include <kvc/cpu/merged_attention.hpp>
 #include <kvc/merge/kvmerger.hpp>
-#include <kvc/merge/merged_attention.hpp>
-#include <kvc/merge/merged_cache.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 #include "cache_builders.hpp"
 #include "cache_checks.hpp"

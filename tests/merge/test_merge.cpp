@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Merged tokens: kvc/merge/merged_cache.hpp (merge_layer, log-weights) and
-// kvc/merge/merged_attention.hpp (decode attention with the log-weight on every logit).
+// Merged tokens: kvc/store/merged_cache.hpp (merge_layer, log-weights) and
+// kvc/cpu/merged_attention.hpp (decode attention with the log-weight on every logit).
 // Everything is checked against plain double-precision code written here: a dense two-pass softmax
 // over the gathered rows with the log-weights as a bias, merged rows as weighted means of the rows
 // gathered before the merge. Nothing of the kernel (tiles, online softmax, SIMD tails) or of
@@ -17,9 +17,9 @@
 #include <kvc/attention.hpp>
 #include <kvc/attention/reference.hpp>
 #include <kvc/cpu/decode_attention.hpp>
-#include <kvc/merge/merged_attention.hpp>
-#include <kvc/merge/merged_cache.hpp>
+#include <kvc/cpu/merged_attention.hpp>
 #include <kvc/parallel/thread_pool.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 #include "cache_builders.hpp"
 #include "cache_checks.hpp"

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// MiniCache (kvc/merge/minicache.hpp, kvc/merge/minicache_attention.hpp) against its rule written
+// MiniCache (kvc/merge/minicache.hpp, kvc/cpu/minicache_attention.hpp) against its rule written
 // here in double from the rows appended: per pair of adjacent layers, per kv head and token,
 // keys and values separately, the angular distance d = arccos(cos)/π of the two layers' rows,
 // the SLERP of their directions at t, retention of tokens whose key or value distance exceeds
@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
+#include <kvc/cpu/minicache_attention.hpp>
 #include <kvc/merge/minicache.hpp>
-#include <kvc/merge/minicache_attention.hpp>
 #include <kvc/parallel/thread_pool.hpp>
 
 #include "cache_builders.hpp"

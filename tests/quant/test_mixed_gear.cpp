@@ -11,7 +11,8 @@
 #include <kvc/cpu/quant_attention.hpp>
 #include <kvc/parallel/thread_pool.hpp>
 #include <kvc/quant/int8.hpp>
-#include <kvc/quant/mixed_precision.hpp>
+#include <kvc/quant/mikv.hpp>
+#include <kvc/store/mixed_precision_cache.hpp>
 
 #include "kvc_catch.hpp"
 #include "quant_test_util.hpp"
@@ -539,6 +540,7 @@ TEST_CASE("mikv_policy: sinks, recent tokens and heavy hitters stay high, up to 
 
 // ============================== GEAR ==============================
 
+#include <kvc/cpu/gear_attention.hpp>
 #include <kvc/quant/gear.hpp>
 
 namespace {

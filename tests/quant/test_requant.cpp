@@ -9,7 +9,7 @@
 #include <vector>
 
 #include <kvc/quant/kivi.hpp>
-#include <kvc/quant/quant_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 #include "cache_builders.hpp"
 #include "float_formats.hpp"

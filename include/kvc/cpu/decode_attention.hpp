@@ -370,7 +370,7 @@ std::int32_t check_heads(const Heads& heads, const float* q, std::int32_t num_q_
   static_assert(!has_log_weights_v<Heads>,
                 "kvc::cpu::decode_attention: these heads carry per-token log-weights (a merged cache's layer); "
                 "this kernel would ignore them: call kvc::cpu::merged_decode_attention(cache, seq, layer, ...) "
-                "(or include <kvc/merge/merged_attention.hpp>, whose decode_attention takes a merged layer)");
+                "(or include <kvc/cpu/merged_attention.hpp>, whose decode_attention takes a merged layer)");
   const std::int32_t hkv = heads.num_kv_heads(), D = heads.head_dim();
   KVC_EXPECTS_IN(who, hkv > 0, prefix, "num_kv_heads = ", hkv, ", expected > 0");
   KVC_EXPECTS_IN(who, num_q_heads > 0 && num_q_heads % hkv == 0, prefix, "num_q_heads = ", num_q_heads,

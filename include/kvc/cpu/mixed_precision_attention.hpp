@@ -20,7 +20,7 @@
 #include <kvc/attention/options.hpp>
 #include <kvc/cpu/quant_attention.hpp>
 #include <kvc/error.hpp>
-#include <kvc/quant/mixed_precision.hpp>
+#include <kvc/store/mixed_precision_cache.hpp>
 #include <kvc/view/heads.hpp>
 
 KVC_BEGIN_NAMESPACE

@@ -34,7 +34,7 @@
 #include <kvc/cpu/softmax_merge.hpp>
 #include <kvc/error.hpp>
 #include <kvc/parallel/thread_pool.hpp>
-#include <kvc/quant/quant_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 #include <kvc/view/heads.hpp>
 
 KVC_BEGIN_NAMESPACE

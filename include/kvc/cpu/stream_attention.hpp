@@ -10,9 +10,9 @@
 ///   s_t = kscale[t]·(q'·k_t) + bias[t]   (q' pre-scaled by the caller; null arrays: no term),
 ///   out = Σ_t p_t·vscale[t]·v_t / Σ_t p_t
 ///
-/// Two users: the low-rank kernel (kvc/lowrank/projected_attention.hpp, r = rank, or the split
+/// Two users: the low-rank kernel (kvc/cpu/projected_attention.hpp, r = rank, or the split
 /// layout of two ranks; no bias) and
-/// the merged-token kernel (kvc/merge/merged_attention.hpp, r = head_dim, bias = the tokens'
+/// the merged-token kernel (kvc/cpu/merged_attention.hpp, r = head_dim, bias = the tokens'
 /// log-weights, so a merged token counts as the members it stands for). One kernel for both, so
 /// the bias costs one load and add per score and nothing else differs. MiniCache's shared
 /// directions (kvc/merge/minicache.hpp) pass per-token magnitudes as kscale and vscale: a
@@ -42,7 +42,7 @@ inline constexpr std::int32_t tile = 16;
 
 /// Where a token's key and value channels sit in its K row and V row (a page is [K: P x row][V: P
 /// x row] of T). The plain layout (every caller but one) is key = the K row, value = the V row.
-/// A projected cache with two ranks (kvc/lowrank/projected_cache.hpp) stores the row
+/// A projected cache with two ranks (kvc/store/projected_cache.hpp) stores the row
 /// [c_k | c_v | pad] split across both: the key is the K row's first r_k channels and the value
 /// the rest of the K row followed by the V row's first channels.
 struct stream_layout {

@@ -4,7 +4,7 @@
 /// \file
 /// CUDA decode attention over a low-rank projected cache (kvc::lowrank::projected_cache, Loki,
 /// Singhania et al. 2024; Eigen Attention, Saxena et al. 2024): the device twin of
-/// kvc::cpu::projected_decode_attention (kvc/lowrank/projected_attention.hpp), reading the
+/// kvc::cpu::projected_decode_attention (kvc/cpu/projected_attention.hpp), reading the
 /// coefficient pages in place. Per step and query head, as the CPU r-space path:
 ///
 ///   q'_g  = scale · U_kᵀ q_g                     block prologue, r_k x D FMAs
@@ -53,7 +53,7 @@
 #include <kvc/attention/split_plan.hpp>
 #include <kvc/cuda/common.cuh>
 #include <kvc/cuda/decode_kernel.cuh>
-#include <kvc/lowrank/projected_cache.hpp>
+#include <kvc/store/projected_cache.hpp>
 #include <kvc/types.hpp>
 
 KVC_BEGIN_NAMESPACE
@@ -155,7 +155,7 @@ __device__ __forceinline__ float proj_warp_max(float x) {
 /// The projected decode kernel: block = (stream, block of <= 8 query heads). Every loop below is
 /// block-strided over a flat index and every phase ends with __syncthreads, so the kernel holds
 /// for any TT, D and ranks the host layout admits; the per-phase comments name the CPU line each
-/// one mirrors (kvc/lowrank/projected_attention.hpp).
+/// one mirrors (kvc/cpu/projected_attention.hpp).
 template <class T>
 __global__ void __launch_bounds__(proj_threads) projected_decode_kernel(const projected_args<T> a) {
   extern __shared__ float smem[];

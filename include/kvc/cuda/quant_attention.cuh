@@ -28,7 +28,7 @@
 #include <kvc/cuda/common.cuh>
 #include <kvc/cuda/decode_kernel.cuh>
 #include <kvc/cuda/quant_codecs.cuh>
-#include <kvc/quant/quant_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace cuda {

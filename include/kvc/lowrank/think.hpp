@@ -15,7 +15,7 @@
 /// ‖A V[:, d]‖ with A = softmax(scale · Q Kᵀ) over the window (causal: a query sees the keys at
 /// or before its position), the norm of channel d of the window's attention outputs.
 ///
-/// kvc stores the result as a projected cache (kvc/lowrank/projected_cache.hpp) whose bases are
+/// kvc stores the result as a projected cache (kvc/store/projected_cache.hpp) whose bases are
 /// coordinate selections (selection_basis): a key's coefficients are its kept channels, exactly
 /// (selecting is multiplying by 0 and 1), and q'·c_k is q·k over those channels, which is what the
 /// paper computes. Where the paper zeroes channels in a full-width cache (kvpress does), kvc's

@@ -34,7 +34,7 @@
 #include <vector>
 
 #include <kvc/error.hpp>
-#include <kvc/merge/merged_cache.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace merge {

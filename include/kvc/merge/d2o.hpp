@@ -29,7 +29,7 @@
 ///
 /// Where kvc differs, and why:
 ///  - the merged token carries its members' attention mass: its log-weight becomes
-///    log(exp(lw_c) + Σ_{e ∈ E_c} exp(lw_e)) (kvc/merge/merged_cache.hpp); the paper has no
+///    log(exp(lw_c) + Σ_{e ∈ E_c} exp(lw_e)) (kvc/store/merged_cache.hpp); the paper has no
 ///    multiplicity, so there a merged token weighs as one in attention;
 ///  - a member that already stands for m tokens (an earlier merge) counts m times in the mean,
 ///    its D2O weight times its multiplicity (ω_i·exp(lw_i), normalised): merged_cache's
@@ -55,7 +55,7 @@
 
 #include <kvc/error.hpp>
 #include <kvc/merge/key_similarity.hpp>
-#include <kvc/merge/merged_cache.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace merge {

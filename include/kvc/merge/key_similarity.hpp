@@ -24,7 +24,7 @@
 
 #include <kvc/error.hpp>
 #include <kvc/isa.hpp>
-#include <kvc/merge/merged_cache.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace merge {

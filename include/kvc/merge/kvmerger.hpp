@@ -24,7 +24,7 @@
 /// Where kvc differs from the paper, and why:
 ///  - mass: the merged token carries the set's attention mass through merged_cache's log-weight,
 ///    lw = log Σ_{i∈S} exp(lw_i) (= log |S| on a first merge), so attention counts it |S| times
-///    (kvc/merge/merged_cache.hpp). The paper has no multiplicity; its value merge instead scales
+///    (kvc/store/merged_cache.hpp). The paper has no multiplicity; its value merge instead scales
 ///    the value weights by |S| (as third-party summaries of the paper describe it), which a
 ///    log-weight makes unnecessary: here keys and values share the normalised weights;
 ///  - a member that already stands for m tokens (an earlier merge) counts m times in the mean,
@@ -63,7 +63,7 @@
 
 #include <kvc/error.hpp>
 #include <kvc/merge/key_similarity.hpp>
-#include <kvc/merge/merged_cache.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace merge {

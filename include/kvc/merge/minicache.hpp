@@ -27,7 +27,7 @@
 ///
 /// Attention of a merged layer is one softmax over both streams: its own (plain rows) and the
 /// shared one with the layer's magnitudes as per-token key and value scales
-/// (kvc/merge/minicache_attention.hpp). Merging is a one-shot step after the prompt
+/// (kvc/cpu/minicache_attention.hpp). Merging is a one-shot step after the prompt
 /// (merge_pairs), as in the paper's prefill use; tokens appended later stay in the layers' own
 /// streams. Not here: composition with eviction (both layers of a pair must hold the same
 /// tokens, which per-layer eviction breaks), forks, quantized pages, decode-time merging.

@@ -355,10 +355,16 @@ class layered_cache final : public any_cache {
   seq_id next_ = 0;
 };
 
-namespace detail {
-KVC_BEGIN_ISA_NAMESPACE  // builds the parts with this ISA's registry
-template <class Deferred>
-bool register_layered_storage() {
+KVC_BEGIN_ISA_NAMESPACE
+/// Registers `layers` (the storages it names per layer must be registered too) in the storage
+/// registry of this TU's ISA configuration (runtime/make_cache.hpp), so make_cache builds it by
+/// spec. Including this header registers nothing (no static initialisation): call this before the
+/// first make_cache that names it, from a TU built with the -m flags of those calls (docs/isa.md);
+/// calling it again sets the same builders. A template only so that a TU that includes the header
+/// and does not call it instantiates no cache.
+template <class Deferred = void>
+void register_layered_storage() {
+  using namespace detail;  // the builders
   registered_storages()["layers"] = [](const spec_stage& st, const cache_config& c,
                                     const storage_options& o) -> std::unique_ptr<any_cache> {
     const layer_plan plan = parse_layers(st, c.num_layers);
@@ -385,21 +391,6 @@ bool register_layered_storage() {
     }
     return std::make_unique<layered_cache>(st.text, c, std::move(parts), plan.layer_part);
   };
-  return true;
-}
-KVC_END_ISA_NAMESPACE
-}  // namespace detail
-
-KVC_BEGIN_ISA_NAMESPACE
-/// Registers `layers` (the storages it names per layer must be registered too) in the storage
-/// registry of this TU's ISA configuration (runtime/make_cache.hpp), so make_cache builds it by
-/// spec. Including this header registers nothing (no static initialisation): call this before the
-/// first make_cache that names it, from a TU built with the -m flags of those calls (docs/isa.md);
-/// calling it again sets the same builders. A template only so that a TU that includes the header
-/// and does not call it instantiates no cache.
-template <class Deferred = void>
-void register_layered_storage() {
-  detail::register_layered_storage<Deferred>();
 }
 KVC_END_ISA_NAMESPACE
 

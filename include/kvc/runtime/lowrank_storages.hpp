@@ -63,17 +63,17 @@
 #include <vector>
 
 #include <kvc/attention/rope.hpp>
-#include <kvc/error.hpp>
 #include <kvc/cpu/prefill_attention.hpp>
+#include <kvc/cpu/projected_attention.hpp>
+#include <kvc/error.hpp>
 #include <kvc/lowrank/palu.hpp>
 #include <kvc/lowrank/pca.hpp>
-#include <kvc/lowrank/projected_attention.hpp>
-#include <kvc/lowrank/projected_cache.hpp>
 #include <kvc/lowrank/think.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/make_cache.hpp>
 #include <kvc/runtime/spec.hpp>
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/store/projected_cache.hpp>
 #include <kvc/types.hpp>
 
 KVC_BEGIN_NAMESPACE
@@ -746,10 +746,16 @@ class think_cache final : public any_cache {
 };
 KVC_END_ISA_NAMESPACE
 
-namespace detail {
-KVC_BEGIN_ISA_NAMESPACE  // the builder makes this ISA's pca_cache
-template <class Deferred>
-bool register_lowrank_storages() {
+KVC_BEGIN_ISA_NAMESPACE
+/// Registers `pca`, `palu` and `think` in the storage registry of this TU's ISA configuration
+/// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
+/// nothing (no static initialisation): call this before the first make_cache that names one, from a
+/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same
+/// builders. A template only so that a TU that includes the header and does not call it
+/// instantiates no cache.
+template <class Deferred = void>
+void register_lowrank_storages() {
+  using namespace detail;  // the builders
   registered_storages()["pca"] = [](const spec_stage& st, const cache_config& c,
                                  const storage_options& o) -> std::unique_ptr<any_cache> {
     const pca_spec p = parse_pca(st, c.head_dim, o);
@@ -769,21 +775,6 @@ bool register_lowrank_storages() {
     if (p.fp32) return std::make_unique<think_cache<float>>(st.text, c, p);
     return std::make_unique<think_cache<half>>(st.text, c, p);
   };
-  return true;
-}
-KVC_END_ISA_NAMESPACE
-}  // namespace detail
-
-KVC_BEGIN_ISA_NAMESPACE
-/// Registers `pca`, `palu` and `think` in the storage registry of this TU's ISA configuration
-/// (runtime/make_cache.hpp), so make_cache builds them by spec. Including this header registers
-/// nothing (no static initialisation): call this before the first make_cache that names one, from a
-/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same
-/// builders. A template only so that a TU that includes the header and does not call it
-/// instantiates no cache.
-template <class Deferred = void>
-void register_lowrank_storages() {
-  detail::register_lowrank_storages<Deferred>();
 }
 KVC_END_ISA_NAMESPACE
 }  // namespace runtime

@@ -64,6 +64,13 @@ inline std::map<std::string, cache_builder>& registered_storages() {
   return m;
 }
 KVC_END_ISA_NAMESPACE
+/// The built-in storages, which storage_registry() adds: names readers may list without building.
+inline constexpr const char* builtin_storages[] = {"bf16", "fp16", "fp32"};
+inline bool is_builtin_storage(const std::string& name) {
+  for (const char* b : builtin_storages)
+    if (name == b) return true;
+  return false;
+}
 }  // namespace detail
 
 KVC_BEGIN_ISA_NAMESPACE
@@ -96,7 +103,7 @@ inline std::map<std::string, cache_builder>& storage_registry() {
 inline std::vector<std::string> storage_names() {
   std::vector<std::string> v;
   for (const auto& kv : detail::registered_storages()) v.push_back(kv.first);
-  for (const char* b : {"bf16", "fp16", "fp32"})
+  for (const char* b : detail::builtin_storages)
     if (!detail::registered_storages().count(b)) v.emplace_back(b);
   std::sort(v.begin(), v.end());
   return v;
@@ -166,7 +173,7 @@ KVC_BEGIN_ISA_NAMESPACE
 
 /// Whether `name` is a storage (as opposed to an eviction policy) in a spec.
 inline bool is_storage(const std::string& name) {
-  return detail::registered_storages().count(name) != 0 || name == "fp32" || name == "fp16" || name == "bf16";
+  return detail::registered_storages().count(name) != 0 || detail::is_builtin_storage(name);
 }
 
 /// The cache a storage stage describes.

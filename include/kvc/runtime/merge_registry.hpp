@@ -37,16 +37,16 @@
 
 #include <kvc/attention/options.hpp>
 #include <kvc/budget/budget.hpp>
+#include <kvc/cpu/merged_attention.hpp>
 #include <kvc/error.hpp>
 #include <kvc/evict/compressor.hpp>
 #include <kvc/isa.hpp>
 #include <kvc/merge/cam.hpp>
 #include <kvc/merge/d2o.hpp>
 #include <kvc/merge/kvmerger.hpp>
-#include <kvc/merge/merged_attention.hpp>
-#include <kvc/merge/merged_cache.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/spec.hpp>
+#include <kvc/store/merged_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace runtime {
@@ -135,7 +135,7 @@ inline merge_policy make_merge_policy(const spec_stage& st) {
 KVC_BEGIN_ISA_NAMESPACE
 
 /// any_cache over a merge::merged_cache<T>: decode and prefill attention add each token's
-/// log-weight to its logit (kvc/merge/merged_attention.hpp). Until a merge, every log-weight is
+/// log-weight to its logit (kvc/cpu/merged_attention.hpp). Until a merge, every log-weight is
 /// 0 and it attends as kv_cache<T> does.
 /// Threads: merged_cache's contract (docs/threading.md).
 template <class T>

@@ -40,10 +40,11 @@
 #include <kvc/cpu/mixed_precision_attention.hpp>
 #include <kvc/error.hpp>
 #include <kvc/quant/int8.hpp>
-#include <kvc/quant/mixed_precision.hpp>
+#include <kvc/quant/mikv.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/make_cache.hpp>
 #include <kvc/runtime/spec.hpp>
+#include <kvc/store/mixed_precision_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace runtime {
@@ -327,12 +328,6 @@ inline std::unique_ptr<any_cache> make_mikv(const spec_stage& st, const cache_co
   return std::make_unique<mikv_cache<quant::int4, quant::int2>>(st.text, q, pol);
 }
 
-template <class Deferred>
-bool register_mikv_storage() {
-  registered_storages()["mikv"] = make_mikv;
-  return true;
-}
-
 KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
@@ -345,7 +340,8 @@ KVC_BEGIN_ISA_NAMESPACE
 /// instantiates no cache.
 template <class Deferred = void>
 void register_mikv_storage() {
-  detail::register_mikv_storage<Deferred>();
+  using namespace detail;  // the builders
+  registered_storages()["mikv"] = make_mikv;
 }
 KVC_END_ISA_NAMESPACE
 

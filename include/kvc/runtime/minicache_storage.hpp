@@ -18,10 +18,10 @@
 #include <utility>
 #include <vector>
 
+#include <kvc/cpu/minicache_attention.hpp>
 #include <kvc/error.hpp>
 #include <kvc/isa.hpp>
 #include <kvc/merge/minicache.hpp>
-#include <kvc/merge/minicache_attention.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/make_cache.hpp>
 #include <kvc/runtime/spec.hpp>
@@ -109,10 +109,16 @@ inline bool cross_layer_merge(any_cache& cache, seq_id s, merge::minicache_repor
 
 KVC_END_ISA_NAMESPACE
 
-namespace detail {
 KVC_BEGIN_ISA_NAMESPACE
-template <class Deferred>
-bool register_minicache_storage() {
+/// Registers `minicache` in the storage registry of this TU's ISA configuration
+/// (runtime/make_cache.hpp), so make_cache builds it by spec. Including this header registers
+/// nothing (no static initialisation): call this before the first make_cache that names it, from a
+/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same
+/// builders. A template only so that a TU that includes the header and does not call it
+/// instantiates no cache.
+template <class Deferred = void>
+void register_minicache_storage() {
+  using namespace detail;  // the builders
   registered_storages()["minicache"] = [](const spec_stage& st, const cache_config& c,
                                        const storage_options&) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
@@ -130,21 +136,6 @@ bool register_minicache_storage() {
                    ", expected a retention fraction in [0, 1] (in \"", st.text, "\")");
     return std::make_unique<minicache_adapter>(st.text, c, o);
   };
-  return true;
-}
-KVC_END_ISA_NAMESPACE
-}  // namespace detail
-
-KVC_BEGIN_ISA_NAMESPACE
-/// Registers `minicache` in the storage registry of this TU's ISA configuration
-/// (runtime/make_cache.hpp), so make_cache builds it by spec. Including this header registers
-/// nothing (no static initialisation): call this before the first make_cache that names it, from a
-/// TU built with the -m flags of those calls (docs/isa.md); calling it again sets the same
-/// builders. A template only so that a TU that includes the header and does not call it
-/// instantiates no cache.
-template <class Deferred = void>
-void register_minicache_storage() {
-  detail::register_minicache_storage<Deferred>();
 }
 KVC_END_ISA_NAMESPACE
 

@@ -37,9 +37,9 @@
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/kivi.hpp>
 #include <kvc/quant/outliers.hpp>
-#include <kvc/quant/quant_cache.hpp>
 #include <kvc/quant/rotated.hpp>
 #include <kvc/runtime/make_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace runtime {
@@ -151,8 +151,14 @@ std::unique_ptr<any_cache> make_int_quant(const spec_stage& st, const cache_conf
   return make_quant<Q, Q>(st.text, c, x);
 }
 
-template <class Deferred>
+KVC_END_ISA_NAMESPACE
+}  // namespace detail
+
+KVC_BEGIN_ISA_NAMESPACE
+/// Only `int8` (scheme=sym|asym, fast=): 2 cache types (see register_quant_storages).
+template <class Deferred = void>
 void register_int8_storage() {
+  using namespace detail;  // the builders' helpers
   auto& r = registered_storages();
   r["int8"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
@@ -165,8 +171,10 @@ void register_int8_storage() {
   };
 }
 
-template <class Deferred>
+/// Only `int4` (see register_quant_storages).
+template <class Deferred = void>
 void register_int4_storage() {
+  using namespace detail;  // the builders' helpers
   auto& r = registered_storages();
   r["int4"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
@@ -176,8 +184,10 @@ void register_int4_storage() {
   };
 }
 
-template <class Deferred>
+/// Only `int2` (see register_quant_storages).
+template <class Deferred = void>
 void register_int2_storage() {
+  using namespace detail;  // the builders' helpers
   auto& r = registered_storages();
   r["int2"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
@@ -187,8 +197,10 @@ void register_int2_storage() {
   };
 }
 
-template <class Deferred>
+/// Only `fp8` (format=e4m3|e5m2): 2 cache types (see register_quant_storages).
+template <class Deferred = void>
 void register_fp8_storage() {
+  using namespace detail;  // the builders' helpers
   auto& r = registered_storages();
   r["fp8"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
@@ -201,8 +213,10 @@ void register_fp8_storage() {
   };
 }
 
-template <class Deferred>
+/// Only `kivi`: 5 cache types (bits 2/2, 4/4, 8/8, 4/2, 2/4) (see register_quant_storages).
+template <class Deferred = void>
 void register_kivi_storage() {
+  using namespace detail;  // the builders' helpers
   auto& r = registered_storages();
   r["kivi"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
@@ -228,8 +242,10 @@ void register_kivi_storage() {
   };
 }
 
-template <class Deferred>
+/// Only `rotated` (bits=2|4): 2 cache types (see register_quant_storages).
+template <class Deferred = void>
 void register_rotated_storage() {
+  using namespace detail;  // the builders' helpers
   auto& r = registered_storages();
   r["rotated"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
@@ -242,8 +258,10 @@ void register_rotated_storage() {
   };
 }
 
-template <class Deferred>
+/// Only `outliers` (bits=2|4): 2 cache types (see register_quant_storages).
+template <class Deferred = void>
 void register_outliers_storage() {
+  using namespace detail;  // the builders' helpers
   auto& r = registered_storages();
   r["outliers"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
@@ -261,8 +279,10 @@ void register_outliers_storage() {
   };
 }
 
-template <class Deferred>
+/// Only `gear` (bits=2|4): 2 cache types (see register_quant_storages).
+template <class Deferred = void>
 void register_gear_storage() {
+  using namespace detail;  // the builders' helpers
   auto& r = registered_storages();
   r["gear"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
     spec_args a(st, "kvc::runtime::make_cache");
@@ -279,10 +299,6 @@ void register_gear_storage() {
   };
 }
 
-KVC_END_ISA_NAMESPACE
-}  // namespace detail
-
-KVC_BEGIN_ISA_NAMESPACE
 /// Registers the quantized storages (`int8`, `int4`, `int2`, `fp8`, `kivi`, `rotated`, `outliers`,
 /// `gear`) in the storage registry of this TU's ISA configuration (runtime/make_cache.hpp), so
 /// make_cache builds them by spec. Including this header registers nothing (no static
@@ -292,58 +308,18 @@ KVC_BEGIN_ISA_NAMESPACE
 ///
 /// The call compiles all 17 quantized cache types with their kernels, over a CPU-minute of GCC 12
 /// -O2 (docs/design.md, "Register by a call"). A program registers only the storages it offers
-/// with the calls below, one per storage name, or spreads them over TUs that build side by side
+/// with the calls above, one per storage name, or spreads them over TUs that build side by side
 /// (examples/llama/register_int.cpp and register_kivi.cpp, ~55 s each).
 template <class Deferred = void>
 void register_quant_storages() {
-  detail::register_int8_storage<Deferred>();
-  detail::register_int4_storage<Deferred>();
-  detail::register_int2_storage<Deferred>();
-  detail::register_fp8_storage<Deferred>();
-  detail::register_kivi_storage<Deferred>();
-  detail::register_rotated_storage<Deferred>();
-  detail::register_outliers_storage<Deferred>();
-  detail::register_gear_storage<Deferred>();
-}
-/// Only `int8` (scheme=sym|asym, fast=): 2 cache types (see register_quant_storages).
-template <class Deferred = void>
-void register_int8_storage() {
-  detail::register_int8_storage<Deferred>();
-}
-/// Only `int4` (see register_quant_storages).
-template <class Deferred = void>
-void register_int4_storage() {
-  detail::register_int4_storage<Deferred>();
-}
-/// Only `int2` (see register_quant_storages).
-template <class Deferred = void>
-void register_int2_storage() {
-  detail::register_int2_storage<Deferred>();
-}
-/// Only `fp8` (format=e4m3|e5m2): 2 cache types (see register_quant_storages).
-template <class Deferred = void>
-void register_fp8_storage() {
-  detail::register_fp8_storage<Deferred>();
-}
-/// Only `kivi`: 5 cache types (bits 2/2, 4/4, 8/8, 4/2, 2/4) (see register_quant_storages).
-template <class Deferred = void>
-void register_kivi_storage() {
-  detail::register_kivi_storage<Deferred>();
-}
-/// Only `rotated` (bits=2|4): 2 cache types (see register_quant_storages).
-template <class Deferred = void>
-void register_rotated_storage() {
-  detail::register_rotated_storage<Deferred>();
-}
-/// Only `outliers` (bits=2|4): 2 cache types (see register_quant_storages).
-template <class Deferred = void>
-void register_outliers_storage() {
-  detail::register_outliers_storage<Deferred>();
-}
-/// Only `gear` (bits=2|4): 2 cache types (see register_quant_storages).
-template <class Deferred = void>
-void register_gear_storage() {
-  detail::register_gear_storage<Deferred>();
+  register_int8_storage<Deferred>();
+  register_int4_storage<Deferred>();
+  register_int2_storage<Deferred>();
+  register_fp8_storage<Deferred>();
+  register_kivi_storage<Deferred>();
+  register_rotated_storage<Deferred>();
+  register_outliers_storage<Deferred>();
+  register_gear_storage<Deferred>();
 }
 KVC_END_ISA_NAMESPACE
 

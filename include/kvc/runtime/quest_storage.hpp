@@ -78,12 +78,6 @@ inline std::unique_ptr<any_cache> make_quest(const spec_stage& st, const cache_c
   return cache;
 }
 
-template <class Deferred>
-bool register_quest_storage() {
-  registered_storages()["quest"] = make_quest;
-  return true;
-}
-
 KVC_END_ISA_NAMESPACE
 }  // namespace detail
 
@@ -96,7 +90,8 @@ KVC_BEGIN_ISA_NAMESPACE
 /// instantiates no cache.
 template <class Deferred = void>
 void register_quest_storage() {
-  detail::register_quest_storage<Deferred>();
+  using namespace detail;  // the builders
+  registered_storages()["quest"] = make_quest;
 }
 KVC_END_ISA_NAMESPACE
 }  // namespace runtime

@@ -58,8 +58,8 @@
 #include <kvc/attention/rope.hpp>
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/cpu/prefill_attention.hpp>
+#include <kvc/cpu/projected_attention.hpp>
 #include <kvc/error.hpp>
-#include <kvc/lowrank/projected_attention.hpp>
 #include <kvc/lowrank/xkv.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/lowrank_storages.hpp>
@@ -607,21 +607,6 @@ class xkv_cache final : public any_cache {
 };
 KVC_END_ISA_NAMESPACE
 
-namespace detail {
-KVC_BEGIN_ISA_NAMESPACE  // the builder makes this ISA's xkv_cache
-template <class Deferred>
-bool register_xkv_storage() {
-  registered_storages()["xkv"] = [](const spec_stage& st, const cache_config& c,
-                                 const storage_options& o) -> std::unique_ptr<any_cache> {
-    const xkv_spec p = parse_xkv(st, c, o);
-    if (p.fp32) return std::make_unique<xkv_cache<float>>(st.text, c, p);
-    return std::make_unique<xkv_cache<half>>(st.text, c, p);
-  };
-  return true;
-}
-KVC_END_ISA_NAMESPACE
-}  // namespace detail
-
 KVC_BEGIN_ISA_NAMESPACE
 /// Registers `xkv` (its `latent=` storage, when not fp16 or fp32, must be registered too) in the
 /// storage registry of this TU's ISA configuration (runtime/make_cache.hpp), so make_cache builds
@@ -631,7 +616,13 @@ KVC_BEGIN_ISA_NAMESPACE
 /// includes the header and does not call it instantiates no cache.
 template <class Deferred = void>
 void register_xkv_storage() {
-  detail::register_xkv_storage<Deferred>();
+  using namespace detail;  // the builders
+  registered_storages()["xkv"] = [](const spec_stage& st, const cache_config& c,
+                                 const storage_options& o) -> std::unique_ptr<any_cache> {
+    const xkv_spec p = parse_xkv(st, c, o);
+    if (p.fp32) return std::make_unique<xkv_cache<float>>(st.text, c, p);
+    return std::make_unique<xkv_cache<half>>(st.text, c, p);
+  };
 }
 KVC_END_ISA_NAMESPACE
 }  // namespace runtime

@@ -277,7 +277,7 @@ class kv_cache {
   }
 
   /// keep_layer, then every kept token's key AND value rewritten, as one all-or-nothing step
-  /// (the commit of token merging, kvc/merge/merged_cache.hpp): `fn(std::int32_t head,
+  /// (the commit of token merging, kvc/store/merged_cache.hpp): `fn(std::int32_t head,
   /// std::int32_t i, T* k_row, T* v_row)` edits copies of kept token i of head h (its rows as
   /// stored before the call; every fn call sees the original rows, never an edited one). Positions
   /// follow the kept tokens. A throwing fn or a failed allocation leaves the cache as it was;

@@ -15,10 +15,9 @@
 #include <vector>
 
 #include <kvc/error.hpp>
+#include <kvc/types.hpp>
 
 KVC_BEGIN_NAMESPACE
-
-using seq_id = std::int32_t;
 
 namespace detail {
 

@@ -52,7 +52,7 @@ same_heads<KView, VView> make_same_heads(const KView& k, const VView& v) {
 }
 
 /// stream_heads whose tokens carry a log-weight each, added to the token's logit: a merged token
-/// standing for m tokens has log m, so it gets their softmax mass (kvc/merge/merged_cache.hpp).
+/// standing for m tokens has log m, so it gets their softmax mass (kvc/store/merged_cache.hpp).
 /// Readers that honour it: kvc::reference::decode_attention and the merged kernels; the plain
 /// kernels refuse such heads at compile time instead of ignoring the weights.
 template <class KView, class VView = KView>

@@ -5,7 +5,7 @@
 /// `merge::merged_cache<T>`: a kv_cache whose tokens may each stand for several. Every stored
 /// token of every (sequence, layer, kv head) carries a log-weight lw_t (a float, 0 for an
 /// appended token): the log of how many tokens' attention mass it carries. Attention adds it to
-/// the token's logit (kvc/merge/merged_attention.hpp): exp(s_t + lw_t) = m_t · exp(s_t), so a token
+/// the token's logit (kvc/cpu/merged_attention.hpp): exp(s_t + lw_t) = m_t · exp(s_t), so a token
 /// merged from m identical ones gets exactly the mass the m copies had ("proportional attention"
 /// of Token Merging, Bolya et al., ICLR 2023, here applied to the KV cache).
 ///

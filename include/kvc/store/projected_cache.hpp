@@ -7,7 +7,7 @@
 /// every value instead of their D channels (kvc/lowrank/pca.hpp fits U and μ). The coefficients
 /// live in a `kv_cache<T>`, so every byte is a page-pool byte, a head's coefficients are
 /// contiguous rows the decode kernel streams, and keep/fork/eviction work on them unchanged.
-/// Decode attention over it: kvc/lowrank/projected_attention.hpp.
+/// Decode attention over it: kvc/cpu/projected_attention.hpp.
 ///
 /// Row layout. A token's coefficients are one row z = [c_k (r_k) | c_v (r_v) | 0 if r_k + r_v is
 /// odd] of w = ceil((r_k + r_v) / 2) · 2 values, stored as the inner cache's K row (z[0, w/2)) and

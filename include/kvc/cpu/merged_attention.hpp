@@ -2,7 +2,7 @@
 #pragma once
 
 /// \file
-/// Decode attention over a merged cache (kvc/merge/merged_cache.hpp): token t's logit is
+/// Decode attention over a merged cache (kvc/store/merged_cache.hpp): token t's logit is
 ///
 ///   s_t = scale · q·k_t + lw_t,
 ///
@@ -28,8 +28,8 @@
 #include <kvc/cpu/simd.hpp>
 #include <kvc/cpu/stream_attention.hpp>
 #include <kvc/error.hpp>
-#include <kvc/merge/merged_cache.hpp>
 #include <kvc/parallel/thread_pool.hpp>
+#include <kvc/store/merged_cache.hpp>
 #include <kvc/view/heads.hpp>
 
 KVC_BEGIN_NAMESPACE

@@ -2,7 +2,7 @@
 #pragma once
 
 /// \file
-/// Decode attention over a projected cache (kvc/lowrank/projected_cache.hpp), in the r-dimensional
+/// Decode attention over a projected cache (kvc/store/projected_cache.hpp), in the r-dimensional
 /// space of the bases (Loki, Singhania et al. 2024; Eigen Attention, Saxena et al. 2024):
 ///
 ///   q'_g = U_kᵀ q_g                          once per step and query head   (r x D FMAs)
@@ -49,8 +49,8 @@
 #include <kvc/cpu/simd.hpp>
 #include <kvc/cpu/stream_attention.hpp>
 #include <kvc/error.hpp>
-#include <kvc/lowrank/projected_cache.hpp>
 #include <kvc/store/page_pool.hpp>
+#include <kvc/store/projected_cache.hpp>
 #include <kvc/view/heads.hpp>
 
 KVC_BEGIN_NAMESPACE
