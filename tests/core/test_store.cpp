@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // page_pool and kv_cache against a dense model (support/dense_reference.hpp): random appends
-// (decode steps and prefill chunks), keeps (random subsets, head-wise lengths), forks with
-// copy-on-write and removals; after every operation the cache must hold exactly what the model
+// (decode steps and prefill chunks), keeps (random subsets, head-wise lengths), layers sharing
+// another layer's pages, forks with copy-on-write and removals; after every operation the cache must hold exactly what the model
 // holds, and the pool must account for exactly the pages the streams reference.
 
 #include <algorithm>
@@ -104,13 +104,14 @@ TEST_CASE("page_pool: allocation, reference counts, tags, exhaustion", "[store][
   REQUIRE_THROWS_WITH(kvc::page_pool(64, 4, 0), Catch::Contains("num_tags = 0"));
 }
 
-TEMPLATE_TEST_CASE("kv_cache equals a dense model under random appends, keeps, rewinds, forks and removals", "[store]",
+TEMPLATE_TEST_CASE("kv_cache equals a dense model under random appends, keeps, rewinds, shares, forks and removals",
+                   "[store]",
                    float, kvc::half, kvc::bfloat16) {
   using T = TestType;
   for (std::int32_t P : {1, 4, 16}) {
     kvc_test::rng r(100 + static_cast<std::uint64_t>(P));
     kvc::cache_config cfg;
-    cfg.num_layers = 2;
+    cfg.num_layers = 3;  // share_layer chains: a layer may take pages another took
     cfg.num_kv_heads = 3;
     cfg.head_dim = 5;
     cfg.page_size = P;
@@ -130,7 +131,7 @@ TEMPLATE_TEST_CASE("kv_cache equals a dense model under random appends, keeps, r
     for (int op = 0; op < 70; ++op) {
       const kvc::seq_id s = seqs[static_cast<std::size_t>(r.integer(0, static_cast<std::int32_t>(seqs.size()) - 1))];
       const std::int32_t l = r.integer(0, cfg.num_layers - 1);
-      const int kind = r.integer(0, 10);
+      const int kind = r.integer(0, 11);
       INFO("P=" << P << " op " << op << " kind " << kind << " seq " << s << " layer " << l);
       if (kind <= 3) {  // decode step or prefill chunk, float or storage-type input
         const std::int32_t n = r.coin(0.4) ? 1 : r.integer(0, 40);
@@ -173,6 +174,12 @@ TEMPLATE_TEST_CASE("kv_cache equals a dense model under random appends, keeps, r
         m.rewind(s, l, n);
         REQUIRE(c.seen(s, l) == n);
         if (ascending) REQUIRE(c.traffic().bytes_allocated == allocated);
+      } else if (kind == 11) {  // the layer takes the other layer's pages by reference
+        const std::int32_t from = (l + r.integer(1, cfg.num_layers - 1)) % cfg.num_layers;
+        const std::int32_t before = c.pool().pages_in_use();
+        c.share_layer(s, l, from);
+        m.share_layer(s, l, from);
+        REQUIRE(c.pool().pages_in_use() <= before);  // never allocates
       } else if (kind == 8 && seqs.size() < 5) {
         const kvc::seq_id f = c.fork(s);
         m.fork(s, f);
@@ -287,6 +294,123 @@ TEST_CASE("kv_cache fork: copy on write never changes the other sequence", "[sto
       kvc_test::require_matches(c, m);
       REQUIRE(c.pool().pages_in_use() == used);
       for (kvc::page_id p : c.pages(b, 0, 0)) REQUIRE(c.pool().ref_count(p) == 1);
+    }
+  }
+}
+
+namespace {
+
+/// Every page's channel-wise key min and max recomputed from the model's rows ([pages][2][D]).
+std::vector<float> model_key_bounds(const kvc_test::dense_cache_model::stream& st, std::int32_t P, std::int32_t D) {
+  std::vector<float> b;
+  for (std::int32_t pg = 0; pg * P < st.n(); ++pg) {
+    std::vector<float> lo(static_cast<std::size_t>(D), 1e30f), hi(static_cast<std::size_t>(D), -1e30f);
+    for (std::int32_t t = pg * P; t < std::min(st.n(), (pg + 1) * P); ++t)
+      for (std::int32_t d = 0; d < D; ++d) {
+        const float x = st.k[static_cast<std::size_t>(t) * D + d];
+        lo[static_cast<std::size_t>(d)] = std::min(lo[static_cast<std::size_t>(d)], x);
+        hi[static_cast<std::size_t>(d)] = std::max(hi[static_cast<std::size_t>(d)], x);
+      }
+    b.insert(b.end(), lo.begin(), lo.end());
+    b.insert(b.end(), hi.begin(), hi.end());
+  }
+  return b;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("kv_cache share_layer: a layer holds another's pages by reference, copy on write", "[store][share]",
+                   float, kvc::half) {
+  using T = TestType;
+  for (std::int32_t P : {1, 4, 16}) {
+    kvc_test::rng r(300 + static_cast<std::uint64_t>(P));
+    kvc::cache_config cfg;
+    cfg.num_layers = 3;
+    cfg.num_kv_heads = 2;
+    cfg.head_dim = 6;
+    cfg.page_size = P;
+    cfg.max_pages = 1024;
+    cfg.key_bounds = true;
+    kvc::kv_cache<T> c(cfg);
+    kvc_test::dense_cache_model m;
+    m.layers = 3;
+    m.heads = 2;
+    m.dim = 6;
+    const auto a = c.add_sequence();
+    m.add_sequence(a);
+    append_both(c, m, a, 0, 3 * P + 1, r, false);  // a partial last page when P > 1
+    append_both(c, m, a, 1, 2 * P, r, false);
+    append_both(c, m, a, 2, 5, r, false);
+    const std::int32_t used = c.pool().pages_in_use();
+    const std::size_t bytes0 = c.bytes_in_use(0);
+    INFO("P=" << P);
+
+    c.share_layer(a, 1, 0);
+    m.share_layer(a, 1, 0);
+    kvc_test::require_matches(c, m);
+    // Layer 1's own pages went back to the pool; nothing was allocated.
+    REQUIRE(c.pool().pages_in_use() == used - 2 * 2);
+    REQUIRE(c.bytes_in_use(1) == 0);
+    REQUIRE(c.bytes_in_use(0) == bytes0);
+    REQUIRE(c.seen(a, 1) == 3 * P + 1);
+    for (std::int32_t h = 0; h < 2; ++h) {
+      REQUIRE(c.pages(a, 1, h) == c.pages(a, 0, h));
+      for (kvc::page_id p : c.pages(a, 1, h)) REQUIRE(c.pool().ref_count(p) == 2);
+      const auto want = model_key_bounds(m.streams[{a, 1, h}], P, 6);
+      for (std::size_t i = 0; i < want.size(); ++i)
+        KVC_REQUIRE(kvc::to_float(c.key_bounds(a, 1, h)[i]) == want[i], "h=" << h << " i=" << i);
+    }
+
+    SECTION("appends to either layer copy the shared partial page, never write through") {
+      append_both(c, m, a, 1, 1, r, false);
+      kvc_test::require_matches(c, m);
+      append_both(c, m, a, 0, P + 2, r, true);
+      kvc_test::require_matches(c, m);
+      for (std::int32_t h = 0; h < 2; ++h) {
+        REQUIRE(c.pages(a, 1, h).size() == static_cast<std::size_t>(3 + (P == 1 ? 2 : 1)));
+        const auto want = model_key_bounds(m.streams[{a, 1, h}], P, 6);
+        for (std::size_t i = 0; i < want.size(); ++i)
+          KVC_REQUIRE(kvc::to_float(c.key_bounds(a, 1, h)[i]) == want[i], "h=" << h << " i=" << i);
+      }
+    }
+    SECTION("keep and rewind on the sharer leave the source as it was") {
+      for (std::int32_t h = 0; h < 2; ++h) {
+        const auto kept = r.subset(c.length(a, 1, h), r.integer(0, c.length(a, 1, h)));
+        c.keep(a, 1, h, kept.data(), static_cast<std::int32_t>(kept.size()));
+        m.keep(a, 1, h, kept);
+        kvc_test::require_matches(c, m);
+      }
+      c.rewind(a, 0, P);
+      m.rewind(a, 0, P);
+      kvc_test::require_matches(c, m);
+    }
+    SECTION("chains, forks and removals keep the counts") {
+      c.share_layer(a, 2, 1);  // layer 1 already holds layer 0's pages: now three references
+      m.share_layer(a, 2, 1);
+      kvc_test::require_matches(c, m);
+      for (kvc::page_id p : c.pages(a, 0, 0)) REQUIRE(c.pool().ref_count(p) == 3);
+      c.share_layer(a, 1, 2);  // the same pages again: references neither gained nor lost
+      m.share_layer(a, 1, 2);
+      for (kvc::page_id p : c.pages(a, 0, 0)) REQUIRE(c.pool().ref_count(p) == 3);
+      const auto b = c.fork(a);
+      m.fork(a, b);
+      for (kvc::page_id p : c.pages(a, 0, 0)) REQUIRE(c.pool().ref_count(p) == 6);
+      append_both(c, m, b, 2, 2, r, false);
+      kvc_test::require_matches(c, m);
+      c.remove_sequence(a);
+      m.remove_sequence(a);
+      kvc_test::require_matches(c, m);
+      c.remove_sequence(b);
+      REQUIRE(c.pool().pages_in_use() == 0);
+      REQUIRE(c.bytes_in_use() == 0);
+    }
+    SECTION("bad arguments are refused by name and change nothing") {
+      const auto before = kvc_test::snapshot(c, {a});
+      REQUIRE_THROWS_WITH(c.share_layer(a, 1, 1), Catch::Contains("share_layer") && Catch::Contains("from = 1"));
+      REQUIRE_THROWS_WITH(c.share_layer(a, 1, 3), Catch::Contains("from = 3") && Catch::Contains("expected 0..2"));
+      REQUIRE_THROWS_WITH(c.share_layer(a, -1, 0), Catch::Contains("share_layer: layer = -1"));
+      REQUIRE_THROWS_WITH(c.share_layer(a + 7, 2, 0), Catch::Contains("share_layer"));
+      REQUIRE(kvc_test::snapshot(c, {a}) == before);
     }
   }
 }

@@ -24,7 +24,7 @@ template <class T>
 void require_matches(const kvc::kv_cache<T>& c, const dense_cache_model& m) {
   const std::int32_t P = c.config().page_size, D = m.dim;
   std::set<kvc::page_id> live;
-  std::map<std::int32_t, std::set<kvc::page_id>> live_by_layer;
+  std::map<kvc::page_id, std::set<std::int32_t>> layers_of;  ///< the layers whose streams hold a page
   std::int64_t tokens = 0;
   std::set<std::int32_t> seqs;
   for (const auto& kv : m.streams) {
@@ -58,7 +58,7 @@ void require_matches(const kvc::kv_cache<T>& c, const dense_cache_model& m) {
     for (kvc::page_id p : pages) {
       REQUIRE(c.pool().ref_count(p) >= 1);
       live.insert(p);
-      live_by_layer[l].insert(p);
+      layers_of[p].insert(l);
     }
   }
   for (const auto& sn : m.seen) REQUIRE(c.seen(sn.first.first, sn.first.second) == sn.second);
@@ -67,9 +67,18 @@ void require_matches(const kvc::kv_cache<T>& c, const dense_cache_model& m) {
   // Memory is what the streams hold, each shared page once.
   REQUIRE(c.pool().pages_in_use() == static_cast<std::int32_t>(live.size()));
   REQUIRE(c.bytes_in_use() == live.size() * c.pool().page_bytes());
+  // Per layer: the pages its streams hold. After share_layer a page counts in the layer that
+  // allocated it (the pool's tag), which may no longer hold it: then per tag.
+  std::map<std::int32_t, std::set<kvc::page_id>> by_layer, by_tag;
+  for (const auto& page_layers : layers_of) {
+    for (std::int32_t l : page_layers.second) by_layer[l].insert(page_layers.first);
+    by_tag[c.pool().tag(page_layers.first)].insert(page_layers.first);
+  }
   std::size_t sum = 0;
   for (std::int32_t l = 0; l < m.layers; ++l) {
-    REQUIRE(c.bytes_in_use(l) == live_by_layer[l].size() * c.pool().page_bytes());
+    INFO("layer " << l);
+    const auto& counted = m.layers_shared ? by_tag[l] : by_layer[l];
+    REQUIRE(c.bytes_in_use(l) == counted.size() * c.pool().page_bytes());
     sum += c.bytes_in_use(l);
   }
   REQUIRE(sum == c.bytes_in_use());

@@ -78,6 +78,7 @@ struct dense_cache_model {
   std::int32_t layers = 1, heads = 1, dim = 1;
   std::map<std::tuple<std::int32_t, std::int32_t, std::int32_t>, stream> streams;  ///< (seq, layer, head)
   std::map<std::pair<std::int32_t, std::int32_t>, std::int32_t> seen;               ///< (seq, layer)
+  bool layers_shared = false;  ///< share_layer was called: pages may count in a layer that no longer holds them
 
   void add_sequence(std::int32_t s) {
     for (std::int32_t l = 0; l < layers; ++l) {
@@ -138,6 +139,13 @@ struct dense_cache_model {
       keep(s, l, h, kept);
     }
     seen[{s, l}] = n;
+  }
+  /// kv_cache::share_layer by its definition: layer l of s holds what layer `from` holds, and has
+  /// seen as many tokens.
+  void share_layer(std::int32_t s, std::int32_t l, std::int32_t from) {
+    for (std::int32_t h = 0; h < heads; ++h) streams[{s, l, h}] = streams[{s, from, h}];
+    seen[{s, l}] = seen[{s, from}];
+    layers_shared = true;
   }
   /// The stream as a dense_head (for the attention reference).
   dense_head head(std::int32_t s, std::int32_t l, std::int32_t h) const {

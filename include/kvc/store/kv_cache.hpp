@@ -237,6 +237,44 @@ class kv_cache {
     sq.seen[static_cast<std::size_t>(layer)] = n;
   }
 
+  /// Makes layer `layer` of sequence s hold what layer `from` holds, by reference: each kv head's
+  /// stream takes from's page table, positions and key bounds, every page gains a reference, and
+  /// the layer's own pages are released. No page is allocated or copied, so the shared pages are
+  /// counted once in bytes_in_use() (in bytes_in_use(from), the layer that allocated them). The
+  /// first write to a shared page from either layer (an append into a partial last page, a keep
+  /// that moves rows, rewrite_keys) copies it, as after fork, so the layers stay independent;
+  /// decode attention reads the pages in place. For cross-layer methods, where a layer attends
+  /// with another layer's keys and values. The layer's `seen` becomes from's.
+  /// Throws kvc::error on a bad argument (unknown s, a layer out of range, layer == from) and
+  /// std::bad_alloc while copying the tables, leaving the cache unchanged either way.
+  void share_layer(seq_id s, std::int32_t layer, std::int32_t from) {
+    seqs_.check_layer(layer, "share_layer");
+    KVC_EXPECTS_IN("kvc::kv_cache::share_layer", from >= 0 && from < cfg_.num_layers, "from = ", from,
+                   ", expected 0..", cfg_.num_layers - 1);
+    KVC_EXPECTS_IN("kvc::kv_cache::share_layer", from != layer, "from = ", from, " = layer, expected another layer");
+    sequence& sq = seqs_.find(s, "share_layer");
+    const std::int32_t H = cfg_.num_kv_heads;
+    // Copies first: a bad_alloc here changes nothing. The commit below cannot throw.
+    std::vector<stream> tables(static_cast<std::size_t>(H));
+    std::vector<std::vector<T>> bounds(cfg_.key_bounds ? static_cast<std::size_t>(H) : 0);
+    for (std::int32_t h = 0; h < H; ++h) {
+      tables[static_cast<std::size_t>(h)] = seqs_.at(sq, from, h);
+      if (cfg_.key_bounds) bounds[static_cast<std::size_t>(h)] = bounds_of(sq, from, h);
+    }
+    for (std::int32_t h = 0; h < H; ++h) {  // retain before release: a page both layers hold stays live
+      const auto& pages = tables[static_cast<std::size_t>(h)].pages;
+      pool_.retain(static_cast<std::int32_t>(pages.size()), pages.data());
+    }
+    for (std::int32_t h = 0; h < H; ++h) {
+      stream& st = seqs_.at(sq, layer, h);
+      pool_.release(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
+      st.pages.swap(tables[static_cast<std::size_t>(h)].pages);
+      st.positions.swap(tables[static_cast<std::size_t>(h)].positions);
+      if (cfg_.key_bounds) bounds_of(sq, layer, h).swap(bounds[static_cast<std::size_t>(h)]);
+    }
+    sq.seen[static_cast<std::size_t>(layer)] = sq.seen[static_cast<std::size_t>(from)];
+  }
+
   /// Overwrites the stored keys of one stream (used to re-rotate kept keys to new RoPE
   /// positions). `fn(std::int32_t token, T* row)` edits a copy of one row; positions are replaced
   /// by new_positions when it is not null. All or nothing: shared pages are allocated first, fn
@@ -402,7 +440,8 @@ class kv_cache {
 
   /// Bytes of live pages in the whole cache (each shared page counted once).
   std::size_t bytes_in_use() const noexcept { return pool_.bytes_in_use(); }
-  /// Bytes of live pages allocated for one layer.
+  /// Bytes of live pages allocated for one layer. A page share_layer gave another layer stays
+  /// counted here, in the layer that allocated it, while any layer holds it.
   std::size_t bytes_in_use(std::int32_t layer) const {
     seqs_.check_layer(layer, "bytes_in_use");
     return pool_.bytes_in_use(layer);

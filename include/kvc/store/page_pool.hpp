@@ -200,6 +200,12 @@ class page_pool {
   }
   void release(page_id p) noexcept { release(1, &p); }
 
+  /// The tag a live page was allocated with: the layer whose bytes_in_use(tag) counts it, also
+  /// while other layers or sequences share it.
+  std::int32_t tag(page_id p) const noexcept {
+    std::lock_guard<std::mutex> lock(mu_);
+    return tag_of_[p];
+  }
   std::int32_t ref_count(page_id p) const noexcept {
     std::lock_guard<std::mutex> lock(mu_);
     return refs_[p];
