@@ -13,13 +13,15 @@
 
 #include <kvc/runtime/layered_storage.hpp>
 #include <kvc/runtime/make_cache.hpp>
+#include <kvc/runtime/quest_storage.hpp>
 
 #include "dense_reference.hpp"
 #include "kvc_catch.hpp"
 
 // Storage headers register nothing by being included (runtime/make_cache.hpp): the storages this
 // file builds by spec are registered here, in its own ISA configuration, before any test runs.
-[[maybe_unused]] static const bool storages_registered = (kvc::runtime::register_layered_storage(), true);
+[[maybe_unused]] static const bool storages_registered =
+    (kvc::runtime::register_layered_storage(), kvc::runtime::register_quest_storage(), true);
 
 namespace {
 
@@ -273,5 +275,69 @@ TEST_CASE("rewind through any_cache: each storage forgets the newest tokens as i
     CHECK_THROWS_WITH(c->rewind(s, 1, 10), Catch::Contains("storage 'mikv") && Catch::Contains("cannot rewind"));
     CHECK(c->seen(s, 1) == 20);
     CHECK(c->length(s, 1, 1) == 20);
+  }
+}
+
+TEST_CASE("share_layer through any_cache: full-precision storages share pages, the others refuse by name",
+          "[runtime][share]") {
+  const int L = 3, H = 2, D = 32, hq = 4;  // KIVI groups 32 channels
+  auto gathered = [&](const any_cache& c, kvc::seq_id s, int l, int h) {
+    std::vector<float> kv(static_cast<std::size_t>(c.length(s, l, h)) * D * 2);
+    c.gather(s, l, h, kv.data(), kv.data() + kv.size() / 2);
+    return kv;
+  };
+  // quest: a kv_cache with key bounds (shared with the pages); its budget here covers every token.
+  for (const char* spec : {"fp16", "bf16", "quest", "layers(fp16, l2=int8)"}) {
+    INFO(spec);
+    auto c = make_cache(spec, config(L, H, D));
+    REQUIRE(c->can_share_layers());
+    std::mt19937 rng(21);
+    const auto s = c->add_sequence();
+    for (int l = 0; l < L; ++l) {
+      const int n = 40 + 9 * l;
+      const auto k = rows(rng, n, H, D), v = rows(rng, n, H, D);
+      c->append(s, l, k.data(), v.data(), n);
+    }
+    const auto total = c->bytes_in_use(), own1 = c->bytes_in_use(1), bytes0 = c->bytes_in_use(0);
+    std::vector<std::vector<float>> rows0;
+    for (int h = 0; h < H; ++h) rows0.push_back(gathered(*c, s, 0, h));
+    c->share_layer(s, 1, 0);
+    CHECK(c->bytes_in_use() == total - own1);  // layer 1's pages went back; layer 0's are held twice
+    CHECK(c->bytes_in_use(1) == 0);
+    CHECK(c->bytes_in_use(0) == bytes0);
+    CHECK(c->seen(s, 1) == c->seen(s, 0));
+    for (int h = 0; h < H; ++h) {
+      CHECK(gathered(*c, s, 1, h) == rows0[static_cast<std::size_t>(h)]);
+      CHECK(std::equal(c->positions(s, 1, h), c->positions(s, 1, h) + c->length(s, 1, h), c->positions(s, 0, h)));
+    }
+    check_attention(*c, s, hq, rng);
+    // A write to the sharer copies the shared page: layer 0 stays as it was.
+    const auto k = rows(rng, 3, H, D), v = rows(rng, 3, H, D);
+    c->append(s, 1, k.data(), v.data(), 3);
+    for (int h = 0; h < H; ++h) CHECK(gathered(*c, s, 0, h) == rows0[static_cast<std::size_t>(h)]);
+    CHECK(c->length(s, 1, 0) == c->length(s, 0, 0) + 3);
+    check_attention(*c, s, hq, rng);
+    CHECK_THROWS_WITH(c->share_layer(s, 1, 1), Catch::Contains("from = 1"));
+    if (std::string(spec).rfind("layers", 0) == 0) {
+      const auto before = c->bytes_in_use();
+      CHECK_THROWS_WITH(c->share_layer(s, 2, 0), Catch::Contains("live in different parts"));
+      CHECK(c->bytes_in_use() == before);
+      CHECK(c->length(s, 2, 0) == 58);
+    }
+  }
+  for (const char* spec : {"int8", "kivi(bits=2)", "layers(int8, l2=fp16)"}) {
+    INFO(spec);
+    auto c = make_cache(spec, config(L, H, D));
+    CHECK(c->can_share_layers() == (std::string(spec).rfind("layers", 0) == 0));
+    std::mt19937 rng(22);
+    const auto s = c->add_sequence();
+    const auto k = rows(rng, 20, H, D), v = rows(rng, 20, H, D);
+    c->append(s, 0, k.data(), v.data(), 20);
+    const auto before = c->bytes_in_use();
+    CHECK_THROWS_WITH(c->share_layer(s, 1, 0), Catch::Contains("storage 'int") || Catch::Contains("storage 'kivi"));
+    CHECK_THROWS_WITH(c->share_layer(s, 1, 0), Catch::Contains("cannot share layers"));
+    CHECK(c->bytes_in_use() == before);
+    CHECK(c->length(s, 1, 0) == 0);
+    CHECK(c->length(s, 0, 0) == 20);
   }
 }

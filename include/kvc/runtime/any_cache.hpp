@@ -68,6 +68,17 @@ class any_cache {
   /// Whether rewind() is available for this storage.
   virtual bool can_rewind() const { return false; }
 
+  /// Makes layer `layer` of s hold what layer `from` holds, by reference (kv_cache::share_layer:
+  /// nothing allocated, copy-on-write afterwards). Storages without it (every encoded one so far)
+  /// throw kvc::error naming the storage, as does a bad argument; the cache is then unchanged.
+  virtual void share_layer(seq_id /*s*/, std::int32_t layer, std::int32_t from) {
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::any_cache::share_layer: storage '", name(),
+                                          "' cannot share layers (layer ", layer, " from layer ", from,
+                                          "), expected a full-precision storage (fp32, fp16, bf16, quest)"));
+  }
+  /// Whether share_layer() is available for this storage.
+  virtual bool can_share_layers() const { return false; }
+
   virtual std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const = 0;
   virtual const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const = 0;
   virtual std::int32_t seen(seq_id s, std::int32_t layer) const = 0;
@@ -178,6 +189,11 @@ template <class C>
 struct has_rewind<C, std::void_t<decltype(std::declval<C&>().rewind(seq_id{}, std::int32_t{}, std::int32_t{}))>>
     : std::true_type {};
 template <class C, class = void>
+struct has_share_layer : std::false_type {};
+template <class C>
+struct has_share_layer<C, std::void_t<decltype(std::declval<C&>().share_layer(seq_id{}, std::int32_t{},
+                                                                              std::int32_t{}))>> : std::true_type {};
+template <class C, class = void>
 struct has_pre_rope : std::false_type {};
 template <class C>
 struct has_pre_rope<C, std::void_t<decltype(std::declval<const C&>().config().pre_rope)>> : std::true_type {};
@@ -242,6 +258,11 @@ class cache_adapter final : public any_cache {
     else any_cache::rewind(s, layer, n);
   }
   bool can_rewind() const override { return detail::has_rewind<Cache>::value; }
+  void share_layer(seq_id s, std::int32_t layer, std::int32_t from) override {
+    if constexpr (detail::has_share_layer<Cache>::value) c_.share_layer(s, layer, from);
+    else any_cache::share_layer(s, layer, from);
+  }
+  bool can_share_layers() const override { return detail::has_share_layer<Cache>::value; }
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override { return c_.length(s, layer, head); }
   const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const override {
     return c_.positions(s, layer, head);

@@ -238,6 +238,19 @@ class layered_cache final : public any_cache {
   bool can_rewind() const override {
     return std::all_of(parts_.begin(), parts_.end(), [](const auto& p) { return p->can_rewind(); });
   }
+  /// Between two layers of one part (its pages are one pool): the part's share_layer.
+  void share_layer(seq_id s, std::int32_t layer, std::int32_t from) override {
+    const routed to = route(s, layer, "share_layer"), src = route(s, from, "share_layer");
+    if (to.p != src.p)
+      kvc::detail::fail(kvc::detail::concat("kvc::runtime::layered_cache::share_layer: layer ", layer, " ('",
+                                            to.p->name(), "') and from = ", from, " ('", src.p->name(),
+                                            "') live in different parts, expected two layers of one storage"));
+    to.p->share_layer(to.s, to.layer, src.layer);
+  }
+  /// True when some part has it (share_layer then works between that part's layers).
+  bool can_share_layers() const override {
+    return std::any_of(parts_.begin(), parts_.end(), [](const auto& p) { return p->can_share_layers(); });
+  }
 
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override {
     auto [p, ps, l] = route(s, layer, "length");
