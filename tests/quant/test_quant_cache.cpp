@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// quant_cache: residual window, chunking invariance, keep/compaction, fork, accounting, strong guarantee.
+// quant_cache: residual window, chunking invariance, keep/compaction, fork, share_layer, accounting, strong guarantee.
 #include <cstring>
+#include <random>
+#include <set>
 #include <vector>
 
 #include <kvc/quant/fp8.hpp>
@@ -366,4 +368,130 @@ TEST_CASE("rewind forgets the newest tokens without re-encoding or allocating", 
   rewind_test<kivi<2>, kivi<2>>(0, 32);
   rewind_test<kivi<4>, kivi<4>>(4, 33);
   rewind_test<fp8<>, int2>(5, 34);
+}
+
+namespace {
+
+/// One logged call on a layer, replayable into a fresh cache.
+struct layer_op {
+  enum kind_t { append, keep, rewind } kind = append;
+  int head = 0, from = 0, n = 0;  // append: tokens [from, from + n) of the inputs; rewind: n
+  std::vector<std::int32_t> kept;
+};
+
+/// share_layer against a model with no sharing at all: every layer's calls are logged (a share
+/// copies the source's log), and after every call a fresh cache replaying each layer's log must
+/// hold the same decoded rows, positions and `seen`, bit for bit (the codecs are deterministic),
+/// so every write to a shared page was copied first. Bytes: the pools' figure must equal the
+/// distinct pages the streams hold, counted here from the tables and views, never more than the
+/// unshared replay, and a share allocates nothing.
+template <class KQ, class VQ>
+void share_test(int sinks, bool pre_rope, std::uint32_t seed) {
+  const int L = 3, H = 2, D = 64, N = 700;
+  const auto k = qtest::keylike(N, H, D, seed), v = qtest::randn(std::size_t(N) * H * D, seed + 1);
+  auto cfg = small(H, D, 32, 512);
+  cfg.num_layers = L;
+  cfg.max_fp_pages = 64;
+  cfg.sink_tokens = sinks;
+  cfg.pre_rope = pre_rope;
+  using cache = kvc::quant_cache<KQ, VQ>;
+  cache c(cfg);
+  INFO("residual " << c.residual_window() << ", unit " << c.encoding_unit() << ", sinks " << sinks << ", pre_rope "
+                   << pre_rope);
+  const auto s = c.add_sequence();
+  std::vector<std::vector<layer_op>> log(L);
+  auto run = [&](cache& x, kvc::seq_id q, int l, const layer_op& op) {
+    if (op.kind == layer_op::append)
+      x.append(q, l, k.data() + std::size_t(op.from) * H * D, v.data() + std::size_t(op.from) * H * D, op.n);
+    else if (op.kind == layer_op::keep)
+      x.keep(q, l, op.head, op.kept.data(), std::int32_t(op.kept.size()));
+    else
+      x.rewind(q, l, op.n);
+  };
+  auto check = [&](const char* what) {
+    INFO("after " << what);
+    cache ref(cfg);
+    const auto r = ref.add_sequence();
+    for (int l = 0; l < L; ++l)
+      for (const auto& op : log[std::size_t(l)]) run(ref, r, l, op);
+    std::set<kvc::page_id> quant;
+    std::set<const void*> res, sink;
+    for (int l = 0; l < L; ++l) {
+      REQUIRE(c.seen(s, l) == ref.seen(r, l));
+      const snapshot<cache> got(c, s, l), want(ref, r, l);
+      REQUIRE(got.pos == want.pos);
+      REQUIRE(got.k == want.k);
+      REQUIRE(got.v == want.v);
+      for (int h = 0; h < H; ++h) {
+        for (auto p : c.pages(s, l, h)) quant.insert(p);
+        const auto sv = c.view(s, l, h);
+        if (sv.res_k) res.insert(sv.res_k);
+        if (sv.sink_k) sink.insert(sv.sink_k);
+      }
+    }
+    const std::size_t distinct = quant.size() * c.quant_pool().page_bytes() +
+                                 (res.empty() ? 0 : res.size() * c.residual_pool()->page_bytes()) +
+                                 (sink.empty() ? 0 : sink.size() * c.sink_pool()->page_bytes());
+    REQUIRE(c.bytes_in_use() == distinct);
+    REQUIRE(c.bytes_in_use() <= ref.bytes_in_use());
+    std::size_t per_layer = 0;
+    for (int l = 0; l < L; ++l) per_layer += c.bytes_in_use(l);
+    REQUIRE(per_layer == c.bytes_in_use());
+  };
+  std::mt19937 rng(seed);
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  int shares = 0;
+  for (int step = 0; step < 120; ++step) {
+    const int l = pick(0, L - 1), what = step < 3 ? 0 : pick(0, 9);
+    layer_op op;
+    op.kind = layer_op::append;
+    if (what <= 4) {  // append 1..80 tokens (single tokens often, so shared residual pages are written)
+      op.n = what <= 1 ? 1 : pick(2, 80);
+      op.from = pick(0, N - op.n);
+    } else if (what <= 6) {  // keep a random subset of one head
+      const int len = c.length(s, l, 0);
+      if (len == 0) continue;
+      op.kind = layer_op::keep;
+      op.head = pick(0, H - 1);
+      for (int t = 0; t < c.length(s, l, op.head); ++t)
+        if (pick(0, 3) != 0) op.kept.push_back(t);
+    } else if (what == 7) {
+      op.kind = layer_op::rewind;
+      op.n = pick(0, c.seen(s, l));
+    } else {  // share: the layer now replays from's calls
+      const int from = (l + pick(1, L - 1)) % L;
+      const auto traffic = c.traffic().bytes_allocated;
+      c.share_layer(s, l, from);
+      REQUIRE(c.traffic().bytes_allocated == traffic);
+      for (int h = 0; h < H; ++h)
+        for (auto p : c.pages(s, l, h)) REQUIRE(c.quant_pool().ref_count(p) >= 2);
+      log[std::size_t(l)] = log[std::size_t(from)];
+      ++shares;
+      check("share_layer");
+      continue;
+    }
+    run(c, s, l, op);
+    log[std::size_t(l)].push_back(op);
+    check(op.kind == layer_op::append ? "append" : op.kind == layer_op::keep ? "keep" : "rewind");
+  }
+  REQUIRE(shares >= 8);
+  // Bad arguments name themselves and change nothing.
+  const snapshot<cache> before(c, s, 1);
+  REQUIRE_THROWS_WITH(c.share_layer(s, 1, 1), Catch::Contains("from = 1 = layer"));
+  REQUIRE_THROWS_WITH(c.share_layer(s, 1, L), Catch::Contains("from = 3, expected 0..2"));
+  REQUIRE_THROWS_WITH(c.share_layer(s, -1, 0), Catch::Contains("layer = -1"));
+  REQUIRE_THROWS_WITH(c.share_layer(99, 1, 0), Catch::Contains("unknown sequence id 99"));
+  REQUIRE(snapshot<cache>(c, s, 1) == before);
+  check("refused calls");
+  c.remove_sequence(s);
+  REQUIRE(c.bytes_in_use() == 0);
+}
+
+}  // namespace
+
+TEST_CASE("share_layer: layers share every page, and a write to a shared page copies it", "[quant][cache][share]") {
+  share_test<kivi<2>, kivi<2>>(0, false, 41);
+  share_test<int8, int4>(4, false, 42);
+  share_test<kivi<4>, kivi<4>>(4, true, 43);
+  share_test<fp8<>, int2>(0, true, 44);
 }

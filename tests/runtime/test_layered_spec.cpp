@@ -278,7 +278,7 @@ TEST_CASE("rewind through any_cache: each storage forgets the newest tokens as i
   }
 }
 
-TEST_CASE("share_layer through any_cache: full-precision storages share pages, the others refuse by name",
+TEST_CASE("share_layer through any_cache: kv_cache and quant_cache storages share pages, the others refuse by name",
           "[runtime][share]") {
   const int L = 3, H = 2, D = 32, hq = 4;  // KIVI groups 32 channels
   auto gathered = [&](const any_cache& c, kvc::seq_id s, int l, int h) {
@@ -287,7 +287,9 @@ TEST_CASE("share_layer through any_cache: full-precision storages share pages, t
     return kv;
   };
   // quest: a kv_cache with key bounds (shared with the pages); its budget here covers every token.
-  for (const char* spec : {"fp16", "bf16", "quest", "layers(fp16, l2=int8)"}) {
+  // int8, kivi, gear: quant_caches (residual and sink pages shared too); layers(...): within a part.
+  for (const char* spec : {"fp16", "bf16", "quest", "int8", "kivi(bits=2,residual=32)", "gear(bits=4)",
+                           "fp8(sinks=4)", "layers(fp16, l2=int8)", "layers(int8, l2=fp16)"}) {
     INFO(spec);
     auto c = make_cache(spec, config(L, H, D));
     REQUIRE(c->can_share_layers());
@@ -325,7 +327,8 @@ TEST_CASE("share_layer through any_cache: full-precision storages share pages, t
       CHECK(c->length(s, 2, 0) == 58);
     }
   }
-  for (const char* spec : {"int8", "kivi(bits=2)", "layers(int8, l2=fp16)"}) {
+  // mikv keeps per-sequence precision tables and refuses page sharing (fork too).
+  for (const char* spec : {"mikv", "layers(mikv, l2=fp16)"}) {
     INFO(spec);
     auto c = make_cache(spec, config(L, H, D));
     CHECK(c->can_share_layers() == (std::string(spec).rfind("layers", 0) == 0));
@@ -334,7 +337,7 @@ TEST_CASE("share_layer through any_cache: full-precision storages share pages, t
     const auto k = rows(rng, 20, H, D), v = rows(rng, 20, H, D);
     c->append(s, 0, k.data(), v.data(), 20);
     const auto before = c->bytes_in_use();
-    CHECK_THROWS_WITH(c->share_layer(s, 1, 0), Catch::Contains("storage 'int") || Catch::Contains("storage 'kivi"));
+    CHECK_THROWS_WITH(c->share_layer(s, 1, 0), Catch::Contains("storage 'mikv"));
     CHECK_THROWS_WITH(c->share_layer(s, 1, 0), Catch::Contains("cannot share layers"));
     CHECK(c->bytes_in_use() == before);
     CHECK(c->length(s, 1, 0) == 0);

@@ -248,28 +248,18 @@ class kv_cache {
   /// Throws kvc::error on a bad argument (unknown s, a layer out of range, layer == from) and
   /// std::bad_alloc while copying the tables, leaving the cache unchanged either way.
   void share_layer(seq_id s, std::int32_t layer, std::int32_t from) {
-    seqs_.check_layer(layer, "share_layer");
-    KVC_EXPECTS_IN("kvc::kv_cache::share_layer", from >= 0 && from < cfg_.num_layers, "from = ", from,
-                   ", expected 0..", cfg_.num_layers - 1);
-    KVC_EXPECTS_IN("kvc::kv_cache::share_layer", from != layer, "from = ", from, " = layer, expected another layer");
-    sequence& sq = seqs_.find(s, "share_layer");
+    sequence& sq = seqs_.find_share(s, layer, from, "share_layer");
     const std::int32_t H = cfg_.num_kv_heads;
     // Copies first: a bad_alloc here changes nothing. The commit below cannot throw.
-    std::vector<stream> tables(static_cast<std::size_t>(H));
+    std::vector<stream> tables = seqs_.copy_layer(sq, from);
     std::vector<std::vector<T>> bounds(cfg_.key_bounds ? static_cast<std::size_t>(H) : 0);
-    for (std::int32_t h = 0; h < H; ++h) {
-      tables[static_cast<std::size_t>(h)] = seqs_.at(sq, from, h);
-      if (cfg_.key_bounds) bounds[static_cast<std::size_t>(h)] = bounds_of(sq, from, h);
-    }
-    for (std::int32_t h = 0; h < H; ++h) {  // retain before release: a page both layers hold stays live
-      const auto& pages = tables[static_cast<std::size_t>(h)].pages;
-      pool_.retain(static_cast<std::int32_t>(pages.size()), pages.data());
-    }
+    for (std::int32_t h = 0; cfg_.key_bounds && h < H; ++h) bounds[static_cast<std::size_t>(h)] = bounds_of(sq, from, h);
+    for (const stream& st : tables)  // retain before release: a page both layers hold stays live
+      pool_.retain(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
     for (std::int32_t h = 0; h < H; ++h) {
       stream& st = seqs_.at(sq, layer, h);
       pool_.release(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
-      st.pages.swap(tables[static_cast<std::size_t>(h)].pages);
-      st.positions.swap(tables[static_cast<std::size_t>(h)].positions);
+      st = std::move(tables[static_cast<std::size_t>(h)]);
       if (cfg_.key_bounds) bounds_of(sq, layer, h).swap(bounds[static_cast<std::size_t>(h)]);
     }
     sq.seen[static_cast<std::size_t>(layer)] = sq.seen[static_cast<std::size_t>(from)];

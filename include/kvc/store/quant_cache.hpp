@@ -184,12 +184,30 @@ class quant_cache {
   seq_id fork(seq_id s) {
     const sequence& src = seqs_.find(s, "fork");
     const seq_id id = seqs_.add(src);  // may throw; nothing retained yet
-    for (const auto& st : src.streams) {
-      quant_pool_->retain(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
-      if (st.res >= 0) res_pool_->retain(1, &st.res);
-      if (st.sink >= 0) sink_pool_->retain(1, &st.sink);
-    }
+    for (const auto& st : src.streams) retain_stream(st);
     return id;
+  }
+
+  /// Makes layer `layer` of sequence s hold what layer `from` holds, by reference, as
+  /// kv_cache::share_layer does: each kv head's stream takes from's quantized pages, residual and
+  /// sink pages, positions and region counts; every page gains a reference in its pool and the
+  /// layer's own pages are released. Nothing is allocated, copied or re-encoded, so the shared
+  /// pages count once in bytes_in_use() (in bytes_in_use(from), the layer that allocated them).
+  /// The first write to a shared page from either layer (an append into the residual window or a
+  /// partial unit, a keep that moves records) copies it, as after fork, so the layers stay
+  /// independent. The layer's `seen` becomes from's.
+  /// Throws kvc::error on a bad argument (a layer out of range, layer == from, unknown s) and
+  /// std::bad_alloc while copying the tables, leaving the cache unchanged either way.
+  void share_layer(seq_id s, std::int32_t layer, std::int32_t from) {
+    sequence& sq = seqs_.find_share(s, layer, from, "share_layer");
+    std::vector<qstream> tables = seqs_.copy_layer(sq, from);  // may throw; nothing changed yet
+    for (const qstream& st : tables) retain_stream(st);  // before release: a page both layers hold stays live
+    for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) {
+      qstream& st = seqs_.at(sq, layer, h);
+      release_stream(st);
+      st = std::move(tables[static_cast<std::size_t>(h)]);
+    }
+    sq.seen[static_cast<std::size_t>(layer)] = sq.seen[static_cast<std::size_t>(from)];
   }
 
   // ---- writing ---------------------------------------------------------------------------
@@ -755,6 +773,11 @@ class quant_cache {
                                   ", expected one of this cache's quant_pool() (reserve_quant_pages)"));
   }
 
+  void retain_stream(const qstream& st) noexcept {
+    quant_pool_->retain(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
+    if (st.res >= 0) res_pool_->retain(1, &st.res);
+    if (st.sink >= 0) sink_pool_->retain(1, &st.sink);
+  }
   void release_stream(qstream& st) noexcept {
     quant_pool_->release(static_cast<std::int32_t>(st.pages.size()), st.pages.data());
     if (st.res >= 0) res_pool_->release(st.res);

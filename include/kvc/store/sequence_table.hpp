@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -69,6 +70,23 @@ class sequence_table {
   void check_head(std::int32_t head, const char* fn) const {
     if (head < 0 || head >= num_kv_heads_)
       fail(concat(owner_, "::", fn, ": head = ", head, ", expected 0..", num_kv_heads_ - 1));
+  }
+
+  /// The sequence s for share_layer(s, layer, from), after its checks in order: layer, then from
+  /// (in range, another layer), then s.
+  Sequence& find_share(seq_id s, std::int32_t layer, std::int32_t from, const char* fn) {
+    check_layer(layer, fn);
+    if (from < 0 || from >= num_layers_)
+      fail(concat(owner_, "::", fn, ": from = ", from, ", expected 0..", num_layers_ - 1));
+    if (from == layer) fail(concat(owner_, "::", fn, ": from = ", from, " = layer, expected another layer"));
+    return find(s, fn);
+  }
+  /// Copies of every kv head's stream of one layer (what share_layer gives another layer). May
+  /// throw std::bad_alloc, changing nothing.
+  auto copy_layer(const Sequence& sq, std::int32_t layer) const {
+    using stream_type = typename std::decay<decltype(sq.streams.front())>::type;
+    return std::vector<stream_type>(sq.streams.begin() + static_cast<std::ptrdiff_t>(index(layer, 0)),
+                                    sq.streams.begin() + static_cast<std::ptrdiff_t>(index(layer + 1, 0)));
   }
 
   /// The sum of fn(stream) over every stream of every sequence (tokens held, bookkeeping bytes).
