@@ -166,6 +166,7 @@ class session_cache {
   }
   /// Whether rewind() can forget tokens of this cache's storage.
   bool can_rewind() const { return cache_->can_rewind(); }
+  bool can_share_layers() const { return !merge_ && cache_->can_share_layers(); }
   /// Whether the storage keeps keys before RoPE (the caller then appends un-rotated keys).
   bool pre_rope_keys() const { return cache_->pre_rope_keys(); }
   /// The queries the policy wants in its window: 0 none, -1 every query of the prompt.
@@ -205,6 +206,30 @@ class session_cache {
       throw;
     }
     return t;
+  }
+
+  /// Layer `layer` of s takes layer `from`'s tokens by reference (any_cache::share_layer: pages
+  /// gain a reference, the layer's own go back, the first write copies), and the attention
+  /// observer's per-token statistics of `from` with them, so H2O-like policies score the tokens the
+  /// layer now holds. The compressor's decode-step counters stay the layer's own. All or nothing.
+  void share_layer(kvc::seq_id s, std::int32_t layer, std::int32_t from) {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "share_layer");
+    const std::int32_t L = cache_->config().num_layers;
+    KVC_EXPECTS_IN("kvc.Cache.share_layer", layer >= 0 && layer < L, "layer = ", layer, ", expected 0..", L - 1);
+    KVC_EXPECTS_IN("kvc.Cache.share_layer", from >= 0 && from < L && from != layer, "source = ", from,
+                   ", expected 0..", L - 1, " and not layer = ", layer);
+    if (!can_share_layers())
+      kvc::detail::fail(kvc::detail::concat(
+          "kvc.Cache.share_layer: spec = \"", spec_, "\": storage '", cache_->name(), "'",
+          merge_ ? " with a merging stage (its per-token log-weights are not shared)" : "",
+          " cannot share layers, expected a plain or quantized storage without merging (fp32, fp16, bf16, int8, kivi, "
+          "...)"));
+    // Plan (copies; may throw) -> the store's share (strong) -> commit (cannot throw).
+    std::optional<kvc::evict::attention_observer::layer_stats> stats;
+    if (observer_) stats = observer_->copy_layer(s, from, layer);
+    cache_->share_layer(s, layer, from);
+    if (observer_) observer_->replace_layer(s, layer, std::move(*stats));
   }
 
   /// k, v: [n][num_kv_heads][head_dim]; positions: [n] or null.

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Sequences, append, gather, positions and fork against what was appended."""
+"""Sequences, append, gather, positions, fork, rewind and share_layer against what was appended."""
 import numpy as np
 import pytest
 
@@ -211,3 +211,100 @@ def test_rewind_after_an_observed_draft_keeps_the_observer_in_step(rng):
     for h in range(2):
         pos = c.positions(s, 0, h)
         assert 0 < len(pos) < 60 and pos[-1] == 79 and len(set(pos)) == len(pos)
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16", "int8", "kivi(bits=2)", "gear(bits=4)", "quest(budget=32)"])
+def test_share_layer_holds_the_source_by_reference(rng, storage):
+    """After share_layer(s, 2, 0), layer 2 holds what a twin whose layer 2 was given layer 0's
+    tokens holds (rows, positions, attention, bit for bit), its own pages are freed and nothing is
+    allocated; later writes to either layer copy the shared pages, so each grows like its twin."""
+    kw = dict(num_layers=3, num_kv_heads=2, head_dim=32, page_size=16)
+    c, twin = kvc.Cache(storage, **kw), kvc.Cache(storage, **kw)
+    assert c.can_share_layers
+    s, t = c.add_sequence(), twin.add_sequence()
+    k, v = random_kv(rng, 150, 2, 32)
+    for layer, (a, b) in enumerate(((0, 70), (70, 90), (90, 150))):
+        c.append(s, layer, k[a:b], v[a:b])
+    for layer, (a, b) in enumerate(((0, 70), (70, 90), (0, 70))):  # the twin's layer 2: layer 0's tokens
+        twin.append(t, layer, k[a:b], v[a:b])
+    total, own2, allocated = c.bytes_in_use(), c.bytes_in_use(2), c.bytes_allocated
+    c.share_layer(s, 2, 0)
+    assert c.bytes_in_use() == total - own2 and c.bytes_in_use(2) == 0
+    assert c.bytes_allocated == allocated
+    assert c.bytes_in_use() < twin.bytes_in_use()
+    q = rng.standard_normal((2, 32)).astype(np.float32)
+
+    def same(layer):
+        assert c.seen(s, layer) == twin.seen(t, layer)
+        for h in range(2):
+            np.testing.assert_array_equal(c.positions(s, layer, h), twin.positions(t, layer, h))
+            for a, b in zip(c.gather(s, layer, h), twin.gather(t, layer, h)):
+                np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c.attention(s, layer, q), twin.attention(t, layer, q))
+
+    for layer in range(3):
+        same(layer)
+    k2, v2 = random_kv(rng, 40, 2, 32)
+    for cache, seq in ((c, s), (twin, t)):
+        for i in range(0, 40, 7):  # short appends write into the shared partial pages
+            cache.append(seq, 2, k2[i:i + 7], v2[i:i + 7])
+            cache.append(seq, 0, k2[i:i + 3], v2[i:i + 3])
+    for layer in range(3):
+        same(layer)
+    c.remove_sequence(s)
+    assert c.bytes_in_use() == 0
+
+
+def test_share_layer_carries_the_observers_statistics(rng):
+    """H2O scores a shared layer's tokens by the source's accumulated attention: a cache whose layer
+    1 takes layer 0's tokens and then decodes compresses layer 1 as a twin whose layer 1 saw layer
+    0's tokens and queries all along. No sinks and a short recent window, so the accumulated
+    attention of the shared tokens decides what stays."""
+    spec = "h2o(ratio=0.5,recent=4,sinks=0,interval=4,slack=0)+fp32"
+    kw = dict(num_layers=2, num_kv_heads=2, head_dim=16, num_q_heads=4)
+    c, twin = kvc.Cache(spec, **kw), kvc.Cache(spec, **kw)
+    k, v = random_kv(rng, 120, 2, 16)
+    q = rng.standard_normal((120, 4, 16)).astype(np.float32)
+    s, t = c.add_sequence(), twin.add_sequence()
+    for i in range(50):
+        for cache, seq, layer, j in ((c, s, 0, i), (c, s, 1, 60 + i % 40), (twin, t, 0, i), (twin, t, 1, i)):
+            cache.append(seq, layer, k[j:j + 1], v[j:j + 1])
+            cache.attention(seq, layer, q[j])
+    c.share_layer(s, 1, 0)
+    for i in range(50, 100):
+        for cache, seq in ((c, s), (twin, t)):
+            cache.append(seq, 1, k[i:i + 1], v[i:i + 1])
+            cache.attention(seq, 1, q[i])
+            cache.after_decode_step(seq, 1)
+    assert c.length(s, 1, 0) < 80  # it did compress
+    for h in range(2):
+        np.testing.assert_array_equal(c.positions(s, 1, h), twin.positions(t, 1, h))
+        np.testing.assert_array_equal(c.gather(s, 1, h)[1], twin.gather(t, 1, h)[1])
+        np.testing.assert_array_equal(c.positions(s, 0, h), np.arange(50))  # the source is untouched
+
+
+def test_share_layer_refuses_and_changes_nothing(rng):
+    c = kvc.Cache("int8", num_layers=2, num_kv_heads=2, head_dim=16)
+    s = c.add_sequence()
+    k, v = random_kv(rng, 30, 2, 16)
+    c.append(s, 0, k, v)
+    c.append(s, 1, k[:9], v[:9])
+    before = (c.bytes_in_use(), c.gather(s, 1, 1)[0].copy())
+    with pytest.raises(kvc.Error, match=r"source = 1, expected 0\.\.1 and not layer = 1"):
+        c.share_layer(s, 1, 1)
+    with pytest.raises(kvc.Error, match=r"source = 2"):
+        c.share_layer(s, 1, 2)
+    with pytest.raises(kvc.Error, match=r"layer = -1"):
+        c.share_layer(s, -1, 0)
+    with pytest.raises(kvc.Error, match="seq = 99"):
+        c.share_layer(99, 1, 0)
+    assert c.bytes_in_use() == before[0] and c.seen(s, 1) == 9
+    np.testing.assert_array_equal(c.gather(s, 1, 1)[0], before[1])
+    for spec, what in (("h2o(ratio=0.5)+cam+fp16", "with a merging stage"), ("mikv", "storage 'mikv'")):
+        m = kvc.Cache(spec, num_layers=2, num_kv_heads=2, head_dim=16, num_q_heads=4)
+        assert not m.can_share_layers
+        s = m.add_sequence()
+        m.append(s, 0, k, v)
+        with pytest.raises(kvc.Error, match=what + ".* cannot share layers"):
+            m.share_layer(s, 1, 0)
+        assert m.seen(s, 1) == 0 and m.length(s, 0, 0) == 30

@@ -587,3 +587,58 @@ TEST_CASE("a forked sequence inherits the observer's statistics; the two then ev
   REQUIRE(ob.find(child, 0, 0) == nullptr);
   same(ob, f.seq, ref_parent, f.seq);
 }
+
+TEST_CASE("a layer that shares another's pages takes a copy of its observer statistics", "[evict][decode][share]") {
+  // Reference: a copy of the observer taken before the share, fed the same steps on the source
+  // layer. The sharer must start where the source stood, evolve apart from it, and the other
+  // layers and sequences must not move.
+  kt::model m;
+  m.layers = 3;
+  kt::filled f(m, 40, 72);
+  observer_params op;
+  op.forgetting = 0.8f;
+  attention_observer ob(op);
+  std::vector<float> probs;
+  auto observe = [&](attention_observer& o, kvc::seq_id s, int l, std::uint64_t seed) {
+    std::mt19937_64 gg(seed);
+    random_probs(gg, f.m.hq, f.n, f.n, probs);
+    o.observe(f.cache, s, l, probs.data(), f.m.hq, f.n);
+  };
+  auto same = [&](const attention_observer& a, int la, const attention_observer& b, int lb) {
+    for (int h = 0; h < f.m.hkv; ++h) {
+      const stream_stats *x = a.find(f.seq, la, h), *y = b.find(f.seq, lb, h);
+      REQUIRE(x != nullptr);
+      REQUIRE(y != nullptr);
+      REQUIRE(x->sum == y->sum);
+      REQUIRE(x->decayed == y->decayed);
+      REQUIRE(x->last == y->last);
+      REQUIRE(x->low == y->low);
+      REQUIRE(x->steps == y->steps);
+    }
+  };
+  for (std::uint64_t step = 0; step < 4; ++step)
+    for (int l = 0; l < 2; ++l) observe(ob, f.seq, l, 10 * step + std::uint64_t(l));  // layer 2: no statistics
+  const attention_observer before = ob;
+  f.cache.share_layer(f.seq, 1, 0);
+  ob.share_layer(f.seq, 1, 0);
+  same(ob, 1, before, 0);
+  same(ob, 0, before, 0);
+  attention_observer ref = before;
+  for (std::uint64_t step = 0; step < 3; ++step) {
+    observe(ob, f.seq, 1, 500 + step);
+    observe(ref, f.seq, 0, 500 + step);  // the reference's layer 0 plays the sharer
+  }
+  same(ob, 1, ref, 0);
+  same(ob, 0, before, 0);
+  // A source with no statistics leaves the layer with none (its old ones described other tokens).
+  f.cache.share_layer(f.seq, 0, 2);
+  ob.share_layer(f.seq, 0, 2);
+  for (int h = 0; h < f.m.hkv; ++h) REQUIRE(ob.find(f.seq, 0, h) == nullptr);
+  same(ob, 1, ref, 0);
+  // layer == from: a clear error, statistics unchanged.
+  const std::size_t bytes = ob.bytes();
+  REQUIRE_THROWS_WITH(ob.share_layer(f.seq, 1, 1), Catch::Contains("from = layer = 1") &&
+                                                       Catch::Contains("two different layers"));
+  REQUIRE(ob.bytes() == bytes);
+  same(ob, 1, ref, 0);
+}

@@ -187,6 +187,36 @@ class attention_observer {
 
   void remove_sequence(std::int32_t seq) { detail::erase_entries(s_, seq); }
 
+  /// Statistics of every kv head of one layer, keyed as another layer's (share_layer's plan).
+  using layer_stats = std::map<std::tuple<std::int32_t, std::int32_t, std::int32_t>, stream_stats>;
+
+  /// Layer `layer` of seq takes a copy of layer `from`'s statistics, as the store's share_layer
+  /// gives it from's tokens: without it the layer's statistics would describe tokens it no longer
+  /// holds. The copy carries from's history (what from's queries paid each token) as the prior a
+  /// fork carries; the layer's own queries add to it from the next step. Strong guarantee.
+  void share_layer(std::int32_t seq, std::int32_t layer, std::int32_t from) {
+    replace_layer(seq, layer, copy_layer(seq, from, layer));
+  }
+  /// The plan half of share_layer: copies of from's statistics keyed as `as_layer`'s. May throw
+  /// (std::bad_alloc, layer == from), changing nothing.
+  layer_stats copy_layer(std::int32_t seq, std::int32_t from, std::int32_t as_layer) const {
+    KVC_EXPECTS_IN("kvc::evict::attention_observer::share_layer", from != as_layer, "from = layer = ", from,
+                   ", expected two different layers");
+    layer_stats copies;
+    for (auto it = s_.lower_bound(std::make_tuple(seq, from, std::numeric_limits<std::int32_t>::min()));
+         it != s_.end() && std::get<0>(it->first) == seq && std::get<1>(it->first) == from; ++it)
+      copies.emplace(std::make_tuple(seq, as_layer, std::get<2>(it->first)), it->second);
+    return copies;
+  }
+  /// The commit half: drops layer's statistics and moves `copies` (from copy_layer) in; allocates
+  /// nothing (map nodes are spliced).
+  void replace_layer(std::int32_t seq, std::int32_t layer, layer_stats&& copies) noexcept {
+    for (auto it = s_.lower_bound(std::make_tuple(seq, layer, std::numeric_limits<std::int32_t>::min()));
+         it != s_.end() && std::get<0>(it->first) == seq && std::get<1>(it->first) == layer;)
+      it = s_.erase(it);
+    s_.merge(copies);
+  }
+
   /// Host bytes held by the statistics.
   std::size_t bytes() const noexcept {
     std::size_t b = 0;
@@ -255,7 +285,7 @@ class attention_observer {
   }
 
   observer_params p_;
-  std::map<std::tuple<std::int32_t, std::int32_t, std::int32_t>, stream_stats> s_;
+  layer_stats s_;  ///< (seq, layer, kv head) -> statistics
   std::vector<float> buf_;
 };
 
