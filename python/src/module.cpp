@@ -292,8 +292,8 @@ NB_MODULE(_kvc, m) {
                    "whether rewind() can forget tokens of this storage (False: merging stages, low-rank, mixed "
                    "precision)")
       .def_prop_ro("can_share_layers", &session_cache::can_share_layers,
-                   "whether share_layer() can give a layer another layer's pages (plain and quantized storages, "
-                   "quest; False: merging stages, mikv, low-rank, MiniCache)")
+                   "whether share_layer() can give a layer another layer's pages (plain, quantized and merging "
+                   "storages, quest; False: mikv, low-rank, MiniCache)")
       .def_prop_ro("window", &session_cache::window, "queries the policy wants in its window (-1: the whole prompt)")
       .def_prop_ro("query_window", &session_cache::query_window,
                    "rotated queries the storage wants through observe_window() once a layer's prompt is in (think: "
@@ -314,9 +314,9 @@ NB_MODULE(_kvc, m) {
            "Makes `layer` of seq hold what layer `source` holds, by reference: its pages gain a reference, the "
            "layer's own pages are freed, and the first write from either layer copies a shared page (as after "
            "fork), so bytes_in_use counts them once. For cross-layer methods (a layer attending with another "
-           "layer's keys and values). The policy's per-token attention statistics of `source` come along. Raises "
-           "kvc.Error for storages that cannot share (merging stages, mikv, low-rank, MiniCache) and bad "
-           "arguments; the cache is then unchanged.")
+           "layer's keys and values). The policy's per-token attention statistics of `source` come along, and with a "
+           "merging stage the merged tokens' log-weights and D2O's threshold. Raises kvc.Error for storages that "
+           "cannot share (mikv, low-rank, MiniCache) and bad arguments; the cache is then unchanged.")
       .def(
           "rewind", [](session_cache& c, kvc::seq_id seq, std::int32_t n) { c.rewind({seq}, n); }, "seq"_a, "n"_a,
           "Forgets seq's tokens at positions >= n in every layer (seen becomes n): a rejected draft in "

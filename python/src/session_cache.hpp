@@ -166,7 +166,7 @@ class session_cache {
   }
   /// Whether rewind() can forget tokens of this cache's storage.
   bool can_rewind() const { return cache_->can_rewind(); }
-  bool can_share_layers() const { return !merge_ && cache_->can_share_layers(); }
+  bool can_share_layers() const { return cache_->can_share_layers(); }
   /// Whether the storage keeps keys before RoPE (the caller then appends un-rotated keys).
   bool pre_rope_keys() const { return cache_->pre_rope_keys(); }
   /// The queries the policy wants in its window: 0 none, -1 every query of the prompt.
@@ -211,7 +211,9 @@ class session_cache {
   /// Layer `layer` of s takes layer `from`'s tokens by reference (any_cache::share_layer: pages
   /// gain a reference, the layer's own go back, the first write copies), and the attention
   /// observer's per-token statistics of `from` with them, so H2O-like policies score the tokens the
-  /// layer now holds. The compressor's decode-step counters stay the layer's own. All or nothing.
+  /// layer now holds; a merging stage's per-layer state (D2O's threshold) and the merged tokens'
+  /// log-weights come along too. The compressor's decode-step counters stay the layer's own.
+  /// All or nothing.
   void share_layer(kvc::seq_id s, std::int32_t layer, std::int32_t from) {
     std::lock_guard<std::mutex> g(m_);
     need_seq(s, "share_layer");
@@ -220,16 +222,16 @@ class session_cache {
     KVC_EXPECTS_IN("kvc.Cache.share_layer", from >= 0 && from < L && from != layer, "source = ", from,
                    ", expected 0..", L - 1, " and not layer = ", layer);
     if (!can_share_layers())
-      kvc::detail::fail(kvc::detail::concat(
-          "kvc.Cache.share_layer: spec = \"", spec_, "\": storage '", cache_->name(), "'",
-          merge_ ? " with a merging stage (its per-token log-weights are not shared)" : "",
-          " cannot share layers, expected a plain or quantized storage without merging (fp32, fp16, bf16, int8, kivi, "
-          "...)"));
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache.share_layer: spec = \"", spec_, "\": storage '", cache_->name(),
+                                            "' cannot share layers, expected a plain, quantized or merged storage "
+                                            "(fp32, fp16, bf16, int8, kivi, ..., cam+fp16)"));
     // Plan (copies; may throw) -> the store's share (strong) -> commit (cannot throw).
     std::optional<kvc::evict::attention_observer::layer_stats> stats;
     if (observer_) stats = observer_->copy_layer(s, from, layer);
+    if (merger_) merger_->plan_share_layer(s, layer, from);
     cache_->share_layer(s, layer, from);
     if (observer_) observer_->replace_layer(s, layer, std::move(*stats));
+    if (merger_) merger_->commit_share_layer(s, layer, from);
   }
 
   /// k, v: [n][num_kv_heads][head_dim]; positions: [n] or null.

@@ -148,3 +148,42 @@ def test_a_fork_merges_as_its_source(rng):
         np.testing.assert_array_equal(va, vb)
     c.remove_sequence(a)
     assert c.contains(b) and not c.contains(a)
+
+
+def test_a_shared_layer_merges_as_its_source(rng):
+    """share_layer on a merging cache: layer 1 takes layer 0's merged tokens with their
+    log-weights, H2O's statistics and D2O's threshold, so fed the same tokens afterwards the two
+    layers merge alike. Before the share layer 1 saw dissimilar keys (a low threshold, other
+    statistics): keeping any of its own state would show."""
+    c = kvc.Cache("h2o(tokens=16,recent=2,sinks=1)+d2o", **SHAPE)
+    assert c.can_share_layers
+    s = c.add_sequence()
+    base = rng.standard_normal((1, 2, 16))
+    spread = np.where(np.arange(70) < 40, 0.05, 0.6)[:, None, None]
+    k = (base + spread * rng.standard_normal((70, 2, 16))).astype(np.float32)
+    v = rng.standard_normal((70, 2, 16)).astype(np.float32)
+    qs = rng.standard_normal((70, 4, 16)).astype(np.float32)
+    k1, v1 = random_kv(rng, 40, 2, 16)
+
+    def step(layer, kk, vv, q):
+        c.append(s, layer, kk[None], vv[None])
+        c.attention(s, layer, q)
+        c.after_decode_step(s, layer)
+
+    for t in range(40):
+        step(0, k[t], v[t], qs[t])
+        step(1, k1[t], v1[t], qs[t][::-1].copy())
+    assert any((c.log_weights(s, 0, h) > 1e-3).any() for h in range(2))
+    total, own1 = c.bytes_in_use(), c.bytes_in_use(1)
+    c.share_layer(s, 1, 0)
+    assert c.bytes_in_use() == total - own1
+    for t in range(40, 70):
+        step(0, k[t], v[t], qs[t])
+        step(1, k[t], v[t], qs[t])
+    for h in range(2):
+        np.testing.assert_array_equal(c.positions(s, 0, h), c.positions(s, 1, h))
+        np.testing.assert_array_equal(c.log_weights(s, 0, h), c.log_weights(s, 1, h))
+        for a, b in zip(c.gather(s, 0, h), c.gather(s, 1, h)):
+            np.testing.assert_array_equal(a, b)
+    q = rng.standard_normal((4, 16)).astype(np.float32)
+    np.testing.assert_array_equal(c.attention(s, 0, q), c.attention(s, 1, q))

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Merged tokens: kvc/store/merged_cache.hpp (merge_layer, log-weights) and
-// kvc/cpu/merged_attention.hpp (decode attention with the log-weight on every logit).
+// kvc/cpu/merged_attention.hpp (decode attention with the log-weight on every logit), share_layer.
 // Everything is checked against plain double-precision code written here: a dense two-pass softmax
 // over the gathered rows with the log-weights as a bias, merged rows as weighted means of the rows
 // gathered before the merge. Nothing of the kernel (tiles, online softmax, SIMD tails) or of
@@ -12,6 +12,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <kvc/attention.hpp>
@@ -758,4 +759,77 @@ TEST_CASE("merged_prefill_attention rejects bad arguments and writes nothing", "
   require_error([&] { kvc::cpu::merged_prefill_attention(c, s, 0, q.data(), 1, qp, 4, out.data()); },
                 "expected positions ascending in stream order");
   untouched();
+}
+
+namespace {
+
+bool same_stream(const stream_copy& a, const stream_copy& b) {
+  return a.n == b.n && a.k == b.k && a.v == b.v && a.lw == b.lw && a.pos == b.pos;
+}
+
+/// share_layer on a merged cache: the sharer holds the source's merged rows *and* log-weights bit
+/// for bit (so its attention gives each merged token its members' mass: the double reference with
+/// the log-weights as bias), a merge on the sharer copies the shared pages and leaves the source
+/// as it was, and the merge matches the double merge of the shared rows.
+template <class T>
+void share_trials(std::uint64_t salt) {
+  const bool fp16 = std::is_same<T, kvc::half>::value;
+  for (int trial = 0; trial < 12; ++trial) {
+    kvc_test::rng r(salt + static_cast<std::uint64_t>(trial));
+    const std::int32_t H = r.integer(1, 3), D = r.integer(1, 70), P = 1 << r.integer(0, 4), G = r.integer(1, 4);
+    INFO("trial " << trial << (fp16 ? " fp16" : " fp32") << " H=" << H << " D=" << D << " P=" << P << " G=" << G);
+    merged_cache<T> c(kvc_test::cache_shape(3, H, D, P, 4096));
+    const kvc::seq_id s = c.add_sequence();
+    for (std::int32_t l = 0; l < 3; ++l) fill(c, s, l, r.integer(2, 120), r);
+    auto merge_random = [&](std::int32_t layer) {
+      std::vector<std::vector<merge_group>> groups(static_cast<std::size_t>(H));
+      for (std::int32_t h = 0; h < H; ++h)
+        groups[static_cast<std::size_t>(h)] = random_groups(c.length(s, layer, h), r.uniform(0.2f, 0.9f), r);
+      c.merge_layer(s, layer, groups, mean_weights::mass);
+      return groups;
+    };
+    merge_random(0);
+    merge_random(0);  // merged tokens merged again: log-weights of several members
+    std::vector<stream_copy> src;
+    for (std::int32_t h = 0; h < H; ++h) src.push_back(copy_stream(c, s, 0, h));
+    const std::size_t total = c.bytes_in_use(), own1 = c.bytes_in_use(1);
+    c.share_layer(s, 1, 0);
+    REQUIRE(c.bytes_in_use() == total - own1);
+    REQUIRE(c.cache().seen(s, 1) == c.cache().seen(s, 0));
+    for (std::int32_t h = 0; h < H; ++h) REQUIRE(same_stream(copy_stream(c, s, 1, h), src[static_cast<std::size_t>(h)]));
+    check_attention(c, s, 1, H * G, r);
+    // A merge on the sharer: its rows as the double merge of the shared rows; the source unchanged.
+    const auto groups = merge_random(1);
+    for (std::int32_t h = 0; h < H; ++h) {
+      REQUIRE(same_stream(copy_stream(c, s, 0, h), src[static_cast<std::size_t>(h)]));
+      const stream_copy e = expected_merge(src[static_cast<std::size_t>(h)], groups[static_cast<std::size_t>(h)], D,
+                                           mean_weights::mass);
+      const stream_copy got = copy_stream(c, s, 1, h);
+      REQUIRE(got.pos == e.pos);
+      for (std::size_t i = 0; i < e.lw.size(); ++i)
+        KVC_REQUIRE(std::fabs(got.lw[i] - e.lw[i]) <= 1e-5 * (1 + std::fabs(e.lw[i])), "lw " << i);
+      for (std::size_t i = 0; i < e.k.size(); ++i) {
+        KVC_REQUIRE(std::fabs(got.k[i] - e.k[i]) <= tol_of(fp16) * (std::fabs(e.k[i]) + 1e-3), "k " << i);
+        KVC_REQUIRE(std::fabs(got.v[i] - e.v[i]) <= tol_of(fp16) * (std::fabs(e.v[i]) + 1e-3), "v " << i);
+      }
+    }
+    check_attention(c, s, 0, H * G, r);
+    check_attention(c, s, 1, H * G, r);
+    REQUIRE(c.bytes_in_use() == static_cast<std::size_t>(c.cache().pool().pages_in_use()) * c.cache().pool().page_bytes());
+    // Refused calls name the argument and change nothing.
+    const stream_copy one = copy_stream(c, s, 2, 0);
+    REQUIRE_THROWS_WITH(c.share_layer(s, 2, 2), Catch::Contains("kvc::merge::merged_cache::share_layer: from = 2 = layer"));
+    REQUIRE_THROWS_WITH(c.share_layer(s, 2, 3), Catch::Contains("from = 3, expected 0..2"));
+    REQUIRE_THROWS_WITH(c.share_layer(99, 2, 0), Catch::Contains("unknown sequence id 99"));
+    REQUIRE(same_stream(copy_stream(c, s, 2, 0), one));
+    c.remove_sequence(s);
+    REQUIRE(c.bytes_in_use() == 0);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("share_layer gives a layer another layer's merged tokens with their log-weights", "[merge][share]") {
+  share_trials<float>(7100);
+  share_trials<kvc::half>(7200);
 }

@@ -153,6 +153,8 @@ class merged_cache_adapter final : public any_cache {
   void remove_sequence(seq_id s) override { c_.remove_sequence(s); }
   bool contains(seq_id s) const override { return c_.contains(s); }
   seq_id fork(seq_id s) override { return c_.fork(s); }
+  void share_layer(seq_id s, std::int32_t layer, std::int32_t from) override { c_.share_layer(s, layer, from); }
+  bool can_share_layers() const override { return true; }
   void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
               const std::int32_t* positions) override {
     c_.append(s, layer, k, v, n, positions);
@@ -328,6 +330,19 @@ class merger {
   /// must carry nothing yet.
   void fork(seq_id from, seq_id to) {
     evict::detail::fork_entries(tau_, from, to, "kvc::runtime::merger::fork", "merging state");
+  }
+
+  /// Layer `layer` of s takes what the policy carried for layer `from` (D2O's threshold), as the
+  /// cache's share_layer gives it from's tokens. Plan half: makes room for the entry, default
+  /// (unprimed), which is what an absent entry means (may throw, changing nothing visible).
+  /// Commit half: cannot throw.
+  void plan_share_layer(seq_id s, std::int32_t layer, std::int32_t from) {
+    if (tau_.count({s, from})) tau_.try_emplace({s, layer});
+  }
+  void commit_share_layer(seq_id s, std::int32_t layer, std::int32_t from) noexcept {
+    const auto src = tau_.find({s, from});
+    if (src == tau_.end()) tau_.erase({s, layer});
+    else tau_[{s, layer}] = src->second;  // present since the plan: no allocation
   }
 
  private:

@@ -113,6 +113,16 @@ class merged_cache {
   bool contains(seq_id s) const noexcept { return kv_.contains(s); }
   std::size_t num_sequences() const noexcept { return kv_.num_sequences(); }
 
+  /// kv_cache::share_layer, the layer taking from's log-weights with its tokens: a merged token
+  /// keeps its members' mass in the layer that shares it. Strong guarantee.
+  void share_layer(seq_id s, std::int32_t layer, std::int32_t from) {
+    auto& lw = lw_.find_share(s, layer, from, "share_layer");
+    const auto first = lw.begin() + static_cast<std::ptrdiff_t>(lw_.index(from, 0));
+    std::vector<std::vector<float>> copies(first, first + config().num_kv_heads);  // may throw; nothing changed
+    kv_.share_layer(s, layer, from);  // strong
+    for (std::int32_t h = 0; h < config().num_kv_heads; ++h) lw[lw_.index(layer, h)].swap(copies[static_cast<std::size_t>(h)]);
+  }
+
   /// Appends n tokens to every kv head of one layer, each with log-weight 0 (kv_cache::append).
   template <class In>
   void append(seq_id s, std::int32_t layer, const In* k, const In* v, std::int32_t n,
