@@ -18,6 +18,16 @@ def clustered_kv(rng, n, heads, dim, spread=0.15):
     return k.astype(np.float32), rng.standard_normal((n, heads, dim)).astype(np.float32)
 
 
+def drifting_kv(rng):
+    """70 decode steps of (k, v, q): keys near copies of one key for 40 steps (D2O's threshold
+    climbs near 1), then less similar (a fresh threshold would merge what the climbed one drops)."""
+    base = rng.standard_normal((1, 2, 16))
+    spread = np.where(np.arange(70) < 40, 0.05, 0.6)[:, None, None]
+    k = (base + spread * rng.standard_normal((70, 2, 16))).astype(np.float32)
+    v = rng.standard_normal((70, 2, 16)).astype(np.float32)
+    return k, v, rng.standard_normal((70, 4, 16)).astype(np.float32)
+
+
 def merged_reference(cache, seq, layer, q, scale):
     """Decode attention in float64 over each kv head's gathered rows, logit = scale q.k + lw."""
     hq, d = q.shape
@@ -122,11 +132,7 @@ def test_a_fork_merges_as_its_source(rng):
     a = c.add_sequence()
     # Near copies of one key before the fork (the threshold climbs near 1), less similar keys
     # after it: a fresh threshold would merge the fork's first evicted token, the carried one drops it.
-    base = rng.standard_normal((1, 2, 16))
-    spread = np.where(np.arange(70) < 40, 0.05, 0.6)[:, None, None]
-    k = (base + spread * rng.standard_normal((70, 2, 16))).astype(np.float32)
-    v = rng.standard_normal((70, 2, 16)).astype(np.float32)
-    qs = rng.standard_normal((70, 4, 16)).astype(np.float32)
+    k, v, qs = drifting_kv(rng)
 
     def step(seq, t):
         c.append(seq, 0, k[t:t + 1], v[t:t + 1])
@@ -158,11 +164,7 @@ def test_a_shared_layer_merges_as_its_source(rng):
     c = kvc.Cache("h2o(tokens=16,recent=2,sinks=1)+d2o", **SHAPE)
     assert c.can_share_layers
     s = c.add_sequence()
-    base = rng.standard_normal((1, 2, 16))
-    spread = np.where(np.arange(70) < 40, 0.05, 0.6)[:, None, None]
-    k = (base + spread * rng.standard_normal((70, 2, 16))).astype(np.float32)
-    v = rng.standard_normal((70, 2, 16)).astype(np.float32)
-    qs = rng.standard_normal((70, 4, 16)).astype(np.float32)
+    k, v, qs = drifting_kv(rng)
     k1, v1 = random_kv(rng, 40, 2, 16)
 
     def step(layer, kk, vv, q):

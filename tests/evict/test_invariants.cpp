@@ -531,6 +531,19 @@ TEST_CASE("bad budgets, unknown heads and bad selections: clear errors, cache an
   unchanged();
 }
 
+namespace {
+/// Two streams' observer statistics, both present and equal field by field.
+void require_same_stats(const stream_stats* x, const stream_stats* y) {
+  REQUIRE(x != nullptr);
+  REQUIRE(y != nullptr);
+  REQUIRE(x->sum == y->sum);
+  REQUIRE(x->decayed == y->decayed);
+  REQUIRE(x->last == y->last);
+  REQUIRE(x->low == y->low);
+  REQUIRE(x->steps == y->steps);
+}
+}  // namespace
+
 TEST_CASE("a forked sequence inherits the observer's statistics; the two then evolve independently",
           "[evict][decode][fork]") {
   // Reference: a second observer that sees the same steps on one sequence only. The fork must
@@ -550,14 +563,7 @@ TEST_CASE("a forked sequence inherits the observer's statistics; the two then ev
   auto same = [&](const attention_observer& a, kvc::seq_id sa, const attention_observer& b, kvc::seq_id sb) {
     for (int l = 0; l < f.m.layers; ++l)
       for (int h = 0; h < f.m.hkv; ++h) {
-        const stream_stats *x = a.find(sa, l, h), *y = b.find(sb, l, h);
-        REQUIRE(x != nullptr);
-        REQUIRE(y != nullptr);
-        REQUIRE(x->sum == y->sum);
-        REQUIRE(x->decayed == y->decayed);
-        REQUIRE(x->last == y->last);
-        REQUIRE(x->low == y->low);
-        REQUIRE(x->steps == y->steps);
+        require_same_stats(a.find(sa, l, h), b.find(sb, l, h));
       }
   };
   for (std::uint64_t step = 0; step < 5; ++step) {
@@ -606,14 +612,7 @@ TEST_CASE("a layer that shares another's pages takes a copy of its observer stat
   };
   auto same = [&](const attention_observer& a, int la, const attention_observer& b, int lb) {
     for (int h = 0; h < f.m.hkv; ++h) {
-      const stream_stats *x = a.find(f.seq, la, h), *y = b.find(f.seq, lb, h);
-      REQUIRE(x != nullptr);
-      REQUIRE(y != nullptr);
-      REQUIRE(x->sum == y->sum);
-      REQUIRE(x->decayed == y->decayed);
-      REQUIRE(x->last == y->last);
-      REQUIRE(x->low == y->low);
-      REQUIRE(x->steps == y->steps);
+      require_same_stats(a.find(f.seq, la, h), b.find(f.seq, lb, h));
     }
   };
   for (std::uint64_t step = 0; step < 4; ++step)
