@@ -6,8 +6,8 @@
 /// channels, small pages, a pool of a few pages so exhaustion happens); the rest is a sequence of
 /// operations on one `runtime::any_cache`: add / remove / fork a sequence, append (with NaN/Inf
 /// now and then), keep and keep_layer (valid index sets and invalid ones: out of range, unsorted,
-/// duplicated), rewind (valid and out-of-range n), calls with a bad layer / head / sequence, and
-/// decode attention.
+/// duplicated), rewind (valid and out-of-range n), share_layer (valid and bad layer pairs), calls
+/// with a bad layer / head / sequence, and decode attention.
 ///
 /// Every operation is mirrored on a dense reference written from the documentation only (the
 /// storage's page layout in kv_cache.hpp / quant_cache.hpp, the codecs' record formats and error
@@ -186,6 +186,12 @@ class model {
     seqs_.emplace(id, std::move(s));
   }
   void fork(seq_id from, seq_id to) { seqs_.emplace(to, seqs_.at(from)); }  // shares page_refs
+  /// share_layer as documented: the layer's streams become from's (page_refs shared, so a page
+  /// keeps the layer it was allocated for and the first write to it copies it); seen follows.
+  void share(ref_seq& s, int layer, int from) {
+    for (int h = 0; h < H(); ++h) at(s, layer, h) = ref_stream(at(s, from, h));
+    s.seen[static_cast<std::size_t>(layer)] = s.seen[static_cast<std::size_t>(from)];
+  }
   void remove(seq_id id) { seqs_.erase(id); }
 
   // -- append ----------------------------------------------------------------------------------
@@ -1004,7 +1010,7 @@ class runner {
       case 12: op_attention(in); break;
       case 13: op_bad_args(in); break;
       case 14: op_rewind(in); break;
-      default: op_append(in); break;
+      default: op_share(in); break;
     }
   }
 
@@ -1036,6 +1042,25 @@ class runner {
       SF_CHECK(!known(id), "fork returned ", id, ", which is live");
       next_id_ = std::max(next_id_, id + 1);
       m_.fork(s, id);
+    }
+    snap_ = verify();
+  }
+
+  /// share_layer, now and then with a bad layer pair; storages that cannot fork cannot share.
+  void op_share(input& in) {
+    const seq_id s = pick_seq(in);
+    const int layer = in.below(L());
+    int from = in.below(L());
+    if (in.below(16) == 15) from = in.below(2) == 0 ? L() + in.below(2) : -1 - in.below(2);
+    ctx().op = cat("share_layer(", s, ", layer ", layer, ", from ", from, ")");
+    const bool valid = known(s) && from >= 0 && from < L() && from != layer;
+    const auto allocated = c_->traffic().bytes_allocated;
+    if (expect(valid && d().forkable ? outcome::ok : outcome::error, false,
+               [&] { c_->share_layer(s, layer, from); }) == outcome::ok) {
+      count(family() + " share_layer");
+      m_.share(m_.seqs().at(s), layer, from);
+      SF_CHECK(c_->traffic().bytes_allocated == allocated, "share_layer allocated ",
+               c_->traffic().bytes_allocated - allocated, " bytes, expected none");
     }
     snap_ = verify();
   }

@@ -68,13 +68,15 @@ class any_cache {
   /// Whether rewind() is available for this storage.
   virtual bool can_rewind() const { return false; }
 
-  /// Makes layer `layer` of s hold what layer `from` holds, by reference (kv_cache::share_layer:
-  /// nothing allocated, copy-on-write afterwards). Storages without it (every encoded one so far)
-  /// throw kvc::error naming the storage, as does a bad argument; the cache is then unchanged.
+  /// Makes layer `layer` of s hold what layer `from` holds, by reference (kv_cache::share_layer,
+  /// quant_cache::share_layer: nothing allocated, copy-on-write afterwards). Storages without it
+  /// (mikv, the low-rank ones, MiniCache) throw kvc::error naming the storage, as does a bad
+  /// argument; the cache is then unchanged.
   virtual void share_layer(seq_id /*s*/, std::int32_t layer, std::int32_t from) {
     kvc::detail::fail(kvc::detail::concat("kvc::runtime::any_cache::share_layer: storage '", name(),
                                           "' cannot share layers (layer ", layer, " from layer ", from,
-                                          "), expected a full-precision storage (fp32, fp16, bf16, quest)"));
+                                          "), expected a plain or quantized storage (fp32, fp16, bf16, quest, "
+                                          "int8, kivi, ...)"));
   }
   /// Whether share_layer() is available for this storage.
   virtual bool can_share_layers() const { return false; }
