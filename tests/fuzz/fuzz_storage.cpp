@@ -35,6 +35,7 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -740,7 +741,8 @@ inline choice choose(input& in) {
       const auto& p = in.pick(hl);
       static const double hr[] = {0.0, 0.2, 0.5, 1.0};
       static const double rr[] = {0.0, 0.5, 1.0};
-      s = cat("mikv(hbits=", p[0], ",lbits=", p[1], ",high_ratio=", in.pick(hr), ",recent_ratio=", in.pick(rr));
+      const double high = in.pick(hr), recent = in.pick(rr);  // in this order: arguments are unsequenced
+      s = cat("mikv(hbits=", p[0], ",lbits=", p[1], ",high_ratio=", high, ",recent_ratio=", recent);
       d.mikv = true;
       d.forkable = false;
       d.k.kind = codec_kind::mikv;
@@ -1135,11 +1137,15 @@ class runner {
         expect(want, d().mikv, [&] { c_->append(s, layer, k.data(), v.data(), n, given ? pos.data() : nullptr); });
     if (got == outcome::ok) {
       m_.append_commit(m_.seqs().at(s), layer, k.data(), v.data(), n, pos);
-      if (d().mikv) {
+      if (d().mikv && !shrunk_.count({s, layer})) {
         // mikv_storage.hpp: after every append the stream's high-precision budget holds; bytes
         // come from two pools, so only the direction is known: an append never frees memory.
+        // Unless a keep shortened the layer since its last append: keep does not demote, so the
+        // next append demotes the high tokens the shorter stream's budget no longer has room for,
+        // which can free more high-precision pages than the new tokens and low ones take.
         SF_CHECK(c_->bytes_in_use() >= before, "mikv append shrank bytes_in_use() from ", before, " to ", c_->bytes_in_use());
       }
+      shrunk_.erase({s, layer});
     }
     snap_ = verify();
   }
@@ -1206,6 +1212,7 @@ class runner {
     });
     if (got == outcome::ok) {
       m_.keep_commit(m_.seqs().at(s), layer, heads);
+      shrunk_.insert({s, layer});
       // quant_cache.hpp: keep "never needs a page that the stream did not have" unless it is
       // shared (issue 16: keeping 63 of 64 KIVI-2 tokens once tripled the stream's bytes).
       if (!was_shared) {
@@ -1376,6 +1383,7 @@ class runner {
   std::unique_ptr<any_cache> c_;
   snapshot snap_;
   seq_id next_id_ = 0;
+  std::set<std::pair<seq_id, int>> shrunk_;  ///< (sequence, layer) kept since its last append
 };
 
 inline int run_one(const std::uint8_t* data, std::size_t size) {
