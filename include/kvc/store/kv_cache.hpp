@@ -240,10 +240,11 @@ class kv_cache {
   /// Makes layer `layer` of sequence s hold what layer `from` holds, by reference: each kv head's
   /// stream takes from's page table, positions and key bounds, every page gains a reference, and
   /// the layer's own pages are released. No page is allocated or copied, so the shared pages are
-  /// counted once in bytes_in_use() (in bytes_in_use(from), the layer that allocated them). The
-  /// first write to a shared page from either layer (an append into a partial last page, a keep
-  /// that moves rows, rewrite_keys) copies it, as after fork, so the layers stay independent;
-  /// decode attention reads the pages in place. For cross-layer methods, where a layer attends
+  /// counted once in bytes_in_use(), and in bytes_in_use(l) of the layer l that allocated them
+  /// (from, unless from took them from another layer). The first write to a shared page from
+  /// either layer (an append into a partial last page, a keep that moves rows, rewrite_keys)
+  /// copies it, as after fork, so the layers stay independent; decode attention reads the pages
+  /// in place. For cross-layer methods, where a layer attends
   /// with another layer's keys and values. The layer's `seen` becomes from's.
   /// Throws kvc::error on a bad argument (unknown s, a layer out of range, layer == from) and
   /// std::bad_alloc while copying the tables, leaving the cache unchanged either way.

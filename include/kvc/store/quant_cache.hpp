@@ -192,10 +192,11 @@ class quant_cache {
   /// kv_cache::share_layer does: each kv head's stream takes from's quantized pages, residual and
   /// sink pages, positions and region counts; every page gains a reference in its pool and the
   /// layer's own pages are released. Nothing is allocated, copied or re-encoded, so the shared
-  /// pages count once in bytes_in_use() (in bytes_in_use(from), the layer that allocated them).
-  /// The first write to a shared page from either layer (an append into the residual window or a
-  /// partial unit, a keep that moves records) copies it, as after fork, so the layers stay
-  /// independent. The layer's `seen` becomes from's.
+  /// pages count once in bytes_in_use(), and in bytes_in_use(l) of the layer l that allocated
+  /// them (from, unless from took them from another layer). The first write to a shared page from
+  /// either layer (an append into the sinks, the residual window or a partial unit, a keep that
+  /// moves records or sinks) copies it, as after fork, so the layers stay independent. The
+  /// layer's `seen` becomes from's.
   /// Throws kvc::error on a bad argument (a layer out of range, layer == from, unknown s) and
   /// std::bad_alloc while copying the tables, leaving the cache unchanged either way.
   void share_layer(seq_id s, std::int32_t layer, std::int32_t from) {
