@@ -203,17 +203,14 @@ class attention_observer {
     KVC_EXPECTS_IN("kvc::evict::attention_observer::share_layer", from != as_layer, "from = layer = ", from,
                    ", expected two different layers");
     layer_stats copies;
-    for (auto it = s_.lower_bound(std::make_tuple(seq, from, std::numeric_limits<std::int32_t>::min()));
-         it != s_.end() && std::get<0>(it->first) == seq && std::get<1>(it->first) == from; ++it)
+    for (auto it = first_of(seq, from), end = first_of(seq, from + 1); it != end; ++it)
       copies.emplace(std::make_tuple(seq, as_layer, std::get<2>(it->first)), it->second);
     return copies;
   }
   /// The commit half: drops layer's statistics and moves `copies` (from copy_layer) in; allocates
   /// nothing (map nodes are spliced).
   void replace_layer(std::int32_t seq, std::int32_t layer, layer_stats&& copies) noexcept {
-    for (auto it = s_.lower_bound(std::make_tuple(seq, layer, std::numeric_limits<std::int32_t>::min()));
-         it != s_.end() && std::get<0>(it->first) == seq && std::get<1>(it->first) == layer;)
-      it = s_.erase(it);
+    s_.erase(first_of(seq, layer), first_of(seq, layer + 1));
     s_.merge(copies);
   }
 
@@ -227,6 +224,11 @@ class attention_observer {
   }
 
  private:
+  /// The first entry at or after (seq, layer, any head): the layer's entries end at layer + 1's.
+  layer_stats::const_iterator first_of(std::int32_t seq, std::int32_t layer) const {
+    return s_.lower_bound(std::make_tuple(seq, layer, std::numeric_limits<std::int32_t>::min()));
+  }
+
   stream_stats& stats_for(std::int32_t seq, std::int32_t layer, std::int32_t h, std::int32_t n) {
     stream_stats& st = s_[std::make_tuple(seq, layer, h)];
     const std::size_t have = held(st);

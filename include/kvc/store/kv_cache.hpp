@@ -252,7 +252,7 @@ class kv_cache {
     sequence& sq = seqs_.find_share(s, layer, from, "share_layer");
     const std::int32_t H = cfg_.num_kv_heads;
     // Copies first: a bad_alloc here changes nothing. The commit below cannot throw.
-    std::vector<stream> tables = seqs_.copy_layer(sq, from);
+    std::vector<stream> tables = seqs_.copy_layer(sq.streams, from);
     std::vector<std::vector<T>> bounds(cfg_.key_bounds ? static_cast<std::size_t>(H) : 0);
     for (std::int32_t h = 0; cfg_.key_bounds && h < H; ++h) bounds[static_cast<std::size_t>(h)] = bounds_of(sq, from, h);
     for (const stream& st : tables)  // retain before release: a page both layers hold stays live

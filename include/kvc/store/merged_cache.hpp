@@ -117,8 +117,7 @@ class merged_cache {
   /// keeps its members' mass in the layer that shares it. Strong guarantee.
   void share_layer(seq_id s, std::int32_t layer, std::int32_t from) {
     auto& lw = lw_.find_share(s, layer, from, "share_layer");
-    const auto first = lw.begin() + static_cast<std::ptrdiff_t>(lw_.index(from, 0));
-    std::vector<std::vector<float>> copies(first, first + config().num_kv_heads);  // may throw; nothing changed
+    std::vector<std::vector<float>> copies = lw_.copy_layer(lw, from);  // may throw; nothing changed
     kv_.share_layer(s, layer, from);  // strong
     for (std::int32_t h = 0; h < config().num_kv_heads; ++h) lw[lw_.index(layer, h)].swap(copies[static_cast<std::size_t>(h)]);
   }

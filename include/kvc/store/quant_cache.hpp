@@ -201,7 +201,7 @@ class quant_cache {
   /// std::bad_alloc while copying the tables, leaving the cache unchanged either way.
   void share_layer(seq_id s, std::int32_t layer, std::int32_t from) {
     sequence& sq = seqs_.find_share(s, layer, from, "share_layer");
-    std::vector<qstream> tables = seqs_.copy_layer(sq, from);  // may throw; nothing changed yet
+    std::vector<qstream> tables = seqs_.copy_layer(sq.streams, from);  // may throw; nothing changed yet
     for (const qstream& st : tables) retain_stream(st);  // before release: a page both layers hold stays live
     for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) {
       qstream& st = seqs_.at(sq, layer, h);

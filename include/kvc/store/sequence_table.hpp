@@ -11,7 +11,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -81,12 +80,13 @@ class sequence_table {
     if (from == layer) fail(concat(owner_, "::", fn, ": from = ", from, " = layer, expected another layer"));
     return find(s, fn);
   }
-  /// Copies of every kv head's stream of one layer (what share_layer gives another layer). May
-  /// throw std::bad_alloc, changing nothing.
-  auto copy_layer(const Sequence& sq, std::int32_t layer) const {
-    using stream_type = typename std::decay<decltype(sq.streams.front())>::type;
-    return std::vector<stream_type>(sq.streams.begin() + static_cast<std::ptrdiff_t>(index(layer, 0)),
-                                    sq.streams.begin() + static_cast<std::ptrdiff_t>(index(layer + 1, 0)));
+  /// Copies of every kv head's entry of one layer in a per-stream vector ([layer * num_kv_heads +
+  /// head]: a sequence's streams, or what a store keeps beside them): what share_layer gives
+  /// another layer. May throw std::bad_alloc, changing nothing.
+  template <class Stream>
+  std::vector<Stream> copy_layer(const std::vector<Stream>& streams, std::int32_t layer) const {
+    return std::vector<Stream>(streams.begin() + static_cast<std::ptrdiff_t>(index(layer, 0)),
+                               streams.begin() + static_cast<std::ptrdiff_t>(index(layer + 1, 0)));
   }
 
   /// The sum of fn(stream) over every stream of every sequence (tokens held, bookkeeping bytes).
