@@ -154,6 +154,8 @@ NB_MODULE(_kvc, m) {
   kvc::runtime::register_quant_storages();
   kvc::runtime::register_mikv_storage();
   kvc::runtime::register_quest_storage();
+  kvc::runtime::register_merged_storage();
+  kvc::runtime::register_layered_storage();
   kvc_python::register_lowrank_storages();
 
   // Named after the module as imported (kvc._kvc, or _kvc under stubgen) so that stubgen lists

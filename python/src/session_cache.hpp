@@ -22,8 +22,10 @@
 #include <kvc/evict/evict.hpp>
 #include <kvc/kvc.hpp>
 #include <kvc/runtime/evictor_registry.hpp>
+#include <kvc/runtime/layered_storage.hpp>  // layers(BASE, lA_B=STORAGE, ...)
 #include <kvc/runtime/make_cache.hpp>
-#include <kvc/runtime/merge_registry.hpp>  // merging stages (cam, d2o, kvmerger) and the merged cache
+#include <kvc/runtime/merge_registry.hpp>  // merging stages (cam, d2o, kvmerger)
+#include <kvc/runtime/merged_storage.hpp>  // the merged cache they act on
 #include <kvc/runtime/mikv_storage.hpp>    // mikv
 #include <kvc/runtime/quant_storages.hpp>  // int8, int4, kivi, fp8, ...
 #include <kvc/runtime/quest_storage.hpp>   // quest(budget=...): query-aware page reads
@@ -127,10 +129,9 @@ class session_cache {
     so.weights = s.weights;
     // The best ISA configuration this CPU runs (python/CMakeLists.txt adds AVX2 and AVX-512 ones
     // to the module, which itself builds for the baseline: SSE2 on x86-64); KVC_ISA forces one.
-    // A merging stage needs tokens with log-weights: merged_cache pages (fp16 or fp32), whose
-    // kernels are the module's baseline ones (the ISA variants register make_cache's storages,
-    // and the merger acts on its own TU's merged cache type).
-    cache_ = merge_ ? kvc::runtime::make_merged_cache(storage, c) : kvc::runtime::make_cache_for_cpu(storage, c, so);
+    // A merging stage needs tokens with log-weights: merged_cache pages (fp16 or fp32), also
+    // from the best configuration (the merger reaches them through any_cache::merged_fp16/fp32).
+    cache_ = merge_ ? kvc::runtime::make_merged_cache_for_cpu(storage, c) : kvc::runtime::make_cache_for_cpu(storage, c, so);
     if (merge_) merger_.emplace(*merge_);
     num_q_heads_ = q_heads;
     if (ev_) {
@@ -388,10 +389,9 @@ class session_cache {
     need_layer(layer, "log_weights");
     KVC_EXPECTS_IN("kvc.Cache.log_weights", head >= 0 && head < cache_->config().num_kv_heads, "head = ", head,
                    ", expected 0..", cache_->config().num_kv_heads - 1);
-    if (auto* h = dynamic_cast<const kvc::runtime::merged_cache_adapter<kvc::half>*>(cache_.get()))
-      return h->get().log_weights(s, layer, head);
-    if (auto* f = dynamic_cast<const kvc::runtime::merged_cache_adapter<float>*>(cache_.get()))
-      return f->get().log_weights(s, layer, head);
+    const kvc::runtime::any_cache& c = *cache_;
+    if (auto* h = c.merged_fp16()) return h->log_weights(s, layer, head);
+    if (auto* f = c.merged_fp32()) return f->log_weights(s, layer, head);
     return std::vector<float>(static_cast<std::size_t>(cache_->length(s, layer, head)), 0.0f);
   }
 

@@ -59,10 +59,10 @@ def random_kv(rng, n, heads, dim):
 
 def storage_spec(name, num_layers, num_kv_heads, head_dim):
     """A spec and the Cache keywords that build storage `name` with small arguments: the storages
-    whose arguments have no default (mikv, the low-rank ones) and palu, which needs the model's
+    whose arguments have no default (mikv, the low-rank ones, layers) and palu, which needs the model's
     W_k and W_v (random ones here) and its RoPE."""
     specs = {"mikv": "mikv(hbits=8,lbits=4)", "pca": "pca(rank=8)", "think": "think(ratio=0.5)",
-             "xkv": "xkv(group=1,rank=8,pre_rope=0)", "palu": "palu(rank=8)"}
+             "xkv": "xkv(group=1,rank=8,pre_rope=0)", "palu": "palu(rank=8)", "layers": "layers(fp16, l0=int8)"}
     kwargs = {}
     if name == "palu":
         w = np.random.default_rng(0).standard_normal((num_layers, num_kv_heads * head_dim, 32)).astype(np.float32)

@@ -12,8 +12,11 @@
 #include <vector>
 
 #include <kvc/runtime/isa_dispatch.hpp>
+#include <kvc/runtime/layered_storage.hpp>  // registered below, and in the AVX2 TU
 #include <kvc/runtime/make_cache.hpp>
-#include <kvc/runtime/quest_storage.hpp>  // registered below, in this TU's configuration only
+#include <kvc/runtime/merge_registry.hpp>
+#include <kvc/runtime/merged_storage.hpp>  // registered below, and in the AVX2 TU (tests/isa/CMakeLists.txt)
+#include <kvc/runtime/quest_storage.hpp>   // registered below, in this TU's configuration only
 
 #include "dense_reference.hpp"
 #include "kvc_catch.hpp"
@@ -21,7 +24,9 @@
 
 // Storage headers register nothing by being included (runtime/make_cache.hpp): the storages this
 // file builds by spec are registered here, in its own ISA configuration, before any test runs.
-[[maybe_unused]] static const bool storages_registered = (kvc::runtime::register_quest_storage(), true);
+[[maybe_unused]] static const bool storages_registered =
+    (kvc::runtime::register_quest_storage(), kvc::runtime::register_merged_storage(),
+     kvc::runtime::register_layered_storage(), true);
 
 namespace {
 
@@ -110,6 +115,14 @@ TEST_CASE("make_cache_for_cpu builds with the best configuration this CPU runs",
   auto q = kvc::runtime::make_cache_for_cpu("quest(budget=128,dense=0)", config());  // budget >= the 77 tokens: every page read
   REQUIRE(std::string(q->isa()) == base);
   check_cache(*q, 2);
+  // layers(...) is registered in both; the configuration must know every part too: with a quest
+  // part only this TU's does, with plain parts the best one.
+  const char* mixed = "layers(fp16, l0=quest(budget=128,dense=0))";
+  REQUIRE(std::string(kvc::runtime::make_cache_for_cpu(mixed, config())->isa()) == base);
+  check_cache(*kvc::runtime::make_cache_for_cpu(mixed, config()), 3);
+  auto plain = kvc::runtime::make_cache_for_cpu("layers(fp16, l0=fp32)", config());
+  REQUIRE(std::string(plain->isa()) == (avx2 ? std::string(avx2_name) : base));
+  check_cache(*plain, 4);
 }
 
 TEST_CASE("make_cache_for_cpu names a configuration it cannot use", "[isa][dispatch][errors]") {
@@ -125,7 +138,114 @@ TEST_CASE("make_cache_for_cpu names a configuration it cannot use", "[isa][dispa
   if (kvc::detail::cpu_has_avx2_fma_f16c())
     REQUIRE_THROWS_WITH(kvc::runtime::make_cache_for_cpu("quest(budget=32)", config(), {}, avx2_name),
                         Contains("storage 'quest' is not registered in the isa_avx2_fma_f16c configuration"));
+  if (kvc::detail::cpu_has_avx2_fma_f16c())
+    REQUIRE_THROWS_WITH(kvc::runtime::make_cache_for_cpu("layers(fp16, l0=quest(budget=32))", config(), {}, avx2_name),
+                        Contains("a storage of 'layers', 'fp16', 'quest' is not registered in the "
+                                 "isa_avx2_fma_f16c configuration"));
   REQUIRE_THROWS_WITH(kvc::runtime::make_cache_for_cpu("nonesuch(bits=2)", config()),
                       Contains("storage 'nonesuch' is not registered in any configuration this CPU runs"));
   REQUIRE_THROWS_WITH(kvc::runtime::make_cache_for_cpu("fp16+fp16", config()), Contains("expected exactly one storage"));
+}
+
+namespace {
+/// Decode attention with each token's log-weight added to its logit, in double, over what a
+/// merged cache holds (gather and log_weights): the formula of kvc/cpu/merged_attention.hpp,
+/// written again.
+std::vector<double> weighted_reference(const kvc::runtime::any_cache& c, kvc::seq_id s, const float* q, std::int32_t hq) {
+  const std::int32_t H = c.config().num_kv_heads, D = c.config().head_dim;
+  const auto* f16 = c.merged_fp16();
+  const auto* f32 = c.merged_fp32();
+  std::vector<double> out(static_cast<std::size_t>(hq) * D, 0.0);
+  for (std::int32_t h = 0; h < hq; ++h) {
+    const std::int32_t g = h / (hq / H), n = c.length(s, 0, g);
+    std::vector<float> k(static_cast<std::size_t>(n) * D), v(k.size());
+    c.gather(s, 0, g, k.data(), v.data());
+    const std::vector<float> lw = f16 ? f16->log_weights(s, 0, g) : f32->log_weights(s, 0, g);
+    std::vector<double> logit(static_cast<std::size_t>(n));
+    double mx = -1e300, sum = 0;
+    for (std::int32_t t = 0; t < n; ++t) {
+      double d = 0;
+      for (std::int32_t i = 0; i < D; ++i) d += double(q[h * D + i]) * k[static_cast<std::size_t>(t) * D + i];
+      logit[static_cast<std::size_t>(t)] = d / std::sqrt(double(D)) + lw[static_cast<std::size_t>(t)];
+      mx = std::max(mx, logit[static_cast<std::size_t>(t)]);
+    }
+    for (std::int32_t t = 0; t < n; ++t) {
+      const double p = std::exp(logit[static_cast<std::size_t>(t)] - mx);
+      sum += p;
+      for (std::int32_t i = 0; i < D; ++i) out[static_cast<std::size_t>(h) * D + i] += p * v[static_cast<std::size_t>(t) * D + i];
+    }
+    for (std::int32_t i = 0; i < D; ++i) out[static_cast<std::size_t>(h) * D + i] /= sum;
+  }
+  return out;
+}
+}  // namespace
+
+TEST_CASE("make_merged_cache_for_cpu: the best configuration's merged kernels, merged by a stage of another", "[isa][dispatch][merge]") {
+  const std::string base = kvc::cpu::isa_name();
+  const bool avx2 = kvc::detail::cpu_has_avx2_fma_f16c();
+  ::unsetenv("KVC_ISA");
+  const auto cfg = config();
+  const std::int32_t H = cfg.num_kv_heads, D = cfg.head_dim, hq = 2 * H, n = 90;
+  kvc_test::rng r(7);
+  const auto k = r.normals(static_cast<std::size_t>(n) * H * D), v = r.normals(k.size()),
+             q = r.normals(static_cast<std::size_t>(hq) * D);
+  // Every third token and the last 16 kept, per head; D2O merges the others into similar kept keys.
+  std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(H));
+  std::vector<std::vector<float>> scores(static_cast<std::size_t>(H), std::vector<float>(static_cast<std::size_t>(n), 1.0f));
+  for (std::int32_t h = 0; h < H; ++h)
+    for (std::int32_t t = 0; t < n; ++t)
+      if (t % 3 == h % 3 || t >= n - 16) kept[static_cast<std::size_t>(h)].push_back(t);
+  for (const char* storage : {"fp16", "fp32"}) {
+    INFO(storage);
+    const bool half = std::string(storage) == "fp16";
+    auto best = kvc::runtime::make_merged_cache_for_cpu(storage, cfg);
+    auto forced = kvc::runtime::make_merged_cache_for_cpu(storage, cfg, base.c_str());
+    REQUIRE(std::string(best->isa()) == (avx2 ? std::string(avx2_name) : base));
+    REQUIRE(std::string(forced->isa()) == base);
+    ::setenv("KVC_ISA", base.c_str(), 1);
+    REQUIRE(std::string(kvc::runtime::make_merged_cache_for_cpu(storage, cfg)->isa()) == base);
+    ::unsetenv("KVC_ISA");
+    for (auto* c : {best.get(), forced.get()}) {
+      REQUIRE((c->merged_fp16() != nullptr) == half);
+      REQUIRE((c->merged_fp32() != nullptr) == !half);
+    }
+    // This TU's merger (its configuration: the baseline) acts on both caches alike.
+    kvc::runtime::merger m(kvc::runtime::make_merge_policy(kvc::runtime::parse_spec("d2o(beta=0.5)")[0]));
+    kvc::runtime::merger m2(m.policy());
+    const auto sb = best->add_sequence(), sf = forced->add_sequence();
+    best->append(sb, 0, k.data(), v.data(), n);
+    forced->append(sf, 0, k.data(), v.data(), n);
+    m.apply(*best, sb, 0, scores, kept);
+    m2.apply(*forced, sf, 0, scores, kept);
+    bool merged_any = false;
+    for (std::int32_t h = 0; h < H; ++h) {
+      const auto len = best->length(sb, 0, h);
+      REQUIRE(len == static_cast<std::int32_t>(kept[static_cast<std::size_t>(h)].size()));
+      REQUIRE(forced->length(sf, 0, h) == len);
+      std::vector<float> kb(static_cast<std::size_t>(len) * D), vb(kb.size()), kf(kb.size()), vf(kb.size());
+      best->gather(sb, 0, h, kb.data(), vb.data());
+      forced->gather(sf, 0, h, kf.data(), vf.data());
+      REQUIRE(kb == kf);
+      REQUIRE(vb == vf);
+      const auto lb = half ? best->merged_fp16()->log_weights(sb, 0, h) : best->merged_fp32()->log_weights(sb, 0, h);
+      const auto lf = half ? forced->merged_fp16()->log_weights(sf, 0, h) : forced->merged_fp32()->log_weights(sf, 0, h);
+      REQUIRE(lb == lf);
+      for (float w : lb) merged_any = merged_any || w > 0.0f;
+    }
+    REQUIRE(merged_any);  // else the log-weights below would test nothing
+    for (auto [c, s] : {std::make_pair(best.get(), sb), std::make_pair(forced.get(), sf)}) {
+      std::vector<float> out(q.size());
+      c->attention(s, 0, q.data(), hq, out.data());
+      const auto ref = weighted_reference(*c, s, q.data(), hq);
+      for (std::size_t i = 0; i < out.size(); ++i) REQUIRE(std::fabs(out[i] - ref[i]) <= 2e-5 * (1 + std::fabs(ref[i])));
+    }
+  }
+  using Catch::Contains;
+  REQUIRE_THROWS_WITH(kvc::runtime::make_merged_cache_for_cpu("kivi(bits=2)", cfg), Contains("storage 'kivi(bits=2)'"));
+  REQUIRE_THROWS_WITH(kvc::runtime::make_merged_cache_for_cpu("fp16", cfg, "isa_nonesuch"),
+                      Contains("kvc::runtime::make_merged_cache_for_cpu: isa = \"isa_nonesuch\""));
+  // A plain cache holds no log-weights: the merger refuses it by name, whatever its configuration.
+  auto plain = kvc::runtime::make_cache_for_cpu("fp16", cfg);
+  REQUIRE(plain->merged_fp16() == nullptr);
+  REQUIRE(plain->merged_fp32() == nullptr);
 }

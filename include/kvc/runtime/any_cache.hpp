@@ -31,6 +31,11 @@
 #include <kvc/store/kv_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
+namespace merge {
+template <class T>
+class merged_cache;  // kvc/store/merged_cache.hpp
+}  // namespace merge
+
 namespace runtime {
 
 /// Threads: every implementation follows the caches' contract; mikv's attention() writes its sequence (docs/threading.md).
@@ -138,6 +143,15 @@ class any_cache {
   /// Whether keys are appended before RoPE (KVQuant's pre-RoPE keys): the caller then appends
   /// un-rotated keys with their positions, and the cache rotates them when it reads them.
   virtual bool pre_rope_keys() const { return false; }
+
+  /// The merge::merged_cache this cache is (runtime/merged_storage.hpp), when its tokens carry
+  /// log-weights, else null. ISA-neutral, unlike a dynamic_cast to the adapter (one type per ISA
+  /// namespace): a merging stage built in one ISA configuration reaches a cache that another built
+  /// (make_merged_cache_for_cpu).
+  virtual merge::merged_cache<half>* merged_fp16() noexcept { return nullptr; }
+  virtual merge::merged_cache<float>* merged_fp32() noexcept { return nullptr; }
+  const merge::merged_cache<half>* merged_fp16() const noexcept { return const_cast<any_cache*>(this)->merged_fp16(); }
+  const merge::merged_cache<float>* merged_fp32() const noexcept { return const_cast<any_cache*>(this)->merged_fp32(); }
 
   /// Rotated queries the storage asks to observe once a layer's prompt is in the cache (ThinK's
   /// observation window, runtime/think_storage.hpp); 0: none, and observe_window() does nothing.

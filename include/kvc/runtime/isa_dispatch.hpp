@@ -32,13 +32,19 @@ namespace runtime {
 
 struct storage_options;
 
-/// One ISA configuration of the program, as its make_cache.hpp registered it.
+/// One ISA configuration of the program, as make_cache.hpp (and register_merged_storage())
+/// registered it.
 struct isa_variant {
   const char* name;  ///< its ISA namespace, e.g. "isa_avx2_fma_f16c"
   int rank;          ///< higher runs faster where it runs at all (KVC_ISA_RANK)
   bool (*runs_here)();  ///< whether this CPU has every feature the configuration was compiled for
-  bool (*has_storage)(const std::string& name);  ///< whether its registry knows the storage
+  /// Whether its registry knows the storage, and its make_cache: null until make_cache.hpp
+  /// registered the configuration.
+  bool (*has_storage)(const std::string& name);
   std::unique_ptr<any_cache> (*make)(const spec_stage&, const cache_config&, const storage_options&);
+  /// Its make_merged_cache (runtime/merged_storage.hpp), once register_merged_storage() ran in
+  /// the configuration; null before.
+  std::unique_ptr<any_cache> (*make_merged)(const std::string& storage, const cache_config&) = nullptr;
 };
 
 /// The registered configurations, one entry each (registration runs at static initialisation,
@@ -48,20 +54,28 @@ inline std::vector<isa_variant>& isa_variants() {
   return v;
 }
 
-/// Registers a configuration once (by name); returns true for use as an initialiser.
+/// Registers a configuration once (by name); a second registration of a name only fills what
+/// the first left null (make_cache.hpp and register_merged_storage() each register, in an order
+/// static initialisation does not fix). Returns true for use as an initialiser.
 inline bool add_isa_variant(const isa_variant& v) {
-  for (const isa_variant& e : isa_variants())
-    if (std::strcmp(e.name, v.name) == 0) return true;
+  for (isa_variant& e : isa_variants())
+    if (std::strcmp(e.name, v.name) == 0) {
+      if (!e.has_storage) e.has_storage = v.has_storage, e.make = v.make;
+      if (!e.make_merged) e.make_merged = v.make_merged;
+      return true;
+    }
   isa_variants().push_back(v);
   return true;
 }
 
-/// The configuration make_cache_for_cpu builds a `storage` with: the one named `isa` when given
-/// (else the environment variable KVC_ISA when set and not empty), which must be registered, run
-/// on this CPU and know the storage; otherwise the highest-ranked one that runs here and knows
-/// the storage.
-inline const isa_variant& choose_isa_variant(const std::string& storage, const char* isa = nullptr) {
-  constexpr const char* who = "kvc::runtime::make_cache_for_cpu";
+namespace detail {
+/// The configuration `who` builds with: the one named `isa` when given (else the environment
+/// variable KVC_ISA when set and not empty), which must be registered, run on this CPU and
+/// have `what` (`has`); otherwise the highest-ranked one that runs here and has it. `expect_named`
+/// and `expect_any` say what registers `what`, for the errors.
+template <class Has>
+const isa_variant& choose_isa_variant(const char* who, const char* isa, Has has, const std::string& what,
+                                      const char* expect_named, const char* expect_any) {
   if (!isa || !*isa) isa = std::getenv("KVC_ISA");
   std::string names;
   for (const isa_variant& e : isa_variants()) names += std::string(names.empty() ? "" : ", ") + e.name;
@@ -70,8 +84,7 @@ inline const isa_variant& choose_isa_variant(const std::string& storage, const c
       if (std::strcmp(e.name, isa) != 0) continue;
       KVC_EXPECTS_IN(who, e.runs_here(), "isa = \"", isa, "\" is not supported by this CPU, expected one of the ",
                      "configurations it runs (registered: ", names, ")");
-      KVC_EXPECTS_IN(who, e.has_storage(storage), "storage '", storage, "' is not registered in the ", isa,
-                     " configuration, expected its TU to include the storage's header");
+      KVC_EXPECTS_IN(who, has(e), what, " is not registered in the ", isa, " configuration, expected ", expect_named);
       return e;
     }
     kvc::detail::fail(kvc::detail::concat(who, ": isa = \"", isa, "\" (argument or KVC_ISA) is not registered, expected "
@@ -79,11 +92,57 @@ inline const isa_variant& choose_isa_variant(const std::string& storage, const c
   }
   const isa_variant* best = nullptr;
   for (const isa_variant& e : isa_variants())
-    if ((!best || e.rank > best->rank) && e.has_storage(storage) && e.runs_here()) best = &e;
-  KVC_EXPECTS_IN(who, best != nullptr, "storage '", storage, "' is not registered in any configuration this CPU runs ",
-                 "(registered: ", names, "), expected its register call (e.g. kvc::runtime::register_quant_storages()) in a TU "
-                 "of this program");
+    if ((!best || e.rank > best->rank) && has(e) && e.runs_here()) best = &e;
+  KVC_EXPECTS_IN(who, best != nullptr, what, " is not registered in any configuration this CPU runs (registered: ", names,
+                 "), expected ", expect_any);
   return *best;
+}
+}  // namespace detail
+
+namespace detail {
+/// Whether some configuration registered `name` as a storage.
+inline bool any_variant_has(const std::string& name) {
+  for (const isa_variant& e : isa_variants())
+    if (e.has_storage && e.has_storage(name)) return true;
+  return false;
+}
+/// The storages a stage builds: its own, and every nested stage that some configuration knows as
+/// a storage (the parts of `layers(fp16, l0_3=pca(...))`), which the configuration that builds
+/// the stage must know too.
+inline void stage_storages(const spec_stage& st, bool top, std::vector<std::string>& out) {
+  if (top || any_variant_has(st.name)) out.push_back(st.name);
+  for (const spec_arg& a : st.args) {
+    if (a.value.stage) stage_storages(*a.value.stage, false, out);
+    else if (!a.value.is_number && any_variant_has(a.value.text)) out.push_back(a.value.text);  // l1=fp32
+  }
+}
+}  // namespace detail
+
+/// The configuration make_cache_for_cpu builds a stage with: the one named `isa` when given
+/// (else the environment variable KVC_ISA when set and not empty), which must be registered, run
+/// on this CPU and know the stage's storages (its own and its parts'); otherwise the
+/// highest-ranked one that runs here and knows them.
+inline const isa_variant& choose_isa_variant(const spec_stage& st, const char* isa = nullptr) {
+  std::vector<std::string> need;
+  detail::stage_storages(st, true, need);
+  std::string what;
+  for (const std::string& n : need) what += (what.empty() ? "'" : ", '") + n + "'";
+  return detail::choose_isa_variant(
+      "kvc::runtime::make_cache_for_cpu", isa,
+      [&](const isa_variant& e) {
+        for (const std::string& n : need)
+          if (!e.has_storage || !e.has_storage(n)) return false;
+        return true;
+      },
+      (need.size() == 1 ? "storage " : "a storage of ") + what, "its TU to include the storage's header",
+      "its register call (e.g. kvc::runtime::register_quant_storages()) in a TU of this program");
+}
+
+/// choose_isa_variant for a storage name alone.
+inline const isa_variant& choose_isa_variant(const std::string& storage, const char* isa = nullptr) {
+  spec_stage st;
+  st.name = storage;
+  return choose_isa_variant(st, isa);
 }
 
 }  // namespace runtime

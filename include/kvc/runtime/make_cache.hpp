@@ -206,7 +206,7 @@ KVC_END_ISA_NAMESPACE
 /// isa() says which one runs it.
 inline std::unique_ptr<any_cache> make_cache_for_cpu(const spec_stage& st, const cache_config& cfg,
                                                      const storage_options& opt = {}, const char* isa = nullptr) {
-  return choose_isa_variant(st.name, isa).make(st, cfg, opt);
+  return choose_isa_variant(st, isa).make(st, cfg, opt);
 }
 
 inline std::unique_ptr<any_cache> make_cache_for_cpu(const std::string& spec, const cache_config& cfg,

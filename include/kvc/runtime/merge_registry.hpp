@@ -22,7 +22,8 @@
 /// mass=0: it weighs as one token, as in the papers (same key and value).
 /// e.g. `snapkv(ratio=0.5)+d2o`, `snapkv(ratio=0.75)+kvmerger(eps=0.8)+fp32`. Every merged
 /// token carries its members' attention mass as a log-weight, so the storage is a
-/// merge::merged_cache: fp16 or fp32 pages (make_merged_cache). The defaults are the papers'
+/// merge::merged_cache: fp16 or fp32 pages (runtime/merged_storage.hpp: make_merged_cache, or
+/// make_merged_cache_for_cpu for the best ISA configuration). The defaults are the papers'
 /// (each option's comment in its header says where it was read).
 
 #include <cmath>
@@ -37,7 +38,6 @@
 
 #include <kvc/attention/options.hpp>
 #include <kvc/budget/budget.hpp>
-#include <kvc/cpu/merged_attention.hpp>
 #include <kvc/error.hpp>
 #include <kvc/evict/compressor.hpp>
 #include <kvc/isa.hpp>
@@ -45,6 +45,7 @@
 #include <kvc/merge/d2o.hpp>
 #include <kvc/merge/kvmerger.hpp>
 #include <kvc/runtime/any_cache.hpp>
+#include <kvc/runtime/merged_storage.hpp>
 #include <kvc/runtime/spec.hpp>
 #include <kvc/store/merged_cache.hpp>
 
@@ -131,93 +132,8 @@ inline merge_policy make_merge_policy(const spec_stage& st) {
   return p;
 }
 
-// ---- per ISA (docs/isa.md): the cache runs this TU's merged kernels ----
+// ---- per ISA (docs/isa.md) ----
 KVC_BEGIN_ISA_NAMESPACE
-
-/// any_cache over a merge::merged_cache<T>: decode and prefill attention add each token's
-/// log-weight to its logit (kvc/cpu/merged_attention.hpp). Until a merge, every log-weight is
-/// 0 and it attends as kv_cache<T> does.
-/// Threads: merged_cache's contract (docs/threading.md).
-template <class T>
-class merged_cache_adapter final : public any_cache {
- public:
-  merged_cache_adapter(std::string name, const cache_config& cfg) : name_(std::move(name)), c_(cfg) {}
-
-  merge::merged_cache<T>& get() noexcept { return c_; }
-  const merge::merged_cache<T>& get() const noexcept { return c_; }
-
-  const cache_config& config() const override { return c_.config(); }
-  std::string name() const override { return name_; }
-  const char* isa() const override { return KVC_ISA_STR(KVC_ISA_NAMESPACE); }
-  seq_id add_sequence() override { return c_.add_sequence(); }
-  void remove_sequence(seq_id s) override { c_.remove_sequence(s); }
-  bool contains(seq_id s) const override { return c_.contains(s); }
-  seq_id fork(seq_id s) override { return c_.fork(s); }
-  void share_layer(seq_id s, std::int32_t layer, std::int32_t from) override { c_.share_layer(s, layer, from); }
-  bool can_share_layers() const override { return true; }
-  void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
-              const std::int32_t* positions) override {
-    c_.append(s, layer, k, v, n, positions);
-  }
-  void keep(seq_id s, std::int32_t layer, std::int32_t head, const std::int32_t* kept, std::int32_t n) override {
-    KVC_EXPECTS_IN("kvc::runtime::merged_cache_adapter::keep", head >= 0 && head < config().num_kv_heads,
-                   "head = ", head, ", expected 0..", config().num_kv_heads - 1);
-    KVC_EXPECTS_IN("kvc::runtime::merged_cache_adapter::keep", n >= 0 && (n == 0 || kept != nullptr), "n = ", n,
-                   " with kept ", kept ? "set" : "null", ", expected n >= 0 indices");
-    // One head through keep_layer: the other heads keep every token.
-    std::vector<std::vector<std::int32_t>> all(static_cast<std::size_t>(config().num_kv_heads));
-    for (std::int32_t h = 0; h < config().num_kv_heads; ++h) {
-      auto& v = all[static_cast<std::size_t>(h)];
-      if (h == head) v.assign(kept, kept + n);
-      else
-        for (std::int32_t t = 0; t < c_.length(s, layer, h); ++t) v.push_back(t);
-    }
-    c_.keep_layer(s, layer, all);
-  }
-  void keep_layer(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept) override {
-    c_.keep_layer(s, layer, kept);
-  }
-  std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const override { return c_.length(s, layer, head); }
-  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const override {
-    return c_.cache().positions(s, layer, head);
-  }
-  std::int32_t seen(seq_id s, std::int32_t layer) const override { return c_.cache().seen(s, layer); }
-  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out) const override {
-    c_.cache().gather(s, layer, head, k_out, v_out);
-  }
-  void attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
-                 const decode_options& opt) const override {
-    kvc::cpu::merged_decode_attention(c_, s, layer, q, num_q_heads, out, opt);
-  }
-  bool has_prefill_attention() const override { return true; }
-  std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const override {
-    return c_.cache().chunk_tokens(s, layer, limit);
-  }
-  void prefill_attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_queries,
-                         const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
-                         const decode_options& opt) const override {
-    kvc::cpu::merged_prefill_attention(c_, s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
-  }
-  std::size_t bytes_in_use() const override { return c_.bytes_in_use(); }
-  std::size_t bytes_in_use(std::int32_t layer) const override { return c_.bytes_in_use(layer); }
-  memory_traffic traffic() const override { return c_.cache().traffic(); }
-  std::size_t metadata_bytes() const override { return c_.metadata_bytes(); }
-  std::int64_t tokens_held() const override { return c_.cache().tokens_held(); }
-
- private:
-  std::string name_;
-  merge::merged_cache<T> c_;
-};
-
-/// A cache that can hold merged tokens, from a storage spec: fp16 (the default) or fp32. Other
-/// storages (quantized codes) cannot take a weighted mean of rows in place yet.
-inline std::unique_ptr<any_cache> make_merged_cache(const std::string& storage, const cache_config& cfg) {
-  if (storage == "fp16" || storage == "full") return std::make_unique<merged_cache_adapter<half>>("fp16", cfg);
-  if (storage == "fp32") return std::make_unique<merged_cache_adapter<float>>("fp32", cfg);
-  kvc::detail::fail(kvc::detail::concat("kvc::runtime::make_merged_cache: storage '", storage,
-                                        "' cannot hold merged tokens; expected fp16 or fp32 (merge::merged_cache "
-                                        "pages; merging over quantized storages is not implemented)"));
-}
 
 /// Applies a merging policy to the selection an eviction made, one layer at a time, and carries
 /// what the policy keeps between steps (D2O's threshold per sequence and layer).
@@ -228,14 +144,15 @@ class merger {
   const merge_policy& policy() const noexcept { return p_; }
 
   /// Keeps kept[h] in every kv head of `layer` and merges the evicted tokens by the policy.
-  /// \param cache   a cache from make_merged_cache (any other throws kvc::error, cache unchanged)
+  /// \param cache   a cache from make_merged_cache or make_merged_cache_for_cpu, of any ISA
+  ///                configuration (any other throws kvc::error, cache unchanged)
   /// \param scores  [num_kv_heads][length of the head] the evictor's scores (compressor::plan)
   /// \param kept    [num_kv_heads] strictly increasing kept indices (compressor::plan)
   /// All heads change or none does (the merge methods' commit); D2O's threshold moves only after it.
   void apply(any_cache& cache, seq_id s, std::int32_t layer, const std::vector<std::vector<float>>& scores,
              const std::vector<std::vector<std::int32_t>>& kept) {
-    if (auto* h = dynamic_cast<merged_cache_adapter<half>*>(&cache)) return apply(h->get(), s, layer, scores, kept);
-    if (auto* f = dynamic_cast<merged_cache_adapter<float>*>(&cache)) return apply(f->get(), s, layer, scores, kept);
+    if (auto* h = cache.merged_fp16()) return apply(*h, s, layer, scores, kept);
+    if (auto* f = cache.merged_fp32()) return apply(*f, s, layer, scores, kept);
     kvc::detail::fail(kvc::detail::concat("kvc::runtime::merger::apply: cache '", cache.name(), "' for '", p_.text,
                                           "' holds no log-weights; expected a cache from make_merged_cache"));
   }
