@@ -156,6 +156,7 @@ NB_MODULE(_kvc, m) {
   kvc::runtime::register_quest_storage();
   kvc::runtime::register_merged_storage();
   kvc::runtime::register_layered_storage();
+  kvc::runtime::register_minicache_storage();
   kvc_python::register_lowrank_storages();
 
   // Named after the module as imported (kvc._kvc, or _kvc under stubgen) so that stubgen lists
@@ -202,6 +203,14 @@ NB_MODULE(_kvc, m) {
   }, "The ISA configurations the module carries that this CPU runs, best first: what a Cache picks "
      "(the first) and what the environment variable KVC_ISA may name.");
 
+  nb::class_<kvc::merge::minicache_report>(m, "LayerMergeReport", "What Cache.cross_layer_merge did (MiniCache).")
+      .def_ro("merged", &kvc::merge::minicache_report::merged, "tokens merged, summed over layer pairs and kv heads")
+      .def_ro("retained", &kvc::merge::minicache_report::retained,
+              "tokens of the merged pairs kept unmerged (directions too far apart), summed likewise")
+      .def_ro("key_distance_median", &kvc::merge::minicache_report::key_distance_median,
+              "median angular distance (0 same direction, 0.5 orthogonal) between the pairs' keys")
+      .def_ro("value_distance_median", &kvc::merge::minicache_report::value_distance_median,
+              "the same for the values");
   nb::class_<kvc::evict::compress_report>(m, "CompressReport", "What one compressor call did to one layer.")
       .def_ro("compressed", &kvc::evict::compress_report::compressed)
       .def_ro("tokens_before", &kvc::evict::compress_report::tokens_before, "tokens of the layer's streams, summed")
@@ -312,6 +321,12 @@ NB_MODULE(_kvc, m) {
       .def("contains", &session_cache::contains, "seq"_a)
       .def("fork", &session_cache::fork, "seq"_a,
            "A new sequence sharing seq's pages (copy on write); raises kvc.Error for storages that cannot share.")
+      .def("cross_layer_merge", &session_cache::cross_layer_merge, "seq"_a,
+           "MiniCache: merges every pair of adjacent layers from the storage's start= layer on, once the prompt of seq "
+           "is in every layer: each merged token keeps one direction per pair in shared pages and each layer its own "
+           "magnitudes; tokens whose directions differ too much stay unmerged. Tokens appended afterwards stay in "
+           "their layers. Returns a LayerMergeReport. Raises kvc.Error for other storages and when the cache "
+           "refuses (e.g. the pairs' layers hold different tokens); the cache is then unchanged.")
       .def("share_layer", &session_cache::share_layer, "seq"_a, "layer"_a, "source"_a,
            "Makes `layer` of seq hold what layer `source` holds, by reference: its pages gain a reference, the "
            "layer's own pages are freed, and the first write from either layer copies a shared page (as after "

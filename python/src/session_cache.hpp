@@ -27,6 +27,7 @@
 #include <kvc/runtime/merge_registry.hpp>  // merging stages (cam, d2o, kvmerger)
 #include <kvc/runtime/merged_storage.hpp>  // the merged cache they act on
 #include <kvc/runtime/mikv_storage.hpp>    // mikv
+#include <kvc/runtime/minicache_storage.hpp>  // minicache(...): layer pairs merged after the prompt
 #include <kvc/runtime/quant_storages.hpp>  // int8, int4, kivi, fp8, ...
 #include <kvc/runtime/quest_storage.hpp>   // quest(budget=...): query-aware page reads
 // These register nothing by being included: module.cpp's register_storages() does (the AVX2 and
@@ -114,6 +115,10 @@ class session_cache {
     if (storage_name != "palu" && s.weights)
       kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": weights given, but storage '", storage,
                                             "' does not read them, expected weights=None (only palu takes W_k and W_v)"));
+    if (storage_name == "minicache" && (ev_ || merge_))
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": storage '", storage,
+                                            "' keeps every token of a merged layer pair (its layers must hold the same "
+                                            "tokens), so it takes no eviction or merging stage; expected \"", storage, "\" alone"));
     if (merge_ && !ev_)
       kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": merging stage '", merge_->text,
                                             "' needs an eviction policy before it, e.g. \"snapkv(ratio=0.5)+",
@@ -233,6 +238,18 @@ class session_cache {
     cache_->share_layer(s, layer, from);
     if (observer_) observer_->replace_layer(s, layer, std::move(*stats));
     if (merger_) merger_->commit_share_layer(s, layer, from);
+  }
+
+  /// MiniCache (any_cache::merge_layers): merges every layer pair of s, once its prompt is in
+  /// every layer. Other storages have nothing to merge across layers: refused by name.
+  kvc::merge::minicache_report cross_layer_merge(kvc::seq_id s) {
+    std::lock_guard<std::mutex> g(m_);
+    need_seq(s, "cross_layer_merge");
+    kvc::merge::minicache_report r;
+    if (!cache_->merge_layers(s, &r))
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache.cross_layer_merge: spec = \"", spec_, "\": storage '",
+                                            cache_->name(), "' merges nothing across layers, expected minicache(...)"));
+    return r;
   }
 
   /// k, v: [n][num_kv_heads][head_dim]; positions: [n] or null.

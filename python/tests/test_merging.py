@@ -1,12 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Merging stages from Python (``policy+cam|d2o|kvmerger``): what the spec accepts and refuses,
 the merged cache's attention against a float64 numpy softmax with each token's log-weight on its
-logit, decode-time merging after H2O, and forks that merge as their source."""
+logit, decode-time merging after H2O, and forks that merge as their source; MiniCache's layer
+pairs (``minicache(...)`` and Cache.cross_layer_merge)."""
 import numpy as np
 import pytest
 
 import kvc
-from conftest import random_kv, snapshot
+from conftest import attention_reference, random_kv, snapshot
 
 SHAPE = dict(num_layers=2, num_kv_heads=2, head_dim=16, num_q_heads=4)
 
@@ -189,3 +190,65 @@ def test_a_shared_layer_merges_as_its_source(rng):
             np.testing.assert_array_equal(a, b)
     q = rng.standard_normal((4, 16)).astype(np.float32)
     np.testing.assert_array_equal(c.attention(s, 0, q), c.attention(s, 1, q))
+
+
+def test_minicache_merges_layer_pairs_and_frees_their_pages(rng):
+    """minicache(start=0): after cross_layer_merge each token of the pair is either kept as it was
+    (to fp16) in both layers, or merged: both layers' rows then share one direction and keep their
+    own norms. Merged rows live once in the pool, and each layer attends as a float64 softmax over
+    what it holds."""
+    heads, dim, q_heads, n = 2, 16, 4, 64
+    c = kvc.Cache("minicache(start=0)", num_layers=2, num_kv_heads=heads, head_dim=dim, num_q_heads=q_heads)
+    assert c.isa == kvc.isa_variants()[0]
+    s = c.add_sequence()
+    k0, v0 = random_kv(rng, n, heads, dim)
+    # Layer 1 close to layer 0 in direction, with other norms; a few tokens far off (retained).
+    k1 = (1.7 * k0 + 0.05 * rng.standard_normal(k0.shape)).astype(np.float32)
+    v1 = (1.2 * v0 + 0.05 * rng.standard_normal(v0.shape)).astype(np.float32)
+    k1[::9] = rng.standard_normal(k1[::9].shape)  # far off: they set d_max, so the near ones fall under
+    v1[::9] = rng.standard_normal(v1[::9].shape)  # the retention cut d_min + 0.05 (d_max - d_min)
+    c.append(s, 0, k0, v0)
+    c.append(s, 1, k1, v1)
+    before = c.bytes_in_use()
+    r = c.cross_layer_merge(s)
+    assert r.merged > 0 and r.retained > 0 and 0 <= r.key_distance_median < 0.5
+    assert c.bytes_in_use() < before
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    merged = 0
+    for h in range(heads):
+        rows = []
+        for layer, (k, v) in enumerate(((k0, v0), (k1, v1))):
+            pos = c.positions(s, layer, h)
+            gk, gv = c.gather(s, layer, h)
+            order = np.argsort(pos)
+            assert (pos[order] == np.arange(n)).all()
+            rows.append((gk[order].astype(np.float64), gv[order].astype(np.float64), k[:, h], v[:, h]))
+        (ka, va, k0h, v0h), (kb, vb, k1h, v1h) = rows
+        same = np.isclose(ka, k0h, rtol=1e-3, atol=1e-3).all(-1) & np.isclose(kb, k1h, rtol=1e-3, atol=1e-3).all(-1)
+        for t in np.nonzero(~same)[0]:  # merged: one direction, each layer's norm
+            np.testing.assert_allclose(unit(ka[t]), unit(kb[t]), atol=2e-3)
+            np.testing.assert_allclose(unit(va[t]), unit(vb[t]), atol=2e-3)
+            np.testing.assert_allclose(np.linalg.norm(ka[t]), np.linalg.norm(k0h[t]), rtol=2e-3)
+            np.testing.assert_allclose(np.linalg.norm(kb[t]), np.linalg.norm(k1h[t]), rtol=2e-3)
+            np.testing.assert_allclose(np.linalg.norm(vb[t]), np.linalg.norm(v1h[t]), rtol=2e-3)
+        # The far tokens stay; the near ones (angular distance ~0.01, under the cut of ~0.03) merge.
+        np.testing.assert_array_equal(~same, np.arange(n) % 9 != 0)
+        merged += int((~same).sum())
+    assert merged == r.merged
+    q = rng.standard_normal((q_heads, dim)).astype(np.float32)
+    for layer in range(2):
+        held = [c.gather(s, layer, h) for h in range(heads)]
+        ref = attention_reference(q, np.stack([x[0] for x in held], 1), np.stack([x[1] for x in held], 1))
+        np.testing.assert_allclose(c.attention(s, layer, q), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cross_layer_merge_is_refused_where_it_does_not_apply(rng):
+    c = kvc.Cache("fp16", **SHAPE)
+    s = c.add_sequence()
+    with pytest.raises(kvc.Error, match=r"kvc.Cache.cross_layer_merge: spec = \"fp16\": storage 'fp16' merges nothing "
+                                        r"across layers, expected minicache"):
+        c.cross_layer_merge(s)
+    with pytest.raises(kvc.Error, match=r"cross_layer_merge: seq = 7"):
+        c.cross_layer_merge(7)
+    with pytest.raises(kvc.Error, match=r"storage 'minicache' keeps every token .* takes no eviction or merging stage"):
+        kvc.Cache("snapkv(ratio=0.5)+minicache", **SHAPE)

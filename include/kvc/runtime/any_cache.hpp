@@ -33,7 +33,8 @@
 KVC_BEGIN_NAMESPACE
 namespace merge {
 template <class T>
-class merged_cache;  // kvc/store/merged_cache.hpp
+class merged_cache;      // kvc/store/merged_cache.hpp
+struct minicache_report;  // kvc/merge/minicache.hpp
 }  // namespace merge
 
 namespace runtime {
@@ -152,6 +153,13 @@ class any_cache {
   virtual merge::merged_cache<float>* merged_fp32() noexcept { return nullptr; }
   const merge::merged_cache<half>* merged_fp16() const noexcept { return const_cast<any_cache*>(this)->merged_fp16(); }
   const merge::merged_cache<float>* merged_fp32() const noexcept { return const_cast<any_cache*>(this)->merged_fp32(); }
+
+  /// Merges the storage's layers across each other for sequence s, once its prompt is in every
+  /// layer (MiniCache's layer pairs, runtime/minicache_storage.hpp: cross_layer_merge) and
+  /// returns true, with what it did in *report when given; other storages return false and
+  /// change nothing. Virtual rather than a dynamic_cast, so it reaches a cache of any ISA
+  /// configuration.
+  virtual bool merge_layers(seq_id /*s*/, merge::minicache_report* /*report*/ = nullptr) { return false; }
 
   /// Rotated queries the storage asks to observe once a layer's prompt is in the cache (ThinK's
   /// observation window, runtime/think_storage.hpp); 0: none, and observe_window() does nothing.

@@ -86,6 +86,11 @@ class minicache_adapter final : public any_cache {
   memory_traffic traffic() const override { return c_.traffic(); }
   std::size_t metadata_bytes() const override { return c_.metadata_bytes(); }
   std::int64_t tokens_held() const override { return c_.tokens_held(); }
+  bool merge_layers(seq_id s, merge::minicache_report* report) override {
+    const merge::minicache_report r = c_.merge_pairs(s);
+    if (report) *report = r;
+    return true;
+  }
 
  private:
   [[noreturn]] void refuse(const char* fn, const char* what) const {
@@ -97,17 +102,13 @@ class minicache_adapter final : public any_cache {
   mutable std::vector<std::int32_t> pos_;
 };
 
-/// Merges every layer pair of sequence s when `cache` is a MiniCache storage (once, after the
-/// prompt); returns false, changing nothing, for any other storage.
-inline bool cross_layer_merge(any_cache& cache, seq_id s, merge::minicache_report* report = nullptr) {
-  auto* m = dynamic_cast<minicache_adapter*>(&cache);
-  if (!m) return false;
-  const merge::minicache_report r = m->get().merge_pairs(s);
-  if (report) *report = r;
-  return true;
-}
-
 KVC_END_ISA_NAMESPACE
+
+/// Merges every layer pair of sequence s when `cache` is a MiniCache storage, of any ISA
+/// configuration (once, after the prompt); returns false, changing nothing, for any other storage.
+inline bool cross_layer_merge(any_cache& cache, seq_id s, merge::minicache_report* report = nullptr) {
+  return cache.merge_layers(s, report);
+}
 
 KVC_BEGIN_ISA_NAMESPACE
 /// Registers `minicache` in the storage registry of this TU's ISA configuration
