@@ -100,6 +100,59 @@ def test_generate_fp32_same_ids_as_dynamic_cache(model, tokens):
     assert got.tolist() == ref.tolist()
 
 
+def test_log_weighted_merging_attends_with_the_log_weights(model, tokens):
+    """d2o (mass=1) inside transformers: after the prompt is merged, each layer's decode attention
+    (kvc's attention implementation, the log-weights on the logits) equals kvc's own merged kernel
+    over the same rows, and differs from a softmax without them; the model gets its attention
+    implementation back at close(), after the last of two caches."""
+    before = model.config._attn_implementation
+    cache = kvc.hf.Cache("knorm(tokens=40,sinks=0,interval=1000,slack=1000)+d2o", model)  # decode keeps the rows
+    other = kvc.hf.Cache("knorm(tokens=40,sinks=0)+kvmerger", model)
+    assert model.config._attn_implementation == "kvc_log_weighted"
+    modules = {m.layer_idx: m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")}
+    seen, hooks = {}, []
+    for i, m in modules.items():
+        def pre(module, args, kwargs, i=i):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
+            q = module.q_proj(hidden).view(hidden.shape[0], hidden.shape[1], -1, module.head_dim)
+            half = q.shape[-1] // 2
+            rotated = q * cos.unsqueeze(2) + torch.cat((-q[..., half:], q[..., :half]), -1) * sin.unsqueeze(2)
+            seen[i] = {"q": rotated[0, -1].detach().numpy()}
+        def out(module, args, i=i):
+            seen[i]["attn"] = args[0][0, -1].detach().numpy()
+        hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(m.o_proj.register_forward_pre_hook(out))
+    try:
+        with torch.no_grad():
+            model(tokens[:, :120], cache=cache)
+            model(tokens[:, 120:121], cache=cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert cache.reports[0].tokens_after == 40 * cache.kvc.num_kv_heads
+    assert cache.kvc.length(cache.seq, 29, 0) == 41  # the step's token appended, nothing merged since
+    apart = 0.0
+    for layer in (0, 9, 29):
+        m = modules[layer]
+        lw = [cache.kvc.log_weights(cache.seq, layer, h) for h in range(cache.kvc.num_kv_heads)]
+        assert max(w.max() for w in lw) > 0.5, "nothing merged: the log-weights would test nothing"
+        q, got = seen[layer]["q"], seen[layer]["attn"].reshape(-1, m.head_dim)
+        ref = cache.kvc.attention(cache.seq, layer, np.ascontiguousarray(q, np.float32), scale=float(m.scaling))
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=f"layer {layer}")
+        group = q.shape[0] // len(lw)
+        for qh in range(q.shape[0]):  # the same softmax without the log-weights
+            k, v = cache.kvc.gather(cache.seq, layer, qh // group)
+            s = k.astype(np.float64) @ q[qh].astype(np.float64) * float(m.scaling)
+            p = np.exp(s - s.max())
+            apart = max(apart, np.abs((p / p.sum()) @ v - got[qh]).max())
+    assert apart > 1e-3
+    cache.close()
+    assert model.config._attn_implementation == "kvc_log_weighted"  # the other cache still holds it
+    other.close()
+    assert model.config._attn_implementation == before
+
+
 def test_generate_with_policy_compresses_and_continues(model, tokens):
     ids = tokens[:, :128]
     cache = kvc.hf.Cache("snapkv(ratio=0.5)+kivi(bits=2)", model)
@@ -222,9 +275,9 @@ def test_errors_name_the_argument(model):
     ea.close()
     with pytest.raises(ValueError, match="the policy observes attention, so model_or_config must be the model"):
         kvc.hf.Cache("h2o(ratio=0.5)", model.config)
-    with pytest.raises(ValueError, match=r"merging stage 'd2o' gives merged tokens log-weights .* expected a "
-                                         r"merging stage without mass \(cam, or d2o / kvmerger with mass=0\)"):
-        kvc.hf.Cache("snapkv(ratio=0.5)+d2o", model)
+    with pytest.raises(ValueError, match=r"merging stage 'd2o' gives merged tokens log-weights .* so model_or_config "
+                                         r"must be the model \(not its config\); or a merging stage without mass"):
+        kvc.hf.Cache("snapkv(ratio=0.5)+d2o", model.config)
     with pytest.raises(ValueError, match="model_or_config is a str"):
         kvc.hf.Cache("fp32", "SmolLM2")
     cache = kvc.hf.Cache("fp32", model.config)
@@ -242,7 +295,7 @@ def test_errors_name_the_argument(model):
 KVC_LLAMA = os.environ.get("KVC_LLAMA")
 SPECS = ["snapkv(ratio=0.5)", "snapkv(ratio=0.75,window=16)", "knorm(ratio=0.5)", "h2o(ratio=0.5)", "tova(ratio=0.5)",
          "expected_attention(ratio=0.5)",
-         # merging stages without log-weights (what kvc.hf takes): H2O fed by the merged kernel's probabilities
+         # merging stages (their kept positions do not depend on log-weights): H2O fed by the merged kernel's probabilities
          "h2o(ratio=0.5)+cam", "snapkv(ratio=0.5)+d2o(mass=0)"]
 
 

@@ -70,6 +70,58 @@ except ModuleNotFoundError as e:  # say what kvc.hf needs, not only what failed
 
 from . import _kvc
 
+# Attention with each kept token's log-weight on its logit (merging stages with mass: d2o,
+# kvmerger), registered once with transformers under this name; a log-weighted kvc.hf.Cache
+# switches its model to it while it lives.
+_LOG_WEIGHTED = "kvc_log_weighted"
+
+
+def _log_weighted_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' eager attention, plus the log-weights kvc.hf.Cache left on the module for the
+    keys it returned: logit = scaling * q.k + mask + lw. A module without them (another cache's
+    forward) gets eager attention unchanged."""
+    held = module.__dict__.pop("_kvc_log_weights", None)  # read once, for the keys it was taken with
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
+    v = value.repeat_interleave(group, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, k.transpose(2, 3)) * scale
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : k.shape[-2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if held is not None and held[0] is key:
+        lw = held[1].to(device=scores.device, dtype=scores.dtype)  # [B, Hkv, n]
+        scores = scores + lw.repeat_interleave(group, dim=1)[:, :, None, :]
+    p = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    p = torch.nn.functional.dropout(p, p=dropout, training=module.training)
+    return torch.matmul(p, v).transpose(1, 2).contiguous(), p
+
+
+def _register_log_weighted_attention():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register(_LOG_WEIGHTED, _log_weighted_attention)
+    AttentionMaskInterface.register(_LOG_WEIGHTED, eager_mask)  # an additive float mask, always built
+
+
+def _hold_attention(model):
+    """Switches the model to _LOG_WEIGHTED for one more cache; the first switch remembers what it had."""
+    users = getattr(model, "_kvc_log_weighted_users", 0)
+    if users == 0:
+        model._kvc_attn_before = model.config._attn_implementation
+        model.set_attn_implementation(_LOG_WEIGHTED)
+    model._kvc_log_weighted_users = users + 1
+
+
+def _release_attention(model_ref):
+    """One cache fewer; the last one gives the model back its attention implementation."""
+    model = model_ref()
+    if model is None:
+        return
+    model._kvc_log_weighted_users -= 1
+    if model._kvc_log_weighted_users == 0 and model.config._attn_implementation == _LOG_WEIGHTED:
+        model.set_attn_implementation(model._kvc_attn_before)
+
 __all__ = ["Cache", "press", "kept_positions"]
 
 
@@ -162,8 +214,10 @@ class Cache(_HFCache):
 
     ``spec`` is a kvc spec, ``[policy+[merging+]]storage`` (see ``kvc.policies()``,
     ``kvc.storages()``); with no policy and the ``fp32`` storage the cache is exact. A merging
-    stage must not give tokens log-weights (``cam``, ``d2o(mass=0)``, ``kvmerger(mass=0)``):
-    transformers attends over the gathered rows, which cannot carry them. Pass the model (not only its config) when
+    stage whose merged tokens carry log-weights (``d2o``, ``kvmerger``; mass=1 by default) needs
+    the model: the cache switches it to kvc's attention implementation (transformers' eager
+    attention with each kept token's log-weight added to its logit) and ``close()`` switches it
+    back. Pass the model (not only its config) when
     the policy observes queries (the query window: snapkv, ...; attention: h2o, tova, ...; query
     statistics: expected_attention): the cache then registers forward pre-hooks on the attention
     modules that recompute each layer's queries (``q_proj``, ``q_norm`` where the model has one,
@@ -207,11 +261,11 @@ class Cache(_HFCache):
         if self.kvc.pre_rope_keys:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}' keeps keys before RoPE (pre_rope=1), but transformers "
                              "hands the cache rotated keys; expected a storage without pre_rope")
-        if self.kvc.log_weighted:
+        if self.kvc.log_weighted and model is None:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}': merging stage '{self.kvc.merging}' gives merged tokens "
-                             "log-weights (the attention mass they stand for), but transformers attends over the "
-                             "gathered rows without them; expected a merging stage without mass (cam, or d2o / "
-                             "kvmerger with mass=0), or kvc.Cache with its own attention")
+                             "log-weights (the attention mass they stand for), which transformers' attention adds "
+                             "only through kvc's attention implementation, so model_or_config must be the model "
+                             "(not its config); or a merging stage without mass (cam, or d2o / kvmerger with mass=0)")
         if observes in ("query_window", "attention", "query_stats") and model is None:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}': the policy observes {observes.replace('_', ' ')}, so "
                              "model_or_config must be the model (its attention modules give the queries), "
@@ -236,10 +290,12 @@ class Cache(_HFCache):
         self._queries_before = None       # (layer, window) before the last query hook ran: restored on a refusal
         self._kept_layer0 = 0
         self._num_kv_heads, self._num_q_heads, self._head_dim = kv_heads, q_heads, head_dim
+        self._lw_modules = None           # the attention modules log-weights are left on (log-weighted stages)
+        self._attn_restore = None         # switches the model back from kvc's attention implementation
         super().__init__(layers=[_Layer(self, i) for i in range(layers)])
         policy_queries = self.kvc.policy is not None and observes in ("query_window", "attention", "query_stats")
         modules = None
-        if model is not None and (self.kvc.policy is not None or self._storage_window > 0):
+        if model is not None and (self.kvc.policy is not None or self._storage_window > 0 or self.kvc.log_weighted):
             modules = _attention_modules(model)
             missing = sorted(set(range(layers)) - set(modules))
             if missing:
@@ -252,6 +308,11 @@ class Cache(_HFCache):
             handle = model.register_forward_pre_hook(_mask_hook(weakref.ref(self)), with_kwargs=True)
             weakref.finalize(self, handle.remove)
             self._mask_hooked = True
+        if self.kvc.log_weighted:
+            _register_log_weighted_attention()
+            self._lw_modules = modules
+            _hold_attention(model)
+            self._attn_restore = weakref.finalize(self, _release_attention, weakref.ref(model))
         if modules is not None and (policy_queries or self._storage_window > 0):
             for i in range(layers):
                 self._hooks.append(modules[i].register_forward_pre_hook(self._query_hook(i), with_kwargs=True))
@@ -314,10 +375,13 @@ class Cache(_HFCache):
         return self.compressing and (self.one_shot or first_forward)
 
     def close(self):
-        """Removes the query hooks from the model."""
+        """Removes the query hooks from the model, and gives it back its attention implementation
+        (log-weighted merging stages switch it to kvc's)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self._attn_restore is not None:
+            self._attn_restore()
 
     # -- the layers' work ------------------------------------------------------------------------
     def _seen(self, layer):
@@ -348,6 +412,10 @@ class Cache(_HFCache):
                              "(transformers' attention takes one mask for every head and row)")
         k = torch.stack(rows_k).to(device=device, dtype=dtype)
         v = torch.stack(rows_v).to(device=device, dtype=dtype)
+        if self._lw_modules is not None:  # the log-weights of these rows, for _log_weighted_attention
+            lw = torch.stack([torch.stack([torch.from_numpy(self.kvc.log_weights(seq, layer, h))
+                                           for h in range(self._num_kv_heads)]) for seq in self.seqs])
+            self._lw_modules[layer]._kvc_log_weights = (k, lw)
         return k, v
 
     def _check_batch(self, layer, key_states):
