@@ -153,6 +153,30 @@ def test_log_weighted_merging_attends_with_the_log_weights(model, tokens):
     assert model.config._attn_implementation == before
 
 
+def test_minicache_merges_after_the_prompt_and_attends_over_the_merged_rows(model, tokens):
+    """minicache through transformers: the layer pairs are merged once the prompt is in every layer,
+    and the next step's logits equal those over fp16 pages holding exactly the rows kvc holds after
+    the merge."""
+    cache = kvc.hf.Cache("minicache", model)
+    with torch.no_grad():
+        model(tokens[:, :100], cache=cache)
+    assert len(cache.layer_merges) == 1 and cache.layer_merges[0].merged > 0
+    # The reference: fp16 pages holding the rows kvc holds after the merge (fp16 too, so the step's
+    # own token is rounded alike in both).
+    plain = kvc.hf.Cache("fp16", model.config)
+    for layer in range(cache.kvc.num_layers):
+        rows = [cache.kvc.gather(cache.seq, layer, h) for h in range(cache.kvc.num_kv_heads)]
+        plain.kvc.append(plain.seq, layer, np.stack([r[0] for r in rows], 1), np.stack([r[1] for r in rows], 1))
+    # Bytes: at the paper's gamma few tokens merge on this model, so the shared pages' partial fill
+    # can outweigh them (docs/results.md, "Merging at 4k"); test_merging.py checks the bytes.
+    with torch.no_grad():
+        got = model(tokens[:, 100:101], cache=cache).logits[0, -1]
+        ref = model(tokens[:, 100:101], cache=plain).logits[0, -1]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert len(cache.layer_merges) == 1  # the decode step merged nothing more
+    cache.close()
+
+
 def test_generate_with_policy_compresses_and_continues(model, tokens):
     ids = tokens[:, :128]
     cache = kvc.hf.Cache("snapkv(ratio=0.5)+kivi(bits=2)", model)

@@ -229,7 +229,10 @@ class Cache(_HFCache):
     after every decode step (``after_decode_step``, which compresses only if the policy has a
     decode interval or slack). ``one_shot=True`` (what ``kvc.hf.press`` uses): only at the
     forwards run while ``compressing`` is true, each as a one-shot ``after_prefill`` of the whole
-    cache; later tokens are appended and kept.
+    cache; later tokens are appended and kept. ``minicache(...)`` (no policy) merges its layer pairs
+    once the first forward (the prompt, or press's context) is in every layer
+    (``kvc.Cache.cross_layer_merge``; one ``LayerMergeReport`` per row in ``layer_merges``); that
+    forward attends over the rows as appended, the next ones over the merged rows.
     """
 
     def __init__(self, spec: str, model_or_config, *, page_size: int = 16, max_pages: int = 1 << 16,
@@ -257,6 +260,7 @@ class Cache(_HFCache):
         self.kvc = _kvc.Cache(spec, **self._kvc_args)
         observes = self.kvc.observes
         self._lowrank = storage_name in ("pca", "think", "xkv")  # bases / channels fitted on the prompt
+        self._minicache = storage_name == "minicache"  # layer pairs merged once the prompt is in every layer
         self._storage_window = self.kvc.query_window  # think: its window; xkv: 1 (end of prompt); else 0
         if self.kvc.pre_rope_keys:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}' keeps keys before RoPE (pre_rope=1), but transformers "
@@ -281,6 +285,7 @@ class Cache(_HFCache):
         self.one_shot = one_shot
         self.compressing = not one_shot
         self.reports = []                 # CompressReport of every (layer, row) compressed, in order
+        self.layer_merges = []            # minicache: a LayerMergeReport per row, after the prompt
         self._queries = [None] * layers   # rolling window of rotated queries per layer, float32 [B, n, Hq, D]
         self._storage_queries = [None] * layers  # the storage's window of this forward, float32 [B, n, Hq, D]
         self._scaling = [None] * layers   # each attention module's softmax scale (kvc.Cache.attention's scale)
@@ -492,7 +497,10 @@ class Cache(_HFCache):
             elif n == 1:
                 phase = self.kvc.after_decode_step
         observe = self._storage_window > 0 and self._observes_storage(kept_before == 0)
-        if phase is None and not observe:
+        # MiniCache: the prompt's forward attends over the rows as appended; once its last layer
+        # has them, every layer pair is merged for the next forwards.
+        merge_layers = self._minicache and self.compressing and kept_before == 0 and layer == len(self.layers) - 1
+        if phase is None and not observe and not merge_layers:
             return self._gather(layer, key_states.device, key_states.dtype)
         # This forward's queries attend to everything (the prompt's rows whole, for think and xkv);
         # the compression and the storage's fit serve the next forwards.
@@ -510,6 +518,9 @@ class Cache(_HFCache):
                                  "hooks of the model the cache was built with (close() removed them?)")
             for row, seq in enumerate(self.seqs):
                 self.kvc.observe_window(seq, layer, np.ascontiguousarray(q[row]))
+        if merge_layers:
+            for seq in self.seqs:
+                self.layer_merges.append(self.kvc.cross_layer_merge(seq))
         return out
 
     def _forward_queries(self, layer, k):
@@ -550,6 +561,7 @@ class Cache(_HFCache):
         self._queries = [None] * len(self._queries)
         self._storage_queries = [None] * len(self._queries)
         self.reports = []
+        self.layer_merges = []
 
     # -- the batch: beam search and generate's reshaping -----------------------------------------
     def _reshape(self, rows, what):
