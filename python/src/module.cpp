@@ -417,6 +417,20 @@ NB_MODULE(_kvc, m) {
            "seq"_a, "layer"_a, "queries"_a = nb::none(), "query_positions"_a = nb::none(),
            "One-shot compression once the prompt of this layer is in the cache. queries: float32 [n, num_q_heads, "
            "head_dim], the last rotated queries, for policies that observe a query window.")
+      .def(
+          "cake_allocate",
+          [](session_cache& c, kvc::seq_id seq, const std::vector<in_array>& windows) {
+            std::vector<kvc::evict::query_window> w;
+            for (std::size_t l = 0; l < windows.size(); ++l)
+              w.push_back(*window_of(c, "kvc.Cache.cake_allocate", windows[l], std::nullopt));
+            nb::gil_scoped_release unlocked;
+            c.cake_allocate(seq, w);
+          },
+          "seq"_a, "windows"_a,
+          "CAKE (policy cake(...)): each layer's preference from its query window over seq's keys, and the layer "
+          "budgets the next after_prefill calls keep (the spec's budget, split over layers by preference). windows: "
+          "one float32 [n, num_q_heads, head_dim] array per layer, its last rotated queries. Call it once the prompt "
+          "is in every layer, then after_prefill each layer; again for each prompt.")
       .def("after_chunk",
            [](session_cache& c, kvc::seq_id seq, std::int32_t layer, const std::optional<in_array>& queries,
               const std::optional<in_array>& query_positions) {

@@ -98,10 +98,6 @@ class session_cache {
       ctx.num_q_heads = q_heads;
       ctx.rotary = rope_ ? &*rope_ : nullptr;
       ev_.emplace(kvc::runtime::make_evictor(st, ctx));
-      if (ev_->cake)
-        kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec, "\": policy '", st.name,
-                                              "' (CAKE's layer budgets) is not exposed in Python yet, expected "
-                                              "another policy"));
       if (ev_->what() == kvc::evict::observes::query_stats && !rope_)
         kvc::detail::fail(kvc::detail::concat("kvc.Cache: rope_theta = None, expected the model's RoPE: policy '",
                                               st.name, "' (in \"", spec,
@@ -363,6 +359,28 @@ class session_cache {
     cache_->observe_window(s, layer, q, n, num_q_heads_);
   }
 
+  /// CAKE: every layer's preference (kvc::evict::cake_preference) from its query window over s,
+  /// [num_layers] windows of the layers' last rotated queries, and the compressor the phases then
+  /// run with those layer budgets (kvc::runtime::cake_allocator; a fresh compressor, as kvc-llama
+  /// builds one per compression). Call it once every layer of the prompt is in, before the
+  /// layers' after_prefill; again for each prompt.
+  void cake_allocate(kvc::seq_id s, const std::vector<kvc::evict::query_window>& windows) {
+    std::lock_guard<std::mutex> g(m_);
+    constexpr const char* who = "kvc.Cache.cake_allocate";
+    need_seq(s, "cake_allocate");
+    if (!ev_ || !ev_->cake)
+      kvc::detail::fail(kvc::detail::concat(who, ": spec = \"", spec_, "\" has no cake policy, expected cake(...): "
+                                            "other policies take their budgets from the spec"));
+    const std::int32_t L = cache_->config().num_layers;
+    KVC_EXPECTS_IN(who, static_cast<std::int32_t>(windows.size()) == L, "windows has ", windows.size(),
+                   " entries, expected one query window per layer (", L, ")");
+    kvc::runtime::evictor ev = *ev_;
+    ev.options.alloc = kvc::runtime::cake_allocator(ev, any_cache_view{cache_.get()}, s,
+                                                   [&](std::int32_t l) { return windows[static_cast<std::size_t>(l)]; });
+    comp_.emplace(ev.compressor());
+    cake_allocated_ = true;
+  }
+
   /// One compressor phase on one layer. `window` is the policy's query window when it observes one.
   kvc::evict::compress_report compress(phase ph, kvc::seq_id s, std::int32_t layer, const kvc::evict::query_window* window) {
     std::lock_guard<std::mutex> g(m_);
@@ -371,6 +389,10 @@ class session_cache {
       kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec_,
                                             "\" has no eviction policy, expected one (e.g. \"snapkv(ratio=0.5)+",
                                             cache_->name(), "\") to compress"));
+    if (ev_->cake && !cake_allocated_)
+      kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec_, "\": policy 'cake' splits the budget over "
+                                            "layers by every layer's query window, expected cache.cake_allocate(seq, "
+                                            "windows) once the prompt is in every layer, before compressing"));
     kvc::evict::observations obs;
     if (ev_->what() == kvc::evict::observes::query_window) {
       if (!window)
@@ -507,6 +529,7 @@ class session_cache {
   std::optional<kvc::runtime::merger> merger_;  ///< the merging stage after the eviction's selection
   std::vector<float> probs_;
   std::vector<kvc::evict::query_stats_accumulator> qstats_;  ///< [layer], pre-RoPE queries
+  bool cake_allocated_ = false;  ///< cake: cake_allocate has set the layer budgets
   mutable std::mutex m_;
 };
 

@@ -170,7 +170,6 @@ SPECS = [
     ("snapkv(rato=0.5)", "rato"),
     ("snapkv", "needs a budget"),
     ("kivi(bits=3)", "bits"),
-    ("cake(ratio=0.5)", "cake"),
     ("expected_attention(ratio=0.5)", "rope_theta = None"),
 ]
 

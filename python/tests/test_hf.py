@@ -302,6 +302,9 @@ def test_errors_name_the_argument(model):
     with pytest.raises(ValueError, match=r"merging stage 'd2o' gives merged tokens log-weights .* so model_or_config "
                                          r"must be the model \(not its config\); or a merging stage without mass"):
         kvc.hf.Cache("snapkv(ratio=0.5)+d2o", model.config)
+    with pytest.raises(ValueError, match=r"policy 'cake' gives each layer a budget of its own, but transformers takes "
+                                         r"one attention mask for every layer"):
+        kvc.hf.Cache("cake(ratio=0.5)", model)
     with pytest.raises(ValueError, match="model_or_config is a str"):
         kvc.hf.Cache("fp32", "SmolLM2")
     cache = kvc.hf.Cache("fp32", model.config)

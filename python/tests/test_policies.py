@@ -194,3 +194,79 @@ def test_snapkv_keeps_the_reference_top_scores(rng):
         evicted_scores = [score[j] for j in candidates if j not in kept]
         assert kept_scores and evicted_scores
         assert min(kept_scores) >= max(evicted_scores) - 1e-6
+
+
+def cake_reference_preference(k, queries, group, tau1=1.0, tau2=1.0):
+    """CAKE's layer preference in float64, from its definition (kvc/evict/cake.hpp): per query
+    head, the window queries (the last positions) attend causally to every key; H is the entropy
+    of their mean attention over the tokens, V the variance over the window of each token's
+    attention, summed over the tokens; both averaged over query heads; P = H^(1/tau1) V^(1/tau2).
+    k: [n, H, D]; queries: [w, Hq, D]."""
+    n, heads, d = k.shape
+    w, hq, _ = queries.shape
+    big_h = big_v = 0.0
+    for qh in range(hq):
+        kk = k[:, qh // group].astype(np.float64)
+        probs = np.zeros((w, n))
+        for i in range(w):
+            pos = n - w + i
+            s = kk[:pos + 1] @ queries[i, qh].astype(np.float64) / np.sqrt(d)
+            p = np.exp(s - s.max())
+            probs[i, :pos + 1] = p / p.sum()
+        m = probs.mean(0)
+        big_h -= (m[m > 0] * np.log(m[m > 0])).sum()
+        big_v += np.maximum(0.0, (probs ** 2).mean(0) - m ** 2).sum()
+    return (big_h / hq) ** (1 / tau1) * (big_v / hq) ** (1 / tau2)
+
+
+def test_cake_splits_the_budget_over_layers_by_preference(rng):
+    """cake(ratio=0.6): cake_allocate gives each layer a budget by its preference (the layers'
+    budgets rank as the float64 preferences do, and sum to the spec's budget over the layers);
+    within a layer every head keeps that many tokens, the SnapKV top scores of the numpy reference."""
+    layers, n, w, sinks, heads, q_heads, dim = 3, 120, 8, 4, 2, 4, 16
+    c = kvc.Cache(f"cake(ratio=0.6,window={w},sinks={sinks})", num_layers=layers, num_kv_heads=heads, head_dim=dim,
+                  num_q_heads=q_heads)
+    s = c.add_sequence()
+    group = q_heads // heads
+    keys, windows = [], []
+    for layer, sharp in enumerate((1.0, 4.0, 0.3)):  # attention near uniform at 0.3, peaked at 4
+        k, v = random_kv(rng, n, heads, dim)
+        k = (k * sharp).astype(np.float32)
+        c.append(s, layer, k, v)
+        keys.append(k)
+        windows.append(rng.standard_normal((w, q_heads, dim)).astype(np.float32))
+    with pytest.raises(kvc.Error, match=r"policy 'cake' splits the budget over layers .* expected "
+                                        r"cache.cake_allocate\(seq, windows\)"):
+        c.after_prefill(s, 0, windows[0])
+    with pytest.raises(kvc.Error, match=r"windows has 2 entries, expected one query window per layer \(3\)"):
+        c.cake_allocate(s, windows[:2])
+    c.cake_allocate(s, windows)
+    budgets, ranked = [], 0
+    for layer in range(layers):
+        c.after_prefill(s, layer, windows[layer])
+        counts = {len(c.positions(s, layer, h)) for h in range(heads)}
+        assert len(counts) == 1
+        budgets.append(counts.pop())
+        for h in range(heads):
+            kept = set(c.positions(s, layer, h).tolist())
+            assert set(range(sinks)) <= kept and set(range(n - w, n)) <= kept
+            score = snapkv_reference_scores(keys[layer][:, h].astype(np.float64),
+                                            windows[layer][:, h * group:(h + 1) * group].astype(np.float64))
+            kept_scores = [score[j] for j in range(sinks, n - w) if j in kept]
+            evicted_scores = [score[j] for j in range(sinks, n - w) if j not in kept]
+            assert evicted_scores
+            if kept_scores:  # a layer at its floor (sinks and window) keeps no other token
+                ranked += 1
+                assert min(kept_scores) >= max(evicted_scores) - 1e-6
+    assert ranked > 0
+    pref = [cake_reference_preference(keys[l], windows[l], group) for l in range(layers)]
+    assert len(set(budgets)) == layers, budgets  # a uniform split would test nothing
+    assert np.argsort(budgets).tolist() == np.argsort(pref).tolist(), (budgets, pref)
+    assert abs(sum(budgets) - layers * keep_count(n, 0.6)) <= layers
+
+
+def test_cake_allocate_needs_a_cake_policy():
+    c = kvc.Cache("snapkv(ratio=0.5)", num_layers=1, num_kv_heads=1, head_dim=16)
+    s = c.add_sequence()
+    with pytest.raises(kvc.Error, match=r"kvc.Cache.cake_allocate: spec = \"snapkv\(ratio=0.5\)\" has no cake policy"):
+        c.cake_allocate(s, [np.zeros((4, 1, 16), np.float32)])

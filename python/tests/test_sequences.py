@@ -92,18 +92,13 @@ def test_fork_compresses_on_its_sources_steps(rng):
 
 
 def test_every_storage_and_policy_name_builds():
-    """Every name the registries list makes a cache (with a budget for policies), except cake,
-    which the binding names as unsupported."""
+    """Every name the registries list makes a cache (with a budget for policies)."""
     for st in kvc.storages():
         spec, kwargs = storage_spec(st, 2, 2, 64)
         assert kvc.Cache(spec, num_layers=2, num_kv_heads=2, head_dim=64, num_q_heads=4, **kwargs).storage
     inner = {"chunkkv": "chunkkv(snapkv,ratio=0.5)", "rkv": "rkv(snapkv,ratio=0.5)", "vnorm": "vnorm(tova,ratio=0.5)"}
     for p in kvc.policies():
         spec = inner.get(p, f"{p}(ratio=0.5)")
-        if p == "cake":
-            with pytest.raises(kvc.Error, match=p):
-                kvc.Cache(spec, num_layers=2, num_kv_heads=2, head_dim=64, num_q_heads=4)
-            continue
         c = kvc.Cache(spec + "+int8", num_layers=2, num_kv_heads=2, head_dim=64, num_q_heads=4, rope_theta=1e4)
         assert c.policy == spec and c.storage == "int8"
         assert c.observes in ("nothing", "query_window", "attention", "query_stats")

@@ -258,6 +258,10 @@ class Cache(_HFCache):
                              "rotated keys; expected pca(...), think(...) or xkv(pre_rope=0, ...), or kvc.Cache "
                              "with weights=(wk, wv) and rope_theta driven by your own loop")
         self.kvc = _kvc.Cache(spec, **self._kvc_args)
+        if (self.kvc.policy or "").split("(")[0] == "cake":
+            raise ValueError(f"kvc.hf.Cache: spec = '{spec}': policy 'cake' gives each layer a budget of its own, but "
+                             "transformers takes one attention mask for every layer; expected a policy with one "
+                             "budget for all layers, or kvc.Cache (cake_allocate) with your own attention")
         observes = self.kvc.observes
         self._lowrank = storage_name in ("pca", "think", "xkv")  # bases / channels fitted on the prompt
         self._minicache = storage_name == "minicache"  # layer pairs merged once the prompt is in every layer
