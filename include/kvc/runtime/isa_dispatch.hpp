@@ -97,9 +97,7 @@ const isa_variant& choose_isa_variant(const char* who, const char* isa, Has has,
                  "), expected ", expect_any);
   return *best;
 }
-}  // namespace detail
 
-namespace detail {
 /// Whether some configuration registered `name` as a storage.
 inline bool any_variant_has(const std::string& name) {
   for (const isa_variant& e : isa_variants())
