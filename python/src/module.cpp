@@ -302,6 +302,9 @@ NB_MODULE(_kvc, m) {
       .def_prop_ro("can_rewind", &session_cache::can_rewind,
                    "whether rewind() can forget tokens of this storage (False: merging stages, low-rank, mixed "
                    "precision)")
+      .def_prop_ro("cake", &session_cache::cake,
+                   "whether the policy splits its budget over layers by every layer's query window (cake, also "
+                   "inside chunkkv or rkv): cake_allocate(seq, windows) before compressing seq")
       .def_prop_ro("can_share_layers", &session_cache::can_share_layers,
                    "whether share_layer() can give a layer another layer's pages (plain, quantized and merging "
                    "storages, quest; False: mikv, low-rank, MiniCache)")
@@ -421,16 +424,19 @@ NB_MODULE(_kvc, m) {
           "cake_allocate",
           [](session_cache& c, kvc::seq_id seq, const std::vector<in_array>& windows) {
             std::vector<kvc::evict::query_window> w;
-            for (std::size_t l = 0; l < windows.size(); ++l)
-              w.push_back(*window_of(c, "kvc.Cache.cake_allocate", windows[l], std::nullopt));
+            for (std::size_t l = 0; l < windows.size(); ++l) {
+              const std::string who = "kvc.Cache.cake_allocate: windows[" + std::to_string(l) + "]";
+              w.push_back(*window_of(c, who.c_str(), windows[l], std::nullopt));
+            }
             nb::gil_scoped_release unlocked;
             c.cake_allocate(seq, w);
           },
           "seq"_a, "windows"_a,
           "CAKE (policy cake(...)): each layer's preference from its query window over seq's keys, and the layer "
-          "budgets the next after_prefill calls keep (the spec's budget, split over layers by preference). windows: "
-          "one float32 [n, num_q_heads, head_dim] array per layer, its last rotated queries. Call it once the prompt "
-          "is in every layer, then after_prefill each layer; again for each prompt.")
+          "budgets seq's next after_prefill calls keep (the spec's budget, split over layers by preference); other "
+          "sequences keep their own, and a fork takes its source's. windows: one float32 [n, num_q_heads, head_dim] "
+          "array per layer, its last rotated queries. Call it once the prompt is in every layer, then after_prefill "
+          "each layer; compressing a sequence without it raises kvc.Error.")
       .def("after_chunk",
            [](session_cache& c, kvc::seq_id seq, std::int32_t layer, const std::optional<in_array>& queries,
               const std::optional<in_array>& query_positions) {

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -59,6 +60,8 @@ using kvc::runtime::any_cache_view;  // an any_cache as the compressor's and obs
 enum class phase { prefill, chunk, decode, compress };
 
 class session_cache {
+  using compressor_t = kvc::evict::compressor<kvc::evict::any_scorer>;
+
  public:
   session_cache(const std::string& spec, const shape& s) : spec_(spec), rope_cfg_(s.rope) {
     const std::int32_t q_heads = s.num_q_heads ? s.num_q_heads : s.num_kv_heads;
@@ -148,6 +151,9 @@ class session_cache {
   /// The ISA configuration whose kernels run this cache (e.g. "isa_avx2_fma_f16c").
   std::string isa() const { return cache_->isa(); }
   std::optional<std::string> policy() const { return ev_ ? std::optional<std::string>(ev_->spec) : std::nullopt; }
+  /// Whether the policy splits its budget over layers by preference (cake, also inside chunkkv or
+  /// rkv): compressing a sequence then needs cake_allocate first.
+  bool cake() const noexcept { return ev_ && ev_->cake.has_value(); }
   /// The merging stage as written, or nothing.
   std::optional<std::string> merging() const { return merge_ ? std::optional<std::string>(merge_->text) : std::nullopt; }
   /// Whether merged tokens carry log-weights (D2O, KVMerger with mass=1): attention computed
@@ -186,6 +192,7 @@ class session_cache {
     need_seq(s, "remove_sequence");
     cache_->remove_sequence(s);
     if (comp_) comp_->remove_sequence(s);
+    cake_comp_.erase(s);
     if (observer_) observer_->remove_sequence(s);
     if (merger_) merger_->remove_sequence(s);
   }
@@ -200,10 +207,16 @@ class session_cache {
     try {
       if (observer_) observer_->fork(s, t);
       if (comp_) comp_->fork(s, t);  // the decode step counters: a fork compresses on its source's steps
+      if (const auto c = cake_comp_.find(s); c != cake_comp_.end()) {  // cake: its source's layer budgets
+        compressor_t copy = c->second;
+        copy.fork(s, t);
+        cake_comp_.insert_or_assign(t, std::move(copy));
+      }
       if (merger_) merger_->fork(s, t);  // D2O's thresholds: a fork merges as its source would
     } catch (...) {
       if (observer_) observer_->remove_sequence(t);
       if (comp_) comp_->remove_sequence(t);
+      cake_comp_.erase(t);
       cache_->remove_sequence(t);  // all or nothing: no half-forked sequence stays behind
       throw;
     }
@@ -360,10 +373,10 @@ class session_cache {
   }
 
   /// CAKE: every layer's preference (kvc::evict::cake_preference) from its query window over s,
-  /// [num_layers] windows of the layers' last rotated queries, and the compressor the phases then
-  /// run with those layer budgets (kvc::runtime::cake_allocator; a fresh compressor, as kvc-llama
-  /// builds one per compression). Call it once every layer of the prompt is in, before the
-  /// layers' after_prefill; again for each prompt.
+  /// [num_layers] windows of the layers' last rotated queries, and the compressor s's phases then
+  /// run with those layer budgets (kvc::runtime::cake_allocator), s's own: other sequences keep
+  /// theirs. Call it once every layer of the prompt is in, before the layers' after_prefill; a
+  /// sequence compressed without it is refused. A fork takes its source's.
   void cake_allocate(kvc::seq_id s, const std::vector<kvc::evict::query_window>& windows) {
     std::lock_guard<std::mutex> g(m_);
     constexpr const char* who = "kvc.Cache.cake_allocate";
@@ -377,8 +390,7 @@ class session_cache {
     kvc::runtime::evictor ev = *ev_;
     ev.options.alloc = kvc::runtime::cake_allocator(ev, any_cache_view{cache_.get()}, s,
                                                    [&](std::int32_t l) { return windows[static_cast<std::size_t>(l)]; });
-    comp_.emplace(ev.compressor());
-    cake_allocated_ = true;
+    cake_comp_.insert_or_assign(s, ev.compressor());  // a new prompt's budgets; its decode-step counters restart
   }
 
   /// One compressor phase on one layer. `window` is the policy's query window when it observes one.
@@ -389,10 +401,12 @@ class session_cache {
       kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec_,
                                             "\" has no eviction policy, expected one (e.g. \"snapkv(ratio=0.5)+",
                                             cache_->name(), "\") to compress"));
-    if (ev_->cake && !cake_allocated_)
+    const auto cake = cake_comp_.find(s);
+    if (ev_->cake && cake == cake_comp_.end())
       kvc::detail::fail(kvc::detail::concat("kvc.Cache: spec = \"", spec_, "\": policy 'cake' splits the budget over "
-                                            "layers by every layer's query window, expected cache.cake_allocate(seq, "
-                                            "windows) once the prompt is in every layer, before compressing"));
+                                            "layers by every layer's query window, expected cache.cake_allocate(seq = ",
+                                            s, ", windows) once the prompt is in every layer, before compressing"));
+    compressor_t& comp = ev_->cake ? cake->second : *comp_;
     kvc::evict::observations obs;
     if (ev_->what() == kvc::evict::observes::query_window) {
       if (!window)
@@ -410,14 +424,14 @@ class session_cache {
       obs.stats = &qs;
     }
     any_cache_view view{cache_.get()};
-    if (merger_) return merge(ph, s, layer, obs);
+    if (merger_) return merge(comp, ph, s, layer, obs);
     switch (ph) {
-      case phase::prefill: return comp_->after_prefill(view, s, layer, obs);
-      case phase::chunk: return comp_->after_chunk(view, s, layer, obs);
-      case phase::decode: return comp_->after_decode_step(view, s, layer, obs);
+      case phase::prefill: return comp.after_prefill(view, s, layer, obs);
+      case phase::chunk: return comp.after_chunk(view, s, layer, obs);
+      case phase::decode: return comp.after_decode_step(view, s, layer, obs);
       case phase::compress: break;
     }
-    return comp_->compress(view, s, layer, obs);
+    return comp.compress(view, s, layer, obs);
   }
 
   /// Each kept token's log-weight (log of the mass it stands for; 0 for a token that stands for
@@ -494,21 +508,22 @@ class session_cache {
   /// A compressor phase with the merging stage in place of eviction (merger's after_prefill /
   /// after_chunk / after_decode_step); the explicit compress() at the policy's target, refusing
   /// a token budget above the longest stream as compressor::compress does.
-  kvc::evict::compress_report merge(phase ph, kvc::seq_id s, std::int32_t layer, const kvc::evict::observations& obs) {
+  kvc::evict::compress_report merge(compressor_t& comp, phase ph, kvc::seq_id s, std::int32_t layer,
+                                    const kvc::evict::observations& obs) {
     switch (ph) {
-      case phase::prefill: return merger_->after_prefill(*comp_, *cache_, s, layer, obs);
-      case phase::chunk: return merger_->after_chunk(*comp_, *cache_, s, layer, obs);
-      case phase::decode: return merger_->after_decode_step(*comp_, *cache_, s, layer, obs);
+      case phase::prefill: return merger_->after_prefill(comp, *cache_, s, layer, obs);
+      case phase::chunk: return merger_->after_chunk(comp, *cache_, s, layer, obs);
+      case phase::decode: return merger_->after_decode_step(comp, *cache_, s, layer, obs);
       case phase::compress: break;
     }
     need_layer(layer, "compress");
-    const kvc::budget b = comp_->options().target;
+    const kvc::budget b = comp.options().target;
     std::int32_t longest = 0;
     for (std::int32_t h = 0; h < cache_->config().num_kv_heads; ++h) longest = std::max(longest, cache_->length(s, layer, h));
     KVC_EXPECTS_IN("kvc.Cache.compress", b.type != kvc::budget::kind::tokens || b.value <= longest, "tokens = ",
                    static_cast<std::int64_t>(b.value), ", expected <= the longest stream of layer ", layer, " (",
                    longest, " tokens); the cache is unchanged");
-    return merger_->compress(*comp_, *cache_, s, layer, obs, b);
+    return merger_->compress(comp, *cache_, s, layer, obs, b);
   }
 
   void need_layer(std::int32_t layer, const char* call) const {
@@ -523,13 +538,14 @@ class session_cache {
   std::optional<kvc::runtime::evictor> ev_;
   std::unique_ptr<kvc::runtime::any_cache> cache_;
   std::int32_t num_q_heads_ = 0;
-  std::optional<kvc::evict::compressor<kvc::evict::any_scorer>> comp_;
+  std::optional<compressor_t> comp_;
+  /// cake: each sequence's compressor, with the layer budgets cake_allocate set from its windows.
+  std::map<kvc::seq_id, compressor_t> cake_comp_;
   std::optional<kvc::evict::attention_observer> observer_;
   std::optional<kvc::runtime::merge_policy> merge_;
   std::optional<kvc::runtime::merger> merger_;  ///< the merging stage after the eviction's selection
   std::vector<float> probs_;
   std::vector<kvc::evict::query_stats_accumulator> qstats_;  ///< [layer], pre-RoPE queries
-  bool cake_allocated_ = false;  ///< cake: cake_allocate has set the layer budgets
   mutable std::mutex m_;
 };
 

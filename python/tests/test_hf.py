@@ -8,6 +8,7 @@ DynamicCache (the question's logits after a one-shot compression), and the C++ e
 Skipped, saying why, without torch / transformers / gguf / accelerate, without the model
 (scripts/fetch-model; KVC_MODEL names another file) and, for the C++ comparison, without the
 kvc-llama binary (KVC_LLAMA names it; scripts/test sets it after building the engine)."""
+import gc
 import json
 import os
 import pathlib
@@ -104,7 +105,8 @@ def test_log_weighted_merging_attends_with_the_log_weights(model, tokens):
     """d2o (mass=1) inside transformers: after the prompt is merged, each layer's decode attention
     (kvc's attention implementation, the log-weights on the logits) equals kvc's own merged kernel
     over the same rows, and differs from a softmax without them; the model gets its attention
-    implementation back at close(), after the last of two caches."""
+    implementation back when the last of two such caches is collected (not at close(): press
+    closes a cache that generate then uses)."""
     before = model.config._attn_implementation
     cache = kvc.hf.Cache("knorm(tokens=40,sinks=0,interval=1000,slack=1000)+d2o", model)  # decode keeps the rows
     other = kvc.hf.Cache("knorm(tokens=40,sinks=0)+kvmerger", model)
@@ -127,9 +129,26 @@ def test_log_weighted_merging_attends_with_the_log_weights(model, tokens):
         with torch.no_grad():
             model(tokens[:, :120], cache=cache)
             model(tokens[:, 120:121], cache=cache)
+        check_log_weighted_step(cache, modules, seen)
+        cache.close()
+        other.close()
+        assert model.config._attn_implementation == "kvc_log_weighted"  # closed caches may still generate
+        del cache
+        gc.collect()
+        assert model.config._attn_implementation == "kvc_log_weighted"  # the other cache still holds it
+        del other
+        gc.collect()
+        assert model.config._attn_implementation == before
     finally:
         for h in hooks:
             h.remove()
+        if model.config._attn_implementation != before:  # a failure above: the next tests get the model as it was
+            model.set_attn_implementation(before)
+            model._kvc_log_weighted_users = 0
+
+
+def check_log_weighted_step(cache, modules, seen):
+    """The decode step of test_log_weighted_merging_attends_with_the_log_weights, layer by layer."""
     assert cache.reports[0].tokens_after == 40 * cache.kvc.num_kv_heads
     assert cache.kvc.length(cache.seq, 29, 0) == 41  # the step's token appended, nothing merged since
     apart = 0.0
@@ -147,10 +166,6 @@ def test_log_weighted_merging_attends_with_the_log_weights(model, tokens):
             p = np.exp(s - s.max())
             apart = max(apart, np.abs((p / p.sum()) @ v - got[qh]).max())
     assert apart > 1e-3
-    cache.close()
-    assert model.config._attn_implementation == "kvc_log_weighted"  # the other cache still holds it
-    other.close()
-    assert model.config._attn_implementation == before
 
 
 def test_minicache_merges_after_the_prompt_and_attends_over_the_merged_rows(model, tokens):

@@ -235,8 +235,9 @@ def test_cake_splits_the_budget_over_layers_by_preference(rng):
         c.append(s, layer, k, v)
         keys.append(k)
         windows.append(rng.standard_normal((w, q_heads, dim)).astype(np.float32))
+    assert c.cake
     with pytest.raises(kvc.Error, match=r"policy 'cake' splits the budget over layers .* expected "
-                                        r"cache.cake_allocate\(seq, windows\)"):
+                                        rf"cache.cake_allocate\(seq = {s}, windows\)"):
         c.after_prefill(s, 0, windows[0])
     with pytest.raises(kvc.Error, match=r"windows has 2 entries, expected one query window per layer \(3\)"):
         c.cake_allocate(s, windows[:2])
@@ -263,10 +264,21 @@ def test_cake_splits_the_budget_over_layers_by_preference(rng):
     assert len(set(budgets)) == layers, budgets  # a uniform split would test nothing
     assert np.argsort(budgets).tolist() == np.argsort(pref).tolist(), (budgets, pref)
     assert abs(sum(budgets) - layers * keep_count(n, 0.6)) <= layers
+    # The budgets are the sequence's own: another one is refused until its own cake_allocate.
+    t = c.add_sequence()
+    for layer in range(layers):
+        c.append(t, layer, keys[layer], keys[layer])
+    with pytest.raises(kvc.Error, match=rf"cache.cake_allocate\(seq = {t}, windows\)"):
+        c.after_prefill(t, 0, windows[0])
+    f = c.fork(s)  # a fork takes its source's budgets: no refusal, and nothing more to evict
+    for layer in range(layers):
+        assert not c.after_prefill(f, layer, windows[layer]).compressed
 
 
 def test_cake_allocate_needs_a_cake_policy():
+    assert kvc.Cache("chunkkv(cake,ratio=0.5)", num_layers=1, num_kv_heads=1, head_dim=16).cake  # cake inside
     c = kvc.Cache("snapkv(ratio=0.5)", num_layers=1, num_kv_heads=1, head_dim=16)
+    assert not c.cake
     s = c.add_sequence()
     with pytest.raises(kvc.Error, match=r"kvc.Cache.cake_allocate: spec = \"snapkv\(ratio=0.5\)\" has no cake policy"):
         c.cake_allocate(s, [np.zeros((4, 1, 16), np.float32)])

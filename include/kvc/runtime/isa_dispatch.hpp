@@ -121,18 +121,37 @@ inline void stage_storages(const spec_stage& st, bool top, std::vector<std::stri
 /// on this CPU and know the stage's storages (its own and its parts'); otherwise the
 /// highest-ranked one that runs here and knows them.
 inline const isa_variant& choose_isa_variant(const spec_stage& st, const char* isa = nullptr) {
+  constexpr const char* who = "kvc::runtime::make_cache_for_cpu";
   std::vector<std::string> need;
   detail::stage_storages(st, true, need);
-  std::string what;
-  for (const std::string& n : need) what += (what.empty() ? "'" : ", '") + n + "'";
+  // What configuration e lacks of the stage's storages, quoted ("" when nothing).
+  auto missing = [&](const isa_variant& e) {
+    std::string m;
+    for (const std::string& n : need)
+      if (!e.has_storage || !e.has_storage(n)) m += (m.empty() ? "'" : ", '") + n + "'";
+    return m;
+  };
+  if (need.size() > 1) {  // a stage with parts: name the parts a configuration lacks
+    const char* forced = isa && *isa ? isa : std::getenv("KVC_ISA");
+    std::string lacks;
+    bool some = false;
+    for (const isa_variant& e : isa_variants()) {
+      if (forced && *forced && std::strcmp(e.name, forced) == 0 && e.runs_here() && !missing(e).empty())
+        kvc::detail::fail(kvc::detail::concat(who, ": '", st.name, "' needs storage(s) ", missing(e), " (in \"", st.text,
+                                              "\"), not registered in the ", forced, " configuration, expected "
+                                              "its TU to include and register them"));
+      if (!e.runs_here()) continue;
+      some = some || missing(e).empty();
+      lacks += kvc::detail::concat(lacks.empty() ? "" : "; ", e.name, " lacks ", missing(e));
+    }
+    if (!(forced && *forced) && !some)
+      kvc::detail::fail(kvc::detail::concat(who, ": no configuration this CPU runs registers every storage '", st.name,
+                                            "' needs (in \"", st.text, "\"): ", lacks, "; expected one configuration "
+                                            "with all of them (register the missing ones in its TU)"));
+  }
   return detail::choose_isa_variant(
-      "kvc::runtime::make_cache_for_cpu", isa,
-      [&](const isa_variant& e) {
-        for (const std::string& n : need)
-          if (!e.has_storage || !e.has_storage(n)) return false;
-        return true;
-      },
-      (need.size() == 1 ? "storage " : "a storage of ") + what, "its TU to include the storage's header",
+      who, isa, [&](const isa_variant& e) { return missing(e).empty(); }, "storage '" + st.name + "'",
+      "its TU to include the storage's header",
       "its register call (e.g. kvc::runtime::register_quant_storages()) in a TU of this program");
 }
 

@@ -81,6 +81,15 @@ def _log_weighted_attention(module, query, key, value, attention_mask, scaling=N
     keys it returned: logit = scaling * q.k + mask + lw. A module without them (another cache's
     forward) gets eager attention unchanged."""
     held = module.__dict__.pop("_kvc_log_weights", None)  # read once, for the keys it was taken with
+    if held is not None and held[0] is not key:
+        raise ValueError(f"kvc.hf: layer {getattr(module, 'layer_idx', '?')}'s attention got keys other than those the "
+                         "kvc cache returned (the model changed them after cache.update), so their log-weights "
+                         "cannot be matched to them; expected a Llama-family attention that reads the cache's keys "
+                         "as returned")
+    unsupported = [k for k in ("softcap", "sliding_window", "s_aux", "sinks") if kwargs.get(k) is not None]
+    if held is not None and unsupported:
+        raise ValueError(f"kvc.hf: layer {getattr(module, 'layer_idx', '?')}'s attention asks for {unsupported}, which "
+                         "kvc's log-weighted attention does not implement; expected a Llama-family attention")
     group = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(group, dim=1)  # query head h reads kv head h // group
     v = value.repeat_interleave(group, dim=1)
@@ -89,7 +98,7 @@ def _log_weighted_attention(module, query, key, value, attention_mask, scaling=N
     if attention_mask is not None:
         mask = attention_mask[:, :, :, : k.shape[-2]]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    if held is not None and held[0] is key:
+    if held is not None:
         lw = held[1].to(device=scores.device, dtype=scores.dtype)  # [B, Hkv, n]
         scores = scores + lw.repeat_interleave(group, dim=1)[:, :, None, :]
     p = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -118,7 +127,7 @@ def _release_attention(model_ref):
     model = model_ref()
     if model is None:
         return
-    model._kvc_log_weighted_users -= 1
+    model._kvc_log_weighted_users = max(0, getattr(model, "_kvc_log_weighted_users", 0) - 1)
     if model._kvc_log_weighted_users == 0 and model.config._attn_implementation == _LOG_WEIGHTED:
         model.set_attn_implementation(model._kvc_attn_before)
 
@@ -216,8 +225,9 @@ class Cache(_HFCache):
     ``kvc.storages()``); with no policy and the ``fp32`` storage the cache is exact. A merging
     stage whose merged tokens carry log-weights (``d2o``, ``kvmerger``; mass=1 by default) needs
     the model: the cache switches it to kvc's attention implementation (transformers' eager
-    attention with each kept token's log-weight added to its logit) and ``close()`` switches it
-    back. Pass the model (not only its config) when
+    attention with each kept token's log-weight added to its logit) for as long as the cache
+    exists, ``close()`` and ``press``'s end included (the cache may still generate); the last such
+    cache of a model to be garbage-collected switches it back. Pass the model (not only its config) when
     the policy observes queries (the query window: snapkv, ...; attention: h2o, tova, ...; query
     statistics: expected_attention): the cache then registers forward pre-hooks on the attention
     modules that recompute each layer's queries (``q_proj``, ``q_norm`` where the model has one,
@@ -258,7 +268,7 @@ class Cache(_HFCache):
                              "rotated keys; expected pca(...), think(...) or xkv(pre_rope=0, ...), or kvc.Cache "
                              "with weights=(wk, wv) and rope_theta driven by your own loop")
         self.kvc = _kvc.Cache(spec, **self._kvc_args)
-        if (self.kvc.policy or "").split("(")[0] == "cake":
+        if self.kvc.cake:
             raise ValueError(f"kvc.hf.Cache: spec = '{spec}': policy 'cake' gives each layer a budget of its own, but "
                              "transformers takes one attention mask for every layer; expected a policy with one "
                              "budget for all layers, or kvc.Cache (cake_allocate) with your own attention")
@@ -300,7 +310,7 @@ class Cache(_HFCache):
         self._kept_layer0 = 0
         self._num_kv_heads, self._num_q_heads, self._head_dim = kv_heads, q_heads, head_dim
         self._lw_modules = None           # the attention modules log-weights are left on (log-weighted stages)
-        self._attn_restore = None         # switches the model back from kvc's attention implementation
+        self._attn_restore = None         # switches the model back from kvc's attention implementation (finalizer)
         super().__init__(layers=[_Layer(self, i) for i in range(layers)])
         policy_queries = self.kvc.policy is not None and observes in ("query_window", "attention", "query_stats")
         modules = None
@@ -384,13 +394,11 @@ class Cache(_HFCache):
         return self.compressing and (self.one_shot or first_forward)
 
     def close(self):
-        """Removes the query hooks from the model, and gives it back its attention implementation
-        (log-weighted merging stages switch it to kvc's)."""
+        """Removes the query hooks from the model. (A log-weighted stage's attention implementation
+        stays until the cache is garbage-collected: the cache may still be used.)"""
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        if self._attn_restore is not None:
-            self._attn_restore()
 
     # -- the layers' work ------------------------------------------------------------------------
     def _seen(self, layer):
