@@ -32,6 +32,37 @@ namespace {
 
 const char* const avx2_name = "isa_avx2_fma_f16c";
 
+/// A merged cache's log-weights of one stream; empty for any other cache.
+std::vector<float> log_weights(const kvc::runtime::any_cache& c, kvc::seq_id s, std::int32_t head) {
+  if (const auto* f16 = c.merged_fp16()) return f16->log_weights(s, 0, head);
+  if (const auto* f32 = c.merged_fp32()) return f32->log_weights(s, 0, head);
+  return {};
+}
+
+/// Attention over layer 0 of s against the dense reference over what the cache holds (gather(),
+/// and a merged cache's log-weights as the logits' bias).
+void require_reference_attention(const kvc::runtime::any_cache& c, kvc::seq_id s, const std::vector<float>& q,
+                                 std::int32_t hq) {
+  const std::int32_t H = c.config().num_kv_heads, D = c.config().head_dim;
+  std::vector<kvc_test::dense_head> heads(static_cast<std::size_t>(H));
+  for (std::int32_t h = 0; h < H; ++h) {
+    const std::int32_t len = c.length(s, 0, h);
+    std::vector<float> kd(static_cast<std::size_t>(len) * D), vd(kd.size());
+    c.gather(s, 0, h, kd.data(), vd.data());
+    auto& dh = heads[static_cast<std::size_t>(h)];
+    dh.n = len;
+    dh.k.assign(kd.begin(), kd.end());
+    dh.v.assign(vd.begin(), vd.end());
+    const std::vector<float> lw = log_weights(c, s, h);
+    dh.bias.assign(lw.begin(), lw.end());
+  }
+  std::vector<float> out(q.size());
+  c.attention(s, 0, q.data(), hq, out.data());
+  const auto ref = kvc_test::dense_decode_attention(heads, D, q.data(), hq, 1.0 / std::sqrt(double(D)));
+  for (std::size_t i = 0; i < out.size(); ++i)
+    REQUIRE(std::fabs(out[i] - ref.out[i]) <= 2e-5 * (1 + std::fabs(ref.out[i])));
+}
+
 /// Appends random tokens to layer 0 of a fresh sequence, attends, and compares with the dense
 /// reference over gather().
 void check_cache(kvc::runtime::any_cache& c, std::uint64_t seed) {
@@ -42,21 +73,7 @@ void check_cache(kvc::runtime::any_cache& c, std::uint64_t seed) {
              q = r.normals(static_cast<std::size_t>(hq) * D);
   const auto s = c.add_sequence();
   c.append(s, 0, k.data(), v.data(), n);
-  std::vector<kvc_test::dense_head> heads(static_cast<std::size_t>(H));
-  for (std::int32_t h = 0; h < H; ++h) {
-    const std::int32_t len = c.length(s, 0, h);
-    std::vector<float> kd(static_cast<std::size_t>(len) * D), vd(kd.size());
-    c.gather(s, 0, h, kd.data(), vd.data());
-    auto& dh = heads[static_cast<std::size_t>(h)];
-    dh.n = len;
-    dh.k.assign(kd.begin(), kd.end());
-    dh.v.assign(vd.begin(), vd.end());
-  }
-  std::vector<float> out(q.size());
-  c.attention(s, 0, q.data(), hq, out.data());
-  const auto ref = kvc_test::dense_decode_attention(heads, D, q.data(), hq, 1.0 / std::sqrt(double(D)));
-  for (std::size_t i = 0; i < out.size(); ++i)
-    REQUIRE(std::fabs(out[i] - ref.out[i]) <= 2e-5 * (1 + std::fabs(ref.out[i])));
+  require_reference_attention(c, s, q, hq);
 }
 
 kvc::cache_config config() {
@@ -147,38 +164,6 @@ TEST_CASE("make_cache_for_cpu names a configuration it cannot use", "[isa][dispa
   REQUIRE_THROWS_WITH(kvc::runtime::make_cache_for_cpu("fp16+fp16", config()), Contains("expected exactly one storage"));
 }
 
-namespace {
-/// Decode attention with each token's log-weight added to its logit, in double, over what a
-/// merged cache holds (gather and log_weights): the formula of kvc/cpu/merged_attention.hpp,
-/// written again.
-std::vector<double> weighted_reference(const kvc::runtime::any_cache& c, kvc::seq_id s, const float* q, std::int32_t hq) {
-  const std::int32_t H = c.config().num_kv_heads, D = c.config().head_dim;
-  const auto* f16 = c.merged_fp16();
-  const auto* f32 = c.merged_fp32();
-  std::vector<double> out(static_cast<std::size_t>(hq) * D, 0.0);
-  for (std::int32_t h = 0; h < hq; ++h) {
-    const std::int32_t g = h / (hq / H), n = c.length(s, 0, g);
-    std::vector<float> k(static_cast<std::size_t>(n) * D), v(k.size());
-    c.gather(s, 0, g, k.data(), v.data());
-    const std::vector<float> lw = f16 ? f16->log_weights(s, 0, g) : f32->log_weights(s, 0, g);
-    std::vector<double> logit(static_cast<std::size_t>(n));
-    double mx = -1e300, sum = 0;
-    for (std::int32_t t = 0; t < n; ++t) {
-      double d = 0;
-      for (std::int32_t i = 0; i < D; ++i) d += double(q[h * D + i]) * k[static_cast<std::size_t>(t) * D + i];
-      logit[static_cast<std::size_t>(t)] = d / std::sqrt(double(D)) + lw[static_cast<std::size_t>(t)];
-      mx = std::max(mx, logit[static_cast<std::size_t>(t)]);
-    }
-    for (std::int32_t t = 0; t < n; ++t) {
-      const double p = std::exp(logit[static_cast<std::size_t>(t)] - mx);
-      sum += p;
-      for (std::int32_t i = 0; i < D; ++i) out[static_cast<std::size_t>(h) * D + i] += p * v[static_cast<std::size_t>(t) * D + i];
-    }
-    for (std::int32_t i = 0; i < D; ++i) out[static_cast<std::size_t>(h) * D + i] /= sum;
-  }
-  return out;
-}
-}  // namespace
 
 TEST_CASE("make_merged_cache_for_cpu: the best configuration's merged kernels, merged by a stage of another", "[isa][dispatch][merge]") {
   const std::string base = kvc::cpu::isa_name();
@@ -227,18 +212,14 @@ TEST_CASE("make_merged_cache_for_cpu: the best configuration's merged kernels, m
       forced->gather(sf, 0, h, kf.data(), vf.data());
       REQUIRE(kb == kf);
       REQUIRE(vb == vf);
-      const auto lb = half ? best->merged_fp16()->log_weights(sb, 0, h) : best->merged_fp32()->log_weights(sb, 0, h);
-      const auto lf = half ? forced->merged_fp16()->log_weights(sf, 0, h) : forced->merged_fp32()->log_weights(sf, 0, h);
+      const auto lb = log_weights(*best, sb, h), lf = log_weights(*forced, sf, h);
+      REQUIRE(lb.size() == static_cast<std::size_t>(len));
       REQUIRE(lb == lf);
       for (float w : lb) merged_any = merged_any || w > 0.0f;
     }
     REQUIRE(merged_any);  // else the log-weights below would test nothing
-    for (auto [c, s] : {std::make_pair(best.get(), sb), std::make_pair(forced.get(), sf)}) {
-      std::vector<float> out(q.size());
-      c->attention(s, 0, q.data(), hq, out.data());
-      const auto ref = weighted_reference(*c, s, q.data(), hq);
-      for (std::size_t i = 0; i < out.size(); ++i) REQUIRE(std::fabs(out[i] - ref[i]) <= 2e-5 * (1 + std::fabs(ref[i])));
-    }
+    require_reference_attention(*best, sb, q, hq);
+    require_reference_attention(*forced, sf, q, hq);
   }
   using Catch::Contains;
   REQUIRE_THROWS_WITH(kvc::runtime::make_merged_cache_for_cpu("kivi(bits=2)", cfg), Contains("storage 'kivi(bits=2)'"));

@@ -16,10 +16,12 @@
 
 namespace kvc_test {
 
-/// One kv head: n rows of K and V, [n][dim].
+/// One kv head: n rows of K and V, [n][dim], and a per-token bias on the logits (a merged token's
+/// log-weight; empty: 0).
 struct dense_head {
   std::vector<double> k, v;
   std::int32_t n = 0;
+  std::vector<double> bias;
 };
 
 struct dense_attention_result {
@@ -30,7 +32,7 @@ struct dense_attention_result {
   std::int32_t stride = 0;          ///< the longest head
 };
 
-/// out_q = sum_t softmax_t(scale * <q, k_t>) v_t, everything in double.
+/// out_q = sum_t softmax_t(scale * <q, k_t> + bias_t) v_t, everything in double.
 inline dense_attention_result dense_decode_attention(const std::vector<dense_head>& heads, std::int32_t dim,
                                                      const float* q, std::int32_t num_q_heads, double scale) {
   const std::int32_t hkv = static_cast<std::int32_t>(heads.size());
@@ -50,7 +52,7 @@ inline dense_attention_result dense_decode_attention(const std::vector<dense_hea
       double dot = 0;
       for (std::int32_t d = 0; d < dim; ++d)
         dot += static_cast<double>(q[static_cast<std::size_t>(qh) * dim + d]) * H.k[static_cast<std::size_t>(t) * dim + d];
-      s[static_cast<std::size_t>(t)] = scale * dot;
+      s[static_cast<std::size_t>(t)] = scale * dot + (H.bias.empty() ? 0.0 : H.bias[static_cast<std::size_t>(t)]);
     }
     const double m = *std::max_element(s.begin(), s.end());
     double z = 0;
