@@ -679,7 +679,7 @@ inline choice choose(input& in) {
     }
     case 7:
     case 8: {
-      static const int pairs[][2] = {{2, 2}, {4, 4}, {8, 8}, {4, 2}, {2, 4}};
+      static const int pairs[][2] = {{2, 2}, {3, 3}, {4, 4}, {8, 8}, {4, 2}, {2, 4}};
       const auto& pr = in.pick(pairs);
       static const int residuals[] = {0, 32, 64, 128};
       d.residual = in.pick(residuals);

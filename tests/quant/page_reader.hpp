@@ -29,8 +29,18 @@ inline double h16_at(const std::byte* p) {
   std::memcpy(&b, p, 2);
   return kvc_test::binary16.decode(b);
 }
-/// Code i of a bit-packed run, LSB first: element i occupies bits [i*b, i*b + b) of the run.
+inline unsigned bit_at(const std::byte* p, std::size_t bit) {
+  return (std::to_integer<unsigned>(p[bit / 8]) >> (bit % 8)) & 1u;
+}
+/// Code i of a bit-packed run, LSB first: element i occupies bits [i*b, i*b + b) of the run. 3-bit
+/// runs are blocks of 48 bits per 16 codes (codec.hpp): code k of a block has its low two bits at
+/// bits 2k, 2k+1 and its third bit at bit 32 + k.
 inline unsigned code_at(const std::byte* codes, int i, int bits) {
+  if (bits == 3) {
+    const std::byte* blk = codes + static_cast<std::size_t>(i / 16) * 6;
+    const std::size_t k = static_cast<std::size_t>(i % 16);
+    return bit_at(blk, 2 * k) | bit_at(blk, 2 * k + 1) << 1 | bit_at(blk, 32 + k) << 2;
+  }
   unsigned c = 0;
   for (int b = 0; b < bits; ++b) {
     const std::size_t bit = static_cast<std::size_t>(i) * bits + b;

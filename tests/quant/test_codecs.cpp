@@ -33,6 +33,20 @@ std::vector<std::uint8_t> plain_pack(const std::vector<unsigned>& codes, int bit
   return out;
 }
 
+/// A plainly written 3-bit packer for the documented planes: per 16 codes, 48 bits; code k's low
+/// two bits at bits 2k and 2k+1, its third bit at bit 32 + k.
+std::vector<std::uint8_t> plain_pack3(const std::vector<unsigned>& codes) {
+  std::vector<std::uint8_t> out(codes.size() * 3 / 8, 0);
+  const auto set = [&](std::size_t bit) { out[bit / 8] = static_cast<std::uint8_t>(out[bit / 8] | (1u << (bit % 8))); };
+  for (std::size_t i = 0; i < codes.size(); ++i) {
+    const std::size_t base = i / 16 * 48, k = i % 16;
+    if (codes[i] & 1u) set(base + 2 * k);
+    if (codes[i] & 2u) set(base + 2 * k + 1);
+    if (codes[i] & 4u) set(base + 32 + k);
+  }
+  return out;
+}
+
 template <int Bits>
 void check_packing() {
   std::mt19937 rng(Bits);
@@ -41,8 +55,21 @@ void check_packing() {
   for (int i = 0; i < 128; ++i) c8[i] = static_cast<std::uint8_t>(codes[i] = rng() % (1u << Bits));
   std::vector<std::uint8_t> packed(128 * Bits / 8);
   detail::pack_codes<Bits>(c8.data(), 128, packed.data());
-  REQUIRE(packed == plain_pack(codes, Bits));
+  REQUIRE(packed == (Bits == 3 ? plain_pack3(codes) : plain_pack(codes, Bits)));
   for (int i = 0; i < 128; ++i) REQUIRE(detail::unpack_code<Bits>(packed.data(), i) == codes[i]);
+  // or_code into a zeroed row, element by element in a shuffled order, writes the same bytes
+  std::vector<int> order(128);
+  for (int i = 0; i < 128; ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<std::uint8_t> ored(packed.size(), 0);
+  for (int i : order) detail::or_code<Bits>(ored.data(), i, codes[i]);
+  REQUIRE(ored == packed);
+  // the row decoders (SIMD blocks of 16 on AVX2 hosts, then the scalar tail) against the codes
+  for (int n : {16, 48, 128}) {
+    std::vector<float> out(n);
+    detail::decode_affine_row<Bits>(packed.data(), n, 0.5f, -1.0f, out.data());
+    for (int i = 0; i < n; ++i) REQUIRE(out[i] == 0.5f * float(codes[i]) - 1.0f);
+  }
 }
 
 // ---- the affine parameters, from the documented definition (codec.hpp) ----
@@ -138,24 +165,24 @@ void check_token_bound(int D) {
   }
 }
 
-template <int Bits>
+template <int Bits, int G = 32>
 void check_channel_bound(int D) {
-  using impl = detail::channel_affine<Bits, 32>;
+  using impl = detail::channel_affine<Bits, G>;
   for (std::uint32_t seed = 0; seed < 20; ++seed) {
-    auto x = qtest::keylike(32, 1, D, seed);
+    auto x = qtest::keylike(G, 1, D, seed);
     if (seed == 4)
-      for (int t = 0; t < 32; ++t) x[static_cast<std::size_t>(t) * D + 5] = 0.75f;  // a constant channel
+      for (int t = 0; t < G; ++t) x[static_cast<std::size_t>(t) * D + 5] = 0.75f;  // a constant channel
     std::vector<std::byte> rec(impl::record_bytes(D));
     impl::encode(x.data(), D, rec.data());
-    std::vector<float> y(32 * D);
+    std::vector<float> y(static_cast<std::size_t>(G) * D);
     impl::decode(rec.data(), D, y.data());
     const half* sc = impl::scales(rec.data(), D);
     const half* zr = impl::zeros(rec.data(), D);
     for (int d = 0; d < D; ++d) {
       const double s = require_affine_params<Bits, scheme::asymmetric>(
-          x.data() + d, 32, D, bits_at(sc, d), zr + d,
+          x.data() + d, G, D, bits_at(sc, d), zr + d,
           "kivi keys bits " + std::to_string(Bits) + " seed " + std::to_string(seed) + " channel " + std::to_string(d));
-      for (int t = 0; t < 32; ++t) {
+      for (int t = 0; t < G; ++t) {
         const double e = std::fabs(x[t * D + d] - y[t * D + d]);
         REQUIRE(e <= s * 0.5 * (1 + 1e-5) + 1e-6 * std::fabs(x[t * D + d]));
       }
@@ -216,6 +243,7 @@ TEST_CASE("the SIMD path under test", "[quant][codec][isa]") {
 
 TEST_CASE("bit packing matches a plainly written packer", "[quant][codec]") {
   check_packing<2>();
+  check_packing<3>();
   check_packing<4>();
   check_packing<8>();
   static_assert(sizeof(packed_block<2, 128>) == 32, "block sizes are checked at compile time");
@@ -229,9 +257,14 @@ TEST_CASE("integer codecs: scale and zero from the definition, round trip within
   check_token_bound<2, scheme::asymmetric, 0>(128);
   check_token_bound<2, scheme::asymmetric, 32>(128);  // KIVI values
   check_token_bound<4, scheme::asymmetric, 32>(64);
+  check_token_bound<3, scheme::asymmetric, 32>(128);  // 3-bit KIVI values
+  check_token_bound<3, scheme::asymmetric, 16>(48);
+  check_token_bound<3, scheme::asymmetric, 0>(80);
   check_channel_bound<2>(128);  // KIVI keys
   check_channel_bound<4>(64);
   check_channel_bound<8>(128);
+  check_channel_bound<3>(64);
+  check_channel_bound<3, 64>(48);
 }
 
 TEST_CASE("record sizes are what the layout says", "[quant][codec]") {
@@ -239,6 +272,8 @@ TEST_CASE("record sizes are what the layout says", "[quant][codec]") {
   CHECK(int4{}.record_bytes(role::key, 128) == 64 + 4);
   CHECK(kivi<2>{}.record_bytes(role::key, 128) == 32 * 32 + 128 * 4);  // 32 tokens, per-channel scale+zero
   CHECK(kivi<2>{}.record_bytes(role::value, 128) == 32 + 4 * 4);       // 4 groups of 32 channels
+  CHECK(kivi<3>{}.record_bytes(role::key, 64) == 32 * 24 + 64 * 4);     // 3 bits: 6 bytes per 16 codes
+  CHECK((kivi<3, 64>{}.record_bytes(role::value, 128)) == 48 + 2 * 4);
   CHECK(fp8<>{}.record_bytes(role::value, 128) == 128 + 4);
   CHECK((fp8<kvc::fp8_e4m3, fp8_scaling::per_tensor>{}.record_bytes(role::value, 128)) == 128);
 }
@@ -287,5 +322,6 @@ TEST_CASE("bad codec configurations fail with a clear kvc::error", "[quant][code
   REQUIRE_THROWS_WITH(k.check(128), Catch::Contains("residual = 100") && Catch::Contains("multiple of the group size 32"));
   REQUIRE_THROWS_WITH(kivi<2>{}.check(48), Catch::Contains("head_dim = 48"));
   REQUIRE_THROWS_AS(int2{}.check(6), kvc::error);
-  // Compile-time: kivi<3>, kivi<2, 32, 100>, intn<5> do not compile (static_assert names the fix).
+  REQUIRE_THROWS_WITH(kivi<3>{}.check(40), Catch::Contains("head_dim = 40") && Catch::Contains("multiple of 16"));
+  // Compile-time: kivi<5>, kivi<3, 24>, kivi<2, 32, 100>, intn<3>, intn<5> do not compile (static_assert names the fix).
 }

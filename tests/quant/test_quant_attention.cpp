@@ -147,6 +147,9 @@ TEST_CASE("fused attention matches dense attention over the pages read independe
   sweep<kivi<4>, kivi<2>>(64);  // K4V2
   sweep<kivi<2, 32, 0>, kivi<2, 32, 0>>(32);
   sweep<kivi<2, 16, 32>, int8>(16);
+  sweep<kivi<3>, kivi<3>>(32);  // 3-bit planes: the loader reads blocks of 16 codes
+  sweep<kivi<3, 64, 64>, kivi<3, 64, 64>>(64);
+  sweep<kivi<3, 16, 32>, kivi<2>>(16);
 }
 
 TEST_CASE("fused attention over value records with an odd number of channel groups", "[quant][attention]") {
@@ -159,6 +162,7 @@ TEST_CASE("fused attention over value records with an odd number of channel grou
     CHECK(fused_vs_pages<int4, intn<2, scheme::symmetric, 32>>({6, 2, 96}, 16, n, 91 + n, &pool) < 1e-5);
     CHECK(fused_vs_pages<kivi<2>, kivi<2>>({8, 2, 96}, 32, n, 92 + n) < 1e-5);
     CHECK(fused_vs_pages<kivi<4>, kivi<4>>({3, 1, 96}, 64, n, 93 + n, &pool, 0, {}, {}, true) < 1e-5);
+    CHECK(fused_vs_pages<kivi<3>, kivi<3>>({6, 2, 96}, 32, n, 94 + n, &pool) < 1e-5);
   }
 }
 
@@ -397,6 +401,9 @@ TEST_CASE("the SIMD path under test", "[quant][attention][isa]") {
     CHECK_FALSE(qd::fused_ok<A, int8, role::key, 8>(64));  // G > 4: decode-then-attend
     CHECK(qd::fused_ok<A, intn<4, scheme::asymmetric, 32>, role::value, 3>(96));  // odd group count
     CHECK(qd::fused_ok<A, kivi<2>, role::value, 4>(96));
+    CHECK(qd::fused_ok<A, kivi<3>, role::key, 4>(64));
+    CHECK(qd::fused_ok<A, kivi<3>, role::value, 4>(64));
+    CHECK(qd::fused_ok<A, kivi<3, 64>, role::value, 2>(128));
   }
   if (kvc_test::expect_avx512()) {  // the fused float kernels 16 wide; the integer ones stay AVX2
     REQUIRE(qd::fused_available);

@@ -143,6 +143,7 @@ void mix_cases() {
 
 TEST_CASE("repack puts each key channel on the smallest dyadic grid that spans it", "[quant][requant]") {
   grid_cases<2>();
+  grid_cases<3>();
   grid_cases<4>();
   grid_cases<8>();
 }
@@ -165,6 +166,7 @@ TEST_CASE("a 2-bit group wider than binary16's steps can span falls back to the 
 
 TEST_CASE("repack stores values already on its grid exactly", "[quant][requant]") {
   mix_cases<2>();
+  mix_cases<3>();
   mix_cases<4>();
   mix_cases<8>();
 }

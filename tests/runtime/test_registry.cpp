@@ -334,7 +334,7 @@ TEST_CASE("every quantized storage a spec can name builds, attends over what it 
                          "int2",          "int4(sinks=4)",         "fp8",
                          "fp8(format=e5m2)", "kivi(bits=2,residual=32)", "kivi(bits=4,residual=32)",
                          "kivi(bits=8,residual=32)", "kivi(kbits=4,vbits=2,residual=32)",
-                         "kivi(kbits=2,vbits=4,residual=32)", "rotated(bits=2)", "rotated(bits=4)",
+                         "kivi(kbits=2,vbits=4,residual=32)", "kivi(bits=3,residual=32)", "rotated(bits=2)", "rotated(bits=4)",
                          "outliers(bits=2)", "outliers(bits=4,fraction=0.05)", "gear(bits=4)",
                          "gear(bits=2,rank=2,outliers=0.01)"};
   std::size_t fp32_bytes = 0;
@@ -376,7 +376,9 @@ TEST_CASE("every quantized storage a spec can name builds, attends over what it 
     const char* b;
   };
   const bad cases[] = {
-      {"kivi(bits=3)", "kbits = 3, vbits = 3", "2/2, 4/4, 8/8"},
+      {"kivi(bits=5)", "kbits = 5, vbits = 5", "2/2, 3/3, 4/4, 8/8"},
+      {"kivi(bits=3,group=128)", "group = 128", "64 with bits = 3"},
+      {"kivi(bits=3,group=64,residual=32)", "residual = 32", "multiple of the group size 64"},
       {"kivi(kbits=8,vbits=2)", "kbits = 8, vbits = 2", "4/2 or 2/4"},
       {"kivi(group=64)", "group = 64", "expected 32"},
       {"fp8(format=e3m4)", "format = e3m4", "e4m3 or e5m2"},

@@ -209,6 +209,21 @@ struct int_loader {
       const __m128i c = centred_bytes16(row, d);
       a = B(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)));
       b = B(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8))));
+    } else if constexpr (Bits == 3 && B::size == 8) {
+      // one block of 16 (d % 16 == 0): the 2-bit plane as for 2 bits, the bit plane shifted in
+      // at bit 2 of each lane
+      const std::uint8_t* p = row + d / 16 * 6;
+      std::uint32_t w, h = 0;
+      std::memcpy(&w, p, 4);
+      std::memcpy(&h, p + 4, 2);
+      const __m256i W = _mm256_set1_epi32(static_cast<int>(w)), H = _mm256_set1_epi32(static_cast<int>(h << 2));
+      const __m256i three = _mm256_set1_epi32(3), four = _mm256_set1_epi32(4);
+      const __m256i lo_a = _mm256_and_si256(_mm256_srlv_epi32(W, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)), three);
+      const __m256i lo_b = _mm256_and_si256(_mm256_srlv_epi32(W, _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)), three);
+      const __m256i hi_a = _mm256_and_si256(_mm256_srlv_epi32(H, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), four);
+      const __m256i hi_b = _mm256_and_si256(_mm256_srlv_epi32(H, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)), four);
+      a = B(lanes_to_float(_mm256_or_si256(lo_a, hi_a)));
+      b = B(lanes_to_float(_mm256_or_si256(lo_b, hi_b)));
     } else if constexpr (B::size == 8) {
       // 2 and 4 bits: each lane shifts its own code down from a broadcast 32-bit word (one
       // variable shift, mask, centre and convert per 8 codes; the byte unpacking it replaces
@@ -228,6 +243,10 @@ struct int_loader {
     else if constexpr (Bits == 8) {
       a = B(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(centred_bytes16(row, d))));
       b = B(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(centred_bytes16(row, d + 16))));
+    } else if constexpr (Bits == 3) {
+      // two blocks of 16 (d % 32 == 0), one per batch
+      a = B(lanes_to_float(block3(row + d / 16 * 6)));
+      b = B(lanes_to_float(block3(row + d / 16 * 6 + 6)));
     } else if constexpr (Bits == 2) {
       const std::uint8_t* p = row + d / 4;
       std::uint32_t w0, w1;
@@ -255,6 +274,21 @@ struct int_loader {
                                                _mm256_set1_epi32(1 << (Bits - 1))));
   }
 #if defined(__AVX512F__)
+  /// The 16 codes of one 3-bit block, one per lane (uncentred).
+  static KVC_FORCEINLINE __m512i block3(const std::uint8_t* p) noexcept {
+    std::uint32_t w, h = 0;
+    std::memcpy(&w, p, 4);
+    std::memcpy(&h, p + 4, 2);
+    const __m512i lo = _mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(w)),
+                          _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)),
+        _mm512_set1_epi32(3));
+    const __m512i hi = _mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(h << 2)),
+                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+        _mm512_set1_epi32(4));
+    return _mm512_or_si512(lo, hi);
+  }
   static KVC_FORCEINLINE __m512 lanes_to_float(__m512i x) noexcept {
     return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(x, _mm512_set1_epi32((1 << Bits) - 1)),
                                                _mm512_set1_epi32(1 << (Bits - 1))));

@@ -11,7 +11,7 @@
 /// codecs' record layout reaches the kernels without edits here.
 ///
 /// Supported: intn<2|4|8, any scheme, any group> (int8/int4/int2), kivi<2|4|8> (per-channel keys,
-/// per-token values), fp8<e4m3|e5m2, per-token|per-tensor>, and rotated<any of these>. Other
+/// per-token values; kivi<3>'s planar blocks of 16 codes have no reader yet), fp8<e4m3|e5m2, per-token|per-tensor>, and rotated<any of these>. Other
 /// codecs (gear, outliers, mixed precision) have no device reader yet: using them is a compile
 /// error naming the codec.
 
@@ -161,6 +161,8 @@ struct device_codec<quant::intn<Bits, S, Group>, R> {
 
 template <int Bits, int G, int Res>
 struct device_codec<quant::kivi<Bits, G, Res>, quant::role::key> {
+  static_assert(Bits != 3, "kvc::cuda: kivi<3> has no device reader yet (its codes are packed in blocks of 16, "
+                           "the readers take 8 codes at a time); use kivi<2|4|8> on the GPU");
   using Q = quant::kivi<Bits, G, Res>;
   using reader = channel_affine_reader<Bits, G>;
   static constexpr bool rotates = false;
@@ -178,6 +180,8 @@ struct device_codec<quant::kivi<Bits, G, Res>, quant::role::key> {
 
 template <int Bits, int G, int Res>
 struct device_codec<quant::kivi<Bits, G, Res>, quant::role::value> {
+  static_assert(Bits != 3, "kvc::cuda: kivi<3> has no device reader yet (its codes are packed in blocks of 16, "
+                           "the readers take 8 codes at a time); use kivi<2|4|8> on the GPU");
   using Q = quant::kivi<Bits, G, Res>;
   using reader = token_affine_reader<Bits, quant::scheme::asymmetric>;
   static constexpr bool rotates = false;

@@ -11,10 +11,14 @@
 /// (KIVI keys) have G tokens per record (compaction re-encodes changed records).
 ///
 /// Integer codes are *affine*: x^ = scale * c + zero with unsigned codes c in [0, 2^b - 1]
-/// (symmetric schemes store zero = -2^(b-1) * scale implicitly). Codes are bit-packed LSB first:
-/// element i lives in byte (i*b)/8 at bit (i*b)%8, which on a little-endian machine is the order of
-/// KIVI's int32 packing. Scales and zero points are stored as binary16, rounded *outwards* (scale
-/// up, zero down) so that every element keeps the analytic bound |x - x^| <= scale / 2.
+/// (symmetric schemes store zero = -2^(b-1) * scale implicitly). Codes of 1, 2, 4 and 8 bits are
+/// bit-packed LSB first: element i lives in byte (i*b)/8 at bit (i*b)%8, which on a little-endian
+/// machine is the order of KIVI's int32 packing. 3-bit codes are packed in blocks of 16 codes in 6
+/// bytes: bytes 0-3 hold the low two bits of each code (the 2-bit packing), bytes 4-5 the third bit
+/// (the 1-bit packing). Why planes: no code straddles a byte, and the SIMD loaders read a block as
+/// the 2-bit loader does plus one 16-bit word (interleaved 3-bit codes cross bytes 3 times in 8).
+/// Scales and zero points are stored as binary16, rounded *outwards* (scale up, zero down) so that
+/// every element keeps the analytic bound |x - x^| <= scale / 2.
 
 #include <algorithm>
 #include <cmath>
@@ -48,9 +52,10 @@ enum class scheme {
 /// device agree on it).
 template <int Bits, int N>
 struct packed_block {
-  static_assert(Bits == 1 || Bits == 2 || Bits == 4 || Bits == 8,
-                "kvc::quant::packed_block: Bits must be 1, 2, 4 or 8");
+  static_assert(Bits == 1 || Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8,
+                "kvc::quant::packed_block: Bits must be 1, 2, 3, 4 or 8");
   static_assert(N > 0 && (N * Bits) % 8 == 0, "kvc::quant::packed_block: N * Bits must fill whole bytes");
+  static_assert(Bits != 3 || N % 16 == 0, "kvc::quant::packed_block: 3-bit codes come in blocks of 16 (6 bytes)");
   static constexpr int bits = Bits;
   static constexpr int size = N;
   std::uint8_t bytes[N * Bits / 8];
@@ -58,14 +63,36 @@ struct packed_block {
 static_assert(sizeof(packed_block<2, 32>) == 8, "32 two-bit codes are 8 bytes");
 static_assert(sizeof(packed_block<4, 32>) == 16, "32 four-bit codes are 16 bytes");
 static_assert(sizeof(packed_block<8, 32>) == 32, "32 eight-bit codes are 32 bytes");
+static_assert(sizeof(packed_block<3, 32>) == 12, "32 three-bit codes are 2 blocks of 6 bytes");
 
 namespace detail {
 
-/// Packs n codes (each < 2^Bits) LSB first. n * Bits must be a multiple of 8.
+/// Whether codes of Bits bits are packed as described above; 3-bit rows need whole blocks of 16.
+template <int Bits>
+inline constexpr bool packable_bits = Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8;
+/// Codes per packing unit: a row or group of codes must hold a whole number of them.
+template <int Bits>
+inline constexpr int pack_unit = Bits == 3 ? 16 : 8 / Bits;
+
+/// Packs n codes (each < 2^Bits) LSB first. n * Bits must be a multiple of 8 (of 48 for 3 bits:
+/// whole blocks of 16).
 template <int Bits>
 KVC_HOST_DEVICE void pack_codes(const std::uint8_t* codes, int n, std::uint8_t* out) noexcept {
   if constexpr (Bits == 8) {
     for (int i = 0; i < n; ++i) out[i] = codes[i];
+  } else if constexpr (Bits == 3) {
+    for (int j = 0; j < n / 16; ++j) {
+      const std::uint8_t* c = codes + 16 * j;
+      std::uint8_t* o = out + 6 * j;
+      for (int k = 0; k < 4; ++k)
+        o[k] = static_cast<std::uint8_t>((c[4 * k] & 3u) | (c[4 * k + 1] & 3u) << 2 | (c[4 * k + 2] & 3u) << 4 |
+                                         (c[4 * k + 3] & 3u) << 6);
+      for (int k = 0; k < 2; ++k) {
+        unsigned b = 0;
+        for (int i = 0; i < 8; ++i) b |= (static_cast<unsigned>(c[8 * k + i]) >> 2 & 1u) << i;
+        o[4 + k] = static_cast<std::uint8_t>(b);
+      }
+    }
   } else {
     constexpr int per = 8 / Bits;
     for (int j = 0; j < n / per; ++j) {
@@ -80,9 +107,27 @@ template <int Bits>
 KVC_HOST_DEVICE unsigned unpack_code(const std::uint8_t* in, int i) noexcept {
   if constexpr (Bits == 8) {
     return in[i];
+  } else if constexpr (Bits == 3) {
+    const std::uint8_t* b = in + i / 16 * 6;
+    const int k = i % 16;
+    return (static_cast<unsigned>(b[k / 4]) >> (k % 4 * 2) & 3u) | (static_cast<unsigned>(b[4 + k / 8]) >> (k % 8) & 1u) << 2;
   } else {
     constexpr int per = 8 / Bits;
     return (static_cast<unsigned>(in[i / per]) >> ((i % per) * Bits)) & ((1u << Bits) - 1u);
+  }
+}
+
+/// ORs code c (< 2^Bits) into element i of a packed row whose bytes start zeroed.
+template <int Bits>
+KVC_HOST_DEVICE void or_code(std::uint8_t* out, int i, unsigned c) noexcept {
+  if constexpr (Bits == 3) {
+    std::uint8_t* b = out + i / 16 * 6;
+    const int k = i % 16;
+    b[k / 4] = static_cast<std::uint8_t>(b[k / 4] | (c & 3u) << (k % 4 * 2));
+    b[4 + k / 8] = static_cast<std::uint8_t>(b[4 + k / 8] | (c >> 2 & 1u) << (k % 8));
+  } else {
+    constexpr int per = 8 / Bits;
+    out[i / per] = static_cast<std::uint8_t>(out[i / per] | c << ((i % per) * Bits));
   }
 }
 
@@ -161,6 +206,14 @@ template <int Bits>
 KVC_TARGET_AVX2 inline __m128i unpack16(const std::uint8_t* in) noexcept {
   if constexpr (Bits == 8) {
     return _mm_loadu_si128(reinterpret_cast<const __m128i*>(in));
+  } else if constexpr (Bits == 3) {
+    // the 2-bit plane, then bit k of the 16-bit plane word spread to byte k as 4 or 0
+    std::uint16_t h;
+    std::memcpy(&h, in + 4, 2);
+    const __m128i sel = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+    const __m128i hb = _mm_shuffle_epi8(_mm_cvtsi32_si128(h), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+    const __m128i hi = _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(hb, sel), sel), _mm_set1_epi8(4));
+    return _mm_or_si128(unpack16<2>(in), hi);
   } else if constexpr (Bits == 4) {
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(in));
     const __m128i m = _mm_set1_epi8(0x0f);
@@ -211,7 +264,7 @@ KVC_TARGET_AVX2 inline int decode_affine_row_pc_avx2(const std::uint8_t* codes, 
 }
 #endif  // KVC_X86_DISPATCH
 
-/// out[i] = s * code_i + z for n codes (n a multiple of 8 / Bits... any n; SIMD for multiples of 16).
+/// out[i] = s * code_i + z for n codes (any n; SIMD for multiples of 16).
 template <int Bits>
 inline void decode_affine_row(const std::uint8_t* codes, int n, float s, float z, float* out) noexcept {
   int i = 0;
@@ -241,8 +294,9 @@ inline void decode_affine_row_pc(const std::uint8_t* codes, int n, const half* s
 /// Per-token affine quantization of one head row in groups of Group channels (0: the whole row).
 template <int Bits, scheme S, int Group>
 struct token_affine {
-  static_assert(Bits == 2 || Bits == 4 || Bits == 8,
-                "kvc::quant: integer codecs support 2, 4 or 8 bits (use fp8<> for 8-bit floats)");
+  static_assert(packable_bits<Bits>,
+                "kvc::quant: integer codecs support 2, 3, 4 or 8 bits (use fp8<> for 8-bit floats)");
+  static_assert(Bits != 3 || Group % 16 == 0, "kvc::quant: 3-bit groups must be a multiple of 16 channels (whole 6-byte blocks)");
   static constexpr bool has_zero = S == scheme::asymmetric;
   KVC_HOST_DEVICE static int group(int D) noexcept { return Group == 0 ? D : Group; }
   KVC_HOST_DEVICE static int groups(int D) noexcept { return D / group(D); }
@@ -252,7 +306,7 @@ struct token_affine {
   }
   static void check(int D, const char* who) {
     KVC_EXPECTS(D > 0, who, ": head_dim = ", D, ", expected > 0");
-    KVC_EXPECTS(D * Bits % 8 == 0, who, ": head_dim = ", D, ", expected a multiple of ", 8 / Bits,
+    KVC_EXPECTS(D % pack_unit<Bits> == 0, who, ": head_dim = ", D, ", expected a multiple of ", pack_unit<Bits>,
                 " for ", Bits, "-bit packing");
     KVC_EXPECTS(D <= 1024 && D / (Group == 0 ? D : Group) <= 64, who, ": head_dim = ", D,
                 ", expected <= 1024 and at most 64 groups per row");
@@ -364,14 +418,14 @@ struct token_affine {
 /// one scale and zero point.
 template <int Bits, int G>
 struct channel_affine {
-  static_assert(Bits == 2 || Bits == 4 || Bits == 8, "kvc::quant: integer codecs support 2, 4 or 8 bits");
+  static_assert(packable_bits<Bits>, "kvc::quant: integer codecs support 2, 3, 4 or 8 bits");
   static_assert(G >= 2, "kvc::quant: per-channel groups need at least 2 tokens (KIVI buffers a whole group)");
   KVC_HOST_DEVICE static std::size_t row_bytes(int D) noexcept { return static_cast<std::size_t>(D) * Bits / 8; }
   KVC_HOST_DEVICE static std::size_t code_bytes(int D) noexcept { return row_bytes(D) * G; }
   KVC_HOST_DEVICE static std::size_t record_bytes(int D) noexcept { return code_bytes(D) + static_cast<std::size_t>(D) * 4; }
   static void check(int D, const char* who) {
     KVC_EXPECTS(D > 0, who, ": head_dim = ", D, ", expected > 0");
-    KVC_EXPECTS(D * Bits % 8 == 0, who, ": head_dim = ", D, ", expected a multiple of ", 8 / Bits,
+    KVC_EXPECTS(D % pack_unit<Bits> == 0, who, ": head_dim = ", D, ", expected a multiple of ", pack_unit<Bits>,
                 " for ", Bits, "-bit packing");
     KVC_EXPECTS(D <= 1024, who, ": head_dim = ", D, ", expected <= 1024");
   }
@@ -395,7 +449,6 @@ struct channel_affine {
     std::uint8_t* codes = reinterpret_cast<std::uint8_t*>(rec);
     half* sh = reinterpret_cast<half*>(rec + code_bytes(D));
     half* zh = sh + D;
-    constexpr int per = 8 / Bits;
     half s, z;
     affine_fit<Bits, scheme::asymmetric>(x + d, G, D, s, z);
     std::memcpy(sh + d, &s, 2);
@@ -404,7 +457,7 @@ struct channel_affine {
     const float inv = sf > 0.0f ? 1.0f / sf : 0.0f;
     for (int t = 0; t < G; ++t) {
       const unsigned c = sf > 0.0f ? affine_code<Bits, scheme::asymmetric>(x[t * D + d], inv, zf) : 0u;
-      codes[row_bytes(D) * t + d / per] |= static_cast<std::uint8_t>(c << ((d % per) * Bits));
+      or_code<Bits>(codes + row_bytes(D) * t, d, c);
     }
   }
 
@@ -469,7 +522,6 @@ struct channel_affine {
     for (std::size_t b = 0; b < code_bytes(D); ++b) codes[b] = 0;
     half* sh = reinterpret_cast<half*>(rec + code_bytes(D));
     half* zh = sh + D;
-    constexpr int per = 8 / Bits;
     for (int d = 0; d < D; ++d) {
       double lo = x[d], hi = x[d];
       for (int t = 1; t < G; ++t) {
@@ -489,7 +541,7 @@ struct channel_affine {
       for (int t = 0; t < G; ++t) {
         const double c = std::nearbyint(static_cast<double>(x[t * D + d]) / step) - m;
         const unsigned ci = static_cast<unsigned>(std::min(std::max(c, 0.0), static_cast<double>((1 << Bits) - 1)));
-        codes[row_bytes(D) * t + d / per] |= static_cast<std::uint8_t>(ci << ((d % per) * Bits));
+        or_code<Bits>(codes + row_bytes(D) * t, d, ci);
       }
     }
   }

@@ -15,14 +15,19 @@
 KVC_BEGIN_NAMESPACE
 namespace quant {
 
-/// \tparam Bits      2, 4 or 8 (KIVI's CUDA kernels ship 2 and 4)
+/// \tparam Bits      2, 3, 4 or 8 (KIVI's CUDA kernels ship 2 and 4; 3 bits is the width at which
+///                   KVQuant, arXiv:2401.18079, reports under 0.1 perplexity lost on LLaMA with its
+///                   other measures). 3-bit codes are packed in planes (codec.hpp); kvc's CUDA
+///                   readers take 2, 4 and 8 bits.
 /// \tparam Group     tokens per key group and channels per value group (KIVI: 32)
 /// \tparam Residual  full-precision window in tokens, a multiple of Group (KIVI: 128); a runtime
 ///                   value may replace it through the `residual_tokens` member
 template <int Bits, int Group = 32, int Residual = 128>
 struct kivi : codec_base {
-  static_assert(Bits == 2 || Bits == 4 || Bits == 8, "kvc::quant::kivi<Bits>: Bits must be 2, 4 or 8");
+  static_assert(Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8, "kvc::quant::kivi<Bits>: Bits must be 2, 3, 4 or 8");
   static_assert(Group >= 8 && Group % 8 == 0, "kvc::quant::kivi<Bits, Group>: Group must be a multiple of 8 (KIVI uses 32)");
+  static_assert(Bits != 3 || Group % 16 == 0,
+                "kvc::quant::kivi<3, Group>: Group must be a multiple of 16 (3-bit codes are packed in blocks of 16 channels)");
   static_assert(Residual >= 0 && Residual % Group == 0,
                 "kvc::quant::kivi<Bits, Group, Residual>: Residual must be a multiple of Group (KIVI: G=32, R=128)");
   using key_impl = detail::channel_affine<Bits, Group>;
@@ -68,7 +73,7 @@ struct kivi : codec_base {
     if constexpr (R == role::key) key_impl::decode_token(rec, D, i, out);
     else value_impl::decode(rec, D, out);
   }
-  static const char* name() noexcept { return Bits == 2 ? "kivi2" : Bits == 4 ? "kivi4" : "kivi8"; }
+  static const char* name() noexcept { return Bits == 2 ? "kivi2" : Bits == 3 ? "kivi3" : Bits == 4 ? "kivi4" : "kivi8"; }
 };
 
 }  // namespace quant

@@ -9,7 +9,8 @@
 ///                                                         cpu::quant_attention_options::fast()
 ///                                                         (head_dim a multiple of 256 / bits)
 ///   fp8(format=e4m3|e5m2)                                 per token-head scale
-///   kivi(bits=2|4|8, kbits=, vbits=, residual=128)        KIVI, group 32; K4V2/K2V4 via kbits/vbits
+///   kivi(bits=2|3|4|8, kbits=, vbits=, residual=128)      KIVI, group 32; K4V2/K2V4 via kbits/vbits;
+///   kivi(bits=3, group=64)                                3-bit KIVI over groups of 64 (4.6x fewer bytes)
 ///   rotated(bits=2|4)                                     Hadamard-rotated int2/int4
 ///   outliers(bits=2|4, fraction=0.01)                     KVQuant dense-and-sparse int2/int4
 ///   gear(bits=4|2, rank=4, outliers=0.02)                 GEAR, records of 32 tokens
@@ -213,7 +214,8 @@ void register_fp8_storage() {
   };
 }
 
-/// Only `kivi`: 5 cache types (bits 2/2, 4/4, 8/8, 4/2, 2/4) (see register_quant_storages).
+/// Only `kivi`: 7 cache types (bits 2/2, 3/3, 4/4, 8/8, 4/2, 2/4; 3/3 also with group 64) (see
+/// register_quant_storages).
 template <class Deferred = void>
 void register_kivi_storage() {
   using namespace detail;  // the builders' helpers
@@ -226,19 +228,24 @@ void register_kivi_storage() {
     const int res = a.integer("residual", 128);
     const quant_extras x = read_extras(a, o);
     a.finish("bits, kbits, vbits, group, residual, sinks, pre_rope, fast");
-    if (group != 32) unsupported(st, "group = " + std::to_string(group), "32 (other groups: kvc::quant::kivi<Bits, Group> in C++)");
+    const bool three = kb == 3 && vb == 3;
+    if (group != 32 && !(three && group == 64))
+      unsupported(st, "group = " + std::to_string(group),
+                  "32, or 64 with bits = 3 (other groups: kvc::quant::kivi<Bits, Group> in C++)");
     auto mk = [&](auto kq, auto vq) -> std::unique_ptr<any_cache> {
       kq.residual_tokens = res;
       vq.residual_tokens = res;
       return make_quant<decltype(kq), decltype(vq)>(st.text, c, x, kq, vq);
     };
     if (kb == 2 && vb == 2) return mk(quant::kivi<2>{}, quant::kivi<2>{});
+    if (three && group == 64) return mk(quant::kivi<3, 64>{}, quant::kivi<3, 64>{});
+    if (three) return mk(quant::kivi<3>{}, quant::kivi<3>{});
     if (kb == 4 && vb == 4) return mk(quant::kivi<4>{}, quant::kivi<4>{});
     if (kb == 8 && vb == 8) return mk(quant::kivi<8>{}, quant::kivi<8>{});
     if (kb == 4 && vb == 2) return mk(quant::kivi<4>{}, quant::kivi<2>{});
     if (kb == 2 && vb == 4) return mk(quant::kivi<2>{}, quant::kivi<4>{});
     unsupported(st, "kbits = " + std::to_string(kb) + ", vbits = " + std::to_string(vb),
-                "2/2, 4/4, 8/8, 4/2 or 2/4 (any pair: kvc::quant_cache<kivi<K>, kivi<V>> in C++)");
+                "2/2, 3/3, 4/4, 8/8, 4/2 or 2/4 (any pair: kvc::quant_cache<kivi<K>, kivi<V>> in C++)");
   };
 }
 
