@@ -263,6 +263,7 @@ int main(int argc, char** argv) {
   register_quantizer<int2, int2>("int2");
   register_quantizer<kivi<8>, kivi<8>>("kivi8");
   register_quantizer<kivi<4>, kivi<4>>("kivi4");
+  register_quantizer<kivi<3>, kivi<3>>("kivi3");
   register_quantizer<kivi<2>, kivi<2>>("kivi2");
   register_quantizer<kivi<4>, kivi<2>>("kivi_k4v2");
   register_append<fp8<kvc::fp8_e5m2>, fp8<kvc::fp8_e5m2>>("fp8e5m2");

@@ -169,7 +169,7 @@ SPECS = [
     ("snapkv(ratio=1.5)", "ratio = 1.5"),
     ("snapkv(rato=0.5)", "rato"),
     ("snapkv", "needs a budget"),
-    ("kivi(bits=3)", "bits"),
+    ("kivi(bits=5)", "bits"),
     ("expected_attention(ratio=0.5)", "rope_theta = None"),
 ]
 
