@@ -174,6 +174,38 @@ TEST_CASE("rope: apply, rerotate and norms against the double formula", "[rope]"
     REQUIRE(static_cast<float>(hx[static_cast<std::size_t>(d)]) == Approx(want[static_cast<std::size_t>(d)]).epsilon(1e-3).margin(1e-3));
 }
 
+TEST_CASE("rope: apply_rows (angles stepped along runs of positions) against the double formula", "[rope]") {
+  // Runs of consecutive positions longer than the 256-row reset, gaps of every size, a run that
+  // starts past 100,000 (where a stepped angle must still match), a repeated position, and a
+  // stride wider than a row.
+  kvc_test::rng r(71);
+  for (const auto& c : configs()) {
+    const kvc::rope rp(c);
+    INFO("style=" << static_cast<int>(c.style) << " rotary_dim=" << c.rotary_dim
+                  << " scaling=" << static_cast<int>(c.scaling.type));
+    std::vector<std::int32_t> pos;
+    std::int32_t p = r.integer(0, 3);
+    while (pos.size() < 700) {
+      const std::int32_t run = r.coin(0.2) ? r.integer(200, 400) : r.integer(1, 30);
+      for (std::int32_t k = 0; k < run; ++k) pos.push_back(p++);
+      p += r.coin(0.1) ? 100000 : r.coin(0.1) ? -1 : r.integer(1, 50);
+    }
+    const std::int32_t n = static_cast<std::int32_t>(pos.size());
+    const std::size_t stride = 70;
+    const auto x = r.normals(static_cast<std::size_t>(n) * stride);
+    auto y = x;
+    rp.apply_rows(y.data(), n, stride, pos.data());
+    for (std::int32_t t = 0; t < n; ++t) {
+      const std::vector<float> xt(x.begin() + t * stride, x.begin() + t * stride + 64);
+      const auto want = ref_apply(c, xt, pos[static_cast<std::size_t>(t)]);
+      for (std::size_t d = 0; d < 64; ++d)
+        KVC_REQUIRE(std::fabs(y[t * stride + d] - want[d]) <= 1e-6 * (1 + std::fabs(want[d])),
+                    "row " << t << " pos=" << pos[static_cast<std::size_t>(t)] << " d=" << d);
+      for (std::size_t d = 64; d < stride; ++d) REQUIRE(y[t * stride + d] == x[t * stride + d]);  // past the row
+    }
+  }
+}
+
 TEST_CASE("rope: bad configurations throw and name the field", "[rope][errors]") {
   auto make = [](auto edit) {
     kvc::rope_config c;

@@ -72,6 +72,8 @@ class rope {
         }
       }
       inv_freq_[static_cast<std::size_t>(i)] = f;
+      cos1_.push_back(std::cos(f));
+      sin1_.push_back(std::sin(f));
     }
   }
 
@@ -95,6 +97,52 @@ class rope {
     }
   }
 
+  /// Rows at many positions: f(t, i, cos, sin) for row t < n at position pos[t] and pair i (in
+  /// order: t, then i). Consecutive positions (a run of kept tokens) step by the pair's rotation
+  /// in double, (cos, sin) at p + 1 from (cos, sin) at p, instead of a cos and a sin per pair and
+  /// row; every 256 rows, and at any gap, the angle is computed afresh, so the recurrence's
+  /// round-off (about 1e-16 per step) never reaches float's. Why: pre-RoPE keys are rotated at
+  /// every decode step, and a cos and sin in double per pair and token made 2-bit pre-RoPE KIVI
+  /// decode at 5.4 tokens/s against ~20 for the other rows at 4k (docs/results.md).
+  template <class F>
+  void for_each_angle(const std::int32_t* pos, std::int32_t n, F&& f) const {
+    const std::int32_t half = cfg_.rotary_dim / 2;
+    constexpr std::int32_t max_half = 512;  // head_dim <= 1024 (every store checks it)
+    double c[max_half], sn[max_half];
+    for (std::int32_t t = 0; t < n; ++t) {
+      const bool step = t > 0 && t % 256 != 0 && pos[t] == pos[t - 1] + 1 && half <= max_half;
+      for (std::int32_t i = 0; i < half; ++i) {
+        const std::size_t k = static_cast<std::size_t>(i);
+        double ci, si;
+        if (step) {
+          ci = c[k] * cos1_[k] - sn[k] * sin1_[k];
+          si = sn[k] * cos1_[k] + c[k] * sin1_[k];
+        } else {
+          const double a = static_cast<double>(pos[t]) * inv_freq_[k];
+          ci = std::cos(a);
+          si = std::sin(a);
+        }
+        if (i < max_half) c[k] = ci, sn[k] = si;
+        f(t, i, ci, si);
+      }
+    }
+  }
+
+  /// Rotates rows x + t * stride (t < n) in place to positions pos[t]: apply() for each row, with
+  /// the angles of for_each_angle.
+  template <class T>
+  void apply_rows(T* x, std::int32_t n, std::size_t stride, const std::int32_t* pos) const {
+    const std::int32_t half = cfg_.rotary_dim / 2;
+    const bool rh = cfg_.style == rope_style::rotate_half;
+    for_each_angle(pos, n, [&](std::int32_t t, std::int32_t i, double c, double s) {
+      T* r = x + static_cast<std::size_t>(t) * stride;
+      const std::int32_t i0 = rh ? i : 2 * i, i1 = rh ? i + half : 2 * i + 1;
+      const double x0 = static_cast<float>(r[i0]), x1 = static_cast<float>(r[i1]);
+      r[i0] = T(static_cast<float>(x0 * c - x1 * s));
+      r[i1] = T(static_cast<float>(x0 * s + x1 * c));
+    });
+  }
+
   /// Applies RoPE to n heads laid out contiguously, [n][head_dim].
   template <class T>
   void apply_heads(T* x, std::int32_t n, double pos) const noexcept {
@@ -108,6 +156,7 @@ class rope {
  private:
   rope_config cfg_;
   std::vector<double> inv_freq_;
+  std::vector<double> cos1_, sin1_;  ///< cos and sin of each pair's angle per position step
 };
 
 KVC_END_NAMESPACE

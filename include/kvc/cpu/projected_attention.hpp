@@ -155,37 +155,17 @@ void back_project_all(const lowrank::projected_cache<T>& cache, std::int32_t lay
   }
 }
 
-/// cos and sin of every rotary pair at each of n positions, [n][rotary_dim / 2] each. Consecutive
-/// positions (the common case) step by the pair's rotation in double, (c, s) at p + 1 from (c, s)
-/// at p, instead of a sin and cos per pair and token; every 256 tokens, and at any gap, the angle
-/// is computed afresh, so the recurrence's round-off (about 1e-16 per step) never reaches float's.
+/// cos and sin of every rotary pair at each of n positions, [n][rotary_dim / 2] each
+/// (rope::for_each_angle: consecutive positions step by each pair's rotation).
 inline void rope_table(const rope& rp, const std::int32_t* pos, std::int32_t n, std::vector<float>& cs,
                        std::vector<float>& sn) {
-  const std::int32_t half = rp.config().rotary_dim / 2;
+  const std::size_t half = static_cast<std::size_t>(rp.config().rotary_dim / 2);
   cs.resize(static_cast<std::size_t>(n) * half);
   sn.resize(cs.size());
-  std::vector<double> c(static_cast<std::size_t>(half)), s(c.size()), c1(c.size()), s1(c.size());
-  for (std::int32_t i = 0; i < half; ++i) {
-    c1[static_cast<std::size_t>(i)] = std::cos(rp.inv_freq(i));
-    s1[static_cast<std::size_t>(i)] = std::sin(rp.inv_freq(i));
-  }
-  for (std::int32_t t = 0; t < n; ++t) {
-    const bool step = t > 0 && t % 256 != 0 && pos[t] == pos[t - 1] + 1;
-    for (std::int32_t i = 0; i < half; ++i) {
-      const std::size_t k = static_cast<std::size_t>(i);
-      if (step) {
-        const double cn = c[k] * c1[k] - s[k] * s1[k];
-        s[k] = s[k] * c1[k] + c[k] * s1[k];
-        c[k] = cn;
-      } else {
-        const double a = static_cast<double>(pos[t]) * rp.inv_freq(i);
-        c[k] = std::cos(a);
-        s[k] = std::sin(a);
-      }
-      cs[static_cast<std::size_t>(t) * half + k] = static_cast<float>(c[k]);
-      sn[static_cast<std::size_t>(t) * half + k] = static_cast<float>(s[k]);
-    }
-  }
+  rp.for_each_angle(pos, n, [&](std::int32_t t, std::int32_t i, double c, double s) {
+    cs[static_cast<std::size_t>(t) * half + static_cast<std::size_t>(i)] = static_cast<float>(c);
+    sn[static_cast<std::size_t>(t) * half + static_cast<std::size_t>(i)] = static_cast<float>(s);
+  });
 }
 
 /// Rotates x[D] by one row of rope_table (the pairing of rp's style; channels past rotary_dim stay).

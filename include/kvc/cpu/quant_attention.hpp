@@ -110,11 +110,10 @@ KVC_NOINLINE void decode_tile(const Cache& c, const typename Cache::stream_view&
     if (need_k) {
       nx.k.all();
       quant::decode_rows<role::key>(kq, page, D, slot0, slot0 + tn, kb, tmp);
-      if (rp)
-        for (std::int32_t i = 0; i < tn; ++i) {
-          kq.to_model(kb + static_cast<std::size_t>(i) * D, D);
-          rp->apply(kb + static_cast<std::size_t>(i) * D, sv.positions[t + i]);
-        }
+      if (rp) {
+        for (std::int32_t i = 0; i < tn; ++i) kq.to_model(kb + static_cast<std::size_t>(i) * D, D);
+        rp->apply_rows(kb, tn, static_cast<std::size_t>(D), sv.positions + t);
+      }
     }
     if (need_v) {
       nx.v.all();
@@ -131,10 +130,9 @@ KVC_NOINLINE void decode_tile(const Cache& c, const typename Cache::stream_view&
     kb[j] = static_cast<float>(ksrc[j]);
     vb[j] = static_cast<float>(vsrc[j]);
   }
-  for (std::int32_t i = 0; i < tn; ++i) {
-    if (rp) rp->apply(kb + static_cast<std::size_t>(i) * D, sv.positions[t + i]);
-    if constexpr (std::decay_t<decltype(vq)>::rotates) vq.to_stored(vb + static_cast<std::size_t>(i) * D, D);
-  }
+  if (rp) rp->apply_rows(kb, tn, static_cast<std::size_t>(D), sv.positions + t);
+  if constexpr (std::decay_t<decltype(vq)>::rotates)
+    for (std::int32_t i = 0; i < tn; ++i) vq.to_stored(vb + static_cast<std::size_t>(i) * D, D);
 }
 
 /// The G half, free of the codec: scores of tn decoded key rows (when score: no fused kernel wrote
