@@ -204,6 +204,22 @@ TEST_CASE("rope: apply_rows (angles stepped along runs of positions) against the
       for (std::size_t d = 64; d < stride; ++d) REQUIRE(y[t * stride + d] == x[t * stride + d]);  // past the row
     }
   }
+  // More than 512 pairs (head_dim 1100): no stepping, every angle afresh, still the formula.
+  kvc::rope_config wide;
+  wide.head_dim = 1100;
+  const kvc::rope rw(wide);
+  std::vector<std::int32_t> pos(20);
+  for (std::int32_t t = 0; t < 20; ++t) pos[static_cast<std::size_t>(t)] = 7 + t;
+  const auto x = r.normals(20 * 1100);
+  auto y = x;
+  rw.apply_rows(y.data(), 20, 1100, pos.data());
+  for (std::int32_t t = 0; t < 20; ++t) {
+    const std::vector<float> xt(x.begin() + t * 1100, x.begin() + (t + 1) * 1100);
+    const auto want = ref_apply(wide, xt, pos[static_cast<std::size_t>(t)]);
+    for (std::size_t d = 0; d < 1100; ++d)
+      KVC_REQUIRE(std::fabs(y[static_cast<std::size_t>(t) * 1100 + d] - want[d]) <= 1e-6 * (1 + std::fabs(want[d])),
+                  "head_dim 1100 row " << t << " d=" << d);
+  }
 }
 
 TEST_CASE("rope: bad configurations throw and name the field", "[rope][errors]") {

@@ -65,7 +65,7 @@ void check_packing() {
   for (int i : order) detail::or_code<Bits>(ored.data(), i, codes[i]);
   REQUIRE(ored == packed);
   // the row decoders (SIMD blocks of 16 on AVX2 hosts, then the scalar tail) against the codes
-  for (int n : {16, 48, 128}) {
+  for (int n : {16, 40, 48, 120, 128}) {
     std::vector<float> out(n);
     detail::decode_affine_row<Bits>(packed.data(), n, 0.5f, -1.0f, out.data());
     for (int i = 0; i < n; ++i) REQUIRE(out[i] == 0.5f * float(codes[i]) - 1.0f);

@@ -110,7 +110,7 @@ class rope {
     constexpr std::int32_t max_half = 512;  // head_dim <= 1024 (every store checks it)
     double c[max_half], sn[max_half];
     for (std::int32_t t = 0; t < n; ++t) {
-      const bool step = t > 0 && t % 256 != 0 && pos[t] == pos[t - 1] + 1 && half <= max_half;
+      const bool step = t > 0 && t % 256 != 0 && pos[t] == static_cast<std::int64_t>(pos[t - 1]) + 1 && half <= max_half;
       for (std::int32_t i = 0; i < half; ++i) {
         const std::size_t k = static_cast<std::size_t>(i);
         double ci, si;

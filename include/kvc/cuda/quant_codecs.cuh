@@ -162,7 +162,8 @@ struct device_codec<quant::intn<Bits, S, Group>, R> {
 template <int Bits, int G, int Res>
 struct device_codec<quant::kivi<Bits, G, Res>, quant::role::key> {
   static_assert(Bits != 3, "kvc::cuda: kivi<3> has no device reader yet (its codes are packed in blocks of 16, "
-                           "the readers take 8 codes at a time); use kivi<2|4|8> on the GPU");
+                           "the readers take 8 codes at a time), so neither attention nor append on the GPU; "
+                           "use kivi<2|4|8> there");
   using Q = quant::kivi<Bits, G, Res>;
   using reader = channel_affine_reader<Bits, G>;
   static constexpr bool rotates = false;
@@ -181,7 +182,8 @@ struct device_codec<quant::kivi<Bits, G, Res>, quant::role::key> {
 template <int Bits, int G, int Res>
 struct device_codec<quant::kivi<Bits, G, Res>, quant::role::value> {
   static_assert(Bits != 3, "kvc::cuda: kivi<3> has no device reader yet (its codes are packed in blocks of 16, "
-                           "the readers take 8 codes at a time); use kivi<2|4|8> on the GPU");
+                           "the readers take 8 codes at a time), so neither attention nor append on the GPU; "
+                           "use kivi<2|4|8> there");
   using Q = quant::kivi<Bits, G, Res>;
   using reader = token_affine_reader<Bits, quant::scheme::asymmetric>;
   static constexpr bool rotates = false;

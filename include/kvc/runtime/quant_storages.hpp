@@ -10,7 +10,9 @@
 ///                                                         (head_dim a multiple of 256 / bits)
 ///   fp8(format=e4m3|e5m2)                                 per token-head scale
 ///   kivi(bits=2|3|4|8, kbits=, vbits=, residual=128)      KIVI, group 32; K4V2/K2V4 via kbits/vbits;
-///   kivi(bits=3, group=64)                                3-bit KIVI over groups of 64 (4.6x fewer bytes)
+///   kivi(bits=3, group=64)                                3-bit KIVI over groups of 64 (3.5 bits per element
+///                                                         with the scales; 4.6x fewer than fp16 before
+///                                                         the fp16 residual window)
 ///   rotated(bits=2|4)                                     Hadamard-rotated int2/int4
 ///   outliers(bits=2|4, fraction=0.01)                     KVQuant dense-and-sparse int2/int4
 ///   gear(bits=4|2, rank=4, outliers=0.02)                 GEAR, records of 32 tokens
@@ -313,7 +315,7 @@ void register_gear_storage() {
 /// -m flags of those calls (docs/isa.md); calling it again sets the same builders. A template only
 /// so that a TU that includes the header and does not call it instantiates no cache.
 ///
-/// The call compiles all 17 quantized cache types with their kernels, over a CPU-minute of GCC 12
+/// The call compiles all 19 quantized cache types with their kernels, over a CPU-minute of GCC 12
 /// -O2 (docs/design.md, "Register by a call"). A program registers only the storages it offers
 /// with the calls above, one per storage name, or spreads them over TUs that build side by side
 /// (examples/llama/register_int.cpp and register_kivi.cpp, ~55 s each).
