@@ -83,10 +83,14 @@ def main(png, md, paths):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    # Labels on the frontier only once the plot is crowded (more than 12 points): the others are
+    # in the table, and 30 overlapping labels hid the frontier's own.
+    crowded = len(points) > 12
     for s, (b, d, se) in points.items():
         c = "tab:red" if s in on else "tab:gray"
-        ax.errorbar(fp16 / b, d, yerr=se, fmt="o", color=c, ms=5, capsize=2)
-        ax.annotate(s, (fp16 / b, d), textcoords="offset points", xytext=(4, 3), fontsize=7, color=c)
+        ax.errorbar(fp16 / b, d, yerr=se, fmt="o", color=c, ms=5 if s in on or not crowded else 3, capsize=2)
+        if s in on or not crowded:
+            ax.annotate(s, (fp16 / b, d), textcoords="offset points", xytext=(4, 3), fontsize=7, color=c)
     f = sorted((fp16 / points[s][0], points[s][1]) for s in on)
     ax.plot([p[0] for p in f], [p[1] for p in f], "-", color="tab:red", lw=1, label="frontier")
     # The target lines start at the lowest point, not at the axis' current limit: each line would
@@ -101,7 +105,8 @@ def main(png, md, paths):
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("compression: fp16 bytes per token / policy bytes per token (page pool)")
     ax.set_ylabel("Δ perplexity, % of the fp32 cache's (mean over texts)")
-    ax.set_title(f"kvc, SmolLM2-135M: memory against quality ({len(paths)} runs)", fontsize=10)
+    ax.set_title(f"kvc, SmolLM2-135M: memory against quality ({len(paths)} runs"
+                 + (", labels on the frontier only)" if crowded else ")"), fontsize=10)
     ax.axhline(0, color="black", lw=0.5)
     ax.set_ylim(bottom=lo - 0.3)  # symlog's margin would otherwise give a decade of empty negative axis
     ax.legend(loc="upper left", fontsize=8)
