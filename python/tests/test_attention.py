@@ -50,7 +50,8 @@ def test_fp16_attention_matches_rounded_reference(rng):
     np.testing.assert_allclose(c.attention(s, 0, q), ref, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4", "kivi(bits=2,residual=32)", "kivi(bits=3,group=64,residual=64)", "fp8"])
+@pytest.mark.parametrize("spec", ["int8", "int4", "kivi(bits=2,residual=32)", "kivi(bits=3,group=64,residual=64)",
+                                  "nuq(bits=2,residual=32)", "fp8"])
 def test_quantized_attention_matches_its_dequantized_contents(rng, spec):
     """The fused quantized kernel against numpy attention over what the cache holds (gather
     dequantizes), which must be the appended K/V up to the codec's error."""

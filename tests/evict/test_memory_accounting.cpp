@@ -47,7 +47,7 @@ const std::vector<std::string>& storages() {
   static const std::vector<std::string> s = {
       "fp32", "fp16", "bf16", "int8", "int8(scheme=asym)", "int4", "int2", "int4(sinks=3)", "fp8", "fp8(format=e5m2)",
       "kivi", "kivi(bits=4)", "kivi(bits=8)", "kivi(kbits=4,vbits=2)", "kivi(residual=0)", "kivi(residual=32,sinks=4)",
-      "kivi(bits=3)", "kivi(bits=3,residual=32,sinks=2)",
+      "kivi(bits=3)", "kivi(bits=3,residual=32,sinks=2)", "nuq", "nuq(bits=2,residual=32,sinks=2)",
       "rotated", "rotated(bits=4)", "outliers", "outliers(bits=4)", "gear", "gear(bits=2)", "mikv",
       "mikv(hbits=8,lbits=4,sinks=2)"};
   return s;

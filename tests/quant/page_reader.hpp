@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 // An independent dequantizer of quant_cache pages, written from the documented record formats
-// (codec.hpp, fp8.hpp, kivi.hpp): codes, binary16 scales and zero points, FP8 codes and float
+// (codec.hpp, fp8.hpp, kivi.hpp, nuq.hpp): codes, binary16 scales and zero points, FP8 codes and float
 // scales are read straight from the page bytes, in double, with the float-format models of
 // float_formats.hpp. Nothing of the codecs' decode (nor gather(), which calls it) is used, so a
 // decoding bug shared by gather, the views and the fused kernels shows up as a mismatch.
@@ -15,6 +15,7 @@
 #include <kvc/quant/fp8.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/kivi.hpp>
+#include <kvc/quant/nuq.hpp>
 #include <kvc/store/quant_cache.hpp>
 
 #include "dense_reference.hpp"
@@ -93,6 +94,29 @@ struct layout<kvc::quant::kivi<B, G, R>> {
   }
   static void read(const kvc::quant::kivi<B, G, R>&, kvc::quant::role r, const std::byte* rec, int D, int i, double* out) {
     if (r == kvc::quant::role::key) channel_affine_read(rec, D, B, G, i, out);
+    else token_affine_read(rec, D, B, true, G, out);
+  }
+};
+/// nuq key record of G tokens: [G rows of D*b/8 codes][range binary16 x D][minimum binary16 x D]
+/// [2^b level bytes]; x = minimum + range * level[c] / 255. Values as KIVI's.
+inline std::size_t channel_nuq_bytes(int D, int bits, int G) {
+  return channel_affine_bytes(D, bits, G) + (std::size_t(1) << bits);
+}
+inline void channel_nuq_read(const std::byte* rec, int D, int bits, int G, int row, double* out) {
+  const std::byte* codes = rec + static_cast<std::size_t>(row) * D * bits / 8;
+  const std::byte* rg = rec + static_cast<std::size_t>(G) * D * bits / 8;
+  const std::byte* lv = rg + static_cast<std::size_t>(D) * 4;
+  for (int d = 0; d < D; ++d)
+    out[d] = h16_at(rg + 2 * (D + d)) + h16_at(rg + 2 * d) * std::to_integer<unsigned>(lv[code_at(codes, d, bits)]) / 255.0;
+}
+template <int B, int G, int R>
+struct layout<kvc::quant::nuq<B, G, R>> {
+  static int tokens(kvc::quant::role r) { return r == kvc::quant::role::key ? G : 1; }
+  static std::size_t bytes(kvc::quant::role r, int D) {
+    return r == kvc::quant::role::key ? channel_nuq_bytes(D, B, G) : token_affine_bytes(D, B, true, G);
+  }
+  static void read(const kvc::quant::nuq<B, G, R>&, kvc::quant::role r, const std::byte* rec, int D, int i, double* out) {
+    if (r == kvc::quant::role::key) channel_nuq_read(rec, D, B, G, i, out);
     else token_affine_read(rec, D, B, true, G, out);
   }
 };

@@ -12,6 +12,7 @@
 #include <kvc/quant/fp8.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/kivi.hpp>
+#include <kvc/quant/nuq.hpp>
 #include <kvc/parallel/thread_pool.hpp>
 
 #include "dense_reference.hpp"
@@ -150,6 +151,15 @@ TEST_CASE("fused attention matches dense attention over the pages read independe
   sweep<kivi<3>, kivi<3>>(32);  // 3-bit planes: the loader reads blocks of 16 codes
   sweep<kivi<3, 64, 64>, kivi<3, 64, 64>>(64);
   sweep<kivi<3, 16, 32>, kivi<2>>(16);
+}
+
+TEST_CASE("quantized attention matches dense attention over the pages read independently: nuq (KVQuant's fitted levels)",
+          "[quant][attention]") {
+  // keys through the decode path (a codebook per record), values through the fused KIVI kernels
+  sweep<nuq<2>, nuq<2>>(32);
+  sweep<nuq<3, 64, 64>, nuq<3, 64, 64>>(64);
+  sweep<nuq<4, 16, 32>, nuq<4, 16, 32>>(16);
+  sweep<nuq<3, 32, 0>, kivi<3>>(32);
 }
 
 TEST_CASE("fused attention over value records with an odd number of channel groups", "[quant][attention]") {

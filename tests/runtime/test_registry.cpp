@@ -334,7 +334,8 @@ TEST_CASE("every quantized storage a spec can name builds, attends over what it 
                          "int2",          "int4(sinks=4)",         "fp8",
                          "fp8(format=e5m2)", "kivi(bits=2,residual=32)", "kivi(bits=4,residual=32)",
                          "kivi(bits=8,residual=32)", "kivi(kbits=4,vbits=2,residual=32)",
-                         "kivi(kbits=2,vbits=4,residual=32)", "kivi(bits=3,residual=32)", "rotated(bits=2)", "rotated(bits=4)",
+                         "kivi(kbits=2,vbits=4,residual=32)", "kivi(bits=3,residual=32)", "nuq(bits=2,residual=32)",
+                         "nuq(bits=3,residual=32,sinks=2)", "rotated(bits=2)", "rotated(bits=4)",
                          "outliers(bits=2)", "outliers(bits=4,fraction=0.05)", "gear(bits=4)",
                          "gear(bits=2,rank=2,outliers=0.01)"};
   std::size_t fp32_bytes = 0;
@@ -381,6 +382,10 @@ TEST_CASE("every quantized storage a spec can name builds, attends over what it 
       {"kivi(bits=3,group=64,residual=32)", "residual = 32", "multiple of the group size 64"},
       {"kivi(kbits=8,vbits=2)", "kbits = 8, vbits = 2", "4/2 or 2/4"},
       {"kivi(group=64)", "group = 64", "expected 32"},
+      {"nuq(bits=4)", "bits = 4", "2 or 3"},
+      {"nuq(bits=2,group=64)", "group = 64", "64 with bits = 3"},
+      {"nuq(bits=3,group=64,residual=32)", "residual = 32", "multiple of the group size 64"},
+      {"nuq(kbits=2)", "'nuq' has no argument 'kbits'", "bits, group, residual"},
       {"fp8(format=e3m4)", "format = e3m4", "e4m3 or e5m2"},
       {"int8(scheme=nf)", "scheme = nf", "sym or asym"},
       {"rotated(bits=8)", "bits = 8", "2 or 4"},

@@ -17,6 +17,7 @@
 #include <kvc/quant/fp8.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/kivi.hpp>
+#include <kvc/quant/nuq.hpp>
 #include <kvc/store/quant_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
@@ -167,6 +168,13 @@ template <int B, int Gk, int Res>
 struct fused_codec<quant::kivi<B, Gk, Res>, quant::role::key> {
   static constexpr int kind = 2, bits = B, group = Gk;
   using impl = quant::detail::channel_affine<B, Gk>;
+};
+/// nuq's values are KIVI's; its keys (a codebook per record) take the decode path.
+template <int B, int Gk, int Res>
+struct fused_codec<quant::nuq<B, Gk, Res>, quant::role::value> {
+  static constexpr int kind = 1, bits = B, group = Gk;
+  static constexpr quant::scheme sch = quant::scheme::asymmetric;
+  using impl = quant::detail::token_affine<B, quant::scheme::asymmetric, Gk>;
 };
 template <class F, quant::fp8_scaling Sc, quant::role R>
 struct fused_codec<quant::fp8<F, Sc>, R> {

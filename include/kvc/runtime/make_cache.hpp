@@ -123,7 +123,7 @@ namespace detail {
 /// a program that names one without registering it gets a message saying what to call, not
 /// "unknown". Returns the header's file name without ".hpp" (the call is register_<it>()), or null.
 inline const char* storage_header(const std::string& name) {
-  static const char* const quant[] = {"int8", "int4", "int2", "fp8", "kivi", "rotated", "outliers", "gear"};
+  static const char* const quant[] = {"int8", "int4", "int2", "fp8", "kivi", "nuq", "rotated", "outliers", "gear"};
   for (const char* q : quant)
     if (name == q) return "quant_storages";
   if (name == "mikv") return "mikv_storage";

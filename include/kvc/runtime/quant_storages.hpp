@@ -13,6 +13,9 @@
 ///   kivi(bits=3, group=64)                                3-bit KIVI over groups of 64 (3.5 bits per element
 ///                                                         with the scales; 4.6x fewer than fp16 before
 ///                                                         the fp16 residual window)
+///   nuq(bits=2|3, group=32|64, residual=128)              KVQuant's non-uniform key levels, fitted per
+///                                                         key group, on KIVI's layout (values as KIVI's);
+///                                                         group 64 with bits = 3 only
 ///   rotated(bits=2|4)                                     Hadamard-rotated int2/int4
 ///   outliers(bits=2|4, fraction=0.01)                     KVQuant dense-and-sparse int2/int4
 ///   gear(bits=4|2, rank=4, outliers=0.02)                 GEAR, records of 32 tokens
@@ -39,6 +42,7 @@
 #include <kvc/quant/gear.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/kivi.hpp>
+#include <kvc/quant/nuq.hpp>
 #include <kvc/quant/outliers.hpp>
 #include <kvc/quant/rotated.hpp>
 #include <kvc/runtime/make_cache.hpp>
@@ -251,6 +255,32 @@ void register_kivi_storage() {
   };
 }
 
+/// Only `nuq` (bits=2|3, group=32|64, residual=): 3 cache types (2 bits over groups of 32, 3 bits
+/// over groups of 32 or 64) (see register_quant_storages).
+template <class Deferred = void>
+void register_nuq_storage() {
+  using namespace detail;  // the builders' helpers
+  auto& r = registered_storages();
+  r["nuq"] = [](const spec_stage& st, const cache_config& c, const storage_options& o) -> std::unique_ptr<any_cache> {
+    spec_args a(st, "kvc::runtime::make_cache");
+    const int bits = a.integer("bits", 3);
+    const int group = a.integer("group", 32);
+    const int res = a.integer("residual", 128);
+    const quant_extras x = read_extras(a, o);
+    a.finish("bits, group, residual, sinks, pre_rope, fast");
+    auto mk = [&](auto q) -> std::unique_ptr<any_cache> {
+      q.residual_tokens = res;
+      return make_quant<decltype(q), decltype(q)>(st.text, c, x, q, q);
+    };
+    if (bits != 2 && bits != 3) unsupported(st, "bits = " + std::to_string(bits), "2 or 3 (other widths: kvc::quant::nuq<Bits, Group> in C++)");
+    if (group != 32 && !(bits == 3 && group == 64))
+      unsupported(st, "group = " + std::to_string(group), "32, or 64 with bits = 3 (other groups: kvc::quant::nuq<Bits, Group> in C++)");
+    if (bits == 2) return mk(quant::nuq<2>{});
+    if (group == 64) return mk(quant::nuq<3, 64>{});
+    return mk(quant::nuq<3>{});
+  };
+}
+
 /// Only `rotated` (bits=2|4): 2 cache types (see register_quant_storages).
 template <class Deferred = void>
 void register_rotated_storage() {
@@ -308,14 +338,14 @@ void register_gear_storage() {
   };
 }
 
-/// Registers the quantized storages (`int8`, `int4`, `int2`, `fp8`, `kivi`, `rotated`, `outliers`,
-/// `gear`) in the storage registry of this TU's ISA configuration (runtime/make_cache.hpp), so
+/// Registers the quantized storages (`int8`, `int4`, `int2`, `fp8`, `kivi`, `nuq`, `rotated`,
+/// `outliers`, `gear`) in the storage registry of this TU's ISA configuration (runtime/make_cache.hpp), so
 /// make_cache builds them by spec. Including this header registers nothing (no static
 /// initialisation): call this before the first make_cache that names one, from a TU built with the
 /// -m flags of those calls (docs/isa.md); calling it again sets the same builders. A template only
 /// so that a TU that includes the header and does not call it instantiates no cache.
 ///
-/// The call compiles all 19 quantized cache types with their kernels, over a CPU-minute of GCC 12
+/// The call compiles all 22 quantized cache types with their kernels, over a CPU-minute of GCC 12
 /// -O2 (docs/design.md, "Register by a call"). A program registers only the storages it offers
 /// with the calls above, one per storage name, or spreads them over TUs that build side by side
 /// (examples/llama/register_int.cpp and register_kivi.cpp, ~55 s each).
@@ -326,6 +356,7 @@ void register_quant_storages() {
   register_int2_storage<Deferred>();
   register_fp8_storage<Deferred>();
   register_kivi_storage<Deferred>();
+  register_nuq_storage<Deferred>();
   register_rotated_storage<Deferred>();
   register_outliers_storage<Deferred>();
   register_gear_storage<Deferred>();
