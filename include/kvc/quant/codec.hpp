@@ -668,5 +668,52 @@ struct codec_base {
   void to_model(float*, int) const noexcept {}
 };
 
+namespace detail {
+
+/// The codec interface of KIVI's layout, whatever the key format: keys per channel in records of
+/// Group tokens (KeyImpl), values per token (ValueImpl), the newest residual_tokens tokens kept in
+/// full precision. kivi (uniform key levels) and nuq (fitted key levels) derive from it and add
+/// their checks' name and what else is theirs.
+template <class KeyImpl, class ValueImpl, int Group, int Residual>
+struct grouped_key_codec : codec_base {
+  using key_impl = KeyImpl;
+  using value_impl = ValueImpl;
+  static constexpr int group_size = Group;
+
+  std::int32_t residual_tokens = Residual;
+
+  static constexpr int tokens_per_record(role r) noexcept { return r == role::key ? Group : 1; }
+  std::size_t record_bytes(role r, int D) const noexcept {
+    return r == role::key ? key_impl::record_bytes(D) : value_impl::record_bytes(D);
+  }
+  std::int32_t residual() const noexcept { return residual_tokens; }
+  template <role R>
+  void encode(const float* x, int D, std::byte* rec) const noexcept {
+    if constexpr (R == role::key) key_impl::encode(x, D, rec);
+    else value_impl::encode(x, D, rec);
+  }
+  template <role R>
+  void decode(const std::byte* rec, int D, float* out) const noexcept {
+    if constexpr (R == role::key) key_impl::decode(rec, D, out);
+    else value_impl::decode(rec, D, out);
+  }
+  template <role R>
+  void decode_token(const std::byte* rec, int D, int i, float* out) const noexcept {
+    if constexpr (R == role::key) key_impl::decode_token(rec, D, i, out);
+    else value_impl::decode(rec, D, out);
+  }
+
+ protected:
+  /// The residual window and both formats' head_dim rules, named as `who`.
+  void check_as(int D, const char* who) const {
+    KVC_EXPECTS(residual_tokens >= 0 && residual_tokens % Group == 0, who, ": residual = ", residual_tokens,
+                ", expected a non-negative multiple of the group size ", Group);
+    key_impl::check(D, who);
+    value_impl::check(D, who);
+  }
+};
+
+}  // namespace detail
+
 }  // namespace quant
 KVC_END_NAMESPACE

@@ -23,7 +23,8 @@ namespace quant {
 /// \tparam Residual  full-precision window in tokens, a multiple of Group (KIVI: 128); a runtime
 ///                   value may replace it through the `residual_tokens` member
 template <int Bits, int Group = 32, int Residual = 128>
-struct kivi : codec_base {
+struct kivi : detail::grouped_key_codec<detail::channel_affine<Bits, Group>,
+                                        detail::token_affine<Bits, scheme::asymmetric, Group>, Group, Residual> {
   static_assert(Bits == 2 || Bits == 3 || Bits == 4 || Bits == 8, "kvc::quant::kivi<Bits>: Bits must be 2, 3, 4 or 8");
   static_assert(Group >= 8 && Group % 8 == 0, "kvc::quant::kivi<Bits, Group>: Group must be a multiple of 8 (KIVI uses 32)");
   static_assert(Bits != 3 || Group % 16 == 0,
@@ -33,45 +34,20 @@ struct kivi : codec_base {
   using key_impl = detail::channel_affine<Bits, Group>;
   using value_impl = detail::token_affine<Bits, scheme::asymmetric, Group>;
   static constexpr int bits = Bits;
-  static constexpr int group_size = Group;
-
-  std::int32_t residual_tokens = Residual;
 
   kivi() = default;
-  explicit kivi(std::int32_t residual) : residual_tokens(residual) { check(Group); }
+  explicit kivi(std::int32_t residual) {
+    this->residual_tokens = residual;
+    check(Group);
+  }
 
-  static constexpr int tokens_per_record(role r) noexcept { return r == role::key ? Group : 1; }
-  std::size_t record_bytes(role r, int D) const noexcept {
-    return r == role::key ? key_impl::record_bytes(D) : value_impl::record_bytes(D);
-  }
-  std::int32_t residual() const noexcept { return residual_tokens; }
-  void check(int D) const {
-    KVC_EXPECTS(residual_tokens >= 0 && residual_tokens % Group == 0, "kvc::quant::kivi: residual = ", residual_tokens,
-                ", expected a non-negative multiple of the group size ", Group);
-    key_impl::check(D, "kvc::quant::kivi");
-    value_impl::check(D, "kvc::quant::kivi");
-  }
-  template <role R>
-  void encode(const float* x, int D, std::byte* rec) const noexcept {
-    if constexpr (R == role::key) key_impl::encode(x, D, rec);
-    else value_impl::encode(x, D, rec);
-  }
+  void check(int D) const { this->check_as(D, "kvc::quant::kivi"); }
   /// Encodes tokens decoded from kivi records: keys on dyadic grids (channel_affine::repack:
   /// exact for survivors of a compaction); per-token value records are never re-encoded.
   template <role R>
   void repack(const float* x, int D, std::byte* rec) const noexcept {
     if constexpr (R == role::key) key_impl::repack(x, D, rec);
     else value_impl::encode(x, D, rec);
-  }
-  template <role R>
-  void decode(const std::byte* rec, int D, float* out) const noexcept {
-    if constexpr (R == role::key) key_impl::decode(rec, D, out);
-    else value_impl::decode(rec, D, out);
-  }
-  template <role R>
-  void decode_token(const std::byte* rec, int D, int i, float* out) const noexcept {
-    if constexpr (R == role::key) key_impl::decode_token(rec, D, i, out);
-    else value_impl::decode(rec, D, out);
   }
   static const char* name() noexcept { return Bits == 2 ? "kivi2" : Bits == 3 ? "kivi3" : Bits == 4 ? "kivi4" : "kivi8"; }
 };

@@ -239,49 +239,23 @@ struct channel_nuq {
 /// \tparam Residual  full-precision window in tokens, a multiple of Group; a runtime value may
 ///                   replace it through the `residual_tokens` member
 template <int Bits, int Group = 32, int Residual = 128>
-struct nuq : codec_base {
+struct nuq : detail::grouped_key_codec<detail::channel_nuq<Bits, Group>,
+                                       detail::token_affine<Bits, scheme::asymmetric, Group>, Group, Residual> {
   static_assert(Group >= 8 && Group % 8 == 0, "kvc::quant::nuq<Bits, Group>: Group must be a multiple of 8");
   static_assert(Bits != 3 || Group % 16 == 0,
                 "kvc::quant::nuq<3, Group>: Group must be a multiple of 16 (3-bit codes are packed in blocks of 16 channels)");
   static_assert(Residual >= 0 && Residual % Group == 0,
                 "kvc::quant::nuq<Bits, Group, Residual>: Residual must be a multiple of Group");
-  using key_impl = detail::channel_nuq<Bits, Group>;
-  using value_impl = detail::token_affine<Bits, scheme::asymmetric, Group>;
   static constexpr int bits = Bits;
-  static constexpr int group_size = Group;
-
-  std::int32_t residual_tokens = Residual;
 
   nuq() = default;
-  explicit nuq(std::int32_t residual) : residual_tokens(residual) { check(Group); }
+  explicit nuq(std::int32_t residual) {
+    this->residual_tokens = residual;
+    check(Group);
+  }
 
-  static constexpr int tokens_per_record(role r) noexcept { return r == role::key ? Group : 1; }
-  std::size_t record_bytes(role r, int D) const noexcept {
-    return r == role::key ? key_impl::record_bytes(D) : value_impl::record_bytes(D);
-  }
-  std::int32_t residual() const noexcept { return residual_tokens; }
-  void check(int D) const {
-    KVC_EXPECTS(residual_tokens >= 0 && residual_tokens % Group == 0, "kvc::quant::nuq: residual = ", residual_tokens,
-                ", expected a non-negative multiple of the group size ", Group);
-    key_impl::check(D, "kvc::quant::nuq");
-    value_impl::check(D, "kvc::quant::nuq");
-  }
-  /// Keys refit their levels to whatever the record holds (also the survivors of a compaction).
-  template <role R>
-  void encode(const float* x, int D, std::byte* rec) const noexcept {
-    if constexpr (R == role::key) key_impl::encode(x, D, rec);
-    else value_impl::encode(x, D, rec);
-  }
-  template <role R>
-  void decode(const std::byte* rec, int D, float* out) const noexcept {
-    if constexpr (R == role::key) key_impl::decode(rec, D, out);
-    else value_impl::decode(rec, D, out);
-  }
-  template <role R>
-  void decode_token(const std::byte* rec, int D, int i, float* out) const noexcept {
-    if constexpr (R == role::key) key_impl::decode_token(rec, D, i, out);
-    else value_impl::decode(rec, D, out);
-  }
+  /// Keys refit their levels to whatever a record holds (also the survivors of a compaction).
+  void check(int D) const { this->check_as(D, "kvc::quant::nuq"); }
   static const char* name() noexcept { return Bits == 2 ? "nuq2" : Bits == 3 ? "nuq3" : "nuq4"; }
 };
 
