@@ -9,7 +9,9 @@ KV bytes per token, and its standard error is the runs' standard errors combined
 and a lower or equal Δppl, with one of the two strictly lower. The fidelity targets of issue 15
 are checked against fp16's bytes per token (the `fp16` row, which every run must hold).
 
-Usage: frontier.py OUT.png OUT.md RUN.csv [RUN.csv ...]   (needs matplotlib)
+Usage: frontier.py OUT.png OUT.md RUN.csv [RUN.csv ...] [--name LABEL:SPEC ...]   (needs matplotlib)
+  --name LABEL:SPEC   writes LABEL wherever SPEC occurs in a row's spec (table and plot), so a
+                      long storage spec inside composites reads as one word
 """
 import csv
 import math
@@ -59,8 +61,10 @@ def frontier(points):
     return on
 
 
-def main(png, md, paths):
+def main(png, md, paths, names=()):
     points = load(paths)
+    for label, spec in names:  # longest specs first, so a spec inside another is not cut apart
+        points = {s.replace(spec, label): v for s, v in points.items()}
     if "fp16" not in points:
         sys.exit("frontier.py: every run must hold an fp16 row (the targets are relative to its bytes)")
     fp16 = points["fp16"][0]
@@ -115,6 +119,16 @@ def main(png, md, paths):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 4:
+    args, names = [], []
+    it = iter(sys.argv[1:])
+    for a in it:
+        if a == "--name":
+            label, sep, spec = next(it, "").partition(":")
+            if not sep or not label or not spec:
+                sys.exit("frontier.py: --name takes LABEL:SPEC, e.g. --name 'K3:kivi(bits=3)'")
+            names.append((label, spec))
+        else:
+            args.append(a)
+    if len(args) < 3:
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    main(args[0], args[1], args[2:], sorted(names, key=lambda n: -len(n[1])))

@@ -23,6 +23,8 @@
 ///   normalised values (channel_nuq::fit), so only the binning and the levels' 8-bit storage
 ///   separate them from the optimum over the values themselves; tests/quant/test_nuq.cpp holds
 ///   them to that optimum, computed in double over the raw values.
+/// Where it helps (docs/results.md, "KVQuant's non-uniform key levels at 4k", SmolLM2-135M): 2-bit
+/// keys lose 7.8 +- 1.6% less perplexity than KIVI's uniform ones; at 3 bits, no difference.
 /// \par Reference
 /// Hooper et al., "KVQuant: Towards 10 Million Context Length LLM Inference with KV Cache
 /// Quantization", arXiv:2401.18079 (NUQ datatypes, sensitivity-weighted k-means); the layout is
