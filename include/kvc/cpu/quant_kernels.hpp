@@ -152,29 +152,29 @@ template <class Q, quant::role R>
 struct fused_codec {
   static constexpr int kind = 0, bits = 8, group = 0;
 };
-template <int B, quant::scheme S, int Gp, quant::role R>
-struct fused_codec<quant::intn<B, S, Gp>, R> {
+/// kind 1 for a record format: per-token affine codes (intn, and the values of kivi and nuq).
+template <class Impl>
+struct fused_token_affine;
+template <int B, quant::scheme S, int Gp>
+struct fused_token_affine<quant::detail::token_affine<B, S, Gp>> {
   static constexpr int kind = 1, bits = B, group = Gp;
   static constexpr quant::scheme sch = S;
   using impl = quant::detail::token_affine<B, S, Gp>;
 };
+template <int B, quant::scheme S, int Gp, quant::role R>
+struct fused_codec<quant::intn<B, S, Gp>, R> : fused_token_affine<quant::detail::token_affine<B, S, Gp>> {};
+/// The KIVI layout (kivi, nuq: quant::detail::grouped_key_codec) stores values per token; nuq's
+/// keys (a codebook per record) take the decode path.
 template <int B, int Gk, int Res>
-struct fused_codec<quant::kivi<B, Gk, Res>, quant::role::value> {
-  static constexpr int kind = 1, bits = B, group = Gk;
-  static constexpr quant::scheme sch = quant::scheme::asymmetric;
-  using impl = quant::detail::token_affine<B, quant::scheme::asymmetric, Gk>;
-};
+struct fused_codec<quant::kivi<B, Gk, Res>, quant::role::value>
+    : fused_token_affine<typename quant::kivi<B, Gk, Res>::value_impl> {};
+template <int B, int Gk, int Res>
+struct fused_codec<quant::nuq<B, Gk, Res>, quant::role::value>
+    : fused_token_affine<typename quant::nuq<B, Gk, Res>::value_impl> {};
 template <int B, int Gk, int Res>
 struct fused_codec<quant::kivi<B, Gk, Res>, quant::role::key> {
   static constexpr int kind = 2, bits = B, group = Gk;
   using impl = quant::detail::channel_affine<B, Gk>;
-};
-/// nuq's values are KIVI's; its keys (a codebook per record) take the decode path.
-template <int B, int Gk, int Res>
-struct fused_codec<quant::nuq<B, Gk, Res>, quant::role::value> {
-  static constexpr int kind = 1, bits = B, group = Gk;
-  static constexpr quant::scheme sch = quant::scheme::asymmetric;
-  using impl = quant::detail::token_affine<B, quant::scheme::asymmetric, Gk>;
 };
 template <class F, quant::fp8_scaling Sc, quant::role R>
 struct fused_codec<quant::fp8<F, Sc>, R> {

@@ -136,7 +136,8 @@ struct channel_nuq {
     }
   }
 
-  /// x: [G][D]
+  /// x: [G][D]. The levels are refitted to whatever the record holds, so the survivors of a
+  /// compaction, re-encoded, get levels of their own.
   static void encode(const float* x, int D, std::byte* rec) noexcept {
     std::uint8_t* codes = reinterpret_cast<std::uint8_t*>(rec);
     std::memset(codes, 0, code_bytes(D));
@@ -256,7 +257,6 @@ struct nuq : detail::grouped_key_codec<detail::channel_nuq<Bits, Group>,
     check(Group);
   }
 
-  /// Keys refit their levels to whatever a record holds (also the survivors of a compaction).
   void check(int D) const { this->check_as(D, "kvc::quant::nuq"); }
   static const char* name() noexcept { return Bits == 2 ? "nuq2" : Bits == 3 ? "nuq3" : "nuq4"; }
 };
