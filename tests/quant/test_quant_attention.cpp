@@ -151,6 +151,8 @@ TEST_CASE("fused attention matches dense attention over the pages read independe
   sweep<kivi<3>, kivi<3>>(32);  // 3-bit planes: the loader reads blocks of 16 codes
   sweep<kivi<3, 64, 64>, kivi<3, 64, 64>>(64);
   sweep<kivi<3, 16, 32>, kivi<2>>(16);
+  sweep<kivi<3, 64, 64>, kivi<4, 32, 64>>(64);  // K3V4 (the registry's kbits=3,vbits=4,group=64)
+  sweep<kivi<4, 32, 64>, kivi<3, 64, 64>>(64);  // K4V3
 }
 
 TEST_CASE("quantized attention matches dense attention over the pages read independently: nuq (KVQuant's fitted levels)",

@@ -318,59 +318,85 @@ TEST_CASE("malformed evictor specs name the argument, the value and what was exp
 
 TEST_CASE("every quantized storage a spec can name builds, attends over what it stores and reports bytes",
           "[runtime][quant]") {
-  constexpr int DQ = 32;  // KIVI's group: head_dim must be a multiple of 32
-  kvc::cache_config cfg = small_config();
-  cfg.head_dim = DQ;
-  cfg.max_pages = 256;
-  const int n = 80;  // beyond KIVI's residual window (32 below) plus a group: some tokens are encoded
-  std::mt19937 rng(5);
-  std::normal_distribution<float> nd;
-  std::vector<float> k(static_cast<std::size_t>(n) * H * DQ), v(k.size()), q(HQ * DQ), o(q.size());
-  for (auto& x : k) x = nd(rng);
-  for (auto& x : v) x = nd(rng);
-  for (auto& x : q) x = nd(rng) * 0.25f;
-  const char* specs[] = {"fp32",          "fp16",                  "bf16",
-                         "int8",          "int8(scheme=asym)",     "int4",
-                         "int2",          "int4(sinks=4)",         "fp8",
-                         "fp8(format=e5m2)", "kivi(bits=2,residual=32)", "kivi(bits=4,residual=32)",
-                         "kivi(bits=8,residual=32)", "kivi(kbits=4,vbits=2,residual=32)",
-                         "kivi(kbits=2,vbits=4,residual=32)", "kivi(bits=3,residual=32)", "nuq(bits=2,residual=32)",
-                         "nuq(bits=3,residual=32,sinks=2)", "rotated(bits=2)", "rotated(bits=4)",
-                         "outliers(bits=2)", "outliers(bits=4,fraction=0.05)", "gear(bits=4)",
-                         "gear(bits=2,rank=2,outliers=0.01)"};
-  std::size_t fp32_bytes = 0;
-  for (const char* spec : specs) {
-    INFO(spec);
-    auto c = kvc::runtime::make_cache(spec, cfg);
-    const auto s = c->add_sequence();
-    c->append(s, 0, k.data(), v.data(), n);
-    CHECK(c->length(s, 0, 1) == n);
-    const std::size_t bytes = c->bytes_in_use();
-    if (std::string(spec) == "fp32") fp32_bytes = bytes;
-    else CHECK(bytes < fp32_bytes);
-    c->attention(s, 0, q.data(), HQ, o.data());
-    // Against a double computation over the rows the cache says it holds (gather).
-    std::vector<float> kd(static_cast<std::size_t>(n) * DQ), vd(kd.size());
-    for (int h = 0; h < H; ++h) {
-      c->gather(s, 0, h, kd.data(), vd.data());
-      for (int g = 0; g < HQ / H; ++g) {
-        const int qh = h * (HQ / H) + g;
-        std::vector<double> sc(n);
-        double mx = -1e300, sum = 0;
-        for (int t = 0; t < n; ++t) {
-          double a = 0;
-          for (int d = 0; d < DQ; ++d) a += double(q[qh * DQ + d]) * kd[static_cast<std::size_t>(t) * DQ + d];
-          mx = std::max(mx, sc[t] = a / std::sqrt(double(DQ)));
-        }
-        for (int t = 0; t < n; ++t) sum += std::exp(sc[t] - mx);
-        for (int d = 0; d < DQ; ++d) {
-          double a = 0;
-          for (int t = 0; t < n; ++t) a += std::exp(sc[t] - mx) / sum * vd[static_cast<std::size_t>(t) * DQ + d];
-          CHECK(std::abs(o[qh * DQ + d] - a) <= 2e-3 * (1 + std::abs(a)));
+  // head_dim 32 for KIVI's groups of 32; 64 for the storages whose 3-bit side takes groups of 64
+  // (kivi<3, 64>'s check asks head_dim to be a multiple of 64). fp32 first: the bytes reference.
+  const std::vector<const char*> specs32 = {"fp32",
+                                            "fp16",
+                                            "bf16",
+                                            "int8",
+                                            "int8(scheme=asym)",
+                                            "int4",
+                                            "int2",
+                                            "int4(sinks=4)",
+                                            "fp8",
+                                            "fp8(format=e5m2)",
+                                            "kivi(bits=2,residual=32)",
+                                            "kivi(bits=4,residual=32)",
+                                            "kivi(bits=8,residual=32)",
+                                            "kivi(kbits=4,vbits=2,residual=32)",
+                                            "kivi(kbits=2,vbits=4,residual=32)",
+                                            "kivi(bits=3,residual=32)",
+                                            "nuq(bits=2,residual=32)",
+                                            "nuq(bits=3,residual=32,sinks=2)",
+                                            "rotated(bits=2)",
+                                            "rotated(bits=4)",
+                                            "outliers(bits=2)",
+                                            "outliers(bits=4,fraction=0.05)",
+                                            "gear(bits=4)",
+                                            "gear(bits=2,rank=2,outliers=0.01)"};
+  const std::vector<const char*> specs64 = {
+      "fp32", "kivi(bits=3,group=64,residual=0)", "kivi(kbits=3,vbits=4,group=64,residual=0)",
+      "kivi(kbits=4,vbits=3,group=64,residual=0,sinks=2)", "nuq(bits=3,group=64,residual=0)"};
+  for (const int DQ : {32, 64}) {
+    kvc::cache_config cfg = small_config();
+    cfg.head_dim = DQ;
+    cfg.max_pages = 256;
+    const int n = 80;  // beyond KIVI's residual window (32 below) plus a group: some tokens are encoded
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd;
+    std::vector<float> k(static_cast<std::size_t>(n) * H * DQ), v(k.size()), q(HQ * DQ), o(q.size());
+    for (auto& x : k) x = nd(rng);
+    for (auto& x : v) x = nd(rng);
+    for (auto& x : q) x = nd(rng) * 0.25f;
+    std::size_t fp32_bytes = 0;
+    for (const char* spec : DQ == 32 ? specs32 : specs64) {
+      INFO(spec);
+      auto c = kvc::runtime::make_cache(spec, cfg);
+      const auto s = c->add_sequence();
+      c->append(s, 0, k.data(), v.data(), n);
+      CHECK(c->length(s, 0, 1) == n);
+      const std::size_t bytes = c->bytes_in_use();
+      if (std::string(spec) == "fp32")
+        fp32_bytes = bytes;
+      else
+        CHECK(bytes < fp32_bytes);
+      c->attention(s, 0, q.data(), HQ, o.data());
+      // Against a double computation over the rows the cache says it holds (gather).
+      std::vector<float> kd(static_cast<std::size_t>(n) * DQ), vd(kd.size());
+      for (int h = 0; h < H; ++h) {
+        c->gather(s, 0, h, kd.data(), vd.data());
+        for (int g = 0; g < HQ / H; ++g) {
+          const int qh = h * (HQ / H) + g;
+          std::vector<double> sc(n);
+          double mx = -1e300, sum = 0;
+          for (int t = 0; t < n; ++t) {
+            double a = 0;
+            for (int d = 0; d < DQ; ++d) a += double(q[qh * DQ + d]) * kd[static_cast<std::size_t>(t) * DQ + d];
+            mx = std::max(mx, sc[t] = a / std::sqrt(double(DQ)));
+          }
+          for (int t = 0; t < n; ++t) sum += std::exp(sc[t] - mx);
+          for (int d = 0; d < DQ; ++d) {
+            double a = 0;
+            for (int t = 0; t < n; ++t) a += std::exp(sc[t] - mx) / sum * vd[static_cast<std::size_t>(t) * DQ + d];
+            CHECK(std::abs(o[qh * DQ + d] - a) <= 2e-3 * (1 + std::abs(a)));
+          }
         }
       }
     }
   }
+  kvc::cache_config cfg = small_config();
+  cfg.head_dim = 32;
+  cfg.max_pages = 256;
   struct bad {
     const char* spec;
     const char* a;
@@ -380,7 +406,9 @@ TEST_CASE("every quantized storage a spec can name builds, attends over what it 
       {"kivi(bits=5)", "kbits = 5, vbits = 5", "2/2, 3/3, 4/4, 8/8"},
       {"kivi(bits=3,group=128)", "group = 128", "64 with bits = 3"},
       {"kivi(bits=3,group=64,residual=32)", "residual = 32", "multiple of the group size 64"},
-      {"kivi(kbits=8,vbits=2)", "kbits = 8, vbits = 2", "4/2 or 2/4"},
+      {"kivi(kbits=8,vbits=2)", "kbits = 8, vbits = 2", "4/2, 2/4, or 3/4 and 4/3 with group = 64"},
+      {"kivi(kbits=3,vbits=4)", "kbits = 3, vbits = 4, group = 32", "3/4 and 4/3 with group = 64"},
+      {"kivi(kbits=4,vbits=2,group=64)", "group = 64", "64 with bits = 3 or a 3-bit side"},
       {"kivi(group=64)", "group = 64", "expected 32"},
       {"nuq(bits=4)", "bits = 4", "2 or 3"},
       {"nuq(bits=2,group=64)", "group = 64", "64 with bits = 3"},

@@ -10,6 +10,7 @@
 ///                                                         (head_dim a multiple of 256 / bits)
 ///   fp8(format=e4m3|e5m2)                                 per token-head scale
 ///   kivi(bits=2|3|4|8, kbits=, vbits=, residual=128)      KIVI, group 32; K4V2/K2V4 via kbits/vbits;
+///                                                         K3V4/K4V3 with group=64 (the 3-bit side);
 ///   kivi(bits=3, group=64)                                3-bit KIVI over groups of 64 (3.5 bits per element
 ///                                                         with the scales; 4.6x fewer than fp16 before
 ///                                                         the fp16 residual window)
@@ -220,7 +221,8 @@ void register_fp8_storage() {
   };
 }
 
-/// Only `kivi`: 7 cache types (bits 2/2, 3/3, 4/4, 8/8, 4/2, 2/4; 3/3 also with group 64) (see
+/// Only `kivi`: 9 cache types (bits 2/2, 3/3, 4/4, 8/8, 4/2, 2/4; 3/3 also with group 64; 3/4 and
+/// 4/3 with group 64 on the 3-bit side) (see
 /// register_quant_storages).
 template <class Deferred = void>
 void register_kivi_storage() {
@@ -235,9 +237,11 @@ void register_kivi_storage() {
     const quant_extras x = read_extras(a, o);
     a.finish("bits, kbits, vbits, group, residual, sinks, pre_rope, fast");
     const bool three = kb == 3 && vb == 3;
-    if (group != 32 && !(three && group == 64))
+    // group = 64 applies to the 3-bit side (planar 3-bit codes come in blocks of 16 channels, and
+    // groups of 64 are what makes 3 bits pay: 3.5 bits per element with the scales).
+    if (group != 32 && !(group == 64 && (kb == 3 || vb == 3)))
       unsupported(st, "group = " + std::to_string(group),
-                  "32, or 64 with bits = 3 (other groups: kvc::quant::kivi<Bits, Group> in C++)");
+                  "32, or 64 with bits = 3 or a 3-bit side (other groups: kvc::quant::kivi<Bits, Group> in C++)");
     auto mk = [&](auto kq, auto vq) -> std::unique_ptr<any_cache> {
       kq.residual_tokens = res;
       vq.residual_tokens = res;
@@ -250,8 +254,14 @@ void register_kivi_storage() {
     if (kb == 8 && vb == 8) return mk(quant::kivi<8>{}, quant::kivi<8>{});
     if (kb == 4 && vb == 2) return mk(quant::kivi<4>{}, quant::kivi<2>{});
     if (kb == 2 && vb == 4) return mk(quant::kivi<2>{}, quant::kivi<4>{});
-    unsupported(st, "kbits = " + std::to_string(kb) + ", vbits = " + std::to_string(vb),
-                "2/2, 3/3, 4/4, 8/8, 4/2 or 2/4 (any pair: kvc::quant_cache<kivi<K>, kivi<V>> in C++)");
+    // K3V4 and K4V3 tell keys from values at 3 bits (docs/results.md, "What the early needles
+    // need"); the 3-bit side takes group = 64, the 4-bit side keeps 32.
+    if (kb == 3 && vb == 4 && group == 64) return mk(quant::kivi<3, 64>{}, quant::kivi<4>{});
+    if (kb == 4 && vb == 3 && group == 64) return mk(quant::kivi<4>{}, quant::kivi<3, 64>{});
+    unsupported(st, "kbits = " + std::to_string(kb) + ", vbits = " + std::to_string(vb) +
+                        (kb + vb == 7 ? ", group = " + std::to_string(group) : std::string()),
+                "2/2, 3/3, 4/4, 8/8, 4/2, 2/4, or 3/4 and 4/3 with group = 64 (any pair: "
+                "kvc::quant_cache<kivi<K>, kivi<V>> in C++)");
   };
 }
 
@@ -345,7 +355,7 @@ void register_gear_storage() {
 /// -m flags of those calls (docs/isa.md); calling it again sets the same builders. A template only
 /// so that a TU that includes the header and does not call it instantiates no cache.
 ///
-/// The call compiles all 22 quantized cache types with their kernels, over a CPU-minute of GCC 12
+/// The call compiles all 24 quantized cache types with their kernels, over a CPU-minute of GCC 12
 /// -O2 (docs/design.md, "Register by a call"). A program registers only the storages it offers
 /// with the calls above, one per storage name, or spreads them over TUs that build side by side
 /// (examples/llama/register_int.cpp and register_kivi.cpp, ~55 s each).
