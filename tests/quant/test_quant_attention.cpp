@@ -153,6 +153,7 @@ TEST_CASE("fused attention matches dense attention over the pages read independe
   sweep<kivi<3, 16, 32>, kivi<2>>(16);
   sweep<kivi<3, 64, 64>, kivi<4, 32, 64>>(64);  // K3V4 (the registry's kbits=3,vbits=4,group=64)
   sweep<kivi<4, 32, 64>, kivi<3, 64, 64>>(64);  // K4V3
+  sweep<kivi<4, 64, 64>, kivi<4, 64, 64>>(64);  // the registry's kivi(bits=4,group=64)
 }
 
 TEST_CASE("quantized attention matches dense attention over the pages read independently: nuq (KVQuant's fitted levels)",
@@ -416,6 +417,8 @@ TEST_CASE("the SIMD path under test", "[quant][attention][isa]") {
     CHECK(qd::fused_ok<A, kivi<3>, role::key, 4>(64));
     CHECK(qd::fused_ok<A, kivi<3>, role::value, 4>(64));
     CHECK(qd::fused_ok<A, kivi<3, 64>, role::value, 2>(128));
+    CHECK(qd::fused_ok<A, kivi<4, 64>, role::key, 4>(64));
+    CHECK(qd::fused_ok<A, kivi<4, 64>, role::value, 4>(64));
   }
   if (kvc_test::expect_avx512()) {  // the fused float kernels 16 wide; the integer ones stay AVX2
     REQUIRE(qd::fused_available);

@@ -318,7 +318,7 @@ TEST_CASE("malformed evictor specs name the argument, the value and what was exp
 
 TEST_CASE("every quantized storage a spec can name builds, attends over what it stores and reports bytes",
           "[runtime][quant]") {
-  // head_dim 32 for KIVI's groups of 32; 64 for the storages whose 3-bit side takes groups of 64
+  // head_dim 32 for KIVI's groups of 32; 64 for the storages that take groups of 64 (3 and 4 bits, a 3-bit side)
   // (kivi<3, 64>'s check asks head_dim to be a multiple of 64). fp32 first: the bytes reference.
   const std::vector<const char*> specs32 = {"fp32",
                                             "fp16",
@@ -346,7 +346,8 @@ TEST_CASE("every quantized storage a spec can name builds, attends over what it 
                                             "gear(bits=2,rank=2,outliers=0.01)"};
   const std::vector<const char*> specs64 = {
       "fp32", "kivi(bits=3,group=64,residual=0)", "kivi(kbits=3,vbits=4,group=64,residual=0)",
-      "kivi(kbits=4,vbits=3,group=64,residual=0,sinks=2)", "nuq(bits=3,group=64,residual=0)"};
+      "kivi(kbits=4,vbits=3,group=64,residual=0,sinks=2)", "nuq(bits=3,group=64,residual=0)",
+      "kivi(bits=4,group=64,residual=0)", "kivi(bits=4,group=64,residual=0,sinks=4)"};
   for (const int DQ : {32, 64}) {
     kvc::cache_config cfg = small_config();
     cfg.head_dim = DQ;
@@ -408,7 +409,9 @@ TEST_CASE("every quantized storage a spec can name builds, attends over what it 
       {"kivi(bits=3,group=64,residual=32)", "residual = 32", "multiple of the group size 64"},
       {"kivi(kbits=8,vbits=2)", "kbits = 8, vbits = 2", "4/2, 2/4, or 3/4 and 4/3 with group = 64"},
       {"kivi(kbits=3,vbits=4)", "kbits = 3, vbits = 4, group = 32", "3/4 and 4/3 with group = 64"},
-      {"kivi(kbits=4,vbits=2,group=64)", "group = 64", "64 with bits = 3 or a 3-bit side"},
+      {"kivi(kbits=4,vbits=2,group=64)", "group = 64", "64 with bits = 3, bits = 4 or a 3-bit side"},
+      {"kivi(bits=4,group=128)", "group = 128", "64 with bits = 3, bits = 4"},
+      {"kivi(bits=4,group=64,residual=32)", "residual = 32", "multiple of the group size 64"},
       {"kivi(group=64)", "group = 64", "expected 32"},
       {"nuq(bits=4)", "bits = 4", "2 or 3"},
       {"nuq(bits=2,group=64)", "group = 64", "64 with bits = 3"},

@@ -14,6 +14,8 @@
 ///   kivi(bits=3, group=64)                                3-bit KIVI over groups of 64 (3.5 bits per element
 ///                                                         with the scales; 4.6x fewer than fp16 before
 ///                                                         the fp16 residual window)
+///   kivi(bits=4, group=64)                                4-bit KIVI over groups of 64 (4.5 bits per element,
+///                                                         3.6x fewer than fp16 before the window)
 ///   nuq(bits=2|3, group=32|64, residual=128)              KVQuant's non-uniform key levels, fitted per
 ///                                                         key group, on KIVI's layout (values as KIVI's);
 ///                                                         group 64 with bits = 3 only
@@ -221,8 +223,8 @@ void register_fp8_storage() {
   };
 }
 
-/// Only `kivi`: 9 cache types (bits 2/2, 3/3, 4/4, 8/8, 4/2, 2/4; 3/3 also with group 64; 3/4 and
-/// 4/3 with group 64 on the 3-bit side) (see
+/// Only `kivi`: 10 cache types (bits 2/2, 3/3, 4/4, 8/8, 4/2, 2/4; 3/3 and 4/4 also with group 64;
+/// 3/4 and 4/3 with group 64 on the 3-bit side) (see
 /// register_quant_storages).
 template <class Deferred = void>
 void register_kivi_storage() {
@@ -237,11 +239,14 @@ void register_kivi_storage() {
     const quant_extras x = read_extras(a, o);
     a.finish("bits, kbits, vbits, group, residual, sinks, pre_rope, fast");
     const bool three = kb == 3 && vb == 3;
-    // group = 64 applies to the 3-bit side (planar 3-bit codes come in blocks of 16 channels, and
-    // groups of 64 are what makes 3 bits pay: 3.5 bits per element with the scales).
-    if (group != 32 && !(group == 64 && (kb == 3 || vb == 3)))
+    // group = 64 applies to 3/3, 4/4 and the 3-bit side of 3/4 and 4/3. Groups of 64 are what makes
+    // 3 bits pay (3.5 bits per element with the binary16 scale and zero), and they give 4/4 the
+    // 4-bit codes the early needles need (docs/results.md, "What the early needles need") at 4.5
+    // bits per element instead of 5.
+    const bool four64 = kb == 4 && vb == 4 && group == 64;
+    if (group != 32 && !(group == 64 && (kb == 3 || vb == 3)) && !four64)
       unsupported(st, "group = " + std::to_string(group),
-                  "32, or 64 with bits = 3 or a 3-bit side (other groups: kvc::quant::kivi<Bits, Group> in C++)");
+                  "32, or 64 with bits = 3, bits = 4 or a 3-bit side (other groups: kvc::quant::kivi<Bits, Group> in C++)");
     auto mk = [&](auto kq, auto vq) -> std::unique_ptr<any_cache> {
       kq.residual_tokens = res;
       vq.residual_tokens = res;
@@ -250,6 +255,7 @@ void register_kivi_storage() {
     if (kb == 2 && vb == 2) return mk(quant::kivi<2>{}, quant::kivi<2>{});
     if (three && group == 64) return mk(quant::kivi<3, 64>{}, quant::kivi<3, 64>{});
     if (three) return mk(quant::kivi<3>{}, quant::kivi<3>{});
+    if (four64) return mk(quant::kivi<4, 64>{}, quant::kivi<4, 64>{});
     if (kb == 4 && vb == 4) return mk(quant::kivi<4>{}, quant::kivi<4>{});
     if (kb == 8 && vb == 8) return mk(quant::kivi<8>{}, quant::kivi<8>{});
     if (kb == 4 && vb == 2) return mk(quant::kivi<4>{}, quant::kivi<2>{});
@@ -355,7 +361,7 @@ void register_gear_storage() {
 /// -m flags of those calls (docs/isa.md); calling it again sets the same builders. A template only
 /// so that a TU that includes the header and does not call it instantiates no cache.
 ///
-/// The call compiles all 24 quantized cache types with their kernels, over a CPU-minute of GCC 12
+/// The call compiles all 25 quantized cache types with their kernels, over a CPU-minute of GCC 12
 /// -O2 (docs/design.md, "Register by a call"). A program registers only the storages it offers
 /// with the calls above, one per storage name, or spreads them over TUs that build side by side
 /// (examples/llama/register_int.cpp and register_kivi.cpp, ~55 s each).
