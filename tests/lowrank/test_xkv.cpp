@@ -346,6 +346,51 @@ TEST_CASE("xkv attends to the group's truncated SVD of the prompt, then whole to
   }
 }
 
+TEST_CASE("xkv latent=rotated(bits=4): Palu's Hadamard before 4-bit codes lands nearer the SVD than int4",
+          "[lowrank][xkv]") {
+  // Latents are coefficients on singular directions, so each row's first values dwarf its last
+  // (here 0.8^j: 4.8x across 8) and one scale per row spends int4's 16 levels on the leading
+  // ones. Palu (arXiv:2407.21118) rotates the latent with a Walsh-Hadamard matrix first, which
+  // spreads that energy over the row; `rotated(bits=4)` is that rotation in front of int4 codes
+  // of the same bytes. Both are held to the double truncated SVD, and the rotated codes must
+  // come measurably nearer it (squared error summed over every stream's prompt rows).
+  const shape s{4, 2, 16, 2};
+  const kvc::rope_config rc = rope_of(s.D);
+  const std::int32_t n = 70, extra = 3, r = 8;  // (rank + vrank) / 2 = 8 values per half-row: a power of two
+  double sq[2] = {0, 0};
+  std::size_t bytes[2] = {0, 0};
+  const char* specs[2] = {"xkv(group=2, rank=8, vrank=8, latent=int4)", "xkv(group=2, rank=8, vrank=8, latent=rotated(bits=4))"};
+  for (int i = 0; i < 2; ++i) {
+    INFO(specs[i]);
+    auto c = build(specs[i], s, &rc);
+    const prompt p = make_prompt(s, n, extra, 31);
+    const seq_id q = c->add_sequence();
+    append_prompt(*c, q, s, p);
+    observe_all(*c, q, s);
+    bytes[i] = c->bytes_in_use();
+    std::vector<mat> RK, RV;
+    for (std::size_t g = 0; g < p.xk.size(); ++g) {
+      RK.push_back(truncated(p.xk[g], r));
+      RV.push_back(truncated(p.xv[g], r));
+    }
+    for (std::int32_t l = 0; l < s.L; ++l)
+      for (std::int32_t h = 0; h < s.H; ++h) {
+        std::vector<double> rk, rv;
+        reference_rows(s, RK, RV, p, 0, l, h, true, 0, rk, rv);
+        std::vector<float> gk(rk.size()), gv(rv.size());
+        c->gather(q, l, h, gk.data(), gv.data());
+        for (std::size_t j = 0; j < rk.size(); ++j) sq[i] += (gk[j] - rk[j]) * (gk[j] - rk[j]) + (gv[j] - rv[j]) * (gv[j] - rv[j]);
+      }
+    append_extra(*c, q, s, p, extra);
+    // 4 bits per latent value: the gather and attention errors stay within a few steps of the grid.
+    check_against(*c, q, s, RK, RV, p, extra, true, 0.1, 13);
+  }
+  INFO("squared error: int4 " << sq[0] << ", rotated int4 " << sq[1]);
+  CHECK(bytes[1] == bytes[0]);  // the rotation costs no byte
+  CHECK(sq[1] > 0);
+  CHECK(sq[1] < 0.7 * sq[0]);
+}
+
 TEST_CASE("xkv: a second sequence projects on the first one's bases; forks are independent", "[lowrank][xkv]") {
   const shape s{4, 2, 16, 2};
   const kvc::rope_config rc = rope_of(s.D);

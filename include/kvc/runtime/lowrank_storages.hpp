@@ -34,7 +34,9 @@
 ///               Eigen Attention
 ///     coef      element type of the stored coefficients; default fp16. Any other registered
 ///               storage of rows (int8, int4, bf16, kivi(bits=4), ...) holds the coefficient rows
-///               instead: quantized coefficients, attended through the general path
+///               instead: quantized coefficients, attended through the general path.
+///               rotated(bits=4) is Palu's low-rank-aware quantization (a Hadamard rotation
+///               before int4 codes; xkv_storage.hpp's `latent`)
 ///
 /// The cache (`pca_cache<T>`, below) wraps lowrank::projected_cache<T>. Its bases are fitted, per
 /// (layer, kv head), from the keys and values of the first append of each layer, whichever

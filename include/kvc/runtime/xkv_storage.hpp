@@ -18,7 +18,10 @@
 ///               otherwise); default fp16
 ///     latent    the storage that holds the latents, any registered storage spec: fp16, fp32,
 ///               bf16, int8, int4, kivi(bits=4), ... (the paper quantizes its latents); default
-///               the coef type. Its pages are the latents' bytes
+///               the coef type. Its pages are the latents' bytes. rotated(bits=4) is Palu's
+///               low-rank-aware quantization: a Hadamard rotation of each half-row before int4
+///               codes, so the leading directions' large latents do not set one scale for all
+///               (docs/design.md; (rank + vrank + 1) / 2 must be a power of two)
 ///
 /// with make_cache. How the cache (`xkv_cache<T>`, below) lives:
 ///  - Each layer of a sequence is stored whole (T pages, D channels, keys rotated to their
