@@ -58,7 +58,7 @@ def main():
         ratios.append(py / cpp - 1.0)
     ratios.sort()
     print(f"kvc Python overhead per decode attention call: {a.spec}, {a.tokens} tokens, "
-          f"{a.q_heads} q heads / {a.kv_heads} kv heads x {a.head_dim}, isa {kvc.isa()}")
+          f"{a.q_heads} q heads / {a.kv_heads} kv heads x {a.head_dim}, the cache runs {c.isa} (module baseline {kvc.isa()})")
     print(f"  median (python / C++ - 1) over {a.reps} paired repetitions of {a.calls} calls: "
           f"{100 * statistics.median(ratios):+.2f}%  (min {100 * ratios[0]:+.2f}%, max {100 * ratios[-1]:+.2f}%)")
 
