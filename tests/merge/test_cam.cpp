@@ -68,7 +68,15 @@ void cam_trials(std::uint64_t salt) {
       for (std::int32_t t = 0; t < n; ++t) p0[static_cast<std::size_t>(h)].push_back(c.cache().positions(s, 0, h)[t]);
     }
     INFO("trial " << trial << (fp16 ? " fp16" : " fp32") << " H=" << H << " D=" << D << " P=" << P << " M=" << o.merge_span);
+    const std::size_t bytes_before = c.bytes_in_use();
     kvc::merge::cam_merge_layer(c, s, 0, scores, kept, o);
+    // Accounting: never more bytes than before, and exactly the pool's pages. The pages a head
+    // needs after its keep: ceil(K / P) each.
+    REQUIRE(c.bytes_in_use() <= bytes_before);
+    REQUIRE(c.bytes_in_use() == static_cast<std::size_t>(c.cache().pool().pages_in_use()) * c.cache().pool().page_bytes());
+    std::int32_t pages_kept = 0;
+    for (const auto& kh : kept) pages_kept += (static_cast<std::int32_t>(kh.size()) + P - 1) / P;
+    REQUIRE(c.cache().pool().pages_in_use() == pages_kept);
     for (std::int32_t h = 0; h < H; ++h) {
       const auto& kh = kept[static_cast<std::size_t>(h)];
       const auto& sc = scores[static_cast<std::size_t>(h)];
@@ -159,4 +167,42 @@ TEST_CASE("CaM and keep_layer_mix_values reject bad arguments and change nothing
   expect_error([&] { c.keep_layer_mix_values(s, 0, kept, {{{5, 1, std::numeric_limits<float>::infinity()}}, {}}); },
                "mixes[0][0].coef = inf");
   expect_error([&] { c.keep_layer_mix_values(s, 0, kept, {{}}); }, "mixes.size() = 1, expected num_kv_heads = 2");
+}
+
+TEST_CASE("CaM on a forked sequence with the pool exhausted changes nothing", "[merge][cam][strong]") {
+  for (int trial = 0; trial < 6; ++trial) {
+    kvc_test::rng r(9970 + static_cast<std::uint64_t>(trial));
+    const std::int32_t H = r.integer(1, 3), P = 4, D = r.integer(2, 20), L = r.integer(9, 40);
+    const std::int32_t pages = H * ((L + P - 1) / P);
+    // Exactly the pages the prompt needs: the step must copy a shared page, and cannot.
+    merged_cache<float> c(kvc_test::cache_shape(1, H, D, P, pages));
+    const kvc::seq_id a = c.add_sequence();
+    const auto k = r.normals(static_cast<std::size_t>(L) * H * D), v = r.normals(k.size());
+    c.append(a, 0, k.data(), v.data(), L);
+    const kvc::seq_id b = c.fork(a);
+    std::vector<std::vector<float>> scores(static_cast<std::size_t>(H));
+    std::vector<std::vector<std::int32_t>> kept(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      for (std::int32_t t = 0; t < L; ++t) {
+        scores[static_cast<std::size_t>(h)].push_back(r.uniform(0.1f, 1.0f));
+        if (t != 1) kept[static_cast<std::size_t>(h)].push_back(t);  // evict token 1: its value goes to the next kept ones
+      }
+    }
+    auto state = [&] {
+      std::vector<std::vector<float>> lw;
+      for (kvc::seq_id q : {a, b})
+        for (std::int32_t h = 0; h < H; ++h) lw.push_back(c.log_weights(q, 0, h));
+      return std::make_pair(kvc_test::snapshot(c.cache(), {a, b}), lw);
+    };
+    const auto before = state();
+    const kvc::seq_id target = trial % 2 ? a : b;
+    REQUIRE_THROWS_AS(kvc::merge::cam_merge_layer(c, target, 0, scores, kept), kvc::out_of_memory);
+    REQUIRE(state() == before);
+    REQUIRE(c.cache().pool().pages_in_use() == pages);
+    // With the sibling gone, the step goes through: one token fewer per head, its value merged.
+    c.remove_sequence(target == a ? b : a);
+    kvc::merge::cam_merge_layer(c, target, 0, scores, kept);
+    for (std::int32_t h = 0; h < H; ++h) REQUIRE(c.length(target, 0, h) == L - 1);
+    REQUIRE(c.bytes_in_use() == static_cast<std::size_t>(c.cache().pool().pages_in_use()) * c.cache().pool().page_bytes());
+  }
 }
