@@ -23,7 +23,10 @@
 /// inner kv_cache (layer num_layers + p for pair p) that both layers' attention reads; each layer
 /// keeps its retained and later-appended tokens in its own stream, and 4 floats per merged token
 /// (the two layers' key and value magnitudes) on the host (metadata_bytes). A merged pair holds
-/// one row pair per merged token instead of two: bytes_in_use (the pool) shows it.
+/// one row pair per merged token instead of two: bytes_in_use (the pool) shows it. Pages are the
+/// unit of that saving, so a kv head whose merge would hold more pages than before (a few merged
+/// tokens open a shared page while the layers' retained tokens free none) merges none of its
+/// tokens (kvc's rule, not the paper's): merge_pairs never raises the pool's bytes.
 ///
 /// Attention of a merged layer is one softmax over both streams: its own (plain rows) and the
 /// shared one with the layer's magnitudes as per-token key and value scales
@@ -207,7 +210,7 @@ class minicache_cache {
   minicache_report merge_pairs(seq_id s) {
     constexpr const char* who = "kvc::merge::minicache_cache::merge_pairs";
     seq_state& st = seqs_.find(s, "merge_pairs");
-    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
+    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim, P = cfg_.page_size;
     struct pair_plan {
       std::vector<float> ke, ve;                            // [n][H][D] shared directions (all tokens)
       std::vector<std::int32_t> pos;                        // [n]
@@ -275,6 +278,17 @@ class minicache_cache {
           mkb.push_back(static_cast<float>(nk[2 * u + 1]));
           mva.push_back(static_cast<float>(nv[2 * u]));
           mvb.push_back(static_cast<float>(nv[2 * u + 1]));
+        }
+        // Pages per kv head: the two layers' retained rows and the shared rows, against the two
+        // layers' n rows now. A merge that would not free a page is not made.
+        const auto pages = [&](std::size_t m) { return (m + static_cast<std::size_t>(P) - 1) / static_cast<std::size_t>(P); };
+        auto& kp = pl.keep[static_cast<std::size_t>(h)];
+        auto& sh = pl.shared[static_cast<std::size_t>(h)];
+        if (!sh.empty() && 2 * pages(kp.size()) + pages(sh.size()) > 2 * pages(static_cast<std::size_t>(n))) {
+          kp.resize(static_cast<std::size_t>(n));
+          for (std::int32_t t = 0; t < n; ++t) kp[static_cast<std::size_t>(t)] = t;
+          sh.clear();
+          for (int m = 0; m < 4; ++m) mg[m].clear();
         }
         rep.merged += static_cast<std::int64_t>(pl.shared[static_cast<std::size_t>(h)].size());
         rep.retained += static_cast<std::int64_t>(pl.keep[static_cast<std::size_t>(h)].size());
