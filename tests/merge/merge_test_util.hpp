@@ -6,11 +6,13 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <kvc/error.hpp>
 #include <kvc/store/merged_cache.hpp>
 
+#include "cache_checks.hpp"
 #include "kvc_catch.hpp"
 #include "random.hpp"
 
@@ -34,6 +36,17 @@ stream_copy copy_stream(const kvc::merge::merged_cache<T>& c, kvc::seq_id s, std
   st.lw = c.log_weights(s, l, h);
   st.pos.assign(c.cache().positions(s, l, h), c.cache().positions(s, l, h) + st.n);
   return st;
+}
+
+/// Everything a merge step could change, for the strong-guarantee tests: the store's snapshot,
+/// every stream's log-weights, pool bytes.
+template <class T>
+auto full_state(const kvc::merge::merged_cache<T>& c, const std::vector<kvc::seq_id>& seqs) {
+  std::vector<std::vector<float>> lw;
+  for (kvc::seq_id q : seqs)
+    for (std::int32_t l = 0; l < c.config().num_layers; ++l)
+      for (std::int32_t h = 0; h < c.config().num_kv_heads; ++h) lw.push_back(c.log_weights(q, l, h));
+  return std::make_tuple(snapshot(c.cache(), seqs), lw, c.bytes_in_use());
 }
 
 /// Some tokens already merged (log-weights != 0), so their mass must count in the next merge:

@@ -188,12 +188,7 @@ TEST_CASE("CaM on a forked sequence with the pool exhausted changes nothing", "[
         if (t != 1) kept[static_cast<std::size_t>(h)].push_back(t);  // evict token 1: its value goes to the next kept ones
       }
     }
-    auto state = [&] {
-      std::vector<std::vector<float>> lw;
-      for (kvc::seq_id q : {a, b})
-        for (std::int32_t h = 0; h < H; ++h) lw.push_back(c.log_weights(q, 0, h));
-      return std::make_pair(kvc_test::snapshot(c.cache(), {a, b}), lw);
-    };
+    auto state = [&] { return kvc_test::full_state(c, {a, b}); };
     const auto before = state();
     const kvc::seq_id target = trial % 2 ? a : b;
     REQUIRE_THROWS_AS(kvc::merge::cam_merge_layer(c, target, 0, scores, kept), kvc::out_of_memory);

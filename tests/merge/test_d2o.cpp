@@ -460,12 +460,7 @@ TEST_CASE("D2O rejects bad arguments and changes nothing", "[merge][d2o][strong]
   fill_similar(c, s, 1, 20, r);
   premerge(c, s, 0, r, 9);  // nonzero log-weights
   const std::int32_t n0 = c.length(s, 0, 0), n1 = c.length(s, 0, 1);
-  auto state = [&] {
-    std::vector<std::vector<float>> lw;
-    for (std::int32_t l = 0; l < 2; ++l)
-      for (std::int32_t h = 0; h < 2; ++h) lw.push_back(c.log_weights(s, l, h));
-    return std::make_pair(kvc_test::snapshot(c.cache(), {s}), lw);
-  };
+  auto state = [&] { return kvc_test::full_state(c, {s}); };
   const auto before = state();
   const std::size_t bytes = c.bytes_in_use();
   const std::vector<std::vector<std::int32_t>> kept = {{0, 2, 5}, {1, 3, n1 - 1}};
@@ -568,12 +563,7 @@ TEST_CASE("D2O on a forked sequence with the pool exhausted changes nothing", "[
         if (t != 1) k.push_back(t);
       kept.push_back(k);
     }
-    auto state = [&] {
-      std::vector<std::vector<float>> lw;
-      for (kvc::seq_id q : {a, b})
-        for (std::int32_t h = 0; h < H; ++h) lw.push_back(c.log_weights(q, 0, h));
-      return std::make_pair(kvc_test::snapshot(c.cache(), {a, b}), lw);
-    };
+    auto state = [&] { return kvc_test::full_state(c, {a, b}); };
     const auto before = state();
     d2o_threshold tau;
     tau.primed = trial % 2 == 0;

@@ -273,16 +273,6 @@ void rule_trials(std::uint64_t salt) {
   REQUIRE(premerged_members > 50);
 }
 
-/// Everything a failed or no-op call must leave as it was: K/V and positions (the snapshot),
-/// log-weights, pool bytes.
-template <class T>
-auto full_state(const merged_cache<T>& c, const std::vector<kvc::seq_id>& seqs) {
-  std::vector<std::vector<float>> lw;
-  for (kvc::seq_id q : seqs)
-    for (std::int32_t l = 0; l < c.config().num_layers; ++l)
-      for (std::int32_t h = 0; h < c.config().num_kv_heads; ++h) lw.push_back(c.log_weights(q, l, h));
-  return std::make_tuple(kvc_test::snapshot(c.cache(), seqs), lw, c.bytes_in_use());
-}
 
 }  // namespace
 
@@ -309,7 +299,7 @@ TEST_CASE("KVMerger with a threshold above every similarity changes nothing", "[
         best = std::max(best, cosine(&b.k[static_cast<std::size_t>(t - 1) * D], &b.k[static_cast<std::size_t>(t) * D], D));
     }
     const std::vector<ivec> none(static_cast<std::size_t>(H));
-    const auto before = full_state(c, {s});
+    const auto before = kvc_test::full_state(c, {s});
     INFO("trial " << trial << " H=" << H << " D=" << D << " best=" << best);
     kvmerger_options o;
     // Exact copies have cosine 1 up to rounding: above 1 + 1e-6, nothing passes; and just above
@@ -319,7 +309,7 @@ TEST_CASE("KVMerger with a threshold above every similarity changes nothing", "[
       const auto plan = kvc::merge::kvmerger_merge_layer(c, s, 0, scores, none, o);
       REQUIRE(plan.sets == 0);
       REQUIRE(plan.removed == 0);
-      REQUIRE(full_state(c, {s}) == before);
+      REQUIRE(kvc_test::full_state(c, {s}) == before);
     }
     // Just below the largest similarity, at least that pair merges: the boundary is the threshold.
     if (best > -1 && best < 1 - 1e-6) {
@@ -341,12 +331,12 @@ TEST_CASE("KVMerger's threshold is strict: a similarity equal to it does not mer
   c.append(s, 0, k.data(), v.data(), static_cast<std::int32_t>(k.size()));
   const std::vector<std::vector<float>> scores = {random_scores(7, 0, r)};
   const std::vector<ivec> none(1);
-  const auto before = full_state(c, {s});
+  const auto before = kvc_test::full_state(c, {s});
   kvmerger_options o;
   o.threshold = 1.0f;  // cos = 1 for {0, 1} and {4, 5}: equal, so no merge
   auto plan = kvc::merge::kvmerger_merge_layer(c, s, 0, scores, none, o);
   REQUIRE(plan.sets == 0);
-  REQUIRE(full_state(c, {s}) == before);
+  REQUIRE(kvc_test::full_state(c, {s}) == before);
   o.threshold = 0.0f;  // cos = 0 for the zero keys' pairs {1, 2}, {2, 3}, {3, 4}: no merge either
   plan = kvc::merge::kvmerger_merge_layer(c, s, 0, {scores}, none, o);
   REQUIRE(plan.sets == 2);
@@ -505,12 +495,12 @@ TEST_CASE("KVMerger rejects bad arguments and changes nothing", "[merge][kvmerge
   fill_runs(c, s, 1, 24, r);
   premerge(c, s, 0, r, 11);  // nonzero log-weights
   const std::int32_t n0 = c.length(s, 0, 0), n1 = c.length(s, 0, 1);
-  const auto before = full_state(c, {s});
+  const auto before = kvc_test::full_state(c, {s});
   const std::vector<std::vector<float>> scores = {random_scores(n0, 0, r), random_scores(n1, 0, r)};
   const std::vector<ivec> protect = {{0, 3}, {n1 - 2, n1 - 1}};
   auto expect_error = [&](auto&& call, const std::string& text) {
     kvc_test::require_error(call, text);
-    REQUIRE(full_state(c, {s}) == before);
+    REQUIRE(kvc_test::full_state(c, {s}) == before);
   };
   using kvc::merge::kvmerger_merge_layer;
   const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
@@ -599,10 +589,10 @@ TEST_CASE("KVMerger on a forked sequence with the pool exhausted changes nothing
     }
     kvmerger_options o;
     o.threshold = -2.0f;
-    const auto before = full_state(c, {a, b});
+    const auto before = kvc_test::full_state(c, {a, b});
     const kvc::seq_id target = trial % 2 ? a : b;
     REQUIRE_THROWS_AS(kvc::merge::kvmerger_merge_layer(c, target, 0, scores, protect, o), kvc::out_of_memory);
-    REQUIRE(full_state(c, {a, b}) == before);
+    REQUIRE(kvc_test::full_state(c, {a, b}) == before);
     REQUIRE(c.cache().pool().pages_in_use() == pages);
     // With the sibling gone, the step goes through.
     c.remove_sequence(target == a ? b : a);
@@ -748,12 +738,12 @@ TEST_CASE("KVMerger at an eviction budget rejects bad arguments and changes noth
   fill_runs(c, s, 1, 24, r);
   premerge(c, s, 0, r, 11);
   const std::int32_t n0 = c.length(s, 0, 0), n1 = c.length(s, 0, 1);
-  const auto before = full_state(c, {s});
+  const auto before = kvc_test::full_state(c, {s});
   const std::vector<std::vector<float>> scores = {random_scores(n0, 0, r), random_scores(n1, 0, r)};
   const std::vector<ivec> kept = {{0, 3, 5}, {1, n1 - 1}};
   auto expect_error = [&](auto&& call, const std::string& text) {
     kvc_test::require_error(call, text);
-    REQUIRE(full_state(c, {s}) == before);
+    REQUIRE(kvc_test::full_state(c, {s}) == before);
   };
   using kvc::merge::kvmerger_evict_layer;
   kvmerger_options o;

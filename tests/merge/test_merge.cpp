@@ -503,12 +503,7 @@ TEST_CASE("merge_layer validates every argument and leaves the cache unchanged",
   fill(c, s, 0, 30, r);
   fill(c, s, 1, 30, r);
   c.merge_layer(s, 1, {random_groups(30, 0.6, r), random_groups(30, 0.6, r)});  // nonzero log-weights
-  auto state = [&] {
-    std::vector<std::vector<float>> lw;
-    for (std::int32_t l = 0; l < 2; ++l)
-      for (std::int32_t h = 0; h < 2; ++h) lw.push_back(c.log_weights(s, l, h));
-    return std::make_pair(kvc_test::snapshot(c.cache(), {s}), lw);
-  };
+  auto state = [&] { return kvc_test::full_state(c, {s}); };
   const auto before = state();
   auto group = [](std::int32_t target, std::vector<std::int32_t> members, std::vector<float> w) {
     merge_group g;
@@ -576,12 +571,7 @@ TEST_CASE("merge_layer on a forked sequence with the pool exhausted changes noth
       g.weights = {1.0f, r.uniform(0.1f, 2.0f)};
       groups.push_back({g});
     }
-    auto state = [&] {
-      std::vector<std::vector<float>> lw;
-      for (kvc::seq_id q : {a, b})
-        for (std::int32_t h = 0; h < H; ++h) lw.push_back(c.log_weights(q, 0, h));
-      return std::make_pair(kvc_test::snapshot(c.cache(), {a, b}), lw);
-    };
+    auto state = [&] { return kvc_test::full_state(c, {a, b}); };
     const auto before = state();
     const kvc::seq_id target = trial % 2 ? a : b;
     REQUIRE_THROWS_AS(c.merge_layer(target, 0, groups), kvc::out_of_memory);
