@@ -26,8 +26,8 @@ def cells(line):
 
 
 def delta(cell):
-    """'+0.144 ± 0.045' -> (0.144, 0.045); a cell without a number -> None."""
-    m = re.match(r"^\s*([+-]?[0-9.]+)\s*(?:±\s*([0-9.]+))?", cell.replace("−", "-"))
+    """'+0.144 ± 0.045' (or bold, '**-0.110 ± 0.060**') -> (0.144, 0.045); a cell without a number -> None."""
+    m = re.match(r"^\s*([+-]?[0-9.]+)\s*(?:±\s*([0-9.]+))?", cell.replace("−", "-").replace("*", ""))
     return (float(m.group(1)), float(m.group(2) or 0)) if m else None
 
 
@@ -64,7 +64,8 @@ def column(header, *needles, prefer=None):
 def main(md, tag, prefix, refs):
     lines = open(md, encoding="utf-8").read().splitlines()
     out = {text: {} for text in refs}
-    repeats = []
+    repeats, partial = [], []
+    seen = set()
     found = 0
     for header, rows in tables(lines, tag):
         found += 1
@@ -73,14 +74,17 @@ def main(md, tag, prefix, refs):
         for r in rows:
             m = re.search(r"`([^`]+)`", r[0])
             spec = m.group(1) if m else r[0]
-            if spec in out[next(iter(refs))]:
+            if spec in seen:
                 repeats.append(spec)
                 continue
+            seen.add(spec)
             nbytes = float(r[b].replace(",", ""))
-            for text, j in cols.items():
-                d = delta(r[j])
+            got = {text: delta(r[j]) for text, j in cols.items()}
+            for text, d in got.items():
                 if d is not None:
                     out[text][spec] = (nbytes, d)
+            if any(d is None for d in got.values()) and any(d is not None for d in got.values()):
+                partial.append(spec)
     if not found:
         sys.exit(f"results_csv.py: {md} has no table marked '<!-- frontier: {tag} -->'")
     for text, ref in refs.items():
@@ -93,6 +97,9 @@ def main(md, tag, prefix, refs):
     print(f"results_csv.py: {found} tables, {len(out[next(iter(refs))])} specs", file=sys.stderr)
     if repeats:
         print("results_csv.py: repeated specs, first row kept: " + "; ".join(repeats), file=sys.stderr)
+    if partial:
+        print("results_csv.py: measured on some texts only (frontier.py needs every text): " + "; ".join(partial),
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
