@@ -170,24 +170,35 @@ def check_log_weighted_step(cache, modules, seen):
 
 def test_minicache_merges_after_the_prompt_and_attends_over_the_merged_rows(model, tokens):
     """minicache through transformers: the layer pairs are merged once the prompt is in every layer,
-    and the next step's logits equal those over fp16 pages holding exactly the rows kvc holds after
-    the merge."""
-    cache = kvc.hf.Cache("minicache", model)
+    and the next step's logits equal those over fp32 pages holding exactly the rows kvc holds after
+    the merge, to the rounding of the step's own token (fp16 in kvc, fp32 in the reference), which
+    a control without merges measures."""
+    # gamma=0.5: at the paper's 0.05 a handful of tokens per stream would merge on this model, too
+    # few to free a page, so kvc's page rule (kvc/merge/minicache.hpp) merges none of them.
+    cache = kvc.hf.Cache("minicache(gamma=0.5)", model)
+    control = kvc.hf.Cache("fp16", model.config)
     with torch.no_grad():
         model(tokens[:, :100], cache=cache)
-    assert len(cache.layer_merges) == 1 and cache.layer_merges[0].merged > 0
-    # The reference: fp16 pages holding the rows kvc holds after the merge (fp16 too, so the step's
-    # own token is rounded alike in both).
-    plain = kvc.hf.Cache("fp16", model.config)
-    for layer in range(cache.kvc.num_layers):
-        rows = [cache.kvc.gather(cache.seq, layer, h) for h in range(cache.kvc.num_kv_heads)]
-        plain.kvc.append(plain.seq, layer, np.stack([r[0] for r in rows], 1), np.stack([r[1] for r in rows], 1))
-    # Bytes: at the paper's gamma few tokens merge on this model, so the shared pages' partial fill
-    # can outweigh them (docs/results.md, "Merging at 4k"); test_merging.py checks the bytes.
+        model(tokens[:, :100], cache=control)
+    assert len(cache.layer_merges) == 1 and cache.layer_merges[0].merged > 0 and cache.layer_merges[0].retained > 0
+    # Bytes: the merged pairs hold fewer pages than the same tokens in plain fp16 pages.
+    assert cache.kvc.bytes_in_use() < control.kvc.bytes_in_use()
+
+    def rows_in_fp32(c):
+        plain = kvc.hf.Cache("fp32", model.config)
+        for layer in range(c.kvc.num_layers):
+            rows = [c.kvc.gather(c.seq, layer, h) for h in range(c.kvc.num_kv_heads)]
+            plain.kvc.append(plain.seq, layer, np.stack([r[0] for r in rows], 1), np.stack([r[1] for r in rows], 1))
+        return plain
+
+    plain, control_plain = rows_in_fp32(cache), rows_in_fp32(control)
     with torch.no_grad():
-        got = model(tokens[:, 100:101], cache=cache).logits[0, -1]
-        ref = model(tokens[:, 100:101], cache=plain).logits[0, -1]
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        step = tokens[:, 100:101]
+        err = (model(step, cache=cache).logits[0, -1] - model(step, cache=plain).logits[0, -1]).abs().max().item()
+        bound = (model(step, cache=control).logits[0, -1] - model(step, cache=control_plain).logits[0, -1]).abs().max().item()
+    print(f"minicache(gamma=0.5) against fp32 pages of its rows: {err:.2e}; fp16 against its rows: {bound:.2e}")
+    assert 0 < bound < 1e-2
+    assert err <= 2 * bound + 1e-4
     assert len(cache.layer_merges) == 1  # the decode step merged nothing more
     cache.close()
 
