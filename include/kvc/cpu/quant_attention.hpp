@@ -135,14 +135,24 @@ KVC_NOINLINE void decode_tile(const Cache& c, const typename Cache::stream_view&
     for (std::int32_t i = 0; i < tn; ++i) vq.to_stored(vb + static_cast<std::size_t>(i) * D, D);
 }
 
+/// Merged tokens (kvc/store/merged_cache.hpp over a quant_cache): each logit of the tile raised
+/// by its token's log-weight lw[i], so a token standing for m gets their mass. One add per score.
+template <std::int32_t G>
+inline void add_log_weights(float* s, std::int32_t stride, const float* lw, std::int32_t tn) noexcept {
+  for (std::int32_t g = 0; g < G; ++g)
+    for (std::int32_t i = 0; i < tn; ++i) s[g * stride + i] += lw[i];
+}
+
 /// The G half, free of the codec: scores of tn decoded key rows (when score: no fused kernel wrote
 /// them) and the online-softmax update, which leaves the tile's weights in s. Out of line for the
 /// reason decode_tile is.
 template <class Arch, std::int32_t G>
 KVC_NOINLINE void tile_softmax(const float* q, const float* kb, bool score, std::int32_t tn, std::int32_t D, float* s,
-                               std::int32_t stride, partial& st, float* raw, std::int32_t raw_stride, std::int32_t t) {
+                               std::int32_t stride, partial& st, float* raw, std::int32_t raw_stride, std::int32_t t,
+                               const float* lw) {
   if (score)
     for (std::int32_t i = 0; i < tn; ++i) dot_rows<Arch, G>(q, kb + static_cast<std::size_t>(i) * D, D, s + i, stride);
+  if (lw) add_log_weights<G>(s, stride, lw + t, tn);
   softmax_update<Arch, G>(s, stride, tn, D, st, raw, raw_stride, t);
 }
 
@@ -159,7 +169,7 @@ KVC_NOINLINE void tile_values(const float* p, std::int32_t stride, const float* 
 template <class Arch, std::int32_t G, class Cache>
 void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::int32_t t0, std::int32_t t1,
                   const float* q_model, const float* q_stored, std::int32_t D, partial& st, float* raw,
-                  std::int32_t raw_stride, scratch& sc, bool int8_query) {
+                  std::int32_t raw_stride, scratch& sc, bool int8_query, const float* lw) {
   using quant::role;
   const auto& kq = c.key_quantizer();
   const auto& vq = c.value_quantizer();
@@ -234,7 +244,7 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
       }
     }
     if (!k_done || !v_fused) decode_tile(c, sv, t, tn, quantized, !k_done, !v_fused, nx, D, kb, vb, sc.tmp.data());
-    tile_softmax<Arch, G>(quantized && !rp ? q_stored : q_model, kb, !k_done, tn, D, s, TT, st, raw, raw_stride, t);
+    tile_softmax<Arch, G>(quantized && !rp ? q_stored : q_model, kb, !k_done, tn, D, s, TT, st, raw, raw_stride, t, lw);
     if constexpr (fused_possible<Arch, VQ, role::value, G>) {
       if (v_fused) fused_values<Arch, G>(vq, vpart, D, vslot0, tn, s, TT, st.acc, sc, nx.v, k_in_values ? nx.k : prefetch_slices{});
       else tile_values<Arch, G>(s, TT, vb, tn, D, st.acc);
@@ -253,7 +263,7 @@ void attend_tiles(const Cache& c, const typename Cache::stream_view& sv, std::in
 template <class Arch, std::int32_t G, class Cache>
 void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int32_t a, std::int32_t b,
                 const float* q_stored, std::int32_t D, partial& st, float* raw, std::int32_t raw_stride, scratch& sc,
-                const int_query* iq) {
+                const int_query* iq, const float* lw) {
   using quant::role;
   const auto& kq = c.key_quantizer();
   const auto& vq = c.value_quantizer();
@@ -332,6 +342,7 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
     for (std::int32_t i = tn; i < tn4; ++i) vrows[static_cast<std::size_t>(i)] = vrows[0];
     const std::int32_t tn8 = (tn + 7) / 8 * 8;
     nx(2);
+    if (lw) add_log_weights<G>(s, sst, lw + t, tn);
     for (std::int32_t g = 0; g < G; ++g) {
       float* sg = s + g * sst;
       if (raw) std::copy(sg, sg + tn, raw + static_cast<std::size_t>(g) * raw_stride + t);
@@ -388,7 +399,7 @@ void attend_int(const Cache& c, const typename Cache::stream_view& sv, std::int3
 template <class Arch, std::int32_t G, class Cache>
 void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::int32_t t0, std::int32_t t1,
                     const float* q_model, const float* q_stored, std::int32_t D, partial& st, float* raw,
-                    std::int32_t raw_stride, scratch& sc, const quant_attention_options& qo) {
+                    std::int32_t raw_stride, scratch& sc, const quant_attention_options& qo, const float* lw) {
 #if KVC_QUANT_AVX2
   using KQ = std::decay_t<decltype(c.key_quantizer())>;
   using VQ = std::decay_t<decltype(c.value_quantizer())>;
@@ -400,7 +411,7 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
   const bool kfast = intdot_ok<KQ, G>(D) || fused_ok<Arch, KQ, quant::role::key, G>(D);
   if (qo.int8_probs && qa < qb && !c.pre_rope() && G <= 4 && intval_ok<VQ>(D) && kfast &&
       static_cast<std::int32_t>(sc.s.size()) / max_group == tile_tokens) {
-    if (t0 < qa) attend_tiles<Arch, G>(c, sv, t0, qa, q_model, q_stored, D, st, raw, raw_stride, sc, false);
+    if (t0 < qa) attend_tiles<Arch, G>(c, sv, t0, qa, q_model, q_stored, D, st, raw, raw_stride, sc, false, lw);
     std::unique_ptr<int_query> iq;
     if constexpr (intdot_possible<KQ, G>) {
       if (qo.int8_query && intdot_ok<KQ, G>(D)) {
@@ -409,27 +420,23 @@ void attend_generic(const Cache& c, const typename Cache::stream_view& sv, std::
       }
     }
     if (iq || fused_ok<Arch, KQ, quant::role::key, G>(D)) {
-      attend_int<Arch, G>(c, sv, qa, qb, q_stored, D, st, raw, raw_stride, sc, iq.get());
+      attend_int<Arch, G>(c, sv, qa, qb, q_stored, D, st, raw, raw_stride, sc, iq.get(), lw);
     } else {
-      attend_tiles<Arch, G>(c, sv, qa, qb, q_model, q_stored, D, st, raw, raw_stride, sc, false);
+      attend_tiles<Arch, G>(c, sv, qa, qb, q_model, q_stored, D, st, raw, raw_stride, sc, false, lw);
     }
-    if (qb < t1) attend_tiles<Arch, G>(c, sv, qb, t1, q_model, q_stored, D, st, raw, raw_stride, sc, false);
+    if (qb < t1) attend_tiles<Arch, G>(c, sv, qb, t1, q_model, q_stored, D, st, raw, raw_stride, sc, false, lw);
     return;
   }
   }
 #endif
-  attend_tiles<Arch, G>(c, sv, t0, t1, q_model, q_stored, D, st, raw, raw_stride, sc, qo.int8_query);
+  attend_tiles<Arch, G>(c, sv, t0, t1, q_model, q_stored, D, st, raw, raw_stride, sc, qo.int8_query, lw);
 }
 
-}  // namespace qdetail
-
-/// Decode attention for one sequence and one layer of a quant_cache.
-/// \param q    [num_q_heads][head_dim] queries (RoPE applied; pre-RoPE caches rotate the keys)
-/// \param out  [num_q_heads][head_dim]
-template <class Arch = default_arch, class KQ, class VQ, class Fp>
-void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int32_t layer, const float* q,
-                      std::int32_t num_q_heads, float* out, const decode_options& opt = {},
-                      const quant_attention_options& qopt = {}) {
+/// decode_attention below, each kv head h's logits raised by lw[h][t] when lw is not null.
+template <class Arch, class KQ, class VQ, class Fp>
+void decode_attention_lw(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int32_t layer, const float* q,
+                         std::int32_t num_q_heads, float* out, const decode_options& opt,
+                         const quant_attention_options& qopt, const float* const* lw) {
   using Cache = quant_cache<KQ, VQ, Fp>;
   const std::int32_t hkv = cache.config().num_kv_heads, D = cache.config().head_dim;
   // Checked here, not by cache.view(), so that the message names this call and its argument.
@@ -528,7 +535,8 @@ void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int
     switch (tk.gn) {
 #define KVC_CASE(N)                                                                                             \
   case N:                                                                                                       \
-    qdetail::attend_generic<Arch, N>(cache, sv, tk.t0, tk.t1, qmh, qsh, D, st, rawh, raw_stride, sc, qopt);    \
+    qdetail::attend_generic<Arch, N>(cache, sv, tk.t0, tk.t1, qmh, qsh, D, st, rawh, raw_stride, sc, qopt,     \
+                                     lw ? lw[tk.h] : nullptr);                                                  \
     break;
       KVC_CASE(1) KVC_CASE(2) KVC_CASE(3) KVC_CASE(4) KVC_CASE(5) KVC_CASE(6) KVC_CASE(7) KVC_CASE(8)
 #undef KVC_CASE
@@ -546,6 +554,17 @@ void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int
   });
   if (opt.lse) std::copy(lse.begin(), lse.end(), opt.lse);
   if (want_probs) detail::finalize_probs<Arch>(hkv, G, [&](std::int32_t h) { return views[static_cast<std::size_t>(h)].length(); }, raw_base, raw_stride, lse, opt);
+}
+}  // namespace qdetail
+
+/// Decode attention for one sequence and one layer of a quant_cache.
+/// \param q    [num_q_heads][head_dim] queries (RoPE applied; pre-RoPE caches rotate the keys)
+/// \param out  [num_q_heads][head_dim]
+template <class Arch = default_arch, class KQ, class VQ, class Fp>
+void decode_attention(const quant_cache<KQ, VQ, Fp>& cache, seq_id seq, std::int32_t layer, const float* q,
+                      std::int32_t num_q_heads, float* out, const decode_options& opt = {},
+                      const quant_attention_options& qopt = {}) {
+  qdetail::decode_attention_lw<Arch>(cache, seq, layer, q, num_q_heads, out, opt, qopt, nullptr);
 }
 
 /// Decode attention over a quant_cache layer read through its views (quant_cache::layer, the

@@ -86,8 +86,8 @@ inline std::vector<value_mix> cam_plan(const float* scores, std::int32_t n, cons
 /// cam_plan(scores[h]). All heads change or none does (merged_cache::keep_layer_mix_values).
 /// \param scores  [num_kv_heads][length of the head] attention scores, finite, >= 0
 /// \param kept    [num_kv_heads] strictly increasing kept indices (e.g. an evict::layer_selection)
-template <class T>
-void cam_merge_layer(merged_cache<T>& cache, seq_id s, std::int32_t layer, const std::vector<std::vector<float>>& scores,
+template <class Store>
+void cam_merge_layer(basic_merged_cache<Store>& cache, seq_id s, std::int32_t layer, const std::vector<std::vector<float>>& scores,
                      const std::vector<std::vector<std::int32_t>>& kept, const cam_options& o = {}) {
   constexpr const char* who = "kvc::merge::cam_merge_layer";
   const std::int32_t H = cache.config().num_kv_heads;

@@ -290,8 +290,8 @@ inline d2o_layer_plan d2o_plan(const std::vector<std::vector<float>>& keys, std:
 /// heads change or none does; `threshold` changes only after the commit (a throw leaves the
 /// cache and τ as they were). Returns the step's plan (decisions, groups with the paper's ω).
 /// \param kept  [num_kv_heads] strictly increasing kept indices (e.g. an evict::layer_selection)
-template <class T>
-d2o_layer_plan d2o_merge_layer(merged_cache<T>& cache, seq_id s, std::int32_t layer,
+template <class Store>
+d2o_layer_plan d2o_merge_layer(basic_merged_cache<Store>& cache, seq_id s, std::int32_t layer,
                                const std::vector<std::vector<std::int32_t>>& kept, d2o_threshold& threshold,
                                const d2o_options& o = {}) {
   constexpr const char* who = "kvc::merge::d2o_merge_layer";

@@ -429,8 +429,8 @@ inline float max_of(const float* x, std::size_t n) noexcept {
 /// memory went back to the kernel every step, 2.05 against 5.0 ms. On a freshly built cache the
 /// reused buffer is cold and gains nothing (BM_merge_step: 3.73 against 3.71 ms). The cost: the
 /// largest layer's keys stay allocated per thread that ran a step (16 MB here; 128 MB at 32k).
-template <class T>
-const std::vector<std::vector<float>>& layer_keys_reused(const merged_cache<T>& cache, seq_id s, std::int32_t layer) {
+template <class Store>
+const std::vector<std::vector<float>>& layer_keys_reused(const basic_merged_cache<Store>& cache, seq_id s, std::int32_t layer) {
   thread_local std::vector<std::vector<float>> keys;
   const std::int32_t H = cache.config().num_kv_heads, D = cache.config().head_dim;
   keys.resize(static_cast<std::size_t>(H));

@@ -238,8 +238,8 @@ inline kvmerger_layer_plan kvmerger_plan(const std::vector<std::vector<float>>& 
 /// change or none does; every argument is checked before anything changes. Returns the plan.
 /// \param scores   [num_kv_heads][length of the head] pivot scores (accumulated attention), finite
 /// \param protect  [num_kv_heads] strictly increasing indices of tokens never merged
-template <class T>
-kvmerger_layer_plan kvmerger_merge_layer(merged_cache<T>& cache, seq_id s, std::int32_t layer,
+template <class Store>
+kvmerger_layer_plan kvmerger_merge_layer(basic_merged_cache<Store>& cache, seq_id s, std::int32_t layer,
                                          const std::vector<std::vector<float>>& scores,
                                          const std::vector<std::vector<std::int32_t>>& protect,
                                          const kvmerger_options& o = {}) {
@@ -398,8 +398,8 @@ inline kvmerger_evict_layer_plan kvmerger_evict_plan(const std::vector<std::vect
 /// merged_cache::merge_layer commit: all heads change or none does. Returns the plan.
 /// \param scores  [num_kv_heads][length of the head] the scorer's scores, finite
 /// \param kept    [num_kv_heads] strictly increasing kept indices (e.g. an evict::layer_selection)
-template <class T>
-kvmerger_evict_layer_plan kvmerger_evict_layer(merged_cache<T>& cache, seq_id s, std::int32_t layer,
+template <class Store>
+kvmerger_evict_layer_plan kvmerger_evict_layer(basic_merged_cache<Store>& cache, seq_id s, std::int32_t layer,
                                                const std::vector<std::vector<float>>& scores,
                                                const std::vector<std::vector<std::int32_t>>& kept,
                                                const kvmerger_options& o = {}) {
@@ -410,7 +410,7 @@ kvmerger_evict_layer_plan kvmerger_evict_layer(merged_cache<T>& cache, seq_id s,
   KVC_EXPECTS_IN(who, static_cast<std::int32_t>(kept.size()) == H, "kept.size() = ", kept.size(),
                  ", expected num_kv_heads = ", H);
   kvmerger_detail::kvmerger_check_sizes(who, static_cast<std::size_t>(H), scores, kept, "kept", "one kept set per kv head", o);
-  const kv_cache<T>& kv = cache.cache();
+  const auto& kv = cache.cache();
   std::vector<std::int32_t> lengths;
   for (std::int32_t h = 0; h < H; ++h) {
     lengths.push_back(kv.length(s, layer, h));

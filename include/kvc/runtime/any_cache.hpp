@@ -29,11 +29,10 @@
 #include <kvc/error.hpp>
 #include <kvc/isa.hpp>
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/store/merged_cache_fwd.hpp>  // merge::merged_cache<T>
 
 KVC_BEGIN_NAMESPACE
 namespace merge {
-template <class T>
-class merged_cache;      // kvc/store/merged_cache.hpp
 struct minicache_report;  // kvc/merge/minicache.hpp
 }  // namespace merge
 

@@ -13,7 +13,16 @@
 /// becomes the weighted mean of its members' keys and values and carries their mass, the other
 /// members are dropped. Merging policies (CaM: kvc/merge/cam.hpp) only choose groups.
 ///
-/// Memory: K/V in the page pool (the inner kv_cache), the log-weights on the host, 4 bytes per
+/// The K/V store is a template parameter: `merged_cache<T>` keeps tokens in full-precision
+/// pages (kv_cache<T>), `basic_merged_cache<quant_cache<KQ, VQ, Fp>>` in encoded pages, so a
+/// policy stack eviction -> merging -> quantization is one type over one store (the example
+/// examples/02_compose.cpp). Over encoded pages a merge reads its members decoded (keys before
+/// RoPE in a pre-RoPE cache), forms the mean in double and writes it back through the store's
+/// keep_layer_rewrite, which encodes it again with the tokens of its encoding unit: the merged
+/// row carries one more rounding, the other rows of a re-encoded unit (a KIVI key group) at most
+/// one more (tests/merge/test_merge_quant.cpp bounds both).
+///
+/// Memory: K/V in the page pools (the inner store), the log-weights on the host, 4 bytes per
 /// stored token (metadata_bytes). Threads: as kv_cache (docs/threading.md).
 
 #include <algorithm>
@@ -28,6 +37,7 @@
 #include <kvc/error.hpp>
 #include <kvc/numeric/half.hpp>  // detail::float_to_half_n, half_to_float_n
 #include <kvc/store/kv_cache.hpp>
+#include <kvc/store/merged_cache_fwd.hpp>
 #include <kvc/store/sequence_table.hpp>
 
 KVC_BEGIN_NAMESPACE
@@ -60,25 +70,55 @@ enum class mean_weights {
   given,
 };
 
-/// \tparam T  element type of the pages: float or kvc::half
-template <class T = half>
-class merged_cache {
+namespace store_detail {
+/// What basic_merged_cache needs to know of its K/V store: the views its layer() gives and where
+/// it puts them.
+template <class Store>
+struct merged_store_traits {
+  static_assert(sizeof(Store) == 0,
+                "kvc::merge::basic_merged_cache<Store>: Store must be kvc::kv_cache<float>, kvc::kv_cache<kvc::half> "
+                "or a kvc::quant_cache<KQ, VQ, Fp> (include kvc/store/quant_cache.hpp)");
+};
+template <class T>
+struct merged_store_traits<kv_cache<T>> {
   static_assert(std::is_same<T, float>::value || std::is_same<T, half>::value,
                 "kvc::merge::merged_cache<T>: T must be float or kvc::half");
+  using key_view = typename kv_cache<T>::view_type;
+  using value_view = key_view;
+  using buffer = std::vector<key_view>;
+  static constexpr bool encoded = false;
+};
+template <class KQ, class VQ, class Fp>
+struct merged_store_traits<quant_cache<KQ, VQ, Fp>> {
+  using key_view = typename quant_cache<KQ, VQ, Fp>::key_view_type;
+  using value_view = typename quant_cache<KQ, VQ, Fp>::value_view_type;
+  using buffer = typename quant_cache<KQ, VQ, Fp>::layer_buffer;
+  static constexpr bool encoded = true;
+};
+}  // namespace store_detail
+
+/// \tparam Store  the K/V store: kv_cache<float>, kv_cache<half> (merged_cache<T>) or a quant_cache
+template <class Store>
+class basic_merged_cache {
+  using traits = store_detail::merged_store_traits<Store>;
 
  public:
-  using value_type = T;
-  using inner_cache = kv_cache<T>;
+  using inner_cache = Store;
+  /// True when the pages hold codes (a quant_cache): rows are read decoded and written re-encoded.
+  static constexpr bool encoded = traits::encoded;
   /// One layer as its pages' views plus every token's log-weight (layer()), naming this cache, the
   /// sequence and the layer: cpu::decode_attention given it runs cpu::merged_decode_attention.
-  using layer_view = store_layer<merged_cache, weighted_stream_heads<typename inner_cache::view_type>>;
+  using layer_view = store_layer<basic_merged_cache, weighted_stream_heads<typename traits::key_view, typename traits::value_view>>;
   /// Where layer() puts its views and weight pointers.
   struct layer_buffer {
-    std::vector<typename inner_cache::view_type> views;
+    typename traits::buffer views;
     std::vector<const float*> weights;
   };
 
-  explicit merged_cache(const cache_config& c) : kv_(c) {}
+  /// Builds the store from the arguments its constructor takes: a cache_config for kv_cache, a
+  /// quant_cache_config (and codecs) for quant_cache.
+  template <class... Args, class = std::enable_if_t<std::is_constructible<Store, Args&&...>::value>>
+  explicit basic_merged_cache(Args&&... args) : kv_(std::forward<Args>(args)...) {}
 
   const cache_config& config() const noexcept { return kv_.config(); }
   /// The K/V store (its views and pages are what the kernels read).
@@ -169,7 +209,7 @@ class merged_cache {
     constexpr const char* who = "kvc::merge::merged_cache::merge_layer";
     auto& lw = lw_.find(s, "merge_layer");
     lw_.check_layer(layer, "merge_layer");
-    const std::int32_t H = config().num_kv_heads, D = config().head_dim, P = config().page_size;
+    const std::int32_t H = config().num_kv_heads, D = config().head_dim;
     KVC_EXPECTS_IN(who, static_cast<std::int32_t>(groups.size()) == H, "groups.size() = ", groups.size(),
                    ", expected num_kv_heads = ", H, " (one list of groups per kv head)");
     KVC_EXPECTS_IN(who, !drop || static_cast<std::int32_t>(drop->size()) == H, "drop->size() = ",
@@ -233,7 +273,8 @@ class merged_cache {
       nh.resize(kh.size());
       mh.assign(kh.size(), -1);
       rows[static_cast<std::size_t>(h)].resize(gs.size() * 2 * static_cast<std::size_t>(D));
-      const auto& pages = kv_.pages(s, layer, h);
+      const auto read = row_reader(s, layer, h);
+      std::vector<float> mk(static_cast<std::size_t>(D)), mv(mk.size());
       std::vector<double> acc(2 * static_cast<std::size_t>(D));
       for (std::size_t i = 0; i < kh.size(); ++i) {
         const std::int32_t t = kh[i];
@@ -256,13 +297,10 @@ class merged_cache {
           mass += wj * e;
           const double a = mode == mean_weights::mass ? wj * e : wj;
           asum += a;
-          const std::int32_t u = gr.members[j];
-          const T* page = reinterpret_cast<const T*>(kv_.pool().data(pages[static_cast<std::size_t>(u / P)]));
-          const T* kr = page + static_cast<std::size_t>(u % P) * D;
-          const T* vr = page + static_cast<std::size_t>(P + u % P) * D;
+          read(gr.members[j], mk.data(), mv.data());
           for (std::int32_t d = 0; d < D; ++d) {
-            acc[static_cast<std::size_t>(d)] += a * static_cast<double>(static_cast<float>(kr[d]));
-            acc[static_cast<std::size_t>(D + d)] += a * static_cast<double>(static_cast<float>(vr[d]));
+            acc[static_cast<std::size_t>(d)] += a * static_cast<double>(mk[static_cast<std::size_t>(d)]);
+            acc[static_cast<std::size_t>(D + d)] += a * static_cast<double>(mv[static_cast<std::size_t>(d)]);
           }
         }
         const double lwn = mx + std::log(mass);
@@ -285,14 +323,12 @@ class merged_cache {
     for (std::int32_t h = 0; h < H; ++h)
       for (std::size_t i = 0; i < merged[static_cast<std::size_t>(h)].size(); ++i)
         if (merged[static_cast<std::size_t>(h)][i] >= 0) targets[static_cast<std::size_t>(h)].push_back(static_cast<std::int32_t>(i));
-    kv_.keep_layer_rewrite(s, layer, kept, [&](std::int32_t h, std::int32_t i, T* k, T* v) {
+    kv_.keep_layer_rewrite(s, layer, kept, [&](std::int32_t h, std::int32_t i, auto* k, auto* v) {
       const std::int32_t g = merged[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)];
       if (g < 0) return;
       const float* r = rows[static_cast<std::size_t>(h)].data() + static_cast<std::size_t>(g) * 2 * D;
-      for (std::int32_t d = 0; d < D; ++d) {
-        k[d] = T(r[d]);
-        v[d] = T(r[D + d]);
-      }
+      store_row(r, k, D);
+      store_row(r + D, v, D);
     }, &targets);
     // Committed; swaps do not throw.
     for (std::int32_t h = 0; h < H; ++h) lw[lw_.index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
@@ -307,7 +343,7 @@ class merged_cache {
     constexpr const char* who = "kvc::merge::merged_cache::keep_layer_mix_values";
     auto& lw = lw_.find(s, "keep_layer_mix_values");
     lw_.check_layer(layer, "keep_layer_mix_values");
-    const std::int32_t H = config().num_kv_heads, D = config().head_dim, P = config().page_size;
+    const std::int32_t H = config().num_kv_heads, D = config().head_dim;
     KVC_EXPECTS_IN(who, static_cast<std::int32_t>(mixes.size()) == H, "mixes.size() = ", mixes.size(),
                    ", expected num_kv_heads = ", H);
     std::vector<std::vector<float>> next = kept_weights(lw, layer, kept, "keep_layer_mix_values");
@@ -318,7 +354,7 @@ class merged_cache {
       const auto& kh = kept[static_cast<std::size_t>(h)];
       const auto& mh = mixes[static_cast<std::size_t>(h)];
       const std::int32_t L = kv_.length(s, layer, h);
-      const auto& pages = kv_.pages(s, layer, h);
+      const auto read = row_reader(s, layer, h);
       // Many mixes (a one-shot CaM compression: about M per evicted token) read each row many
       // times: then the head's values are converted to float once (kv_cache::gather, F16C for
       // half) instead of per read. A few mixes (one token per step) read their rows in place.
@@ -330,12 +366,7 @@ class merged_cache {
       std::vector<float> one(static_cast<std::size_t>(D));
       auto value_row = [&](std::int32_t t) -> const float* {
         if (!vf.empty()) return vf.data() + static_cast<std::size_t>(t) * D;
-        const T* page = reinterpret_cast<const T*>(kv_.pool().data(pages[static_cast<std::size_t>(t / P)]));
-        const T* v = page + static_cast<std::size_t>(P + t % P) * D;
-        if constexpr (std::is_same<T, half>::value)
-          detail::half_to_float_n(v, static_cast<std::size_t>(D), one.data());  // F16C where the CPU has it
-        else
-          for (std::int32_t d = 0; d < D; ++d) one[static_cast<std::size_t>(d)] = static_cast<float>(v[d]);
+        read(t, nullptr, one.data());
         return one.data();
       };
       std::vector<std::int32_t> slot(static_cast<std::size_t>(L), -1);  // stream index -> kept index
@@ -378,16 +409,10 @@ class merged_cache {
     for (std::int32_t h = 0; h < H; ++h)
       for (std::size_t i = 0; i < added[static_cast<std::size_t>(h)].size(); ++i)
         if (added[static_cast<std::size_t>(h)][i] >= 0) recipients[static_cast<std::size_t>(h)].push_back(static_cast<std::int32_t>(i));
-    kv_.keep_layer_rewrite(s, layer, kept, [&](std::int32_t h, std::int32_t i, T*, T* v) {
+    kv_.keep_layer_rewrite(s, layer, kept, [&](std::int32_t h, std::int32_t i, auto*, auto* v) {
       const std::int32_t row = added[static_cast<std::size_t>(h)][static_cast<std::size_t>(i)];
       if (row < 0) return;
-      const float* r = rows[static_cast<std::size_t>(h)].data() + static_cast<std::size_t>(row) * D;
-      // F16C for half pages: CaM rewrites about M recipients per evicted token, and the scalar
-      // portable conversion of those rows was a third of its decode-time step (bench_merge
-      // BM_merge_schedule, cam, 4k, interval 32: perf, session 26).
-      if constexpr (std::is_same<T, half>::value) detail::float_to_half_n(r, static_cast<std::size_t>(D), v);
-      else
-        for (std::int32_t d = 0; d < D; ++d) v[d] = T(r[d]);
+      store_row(rows[static_cast<std::size_t>(h)].data() + static_cast<std::size_t>(row) * D, v, D);
     }, &recipients);
     for (std::int32_t h = 0; h < H; ++h) lw[lw_.index(layer, h)].swap(next[static_cast<std::size_t>(h)]);
   }
@@ -427,6 +452,38 @@ class merged_cache {
   }
 
  private:
+  /// A reader of one stream's rows as floats, in the domain keep_layer_rewrite writes:
+  /// read(t, k, v) fills k and v (either may be null) with token t's key and value.
+  auto row_reader(seq_id s, std::int32_t layer, std::int32_t h) const {
+    if constexpr (encoded) {
+      return [this, sv = kv_.view(s, layer, h)](std::int32_t t, float* k, float* v) { kv_.decode_unroped_rows(sv, t, k, v); };
+    } else {
+      using T = typename Store::value_type;
+      const std::int32_t D = config().head_dim, P = config().page_size;
+      return [this, &pages = kv_.pages(s, layer, h), D, P](std::int32_t t, float* k, float* v) {
+        const T* page = reinterpret_cast<const T*>(kv_.pool().data(pages[static_cast<std::size_t>(t / P)]));
+        if (k) load_row(page + static_cast<std::size_t>(t % P) * D, k, D);
+        if (v) load_row(page + static_cast<std::size_t>(P + t % P) * D, v, D);
+      };
+    }
+  }
+  template <class E>
+  static void load_row(const E* src, float* dst, std::int32_t D) noexcept {
+    if constexpr (std::is_same<E, half>::value) detail::half_to_float_n(src, static_cast<std::size_t>(D), dst);  // F16C where the CPU has it
+    else
+      for (std::int32_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);
+  }
+  /// A float row into the store's row type (float for an encoded store, which encodes it itself).
+  /// F16C for half pages: CaM rewrites about M recipients per evicted token, and the scalar
+  /// portable conversion of those rows was a third of its decode-time step (bench_merge
+  /// BM_merge_schedule, cam, 4k, interval 32: perf, session 26).
+  template <class E>
+  static void store_row(const float* src, E* dst, std::int32_t D) noexcept {
+    if constexpr (std::is_same<E, half>::value) detail::float_to_half_n(src, static_cast<std::size_t>(D), dst);
+    else
+      for (std::int32_t d = 0; d < D; ++d) dst[d] = E(src[d]);
+  }
+
   std::size_t streams() const noexcept {
     return static_cast<std::size_t>(config().num_layers) * static_cast<std::size_t>(config().num_kv_heads);
   }
@@ -455,8 +512,8 @@ class merged_cache {
 
 /// Every kv head's keys of one layer, as stored ([num_kv_heads][n_h · head_dim], float): what
 /// the similarity-based methods (D2O, KVMerger) plan from.
-template <class T>
-std::vector<std::vector<float>> layer_keys(const merged_cache<T>& cache, seq_id s, std::int32_t layer) {
+template <class Store>
+std::vector<std::vector<float>> layer_keys(const basic_merged_cache<Store>& cache, seq_id s, std::int32_t layer) {
   const std::int32_t H = cache.config().num_kv_heads, D = cache.config().head_dim;
   std::vector<std::vector<float>> keys(static_cast<std::size_t>(H));
   for (std::int32_t h = 0; h < H; ++h) {

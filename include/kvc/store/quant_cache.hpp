@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -405,6 +406,43 @@ class quant_cache {
     keep_all(s, layer, kept, &quant_pages);
   }
 
+  /// keep_layer, then the rows rows[h] of the kept tokens rewritten, as one all-or-nothing step:
+  /// the merge primitive on encoded pages (kvc/store/merged_cache.hpp over a quant_cache).
+  /// `fn(std::int32_t head, std::int32_t i, float* k, float* v)` gets kept token i's key and value
+  /// as stored before the call, decoded to the model domain (keys before RoPE in a pre-RoPE cache:
+  /// decode_unroped), and edits them in place; every fn call sees the original rows. The edited
+  /// rows are stored where the token is: written as they are into the sink and residual windows,
+  /// encoded again (with the other tokens of their encoding unit, e.g. a KIVI key group, which are
+  /// re-encoded from their decoded rows) in the quantized region. fn runs before anything changes,
+  /// so a throwing fn, a row it leaves non-finite or a failed allocation leaves the cache as it
+  /// was; shared (forked) pages are copied, never written through, and no page is taken that the
+  /// stream did not have unless it is shared.
+  /// \param rows  rows[h]: kept indices i of head h (strictly increasing, 0..kept[h].size()-1)
+  ///   fn is called for; null: none (a plain keep_layer)
+  template <class Fn>
+  void keep_layer_rewrite(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept, Fn&& fn,
+                          const std::vector<std::vector<std::int32_t>>* rows) {
+    constexpr const char* who = "kvc::quant_cache::keep_layer_rewrite";
+    seqs_.check_layer(layer, "keep_layer_rewrite");
+    KVC_EXPECTS_IN(who, static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads, "kept.size() = ", kept.size(),
+                   ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    KVC_EXPECTS_IN(who, !rows || static_cast<std::int32_t>(rows->size()) == cfg_.num_kv_heads, "rows->size() = ",
+                   rows ? rows->size() : 0, ", expected num_kv_heads = ", cfg_.num_kv_heads);
+    for (std::size_t h = 0; rows && h < kept.size(); ++h) {
+      const auto& r = (*rows)[h];
+      for (std::size_t i = 0; i < r.size(); ++i) {
+        KVC_EXPECTS_IN(who, r[i] >= 0 && static_cast<std::size_t>(r[i]) < kept[h].size(), "rows[", h, "][", i,
+                       "] = ", r[i], ", expected a kept index 0..", static_cast<std::int64_t>(kept[h].size()) - 1);
+        KVC_EXPECTS_IN(who, i == 0 || r[i] > r[i - 1], "rows[", h, "][", i, "] = ", r[i], " after ", r[i - 1],
+                       ", expected strictly increasing kept indices");
+      }
+    }
+    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
+    all.reserve(kept.size());
+    for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
+    keep_heads(s, layer, all, nullptr, "keep_layer_rewrite", &fn, rows);
+  }
+
   /// Forgets the newest tokens of one layer, as kv_cache::rewind: every head drops the tokens
   /// whose position is >= n and `seen` becomes n. The kept tokens keep the form they are stored
   /// in (encoded ones stay encoded, the window keeps its prefix; a trailing partial unit keeps its
@@ -548,6 +586,13 @@ class quant_cache {
   void decode_token(const stream_view& sv, std::int32_t t, float* out) const {
     decode_unroped<R>(sv, t, out);
     if (R == quant::role::key && rope_) rope_->apply(out, sv.positions[t]);
+  }
+
+  /// Token t's key and value (either may be null) as decode_unroped reads them: what
+  /// keep_layer_rewrite hands its fn, and what a merge of encoded rows averages.
+  void decode_unroped_rows(const stream_view& sv, std::int32_t t, float* k, float* v) const {
+    if (k) decode_unroped<quant::role::key>(sv, t, k);
+    if (v) decode_unroped<quant::role::value>(sv, t, v);
   }
 
   /// Token t of a stream in the model domain, before RoPE for pre-RoPE keys (what re-encoding reads).
@@ -791,13 +836,21 @@ class quant_cache {
         detail::fail(detail::concat("kvc::quant_cache::append: ", name, "[", i, "] = ", p[i],
                                     ", expected a finite value (the cache is unchanged)"));
   }
+  /// keep (and keep_layer_rewrite when rewrite is not null: rows[h] of head h's kept tokens
+  /// rewritten by (*rewrite)(h, i, k, v), see there).
+  template <class Rewrite = std::nullptr_t>
   void keep_heads(seq_id s, std::int32_t layer,
                   const std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>>& heads,
-                  page_pool::reservation* qres, const char* fn) {
+                  page_pool::reservation* qres, const char* fn, Rewrite* rewrite = nullptr,
+                  const std::vector<std::vector<std::int32_t>>* rows = nullptr) {
     sequence& sq = seqs_.find(s, fn);
     const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
     struct plan {
       std::vector<std::int32_t> ks, kq, kr;  // kept indices, local to each region
+      // Rewritten rows (model domain, [n][D] each): in the sink window (new sink index) and in
+      // the quantized region (new quantized index, ascending); the residual window's go into res_k/res_v.
+      std::vector<std::int32_t> ts, tq;
+      std::vector<float> tsk, tsv, tqk, tqv;
       std::int32_t qmain = 0, res_total = 0, new_pages = 0;
       std::vector<Fp> res_k, res_v;          // the new residual window
       std::vector<std::int32_t> new_pos;
@@ -852,6 +905,9 @@ class quant_cache {
       p.page_changed.assign(static_cast<std::size_t>(p.new_pages), 0);
       for (std::int32_t i = 0; i < p.qmain; ++i)
         if (p.kq[static_cast<std::size_t>(i)] != i) p.page_changed[static_cast<std::size_t>(i / P)] = 1;
+      if constexpr (!std::is_same<Rewrite, std::nullptr_t>::value) {
+        if (rewrite && rows) plan_rewrite(sv, h, kept, (*rows)[static_cast<std::size_t>(h)], *rewrite, p);
+      }
       for (std::int32_t pg = 0; pg < p.new_pages; ++pg)
         if (p.page_changed[static_cast<std::size_t>(pg)] && quant_pool_->ref_count(st.pages[static_cast<std::size_t>(pg)]) > 1)
           p.page_changed[static_cast<std::size_t>(pg)] = 2, ++p.quant_fresh;  // 2: shared, copy (decided once; docs/threading.md)
@@ -882,6 +938,10 @@ class quant_cache {
           std::memmove(sk + i * D, sk + static_cast<std::size_t>(p.ks[i]) * D, sizeof(Fp) * D);
           std::memmove(sv + i * D, sv + static_cast<std::size_t>(p.ks[i]) * D, sizeof(Fp) * D);
         }
+        for (std::size_t x = 0; x < p.ts.size(); ++x) {
+          store_row(sk + static_cast<std::size_t>(p.ts[x]) * D, p.tsk.data() + x * D);
+          store_row(sv + static_cast<std::size_t>(p.ts[x]) * D, p.tsv.data() + x * D);
+        }
       }
       st.n_sink = static_cast<std::int32_t>(p.ks.size());
       // quantized pages: copy the shared ones that change, then compact forward in place
@@ -894,8 +954,8 @@ class quant_cache {
           id = cp;
         }
       }
-      compact_part<quant::role::key>(st, p.kq, p.qmain, kb.data());
-      compact_part<quant::role::value>(st, p.kq, p.qmain, vb.data());
+      compact_part<quant::role::key>(st, p.kq, p.qmain, kb.data(), p.tq, p.tqk.data());
+      compact_part<quant::role::value>(st, p.kq, p.qmain, vb.data(), p.tq, p.tqv.data());
       const std::size_t keep_pages = static_cast<std::size_t>(p.new_pages);
       quant_pool_->release(static_cast<std::int32_t>(st.pages.size() - keep_pages), st.pages.data() + keep_pages);
       st.pages.resize(keep_pages);
@@ -917,10 +977,52 @@ class quant_cache {
     }
   }
 
+  /// The rewrite part of keep_heads' plan for one head: fn's rows for the kept indices `list`,
+  /// checked finite, filed by the region the kept token lands in (p's regions are planned).
+  template <class Fn, class Plan>
+  void plan_rewrite(const stream_view& sv, std::int32_t h, const std::vector<std::int32_t>& kept,
+                    const std::vector<std::int32_t>& list, Fn& fn, Plan& p) const {
+    const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
+    const std::int32_t ns = static_cast<std::int32_t>(p.ks.size());
+    std::vector<float> kr(static_cast<std::size_t>(D)), vr(kr.size());
+    for (std::int32_t i : list) {
+      const std::int32_t t = kept[static_cast<std::size_t>(i)];
+      decode_unroped<quant::role::key>(sv, t, kr.data());
+      decode_unroped<quant::role::value>(sv, t, vr.data());
+      fn(h, i, kr.data(), vr.data());
+      for (std::int32_t d = 0; d < 2 * D; ++d) {
+        const float x = d < D ? kr[static_cast<std::size_t>(d)] : vr[static_cast<std::size_t>(d - D)];
+        KVC_EXPECTS_IN("kvc::quant_cache::keep_layer_rewrite", std::isfinite(x), "head ", h, ", kept index ", i,
+                       ": the rewritten ", d < D ? "key" : "value", " channel ", d % D, " = ", x,
+                       ", expected a finite value (the cache is unchanged)");
+      }
+      if (i < ns) {
+        p.ts.push_back(i);
+        p.tsk.insert(p.tsk.end(), kr.begin(), kr.end());
+        p.tsv.insert(p.tsv.end(), vr.begin(), vr.end());
+        p.sink_changed = true;
+      } else if (i < ns + p.qmain) {
+        const std::int32_t qi = i - ns;
+        p.tq.push_back(qi);
+        p.tqk.insert(p.tqk.end(), kr.begin(), kr.end());
+        p.tqv.insert(p.tqv.end(), vr.begin(), vr.end());
+        p.page_changed[static_cast<std::size_t>(qi / P)] = 1;
+      } else {
+        const std::size_t ri = static_cast<std::size_t>(i - ns - p.qmain);
+        store_row(p.res_k.data() + ri * D, kr.data());
+        store_row(p.res_v.data() + ri * D, vr.data());
+        p.res_changed = true;
+      }
+    }
+  }
+
   /// Compacts the K or V records of the quantized region: new token i comes from old token kq[i].
   /// A trailing partial record (qmain % u tokens) is re-encoded padded with its last token.
+  /// New tokens tq[x] (ascending) get the rows trows[x] (model domain) instead: their records are
+  /// encoded again from the others' decoded rows and these.
   template <quant::role R>
-  void compact_part(qstream& st, const std::vector<std::int32_t>& kq, std::int32_t qmain, float* buf) noexcept {
+  void compact_part(qstream& st, const std::vector<std::int32_t>& kq, std::int32_t qmain, float* buf,
+                    const std::vector<std::int32_t>& tq, const float* trows) noexcept {
     const std::int32_t D = cfg_.head_dim, P = cfg_.page_size;
     const std::int32_t u = R == quant::role::key ? uk_ : uv_;
     const std::size_t rb = R == quant::role::key ? rbk_ : rbv_;
@@ -928,29 +1030,40 @@ class quant_cache {
     auto rec = [&](std::int32_t i) {  // record holding quantized token i
       return quant_pool_->data(st.pages[static_cast<std::size_t>(i / P)]) + off + rb * static_cast<std::size_t>((i % P) / u);
     };
+    std::size_t x0 = 0;  // the first of tq at or after r0
     for (std::int32_t r0 = 0; r0 < qmain; r0 += u) {
       const std::int32_t rn = std::min(u, qmain - r0);  // real tokens of this record
-      bool same = true;
-      for (std::int32_t i = r0; i < r0 + rn; ++i) same = same && kq[static_cast<std::size_t>(i)] == i;
+      std::size_t x1 = x0;
+      while (x1 < tq.size() && tq[x1] < r0 + rn) ++x1;
+      bool same = x1 == x0;
+      for (std::int32_t i = r0; same && i < r0 + rn; ++i) same = kq[static_cast<std::size_t>(i)] == i;
       if (same) continue;  // a partial record keeps its dropped tail's codes: never read
-      if (u == 1) {
+      if (u == 1 && x1 == x0) {
         std::memmove(rec(r0), rec(kq[static_cast<std::size_t>(r0)]), rb);
+        continue;
+      }
+      if (u == 1) {  // a new row alone in its record: encoded as appended tokens are
+        std::memcpy(buf, trows + x0 * D, sizeof(float) * D);
+        if constexpr (R == quant::role::key) kq_.template encode<R>(buf, D, rec(r0));
+        else vq_.template encode<R>(buf, D, rec(r0));
+        x0 = x1;
         continue;
       }
       for (std::int32_t i = r0; i < r0 + rn; ++i) {
         const std::int32_t src = kq[static_cast<std::size_t>(i)];
-        if constexpr (R == quant::role::key)
-          kq_.template decode_token<R>(rec(src), D, src % u, buf + static_cast<std::size_t>(i - r0) * D);
-        else
-          vq_.template decode_token<R>(rec(src), D, src % u, buf + static_cast<std::size_t>(i - r0) * D);
+        float* o = buf + static_cast<std::size_t>(i - r0) * D;
+        if constexpr (R == quant::role::key) {
+          kq_.template decode_token<R>(rec(src), D, src % u, o);
+          kq_.to_model(o, D);  // decoded rows are in the stored domain; encode expects the model domain
+        } else {
+          vq_.template decode_token<R>(rec(src), D, src % u, o);
+          vq_.to_model(o, D);
+        }
       }
+      for (; x0 < x1; ++x0)
+        std::memcpy(buf + static_cast<std::size_t>(tq[x0] - r0) * D, trows + x0 * D, sizeof(float) * D);
       for (std::int32_t i = rn; i < u; ++i)
         std::memcpy(buf + static_cast<std::size_t>(i) * D, buf + static_cast<std::size_t>(rn - 1) * D, sizeof(float) * D);
-      // Decoded rows are in the stored domain; encode expects the model domain.
-      for (std::int32_t i = 0; i < u; ++i) {
-        if constexpr (R == quant::role::key) kq_.to_model(buf + static_cast<std::size_t>(i) * D, D);
-        else vq_.to_model(buf + static_cast<std::size_t>(i) * D, D);
-      }
       if constexpr (R == quant::role::key) quant::reencode<R>(kq_, buf, D, rec(r0));
       else quant::reencode<R>(vq_, buf, D, rec(r0));
     }
