@@ -133,8 +133,8 @@ class session_cache {
     so.weights = s.weights;
     // The best ISA configuration this CPU runs (python/CMakeLists.txt adds AVX2 and AVX-512 ones
     // to the module, which itself builds for the baseline: SSE2 on x86-64); KVC_ISA forces one.
-    // A merging stage needs tokens with log-weights: merged_cache pages (fp16 or fp32), also
-    // from the best configuration (the merger reaches them through any_cache::merged_fp16/fp32).
+    // A merging stage needs tokens with log-weights: merged pages (fp16, fp32, int8, int4, kivi),
+    // also from the best configuration (the merger reaches them through any_cache::apply_merge).
     cache_ = merge_ ? kvc::runtime::make_merged_cache_for_cpu(storage, c) : kvc::runtime::make_cache_for_cpu(storage, c, so);
     if (merge_) merger_.emplace(*merge_);
     num_q_heads_ = q_heads;
@@ -443,8 +443,7 @@ class session_cache {
     KVC_EXPECTS_IN("kvc.Cache.log_weights", head >= 0 && head < cache_->config().num_kv_heads, "head = ", head,
                    ", expected 0..", cache_->config().num_kv_heads - 1);
     const kvc::runtime::any_cache& c = *cache_;
-    if (auto* h = c.merged_fp16()) return h->log_weights(s, layer, head);
-    if (auto* f = c.merged_fp32()) return f->log_weights(s, layer, head);
+    if (const std::vector<float>* w = c.log_weights(s, layer, head)) return *w;
     return std::vector<float>(static_cast<std::size_t>(cache_->length(s, layer, head)), 0.0f);
   }
 

@@ -58,8 +58,10 @@ def test_merging_specs_and_their_errors():
         kvc.Cache("d2o", **SHAPE)
     with pytest.raises(kvc.Error, match=r"two merging stages \('cam' and 'd2o'\)"):
         kvc.Cache("snapkv(ratio=0.5)+cam+d2o", **SHAPE)
-    with pytest.raises(kvc.Error, match=r"storage 'int8' cannot hold merged tokens; expected fp16 or fp32"):
-        kvc.Cache("snapkv(ratio=0.5)+d2o+int8", **SHAPE)
+    assert kvc.Cache("snapkv(ratio=0.5)+d2o+int8", **SHAPE).storage == "int8"
+    with pytest.raises(kvc.Error, match=r"storage 'fp8' cannot hold merged tokens; expected fp16, fp32, int8, int4 "
+                                        r"or kivi\(bits=2\|4\)"):
+        kvc.Cache("snapkv(ratio=0.5)+d2o+fp8", **SHAPE)
     with pytest.raises(kvc.Error, match=r"'d2o': beta = 1, expected 0 <= beta < 1"):
         kvc.Cache("snapkv(ratio=0.5)+d2o(beta=1)", **SHAPE)
     with pytest.raises(kvc.Error, match=r"nor a merging stage \(cam, d2o, kvmerger\)"):
@@ -67,9 +69,11 @@ def test_merging_specs_and_their_errors():
 
 
 @pytest.mark.parametrize("spec", ["h2o(ratio=0.5,recent=4,sinks=2)+d2o", "h2o(tokens=20,recent=2,sinks=1)+kvmerger(eps=0.3)",
-                                  "tova(ratio=0.5)+d2o+fp16", "h2o(ratio=0.4,interval=4,slack=4,recent=2)+cam(span=3)"])
+                                  "tova(ratio=0.5)+d2o+fp16", "h2o(ratio=0.4,interval=4,slack=4,recent=2)+cam(span=3)",
+                                  "h2o(ratio=0.5,recent=4,sinks=2)+d2o+int8", "tova(ratio=0.5)+cam(span=3)+int4(sinks=2)"])
 def test_decode_time_merging_against_numpy(rng, spec):
-    """A decode loop (append, attention, after_decode_step) over a merged cache: every step's
+    """A decode loop (append, attention, after_decode_step) over a merged cache (fp32, fp16, or
+    int8 / int4 codes, whose gathered rows are the decoded codes): every step's
     output equals the float64 softmax over the gathered rows plus their log-weights, the streams
     stay within budget + slack, and (d2o, kvmerger) some tokens end up standing for several."""
     c = kvc.Cache(spec, **SHAPE)

@@ -282,6 +282,14 @@ std::vector<std::int32_t> fill_copies(C& c, kvc::seq_id s, std::int32_t n, std::
   return at;
 }
 
+/// One group per kv head: the copies at `at` merged into the first, weights 1.
+std::vector<std::vector<merge_group>> all_copies(std::int32_t H, const std::vector<std::int32_t>& at) {
+  merge_group g;
+  g.target = at[0];
+  for (std::int32_t t : at) g.members.push_back(t), g.weights.push_back(1.0f);
+  return std::vector<std::vector<merge_group>>(static_cast<std::size_t>(H), std::vector<merge_group>{g});
+}
+
 /// merged_decode_attention over encoded pages: against the double reference reading the same
 /// store through its decoded views and log-weights (basic_merged_cache::layer), before and after
 /// merging identical copies; with per-token codecs (one token per record, so a merge re-encodes
@@ -306,14 +314,7 @@ void identical_quant_trials(std::uint64_t salt, KQ kq, VQ vq, std::int32_t dmul,
     std::vector<float> plain(q.size());  // every log-weight 0: the quantized kernel on the store alone
     kvc::cpu::decode_attention(c.cache(), s, 0, q.data(), H * G, plain.data());
     REQUIRE(plain == a);
-    std::vector<std::vector<merge_group>> groups(static_cast<std::size_t>(H));
-    for (std::int32_t h = 0; h < H; ++h) {
-      merge_group g;
-      g.target = at[0];
-      for (std::int32_t t : at) g.members.push_back(t), g.weights.push_back(1.0f);
-      groups[static_cast<std::size_t>(h)] = {g};
-    }
-    c.merge_layer(s, 0, groups);
+    c.merge_layer(s, 0, all_copies(H, at));
     for (std::int32_t h = 0; h < H; ++h)
       REQUIRE(std::fabs(c.log_weights(s, 0, h)[static_cast<std::size_t>(at[0])] - std::log(static_cast<float>(copies))) <= 1e-6f);
     kvc::decode_options o;
@@ -362,14 +363,7 @@ TEST_CASE("merged tokens in encoded pages: the integer fast paths add the log-we
     C c(qshape(H, D, 32, 0), Q{}, Q{});
     const kvc::seq_id s = c.add_sequence();
     const auto at = fill_copies(c, s, r.integer(100, 300), copies, r);
-    std::vector<std::vector<merge_group>> groups(static_cast<std::size_t>(H));
-    for (std::int32_t h = 0; h < H; ++h) {
-      merge_group g;
-      g.target = at[0];
-      for (std::int32_t t : at) g.members.push_back(t), g.weights.push_back(1.0f);
-      groups[static_cast<std::size_t>(h)] = {g};
-    }
-    c.merge_layer(s, 0, groups);
+    c.merge_layer(s, 0, all_copies(H, at));
     // Queries aligned with the copies' key, so the merged token's mass decides the output.
     std::vector<float> q(static_cast<std::size_t>(H * G) * D);
     for (std::int32_t qh = 0; qh < H * G; ++qh) {

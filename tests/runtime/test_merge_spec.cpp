@@ -89,11 +89,51 @@ TEST_CASE("merging specs: defaults, arguments and errors that name the value", "
   require_error([] { policy("kvmerger(mass=2)"); }, "'kvmerger': mass = 2, expected 1 (a merged token carries");
   require_error([] { policy("cam(mass=0)"); }, "'cam' has no argument 'mass'");
   require_error([] { policy("cma"); }, "unknown merging policy 'cma' in \"cma\"; did you mean 'cam'?; expected one of: cam, d2o, kvmerger");
-  require_error([] { kvc::runtime::make_merged_cache("kivi(bits=2)", kvc_test::cache_shape(1, 1, 8, 4, 16)); },
-                "storage 'kivi(bits=2)' cannot hold merged tokens; expected fp16 or fp32");
+  require_error([] { kvc::runtime::make_merged_cache("fp8", kvc_test::cache_shape(1, 1, 8, 4, 16)); },
+                "storage 'fp8' cannot hold merged tokens; expected fp16, fp32, int8, int4 or kivi(bits=2|4)");
+  require_error([] { kvc::runtime::make_merged_cache("kivi(bits=3)", kvc_test::cache_shape(1, 1, 32, 32, 16)); },
+                "'kivi(bits=3)': bits = 3, expected 2 or 4");
+  require_error([] { kvc::runtime::make_merged_cache("int8(pre_rope=1)", kvc_test::cache_shape(1, 1, 8, 4, 16)); },
+                "pre_rope = 1, expected the model's RoPE");
+  require_error([] { kvc::runtime::make_merged_cache("int4(fast=1)", kvc_test::cache_shape(1, 1, 8, 4, 16)); },
+                "fast = 1 with head_dim = 8");
 }
 
 namespace {
+
+/// One compression step of layer 0 by both paths: random scores and kept sets, the merger on the
+/// run-time cache, the policy's direct call on the twin; then the same rows, log-weights and bytes.
+template <class Twin>
+void merge_step(kvc::runtime::merger& m, kvc::runtime::any_cache& rc, kvc::seq_id s, Twin& twin, kvc::seq_id st,
+                kvc::merge::d2o_threshold& tau, kvc_test::rng& r) {
+  const int H = rc.config().num_kv_heads, D = rc.config().head_dim;
+  std::vector<std::vector<float>> scores;
+  std::vector<std::vector<std::int32_t>> kept;
+  for (int h = 0; h < H; ++h) {
+    const int L = rc.length(s, 0, h);
+    std::vector<float> sc(static_cast<std::size_t>(L));
+    for (auto& x : sc) x = r.uniform(0.0f, 1.0f);
+    scores.push_back(sc);
+    auto kh = r.subset(L, r.integer(1, L));
+    std::sort(kh.begin(), kh.end());
+    kept.push_back(kh);
+  }
+  m.apply(rc, s, 0, scores, kept);
+  const merge_policy& p = m.policy();
+  if (p.which == merge_policy::method::cam) kvc::merge::cam_merge_layer(twin, st, 0, scores, kept, p.cam);
+  else if (p.which == merge_policy::method::d2o) kvc::merge::d2o_merge_layer(twin, st, 0, kept, tau, p.d2o);
+  else kvc::merge::kvmerger_evict_layer(twin, st, 0, scores, kept, p.kvmerger);
+  for (int h = 0; h < H; ++h) {
+    REQUIRE(rc.length(s, 0, h) == static_cast<int>(kept[std::size_t(h)].size()));
+    REQUIRE(*rc.log_weights(s, 0, h) == twin.log_weights(st, 0, h));
+    std::vector<float> ka(std::size_t(twin.length(st, 0, h)) * D), va(ka.size()), kb(ka.size()), vb(ka.size());
+    rc.gather(s, 0, h, ka.data(), va.data());
+    twin.cache().gather(st, 0, h, kb.data(), vb.data());
+    REQUIRE(ka == kb);
+    REQUIRE(va == vb);
+  }
+  REQUIRE(rc.bytes_in_use() == twin.bytes_in_use());
+}
 
 /// The run-time path (spec, merged_cache_adapter, merger) against direct calls on a twin
 /// merged_cache holding the same tokens, for one policy, over two compression steps of layer 0
@@ -122,29 +162,7 @@ void twin_trial(const std::string& spec, const std::string& storage, std::uint64
     }
     rc->append(s, 0, k.data(), v.data(), n);
     twin.append(st, 0, k.data(), v.data(), n);
-    std::vector<std::vector<float>> scores;
-    std::vector<std::vector<std::int32_t>> kept;
-    for (int h = 0; h < H; ++h) {
-      const int L = rc->length(s, 0, h);
-      std::vector<float> sc(static_cast<std::size_t>(L));
-      for (auto& x : sc) x = r.uniform(0.0f, 1.0f);
-      scores.push_back(sc);
-      kept.push_back(r.subset(L, r.integer(1, L)));
-    }
-    m.apply(*rc, s, 0, scores, kept);
-    const merge_policy& p = m.policy();
-    if (p.which == merge_policy::method::cam) kvc::merge::cam_merge_layer(twin, st, 0, scores, kept, p.cam);
-    else if (p.which == merge_policy::method::d2o) kvc::merge::d2o_merge_layer(twin, st, 0, kept, tau, p.d2o);
-    else kvc::merge::kvmerger_evict_layer(twin, st, 0, scores, kept, p.kvmerger);
-    for (int h = 0; h < H; ++h) {
-      REQUIRE(rc->length(s, 0, h) == static_cast<int>(kept[std::size_t(h)].size()));
-      std::vector<float> ka(std::size_t(twin.length(st, 0, h)) * D), va(ka.size()), kb(ka.size()), vb(ka.size());
-      rc->gather(s, 0, h, ka.data(), va.data());
-      twin.cache().gather(st, 0, h, kb.data(), vb.data());
-      REQUIRE(ka == kb);
-      REQUIRE(va == vb);
-    }
-    REQUIRE(rc->bytes_in_use() == twin.bytes_in_use());
+    merge_step(m, *rc, s, twin, st, tau, r);
   }
   // Decode and prefill attention through any_cache: the log-weights count (twin's kernels).
   const auto q = r.normals(std::size_t(H) * G * D);
@@ -170,7 +188,45 @@ void twin_trial(const std::string& spec, const std::string& storage, std::uint64
   REQUIRE(moved == mass);
 }
 
+/// The same over codes: make_merged_cache("int8" | "kivi(...)") and a merging stage against a
+/// twin basic_merged_cache<quant_cache<Q, Q>> built with the storage's own configuration.
+template <class Q>
+void quant_twin_trial(const std::string& spec, const std::string& storage, Q q, std::int32_t dmul, std::uint64_t seed) {
+  kvc_test::rng r(seed);
+  const int H = r.integer(1, 3), D = dmul * r.integer(1, 3), P = 1 << r.integer(1, 5), G = r.integer(1, 4);
+  const kvc::cache_config cfg = kvc_test::cache_shape(1, H, D, P, 2048);
+  auto rc = kvc::runtime::make_merged_cache(storage, cfg);
+  REQUIRE(rc->name() == storage);
+  REQUIRE(rc->holds_log_weights());
+  REQUIRE(!rc->has_prefill_attention());
+  kvc::merge::basic_merged_cache<kvc::quant_cache<Q, Q>> twin(kvc::runtime::detail::quant_config<Q, Q>(cfg, {}), q, q);
+  const kvc::seq_id s = rc->add_sequence(), st = twin.add_sequence();
+  kvc::runtime::merger m(policy(spec));
+  kvc::merge::d2o_threshold tau;
+  INFO(spec << " " << storage << " seed " << seed << " H=" << H << " D=" << D << " P=" << P);
+  for (int step = 0; step < 2; ++step) {
+    const int n = r.integer(8, 90);
+    const auto k = r.normals(std::size_t(n) * H * D), v = r.normals(k.size());
+    rc->append(s, 0, k.data(), v.data(), n);
+    twin.append(st, 0, k.data(), v.data(), n);
+    merge_step(m, *rc, s, twin, st, tau, r);
+  }
+  const auto qv = r.normals(std::size_t(H) * G * D);
+  std::vector<float> a(qv.size()), b(qv.size());
+  rc->attention(s, 0, qv.data(), H * G, a.data());
+  kvc::cpu::merged_decode_attention(twin, st, 0, qv.data(), H * G, b.data());
+  REQUIRE(a == b);
+}
+
 }  // namespace
+
+TEST_CASE("runtime::merger over codes: make_merged_cache(int8 | kivi) does what the direct calls do", "[runtime][merge]") {
+  for (std::uint64_t seed = 0; seed < 4; ++seed) {
+    quant_twin_trial("d2o", "int8", kvc::quant::int8{}, 8, 600 + seed);
+    quant_twin_trial("cam(span=4)", "int8", kvc::quant::int8{}, 8, 700 + seed);
+    quant_twin_trial("d2o(beta=0.3)", "kivi(bits=4,residual=32)", kvc::quant::kivi<4>(32), 32, 800 + seed);
+  }
+}
 
 TEST_CASE("runtime::merger does what the direct merge calls do, through any_cache", "[runtime][merge]") {
   for (std::uint64_t seed = 0; seed < 6; ++seed) {

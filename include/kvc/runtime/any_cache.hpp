@@ -34,7 +34,11 @@
 KVC_BEGIN_NAMESPACE
 namespace merge {
 struct minicache_report;  // kvc/merge/minicache.hpp
+struct d2o_threshold;     // kvc/merge/d2o.hpp
 }  // namespace merge
+namespace runtime {
+struct merge_policy;  // runtime/merge_policy.hpp
+}  // namespace runtime
 
 namespace runtime {
 
@@ -152,6 +156,22 @@ class any_cache {
   virtual merge::merged_cache<float>* merged_fp32() noexcept { return nullptr; }
   const merge::merged_cache<half>* merged_fp16() const noexcept { return const_cast<any_cache*>(this)->merged_fp16(); }
   const merge::merged_cache<float>* merged_fp32() const noexcept { return const_cast<any_cache*>(this)->merged_fp32(); }
+  /// Whether the tokens carry log-weights (a merged cache of any storage: fp16, fp32 or codes,
+  /// runtime/merged_storage.hpp), so a merging stage can merge into it.
+  virtual bool holds_log_weights() const noexcept { return false; }
+  /// One stream's log-weights (length() floats) where the tokens carry them, else null.
+  virtual const std::vector<float>* log_weights(seq_id /*s*/, std::int32_t /*layer*/, std::int32_t /*head*/) const {
+    return nullptr;
+  }
+  /// Keeps kept[h] of every kv head of `layer` and merges what it drops by policy p
+  /// (runtime::apply_merge_policy on the cache's own store type; tau: D2O's threshold of the layer).
+  /// The merging stage (runtime::merger) calls it; a cache that holds no log-weights refuses.
+  virtual void apply_merge(const merge_policy& /*p*/, merge::d2o_threshold* /*tau*/, seq_id /*s*/, std::int32_t /*layer*/,
+                           const std::vector<std::vector<float>>& /*scores*/,
+                           const std::vector<std::vector<std::int32_t>>& /*kept*/) {
+    kvc::detail::fail(kvc::detail::concat("kvc::runtime::any_cache::apply_merge: storage '", name(),
+                                          "' holds no log-weights; expected a cache from make_merged_cache"));
+  }
 
   /// Merges the storage's layers across each other for sequence s, once its prompt is in every
   /// layer (MiniCache's layer pairs, runtime/minicache_storage.hpp: cross_layer_merge) and

@@ -22,7 +22,8 @@
 /// mass=0: it weighs as one token, as in the papers (same key and value).
 /// e.g. `snapkv(ratio=0.5)+d2o`, `snapkv(ratio=0.75)+kvmerger(eps=0.8)+fp32`. Every merged
 /// token carries its members' attention mass as a log-weight, so the storage is a
-/// merge::merged_cache: fp16 or fp32 pages (runtime/merged_storage.hpp: make_merged_cache, or
+/// merge::basic_merged_cache: fp16 or fp32 pages, or int8, int4 and kivi(bits=2|4) codes, e.g.
+/// `snapkv(ratio=0.5)+d2o+int8` (runtime/merged_storage.hpp: make_merged_cache, or
 /// make_merged_cache_for_cpu for the best ISA configuration). The defaults are the papers'
 /// (each option's comment in its header says where it was read).
 
@@ -45,22 +46,13 @@
 #include <kvc/merge/d2o.hpp>
 #include <kvc/merge/kvmerger.hpp>
 #include <kvc/runtime/any_cache.hpp>
+#include <kvc/runtime/merge_policy.hpp>
 #include <kvc/runtime/merged_storage.hpp>
 #include <kvc/runtime/spec.hpp>
 #include <kvc/store/merged_cache.hpp>
 
 KVC_BEGIN_NAMESPACE
 namespace runtime {
-
-/// What a merging stage of a spec asks for.
-struct merge_policy {
-  enum class method { cam, d2o, kvmerger };
-  method which = method::cam;
-  merge::cam_options cam;
-  merge::d2o_options d2o;
-  merge::kvmerger_options kvmerger;
-  std::string text;  ///< the stage as written
-};
 
 /// The merging stages a spec may name.
 inline const std::vector<std::string>& merge_names() {
@@ -151,35 +143,17 @@ class merger {
   /// All heads change or none does (the merge methods' commit); D2O's threshold moves only after it.
   void apply(any_cache& cache, seq_id s, std::int32_t layer, const std::vector<std::vector<float>>& scores,
              const std::vector<std::vector<std::int32_t>>& kept) {
-    if (auto* h = cache.merged_fp16()) return apply(*h, s, layer, scores, kept);
-    if (auto* f = cache.merged_fp32()) return apply(*f, s, layer, scores, kept);
-    kvc::detail::fail(kvc::detail::concat("kvc::runtime::merger::apply: cache '", cache.name(), "' for '", p_.text,
-                                          "' holds no log-weights; expected a cache from make_merged_cache"));
+    if (!cache.holds_log_weights())
+      kvc::detail::fail(kvc::detail::concat("kvc::runtime::merger::apply: cache '", cache.name(), "' for '", p_.text,
+                                            "' holds no log-weights; expected a cache from make_merged_cache"));
+    cache.apply_merge(p_, p_.which == merge_policy::method::d2o ? &tau_[{s, layer}] : nullptr, s, layer, scores, kept);
   }
 
-  template <class T>
-  void apply(merge::merged_cache<T>& c, seq_id s, std::int32_t layer, const std::vector<std::vector<float>>& scores,
-             const std::vector<std::vector<std::int32_t>>& kept) {
-    switch (p_.which) {
-      case merge_policy::method::cam: {
-        // CaM spreads mass by attention: a scorer whose scores are not attention-like (negative,
-        // NaN) is named here rather than deep in cam_plan.
-        for (std::size_t h = 0; h < scores.size(); ++h)
-          for (std::size_t t = 0; t < scores[h].size(); ++t)
-            KVC_EXPECTS_IN("kvc::runtime::merger::apply", std::isfinite(scores[h][t]) && scores[h][t] >= 0.0f,
-                           "'", p_.text, "': scores[", h, "][", t, "] = ", scores[h][t],
-                           ", expected finite attention scores >= 0 (CaM weighs evicted values by attention; pair "
-                           "it with an attention-based scorer such as snapkv)");
-        merge::cam_merge_layer(c, s, layer, scores, kept, p_.cam);
-        return;
-      }
-      case merge_policy::method::d2o: {
-        merge::d2o_threshold& tau = tau_[{s, layer}];
-        merge::d2o_merge_layer(c, s, layer, kept, tau, p_.d2o);
-        return;
-      }
-      case merge_policy::method::kvmerger: merge::kvmerger_evict_layer(c, s, layer, scores, kept, p_.kvmerger); return;
-    }
+  template <class Store>
+  void apply(merge::basic_merged_cache<Store>& c, seq_id s, std::int32_t layer,
+             const std::vector<std::vector<float>>& scores, const std::vector<std::vector<std::int32_t>>& kept) {
+    apply_merge_policy(c, p_, p_.which == merge_policy::method::d2o ? &tau_[{s, layer}] : nullptr, s, layer, scores,
+                       kept);
   }
 
   /// One compression of `layer` by an eviction stage and this merging stage: the compressor's

@@ -422,24 +422,8 @@ class quant_cache {
   template <class Fn>
   void keep_layer_rewrite(seq_id s, std::int32_t layer, const std::vector<std::vector<std::int32_t>>& kept, Fn&& fn,
                           const std::vector<std::vector<std::int32_t>>* rows) {
-    constexpr const char* who = "kvc::quant_cache::keep_layer_rewrite";
     seqs_.check_layer(layer, "keep_layer_rewrite");
-    KVC_EXPECTS_IN(who, static_cast<std::int32_t>(kept.size()) == cfg_.num_kv_heads, "kept.size() = ", kept.size(),
-                   ", expected num_kv_heads = ", cfg_.num_kv_heads);
-    KVC_EXPECTS_IN(who, !rows || static_cast<std::int32_t>(rows->size()) == cfg_.num_kv_heads, "rows->size() = ",
-                   rows ? rows->size() : 0, ", expected num_kv_heads = ", cfg_.num_kv_heads);
-    for (std::size_t h = 0; rows && h < kept.size(); ++h) {
-      const auto& r = (*rows)[h];
-      for (std::size_t i = 0; i < r.size(); ++i) {
-        KVC_EXPECTS_IN(who, r[i] >= 0 && static_cast<std::size_t>(r[i]) < kept[h].size(), "rows[", h, "][", i,
-                       "] = ", r[i], ", expected a kept index 0..", static_cast<std::int64_t>(kept[h].size()) - 1);
-        KVC_EXPECTS_IN(who, i == 0 || r[i] > r[i - 1], "rows[", h, "][", i, "] = ", r[i], " after ", r[i - 1],
-                       ", expected strictly increasing kept indices");
-      }
-    }
-    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
-    all.reserve(kept.size());
-    for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
+    const auto all = seqs_.rewrite_heads("kvc::quant_cache::keep_layer_rewrite", kept, rows);
     keep_heads(s, layer, all, nullptr, "keep_layer_rewrite", &fn, rows);
   }
 

@@ -66,6 +66,31 @@ class sequence_table {
     if (layer < 0 || layer >= num_layers_)
       fail(concat(owner_, "::", fn, ": layer = ", layer, ", expected 0..", num_layers_ - 1));
   }
+  /// The per-layer arguments of a keep_layer_rewrite (kv_cache's, quant_cache's): one kept list
+  /// per kv head and, when given, rows[h] strictly increasing kept indices of head h, so every row
+  /// a caller asks to rewrite names a kept token. The plan's checks; the kept lists themselves are
+  /// the store's keep to check. Returns the heads as keep's (head, kept) pairs.
+  std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> rewrite_heads(
+      const char* who, const std::vector<std::vector<std::int32_t>>& kept,
+      const std::vector<std::vector<std::int32_t>>* rows) const {
+    KVC_EXPECTS_IN(who, static_cast<std::int32_t>(kept.size()) == num_kv_heads_, "kept.size() = ", kept.size(),
+                   ", expected num_kv_heads = ", num_kv_heads_);
+    KVC_EXPECTS_IN(who, !rows || rows->size() == kept.size(), "rows->size() = ", rows ? rows->size() : 0,
+                   ", expected num_kv_heads = ", num_kv_heads_);
+    for (std::size_t h = 0; rows && h < kept.size(); ++h) {
+      const auto& r = (*rows)[h];
+      for (std::size_t i = 0; i < r.size(); ++i) {
+        KVC_EXPECTS_IN(who, r[i] >= 0 && static_cast<std::size_t>(r[i]) < kept[h].size(), "rows[", h, "][", i,
+                       "] = ", r[i], ", expected a kept index 0..", static_cast<std::int64_t>(kept[h].size()) - 1);
+        KVC_EXPECTS_IN(who, i == 0 || r[i] > r[i - 1], "rows[", h, "][", i, "] = ", r[i], " after ", r[i - 1],
+                       ", expected strictly increasing kept indices");
+      }
+    }
+    std::vector<std::pair<std::int32_t, std::vector<std::int32_t>>> all;
+    all.reserve(kept.size());
+    for (std::int32_t h = 0; h < num_kv_heads_; ++h) all.emplace_back(h, kept[static_cast<std::size_t>(h)]);
+    return all;
+  }
   void check_head(std::int32_t head, const char* fn) const {
     if (head < 0 || head >= num_kv_heads_)
       fail(concat(owner_, "::", fn, ": head = ", head, ", expected 0..", num_kv_heads_ - 1));
