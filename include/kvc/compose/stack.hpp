@@ -41,6 +41,7 @@
 #include <kvc/cpu/quant_attention.hpp>
 #include <kvc/error.hpp>
 #include <kvc/evict/compressor.hpp>
+#include <kvc/isa.hpp>
 #include <kvc/merge/cam.hpp>
 #include <kvc/merge/d2o.hpp>
 #include <kvc/numeric/half.hpp>
@@ -50,6 +51,9 @@
 
 KVC_BEGIN_NAMESPACE
 namespace compose {
+// Per ISA (docs/isa.md, rule 4): the stack calls the CPU kernels, and the merging stages the
+// merge methods, so every type here is compiled per ISA configuration.
+KVC_BEGIN_ISA_NAMESPACE
 
 // ---- stages ------------------------------------------------------------------------------------
 
@@ -296,5 +300,6 @@ class stack {
   compressor_type comp_;
 };
 
+KVC_END_ISA_NAMESPACE
 }  // namespace compose
 KVC_END_NAMESPACE
