@@ -40,6 +40,11 @@
 //     step by one token, interval 32 (slack 32) every 32 steps by 32. compress_per_step_ms is the
 //     compressions' CPU time over all steps (what a decode step pays on average);
 //     overhead = compress_per_step / decode. 64 steps (two compressions at interval 32).
+//   BM_merge_quant_paired/<int8|kivi4>/<shape>/ctx:<tokens>/threads:1
+//     merged tokens over codes (merge::basic_merged_cache<quant_cache<Q, Q>>, no merges):
+//     cpu::decode_attention on its quant_cache and cpu::merged_decode_attention on it (the same
+//     quantized kernel adding the log-weights, cpu/merged_quant_attention.hpp) alternately, 15
+//     pairs per iteration: quant_cpu_ms, merged_cpu_ms, merged_over_quant.
 // Data: uniform random K/V and scores; the kept set is the highest-scoring tokens.
 
 #include <algorithm>
@@ -55,13 +60,17 @@
 
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/cpu/merged_attention.hpp>
+#include <kvc/cpu/merged_quant_attention.hpp>
 #include <kvc/cpu/stream_attention.hpp>
 #include <kvc/evict/h2o.hpp>
 #include <kvc/merge/cam.hpp>
 #include <kvc/merge/d2o.hpp>
 #include <kvc/merge/kvmerger.hpp>
+#include <kvc/quant/int8.hpp>
+#include <kvc/quant/kivi.hpp>
 #include <kvc/runtime/merge_registry.hpp>
 #include <kvc/store/merged_cache.hpp>
+#include <kvc/store/quant_cache.hpp>
 
 #include "kvc_bench.hpp"
 
@@ -131,6 +140,37 @@ void BM_merge_paired(benchmark::State& state, shape s, std::int32_t ctx) {
   state.counters["merged_over_decode"] = median(mcpu) / median(dcpu);
   state.counters["nobias_cpu_ms"] = median(ncpu) * 1e3;
   state.counters["merged_over_nobias"] = median(mcpu) / median(ncpu);
+}
+
+template <class Q>
+void BM_merge_quant_paired(benchmark::State& state, shape s, std::int32_t ctx) {
+  kvc::quant_cache_config cfg;
+  cfg.num_kv_heads = s.kv_heads;
+  cfg.head_dim = s.head_dim;
+  cfg.page_size = 32;  // whole KIVI key groups
+  cfg.max_pages = s.kv_heads * (ctx / 32 + 2);
+  cfg.check_finite = false;
+  kvc::merge::basic_merged_cache<kvc::quant_cache<Q, Q>> c(cfg, Q{}, Q{});
+  const kvc::seq_id seq = c.add_sequence();
+  kvc_bench::append_random(c, seq, s, ctx, chunk);
+  const auto q = random_rows(std::size_t(s.q_heads) * s.head_dim, 3);
+  std::vector<float> out(q.size());
+  std::vector<double> qcpu, mcpu;
+  for (auto _ : state) {
+    for (int i = 0; i < 15; ++i) {
+      double c0 = thread_cpu_seconds();
+      kvc::cpu::decode_attention(c.cache(), seq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      qcpu.push_back(thread_cpu_seconds() - c0);
+      c0 = thread_cpu_seconds();
+      kvc::cpu::merged_decode_attention(c, seq, 0, q.data(), s.q_heads, out.data());
+      benchmark::DoNotOptimize(out.data());
+      mcpu.push_back(thread_cpu_seconds() - c0);
+    }
+  }
+  state.counters["quant_cpu_ms"] = median(qcpu) * 1e3;
+  state.counters["merged_cpu_ms"] = median(mcpu) * 1e3;
+  state.counters["merged_over_quant"] = median(mcpu) / median(qcpu);
 }
 
 /// Random non-negative scores per kv head and the kept sets of the highest-scoring ctx - evict.
@@ -327,6 +367,17 @@ int main(int argc, char** argv) {
           ->Unit(benchmark::kMillisecond)
           ->Iterations(1);
     }
+  for (std::int32_t ctx : {4096, 32768}) {
+    const std::string tail = "/32x8x128/ctx:" + std::to_string(ctx) + "/threads:1";
+    benchmark::RegisterBenchmark(("BM_merge_quant_paired/int8" + tail).c_str(),
+                                 [=](benchmark::State& st) { BM_merge_quant_paired<kvc::quant::int8>(st, {32, 8, 128}, ctx); })
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(1);
+    benchmark::RegisterBenchmark(("BM_merge_quant_paired/kivi4" + tail).c_str(),
+                                 [=](benchmark::State& st) { BM_merge_quant_paired<kvc::quant::kivi<4>>(st, {32, 8, 128}, ctx); })
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(1);
+  }
   const shape s{32, 8, 128};
   const std::int32_t ctx = 4096;
   for (std::int32_t evict : {1, ctx / 2}) {
