@@ -96,9 +96,19 @@ store_factory parse_store(const std::string& spec, const kv_shape& shape, const 
             throw std::invalid_argument("cache spec '" + spec + "': merging stage '" + merge->text +
                                         "' needs an eviction stage before it, e.g. snapkv(ratio=0.5)+" + merge->text +
                                         " (the evictor sets the budget and scores the tokens)");
-        if (storage != "fp16" && storage != "fp32")
+        // The storage must hold merged tokens (fp16, fp32, int8, int4, kivi: make_merged_cache names
+        // what it takes); asked here, before any cache of the run exists.
+        kvc::cache_config probe;
+        probe.num_layers = 1;
+        probe.num_kv_heads = shape.num_kv_heads;
+        probe.head_dim = shape.head_dim;
+        probe.max_pages = 1;
+        try {
+            (void)kvc::runtime::make_merged_cache(storage, probe);
+        } catch (const kvc::error& e) {
             throw std::invalid_argument("cache spec '" + spec + "': merging stage '" + merge->text + "' over storage '" +
-                                        storage + "'; expected fp16 or fp32 (merged tokens are weighted means of rows)");
+                                        storage + "': " + e.what());
+        }
     }
     f.query_window = window;
     f.create = [shape, opt, storage, comp, ev, rope, merge]() -> std::unique_ptr<kv_store> {
