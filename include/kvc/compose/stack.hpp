@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <map>
 #include <tuple>
 #include <type_traits>
@@ -77,6 +78,10 @@ struct d2o {
              const std::vector<std::vector<std::int32_t>>& kept) {
     merge::d2o_merge_layer(c, s, layer, kept, thresholds[{s, layer}], options);
   }
+  /// Forgets the thresholds of a removed sequence.
+  void remove_sequence(seq_id s) {
+    for (auto it = thresholds.begin(); it != thresholds.end();) it = it->first.first == s ? thresholds.erase(it) : std::next(it);
+  }
 };
 
 /// CaM (kvc/merge/cam.hpp): each evicted value spreads over kept values by attention, so the
@@ -88,6 +93,7 @@ struct cam {
              const std::vector<std::vector<std::int32_t>>& kept) {
     merge::cam_merge_layer(c, s, layer, scores, kept, options);
   }
+  void remove_sequence(seq_id) noexcept {}  ///< CaM carries nothing between steps
 };
 
 /// Merging by Method (d2o, cam): what the eviction stage drops is folded into kept tokens.
@@ -226,6 +232,7 @@ class stack {
   void remove_sequence(seq_id s) {
     store_.remove_sequence(s);
     if constexpr (evicts) comp_.remove_sequence(s);
+    if constexpr (merges) std::get<im>(stages_).method.remove_sequence(s);
   }
   /// Appends n tokens ([n][num_kv_heads][head_dim] keys and values) to one layer.
   void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
