@@ -222,7 +222,9 @@ TEST_CASE("make_merged_cache_for_cpu: the best configuration's merged kernels, m
     require_reference_attention(*forced, sf, q, hq);
   }
   using Catch::Contains;
-  REQUIRE_THROWS_WITH(kvc::runtime::make_merged_cache_for_cpu("kivi(bits=2)", cfg), Contains("storage 'kivi(bits=2)'"));
+  REQUIRE_THROWS_WITH(kvc::runtime::make_merged_cache_for_cpu("fp8", cfg), Contains("storage 'fp8' cannot hold merged tokens"));
+  // Codes hold them (int8 here), from the best configuration too.
+  REQUIRE(kvc::runtime::make_merged_cache_for_cpu("int8", cfg)->holds_log_weights());
   REQUIRE_THROWS_WITH(kvc::runtime::make_merged_cache_for_cpu("fp16", cfg, "isa_nonesuch"),
                       Contains("kvc::runtime::make_merged_cache_for_cpu: isa = \"isa_nonesuch\""));
   // A plain cache holds no log-weights: the merger refuses it by name, whatever its configuration.
