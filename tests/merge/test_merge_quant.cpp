@@ -34,14 +34,9 @@ using kvc::merge::basic_merged_cache;
 using kvc::merge::merge_group;
 using kvc_test::rng;
 
-/// A quant_cache shape: one or two layers, sinks and page size drawn by the caller.
+/// A one-layer quant_cache shape (kvc_test::cache_shape, as a quant_cache_config) with sinks.
 kvc::quant_cache_config qshape(std::int32_t H, std::int32_t D, std::int32_t P, std::int32_t sinks, std::int32_t pages = 512) {
-  kvc::quant_cache_config c;
-  c.num_layers = 1;
-  c.num_kv_heads = H;
-  c.head_dim = D;
-  c.page_size = P;
-  c.max_pages = pages;
+  auto c = kvc_test::shape_as<kvc::quant_cache_config>(kvc_test::cache_shape(1, H, D, P, pages));
   c.max_fp_pages = 64;
   c.sink_tokens = sinks;
   return c;

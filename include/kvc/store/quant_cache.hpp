@@ -971,8 +971,7 @@ class quant_cache {
     std::vector<float> kr(static_cast<std::size_t>(D)), vr(kr.size());
     for (std::int32_t i : list) {
       const std::int32_t t = kept[static_cast<std::size_t>(i)];
-      decode_unroped<quant::role::key>(sv, t, kr.data());
-      decode_unroped<quant::role::value>(sv, t, vr.data());
+      decode_unroped_rows(sv, t, kr.data(), vr.data());
       fn(h, i, kr.data(), vr.data());
       for (std::int32_t d = 0; d < 2 * D; ++d) {
         const float x = d < D ? kr[static_cast<std::size_t>(d)] : vr[static_cast<std::size_t>(d - D)];
