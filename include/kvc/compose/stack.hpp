@@ -17,11 +17,16 @@
 ///  - `evicting<Scorer>`: any kvc/evict/ scorer, at `options.target` after the prompt (compress);
 ///  - `merging<Method>`: `d2o` or `cam` (kvc/merge/), folding what the eviction drops into kept
 ///    tokens, which carry their members' mass as log-weights; needs an eviction stage;
+///  - `projecting<pca>` (its own header, kvc/compose/projecting.hpp): every token kept as r_k key
+///    and r_v value coefficients in bases each (layer, kv head) fits from the layer's first
+///    append, the prompt; the store is then lowrank::projected_cache, which the eviction stage
+///    scores through its rebuilt rows and decode attends to in coefficient space;
 ///  - `encoding<KQ, VQ>` (kvc/quant/ codecs) or `full_precision<T>` (float or half, the default):
 ///    what the pages hold. It is the store, so it comes last.
-/// Low-rank projection is not a stage yet: its stores (lowrank::projected_cache) have no
-/// log-weights and no encoded coefficient pages at compile time; they compose with eviction and
-/// quantization at run time (`snapkv(...)+pca(...,coef=int8)`, runtime/lowrank_storages.hpp).
+/// Not yet at compile time (each static_assert says so): a projection under a merging stage
+/// (projected pages carry no log-weights) and a projection over an encoding (coefficients in
+/// quantized pages); the second composes at run time, `snapkv(...)+pca(...,coef=int8)`
+/// (runtime/lowrank_storages.hpp).
 /// The run-time spec strings build their own objects (runtime/make_cache.hpp), not these.
 /// Threads: as the store (docs/threading.md); compress is exclusive per sequence.
 
@@ -102,6 +107,11 @@ struct merging {
   Method method{};
 };
 
+/// Low-rank projection by Method (kvc/compose/projecting.hpp, which defines it: its store and
+/// PCA's fit cost a TU that does not project nothing, Eigen's eigensolver ~11 s of CPU at -O2).
+template <class Method>
+struct projecting;
+
 /// Pages of codes: KQ for keys, VQ for values (kvc/quant/ codecs).
 template <class KQ, class VQ = KQ>
 struct encoding {
@@ -118,6 +128,7 @@ struct full_precision {
 
 namespace detail {
 
+struct none {};
 template <class S>
 struct is_evicting : std::false_type {};
 template <class Sc>
@@ -126,6 +137,10 @@ template <class S>
 struct is_merging : std::false_type {};
 template <class M>
 struct is_merging<merging<M>> : std::true_type {};
+template <class S>
+struct is_projecting : std::false_type {};
+template <class M>
+struct is_projecting<projecting<M>> : std::true_type {};
 template <class S>
 struct is_encoding : std::false_type {};
 template <class KQ, class VQ>
@@ -156,19 +171,22 @@ struct stage_at<I, Default, First, Rest...> {
   using type = std::conditional_t<I == 0, First, typename stage_at<(I == 0 ? 0 : I - 1), Default, Rest...>::type>;
 };
 
-/// The store of an encoding stage.
-template <class E>
+/// The store of an encoding stage; P: the projecting stage, or none.
+template <class E, class P>
 struct store_of;
-template <class KQ, class VQ>
-struct store_of<encoding<KQ, VQ>> {
+template <class T, class P>
+struct store_of<full_precision<T>, P> {  // a projection's coefficients in pages of T
+  using type = typename P::template store_type<T>;
+};
+template <class KQ, class VQ, class P>
+struct store_of<encoding<KQ, VQ>, P> {  // under a projection: refused by stack's static_assert
   using type = quant_cache<KQ, VQ>;
 };
 template <class T>
-struct store_of<full_precision<T>> {
+struct store_of<full_precision<T>, none> {
   using type = kv_cache<T>;
 };
 
-struct none {};
 template <class S>
 struct scorer_of {
   using type = void;
@@ -188,16 +206,24 @@ class stack {
   static constexpr std::size_t N = sizeof...(Stages);
   static constexpr std::size_t ie = detail::index_of<detail::is_evicting, Stages...>();
   static constexpr std::size_t im = detail::index_of<detail::is_merging, Stages...>();
+  static constexpr std::size_t ip = detail::index_of<detail::is_projecting, Stages...>();
   static constexpr std::size_t ic = detail::index_of<detail::is_encoding, Stages...>();
   static_assert(((detail::is_evicting<Stages>::value || detail::is_merging<Stages>::value ||
-                  detail::is_encoding<Stages>::value) && ...),
+                  detail::is_projecting<Stages>::value || detail::is_encoding<Stages>::value) && ...),
                 "kvc::compose::stack<Stages...>: every stage must be evicting<Scorer>, merging<Method>, "
-                "encoding<KQ, VQ> or full_precision<T>");
+                "projecting<Method>, encoding<KQ, VQ> or full_precision<T>");
   static_assert(detail::count_of<detail::is_evicting, Stages...>() <= 1 &&
                     detail::count_of<detail::is_merging, Stages...>() <= 1 &&
+                    detail::count_of<detail::is_projecting, Stages...>() <= 1 &&
                     detail::count_of<detail::is_encoding, Stages...>() <= 1,
                 "kvc::compose::stack<Stages...>: at most one stage of each family (one evicting, one merging, one "
-                "encoding or full_precision)");
+                "projecting, one encoding or full_precision)");
+  static_assert(ip == N || ie == N || ie < ip,
+                "kvc::compose::stack<Stages...>: put evicting<Scorer> before projecting<Method> (eviction -> merging "
+                "-> low-rank -> quantization; the eviction scores the rows the projection rebuilds)");
+  static_assert(ip == N || im == N,
+                "kvc::compose::stack<Stages...>: merging<Method> over projecting<Method> is not implemented (projected "
+                "pages carry no log-weights); drop one of the two stages");
   static_assert(im == N || ie < im,
                 "kvc::compose::stack<Stages...>: merging<Method> folds in the tokens an eviction drops; put an "
                 "evicting<Scorer> stage before it");
@@ -211,8 +237,16 @@ class stack {
   using encoding_stage = typename detail::stage_at<ic, full_precision<half>, Stages...>::type;
   static constexpr bool evicts = ie < N;
   static constexpr bool merges = im < N;
-  /// The store the stages need: the encoding's pages, under log-weights when a stage merges.
-  using inner_store = typename detail::store_of<encoding_stage>::type;
+  static constexpr bool projects = ip < N;
+  using project_stage = typename detail::stage_at<ip, detail::none, Stages...>::type;
+  static_assert(!projects || std::is_same<encoding_stage, full_precision<float>>::value ||
+                    std::is_same<encoding_stage, full_precision<half>>::value,
+                "kvc::compose::stack<Stages...>: projecting<Method> stores its coefficients in full_precision<T> "
+                "pages only at compile time; for quantized coefficients use the run-time spec "
+                "`pca(rank=...,coef=int8)` (kvc/runtime/lowrank_storages.hpp), or drop the encoding stage");
+  /// The store the stages need: the encoding's pages (of coefficients under a projection), under
+  /// log-weights when a stage merges.
+  using inner_store = typename detail::store_of<encoding_stage, project_stage>::type;
   using store_type = std::conditional_t<merges, merge::basic_merged_cache<inner_store>, inner_store>;
 
   /// cfg: the cache's shape (a quant_cache_config: its sink and fp-page fields serve an encoding
@@ -234,9 +268,26 @@ class stack {
     if constexpr (evicts) comp_.remove_sequence(s);
     if constexpr (merges) std::get<im>(stages_).method.remove_sequence(s);
   }
-  /// Appends n tokens ([n][num_kv_heads][head_dim] keys and values) to one layer.
+  /// Appends n tokens ([n][num_kv_heads][head_dim] keys and values) to one layer. Under a
+  /// projecting stage the layer's first append fits its bases (all heads, at least
+  /// max(rank, value_rank) tokens); if the append then fails the bases go too, so a refused
+  /// append leaves the stack unchanged.
   void append(seq_id s, std::int32_t layer, const float* k, const float* v, std::int32_t n,
               const std::int32_t* positions = nullptr) {
+    if constexpr (projects) {
+      constexpr const char* who = "kvc::compose::stack::append";
+      KVC_EXPECTS_IN(who, store_.contains(s), "seq = ", s, " is not a live sequence of this stack (the stack is unchanged)");
+      if (n > 0 && !store_.has_basis(layer, 0)) {
+        std::get<ip>(stages_).fit(store_, layer, k, v, n, who);
+        try {
+          store_.append(s, layer, k, v, n, positions);
+        } catch (...) {  // pool exhausted, or a coefficient past fp16: the layer is as before the fit
+          store_.clear_layer_bases(layer);
+          throw;
+        }
+        return;
+      }
+    }
     store_.append(s, layer, k, v, n, positions);
   }
 
@@ -274,6 +325,7 @@ class stack {
   void decode_attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_q_heads, float* out,
                         const decode_options& opt = {}) const {
     if constexpr (merges) cpu::merged_decode_attention(store_, s, layer, q, num_q_heads, out, opt);
+    else if constexpr (projects) std::get<ip>(stages_).decode_attention(store_, s, layer, q, num_q_heads, out, opt);
     else cpu::decode_attention(store_, s, layer, q, num_q_heads, out, opt);
   }
 
@@ -285,7 +337,9 @@ class stack {
       std::conditional_t<evicts, evict::compressor<typename detail::scorer_of<evict_stage>::type>, detail::none>;
 
   store_type make_store(const quant_cache_config& cfg) const {
-    if constexpr (std::is_same<inner_store, kv_cache<float>>::value || std::is_same<inner_store, kv_cache<half>>::value) {
+    if constexpr (projects) {
+      return std::get<ip>(stages_).template make_store<store_type>(cfg);
+    } else if constexpr (std::is_same<inner_store, kv_cache<float>>::value || std::is_same<inner_store, kv_cache<half>>::value) {
       return store_type(static_cast<const cache_config&>(cfg));
     } else {  // an encoding<KQ, VQ> stage: the codecs it holds
       const auto& e = std::get<ic>(stages_);

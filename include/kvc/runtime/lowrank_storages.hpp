@@ -335,29 +335,14 @@ class pca_cache final : public any_cache {
     constexpr const char* who = "kvc::runtime::pca_cache::append";
     KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
     if (n > 0 && !fitted_[static_cast<std::size_t>(layer)]) {
-      const std::int32_t rk = c_.key_rank(), rv = c_.value_rank(), r = std::max(rk, rv);
       KVC_EXPECTS_IN(who, contains(s), "seq = ", s, " is not a live sequence of this cache (the cache is unchanged)");
-      KVC_EXPECTS_IN(who, n >= r, "n = ", n, " tokens in the first append of layer ", layer, ", expected at least max(rank, vrank) = ",
-                     r, " to fit its bases (append the prompt in one call; the cache is unchanged)");
-      KVC_EXPECTS_IN(who, k != nullptr && v != nullptr, "k or v is null with n = ", n);
-      // Fit every head before setting any: fit_basis refuses non-finite rows, and a refusal then
-      // leaves no basis behind.
-      const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
-      const std::int64_t stride = static_cast<std::int64_t>(H) * D;
-      std::vector<std::pair<lowrank::basis, lowrank::basis>> b;
-      b.reserve(static_cast<std::size_t>(H));
-      for (std::int32_t h = 0; h < H; ++h) {
-        const std::size_t off = static_cast<std::size_t>(h) * D;
-        b.emplace_back(lowrank::fit_basis(k + off, n, D, stride, lowrank::rank_spec::of_count(rk), center_, sinks_),
-                       lowrank::fit_basis(v + off, n, D, stride, lowrank::rank_spec::of_count(rv), center_, sinks_));
-      }
-      // The layer holds no coefficients yet, so set_basis accepts these (again, after a refused append).
-      for (std::int32_t h = 0; h < H; ++h)
-        c_.set_basis(layer, h, std::move(b[static_cast<std::size_t>(h)].first), std::move(b[static_cast<std::size_t>(h)].second));
+      // Every head fitted before any is set (fit_layer): a refusal leaves no basis behind. The
+      // layer holds no coefficients yet, so it accepts them (again, after a refused append).
+      c_.fit_layer(layer, k, v, n, center_, sinks_, who);
       try {
         put(s, layer, k, v, n, positions);
-      } catch (...) {  // pool exhausted, or a coefficient past fp16: the layer is as before set_basis
-        for (std::int32_t h = 0; h < H; ++h) c_.clear_basis(layer, h);
+      } catch (...) {  // pool exhausted, or a coefficient past fp16: the layer is as before fit_layer
+        c_.clear_layer_bases(layer);
         throw;
       }
       fitted_[static_cast<std::size_t>(layer)] = true;  // only once tokens are stored on these bases

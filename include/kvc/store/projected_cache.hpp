@@ -166,6 +166,41 @@ class projected_cache {
                    " bytes of coefficients on this basis, expected an empty layer");
     bases_[index(layer, head)] = entry{};
   }
+  /// Fits the key and value bases of every kv head of one layer from n tokens of it
+  /// (lowrank::fit_basis of each head's rows, ranks key_rank() and value_rank()) and sets them:
+  /// what a cache whose bases come from the prompt's first chunk runs before that chunk's append
+  /// (runtime/lowrank_storages.hpp's pca storage, compose::projecting). All heads or none: every
+  /// basis is fitted before any is set, so a refused fit (n below the larger rank, a non-finite
+  /// row) leaves the cache unchanged. `center`, `sinks`: as fit_basis. If the append that follows
+  /// fails, clear_layer_bases undoes this.
+  /// \param k,v  [n][num_kv_heads][head_dim] floats, as append takes them
+  /// \pre the layer holds no coefficients (checked, as set_basis)
+  void fit_layer(std::int32_t layer, const float* k, const float* v, std::int32_t n, bool center = false,
+                 std::int32_t sinks = 0, const char* who = "kvc::lowrank::projected_cache::fit_layer") {
+    KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
+    const std::int32_t rk = key_rank(), rv = value_rank(), r = std::max(rk, rv);
+    KVC_EXPECTS_IN(who, n >= r, "n = ", n, " tokens in the first append of layer ", layer, " (what fits its bases), expected at least max(rank, vrank) = ", r,
+                   " (fewer rows span fewer directions; append the prompt in one call; the cache is unchanged)");
+    KVC_EXPECTS_IN(who, k != nullptr && v != nullptr, "k or v is null with n = ", n);
+    KVC_EXPECTS_IN(who, coef_.bytes_in_use(layer) == 0, "layer ", layer, " already holds ", coef_.bytes_in_use(layer),
+                   " bytes of coefficients on its bases, expected a layer with no tokens (bases are fitted once)");
+    const std::int32_t H = cfg_.num_kv_heads, D = cfg_.head_dim;
+    const std::int64_t stride = static_cast<std::int64_t>(H) * D;
+    std::vector<entry> fitted(static_cast<std::size_t>(H));
+    for (std::int32_t h = 0; h < H; ++h) {
+      const std::size_t off = static_cast<std::size_t>(h) * D;
+      entry& e = fitted[static_cast<std::size_t>(h)];
+      e.k = fit_basis(k + off, n, D, stride, rank_spec::of_count(rk), center, sinks);
+      e.v = fit_basis(v + off, n, D, stride, rank_spec::of_count(rv), center, sinks);
+      e.set = true;
+    }
+    for (std::int32_t h = 0; h < H; ++h) bases_[index(layer, h)] = std::move(fitted[static_cast<std::size_t>(h)]);  // noexcept
+  }
+  /// clear_basis of every kv head of one layer (undoes fit_layer; the layer must hold no coefficients).
+  void clear_layer_bases(std::int32_t layer) {
+    for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) clear_basis(layer, h);
+  }
+
   /// Whether (layer, head) has bases; false for a layer or head out of range.
   bool has_basis(std::int32_t layer, std::int32_t head) const noexcept {
     return layer >= 0 && layer < cfg_.num_layers && head >= 0 && head < cfg_.num_kv_heads && bases_[index(layer, head)].set;
@@ -299,6 +334,30 @@ class projected_cache {
     coef_.keep_layer(s, layer, kept);
   }
   std::int32_t length(seq_id s, std::int32_t layer, std::int32_t head) const { return coef_.length(s, layer, head); }
+  /// The original positions of one stream's tokens ([length]).
+  const std::int32_t* positions(seq_id s, std::int32_t layer, std::int32_t head) const {
+    return coef_.positions(s, layer, head);
+  }
+  /// Tokens appended to the layer so far, evicted ones included (the next position).
+  std::int32_t seen(seq_id s, std::int32_t layer) const { return coef_.seen(s, layer); }
+  /// The keys and values one stream stands for, rebuilt in head_dim channels as the decoded views
+  /// read them (U c + μ; pre-RoPE keys rotated to their positions): [length][head_dim] each, either
+  /// may be null. What eviction scorers read (evict::compressor runs on this store). O(length·D·r);
+  /// cpu::projected_gather is the vectorised equivalent.
+  void gather(seq_id s, std::int32_t layer, std::int32_t head, float* k_out, float* v_out) const {
+    const entry& e = get(layer, head, "gather");
+    const std::int32_t n = coef_.length(s, layer, head), D = cfg_.head_dim;
+    const auto kr = coef_.keys(s, layer, head), vr = coef_.values(s, layer, head);
+    const std::int32_t* pos = coef_.positions(s, layer, head);
+    const decoded_stream<false> ks{this, kr, vr, &e.k, pos};
+    const decoded_stream<true> vs{this, kr, vr, &e.v, pos};
+    for (std::int32_t t = 0; t < n; ++t) {
+      if (k_out) reconstruct_row(ks, t, k_out + static_cast<std::size_t>(t) * D);
+      if (v_out) reconstruct_row(vs, t, v_out + static_cast<std::size_t>(t) * D);
+    }
+  }
+  /// Pool traffic of the coefficient pages (evict::apply_layer reports it).
+  memory_traffic traffic() const noexcept { return coef_.traffic(); }
 
   /// All heads of one layer as views of the rebuilt keys and values (the projection as an
   /// accessor): the double reference and any reader of views read the low-rank store as they read
