@@ -19,6 +19,7 @@
 #include <kvc/attention/reference.hpp>
 #include <kvc/cpu/decode_attention.hpp>
 #include <kvc/cpu/merged_attention.hpp>
+#include <kvc/cpu/prefill_attention.hpp>
 #include <kvc/parallel/thread_pool.hpp>
 #include <kvc/store/merged_cache.hpp>
 
@@ -626,10 +627,11 @@ TEST_CASE("merged_cache keep_layer, fork and append keep the log-weights with th
 
 namespace {
 
-/// merged_prefill_attention against the dense causal reference: query i sees, in each kv head,
-/// the stored tokens whose position is <= q_positions[i], each logit raised by its log-weight.
+/// merged_prefill_attention (blocked: cpu::prefill_attention's blocked kernel on the store's rows
+/// with the log-weights as bias) against the dense causal reference: query i sees, in each kv
+/// head, the stored tokens whose position is <= q_positions[i], each logit raised by its log-weight.
 template <class T>
-void prefill_trials(std::uint64_t salt, kvc::thread_pool* pool) {
+void prefill_trials(std::uint64_t salt, kvc::thread_pool* pool, bool blocked = false) {
   for (int trial = 0; trial < 30; ++trial) {
     kvc_test::rng r(salt + static_cast<std::uint64_t>(trial));
     const std::int32_t H = r.integer(1, 3), D = r.integer(1, 70), P = 1 << r.integer(0, 4), G = r.integer(1, 11);
@@ -653,7 +655,8 @@ void prefill_trials(std::uint64_t salt, kvc::thread_pool* pool) {
     o.lse = lse.data();
     o.pool = pool;
     if (r.coin(0.3)) o.scale = r.uniform(0.05f, 0.5f);
-    kvc::cpu::merged_prefill_attention(c, s, layer, q.data(), nq, qp.data(), H * G, out.data(), o);
+    if (blocked) kvc::cpu::prefill_attention(c, s, layer, q.data(), nq, qp.data(), H * G, out.data(), o);
+    else kvc::cpu::merged_prefill_attention(c, s, layer, q.data(), nq, qp.data(), H * G, out.data(), o);
     const double scale = o.scale != 0.0f ? o.scale : 1.0 / std::sqrt(static_cast<double>(D));
     INFO("trial " << trial << " H=" << H << " D=" << D << " P=" << P << " G=" << G << " n0=" << n0 << " m=" << m);
     for (std::int32_t h = 0; h < H; ++h) {
@@ -694,6 +697,13 @@ TEST_CASE("merged_prefill_attention against the dense causal reference", "[merge
   prefill_trials<kvc::half>(9800, nullptr);
   kvc::thread_pool pool(3);
   prefill_trials<float>(9900, &pool);
+}
+
+TEST_CASE("cpu::prefill_attention over a merged cache adds the log-weights", "[merge]") {
+  prefill_trials<float>(9950, nullptr, true);
+  prefill_trials<kvc::half>(9960, nullptr, true);
+  kvc::thread_pool pool(3);
+  prefill_trials<float>(9970, &pool, true);
 }
 
 TEST_CASE("merged_decode_attention's probability outputs need a stride that holds the longest stream", "[merge]") {

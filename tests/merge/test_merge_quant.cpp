@@ -15,6 +15,7 @@
 #include <kvc/attention/reference.hpp>
 #include <kvc/cpu/merged_attention.hpp>
 #include <kvc/cpu/merged_quant_attention.hpp>
+#include <kvc/cpu/prefill_attention.hpp>
 #include <kvc/merge/cam.hpp>
 #include <kvc/merge/d2o.hpp>
 #include <kvc/quant/fp8.hpp>
@@ -24,6 +25,7 @@
 #include <kvc/store/quant_cache.hpp>
 
 #include "cache_builders.hpp"
+#include "dense_reference.hpp"
 #include "kvc_catch.hpp"
 #include "merge_test_util.hpp"
 #include "random.hpp"
@@ -336,6 +338,85 @@ void identical_quant_trials(std::uint64_t salt, KQ kq, VQ vq, std::int32_t dmul,
       KVC_REQUIRE(std::fabs(sum - 1) <= 1e-5, "q head " << qh);
     }
   }
+}
+
+/// cpu::prefill_attention over a merged cache of codes: each query attends the tokens of its kv
+/// head at positions <= its own, each logit raised by the token's log-weight; against the dense
+/// double reference over the decoded rows, the log-weights and the positions (written from the
+/// formula: tests/support/dense_reference.hpp), before and after merging identical copies (whose
+/// merged token then carries log k: the bias is not trivial). Whether k merged copies attend as
+/// the k did is decode's check above; in prefill a query early in the prompt sees a handful of
+/// tokens, so the merged row's second rounding (up to a code step) shows unbounded by dilution.
+template <class KQ, class VQ>
+void prefill_quant_trials(std::uint64_t salt, KQ kq, VQ vq, std::int32_t dmul) {
+  using C = basic_merged_cache<kvc::quant_cache<KQ, VQ>>;
+  for (int trial = 0; trial < 8; ++trial) {
+    rng r(salt + static_cast<std::uint64_t>(trial));
+    const std::int32_t H = r.integer(1, 2), D = dmul * r.integer(1, 4), P = 1 << r.integer(4, 5), G = r.integer(1, 8);
+    const std::int32_t copies = r.integer(2, 9), sinks = r.coin() ? r.integer(1, 4) : 0, nq = r.integer(1, 40);
+    INFO("trial " << trial << " H=" << H << " D=" << D << " P=" << P << " G=" << G << " copies=" << copies
+                  << " sinks=" << sinks << " nq=" << nq);
+    C c(qshape(H, D, P, sinks), kq, vq);
+    const kvc::seq_id s = c.add_sequence();
+    const auto at = fill_copies(c, s, r.integer(0, 150), copies, r);
+    const std::int32_t L = c.cache().seen(s, 0);
+    // The scored chunk: nq tokens appended after the prompt; its queries at their own positions,
+    // and as many more at random earlier positions (masks that cut the prompt).
+    const auto kc = r.normals(static_cast<std::size_t>(nq) * H * D), vc = r.normals(kc.size());
+    c.append(s, 0, kc.data(), vc.data(), nq);
+    const std::int32_t Q = 2 * nq, QH = H * G;
+    std::vector<std::int32_t> qp(static_cast<std::size_t>(Q));
+    for (std::int32_t i = 0; i < nq; ++i) qp[static_cast<std::size_t>(i)] = L + i, qp[static_cast<std::size_t>(nq + i)] = r.integer(0, L + nq - 1);
+    const auto q = r.normals(static_cast<std::size_t>(Q) * QH * D, 2.0f);
+    auto check = [&](std::vector<float>& out) {
+      out.assign(q.size(), 0.0f);
+      std::vector<float> lse(static_cast<std::size_t>(Q) * QH);
+      kvc::decode_options o;
+      o.lse = lse.data();
+      kvc::cpu::prefill_attention(c, s, 0, q.data(), Q, qp.data(), QH, out.data(), o);
+      std::vector<std::vector<float>> kd(static_cast<std::size_t>(H)), vd(kd.size());
+      for (std::int32_t h = 0; h < H; ++h) decoded(c.cache(), s, 0, h, kd[static_cast<std::size_t>(h)], vd[static_cast<std::size_t>(h)]);
+      for (std::int32_t i = 0; i < Q; ++i) {
+        std::vector<kvc_test::dense_head> heads(static_cast<std::size_t>(H));
+        for (std::int32_t h = 0; h < H; ++h) {
+          const std::int32_t n = c.length(s, 0, h);
+          const std::int32_t* pos = c.cache().positions(s, 0, h);
+          const auto& lw = c.log_weights(s, 0, h);
+          auto& dh = heads[static_cast<std::size_t>(h)];
+          for (std::int32_t t = 0; t < n; ++t) {
+            if (pos[t] > qp[static_cast<std::size_t>(i)]) continue;
+            ++dh.n;
+            dh.bias.push_back(lw[static_cast<std::size_t>(t)]);
+            for (std::int32_t d = 0; d < D; ++d) {
+              dh.k.push_back(kd[static_cast<std::size_t>(h)][static_cast<std::size_t>(t) * D + d]);
+              dh.v.push_back(vd[static_cast<std::size_t>(h)][static_cast<std::size_t>(t) * D + d]);
+            }
+          }
+        }
+        const auto ref = kvc_test::dense_decode_attention(heads, D, q.data() + static_cast<std::size_t>(i) * QH * D, QH,
+                                                          1.0 / std::sqrt(static_cast<double>(D)));
+        for (std::int32_t j = 0; j < QH * D; ++j)
+          KVC_REQUIRE(std::fabs(out[static_cast<std::size_t>(i) * QH * D + j] - ref.out[static_cast<std::size_t>(j)]) <= 2e-5 * (1 + std::fabs(ref.out[static_cast<std::size_t>(j)])),
+                      "query " << i << " (position " << qp[static_cast<std::size_t>(i)] << ") out " << j);
+        for (std::int32_t g = 0; g < QH; ++g)
+          KVC_REQUIRE(std::fabs(lse[static_cast<std::size_t>(i) * QH + g] - ref.lse[static_cast<std::size_t>(g)]) <= 2e-5 * (1 + std::fabs(ref.lse[static_cast<std::size_t>(g)])),
+                      "query " << i << " lse " << g);
+      }
+    };
+    std::vector<float> before, after;
+    check(before);
+    c.merge_layer(s, 0, all_copies(H, at));
+    for (std::int32_t h = 0; h < H; ++h)
+      REQUIRE(std::fabs(c.log_weights(s, 0, h)[static_cast<std::size_t>(at[0])] - std::log(static_cast<float>(copies))) <= 1e-6f);
+    check(after);
+  }
+}
+
+TEST_CASE("prefill attention over merged encoded pages adds the log-weights", "[merge][quant]") {
+  prefill_quant_trials(12500, kvc::quant::int8{}, kvc::quant::int8{}, 8);
+  prefill_quant_trials(12600, kvc::quant::int4{}, kvc::quant::int4{}, 8);
+  prefill_quant_trials(12700, kvc::quant::kivi<4, 16, 32>(32), kvc::quant::kivi<4, 16, 32>(32), 16);
+  prefill_quant_trials(12800, kvc::quant::fp8_e4m3_per_token{}, kvc::quant::int8{}, 8);
 }
 
 TEST_CASE("merged tokens in encoded pages: the kernel adds the log-weights, k identical tokens merge into one", "[merge][quant]") {

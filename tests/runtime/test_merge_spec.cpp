@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include <kvc/cpu/prefill_attention.hpp>
 #include <kvc/evict/h2o.hpp>
 #include <kvc/runtime/merge_registry.hpp>
 #include <kvc/runtime/make_cache.hpp>
@@ -198,7 +199,7 @@ void quant_twin_trial(const std::string& spec, const std::string& storage, Q q, 
   auto rc = kvc::runtime::make_merged_cache(storage, cfg);
   REQUIRE(rc->name() == storage);
   REQUIRE(rc->holds_log_weights());
-  REQUIRE(!rc->has_prefill_attention());
+  REQUIRE(rc->has_prefill_attention());  // cpu::prefill_attention over the codes, log-weights as bias
   kvc::merge::basic_merged_cache<kvc::quant_cache<Q, Q>> twin(kvc::runtime::detail::quant_config<Q, Q>(cfg, {}), q, q);
   const kvc::seq_id s = rc->add_sequence(), st = twin.add_sequence();
   kvc::runtime::merger m(policy(spec));
@@ -216,6 +217,16 @@ void quant_twin_trial(const std::string& spec, const std::string& storage, Q q, 
   rc->attention(s, 0, qv.data(), H * G, a.data());
   kvc::cpu::merged_decode_attention(twin, st, 0, qv.data(), H * G, b.data());
   REQUIRE(a == b);
+  // Prefill through the storage is the blocked kernel on the twin (test_merge_quant checks it
+  // against the dense reference).
+  const int nq = r.integer(1, 6);
+  const auto qp = r.normals(std::size_t(nq) * H * G * D);
+  std::vector<std::int32_t> pos(static_cast<std::size_t>(nq));
+  for (auto& p : pos) p = r.integer(0, twin.cache().seen(st, 0) - 1);
+  std::vector<float> pa(qp.size()), pb(qp.size());
+  rc->prefill_attention(s, 0, qp.data(), nq, pos.data(), H * G, pa.data(), {});
+  kvc::cpu::prefill_attention(twin, st, 0, qp.data(), nq, pos.data(), H * G, pb.data());
+  REQUIRE(pa == pb);
 }
 
 }  // namespace

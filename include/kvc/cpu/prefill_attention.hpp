@@ -81,6 +81,7 @@ struct head_job {
   std::int32_t n = 0;              ///< tokens of the head
   const std::int32_t* kpos = nullptr;
   bool sorted = true;              ///< positions ascending: block ranges by binary search
+  const float* bias = nullptr;     ///< [n] added to each token's logit (a merged token's log-weight), or none
 };
 
 /// Online-softmax state of one block of row_block rows.
@@ -138,6 +139,8 @@ void attend_blocks(const KRows& krows_of, const VRows& vrows_of, const head_job&
       block_state& bs = st[bi];
       for (std::int32_t g = 0; g < RB; ++g) {
         float* sg = s + g * TT;
+        if (hj.bias)
+          for (std::int32_t i = 0; i < tn; ++i) sg[i] += hj.bias[ts + i];
         if (masked) {
           const std::int32_t qp = rpos[r0 + static_cast<std::size_t>(g)];
           for (std::int32_t i = 0; i < tn; ++i)
@@ -189,26 +192,23 @@ template <class Cache, class Seq>
 struct reads_in_place<Cache, Seq, std::enable_if_t<has_layer_views<Cache, Seq>::value>>
     : std::bool_constant<detail::rows_are_plain_v<typename Cache::view_type>> {};
 
-}  // namespace prefill_detail
 
-/// Causal prefill attention for one sequence and one layer.
-/// \tparam Cache  a kvc cache: config(), length/positions/gather(seq, layer, head) (kv_cache,
-///                quant_cache, mixed_precision_cache, runtime::any_cache); kv_cache's plain layers
-///                are read in place
-/// \param q            [num_queries][num_q_heads][head_dim] queries (RoPE applied when keys are
-///                     stored rotated), already scaled by nothing: opt.scale (0: 1/sqrt(head_dim))
-///                     applies
-/// \param q_positions  [num_queries] each query's position: it attends to the tokens of its kv
-///                     head whose original position is <= it (append the chunk's K/V first)
-/// \param out          [num_queries][num_q_heads][head_dim]; a row with no visible token is zeros
-/// \param opt          scale, pool, lse ([num_queries][num_q_heads], natural log, -inf for a row
-///                     with no visible token); probs and group_probs must be null (decode_attention
-///                     per token gives them); split_tokens is not used
-/// \pre num_q_heads is a multiple of num_kv_heads; q finite; the layer holds a token (kvc::error)
-template <class Arch = default_arch, class Cache, class Seq>
-void prefill_attention(const Cache& cache, Seq seq, std::int32_t layer, const float* q, std::int32_t num_queries,
-                       const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
-                       const decode_options& opt = {}) {
+/// Whether a cache carries per-token log-weights over an inner store (merge::basic_merged_cache):
+/// prefill then attends the inner store's rows with the log-weights as each token's bias.
+template <class C, class S, class = void>
+struct is_weighted : std::false_type {};
+template <class C, class S>
+struct is_weighted<C, S,
+                   std::void_t<decltype(std::declval<const C&>().cache()),
+                               decltype(std::declval<const C&>().log_weights(std::declval<S>(), 0, 0).data())>>
+    : std::true_type {};
+
+/// prefill_attention's body over a store's rows; bias[h] (or bias null) the per-token logit bias
+/// of kv head h.
+template <class Arch, class Cache, class Seq>
+void run(const Cache& cache, Seq seq, std::int32_t layer, const float* q, std::int32_t num_queries,
+         const std::int32_t* q_positions, std::int32_t num_q_heads, float* out, const decode_options& opt,
+         const float* const* bias) {
   namespace pd = prefill_detail;
   const char* who = pd::api_name;
   detail::check_seq_layer(cache, seq, layer, who);
@@ -258,6 +258,7 @@ void prefill_attention(const Cache& cache, Seq seq, std::int32_t layer, const fl
     j.n = cache.length(seq, layer, h);
     j.kpos = cache.positions(seq, layer, h);
     j.sorted = std::is_sorted(j.kpos, j.kpos + j.n);
+    j.bias = bias ? bias[h] : nullptr;
   }
 
   struct task {
@@ -334,6 +335,38 @@ void prefill_attention(const Cache& cache, Seq seq, std::int32_t layer, const fl
       }
       if (opt.lse) opt.lse[qh] = l > 0.0f ? lmax[base + r] + std::log(l) : -INFINITY;
     }
+  }
+}
+}  // namespace prefill_detail
+
+/// Causal prefill attention for one sequence and one layer.
+/// \tparam Cache  a kvc cache: config(), length/positions/gather(seq, layer, head) (kv_cache,
+///                quant_cache, mixed_precision_cache, runtime::any_cache); kv_cache's plain layers
+///                are read in place. A merged cache (merge::basic_merged_cache over any of them)
+///                attends its store's rows with each token's log-weight added to its logit, so a
+///                merged token carries its members' mass in prefill as in decode
+/// \param q            [num_queries][num_q_heads][head_dim] queries (RoPE applied when keys are
+///                     stored rotated), already scaled by nothing: opt.scale (0: 1/sqrt(head_dim))
+///                     applies
+/// \param q_positions  [num_queries] each query's position: it attends to the tokens of its kv
+///                     head whose original position is <= it (append the chunk's K/V first)
+/// \param out          [num_queries][num_q_heads][head_dim]; a row with no visible token is zeros
+/// \param opt          scale, pool, lse ([num_queries][num_q_heads], natural log, -inf for a row
+///                     with no visible token); probs and group_probs must be null (decode_attention
+///                     per token gives them); split_tokens is not used
+/// \pre num_q_heads is a multiple of num_kv_heads; q finite; the layer holds a token (kvc::error)
+template <class Arch = default_arch, class Cache, class Seq>
+void prefill_attention(const Cache& cache, Seq seq, std::int32_t layer, const float* q, std::int32_t num_queries,
+                       const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
+                       const decode_options& opt = {}) {
+  if constexpr (prefill_detail::is_weighted<Cache, Seq>::value) {
+    detail::check_seq_layer(cache, seq, layer, prefill_detail::api_name);
+    std::vector<const float*> bias(static_cast<std::size_t>(cache.config().num_kv_heads));
+    for (std::int32_t h = 0; h < cache.config().num_kv_heads; ++h)
+      bias[static_cast<std::size_t>(h)] = cache.log_weights(seq, layer, h).data();
+    prefill_detail::run<Arch>(cache.cache(), seq, layer, q, num_queries, q_positions, num_q_heads, out, opt, bias.data());
+  } else {
+    prefill_detail::run<Arch>(cache, seq, layer, q, num_queries, q_positions, num_q_heads, out, opt, nullptr);
   }
 }
 

@@ -21,6 +21,7 @@
 #include <kvc/attention/options.hpp>
 #include <kvc/cpu/merged_attention.hpp>
 #include <kvc/cpu/merged_quant_attention.hpp>
+#include <kvc/cpu/prefill_attention.hpp>
 #include <kvc/error.hpp>
 #include <kvc/isa.hpp>
 #include <kvc/quant/int8.hpp>
@@ -43,8 +44,9 @@ KVC_BEGIN_ISA_NAMESPACE
 /// log-weight to its logit (kvc/cpu/merged_attention.hpp for fp16/fp32 pages,
 /// kvc/cpu/merged_quant_attention.hpp for codes; Fast: the quantized kernel's integer paths,
 /// cpu::quant_attention_options::fast()). Until a merge, every log-weight is 0 and it attends as
-/// its store does. Prefill attention over codes is not provided (has_prefill_attention() false:
-/// an engine attends its scored tokens one decode step at a time).
+/// its store does. Prefill attention: over fp pages cpu::merged_prefill_attention; over codes
+/// cpu::prefill_attention's blocked kernel on the decoded rows, each logit raised by its token's
+/// log-weight (exact float math, as the quant storages' prefill; Fast applies to decode only).
 /// Threads: merged_cache's contract (docs/threading.md).
 template <class Store, bool Fast = false>
 class merged_cache_adapter final : public any_cache {
@@ -106,14 +108,14 @@ class merged_cache_adapter final : public any_cache {
                                         Fast ? kvc::cpu::quant_attention_options::fast() : kvc::cpu::quant_attention_options{});
     else kvc::cpu::merged_decode_attention(c_, s, layer, q, num_q_heads, out, opt);
   }
-  bool has_prefill_attention() const override { return !encoded; }
+  bool has_prefill_attention() const override { return true; }
   std::int32_t chunk_tokens(seq_id s, std::int32_t layer, std::int32_t limit) const override {
     return c_.cache().chunk_tokens(s, layer, limit);
   }
   void prefill_attention(seq_id s, std::int32_t layer, const float* q, std::int32_t num_queries,
                          const std::int32_t* q_positions, std::int32_t num_q_heads, float* out,
                          const decode_options& opt) const override {
-    if constexpr (encoded) any_cache::prefill_attention(s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
+    if constexpr (encoded) kvc::cpu::prefill_attention(c_, s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
     else kvc::cpu::merged_prefill_attention(c_, s, layer, q, num_queries, q_positions, num_q_heads, out, opt);
   }
   std::size_t bytes_in_use() const override { return c_.bytes_in_use(); }
