@@ -192,7 +192,6 @@ template <class Cache, class Seq>
 struct reads_in_place<Cache, Seq, std::enable_if_t<has_layer_views<Cache, Seq>::value>>
     : std::bool_constant<detail::rows_are_plain_v<typename Cache::view_type>> {};
 
-
 /// Whether a cache carries per-token log-weights over an inner store (merge::basic_merged_cache):
 /// prefill then attends the inner store's rows with the log-weights as each token's bias.
 template <class C, class S, class = void>
@@ -337,6 +336,7 @@ void run(const Cache& cache, Seq seq, std::int32_t layer, const float* q, std::i
     }
   }
 }
+
 }  // namespace prefill_detail
 
 /// Causal prefill attention for one sequence and one layer.
