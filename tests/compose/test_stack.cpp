@@ -72,6 +72,27 @@ std::vector<kvc_test::dense_head> kept_rows(const Store& st, kvc::seq_id s, std:
   return heads;
 }
 
+/// SnapKV over a window of W queries qw ([W][Q][D]) at target b: the scorer, the compressor options
+/// and the observations a stack's compress and a compressor by hand both take.
+struct snap_setup {
+  kvc::evict::query_window win;
+  kvc::evict::observations obs;
+  kvc::evict::snapkv scorer;
+  kvc::evict::compressor_options co;
+  snap_setup(const std::vector<float>& qw, std::int32_t W, std::int32_t Q, std::int32_t D, kvc::budget b)
+      : win{qw.data(), nullptr, W, Q, D} {
+    obs.window = &win;
+    kvc::evict::snapkv_params sp;
+    sp.window = W;
+    scorer = kvc::evict::snapkv(sp);
+    co.target = b;
+    co.num_q_heads = Q;
+  }
+  snap_setup(const snap_setup&) = delete;  // obs points at win
+  cs::evicting<kvc::evict::snapkv> stage() const { return {scorer, co}; }
+  kvc::evict::compressor<kvc::evict::snapkv> compressor() const { return kvc::evict::compressor<kvc::evict::snapkv>(scorer, co); }
+};
+
 double max_abs_diff(const std::vector<float>& a, const std::vector<double>& ref) {
   double m = 0;
   for (std::size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(double(a[i]) - ref[i]));
@@ -142,20 +163,13 @@ TEST_CASE("stack<evicting<snapkv>, projecting<pca>>: the same tokens as SnapKV b
     for (std::int32_t qh = 0; qh < Q; ++qh)
       for (std::int32_t d = 0; d < D; ++d)
         qw[(static_cast<std::size_t>(i) * Q + qh) * D + d] += 3.0f * k[(static_cast<std::size_t>(17 * (qh + 1) % n) * H + qh / G) * D + d];
-  kvc::evict::query_window win{qw.data(), nullptr, W, Q, D};
-  kvc::evict::observations obs;
-  obs.window = &win;
-  kvc::evict::snapkv_params sp;
-  sp.window = W;
-  kvc::evict::compressor_options co;
-  co.target = kvc::budget::ratio(0.5);
-  co.num_q_heads = Q;
+  const snap_setup snap(qw, W, Q, D, kvc::budget::ratio(0.5));
+  const kvc::evict::observations& obs = snap.obs;
   cs::pca m;
   m.rank = r;
 
   using S = cs::stack<cs::evicting<kvc::evict::snapkv>, cs::projecting<cs::pca>, cs::full_precision<float>>;
-  S st(shape(H, D), cs::evicting<kvc::evict::snapkv>{kvc::evict::snapkv(sp), co}, cs::projecting<cs::pca>{m},
-       cs::full_precision<float>{});
+  S st(shape(H, D), snap.stage(), cs::projecting<cs::pca>{m}, cs::full_precision<float>{});
   const kvc::seq_id s = st.add_sequence();
   st.append(s, 0, k.data(), v.data(), n);
   const std::size_t before = st.bytes_in_use();
@@ -175,8 +189,7 @@ TEST_CASE("stack<evicting<snapkv>, projecting<pca>>: the same tokens as SnapKV b
   const kvc::seq_id t = twin.add_sequence();
   twin.fit_layer(0, k.data(), v.data(), n);
   twin.append(t, 0, k.data(), v.data(), n);
-  kvc::evict::compressor<kvc::evict::snapkv> comp(kvc::evict::snapkv(sp), co);
-  comp.after_prefill(twin, t, 0, obs);
+  snap.compressor().after_prefill(twin, t, 0, obs);
   for (std::int32_t h = 0; h < H; ++h) {
     REQUIRE(st.store().length(s, 0, h) == twin.length(t, 0, h));
     const std::int32_t* a = st.store().positions(s, 0, h);
@@ -188,7 +201,7 @@ TEST_CASE("stack<evicting<snapkv>, projecting<pca>>: the same tokens as SnapKV b
   // SnapKV over the rebuilt rows keeps what it keeps over the original rows (the rows agree to
   // float rounding and the window makes the scores far from ties): against a float kv_cache.
   using F = cs::stack<cs::evicting<kvc::evict::snapkv>, cs::full_precision<float>>;
-  F fp(shape(H, D), cs::evicting<kvc::evict::snapkv>{kvc::evict::snapkv(sp), co}, cs::full_precision<float>{});
+  F fp(shape(H, D), snap.stage(), cs::full_precision<float>{});
   const kvc::seq_id f = fp.add_sequence();
   fp.append(f, 0, k.data(), v.data(), n);
   fp.compress(f, 0, obs);
@@ -252,24 +265,18 @@ TEST_CASE("stack<evicting<snapkv>, encoding<int8>>: SnapKV's selection applied t
   kvc_test::rng g(404);
   const std::vector<float> k = g.normals(static_cast<std::size_t>(n) * H * D), v = g.normals(k.size());
   const std::vector<float> qw = g.normals(static_cast<std::size_t>(W) * Q * D);
-  kvc::evict::query_window win{qw.data(), nullptr, W, Q, D};
-  kvc::evict::observations obs;
-  obs.window = &win;
-  kvc::evict::snapkv_params sp;
-  sp.window = W;
-  kvc::evict::compressor_options co;
-  co.target = kvc::budget::tokens(40);
-  co.num_q_heads = Q;
+  const snap_setup snap(qw, W, Q, D, kvc::budget::tokens(40));
+  const kvc::evict::observations& obs = snap.obs;
   using E = cs::stack<cs::evicting<kvc::evict::snapkv>, cs::encoding<kvc::quant::int8>>;
   static_assert(std::is_same<E::store_type, kvc::quant_cache<kvc::quant::int8, kvc::quant::int8>>::value, "int8 pages");
-  E st(shape(H, D), cs::evicting<kvc::evict::snapkv>{kvc::evict::snapkv(sp), co}, cs::encoding<kvc::quant::int8>{});
+  E st(shape(H, D), snap.stage(), cs::encoding<kvc::quant::int8>{});
   const kvc::seq_id s = st.add_sequence();
   st.append(s, 0, k.data(), v.data(), n);
   st.compress(s, 0, obs);
   kvc::quant_cache<kvc::quant::int8, kvc::quant::int8> twin(shape(H, D));
   const kvc::seq_id t = twin.add_sequence();
   twin.append(t, 0, k.data(), v.data(), n);
-  kvc::evict::compressor<kvc::evict::snapkv>(kvc::evict::snapkv(sp), co).after_prefill(twin, t, 0, obs);
+  snap.compressor().after_prefill(twin, t, 0, obs);
   for (std::int32_t h = 0; h < H; ++h) {
     REQUIRE(st.store().length(s, 0, h) == 40);
     const std::int32_t* a = st.store().positions(s, 0, h);

@@ -59,15 +59,7 @@ struct projecting {
   /// The store for the stack's shape (its quantized-store fields do not apply).
   template <class Store>
   Store make_store(const quant_cache_config& cfg) const {
-    lowrank::projected_config pc;
-    pc.num_layers = cfg.num_layers;
-    pc.num_kv_heads = cfg.num_kv_heads;
-    pc.head_dim = cfg.head_dim;
-    pc.rank = method.rank;
-    pc.value_rank = method.value_rank;
-    pc.page_size = cfg.page_size;
-    pc.max_pages = cfg.max_pages;
-    return Store(pc);
+    return Store(lowrank::projected_shape(cfg, method.rank, method.value_rank));
   }
   /// Fits one layer's bases from its first append (all heads or none).
   template <class Store>

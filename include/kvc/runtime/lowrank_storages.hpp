@@ -151,23 +151,6 @@ inline pca_spec parse_pca(const spec_stage& st, std::int32_t D, const storage_op
   return p;
 }
 
-/// The projected cache of a caller's shape c with r_k key and r_v value coefficients; keys
-/// pre-RoPE with `rope` when it is not null.
-inline lowrank::projected_config projected_shape(const cache_config& c, std::int32_t rk, std::int32_t rv,
-                                                 const rope_config* rope) {
-  lowrank::projected_config p;
-  p.num_layers = c.num_layers;
-  p.num_kv_heads = c.num_kv_heads;
-  p.head_dim = c.head_dim;
-  p.rank = rk;
-  p.value_rank = rv;
-  p.pre_rope = rope != nullptr;
-  if (rope) p.rope = *rope;
-  p.page_size = c.page_size;
-  p.max_pages = c.max_pages;
-  return p;
-}
-
 /// What cpu::prefill_attention reads of an any_cache C, and no more: its generic path reads rows
 /// through C::gather() (the rebuilt keys and values). Not the any_cache itself: the kernel's
 /// sequence check asks a cache with contains() for num_sequences(), which any_cache lacks (the
@@ -408,7 +391,7 @@ class pca_cache final : public any_cache {
 
  private:
   static lowrank::projected_config projected(const cache_config& c, const pca_spec& s) {
-    return detail::projected_shape(c, s.rank, s.vrank, s.pre_rope ? &s.rope : nullptr);
+    return lowrank::projected_shape(c, s.rank, s.vrank, s.pre_rope ? &s.rope : nullptr);
   }
   static cache_config store_config(const cache_config& c, const lowrank::projected_cache<T>& pc) {
     cache_config r = c;
@@ -719,7 +702,7 @@ class think_cache final : public any_cache {
     return c;
   }
   static lowrank::projected_config projected(const cache_config& c, const detail::think_spec& s) {
-    return detail::projected_shape(c, s.key_kept, s.value_kept, nullptr);
+    return lowrank::projected_shape(c, s.key_kept, s.value_kept, nullptr);
   }
 
   std::string name_;

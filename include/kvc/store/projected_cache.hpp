@@ -64,6 +64,23 @@ struct projected_config {
   rope_config rope{};           ///< with pre_rope: the model's RoPE (its head_dim must be head_dim)
 };
 
+/// The projected cache of a caller's shape c (layers, kv heads, head_dim, pages) with r_k key
+/// and r_v value coefficients; keys pre-RoPE with `rope` when it is not null.
+inline projected_config projected_shape(const cache_config& c, std::int32_t rk, std::int32_t rv,
+                                        const rope_config* rope = nullptr) {
+  projected_config p;
+  p.num_layers = c.num_layers;
+  p.num_kv_heads = c.num_kv_heads;
+  p.head_dim = c.head_dim;
+  p.rank = rk;
+  p.value_rank = rv;
+  p.pre_rope = rope != nullptr;
+  if (rope) p.rope = *rope;
+  p.page_size = c.page_size;
+  p.max_pages = c.max_pages;
+  return p;
+}
+
 /// \tparam T  element type of the coefficients: float or kvc::half
 template <class T = half>
 class projected_cache {
