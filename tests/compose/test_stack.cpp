@@ -19,6 +19,7 @@
 #include <kvc/evict/snapkv.hpp>
 #include <kvc/quant/int8.hpp>
 
+#include "cache_builders.hpp"
 #include "dense_reference.hpp"
 #include "kvc_catch.hpp"
 #include "random.hpp"
@@ -43,14 +44,9 @@ std::vector<float> low_rank_rows(kvc_test::rng& g, std::int32_t n, std::int32_t 
   return x;
 }
 
+/// Two layers of H kv heads of D, 16-token pages (a quant_cache_config: every stack takes one).
 kvc::quant_cache_config shape(std::int32_t H, std::int32_t D) {
-  kvc::quant_cache_config c;
-  c.num_layers = 2;
-  c.num_kv_heads = H;
-  c.head_dim = D;
-  c.page_size = 16;
-  c.max_pages = 4096;
-  return c;
+  return kvc_test::shape_as<kvc::quant_cache_config>(kvc_test::cache_shape(2, H, D, 16, 4096));
 }
 
 /// The dense heads of one layer: the original rows at the positions each stream keeps.
