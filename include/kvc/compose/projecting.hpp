@@ -61,10 +61,12 @@ struct projecting {
   Store make_store(const quant_cache_config& cfg) const {
     return Store(lowrank::projected_shape(cfg, method.rank, method.value_rank));
   }
-  /// Fits one layer's bases from its first append (all heads or none).
-  template <class Store>
-  void fit(Store& st, std::int32_t layer, const float* k, const float* v, std::int32_t n, const char* who) const {
-    st.fit_layer(layer, k, v, n, method.center, method.sinks, who);
+  /// A layer's first append: fits its bases from the tokens, then append() stores them; all or
+  /// nothing (projected_cache::fit_layer_then).
+  template <class Store, class Append>
+  void fit(Store& st, std::int32_t layer, const float* k, const float* v, std::int32_t n, const char* who,
+           Append&& append) const {
+    st.fit_layer_then(layer, k, v, n, method.center, method.sinks, who, append);
   }
   /// Decode attention in coefficient space.
   template <class Store>

@@ -278,13 +278,7 @@ class stack {
       constexpr const char* who = "kvc::compose::stack::append";
       KVC_EXPECTS_IN(who, store_.contains(s), "seq = ", s, " is not a live sequence of this stack (the stack is unchanged)");
       if (n > 0 && !store_.has_basis(layer, 0)) {
-        std::get<ip>(stages_).fit(store_, layer, k, v, n, who);
-        try {
-          store_.append(s, layer, k, v, n, positions);
-        } catch (...) {  // pool exhausted, or a coefficient past fp16: the layer is as before the fit
-          store_.clear_layer_bases(layer);
-          throw;
-        }
+        std::get<ip>(stages_).fit(store_, layer, k, v, n, who, [&] { store_.append(s, layer, k, v, n, positions); });
         return;
       }
     }

@@ -319,15 +319,9 @@ class pca_cache final : public any_cache {
     KVC_EXPECTS_IN(who, layer >= 0 && layer < cfg_.num_layers, "layer = ", layer, ", expected 0..", cfg_.num_layers - 1);
     if (n > 0 && !fitted_[static_cast<std::size_t>(layer)]) {
       KVC_EXPECTS_IN(who, contains(s), "seq = ", s, " is not a live sequence of this cache (the cache is unchanged)");
-      // Every head fitted before any is set (fit_layer): a refusal leaves no basis behind. The
-      // layer holds no coefficients yet, so it accepts them (again, after a refused append).
-      c_.fit_layer(layer, k, v, n, center_, sinks_, who);
-      try {
-        put(s, layer, k, v, n, positions);
-      } catch (...) {  // pool exhausted, or a coefficient past fp16: the layer is as before fit_layer
-        c_.clear_layer_bases(layer);
-        throw;
-      }
+      // All or nothing (fit_layer_then): a refused fit or append leaves no basis behind, and the
+      // layer, holding no coefficients yet, accepts a later fit.
+      c_.fit_layer_then(layer, k, v, n, center_, sinks_, who, [&] { put(s, layer, k, v, n, positions); });
       fitted_[static_cast<std::size_t>(layer)] = true;  // only once tokens are stored on these bases
       return;
     }

@@ -217,6 +217,21 @@ class projected_cache {
   void clear_layer_bases(std::int32_t layer) {
     for (std::int32_t h = 0; h < cfg_.num_kv_heads; ++h) clear_basis(layer, h);
   }
+  /// The first append of a layer whose bases come from it: fit_layer, then `store()` (the
+  /// caller's append of those n tokens, into this cache or into a store of coefficient rows); if
+  /// store() throws (pool exhausted, a coefficient past fp16) the bases go again, so the layer is
+  /// as before either way.
+  template <class Store>
+  void fit_layer_then(std::int32_t layer, const float* k, const float* v, std::int32_t n, bool center,
+                      std::int32_t sinks, const char* who, Store&& store) {
+    fit_layer(layer, k, v, n, center, sinks, who);
+    try {
+      store();
+    } catch (...) {
+      clear_layer_bases(layer);
+      throw;
+    }
+  }
 
   /// Whether (layer, head) has bases; false for a layer or head out of range.
   bool has_basis(std::int32_t layer, std::int32_t head) const noexcept {
